@@ -1,0 +1,496 @@
+// cnnbp._core -- the thin Python layer over the C++ kernels.
+//
+// Each function: check dtypes (TypeError) and make inputs C-contiguous, parse parameters
+// into the op's struct, validate through shapes.hpp (std::invalid_argument -> ValueError),
+// allocate the outputs, then run the kernel with the GIL released.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <string>
+#include <tuple>
+
+#include "cnnbp/cnnbp.hpp"
+
+namespace py = pybind11;
+using cnnbp::Shape;
+
+namespace {
+
+enum class DType { f32, f64 };
+
+// Any array-like becomes an ndarray; None and non-numeric objects are refused.
+py::array as_array(const char* op, const char* name, const py::handle& obj) {
+    if (obj.is_none())
+        throw py::type_error(std::string("[") + op + "] " + name + ": expected an array, got None");
+    if (py::isinstance<py::array>(obj)) return py::reinterpret_borrow<py::array>(obj);
+    py::array arr = py::array::ensure(obj);
+    if (!arr)
+        throw py::type_error(std::string("[") + op + "] " + name + ": expected an array, got " +
+                             std::string(py::str(py::type::of(obj).attr("__name__"))));
+    return arr;
+}
+
+std::string dtype_name(const py::array& a) { return py::str(a.dtype()); }
+
+DType float_dtype(const char* op, const char* name, const py::array& a) {
+    if (a.dtype().is(py::dtype::of<float>())) return DType::f32;
+    if (a.dtype().is(py::dtype::of<double>())) return DType::f64;
+    throw py::type_error(std::string("[") + op + "] " + name +
+                         ": expected float32 or float64, got " + dtype_name(a));
+}
+
+// Every float tensor of one call has the dtype of the first: mixing is an error.
+void check_dtype(const char* op, const char* name, const py::array& a, DType expected) {
+    DType got = float_dtype(op, name, a);
+    if (got != expected)
+        throw py::type_error(std::string("[") + op + "] " + name + ": expected " +
+                             (expected == DType::f32 ? "float32" : "float64") +
+                             " like the first array argument, got " + dtype_name(a));
+}
+
+Shape shape_of(const py::array& a) { return Shape(a.shape(), a.shape() + a.ndim()); }
+
+// A C-contiguous view of `a` (a copy only when a is strided or Fortran-ordered).
+template <typename T>
+py::array_t<T, py::array::c_style> contiguous(const py::array& a) {
+    return py::array_t<T, py::array::c_style>::ensure(a);
+}
+
+template <typename T>
+py::array_t<T> empty_like_shape(const Shape& shape) {
+    return py::array_t<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+}
+
+// Integer arrays (class labels, pooling indices) as C-contiguous int64.
+py::array_t<int64_t, py::array::c_style> as_int64(const char* op, const char* name,
+                                                  const py::handle& obj) {
+    py::array arr = as_array(op, name, obj);
+    const char kind = arr.dtype().kind();
+    if (kind != 'i' && kind != 'u')
+        throw py::type_error(std::string("[") + op + "] " + name +
+                             ": expected an integer array, got " + dtype_name(arr));
+    return py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(arr);
+}
+
+// An int or a pair of ints -> (h, w).
+std::array<int64_t, 2> parse_pair(const char* op, const char* name, const py::handle& obj) {
+    auto as_int = [&](const py::handle& v) -> int64_t {
+        if (py::isinstance<py::bool_>(v) || !PyIndex_Check(v.ptr()))
+            throw py::type_error(std::string("[") + op + "] " + name +
+                                 ": expected an int or a pair of ints, got " +
+                                 std::string(py::repr(obj)));
+        return py::cast<int64_t>(py::reinterpret_steal<py::object>(PyNumber_Index(v.ptr())));
+    };
+    if (py::isinstance<py::sequence>(obj) && !py::isinstance<py::str>(obj)) {
+        py::sequence seq = py::reinterpret_borrow<py::sequence>(obj);
+        if (seq.size() != 2)
+            throw py::type_error(std::string("[") + op + "] " + name +
+                                 ": expected an int or a pair of ints, got " +
+                                 std::string(py::repr(obj)));
+        return {as_int(seq[0]), as_int(seq[1])};
+    }
+    const int64_t v = as_int(obj);
+    return {v, v};
+}
+
+// Runs body(T{}) with T = float or double.
+template <typename Body>
+auto dispatch(DType dtype, Body&& body) {
+    if (dtype == DType::f32) return body(float{});
+    return body(double{});
+}
+
+// ---- conv2d ------------------------------------------------------------------------------
+
+cnnbp::Conv2dParams conv_params(const char* op, const py::handle& stride,
+                                const py::handle& padding) {
+    auto s = parse_pair(op, "stride", stride);
+    auto p = parse_pair(op, "padding", padding);
+    return cnnbp::Conv2dParams{s[0], s[1], p[0], p[1]};
+}
+
+py::array conv2d(const py::handle& x_obj, const py::handle& w_obj, const py::handle& b_obj,
+                 const py::handle& stride, const py::handle& padding) {
+    const char* op = "conv2d";
+    py::array x = as_array(op, "input", x_obj), w = as_array(op, "weight", w_obj);
+    const DType dtype = float_dtype(op, "input", x);
+    check_dtype(op, "weight", w, dtype);
+    py::array b;
+    Shape b_shape;
+    if (!b_obj.is_none()) {
+        b = as_array(op, "bias", b_obj);
+        check_dtype(op, "bias", b, dtype);
+        b_shape = shape_of(b);
+    }
+    const auto dims = cnnbp::conv2d_dims(shape_of(x), shape_of(w), b ? &b_shape : nullptr,
+                                         conv_params(op, stride, padding));
+    return dispatch(dtype, [&](auto tag) -> py::array {
+        using T = decltype(tag);
+        auto xc = contiguous<T>(x), wc = contiguous<T>(w);
+        py::array_t<T, py::array::c_style> bc;
+        if (b) bc = contiguous<T>(b);
+        auto y = empty_like_shape<T>({dims.N, dims.K, dims.P, dims.Q});
+        T* y_ptr = y.mutable_data();
+        const T* b_ptr = b ? bc.data() : nullptr;
+        py::gil_scoped_release release;
+        cnnbp::conv2d_forward<T>(y_ptr, xc.data(), wc.data(), b_ptr, dims);
+        return y;
+    });
+}
+
+py::tuple conv2d_backward(const py::handle& dy_obj, const py::handle& x_obj,
+                          const py::handle& w_obj, const py::handle& stride,
+                          const py::handle& padding) {
+    const char* op = "conv2d_backward";
+    py::array dy = as_array(op, "doutput", dy_obj), x = as_array(op, "input", x_obj),
+              w = as_array(op, "weight", w_obj);
+    const DType dtype = float_dtype(op, "doutput", dy);
+    check_dtype(op, "input", x, dtype);
+    check_dtype(op, "weight", w, dtype);
+    const auto dims = cnnbp::conv2d_dims(shape_of(x), shape_of(w), nullptr,
+                                         conv_params(op, stride, padding));
+    cnnbp::conv2d_check_doutput(dims, shape_of(dy));
+    return dispatch(dtype, [&](auto tag) -> py::tuple {
+        using T = decltype(tag);
+        auto dyc = contiguous<T>(dy), xc = contiguous<T>(x), wc = contiguous<T>(w);
+        auto dx = empty_like_shape<T>(shape_of(x)), dw = empty_like_shape<T>(shape_of(w));
+        auto db = empty_like_shape<T>({dims.K});
+        T *dx_ptr = dx.mutable_data(), *dw_ptr = dw.mutable_data(), *db_ptr = db.mutable_data();
+        {
+            py::gil_scoped_release release;
+            cnnbp::conv2d_backward<T>(dx_ptr, dw_ptr, db_ptr, dyc.data(), xc.data(), wc.data(),
+                                      dims);
+        }
+        return py::make_tuple(dx, dw, db);
+    });
+}
+
+// ---- max_pool2d --------------------------------------------------------------------------
+
+py::tuple max_pool2d(const py::handle& x_obj, const py::handle& kernel_size,
+                     const py::handle& stride, const py::handle& padding) {
+    const char* op = "max_pool2d";
+    py::array x = as_array(op, "input", x_obj);
+    const DType dtype = float_dtype(op, "input", x);
+    auto k = parse_pair(op, "kernel_size", kernel_size);
+    auto s = stride.is_none() ? k : parse_pair(op, "stride", stride);  // torch: stride = kernel
+    auto p = parse_pair(op, "padding", padding);
+    const auto dims =
+        cnnbp::pool2d_dims(op, shape_of(x), cnnbp::Pool2dParams{k[0], k[1], s[0], s[1], p[0], p[1]});
+    return dispatch(dtype, [&](auto tag) -> py::tuple {
+        using T = decltype(tag);
+        auto xc = contiguous<T>(x);
+        auto y = empty_like_shape<T>({dims.N, dims.C, dims.P, dims.Q});
+        auto idx = empty_like_shape<int64_t>({dims.N, dims.C, dims.P, dims.Q});
+        T* y_ptr = y.mutable_data();
+        int64_t* idx_ptr = idx.mutable_data();
+        {
+            py::gil_scoped_release release;
+            cnnbp::max_pool2d_forward<T>(y_ptr, idx_ptr, xc.data(), dims);
+        }
+        return py::make_tuple(y, idx);
+    });
+}
+
+// A shape given as a sequence of ints.
+Shape parse_shape(const char* op, const char* name, const py::handle& obj) {
+    Shape shape;
+    bool ok = py::isinstance<py::sequence>(obj) && !py::isinstance<py::str>(obj);
+    if (ok)
+        for (const py::handle& v : py::reinterpret_borrow<py::sequence>(obj)) {
+            if (py::isinstance<py::bool_>(v) || !PyIndex_Check(v.ptr())) {
+                ok = false;
+                break;
+            }
+            shape.push_back(py::cast<int64_t>(py::reinterpret_steal<py::object>(PyNumber_Index(v.ptr()))));
+        }
+    if (!ok)
+        throw py::type_error(std::string("[") + op + "] " + name +
+                             ": expected a sequence of ints, got " + std::string(py::repr(obj)));
+    return shape;
+}
+
+py::array max_pool2d_backward(const py::handle& dy_obj, const py::handle& idx_obj,
+                              const py::handle& x_shape_obj) {
+    const char* op = "max_pool2d_backward";
+    const Shape x_shape = parse_shape(op, "x_shape", x_shape_obj);
+    py::array dy = as_array(op, "doutput", dy_obj);
+    const DType dtype = float_dtype(op, "doutput", dy);
+    auto idx = as_int64(op, "indices", idx_obj);
+    const auto dims = cnnbp::max_pool2d_backward_dims(shape_of(dy), shape_of(idx), x_shape);
+    cnnbp::check_pool_indices(idx.data(), idx.size(), dims.H * dims.W);
+    return dispatch(dtype, [&](auto tag) -> py::array {
+        using T = decltype(tag);
+        auto dyc = contiguous<T>(dy);
+        auto dx = empty_like_shape<T>(x_shape);
+        T* dx_ptr = dx.mutable_data();
+        py::gil_scoped_release release;
+        cnnbp::max_pool2d_backward<T>(dx_ptr, dyc.data(), idx.data(), dims);
+        return dx;
+    });
+}
+
+// ---- activations -------------------------------------------------------------------------
+
+template <void (*KernelF)(float*, const float*, int64_t),
+          void (*KernelD)(double*, const double*, int64_t)>
+py::array unary(const char* op, const py::handle& z_obj) {
+    py::array z = as_array(op, "input", z_obj);
+    const DType dtype = float_dtype(op, "input", z);
+    return dispatch(dtype, [&](auto tag) -> py::array {
+        using T = decltype(tag);
+        auto zc = contiguous<T>(z);
+        auto a = empty_like_shape<T>(shape_of(z));
+        T* a_ptr = a.mutable_data();
+        py::gil_scoped_release release;
+        if constexpr (std::is_same_v<T, float>) KernelF(a_ptr, zc.data(), zc.size());
+        else KernelD(a_ptr, zc.data(), zc.size());
+        return a;
+    });
+}
+
+template <void (*KernelF)(float*, const float*, const float*, int64_t),
+          void (*KernelD)(double*, const double*, const double*, int64_t)>
+py::array unary_backward(const char* op, const char* saved_name, const py::handle& da_obj,
+                         const py::handle& saved_obj) {
+    py::array da = as_array(op, "doutput", da_obj), saved = as_array(op, saved_name, saved_obj);
+    const DType dtype = float_dtype(op, "doutput", da);
+    check_dtype(op, saved_name, saved, dtype);
+    cnnbp::check_same_shape(op, "doutput", shape_of(da), saved_name, shape_of(saved));
+    return dispatch(dtype, [&](auto tag) -> py::array {
+        using T = decltype(tag);
+        auto dac = contiguous<T>(da), sc = contiguous<T>(saved);
+        auto dz = empty_like_shape<T>(shape_of(da));
+        T* dz_ptr = dz.mutable_data();
+        py::gil_scoped_release release;
+        if constexpr (std::is_same_v<T, float>) KernelF(dz_ptr, dac.data(), sc.data(), dac.size());
+        else KernelD(dz_ptr, dac.data(), sc.data(), dac.size());
+        return dz;
+    });
+}
+
+// ---- linear ------------------------------------------------------------------------------
+
+py::array linear(const py::handle& x_obj, const py::handle& w_obj, const py::handle& b_obj) {
+    const char* op = "linear";
+    py::array x = as_array(op, "input", x_obj), w = as_array(op, "weight", w_obj);
+    const DType dtype = float_dtype(op, "input", x);
+    check_dtype(op, "weight", w, dtype);
+    py::array b;
+    Shape b_shape;
+    if (!b_obj.is_none()) {
+        b = as_array(op, "bias", b_obj);
+        check_dtype(op, "bias", b, dtype);
+        b_shape = shape_of(b);
+    }
+    const Shape x_shape = shape_of(x);
+    const auto dims = cnnbp::linear_dims(x_shape, shape_of(w), b ? &b_shape : nullptr);
+    Shape y_shape = x_shape;
+    y_shape.back() = dims.OUT;
+    return dispatch(dtype, [&](auto tag) -> py::array {
+        using T = decltype(tag);
+        auto xc = contiguous<T>(x), wc = contiguous<T>(w);
+        py::array_t<T, py::array::c_style> bc;
+        if (b) bc = contiguous<T>(b);
+        auto y = empty_like_shape<T>(y_shape);
+        T* y_ptr = y.mutable_data();
+        const T* b_ptr = b ? bc.data() : nullptr;
+        py::gil_scoped_release release;
+        cnnbp::linear_forward<T>(y_ptr, xc.data(), wc.data(), b_ptr, dims);
+        return y;
+    });
+}
+
+py::tuple linear_backward(const py::handle& dy_obj, const py::handle& x_obj,
+                          const py::handle& w_obj) {
+    const char* op = "linear_backward";
+    py::array dy = as_array(op, "doutput", dy_obj), x = as_array(op, "input", x_obj),
+              w = as_array(op, "weight", w_obj);
+    const DType dtype = float_dtype(op, "doutput", dy);
+    check_dtype(op, "input", x, dtype);
+    check_dtype(op, "weight", w, dtype);
+    const Shape x_shape = shape_of(x);
+    const auto dims = cnnbp::linear_dims(x_shape, shape_of(w), nullptr);
+    cnnbp::linear_check_doutput(dims, x_shape, shape_of(dy));
+    return dispatch(dtype, [&](auto tag) -> py::tuple {
+        using T = decltype(tag);
+        auto dyc = contiguous<T>(dy), xc = contiguous<T>(x), wc = contiguous<T>(w);
+        auto dx = empty_like_shape<T>(x_shape), dw = empty_like_shape<T>(shape_of(w));
+        auto db = empty_like_shape<T>({dims.OUT});
+        T *dx_ptr = dx.mutable_data(), *dw_ptr = dw.mutable_data(), *db_ptr = db.mutable_data();
+        {
+            py::gil_scoped_release release;
+            cnnbp::linear_backward<T>(dx_ptr, dw_ptr, db_ptr, dyc.data(), xc.data(), wc.data(),
+                                      dims);
+        }
+        return py::make_tuple(dx, dw, db);
+    });
+}
+
+// ---- losses ------------------------------------------------------------------------------
+
+// BCE and BCE-with-logits share shapes and dtype rules: prediction and target alike.
+struct BinaryLossArgs {
+    py::array prediction, target;
+    DType dtype;
+};
+
+BinaryLossArgs binary_loss_args(const char* op, const py::handle& p_obj, const py::handle& y_obj) {
+    py::array p = as_array(op, "input", p_obj), y = as_array(op, "target", y_obj);
+    const DType dtype = float_dtype(op, "input", p);
+    check_dtype(op, "target", y, dtype);
+    cnnbp::check_bce_shapes(op, shape_of(p), shape_of(y));
+    return {p, y, dtype};
+}
+
+template <bool kProbabilities>
+double binary_loss(const char* op, const py::handle& p_obj, const py::handle& y_obj) {
+    auto args = binary_loss_args(op, p_obj, y_obj);
+    return dispatch(args.dtype, [&](auto tag) -> double {
+        using T = decltype(tag);
+        auto pc = contiguous<T>(args.prediction), yc = contiguous<T>(args.target);
+        if constexpr (kProbabilities) cnnbp::check_probabilities<T>(op, pc.data(), pc.size());
+        const T *p_ptr = pc.data(), *y_ptr = yc.data();
+        const int64_t count = pc.size();
+        py::gil_scoped_release release;
+        if constexpr (kProbabilities)
+            return cnnbp::binary_cross_entropy_forward<T>(p_ptr, y_ptr, count);
+        else
+            return cnnbp::binary_cross_entropy_with_logits_forward<T>(p_ptr, y_ptr, count);
+    });
+}
+
+template <bool kProbabilities>
+py::array binary_loss_backward(const char* op, const py::handle& p_obj, const py::handle& y_obj) {
+    auto args = binary_loss_args(op, p_obj, y_obj);
+    return dispatch(args.dtype, [&](auto tag) -> py::array {
+        using T = decltype(tag);
+        auto pc = contiguous<T>(args.prediction), yc = contiguous<T>(args.target);
+        if constexpr (kProbabilities) cnnbp::check_probabilities<T>(op, pc.data(), pc.size());
+        auto grad = empty_like_shape<T>(shape_of(args.prediction));
+        T* g_ptr = grad.mutable_data();
+        py::gil_scoped_release release;
+        if constexpr (kProbabilities)
+            cnnbp::binary_cross_entropy_backward<T>(g_ptr, pc.data(), yc.data(), pc.size());
+        else
+            cnnbp::binary_cross_entropy_with_logits_backward<T>(g_ptr, pc.data(), yc.data(),
+                                                                pc.size());
+        return grad;
+    });
+}
+
+struct CrossEntropyArgs {
+    py::array logits;
+    py::array_t<int64_t, py::array::c_style> labels;
+    DType dtype;
+    cnnbp::CrossEntropyDims dims;
+};
+
+CrossEntropyArgs cross_entropy_args(const char* op, const py::handle& z_obj,
+                                    const py::handle& labels_obj) {
+    py::array z = as_array(op, "logits", z_obj);
+    const DType dtype = float_dtype(op, "logits", z);
+    auto labels = as_int64(op, "labels", labels_obj);
+    const auto dims = cnnbp::cross_entropy_dims(op, shape_of(z), shape_of(labels));
+    cnnbp::check_labels(op, labels.data(), dims.N, dims.K);
+    return {z, labels, dtype, dims};
+}
+
+double cross_entropy(const py::handle& z_obj, const py::handle& labels_obj) {
+    auto args = cross_entropy_args("cross_entropy", z_obj, labels_obj);
+    return dispatch(args.dtype, [&](auto tag) -> double {
+        using T = decltype(tag);
+        auto zc = contiguous<T>(args.logits);
+        const T* z_ptr = zc.data();
+        const int64_t* labels_ptr = args.labels.data();
+        py::gil_scoped_release release;
+        return cnnbp::cross_entropy_forward<T>(z_ptr, labels_ptr, args.dims.N, args.dims.K);
+    });
+}
+
+py::array cross_entropy_backward(const py::handle& z_obj, const py::handle& labels_obj) {
+    auto args = cross_entropy_args("cross_entropy_backward", z_obj, labels_obj);
+    return dispatch(args.dtype, [&](auto tag) -> py::array {
+        using T = decltype(tag);
+        auto zc = contiguous<T>(args.logits);
+        auto dz = empty_like_shape<T>({args.dims.N, args.dims.K});
+        T* dz_ptr = dz.mutable_data();
+        py::gil_scoped_release release;
+        cnnbp::cross_entropy_backward<T>(dz_ptr, zc.data(), args.labels.data(), args.dims.N,
+                                         args.dims.K);
+        return dz;
+    });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+    m.doc() = "cnnbp's C++ kernels (use cnnbp.functional, which documents each function)";
+    using py::arg;
+
+    m.def("output_size", &cnnbp::output_size, arg("in_size"), arg("kernel"), arg("stride") = 1,
+          arg("padding") = 0,
+          "Output length of a sliding window: floor((in + 2*padding - kernel) / stride) + 1.");
+
+    m.def("conv2d", &conv2d, arg("x"), arg("w"), arg("b") = py::none(), arg("stride") = 1,
+          arg("padding") = 0,
+          "y (N, K, P, Q) = conv2d(x (N, C, H, W), w (K, C, R, S), b (K,) or None): "
+          "cross-correlation with zero padding, as torch.nn.functional.conv2d.");
+    m.def("conv2d_backward", &conv2d_backward, arg("dy"), arg("x"), arg("w"), arg("stride") = 1,
+          arg("padding") = 0,
+          "(dx, dw, db) = gradients of conv2d given dy (N, K, P, Q); db = dy summed over N, P, Q.");
+
+    m.def("max_pool2d", &max_pool2d, arg("x"), arg("kernel_size"), arg("stride") = py::none(),
+          arg("padding") = 0,
+          "(y, idx) = max_pool2d(x (N, C, H, W), ...): -inf padding, floored output size; idx "
+          "int64 holds the flat position h*W+w of each maximum within its input plane.");
+    m.def("max_pool2d_backward", &max_pool2d_backward, arg("dy"), arg("idx"), arg("x_shape"),
+          "dx (x_shape) = dy scattered to the positions in idx, zero elsewhere.");
+
+    m.def("relu", [](const py::handle& z) { return unary<cnnbp::relu_forward<float>, cnnbp::relu_forward<double>>("relu", z); },
+          arg("z"), "a = max(z, 0)");
+    m.def("relu_backward",
+          [](const py::handle& da, const py::handle& z) {
+              return unary_backward<cnnbp::relu_backward<float>, cnnbp::relu_backward<double>>(
+                  "relu_backward", "z", da, z);
+          },
+          arg("da"), arg("z"), "dz = da where z > 0, else 0");
+    m.def("sigmoid", [](const py::handle& z) { return unary<cnnbp::sigmoid_forward<float>, cnnbp::sigmoid_forward<double>>("sigmoid", z); },
+          arg("z"), "a = 1 / (1 + exp(-z))");
+    m.def("sigmoid_backward",
+          [](const py::handle& da, const py::handle& a) {
+              return unary_backward<cnnbp::sigmoid_backward<float>,
+                                    cnnbp::sigmoid_backward<double>>("sigmoid_backward", "a", da, a);
+          },
+          arg("da"), arg("a"), "dz = da * a * (1 - a), from the forward output a");
+
+    m.def("linear", &linear, arg("x"), arg("w"), arg("b") = py::none(),
+          "y (*, out) = x (*, in) . w (out, in)^T + b (out,)");
+    m.def("linear_backward", &linear_backward, arg("dy"), arg("x"), arg("w"),
+          "(dx, dw, db) = gradients of linear given dy (*, out)");
+
+    m.def("binary_cross_entropy",
+          [](const py::handle& a, const py::handle& y) { return binary_loss<true>("binary_cross_entropy", a, y); },
+          arg("a"), arg("y"), "mean binary cross-entropy of probabilities a against targets y");
+    m.def("binary_cross_entropy_backward",
+          [](const py::handle& a, const py::handle& y) {
+              return binary_loss_backward<true>("binary_cross_entropy_backward", a, y);
+          },
+          arg("a"), arg("y"), "dL/da of the mean binary cross-entropy");
+    m.def("binary_cross_entropy_with_logits",
+          [](const py::handle& z, const py::handle& y) {
+              return binary_loss<false>("binary_cross_entropy_with_logits", z, y);
+          },
+          arg("z"), arg("y"), "mean binary cross-entropy of sigmoid(z) against y, computed stably");
+    m.def("binary_cross_entropy_with_logits_backward",
+          [](const py::handle& z, const py::handle& y) {
+              return binary_loss_backward<false>("binary_cross_entropy_with_logits_backward", z, y);
+          },
+          arg("z"), arg("y"), "dL/dz = (sigmoid(z) - y) / count");
+    m.def("cross_entropy", &cross_entropy, arg("logits"), arg("labels"),
+          "mean softmax cross-entropy of logits (N, K) against class indices labels (N,)");
+    m.def("cross_entropy_backward", &cross_entropy_backward, arg("logits"), arg("labels"),
+          "dL/dlogits = (softmax(logits) - onehot(labels)) / N");
+}

@@ -1,0 +1,9 @@
+// cnnbp/cnnbp.hpp -- everything: shapes and validation, then one header per op family.
+#pragma once
+
+#include "cnnbp/activation.hpp"
+#include "cnnbp/conv2d.hpp"
+#include "cnnbp/linear.hpp"
+#include "cnnbp/loss.hpp"
+#include "cnnbp/pool2d.hpp"
+#include "cnnbp/shapes.hpp"

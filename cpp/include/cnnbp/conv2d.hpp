@@ -1,0 +1,28 @@
+// cnnbp/conv2d.hpp -- 2-D convolution (cross-correlation, zero padding), forward and backward.
+//
+// Dimension letters: N batch, C in-channels, K out-channels, H/W input, P/Q output,
+// R/S filter. All tensors are dense, C-contiguous, NCHW; weight is (K, C, R, S), PyTorch's
+// layout. Get the dims from conv2d_dims() (shapes.hpp), which validates everything first.
+// Outputs are overwritten, never accumulated into.
+#pragma once
+
+#include "cnnbp/shapes.hpp"
+
+namespace cnnbp {
+
+// output[n,k,p,q] = bias[k] + sum_{c,r,s} weight[k,c,r,s] * input[n,c,p*sh-ph+r,q*sw-pw+s]
+// (input cells outside the plane read as 0). bias may be nullptr.
+template <typename T>
+void conv2d_forward(T* output, const T* input, const T* weight, const T* bias,
+                    const Conv2dDims& dims);
+
+// Gradients of the forward line above, given doutput (N, K, P, Q):
+//   dinput  (N, C, H, W)  = full convolution of doutput with the 180-degree-rotated weight
+//   dweight (K, C, R, S)  = valid cross-correlation of input with doutput
+//   dbias   (K,)          = doutput summed over N, P, Q
+// Any of dinput, dweight, dbias may be nullptr to skip that gradient.
+template <typename T>
+void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T* input,
+                     const T* weight, const Conv2dDims& dims);
+
+}  // namespace cnnbp

@@ -1,0 +1,103 @@
+// cnnbp/shapes.hpp -- the one place that validates shapes and parameters and computes
+// output sizes. Every kernel entry point (Python bindings, C++ callers) goes through
+// these functions before any kernel runs; they throw std::invalid_argument with a
+// message "[op] what: expected ..., got ..." and never touch data.
+//
+// Dimension letters: N batch, C in-channels, K out-channels, H/W input height/width,
+// P/Q output height/width, R/S filter height/width.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace cnnbp {
+
+using Shape = std::vector<int64_t>;
+
+// "(2, 3, 4)" -- how shapes appear in error messages.
+std::string shape_str(const Shape& shape);
+
+// Number of elements of a shape (1 for a scalar shape ()).
+int64_t numel(const Shape& shape);
+
+// Output length of a sliding window along one axis:
+//   floor((in + 2 * padding - kernel) / stride) + 1
+// Shared by every kernel, layer and the NumPy oracle. Throws when kernel < 1,
+// stride < 1 or padding < 0; the result may be < 1 (callers reject that with
+// their own op-prefixed message).
+int64_t output_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding);
+
+// ---- conv2d ------------------------------------------------------------------------------
+struct Conv2dParams {
+    int64_t stride_h = 1, stride_w = 1;
+    int64_t pad_h = 0, pad_w = 0;
+};
+
+struct Conv2dDims {
+    int64_t N, C, H, W;  // input (N, C, H, W)
+    int64_t K, R, S;     // weight (K, C, R, S)
+    int64_t P, Q;        // output (N, K, P, Q)
+    Conv2dParams params;
+};
+
+// input (N, C, H, W), weight (K, C, R, S), bias (K,) or nullptr when there is none.
+Conv2dDims conv2d_dims(const Shape& input, const Shape& weight, const Shape* bias,
+                       const Conv2dParams& params);
+// doutput must be (N, K, P, Q) for the dims of the forward call.
+void conv2d_check_doutput(const Conv2dDims& dims, const Shape& doutput);
+
+// ---- pool2d ------------------------------------------------------------------------------
+struct Pool2dParams {
+    int64_t kernel_h, kernel_w;
+    int64_t stride_h, stride_w;  // torch's default stride is the kernel size
+    int64_t pad_h = 0, pad_w = 0;
+};
+
+struct Pool2dDims {
+    int64_t N, C, H, W;  // input (N, C, H, W)
+    int64_t P, Q;        // output (N, C, P, Q)
+    Pool2dParams params;
+};
+
+// `op` names the caller in messages ("max_pool2d"). Matches torch: padding at most half
+// the kernel, output size floored.
+Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& params);
+
+// max_pool2d_backward: doutput and indices (N, C, P, Q), input_shape (N, C, H, W).
+// Returns the dims (params unset) after checking shapes; the index values are checked
+// separately by check_pool_indices because that reads data.
+Pool2dDims max_pool2d_backward_dims(const Shape& doutput, const Shape& indices,
+                                    const Shape& input_shape);
+// Every index must lie inside its input plane [0, plane_size): a wrong index is an
+// error, never an out-of-bounds write.
+void check_pool_indices(const int64_t* indices, int64_t count, int64_t plane_size);
+
+// ---- elementwise, linear, losses -----------------------------------------------------------
+// Two tensors of an elementwise op must have the same shape.
+void check_same_shape(const char* op, const char* name_a, const Shape& a, const char* name_b,
+                      const Shape& b);
+
+struct LinearDims {
+    int64_t M;    // rows: the product of all leading dims of input (*, IN)
+    int64_t IN;   // in_features
+    int64_t OUT;  // out_features
+};
+// input (*, IN) with at least one dim, weight (OUT, IN), bias (OUT,) or nullptr.
+LinearDims linear_dims(const Shape& input, const Shape& weight, const Shape* bias);
+void linear_check_doutput(const LinearDims& dims, const Shape& input, const Shape& doutput);
+
+// Binary cross-entropy (both forms): prediction and target of the same non-empty shape.
+void check_bce_shapes(const char* op, const Shape& prediction, const Shape& target);
+// torch refuses probabilities outside [0, 1] (NaN included) for binary_cross_entropy.
+template <typename T>
+void check_probabilities(const char* op, const T* a, int64_t count);
+
+struct CrossEntropyDims {
+    int64_t N, K;  // logits (N, K), labels (N,)
+};
+CrossEntropyDims cross_entropy_dims(const char* op, const Shape& logits, const Shape& labels);
+// Labels are class indices in [0, K).
+void check_labels(const char* op, const int64_t* labels, int64_t N, int64_t K);
+
+}  // namespace cnnbp

@@ -1,0 +1,33 @@
+// Internal: OpenMP loops that compile to plain loops without OpenMP. Work below
+// kMinParallelWork multiply-adds stays on the calling thread: for tiny layers, waking a
+// thread team costs more than the work. Every parallel loop gives each output element to
+// exactly one thread, so results do not depend on the number of threads.
+#pragma once
+
+#include <cstdint>
+
+namespace cnnbp::detail {
+
+constexpr int64_t kMinParallelWork = int64_t(1) << 16;
+
+// Range of output positions o in [0, out_count) whose input position
+// o * stride - pad + offset lies inside [0, in_size): returns [lo, hi) (empty if lo >= hi).
+inline void valid_range(int64_t out_count, int64_t in_size, int64_t stride, int64_t pad,
+                        int64_t offset, int64_t& lo, int64_t& hi) {
+    const int64_t first = pad - offset;  // o * stride >= first
+    lo = first <= 0 ? 0 : (first + stride - 1) / stride;
+    const int64_t last = in_size - 1 + pad - offset;  // o * stride <= last
+    hi = last < 0 ? 0 : last / stride + 1;
+    if (hi > out_count) hi = out_count;
+    if (lo > hi) lo = hi;
+}
+
+}  // namespace cnnbp::detail
+
+#ifdef _OPENMP
+#define CNNBP_PRAGMA(x) _Pragma(#x)
+#define CNNBP_PARALLEL_FOR_IF(work) \
+    CNNBP_PRAGMA(omp parallel for schedule(static) if ((work) >= ::cnnbp::detail::kMinParallelWork))
+#else
+#define CNNBP_PARALLEL_FOR_IF(work)
+#endif

@@ -1,0 +1,219 @@
+// Validation of shapes and parameters, and the output-size helper (see shapes.hpp).
+#include "cnnbp/shapes.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+#include <stdexcept>
+
+namespace cnnbp {
+
+std::string shape_str(const Shape& shape) {
+    std::ostringstream out;
+    out << "(";
+    for (size_t i = 0; i < shape.size(); ++i) {
+        if (i) out << ", ";
+        out << shape[i];
+    }
+    if (shape.size() == 1) out << ",";
+    out << ")";
+    return out.str();
+}
+
+int64_t numel(const Shape& shape) {
+    int64_t count = 1;
+    for (int64_t d : shape) count *= d;
+    return count;
+}
+
+namespace {
+
+[[noreturn]] void fail(const char* op, const std::string& what) {
+    throw std::invalid_argument(std::string("[") + op + "] " + what);
+}
+
+void check_rank(const char* op, const char* name, const Shape& shape, size_t rank,
+                const char* letters) {
+    if (shape.size() != rank)
+        fail(op, std::string(name) + ": expected " + std::to_string(rank) + " dims " + letters +
+                     ", got shape " + shape_str(shape));
+}
+
+void check_nonempty(const char* op, const char* name, const Shape& shape) {
+    for (int64_t d : shape)
+        if (d < 1)
+            fail(op, std::string(name) + ": expected every dim >= 1, got shape " +
+                         shape_str(shape));
+}
+
+void check_window(const char* op, const char* name, int64_t value, int64_t minimum) {
+    if (value < minimum)
+        fail(op, std::string(name) + ": expected >= " + std::to_string(minimum) + ", got " +
+                     std::to_string(value));
+}
+
+}  // namespace
+
+int64_t output_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding) {
+    check_window("output_size", "kernel", kernel, 1);
+    check_window("output_size", "stride", stride, 1);
+    check_window("output_size", "padding", padding, 0);
+    const int64_t span = in + 2 * padding - kernel;
+    // floor division, also for a negative span (window larger than the padded input)
+    const int64_t steps = span >= 0 ? span / stride : -((-span + stride - 1) / stride);
+    return steps + 1;
+}
+
+// ---- conv2d ------------------------------------------------------------------------------
+
+Conv2dDims conv2d_dims(const Shape& input, const Shape& weight, const Shape* bias,
+                       const Conv2dParams& params) {
+    const char* op = "conv2d";
+    check_rank(op, "input", input, 4, "(N, C, H, W)");
+    check_rank(op, "weight", weight, 4, "(K, C, R, S)");
+    check_nonempty(op, "input", input);
+    check_nonempty(op, "weight", weight);
+    check_window(op, "stride", std::min(params.stride_h, params.stride_w), 1);
+    check_window(op, "padding", std::min(params.pad_h, params.pad_w), 0);
+    Conv2dDims d{input[0], input[1], input[2], input[3], weight[0], weight[2], weight[3],
+                 0, 0, params};
+    if (weight[1] != d.C)
+        fail(op, "weight: expected " + std::to_string(d.C) +
+                     " input channels (dim 1) to match input " + shape_str(input) + ", got shape " +
+                     shape_str(weight));
+    if (bias && (bias->size() != 1 || (*bias)[0] != d.K))
+        fail(op, "bias: expected shape (" + std::to_string(d.K) + ",), got shape " +
+                     shape_str(*bias));
+    d.P = output_size(d.H, d.R, params.stride_h, params.pad_h);
+    d.Q = output_size(d.W, d.S, params.stride_w, params.pad_w);
+    if (d.P < 1 || d.Q < 1)
+        fail(op, "input: expected padded size (" + std::to_string(d.H + 2 * params.pad_h) + ", " +
+                     std::to_string(d.W + 2 * params.pad_w) + ") >= kernel size (" +
+                     std::to_string(d.R) + ", " + std::to_string(d.S) + "), got input shape " +
+                     shape_str(input));
+    return d;
+}
+
+void conv2d_check_doutput(const Conv2dDims& d, const Shape& doutput) {
+    const Shape expected{d.N, d.K, d.P, d.Q};
+    if (doutput != expected)
+        fail("conv2d_backward", "doutput: expected shape " + shape_str(expected) +
+                                    " (the forward output's), got shape " + shape_str(doutput));
+}
+
+// ---- pool2d ------------------------------------------------------------------------------
+
+Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& p) {
+    check_rank(op, "input", input, 4, "(N, C, H, W)");
+    check_nonempty(op, "input", input);
+    check_window(op, "kernel_size", std::min(p.kernel_h, p.kernel_w), 1);
+    check_window(op, "stride", std::min(p.stride_h, p.stride_w), 1);
+    check_window(op, "padding", std::min(p.pad_h, p.pad_w), 0);
+    if (2 * p.pad_h > p.kernel_h || 2 * p.pad_w > p.kernel_w)
+        fail(op, "padding: expected at most half the kernel size (" + std::to_string(p.kernel_h) +
+                     ", " + std::to_string(p.kernel_w) + "), got (" + std::to_string(p.pad_h) +
+                     ", " + std::to_string(p.pad_w) + ")");
+    Pool2dDims d{input[0], input[1], input[2], input[3], 0, 0, p};
+    d.P = output_size(d.H, p.kernel_h, p.stride_h, p.pad_h);
+    d.Q = output_size(d.W, p.kernel_w, p.stride_w, p.pad_w);
+    if (d.P < 1 || d.Q < 1)
+        fail(op, "input: expected padded size (" + std::to_string(d.H + 2 * p.pad_h) + ", " +
+                     std::to_string(d.W + 2 * p.pad_w) + ") >= kernel size (" +
+                     std::to_string(p.kernel_h) + ", " + std::to_string(p.kernel_w) +
+                     "), got input shape " + shape_str(input));
+    return d;
+}
+
+Pool2dDims max_pool2d_backward_dims(const Shape& doutput, const Shape& indices,
+                                    const Shape& input_shape) {
+    const char* op = "max_pool2d_backward";
+    check_rank(op, "doutput", doutput, 4, "(N, C, P, Q)");
+    check_rank(op, "input_shape", input_shape, 4, "(N, C, H, W)");
+    check_nonempty(op, "input_shape", input_shape);
+    if (indices != doutput)
+        fail(op, "indices: expected shape " + shape_str(doutput) + " (doutput's), got shape " +
+                     shape_str(indices));
+    if (doutput[0] != input_shape[0] || doutput[1] != input_shape[1])
+        fail(op, "doutput: expected (N, C) = (" + std::to_string(input_shape[0]) + ", " +
+                     std::to_string(input_shape[1]) + ") to match input_shape " +
+                     shape_str(input_shape) + ", got shape " + shape_str(doutput));
+    return Pool2dDims{input_shape[0], input_shape[1], input_shape[2], input_shape[3],
+                      doutput[2],     doutput[3],     Pool2dParams{}};
+}
+
+void check_pool_indices(const int64_t* indices, int64_t count, int64_t plane_size) {
+    for (int64_t i = 0; i < count; ++i)
+        if (indices[i] < 0 || indices[i] >= plane_size)
+            fail("max_pool2d_backward",
+                 "indices: expected values in [0, " + std::to_string(plane_size) +
+                     ") (flat positions in an H*W input plane), got " +
+                     std::to_string(indices[i]) + " at flat position " + std::to_string(i));
+}
+
+// ---- elementwise, linear, losses -----------------------------------------------------------
+
+void check_same_shape(const char* op, const char* name_a, const Shape& a, const char* name_b,
+                      const Shape& b) {
+    if (a != b)
+        fail(op, std::string(name_b) + ": expected shape " + shape_str(a) + " (" + name_a +
+                     "'s), got shape " + shape_str(b));
+}
+
+LinearDims linear_dims(const Shape& input, const Shape& weight, const Shape* bias) {
+    const char* op = "linear";
+    if (input.empty())
+        fail(op, "input: expected at least 1 dim (*, in_features), got shape " + shape_str(input));
+    check_rank(op, "weight", weight, 2, "(out_features, in_features)");
+    check_nonempty(op, "weight", weight);
+    LinearDims d{1, input.back(), weight[0]};
+    for (size_t i = 0; i + 1 < input.size(); ++i) d.M *= input[i];
+    if (weight[1] != d.IN)
+        fail(op, "weight: expected in_features (dim 1) = " + std::to_string(d.IN) +
+                     " to match input " + shape_str(input) + ", got shape " + shape_str(weight));
+    if (bias && (bias->size() != 1 || (*bias)[0] != d.OUT))
+        fail(op, "bias: expected shape (" + std::to_string(d.OUT) + ",), got shape " +
+                     shape_str(*bias));
+    return d;
+}
+
+void linear_check_doutput(const LinearDims& d, const Shape& input, const Shape& doutput) {
+    Shape expected = input;
+    if (!expected.empty()) expected.back() = d.OUT;
+    if (doutput != expected)
+        fail("linear_backward", "doutput: expected shape " + shape_str(expected) +
+                                    " (the forward output's), got shape " + shape_str(doutput));
+}
+
+void check_bce_shapes(const char* op, const Shape& prediction, const Shape& target) {
+    check_same_shape(op, "input", prediction, "target", target);
+    if (numel(prediction) < 1)
+        fail(op, "input: expected at least one element, got shape " + shape_str(prediction));
+}
+
+template <typename T>
+void check_probabilities(const char* op, const T* a, int64_t count) {
+    for (int64_t i = 0; i < count; ++i)
+        if (!(a[i] >= T(0) && a[i] <= T(1)))  // written so that NaN fails too
+            fail(op, "input: expected probabilities in [0, 1], got " + std::to_string(a[i]) +
+                         " at flat position " + std::to_string(i));
+}
+template void check_probabilities<float>(const char*, const float*, int64_t);
+template void check_probabilities<double>(const char*, const double*, int64_t);
+
+CrossEntropyDims cross_entropy_dims(const char* op, const Shape& logits, const Shape& labels) {
+    check_rank(op, "logits", logits, 2, "(N, K)");
+    check_nonempty(op, "logits", logits);
+    if (labels.size() != 1 || labels[0] != logits[0])
+        fail(op, "labels: expected shape (" + std::to_string(logits[0]) +
+                     ",) (one class index per row of logits), got shape " + shape_str(labels));
+    return CrossEntropyDims{logits[0], logits[1]};
+}
+
+void check_labels(const char* op, const int64_t* labels, int64_t N, int64_t K) {
+    for (int64_t n = 0; n < N; ++n)
+        if (labels[n] < 0 || labels[n] >= K)
+            fail(op, "labels: expected class indices in [0, " + std::to_string(K) + "), got " +
+                         std::to_string(labels[n]) + " at position " + std::to_string(n));
+}
+
+}  // namespace cnnbp

@@ -1,0 +1,15 @@
+"""cnnbp: backpropagation through convolutional networks, visible and fast.
+
+    from cnnbp import functional as F, nn, optim, reference
+
+``functional`` runs the C++ kernels, ``nn`` builds networks whose every layer keeps its
+inputs, outputs and gradients, ``reference`` is the plain float64 NumPy oracle, and
+``walkthrough`` runs the derivation's 15-parameter network step by step.
+"""
+
+from . import functional, nn, optim, reference
+from .nn import manual_seed
+
+__version__ = "0.1.0"
+
+__all__ = ["functional", "nn", "optim", "reference", "manual_seed", "__version__"]

@@ -1,0 +1,66 @@
+"""Functional API: one function per C++ kernel, forward and backward side by side.
+
+Arrays are NumPy, NCHW, float32 or float64 (not mixed within a call); outputs are new
+C-contiguous arrays. Backward functions return gradients, they never accumulate.
+Bad input raises ValueError (shapes, sizes, parameters) or TypeError (dtypes, types),
+with a message that starts with the op's name, e.g. ``[conv2d] weight: expected ...``.
+
+    y            = conv2d(x, w, b=None, stride=1, padding=0)     # x (N,C,H,W) w (K,C,R,S) b (K,)
+    dx, dw, db   = conv2d_backward(dy, x, w, stride=1, padding=0)
+    y, idx       = max_pool2d(x, kernel_size, stride=None, padding=0)   # idx: flat h*W+w
+    dx           = max_pool2d_backward(dy, idx, x_shape)
+    a = relu(z);    dz = relu_backward(da, z)
+    a = sigmoid(z); dz = sigmoid_backward(da, a)
+    y = linear(x, w, b=None)                                     # w (out, in): y = x w^T + b
+    dx, dw, db   = linear_backward(dy, x, w)
+    loss = binary_cross_entropy(a, y);             da = binary_cross_entropy_backward(a, y)
+    loss = binary_cross_entropy_with_logits(z, y); dz = binary_cross_entropy_with_logits_backward(z, y)
+    loss = cross_entropy(logits, labels);          dz = cross_entropy_backward(logits, labels)
+
+Losses are means over the batch, like torch's default reduction='mean'.
+stride, padding and kernel_size take an int or an (h, w) pair.
+"""
+
+from ._core import (
+    binary_cross_entropy,
+    binary_cross_entropy_backward,
+    binary_cross_entropy_with_logits,
+    binary_cross_entropy_with_logits_backward,
+    conv2d,
+    conv2d_backward,
+    cross_entropy,
+    cross_entropy_backward,
+    linear,
+    linear_backward,
+    max_pool2d,
+    max_pool2d_backward,
+    output_size,
+    relu,
+    relu_backward,
+    sigmoid,
+    sigmoid_backward,
+)
+
+
+def flatten(x):
+    """F (N, C*H*W) = x (N, C, H, W) reshaped: flattening moves no numbers."""
+    return x.reshape(x.shape[0], -1)
+
+
+def flatten_backward(dF, x_shape):
+    """dx = dF reshaped back to the input's shape (inverts ``F = x.reshape(N, -1)``)."""
+    return dF.reshape(x_shape)
+
+
+__all__ = [
+    "output_size",
+    "conv2d", "conv2d_backward",
+    "max_pool2d", "max_pool2d_backward",
+    "relu", "relu_backward",
+    "sigmoid", "sigmoid_backward",
+    "linear", "linear_backward",
+    "flatten", "flatten_backward",
+    "binary_cross_entropy", "binary_cross_entropy_backward",
+    "binary_cross_entropy_with_logits", "binary_cross_entropy_with_logits_backward",
+    "cross_entropy", "cross_entropy_backward",
+]
