@@ -20,7 +20,8 @@ double binary_cross_entropy_forward(const T* a, const T* y, int64_t count) {
 
 template <typename T>
 void binary_cross_entropy_backward(T* da, const T* a, const T* y, int64_t count) {
-    const T epsilon = T(1e-12);  // torch's guard against a * (1 - a) = 0
+    // torch's guard against a * (1 - a) = 0: a float constant 1e-12f, also for double
+    const T epsilon = T(1e-12f);
     const T inv_count = T(1) / T(count);
     for (int64_t i = 0; i < count; ++i)
         da[i] = (a[i] - y[i]) / std::max((T(1) - a[i]) * a[i], epsilon) * inv_count;

@@ -12,7 +12,7 @@ namespace cnnbp {
 // The clamp at -100 is torch's: a = 0 with y = 1 costs 100, not infinity.
 template <typename T>
 double binary_cross_entropy_forward(const T* a, const T* y, int64_t count);
-// da = (a - y) / max(a * (1 - a), 1e-12) / count    (torch's formula and epsilon)
+// da = (a - y) / max(a * (1 - a), 1e-12f) / count   (torch's formula and float epsilon)
 template <typename T>
 void binary_cross_entropy_backward(T* da, const T* a, const T* y, int64_t count);
 

@@ -1,0 +1,235 @@
+// Kernels against small hand-computed answers and against central finite differences.
+#include <limits>
+#include <random>
+
+#include "check.hpp"
+#include "cnnbp/cnnbp.hpp"
+
+using namespace cnnbp;
+using V = std::vector<double>;
+
+namespace {
+
+std::vector<double> random_values(size_t count, unsigned seed) {
+    std::mt19937 gen(seed);
+    std::uniform_real_distribution<double> dist(-1.0, 1.0);
+    std::vector<double> v(count);
+    for (auto& x : v) x = dist(gen);
+    return v;
+}
+
+double dot(const std::vector<double>& a, const std::vector<double>& b) {
+    double s = 0;
+    for (size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
+    return s;
+}
+
+}  // namespace
+
+// ---- conv2d ------------------------------------------------------------------------------
+
+TEST_CASE("conv2d forward: 3x3 input, 2x2 filter, bias") {
+    const V x{1, 2, 3, 4, 5, 6, 7, 8, 9}, w{1, 0, 0, -1}, b{0.5};
+    const Shape bias_shape{1};
+    const auto d = conv2d_dims({1, 1, 3, 3}, {1, 1, 2, 2}, &bias_shape, {});
+    CHECK(d.P == 2 && d.Q == 2);
+    std::vector<double> y(4);
+    conv2d_forward(y.data(), x.data(), w.data(), b.data(), d);
+    CHECK_CLOSE(y.data(), (V{-3.5, -3.5, -3.5, -3.5}), 0, 1e-15);
+}
+
+TEST_CASE("conv2d forward: zero padding and stride") {
+    const V x{1, 2, 3, 4}, w{2};
+    const auto padded = conv2d_dims({1, 1, 2, 2}, {1, 1, 1, 1}, nullptr, {1, 1, 1, 1});
+    std::vector<double> y(16);
+    conv2d_forward(y.data(), x.data(), w.data(), (const double*)nullptr, padded);
+    CHECK_CLOSE(y.data(), (V{0, 0, 0, 0, 0, 2, 4, 0, 0, 6, 8, 0, 0, 0, 0, 0}), 0, 0);
+
+    V x16(16);
+    for (int i = 0; i < 16; ++i) x16[i] = i;
+    const auto strided = conv2d_dims({1, 1, 4, 4}, {1, 1, 1, 1}, nullptr, {2, 2, 0, 0});
+    std::vector<double> y4(4);
+    const V one{1};
+    conv2d_forward(y4.data(), x16.data(), one.data(), (const double*)nullptr, strided);
+    CHECK_CLOSE(y4.data(), (V{0, 2, 8, 10}), 0, 0);
+}
+
+TEST_CASE("conv2d forward: channels sum, filters separate (float)") {
+    const std::vector<float> x{1, 2, 3, 4, 5, 6, 7, 8};             // (1, 2, 2, 2)
+    const std::vector<float> w{1, 1, 1, 1, 1, 1, 1, 1,              // filter 0: all ones
+                               1, 1, 1, 1, -1, -1, -1, -1};         // filter 1: c0 - c1
+    const auto d = conv2d_dims({1, 2, 2, 2}, {2, 2, 2, 2}, nullptr, {});
+    std::vector<float> y(2);
+    conv2d_forward(y.data(), x.data(), w.data(), (const float*)nullptr, d);
+    CHECK_CLOSE(y.data(), (V{36, -16}), 0, 0);
+}
+
+TEST_CASE("conv2d backward: hand-computed dinput, dweight, dbias") {
+    const V x{1, 2, 3, 4, 5, 6, 7, 8, 9}, w{1, 2, 3, 4}, dy{1, 1, 1, 1};
+    const auto d = conv2d_dims({1, 1, 3, 3}, {1, 1, 2, 2}, nullptr, {});
+    std::vector<double> dx(9), dw(4), db(1);
+    conv2d_backward(dx.data(), dw.data(), db.data(), dy.data(), x.data(), w.data(), d);
+    // dW1 = valid cross-correlation of X with dL/dZ1: sums of the 2x2 blocks of x
+    CHECK_CLOSE(dw.data(), (V{12, 16, 24, 28}), 0, 0);
+    CHECK_CLOSE(db.data(), (V{4}), 0, 0);
+    // dX = full convolution of dL/dZ1 with the rotated filter
+    CHECK_CLOSE(dx.data(), (V{1, 3, 2, 4, 10, 6, 3, 7, 4}), 0, 0);
+}
+
+TEST_CASE("conv2d backward: finite differences with stride and padding") {
+    const Shape xs{2, 3, 5, 4}, ws{2, 3, 3, 2};
+    const auto d = conv2d_dims(xs, ws, nullptr, {2, 1, 1, 1});
+    V x = random_values(numel(xs), 1), w = random_values(numel(ws), 2);
+    const V g = random_values(d.N * d.K * d.P * d.Q, 3);
+    auto objective = [&]() {  // J = sum(conv2d(x, w) * g)
+        V y(g.size());
+        conv2d_forward(y.data(), x.data(), w.data(), (const double*)nullptr, d);
+        return dot(y, g);
+    };
+    V dx(x.size()), dw(w.size()), db(d.K);
+    conv2d_backward(dx.data(), dw.data(), db.data(), g.data(), x.data(), w.data(), d);
+    const double h = 1e-6;
+    for (auto [values, grad] : {std::pair{&x, &dx}, std::pair{&w, &dw}}) {
+        V numeric(values->size());
+        for (size_t i = 0; i < values->size(); ++i) {
+            const double saved = (*values)[i];
+            (*values)[i] = saved + h;
+            const double plus = objective();
+            (*values)[i] = saved - h;
+            const double minus = objective();
+            (*values)[i] = saved;
+            numeric[i] = (plus - minus) / (2 * h);
+        }
+        CHECK_CLOSE(grad->data(), numeric, 1e-8, 1e-6);
+    }
+}
+
+// ---- max_pool2d --------------------------------------------------------------------------
+
+TEST_CASE("max_pool2d forward and backward: 2x2 windows") {
+    const V x{1, 3, 2, 4, 5, 7, 6, 8, 9, 11, 10, 12, 13, 15, 14, 16};
+    const auto d = pool2d_dims("max_pool2d", {1, 1, 4, 4}, {2, 2, 2, 2, 0, 0});
+    V y(4);
+    std::vector<int64_t> idx(4);
+    max_pool2d_forward(y.data(), idx.data(), x.data(), d);
+    CHECK_CLOSE(y.data(), (V{7, 8, 15, 16}), 0, 0);
+    CHECK((idx == std::vector<int64_t>{5, 7, 13, 15}));
+    const V dy{1, 2, 3, 4};
+    V dx(16);
+    max_pool2d_backward(dx.data(), dy.data(), idx.data(), d);
+    CHECK_CLOSE(dx.data(), (V{0, 0, 0, 0, 0, 1, 0, 2, 0, 0, 0, 0, 0, 3, 0, 4}), 0, 0);
+}
+
+TEST_CASE("max_pool2d ties pick the first cell, NaN propagates (last NaN wins)") {
+    const V zeros(16, 0.0);
+    const auto d = pool2d_dims("max_pool2d", {1, 1, 4, 4}, {2, 2, 2, 2, 0, 0});
+    V y(4);
+    std::vector<int64_t> idx(4);
+    max_pool2d_forward(y.data(), idx.data(), zeros.data(), d);
+    CHECK((idx == std::vector<int64_t>{0, 2, 8, 10}));
+
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    const V x{1, nan, 3, nan};  // one 2x2 window
+    const auto one = pool2d_dims("max_pool2d", {1, 1, 2, 2}, {2, 2, 2, 2, 0, 0});
+    max_pool2d_forward(y.data(), idx.data(), x.data(), one);
+    CHECK(std::isnan(y[0]));
+    CHECK(idx[0] == 3);
+}
+
+TEST_CASE("max_pool2d padding is -inf and never chosen") {
+    const double inf = std::numeric_limits<double>::infinity();
+    const V x{-inf, -inf, -inf, -inf};
+    const auto d = pool2d_dims("max_pool2d", {1, 1, 2, 2}, {2, 2, 1, 1, 1, 1});
+    CHECK(d.P == 3 && d.Q == 3);
+    V y(9);
+    std::vector<int64_t> idx(9);
+    max_pool2d_forward(y.data(), idx.data(), x.data(), d);
+    for (double v : y) CHECK(v == -inf);
+    // each window reports its first in-bounds cell
+    CHECK((idx == std::vector<int64_t>{0, 0, 1, 0, 0, 1, 2, 2, 3}));
+}
+
+TEST_CASE("max_pool2d backward adds where overlapping windows pick the same cell") {
+    const V x{0, 0, 0, 0, 9, 0};  // (1, 1, 1, 6)... as a 2x3 plane
+    const auto d = pool2d_dims("max_pool2d", {1, 1, 2, 3}, {2, 2, 1, 1, 0, 0});
+    V y(2), dx(6);
+    std::vector<int64_t> idx(2);
+    max_pool2d_forward(y.data(), idx.data(), x.data(), d);
+    CHECK((idx == std::vector<int64_t>{4, 4}));
+    const V dy{1.5, 2.5};
+    max_pool2d_backward(dx.data(), dy.data(), idx.data(), d);
+    CHECK_CLOSE(dx.data(), (V{0, 0, 0, 0, 4, 0}), 0, 0);
+}
+
+// ---- activations -------------------------------------------------------------------------
+
+TEST_CASE("activation relu: forward keeps NaN, backward zero at z <= 0") {
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    const V z{-1, 0, 2, nan}, da{1, 1, 1, 1};
+    V a(4), dz(4);
+    relu_forward(a.data(), z.data(), 4);
+    CHECK(a[0] == 0 && a[1] == 0 && a[2] == 2 && std::isnan(a[3]));
+    relu_backward(dz.data(), da.data(), z.data(), 4);
+    CHECK_CLOSE(dz.data(), (V{0, 0, 1, 1}), 0, 0);
+}
+
+TEST_CASE("activation sigmoid: forward and backward") {
+    const std::vector<float> z{0, 100, -100}, da{1, 1, 1};
+    std::vector<float> a(3), dz(3);
+    sigmoid_forward(a.data(), z.data(), 3);
+    CHECK_CLOSE(a.data(), (V{0.5, 1, 0}), 1e-30, 1e-7);
+    sigmoid_backward(dz.data(), da.data(), a.data(), 3);
+    CHECK_CLOSE(dz.data(), (V{0.25, 0, 0}), 1e-30, 1e-7);
+}
+
+// ---- linear ------------------------------------------------------------------------------
+
+TEST_CASE("linear forward and backward") {
+    const V x{1, 2, 3, 4, 5, 6}, w{1, 0, -1, 0.5, 0.5, 0.5}, b{1, -1}, dy{1, 1, 1, 1};
+    const Shape bias_shape{2};
+    const auto d = linear_dims({2, 3}, {2, 3}, &bias_shape);
+    V y(4), dx(6), dw(6), db(2);
+    linear_forward(y.data(), x.data(), w.data(), b.data(), d);
+    CHECK_CLOSE(y.data(), (V{-1, 2, -1, 6.5}), 0, 1e-15);
+    linear_backward(dx.data(), dw.data(), db.data(), dy.data(), x.data(), w.data(), d);
+    CHECK_CLOSE(dx.data(), (V{1.5, 0.5, -0.5, 1.5, 0.5, -0.5}), 0, 1e-15);
+    CHECK_CLOSE(dw.data(), (V{5, 7, 9, 5, 7, 9}), 0, 0);
+    CHECK_CLOSE(db.data(), (V{2, 2}), 0, 0);
+}
+
+// ---- losses ------------------------------------------------------------------------------
+
+TEST_CASE("loss binary cross-entropy: value, -100 clamp, gradient") {
+    const V a{0.5, 0.0}, y{1, 1};
+    CHECK_CLOSE((V{binary_cross_entropy_forward(a.data(), y.data(), 1)}.data()),
+                (V{std::log(2.0)}), 0, 1e-15);
+    // a = 0 with y = 1: log clamped at -100, so the mean of (log 2, 100)
+    CHECK_CLOSE((V{binary_cross_entropy_forward(a.data(), y.data(), 2)}.data()),
+                (V{(std::log(2.0) + 100) / 2}), 0, 1e-15);
+    V da(1);
+    binary_cross_entropy_backward(da.data(), a.data(), y.data(), 1);
+    CHECK_CLOSE(da.data(), (V{-2}), 0, 1e-15);
+}
+
+TEST_CASE("loss binary cross-entropy with logits: stable for large logits") {
+    const V z{0, 1000, -1000}, y{1, 0, 0};
+    CHECK_CLOSE((V{binary_cross_entropy_with_logits_forward(z.data(), y.data(), 1)}.data()),
+                (V{std::log(2.0)}), 0, 1e-15);
+    CHECK_CLOSE((V{binary_cross_entropy_with_logits_forward(z.data(), y.data(), 3)}.data()),
+                (V{(std::log(2.0) + 1000) / 3}), 0, 1e-15);
+    V dz(3);
+    binary_cross_entropy_with_logits_backward(dz.data(), z.data(), y.data(), 3);
+    CHECK_CLOSE(dz.data(), (V{-0.5 / 3, 1.0 / 3, 0}), 1e-300, 1e-15);
+}
+
+TEST_CASE("loss cross-entropy: value and gradient, stable") {
+    const V logits{0, 0, 1000, 0};
+    const std::vector<int64_t> labels{0, 1};
+    CHECK_CLOSE((V{cross_entropy_forward(logits.data(), labels.data(), 1, 2)}.data()),
+                (V{std::log(2.0)}), 0, 1e-15);
+    CHECK_CLOSE((V{cross_entropy_forward(logits.data(), labels.data(), 2, 2)}.data()),
+                (V{(std::log(2.0) + 1000) / 2}), 0, 1e-15);
+    V dz(4);
+    cross_entropy_backward(dz.data(), logits.data(), labels.data(), 2, 2);
+    CHECK_CLOSE(dz.data(), (V{-0.25, 0.25, 0.5, -0.5}), 0, 1e-15);
+}

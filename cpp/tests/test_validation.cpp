@@ -1,0 +1,69 @@
+// The validation layer throws std::invalid_argument "[op] what: expected ..., got ...".
+#include "check.hpp"
+#include "cnnbp/shapes.hpp"
+
+using namespace cnnbp;
+
+TEST_CASE("validation: output_size") {
+    CHECK(output_size(6, 3, 1, 0) == 4);
+    CHECK(output_size(4, 2, 2, 0) == 2);
+    CHECK(output_size(5, 2, 2, 0) == 2);  // floored
+    CHECK(output_size(5, 3, 2, 1) == 3);
+    CHECK(output_size(2, 5, 1, 0) < 1);   // window larger than the input
+    CHECK_THROWS(output_size(5, 3, 0, 0), "[output_size] stride: expected >= 1, got 0");
+    CHECK_THROWS(output_size(5, 0, 1, 0), "[output_size] kernel: expected >= 1, got 0");
+    CHECK_THROWS(output_size(5, 3, 1, -1), "[output_size] padding: expected >= 0, got -1");
+}
+
+TEST_CASE("validation: conv2d shapes and parameters") {
+    CHECK_THROWS(conv2d_dims({1, 1, 6, 6}, {3, 3}, nullptr, {}),
+                 "[conv2d] weight: expected 4 dims (K, C, R, S), got shape (3, 3)");
+    CHECK_THROWS(conv2d_dims({1, 6, 6}, {1, 1, 3, 3}, nullptr, {}),
+                 "[conv2d] input: expected 4 dims (N, C, H, W), got shape (1, 6, 6)");
+    CHECK_THROWS(conv2d_dims({1, 2, 6, 6}, {1, 3, 3, 3}, nullptr, {}),
+                 "[conv2d] weight: expected 2 input channels");
+    Shape bias{2};
+    CHECK_THROWS(conv2d_dims({1, 1, 6, 6}, {1, 1, 3, 3}, &bias, {}),
+                 "[conv2d] bias: expected shape (1,), got shape (2,)");
+    CHECK_THROWS(conv2d_dims({1, 1, 2, 2}, {1, 1, 3, 3}, nullptr, {}),
+                 "[conv2d] input: expected padded size (2, 2) >= kernel size (3, 3)");
+    CHECK_THROWS(conv2d_dims({1, 1, 6, 6}, {1, 1, 3, 3}, nullptr, {0, 1, 0, 0}),
+                 "[conv2d] stride: expected >= 1, got 0");
+    CHECK_THROWS(conv2d_dims({0, 1, 6, 6}, {1, 1, 3, 3}, nullptr, {}),
+                 "[conv2d] input: expected every dim >= 1");
+    const auto d = conv2d_dims({2, 1, 6, 6}, {4, 1, 3, 3}, nullptr, {});
+    CHECK_THROWS(conv2d_check_doutput(d, {2, 4, 4, 3}),
+                 "[conv2d_backward] doutput: expected shape (2, 4, 4, 4)");
+}
+
+TEST_CASE("validation: pool2d and indices") {
+    CHECK_THROWS(pool2d_dims("max_pool2d", {1, 1, 4, 4}, {2, 2, 2, 2, 2, 0}),
+                 "[max_pool2d] padding: expected at most half the kernel size");
+    CHECK_THROWS(pool2d_dims("max_pool2d", {1, 1, 1, 4}, {2, 2, 2, 2, 0, 0}),
+                 "[max_pool2d] input: expected padded size");
+    CHECK_THROWS(max_pool2d_backward_dims({1, 1, 2, 2}, {1, 1, 2, 3}, {1, 1, 4, 4}),
+                 "[max_pool2d_backward] indices: expected shape (1, 1, 2, 2)");
+    CHECK_THROWS(max_pool2d_backward_dims({1, 2, 2, 2}, {1, 2, 2, 2}, {1, 1, 4, 4}),
+                 "[max_pool2d_backward] doutput: expected (N, C) = (1, 1)");
+    const std::vector<int64_t> bad{0, 16};
+    CHECK_THROWS(check_pool_indices(bad.data(), 2, 16),
+                 "indices: expected values in [0, 16) (flat positions in an H*W input plane), got 16");
+    const std::vector<int64_t> negative{-1};
+    CHECK_THROWS(check_pool_indices(negative.data(), 1, 16), "got -1");
+}
+
+TEST_CASE("validation: linear and losses") {
+    CHECK_THROWS(linear_dims({2, 3}, {4, 5}, nullptr),
+                 "[linear] weight: expected in_features (dim 1) = 3");
+    CHECK_THROWS(linear_dims({}, {4, 5}, nullptr), "[linear] input: expected at least 1 dim");
+    CHECK_THROWS(check_bce_shapes("binary_cross_entropy", {2, 1}, {2}),
+                 "[binary_cross_entropy] target: expected shape (2, 1)");
+    const double outside[] = {0.5, 1.5};
+    CHECK_THROWS(check_probabilities("binary_cross_entropy", outside, 2),
+                 "input: expected probabilities in [0, 1], got 1.5");
+    CHECK_THROWS(cross_entropy_dims("cross_entropy", {2, 3}, {3}),
+                 "[cross_entropy] labels: expected shape (2,)");
+    const int64_t labels[] = {0, 3};
+    CHECK_THROWS(check_labels("cross_entropy", labels, 2, 3),
+                 "labels: expected class indices in [0, 3), got 3");
+}

@@ -1,0 +1,479 @@
+"""The NumPy reference ("oracle") for every cnnbp kernel.
+
+This module is the float64 ground truth that each C++ kernel is tested against, and it
+is meant to be read beside the derivation in the design notes:
+
+    X --conv W1 + B1--> Z1 --ReLU--> A1 --maxpool--> P1 --flatten--> F
+      --F.W2 + B2--> Z2 --sigmoid--> A2 --BCE(Y)--> L
+
+Everything here is plain NumPy in float64, written for reading rather than speed:
+explicit loops over output positions, one short comment per step, shapes next to the
+arrays. Each backward sits right after its forward and quotes the forward line it
+inverts. The semantics follow PyTorch (zero-padded cross-correlation, max-pool that
+pads with -inf, picks the first index on a tie and propagates NaN, BCE that clamps its
+logs at -100, stable BCE-with-logits and cross-entropy, losses averaged like torch's
+reduction='mean').
+
+The oracle checks nothing beyond what it needs: it is a reference, not the user-facing
+API (that is `cnnbp.functional`, whose validation lives in C++).
+
+Dimension letters: N batch, C in-channels, K out-channels, H/W input height/width,
+P/Q output height/width, R/S filter height/width.
+"""
+
+import numpy as np
+
+from .functional import output_size
+
+__all__ = [
+    "conv2d",
+    "conv2d_backward",
+    "max_pool2d",
+    "max_pool2d_backward",
+    "relu",
+    "relu_backward",
+    "sigmoid",
+    "sigmoid_backward",
+    "linear",
+    "linear_backward",
+    "flatten",
+    "flatten_backward",
+    "binary_cross_entropy",
+    "binary_cross_entropy_backward",
+    "binary_cross_entropy_with_logits",
+    "binary_cross_entropy_with_logits_backward",
+    "cross_entropy",
+    "cross_entropy_backward",
+    "seed_network",
+]
+
+
+def _f64(a):
+    """Any array-like as a float64 ndarray."""
+    return np.asarray(a, dtype=np.float64)
+
+
+def _out(a):
+    """Results are returned float64 and C-contiguous."""
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+def _pair(v):
+    """An int or an (h, w) pair, as an (h, w) tuple of ints."""
+    if np.ndim(v) == 0:
+        return int(v), int(v)
+    h, w = v
+    return int(h), int(w)
+
+
+# ---------------------------------------------------------------------------------------
+# conv2d: zero padding, cross-correlation (no filter flip), like torch's conv2d
+# ---------------------------------------------------------------------------------------
+
+
+def conv2d(x, w, b=None, stride=1, padding=0):
+    """y[n, k, p, q] = b[k] + sum_{c, r, s} xpad[n, c, p*sh + r, q*sw + s] * w[k, c, r, s]."""
+    x = _f64(x)  # x (N, C, H, W)
+    w = _f64(w)  # w (K, C, R, S)
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    N, C, H, W = x.shape
+    K, _, R, S = w.shape
+    P = output_size(H, R, sh, ph)
+    Q = output_size(W, S, sw, pw)
+
+    # Zero padding: the window may hang over the border by ph rows / pw columns.
+    xpad = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))  # xpad (N, C, H+2ph, W+2pw)
+
+    y = np.zeros((N, K, P, Q))  # y (N, K, P, Q)
+    for p in range(P):
+        for q in range(Q):
+            window = xpad[:, :, p * sh : p * sh + R, q * sw : q * sw + S]  # (N, C, R, S)
+            # One dot product per (sample, filter) over the whole window.
+            y[:, :, p, q] = np.einsum("ncrs,kcrs->nk", window, w)
+    if b is not None:
+        y += _f64(b).reshape(1, K, 1, 1)  # b (K,) broadcast over N, P, Q
+    return _out(y)
+
+
+def conv2d_backward(dy, x, w, stride=1, padding=0):
+    """Gradients of conv2d; returns (dx, dw, db).
+
+    Inverts, for every output position (p, q), the forward lines
+        y[:, :, p, q] = np.einsum("ncrs,kcrs->nk", window, w)
+        y += _f64(b).reshape(1, K, 1, 1)
+    so each term window[n, c, r, s] * w[k, c, r, s] sends
+        dy[n, k, p, q] * w[k, c, r, s]       to the input cell it read,
+        dy[n, k, p, q] * window[n, c, r, s]  to the weight it used.
+    Summing these over (p, q) makes dw the valid cross-correlation of x with dy and dx
+    the full convolution of dy with w (rotated 180 degrees), written out as loops.
+    """
+    dy = _f64(dy)  # dy (N, K, P, Q)
+    x = _f64(x)  # x (N, C, H, W)
+    w = _f64(w)  # w (K, C, R, S)
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    N, C, H, W = x.shape
+    K, _, R, S = w.shape
+    P = output_size(H, R, sh, ph)
+    Q = output_size(W, S, sw, pw)
+
+    xpad = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))  # xpad (N, C, H+2ph, W+2pw)
+    dxpad = np.zeros_like(xpad)  # dxpad (N, C, H+2ph, W+2pw)
+    dw = np.zeros_like(w)  # dw (K, C, R, S)
+    for p in range(P):
+        for q in range(Q):
+            window = xpad[:, :, p * sh : p * sh + R, q * sw : q * sw + S]  # (N, C, R, S)
+            g = dy[:, :, p, q]  # g (N, K)
+            dw += np.einsum("nk,ncrs->kcrs", g, window)
+            # Overlapping windows (stride < filter) read the same cell: add, never assign.
+            dxpad[:, :, p * sh : p * sh + R, q * sw : q * sw + S] += np.einsum(
+                "nk,kcrs->ncrs", g, w
+            )
+    # The padding was constant zeros, not an input: drop its gradient.
+    dx = dxpad[:, :, ph : ph + H, pw : pw + W]  # dx (N, C, H, W)
+    # y += b[k] for every (n, p, q), so db[k] sums dy over those.
+    db = dy.sum(axis=(0, 2, 3))  # db (K,)
+    return _out(dx), _out(dw), _out(db)
+
+
+# ---------------------------------------------------------------------------------------
+# max_pool2d: PyTorch CPU semantics
+# ---------------------------------------------------------------------------------------
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0):
+    """Returns (y, idx): the max of each window and its flat index h*W + w in the plane.
+
+    Padding counts as -inf, so a padded cell is never chosen; only in-bounds cells are
+    scanned. The scan goes in row-major order starting from the first in-bounds cell
+    with maxval = -inf, and takes a cell when `val > maxval or isnan(val)`: on a tie the
+    first index stays, a NaN is always taken (so NaN propagates and the last NaN of the
+    window wins), and a window of -inf values reports -inf at its first in-bounds cell.
+    """
+    x = _f64(x)  # x (N, C, H, W)
+    kh, kw = _pair(kernel_size)
+    sh, sw = _pair(kernel_size if stride is None else stride)
+    ph, pw = _pair(padding)
+    N, C, H, W = x.shape
+    P = output_size(H, kh, sh, ph)  # floored, like torch with ceil_mode=False
+    Q = output_size(W, kw, sw, pw)
+
+    y = np.empty((N, C, P, Q))  # y (N, C, P, Q)
+    idx = np.empty((N, C, P, Q), dtype=np.int64)  # idx (N, C, P, Q)
+    for n in range(N):
+        for c in range(C):
+            plane = x[n, c]  # plane (H, W)
+            for p in range(P):
+                for q in range(Q):
+                    # The window in input coordinates, clipped to the in-bounds cells.
+                    h0, w0 = p * sh - ph, q * sw - pw
+                    h_lo, h_hi = max(h0, 0), min(h0 + kh, H)
+                    w_lo, w_hi = max(w0, 0), min(w0 + kw, W)
+                    maxindex = h_lo * W + w_lo
+                    maxval = -np.inf
+                    for h in range(h_lo, h_hi):
+                        for w in range(w_lo, w_hi):
+                            val = plane[h, w]
+                            if val > maxval or np.isnan(val):
+                                maxval = val
+                                maxindex = h * W + w
+                    y[n, c, p, q] = maxval
+                    idx[n, c, p, q] = maxindex
+    return _out(y), np.ascontiguousarray(idx, dtype=np.int64)
+
+
+def max_pool2d_backward(dy, idx, x_shape):
+    """Gradient of max_pool2d with respect to its input x.
+
+    Inverts:
+        y[n, c, p, q] = maxval      (maxval = plane[h, w], idx[n, c, p, q] = h * W + w)
+    so dy[n, c, p, q] goes to that one cell and every other cell of the window gets 0.
+    Overlapping windows can pick the same cell, so the contributions are added.
+    """
+    dy = _f64(dy)  # dy (N, C, P, Q)
+    idx = np.asarray(idx, dtype=np.int64)  # idx (N, C, P, Q)
+    N, C, H, W = (int(d) for d in x_shape)
+    _, _, P, Q = dy.shape
+
+    dx = np.zeros((N, C, H * W))  # dx (N, C, H*W): each plane flattened, as idx indexes it
+    for n in range(N):
+        for c in range(C):
+            for p in range(P):
+                for q in range(Q):
+                    dx[n, c, idx[n, c, p, q]] += dy[n, c, p, q]
+    return _out(dx.reshape(N, C, H, W))
+
+
+# ---------------------------------------------------------------------------------------
+# activations
+# ---------------------------------------------------------------------------------------
+
+
+def relu(z):
+    """a = max(z, 0); NaN stays NaN (np.maximum propagates it, as torch.relu does)."""
+    z = _f64(z)
+    return _out(np.maximum(z, 0.0))
+
+
+def relu_backward(da, z):
+    """Gradient of relu with respect to z.
+
+    Inverts:
+        return _out(np.maximum(z, 0.0))
+    slope 1 where z > 0 and 0 where z <= 0 (at the kink z = 0 the gradient is 0, as in
+    torch's threshold_backward `0 if z <= 0 else da`, which lets a NaN z pass da through).
+    """
+    da = _f64(da)
+    z = _f64(z)
+    return _out(np.where(z <= 0, 0.0, da))
+
+
+def sigmoid(z):
+    """a = 1 / (1 + exp(-z))."""
+    z = _f64(z)
+    with np.errstate(over="ignore"):  # exp(-z) -> inf for z << 0 gives a = 0, correctly
+        return _out(1.0 / (1.0 + np.exp(-z)))
+
+
+def sigmoid_backward(da, a):
+    """Gradient of sigmoid with respect to z, from the forward OUTPUT a.
+
+    Inverts:
+        return _out(1.0 / (1.0 + np.exp(-z)))
+    whose derivative is da/dz = a * (1 - a).
+    """
+    da = _f64(da)
+    a = _f64(a)
+    return _out(da * a * (1.0 - a))
+
+
+# ---------------------------------------------------------------------------------------
+# linear (fully connected) and flatten
+# ---------------------------------------------------------------------------------------
+
+
+def linear(x, w, b=None):
+    """y = x w^T + b, over any number of leading dimensions of x."""
+    x = _f64(x)  # x (*, IN)
+    w = _f64(w)  # w (OUT, IN)
+    y = x @ w.T  # y (*, OUT)
+    if b is not None:
+        y = y + _f64(b)  # b (OUT,) broadcast over the leading dims
+    return _out(y)
+
+
+def linear_backward(dy, x, w):
+    """Gradients of linear; returns (dx, dw, db).
+
+    Inverts:
+        y = x @ w.T
+        y = y + _f64(b)
+    so dx = dy w, dw = dy^T x and db = dy summed, each over every leading dimension.
+    """
+    dy = _f64(dy)  # dy (*, OUT)
+    x = _f64(x)  # x (*, IN)
+    w = _f64(w)  # w (OUT, IN)
+    OUT, IN = w.shape
+    dx = dy @ w  # dx (*, IN)
+    # Every leading index is one more sample of the same weights: stack them as rows.
+    dy2 = dy.reshape(-1, OUT)  # dy2 (M, OUT), M = product of leading dims
+    x2 = x.reshape(-1, IN)  # x2 (M, IN)
+    dw = dy2.T @ x2  # dw (OUT, IN)
+    db = dy2.sum(axis=0)  # db (OUT,)
+    return _out(dx), _out(dw), _out(db)
+
+
+def flatten(x):
+    """Keeps the batch axis and flattens the rest: (N, ...) -> (N, D).
+
+    Flatten has no kernel; it is here so the oracle can run the whole derivation.
+    """
+    x = _f64(x)  # x (N, ...)
+    N = x.shape[0]
+    D = int(np.prod(x.shape[1:], dtype=np.int64))
+    return _out(x.reshape(N, D))  # (N, D)
+
+
+def flatten_backward(dF, x_shape):
+    """Gradient of flatten: reshaped back to x's shape.
+
+    Inverts:
+        return _out(x.reshape(N, D))
+    """
+    dF = _f64(dF)  # dF (N, D)
+    return _out(dF.reshape(tuple(int(d) for d in x_shape)))
+
+
+# ---------------------------------------------------------------------------------------
+# losses: means over all elements (BCE) or over the batch (cross-entropy), like torch's
+# reduction='mean'; each returns a python float
+# ---------------------------------------------------------------------------------------
+
+
+def binary_cross_entropy(a, y):
+    """L = mean(-(y * log a + (1 - y) * log(1 - a))), each log clamped at -100 as torch does.
+
+    The clamp keeps a = 0 or a = 1 finite: a = 0 with y = 1 costs 100, not inf.
+    """
+    a = _f64(a)  # a: probabilities in [0, 1]
+    y = _f64(y)  # y: targets, same shape as a
+    with np.errstate(divide="ignore"):  # log(0) = -inf, clamped just below
+        log_a = np.maximum(np.log(a), -100.0)
+        log_1ma = np.maximum(np.log1p(-a), -100.0)
+    return float(np.mean(-(y * log_a + (1.0 - y) * log_1ma)))
+
+
+# torch declares this clamp as a C++ `float` (constexpr float EPSILON = 1e-12), so in
+# float64 it is 1e-12 rounded to float32, 9.99999996e-13; using it keeps the clamped
+# gradient equal to torch's, not just close.
+BCE_EPSILON = float(np.float32(1e-12))
+
+
+def binary_cross_entropy_backward(a, y):
+    """dL/da of binary_cross_entropy.
+
+    Inverts:
+        return float(np.mean(-(y * log_a + (1.0 - y) * log_1ma)))
+    with log_a = log a and log_1ma = log(1 - a) (unclamped in the interior):
+    d/da = -y/a + (1 - y)/(1 - a) = (a - y) / (a (1 - a)), divided by numel for the mean.
+    Like torch, the denominator is kept at least BCE_EPSILON (~1e-12) so a = 0 or 1
+    stays finite.
+    """
+    a = _f64(a)
+    y = _f64(y)
+    return _out((a - y) / np.maximum(a * (1.0 - a), BCE_EPSILON) / a.size)
+
+
+def binary_cross_entropy_with_logits(z, y):
+    """BCE of sigmoid(z), computed from the logits z without forming sigmoid(z).
+
+    -(y log s(z) + (1 - y) log(1 - s(z))) = max(z, 0) - z y + log(1 + exp(-|z|)),
+    and exp(-|z|) <= 1 never overflows.
+    """
+    z = _f64(z)  # z: logits
+    y = _f64(y)  # y: targets, same shape as z
+    return float(np.mean(np.maximum(z, 0.0) - z * y + np.log1p(np.exp(-np.abs(z)))))
+
+
+def binary_cross_entropy_with_logits_backward(z, y):
+    """dL/dz of binary_cross_entropy_with_logits.
+
+    Inverts:
+        return float(np.mean(np.maximum(z, 0.0) - z * y + np.log1p(np.exp(-np.abs(z)))))
+    whose derivative per element is sigmoid(z) - y, divided by numel for the mean.
+    """
+    z = _f64(z)
+    y = _f64(y)
+    return _out((sigmoid(z) - y) / z.size)
+
+
+def cross_entropy(logits, labels):
+    """L = mean over n of (logsumexp(z_n) - z_n[label_n]) for logits z (N, K)."""
+    z = _f64(logits)  # z (N, K)
+    labels = np.asarray(labels, dtype=np.int64)  # labels (N,), ints in [0, K)
+    N = z.shape[0]
+    # Subtracting the row max leaves logsumexp(z) - z[label] unchanged and keeps exp <= 1.
+    zs = z - z.max(axis=1, keepdims=True)  # zs (N, K)
+    logsumexp = np.log(np.exp(zs).sum(axis=1))  # (N,)
+    return float(np.mean(logsumexp - zs[np.arange(N), labels]))
+
+
+def cross_entropy_backward(logits, labels):
+    """dL/dz of cross_entropy.
+
+    Inverts:
+        return float(np.mean(logsumexp - zs[np.arange(N), labels]))
+    with zs = z - rowmax (the shift has zero net gradient);
+    d logsumexp(z_n)/dz_n = softmax(z_n) and d z_n[label_n]/dz_n = onehot(label_n);
+    the mean divides by N.
+    """
+    z = _f64(logits)  # z (N, K)
+    labels = np.asarray(labels, dtype=np.int64)  # labels (N,)
+    N = z.shape[0]
+    e = np.exp(z - z.max(axis=1, keepdims=True))  # stable, as in the forward
+    softmax = e / e.sum(axis=1, keepdims=True)  # softmax (N, K)
+    onehot = np.zeros_like(z)  # onehot (N, K)
+    onehot[np.arange(N), labels] = 1.0
+    return _out((softmax - onehot) / N)
+
+
+# ---------------------------------------------------------------------------------------
+# the derivation network, forward and backward, with every intermediate kept
+# ---------------------------------------------------------------------------------------
+
+
+def seed_network(X, W1, B1, W2, B2, Y):
+    """One training step of the derivation network, returning every quantity by name.
+
+    X (N, 1, 6, 6) --conv W1 (1, 1, 3, 3) + B1 (1,)--> Z1 (N, 1, 4, 4) --ReLU--> A1
+      --maxpool 2x2/2--> P1 (N, 1, 2, 2) --flatten--> F (N, 4)
+      --F W2^T + B2 (W2 (1, 4), B2 (1,))--> Z2 (N, 1) --sigmoid--> A2 --BCE(Y (N, 1))--> L
+
+    The backward follows the derivation line by line; the loss is a mean over the batch,
+    so dL/dZ2 carries a factor 1/N.
+    """
+    X = _f64(X)  # X (N, 1, 6, 6)
+    W1 = _f64(W1)  # W1 (1, 1, 3, 3)
+    B1 = _f64(B1)  # B1 (1,)
+    W2 = _f64(W2)  # W2 (1, 4)
+    B2 = _f64(B2)  # B2 (1,)
+    Y = _f64(Y)  # Y (N, 1)
+    N = X.shape[0]
+
+    # ---- forward
+    Z1 = conv2d(X, W1, B1)  # Z1 (N, 1, 4, 4)
+    A1 = relu(Z1)  # A1 (N, 1, 4, 4)
+    P1, idx = max_pool2d(A1, 2, 2)  # P1, idx (N, 1, 2, 2)
+    F = flatten(P1)  # F (N, 4)
+    Z2 = linear(F, W2, B2)  # Z2 (N, 1)
+    A2 = sigmoid(Z2)  # A2 (N, 1), y_hat
+    L = binary_cross_entropy(A2, Y)  # python float
+
+    # ---- backward
+    # Shown for inspection only: the next line does not go through it.
+    dA2 = binary_cross_entropy_backward(A2, Y)  # dL/dA2 (N, 1)
+    # dL/dZ2 = A2 - Y: sigmoid and BCE together (the a (1 - a) factors cancel); / N for the mean.
+    dZ2 = (A2 - Y) / N  # dL/dZ2 (N, 1)
+    # dL/dW2 = (A2 - Y) F^T, summed over the batch.
+    dW2 = dZ2.T @ F  # dL/dW2 (1, 4)
+    # dL/dB2 = A2 - Y, summed over the batch.
+    dB2 = dZ2.sum(axis=0)  # dL/dB2 (1,)
+    # dL/dF = W2^T (A2 - Y), one row per sample.
+    dF = dZ2 @ W2  # dL/dF (N, 4)
+    # dL/dP1 = reshape(dL/dF, P1.shape).
+    dP1 = flatten_backward(dF, P1.shape)  # dL/dP1 (N, 1, 2, 2)
+    # dL/dA1 = dL/dP1 scattered to the argmax of each pooling window, zero elsewhere.
+    dA1 = max_pool2d_backward(dP1, idx, A1.shape)  # dL/dA1 (N, 1, 4, 4)
+    # dL/dZ1 = dL/dA1 * (Z1 > 0).
+    dZ1 = relu_backward(dA1, Z1)  # dL/dZ1 (N, 1, 4, 4)
+    # dL/dB1 = sum(dL/dZ1); dL/dW1 = valid cross-correlation of X with dL/dZ1;
+    # dL/dX = full convolution of dL/dZ1 with W1 rotated 180 degrees.
+    dX, dW1, dB1 = conv2d_backward(dZ1, X, W1)
+
+    return {
+        "X": _out(X),
+        "W1": _out(W1),
+        "B1": _out(B1),
+        "Z1": Z1,
+        "A1": A1,
+        "P1": P1,
+        "F": F,
+        "W2": _out(W2),
+        "B2": _out(B2),
+        "Z2": Z2,
+        "A2": A2,
+        "Y": _out(Y),
+        "L": L,
+        "dL/dA2": dA2,
+        "dL/dZ2": _out(dZ2),
+        "dL/dW2": _out(dW2),
+        "dL/dB2": _out(dB2),
+        "dL/dF": _out(dF),
+        "dL/dP1": dP1,
+        "dL/dA1": dA1,
+        "dL/dZ1": dZ1,
+        "dL/dW1": dW1,
+        "dL/dB1": dB1,
+        "dL/dX": dX,
+    }
