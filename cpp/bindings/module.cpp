@@ -117,23 +117,25 @@ py::array conv2d(const py::handle& x_obj, const py::handle& w_obj, const py::han
     py::array x = as_array(op, "input", x_obj), w = as_array(op, "weight", w_obj);
     const DType dtype = float_dtype(op, "input", x);
     check_dtype(op, "weight", w, dtype);
+    // a default-constructed py::array is a 0-d array, not "none": track presence apart
+    const bool has_bias = !b_obj.is_none();
     py::array b;
     Shape b_shape;
-    if (!b_obj.is_none()) {
+    if (has_bias) {
         b = as_array(op, "bias", b_obj);
         check_dtype(op, "bias", b, dtype);
         b_shape = shape_of(b);
     }
-    const auto dims = cnnbp::conv2d_dims(shape_of(x), shape_of(w), b ? &b_shape : nullptr,
+    const auto dims = cnnbp::conv2d_dims(shape_of(x), shape_of(w), has_bias ? &b_shape : nullptr,
                                          conv_params(op, stride, padding));
     return dispatch(dtype, [&](auto tag) -> py::array {
         using T = decltype(tag);
         auto xc = contiguous<T>(x), wc = contiguous<T>(w);
         py::array_t<T, py::array::c_style> bc;
-        if (b) bc = contiguous<T>(b);
+        if (has_bias) bc = contiguous<T>(b);
         auto y = empty_like_shape<T>({dims.N, dims.K, dims.P, dims.Q});
         T* y_ptr = y.mutable_data();
-        const T* b_ptr = b ? bc.data() : nullptr;
+        const T* b_ptr = has_bias ? bc.data() : nullptr;
         py::gil_scoped_release release;
         cnnbp::conv2d_forward<T>(y_ptr, xc.data(), wc.data(), b_ptr, dims);
         return y;
@@ -278,25 +280,27 @@ py::array linear(const py::handle& x_obj, const py::handle& w_obj, const py::han
     py::array x = as_array(op, "input", x_obj), w = as_array(op, "weight", w_obj);
     const DType dtype = float_dtype(op, "input", x);
     check_dtype(op, "weight", w, dtype);
+    // a default-constructed py::array is a 0-d array, not "none": track presence apart
+    const bool has_bias = !b_obj.is_none();
     py::array b;
     Shape b_shape;
-    if (!b_obj.is_none()) {
+    if (has_bias) {
         b = as_array(op, "bias", b_obj);
         check_dtype(op, "bias", b, dtype);
         b_shape = shape_of(b);
     }
     const Shape x_shape = shape_of(x);
-    const auto dims = cnnbp::linear_dims(x_shape, shape_of(w), b ? &b_shape : nullptr);
+    const auto dims = cnnbp::linear_dims(x_shape, shape_of(w), has_bias ? &b_shape : nullptr);
     Shape y_shape = x_shape;
     y_shape.back() = dims.OUT;
     return dispatch(dtype, [&](auto tag) -> py::array {
         using T = decltype(tag);
         auto xc = contiguous<T>(x), wc = contiguous<T>(w);
         py::array_t<T, py::array::c_style> bc;
-        if (b) bc = contiguous<T>(b);
+        if (has_bias) bc = contiguous<T>(b);
         auto y = empty_like_shape<T>(y_shape);
         T* y_ptr = y.mutable_data();
-        const T* b_ptr = b ? bc.data() : nullptr;
+        const T* b_ptr = has_bias ? bc.data() : nullptr;
         py::gil_scoped_release release;
         cnnbp::linear_forward<T>(y_ptr, xc.data(), wc.data(), b_ptr, dims);
         return y;

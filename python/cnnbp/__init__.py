@@ -7,9 +7,9 @@ inputs, outputs and gradients, ``reference`` is the plain float64 NumPy oracle, 
 ``walkthrough`` runs the derivation's 15-parameter network step by step.
 """
 
-from . import functional, nn, optim, reference
+from . import functional, nn, optim, reference, walkthrough
 from .nn import manual_seed
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "nn", "optim", "reference", "manual_seed", "__version__"]
+__all__ = ["functional", "nn", "optim", "reference", "walkthrough", "manual_seed", "__version__"]
