@@ -726,3 +726,9 @@ def test_seed_network_matches_torch_autograd():
     L.backward()
     for name, t in [("X", Xt), ("W1", W1t), ("B1", B1t), ("W2", W2t), ("B2", B2t)]:
         np.testing.assert_allclose(out["dL/d" + name], t.grad.numpy(), err_msg=name, **TORCH_TOL)
+
+
+def test_zero_dim_inputs_keep_their_shape():
+    z = np.array(-1.0)
+    for out in (ref.relu(z), ref.sigmoid(z), ref.relu_backward(z, z), ref.sigmoid_backward(z, z)):
+        assert out.shape == ()

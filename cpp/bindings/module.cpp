@@ -34,9 +34,12 @@ py::array as_array(const char* op, const char* name, const py::handle& obj) {
 
 std::string dtype_name(const py::array& a) { return py::str(a.dtype()); }
 
+// By kind and size, not dtype identity: a float64 that went through pickle or carries
+// a non-native byte order is still float64 (contiguous() converts it).
 DType float_dtype(const char* op, const char* name, const py::array& a) {
-    if (a.dtype().is(py::dtype::of<float>())) return DType::f32;
-    if (a.dtype().is(py::dtype::of<double>())) return DType::f64;
+    const py::dtype dt = a.dtype();
+    if (dt.kind() == 'f' && dt.itemsize() == 4) return DType::f32;
+    if (dt.kind() == 'f' && dt.itemsize() == 8) return DType::f64;
     throw py::type_error(std::string("[") + op + "] " + name +
                          ": expected float32 or float64, got " + dtype_name(a));
 }
@@ -83,6 +86,10 @@ std::array<int64_t, 2> parse_pair(const char* op, const char* name, const py::ha
                                  std::string(py::repr(obj)));
         return py::cast<int64_t>(py::reinterpret_steal<py::object>(PyNumber_Index(v.ptr())));
     };
+    if (PyIndex_Check(obj.ptr())) {  // ints, numpy integers, 0-d integer arrays
+        const int64_t v = as_int(obj);
+        return {v, v};
+    }
     if (py::isinstance<py::sequence>(obj) && !py::isinstance<py::str>(obj)) {
         py::sequence seq = py::reinterpret_borrow<py::sequence>(obj);
         if (seq.size() != 2)
@@ -91,8 +98,8 @@ std::array<int64_t, 2> parse_pair(const char* op, const char* name, const py::ha
                                  std::string(py::repr(obj)));
         return {as_int(seq[0]), as_int(seq[1])};
     }
-    const int64_t v = as_int(obj);
-    return {v, v};
+    as_int(obj);  // throws the op-prefixed TypeError
+    return {0, 0};
 }
 
 // Runs body(T{}) with T = float or double.
@@ -152,7 +159,7 @@ py::tuple conv2d_backward(const py::handle& dy_obj, const py::handle& x_obj,
     check_dtype(op, "input", x, dtype);
     check_dtype(op, "weight", w, dtype);
     const auto dims = cnnbp::conv2d_dims(shape_of(x), shape_of(w), nullptr,
-                                         conv_params(op, stride, padding));
+                                         conv_params(op, stride, padding), op);
     cnnbp::conv2d_check_doutput(dims, shape_of(dy));
     return dispatch(dtype, [&](auto tag) -> py::tuple {
         using T = decltype(tag);
@@ -316,7 +323,7 @@ py::tuple linear_backward(const py::handle& dy_obj, const py::handle& x_obj,
     check_dtype(op, "input", x, dtype);
     check_dtype(op, "weight", w, dtype);
     const Shape x_shape = shape_of(x);
-    const auto dims = cnnbp::linear_dims(x_shape, shape_of(w), nullptr);
+    const auto dims = cnnbp::linear_dims(x_shape, shape_of(w), nullptr, op);
     cnnbp::linear_check_doutput(dims, x_shape, shape_of(dy));
     return dispatch(dtype, [&](auto tag) -> py::tuple {
         using T = decltype(tag);

@@ -67,8 +67,7 @@ int64_t output_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding)
 // ---- conv2d ------------------------------------------------------------------------------
 
 Conv2dDims conv2d_dims(const Shape& input, const Shape& weight, const Shape* bias,
-                       const Conv2dParams& params) {
-    const char* op = "conv2d";
+                       const Conv2dParams& params, const char* op) {
     check_rank(op, "input", input, 4, "(N, C, H, W)");
     check_rank(op, "weight", weight, 4, "(K, C, R, S)");
     check_nonempty(op, "input", input);
@@ -128,14 +127,14 @@ Pool2dDims max_pool2d_backward_dims(const Shape& doutput, const Shape& indices,
                                     const Shape& input_shape) {
     const char* op = "max_pool2d_backward";
     check_rank(op, "doutput", doutput, 4, "(N, C, P, Q)");
-    check_rank(op, "input_shape", input_shape, 4, "(N, C, H, W)");
-    check_nonempty(op, "input_shape", input_shape);
+    check_rank(op, "x_shape", input_shape, 4, "(N, C, H, W)");
+    check_nonempty(op, "x_shape", input_shape);
     if (indices != doutput)
         fail(op, "indices: expected shape " + shape_str(doutput) + " (doutput's), got shape " +
                      shape_str(indices));
     if (doutput[0] != input_shape[0] || doutput[1] != input_shape[1])
         fail(op, "doutput: expected (N, C) = (" + std::to_string(input_shape[0]) + ", " +
-                     std::to_string(input_shape[1]) + ") to match input_shape " +
+                     std::to_string(input_shape[1]) + ") to match x_shape " +
                      shape_str(input_shape) + ", got shape " + shape_str(doutput));
     return Pool2dDims{input_shape[0], input_shape[1], input_shape[2], input_shape[3],
                       doutput[2],     doutput[3],     Pool2dParams{}};
@@ -159,8 +158,8 @@ void check_same_shape(const char* op, const char* name_a, const Shape& a, const 
                      "'s), got shape " + shape_str(b));
 }
 
-LinearDims linear_dims(const Shape& input, const Shape& weight, const Shape* bias) {
-    const char* op = "linear";
+LinearDims linear_dims(const Shape& input, const Shape& weight, const Shape* bias,
+                       const char* op) {
     if (input.empty())
         fail(op, "input: expected at least 1 dim (*, in_features), got shape " + shape_str(input));
     check_rank(op, "weight", weight, 2, "(out_features, in_features)");

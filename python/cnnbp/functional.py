@@ -21,6 +21,8 @@ Losses are means over the batch, like torch's default reduction='mean'.
 stride, padding and kernel_size take an int or an (h, w) pair.
 """
 
+import numpy as np
+
 from ._core import (
     binary_cross_entropy,
     binary_cross_entropy_backward,
@@ -43,12 +45,22 @@ from ._core import (
 
 
 def flatten(x):
-    """F (N, C*H*W) = x (N, C, H, W) reshaped: flattening moves no numbers."""
+    """F (N, C*H*W) = x (N, C, H, W) reshaped: flattening moves no numbers.
+
+    Flatten has no kernel: it is a reshape (a copy only when x is not C-contiguous).
+    """
+    x = np.ascontiguousarray(x)
+    if x.ndim < 1:
+        raise ValueError(f"[flatten] input: expected at least 1 dim (N, ...), got shape {x.shape}")
     return x.reshape(x.shape[0], -1)
 
 
 def flatten_backward(dF, x_shape):
     """dx = dF reshaped back to the input's shape (inverts ``F = x.reshape(N, -1)``)."""
+    dF = np.ascontiguousarray(dF)
+    if int(np.prod(x_shape)) != dF.size:
+        raise ValueError(f"[flatten_backward] dF: expected {int(np.prod(x_shape))} elements "
+                         f"to fill x_shape {tuple(x_shape)}, got shape {dF.shape}")
     return dF.reshape(x_shape)
 
 

@@ -49,4 +49,51 @@ class SGD:
             p.data -= (self.lr * g).astype(p.data.dtype, copy=False)
 
 
-__all__ = ["SGD"]
+class Adam:
+    """Adam, as torch.optim.Adam (amsgrad off; weight decay added to the gradient):
+
+        g = grad + weight_decay * p
+        m = beta1 * m + (1 - beta1) * g          v = beta2 * v + (1 - beta2) * g * g
+        p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        self.params = list(params)
+        beta1, beta2 = betas
+        for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+            if not value >= 0:
+                raise ValueError(f"[Adam] {name}: expected >= 0, got {value}")
+        if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+            raise ValueError(f"[Adam] betas: expected values in [0, 1), got {betas}")
+        self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
+        self.weight_decay = weight_decay
+        self._steps = [0] * len(self.params)
+        self._first_moments: list[np.ndarray | None] = [None] * len(self.params)
+        self._second_moments: list[np.ndarray | None] = [None] * len(self.params)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            g = p.grad
+            if self.weight_decay:
+                g = g + self.weight_decay * p.data
+            if self._first_moments[i] is None:
+                self._first_moments[i] = np.zeros_like(p.data)
+                self._second_moments[i] = np.zeros_like(p.data)
+            m, v = self._first_moments[i], self._second_moments[i]
+            self._steps[i] += 1
+            t = self._steps[i]
+            m += (1 - self.beta1) * (g - m)
+            v *= self.beta2
+            v += (1 - self.beta2) * g * g
+            step_size = self.lr / (1 - self.beta1 ** t)
+            denom = np.sqrt(v) / np.sqrt(1 - self.beta2 ** t) + self.eps
+            p.data -= (step_size * m / denom).astype(p.data.dtype, copy=False)
+
+
+__all__ = ["SGD", "Adam"]

@@ -54,8 +54,8 @@ def _f64(a):
 
 
 def _out(a):
-    """Results are returned float64 and C-contiguous."""
-    return np.ascontiguousarray(a, dtype=np.float64)
+    """Results are returned float64 and C-contiguous (0-d arrays stay 0-d)."""
+    return np.asarray(a, dtype=np.float64, order="C")
 
 
 def _pair(v):

@@ -42,8 +42,9 @@ struct Conv2dDims {
 };
 
 // input (N, C, H, W), weight (K, C, R, S), bias (K,) or nullptr when there is none.
+// `op` names the caller in messages (conv2d_backward validates the same way).
 Conv2dDims conv2d_dims(const Shape& input, const Shape& weight, const Shape* bias,
-                       const Conv2dParams& params);
+                       const Conv2dParams& params, const char* op = "conv2d");
 // doutput must be (N, K, P, Q) for the dims of the forward call.
 void conv2d_check_doutput(const Conv2dDims& dims, const Shape& doutput);
 
@@ -64,7 +65,7 @@ struct Pool2dDims {
 // the kernel, output size floored.
 Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& params);
 
-// max_pool2d_backward: doutput and indices (N, C, P, Q), input_shape (N, C, H, W).
+// max_pool2d_backward: doutput and indices (N, C, P, Q), x_shape (N, C, H, W).
 // Returns the dims (params unset) after checking shapes; the index values are checked
 // separately by check_pool_indices because that reads data.
 Pool2dDims max_pool2d_backward_dims(const Shape& doutput, const Shape& indices,
@@ -84,7 +85,8 @@ struct LinearDims {
     int64_t OUT;  // out_features
 };
 // input (*, IN) with at least one dim, weight (OUT, IN), bias (OUT,) or nullptr.
-LinearDims linear_dims(const Shape& input, const Shape& weight, const Shape* bias);
+LinearDims linear_dims(const Shape& input, const Shape& weight, const Shape* bias,
+                       const char* op = "linear");
 void linear_check_doutput(const LinearDims& dims, const Shape& input, const Shape& doutput);
 
 // Binary cross-entropy (both forms): prediction and target of the same non-empty shape.

@@ -1,0 +1,210 @@
+"""Benchmark cnnbp's kernels and training steps, and PyTorch's when it is installed.
+
+Each case is timed interleaved with its PyTorch counterpart in the same process (one call
+of each per round), and the table reports medians and the speed-up (PyTorch time / cnnbp
+time). float32 throughout; both libraries use the same number of threads.
+
+    python benchmarks/bench.py [--rounds 50] [--threads 2] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+
+import cnnbp
+from cnnbp import functional as F, nn, optim
+
+try:
+    import torch
+except ImportError:  # the table then shows cnnbp alone
+    torch = None
+
+PEAK_GFLOPS_PER_CORE = 260.0  # float32, AVX-512 FMA with two units, this machine's cores
+
+
+def conv_case(N, C, H, K, R, pad):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((N, C, H, H), dtype=np.float32)
+    w = rng.standard_normal((K, C, R, R), dtype=np.float32) * 0.1
+    b = rng.standard_normal(K, dtype=np.float32)
+    P = F.output_size(H, R, 1, pad)
+    dy = rng.standard_normal((N, K, P, P), dtype=np.float32)
+    flops = 3 * 2 * N * K * P * P * C * R * R  # forward, dinput, dweight
+
+    def ours():
+        F.conv2d(x, w, b, 1, pad)
+        F.conv2d_backward(dy, x, w, 1, pad)
+
+    theirs = None
+    if torch is not None:
+        tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+        tdy = torch.tensor(dy)
+
+        def theirs():
+            tx.grad = tw.grad = tb.grad = None
+            torch.nn.functional.conv2d(tx, tw, tb, padding=pad).backward(tdy)
+
+    name = f"conv fwd+bwd N{N} C{C} {H}x{H} K{K} {R}x{R}" + (f" pad {pad}" if pad else "")
+    return name, ours, theirs, ("GFLOP/s", flops / 1e9)
+
+
+def pool_case(shape):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    y, idx = F.max_pool2d(x, 2)
+    dy = np.ones_like(y)
+    nbytes = x.nbytes * 2 + y.nbytes * 2 + idx.nbytes * 2  # read x, write y/idx, backward
+
+    def ours():
+        _, i = F.max_pool2d(x, 2)
+        F.max_pool2d_backward(dy, i, x.shape)
+
+    theirs = None
+    if torch is not None:
+        tx, tdy = torch.tensor(x, requires_grad=True), torch.tensor(dy)
+
+        def theirs():
+            tx.grad = None
+            torch.nn.functional.max_pool2d(tx, 2).backward(tdy)
+
+    return f"max-pool 2x2 fwd+bwd {shape}", ours, theirs, ("GB/s", nbytes / 1e9)
+
+
+def seed_step_case():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((1, 1, 6, 6), dtype=np.float32)
+    Y = np.ones((1, 1), np.float32)
+    model = nn.Sequential(nn.Conv2d(1, 1, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(4, 1), nn.Sigmoid())
+    loss_fn, opt = nn.BCELoss(), optim.SGD(model.parameters(), lr=0.01)
+
+    def ours():
+        model.zero_grad()
+        loss_fn(model(X), Y)
+        model.backward(loss_fn.backward())
+        opt.step()
+
+    theirs = None
+    if torch is not None:
+        tm = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                 torch.nn.Flatten(), torch.nn.Linear(4, 1), torch.nn.Sigmoid())
+        tloss, topt = torch.nn.BCELoss(), torch.optim.SGD(tm.parameters(), lr=0.01)
+        tX, tY = torch.tensor(X), torch.tensor(Y)
+
+        def theirs():
+            topt.zero_grad()
+            tloss(tm(tX), tY).backward()
+            topt.step()
+
+    return "training step, seed network, N=1", ours, theirs, None
+
+
+def small_cnn_case():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((64, 1, 28, 28), dtype=np.float32)
+    labels = rng.integers(0, 10, 64)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3),
+                          nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 10))
+    loss_fn, opt = nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.01)
+
+    def ours():
+        model.zero_grad()
+        loss_fn(model(X), labels)
+        model.backward(loss_fn.backward())
+        opt.step()
+
+    theirs = None
+    if torch is not None:
+        tm = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                 torch.nn.Conv2d(8, 16, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                 torch.nn.Flatten(), torch.nn.Linear(400, 10))
+        tloss, topt = torch.nn.CrossEntropyLoss(), torch.optim.SGD(tm.parameters(), lr=0.01)
+        tX, tlabels = torch.tensor(X), torch.tensor(labels)
+
+        def theirs():
+            topt.zero_grad()
+            tloss(tm(tX), tlabels).backward()
+            topt.step()
+
+    return "training step, small CNN, N=64 28x28", ours, theirs, None
+
+
+def median_seconds(fn, rounds, min_time=0.02):
+    """Median over `rounds` of the mean time of a batch of calls lasting >= min_time."""
+    start = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - start, 1e-7)
+    repeat = max(1, int(min_time / once))
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        samples.append((time.perf_counter() - start) / repeat)
+    return samples
+
+
+def interleaved(ours, theirs, rounds):
+    a, b = [], []
+    for _ in range(rounds):
+        a += median_seconds(ours, 1)
+        if theirs is not None:
+            b += median_seconds(theirs, 1)
+    return statistics.median(a), (statistics.median(b) if b else None)
+
+
+def fmt_time(s):
+    return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--only", default="", help="run cases whose name contains this")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    if torch is not None:
+        torch.set_num_threads(args.threads)
+
+    cases = [conv_case(64, 1, 28, 8, 3, 0), conv_case(64, 8, 13, 16, 3, 0),
+             conv_case(32, 32, 32, 64, 3, 1), conv_case(16, 64, 56, 64, 3, 1),
+             pool_case((64, 8, 26, 26)), pool_case((32, 64, 32, 32)),
+             seed_step_case(), small_cnn_case()]
+    rows = []
+    for name, ours, theirs, rate in cases:
+        if args.only not in name:
+            continue
+        t_ours, t_theirs = interleaved(ours, theirs, args.rounds)
+        row = {"case": name, "cnnbp": fmt_time(t_ours), "rate": "", "peak": "",
+               "torch": fmt_time(t_theirs) if t_theirs else "-",
+               "speedup": f"{t_theirs / t_ours:.2f}x" if t_theirs else "-"}
+        if rate:
+            unit, amount = rate
+            row["rate"] = f"{amount / t_ours:.1f} {unit}"
+            if unit == "GFLOP/s":
+                peak = PEAK_GFLOPS_PER_CORE * args.threads
+                row["peak"] = f"{100 * amount / t_ours / peak:.0f}%"
+        rows.append(row)
+        print(f"{name:45s} cnnbp {row['cnnbp']:>10s}  {row['rate']:>16s} {row['peak']:>4s}  "
+              f"torch {row['torch']:>10s}  speed-up {row['speedup']}", flush=True)
+
+    if args.markdown:
+        print(f"\n{platform.processor() or platform.machine()}, {args.threads} threads, "
+              f"torch {torch.__version__ if torch else 'not installed'}, cnnbp {cnnbp.__version__}\n")
+        print("| case | cnnbp | rate | % of peak | PyTorch | speed-up |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['case']} | {r['cnnbp']} | {r['rate']} | {r['peak']} | {r['torch']} | "
+                  f"{r['speedup']} |")
+
+
+if __name__ == "__main__":
+    main()

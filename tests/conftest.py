@@ -1,0 +1,59 @@
+"""Helpers shared by the kernel, validation and layer tests.
+
+Import them with ``from conftest import ...`` (pytest puts this directory on sys.path).
+"""
+
+import numpy as np
+
+DTYPES = (np.float32, np.float64)
+
+
+def check_array(got, shape, dtype):
+    """Type, shape, dtype and layout, checked before any value is compared."""
+    assert isinstance(got, np.ndarray), f"expected an ndarray, got {type(got).__name__}"
+    assert got.shape == tuple(shape), f"shape: expected {tuple(shape)}, got {got.shape}"
+    assert got.dtype == np.dtype(dtype), f"dtype: expected {np.dtype(dtype)}, got {got.dtype}"
+    assert got.flags.c_contiguous, "expected a C-contiguous result"
+
+
+def assert_close(got, want, tol, what=""):
+    """|got - want| <= tol * (|want| + max|want|), elementwise.
+
+    The first term is a relative tolerance per element; the second scales with the
+    array's magnitude, so an element that is a sum of large terms cancelling to nearly
+    zero is held to the precision of those terms rather than to its own tiny size.
+    tol = 0 asks for exact equality (NaNs must sit in the same places).
+    """
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    if tol == 0:
+        np.testing.assert_array_equal(got, want, err_msg=what)
+        return
+    finite = want[np.isfinite(want)]
+    scale = float(np.max(np.abs(finite))) if finite.size else 0.0
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale, err_msg=what)
+
+
+def numeric_grad(f, x, eps=1e-6):
+    """Central finite differences of the scalar f() at x (float64, perturbed in place and
+    restored)."""
+    assert x.dtype == np.float64 and x.flags.c_contiguous
+    grad = np.zeros_like(x)
+    flat_x = x.reshape(-1)
+    flat_g = grad.reshape(-1)
+    for i in range(flat_x.size):
+        old = flat_x[i]
+        flat_x[i] = old + eps
+        f_plus = f()
+        flat_x[i] = old - eps
+        f_minus = f()
+        flat_x[i] = old
+        flat_g[i] = (f_plus - f_minus) / (2 * eps)
+    return grad
+
+
+# Finite differences with eps = 1e-6 in float64: truncation error ~ eps^2 |f'''| and
+# rounding error ~ 1e-16 |f| / eps ~ 1e-10 relative, so 1e-6 leaves a wide margin while
+# still catching any real mistake (a wrong index or factor is an O(1) error).
+FD_RTOL = 1e-6

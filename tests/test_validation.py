@@ -1,0 +1,761 @@
+"""Every validation error: the exception type and the message (op prefix and key words).
+
+Bad sizes, shapes and parameter values raise ValueError; wrong types and dtypes raise
+TypeError; state_dict keys raise KeyError. Each error is raised before any kernel runs, so
+the interpreter survives it (the next test runs in the same process).
+"""
+
+import re
+
+import numpy as np
+import pytest
+
+from cnnbp import functional as F
+from cnnbp import nn, optim
+
+F32, F64 = np.float32, np.float64
+
+
+def msg(text):
+    """A regex matching the message from its start, with the literal text escaped."""
+    return "^" + re.escape(text)
+
+
+def raises(exception, text):
+    """pytest.raises for an exception whose message starts with the literal text."""
+    return pytest.raises(exception, match=msg(text))
+
+
+def conv_args(dtype=F64):
+    return np.ones((2, 3, 6, 6), dtype), np.ones((4, 3, 3, 3), dtype), np.zeros(4, dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# conv2d
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, b_shape, stride, padding, expected",
+    [
+        ((3, 6, 6), (4, 3, 3, 3), (4,), 1, 0,
+         "[conv2d] input: expected 4 dims (N, C, H, W), got shape (3, 6, 6)"),
+        ((1, 2, 3, 6, 6), (4, 3, 3, 3), (4,), 1, 0,
+         "[conv2d] input: expected 4 dims (N, C, H, W), got shape (1, 2, 3, 6, 6)"),
+        ((2, 3, 6, 6), (3, 3), (4,), 1, 0,
+         "[conv2d] weight: expected 4 dims (K, C, R, S), got shape (3, 3)"),
+        ((2, 3, 6, 6), (4, 2, 3, 3), (4,), 1, 0,
+         "[conv2d] weight: expected 3 input channels (dim 1) to match input (2, 3, 6, 6), "
+         "got shape (4, 2, 3, 3)"),
+        ((2, 3, 6, 6), (4, 3, 3, 3), (3,), 1, 0, "[conv2d] bias: expected shape (4,), got shape (3,)"),
+        ((2, 3, 6, 6), (4, 3, 3, 3), (4, 1), 1, 0,
+         "[conv2d] bias: expected shape (4,), got shape (4, 1)"),
+        ((2, 3, 6, 6), (4, 3, 3, 3), (), 1, 0, "[conv2d] bias: expected shape (4,), got shape ()"),
+        ((0, 3, 6, 6), (4, 3, 3, 3), (4,), 1, 0,
+         "[conv2d] input: expected every dim >= 1, got shape (0, 3, 6, 6)"),
+        ((2, 0, 6, 6), (4, 0, 3, 3), (4,), 1, 0,
+         "[conv2d] input: expected every dim >= 1, got shape (2, 0, 6, 6)"),
+        ((2, 3, 6, 0), (4, 3, 3, 3), (4,), 1, 0,
+         "[conv2d] input: expected every dim >= 1, got shape (2, 3, 6, 0)"),
+        ((2, 3, 6, 6), (0, 3, 3, 3), (0,), 1, 0,
+         "[conv2d] weight: expected every dim >= 1, got shape (0, 3, 3, 3)"),
+        ((2, 3, 6, 6), (4, 3, 3, 0), (4,), 1, 0,
+         "[conv2d] weight: expected every dim >= 1, got shape (4, 3, 3, 0)"),
+        ((2, 3, 2, 6), (4, 3, 3, 3), (4,), 1, 0,
+         "[conv2d] input: expected padded size (2, 6) >= kernel size (3, 3), "
+         "got input shape (2, 3, 2, 6)"),
+        ((1, 1, 4, 4), (1, 1, 7, 5), (1,), 1, 1,
+         "[conv2d] input: expected padded size (6, 6) >= kernel size (7, 5), "
+         "got input shape (1, 1, 4, 4)"),
+        ((1, 1, 4, 4), (1, 1, 5, 5), (1,), 1, (1, 0),
+         "[conv2d] input: expected padded size (6, 4) >= kernel size (5, 5), "
+         "got input shape (1, 1, 4, 4)"),
+        ((2, 3, 6, 6), (4, 3, 3, 3), (4,), 0, 0, "[conv2d] stride: expected >= 1, got 0"),
+        ((2, 3, 6, 6), (4, 3, 3, 3), (4,), (1, 0), 0, "[conv2d] stride: expected >= 1, got 0"),
+        ((2, 3, 6, 6), (4, 3, 3, 3), (4,), -2, 0, "[conv2d] stride: expected >= 1, got -2"),
+        ((2, 3, 6, 6), (4, 3, 3, 3), (4,), 1, -1, "[conv2d] padding: expected >= 0, got -1"),
+        ((2, 3, 6, 6), (4, 3, 3, 3), (4,), 1, (0, -3), "[conv2d] padding: expected >= 0, got -3"),
+    ],
+)
+def test_conv2d_value_errors(x_shape, w_shape, b_shape, stride, padding, expected):
+    x, w, b = np.ones(x_shape), np.ones(w_shape), np.zeros(b_shape)
+    with raises(ValueError, expected):
+        F.conv2d(x, w, b, stride=stride, padding=padding)
+
+
+def test_conv2d_kernel_exactly_as_large_as_the_padded_input_is_fine():
+    y = F.conv2d(np.ones((1, 1, 4, 4)), np.ones((1, 1, 6, 6)), np.zeros(1), padding=1)
+    assert y.shape == (1, 1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, dy_shape, stride, padding, expected",
+    [
+        ((2, 3, 6, 6), (4, 3, 3, 3), (2, 4, 3, 4), 1, 0,
+         r"^\[conv2d_backward\] doutput: expected shape \(2, 4, 4, 4\) \(the forward output's\), "
+         r"got shape \(2, 4, 3, 4\)"),
+        ((2, 3, 6, 6), (4, 3, 3, 3), (2, 4, 4, 4), 2, 0,
+         r"^\[conv2d_backward\] doutput: expected shape \(2, 4, 2, 2\)"),
+        ((2, 3, 6, 6), (4, 3, 3, 3), (4, 4, 4), 1, 0,
+         r"^\[conv2d_backward\] doutput: expected shape \(2, 4, 4, 4\).*got shape \(4, 4, 4\)"),
+        # shape checks shared with the forward (one parameter struct, one validation)
+        ((3, 6, 6), (4, 3, 3, 3), (2, 4, 4, 4), 1, 0,
+         r"^\[conv2d(_backward)?\] input: expected 4 dims \(N, C, H, W\), got shape \(3, 6, 6\)"),
+        ((2, 3, 6, 6), (4, 2, 3, 3), (2, 4, 4, 4), 1, 0,
+         r"^\[conv2d(_backward)?\] weight: expected 3 input channels"),
+        ((2, 3, 6, 6), (4, 3, 3, 3), (2, 4, 4, 4), 0, 0,
+         r"^\[conv2d(_backward)?\] stride: expected >= 1, got 0"),
+        ((2, 3, 6, 6), (4, 3, 3, 3), (2, 4, 4, 4), 1, -1,
+         r"^\[conv2d(_backward)?\] padding: expected >= 0, got -1"),
+        ((2, 3, 2, 2), (4, 3, 3, 3), (2, 4, 1, 1), 1, 0,
+         r"^\[conv2d(_backward)?\] input: expected padded size \(2, 2\) >= kernel size \(3, 3\)"),
+    ],
+)
+def test_conv2d_backward_value_errors(x_shape, w_shape, dy_shape, stride, padding, expected):
+    with pytest.raises(ValueError, match=expected):
+        F.conv2d_backward(np.ones(dy_shape), np.ones(x_shape), np.ones(w_shape), stride, padding)
+
+
+BAD_PAIRS = ["2", 1.0, 2.5, (1, 1, 1), (1,), (), (1, "a"), (1.0, 1), True, None, [1, None],
+             {"h": 1}]
+
+
+@pytest.mark.parametrize("bad", BAD_PAIRS, ids=repr)
+@pytest.mark.parametrize("name", ["stride", "padding"])
+def test_conv2d_stride_and_padding_of_wrong_type(name, bad):
+    x, w, b = conv_args()
+    expected = msg(f"[conv2d] {name}: expected an int or a pair of ints, got ")
+    with pytest.raises(TypeError, match=expected):
+        F.conv2d(x, w, b, **{name: bad})
+    dy = np.ones((2, 4, 4, 4))
+    with raises(TypeError, f"[conv2d_backward] {name}: expected an int or a pair"):
+        F.conv2d_backward(dy, x, w, **{name: bad})
+
+
+def test_stride_given_as_a_0d_integer_array():
+    # np.array(2) is an integer (it has __index__): accept it like 2, or refuse it with
+    # the op-prefixed TypeError that every other bad stride gets
+    x, w, b = conv_args()
+    try:
+        y = F.conv2d(x, w, b, stride=np.array(2))
+    except TypeError as e:
+        assert re.match(r"^\[conv2d\] stride: expected an int or a pair of ints", str(e)), str(e)
+    else:
+        np.testing.assert_array_equal(y, F.conv2d(x, w, b, stride=2))
+
+
+BAD_DTYPES = [np.int64, np.int32, np.uint8, np.bool_, np.float16, np.complex64, np.complex128,
+              np.longdouble, object]
+
+
+def dtype_name(dtype):
+    return str(np.dtype(dtype))
+
+
+@pytest.mark.parametrize("dtype", BAD_DTYPES, ids=dtype_name)
+def test_conv2d_refuses_other_dtypes(dtype):
+    x, w, b = conv_args()
+    name = dtype_name(dtype)
+    with raises(TypeError, f"[conv2d] input: expected float32 or float64, got {name}"):
+        F.conv2d(x.astype(dtype), w, b)
+    with raises(TypeError, f"[conv2d] weight: expected float32 or float64, got {name}"):
+        F.conv2d(x, w.astype(dtype), b)
+    with raises(TypeError, f"[conv2d] bias: expected float32 or float64, got {name}"):
+        F.conv2d(x, w, b.astype(dtype))
+    dy = np.ones((2, 4, 4, 4))
+    with raises(TypeError, f"[conv2d_backward] doutput: expected float32 or float64, got {name}"):
+        F.conv2d_backward(dy.astype(dtype), x, w)
+    with raises(TypeError, f"[conv2d_backward] input: expected float32 or float64, got {name}"):
+        F.conv2d_backward(dy, x.astype(dtype), w)
+
+
+def test_conv2d_refuses_mixed_float32_and_float64():
+    x, w, b = conv_args(F32)
+    d = np.float64
+    with raises(TypeError, "[conv2d] weight: expected float32 like the first array "
+                           "argument, got float64"):
+        F.conv2d(x, w.astype(d), b)
+    with raises(TypeError, "[conv2d] bias: expected float32 like the first array "
+                           "argument, got float64"):
+        F.conv2d(x, w, b.astype(d))
+    with raises(TypeError, "[conv2d] weight: expected float64 like the first array "
+                           "argument, got float32"):
+        F.conv2d(x.astype(d), w, b.astype(d))
+    # a list becomes float64: mixing it with float32 arrays is the same error
+    with raises(TypeError, "[conv2d] bias: expected float32 like the first array "
+                           "argument, got float64"):
+        F.conv2d(x, w, [0.0, 0.0, 0.0, 0.0])
+    dy = np.ones((2, 4, 4, 4), F32)
+    with raises(TypeError, "[conv2d_backward] input: expected float32 like the first "
+                           "array argument, got float64"):
+        F.conv2d_backward(dy, x.astype(d), w)
+    with raises(TypeError, "[conv2d_backward] weight: expected float32 like the first "
+                           "array argument, got float64"):
+        F.conv2d_backward(dy, x, w.astype(d))
+    with raises(TypeError, "[conv2d_backward] input: expected float64 like the first "
+                           "array argument, got float32"):
+        F.conv2d_backward(dy.astype(d), x, w)
+
+
+def test_conv2d_refuses_none_and_non_arrays():
+    x, w, b = conv_args()
+    with raises(TypeError, "[conv2d] input: expected an array, got None"):
+        F.conv2d(None, w, b)
+    with raises(TypeError, "[conv2d] weight: expected an array, got None"):
+        F.conv2d(x, None, b)
+    with raises(TypeError, "[conv2d_backward] doutput: expected an array, got None"):
+        F.conv2d_backward(None, x, w)
+    with raises(TypeError, "[conv2d_backward] input: expected an array, got None"):
+        F.conv2d_backward(np.ones((2, 4, 4, 4)), None, w)
+    with raises(TypeError, "[conv2d_backward] weight: expected an array, got None"):
+        F.conv2d_backward(np.ones((2, 4, 4, 4)), x, None)
+    with raises(TypeError, "[conv2d] input: expected an array, got list"):
+        F.conv2d([[[[1.0, 2.0], [3.0]]]], w, b)  # ragged
+    with raises(TypeError, "[conv2d] input: expected float32 or float64, got <U3"):
+        F.conv2d("abc", w, b)
+    with raises(TypeError, "[conv2d] input: expected float32 or float64, got object"):
+        F.conv2d(object(), w, b)
+
+
+# ---------------------------------------------------------------------------------------
+# max_pool2d
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "x_shape, kernel, stride, padding, expected",
+    [
+        ((4, 4), 2, None, 0, "[max_pool2d] input: expected 4 dims (N, C, H, W), got shape (4, 4)"),
+        ((1, 1, 1, 4, 4), 2, None, 0,
+         "[max_pool2d] input: expected 4 dims (N, C, H, W), got shape (1, 1, 1, 4, 4)"),
+        ((0, 1, 4, 4), 2, None, 0,
+         "[max_pool2d] input: expected every dim >= 1, got shape (0, 1, 4, 4)"),
+        ((1, 1, 4, 0), 2, None, 0,
+         "[max_pool2d] input: expected every dim >= 1, got shape (1, 1, 4, 0)"),
+        ((1, 1, 4, 4), 0, None, 0, "[max_pool2d] kernel_size: expected >= 1, got 0"),
+        ((1, 1, 4, 4), (2, -1), None, 0, "[max_pool2d] kernel_size: expected >= 1, got -1"),
+        ((1, 1, 4, 4), 2, 0, 0, "[max_pool2d] stride: expected >= 1, got 0"),
+        ((1, 1, 4, 4), 2, (0, 1), 0, "[max_pool2d] stride: expected >= 1, got 0"),
+        ((1, 1, 4, 4), 2, 2, -1, "[max_pool2d] padding: expected >= 0, got -1"),
+        ((1, 1, 4, 4), 2, 2, 2,
+         "[max_pool2d] padding: expected at most half the kernel size (2, 2), got (2, 2)"),
+        ((1, 1, 6, 6), 3, 2, 2,
+         "[max_pool2d] padding: expected at most half the kernel size (3, 3), got (2, 2)"),
+        ((1, 1, 6, 6), (3, 2), 1, (1, 2),
+         "[max_pool2d] padding: expected at most half the kernel size (3, 2), got (1, 2)"),
+        ((1, 1, 3, 3), 5, None, 0,
+         "[max_pool2d] input: expected padded size (3, 3) >= kernel size (5, 5), "
+         "got input shape (1, 1, 3, 3)"),
+        ((1, 1, 3, 8), (6, 2), 1, (1, 1),
+         "[max_pool2d] input: expected padded size (5, 10) >= kernel size (6, 2), "
+         "got input shape (1, 1, 3, 8)"),
+    ],
+)
+def test_max_pool2d_value_errors(x_shape, kernel, stride, padding, expected):
+    with raises(ValueError, expected):
+        F.max_pool2d(np.ones(x_shape), kernel, stride, padding)
+
+
+def test_max_pool2d_padding_of_exactly_half_the_kernel_is_fine():
+    assert F.max_pool2d(np.ones((1, 1, 4, 4)), 2, 2, 1)[0].shape == (1, 1, 3, 3)
+    assert F.max_pool2d(np.ones((1, 1, 4, 4)), 3, 2, 1)[0].shape == (1, 1, 2, 2)
+    assert F.max_pool2d(np.ones((1, 1, 3, 3)), 5, 1, 2)[0].shape == (1, 1, 3, 3)
+
+
+@pytest.mark.parametrize("bad", BAD_PAIRS, ids=repr)
+@pytest.mark.parametrize("name", ["kernel_size", "stride", "padding"])
+def test_max_pool2d_parameters_of_wrong_type(name, bad):
+    if name == "stride" and bad is None:
+        return  # stride=None means "the kernel size"
+    args = dict(kernel_size=2, stride=None, padding=0)
+    args[name] = bad
+    with raises(TypeError, f"[max_pool2d] {name}: expected an int or a pair of ints, got "):
+        F.max_pool2d(np.ones((1, 1, 4, 4)), **args)
+
+
+@pytest.mark.parametrize("dtype", BAD_DTYPES, ids=dtype_name)
+def test_max_pool2d_refuses_other_dtypes(dtype):
+    name = dtype_name(dtype)
+    with raises(TypeError, f"[max_pool2d] input: expected float32 or float64, got {name}"):
+        F.max_pool2d(np.ones((1, 1, 4, 4), dtype), 2)
+    idx = np.zeros((1, 1, 2, 2), np.int64)
+    with raises(TypeError, "[max_pool2d_backward] doutput: expected float32 or float64, "
+                           f"got {name}"):
+        F.max_pool2d_backward(np.ones((1, 1, 2, 2), dtype), idx, (1, 1, 4, 4))
+
+
+def test_max_pool2d_refuses_none():
+    with raises(TypeError, "[max_pool2d] input: expected an array, got None"):
+        F.max_pool2d(None, 2)
+
+
+# ---------------------------------------------------------------------------------------
+# max_pool2d_backward
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad_index", [-1, 16, 17, -(2**40), 2**40, 2**62, -(2**63)])
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_max_pool2d_backward_refuses_indices_out_of_range(bad_index, dtype):
+    # a write through any of these would land outside dx (and crash or corrupt memory)
+    x = np.arange(16, dtype=dtype).reshape(1, 1, 4, 4)
+    y, idx = F.max_pool2d(x, 2)
+    dy = np.ones_like(y)
+    for position in [(0, 0, 0, 0), (0, 0, 1, 1)]:
+        bad = idx.copy()
+        bad[position] = bad_index
+        expected = ("[max_pool2d_backward] indices: expected values in [0, 16) (flat positions "
+                    f"in an H*W input plane), got {bad_index} at flat position ")
+        with raises(ValueError, expected):
+            F.max_pool2d_backward(dy, bad, x.shape)
+    # the indices of another plane size: 16 is valid for a 5x5 plane, not for 4x4
+    with raises(ValueError, "[max_pool2d_backward] indices: expected values in [0, 4)"):
+        F.max_pool2d_backward(dy, idx, (1, 1, 2, 2))
+    # the module is still fine and the good indices still work
+    np.testing.assert_array_equal(F.max_pool2d_backward(dy, idx, x.shape).reshape(-1)[idx.reshape(-1)], 1)
+
+
+def test_max_pool2d_backward_refuses_unsigned_indices_that_wrap():
+    dy = np.ones((1, 1, 2, 2))
+    idx = np.full((1, 1, 2, 2), np.iinfo(np.uint64).max, np.uint64)
+    with raises(ValueError, "[max_pool2d_backward] indices: expected values in [0, 16)"):
+        F.max_pool2d_backward(dy, idx, (1, 1, 4, 4))
+
+
+@pytest.mark.parametrize(
+    "dy_shape, idx_shape, x_shape, expected",
+    [
+        ((1, 1, 2, 2), (1, 1, 2, 1), (1, 1, 4, 4),
+         "[max_pool2d_backward] indices: expected shape (1, 1, 2, 2) (doutput's), got shape (1, 1, 2, 1)"),
+        ((1, 1, 2, 2), (1, 4), (1, 1, 4, 4),
+         "[max_pool2d_backward] indices: expected shape (1, 1, 2, 2) (doutput's), got shape (1, 4)"),
+        ((1, 2, 2), (1, 2, 2), (1, 1, 4, 4),
+         "[max_pool2d_backward] doutput: expected 4 dims (N, C, P, Q), got shape (1, 2, 2)"),
+        ((1, 1, 2, 2), (1, 1, 2, 2), (1, 4, 4),
+         "[max_pool2d_backward] x_shape: expected 4 dims (N, C, H, W), got shape (1, 4, 4)"),
+        ((1, 1, 2, 2), (1, 1, 2, 2), (1, 1, 0, 4),
+         "[max_pool2d_backward] x_shape: expected every dim >= 1, got shape (1, 1, 0, 4)"),
+        ((1, 1, 2, 2), (1, 1, 2, 2), (1, 1, -4, 4),
+         "[max_pool2d_backward] x_shape: expected every dim >= 1, got shape (1, 1, -4, 4)"),
+        ((1, 1, 2, 2), (1, 1, 2, 2), (2, 1, 4, 4),
+         "[max_pool2d_backward] doutput: expected (N, C) = (2, 1) to match x_shape (2, 1, 4, 4), "
+         "got shape (1, 1, 2, 2)"),
+        ((1, 3, 2, 2), (1, 3, 2, 2), (1, 2, 4, 4),
+         "[max_pool2d_backward] doutput: expected (N, C) = (1, 2) to match x_shape (1, 2, 4, 4), "
+         "got shape (1, 3, 2, 2)"),
+    ],
+)
+def test_max_pool2d_backward_shape_errors(dy_shape, idx_shape, x_shape, expected):
+    with raises(ValueError, expected):
+        F.max_pool2d_backward(np.ones(dy_shape), np.zeros(idx_shape, np.int64), x_shape)
+
+
+@pytest.mark.parametrize("bad", ["abcd", 16, 4.0, None, (1, 1, 4.0, 4), (1, 1, "4", 4),
+                                 (1, 1, None, 4), (1, True, 4, 4)], ids=repr)
+def test_max_pool2d_backward_x_shape_of_wrong_type(bad):
+    dy, idx = np.ones((1, 1, 2, 2)), np.zeros((1, 1, 2, 2), np.int64)
+    with raises(TypeError, "[max_pool2d_backward] x_shape: expected a sequence of ints, got "):
+        F.max_pool2d_backward(dy, idx, bad)
+
+
+def test_max_pool2d_backward_x_shape_may_be_any_int_sequence():
+    dy, idx = np.ones((1, 1, 2, 2)), np.zeros((1, 1, 2, 2), np.int64)
+    want = F.max_pool2d_backward(dy, idx, (1, 1, 4, 4))
+    for shape in ([1, 1, 4, 4], np.array([1, 1, 4, 4]), (np.int64(1), 1, np.int32(4), 4)):
+        np.testing.assert_array_equal(F.max_pool2d_backward(dy, idx, shape), want)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.complex128, np.bool_, object],
+                         ids=dtype_name)
+def test_max_pool2d_backward_indices_must_be_integers(dtype):
+    dy = np.ones((1, 1, 2, 2))
+    name = dtype_name(dtype)
+    with raises(TypeError, f"[max_pool2d_backward] indices: expected an integer array, got {name}"):
+        F.max_pool2d_backward(dy, np.zeros((1, 1, 2, 2), dtype), (1, 1, 4, 4))
+
+
+def test_max_pool2d_backward_refuses_none():
+    dy, idx = np.ones((1, 1, 2, 2)), np.zeros((1, 1, 2, 2), np.int64)
+    with raises(TypeError, "[max_pool2d_backward] doutput: expected an array, got None"):
+        F.max_pool2d_backward(None, idx, (1, 1, 4, 4))
+    with raises(TypeError, "[max_pool2d_backward] indices: expected an array, got None"):
+        F.max_pool2d_backward(dy, None, (1, 1, 4, 4))
+
+
+# ---------------------------------------------------------------------------------------
+# relu, sigmoid
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op, saved", [("relu", "z"), ("sigmoid", "a")])
+def test_activation_errors(op, saved):
+    forward, backward = getattr(F, op), getattr(F, op + "_backward")
+    bw = op + "_backward"
+    with raises(TypeError, f"[{op}] input: expected an array, got None"):
+        forward(None)
+    for dtype in BAD_DTYPES:
+        name = dtype_name(dtype)
+        with raises(TypeError, f"[{op}] input: expected float32 or float64, got {name}"):
+            forward(np.ones(3, dtype))
+        with raises(TypeError, f"[{bw}] doutput: expected float32 or float64, got {name}"):
+            backward(np.ones(3, dtype), np.ones(3))
+        with raises(TypeError, f"[{bw}] {saved}: expected float32 or float64, got {name}"):
+            backward(np.ones(3), np.ones(3, dtype))
+    with raises(TypeError, f"[{bw}] {saved}: expected float32 like the first array "
+                           "argument, got float64"):
+        backward(np.ones(3, F32), np.ones(3, F64))
+    with raises(TypeError, f"[{bw}] {saved}: expected float64 like the first array "
+                           "argument, got float32"):
+        backward(np.ones(3, F64), np.ones(3, F32))
+    with raises(TypeError, f"[{bw}] doutput: expected an array, got None"):
+        backward(None, np.ones(3))
+    with raises(TypeError, f"[{bw}] {saved}: expected an array, got None"):
+        backward(np.ones(3), None)
+    with raises(ValueError, f"[{bw}] {saved}: expected shape (2, 3) (doutput's), got shape (3, 2)"):
+        backward(np.ones((2, 3)), np.ones((3, 2)))
+    with raises(ValueError, f"[{bw}] {saved}: expected shape (6,) (doutput's), got shape (2, 3)"):
+        backward(np.ones(6), np.ones((2, 3)))
+
+
+# ---------------------------------------------------------------------------------------
+# linear
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, b_shape, expected",
+    [
+        ((), (4, 3), (4,), "[linear] input: expected at least 1 dim (*, in_features), got shape ()"),
+        ((2, 3), (3,), (4,),
+         "[linear] weight: expected 2 dims (out_features, in_features), got shape (3,)"),
+        ((2, 3), (1, 4, 3), (4,),
+         "[linear] weight: expected 2 dims (out_features, in_features), got shape (1, 4, 3)"),
+        ((2, 3), (4, 5), (4,),
+         "[linear] weight: expected in_features (dim 1) = 3 to match input (2, 3), got shape (4, 5)"),
+        ((2, 5, 3), (4, 5), (4,),
+         "[linear] weight: expected in_features (dim 1) = 3 to match input (2, 5, 3), got shape (4, 5)"),
+        ((2, 3), (3, 4), (4,),
+         "[linear] weight: expected in_features (dim 1) = 3 to match input (2, 3), got shape (3, 4)"),
+        ((2, 3), (0, 3), (0,), "[linear] weight: expected every dim >= 1, got shape (0, 3)"),
+        ((2, 0), (4, 0), (4,), "[linear] weight: expected every dim >= 1, got shape (4, 0)"),
+        ((2, 3), (4, 3), (3,), "[linear] bias: expected shape (4,), got shape (3,)"),
+        ((2, 3), (4, 3), (1, 4), "[linear] bias: expected shape (4,), got shape (1, 4)"),
+        ((2, 3), (4, 3), (), "[linear] bias: expected shape (4,), got shape ()"),
+    ],
+)
+def test_linear_value_errors(x_shape, w_shape, b_shape, expected):
+    with raises(ValueError, expected):
+        F.linear(np.ones(x_shape), np.ones(w_shape), np.zeros(b_shape))
+
+
+@pytest.mark.parametrize(
+    "dy_shape, x_shape, w_shape, expected",
+    [
+        ((2, 5), (2, 3), (4, 3),
+         r"^\[linear_backward\] doutput: expected shape \(2, 4\) \(the forward output's\), "
+         r"got shape \(2, 5\)"),
+        ((3, 4), (2, 3), (4, 3), r"^\[linear_backward\] doutput: expected shape \(2, 4\)"),
+        ((8, 4), (2, 4, 3), (4, 3),
+         r"^\[linear_backward\] doutput: expected shape \(2, 4, 4\) \(the forward output's\), "
+         r"got shape \(8, 4\)"),
+        ((2, 4), (2, 3), (4, 5), r"^\[linear(_backward)?\] weight: expected in_features \(dim 1\) = 3"),
+        ((2, 4), (2, 3), (12,), r"^\[linear(_backward)?\] weight: expected 2 dims"),
+    ],
+)
+def test_linear_backward_value_errors(dy_shape, x_shape, w_shape, expected):
+    with pytest.raises(ValueError, match=expected):
+        F.linear_backward(np.ones(dy_shape), np.ones(x_shape), np.ones(w_shape))
+
+
+def test_linear_type_errors():
+    x, w, b = np.ones((2, 3)), np.ones((4, 3)), np.zeros(4)
+    with raises(TypeError, "[linear] input: expected an array, got None"):
+        F.linear(None, w, b)
+    with raises(TypeError, "[linear] weight: expected an array, got None"):
+        F.linear(x, None, b)
+    for dtype in BAD_DTYPES:
+        name = dtype_name(dtype)
+        with raises(TypeError, f"[linear] input: expected float32 or float64, got {name}"):
+            F.linear(x.astype(dtype), w, b)
+        with raises(TypeError, f"[linear] weight: expected float32 or float64, got {name}"):
+            F.linear(x, w.astype(dtype), b)
+        with raises(TypeError, f"[linear] bias: expected float32 or float64, got {name}"):
+            F.linear(x, w, b.astype(dtype))
+        with raises(TypeError, "[linear_backward] doutput: expected float32 or float64, got "
+                               f"{name}"):
+            F.linear_backward(np.ones((2, 4), dtype), x, w)
+    with raises(TypeError, "[linear] weight: expected float32 like the first array "
+                           "argument, got float64"):
+        F.linear(x.astype(F32), w, b)
+    with raises(TypeError, "[linear] bias: expected float32 like the first array "
+                           "argument, got float64"):
+        F.linear(x.astype(F32), w.astype(F32), b)
+    with raises(TypeError, "[linear_backward] input: expected float32 like the first "
+                           "array argument, got float64"):
+        F.linear_backward(np.ones((2, 4), F32), x, w.astype(F32))
+    with raises(TypeError, "[linear_backward] weight: expected float32 like the first "
+                           "array argument, got float64"):
+        F.linear_backward(np.ones((2, 4), F32), x.astype(F32), w)
+
+
+# ---------------------------------------------------------------------------------------
+# losses
+# ---------------------------------------------------------------------------------------
+
+BCE_OPS = ["binary_cross_entropy", "binary_cross_entropy_backward"]
+BINARY_OPS = BCE_OPS + ["binary_cross_entropy_with_logits",
+                        "binary_cross_entropy_with_logits_backward"]
+
+
+@pytest.mark.parametrize("op", BCE_OPS)
+@pytest.mark.parametrize("bad, shown", [(1.5, "1.5"), (-0.25, "-0.25"), (1.0 + 1e-6, "1.00000"),
+                                        (np.nan, "nan"), (np.inf, "inf"), (-np.inf, "-inf")],
+                         ids=["1.5", "-0.25", "1+1e-6", "nan", "inf", "-inf"])
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_binary_cross_entropy_refuses_non_probabilities(op, bad, shown, dtype):
+    a = np.array([[0.5, 0.25], [0.75, 0.5]], dtype)
+    a[1, 0] = bad
+    y = np.ones((2, 2), dtype)
+    expected = (re.escape(f"[{op}] input: expected probabilities in [0, 1], got ") + r"-?"
+                + re.escape(shown.lstrip("-")) + r"\S* at flat position 2")
+    with pytest.raises(ValueError, match="^" + expected):
+        getattr(F, op)(a, y)
+
+
+@pytest.mark.parametrize("op", BCE_OPS)
+def test_binary_cross_entropy_accepts_the_closed_interval(op):
+    a = np.array([0.0, 1.0, -0.0, 0.5])
+    y = np.array([0.0, 1.0, 0.0, 1.0])
+    getattr(F, op)(a, y)
+
+
+@pytest.mark.parametrize("op", BINARY_OPS)
+def test_binary_losses_shape_and_type_errors(op):
+    fn = getattr(F, op)
+    with raises(ValueError, f"[{op}] target: expected shape (2, 3) (input's), got shape (3, 2)"):
+        fn(np.full((2, 3), 0.5), np.ones((3, 2)))
+    with raises(ValueError, f"[{op}] target: expected shape (6,) (input's), got shape (6, 1)"):
+        fn(np.full(6, 0.5), np.ones((6, 1)))
+    with raises(ValueError, f"[{op}] input: expected at least one element, got shape (0,)"):
+        fn(np.zeros(0), np.zeros(0))
+    with raises(ValueError, f"[{op}] input: expected at least one element, got shape (2, 0)"):
+        fn(np.zeros((2, 0)), np.zeros((2, 0)))
+    with raises(TypeError, f"[{op}] target: expected float32 like the first array "
+                           "argument, got float64"):
+        fn(np.full(3, 0.5, F32), np.ones(3))
+    with raises(TypeError, f"[{op}] target: expected float64 like the first array "
+                           "argument, got float32"):
+        fn(np.full(3, 0.5), np.ones(3, F32))
+    with raises(TypeError, f"[{op}] input: expected an array, got None"):
+        fn(None, np.ones(3))
+    with raises(TypeError, f"[{op}] target: expected an array, got None"):
+        fn(np.full(3, 0.5), None)
+    for dtype in BAD_DTYPES:
+        name = dtype_name(dtype)
+        with raises(TypeError, f"[{op}] input: expected float32 or float64, got {name}"):
+            fn(np.ones(3, dtype), np.ones(3))
+        with raises(TypeError, f"[{op}] target: expected float32 or float64, got {name}"):
+            fn(np.full(3, 0.5), np.ones(3, dtype))
+
+
+@pytest.mark.parametrize("op", ["cross_entropy", "cross_entropy_backward"])
+def test_cross_entropy_errors(op):
+    fn = getattr(F, op)
+    z = np.zeros((3, 4))
+    for bad in ([0, 4, 1], [0, 1, 7], [-1, 0, 0], [0, 0, -4]):
+        where = next(i for i, v in enumerate(bad) if not 0 <= v < 4)
+        with raises(ValueError, f"[{op}] labels: expected class indices in [0, 4), got "
+                                f"{bad[where]} at position {where}"):
+            fn(z, np.array(bad))
+    with raises(ValueError, f"[{op}] labels: expected shape (3,) (one class index per row "
+                            "of logits), got shape (4,)"):
+        fn(z, np.zeros(4, np.int64))
+    with raises(ValueError, f"[{op}] labels: expected shape (3,) (one class index per row "
+                            "of logits), got shape (3, 1)"):
+        fn(z, np.zeros((3, 1), np.int64))
+    with raises(ValueError, f"[{op}] labels: expected shape (3,) (one class index per row "
+                            "of logits), got shape ()"):
+        fn(z, 0)
+    with raises(ValueError, f"[{op}] logits: expected 2 dims (N, K), got shape (4,)"):
+        fn(np.zeros(4), np.zeros(1, np.int64))
+    with raises(ValueError, f"[{op}] logits: expected 2 dims (N, K), got shape (1, 3, 4)"):
+        fn(np.zeros((1, 3, 4)), np.zeros(1, np.int64))
+    with raises(ValueError, f"[{op}] logits: expected every dim >= 1, got shape (0, 4)"):
+        fn(np.zeros((0, 4)), np.zeros(0, np.int64))
+    with raises(ValueError, f"[{op}] logits: expected every dim >= 1, got shape (3, 0)"):
+        fn(np.zeros((3, 0)), np.zeros(3, np.int64))
+    for dtype in (np.float64, np.float32, np.bool_, np.complex128, object):
+        with raises(TypeError, f"[{op}] labels: expected an integer array, got "
+                               f"{dtype_name(dtype)}"):
+            fn(z, np.zeros(3, dtype))
+    with raises(TypeError, f"[{op}] labels: expected an integer array, got float64"):
+        fn(z, [0, 1.0, 2])
+    with raises(TypeError, f"[{op}] labels: expected an array, got None"):
+        fn(z, None)
+    with raises(TypeError, f"[{op}] logits: expected an array, got None"):
+        fn(None, np.zeros(3, np.int64))
+    for dtype in BAD_DTYPES:
+        with raises(TypeError, f"[{op}] logits: expected float32 or float64, got "
+                               f"{dtype_name(dtype)}"):
+            fn(z.astype(dtype), np.zeros(3, np.int64))
+
+
+# ---------------------------------------------------------------------------------------
+# output_size
+# ---------------------------------------------------------------------------------------
+
+
+def test_output_size_errors():
+    with raises(ValueError, "[output_size] kernel: expected >= 1, got 0"):
+        F.output_size(5, 0)
+    with raises(ValueError, "[output_size] stride: expected >= 1, got 0"):
+        F.output_size(5, 3, 0)
+    with raises(ValueError, "[output_size] stride: expected >= 1, got -1"):
+        F.output_size(5, 3, -1)
+    with raises(ValueError, "[output_size] padding: expected >= 0, got -1"):
+        F.output_size(5, 3, 1, -1)
+
+
+# ---------------------------------------------------------------------------------------
+# layers, state_dict, optimizer
+# ---------------------------------------------------------------------------------------
+
+
+def seed_model(dtype=np.float32):
+    return nn.Sequential(nn.Conv2d(1, 1, 3, dtype=dtype), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(4, 1, dtype=dtype), nn.Sigmoid())
+
+
+def test_load_state_dict_missing_and_unexpected_keys():
+    model = seed_model()
+    before = model.state_dict()
+    good = model.state_dict()
+
+    missing = dict(good)
+    del missing["0.bias"]
+    with pytest.raises(KeyError, match=re.escape("[load_state_dict] expected keys ['0.weight', "
+                                                 "'0.bias', '4.weight', '4.bias'], got missing "
+                                                 "['0.bias'], unexpected []")):
+        model.load_state_dict(missing)
+
+    extra = dict(good, **{"5.weight": np.ones(1, np.float32)})
+    with pytest.raises(KeyError, match=re.escape("got missing [], unexpected ['5.weight']")):
+        model.load_state_dict(extra)
+
+    renamed = {k.replace("4.", "1."): v for k, v in good.items()}
+    with pytest.raises(KeyError, match=re.escape("got missing ['4.weight', '4.bias'], "
+                                                 "unexpected ['1.weight', '1.bias']")):
+        model.load_state_dict(renamed)
+
+    with pytest.raises(KeyError, match=re.escape("[load_state_dict]")):
+        model.load_state_dict({})
+
+    for k, v in before.items():  # a refused load changes nothing
+        np.testing.assert_array_equal(model.state_dict()[k], v)
+
+
+def test_load_state_dict_wrong_shape_and_dtype():
+    model = seed_model()
+    before = model.state_dict()
+    good = model.state_dict()
+
+    bad = dict(good, **{"4.weight": np.ones((4, 1), np.float32)})
+    with raises(ValueError, "[load_state_dict] 4.weight: expected shape (1, 4), got shape (4, 1)"):
+        model.load_state_dict(bad)
+    bad = dict(good, **{"0.bias": np.ones((), np.float32)})
+    with raises(ValueError, "[load_state_dict] 0.bias: expected shape (1,), got shape ()"):
+        model.load_state_dict(bad)
+
+    bad = dict(good, **{"0.weight": good["0.weight"].astype(np.float64)})
+    with raises(TypeError, "[load_state_dict] 0.weight: expected float32, got float64"):
+        model.load_state_dict(bad)
+    bad = dict(good, **{"4.bias": np.ones(1, np.int64)})
+    with raises(TypeError, "[load_state_dict] 4.bias: expected float32, got int64"):
+        model.load_state_dict(bad)
+    bad = dict(good, **{"4.bias": [0.5]})  # a list becomes float64
+    with raises(TypeError, "[load_state_dict] 4.bias: expected float32, got float64"):
+        model.load_state_dict(bad)
+
+    # the first parameters were fine and the last one was not: nothing was copied
+    bad = {k: v + 1 for k, v in good.items()}
+    bad["4.bias"] = bad["4.bias"].astype(np.float64)
+    with pytest.raises(TypeError):
+        model.load_state_dict(bad)
+    for k, v in before.items():
+        np.testing.assert_array_equal(model.state_dict()[k], v)
+
+    model64 = seed_model(np.float64)
+    with raises(TypeError, "[load_state_dict] 0.weight: expected float64, got float32"):
+        model64.load_state_dict(good)
+
+
+@pytest.mark.parametrize("dtype", [int, np.int64, np.int32, np.float16, np.complex128, bool,
+                                   "int8"], ids=repr)
+def test_layers_refuse_non_float_dtypes(dtype):
+    name = str(np.dtype(dtype))
+    with raises(TypeError, f"[nn] dtype: expected float32 or float64, got {name}"):
+        nn.Conv2d(1, 1, 3, dtype=dtype)
+    with raises(TypeError, f"[nn] dtype: expected float32 or float64, got {name}"):
+        nn.Linear(2, 1, dtype=dtype)
+
+
+def test_layers_refuse_inputs_of_the_other_dtype():
+    conv = nn.Conv2d(1, 2, 3)  # float32 by default
+    with raises(TypeError, "[conv2d] weight: expected float64 like the first array "
+                           "argument, got float32"):
+        conv(np.ones((1, 1, 5, 5)))
+    lin = nn.Linear(3, 2, dtype=np.float64)
+    with raises(TypeError, "[linear] weight: expected float32 like the first array "
+                           "argument, got float64"):
+        lin(np.ones((2, 3), np.float32))
+    with raises(ValueError, "[conv2d] weight: expected 1 input channels (dim 1)"):
+        nn.Conv2d(2, 2, 3)(np.ones((1, 1, 5, 5), np.float32))
+    with raises(ValueError, "[max_pool2d] input: expected 4 dims (N, C, H, W), got shape (5, 5)"):
+        nn.MaxPool2d(2)(np.ones((5, 5)))
+
+
+def test_sequential_refuses_non_modules():
+    with raises(TypeError, "[Sequential] layer 1: expected an nn.Module, got function"):
+        nn.Sequential(nn.ReLU(), lambda x: x)
+    with raises(TypeError, "[Sequential] layer 0: expected an nn.Module, got type"):
+        nn.Sequential(nn.ReLU)
+
+
+@pytest.mark.parametrize("loss_cls", [nn.BCELoss, nn.BCEWithLogitsLoss, nn.CrossEntropyLoss])
+def test_loss_backward_before_forward(loss_cls):
+    with raises(RuntimeError, f"[{loss_cls.__name__}] backward called before forward"):
+        loss_cls().backward()
+
+
+def test_loss_layers_pass_the_kernel_errors_through():
+    with raises(ValueError, "[binary_cross_entropy] input: expected probabilities in [0, 1]"):
+        nn.BCELoss()(np.array([1.5]), np.array([1.0]))
+    with raises(ValueError, "[cross_entropy] labels: expected class indices in [0, 2), got 2"):
+        nn.CrossEntropyLoss()(np.zeros((1, 2)), np.array([2]))
+    with raises(TypeError, "[cross_entropy] labels: expected an integer array, got float64"):
+        nn.CrossEntropyLoss()(np.zeros((1, 2)), np.array([1.0]))
+
+
+def test_sgd_errors():
+    params = nn.Linear(2, 1).parameters()
+    for name in ("lr", "momentum", "weight_decay"):
+        with raises(ValueError, f"[SGD] {name}: expected >= 0, got -0.5"):
+            optim.SGD(params, **{name: -0.5})
+        with raises(ValueError, f"[SGD] {name}: expected >= 0, got nan"):
+            optim.SGD(params, **{name: float("nan")})
+    with raises(ValueError, "[SGD] nesterov: expected momentum > 0 and dampening 0, got "
+                            "momentum 0.0"):
+        optim.SGD(params, lr=0.1, nesterov=True)
+    with raises(ValueError, "[SGD] nesterov: expected momentum > 0 and dampening 0, got "
+                            "momentum 0.9, dampening 0.1"):
+        optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.1, nesterov=True)
+
+
+def test_everything_still_works_after_the_errors():
+    # errors are exceptions raised before any kernel runs: nothing was left half done
+    x = np.arange(16.0).reshape(1, 1, 4, 4)
+    y, idx = F.max_pool2d(x, 2)
+    np.testing.assert_array_equal(y.reshape(-1), [5, 7, 13, 15])
+    dx = F.max_pool2d_backward(np.ones_like(y), idx, x.shape)
+    assert dx.sum() == 4
+    np.testing.assert_array_equal(F.conv2d(x, np.ones((1, 1, 1, 1)), np.zeros(1)), x)
