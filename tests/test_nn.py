@@ -452,13 +452,18 @@ SGD_CONFIGS = [
 
 @pytest.mark.parametrize("config", SGD_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_sgd_matches_torch_over_five_steps(config):
-    model, tmodel = build_pair("seed", F64, seed=2)
-    rng = np.random.default_rng(12)
+    check_optimizer_matches_torch(optim.SGD, torch.optim.SGD, config, steps=5, seed=2)
+
+
+def check_optimizer_matches_torch(ours, theirs, config, steps, seed):
+    """Same weights, same batch: losses and parameters agree after every step (float64)."""
+    model, tmodel = build_pair("seed", F64, seed=seed)
+    rng = np.random.default_rng(10 + seed)
     x, y, loss_fn, tloss = make_data("seed", F64, 6, rng)
-    opt = optim.SGD(model.parameters(), **config)
-    topt = torch.optim.SGD(tmodel.parameters(), **config)
+    opt = ours(model.parameters(), **config)
+    topt = theirs(tmodel.parameters(), **config)
     tparams = dict(tmodel.named_parameters())
-    for step in range(5):
+    for step in range(steps):
         opt.zero_grad()
         topt.zero_grad()
         loss = run_cnnbp(model, loss_fn, x, y)[1]
@@ -590,22 +595,7 @@ ADAM_CONFIGS = [
 
 @pytest.mark.parametrize("config", ADAM_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_adam_matches_torch_over_ten_steps(config):
-    model, tmodel = build_pair("seed", F64, seed=3)
-    rng = np.random.default_rng(13)
-    x, y, loss_fn, tloss = make_data("seed", F64, 6, rng)
-    opt = optim.Adam(model.parameters(), **config)
-    topt = torch.optim.Adam(tmodel.parameters(), **config)
-    tparams = dict(tmodel.named_parameters())
-    for step in range(10):
-        opt.zero_grad()
-        topt.zero_grad()
-        loss = run_cnnbp(model, loss_fn, x, y)[1]
-        tl, _ = run_torch(tmodel, tloss, x, y)
-        assert_close(loss, tl.item(), 1e-10, f"loss at step {step}")
-        opt.step()
-        topt.step()
-        for k, p in model.named_parameters():
-            assert_close(p.data, t2n(tparams[k]), 1e-10, f"{k} after step {step}")
+    check_optimizer_matches_torch(optim.Adam, torch.optim.Adam, config, steps=10, seed=3)
 
 
 def test_adam_rejects_bad_hyperparameters():

@@ -9,28 +9,13 @@ import numpy as np
 import pytest
 
 from cnnbp import reference as ref
+from conftest import numeric_grad
 
 # ---------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------
 
 
-def numeric_grad(f, x, eps=1e-6):
-    """Central finite differences of the scalar function f at x (float64, modified in place
-    and restored)."""
-    x = np.asarray(x, dtype=np.float64)
-    grad = np.zeros_like(x)
-    flat_x = x.reshape(-1)
-    flat_g = grad.reshape(-1)
-    for i in range(flat_x.size):
-        old = flat_x[i]
-        flat_x[i] = old + eps
-        f_plus = f()
-        flat_x[i] = old - eps
-        f_minus = f()
-        flat_x[i] = old
-        flat_g[i] = (f_plus - f_minus) / (2 * eps)
-    return grad
 
 
 def check_array(got, shape, dtype=np.float64):

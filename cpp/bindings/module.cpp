@@ -109,6 +109,22 @@ auto dispatch(DType dtype, Body&& body) {
     return body(double{});
 }
 
+// An optional bias argument (conv2d, linear). A default-constructed py::array is a 0-d
+// array, not "none", so presence is tracked apart.
+struct OptionalBias {
+    bool present;
+    py::array array;
+    Shape shape;
+
+    OptionalBias(const char* op, const py::handle& obj, DType dtype) : present(!obj.is_none()) {
+        if (!present) return;
+        array = as_array(op, "bias", obj);
+        check_dtype(op, "bias", array, dtype);
+        shape = shape_of(array);
+    }
+    const Shape* shape_or_null() const { return present ? &shape : nullptr; }
+};
+
 // ---- conv2d ------------------------------------------------------------------------------
 
 cnnbp::Conv2dParams conv_params(const char* op, const py::handle& stride,
@@ -124,25 +140,17 @@ py::array conv2d(const py::handle& x_obj, const py::handle& w_obj, const py::han
     py::array x = as_array(op, "input", x_obj), w = as_array(op, "weight", w_obj);
     const DType dtype = float_dtype(op, "input", x);
     check_dtype(op, "weight", w, dtype);
-    // a default-constructed py::array is a 0-d array, not "none": track presence apart
-    const bool has_bias = !b_obj.is_none();
-    py::array b;
-    Shape b_shape;
-    if (has_bias) {
-        b = as_array(op, "bias", b_obj);
-        check_dtype(op, "bias", b, dtype);
-        b_shape = shape_of(b);
-    }
-    const auto dims = cnnbp::conv2d_dims(shape_of(x), shape_of(w), has_bias ? &b_shape : nullptr,
+    const OptionalBias bias(op, b_obj, dtype);
+    const auto dims = cnnbp::conv2d_dims(shape_of(x), shape_of(w), bias.shape_or_null(),
                                          conv_params(op, stride, padding));
     return dispatch(dtype, [&](auto tag) -> py::array {
         using T = decltype(tag);
         auto xc = contiguous<T>(x), wc = contiguous<T>(w);
         py::array_t<T, py::array::c_style> bc;
-        if (has_bias) bc = contiguous<T>(b);
+        if (bias.present) bc = contiguous<T>(bias.array);
         auto y = empty_like_shape<T>({dims.N, dims.K, dims.P, dims.Q});
         T* y_ptr = y.mutable_data();
-        const T* b_ptr = has_bias ? bc.data() : nullptr;
+        const T* b_ptr = bias.present ? bc.data() : nullptr;
         py::gil_scoped_release release;
         cnnbp::conv2d_forward<T>(y_ptr, xc.data(), wc.data(), b_ptr, dims);
         return y;
@@ -287,27 +295,19 @@ py::array linear(const py::handle& x_obj, const py::handle& w_obj, const py::han
     py::array x = as_array(op, "input", x_obj), w = as_array(op, "weight", w_obj);
     const DType dtype = float_dtype(op, "input", x);
     check_dtype(op, "weight", w, dtype);
-    // a default-constructed py::array is a 0-d array, not "none": track presence apart
-    const bool has_bias = !b_obj.is_none();
-    py::array b;
-    Shape b_shape;
-    if (has_bias) {
-        b = as_array(op, "bias", b_obj);
-        check_dtype(op, "bias", b, dtype);
-        b_shape = shape_of(b);
-    }
+    const OptionalBias bias(op, b_obj, dtype);
     const Shape x_shape = shape_of(x);
-    const auto dims = cnnbp::linear_dims(x_shape, shape_of(w), has_bias ? &b_shape : nullptr);
+    const auto dims = cnnbp::linear_dims(x_shape, shape_of(w), bias.shape_or_null());
     Shape y_shape = x_shape;
     y_shape.back() = dims.OUT;
     return dispatch(dtype, [&](auto tag) -> py::array {
         using T = decltype(tag);
         auto xc = contiguous<T>(x), wc = contiguous<T>(w);
         py::array_t<T, py::array::c_style> bc;
-        if (has_bias) bc = contiguous<T>(b);
+        if (bias.present) bc = contiguous<T>(bias.array);
         auto y = empty_like_shape<T>(y_shape);
         T* y_ptr = y.mutable_data();
-        const T* b_ptr = has_bias ? bc.data() : nullptr;
+        const T* b_ptr = bias.present ? bc.data() : nullptr;
         py::gil_scoped_release release;
         cnnbp::linear_forward<T>(y_ptr, xc.data(), wc.data(), b_ptr, dims);
         return y;

@@ -125,6 +125,14 @@ class Module:
             out[name + ".grad"] = p.grad
         return out
 
+    def _finish_backward(self, dx, dw, db):
+        """Accumulate weight and bias gradients, keep and return dL/d input."""
+        self.weight.accumulate(dw)
+        if self.bias is not None:
+            self.bias.accumulate(db)
+        self.grad_input = dx
+        return dx
+
     def extra_repr(self) -> str:
         return ""
 
@@ -162,11 +170,7 @@ class Conv2d(Module):
         self.grad_output = grad_output
         dx, dw, db = F.conv2d_backward(grad_output, self.input, self.weight.data,
                                        self.stride, self.padding)
-        self.weight.accumulate(dw)
-        if self.bias is not None:
-            self.bias.accumulate(db)
-        self.grad_input = dx
-        return dx
+        return self._finish_backward(dx, dw, db)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -200,32 +204,34 @@ class MaxPool2d(Module):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
 
-class ReLU(Module):
+class _Activation(Module):
+    """An elementwise layer: backward needs either its input or its output, nothing else."""
+    _forward = _backward = None
+    _backward_uses_output = False
+
+    def forward(self, x):
+        self.input = x
+        self.output = self._forward(x)
+        return self.output
+
+    def backward(self, grad_output):
+        self.grad_output = grad_output
+        saved = self.output if self._backward_uses_output else self.input
+        self.grad_input = self._backward(grad_output, saved)
+        return self.grad_input
+
+
+class ReLU(_Activation):
     """a = max(z, 0); dz = da where z > 0."""
-
-    def forward(self, x):
-        self.input = x
-        self.output = F.relu(x)
-        return self.output
-
-    def backward(self, grad_output):
-        self.grad_output = grad_output
-        self.grad_input = F.relu_backward(grad_output, self.input)
-        return self.grad_input
+    _forward = staticmethod(F.relu)
+    _backward = staticmethod(F.relu_backward)
 
 
-class Sigmoid(Module):
-    """a = 1 / (1 + exp(-z)); dz = da * a * (1 - a)."""
-
-    def forward(self, x):
-        self.input = x
-        self.output = F.sigmoid(x)
-        return self.output
-
-    def backward(self, grad_output):
-        self.grad_output = grad_output
-        self.grad_input = F.sigmoid_backward(grad_output, self.output)
-        return self.grad_input
+class Sigmoid(_Activation):
+    """a = 1 / (1 + exp(-z)); dz = da * a * (1 - a), from the output a."""
+    _forward = staticmethod(F.sigmoid)
+    _backward = staticmethod(F.sigmoid_backward)
+    _backward_uses_output = True
 
 
 class Flatten(Module):
@@ -261,11 +267,7 @@ class Linear(Module):
     def backward(self, grad_output):
         self.grad_output = grad_output
         dx, dw, db = F.linear_backward(grad_output, self.input, self.weight.data)
-        self.weight.accumulate(dw)
-        if self.bias is not None:
-            self.bias.accumulate(db)
-        self.grad_input = dx
-        return dx
+        return self._finish_backward(dx, dw, db)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -5,7 +5,24 @@ from __future__ import annotations
 import numpy as np
 
 
-class SGD:
+class _Optimizer:
+    """Holds the parameters; subclasses update those that have a gradient."""
+
+    def __init__(self, params):
+        self.params = list(params)
+
+    @staticmethod
+    def _check_nonnegative(name, **values):
+        for key, value in values.items():
+            if not value >= 0:
+                raise ValueError(f"[{name}] {key}: expected >= 0, got {value}")
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+class SGD(_Optimizer):
     """Stochastic gradient descent, as torch.optim.SGD:
 
         g = grad + weight_decay * p
@@ -16,20 +33,14 @@ class SGD:
 
     def __init__(self, params, lr=0.1, momentum=0.0, weight_decay=0.0, dampening=0.0,
                  nesterov=False):
-        self.params = list(params)
-        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
-            if not value >= 0:
-                raise ValueError(f"[SGD] {name}: expected >= 0, got {value}")
+        super().__init__(params)
+        self._check_nonnegative("SGD", lr=lr, momentum=momentum, weight_decay=weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("[SGD] nesterov: expected momentum > 0 and dampening 0, "
                              f"got momentum {momentum}, dampening {dampening}")
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.dampening, self.nesterov = dampening, nesterov
         self._momentum_buffers: list[np.ndarray | None] = [None] * len(self.params)
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
 
     def step(self) -> None:
         for i, p in enumerate(self.params):
@@ -49,7 +60,7 @@ class SGD:
             p.data -= (self.lr * g).astype(p.data.dtype, copy=False)
 
 
-class Adam:
+class Adam(_Optimizer):
     """Adam, as torch.optim.Adam (amsgrad off; weight decay added to the gradient):
 
         g = grad + weight_decay * p
@@ -58,11 +69,9 @@ class Adam:
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        self.params = list(params)
+        super().__init__(params)
         beta1, beta2 = betas
-        for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
-            if not value >= 0:
-                raise ValueError(f"[Adam] {name}: expected >= 0, got {value}")
+        self._check_nonnegative("Adam", lr=lr, eps=eps, weight_decay=weight_decay)
         if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
             raise ValueError(f"[Adam] betas: expected values in [0, 1), got {betas}")
         self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
@@ -70,10 +79,6 @@ class Adam:
         self._steps = [0] * len(self.params)
         self._first_moments: list[np.ndarray | None] = [None] * len(self.params)
         self._second_moments: list[np.ndarray | None] = [None] * len(self.params)
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
 
     def step(self) -> None:
         for i, p in enumerate(self.params):
