@@ -1,44 +1,233 @@
-// conv2d forward and backward: direct loops over the valid window ranges.
-// N batch, C in-channels, K out-channels, H/W input, P/Q output, R/S filter.
+// conv2d forward and backward.
+// N batch, C in-channels, K out-channels, H/W input, P/Q output, R/S filter; CRS = C*R*S
+// is the length of one filter, PQ = P*Q the pixels of one output plane.
+//
+// Per image the convolution is a matrix product with the im2col matrix of the image,
+// col (CRS x PQ), col[(c,r,s), (p,q)] = input[c, p*sh-ph+r, q*sw-pw+s] (0 outside):
+//   forward   output_n (K x PQ)   = weight (K x CRS) . col_n
+//   dinput    dcol_n (CRS x PQ)   = weight^T . doutput_n (K x PQ), then col2im adds into dinput
+//   dweight   dweight (K x CRS)  += doutput_n . col_n^T          (summed over the batch)
+// col is never materialized whole: the GEMM packs its blocks straight from the image.
+// Tiny problems (fewer multiply-adds than a GEMM's packing costs) take direct loops.
 #include "cnnbp/conv2d.hpp"
 
 #include <algorithm>
+#include <vector>
 
+#include "gemm.hpp"
 #include "parallel.hpp"
 
 namespace cnnbp {
 
 using detail::valid_range;
 
+namespace {
+
+// Below this many multiply-adds per image, packing costs more than it saves.
+constexpr int64_t kMinGemmWork = 4096;
+
+// ---- direct loops (tiny problems) ----------------------------------------------------------
+
+template <typename T>
+void forward_direct(T* out, const T* in_image, const T* weight, const T* bias, int64_t k,
+                    const Conv2dDims& d) {
+    const auto& p = d.params;
+    std::fill(out, out + d.P * d.Q, bias ? bias[k] : T(0));
+    for (int64_t c = 0; c < d.C; ++c) {
+        const T* in = in_image + c * d.H * d.W;
+        const T* wkc = weight + (k * d.C + c) * d.R * d.S;
+        for (int64_t r = 0; r < d.R; ++r) {
+            int64_t p_lo, p_hi;
+            valid_range(d.P, d.H, p.stride_h, p.pad_h, r, p_lo, p_hi);
+            for (int64_t s = 0; s < d.S; ++s) {
+                int64_t q_lo, q_hi;
+                valid_range(d.Q, d.W, p.stride_w, p.pad_w, s, q_lo, q_hi);
+                const int64_t col = s - p.pad_w;  // input column of output column 0
+                const T w = wkc[r * d.S + s];
+                for (int64_t op = p_lo; op < p_hi; ++op) {
+                    const T* in_row = in + (op * p.stride_h - p.pad_h + r) * d.W;
+                    T* out_row = out + op * d.Q;
+                    for (int64_t oq = q_lo; oq < q_hi; ++oq)
+                        out_row[oq] += w * in_row[oq * p.stride_w + col];
+                }
+            }
+        }
+    }
+}
+
+// ---- im2col packing for the GEMM ----------------------------------------------------------
+
+// pack_b for the forward: rows (c,r,s) in [k0, k0+kc), columns (p,q) in [j0, j0+nc) of the
+// im2col matrix of one image, as NR-wide micro-panels.
+template <typename T>
+void pack_im2col(const T* image, const Conv2dDims& d, int NR, int64_t k0, int64_t kc,
+                 int64_t j0, int64_t nc, T* dst) {
+    const auto& prm = d.params;
+    for (int64_t jp = 0; jp * NR < nc; ++jp) {
+        const int64_t j_start = j0 + jp * NR;
+        const int64_t n = std::min<int64_t>(NR, nc - jp * NR);
+        const int64_t p_start = j_start / d.Q, q_start = j_start % d.Q;
+        int64_t c = k0 / (d.R * d.S), r = (k0 / d.S) % d.R, s = k0 % d.S;
+        for (int64_t k = 0; k < kc; ++k) {
+            T* out = dst + (jp * kc + k) * NR;
+            const T* plane = image + c * d.H * d.W;
+            int64_t op = p_start, oq = q_start, jj = 0;
+            while (jj < n) {  // one output row (fixed p) at a time
+                const int64_t run = std::min(n - jj, d.Q - oq);
+                const int64_t ih = op * prm.stride_h - prm.pad_h + r;
+                if (ih < 0 || ih >= d.H) {
+                    std::fill(out + jj, out + jj + run, T(0));
+                } else {
+                    const T* row = plane + ih * d.W;
+                    int64_t q_lo, q_hi;  // columns of this run that read inside the row
+                    valid_range(d.Q, d.W, prm.stride_w, prm.pad_w, s, q_lo, q_hi);
+                    q_lo = std::clamp(q_lo, oq, oq + run);
+                    q_hi = std::clamp(q_hi, q_lo, oq + run);
+                    T* o = out + jj;  // o[q - oq] is column q of this output row
+                    std::fill(o, o + (q_lo - oq), T(0));
+                    const int64_t col = s - prm.pad_w;  // input column of output column 0
+                    if (prm.stride_w == 1) {
+                        std::copy(row + q_lo + col, row + q_hi + col, o + (q_lo - oq));
+                    } else {
+                        for (int64_t q = q_lo; q < q_hi; ++q)
+                            o[q - oq] = row[q * prm.stride_w + col];
+                    }
+                    std::fill(o + (q_hi - oq), o + run, T(0));
+                }
+                jj += run;
+                oq = 0;
+                ++op;
+            }
+            std::fill(out + n, out + NR, T(0));
+            if (++s == d.S) {
+                s = 0;
+                if (++r == d.R) r = 0, ++c;
+            }
+        }
+    }
+}
+
+// Where each filter tap (c,r,s) reads, for packing the transposed im2col matrix.
+struct FilterTaps {
+    std::vector<int64_t> offset;  // c*H*W + r*W + s
+    std::vector<int64_t> r, s;
+
+    explicit FilterTaps(const Conv2dDims& d) {
+        for (int64_t c = 0; c < d.C; ++c)
+            for (int64_t rr = 0; rr < d.R; ++rr)
+                for (int64_t ss = 0; ss < d.S; ++ss) {
+                    offset.push_back(c * d.H * d.W + rr * d.W + ss);
+                    r.push_back(rr);
+                    s.push_back(ss);
+                }
+    }
+};
+
+// pack_b for dweight: rows (p,q) in [k0, k0+kc), columns (c,r,s) in [j0, j0+nc) of col^T.
+template <typename T>
+void pack_im2col_transposed(const T* image, const Conv2dDims& d, const FilterTaps& taps, int NR,
+                            int64_t k0, int64_t kc, int64_t j0, int64_t nc, T* dst) {
+    const auto& prm = d.params;
+    for (int64_t jp = 0; jp * NR < nc; ++jp) {
+        const int64_t j_start = j0 + jp * NR;
+        const int64_t n = std::min<int64_t>(NR, nc - jp * NR);
+        int64_t op = k0 / d.Q, oq = k0 % d.Q;
+        for (int64_t k = 0; k < kc; ++k) {
+            T* out = dst + (jp * kc + k) * NR;
+            const int64_t h0 = op * prm.stride_h - prm.pad_h, w0 = oq * prm.stride_w - prm.pad_w;
+            const int64_t base = h0 * d.W + w0;  // may be negative: read only when inside
+            for (int64_t jj = 0; jj < n; ++jj) {
+                const int64_t j = j_start + jj;
+                const int64_t ih = h0 + taps.r[j], iw = w0 + taps.s[j];
+                out[jj] = (ih >= 0 && ih < d.H && iw >= 0 && iw < d.W) ? image[base + taps.offset[j]]
+                                                                       : T(0);
+            }
+            std::fill(out + n, out + NR, T(0));
+            if (++oq == d.Q) oq = 0, ++op;
+        }
+    }
+}
+
+// dinput_image += col2im(dcol) for output columns [j0, j0 + nc): dcol is (CRS x nc).
+template <typename T>
+void col2im_add(T* dimage, const T* dcol, const Conv2dDims& d, int64_t j0, int64_t nc) {
+    const auto& prm = d.params;
+    const int64_t p_start = j0 / d.Q, q_start = j0 % d.Q;
+    int64_t i = 0;
+    for (int64_t c = 0; c < d.C; ++c)
+        for (int64_t r = 0; r < d.R; ++r)
+            for (int64_t s = 0; s < d.S; ++s, ++i) {
+                T* plane = dimage + c * d.H * d.W;
+                const T* src = dcol + i * nc;
+                int64_t op = p_start, oq = q_start, jj = 0;
+                while (jj < nc) {
+                    const int64_t run = std::min(nc - jj, d.Q - oq);
+                    const int64_t ih = op * prm.stride_h - prm.pad_h + r;
+                    if (ih >= 0 && ih < d.H) {
+                        int64_t q_lo, q_hi;
+                        valid_range(d.Q, d.W, prm.stride_w, prm.pad_w, s, q_lo, q_hi);
+                        q_lo = std::clamp(q_lo, oq, oq + run);
+                        q_hi = std::clamp(q_hi, q_lo, oq + run);
+                        T* row = plane + ih * d.W;
+                        const int64_t col = s - prm.pad_w;  // input column of output column 0
+                        const T* g = src + jj;               // g[q - oq] is column q
+                        for (int64_t q = q_lo; q < q_hi; ++q)
+                            row[q * prm.stride_w + col] += g[q - oq];
+                    }
+                    jj += run;
+                    oq = 0;
+                    ++op;
+                }
+            }
+}
+
+// Sum of n values in a fixed order (8 interleaved partial sums), so it vectorizes.
+template <typename T>
+T sum_fixed_order(const T* v, int64_t n) {
+    T lanes[8] = {};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; ++l) lanes[l] += v[i + l];
+    for (; i < n; ++i) lanes[i % 8] += v[i];
+    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+           ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+// The batch is split into a fixed number of chunks for the dweight/dbias reduction, so
+// the order of the sums depends on N only, never on the number of threads.
+int64_t reduction_chunks(int64_t N) { return std::min<int64_t>(N, 8); }
+
+}  // namespace
+
 template <typename T>
 void conv2d_forward(T* output, const T* input, const T* weight, const T* bias,
                     const Conv2dDims& d) {
-    const auto& p = d.params;
-    const int64_t work = d.N * d.K * d.P * d.Q * d.C * d.R * d.S;
-    CNNBP_PARALLEL_FOR_IF(work)
-    for (int64_t nk = 0; nk < d.N * d.K; ++nk) {
-        const int64_t n = nk / d.K, k = nk % d.K;
-        T* out = output + nk * d.P * d.Q;  // (P, Q) plane of output[n, k]
-        std::fill(out, out + d.P * d.Q, bias ? bias[k] : T(0));
-        for (int64_t c = 0; c < d.C; ++c) {
-            const T* in = input + (n * d.C + c) * d.H * d.W;  // (H, W) plane of input[n, c]
-            const T* wkc = weight + (k * d.C + c) * d.R * d.S;
-            for (int64_t r = 0; r < d.R; ++r) {
-                int64_t p_lo, p_hi;
-                valid_range(d.P, d.H, p.stride_h, p.pad_h, r, p_lo, p_hi);
-                for (int64_t s = 0; s < d.S; ++s) {
-                    int64_t q_lo, q_hi;
-                    valid_range(d.Q, d.W, p.stride_w, p.pad_w, s, q_lo, q_hi);
-                        const int64_t col = s - p.pad_w;  // input column of output column 0
-                    const T w = wkc[r * d.S + s];
-                    for (int64_t op = p_lo; op < p_hi; ++op) {
-                        const T* in_row = in + (op * p.stride_h - p.pad_h + r) * d.W;
-                        T* out_row = out + op * d.Q;
-                        for (int64_t oq = q_lo; oq < q_hi; ++oq)
-                            out_row[oq] += w * in_row[oq * p.stride_w + col];
-                    }
-                }
-            }
+    const int64_t CRS = d.C * d.R * d.S, PQ = d.P * d.Q;
+    const int64_t per_image = d.K * PQ * CRS;
+    if (per_image < kMinGemmWork) {
+        CNNBP_PARALLEL_FOR_IF(d.N * per_image)
+        for (int64_t nk = 0; nk < d.N * d.K; ++nk)
+            forward_direct(output + nk * PQ, input + (nk / d.K) * d.C * d.H * d.W, weight, bias,
+                           nk % d.K, d);
+        return;
+    }
+    const auto& uk = detail::micro_kernel_for_cpu<T>();
+    detail::PackedA<T> packed_weight;  // weight (K x CRS), shared by every image
+    packed_weight.pack(weight, CRS, 1, d.K, CRS, uk.MR);
+    CNNBP_OMP(parallel if (d.N * per_image >= detail::kMinParallelWork))
+    {
+        std::vector<T> b_buffer(size_t(detail::b_buffer_size(uk)));
+        CNNBP_OMP(for schedule(static))
+        for (int64_t n = 0; n < d.N; ++n) {
+            const T* image = input + n * d.C * d.H * d.W;
+            T* out = output + n * d.K * PQ;  // output_n (K x PQ)
+            for (int64_t k = 0; k < d.K; ++k)
+                std::fill(out + k * PQ, out + (k + 1) * PQ, bias ? bias[k] : T(0));
+            auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t nc, T* dst) {
+                pack_im2col(image, d, uk.NR, k0, kc, j0, nc, dst);
+            };
+            detail::gemm(uk, packed_weight, PQ, pack, out, PQ, /*accumulate=*/true,
+                         b_buffer.data());
         }
     }
 }
@@ -47,17 +236,20 @@ template <typename T>
 void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T* input,
                      const T* weight, const Conv2dDims& d) {
     const auto& p = d.params;
-    const int64_t work = d.N * d.K * d.P * d.Q * d.C * d.R * d.S;
-    const int64_t PQ = d.P * d.Q;
+    const int64_t CRS = d.C * d.R * d.S, PQ = d.P * d.Q, HW = d.H * d.W;
+    const int64_t per_image = d.K * PQ * CRS;
+    const bool tiny = per_image < kMinGemmWork;
+    const bool parallel = d.N * per_image >= detail::kMinParallelWork;
+    const auto& uk = detail::micro_kernel_for_cpu<T>();
 
-    // Inverts `out_row[oq] += w * in_row[oq * stride_w]`: each input cell gathers
-    // w * doutput from every window that read it (a full convolution with the rotated filter).
-    if (dinput) {
-        CNNBP_PARALLEL_FOR_IF(work)
+    // Inverts `output_n = weight . col_n`: dcol_n = weight^T . doutput_n, and every input
+    // cell gathers the dcol entries of the windows that read it (col2im).
+    if (dinput && tiny) {
+        CNNBP_PARALLEL_FOR_IF(d.N * per_image)
         for (int64_t nc = 0; nc < d.N * d.C; ++nc) {
             const int64_t n = nc / d.C, c = nc % d.C;
-            T* din = dinput + nc * d.H * d.W;  // (H, W) plane of dinput[n, c]
-            std::fill(din, din + d.H * d.W, T(0));
+            T* din = dinput + nc * HW;
+            std::fill(din, din + HW, T(0));
             for (int64_t k = 0; k < d.K; ++k) {
                 const T* dout = doutput + (n * d.K + k) * PQ;
                 const T* wkc = weight + (k * d.C + c) * d.R * d.S;
@@ -67,7 +259,7 @@ void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T*
                     for (int64_t s = 0; s < d.S; ++s) {
                         int64_t q_lo, q_hi;
                         valid_range(d.Q, d.W, p.stride_w, p.pad_w, s, q_lo, q_hi);
-                        const int64_t col = s - p.pad_w;  // input column of output column 0
+                        const int64_t col = s - p.pad_w;
                         const T w = wkc[r * d.S + s];
                         for (int64_t op = p_lo; op < p_hi; ++op) {
                             T* din_row = din + (op * p.stride_h - p.pad_h + r) * d.W;
@@ -79,48 +271,97 @@ void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T*
                 }
             }
         }
-    }
-
-    // dweight[k,c,r,s] = sum_{n,p,q} doutput[n,k,p,q] * input[n,c,p*sh-ph+r,q*sw-pw+s]:
-    // the valid cross-correlation of the input with doutput, one (k, c) per thread.
-    if (dweight) {
-        CNNBP_PARALLEL_FOR_IF(work)
-        for (int64_t kc = 0; kc < d.K * d.C; ++kc) {
-            const int64_t k = kc / d.C, c = kc % d.C;
-            T* dw = dweight + kc * d.R * d.S;
-            for (int64_t r = 0; r < d.R; ++r) {
-                int64_t p_lo, p_hi;
-                valid_range(d.P, d.H, p.stride_h, p.pad_h, r, p_lo, p_hi);
-                for (int64_t s = 0; s < d.S; ++s) {
-                    int64_t q_lo, q_hi;
-                    valid_range(d.Q, d.W, p.stride_w, p.pad_w, s, q_lo, q_hi);
-                        const int64_t col = s - p.pad_w;  // input column of output column 0
-                    T sum = 0;
-                    for (int64_t n = 0; n < d.N; ++n) {
-                        const T* in = input + (n * d.C + c) * d.H * d.W;
-                        const T* dout = doutput + (n * d.K + k) * PQ;
-                        for (int64_t op = p_lo; op < p_hi; ++op) {
-                            const T* in_row = in + (op * p.stride_h - p.pad_h + r) * d.W;
-                            const T* dout_row = dout + op * d.Q;
-                            for (int64_t oq = q_lo; oq < q_hi; ++oq)
-                                sum += dout_row[oq] * in_row[oq * p.stride_w + col];
-                        }
-                    }
-                    dw[r * d.S + s] = sum;
+    } else if (dinput) {
+        detail::PackedA<T> packed_weight_t;  // weight^T (CRS x K): row (c,r,s) reads column i
+        packed_weight_t.pack(weight, 1, CRS, CRS, d.K, uk.MR);
+        CNNBP_OMP(parallel if (parallel))
+        {
+            std::vector<T> b_buffer(size_t(detail::b_buffer_size(uk)));
+            std::vector<T> dcol(size_t(CRS * detail::kNC));  // one column block of dcol_n
+            CNNBP_OMP(for schedule(static))
+            for (int64_t n = 0; n < d.N; ++n) {
+                T* dimage = dinput + n * d.C * HW;
+                std::fill(dimage, dimage + d.C * HW, T(0));
+                const T* dout = doutput + n * d.K * PQ;  // doutput_n (K x PQ)
+                for (int64_t j0 = 0; j0 < PQ; j0 += detail::kNC) {
+                    const int64_t nc = std::min(detail::kNC, PQ - j0);
+                    auto pack = [&](int64_t k0, int64_t kc, int64_t jj0, int64_t ncc, T* dst) {
+                        detail::pack_b_rows(dout + j0, PQ, uk.NR, k0, kc, jj0, ncc, dst);
+                    };
+                    detail::gemm(uk, packed_weight_t, nc, pack, dcol.data(), nc, false,
+                                 b_buffer.data());
+                    col2im_add(dimage, dcol.data(), d, j0, nc);
                 }
             }
         }
     }
 
-    // Inverts `fill(out, bias[k])`: every output cell of channel k received bias[k].
-    if (dbias) {
-        for (int64_t k = 0; k < d.K; ++k) {
-            T sum = 0;
-            for (int64_t n = 0; n < d.N; ++n) {
-                const T* dout = doutput + (n * d.K + k) * PQ;
-                for (int64_t i = 0; i < PQ; ++i) sum += dout[i];
+    // dweight = sum_n doutput_n . col_n^T and dbias = doutput summed over N, P, Q: each
+    // chunk of the batch sums into its own partial, then the partials add up in order.
+    if (dweight || dbias) {
+        const int64_t chunks = reduction_chunks(d.N);
+        const int64_t KCRS = d.K * CRS;
+        std::vector<T> partial_w(size_t(dweight ? chunks * KCRS : 0));
+        std::vector<T> partial_b(size_t(chunks * d.K));
+        const FilterTaps taps(d);
+        CNNBP_OMP(parallel if (parallel))
+        {
+            std::vector<T> b_buffer(size_t(detail::b_buffer_size(uk)));
+            detail::PackedA<T> packed_dout;
+            CNNBP_OMP(for schedule(static))
+            for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+                const int64_t n_begin = d.N * chunk / chunks, n_end = d.N * (chunk + 1) / chunks;
+                T* dw = dweight ? partial_w.data() + chunk * KCRS : nullptr;
+                T* db = partial_b.data() + chunk * d.K;
+                std::fill(db, db + d.K, T(0));
+                if (dw) std::fill(dw, dw + KCRS, T(0));
+                for (int64_t n = n_begin; n < n_end; ++n) {
+                    const T* image = input + n * d.C * HW;
+                    const T* dout = doutput + n * d.K * PQ;
+                    for (int64_t k = 0; k < d.K; ++k) db[k] += sum_fixed_order(dout + k * PQ, PQ);
+                    if (!dw) continue;
+                    if (tiny) {
+                        // dw[k,c,r,s] += sum_{p,q} dout[k,p,q] * image[c, p*sh-ph+r, q*sw-pw+s]
+                        for (int64_t kc = 0; kc < d.K * d.C; ++kc) {
+                            const int64_t k = kc / d.C, c = kc % d.C;
+                            for (int64_t r = 0; r < d.R; ++r) {
+                                int64_t p_lo, p_hi;
+                                valid_range(d.P, d.H, p.stride_h, p.pad_h, r, p_lo, p_hi);
+                                for (int64_t s = 0; s < d.S; ++s) {
+                                    int64_t q_lo, q_hi;
+                                    valid_range(d.Q, d.W, p.stride_w, p.pad_w, s, q_lo, q_hi);
+                                    const int64_t col = s - p.pad_w;
+                                    T sum = 0;
+                                    for (int64_t op = p_lo; op < p_hi; ++op) {
+                                        const T* in_row = image + c * HW + (op * p.stride_h - p.pad_h + r) * d.W;
+                                        const T* dout_row = dout + k * PQ + op * d.Q;
+                                        for (int64_t oq = q_lo; oq < q_hi; ++oq)
+                                            sum += dout_row[oq] * in_row[oq * p.stride_w + col];
+                                    }
+                                    dw[(kc * d.R + r) * d.S + s] += sum;
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                    packed_dout.pack(dout, PQ, 1, d.K, PQ, uk.MR);  // doutput_n (K x PQ)
+                    auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t nc, T* dst) {
+                        pack_im2col_transposed(image, d, taps, uk.NR, k0, kc, j0, nc, dst);
+                    };
+                    detail::gemm(uk, packed_dout, CRS, pack, dw, CRS, /*accumulate=*/true,
+                                 b_buffer.data());
+                }
             }
-            dbias[k] = sum;
+        }
+        if (dweight) {
+            std::copy(partial_w.begin(), partial_w.begin() + KCRS, dweight);
+            for (int64_t chunk = 1; chunk < chunks; ++chunk)
+                for (int64_t i = 0; i < KCRS; ++i) dweight[i] += partial_w[chunk * KCRS + i];
+        }
+        if (dbias) {
+            std::copy(partial_b.begin(), partial_b.begin() + d.K, dbias);
+            for (int64_t chunk = 1; chunk < chunks; ++chunk)
+                for (int64_t k = 0; k < d.K; ++k) dbias[k] += partial_b[chunk * d.K + k];
         }
     }
 }

@@ -31,3 +31,12 @@ inline void valid_range(int64_t out_count, int64_t in_size, int64_t stride, int6
 #else
 #define CNNBP_PARALLEL_FOR_IF(work)
 #endif
+
+// CNNBP_OMP(directive): an OpenMP directive that vanishes without OpenMP, for parallel
+// regions that set up per-thread buffers before their loop.
+#ifdef _OPENMP
+#define CNNBP_OMP(directive) _Pragma(CNNBP_STRINGIFY(omp directive))
+#define CNNBP_STRINGIFY(x) #x
+#else
+#define CNNBP_OMP(directive)
+#endif

@@ -1,0 +1,116 @@
+// Internal: a packed, register-blocked GEMM (the BLIS loop structure) for the convolution.
+//
+//   C (M x N) (+)= A (M x K) . B (K x N)
+//
+// A is packed once into MR-row micro-panels (it is the filter, shared by every image);
+// B is packed block by block by a caller-supplied function, so the convolution can pack
+// straight from the image (implicit im2col) without materializing the im2col matrix.
+// The micro-kernel is chosen once from the CPU's features (AVX-512, AVX2, or baseline).
+//
+// Determinism: every element of C is summed over k in the same order whatever thread
+// computes it; callers split work over whole images or tiles, never over k.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace cnnbp::detail {
+
+template <typename T>
+struct MicroKernel {
+    int MR, NR;  // the tile computed per call
+    void (*run)(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool accumulate, int m,
+                int n);
+    const char* isa;
+};
+
+// The micro-kernel for this CPU, chosen on first use.
+template <typename T>
+const MicroKernel<T>& micro_kernel_for_cpu();
+
+// Cache blocking: a k-block of A (MR x kc) stays in L1 across a row of tiles, a packed
+// block of B (kc x kNC) stays in L2.
+constexpr int64_t kMaxKC = 256;
+constexpr int64_t kNC = 384;
+
+inline int64_t k_block_size(int64_t K) {
+    const int64_t blocks = (K + kMaxKC - 1) / kMaxKC;
+    return (K + blocks - 1) / blocks;  // balanced blocks, none tiny
+}
+
+// A (M x K), A(i, k) = src[i * row_stride + k * col_stride], packed as: for each k-block
+// (k0, kc), for each micro-panel of MR rows, kc steps of MR values (rows past M are zero).
+template <typename T>
+struct PackedA {
+    int64_t M = 0, K = 0, kc = 0, M_padded = 0;
+    int MR = 1;
+    std::vector<T> data;
+
+    void pack(const T* src, int64_t row_stride, int64_t col_stride, int64_t rows, int64_t cols,
+              int mr) {
+        M = rows, K = cols, MR = mr, kc = k_block_size(cols);
+        M_padded = (rows + mr - 1) / mr * mr;
+        data.assign(size_t(M_padded * K), T(0));
+        for (int64_t k0 = 0; k0 < K; k0 += kc) {
+            const int64_t kb = std::min(kc, K - k0);
+            for (int64_t i = 0; i < M; ++i) {
+                T* dst = data.data() + M_padded * k0 + (i / MR) * MR * kb + i % MR;
+                const T* s = src + i * row_stride + k0 * col_stride;
+                for (int64_t k = 0; k < kb; ++k) dst[k * MR] = s[k * col_stride];
+            }
+        }
+    }
+    const T* panel(int64_t ip, int64_t k0, int64_t kb) const {
+        return data.data() + M_padded * k0 + ip * MR * kb;
+    }
+};
+
+// Size of the buffer that pack_b fills: one k-block by kNC columns, NR-padded.
+template <typename T>
+int64_t b_buffer_size(const MicroKernel<T>& uk) {
+    return kMaxKC * ((kNC + uk.NR - 1) / uk.NR * uk.NR);
+}
+
+// C (+)= A . B over all N columns. pack_b(k0, kc, j0, nc, dst) writes rows [k0, k0+kc) and
+// columns [j0, j0+nc) of B into dst as ceil(nc / NR) micro-panels of kc x NR values
+// (columns past nc zero). With accumulate false, C is overwritten.
+template <typename T, typename PackB>
+void gemm(const MicroKernel<T>& uk, const PackedA<T>& A, int64_t N, PackB&& pack_b, T* C,
+          int64_t ldc, bool accumulate, T* b_buffer) {
+    const int64_t panels = (A.M + uk.MR - 1) / uk.MR;
+    for (int64_t j0 = 0; j0 < N; j0 += kNC) {
+        const int64_t nc = std::min(kNC, N - j0);
+        for (int64_t k0 = 0; k0 < A.K; k0 += A.kc) {
+            const int64_t kb = std::min(A.kc, A.K - k0);
+            pack_b(k0, kb, j0, nc, b_buffer);
+            const bool acc = accumulate || k0 > 0;
+            for (int64_t ip = 0; ip < panels; ++ip) {
+                const T* a = A.panel(ip, k0, kb);
+                const int m = int(std::min<int64_t>(uk.MR, A.M - ip * uk.MR));
+                T* c_row = C + ip * uk.MR * ldc + j0;
+                for (int64_t jp = 0; jp * uk.NR < nc; ++jp) {
+                    const int n = int(std::min<int64_t>(uk.NR, nc - jp * uk.NR));
+                    uk.run(kb, a, b_buffer + jp * kb * uk.NR, c_row + jp * uk.NR, ldc, acc, m, n);
+                }
+            }
+        }
+    }
+}
+
+// pack_b for a plain row-major matrix B (K x N) with row stride ldb.
+template <typename T>
+void pack_b_rows(const T* B, int64_t ldb, int NR, int64_t k0, int64_t kc, int64_t j0,
+                 int64_t nc, T* dst) {
+    for (int64_t jp = 0; jp * NR < nc; ++jp) {
+        const int64_t n = std::min<int64_t>(NR, nc - jp * NR);
+        for (int64_t k = 0; k < kc; ++k) {
+            const T* src = B + (k0 + k) * ldb + j0 + jp * NR;
+            T* out = dst + (jp * kc + k) * NR;
+            std::copy(src, src + n, out);
+            std::fill(out + n, out + NR, T(0));
+        }
+    }
+}
+
+}  // namespace cnnbp::detail

@@ -1,0 +1,8 @@
+// Micro-kernels for AVX-512 (32 zmm registers: 24 accumulators). Compiled with -mavx512f
+// -mfma; called only after the CPU reported AVX-512F.
+#include "gemm_microkernel.hpp"
+
+namespace cnnbp::detail {
+MicroKernel<float> micro_kernel_avx512_f32() { return {8, 48, micro_kernel<float, 16, 8, 3>, "avx512"}; }
+MicroKernel<double> micro_kernel_avx512_f64() { return {8, 24, micro_kernel<double, 8, 8, 3>, "avx512"}; }
+}  // namespace cnnbp::detail

@@ -1,0 +1,7 @@
+// Micro-kernels for any x86-64 / other CPU: the baseline instruction set only.
+#include "gemm_microkernel.hpp"
+
+namespace cnnbp::detail {
+MicroKernel<float> micro_kernel_generic_f32() { return {4, 8, micro_kernel<float, 4, 4, 2>, "generic"}; }
+MicroKernel<double> micro_kernel_generic_f64() { return {4, 4, micro_kernel<double, 2, 4, 2>, "generic"}; }
+}  // namespace cnnbp::detail

@@ -1,0 +1,61 @@
+// Internal: the register-blocked GEMM micro-kernel, written once with GCC/Clang vector
+// extensions and compiled once per instruction set (gemm_kernels_*.cpp, each with its own
+// -m flags). It computes one MR x NR tile of C from packed panels:
+//
+//   C[i, j] (+)= sum_k a[k * MR + i] * b[k * NR + j]      i < MR, j < NR = W * NV
+//
+// a: the A micro-panel, kc steps of MR values; b: the B micro-panel, kc steps of NR values
+// (both zero-padded). Only the m x n corner of the tile is written to C (row stride ldc).
+// The sum over k runs in order, so a tile's result does not depend on who computes it.
+//
+// Everything here has internal linkage: instantiated under AVX-512 flags it must never be
+// picked by the linker for a caller on a machine without AVX-512.
+#pragma once
+
+#include <cstdint>
+
+#include "gemm.hpp"
+
+namespace {
+
+template <typename T, int W, int MR, int NV>
+void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* __restrict c,
+                  int64_t ldc, bool accumulate, int m, int n) {
+    typedef T V __attribute__((vector_size(W * sizeof(T))));
+    typedef T VU __attribute__((vector_size(W * sizeof(T)), aligned(sizeof(T)), may_alias));
+    constexpr int NR = W * NV;
+    V acc[MR][NV];
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+        for (int j = 0; j < NV; ++j) acc[i][j] = V{};
+    for (int64_t k = 0; k < kc; ++k) {
+        V bv[NV];
+#pragma GCC unroll 8
+        for (int j = 0; j < NV; ++j) bv[j] = *reinterpret_cast<const VU*>(b + k * NR + j * W);
+#pragma GCC unroll 32
+        for (int i = 0; i < MR; ++i) {
+            const T av = a[k * MR + i];
+#pragma GCC unroll 8
+            for (int j = 0; j < NV; ++j) acc[i][j] += av * bv[j];
+        }
+    }
+    if (m == MR && n == NR) {
+#pragma GCC unroll 32
+        for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+            for (int j = 0; j < NV; ++j) {
+                VU* cp = reinterpret_cast<VU*>(c + i * ldc + j * W);
+                *cp = accumulate ? *cp + acc[i][j] : acc[i][j];
+            }
+        return;
+    }
+    T tile[MR * NR];  // the corner of a partial tile goes through memory
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NV; ++j) *reinterpret_cast<VU*>(tile + i * NR + j * W) = acc[i][j];
+    for (int i = 0; i < m; ++i)
+        for (int j = 0; j < n; ++j)
+            c[i * ldc + j] = accumulate ? c[i * ldc + j] + tile[i * NR + j] : tile[i * NR + j];
+}
+
+}  // namespace
