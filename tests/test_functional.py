@@ -94,6 +94,12 @@ CONV_CASES = [
     (2, 2, 11, 10, 3, 3, 3, 4, 0),  # stride > kernel: some cells never read
     (1, 3, 7, 7, 2, 2, 3, (3, 2), (2, 1)),
     (1, 1, 1, 1, 1, 1, 1, 1, 0),  # a single number
+    # Enough work per image for the packed GEMM path (K*P*Q*C*R*S >= 4096):
+    (2, 30, 8, 8, 10, 3, 3, 1, 1),  # C*R*S = 270: two k-blocks; K = 10: a partial row panel
+    (1, 2, 24, 20, 9, 3, 3, 1, 1),  # P*Q = 480: two column blocks, a partial column tile
+    (2, 3, 17, 15, 6, 3, 2, (2, 1), (1, 0)),  # (h, w) stride and padding through the GEMM
+    (1, 3, 9, 9, 10, 3, 3, 2, 1),  # stride 2 with padding
+    (1, 4, 10, 10, 7, 5, 5, 3, 2),  # stride > 1 with a 5x5 kernel
 ]
 BIG_CONV_CASE = (4, 8, 16, 16, 8, 3, 3, 1, 1)  # enough work for the threaded path
 

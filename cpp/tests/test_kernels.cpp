@@ -76,9 +76,11 @@ TEST_CASE("conv2d backward: hand-computed dinput, dweight, dbias") {
     CHECK_CLOSE(dx.data(), (V{1, 3, 2, 4, 10, 6, 3, 7, 4}), 0, 0);
 }
 
-TEST_CASE("conv2d backward: finite differences with stride and padding") {
-    const Shape xs{2, 3, 5, 4}, ws{2, 3, 3, 2};
-    const auto d = conv2d_dims(xs, ws, nullptr, {2, 1, 1, 1});
+namespace {
+
+// Every gradient of conv2d against central differences of J = sum(conv2d(x, w) * g).
+void check_conv2d_finite_differences(const Shape& xs, const Shape& ws, const Conv2dParams& params) {
+    const auto d = conv2d_dims(xs, ws, nullptr, params);
     V x = random_values(numel(xs), 1), w = random_values(numel(ws), 2);
     const V g = random_values(d.N * d.K * d.P * d.Q, 3);
     auto objective = [&]() {  // J = sum(conv2d(x, w) * g)
@@ -102,6 +104,17 @@ TEST_CASE("conv2d backward: finite differences with stride and padding") {
         }
         CHECK_CLOSE(grad->data(), numeric, 1e-8, 1e-6);
     }
+}
+
+}  // namespace
+
+TEST_CASE("conv2d backward: finite differences with stride and padding (direct loops)") {
+    check_conv2d_finite_differences({2, 3, 5, 4}, {2, 3, 3, 2}, {2, 1, 1, 1});
+}
+
+TEST_CASE("conv2d backward: finite differences through the packed GEMM") {
+    // K * P * Q * C * R * S = 6 * 5 * 8 * 45 per image: large enough for the GEMM path
+    check_conv2d_finite_differences({2, 5, 9, 8}, {6, 5, 3, 3}, {2, 1, 1, 1});
 }
 
 // ---- max_pool2d --------------------------------------------------------------------------
