@@ -7,7 +7,8 @@
 //   forward   output_n (K x PQ)   = weight (K x CRS) . col_n
 //   dinput    dcol_n (CRS x PQ)   = weight^T . doutput_n (K x PQ), then col2im adds into dinput
 //   dweight   dweight (K x CRS)  += doutput_n . col_n^T          (summed over the batch)
-// col is never materialized whole: the GEMM packs its blocks straight from the image.
+// col is never materialized whole: the forward GEMM packs its blocks straight from the
+// image, dweight builds it a block of pixels at a time.
 // Tiny problems (fewer multiply-adds than a GEMM's packing costs) take direct loops.
 #include "cnnbp/conv2d.hpp"
 
@@ -25,6 +26,10 @@ namespace {
 
 // Below this many multiply-adds per image, packing costs more than it saves.
 constexpr int64_t kMinGemmWork = 4096;
+// dweight builds the im2col matrix this many pixels at a time (bounded workspace).
+constexpr int64_t kPixelBlock = 256;
+// Rows handed to the dot-product kernel are padded to a multiple of the widest vector.
+constexpr int64_t kVectorPad = 16;
 
 // ---- direct loops (tiny problems) ----------------------------------------------------------
 
@@ -55,49 +60,54 @@ void forward_direct(T* out, const T* in_image, const T* weight, const T* bias, i
     }
 }
 
-// ---- im2col packing for the GEMM ----------------------------------------------------------
+// ---- im2col --------------------------------------------------------------------------------
+
+// dst[t * stride] = col[(c,r,s), pixel_start + t] for t < count, where pixel (p,q) of the
+// output reads input[c, p*sh-ph+r, q*sw-pw+s] (zero outside the plane). Runs along one
+// output row at a time, so with unit strides the inside of each run is a plain copy.
+template <typename T>
+void im2col_tap(const T* image, const Conv2dDims& d, int64_t c, int64_t r, int64_t s,
+                int64_t pixel_start, int64_t count, T* dst, int64_t stride) {
+    const auto& prm = d.params;
+    const T* plane = image + c * d.H * d.W;
+    int64_t row_lo, row_hi;  // output columns that read inside an input row: same every row
+    valid_range(d.Q, d.W, prm.stride_w, prm.pad_w, s, row_lo, row_hi);
+    const int64_t col = s - prm.pad_w;  // input column of output column 0
+    int64_t op = pixel_start / d.Q, oq = pixel_start % d.Q, t = 0;
+    while (t < count) {
+        const int64_t run = std::min(count - t, d.Q - oq);
+        const int64_t ih = op * prm.stride_h - prm.pad_h + r;
+        T* o = dst + t * stride;  // o[(q - oq) * stride] is output column q
+        if (ih < 0 || ih >= d.H) {
+            for (int64_t u = 0; u < run; ++u) o[u * stride] = T(0);
+        } else {
+            const int64_t lo = std::clamp(row_lo, oq, oq + run);
+            const int64_t hi = std::clamp(row_hi, lo, oq + run);
+            const T* row = plane + ih * d.W;
+            for (int64_t q = oq; q < lo; ++q) o[(q - oq) * stride] = T(0);
+            if (stride == 1 && prm.stride_w == 1)
+                std::copy(row + lo + col, row + hi + col, o + (lo - oq));
+            else
+                for (int64_t q = lo; q < hi; ++q) o[(q - oq) * stride] = row[q * prm.stride_w + col];
+            for (int64_t q = hi; q < oq + run; ++q) o[(q - oq) * stride] = T(0);
+        }
+        t += run;
+        oq = 0;
+        ++op;
+    }
+}
 
 // pack_b for the forward: rows (c,r,s) in [k0, k0+kc), columns (p,q) in [j0, j0+nc) of the
 // im2col matrix of one image, as NR-wide micro-panels.
 template <typename T>
 void pack_im2col(const T* image, const Conv2dDims& d, int NR, int64_t k0, int64_t kc,
                  int64_t j0, int64_t nc, T* dst) {
-    const auto& prm = d.params;
     for (int64_t jp = 0; jp * NR < nc; ++jp) {
-        const int64_t j_start = j0 + jp * NR;
         const int64_t n = std::min<int64_t>(NR, nc - jp * NR);
-        const int64_t p_start = j_start / d.Q, q_start = j_start % d.Q;
         int64_t c = k0 / (d.R * d.S), r = (k0 / d.S) % d.R, s = k0 % d.S;
         for (int64_t k = 0; k < kc; ++k) {
             T* out = dst + (jp * kc + k) * NR;
-            const T* plane = image + c * d.H * d.W;
-            int64_t op = p_start, oq = q_start, jj = 0;
-            while (jj < n) {  // one output row (fixed p) at a time
-                const int64_t run = std::min(n - jj, d.Q - oq);
-                const int64_t ih = op * prm.stride_h - prm.pad_h + r;
-                if (ih < 0 || ih >= d.H) {
-                    std::fill(out + jj, out + jj + run, T(0));
-                } else {
-                    const T* row = plane + ih * d.W;
-                    int64_t q_lo, q_hi;  // columns of this run that read inside the row
-                    valid_range(d.Q, d.W, prm.stride_w, prm.pad_w, s, q_lo, q_hi);
-                    q_lo = std::clamp(q_lo, oq, oq + run);
-                    q_hi = std::clamp(q_hi, q_lo, oq + run);
-                    T* o = out + jj;  // o[q - oq] is column q of this output row
-                    std::fill(o, o + (q_lo - oq), T(0));
-                    const int64_t col = s - prm.pad_w;  // input column of output column 0
-                    if (prm.stride_w == 1) {
-                        std::copy(row + q_lo + col, row + q_hi + col, o + (q_lo - oq));
-                    } else {
-                        for (int64_t q = q_lo; q < q_hi; ++q)
-                            o[q - oq] = row[q * prm.stride_w + col];
-                    }
-                    std::fill(o + (q_hi - oq), o + run, T(0));
-                }
-                jj += run;
-                oq = 0;
-                ++op;
-            }
+            im2col_tap(image, d, c, r, s, j0 + jp * NR, n, out, 1);
             std::fill(out + n, out + NR, T(0));
             if (++s == d.S) {
                 s = 0;
@@ -107,45 +117,18 @@ void pack_im2col(const T* image, const Conv2dDims& d, int NR, int64_t k0, int64_
     }
 }
 
-// Where each filter tap (c,r,s) reads, for packing the transposed im2col matrix.
-struct FilterTaps {
-    std::vector<int64_t> offset;  // c*H*W + r*W + s
-    std::vector<int64_t> r, s;
-
-    explicit FilterTaps(const Conv2dDims& d) {
-        for (int64_t c = 0; c < d.C; ++c)
-            for (int64_t rr = 0; rr < d.R; ++rr)
-                for (int64_t ss = 0; ss < d.S; ++ss) {
-                    offset.push_back(c * d.H * d.W + rr * d.W + ss);
-                    r.push_back(rr);
-                    s.push_back(ss);
-                }
-    }
-};
-
-// pack_b for dweight: rows (p,q) in [k0, k0+kc), columns (c,r,s) in [j0, j0+nc) of col^T.
+// col (CRS x ld): the im2col columns [pixel_start, pixel_start + count) of one image,
+// each row zero-padded from count to ld.
 template <typename T>
-void pack_im2col_transposed(const T* image, const Conv2dDims& d, const FilterTaps& taps, int NR,
-                            int64_t k0, int64_t kc, int64_t j0, int64_t nc, T* dst) {
-    const auto& prm = d.params;
-    for (int64_t jp = 0; jp * NR < nc; ++jp) {
-        const int64_t j_start = j0 + jp * NR;
-        const int64_t n = std::min<int64_t>(NR, nc - jp * NR);
-        int64_t op = k0 / d.Q, oq = k0 % d.Q;
-        for (int64_t k = 0; k < kc; ++k) {
-            T* out = dst + (jp * kc + k) * NR;
-            const int64_t h0 = op * prm.stride_h - prm.pad_h, w0 = oq * prm.stride_w - prm.pad_w;
-            const int64_t base = h0 * d.W + w0;  // may be negative: read only when inside
-            for (int64_t jj = 0; jj < n; ++jj) {
-                const int64_t j = j_start + jj;
-                const int64_t ih = h0 + taps.r[j], iw = w0 + taps.s[j];
-                out[jj] = (ih >= 0 && ih < d.H && iw >= 0 && iw < d.W) ? image[base + taps.offset[j]]
-                                                                       : T(0);
+void im2col_block(const T* image, const Conv2dDims& d, int64_t pixel_start, int64_t count,
+                  int64_t ld, T* col) {
+    int64_t i = 0;
+    for (int64_t c = 0; c < d.C; ++c)
+        for (int64_t r = 0; r < d.R; ++r)
+            for (int64_t s = 0; s < d.S; ++s, ++i) {
+                im2col_tap(image, d, c, r, s, pixel_start, count, col + i * ld, 1);
+                std::fill(col + i * ld + count, col + (i + 1) * ld, T(0));
             }
-            std::fill(out + n, out + NR, T(0));
-            if (++oq == d.Q) oq = 0, ++op;
-        }
-    }
 }
 
 // dinput_image += col2im(dcol) for output columns [j0, j0 + nc): dcol is (CRS x nc).
@@ -298,16 +281,21 @@ void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T*
 
     // dweight = sum_n doutput_n . col_n^T and dbias = doutput summed over N, P, Q: each
     // chunk of the batch sums into its own partial, then the partials add up in order.
+    // col_n is built a block of pixels at a time; doutput_n and col rows both run along
+    // the pixels, so the product takes the dot-product kernel.
     if (dweight || dbias) {
+        const auto& dk = detail::dot_kernel_for_cpu<T>();
         const int64_t chunks = reduction_chunks(d.N);
         const int64_t KCRS = d.K * CRS;
+        const int64_t pixel_block = std::min<int64_t>(PQ, kPixelBlock);
+        // rows padded with zeros to whole vectors: the dot kernel then has no scalar tail
+        const int64_t padded_block = (pixel_block + kVectorPad - 1) / kVectorPad * kVectorPad;
         std::vector<T> partial_w(size_t(dweight ? chunks * KCRS : 0));
         std::vector<T> partial_b(size_t(chunks * d.K));
-        const FilterTaps taps(d);
         CNNBP_OMP(parallel if (parallel))
         {
-            std::vector<T> b_buffer(size_t(detail::b_buffer_size(uk)));
-            detail::PackedA<T> packed_dout;
+            std::vector<T> col(size_t(dweight ? CRS * padded_block : 0));
+            std::vector<T> dout_block(size_t(dweight ? d.K * padded_block : 0), T(0));
             CNNBP_OMP(for schedule(static))
             for (int64_t chunk = 0; chunk < chunks; ++chunk) {
                 const int64_t n_begin = d.N * chunk / chunks, n_end = d.N * (chunk + 1) / chunks;
@@ -317,39 +305,21 @@ void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T*
                 if (dw) std::fill(dw, dw + KCRS, T(0));
                 for (int64_t n = n_begin; n < n_end; ++n) {
                     const T* image = input + n * d.C * HW;
-                    const T* dout = doutput + n * d.K * PQ;
+                    const T* dout = doutput + n * d.K * PQ;  // doutput_n (K x PQ)
                     for (int64_t k = 0; k < d.K; ++k) db[k] += sum_fixed_order(dout + k * PQ, PQ);
                     if (!dw) continue;
-                    if (tiny) {
-                        // dw[k,c,r,s] += sum_{p,q} dout[k,p,q] * image[c, p*sh-ph+r, q*sw-pw+s]
-                        for (int64_t kc = 0; kc < d.K * d.C; ++kc) {
-                            const int64_t k = kc / d.C, c = kc % d.C;
-                            for (int64_t r = 0; r < d.R; ++r) {
-                                int64_t p_lo, p_hi;
-                                valid_range(d.P, d.H, p.stride_h, p.pad_h, r, p_lo, p_hi);
-                                for (int64_t s = 0; s < d.S; ++s) {
-                                    int64_t q_lo, q_hi;
-                                    valid_range(d.Q, d.W, p.stride_w, p.pad_w, s, q_lo, q_hi);
-                                    const int64_t col = s - p.pad_w;
-                                    T sum = 0;
-                                    for (int64_t op = p_lo; op < p_hi; ++op) {
-                                        const T* in_row = image + c * HW + (op * p.stride_h - p.pad_h + r) * d.W;
-                                        const T* dout_row = dout + k * PQ + op * d.Q;
-                                        for (int64_t oq = q_lo; oq < q_hi; ++oq)
-                                            sum += dout_row[oq] * in_row[oq * p.stride_w + col];
-                                    }
-                                    dw[(kc * d.R + r) * d.S + s] += sum;
-                                }
-                            }
+                    for (int64_t p0 = 0; p0 < PQ; p0 += pixel_block) {
+                        const int64_t count = std::min(pixel_block, PQ - p0);
+                        const int64_t ld = (count + kVectorPad - 1) / kVectorPad * kVectorPad;
+                        im2col_block(image, d, p0, count, ld, col.data());  // (CRS x ld)
+                        for (int64_t k = 0; k < d.K; ++k) {  // doutput block (K x ld)
+                            T* row = dout_block.data() + k * ld;
+                            std::copy(dout + k * PQ + p0, dout + k * PQ + p0 + count, row);
+                            std::fill(row + count, row + ld, T(0));
                         }
-                        continue;
+                        detail::gemm_dot(dk, d.K, CRS, ld, dout_block.data(), ld, col.data(),
+                                         ld, dw, CRS);
                     }
-                    packed_dout.pack(dout, PQ, 1, d.K, PQ, uk.MR);  // doutput_n (K x PQ)
-                    auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t nc, T* dst) {
-                        pack_im2col_transposed(image, d, taps, uk.NR, k0, kc, j0, nc, dst);
-                    };
-                    detail::gemm(uk, packed_dout, CRS, pack, dw, CRS, /*accumulate=*/true,
-                                 b_buffer.data());
                 }
             }
         }

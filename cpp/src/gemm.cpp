@@ -3,13 +3,15 @@
 
 namespace cnnbp::detail {
 
-MicroKernel<float> micro_kernel_generic_f32();
-MicroKernel<double> micro_kernel_generic_f64();
+#define CNNBP_DECLARE_KERNELS(isa)                 \
+    MicroKernel<float> micro_kernel_##isa##_f32();   \
+    MicroKernel<double> micro_kernel_##isa##_f64();  \
+    DotKernel<float> dot_kernel_##isa##_f32();       \
+    DotKernel<double> dot_kernel_##isa##_f64();
+CNNBP_DECLARE_KERNELS(generic)
 #if defined(CNNBP_HAVE_X86_KERNELS)
-MicroKernel<float> micro_kernel_avx2_f32();
-MicroKernel<double> micro_kernel_avx2_f64();
-MicroKernel<float> micro_kernel_avx512_f32();
-MicroKernel<double> micro_kernel_avx512_f64();
+CNNBP_DECLARE_KERNELS(avx2)
+CNNBP_DECLARE_KERNELS(avx512)
 #endif
 
 namespace {
@@ -25,9 +27,8 @@ Isa detect_isa() {
     return Isa::generic;
 }
 
-template <typename T>
-MicroKernel<T> choose(MicroKernel<T> (*generic)(), MicroKernel<T> (*avx2)(),
-                      MicroKernel<T> (*avx512)()) {
+template <typename Kernel>
+Kernel choose(Kernel (*generic)(), Kernel (*avx2)(), Kernel (*avx512)()) {
     switch (detect_isa()) {
         case Isa::avx512: return avx512();
         case Isa::avx2: return avx2();
@@ -37,25 +38,30 @@ MicroKernel<T> choose(MicroKernel<T> (*generic)(), MicroKernel<T> (*avx2)(),
 
 }  // namespace
 
-template <>
-const MicroKernel<float>& micro_kernel_for_cpu<float>() {
 #if defined(CNNBP_HAVE_X86_KERNELS)
-    static const MicroKernel<float> kernel =
-        choose(micro_kernel_generic_f32, micro_kernel_avx2_f32, micro_kernel_avx512_f32);
+#define CNNBP_CHOOSE(kind, type) choose(kind##_generic_##type, kind##_avx2_##type, kind##_avx512_##type)
 #else
-    static const MicroKernel<float> kernel = micro_kernel_generic_f32();
+#define CNNBP_CHOOSE(kind, type) kind##_generic_##type()
 #endif
-    return kernel;
-}
 
 template <>
+const MicroKernel<float>& micro_kernel_for_cpu<float>() {
+    static const MicroKernel<float> kernel = CNNBP_CHOOSE(micro_kernel, f32);
+    return kernel;
+}
+template <>
 const MicroKernel<double>& micro_kernel_for_cpu<double>() {
-#if defined(CNNBP_HAVE_X86_KERNELS)
-    static const MicroKernel<double> kernel =
-        choose(micro_kernel_generic_f64, micro_kernel_avx2_f64, micro_kernel_avx512_f64);
-#else
-    static const MicroKernel<double> kernel = micro_kernel_generic_f64();
-#endif
+    static const MicroKernel<double> kernel = CNNBP_CHOOSE(micro_kernel, f64);
+    return kernel;
+}
+template <>
+const DotKernel<float>& dot_kernel_for_cpu<float>() {
+    static const DotKernel<float> kernel = CNNBP_CHOOSE(dot_kernel, f32);
+    return kernel;
+}
+template <>
+const DotKernel<double>& dot_kernel_for_cpu<double>() {
+    static const DotKernel<double> kernel = CNNBP_CHOOSE(dot_kernel, f64);
     return kernel;
 }
 

@@ -25,9 +25,30 @@ struct MicroKernel {
     const char* isa;
 };
 
-// The micro-kernel for this CPU, chosen on first use.
+// C (m x n) += A . B^T with A rows and B rows both contiguous along k (see dot_kernel in
+// gemm_microkernel.hpp): the shape of dweight = doutput . col^T.
+template <typename T>
+struct DotKernel {
+    int MR, NR;
+    void (*run)(int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
+                int m, int n);
+};
+
+// The kernels for this CPU, chosen on first use.
 template <typename T>
 const MicroKernel<T>& micro_kernel_for_cpu();
+template <typename T>
+const DotKernel<T>& dot_kernel_for_cpu();
+
+// C (M x N) += A (M x K, row stride lda) . B^T (B: N x K, row stride ldb), tile by tile.
+template <typename T>
+void gemm_dot(const DotKernel<T>& dk, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
+              const T* B, int64_t ldb, T* C, int64_t ldc) {
+    for (int64_t j0 = 0; j0 < N; j0 += dk.NR)
+        for (int64_t i0 = 0; i0 < M; i0 += dk.MR)
+            dk.run(K, A + i0 * lda, lda, B + j0 * ldb, ldb, C + i0 * ldc + j0, ldc,
+                   int(std::min<int64_t>(dk.MR, M - i0)), int(std::min<int64_t>(dk.NR, N - j0)));
+}
 
 // Cache blocking: a k-block of A (MR x kc) stays in L1 across a row of tiles, a packed
 // block of B (kc x kNC) stays in L2.

@@ -58,4 +58,46 @@ void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* _
             c[i * ldc + j] = accumulate ? c[i * ldc + j] + tile[i * NR + j] : tile[i * NR + j];
 }
 
+// The dot-product form, for products whose operands both run along k in memory:
+//
+//   C[i, j] += sum_k a[i * lda + k] * b[j * ldb + k]      i < m <= MR, j < n <= NR
+//
+// Each (i, j) keeps a vector of partial sums over k; the lanes are added in a fixed order
+// at the end, then the scalar tail. Rows past m / n re-read the last valid row (their
+// sums are discarded), so no padding is needed.
+template <typename T, int W, int MR, int NR>
+void dot_kernel(int64_t K, const T* __restrict a, int64_t lda, const T* __restrict b,
+                int64_t ldb, T* __restrict c, int64_t ldc, int m, int n) {
+    typedef T V __attribute__((vector_size(W * sizeof(T))));
+    typedef T VU __attribute__((vector_size(W * sizeof(T)), aligned(sizeof(T)), may_alias));
+    const T* a_row[MR];
+    const T* b_row[NR];
+    for (int i = 0; i < MR; ++i) a_row[i] = a + (i < m ? i : m - 1) * lda;
+    for (int j = 0; j < NR; ++j) b_row[j] = b + (j < n ? j : n - 1) * ldb;
+    V acc[MR][NR];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
+        for (int j = 0; j < NR; ++j) acc[i][j] = V{};
+    int64_t k = 0;
+    for (; k + W <= K; k += W) {
+        V av[MR], bv[NR];
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; ++i) av[i] = *reinterpret_cast<const VU*>(a_row[i] + k);
+#pragma GCC unroll 16
+        for (int j = 0; j < NR; ++j) bv[j] = *reinterpret_cast<const VU*>(b_row[j] + k);
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
+            for (int j = 0; j < NR; ++j) acc[i][j] += av[i] * bv[j];
+    }
+    for (int i = 0; i < m; ++i)
+        for (int j = 0; j < n; ++j) {
+            T sum = 0;
+            for (int l = 0; l < W; ++l) sum += acc[i][j][l];
+            for (int64_t kk = k; kk < K; ++kk) sum += a_row[i][kk] * b_row[j][kk];
+            c[i * ldc + j] += sum;
+        }
+}
+
 }  // namespace
