@@ -6,6 +6,8 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "parallel.hpp"
+
 namespace cnnbp {
 
 std::string shape_str(const Shape& shape) {
@@ -141,6 +143,21 @@ Pool2dDims max_pool2d_backward_dims(const Shape& doutput, const Shape& indices,
 }
 
 void check_pool_indices(const int64_t* indices, int64_t count, int64_t plane_size) {
+    // The check reads as many bytes as the backward itself: one branch-free pass that the
+    // compiler vectorizes and the threads share, then the search for the first bad index
+    // only when there is one, to name it. With u = index as unsigned and last = size - 1,
+    // u | (last - u) has its top bit set exactly when index < 0 or index > last (64-bit
+    // subtract and or vectorize on every x86-64, 64-bit compares do not).
+    const uint64_t last = static_cast<uint64_t>(plane_size) - 1;
+    uint64_t bits = 0;
+    CNNBP_OMP(parallel for simd schedule(static) reduction(| : bits)
+                  if (count >= ::cnnbp::detail::kMinParallelWork))
+    for (int64_t i = 0; i < count; ++i) {
+        const uint64_t u = static_cast<uint64_t>(indices[i]);
+        bits |= u | (last - u);
+    }
+    const bool bad = bits >> 63;
+    if (!bad) return;
     for (int64_t i = 0; i < count; ++i)
         if (indices[i] < 0 || indices[i] >= plane_size)
             fail("max_pool2d_backward",

@@ -1,0 +1,168 @@
+// max-pool 2x2 / stride 2 / no padding in AVX-512F: 16 output columns per step. H/W input,
+// P/Q output. Built with -mavx512f for this file only; pool2d.cpp calls it when the CPU
+// has AVX-512F. Nothing here may be an inline function shared with other files (a copy
+// compiled for AVX-512 could be picked by the linker for callers on older CPUs), so the
+// helpers live in an anonymous namespace and no standard-library templates are used.
+#include "pool2d_simd.hpp"
+
+#if defined(CNNBP_POOL_AVX512)
+
+#include <immintrin.h>
+
+// GCC 12's AVX-512 headers start some conversions from a deliberately undefined vector,
+// which -Wmaybe-uninitialized reports once inlined here.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace cnnbp::detail {
+namespace {
+
+// Lane masks for the last, partial step of a row: n < 16 outputs, i.e. 2n inputs per row.
+struct StepMasks {
+    __mmask16 out;     // outputs (and doutput) 0..n-1
+    __mmask8 out_lo;   // the same for the first 8 int64 indices
+    __mmask8 out_hi;   // and the next 8
+    __mmask16 in_lo;   // input columns 2q .. 2q+15
+    __mmask16 in_hi;   // input columns 2q+16 .. 2q+31
+};
+
+StepMasks step_masks(int64_t n) {
+    auto low_bits = [](int64_t k) -> unsigned {  // k in [0, 16]
+        return k >= 16 ? 0xFFFFu : (1u << k) - 1u;
+    };
+    StepMasks m;
+    m.out = static_cast<__mmask16>(low_bits(n));
+    m.out_lo = static_cast<__mmask8>(m.out & 0xFF);
+    m.out_hi = static_cast<__mmask8>(m.out >> 8);
+    m.in_lo = static_cast<__mmask16>(low_bits(2 * n));
+    m.in_hi = static_cast<__mmask16>(low_bits(2 * n > 16 ? 2 * n - 16 : 0));
+    return m;
+}
+
+// The forward's test `value > best || isnan(value)`, lane by lane.
+inline __mmask16 takes(__m512 value, __m512 best) {
+    return _mm512_cmp_ps_mask(value, best, _CMP_GT_OQ) |
+           _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
+}
+
+}  // namespace
+
+void max_pool2x2_plane_avx512(float* output, int64_t* indices, const float* input, int64_t W,
+                              int64_t P, int64_t Q) {
+    // Even and odd columns of 32 consecutive inputs: the left and right cells of 16 windows.
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                           28, 30);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
+                                          29, 31);
+    const __m512i column2 = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);  // 2 * lane
+    const __m512i sixteen = _mm512_set1_epi64(16);
+    const __m512i off_right = _mm512_set1_epi32(1),
+                  off_below = _mm512_set1_epi32(static_cast<int>(W)),
+                  off_below_right = _mm512_set1_epi32(static_cast<int>(W + 1));
+    for (int64_t p = 0; p < P; ++p) {
+        const float* row0 = input + 2 * p * W;
+        const float* row1 = row0 + W;
+        float* out = output + p * Q;
+        int64_t* idx = indices + p * Q;
+        for (int64_t q = 0; q < Q; q += 16) {
+            const StepMasks m = step_masks(Q - q);
+            const __m512 a0 = _mm512_maskz_loadu_ps(m.in_lo, row0 + 2 * q);
+            const __m512 a1 = _mm512_maskz_loadu_ps(m.in_hi, row0 + 2 * q + 16);
+            const __m512 b0 = _mm512_maskz_loadu_ps(m.in_lo, row1 + 2 * q);
+            const __m512 b1 = _mm512_maskz_loadu_ps(m.in_hi, row1 + 2 * q + 16);
+            // The window's cells in row-major order, as the general kernel visits them.
+            const __m512 top_left = _mm512_permutex2var_ps(a0, even, a1);
+            const __m512 top_right = _mm512_permutex2var_ps(a0, odd, a1);
+            const __m512 bottom_left = _mm512_permutex2var_ps(b0, even, b1);
+            const __m512 bottom_right = _mm512_permutex2var_ps(b0, odd, b1);
+            // The first cell is always taken (a -inf first cell keeps best = -inf and its
+            // own index, as in the general kernel); later cells by `>` or NaN.
+            __m512 best = top_left;
+            const __mmask16 t1 = takes(top_right, best);
+            best = _mm512_mask_mov_ps(best, t1, top_right);
+            const __mmask16 t2 = takes(bottom_left, best);
+            best = _mm512_mask_mov_ps(best, t2, bottom_left);
+            const __mmask16 t3 = takes(bottom_right, best);
+            best = _mm512_mask_mov_ps(best, t3, bottom_right);
+            _mm512_mask_storeu_ps(out + q, m.out, best);
+
+            // index = 2p*W + 2(q + lane) + offset of the chosen cell, the last taken winning;
+            // offsets in 32 bits (W < 2^30, checked by the caller), widened for the sum.
+            __m512i offset = _mm512_maskz_mov_epi32(t1, off_right);
+            offset = _mm512_mask_mov_epi32(offset, t2, off_below);
+            offset = _mm512_mask_mov_epi32(offset, t3, off_below_right);
+            const __m512i first_lo = _mm512_add_epi64(_mm512_set1_epi64(2 * p * W + 2 * q), column2);
+            const __m512i first_hi = _mm512_add_epi64(first_lo, sixteen);
+            const __m512i idx_lo =
+                _mm512_add_epi64(first_lo, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(offset)));
+            const __m512i idx_hi = _mm512_add_epi64(
+                first_hi, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(offset, 1)));
+            _mm512_mask_storeu_epi64(idx + q, m.out_lo, idx_lo);
+            _mm512_mask_storeu_epi64(idx + q + 8, m.out_hi, idx_hi);
+        }
+    }
+}
+
+bool max_unpool2x2_plane_avx512(float* dinput, const float* doutput, const int64_t* indices,
+                                int64_t H, int64_t W, int64_t P, int64_t Q) {
+    // Interleave 16 left-cell and 16 right-cell values back into 32 consecutive columns.
+    const __m512i mix_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22,
+                                             7, 23);
+    const __m512i mix_hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14,
+                                             30, 15, 31);
+    const __m512i column2 = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m512i sixteen = _mm512_set1_epi64(16);
+    const __m512i off_right = _mm512_set1_epi32(1),
+                  off_below = _mm512_set1_epi32(static_cast<int>(W)),
+                  off_below_right = _mm512_set1_epi32(static_cast<int>(W + 1));
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t p = 0; p < P; ++p) {
+        float* row0 = dinput + 2 * p * W;
+        float* row1 = row0 + W;
+        const float* dout = doutput + p * Q;
+        const int64_t* idx = indices + p * Q;
+        for (int64_t q = 0; q < Q; q += 16) {
+            const StepMasks m = step_masks(Q - q);
+            // 0 + dy, not dy: the zero-filled cell plus the gradient, so that -0 becomes +0
+            // exactly as in the scatter this replaces.
+            const __m512 g = _mm512_add_ps(zero, _mm512_maskz_loadu_ps(m.out, dout + q));
+            const __m512i first_lo =
+                _mm512_add_epi64(_mm512_set1_epi64(2 * p * W + 2 * q), column2);
+            const __m512i first_hi = _mm512_add_epi64(first_lo, sixteen);
+            // Offsets of the indices from their windows' first cells, narrowed with
+            // saturation to 32 bits: a far-off index stays far off (W + 1 < 2^31).
+            const __m512i off_lo =
+                _mm512_sub_epi64(_mm512_maskz_loadu_epi64(m.out_lo, idx + q), first_lo);
+            const __m512i off_hi =
+                _mm512_sub_epi64(_mm512_maskz_loadu_epi64(m.out_hi, idx + q + 8), first_hi);
+            const __m512i offset = _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm512_cvtsepi64_epi32(off_lo)),
+                _mm512_cvtsepi64_epi32(off_hi), 1);
+            const __mmask16 k0 = _mm512_testn_epi32_mask(offset, offset),
+                            k1 = _mm512_cmpeq_epi32_mask(offset, off_right),
+                            k2 = _mm512_cmpeq_epi32_mask(offset, off_below),
+                            k3 = _mm512_cmpeq_epi32_mask(offset, off_below_right);
+            if (static_cast<__mmask16>((k0 | k1 | k2 | k3) & m.out) != m.out) return false;
+            const __m512 top_left = _mm512_maskz_mov_ps(k0, g), top_right = _mm512_maskz_mov_ps(k1, g);
+            const __m512 bottom_left = _mm512_maskz_mov_ps(k2, g),
+                         bottom_right = _mm512_maskz_mov_ps(k3, g);
+            _mm512_mask_storeu_ps(row0 + 2 * q, m.in_lo,
+                                  _mm512_permutex2var_ps(top_left, mix_lo, top_right));
+            _mm512_mask_storeu_ps(row0 + 2 * q + 16, m.in_hi,
+                                  _mm512_permutex2var_ps(top_left, mix_hi, top_right));
+            _mm512_mask_storeu_ps(row1 + 2 * q, m.in_lo,
+                                  _mm512_permutex2var_ps(bottom_left, mix_lo, bottom_right));
+            _mm512_mask_storeu_ps(row1 + 2 * q + 16, m.in_hi,
+                                  _mm512_permutex2var_ps(bottom_left, mix_hi, bottom_right));
+        }
+        if (W > 2 * Q) row0[W - 1] = row1[W - 1] = 0.0f;  // odd width: a column no window sees
+    }
+    if (H > 2 * P)  // odd height: a row no window sees
+        for (int64_t w = 0; w < W; ++w) dinput[(H - 1) * W + w] = 0.0f;
+    return true;
+}
+
+}  // namespace cnnbp::detail
+
+#endif  // CNNBP_POOL_AVX512

@@ -1,0 +1,179 @@
+// The 2x2 / stride 2 max-pool kernels (portable and AVX-512) against a plain loop written
+// from the rule, bit for bit: ties, NaN, infinities, -0, and sizes that leave a remainder
+// row, column or partial vector step.
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+
+#include "../src/pool2d_simd.hpp"
+#include "check.hpp"
+#include "cnnbp/cnnbp.hpp"
+
+using namespace cnnbp;
+
+namespace {
+
+// Exact equality of the bytes: tells -0 from +0 and NaN payloads apart.
+template <typename T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+// Few distinct values (so windows tie), with NaN, -inf, +inf and -0 sprinkled in.
+template <typename T>
+std::vector<T> tricky_values(size_t count, unsigned seed) {
+    std::mt19937 gen(seed);
+    std::uniform_int_distribution<int> pick(0, 19);
+    const T inf = std::numeric_limits<T>::infinity(), nan = std::numeric_limits<T>::quiet_NaN();
+    std::vector<T> v(count);
+    for (auto& x : v) {
+        const int k = pick(gen);
+        x = k == 0 ? nan : k == 1 ? -inf : k == 2 ? inf : k == 3 ? T(-0.0) : T(k % 4) - T(1.5);
+    }
+    return v;
+}
+
+// The rule, window by window: start at -inf on the first cell, take a cell when it is
+// greater or NaN.
+template <typename T>
+void reference_pool2x2(std::vector<T>& y, std::vector<int64_t>& idx, const std::vector<T>& x,
+                       int64_t planes, int64_t H, int64_t W) {
+    const int64_t P = H / 2, Q = W / 2;
+    for (int64_t n = 0; n < planes; ++n)
+        for (int64_t p = 0; p < P; ++p)
+            for (int64_t q = 0; q < Q; ++q) {
+                T best = -std::numeric_limits<T>::infinity();
+                int64_t at = 2 * p * W + 2 * q;
+                for (int64_t h = 2 * p; h < 2 * p + 2; ++h)
+                    for (int64_t w = 2 * q; w < 2 * q + 2; ++w) {
+                        const T v = x[n * H * W + h * W + w];
+                        if (v > best || std::isnan(v)) {
+                            best = v;
+                            at = h * W + w;
+                        }
+                    }
+                y[(n * P + p) * Q + q] = best;
+                idx[(n * P + p) * Q + q] = at;
+            }
+}
+
+template <typename T>
+std::vector<T> reference_unpool(const std::vector<T>& dy, const std::vector<int64_t>& idx,
+                                int64_t planes, int64_t HW, int64_t PQ) {
+    std::vector<T> dx(planes * HW, T(0));
+    for (int64_t n = 0; n < planes; ++n)
+        for (int64_t i = 0; i < PQ; ++i) dx[n * HW + idx[n * PQ + i]] += dy[n * PQ + i];
+    return dx;
+}
+
+const std::vector<std::pair<int64_t, int64_t>> kSizes = {
+    {2, 2}, {3, 3}, {4, 4}, {2, 5}, {5, 2}, {7, 9}, {26, 26}, {32, 32}, {33, 35},
+    {4, 34}, {6, 63}, {3, 66}, {2, 97}};
+
+template <typename T>
+void check_forward_paths(unsigned seed) {
+    const int64_t planes = 3;
+    for (auto [H, W] : kSizes) {
+        const std::string where = std::to_string(H) + "x" + std::to_string(W);
+        const int64_t P = H / 2, Q = W / 2;
+        const auto x = tricky_values<T>(planes * H * W, seed + unsigned(H * 131 + W));
+        std::vector<T> want_y(planes * P * Q), y(want_y.size());
+        std::vector<int64_t> want_idx(want_y.size()), idx(want_y.size());
+        reference_pool2x2(want_y, want_idx, x, planes, H, W);
+
+        auto check = [&](const char* path) {
+            if (!same_bits(y, want_y) || idx != want_idx)
+                cnnbp_test::fail(__FILE__, __LINE__, std::string(path) + " differs at " + where);
+        };
+        const auto d = pool2d_dims("max_pool2d", {planes, 1, H, W}, {2, 2, 2, 2, 0, 0});
+        max_pool2d_forward(y.data(), idx.data(), x.data(), d);
+        check("max_pool2d_forward");
+        for (int64_t n = 0; n < planes; ++n)
+            detail::max_pool2x2_plane(y.data() + n * P * Q, idx.data() + n * P * Q,
+                                      x.data() + n * H * W, W, P, Q);
+        check("portable plane kernel");
+        if constexpr (std::is_same_v<T, float>)
+            if (auto avx512 = detail::max_pool2x2_plane_avx512_if_supported()) {
+                for (int64_t n = 0; n < planes; ++n)
+                    avx512(y.data() + n * P * Q, idx.data() + n * P * Q, x.data() + n * H * W, W,
+                           P, Q);
+                check("AVX-512 plane kernel");
+            }
+    }
+}
+
+// dx from indices of the 2x2 pool (written in one pass) and from indices that leave their
+// 2x2 window (a 3x3 / stride 2 / padding 1 pool has the same output size): the scatter.
+template <typename T>
+void check_backward_paths(unsigned seed) {
+    const int64_t planes = 3;
+    for (auto [H, W] : kSizes) {
+        const int64_t P = H / 2, Q = W / 2;
+        const auto x = tricky_values<T>(planes * H * W, seed + unsigned(H * 131 + W));
+        auto dy = tricky_values<T>(planes * P * Q, seed + 7 + unsigned(H * 131 + W));
+        std::vector<T> y(planes * P * Q);
+        std::vector<int64_t> tiled(y.size()), overlapping(y.size());
+        reference_pool2x2(y, tiled, x, planes, H, W);
+        const auto d3 = pool2d_dims("max_pool2d", {planes, 1, H, W}, {3, 3, 2, 2, 1, 1});
+        if (d3.P == P && d3.Q == Q) max_pool2d_forward(y.data(), overlapping.data(), x.data(), d3);
+        else overlapping = tiled;
+
+        for (const auto* idx : {&tiled, &overlapping}) {
+            const std::string where = std::to_string(H) + "x" + std::to_string(W) +
+                                      (idx == &tiled ? " tiled" : " overlapping");
+            const auto want = reference_unpool(dy, *idx, planes, H * W, P * Q);
+            std::vector<T> dx(want.size(), T(7));  // garbage the kernels must overwrite
+            const auto d = max_pool2d_backward_dims({planes, 1, P, Q}, {planes, 1, P, Q},
+                                                    {planes, 1, H, W});
+            max_pool2d_backward(dx.data(), dy.data(), idx->data(), d);
+            if (!same_bits(dx, want))
+                cnnbp_test::fail(__FILE__, __LINE__, "max_pool2d_backward differs at " + where);
+
+            // the plane kernels either write the scatter's bits or decline
+            auto check_plane = [&](const char* path, auto kernel) {
+                std::vector<T> got(want.size(), T(7));
+                bool all = true;
+                for (int64_t n = 0; n < planes; ++n) {
+                    std::vector<T> plane(H * W, T(7));
+                    const bool done = kernel(plane.data(), dy.data() + n * P * Q,
+                                             idx->data() + n * P * Q);
+                    all = all && done;
+                    if (done) std::copy(plane.begin(), plane.end(), got.begin() + n * H * W);
+                    else std::copy(want.begin() + n * H * W, want.begin() + (n + 1) * H * W,
+                                   got.begin() + n * H * W);
+                }
+                if (!same_bits(got, want))
+                    cnnbp_test::fail(__FILE__, __LINE__, std::string(path) + " differs at " + where);
+                if (idx == &tiled && !all)
+                    cnnbp_test::fail(__FILE__, __LINE__, std::string(path) + " declined " + where);
+            };
+            check_plane("portable plane kernel", [&](T* out, const T* g, const int64_t* i) {
+                return detail::max_unpool2x2_plane(out, g, i, H, W, P, Q);
+            });
+            if constexpr (std::is_same_v<T, float>)
+                if (auto avx512 = detail::max_unpool2x2_plane_avx512_if_supported())
+                    check_plane("AVX-512 plane kernel", [&](T* out, const T* g, const int64_t* i) {
+                        return avx512(out, g, i, H, W, P, Q);
+                    });
+        }
+    }
+}
+
+}  // namespace
+
+TEST_CASE("max_pool2d 2x2 kernels match the rule bit for bit (float)") {
+    check_forward_paths<float>(1);
+}
+
+TEST_CASE("max_pool2d 2x2 kernels match the rule bit for bit (double)") {
+    check_forward_paths<double>(2);
+}
+
+TEST_CASE("max_pool2d 2x2 backward writes the scatter's bits or declines (float)") {
+    check_backward_paths<float>(3);
+}
+
+TEST_CASE("max_pool2d 2x2 backward writes the scatter's bits or declines (double)") {
+    check_backward_paths<double>(4);
+}
