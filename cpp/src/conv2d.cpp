@@ -26,8 +26,12 @@ namespace {
 
 // Below this many multiply-adds per image, packing costs more than it saves.
 constexpr int64_t kMinGemmWork = 4096;
-// dweight builds the im2col matrix this many pixels at a time (bounded workspace).
-constexpr int64_t kPixelBlock = 256;
+// dweight gathers this many pixels of im2col rows at a time (bounded workspace; long rows
+// amortize the dot-product kernel's final horizontal sums). A multiple of kVectorPad.
+constexpr int64_t kPixelBlock = 1024;
+// Waking the second thread costs microseconds: split the batch only above this many
+// multiply-adds (about 10 us of work).
+constexpr int64_t kMinConvParallelWork = int64_t(1) << 20;
 // Rows handed to the dot-product kernel are padded to a multiple of the widest vector.
 constexpr int64_t kVectorPad = 16;
 
@@ -117,18 +121,16 @@ void pack_im2col(const T* image, const Conv2dDims& d, int NR, int64_t k0, int64_
     }
 }
 
-// col (CRS x ld): the im2col columns [pixel_start, pixel_start + count) of one image,
-// each row zero-padded from count to ld.
+// col rows (c,r,s) with row stride ld receive the im2col columns [pixel_start,
+// pixel_start + count) of one image.
 template <typename T>
 void im2col_block(const T* image, const Conv2dDims& d, int64_t pixel_start, int64_t count,
                   int64_t ld, T* col) {
     int64_t i = 0;
     for (int64_t c = 0; c < d.C; ++c)
         for (int64_t r = 0; r < d.R; ++r)
-            for (int64_t s = 0; s < d.S; ++s, ++i) {
+            for (int64_t s = 0; s < d.S; ++s, ++i)
                 im2col_tap(image, d, c, r, s, pixel_start, count, col + i * ld, 1);
-                std::fill(col + i * ld + count, col + (i + 1) * ld, T(0));
-            }
 }
 
 // dinput_image += col2im(dcol) for output columns [j0, j0 + nc): dcol is (CRS x nc).
@@ -197,9 +199,9 @@ void conv2d_forward(T* output, const T* input, const T* weight, const T* bias,
     const auto& uk = detail::micro_kernel_for_cpu<T>();
     detail::PackedA<T> packed_weight;  // weight (K x CRS), shared by every image
     packed_weight.pack(weight, CRS, 1, d.K, CRS, uk.MR);
-    CNNBP_OMP(parallel if (d.N * per_image >= detail::kMinParallelWork))
+    CNNBP_OMP(parallel if (d.N * per_image >= kMinConvParallelWork))
     {
-        std::vector<T> b_buffer(size_t(detail::b_buffer_size(uk)));
+        detail::Scratch<T> b_buffer(detail::b_buffer_size(uk));
         CNNBP_OMP(for schedule(static))
         for (int64_t n = 0; n < d.N; ++n) {
             const T* image = input + n * d.C * d.H * d.W;
@@ -222,7 +224,7 @@ void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T*
     const int64_t CRS = d.C * d.R * d.S, PQ = d.P * d.Q, HW = d.H * d.W;
     const int64_t per_image = d.K * PQ * CRS;
     const bool tiny = per_image < kMinGemmWork;
-    const bool parallel = d.N * per_image >= detail::kMinParallelWork;
+    const bool parallel = d.N * per_image >= kMinConvParallelWork;
     const auto& uk = detail::micro_kernel_for_cpu<T>();
 
     // Inverts `output_n = weight . col_n`: dcol_n = weight^T . doutput_n, and every input
@@ -259,8 +261,8 @@ void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T*
         packed_weight_t.pack(weight, 1, CRS, CRS, d.K, uk.MR);
         CNNBP_OMP(parallel if (parallel))
         {
-            std::vector<T> b_buffer(size_t(detail::b_buffer_size(uk)));
-            std::vector<T> dcol(size_t(CRS * detail::kNC));  // one column block of dcol_n
+            detail::Scratch<T> b_buffer(detail::b_buffer_size(uk));
+            detail::Scratch<T> dcol(CRS * std::min(detail::kNC, PQ));  // a column block of dcol_n
             CNNBP_OMP(for schedule(static))
             for (int64_t n = 0; n < d.N; ++n) {
                 T* dimage = dinput + n * d.C * HW;
@@ -281,21 +283,24 @@ void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T*
 
     // dweight = sum_n doutput_n . col_n^T and dbias = doutput summed over N, P, Q: each
     // chunk of the batch sums into its own partial, then the partials add up in order.
-    // col_n is built a block of pixels at a time; doutput_n and col rows both run along
-    // the pixels, so the product takes the dot-product kernel.
+    // Pixels of the chunk's images are gathered into blocks (doutput rows and im2col rows,
+    // side by side), and each block adds its doutput_block . col_block^T with the
+    // dot-product kernel: both run along the pixels.
     if (dweight || dbias) {
         const auto& dk = detail::dot_kernel_for_cpu<T>();
         const int64_t chunks = reduction_chunks(d.N);
         const int64_t KCRS = d.K * CRS;
-        const int64_t pixel_block = std::min<int64_t>(PQ, kPixelBlock);
-        // rows padded with zeros to whole vectors: the dot kernel then has no scalar tail
-        const int64_t padded_block = (pixel_block + kVectorPad - 1) / kVectorPad * kVectorPad;
         std::vector<T> partial_w(size_t(dweight ? chunks * KCRS : 0));
         std::vector<T> partial_b(size_t(chunks * d.K));
         CNNBP_OMP(parallel if (parallel))
         {
-            std::vector<T> col(size_t(dweight ? CRS * padded_block : 0));
-            std::vector<T> dout_block(size_t(dweight ? d.K * padded_block : 0), T(0));
+            // row stride of both blocks: a whole chunk's pixels when they are fewer
+            const int64_t chunk_pixels = (d.N + chunks - 1) / chunks * PQ;
+            const int64_t ld = !dweight ? 0
+                               : std::min(kPixelBlock, (chunk_pixels + kVectorPad - 1) /
+                                                           kVectorPad * kVectorPad);
+            detail::Scratch<T> col(CRS * ld);          // col_block (CRS x ld)
+            detail::Scratch<T> dout_block(d.K * ld);   // doutput_block (K x ld)
             CNNBP_OMP(for schedule(static))
             for (int64_t chunk = 0; chunk < chunks; ++chunk) {
                 const int64_t n_begin = d.N * chunk / chunks, n_end = d.N * (chunk + 1) / chunks;
@@ -303,24 +308,35 @@ void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T*
                 T* db = partial_b.data() + chunk * d.K;
                 std::fill(db, db + d.K, T(0));
                 if (dw) std::fill(dw, dw + KCRS, T(0));
+                int64_t filled = 0;  // pixels gathered in the blocks so far
+                auto flush = [&] {   // rows padded with zeros to whole vectors: no scalar tail
+                    const int64_t len = (filled + kVectorPad - 1) / kVectorPad * kVectorPad;
+                    for (int64_t i = 0; i < CRS; ++i)
+                        std::fill(col.data() + i * ld + filled, col.data() + i * ld + len, T(0));
+                    for (int64_t k = 0; k < d.K; ++k)
+                        std::fill(dout_block.data() + k * ld + filled,
+                                  dout_block.data() + k * ld + len, T(0));
+                    detail::gemm_dot(dk, d.K, CRS, len, dout_block.data(), ld, col.data(), ld, dw,
+                                     CRS);
+                    filled = 0;
+                };
                 for (int64_t n = n_begin; n < n_end; ++n) {
                     const T* image = input + n * d.C * HW;
                     const T* dout = doutput + n * d.K * PQ;  // doutput_n (K x PQ)
                     for (int64_t k = 0; k < d.K; ++k) db[k] += sum_fixed_order(dout + k * PQ, PQ);
                     if (!dw) continue;
-                    for (int64_t p0 = 0; p0 < PQ; p0 += pixel_block) {
-                        const int64_t count = std::min(pixel_block, PQ - p0);
-                        const int64_t ld = (count + kVectorPad - 1) / kVectorPad * kVectorPad;
-                        im2col_block(image, d, p0, count, ld, col.data());  // (CRS x ld)
-                        for (int64_t k = 0; k < d.K; ++k) {  // doutput block (K x ld)
-                            T* row = dout_block.data() + k * ld;
-                            std::copy(dout + k * PQ + p0, dout + k * PQ + p0 + count, row);
-                            std::fill(row + count, row + ld, T(0));
-                        }
-                        detail::gemm_dot(dk, d.K, CRS, ld, dout_block.data(), ld, col.data(),
-                                         ld, dw, CRS);
+                    for (int64_t p0 = 0; p0 < PQ;) {
+                        const int64_t count = std::min(PQ - p0, ld - filled);
+                        im2col_block(image, d, p0, count, ld, col.data() + filled);
+                        for (int64_t k = 0; k < d.K; ++k)
+                            std::copy(dout + k * PQ + p0, dout + k * PQ + p0 + count,
+                                      dout_block.data() + k * ld + filled);
+                        filled += count;
+                        p0 += count;
+                        if (filled == ld) flush();
                     }
                 }
+                if (dw && filled) flush();
             }
         }
         if (dweight) {

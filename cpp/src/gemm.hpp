@@ -13,9 +13,22 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace cnnbp::detail {
+
+// Workspace that is written before it is read: allocated without zero-filling, which
+// would cost more than a small convolution itself.
+template <typename T>
+class Scratch {
+   public:
+    explicit Scratch(int64_t count) : data_(new T[size_t(count)]) {}
+    T* data() { return data_.get(); }
+
+   private:
+    std::unique_ptr<T[]> data_;
+};
 
 template <typename T>
 struct MicroKernel {
