@@ -100,6 +100,7 @@ CONV_CASES = [
     (2, 3, 17, 15, 6, 3, 2, (2, 1), (1, 0)),  # (h, w) stride and padding through the GEMM
     (1, 3, 9, 9, 10, 3, 3, 2, 1),  # stride 2 with padding
     (1, 4, 10, 10, 7, 5, 5, 3, 2),  # stride > 1 with a 5x5 kernel
+    (2, 33, 6, 7, 3, 3, 2, 1, (1, 0)),  # unit strides, C >= 32: dinput as a forward conv
 ]
 BIG_CONV_CASE = (4, 8, 16, 16, 8, 3, 3, 1, 1)  # enough work for the threaded path
 

@@ -166,6 +166,16 @@ void col2im_add(T* dimage, const T* dcol, const Conv2dDims& d, int64_t j0, int64
             }
 }
 
+// dinput as a forward convolution (see conv2d_backward) needs unit strides and padding
+// below the kernel size. It packs K*R*S rows of doutput per pixel instead of adding C*R*S
+// rows back through col2im, and pays off once the C output rows fill several of the
+// GEMM's row panels.
+bool dinput_as_forward(const Conv2dDims& d, int MR) {
+    const auto& p = d.params;
+    return p.stride_h == 1 && p.stride_w == 1 && p.pad_h < d.R && p.pad_w < d.S &&
+           d.C >= 4 * MR;
+}
+
 // Sum of n values in a fixed order (8 interleaved partial sums), so it vectorizes.
 template <typename T>
 T sum_fixed_order(const T* v, int64_t n) {
@@ -182,24 +192,15 @@ T sum_fixed_order(const T* v, int64_t n) {
 // the order of the sums depends on N only, never on the number of threads.
 int64_t reduction_chunks(int64_t N) { return std::min<int64_t>(N, 8); }
 
-}  // namespace
-
+// output_n (K x PQ) = bias + weight (K x CRS) . col_n for every image, through the GEMM.
 template <typename T>
-void conv2d_forward(T* output, const T* input, const T* weight, const T* bias,
-                    const Conv2dDims& d) {
+void forward_gemm(T* output, const T* input, const T* weight, const T* bias,
+                  const Conv2dDims& d) {
     const int64_t CRS = d.C * d.R * d.S, PQ = d.P * d.Q;
-    const int64_t per_image = d.K * PQ * CRS;
-    if (per_image < kMinGemmWork) {
-        CNNBP_PARALLEL_FOR_IF(d.N * per_image)
-        for (int64_t nk = 0; nk < d.N * d.K; ++nk)
-            forward_direct(output + nk * PQ, input + (nk / d.K) * d.C * d.H * d.W, weight, bias,
-                           nk % d.K, d);
-        return;
-    }
     const auto& uk = detail::micro_kernel_for_cpu<T>();
     detail::PackedA<T> packed_weight;  // weight (K x CRS), shared by every image
     packed_weight.pack(weight, CRS, 1, d.K, CRS, uk.MR);
-    CNNBP_OMP(parallel if (d.N * per_image >= kMinConvParallelWork))
+    CNNBP_OMP(parallel if (d.N * d.K * PQ * CRS >= kMinConvParallelWork))
     {
         detail::Scratch<T> b_buffer(detail::b_buffer_size(uk));
         CNNBP_OMP(for schedule(static))
@@ -215,6 +216,23 @@ void conv2d_forward(T* output, const T* input, const T* weight, const T* bias,
                          b_buffer.data());
         }
     }
+}
+
+}  // namespace
+
+template <typename T>
+void conv2d_forward(T* output, const T* input, const T* weight, const T* bias,
+                    const Conv2dDims& d) {
+    const int64_t CRS = d.C * d.R * d.S, PQ = d.P * d.Q;
+    const int64_t per_image = d.K * PQ * CRS;
+    if (per_image < kMinGemmWork) {
+        CNNBP_PARALLEL_FOR_IF(d.N * per_image)
+        for (int64_t nk = 0; nk < d.N * d.K; ++nk)
+            forward_direct(output + nk * PQ, input + (nk / d.K) * d.C * d.H * d.W, weight, bias,
+                           nk % d.K, d);
+        return;
+    }
+    forward_gemm(output, input, weight, bias, d);
 }
 
 template <typename T>
@@ -256,6 +274,20 @@ void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T*
                 }
             }
         }
+    } else if (dinput && dinput_as_forward(d, uk.MR)) {
+        // With unit strides, dinput is itself a convolution: doutput padded by R-1-ph
+        // rows and S-1-pw columns, correlated with the weight flipped in r, s and
+        // transposed in (k, c). This skips col2im.
+        std::vector<T> flipped(size_t(d.C * d.K * d.R * d.S));  // (C, K, R, S)
+        for (int64_t k = 0; k < d.K; ++k)
+            for (int64_t c = 0; c < d.C; ++c)
+                for (int64_t r = 0; r < d.R; ++r)
+                    for (int64_t s = 0; s < d.S; ++s)
+                        flipped[((c * d.K + k) * d.R + r) * d.S + s] =
+                            weight[((k * d.C + c) * d.R + (d.R - 1 - r)) * d.S + (d.S - 1 - s)];
+        const Conv2dDims as_forward{d.N, d.K, d.P, d.Q, d.C, d.R, d.S, d.H, d.W,
+                                    Conv2dParams{1, 1, d.R - 1 - p.pad_h, d.S - 1 - p.pad_w}};
+        forward_gemm(dinput, doutput, flipped.data(), static_cast<const T*>(nullptr), as_forward);
     } else if (dinput) {
         detail::PackedA<T> packed_weight_t;  // weight^T (CRS x K): row (c,r,s) reads column i
         packed_weight_t.pack(weight, 1, CRS, CRS, d.K, uk.MR);

@@ -115,6 +115,9 @@ TEST_CASE("conv2d backward: finite differences with stride and padding (direct l
 TEST_CASE("conv2d backward: finite differences through the packed GEMM") {
     // K * P * Q * C * R * S = 6 * 5 * 8 * 45 per image: large enough for the GEMM path
     check_conv2d_finite_differences({2, 5, 9, 8}, {6, 5, 3, 3}, {2, 1, 1, 1});
+    // unit strides and C >= 4 row panels: dinput runs as a forward convolution
+    check_conv2d_finite_differences({1, 32, 5, 6}, {3, 32, 3, 3}, {1, 1, 1, 1});
+    check_conv2d_finite_differences({1, 33, 4, 5}, {2, 33, 2, 3}, {1, 1, 0, 2});
 }
 
 // ---- max_pool2d --------------------------------------------------------------------------
