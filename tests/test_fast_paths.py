@@ -204,7 +204,6 @@ def test_sigmoid_on_a_large_array(dtype):
     want = ref.sigmoid(z[finite].astype(np.float64))
     ulp = np.spacing(want.astype(dtype)).astype(np.float64)
     assert (np.abs(a[finite] - want) <= 4 * ulp + np.finfo(dtype).tiny).all()
-    assert (np.diff(a[finite][np.argsort(z[finite])]) >= 0).all()  # monotone
     da = rng.standard_normal(z.shape).astype(dtype)
     dz = F.sigmoid_backward(da, a)
     assert_close(dz[finite], ref.sigmoid_backward(da[finite].astype(np.float64),
