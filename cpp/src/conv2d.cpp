@@ -89,9 +89,12 @@ void im2col_tap(const T* image, const Conv2dDims& d, int64_t c, int64_t r, int64
             const int64_t hi = std::clamp(row_hi, lo, oq + run);
             const T* row = plane + ih * d.W;
             for (int64_t q = oq; q < lo; ++q) o[(q - oq) * stride] = T(0);
-            if (stride == 1 && prm.stride_w == 1)
-                std::copy(row + lo + col, row + hi + col, o + (lo - oq));
-            else
+            if (stride == 1 && prm.stride_w == 1) {
+                // runs are one output row: too short for a memmove call to pay off
+                const T* from = row + col;
+                T* to = o - oq;
+                for (int64_t q = lo; q < hi; ++q) to[q] = from[q];
+            } else
                 for (int64_t q = lo; q < hi; ++q) o[(q - oq) * stride] = row[q * prm.stride_w + col];
             for (int64_t q = hi; q < oq + run; ++q) o[(q - oq) * stride] = T(0);
         }
@@ -167,13 +170,11 @@ void col2im_add(T* dimage, const T* dcol, const Conv2dDims& d, int64_t j0, int64
 }
 
 // dinput as a forward convolution (see conv2d_backward) needs unit strides and padding
-// below the kernel size. It packs K*R*S rows of doutput per pixel instead of adding C*R*S
-// rows back through col2im, and pays off once the C output rows fill several of the
-// GEMM's row panels.
+// below the kernel size. It reads doutput in place instead of adding C*R*S rows back
+// through col2im, and pays off once the C output rows fill the GEMM's row panels.
 bool dinput_as_forward(const Conv2dDims& d, int MR) {
     const auto& p = d.params;
-    return p.stride_h == 1 && p.stride_w == 1 && p.pad_h < d.R && p.pad_w < d.S &&
-           d.C >= 4 * MR;
+    return p.stride_h == 1 && p.stride_w == 1 && p.pad_h < d.R && p.pad_w < d.S && d.C >= MR;
 }
 
 // Sum of n values in a fixed order (8 interleaved partial sums), so it vectorizes.
@@ -218,6 +219,75 @@ void forward_gemm(T* output, const T* input, const T* weight, const T* bias,
     }
 }
 
+// The unit-stride forward without im2col. Each image is copied once into a zero-padded
+// plane stack (C x Hp x Wp); on the padded-width output grid, pixel o = p*Wp + q reads tap
+// (c,r,s) at o + c*Hp*Wp + r*Wp + s, so every B row of the GEMM is a contiguous run of the
+// padded image that tap_kernel reads in place. Grid columns q >= Q are computed, dropped.
+template <typename T>
+void forward_padded(T* output, const T* input, const T* weight, const T* bias,
+                    const Conv2dDims& d) {
+    const auto& prm = d.params;
+    const int64_t Hp = d.H + 2 * prm.pad_h, Wp = d.W + 2 * prm.pad_w;
+    const int64_t CRS = d.C * d.R * d.S, PQ = d.P * d.Q;
+    const auto& uk = detail::micro_kernel_for_cpu<T>();
+    const int64_t grid = d.P * Wp;  // outputs on the padded-width grid
+    const int64_t grid_padded = (grid + uk.NR - 1) / uk.NR * uk.NR;
+    // tiles read up to NR values past the last grid pixel of the last tap
+    const int64_t padded_size = d.C * Hp * Wp + uk.NR;
+    detail::PackedA<T> packed_weight;  // weight (K x CRS), shared by every image
+    packed_weight.pack(weight, CRS, 1, d.K, CRS, uk.MR);
+    std::vector<int64_t> tap_offset(static_cast<size_t>(CRS));
+    for (int64_t c = 0, i = 0; c < d.C; ++c)
+        for (int64_t r = 0; r < d.R; ++r)
+            for (int64_t s = 0; s < d.S; ++s) tap_offset[i++] = c * Hp * Wp + r * Wp + s;
+    const int64_t panels = (d.K + uk.MR - 1) / uk.MR;
+    CNNBP_OMP(parallel if (d.N * d.K * PQ * CRS >= kMinConvParallelWork))
+    {
+        detail::Scratch<T> padded(padded_size);          // (C, Hp, Wp) + slack
+        detail::Scratch<T> grid_out(d.K * grid_padded);  // (K, grid_padded)
+        std::fill(padded.data(), padded.data() + padded_size, T(0));  // borders stay zero
+        CNNBP_OMP(for schedule(static))
+        for (int64_t n = 0; n < d.N; ++n) {
+            const T* image = input + n * d.C * d.H * d.W;
+            for (int64_t c = 0; c < d.C; ++c)
+                for (int64_t h = 0; h < d.H; ++h)
+                    std::copy(image + (c * d.H + h) * d.W, image + (c * d.H + h + 1) * d.W,
+                              padded.data() + (c * Hp + h + prm.pad_h) * Wp + prm.pad_w);
+            for (int64_t o0 = 0; o0 < grid; o0 += uk.NR) {
+                const int nvalid = int(std::min<int64_t>(uk.NR, grid - o0));
+                for (int64_t ip = 0; ip < panels; ++ip) {
+                    const int m = int(std::min<int64_t>(uk.MR, d.K - ip * uk.MR));
+                    T* c_tile = grid_out.data() + ip * uk.MR * grid_padded + o0;
+                    for (int64_t k0 = 0; k0 < CRS; k0 += packed_weight.kc) {
+                        const int64_t kb = std::min(packed_weight.kc, CRS - k0);
+                        uk.run_taps(kb, packed_weight.panel(ip, k0, kb), tap_offset.data() + k0,
+                                    padded.data() + o0, c_tile, grid_padded, k0 > 0, m, nvalid);
+                    }
+                }
+            }
+            T* out = output + n * d.K * PQ;  // output_n (K, P, Q): the grid without its margin
+            for (int64_t k = 0; k < d.K; ++k) {
+                const T b = bias ? bias[k] : T(0);
+                for (int64_t op = 0; op < d.P; ++op) {
+                    const T* from = grid_out.data() + k * grid_padded + op * Wp;
+                    T* to = out + k * PQ + op * d.Q;
+                    for (int64_t oq = 0; oq < d.Q; ++oq) to[oq] = b + from[oq];
+                }
+            }
+        }
+    }
+}
+
+// The GEMM forward for any strides (im2col packing) or, for unit strides, without im2col.
+template <typename T>
+void forward_fast(T* output, const T* input, const T* weight, const T* bias,
+                  const Conv2dDims& d) {
+    if (d.params.stride_h == 1 && d.params.stride_w == 1)
+        forward_padded(output, input, weight, bias, d);
+    else
+        forward_gemm(output, input, weight, bias, d);
+}
+
 }  // namespace
 
 template <typename T>
@@ -232,7 +302,7 @@ void conv2d_forward(T* output, const T* input, const T* weight, const T* bias,
                            nk % d.K, d);
         return;
     }
-    forward_gemm(output, input, weight, bias, d);
+    forward_fast(output, input, weight, bias, d);
 }
 
 template <typename T>
@@ -287,7 +357,8 @@ void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T*
                             weight[((k * d.C + c) * d.R + (d.R - 1 - r)) * d.S + (d.S - 1 - s)];
         const Conv2dDims as_forward{d.N, d.K, d.P, d.Q, d.C, d.R, d.S, d.H, d.W,
                                     Conv2dParams{1, 1, d.R - 1 - p.pad_h, d.S - 1 - p.pad_w}};
-        forward_gemm(dinput, doutput, flipped.data(), static_cast<const T*>(nullptr), as_forward);
+        forward_padded(dinput, doutput, flipped.data(), static_cast<const T*>(nullptr),
+                       as_forward);
     } else if (dinput) {
         detail::PackedA<T> packed_weight_t;  // weight^T (CRS x K): row (c,r,s) reads column i
         packed_weight_t.pack(weight, 1, CRS, CRS, d.K, uk.MR);

@@ -35,6 +35,9 @@ struct MicroKernel {
     int MR, NR;  // the tile computed per call
     void (*run)(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool accumulate, int m,
                 int n);
+    // the same tile with row k of B read at in + offsets[k] (tap_kernel)
+    void (*run_taps)(int64_t kc, const T* a, const int64_t* offsets, const T* in, T* c,
+                     int64_t ldc, bool accumulate, int m, int n);
     const char* isa;
 };
 

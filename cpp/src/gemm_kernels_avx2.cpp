@@ -3,8 +3,10 @@
 #include "gemm_microkernel.hpp"
 
 namespace cnnbp::detail {
-MicroKernel<float> micro_kernel_avx2_f32() { return {6, 16, micro_kernel<float, 8, 6, 2>, "avx2"}; }
-MicroKernel<double> micro_kernel_avx2_f64() { return {6, 8, micro_kernel<double, 4, 6, 2>, "avx2"}; }
+MicroKernel<float> micro_kernel_avx2_f32() { return {6, 16, micro_kernel<float, 8, 6, 2>,
+            tap_kernel<float, 8, 6, 2>, "avx2"}; }
+MicroKernel<double> micro_kernel_avx2_f64() { return {6, 8, micro_kernel<double, 4, 6, 2>,
+            tap_kernel<double, 4, 6, 2>, "avx2"}; }
 DotKernel<float> dot_kernel_avx2_f32() { return {2, 4, dot_kernel<float, 8, 2, 4>}; }
 DotKernel<double> dot_kernel_avx2_f64() { return {2, 4, dot_kernel<double, 4, 2, 4>}; }
 }  // namespace cnnbp::detail

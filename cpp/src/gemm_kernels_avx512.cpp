@@ -3,8 +3,10 @@
 #include "gemm_microkernel.hpp"
 
 namespace cnnbp::detail {
-MicroKernel<float> micro_kernel_avx512_f32() { return {8, 48, micro_kernel<float, 16, 8, 3>, "avx512"}; }
-MicroKernel<double> micro_kernel_avx512_f64() { return {8, 24, micro_kernel<double, 8, 8, 3>, "avx512"}; }
+MicroKernel<float> micro_kernel_avx512_f32() { return {8, 48, micro_kernel<float, 16, 8, 3>,
+            tap_kernel<float, 16, 8, 3>, "avx512"}; }
+MicroKernel<double> micro_kernel_avx512_f64() { return {8, 24, micro_kernel<double, 8, 8, 3>,
+            tap_kernel<double, 8, 8, 3>, "avx512"}; }
 DotKernel<float> dot_kernel_avx512_f32() { return {4, 4, dot_kernel<float, 16, 4, 4>}; }
 DotKernel<double> dot_kernel_avx512_f64() { return {4, 4, dot_kernel<double, 8, 4, 4>}; }
 }  // namespace cnnbp::detail

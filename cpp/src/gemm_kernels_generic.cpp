@@ -2,8 +2,10 @@
 #include "gemm_microkernel.hpp"
 
 namespace cnnbp::detail {
-MicroKernel<float> micro_kernel_generic_f32() { return {4, 8, micro_kernel<float, 4, 4, 2>, "generic"}; }
-MicroKernel<double> micro_kernel_generic_f64() { return {4, 4, micro_kernel<double, 2, 4, 2>, "generic"}; }
+MicroKernel<float> micro_kernel_generic_f32() { return {4, 8, micro_kernel<float, 4, 4, 2>,
+            tap_kernel<float, 4, 4, 2>, "generic"}; }
+MicroKernel<double> micro_kernel_generic_f64() { return {4, 4, micro_kernel<double, 2, 4, 2>,
+            tap_kernel<double, 2, 4, 2>, "generic"}; }
 DotKernel<float> dot_kernel_generic_f32() { return {2, 2, dot_kernel<float, 4, 2, 2>}; }
 DotKernel<double> dot_kernel_generic_f64() { return {2, 2, dot_kernel<double, 2, 2, 2>}; }
 }  // namespace cnnbp::detail

@@ -58,6 +58,52 @@ void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* _
             c[i * ldc + j] = accumulate ? c[i * ldc + j] + tile[i * NR + j] : tile[i * NR + j];
 }
 
+// The same tile with B read straight from an image instead of a packed panel: row k of B
+// starts at in + offsets[k] and its NR values are contiguous (a unit-stride convolution
+// over a zero-padded image, where offsets[k] locates filter tap k). The image must extend
+// NR values past every offset it is given.
+template <typename T, int W, int MR, int NV>
+void tap_kernel(int64_t kc, const T* __restrict a, const int64_t* __restrict offsets,
+                const T* __restrict in, T* __restrict c, int64_t ldc, bool accumulate, int m,
+                int n) {
+    typedef T V __attribute__((vector_size(W * sizeof(T))));
+    typedef T VU __attribute__((vector_size(W * sizeof(T)), aligned(sizeof(T)), may_alias));
+    constexpr int NR = W * NV;
+    V acc[MR][NV];
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+        for (int j = 0; j < NV; ++j) acc[i][j] = V{};
+    for (int64_t k = 0; k < kc; ++k) {
+        const T* b = in + offsets[k];
+        V bv[NV];
+#pragma GCC unroll 8
+        for (int j = 0; j < NV; ++j) bv[j] = *reinterpret_cast<const VU*>(b + j * W);
+#pragma GCC unroll 32
+        for (int i = 0; i < MR; ++i) {
+            const T av = a[k * MR + i];
+#pragma GCC unroll 8
+            for (int j = 0; j < NV; ++j) acc[i][j] += av * bv[j];
+        }
+    }
+    if (m == MR && n == NR) {
+#pragma GCC unroll 32
+        for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+            for (int j = 0; j < NV; ++j) {
+                VU* cp = reinterpret_cast<VU*>(c + i * ldc + j * W);
+                *cp = accumulate ? *cp + acc[i][j] : acc[i][j];
+            }
+        return;
+    }
+    T tile[MR * NR];
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NV; ++j) *reinterpret_cast<VU*>(tile + i * NR + j * W) = acc[i][j];
+    for (int i = 0; i < m; ++i)
+        for (int j = 0; j < n; ++j)
+            c[i * ldc + j] = accumulate ? c[i * ldc + j] + tile[i * NR + j] : tile[i * NR + j];
+}
+
 // The dot-product form, for products whose operands both run along k in memory:
 //
 //   C[i, j] += sum_k a[i * lda + k] * b[j * ldb + k]      i < m <= MR, j < n <= NR
