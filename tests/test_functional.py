@@ -101,6 +101,8 @@ CONV_CASES = [
     (1, 3, 9, 9, 10, 3, 3, 2, 1),  # stride 2 with padding
     (1, 4, 10, 10, 7, 5, 5, 3, 2),  # stride > 1 with a 5x5 kernel
     (2, 33, 6, 7, 3, 3, 2, 1, (1, 0)),  # unit strides, C >= 32: dinput as a forward conv
+    (1, 3, 7, 6, 64, 3, 3, 1, 1),  # unit strides, K = 64: dweight read in place
+    (2, 2, 5, 5, 70, 3, 2, 1, (0, 1)),  # K = 70: a partial filter panel in place
 ]
 BIG_CONV_CASE = (4, 8, 16, 16, 8, 3, 3, 1, 1)  # enough work for the threaded path
 

@@ -32,6 +32,8 @@ constexpr int64_t kPixelBlock = 1024;
 // Waking the second thread costs microseconds: split the batch only above this many
 // multiply-adds (about 10 us of work).
 constexpr int64_t kMinConvParallelWork = int64_t(1) << 20;
+// Grid pixels per gather-kernel call: its B panel (kGatherBlock x NR) stays in L1.
+constexpr int64_t kGatherBlock = 128;
 // Rows handed to the dot-product kernel are padded to a multiple of the widest vector.
 constexpr int64_t kVectorPad = 16;
 
@@ -219,6 +221,27 @@ void forward_gemm(T* output, const T* input, const T* weight, const T* bias,
     }
 }
 
+// The planes of one image into the interior of a zero-bordered (C, H+2ph, W+2pw) stack
+// (whose borders are already zero).
+template <typename T>
+void copy_into_padded(T* padded, const T* image, const Conv2dDims& d) {
+    const auto& prm = d.params;
+    const int64_t Hp = d.H + 2 * prm.pad_h, Wp = d.W + 2 * prm.pad_w;
+    for (int64_t c = 0; c < d.C; ++c)
+        for (int64_t h = 0; h < d.H; ++h)
+            std::copy(image + (c * d.H + h) * d.W, image + (c * d.H + h + 1) * d.W,
+                      padded + (c * Hp + h + prm.pad_h) * Wp + prm.pad_w);
+}
+
+// Offsets of the filter taps (c,r,s) in a padded (C, Hp, Wp) stack.
+std::vector<int64_t> tap_offsets(const Conv2dDims& d, int64_t Hp, int64_t Wp) {
+    std::vector<int64_t> offsets;
+    for (int64_t c = 0; c < d.C; ++c)
+        for (int64_t r = 0; r < d.R; ++r)
+            for (int64_t s = 0; s < d.S; ++s) offsets.push_back(c * Hp * Wp + r * Wp + s);
+    return offsets;
+}
+
 // The unit-stride forward without im2col. Each image is copied once into a zero-padded
 // plane stack (C x Hp x Wp); on the padded-width output grid, pixel o = p*Wp + q reads tap
 // (c,r,s) at o + c*Hp*Wp + r*Wp + s, so every B row of the GEMM is a contiguous run of the
@@ -236,10 +259,7 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
     const int64_t padded_size = d.C * Hp * Wp + uk.NR;
     detail::PackedA<T> packed_weight;  // weight (K x CRS), shared by every image
     packed_weight.pack(weight, CRS, 1, d.K, CRS, uk.MR);
-    std::vector<int64_t> tap_offset(static_cast<size_t>(CRS));
-    for (int64_t c = 0, i = 0; c < d.C; ++c)
-        for (int64_t r = 0; r < d.R; ++r)
-            for (int64_t s = 0; s < d.S; ++s) tap_offset[i++] = c * Hp * Wp + r * Wp + s;
+    const std::vector<int64_t> tap_offset = tap_offsets(d, Hp, Wp);
     const int64_t panels = (d.K + uk.MR - 1) / uk.MR;
     CNNBP_OMP(parallel if (d.N * d.K * PQ * CRS >= kMinConvParallelWork))
     {
@@ -248,11 +268,7 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
         std::fill(padded.data(), padded.data() + padded_size, T(0));  // borders stay zero
         CNNBP_OMP(for schedule(static))
         for (int64_t n = 0; n < d.N; ++n) {
-            const T* image = input + n * d.C * d.H * d.W;
-            for (int64_t c = 0; c < d.C; ++c)
-                for (int64_t h = 0; h < d.H; ++h)
-                    std::copy(image + (c * d.H + h) * d.W, image + (c * d.H + h + 1) * d.W,
-                              padded.data() + (c * Hp + h + prm.pad_h) * Wp + prm.pad_w);
+            copy_into_padded(padded.data(), input + n * d.C * d.H * d.W, d);
             for (int64_t o0 = 0; o0 < grid; o0 += uk.NR) {
                 const int nvalid = int(std::min<int64_t>(uk.NR, grid - o0));
                 for (int64_t ip = 0; ip < panels; ++ip) {
@@ -276,6 +292,88 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
             }
         }
     }
+}
+
+// dweight in place needs unit strides, and enough filters to fill the gather kernel's
+// column panel; otherwise the dot-product path serves.
+template <typename T>
+bool dweight_in_place_for(const Conv2dDims& d) {
+    return d.params.stride_h == 1 && d.params.stride_w == 1 &&
+           d.K >= detail::gather_kernel_for_cpu<T>().NR;
+}
+
+// Unit-stride dweight and dbias without im2col, on the padded-width grid of forward_padded:
+//   dweight^T[(c,r,s), k] = sum_n sum_o padded_n[tap(c,r,s) + o] * doutput_n[k, o]
+// (o runs over grid pixels; the grid's margin columns carry a zero doutput). The image
+// taps are read in place by the gather kernel; doutput_n^T is packed into NR-wide panels.
+// Chunks of the batch sum into partials that add up in order, as in the general path.
+template <typename T>
+void dweight_padded(T* dweight, T* dbias, const T* doutput, const T* input,
+                    const Conv2dDims& d) {
+    const auto& prm = d.params;
+    const int64_t Hp = d.H + 2 * prm.pad_h, Wp = d.W + 2 * prm.pad_w;
+    const int64_t CRS = d.C * d.R * d.S, PQ = d.P * d.Q, KCRS = d.K * CRS;
+    const int64_t grid = d.P * Wp;
+    const auto& gk = detail::gather_kernel_for_cpu<T>();
+    const int64_t panels = (d.K + gk.NR - 1) / gk.NR;  // NR-wide panels of filters
+    const std::vector<int64_t> tap_offset = tap_offsets(d, Hp, Wp);
+    const int64_t chunks = reduction_chunks(d.N);
+    std::vector<T> partial_wt(size_t(dweight ? chunks * KCRS : 0));  // dweight^T (CRS, K)
+    std::vector<T> partial_b(size_t(chunks * d.K));
+    CNNBP_OMP(parallel if (d.N * d.K * PQ * CRS >= kMinConvParallelWork))
+    {
+        detail::Scratch<T> padded(d.C * Hp * Wp);
+        detail::Scratch<T> dout_panels(panels * grid * gk.NR);  // (panels, grid, NR)
+        std::fill(padded.data(), padded.data() + d.C * Hp * Wp, T(0));
+        CNNBP_OMP(for schedule(static))
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+            const int64_t n_begin = d.N * chunk / chunks, n_end = d.N * (chunk + 1) / chunks;
+            T* dwt = dweight ? partial_wt.data() + chunk * KCRS : nullptr;
+            T* db = partial_b.data() + chunk * d.K;
+            std::fill(db, db + d.K, T(0));
+            if (dwt) std::fill(dwt, dwt + KCRS, T(0));
+            for (int64_t n = n_begin; n < n_end; ++n) {
+                const T* dout = doutput + n * d.K * PQ;  // doutput_n (K, P, Q)
+                for (int64_t k = 0; k < d.K; ++k) db[k] += sum_fixed_order(dout + k * PQ, PQ);
+                if (!dwt) continue;
+                copy_into_padded(padded.data(), input + n * d.C * d.H * d.W, d);
+                for (int64_t jp = 0; jp < panels; ++jp)
+                    for (int64_t jj = 0; jj < gk.NR; ++jj) {
+                        const int64_t k = jp * gk.NR + jj;
+                        T* to = dout_panels.data() + jp * grid * gk.NR + jj;
+                        for (int64_t op = 0; op < d.P; ++op)
+                            for (int64_t oq = 0; oq < Wp; ++oq)
+                                to[(op * Wp + oq) * gk.NR] =
+                                    (k < d.K && oq < d.Q) ? dout[k * PQ + op * d.Q + oq] : T(0);
+                    }
+                for (int64_t o0 = 0; o0 < grid; o0 += kGatherBlock) {
+                    const int64_t kb = std::min(kGatherBlock, grid - o0);
+                    for (int64_t jp = 0; jp < panels; ++jp) {
+                        const int n = int(std::min<int64_t>(gk.NR, d.K - jp * gk.NR));
+                        const T* b = dout_panels.data() + (jp * grid + o0) * gk.NR;
+                        for (int64_t i0 = 0; i0 < CRS; i0 += gk.MR)
+                            gk.run(kb, padded.data() + o0, tap_offset.data() + i0, b,
+                                   dwt + i0 * d.K + jp * gk.NR, d.K, true,
+                                   int(std::min<int64_t>(gk.MR, CRS - i0)), n);
+                    }
+                }
+            }
+        }
+    }
+    if (dweight)
+        for (int64_t k = 0; k < d.K; ++k)
+            for (int64_t i = 0; i < CRS; ++i) {
+                T sum = partial_wt[i * d.K + k];
+                for (int64_t chunk = 1; chunk < chunks; ++chunk)
+                    sum += partial_wt[chunk * KCRS + i * d.K + k];
+                dweight[k * CRS + i] = sum;
+            }
+    if (dbias)
+        for (int64_t k = 0; k < d.K; ++k) {
+            T sum = partial_b[k];
+            for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += partial_b[chunk * d.K + k];
+            dbias[k] = sum;
+        }
 }
 
 // The GEMM forward for any strides (im2col packing) or, for unit strides, without im2col.
@@ -382,6 +480,11 @@ void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T*
                 }
             }
         }
+    }
+
+    if ((dweight || dbias) && dweight_in_place_for<T>(d)) {
+        dweight_padded(dweight, dbias, doutput, input, d);
+        return;
     }
 
     // dweight = sum_n doutput_n . col_n^T and dbias = doutput summed over N, P, Q: each

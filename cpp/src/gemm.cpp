@@ -7,7 +7,9 @@ namespace cnnbp::detail {
     MicroKernel<float> micro_kernel_##isa##_f32();   \
     MicroKernel<double> micro_kernel_##isa##_f64();  \
     DotKernel<float> dot_kernel_##isa##_f32();       \
-    DotKernel<double> dot_kernel_##isa##_f64();
+    DotKernel<double> dot_kernel_##isa##_f64();      \
+    GatherKernel<float> gather_kernel_##isa##_f32(); \
+    GatherKernel<double> gather_kernel_##isa##_f64();
 CNNBP_DECLARE_KERNELS(generic)
 #if defined(CNNBP_HAVE_X86_KERNELS)
 CNNBP_DECLARE_KERNELS(avx2)
@@ -62,6 +64,16 @@ const DotKernel<float>& dot_kernel_for_cpu<float>() {
 template <>
 const DotKernel<double>& dot_kernel_for_cpu<double>() {
     static const DotKernel<double> kernel = CNNBP_CHOOSE(dot_kernel, f64);
+    return kernel;
+}
+template <>
+const GatherKernel<float>& gather_kernel_for_cpu<float>() {
+    static const GatherKernel<float> kernel = CNNBP_CHOOSE(gather_kernel, f32);
+    return kernel;
+}
+template <>
+const GatherKernel<double>& gather_kernel_for_cpu<double>() {
+    static const GatherKernel<double> kernel = CNNBP_CHOOSE(gather_kernel, f64);
     return kernel;
 }
 

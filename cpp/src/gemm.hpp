@@ -50,11 +50,22 @@ struct DotKernel {
                 int m, int n);
 };
 
+// C (m x n) (+)= A . B with row i of A read in place at in + a_offsets[i] (contiguous along
+// k) and B a packed panel of kc x NR values (gather_a_kernel in gemm_microkernel.hpp).
+template <typename T>
+struct GatherKernel {
+    int MR, NR;
+    void (*run)(int64_t kc, const T* in, const int64_t* a_offsets, const T* b, T* c,
+                int64_t ldc, bool accumulate, int m, int n);
+};
+
 // The kernels for this CPU, chosen on first use.
 template <typename T>
 const MicroKernel<T>& micro_kernel_for_cpu();
 template <typename T>
 const DotKernel<T>& dot_kernel_for_cpu();
+template <typename T>
+const GatherKernel<T>& gather_kernel_for_cpu();
 
 // C (M x N) += A (M x K, row stride lda) . B^T (B: N x K, row stride ldb), tile by tile.
 template <typename T>

@@ -9,4 +9,10 @@ MicroKernel<double> micro_kernel_avx2_f64() { return {6, 8, micro_kernel<double,
             tap_kernel<double, 4, 6, 2>, "avx2"}; }
 DotKernel<float> dot_kernel_avx2_f32() { return {2, 4, dot_kernel<float, 8, 2, 4>}; }
 DotKernel<double> dot_kernel_avx2_f64() { return {2, 4, dot_kernel<double, 4, 2, 4>}; }
+GatherKernel<float> gather_kernel_avx2_f32() {
+    return {4, 16, gather_a_kernel<float, 8, 4, 2>};
+}
+GatherKernel<double> gather_kernel_avx2_f64() {
+    return {4, 8, gather_a_kernel<double, 4, 4, 2>};
+}
 }  // namespace cnnbp::detail

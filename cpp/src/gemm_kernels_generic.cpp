@@ -8,4 +8,10 @@ MicroKernel<double> micro_kernel_generic_f64() { return {4, 4, micro_kernel<doub
             tap_kernel<double, 2, 4, 2>, "generic"}; }
 DotKernel<float> dot_kernel_generic_f32() { return {2, 2, dot_kernel<float, 4, 2, 2>}; }
 DotKernel<double> dot_kernel_generic_f64() { return {2, 2, dot_kernel<double, 2, 2, 2>}; }
+GatherKernel<float> gather_kernel_generic_f32() {
+    return {2, 8, gather_a_kernel<float, 4, 2, 2>};
+}
+GatherKernel<double> gather_kernel_generic_f64() {
+    return {2, 4, gather_a_kernel<double, 2, 2, 2>};
+}
 }  // namespace cnnbp::detail

@@ -104,6 +104,53 @@ void tap_kernel(int64_t kc, const T* __restrict a, const int64_t* __restrict off
             c[i * ldc + j] = accumulate ? c[i * ldc + j] + tile[i * NR + j] : tile[i * NR + j];
 }
 
+// The tile with A read in place instead: row i of A starts at in + a_offsets[i] and runs
+// contiguously along k (taps of a padded image read along the output grid), B is a packed
+// panel. Rows past m re-read the last valid row (their sums are discarded).
+template <typename T, int W, int MR, int NV>
+void gather_a_kernel(int64_t kc, const T* __restrict in, const int64_t* __restrict a_offsets,
+                     const T* __restrict b, T* __restrict c, int64_t ldc, bool accumulate, int m,
+                     int n) {
+    typedef T V __attribute__((vector_size(W * sizeof(T))));
+    typedef T VU __attribute__((vector_size(W * sizeof(T)), aligned(sizeof(T)), may_alias));
+    constexpr int NR = W * NV;
+    const T* a_row[MR];
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i) a_row[i] = in + a_offsets[i < m ? i : m - 1];
+    V acc[MR][NV];
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+        for (int j = 0; j < NV; ++j) acc[i][j] = V{};
+    for (int64_t k = 0; k < kc; ++k) {
+        V bv[NV];
+#pragma GCC unroll 8
+        for (int j = 0; j < NV; ++j) bv[j] = *reinterpret_cast<const VU*>(b + k * NR + j * W);
+#pragma GCC unroll 32
+        for (int i = 0; i < MR; ++i) {
+            const T av = a_row[i][k];
+#pragma GCC unroll 8
+            for (int j = 0; j < NV; ++j) acc[i][j] += av * bv[j];
+        }
+    }
+    if (m == MR && n == NR) {
+#pragma GCC unroll 32
+        for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+            for (int j = 0; j < NV; ++j) {
+                VU* cp = reinterpret_cast<VU*>(c + i * ldc + j * W);
+                *cp = accumulate ? *cp + acc[i][j] : acc[i][j];
+            }
+        return;
+    }
+    T tile[MR * NR];
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NV; ++j) *reinterpret_cast<VU*>(tile + i * NR + j * W) = acc[i][j];
+    for (int i = 0; i < m; ++i)
+        for (int j = 0; j < n; ++j)
+            c[i * ldc + j] = accumulate ? c[i * ldc + j] + tile[i * NR + j] : tile[i * NR + j];
+}
+
 // The dot-product form, for products whose operands both run along k in memory:
 //
 //   C[i, j] += sum_k a[i * lda + k] * b[j * ldb + k]      i < m <= MR, j < n <= NR

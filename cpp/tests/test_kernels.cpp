@@ -118,6 +118,8 @@ TEST_CASE("conv2d backward: finite differences through the packed GEMM") {
     // unit strides and C >= 4 row panels: dinput runs as a forward convolution
     check_conv2d_finite_differences({1, 32, 5, 6}, {3, 32, 3, 3}, {1, 1, 1, 1});
     check_conv2d_finite_differences({1, 33, 4, 5}, {2, 33, 2, 3}, {1, 1, 0, 2});
+    // unit strides and K >= the gather kernel's panel: dweight reads the image in place
+    check_conv2d_finite_differences({2, 2, 5, 4}, {66, 2, 3, 2}, {1, 1, 1, 0});
 }
 
 // ---- max_pool2d --------------------------------------------------------------------------
