@@ -16,17 +16,19 @@ namespace cnnbp {
 template <typename T>
 void relu_forward(T* a, const T* z, int64_t count) {
     // `!(z <= 0)` is `z > 0 || isnan(z)` in one compare: NaN stays NaN, -0 becomes +0.
-    CNNBP_PARALLEL_FOR_IF(count)
-    for (int64_t i = 0; i < count; ++i) a[i] = z[i] <= T(0) ? T(0) : z[i];
+    detail::parallel_for(count, count, [=](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) a[i] = z[i] <= T(0) ? T(0) : z[i];
+    });
 }
 
 template <typename T>
 void relu_backward(T* dz, const T* da, const T* z, int64_t count) {
-    CNNBP_PARALLEL_FOR_IF(count)
-    for (int64_t i = 0; i < count; ++i) {
-        const T g = da[i];  // loaded unconditionally, so that the select vectorizes
-        dz[i] = z[i] <= T(0) ? T(0) : g;
-    }
+    detail::parallel_for(count, count, [=](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const T g = da[i];  // loaded unconditionally, so that the select vectorizes
+            dz[i] = z[i] <= T(0) ? T(0) : g;
+        }
+    });
 }
 
 namespace {
@@ -90,22 +92,25 @@ inline float sigmoid_value(float z) {
 
 template <>
 void sigmoid_forward<float>(float* a, const float* z, int64_t count) {
-    CNNBP_PARALLEL_FOR_IF(count * kSigmoidWork)
-    for (int64_t i = 0; i < count; ++i) a[i] = sigmoid_value(z[i]);
+    detail::parallel_for(count, count * kSigmoidWork, [=](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) a[i] = sigmoid_value(z[i]);
+    });
 }
 
 // float64 keeps the library exp, a call per element: its accuracy needs more than a short
 // polynomial.
 template <>
 void sigmoid_forward<double>(double* a, const double* z, int64_t count) {
-    CNNBP_PARALLEL_FOR_IF(count * kSigmoidWork)
-    for (int64_t i = 0; i < count; ++i) a[i] = 1.0 / (1.0 + std::exp(-z[i]));
+    detail::parallel_for(count, count * kSigmoidWork, [=](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) a[i] = 1.0 / (1.0 + std::exp(-z[i]));
+    });
 }
 
 template <typename T>
 void sigmoid_backward(T* dz, const T* da, const T* a, int64_t count) {
-    CNNBP_PARALLEL_FOR_IF(count)
-    for (int64_t i = 0; i < count; ++i) dz[i] = da[i] * (T(1) - a[i]) * a[i];
+    detail::parallel_for(count, count, [=](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) dz[i] = da[i] * (T(1) - a[i]) * a[i];
+    });
 }
 
 #define CNNBP_INSTANTIATE(T)                                                  \

@@ -164,21 +164,22 @@ void max_pool2d_forward(T* output, int64_t* indices, const T* input, const Pool2
         if (is2x2 && d.W < detail::kMaxSimdWidth)
             simd = detail::max_pool2x2_plane_avx512_if_supported();
     const int64_t work = d.N * d.C * PQ * p.kernel_h * p.kernel_w;
-    CNNBP_PARALLEL_FOR_IF(work)
-    for (int64_t nc = 0; nc < d.N * d.C; ++nc) {
-        const T* in = input + nc * HW;  // (H, W) plane of input[n, c]
-        T* out = output + nc * PQ;
-        int64_t* idx = indices + nc * PQ;
-        if constexpr (std::is_same_v<T, float>)
-            if (simd) {
-                simd(out, idx, in, d.W, d.P, d.Q);
-                continue;
-            }
-        if (is2x2)
-            detail::max_pool2x2_plane(out, idx, in, d.W, d.P, d.Q);
-        else
-            max_pool_plane(out, idx, in, d);
-    }
+    detail::parallel_for(d.N * d.C, work, [&](int64_t begin, int64_t end) {
+        for (int64_t nc = begin; nc < end; ++nc) {
+            const T* in = input + nc * HW;  // (H, W) plane of input[n, c]
+            T* out = output + nc * PQ;
+            int64_t* idx = indices + nc * PQ;
+            if constexpr (std::is_same_v<T, float>)
+                if (simd) {
+                    simd(out, idx, in, d.W, d.P, d.Q);
+                    continue;
+                }
+            if (is2x2)
+                detail::max_pool2x2_plane(out, idx, in, d.W, d.P, d.Q);
+            else
+                max_pool_plane(out, idx, in, d);
+        }
+    });
 }
 
 namespace {
@@ -204,22 +205,23 @@ void max_pool2d_backward(T* dinput, const T* doutput, const int64_t* indices,
     if constexpr (std::is_same_v<T, float>)
         if (d.W < detail::kMaxSimdWidth)
             simd = detail::max_unpool2x2_plane_avx512_if_supported();
-    CNNBP_PARALLEL_FOR_IF(d.N * d.C * (PQ + HW))
-    for (int64_t nc = 0; nc < d.N * d.C; ++nc) {
-        T* din = dinput + nc * HW;
-        const T* dout = doutput + nc * PQ;
-        const int64_t* idx = indices + nc * PQ;
-        if (tiles2x2) {
-            bool done;
-            if constexpr (std::is_same_v<T, float>)
-                done = simd ? simd(din, dout, idx, d.H, d.W, d.P, d.Q)
-                            : detail::max_unpool2x2_plane(din, dout, idx, d.H, d.W, d.P, d.Q);
-            else
-                done = detail::max_unpool2x2_plane(din, dout, idx, d.H, d.W, d.P, d.Q);
-            if (done) continue;
+    detail::parallel_for(d.N * d.C, d.N * d.C * (PQ + HW), [&](int64_t begin, int64_t end) {
+        for (int64_t nc = begin; nc < end; ++nc) {
+            T* din = dinput + nc * HW;
+            const T* dout = doutput + nc * PQ;
+            const int64_t* idx = indices + nc * PQ;
+            if (tiles2x2) {
+                bool done;
+                if constexpr (std::is_same_v<T, float>)
+                    done = simd ? simd(din, dout, idx, d.H, d.W, d.P, d.Q)
+                                : detail::max_unpool2x2_plane(din, dout, idx, d.H, d.W, d.P, d.Q);
+                else
+                    done = detail::max_unpool2x2_plane(din, dout, idx, d.H, d.W, d.P, d.Q);
+                if (done) continue;
+            }
+            max_unpool_plane(din, dout, idx, HW, PQ);
         }
-        max_unpool_plane(din, dout, idx, HW, PQ);
-    }
+    });
 }
 
 #define CNNBP_INSTANTIATE(T)                                                              \

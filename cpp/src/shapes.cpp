@@ -2,6 +2,7 @@
 #include "cnnbp/shapes.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <sstream>
 #include <stdexcept>
@@ -149,14 +150,16 @@ void check_pool_indices(const int64_t* indices, int64_t count, int64_t plane_siz
     // u | (last - u) has its top bit set exactly when index < 0 or index > last (64-bit
     // subtract and or vectorize on every x86-64, 64-bit compares do not).
     const uint64_t last = static_cast<uint64_t>(plane_size) - 1;
-    uint64_t bits = 0;
-    CNNBP_OMP(parallel for simd schedule(static) reduction(| : bits)
-                  if (count >= ::cnnbp::detail::kMinParallelWork))
-    for (int64_t i = 0; i < count; ++i) {
-        const uint64_t u = static_cast<uint64_t>(indices[i]);
-        bits |= u | (last - u);
-    }
-    const bool bad = bits >> 63;
+    std::atomic<uint64_t> bits{0};
+    detail::parallel_for(count, count, [&](int64_t begin, int64_t end) {
+        uint64_t chunk = 0;
+        for (int64_t i = begin; i < end; ++i) {
+            const uint64_t u = static_cast<uint64_t>(indices[i]);
+            chunk |= u | (last - u);
+        }
+        bits.fetch_or(chunk, std::memory_order_relaxed);
+    });
+    const bool bad = bits.load() >> 63;
     if (!bad) return;
     for (int64_t i = 0; i < count; ++i)
         if (indices[i] < 0 || indices[i] >= plane_size)
