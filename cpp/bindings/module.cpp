@@ -102,6 +102,14 @@ std::array<int64_t, 2> parse_pair(const char* op, const char* name, const py::ha
     return {0, 0};
 }
 
+// A Python int (or numpy integer), not a bool.
+int64_t parse_int(const char* op, const char* name, const py::handle& obj) {
+    if (py::isinstance<py::bool_>(obj) || !PyIndex_Check(obj.ptr()))
+        throw py::type_error(std::string("[") + op + "] " + name + ": expected an int, got " +
+                             std::string(py::repr(obj)));
+    return py::cast<int64_t>(py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr())));
+}
+
 // Runs body(T{}) with T = float or double.
 template <typename Body>
 auto dispatch(DType dtype, Body&& body) {
@@ -440,6 +448,14 @@ py::array cross_entropy_backward(const py::handle& z_obj, const py::handle& labe
 PYBIND11_MODULE(_core, m) {
     m.doc() = "cnnbp's C++ kernels (use cnnbp.functional, which documents each function)";
     using py::arg;
+
+    m.def("set_num_threads",
+          [](const py::handle& n) { cnnbp::set_num_threads(parse_int("set_num_threads", "n", n)); },
+          arg("n"),
+          "Use n >= 1 threads in the kernels called from this thread from now on (OpenMP's "
+          "omp_set_num_threads). Results are the same for any n.");
+    m.def("get_num_threads", &cnnbp::get_num_threads,
+          "The number of threads the kernels may use (omp_get_max_threads; 1 without OpenMP).");
 
     m.def("output_size", &cnnbp::output_size, arg("in_size"), arg("kernel"), arg("stride") = 1,
           arg("padding") = 0,

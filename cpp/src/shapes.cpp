@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <sstream>
 #include <stdexcept>
 
@@ -65,6 +66,15 @@ int64_t output_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding)
     // floor division, also for a negative span (window larger than the padded input)
     const int64_t steps = span >= 0 ? span / stride : -((-span + stride - 1) / stride);
     return steps + 1;
+}
+
+// ---- threads -----------------------------------------------------------------------------
+
+void check_num_threads(int64_t n) {
+    check_window("set_num_threads", "n", n, 1);
+    if (n > std::numeric_limits<int>::max())
+        fail("set_num_threads", "n: expected <= " + std::to_string(std::numeric_limits<int>::max()) +
+                                    ", got " + std::to_string(n));
 }
 
 // ---- conv2d ------------------------------------------------------------------------------

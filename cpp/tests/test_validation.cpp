@@ -1,6 +1,7 @@
 // The validation layer throws std::invalid_argument "[op] what: expected ..., got ...".
 #include "check.hpp"
 #include "cnnbp/shapes.hpp"
+#include "cnnbp/threads.hpp"
 
 using namespace cnnbp;
 
@@ -66,4 +67,15 @@ TEST_CASE("validation: linear and losses") {
     const int64_t labels[] = {0, 3};
     CHECK_THROWS(check_labels("cross_entropy", labels, 2, 3),
                  "labels: expected class indices in [0, 3), got 3");
+}
+
+TEST_CASE("validation: thread count") {
+    CHECK_THROWS(set_num_threads(0), "[set_num_threads] n: expected >= 1, got 0");
+    CHECK_THROWS(set_num_threads(int64_t(1) << 31), "[set_num_threads] n: expected <= 2147483647");
+    const int64_t before = get_num_threads();
+    CHECK(before >= 1);
+    set_num_threads(1);
+    CHECK(get_num_threads() == 1);
+    set_num_threads(before);
+    CHECK(get_num_threads() == before);
 }

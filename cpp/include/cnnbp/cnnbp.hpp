@@ -7,3 +7,4 @@
 #include "cnnbp/loss.hpp"
 #include "cnnbp/pool2d.hpp"
 #include "cnnbp/shapes.hpp"
+#include "cnnbp/threads.hpp"

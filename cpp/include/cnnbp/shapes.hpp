@@ -74,6 +74,10 @@ Pool2dDims max_pool2d_backward_dims(const Shape& doutput, const Shape& indices,
 // error, never an out-of-bounds write.
 void check_pool_indices(const int64_t* indices, int64_t count, int64_t plane_size);
 
+// ---- threads -------------------------------------------------------------------------------
+// set_num_threads: n in [1, 2^31 - 1] (OpenMP counts threads in an int).
+void check_num_threads(int64_t n);
+
 // ---- elementwise, linear, losses -----------------------------------------------------------
 // Two tensors of an elementwise op must have the same shape.
 void check_same_shape(const char* op, const char* name_a, const Shape& a, const char* name_b,

@@ -1,0 +1,143 @@
+"""cnnbp.set_num_threads / get_num_threads, and results that do not depend on the count.
+
+Every kernel gives each output element to one thread and reduces in a fixed order, so one
+thread and two threads must give the same bits. The sizes are above the threading
+thresholds, so that two threads really split the work.
+"""
+
+import numpy as np
+import pytest
+
+import cnnbp
+from cnnbp import functional as F
+
+DTYPES = (np.float32, np.float64)
+DTYPE_IDS = ["float32", "float64"]
+
+
+@pytest.fixture(autouse=True)
+def restore_thread_count():
+    before = cnnbp.get_num_threads()
+    yield
+    cnnbp.set_num_threads(before)
+
+
+def with_threads(n, fn):
+    cnnbp.set_num_threads(n)
+    assert cnnbp.get_num_threads() == n
+    return fn()
+
+
+def assert_same_bits(one, two):
+    """Tuples of arrays, equal byte for byte (NaNs and signed zeros included)."""
+    if not isinstance(one, tuple):
+        one, two = (one,), (two,)
+    assert len(one) == len(two)
+    for a, b in zip(one, two):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert a.tobytes() == b.tobytes()
+
+
+def check_thread_independent(fn):
+    assert_same_bits(with_threads(1, fn), with_threads(2, fn))
+
+
+# ---------------------------------------------------------------------------------------
+# the setting itself
+# ---------------------------------------------------------------------------------------
+
+
+def test_set_and_get_num_threads():
+    assert cnnbp.get_num_threads() >= 1
+    for n in (1, 3, 2):
+        cnnbp.set_num_threads(n)
+        assert cnnbp.get_num_threads() == n
+    cnnbp.set_num_threads(np.int64(1))  # any integer type
+    assert cnnbp.get_num_threads() == 1
+    assert "set_num_threads" in cnnbp.__all__ and "get_num_threads" in cnnbp.__all__
+
+
+@pytest.mark.parametrize("n", [0, -1, -(2**40)])
+def test_set_num_threads_rejects_less_than_one(n):
+    with pytest.raises(ValueError, match=rf"^\[set_num_threads\] n: expected >= 1, got {n}$"):
+        cnnbp.set_num_threads(n)
+
+
+def test_set_num_threads_rejects_huge_counts_and_non_integers():
+    with pytest.raises(ValueError, match=r"^\[set_num_threads\] n: expected <= 2147483647"):
+        cnnbp.set_num_threads(2**31)
+    for bad in (2.0, "2", None, True):
+        with pytest.raises(TypeError, match=r"^\[set_num_threads\] n: expected an int"):
+            cnnbp.set_num_threads(bad)
+
+
+# ---------------------------------------------------------------------------------------
+# the same bits with one and two threads
+# ---------------------------------------------------------------------------------------
+
+
+def data(shape, dtype, seed, special=True):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-4, 5, shape).astype(dtype) * dtype(0.5)  # ties for max-pool
+    x += rng.standard_normal(shape).astype(dtype) * (rng.random(shape) < 0.5)
+    if special:
+        flat = x.reshape(-1)
+        flat[rng.integers(0, flat.size, 20)] = np.nan
+        flat[rng.integers(0, flat.size, 20)] = -np.inf
+        flat[rng.integers(0, flat.size, 20)] = -0.0
+    return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(64, 8, 26, 26), (8, 64, 33, 31)], ids=str)
+@pytest.mark.parametrize("pool", [(2, None, 0), (3, 2, 1), (2, 1, 0)], ids=str)
+def test_max_pool2d_is_thread_independent(shape, pool, dtype):
+    x = data(shape, dtype, 1)
+    kernel, stride, padding = pool
+    check_thread_independent(lambda: F.max_pool2d(x, kernel, stride, padding))
+    y, idx = F.max_pool2d(x, kernel, stride, padding)
+    dy = data(y.shape, dtype, 2)
+    check_thread_independent(lambda: F.max_pool2d_backward(dy, idx, x.shape))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_relu_and_sigmoid_are_thread_independent(dtype):
+    z = data((7, 100_003), dtype, 3)
+    da = data(z.shape, dtype, 4)
+    check_thread_independent(lambda: F.relu(z))
+    check_thread_independent(lambda: F.relu_backward(da, z))
+    check_thread_independent(lambda: F.sigmoid(z))
+    a = F.sigmoid(z)
+    check_thread_independent(lambda: F.sigmoid_backward(da, a))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_linear_is_thread_independent(dtype):
+    x, w, b = data((256, 300), dtype, 5, False), data((40, 300), dtype, 6, False), data((40,), dtype, 7, False)
+    dy = data((256, 40), dtype, 8, False)
+    check_thread_independent(lambda: F.linear(x, w, b))
+    check_thread_independent(lambda: F.linear_backward(dy, x, w))
+
+
+CONV_CASES = [
+    # (N, C, H, W, K, R, stride, padding)
+    (64, 1, 28, 28, 8, 3, 1, 0),
+    (16, 8, 13, 13, 16, 3, 1, 0),
+    (8, 16, 20, 20, 32, 3, 1, 1),
+    (6, 5, 17, 15, 7, 3, 2, 1),
+    (1, 32, 32, 32, 32, 3, 1, 1),  # one image: the threads must split something else
+    (3, 2, 6, 6, 4, 3, 1, 0),  # tiny: direct loops
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_conv2d_is_thread_independent(case, dtype):
+    N, C, H, W, K, R, stride, padding = case
+    x = data((N, C, H, W), dtype, 9, False)
+    w = data((K, C, R, R), dtype, 10, False) * dtype(0.1)
+    b = data((K,), dtype, 11, False)
+    check_thread_independent(lambda: F.conv2d(x, w, b, stride, padding))
+    y = F.conv2d(x, w, b, stride, padding)
+    dy = data(y.shape, dtype, 12, False)
+    check_thread_independent(lambda: F.conv2d_backward(dy, x, w, stride, padding))
