@@ -103,6 +103,7 @@ CONV_CASES = [
     (2, 33, 6, 7, 3, 3, 2, 1, (1, 0)),  # unit strides, C >= 32: dinput as a forward conv
     (1, 3, 7, 6, 64, 3, 3, 1, 1),  # unit strides, K = 64: dweight read in place
     (2, 2, 5, 5, 70, 3, 2, 1, (0, 1)),  # K = 70: a partial filter panel in place
+    (2, 3, 8, 7, 20, 3, 3, 1, 0),  # K = 20: the middle gather panel, partially filled
 ]
 BIG_CONV_CASE = (4, 8, 16, 16, 8, 3, 3, 1, 1)  # enough work for the threaded path
 

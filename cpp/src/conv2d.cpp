@@ -173,10 +173,10 @@ void col2im_add(T* dimage, const T* dcol, const Conv2dDims& d, int64_t j0, int64
 
 // dinput as a forward convolution (see conv2d_backward) needs unit strides and padding
 // below the kernel size. It reads doutput in place instead of adding C*R*S rows back
-// through col2im, and pays off once the C output rows fill the GEMM's row panels.
-bool dinput_as_forward(const Conv2dDims& d, int MR) {
+// through col2im: faster for every channel count measured (1 to 64).
+bool dinput_as_forward(const Conv2dDims& d) {
     const auto& p = d.params;
-    return p.stride_h == 1 && p.stride_w == 1 && p.pad_h < d.R && p.pad_w < d.S && d.C >= MR;
+    return p.stride_h == 1 && p.stride_w == 1 && p.pad_h < d.R && p.pad_w < d.S;
 }
 
 // Sum of n values in a fixed order (8 interleaved partial sums), so it vectorizes.
@@ -200,7 +200,7 @@ template <typename T>
 void forward_gemm(T* output, const T* input, const T* weight, const T* bias,
                   const Conv2dDims& d) {
     const int64_t CRS = d.C * d.R * d.S, PQ = d.P * d.Q;
-    const auto& uk = detail::micro_kernel_for_cpu<T>();
+    const auto& uk = detail::kernels_for_cpu<T>().gemm;
     detail::PackedA<T> packed_weight;  // weight (K x CRS), shared by every image
     packed_weight.pack(weight, CRS, 1, d.K, CRS, uk.MR);
     CNNBP_OMP(parallel if (d.N * d.K * PQ * CRS >= kMinConvParallelWork))
@@ -252,7 +252,7 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
     const auto& prm = d.params;
     const int64_t Hp = d.H + 2 * prm.pad_h, Wp = d.W + 2 * prm.pad_w;
     const int64_t CRS = d.C * d.R * d.S, PQ = d.P * d.Q;
-    const auto& uk = detail::micro_kernel_for_cpu<T>();
+    const auto& uk = detail::kernels_for_cpu<T>().tap_for(d.K);
     const int64_t grid = d.P * Wp;  // outputs on the padded-width grid
     const int64_t grid_padded = (grid + uk.NR - 1) / uk.NR * uk.NR;
     // tiles read up to NR values past the last grid pixel of the last tap
@@ -276,7 +276,7 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
                     T* c_tile = grid_out.data() + ip * uk.MR * grid_padded + o0;
                     for (int64_t k0 = 0; k0 < CRS; k0 += packed_weight.kc) {
                         const int64_t kb = std::min(packed_weight.kc, CRS - k0);
-                        uk.run_taps(kb, packed_weight.panel(ip, k0, kb), tap_offset.data() + k0,
+                        uk.run(kb, packed_weight.panel(ip, k0, kb), tap_offset.data() + k0,
                                     padded.data() + o0, c_tile, grid_padded, k0 > 0, m, nvalid);
                     }
                 }
@@ -294,12 +294,12 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
     }
 }
 
-// dweight in place needs unit strides, and enough filters to fill the gather kernel's
-// column panel; otherwise the dot-product path serves.
+// dweight in place needs unit strides; below the narrowest gather panel of filters the
+// dot-product path is faster (measured), and it serves every strided convolution.
 template <typename T>
-bool dweight_in_place_for(const Conv2dDims& d) {
+bool dweight_in_place(const Conv2dDims& d) {
     return d.params.stride_h == 1 && d.params.stride_w == 1 &&
-           d.K >= detail::gather_kernel_for_cpu<T>().NR;
+           d.K > detail::kernels_for_cpu<T>().gather[2].NR;
 }
 
 // Unit-stride dweight and dbias without im2col, on the padded-width grid of forward_padded:
@@ -314,7 +314,7 @@ void dweight_padded(T* dweight, T* dbias, const T* doutput, const T* input,
     const int64_t Hp = d.H + 2 * prm.pad_h, Wp = d.W + 2 * prm.pad_w;
     const int64_t CRS = d.C * d.R * d.S, PQ = d.P * d.Q, KCRS = d.K * CRS;
     const int64_t grid = d.P * Wp;
-    const auto& gk = detail::gather_kernel_for_cpu<T>();
+    const auto& gk = detail::kernels_for_cpu<T>().gather_for(d.K);
     const int64_t panels = (d.K + gk.NR - 1) / gk.NR;  // NR-wide panels of filters
     const std::vector<int64_t> tap_offset = tap_offsets(d, Hp, Wp);
     const int64_t chunks = reduction_chunks(d.N);
@@ -337,15 +337,20 @@ void dweight_padded(T* dweight, T* dbias, const T* doutput, const T* input,
                 for (int64_t k = 0; k < d.K; ++k) db[k] += sum_fixed_order(dout + k * PQ, PQ);
                 if (!dwt) continue;
                 copy_into_padded(padded.data(), input + n * d.C * d.H * d.W, d);
-                for (int64_t jp = 0; jp < panels; ++jp)
-                    for (int64_t jj = 0; jj < gk.NR; ++jj) {
-                        const int64_t k = jp * gk.NR + jj;
-                        T* to = dout_panels.data() + jp * grid * gk.NR + jj;
-                        for (int64_t op = 0; op < d.P; ++op)
-                            for (int64_t oq = 0; oq < Wp; ++oq)
-                                to[(op * Wp + oq) * gk.NR] =
-                                    (k < d.K && oq < d.Q) ? dout[k * PQ + op * d.Q + oq] : T(0);
+                for (int64_t jp = 0; jp < panels; ++jp) {  // doutput_n^T on the grid
+                    const int64_t n = std::min<int64_t>(gk.NR, d.K - jp * gk.NR);
+                    T* panel = dout_panels.data() + jp * grid * gk.NR;
+                    const T* from_k = dout + jp * gk.NR * PQ;
+                    for (int64_t op = 0; op < d.P; ++op) {
+                        T* to = panel + op * Wp * gk.NR;
+                        for (int64_t oq = 0; oq < d.Q; ++oq, to += gk.NR) {
+                            const T* from = from_k + op * d.Q + oq;
+                            for (int64_t jj = 0; jj < n; ++jj) to[jj] = from[jj * PQ];
+                            std::fill(to + n, to + gk.NR, T(0));
+                        }
+                        std::fill(to, to + (Wp - d.Q) * gk.NR, T(0));  // the grid's margin
                     }
+                }
                 for (int64_t o0 = 0; o0 < grid; o0 += kGatherBlock) {
                     const int64_t kb = std::min(kGatherBlock, grid - o0);
                     for (int64_t jp = 0; jp < panels; ++jp) {
@@ -411,7 +416,7 @@ void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T*
     const int64_t per_image = d.K * PQ * CRS;
     const bool tiny = per_image < kMinGemmWork;
     const bool parallel = d.N * per_image >= kMinConvParallelWork;
-    const auto& uk = detail::micro_kernel_for_cpu<T>();
+    const auto& uk = detail::kernels_for_cpu<T>().gemm;
 
     // Inverts `output_n = weight . col_n`: dcol_n = weight^T . doutput_n, and every input
     // cell gathers the dcol entries of the windows that read it (col2im).
@@ -442,10 +447,10 @@ void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T*
                 }
             }
         }
-    } else if (dinput && dinput_as_forward(d, uk.MR)) {
+    } else if (dinput && dinput_as_forward(d)) {
         // With unit strides, dinput is itself a convolution: doutput padded by R-1-ph
         // rows and S-1-pw columns, correlated with the weight flipped in r, s and
-        // transposed in (k, c). This skips col2im.
+        // transposed in (k, c).
         std::vector<T> flipped(size_t(d.C * d.K * d.R * d.S));  // (C, K, R, S)
         for (int64_t k = 0; k < d.K; ++k)
             for (int64_t c = 0; c < d.C; ++c)
@@ -482,7 +487,7 @@ void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T*
         }
     }
 
-    if ((dweight || dbias) && dweight_in_place_for<T>(d)) {
+    if ((dweight || dbias) && dweight_in_place<T>(d)) {
         dweight_padded(dweight, dbias, doutput, input, d);
         return;
     }
@@ -493,7 +498,7 @@ void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T*
     // side by side), and each block adds its doutput_block . col_block^T with the
     // dot-product kernel: both run along the pixels.
     if (dweight || dbias) {
-        const auto& dk = detail::dot_kernel_for_cpu<T>();
+        const auto& dk = detail::kernels_for_cpu<T>().dot;
         const int64_t chunks = reduction_chunks(d.N);
         const int64_t KCRS = d.K * CRS;
         std::vector<T> partial_w(size_t(dweight ? chunks * KCRS : 0));

@@ -5,7 +5,7 @@
 // A is packed once into MR-row micro-panels (it is the filter, shared by every image);
 // B is packed block by block by a caller-supplied function, so the convolution can pack
 // straight from the image (implicit im2col) without materializing the im2col matrix.
-// The micro-kernel is chosen once from the CPU's features (AVX-512, AVX2, or baseline).
+// The micro-kernels are chosen once from the CPU's features (AVX-512, AVX2, or baseline).
 //
 // Determinism: every element of C is summed over k in the same order whatever thread
 // computes it; callers split work over whole images or tiles, never over k.
@@ -30,19 +30,25 @@ class Scratch {
     std::unique_ptr<T[]> data_;
 };
 
+// The micro-kernels (gemm_microkernel.hpp), each computing an MR x NR tile of C.
+
+// C (+)= packed A panel . packed B panel.
 template <typename T>
 struct MicroKernel {
-    int MR, NR;  // the tile computed per call
+    int MR, NR;
     void (*run)(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool accumulate, int m,
                 int n);
-    // the same tile with row k of B read at in + offsets[k] (tap_kernel)
-    void (*run_taps)(int64_t kc, const T* a, const int64_t* offsets, const T* in, T* c,
-                     int64_t ldc, bool accumulate, int m, int n);
-    const char* isa;
 };
 
-// C (m x n) += A . B^T with A rows and B rows both contiguous along k (see dot_kernel in
-// gemm_microkernel.hpp): the shape of dweight = doutput . col^T.
+// C (+)= packed A panel . B, row k of B read in place at in + offsets[k] (tap_kernel).
+template <typename T>
+struct TapKernel {
+    int MR, NR;
+    void (*run)(int64_t kc, const T* a, const int64_t* offsets, const T* in, T* c,
+                int64_t ldc, bool accumulate, int m, int n);
+};
+
+// C += A . B^T with A rows and B rows both contiguous along k (dot_kernel).
 template <typename T>
 struct DotKernel {
     int MR, NR;
@@ -50,8 +56,7 @@ struct DotKernel {
                 int m, int n);
 };
 
-// C (m x n) (+)= A . B with row i of A read in place at in + a_offsets[i] (contiguous along
-// k) and B a packed panel of kc x NR values (gather_a_kernel in gemm_microkernel.hpp).
+// C (+)= A . packed B panel, row i of A read in place at in + a_offsets[i] (gather_a_kernel).
 template <typename T>
 struct GatherKernel {
     int MR, NR;
@@ -59,13 +64,30 @@ struct GatherKernel {
                 int64_t ldc, bool accumulate, int m, int n);
 };
 
-// The kernels for this CPU, chosen on first use.
+// Every kernel of one instruction set; shapes vary so that small matrices waste little.
 template <typename T>
-const MicroKernel<T>& micro_kernel_for_cpu();
+struct KernelSet {
+    MicroKernel<T> gemm;
+    TapKernel<T> tap;         // many output rows (filters)
+    TapKernel<T> tap_narrow;  // one row at a time, a long run of pixels
+    DotKernel<T> dot;
+    GatherKernel<T> gather[3];  // widest NR first
+    const char* isa;
+
+    const TapKernel<T>& tap_for(int64_t rows) const {
+        return rows * 2 < tap.MR ? tap_narrow : tap;
+    }
+    // The widest B panel that pads `cols` by at most a third.
+    const GatherKernel<T>& gather_for(int64_t cols) const {
+        for (const auto& g : gather)
+            if ((cols + g.NR - 1) / g.NR * g.NR * 3 <= cols * 4) return g;
+        return gather[2];
+    }
+};
+
+// The kernels for this CPU (AVX-512, AVX2+FMA or baseline), chosen on first use.
 template <typename T>
-const DotKernel<T>& dot_kernel_for_cpu();
-template <typename T>
-const GatherKernel<T>& gather_kernel_for_cpu();
+const KernelSet<T>& kernels_for_cpu();
 
 // C (M x N) += A (M x K, row stride lda) . B^T (B: N x K, row stride ldb), tile by tile.
 template <typename T>

@@ -1,17 +1,28 @@
-// Micro-kernels for any x86-64 / other CPU: the baseline instruction set only.
+// Micro-kernels for any CPU: the baseline instruction set only.
 #include "gemm_microkernel.hpp"
 
 namespace cnnbp::detail {
-MicroKernel<float> micro_kernel_generic_f32() { return {4, 8, micro_kernel<float, 4, 4, 2>,
-            tap_kernel<float, 4, 4, 2>, "generic"}; }
-MicroKernel<double> micro_kernel_generic_f64() { return {4, 4, micro_kernel<double, 2, 4, 2>,
-            tap_kernel<double, 2, 4, 2>, "generic"}; }
-DotKernel<float> dot_kernel_generic_f32() { return {2, 2, dot_kernel<float, 4, 2, 2>}; }
-DotKernel<double> dot_kernel_generic_f64() { return {2, 2, dot_kernel<double, 2, 2, 2>}; }
-GatherKernel<float> gather_kernel_generic_f32() {
-    return {2, 8, gather_a_kernel<float, 4, 2, 2>};
+
+KernelSet<float> kernels_generic_f32() {
+    return {{4, 8, micro_kernel<float, 4, 4, 2>},
+            {4, 8, tap_kernel<float, 4, 4, 2>},
+            {1, 16, tap_kernel<float, 4, 1, 4>},
+            {2, 2, dot_kernel<float, 4, 2, 2>},
+            {{4, 8, gather_a_kernel<float, 4, 4, 2>},
+             {4, 4, gather_a_kernel<float, 4, 4, 1>},
+             {4, 4, gather_a_kernel<float, 4, 4, 1>}},
+            "generic"};
 }
-GatherKernel<double> gather_kernel_generic_f64() {
-    return {2, 4, gather_a_kernel<double, 2, 2, 2>};
+
+KernelSet<double> kernels_generic_f64() {
+    return {{4, 4, micro_kernel<double, 2, 4, 2>},
+            {4, 4, tap_kernel<double, 2, 4, 2>},
+            {1, 8, tap_kernel<double, 2, 1, 4>},
+            {2, 2, dot_kernel<double, 2, 2, 2>},
+            {{4, 4, gather_a_kernel<double, 2, 4, 2>},
+             {4, 2, gather_a_kernel<double, 2, 4, 1>},
+             {4, 2, gather_a_kernel<double, 2, 4, 1>}},
+            "generic"};
 }
+
 }  // namespace cnnbp::detail
