@@ -342,13 +342,21 @@ void dweight_padded(T* dweight, T* dbias, const T* doutput, const T* input,
                     T* panel = dout_panels.data() + jp * grid * gk.NR;
                     const T* from_k = dout + jp * gk.NR * PQ;
                     for (int64_t op = 0; op < d.P; ++op) {
-                        T* to = panel + op * Wp * gk.NR;
-                        for (int64_t oq = 0; oq < d.Q; ++oq, to += gk.NR) {
-                            const T* from = from_k + op * d.Q + oq;
-                            for (int64_t jj = 0; jj < n; ++jj) to[jj] = from[jj * PQ];
-                            std::fill(to + n, to + gk.NR, T(0));
+                        T* row = panel + op * Wp * gk.NR;
+                        // 16 pixels of each filter at a time: doutput rows lie PQ apart
+                        // (often 4 KiB, one cache set), so each line is read once, whole
+                        for (int64_t q0 = 0; q0 < d.Q; q0 += 16) {
+                            const int64_t count = std::min<int64_t>(16, d.Q - q0);
+                            for (int64_t jj = 0; jj < n; ++jj) {
+                                const T* from = from_k + jj * PQ + op * d.Q + q0;
+                                T* to = row + q0 * gk.NR + jj;
+                                for (int64_t t = 0; t < count; ++t) to[t * gk.NR] = from[t];
+                            }
                         }
-                        std::fill(to, to + (Wp - d.Q) * gk.NR, T(0));  // the grid's margin
+                        if (n < gk.NR)
+                            for (int64_t oq = 0; oq < d.Q; ++oq)
+                                std::fill(row + oq * gk.NR + n, row + (oq + 1) * gk.NR, T(0));
+                        std::fill(row + d.Q * gk.NR, row + Wp * gk.NR, T(0));  // grid margin
                     }
                 }
                 for (int64_t o0 = 0; o0 < grid; o0 += kGatherBlock) {
