@@ -122,6 +122,38 @@ TEST_CASE("conv2d backward: finite differences through the packed GEMM") {
     check_conv2d_finite_differences({2, 2, 5, 4}, {66, 2, 3, 2}, {1, 1, 1, 0});
 }
 
+TEST_CASE("conv2d float paths agree with double on every shape family") {
+    // unit and non-unit strides, narrow and wide channel counts: every kernel path
+    struct Case { Shape x, w; Conv2dParams p; };
+    const Case cases[] = {
+        {{3, 1, 12, 11}, {8, 1, 3, 3}, {1, 1, 0, 0}},    // one input channel
+        {{2, 8, 9, 9}, {16, 8, 3, 3}, {1, 1, 1, 1}},     // middle widths
+        {{2, 5, 7, 8}, {70, 5, 3, 2}, {1, 1, 1, 0}},     // many filters, partial panels
+        {{2, 34, 6, 6}, {3, 34, 3, 3}, {1, 1, 1, 1}},    // many channels, few filters
+        {{2, 6, 11, 9}, {10, 6, 3, 3}, {2, 1, 1, 0}},    // strided: im2col GEMM, col2im
+        {{2, 30, 9, 9}, {9, 30, 3, 3}, {2, 2, 1, 1}},    // strided, two k-blocks
+    };
+    unsigned seed = 10;
+    for (const auto& c : cases) {
+        const auto d = conv2d_dims(c.x, c.w, nullptr, c.p);
+        const V x = random_values(numel(c.x), seed++), w = random_values(numel(c.w), seed++),
+                b = random_values(d.K, seed++), dy = random_values(d.N * d.K * d.P * d.Q, seed++);
+        V y(dy.size()), dx(x.size()), dw(w.size()), db(d.K);
+        conv2d_forward(y.data(), x.data(), w.data(), b.data(), d);
+        conv2d_backward(dx.data(), dw.data(), db.data(), dy.data(), x.data(), w.data(), d);
+        auto f = [](const V& v) { return std::vector<float>(v.begin(), v.end()); };
+        const auto xf = f(x), wf = f(w), bf = f(b), dyf = f(dy);
+        std::vector<float> yf(y.size()), dxf(dx.size()), dwf(dw.size()), dbf(db.size());
+        conv2d_forward(yf.data(), xf.data(), wf.data(), bf.data(), d);
+        conv2d_backward(dxf.data(), dwf.data(), dbf.data(), dyf.data(), xf.data(), wf.data(), d);
+        // float sums of up to a few thousand unit-sized terms: 1e-4 absolute is ~100 ulps
+        CHECK_CLOSE(yf.data(), y, 1e-4, 1e-5);
+        CHECK_CLOSE(dxf.data(), dx, 1e-4, 1e-5);
+        CHECK_CLOSE(dwf.data(), dw, 1e-3, 1e-5);
+        CHECK_CLOSE(dbf.data(), db, 1e-3, 1e-5);
+    }
+}
+
 // ---- max_pool2d --------------------------------------------------------------------------
 
 TEST_CASE("max_pool2d forward and backward: 2x2 windows") {
