@@ -7,9 +7,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <array>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "cnnbp/cnnbp.hpp"
 
@@ -443,6 +445,111 @@ py::array cross_entropy_backward(const py::handle& z_obj, const py::handle& labe
     });
 }
 
+// ---- optimizers --------------------------------------------------------------------------
+
+// Updates smaller than this many values keep the GIL: releasing it costs more than they do.
+constexpr int64_t kReleaseGilWork = int64_t(1) << 14;
+
+// The arrays of one parameter that sgd_step can update in place.
+template <typename T>
+struct SgdItem {
+    T* param;
+    const T* grad;
+    T* buffer;
+    bool buffer_is_new;
+    int64_t count;
+};
+
+template <typename T>
+bool same_shape(const py::array& a, const py::array& b) {
+    return a.ndim() == b.ndim() && std::equal(a.shape(), a.shape() + a.ndim(), b.shape());
+}
+
+// A writeable C-contiguous array of exactly T (native byte order), else a null handle.
+template <typename T>
+py::array_t<T, py::array::c_style> writeable_exact(const py::handle& obj) {
+    if (!py::isinstance<py::array_t<T, py::array::c_style>>(obj)) return {};
+    auto a = py::reinterpret_borrow<py::array_t<T, py::array::c_style>>(obj);
+    if (!a.writeable()) return {};
+    return a;
+}
+
+// One SGD step over a list of parameters (objects with .data and .grad, as nn.Parameter)
+// in one call, so that a small network's step is not a dozen NumPy calls per parameter.
+// buffers is the optimizer's list of momentum buffers (None until the first step); new
+// ones are stored into it. Parameters without a gradient are skipped, as in torch. Returns
+// the indices of the parameters it left alone because their arrays are not plain
+// C-contiguous float32/float64 arrays of matching shapes: the caller updates those.
+py::list sgd_step(const py::list& params, const py::list& buffers, double lr, double momentum,
+                  double dampening, double weight_decay, bool nesterov) {
+    const cnnbp::SgdParams sgd{lr, momentum, dampening, weight_decay, nesterov};
+    // interned once and kept for the life of the process (a static py::str would be
+    // released after the interpreter has shut down)
+    static PyObject* const data_name = PyUnicode_InternFromString("data");
+    static PyObject* const grad_name = PyUnicode_InternFromString("grad");
+    auto get = [](const py::handle& obj, PyObject* name) {
+        PyObject* value = PyObject_GetAttr(obj.ptr(), name);
+        if (!value) throw py::error_already_set();
+        return py::reinterpret_steal<py::object>(value);
+    };
+    const bool heavy = momentum != 0.0;
+    std::vector<SgdItem<float>> f32;
+    std::vector<SgdItem<double>> f64;
+    int64_t total = 0;
+    py::list left;
+    const size_t n = params.size();
+    if (buffers.size() != n)
+        throw py::value_error("[sgd_step] buffers: expected one per parameter (" +
+                              std::to_string(n) + "), got " + std::to_string(buffers.size()));
+    for (size_t i = 0; i < n; ++i) {
+        const py::object param = params[i];
+        const py::object grad = get(param, grad_name);
+        if (grad.is_none()) continue;
+        const py::object data = get(param, data_name);
+        auto collect = [&](auto tag, auto& items) -> bool {
+            using T = decltype(tag);
+            auto p = writeable_exact<T>(data);
+            if (!p || !py::isinstance<py::array_t<T, py::array::c_style>>(grad)) return false;
+            auto g = py::reinterpret_borrow<py::array_t<T, py::array::c_style>>(grad);
+            if (!same_shape<T>(p, g)) return false;
+            py::array_t<T, py::array::c_style> b;
+            bool fresh = false;
+            if (heavy) {
+                const py::object old = buffers[i];
+                if (old.is_none()) {
+                    b = py::array_t<T, py::array::c_style>(
+                        std::vector<py::ssize_t>(p.shape(), p.shape() + p.ndim()));
+                    fresh = true;
+                } else {
+                    b = writeable_exact<T>(old);
+                    if (!b || !same_shape<T>(p, b)) return false;
+                }
+            }
+            items.push_back({p.mutable_data(), g.data(), heavy ? b.mutable_data() : nullptr, fresh,
+                             static_cast<int64_t>(p.size())});
+            if (fresh) buffers[i] = b;  // the list keeps the new buffer alive
+            total += p.size();
+            return true;
+        };
+        if (!collect(float{}, f32) && !collect(double{}, f64)) left.append(py::int_(i));
+    }
+    // The arrays stay referenced by params and buffers while the GIL is released: nothing
+    // else runs Python code in this call.
+    auto run = [&] {
+        for (const auto& it : f32)
+            cnnbp::sgd_step<float>(it.param, it.grad, it.buffer, it.buffer_is_new, sgd, it.count);
+        for (const auto& it : f64)
+            cnnbp::sgd_step<double>(it.param, it.grad, it.buffer, it.buffer_is_new, sgd, it.count);
+    };
+    if (total >= kReleaseGilWork) {
+        py::gil_scoped_release release;
+        run();
+    } else {
+        run();
+    }
+    return left;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -497,6 +604,13 @@ PYBIND11_MODULE(_core, m) {
           "y (*, out) = x (*, in) . w (out, in)^T + b (out,)");
     m.def("linear_backward", &linear_backward, arg("dy"), arg("x"), arg("w"),
           "(dx, dw, db) = gradients of linear given dy (*, out)");
+
+    m.def("sgd_step", &sgd_step, arg("params"), arg("buffers"), arg("lr"), arg("momentum"),
+          arg("dampening"), arg("weight_decay"), arg("nesterov"),
+          "One torch.optim.SGD step over a list of parameters (.data updated in place, "
+          "momentum buffers stored into `buffers`); returns the indices of the parameters "
+          "left to the caller (arrays that are not C-contiguous float32/float64 of matching "
+          "shapes). Used by cnnbp.optim.SGD.");
 
     m.def("binary_cross_entropy",
           [](const py::handle& a, const py::handle& y) { return binary_loss<true>("binary_cross_entropy", a, y); },

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _core
+
 
 class _Optimizer:
     """Holds the parameters; subclasses update those that have a gradient."""
@@ -43,21 +45,26 @@ class SGD(_Optimizer):
         self._momentum_buffers: list[np.ndarray | None] = [None] * len(self.params)
 
     def step(self) -> None:
-        for i, p in enumerate(self.params):
-            if p.grad is None:
-                continue
-            g = p.grad
-            if self.weight_decay:
-                g = g + self.weight_decay * p.data
-            if self.momentum:
-                buf = self._momentum_buffers[i]
-                if buf is None:
-                    buf = self._momentum_buffers[i] = g.copy()
-                else:
-                    buf *= self.momentum
-                    buf += (1 - self.dampening) * g
-                g = g + self.momentum * buf if self.nesterov else buf
-            p.data -= (self.lr * g).astype(p.data.dtype, copy=False)
+        # All parameters in one C++ call, which follows the NumPy code below operation for
+        # operation; it hands back the few whose arrays it cannot update in place.
+        for i in _core.sgd_step(self.params, self._momentum_buffers, self.lr, self.momentum,
+                                self.dampening, self.weight_decay, self.nesterov):
+            self._step_one(i)
+
+    def _step_one(self, i: int) -> None:
+        p = self.params[i]
+        g = p.grad
+        if self.weight_decay:
+            g = g + self.weight_decay * p.data
+        if self.momentum:
+            buf = self._momentum_buffers[i]
+            if buf is None:
+                buf = self._momentum_buffers[i] = g.copy()
+            else:
+                buf *= self.momentum
+                buf += (1 - self.dampening) * g
+            g = g + self.momentum * buf if self.nesterov else buf
+        p.data -= (self.lr * g).astype(p.data.dtype, copy=False)
 
 
 class Adam(_Optimizer):

@@ -1,0 +1,33 @@
+// Optimizer updates, elementwise: each value is updated by one thread in a fixed order of
+// operations, so results do not depend on the thread count.
+#include "cnnbp/optim.hpp"
+
+#include "parallel.hpp"
+
+namespace cnnbp {
+
+template <typename T>
+void sgd_step(T* param, const T* grad, T* momentum_buffer, bool buffer_is_new,
+              const SgdParams& p, int64_t count) {
+    const T lr = T(p.lr), momentum = T(p.momentum), weight_decay = T(p.weight_decay);
+    const T keep = T(1.0 - p.dampening);  // (1 - dampening) in double, then rounded, as in Python
+    const bool decay = p.weight_decay != 0.0, heavy = p.momentum != 0.0, nesterov = p.nesterov;
+    detail::parallel_for(count, count, [=](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            T g = grad[i];
+            if (decay) g = g + weight_decay * param[i];
+            if (heavy) {
+                // NumPy's `buf *= momentum; buf += (1 - dampening) * g`, rounding for rounding
+                const T buf = buffer_is_new ? g : momentum * momentum_buffer[i] + keep * g;
+                momentum_buffer[i] = buf;
+                g = nesterov ? g + momentum * buf : buf;
+            }
+            param[i] = param[i] - lr * g;
+        }
+    });
+}
+
+template void sgd_step<float>(float*, const float*, float*, bool, const SgdParams&, int64_t);
+template void sgd_step<double>(double*, const double*, double*, bool, const SgdParams&, int64_t);
+
+}  // namespace cnnbp
