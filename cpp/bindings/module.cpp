@@ -57,15 +57,30 @@ void check_dtype(const char* op, const char* name, const py::array& a, DType exp
 
 Shape shape_of(const py::array& a) { return Shape(a.shape(), a.shape() + a.ndim()); }
 
-// A C-contiguous view of `a` (a copy only when a is strided or Fortran-ordered).
+// A C-contiguous view of `a` (a copy only when a is strided, Fortran-ordered or of the
+// other byte order). Arrays that already are, nearly all, pass straight through without
+// PyArray_FromAny's conversion machinery: for a tiny layer that costs more than its kernel.
 template <typename T>
 py::array_t<T, py::array::c_style> contiguous(const py::array& a) {
+    if (py::isinstance<py::array_t<T, py::array::c_style>>(a))
+        return py::reinterpret_borrow<py::array_t<T, py::array::c_style>>(a);
     return py::array_t<T, py::array::c_style>::ensure(a);
 }
 
+// A new uninitialized C-contiguous array, made by NumPy's C API directly (pybind11's
+// constructor goes through vectors of shape and strides first).
 template <typename T>
 py::array_t<T> empty_like_shape(const Shape& shape) {
-    return py::array_t<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+    const auto& api = py::detail::npy_api::get();
+    std::array<py::ssize_t, 32> dims{};  // NumPy allows at most 32 (64 since 2.0) dims
+    if (shape.size() > dims.size())
+        return py::array_t<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+    std::copy(shape.begin(), shape.end(), dims.begin());
+    PyObject* arr = api.PyArray_NewFromDescr_(api.PyArray_Type_, py::dtype::of<T>().release().ptr(),
+                                              static_cast<int>(shape.size()), dims.data(),
+                                              nullptr, nullptr, 0, nullptr);
+    if (!arr) throw py::error_already_set();
+    return py::reinterpret_steal<py::array_t<T>>(arr);
 }
 
 // Integer arrays (class labels, pooling indices) as C-contiguous int64.
@@ -76,6 +91,8 @@ py::array_t<int64_t, py::array::c_style> as_int64(const char* op, const char* na
     if (kind != 'i' && kind != 'u')
         throw py::type_error(std::string("[") + op + "] " + name +
                              ": expected an integer array, got " + dtype_name(arr));
+    if (py::isinstance<py::array_t<int64_t, py::array::c_style>>(arr))  // as contiguous()
+        return py::reinterpret_borrow<py::array_t<int64_t, py::array::c_style>>(arr);
     return py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(arr);
 }
 
