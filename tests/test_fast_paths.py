@@ -8,6 +8,11 @@ from a single window to a large batch; the backward also against indices that do
 the tiling. ReLU and sigmoid are checked on sizes above the threading threshold.
 """
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -166,6 +171,38 @@ def test_backward_still_rejects_bad_indices_on_the_fast_path():
         with pytest.raises(ValueError, match=r"\[max_pool2d_backward\] indices: expected values "
                                              rf"in \[0, 256\).*got {bad} at flat position 1023"):
             F.max_pool2d_backward(np.ones_like(y), wrong, x.shape)
+
+
+_POOL_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from cnnbp import functional as F
+    rng = np.random.default_rng(23)
+    out = {}
+    for i, shape in enumerate([(4, 8, 26, 26), (2, 3, 33, 35), (1, 1, 2, 97)]):
+        x = rng.integers(-3, 4, shape).astype(np.float32)
+        x.reshape(-1)[rng.integers(0, x.size, 9)] = np.nan
+        x.reshape(-1)[rng.integers(0, x.size, 9)] = -np.inf
+        y, idx = F.max_pool2d(x, 2)
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+        dy.reshape(-1)[:3] = -0.0
+        out[f"y{i}"], out[f"idx{i}"] = y, idx
+        out[f"dx{i}"] = F.max_pool2d_backward(dy, idx, x.shape)
+    np.savez(sys.argv[1], **out)
+""")
+
+
+def test_portable_and_vector_pool_kernels_give_the_same_bits(tmp_path):
+    # CNNBP_ISA=generic keeps the AVX-512 kernels out (where the CPU has them), so the
+    # float32 portable loops run; both processes must produce the same bytes.
+    results = {}
+    for isa in ("generic", ""):
+        env = dict(os.environ, CNNBP_ISA=isa)
+        path = tmp_path / f"pool-{isa or 'default'}.npz"
+        subprocess.run([sys.executable, "-c", _POOL_SCRIPT, str(path)], env=env, check=True)
+        results[isa] = np.load(path)
+    for key in results[""].files:
+        assert results["generic"][key].tobytes() == results[""][key].tobytes(), key
 
 
 # ---------------------------------------------------------------------------------------

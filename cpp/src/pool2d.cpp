@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -59,60 +61,104 @@ void max_pool_plane(T* out, int64_t* idx, const T* in, const Pool2dDims& d) {
 
 namespace detail {
 
-// 2x2 windows at stride 2, no padding: every window lies inside the plane. The first cell
-// is always taken (value > -inf, or NaN; a -inf first cell leaves best = -inf at its own
-// index), then the other three in row-major order. Written without branches so that the
-// compiler can vectorize it.
+// The portable 2x2 kernels work on runs of up to kRun outputs of one row, in loops that
+// the compiler vectorizes for the baseline instruction set: window offsets are kept in
+// 32 bits (W < kMaxSimdWidth, checked by the callers), since loops that mix float
+// selects with 64-bit integers stay scalar, and the pointers are restrict.
+constexpr int64_t kRun = 256;
+
+// One run of 2x2 windows: best value and the offset of its cell from the window's first
+// cell. The first cell is always taken (value > -inf, or NaN; a -inf first cell leaves best
+// = -inf at its own index), then the other three in row-major order by the rule of takes(),
+// written with | so that there is no branch.
 template <typename T>
-void max_pool2x2_plane(T* out, int64_t* idx, const T* in, int64_t W, int64_t P, int64_t Q) {
-    for (int64_t p = 0; p < P; ++p) {
-        const T* row0 = in + 2 * p * W;
-        const T* row1 = row0 + W;
-        for (int64_t q = 0; q < Q; ++q) {
-            const T c1 = row0[2 * q + 1], c2 = row1[2 * q], c3 = row1[2 * q + 1];
-            T best = row0[2 * q];
-            int64_t offset = 0;
-            const bool t1 = takes(c1, best);
-            best = t1 ? c1 : best;
-            offset = t1 ? 1 : offset;
-            const bool t2 = takes(c2, best);
-            best = t2 ? c2 : best;
-            offset = t2 ? W : offset;
-            const bool t3 = takes(c3, best);
-            best = t3 ? c3 : best;
-            offset = t3 ? W + 1 : offset;
-            out[p * Q + q] = best;
-            idx[p * Q + q] = 2 * p * W + 2 * q + offset;
-        }
+void pool2x2_run(T* __restrict out, int32_t* __restrict offset, const T* __restrict row0,
+                 const T* __restrict row1, int64_t n, int32_t W) {
+    for (int64_t q = 0; q < n; ++q) {
+        const T c1 = row0[2 * q + 1], c2 = row1[2 * q], c3 = row1[2 * q + 1];
+        T best = row0[2 * q];
+        int32_t at = 0;
+        bool t = (c1 > best) | (c1 != c1);
+        best = t ? c1 : best;
+        at = t ? 1 : at;
+        t = (c2 > best) | (c2 != c2);
+        best = t ? c2 : best;
+        at = t ? W : at;
+        t = (c3 > best) | (c3 != c3);
+        best = t ? c3 : best;
+        at = t ? W + 1 : at;
+        out[q] = best;
+        offset[q] = at;
     }
 }
 
-// The same result written in one pass when the plane is tiled by disjoint 2x2 windows
-// (P = H / 2, Q = W / 2) and every index lies in its own window, as a 2x2 / stride 2 pool
-// produces: each cell then receives at most one gradient. Returns false, with the plane
-// partly written, when some index lies elsewhere; the caller then scatters instead.
+template <typename T>
+void max_pool2x2_plane(T* out, int64_t* idx, const T* in, int64_t W, int64_t P, int64_t Q) {
+    int32_t offset[kRun];
+    for (int64_t p = 0; p < P; ++p)
+        for (int64_t q0 = 0; q0 < Q; q0 += kRun) {
+            const int64_t n = std::min(kRun, Q - q0);
+            const T* row0 = in + 2 * p * W + 2 * q0;
+            pool2x2_run(out + p * Q + q0, offset, row0, row0 + W, n, static_cast<int32_t>(W));
+            int64_t* __restrict to = idx + p * Q + q0;
+            const int64_t first = 2 * p * W + 2 * q0;  // the run's first window's first cell
+            for (int64_t q = 0; q < n; ++q) to[q] = first + 2 * q + offset[q];
+        }
+}
+
+// For a run of indices: the offset from their window's first cell, or -1 when it is not
+// one of the window's four cells 0, 1, W, W + 1 (u | (W + 1 - u) has its top bit set
+// exactly when u > W + 1 as unsigned). Whether all lie inside their windows.
+bool unpool2x2_offsets(int32_t* __restrict offset, const int64_t* __restrict idx, int64_t first,
+                       int64_t n, int64_t W) {
+    const uint64_t last = static_cast<uint64_t>(W + 1);
+    for (int64_t q = 0; q < n; ++q) {
+        const uint64_t u = static_cast<uint64_t>(idx[q]) - static_cast<uint64_t>(first + 2 * q);
+        const uint32_t outside = static_cast<uint32_t>((u | (last - u)) >> 63);
+        offset[q] = static_cast<int32_t>(static_cast<uint32_t>(u) | (0u - outside));
+    }
+    const int32_t w = static_cast<int32_t>(W);
+    int inside = 1;
+    for (int64_t q = 0; q < n; ++q) {
+        const int32_t c = offset[q];
+        inside &= (c == 0) | (c == 1) | (c == w) | (c == w + 1);
+    }
+    return inside;
+}
+
+template <typename T>
+void unpool2x2_run(T* __restrict row0, T* __restrict row1, const T* __restrict dout,
+                   const int32_t* __restrict offset, int64_t n, int32_t W) {
+    for (int64_t q = 0; q < n; ++q) {
+        // 0 + dy, as the zero-filled cell plus the gradient (turns -0 into +0 the same way)
+        const T g = T(0) + dout[q];
+        const int32_t at = offset[q];
+        row0[2 * q] = at == 0 ? g : T(0);
+        row0[2 * q + 1] = at == 1 ? g : T(0);
+        row1[2 * q] = at == W ? g : T(0);
+        row1[2 * q + 1] = at == W + 1 ? g : T(0);
+    }
+}
+
+// The same result as zero-fill and scatter, written in one pass, when the plane is tiled by
+// disjoint 2x2 windows (P = H / 2, Q = W / 2) and every index lies in its own window, as a
+// 2x2 / stride 2 pool produces: each cell then receives at most one gradient. Returns
+// false, with the plane partly written, when some index lies elsewhere; the caller then
+// scatters instead.
 template <typename T>
 bool max_unpool2x2_plane(T* din, const T* dout, const int64_t* idx, int64_t H, int64_t W,
                          int64_t P, int64_t Q) {
+    int32_t offset[kRun];
     for (int64_t p = 0; p < P; ++p) {
         T* row0 = din + 2 * p * W;
-        T* row1 = row0 + W;
-        bool inside = true;
-        for (int64_t q = 0; q < Q; ++q) {
-            const int64_t offset = idx[p * Q + q] - (2 * p * W + 2 * q);
-            inside &= offset == 0 || offset == 1 || offset == W || offset == W + 1;
+        for (int64_t q0 = 0; q0 < Q; q0 += kRun) {
+            const int64_t n = std::min(kRun, Q - q0);
+            if (!unpool2x2_offsets(offset, idx + p * Q + q0, 2 * p * W + 2 * q0, n, W))
+                return false;
+            unpool2x2_run(row0 + 2 * q0, row0 + W + 2 * q0, dout + p * Q + q0, offset, n,
+                          static_cast<int32_t>(W));
         }
-        if (!inside) return false;
-        for (int64_t q = 0; q < Q; ++q) {
-            const int64_t offset = idx[p * Q + q] - (2 * p * W + 2 * q);
-            // 0 + dy, as the zero-filled cell plus the gradient (turns -0 into +0 the same way)
-            const T g = T(0) + dout[p * Q + q];
-            row0[2 * q] = offset == 0 ? g : T(0);
-            row0[2 * q + 1] = offset == 1 ? g : T(0);
-            row1[2 * q] = offset == W ? g : T(0);
-            row1[2 * q + 1] = offset == W + 1 ? g : T(0);
-        }
-        if (W > 2 * Q) row0[W - 1] = row1[W - 1] = T(0);  // odd width: a column no window sees
+        if (W > 2 * Q) row0[W - 1] = row0[2 * W - 1] = T(0);  // odd width: a column no window sees
     }
     if (H > 2 * P) std::fill(din + (H - 1) * W, din + H * W, T(0));  // odd height: a row
     return true;
@@ -126,9 +172,18 @@ template bool max_unpool2x2_plane<double>(double*, const double*, const int64_t*
                                           int64_t, int64_t, int64_t);
 
 namespace {
+// AVX-512F on the CPU, unless the environment variable CNNBP_ISA caps the instruction set
+// ("generic" or "avx2", as for the GEMM kernels) so that the portable loops can be tested
+// on a wide machine.
 bool cpu_has_avx512f() {
 #if defined(CNNBP_POOL_AVX512)
-    static const bool yes = __builtin_cpu_supports("avx512f");
+    static const bool yes = [] {
+        const char* cap = std::getenv("CNNBP_ISA");
+        if (cap && (std::strcmp(cap, "generic") == 0 || std::strcmp(cap, "avx2") == 0))
+            return false;
+        __builtin_cpu_init();
+        return bool(__builtin_cpu_supports("avx512f"));
+    }();
     return yes;
 #else
     return false;
@@ -156,13 +211,14 @@ template <typename T>
 void max_pool2d_forward(T* output, int64_t* indices, const T* input, const Pool2dDims& d) {
     const auto& p = d.params;
     const int64_t PQ = d.P * d.Q, HW = d.H * d.W;
+    // the 2x2 kernels keep window offsets in 32 bits: wider planes take the general kernel
     const bool is2x2 = p.kernel_h == 2 && p.kernel_w == 2 && p.stride_h == 2 &&
-                       p.stride_w == 2 && p.pad_h == 0 && p.pad_w == 0;
+                       p.stride_w == 2 && p.pad_h == 0 && p.pad_w == 0 &&
+                       d.W < detail::kMaxSimdWidth;
     // float 2x2 pools run the AVX-512 plane kernel when the CPU has one
     [[maybe_unused]] detail::Pool2x2Forward simd = nullptr;
     if constexpr (std::is_same_v<T, float>)
-        if (is2x2 && d.W < detail::kMaxSimdWidth)
-            simd = detail::max_pool2x2_plane_avx512_if_supported();
+        if (is2x2) simd = detail::max_pool2x2_plane_avx512_if_supported();
     const int64_t work = d.N * d.C * PQ * p.kernel_h * p.kernel_w;
     detail::parallel_for(d.N * d.C, work, [&](int64_t begin, int64_t end) {
         for (int64_t nc = begin; nc < end; ++nc) {
@@ -200,11 +256,10 @@ void max_pool2d_backward(T* dinput, const T* doutput, const int64_t* indices,
     const int64_t PQ = d.P * d.Q, HW = d.H * d.W;
     // The indices do not say which pool made them; a plane can be written in one pass when
     // they fit the 2x2 tiling, which the plane kernels check as they go.
-    const bool tiles2x2 = d.P == d.H / 2 && d.Q == d.W / 2;
+    const bool tiles2x2 = d.P == d.H / 2 && d.Q == d.W / 2 && d.W < detail::kMaxSimdWidth;
     [[maybe_unused]] detail::Pool2x2Backward simd = nullptr;
     if constexpr (std::is_same_v<T, float>)
-        if (d.W < detail::kMaxSimdWidth)
-            simd = detail::max_unpool2x2_plane_avx512_if_supported();
+        if (tiles2x2) simd = detail::max_unpool2x2_plane_avx512_if_supported();
     detail::parallel_for(d.N * d.C, d.N * d.C * (PQ + HW), [&](int64_t begin, int64_t end) {
         for (int64_t nc = begin; nc < end; ++nc) {
             T* din = dinput + nc * HW;

@@ -9,7 +9,7 @@
 
 namespace cnnbp::detail {
 
-// The AVX-512 kernels handle window offsets in 32 bits: callers pass only W < this.
+// The kernels handle window offsets in 32 bits: callers pass only W < this.
 constexpr int64_t kMaxSimdWidth = int64_t(1) << 30;
 
 template <typename T>
