@@ -21,6 +21,8 @@ Losses are means over the batch, like torch's default reduction='mean'.
 stride, padding and kernel_size take an int or an (h, w) pair.
 """
 
+import math
+
 import numpy as np
 
 from ._core import (
@@ -58,8 +60,10 @@ def flatten(x):
 def flatten_backward(dF, x_shape):
     """dx = dF reshaped back to the input's shape (inverts ``F = x.reshape(N, -1)``)."""
     dF = np.ascontiguousarray(dF)
-    if int(np.prod(x_shape)) != dF.size:
-        raise ValueError(f"[flatten_backward] dF: expected {int(np.prod(x_shape))} elements "
+    # math.prod for the usual tuple: np.prod would first convert it into an array
+    count = math.prod(x_shape) if isinstance(x_shape, tuple) else int(np.prod(x_shape))
+    if count != dF.size:
+        raise ValueError(f"[flatten_backward] dF: expected {int(count)} elements "
                          f"to fill x_shape {tuple(x_shape)}, got shape {dF.shape}")
     return dF.reshape(x_shape)
 
