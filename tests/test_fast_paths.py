@@ -188,13 +188,17 @@ _POOL_SCRIPT = textwrap.dedent("""
         dy.reshape(-1)[:3] = -0.0
         out[f"y{i}"], out[f"idx{i}"] = y, idx
         out[f"dx{i}"] = F.max_pool2d_backward(dy, idx, x.shape)
+    z = (rng.standard_normal(300_001) * 30).astype(np.float32)
+    z[:8] = [0.0, -0.0, np.nan, np.inf, -np.inf, -88.5, -100.0, 1e-30]
+    out["sigmoid"] = F.sigmoid(z)
     np.savez(sys.argv[1], **out)
 """)
 
 
-def test_portable_and_vector_pool_kernels_give_the_same_bits(tmp_path):
+def test_portable_and_vector_kernels_give_the_same_bits(tmp_path):
     # CNNBP_ISA=generic keeps the AVX-512 kernels out (where the CPU has them), so the
-    # float32 portable loops run; both processes must produce the same bytes.
+    # float32 portable loops of max-pool and sigmoid run; both processes must produce the
+    # same bytes.
     results = {}
     for isa in ("generic", ""):
         env = dict(os.environ, CNNBP_ISA=isa)

@@ -9,11 +9,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 
+#include "isa.hpp"
 #include "parallel.hpp"
 #include "pool2d_simd.hpp"
 
@@ -171,36 +170,16 @@ template bool max_unpool2x2_plane<float>(float*, const float*, const int64_t*, i
 template bool max_unpool2x2_plane<double>(double*, const double*, const int64_t*, int64_t,
                                           int64_t, int64_t, int64_t);
 
-namespace {
-// AVX-512F on the CPU, unless the environment variable CNNBP_ISA caps the instruction set
-// ("generic" or "avx2", as for the GEMM kernels) so that the portable loops can be tested
-// on a wide machine.
-bool cpu_has_avx512f() {
-#if defined(CNNBP_POOL_AVX512)
-    static const bool yes = [] {
-        const char* cap = std::getenv("CNNBP_ISA");
-        if (cap && (std::strcmp(cap, "generic") == 0 || std::strcmp(cap, "avx2") == 0))
-            return false;
-        __builtin_cpu_init();
-        return bool(__builtin_cpu_supports("avx512f"));
-    }();
-    return yes;
-#else
-    return false;
-#endif
-}
-}  // namespace
-
 Pool2x2Forward max_pool2x2_plane_avx512_if_supported() {
-#if defined(CNNBP_POOL_AVX512)
-    if (cpu_has_avx512f()) return max_pool2x2_plane_avx512;
+#if defined(CNNBP_AVX512_KERNELS)
+    if (avx512_kernels_enabled()) return max_pool2x2_plane_avx512;
 #endif
     return nullptr;
 }
 
 Pool2x2Backward max_unpool2x2_plane_avx512_if_supported() {
-#if defined(CNNBP_POOL_AVX512)
-    if (cpu_has_avx512f()) return max_unpool2x2_plane_avx512;
+#if defined(CNNBP_AVX512_KERNELS)
+    if (avx512_kernels_enabled()) return max_unpool2x2_plane_avx512;
 #endif
     return nullptr;
 }

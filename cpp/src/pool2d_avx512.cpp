@@ -5,7 +5,7 @@
 // helpers live in an anonymous namespace and no standard-library templates are used.
 #include "pool2d_simd.hpp"
 
-#if defined(CNNBP_POOL_AVX512)
+#if defined(CNNBP_AVX512_KERNELS)
 
 #include <immintrin.h>
 
@@ -165,4 +165,4 @@ bool max_unpool2x2_plane_avx512(float* dinput, const float* doutput, const int64
 
 }  // namespace cnnbp::detail
 
-#endif  // CNNBP_POOL_AVX512
+#endif  // CNNBP_AVX512_KERNELS

@@ -30,7 +30,7 @@ using Pool2x2Backward = bool (*)(float* dinput, const float* doutput, const int6
 Pool2x2Forward max_pool2x2_plane_avx512_if_supported();
 Pool2x2Backward max_unpool2x2_plane_avx512_if_supported();
 
-#if defined(CNNBP_POOL_AVX512)
+#if defined(CNNBP_AVX512_KERNELS)
 void max_pool2x2_plane_avx512(float* output, int64_t* indices, const float* input, int64_t W,
                               int64_t P, int64_t Q);
 bool max_unpool2x2_plane_avx512(float* dinput, const float* doutput, const int64_t* indices,
