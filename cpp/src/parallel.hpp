@@ -30,6 +30,8 @@ inline void parallel_for(int64_t count, int64_t work, const Body& body) {
         }
         return;
     }
+#else
+    (void)work;
 #endif
     if (count > 0) body(int64_t(0), count);
 }
