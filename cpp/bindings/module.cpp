@@ -96,9 +96,26 @@ py::array_t<int64_t, py::array::c_style> as_int64(const char* op, const char* na
     return py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(arr);
 }
 
+// A plain Python int that fits int64 without the generic PyNumber_Index round trip, which
+// costs more than a tiny layer's kernel; false for anything else (the caller's generic path
+// then converts it or reports it).
+bool exact_int(const py::handle& v, int64_t& out) {
+    if (!PyLong_CheckExact(v.ptr())) return false;
+    int overflow = 0;
+    const long long value = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
+    if (overflow || (value == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return false;
+    }
+    out = value;
+    return true;
+}
+
 // An int or a pair of ints -> (h, w).
 std::array<int64_t, 2> parse_pair(const char* op, const char* name, const py::handle& obj) {
     auto as_int = [&](const py::handle& v) -> int64_t {
+        int64_t fast;
+        if (exact_int(v, fast)) return fast;
         if (py::isinstance<py::bool_>(v) || !PyIndex_Check(v.ptr()))
             throw py::type_error(std::string("[") + op + "] " + name +
                                  ": expected an int or a pair of ints, got " +
@@ -244,6 +261,11 @@ Shape parse_shape(const char* op, const char* name, const py::handle& obj) {
     bool ok = py::isinstance<py::sequence>(obj) && !py::isinstance<py::str>(obj);
     if (ok)
         for (const py::handle& v : py::reinterpret_borrow<py::sequence>(obj)) {
+            int64_t fast;
+            if (exact_int(v, fast)) {
+                shape.push_back(fast);
+                continue;
+            }
             if (py::isinstance<py::bool_>(v) || !PyIndex_Check(v.ptr())) {
                 ok = false;
                 break;
