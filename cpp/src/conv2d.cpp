@@ -97,7 +97,8 @@ void im2col_tap(const T* image, const Conv2dDims& d, int64_t c, int64_t r, int64
                 T* to = o - oq;
                 for (int64_t q = lo; q < hi; ++q) to[q] = from[q];
             } else
-                for (int64_t q = lo; q < hi; ++q) o[(q - oq) * stride] = row[q * prm.stride_w + col];
+                for (int64_t q = lo; q < hi; ++q)
+                    o[(q - oq) * stride] = row[q * prm.stride_w + col];
             for (int64_t q = hi; q < oq + run; ++q) o[(q - oq) * stride] = T(0);
         }
         t += run;
@@ -109,8 +110,8 @@ void im2col_tap(const T* image, const Conv2dDims& d, int64_t c, int64_t r, int64
 // pack_b for the forward: rows (c,r,s) in [k0, k0+kc), columns (p,q) in [j0, j0+nc) of the
 // im2col matrix of one image, as NR-wide micro-panels.
 template <typename T>
-void pack_im2col(const T* image, const Conv2dDims& d, int NR, int64_t k0, int64_t kc,
-                 int64_t j0, int64_t nc, T* dst) {
+void pack_im2col(const T* image, const Conv2dDims& d, int NR, int64_t k0, int64_t kc, int64_t j0,
+                 int64_t nc, T* dst) {
     for (int64_t jp = 0; jp * NR < nc; ++jp) {
         const int64_t n = std::min<int64_t>(NR, nc - jp * NR);
         int64_t c = k0 / (d.R * d.S), r = (k0 / d.S) % d.R, s = k0 % d.S;
@@ -160,7 +161,7 @@ void col2im_add(T* dimage, const T* dcol, const Conv2dDims& d, int64_t j0, int64
                         q_hi = std::clamp(q_hi, q_lo, oq + run);
                         T* row = plane + ih * d.W;
                         const int64_t col = s - prm.pad_w;  // input column of output column 0
-                        const T* g = src + jj;               // g[q - oq] is column q
+                        const T* g = src + jj;              // g[q - oq] is column q
                         for (int64_t q = q_lo; q < q_hi; ++q)
                             row[q * prm.stride_w + col] += g[q - oq];
                     }
@@ -197,28 +198,26 @@ int64_t reduction_chunks(int64_t N) { return std::min<int64_t>(N, 8); }
 
 // output_n (K x PQ) = bias + weight (K x CRS) . col_n for every image, through the GEMM.
 template <typename T>
-void forward_gemm(T* output, const T* input, const T* weight, const T* bias,
-                  const Conv2dDims& d) {
+void forward_gemm(T* output, const T* input, const T* weight, const T* bias, const Conv2dDims& d) {
     const int64_t CRS = d.C * d.R * d.S, PQ = d.P * d.Q;
     const auto& uk = detail::kernels_for_cpu<T>().gemm;
     detail::PackedA<T> packed_weight;  // weight (K x CRS), shared by every image
     packed_weight.pack(weight, CRS, 1, d.K, CRS, uk.MR);
-    CNNBP_OMP(parallel if (d.N * d.K * PQ * CRS >= kMinConvParallelWork))
-    {
-        detail::Scratch<T> b_buffer(detail::b_buffer_size(uk));
-        CNNBP_OMP(for schedule(static))
-        for (int64_t n = 0; n < d.N; ++n) {
-            const T* image = input + n * d.C * d.H * d.W;
-            T* out = output + n * d.K * PQ;  // output_n (K x PQ)
-            for (int64_t k = 0; k < d.K; ++k)
-                std::fill(out + k * PQ, out + (k + 1) * PQ, bias ? bias[k] : T(0));
-            auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t nc, T* dst) {
-                pack_im2col(image, d, uk.NR, k0, kc, j0, nc, dst);
-            };
-            detail::gemm(uk, packed_weight, PQ, pack, out, PQ, /*accumulate=*/true,
-                         b_buffer.data());
-        }
-    }
+    detail::parallel_for_if(
+        d.N * d.K * PQ * CRS >= kMinConvParallelWork, d.N, [&](int64_t n_begin, int64_t n_end) {
+            detail::Scratch<T> b_buffer(detail::b_buffer_size(uk));
+            for (int64_t n = n_begin; n < n_end; ++n) {
+                const T* image = input + n * d.C * d.H * d.W;
+                T* out = output + n * d.K * PQ;  // output_n (K x PQ)
+                for (int64_t k = 0; k < d.K; ++k)
+                    std::fill(out + k * PQ, out + (k + 1) * PQ, bias ? bias[k] : T(0));
+                auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t nc, T* dst) {
+                    pack_im2col(image, d, uk.NR, k0, kc, j0, nc, dst);
+                };
+                detail::gemm(uk, packed_weight, PQ, pack, out, PQ, /*accumulate=*/true,
+                             b_buffer.data());
+            }
+        });
 }
 
 // The planes of one image into the interior of a zero-bordered (C, H+2ph, W+2pw) stack
@@ -261,37 +260,36 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
     packed_weight.pack(weight, CRS, 1, d.K, CRS, uk.MR);
     const std::vector<int64_t> tap_offset = tap_offsets(d, Hp, Wp);
     const int64_t panels = (d.K + uk.MR - 1) / uk.MR;
-    CNNBP_OMP(parallel if (d.N * d.K * PQ * CRS >= kMinConvParallelWork))
-    {
-        detail::Scratch<T> padded(padded_size);          // (C, Hp, Wp) + slack
-        detail::Scratch<T> grid_out(d.K * grid_padded);  // (K, grid_padded)
-        std::fill(padded.data(), padded.data() + padded_size, T(0));  // borders stay zero
-        CNNBP_OMP(for schedule(static))
-        for (int64_t n = 0; n < d.N; ++n) {
-            copy_into_padded(padded.data(), input + n * d.C * d.H * d.W, d);
-            for (int64_t o0 = 0; o0 < grid; o0 += uk.NR) {
-                const int nvalid = int(std::min<int64_t>(uk.NR, grid - o0));
-                for (int64_t ip = 0; ip < panels; ++ip) {
-                    const int m = int(std::min<int64_t>(uk.MR, d.K - ip * uk.MR));
-                    T* c_tile = grid_out.data() + ip * uk.MR * grid_padded + o0;
-                    for (int64_t k0 = 0; k0 < CRS; k0 += packed_weight.kc) {
-                        const int64_t kb = std::min(packed_weight.kc, CRS - k0);
-                        uk.run(kb, packed_weight.panel(ip, k0, kb), tap_offset.data() + k0,
-                                    padded.data() + o0, c_tile, grid_padded, k0 > 0, m, nvalid);
+    detail::parallel_for_if(
+        d.N * d.K * PQ * CRS >= kMinConvParallelWork, d.N, [&](int64_t n_begin, int64_t n_end) {
+            detail::Scratch<T> padded(padded_size);                       // (C, Hp, Wp) + slack
+            detail::Scratch<T> grid_out(d.K * grid_padded);               // (K, grid_padded)
+            std::fill(padded.data(), padded.data() + padded_size, T(0));  // borders stay zero
+            for (int64_t n = n_begin; n < n_end; ++n) {
+                copy_into_padded(padded.data(), input + n * d.C * d.H * d.W, d);
+                for (int64_t o0 = 0; o0 < grid; o0 += uk.NR) {
+                    const int nvalid = int(std::min<int64_t>(uk.NR, grid - o0));
+                    for (int64_t ip = 0; ip < panels; ++ip) {
+                        const int m = int(std::min<int64_t>(uk.MR, d.K - ip * uk.MR));
+                        T* c_tile = grid_out.data() + ip * uk.MR * grid_padded + o0;
+                        for (int64_t k0 = 0; k0 < CRS; k0 += packed_weight.kc) {
+                            const int64_t kb = std::min(packed_weight.kc, CRS - k0);
+                            uk.run(kb, packed_weight.panel(ip, k0, kb), tap_offset.data() + k0,
+                                   padded.data() + o0, c_tile, grid_padded, k0 > 0, m, nvalid);
+                        }
+                    }
+                }
+                T* out = output + n * d.K * PQ;  // output_n (K, P, Q): the grid without its margin
+                for (int64_t k = 0; k < d.K; ++k) {
+                    const T b = bias ? bias[k] : T(0);
+                    for (int64_t op = 0; op < d.P; ++op) {
+                        const T* from = grid_out.data() + k * grid_padded + op * Wp;
+                        T* to = out + k * PQ + op * d.Q;
+                        for (int64_t oq = 0; oq < d.Q; ++oq) to[oq] = b + from[oq];
                     }
                 }
             }
-            T* out = output + n * d.K * PQ;  // output_n (K, P, Q): the grid without its margin
-            for (int64_t k = 0; k < d.K; ++k) {
-                const T b = bias ? bias[k] : T(0);
-                for (int64_t op = 0; op < d.P; ++op) {
-                    const T* from = grid_out.data() + k * grid_padded + op * Wp;
-                    T* to = out + k * PQ + op * d.Q;
-                    for (int64_t oq = 0; oq < d.Q; ++oq) to[oq] = b + from[oq];
-                }
-            }
-        }
-    }
+        });
 }
 
 // dweight in place needs unit strides; below the narrowest gather panel of filters the
@@ -308,8 +306,7 @@ bool dweight_in_place(const Conv2dDims& d) {
 // taps are read in place by the gather kernel; doutput_n^T is packed into NR-wide panels.
 // Chunks of the batch sum into partials that add up in order, as in the general path.
 template <typename T>
-void dweight_padded(T* dweight, T* dbias, const T* doutput, const T* input,
-                    const Conv2dDims& d) {
+void dweight_padded(T* dweight, T* dbias, const T* doutput, const T* input, const Conv2dDims& d) {
     const auto& prm = d.params;
     const int64_t Hp = d.H + 2 * prm.pad_h, Wp = d.W + 2 * prm.pad_w;
     const int64_t CRS = d.C * d.R * d.S, PQ = d.P * d.Q, KCRS = d.K * CRS;
@@ -320,59 +317,59 @@ void dweight_padded(T* dweight, T* dbias, const T* doutput, const T* input,
     const int64_t chunks = reduction_chunks(d.N);
     std::vector<T> partial_wt(size_t(dweight ? chunks * KCRS : 0));  // dweight^T (CRS, K)
     std::vector<T> partial_b(size_t(chunks * d.K));
-    CNNBP_OMP(parallel if (d.N * d.K * PQ * CRS >= kMinConvParallelWork))
-    {
-        detail::Scratch<T> padded(d.C * Hp * Wp);
-        detail::Scratch<T> dout_panels(panels * grid * gk.NR);  // (panels, grid, NR)
-        std::fill(padded.data(), padded.data() + d.C * Hp * Wp, T(0));
-        CNNBP_OMP(for schedule(static))
-        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-            const int64_t n_begin = d.N * chunk / chunks, n_end = d.N * (chunk + 1) / chunks;
-            T* dwt = dweight ? partial_wt.data() + chunk * KCRS : nullptr;
-            T* db = partial_b.data() + chunk * d.K;
-            std::fill(db, db + d.K, T(0));
-            if (dwt) std::fill(dwt, dwt + KCRS, T(0));
-            for (int64_t n = n_begin; n < n_end; ++n) {
-                const T* dout = doutput + n * d.K * PQ;  // doutput_n (K, P, Q)
-                for (int64_t k = 0; k < d.K; ++k) db[k] += sum_fixed_order(dout + k * PQ, PQ);
-                if (!dwt) continue;
-                copy_into_padded(padded.data(), input + n * d.C * d.H * d.W, d);
-                for (int64_t jp = 0; jp < panels; ++jp) {  // doutput_n^T on the grid
-                    const int64_t n = std::min<int64_t>(gk.NR, d.K - jp * gk.NR);
-                    T* panel = dout_panels.data() + jp * grid * gk.NR;
-                    const T* from_k = dout + jp * gk.NR * PQ;
-                    for (int64_t op = 0; op < d.P; ++op) {
-                        T* row = panel + op * Wp * gk.NR;
-                        // 16 pixels of each filter at a time: doutput rows lie PQ apart
-                        // (often 4 KiB, one cache set), so each line is read once, whole
-                        for (int64_t q0 = 0; q0 < d.Q; q0 += 16) {
-                            const int64_t count = std::min<int64_t>(16, d.Q - q0);
-                            for (int64_t jj = 0; jj < n; ++jj) {
-                                const T* from = from_k + jj * PQ + op * d.Q + q0;
-                                T* to = row + q0 * gk.NR + jj;
-                                for (int64_t t = 0; t < count; ++t) to[t * gk.NR] = from[t];
+    detail::parallel_for_if(
+        d.N * d.K * PQ * CRS >= kMinConvParallelWork, chunks,
+        [&](int64_t chunk_begin, int64_t chunk_end) {
+            detail::Scratch<T> padded(d.C * Hp * Wp);
+            detail::Scratch<T> dout_panels(panels * grid * gk.NR);  // (panels, grid, NR)
+            std::fill(padded.data(), padded.data() + d.C * Hp * Wp, T(0));
+            for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+                const int64_t n_begin = d.N * chunk / chunks, n_end = d.N * (chunk + 1) / chunks;
+                T* dwt = dweight ? partial_wt.data() + chunk * KCRS : nullptr;
+                T* db = partial_b.data() + chunk * d.K;
+                std::fill(db, db + d.K, T(0));
+                if (dwt) std::fill(dwt, dwt + KCRS, T(0));
+                for (int64_t n = n_begin; n < n_end; ++n) {
+                    const T* dout = doutput + n * d.K * PQ;  // doutput_n (K, P, Q)
+                    for (int64_t k = 0; k < d.K; ++k) db[k] += sum_fixed_order(dout + k * PQ, PQ);
+                    if (!dwt) continue;
+                    copy_into_padded(padded.data(), input + n * d.C * d.H * d.W, d);
+                    for (int64_t jp = 0; jp < panels; ++jp) {  // doutput_n^T on the grid
+                        const int64_t n = std::min<int64_t>(gk.NR, d.K - jp * gk.NR);
+                        T* panel = dout_panels.data() + jp * grid * gk.NR;
+                        const T* from_k = dout + jp * gk.NR * PQ;
+                        for (int64_t op = 0; op < d.P; ++op) {
+                            T* row = panel + op * Wp * gk.NR;
+                            // 16 pixels of each filter at a time: doutput rows lie PQ apart
+                            // (often 4 KiB, one cache set), so each line is read once, whole
+                            for (int64_t q0 = 0; q0 < d.Q; q0 += 16) {
+                                const int64_t count = std::min<int64_t>(16, d.Q - q0);
+                                for (int64_t jj = 0; jj < n; ++jj) {
+                                    const T* from = from_k + jj * PQ + op * d.Q + q0;
+                                    T* to = row + q0 * gk.NR + jj;
+                                    for (int64_t t = 0; t < count; ++t) to[t * gk.NR] = from[t];
+                                }
                             }
+                            if (n < gk.NR)
+                                for (int64_t oq = 0; oq < d.Q; ++oq)
+                                    std::fill(row + oq * gk.NR + n, row + (oq + 1) * gk.NR, T(0));
+                            std::fill(row + d.Q * gk.NR, row + Wp * gk.NR, T(0));  // grid margin
                         }
-                        if (n < gk.NR)
-                            for (int64_t oq = 0; oq < d.Q; ++oq)
-                                std::fill(row + oq * gk.NR + n, row + (oq + 1) * gk.NR, T(0));
-                        std::fill(row + d.Q * gk.NR, row + Wp * gk.NR, T(0));  // grid margin
                     }
-                }
-                for (int64_t o0 = 0; o0 < grid; o0 += kGatherBlock) {
-                    const int64_t kb = std::min(kGatherBlock, grid - o0);
-                    for (int64_t jp = 0; jp < panels; ++jp) {
-                        const int n = int(std::min<int64_t>(gk.NR, d.K - jp * gk.NR));
-                        const T* b = dout_panels.data() + (jp * grid + o0) * gk.NR;
-                        for (int64_t i0 = 0; i0 < CRS; i0 += gk.MR)
-                            gk.run(kb, padded.data() + o0, tap_offset.data() + i0, b,
-                                   dwt + i0 * d.K + jp * gk.NR, d.K, true,
-                                   int(std::min<int64_t>(gk.MR, CRS - i0)), n);
+                    for (int64_t o0 = 0; o0 < grid; o0 += kGatherBlock) {
+                        const int64_t kb = std::min(kGatherBlock, grid - o0);
+                        for (int64_t jp = 0; jp < panels; ++jp) {
+                            const int n = int(std::min<int64_t>(gk.NR, d.K - jp * gk.NR));
+                            const T* b = dout_panels.data() + (jp * grid + o0) * gk.NR;
+                            for (int64_t i0 = 0; i0 < CRS; i0 += gk.MR)
+                                gk.run(kb, padded.data() + o0, tap_offset.data() + i0, b,
+                                       dwt + i0 * d.K + jp * gk.NR, d.K, true,
+                                       int(std::min<int64_t>(gk.MR, CRS - i0)), n);
+                        }
                     }
                 }
             }
-        }
-    }
+        });
     if (dweight)
         for (int64_t k = 0; k < d.K; ++k)
             for (int64_t i = 0; i < CRS; ++i) {
@@ -391,8 +388,7 @@ void dweight_padded(T* dweight, T* dbias, const T* doutput, const T* input,
 
 // The GEMM forward for any strides (im2col packing) or, for unit strides, without im2col.
 template <typename T>
-void forward_fast(T* output, const T* input, const T* weight, const T* bias,
-                  const Conv2dDims& d) {
+void forward_fast(T* output, const T* input, const T* weight, const T* bias, const Conv2dDims& d) {
     if (d.params.stride_h == 1 && d.params.stride_w == 1)
         forward_padded(output, input, weight, bias, d);
     else
@@ -407,10 +403,11 @@ void conv2d_forward(T* output, const T* input, const T* weight, const T* bias,
     const int64_t CRS = d.C * d.R * d.S, PQ = d.P * d.Q;
     const int64_t per_image = d.K * PQ * CRS;
     if (per_image < kMinGemmWork) {
-        CNNBP_PARALLEL_FOR_IF(d.N * per_image)
-        for (int64_t nk = 0; nk < d.N * d.K; ++nk)
-            forward_direct(output + nk * PQ, input + (nk / d.K) * d.C * d.H * d.W, weight, bias,
-                           nk % d.K, d);
+        detail::parallel_for(d.N * d.K, d.N * per_image, [&](int64_t begin, int64_t end) {
+            for (int64_t nk = begin; nk < end; ++nk)
+                forward_direct(output + nk * PQ, input + (nk / d.K) * d.C * d.H * d.W, weight, bias,
+                               nk % d.K, d);
+        });
         return;
     }
     forward_fast(output, input, weight, bias, d);
@@ -429,32 +426,33 @@ void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T*
     // Inverts `output_n = weight . col_n`: dcol_n = weight^T . doutput_n, and every input
     // cell gathers the dcol entries of the windows that read it (col2im).
     if (dinput && tiny) {
-        CNNBP_PARALLEL_FOR_IF(d.N * per_image)
-        for (int64_t nc = 0; nc < d.N * d.C; ++nc) {
-            const int64_t n = nc / d.C, c = nc % d.C;
-            T* din = dinput + nc * HW;
-            std::fill(din, din + HW, T(0));
-            for (int64_t k = 0; k < d.K; ++k) {
-                const T* dout = doutput + (n * d.K + k) * PQ;
-                const T* wkc = weight + (k * d.C + c) * d.R * d.S;
-                for (int64_t r = 0; r < d.R; ++r) {
-                    int64_t p_lo, p_hi;
-                    valid_range(d.P, d.H, p.stride_h, p.pad_h, r, p_lo, p_hi);
-                    for (int64_t s = 0; s < d.S; ++s) {
-                        int64_t q_lo, q_hi;
-                        valid_range(d.Q, d.W, p.stride_w, p.pad_w, s, q_lo, q_hi);
-                        const int64_t col = s - p.pad_w;
-                        const T w = wkc[r * d.S + s];
-                        for (int64_t op = p_lo; op < p_hi; ++op) {
-                            T* din_row = din + (op * p.stride_h - p.pad_h + r) * d.W;
-                            const T* dout_row = dout + op * d.Q;
-                            for (int64_t oq = q_lo; oq < q_hi; ++oq)
-                                din_row[oq * p.stride_w + col] += w * dout_row[oq];
+        detail::parallel_for(d.N * d.C, d.N * per_image, [&](int64_t begin, int64_t end) {
+            for (int64_t nc = begin; nc < end; ++nc) {
+                const int64_t n = nc / d.C, c = nc % d.C;
+                T* din = dinput + nc * HW;
+                std::fill(din, din + HW, T(0));
+                for (int64_t k = 0; k < d.K; ++k) {
+                    const T* dout = doutput + (n * d.K + k) * PQ;
+                    const T* wkc = weight + (k * d.C + c) * d.R * d.S;
+                    for (int64_t r = 0; r < d.R; ++r) {
+                        int64_t p_lo, p_hi;
+                        valid_range(d.P, d.H, p.stride_h, p.pad_h, r, p_lo, p_hi);
+                        for (int64_t s = 0; s < d.S; ++s) {
+                            int64_t q_lo, q_hi;
+                            valid_range(d.Q, d.W, p.stride_w, p.pad_w, s, q_lo, q_hi);
+                            const int64_t col = s - p.pad_w;
+                            const T w = wkc[r * d.S + s];
+                            for (int64_t op = p_lo; op < p_hi; ++op) {
+                                T* din_row = din + (op * p.stride_h - p.pad_h + r) * d.W;
+                                const T* dout_row = dout + op * d.Q;
+                                for (int64_t oq = q_lo; oq < q_hi; ++oq)
+                                    din_row[oq * p.stride_w + col] += w * dout_row[oq];
+                            }
                         }
                     }
                 }
             }
-        }
+        });
     } else if (dinput && dinput_as_forward(d)) {
         // With unit strides, dinput is itself a convolution: doutput padded by R-1-ph
         // rows and S-1-pw columns, correlated with the weight flipped in r, s and
@@ -466,19 +464,17 @@ void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T*
                     for (int64_t s = 0; s < d.S; ++s)
                         flipped[((c * d.K + k) * d.R + r) * d.S + s] =
                             weight[((k * d.C + c) * d.R + (d.R - 1 - r)) * d.S + (d.S - 1 - s)];
-        const Conv2dDims as_forward{d.N, d.K, d.P, d.Q, d.C, d.R, d.S, d.H, d.W,
-                                    Conv2dParams{1, 1, d.R - 1 - p.pad_h, d.S - 1 - p.pad_w}};
-        forward_padded(dinput, doutput, flipped.data(), static_cast<const T*>(nullptr),
-                       as_forward);
+        const Conv2dDims as_forward{
+            d.N, d.K, d.P, d.Q, d.C,
+            d.R, d.S, d.H, d.W, Conv2dParams{1, 1, d.R - 1 - p.pad_h, d.S - 1 - p.pad_w}};
+        forward_padded(dinput, doutput, flipped.data(), static_cast<const T*>(nullptr), as_forward);
     } else if (dinput) {
         detail::PackedA<T> packed_weight_t;  // weight^T (CRS x K): row (c,r,s) reads column i
         packed_weight_t.pack(weight, 1, CRS, CRS, d.K, uk.MR);
-        CNNBP_OMP(parallel if (parallel))
-        {
+        detail::parallel_for_if(parallel, d.N, [&](int64_t n_begin, int64_t n_end) {
             detail::Scratch<T> b_buffer(detail::b_buffer_size(uk));
             detail::Scratch<T> dcol(CRS * std::min(detail::kNC, PQ));  // a column block of dcol_n
-            CNNBP_OMP(for schedule(static))
-            for (int64_t n = 0; n < d.N; ++n) {
+            for (int64_t n = n_begin; n < n_end; ++n) {
                 T* dimage = dinput + n * d.C * HW;
                 std::fill(dimage, dimage + d.C * HW, T(0));
                 const T* dout = doutput + n * d.K * PQ;  // doutput_n (K x PQ)
@@ -492,7 +488,7 @@ void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T*
                     col2im_add(dimage, dcol.data(), d, j0, nc);
                 }
             }
-        }
+        });
     }
 
     if ((dweight || dbias) && dweight_in_place<T>(d)) {
@@ -511,17 +507,15 @@ void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T*
         const int64_t KCRS = d.K * CRS;
         std::vector<T> partial_w(size_t(dweight ? chunks * KCRS : 0));
         std::vector<T> partial_b(size_t(chunks * d.K));
-        CNNBP_OMP(parallel if (parallel))
-        {
+        detail::parallel_for_if(parallel, chunks, [&](int64_t chunk_begin, int64_t chunk_end) {
             // row stride of both blocks: a whole chunk's pixels when they are fewer
             const int64_t chunk_pixels = (d.N + chunks - 1) / chunks * PQ;
             const int64_t ld = !dweight ? 0
-                               : std::min(kPixelBlock, (chunk_pixels + kVectorPad - 1) /
-                                                           kVectorPad * kVectorPad);
-            detail::Scratch<T> col(CRS * ld);          // col_block (CRS x ld)
-            detail::Scratch<T> dout_block(d.K * ld);   // doutput_block (K x ld)
-            CNNBP_OMP(for schedule(static))
-            for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+                                        : std::min(kPixelBlock, (chunk_pixels + kVectorPad - 1) /
+                                                                    kVectorPad * kVectorPad);
+            detail::Scratch<T> col(CRS * ld);         // col_block (CRS x ld)
+            detail::Scratch<T> dout_block(d.K * ld);  // doutput_block (K x ld)
+            for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
                 const int64_t n_begin = d.N * chunk / chunks, n_end = d.N * (chunk + 1) / chunks;
                 T* dw = dweight ? partial_w.data() + chunk * KCRS : nullptr;
                 T* db = partial_b.data() + chunk * d.K;
@@ -557,7 +551,7 @@ void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T*
                 }
                 if (dw && filled) flush();
             }
-        }
+        });
         if (dweight) {
             std::copy(partial_w.begin(), partial_w.begin() + KCRS, dweight);
             for (int64_t chunk = 1; chunk < chunks; ++chunk)
@@ -571,10 +565,9 @@ void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T*
     }
 }
 
-#define CNNBP_INSTANTIATE(T)                                                                 \
-    template void conv2d_forward<T>(T*, const T*, const T*, const T*, const Conv2dDims&);   \
-    template void conv2d_backward<T>(T*, T*, T*, const T*, const T*, const T*,              \
-                                     const Conv2dDims&);
+#define CNNBP_INSTANTIATE(T)                                                              \
+    template void conv2d_forward<T>(T*, const T*, const T*, const T*, const Conv2dDims&); \
+    template void conv2d_backward<T>(T*, T*, T*, const T*, const T*, const T*, const Conv2dDims&);
 CNNBP_INSTANTIATE(float)
 CNNBP_INSTANTIATE(double)
 

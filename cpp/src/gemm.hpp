@@ -22,11 +22,11 @@ namespace cnnbp::detail {
 // would cost more than a small convolution itself.
 template <typename T>
 class Scratch {
-   public:
+ public:
     explicit Scratch(int64_t count) : data_(new T[size_t(count)]) {}
     T* data() { return data_.get(); }
 
-   private:
+ private:
     std::unique_ptr<T[]> data_;
 };
 
@@ -44,8 +44,8 @@ struct MicroKernel {
 template <typename T>
 struct TapKernel {
     int MR, NR;
-    void (*run)(int64_t kc, const T* a, const int64_t* offsets, const T* in, T* c,
-                int64_t ldc, bool accumulate, int m, int n);
+    void (*run)(int64_t kc, const T* a, const int64_t* offsets, const T* in, T* c, int64_t ldc,
+                bool accumulate, int m, int n);
 };
 
 // C += A . B^T with A rows and B rows both contiguous along k (dot_kernel).
@@ -60,8 +60,8 @@ struct DotKernel {
 template <typename T>
 struct GatherKernel {
     int MR, NR;
-    void (*run)(int64_t kc, const T* in, const int64_t* a_offsets, const T* b, T* c,
-                int64_t ldc, bool accumulate, int m, int n);
+    void (*run)(int64_t kc, const T* in, const int64_t* a_offsets, const T* b, T* c, int64_t ldc,
+                bool accumulate, int m, int n);
 };
 
 // Every kernel of one instruction set; shapes vary so that small matrices waste little.
@@ -74,9 +74,7 @@ struct KernelSet {
     GatherKernel<T> gather[3];  // widest NR first
     const char* isa;
 
-    const TapKernel<T>& tap_for(int64_t rows) const {
-        return rows * 2 < tap.MR ? tap_narrow : tap;
-    }
+    const TapKernel<T>& tap_for(int64_t rows) const { return rows * 2 < tap.MR ? tap_narrow : tap; }
     // The widest B panel that pads `cols` by at most a third.
     const GatherKernel<T>& gather_for(int64_t cols) const {
         for (const auto& g : gather)
@@ -172,8 +170,8 @@ void gemm(const MicroKernel<T>& uk, const PackedA<T>& A, int64_t N, PackB&& pack
 
 // pack_b for a plain row-major matrix B (K x N) with row stride ldb.
 template <typename T>
-void pack_b_rows(const T* B, int64_t ldb, int NR, int64_t k0, int64_t kc, int64_t j0,
-                 int64_t nc, T* dst) {
+void pack_b_rows(const T* B, int64_t ldb, int NR, int64_t k0, int64_t kc, int64_t j0, int64_t nc,
+                 T* dst) {
     for (int64_t jp = 0; jp * NR < nc; ++jp) {
         const int64_t n = std::min<int64_t>(NR, nc - jp * NR);
         for (int64_t k = 0; k < kc; ++k) {

@@ -159,8 +159,8 @@ void gather_a_kernel(int64_t kc, const T* __restrict in, const int64_t* __restri
 // at the end, then the scalar tail. Rows past m / n re-read the last valid row (their
 // sums are discarded), so no padding is needed.
 template <typename T, int W, int MR, int NR>
-void dot_kernel(int64_t K, const T* __restrict a, int64_t lda, const T* __restrict b,
-                int64_t ldb, T* __restrict c, int64_t ldc, int m, int n) {
+void dot_kernel(int64_t K, const T* __restrict a, int64_t lda, const T* __restrict b, int64_t ldb,
+                T* __restrict c, int64_t ldc, int m, int n) {
     typedef T V __attribute__((vector_size(W * sizeof(T))));
     typedef T VU __attribute__((vector_size(W * sizeof(T)), aligned(sizeof(T)), may_alias));
     const T* a_row[MR];

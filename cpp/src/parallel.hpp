@@ -15,13 +15,14 @@ namespace cnnbp::detail {
 constexpr int64_t kMinParallelWork = int64_t(1) << 16;
 
 // body(begin, end) over [0, count) split into one contiguous chunk per thread (as
-// schedule(static)) when work >= kMinParallelWork, else body(0, count) on the calling thread
+// schedule(static)) when `parallel` (parallel_for: when work >= kMinParallelWork), else
+// body(0, count) on the calling thread
 // without entering a parallel region: `omp parallel if (false)` still makes libgomp set up
 // and tear down a team of one, about 0.4 us, more than a tiny layer's whole kernel.
 template <typename Body>
-inline void parallel_for(int64_t count, int64_t work, const Body& body) {
+inline void parallel_for_if(bool parallel, int64_t count, const Body& body) {
 #ifdef _OPENMP
-    if (work >= kMinParallelWork && count > 1 && omp_get_max_threads() > 1) {
+    if (parallel && count > 1 && omp_get_max_threads() > 1) {
 #pragma omp parallel
         {
             const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
@@ -31,9 +32,14 @@ inline void parallel_for(int64_t count, int64_t work, const Body& body) {
         return;
     }
 #else
-    (void)work;
+    (void)parallel;
 #endif
     if (count > 0) body(int64_t(0), count);
+}
+
+template <typename Body>
+inline void parallel_for(int64_t count, int64_t work, const Body& body) {
+    parallel_for_if(work >= kMinParallelWork, count, body);
 }
 
 // Range of output positions o in [0, out_count) whose input position
@@ -49,20 +55,3 @@ inline void valid_range(int64_t out_count, int64_t in_size, int64_t stride, int6
 }
 
 }  // namespace cnnbp::detail
-
-#ifdef _OPENMP
-#define CNNBP_PRAGMA(x) _Pragma(#x)
-#define CNNBP_PARALLEL_FOR_IF(work) \
-    CNNBP_PRAGMA(omp parallel for schedule(static) if ((work) >= ::cnnbp::detail::kMinParallelWork))
-#else
-#define CNNBP_PARALLEL_FOR_IF(work)
-#endif
-
-// CNNBP_OMP(directive): an OpenMP directive that vanishes without OpenMP, for parallel
-// regions that set up per-thread buffers before their loop.
-#ifdef _OPENMP
-#define CNNBP_OMP(directive) _Pragma(CNNBP_STRINGIFY(omp directive))
-#define CNNBP_STRINGIFY(x) #x
-#else
-#define CNNBP_OMP(directive)
-#endif
