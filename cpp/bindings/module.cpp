@@ -178,6 +178,7 @@ cnnbp::Conv2dParams conv_params(const char* op, const py::handle& stride,
     return cnnbp::Conv2dParams{s[0], s[1], p[0], p[1]};
 }
 
+
 py::array conv2d(const py::handle& x_obj, const py::handle& w_obj, const py::handle& b_obj,
                  const py::handle& stride, const py::handle& padding) {
     const char* op = "conv2d";
@@ -589,6 +590,22 @@ py::list sgd_step(const py::list& params, const py::list& buffers, double lr, do
     return left;
 }
 
+int64_t conv2d_workspace_bytes(const py::handle& x_shape, const py::handle& w_shape,
+                               const py::handle& stride, const py::handle& padding,
+                               const py::handle& dtype) {
+    const char* op = "conv2d_workspace_bytes";
+    const auto dims = cnnbp::conv2d_dims(parse_shape(op, "x_shape", x_shape),
+                                         parse_shape(op, "w_shape", w_shape), nullptr,
+                                         conv_params(op, stride, padding), op);
+    const py::dtype dt = py::dtype::from_args(py::reinterpret_borrow<py::object>(dtype));
+    if (dt.kind() != 'f' || (dt.itemsize() != 4 && dt.itemsize() != 8))
+        throw py::type_error(std::string("[") + op + "] dtype: expected float32 or float64, got " +
+                             std::string(py::str(dt)));
+    const int64_t threads = cnnbp::get_num_threads();
+    return dt.itemsize() == 4 ? cnnbp::conv2d_workspace_bytes<float>(dims, threads)
+                              : cnnbp::conv2d_workspace_bytes<double>(dims, threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -602,6 +619,16 @@ PYBIND11_MODULE(_core, m) {
           "omp_set_num_threads). Results are the same for any n.");
     m.def("get_num_threads", &cnnbp::get_num_threads,
           "The number of threads the kernels may use (omp_get_max_threads; 1 without OpenMP).");
+
+    m.def("kernel_isa", &cnnbp::kernel_isa,
+          "The instruction set the kernels run with: 'avx512', 'avx2' or 'generic' (chosen "
+          "from the CPU at run time; the environment variable CNNBP_ISA caps it).");
+    m.def("_micro_kernel_gflops", &cnnbp::micro_kernel_gflops, arg("seconds") = 0.2,
+          "GFLOP/s of the float GEMM micro-kernel on one thread, data in L1 (for benchmarks).");
+    m.def("conv2d_workspace_bytes", &conv2d_workspace_bytes, arg("x_shape"), arg("w_shape"),
+          arg("stride") = 1, arg("padding") = 0, arg("dtype") = "float32",
+          "Bytes of scratch memory conv2d / conv2d_backward allocate for these shapes with the "
+          "current thread count (0 for the direct loops of tiny problems).");
 
     m.def("output_size", &cnnbp::output_size, arg("in_size"), arg("kernel"), arg("stride") = 1,
           arg("padding") = 0,

@@ -565,8 +565,60 @@ void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T*
     }
 }
 
+template <typename T>
+int64_t conv2d_workspace_bytes(const Conv2dDims& d, int64_t threads) {
+    const auto& prm = d.params;
+    const auto& kernels = detail::kernels_for_cpu<T>();
+    const int64_t CRS = d.C * d.R * d.S, PQ = d.P * d.Q, KCRS = d.K * CRS;
+    if (d.K * PQ * CRS < kMinGemmWork) return 0;  // direct loops
+    const int64_t workers = std::max<int64_t>(1, std::min(threads, d.N));
+    auto padded_forward = [&](const Conv2dDims& f) {  // forward_padded's buffers
+        const auto& tk = kernels.tap_for(f.K);
+        const int64_t Hp = f.H + 2 * f.params.pad_h, Wp = f.W + 2 * f.params.pad_w;
+        const int64_t grid_padded = (f.P * Wp + tk.NR - 1) / tk.NR * tk.NR;
+        const int64_t fCRS = f.C * f.R * f.S;
+        const int64_t per_thread = f.C * Hp * Wp + tk.NR + f.K * grid_padded;
+        return int64_t(sizeof(T)) * ((f.K + tk.MR) * fCRS + workers * per_thread) +
+               int64_t(sizeof(int64_t)) * fCRS;
+    };
+    // a packed (rows x cols) operand plus per-thread buffers
+    auto packed_gemm = [&](int64_t rows, int64_t cols, int64_t per_thread) {
+        const int64_t MR = kernels.gemm.MR;
+        return int64_t(sizeof(T)) * ((rows + MR - 1) / MR * MR * cols + workers * per_thread);
+    };
+    const bool unit = prm.stride_h == 1 && prm.stride_w == 1;
+    const int64_t forward =
+        unit ? padded_forward(d) : packed_gemm(d.K, CRS, detail::b_buffer_size(kernels.gemm));
+    int64_t dinput;
+    if (dinput_as_forward(d)) {
+        const Conv2dDims f{d.N, d.K, d.P, d.Q, d.C, d.R, d.S, d.H, d.W,
+                           Conv2dParams{1, 1, d.R - 1 - prm.pad_h, d.S - 1 - prm.pad_w}};
+        dinput = int64_t(sizeof(T)) * KCRS + padded_forward(f);
+    } else {
+        dinput = packed_gemm(CRS, d.K,
+                             detail::b_buffer_size(kernels.gemm) + CRS * std::min(detail::kNC, PQ));
+    }
+    const int64_t chunks = reduction_chunks(d.N);
+    int64_t dweight = int64_t(sizeof(T)) * chunks * (KCRS + d.K);  // the partial sums
+    if (dweight_in_place<T>(d)) {
+        const auto& gk = kernels.gather_for(d.K);
+        const int64_t Hp = d.H + 2 * prm.pad_h, Wp = d.W + 2 * prm.pad_w;
+        const int64_t panels = (d.K + gk.NR - 1) / gk.NR;
+        dweight += int64_t(sizeof(T)) * std::min(threads, chunks) *
+                       (d.C * Hp * Wp + panels * d.P * Wp * gk.NR) +
+                   int64_t(sizeof(int64_t)) * CRS;
+    } else {
+        const int64_t chunk_pixels = (d.N + chunks - 1) / chunks * PQ;
+        const int64_t ld =
+            std::min(kPixelBlock, (chunk_pixels + kVectorPad - 1) / kVectorPad * kVectorPad);
+        dweight += int64_t(sizeof(T)) * std::min(threads, chunks) * (CRS + d.K) * ld;
+    }
+    return std::max({forward, dinput, dweight});
+}
+
 #define CNNBP_INSTANTIATE(T)                                                              \
     template void conv2d_forward<T>(T*, const T*, const T*, const T*, const Conv2dDims&); \
+    template int64_t conv2d_workspace_bytes<T>(const Conv2dDims&, int64_t);                  \
     template void conv2d_backward<T>(T*, T*, T*, const T*, const T*, const T*, const Conv2dDims&);
 CNNBP_INSTANTIATE(float)
 CNNBP_INSTANTIATE(double)

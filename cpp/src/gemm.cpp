@@ -1,8 +1,12 @@
 // Chooses the micro-kernels from the CPU's features, once.
 #include "gemm.hpp"
 
+#include "cnnbp/threads.hpp"
+
+#include <chrono>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 namespace cnnbp::detail {
 
@@ -56,6 +60,31 @@ const KernelSet<double>& kernels_for_cpu<double>() {
     return kernels;
 }
 
-const char* kernel_isa() { return kernels_for_cpu<float>().isa; }
-
 }  // namespace cnnbp::detail
+
+namespace cnnbp {
+
+const char* kernel_isa() { return detail::kernels_for_cpu<float>().isa; }
+
+double micro_kernel_gflops(double seconds) {
+    using namespace detail;
+    // one thread, panels resident in L1: the arithmetic ceiling the convolution works against
+    const auto& uk = kernels_for_cpu<float>().gemm;
+    const int64_t kc = 256, panels = 4;
+    std::vector<float> a(size_t(kc * uk.MR), 0.5f), b(size_t(kc * uk.NR * panels), 0.25f),
+        c(size_t(uk.MR * uk.NR * panels), 0.0f);
+    const auto start = std::chrono::steady_clock::now();
+    double elapsed = 0;
+    int64_t calls = 0;
+    while (elapsed < seconds) {
+        for (int i = 0; i < 64; ++i, ++calls) {
+            const int64_t p = calls % panels;
+            uk.run(kc, a.data(), b.data() + p * kc * uk.NR, c.data() + p * uk.NR, uk.NR * panels,
+                   true, uk.MR, uk.NR);
+        }
+        elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    }
+    return 2.0 * double(kc * uk.MR * uk.NR) * double(calls) / elapsed / 1e9;
+}
+
+}  // namespace cnnbp

@@ -86,8 +86,7 @@ struct KernelSet {
 // The kernels for this CPU (AVX-512, AVX2+FMA or baseline), chosen on first use.
 template <typename T>
 const KernelSet<T>& kernels_for_cpu();
-// "avx512", "avx2" or "generic": the instruction set the kernels use.
-const char* kernel_isa();
+
 
 // C (M x N) += A (M x K, row stride lda) . B^T (B: N x K, row stride ldb), tile by tile.
 template <typename T>

@@ -6,14 +6,14 @@
 inputs, outputs and gradients, ``reference`` is the plain float64 NumPy oracle, and
 ``walkthrough`` runs the derivation's 15-parameter network step by step.
 ``set_num_threads(n)`` / ``get_num_threads()`` control the kernels' threads; results do not
-depend on them.
+depend on them. ``kernel_isa()`` names the instruction set the kernels chose at run time.
 """
 
 from . import functional, nn, optim, reference, walkthrough
-from ._core import get_num_threads, set_num_threads
+from ._core import get_num_threads, kernel_isa, set_num_threads
 from .nn import manual_seed
 
 __version__ = "0.1.0"
 
 __all__ = ["functional", "nn", "optim", "reference", "walkthrough", "manual_seed",
-           "set_num_threads", "get_num_threads", "__version__"]
+           "set_num_threads", "get_num_threads", "kernel_isa", "__version__"]

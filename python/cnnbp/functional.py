@@ -18,6 +18,8 @@ with a message that starts with the op's name, e.g. ``[conv2d] weight: expected 
     loss = cross_entropy(logits, labels);          dz = cross_entropy_backward(logits, labels)
 
 Losses are means over the batch, like torch's default reduction='mean'.
+``conv2d_workspace_bytes(x_shape, w_shape, stride, padding, dtype)`` reports the scratch
+memory a convolution allocates: a few images' worth per thread, never the whole batch.
 stride, padding and kernel_size take an int or an (h, w) pair.
 """
 
@@ -32,6 +34,7 @@ from ._core import (
     binary_cross_entropy_with_logits_backward,
     conv2d,
     conv2d_backward,
+    conv2d_workspace_bytes,
     cross_entropy,
     cross_entropy_backward,
     linear,
@@ -70,7 +73,7 @@ def flatten_backward(dF, x_shape):
 
 __all__ = [
     "output_size",
-    "conv2d", "conv2d_backward",
+    "conv2d", "conv2d_backward", "conv2d_workspace_bytes",
     "max_pool2d", "max_pool2d_backward",
     "relu", "relu_backward",
     "sigmoid", "sigmoid_backward",

@@ -25,4 +25,10 @@ template <typename T>
 void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T* input,
                      const T* weight, const Conv2dDims& dims);
 
+// Bytes of workspace the largest of forward, dinput and dweight allocates for these dims
+// with `threads` threads (0 for the direct loops of tiny problems). It is bounded by a few
+// images' worth per thread plus 8 partial dweights: it does not grow with the batch.
+template <typename T>
+int64_t conv2d_workspace_bytes(const Conv2dDims& dims, int64_t threads);
+
 }  // namespace cnnbp

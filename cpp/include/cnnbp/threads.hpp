@@ -1,4 +1,4 @@
-// cnnbp/threads.hpp -- how many threads the kernels use.
+// cnnbp/threads.hpp -- how many threads the kernels use, and which instruction set.
 //
 // Kernels split their work among OpenMP threads when there is enough of it; every output
 // element is computed by one thread in a fixed order, so results are the same for any
@@ -14,5 +14,12 @@ namespace cnnbp {
 void set_num_threads(int64_t n);
 // The number of threads the next kernel may use (omp_get_max_threads), 1 without OpenMP.
 int64_t get_num_threads();
+
+// The instruction set the kernels were chosen for at run time: "avx512", "avx2" or
+// "generic". The environment variable CNNBP_ISA (same names) caps it, for testing.
+const char* kernel_isa();
+// GFLOP/s of the float GEMM micro-kernel on one thread with its data in L1, measured for
+// about `seconds`: this machine's practical arithmetic peak, for benchmarks.
+double micro_kernel_gflops(double seconds);
 
 }  // namespace cnnbp
