@@ -18,14 +18,13 @@ import time
 import numpy as np
 
 import cnnbp
-from cnnbp import functional as F, nn, optim
+from cnnbp import _core, functional as F, nn, optim
 
 try:
     import torch
 except ImportError:  # the table then shows cnnbp alone
     torch = None
 
-PEAK_GFLOPS_PER_CORE = 260.0  # float32, AVX-512 FMA with two units, this machine's cores
 
 
 def conv_case(N, C, H, K, R, pad):
@@ -136,7 +135,7 @@ def small_cnn_case():
 
 
 def median_seconds(fn, rounds, min_time=0.02):
-    """Median over `rounds` of the mean time of a batch of calls lasting >= min_time."""
+    """`rounds` samples, each the mean time of a batch of calls lasting >= min_time."""
     start = time.perf_counter()
     fn()
     once = max(time.perf_counter() - start, 1e-7)
@@ -159,6 +158,17 @@ def interleaved(ours, theirs, rounds):
     return statistics.median(a), (statistics.median(b) if b else None)
 
 
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def fmt_time(s):
     return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms"
 
@@ -170,7 +180,7 @@ def main():
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     parser.add_argument("--only", default="", help="run cases whose name contains this")
     args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    cnnbp.set_num_threads(args.threads)
     if torch is not None:
         torch.set_num_threads(args.threads)
 
@@ -178,6 +188,10 @@ def main():
              conv_case(32, 32, 32, 64, 3, 1), conv_case(16, 64, 56, 64, 3, 1),
              pool_case((64, 8, 26, 26)), pool_case((32, 64, 32, 32)),
              seed_step_case(), small_cnn_case()]
+    # the practical peak: the float micro-kernel on one core with its data in L1
+    peak_per_core = _core._micro_kernel_gflops(0.5)
+    print(f"kernels: {cnnbp.kernel_isa()}, micro-kernel peak {peak_per_core:.0f} GFLOP/s per "
+          f"core, {args.threads} threads", flush=True)
     rows = []
     for name, ours, theirs, rate in cases:
         if args.only not in name:
@@ -190,14 +204,15 @@ def main():
             unit, amount = rate
             row["rate"] = f"{amount / t_ours:.1f} {unit}"
             if unit == "GFLOP/s":
-                peak = PEAK_GFLOPS_PER_CORE * args.threads
+                peak = peak_per_core * args.threads
                 row["peak"] = f"{100 * amount / t_ours / peak:.0f}%"
         rows.append(row)
         print(f"{name:45s} cnnbp {row['cnnbp']:>10s}  {row['rate']:>16s} {row['peak']:>4s}  "
               f"torch {row['torch']:>10s}  speed-up {row['speedup']}", flush=True)
 
     if args.markdown:
-        print(f"\n{platform.processor() or platform.machine()}, {args.threads} threads, "
+        print(f"\n{cpu_name()}, {args.threads} threads, kernels {cnnbp.kernel_isa()}, "
+              f"micro-kernel peak {peak_per_core:.0f} GFLOP/s per core; "
               f"torch {torch.__version__ if torch else 'not installed'}, cnnbp {cnnbp.__version__}\n")
         print("| case | cnnbp | rate | % of peak | PyTorch | speed-up |")
         print("|---|---|---|---|---|---|")
