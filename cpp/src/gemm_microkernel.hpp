@@ -18,6 +18,31 @@
 
 namespace {
 
+// C tile (+)= the accumulators acc[MR][NV] (vectors of W): whole vectors for a full tile,
+// the m x n corner through memory otherwise.
+template <typename T, int W, int MR, int NV, typename V>
+inline void store_tile(const V (&acc)[MR][NV], T* __restrict c, int64_t ldc, bool accumulate, int m,
+                       int n) {
+    typedef T VU __attribute__((vector_size(W * sizeof(T)), aligned(sizeof(T)), may_alias));
+    constexpr int NR = W * NV;
+    if (m == MR && n == NR) {
+#pragma GCC unroll 32
+        for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+            for (int j = 0; j < NV; ++j) {
+                VU* cp = reinterpret_cast<VU*>(c + i * ldc + j * W);
+                *cp = accumulate ? *cp + acc[i][j] : acc[i][j];
+            }
+        return;
+    }
+    T tile[MR * NR];
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NV; ++j) *reinterpret_cast<VU*>(tile + i * NR + j * W) = acc[i][j];
+    for (int i = 0; i < m; ++i)
+        for (int j = 0; j < n; ++j)
+            c[i * ldc + j] = accumulate ? c[i * ldc + j] + tile[i * NR + j] : tile[i * NR + j];
+}
+
 template <typename T, int W, int MR, int NV>
 void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* __restrict c,
                   int64_t ldc, bool accumulate, int m, int n) {
@@ -40,22 +65,7 @@ void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* _
             for (int j = 0; j < NV; ++j) acc[i][j] += av * bv[j];
         }
     }
-    if (m == MR && n == NR) {
-#pragma GCC unroll 32
-        for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 8
-            for (int j = 0; j < NV; ++j) {
-                VU* cp = reinterpret_cast<VU*>(c + i * ldc + j * W);
-                *cp = accumulate ? *cp + acc[i][j] : acc[i][j];
-            }
-        return;
-    }
-    T tile[MR * NR];  // the corner of a partial tile goes through memory
-    for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NV; ++j) *reinterpret_cast<VU*>(tile + i * NR + j * W) = acc[i][j];
-    for (int i = 0; i < m; ++i)
-        for (int j = 0; j < n; ++j)
-            c[i * ldc + j] = accumulate ? c[i * ldc + j] + tile[i * NR + j] : tile[i * NR + j];
+    store_tile<T, W, MR, NV>(acc, c, ldc, accumulate, m, n);
 }
 
 // The same tile with B read straight from an image instead of a packed panel: row k of B
@@ -68,7 +78,6 @@ void tap_kernel(int64_t kc, const T* __restrict a, const int64_t* __restrict off
                 int n) {
     typedef T V __attribute__((vector_size(W * sizeof(T))));
     typedef T VU __attribute__((vector_size(W * sizeof(T)), aligned(sizeof(T)), may_alias));
-    constexpr int NR = W * NV;
     V acc[MR][NV];
 #pragma GCC unroll 32
     for (int i = 0; i < MR; ++i)
@@ -86,22 +95,7 @@ void tap_kernel(int64_t kc, const T* __restrict a, const int64_t* __restrict off
             for (int j = 0; j < NV; ++j) acc[i][j] += av * bv[j];
         }
     }
-    if (m == MR && n == NR) {
-#pragma GCC unroll 32
-        for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 8
-            for (int j = 0; j < NV; ++j) {
-                VU* cp = reinterpret_cast<VU*>(c + i * ldc + j * W);
-                *cp = accumulate ? *cp + acc[i][j] : acc[i][j];
-            }
-        return;
-    }
-    T tile[MR * NR];
-    for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NV; ++j) *reinterpret_cast<VU*>(tile + i * NR + j * W) = acc[i][j];
-    for (int i = 0; i < m; ++i)
-        for (int j = 0; j < n; ++j)
-            c[i * ldc + j] = accumulate ? c[i * ldc + j] + tile[i * NR + j] : tile[i * NR + j];
+    store_tile<T, W, MR, NV>(acc, c, ldc, accumulate, m, n);
 }
 
 // The tile with A read in place instead: row i of A starts at in + a_offsets[i] and runs
@@ -133,22 +127,7 @@ void gather_a_kernel(int64_t kc, const T* __restrict in, const int64_t* __restri
             for (int j = 0; j < NV; ++j) acc[i][j] += av * bv[j];
         }
     }
-    if (m == MR && n == NR) {
-#pragma GCC unroll 32
-        for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 8
-            for (int j = 0; j < NV; ++j) {
-                VU* cp = reinterpret_cast<VU*>(c + i * ldc + j * W);
-                *cp = accumulate ? *cp + acc[i][j] : acc[i][j];
-            }
-        return;
-    }
-    T tile[MR * NR];
-    for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NV; ++j) *reinterpret_cast<VU*>(tile + i * NR + j * W) = acc[i][j];
-    for (int i = 0; i < m; ++i)
-        for (int j = 0; j < n; ++j)
-            c[i * ldc + j] = accumulate ? c[i * ldc + j] + tile[i * NR + j] : tile[i * NR + j];
+    store_tile<T, W, MR, NV>(acc, c, ldc, accumulate, m, n);
 }
 
 // The dot-product form, for products whose operands both run along k in memory:
