@@ -232,6 +232,15 @@ void copy_into_padded(T* padded, const T* image, const Conv2dDims& d) {
                       padded + (c * Hp + h + prm.pad_h) * Wp + prm.pad_w);
 }
 
+// Elements a padded (C, Hp, Wp) stack needs when grid pixels o < reach read every tap at
+// o + offset: the last rows run past the planes by up to S-1 values (plus a tile's
+// rounding), which must exist and be zero -- the grid's margin multiplies them by zero,
+// and uninitialized memory could hold NaN.
+int64_t padded_stack_size(const Conv2dDims& d, int64_t Hp, int64_t Wp, int64_t reach) {
+    const int64_t last_tap = (d.C - 1) * Hp * Wp + (d.R - 1) * Wp + (d.S - 1);
+    return std::max(d.C * Hp * Wp, last_tap + reach);
+}
+
 // Offsets of the filter taps (c,r,s) in a padded (C, Hp, Wp) stack.
 std::vector<int64_t> tap_offsets(const Conv2dDims& d, int64_t Hp, int64_t Wp) {
     std::vector<int64_t> offsets;
@@ -254,8 +263,7 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
     const auto& uk = detail::kernels_for_cpu<T>().tap_for(d.K);
     const int64_t grid = d.P * Wp;  // outputs on the padded-width grid
     const int64_t grid_padded = (grid + uk.NR - 1) / uk.NR * uk.NR;
-    // tiles read up to NR values past the last grid pixel of the last tap
-    const int64_t padded_size = d.C * Hp * Wp + uk.NR;
+    const int64_t padded_size = padded_stack_size(d, Hp, Wp, grid_padded);
     detail::PackedA<T> packed_weight;  // weight (K x CRS), shared by every image
     packed_weight.pack(weight, CRS, 1, d.K, CRS, uk.MR);
     const std::vector<int64_t> tap_offset = tap_offsets(d, Hp, Wp);
@@ -320,9 +328,10 @@ void dweight_padded(T* dweight, T* dbias, const T* doutput, const T* input, cons
     detail::parallel_for_if(
         d.N * d.K * PQ * CRS >= kMinConvParallelWork, chunks,
         [&](int64_t chunk_begin, int64_t chunk_end) {
-            detail::Scratch<T> padded(d.C * Hp * Wp);
+            const int64_t padded_size = padded_stack_size(d, Hp, Wp, grid);
+            detail::Scratch<T> padded(padded_size);                 // (C, Hp, Wp) + overrun
             detail::Scratch<T> dout_panels(panels * grid * gk.NR);  // (panels, grid, NR)
-            std::fill(padded.data(), padded.data() + d.C * Hp * Wp, T(0));
+            std::fill(padded.data(), padded.data() + padded_size, T(0));
             for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
                 const int64_t n_begin = d.N * chunk / chunks, n_end = d.N * (chunk + 1) / chunks;
                 T* dwt = dweight ? partial_wt.data() + chunk * KCRS : nullptr;
@@ -577,7 +586,7 @@ int64_t conv2d_workspace_bytes(const Conv2dDims& d, int64_t threads) {
         const int64_t Hp = f.H + 2 * f.params.pad_h, Wp = f.W + 2 * f.params.pad_w;
         const int64_t grid_padded = (f.P * Wp + tk.NR - 1) / tk.NR * tk.NR;
         const int64_t fCRS = f.C * f.R * f.S;
-        const int64_t per_thread = f.C * Hp * Wp + tk.NR + f.K * grid_padded;
+        const int64_t per_thread = padded_stack_size(f, Hp, Wp, grid_padded) + f.K * grid_padded;
         return int64_t(sizeof(T)) * ((f.K + tk.MR) * fCRS + workers * per_thread) +
                int64_t(sizeof(int64_t)) * fCRS;
     };
@@ -591,8 +600,9 @@ int64_t conv2d_workspace_bytes(const Conv2dDims& d, int64_t threads) {
         unit ? padded_forward(d) : packed_gemm(d.K, CRS, detail::b_buffer_size(kernels.gemm));
     int64_t dinput;
     if (dinput_as_forward(d)) {
-        const Conv2dDims f{d.N, d.K, d.P, d.Q, d.C, d.R, d.S, d.H, d.W,
-                           Conv2dParams{1, 1, d.R - 1 - prm.pad_h, d.S - 1 - prm.pad_w}};
+        const Conv2dDims f{
+            d.N, d.K, d.P, d.Q, d.C,
+            d.R, d.S, d.H, d.W, Conv2dParams{1, 1, d.R - 1 - prm.pad_h, d.S - 1 - prm.pad_w}};
         dinput = int64_t(sizeof(T)) * KCRS + padded_forward(f);
     } else {
         dinput = packed_gemm(CRS, d.K,
@@ -605,7 +615,7 @@ int64_t conv2d_workspace_bytes(const Conv2dDims& d, int64_t threads) {
         const int64_t Hp = d.H + 2 * prm.pad_h, Wp = d.W + 2 * prm.pad_w;
         const int64_t panels = (d.K + gk.NR - 1) / gk.NR;
         dweight += int64_t(sizeof(T)) * std::min(threads, chunks) *
-                       (d.C * Hp * Wp + panels * d.P * Wp * gk.NR) +
+                       (padded_stack_size(d, Hp, Wp, d.P * Wp) + panels * d.P * Wp * gk.NR) +
                    int64_t(sizeof(int64_t)) * CRS;
     } else {
         const int64_t chunk_pixels = (d.N + chunks - 1) / chunks * PQ;
@@ -618,7 +628,7 @@ int64_t conv2d_workspace_bytes(const Conv2dDims& d, int64_t threads) {
 
 #define CNNBP_INSTANTIATE(T)                                                              \
     template void conv2d_forward<T>(T*, const T*, const T*, const T*, const Conv2dDims&); \
-    template int64_t conv2d_workspace_bytes<T>(const Conv2dDims&, int64_t);                  \
+    template int64_t conv2d_workspace_bytes<T>(const Conv2dDims&, int64_t);               \
     template void conv2d_backward<T>(T*, T*, T*, const T*, const T*, const T*, const Conv2dDims&);
 CNNBP_INSTANTIATE(float)
 CNNBP_INSTANTIATE(double)
