@@ -1,12 +1,11 @@
 // Chooses the micro-kernels from the CPU's features, once.
 #include "gemm.hpp"
 
-#include "cnnbp/threads.hpp"
-
 #include <chrono>
-#include <cstdlib>
-#include <string>
 #include <vector>
+
+#include "cnnbp/threads.hpp"
+#include "isa.hpp"
 
 namespace cnnbp::detail {
 
@@ -21,19 +20,18 @@ KernelSet<double> kernels_avx512_f64();
 
 namespace {
 
-// The widest instruction set the CPU supports, capped by the environment variable
-// CNNBP_ISA ("generic", "avx2" or "avx512") so the narrower kernels can be tested on a
-// wide machine. A cap the CPU cannot honour selects the best it can.
+// The kernel set for cpu_isa(); a build without the x86 kernels has only the baseline.
 template <typename T>
 KernelSet<T> choose(KernelSet<T> (*generic)(), KernelSet<T> (*avx2)(), KernelSet<T> (*avx512)()) {
-    const char* cap = std::getenv("CNNBP_ISA");
-    const std::string limit = cap ? cap : "";
-    const int level = limit == "generic" ? 0 : limit == "avx2" ? 1 : 2;  // unknown: no cap
 #if defined(CNNBP_HAVE_X86_KERNELS)
-    __builtin_cpu_init();
-    const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (level >= 2 && __builtin_cpu_supports("avx512f")) return avx512();
-    if (level >= 1 && has_avx2) return avx2();
+    switch (cpu_isa()) {
+        case Isa::avx512:
+            return avx512();
+        case Isa::avx2:
+            return avx2();
+        default:
+            break;
+    }
 #else
     (void)avx2;
     (void)avx512;
