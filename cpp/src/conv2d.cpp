@@ -300,6 +300,47 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
         });
 }
 
+// dweight and dbias of a tiny problem by direct loops on the calling thread, summing
+// over the batch in order: packing would cost more than the arithmetic.
+//   dweight[k,c,r,s] = sum_{n,p,q} doutput[n,k,p,q] * input[n,c,p*sh-ph+r,q*sw-pw+s]
+template <typename T>
+void dweight_direct(T* dweight, T* dbias, const T* doutput, const T* input, const Conv2dDims& d) {
+    const auto& p = d.params;
+    const int64_t PQ = d.P * d.Q, HW = d.H * d.W;
+    if (dbias)
+        for (int64_t k = 0; k < d.K; ++k) {
+            T sum = 0;
+            for (int64_t n = 0; n < d.N; ++n)
+                sum += sum_fixed_order(doutput + (n * d.K + k) * PQ, PQ);
+            dbias[k] = sum;
+        }
+    if (!dweight) return;
+    for (int64_t kc = 0; kc < d.K * d.C; ++kc) {
+        const int64_t k = kc / d.C, c = kc % d.C;
+        for (int64_t r = 0; r < d.R; ++r) {
+            int64_t p_lo, p_hi;
+            valid_range(d.P, d.H, p.stride_h, p.pad_h, r, p_lo, p_hi);
+            for (int64_t s = 0; s < d.S; ++s) {
+                int64_t q_lo, q_hi;
+                valid_range(d.Q, d.W, p.stride_w, p.pad_w, s, q_lo, q_hi);
+                const int64_t col = s - p.pad_w;  // input column of output column 0
+                T sum = 0;
+                for (int64_t n = 0; n < d.N; ++n) {
+                    const T* plane = input + (n * d.C + c) * HW;
+                    const T* dout = doutput + (n * d.K + k) * PQ;
+                    for (int64_t op = p_lo; op < p_hi; ++op) {
+                        const T* in_row = plane + (op * p.stride_h - p.pad_h + r) * d.W;
+                        const T* dout_row = dout + op * d.Q;
+                        for (int64_t oq = q_lo; oq < q_hi; ++oq)
+                            sum += dout_row[oq] * in_row[oq * p.stride_w + col];
+                    }
+                }
+                dweight[(kc * d.R + r) * d.S + s] = sum;
+            }
+        }
+    }
+}
+
 // dweight in place needs unit strides; below the narrowest gather panel of filters the
 // dot-product path is faster (measured), and it serves every strided convolution.
 template <typename T>
@@ -500,6 +541,10 @@ void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T*
         });
     }
 
+    if ((dweight || dbias) && tiny) {
+        dweight_direct(dweight, dbias, doutput, input, d);
+        return;
+    }
     if ((dweight || dbias) && dweight_in_place<T>(d)) {
         dweight_padded(dweight, dbias, doutput, input, d);
         return;
