@@ -1,0 +1,262 @@
+// cnnbp/nn.hpp -- layers, a sequential container, losses and optimizers in C++, with the
+// same names, weight layouts and semantics as the Python package (and PyTorch).
+//
+// Every layer keeps what its backward needs and shows it afterwards: input(), output(),
+// grad_output() and grad_input(), and each parameter's value and accumulated grad -- the
+// per-layer trace. forward() keeps a reference to its input: keep the input alive until
+// backward() has run. Parameter gradients accumulate across backward() calls until
+// zero_grad(), as in PyTorch. Errors are std::invalid_argument with "[op] ..." messages.
+//
+//   cnnbp::nn::Sequential<double> model;
+//   model.add(std::make_unique<cnnbp::nn::Conv2d<double>>(1, 1, 3)) ... ;
+//   cnnbp::nn::BCELoss<double> loss;  cnnbp::nn::SGD<double> sgd(model.parameters(), 0.1);
+//   double L = cnnbp::nn::train_step(model, x, y, loss, sgd);
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cnnbp/shapes.hpp"
+
+namespace cnnbp::nn {
+
+// An owning, dense, C-contiguous array.
+template <typename T>
+struct Tensor {
+    Shape shape;
+    std::vector<T> data;
+
+    Tensor() = default;
+    explicit Tensor(Shape s, T fill = T(0))
+        : shape(std::move(s)), data(size_t(numel(shape)), fill) {}
+    Tensor(Shape s, std::vector<T> values);  // values.size() must equal numel(s)
+    int64_t size() const { return int64_t(data.size()); }
+    // Give the tensor this shape, reusing its storage; contents are unspecified.
+    void resize(const Shape& s);
+};
+
+// A trainable tensor and its gradient. Until the first backward after a zero_grad() there
+// is no gradient (torch's None): has_grad() is false, and grad keeps its storage (stale
+// values) for reuse.
+template <typename T>
+struct Parameter {
+    Tensor<T> value;
+    Tensor<T> grad;
+    bool grad_set = false;
+    bool has_grad() const { return grad_set; }
+    void clear_grad() { grad_set = false; }
+};
+
+// Seeds the generator that initializes new layers (Kaiming-uniform, as torch's default).
+void manual_seed(uint64_t seed);
+
+template <typename T>
+class Layer {
+ public:
+    virtual ~Layer() = default;
+    // output = layer(input); input must stay alive until backward().
+    virtual const Tensor<T>& forward(const Tensor<T>& input) = 0;
+    // grad_input from grad_output; parameter gradients are accumulated.
+    virtual const Tensor<T>& backward(const Tensor<T>& grad_output) = 0;
+    // (name, parameter) pairs with torch's names: "weight", "bias".
+    virtual std::vector<std::pair<std::string, Parameter<T>*>> named_parameters() { return {}; }
+    // "Conv2d", "ReLU", ...
+    virtual std::string type() const = 0;
+
+    // the trace of the last forward and backward
+    const Tensor<T>* input() const { return input_; }
+    virtual const Tensor<T>& output() const { return output_; }
+    const Tensor<T>* grad_output() const { return grad_output_; }
+    virtual const Tensor<T>& grad_input() const { return grad_input_; }
+
+ protected:
+    const Tensor<T>* input_ = nullptr;
+    const Tensor<T>* grad_output_ = nullptr;
+    Tensor<T> output_, grad_input_;
+};
+
+template <typename T>
+class Conv2d : public Layer<T> {
+ public:
+    // weight (out_channels, in_channels, k, k), bias (out_channels,)
+    Conv2d(int64_t in_channels, int64_t out_channels, int64_t kernel_size, int64_t stride = 1,
+           int64_t padding = 0, bool bias = true);
+    const Tensor<T>& forward(const Tensor<T>& input) override;
+    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+    std::vector<std::pair<std::string, Parameter<T>*>> named_parameters() override;
+    std::string type() const override { return "Conv2d"; }
+    Parameter<T> weight, bias;
+    Conv2dParams params;
+
+ private:
+    bool has_bias_;
+    Conv2dDims dims_{};
+    Tensor<T> dweight_, dbias_;
+};
+
+template <typename T>
+class Linear : public Layer<T> {
+ public:
+    // weight (out_features, in_features), bias (out_features,)
+    Linear(int64_t in_features, int64_t out_features, bool bias = true);
+    const Tensor<T>& forward(const Tensor<T>& input) override;
+    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+    std::vector<std::pair<std::string, Parameter<T>*>> named_parameters() override;
+    std::string type() const override { return "Linear"; }
+    Parameter<T> weight, bias;
+
+ private:
+    bool has_bias_;
+    LinearDims dims_{};
+    Tensor<T> dweight_, dbias_;
+};
+
+template <typename T>
+class MaxPool2d : public Layer<T> {
+ public:
+    // stride 0 means stride = kernel_size (torch's default)
+    explicit MaxPool2d(int64_t kernel_size, int64_t stride = 0, int64_t padding = 0);
+    const Tensor<T>& forward(const Tensor<T>& input) override;
+    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+    std::string type() const override { return "MaxPool2d"; }
+    Pool2dParams params;
+    std::vector<int64_t> indices;  // argmax of the last forward, flat h*W+w per plane
+
+ private:
+    Pool2dDims dims_{};
+};
+
+template <typename T>
+class ReLU : public Layer<T> {
+ public:
+    const Tensor<T>& forward(const Tensor<T>& input) override;
+    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+    std::string type() const override { return "ReLU"; }
+};
+
+template <typename T>
+class Sigmoid : public Layer<T> {
+ public:
+    const Tensor<T>& forward(const Tensor<T>& input) override;
+    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+    std::string type() const override { return "Sigmoid"; }
+};
+
+// (N, ...) -> (N, product of the rest)
+template <typename T>
+class Flatten : public Layer<T> {
+ public:
+    const Tensor<T>& forward(const Tensor<T>& input) override;
+    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+    std::string type() const override { return "Flatten"; }
+};
+
+template <typename T>
+class Sequential : public Layer<T> {
+ public:
+    Sequential& add(std::unique_ptr<Layer<T>> layer);
+    const Tensor<T>& forward(const Tensor<T>& input) override;
+    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+    // "0.weight", "0.bias", "4.weight", ...
+    std::vector<std::pair<std::string, Parameter<T>*>> named_parameters() override;
+    std::vector<Parameter<T>*> parameters();
+    void zero_grad();
+    std::string type() const override { return "Sequential"; }
+    // the last layer's output and the first layer's grad_input
+    const Tensor<T>& output() const override;
+    const Tensor<T>& grad_input() const override;
+    size_t size() const { return layers_.size(); }
+    Layer<T>& operator[](size_t i) { return *layers_.at(i); }
+
+ private:
+    std::vector<std::unique_ptr<Layer<T>>> layers_;
+    std::vector<Parameter<T>*> parameters_;  // every layer's, in order; kept by add()
+};
+
+// Losses: the mean over the batch; backward() returns dL/d input of the last call.
+template <typename T>
+class Loss {
+ public:
+    virtual ~Loss() = default;
+    virtual double forward(const Tensor<T>& input, const Tensor<T>& target) = 0;
+    virtual const Tensor<T>& backward() = 0;
+
+ protected:
+    const Tensor<T>* input_ = nullptr;
+    const Tensor<T>* target_ = nullptr;
+    Tensor<T> grad_input_;
+};
+
+template <typename T>
+class BCELoss : public Loss<T> {  // input: probabilities in [0, 1]
+ public:
+    double forward(const Tensor<T>& input, const Tensor<T>& target) override;
+    const Tensor<T>& backward() override;
+};
+
+template <typename T>
+class BCEWithLogitsLoss : public Loss<T> {  // input: logits
+ public:
+    double forward(const Tensor<T>& input, const Tensor<T>& target) override;
+    const Tensor<T>& backward() override;
+};
+
+template <typename T>
+class CrossEntropyLoss : public Loss<T> {  // input (N, K) logits, target (N,) class indices
+ public:
+    double forward(const Tensor<T>& input, const Tensor<T>& target) override;
+    const Tensor<T>& backward() override;
+
+ private:
+    std::vector<int64_t> labels_;
+};
+
+template <typename T>
+class Optimizer {
+ public:
+    explicit Optimizer(std::vector<Parameter<T>*> params) : params_(std::move(params)) {}
+    virtual ~Optimizer() = default;
+    virtual void step() = 0;  // parameters without a gradient are skipped
+    void zero_grad();
+
+ protected:
+    std::vector<Parameter<T>*> params_;
+};
+
+// torch.optim.SGD
+template <typename T>
+class SGD : public Optimizer<T> {
+ public:
+    SGD(std::vector<Parameter<T>*> params, double lr, double momentum = 0.0,
+        double weight_decay = 0.0, double dampening = 0.0, bool nesterov = false);
+    void step() override;
+
+ private:
+    double lr_, momentum_, weight_decay_, dampening_;
+    bool nesterov_;
+    std::vector<std::vector<T>> buffers_;
+};
+
+// torch.optim.Adam (amsgrad off; weight decay added to the gradient)
+template <typename T>
+class Adam : public Optimizer<T> {
+ public:
+    Adam(std::vector<Parameter<T>*> params, double lr = 1e-3, double beta1 = 0.9,
+         double beta2 = 0.999, double eps = 1e-8, double weight_decay = 0.0);
+    void step() override;
+
+ private:
+    double lr_, beta1_, beta2_, eps_, weight_decay_;
+    std::vector<int64_t> steps_;
+    std::vector<std::vector<T>> first_, second_;
+};
+
+// zero_grad, forward, loss, backward, optimizer step: returns the loss.
+template <typename T>
+double train_step(Sequential<T>& model, const Tensor<T>& input, const Tensor<T>& target,
+                  Loss<T>& loss, Optimizer<T>& optimizer);
+
+}  // namespace cnnbp::nn

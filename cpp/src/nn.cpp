@@ -1,0 +1,490 @@
+// Layers, Sequential, losses and optimizers over the kernels (see cnnbp/nn.hpp).
+#include "cnnbp/nn.hpp"
+
+#include <cmath>
+#include <stdexcept>
+
+#include "cnnbp/activation.hpp"
+#include "cnnbp/conv2d.hpp"
+#include "cnnbp/linear.hpp"
+#include "cnnbp/loss.hpp"
+#include "cnnbp/optim.hpp"
+#include "cnnbp/pool2d.hpp"
+
+namespace cnnbp::nn {
+
+namespace {
+
+std::mt19937_64& generator() {
+    static std::mt19937_64 engine{std::random_device{}()};
+    return engine;
+}
+
+// torch's default for conv and linear: kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(fan_in), +)
+template <typename T>
+Tensor<T> kaiming_uniform(Shape shape, int64_t fan_in) {
+    const double bound = 1.0 / std::sqrt(double(fan_in));
+    std::uniform_real_distribution<double> uniform(-bound, bound);
+    Tensor<T> t(std::move(shape));
+    for (T& v : t.data) v = T(uniform(generator()));
+    return t;
+}
+
+void check_positive(const char* op, const char* name, int64_t value) {
+    if (value < 1)
+        throw std::invalid_argument(std::string("[") + op + "] " + name + ": expected >= 1, got " +
+                                    std::to_string(value));
+}
+
+// grad (+)= delta: the first backward sets the gradient, later ones add to it.
+template <typename T>
+void accumulate(Parameter<T>& p, const Tensor<T>& delta) {
+    if (!p.grad_set) {
+        p.grad.shape = delta.shape;
+        p.grad.data.assign(delta.data.begin(), delta.data.end());  // reuses the storage
+        p.grad_set = true;
+        return;
+    }
+    for (size_t i = 0; i < delta.data.size(); ++i) p.grad.data[i] += delta.data[i];
+}
+
+template <typename T>
+const Tensor<T>& require_forward(const Tensor<T>* input, const char* op) {
+    if (!input) throw std::logic_error(std::string("[") + op + "] backward called before forward");
+    return *input;
+}
+
+}  // namespace
+
+void manual_seed(uint64_t seed) { generator().seed(seed); }
+
+template <typename T>
+Tensor<T>::Tensor(Shape s, std::vector<T> values) : shape(std::move(s)), data(std::move(values)) {
+    if (int64_t(data.size()) != numel(shape))
+        throw std::invalid_argument("[Tensor] values: expected " + std::to_string(numel(shape)) +
+                                    " for shape " + shape_str(shape) + ", got " +
+                                    std::to_string(data.size()));
+}
+
+template <typename T>
+void Tensor<T>::resize(const Shape& s) {
+    shape = s;
+    data.resize(size_t(numel(s)));
+}
+
+// ---- Conv2d ------------------------------------------------------------------------------
+
+template <typename T>
+Conv2d<T>::Conv2d(int64_t in_channels, int64_t out_channels, int64_t kernel_size, int64_t stride,
+                  int64_t padding, bool bias)
+    : params{stride, stride, padding, padding}, has_bias_(bias) {
+    check_positive("Conv2d", "in_channels", in_channels);
+    check_positive("Conv2d", "out_channels", out_channels);
+    check_positive("Conv2d", "kernel_size", kernel_size);
+    const int64_t fan_in = in_channels * kernel_size * kernel_size;
+    weight.value =
+        kaiming_uniform<T>({out_channels, in_channels, kernel_size, kernel_size}, fan_in);
+    if (bias) this->bias.value = kaiming_uniform<T>({out_channels}, fan_in);
+}
+
+template <typename T>
+const Tensor<T>& Conv2d<T>::forward(const Tensor<T>& input) {
+    dims_ = conv2d_dims(input.shape, weight.value.shape, has_bias_ ? &bias.value.shape : nullptr,
+                        params);
+    this->input_ = &input;
+    this->output_.resize({dims_.N, dims_.K, dims_.P, dims_.Q});
+    conv2d_forward(this->output_.data.data(), input.data.data(), weight.value.data.data(),
+                   has_bias_ ? bias.value.data.data() : nullptr, dims_);
+    return this->output_;
+}
+
+template <typename T>
+const Tensor<T>& Conv2d<T>::backward(const Tensor<T>& grad_output) {
+    const Tensor<T>& input = require_forward(this->input_, "Conv2d");
+    conv2d_check_doutput(dims_, grad_output.shape);
+    this->grad_output_ = &grad_output;
+    this->grad_input_.resize(input.shape);
+    dweight_.resize(weight.value.shape);
+    dbias_.resize({dims_.K});
+    conv2d_backward(this->grad_input_.data.data(), dweight_.data.data(),
+                    has_bias_ ? dbias_.data.data() : nullptr, grad_output.data.data(),
+                    input.data.data(), weight.value.data.data(), dims_);
+    accumulate(weight, dweight_);
+    if (has_bias_) accumulate(bias, dbias_);
+    return this->grad_input_;
+}
+
+template <typename T>
+std::vector<std::pair<std::string, Parameter<T>*>> Conv2d<T>::named_parameters() {
+    if (has_bias_) return {{"weight", &weight}, {"bias", &bias}};
+    return {{"weight", &weight}};
+}
+
+// ---- Linear ------------------------------------------------------------------------------
+
+template <typename T>
+Linear<T>::Linear(int64_t in_features, int64_t out_features, bool bias) : has_bias_(bias) {
+    check_positive("Linear", "in_features", in_features);
+    check_positive("Linear", "out_features", out_features);
+    weight.value = kaiming_uniform<T>({out_features, in_features}, in_features);
+    if (bias) this->bias.value = kaiming_uniform<T>({out_features}, in_features);
+}
+
+template <typename T>
+const Tensor<T>& Linear<T>::forward(const Tensor<T>& input) {
+    dims_ = linear_dims(input.shape, weight.value.shape, has_bias_ ? &bias.value.shape : nullptr);
+    this->input_ = &input;
+    Shape out = input.shape;
+    out.back() = dims_.OUT;
+    this->output_.resize(out);
+    linear_forward(this->output_.data.data(), input.data.data(), weight.value.data.data(),
+                   has_bias_ ? bias.value.data.data() : nullptr, dims_);
+    return this->output_;
+}
+
+template <typename T>
+const Tensor<T>& Linear<T>::backward(const Tensor<T>& grad_output) {
+    const Tensor<T>& input = require_forward(this->input_, "Linear");
+    linear_check_doutput(dims_, input.shape, grad_output.shape);
+    this->grad_output_ = &grad_output;
+    this->grad_input_.resize(input.shape);
+    dweight_.resize(weight.value.shape);
+    dbias_.resize({dims_.OUT});
+    linear_backward(this->grad_input_.data.data(), dweight_.data.data(),
+                    has_bias_ ? dbias_.data.data() : nullptr, grad_output.data.data(),
+                    input.data.data(), weight.value.data.data(), dims_);
+    accumulate(weight, dweight_);
+    if (has_bias_) accumulate(bias, dbias_);
+    return this->grad_input_;
+}
+
+template <typename T>
+std::vector<std::pair<std::string, Parameter<T>*>> Linear<T>::named_parameters() {
+    if (has_bias_) return {{"weight", &weight}, {"bias", &bias}};
+    return {{"weight", &weight}};
+}
+
+// ---- MaxPool2d, activations, Flatten -------------------------------------------------------
+
+template <typename T>
+MaxPool2d<T>::MaxPool2d(int64_t kernel_size, int64_t stride, int64_t padding)
+    : params{kernel_size, kernel_size, stride ? stride : kernel_size, stride ? stride : kernel_size,
+             padding,     padding} {}
+
+template <typename T>
+const Tensor<T>& MaxPool2d<T>::forward(const Tensor<T>& input) {
+    dims_ = pool2d_dims("max_pool2d", input.shape, params);
+    this->input_ = &input;
+    this->output_.resize({dims_.N, dims_.C, dims_.P, dims_.Q});
+    indices.resize(size_t(this->output_.size()));
+    max_pool2d_forward(this->output_.data.data(), indices.data(), input.data.data(), dims_);
+    return this->output_;
+}
+
+template <typename T>
+const Tensor<T>& MaxPool2d<T>::backward(const Tensor<T>& grad_output) {
+    const Tensor<T>& input = require_forward(this->input_, "MaxPool2d");
+    check_same_shape("max_pool2d_backward", "output", this->output_.shape, "doutput",
+                     grad_output.shape);
+    this->grad_output_ = &grad_output;
+    this->grad_input_.resize(input.shape);
+    max_pool2d_backward(this->grad_input_.data.data(), grad_output.data.data(), indices.data(),
+                        dims_);
+    return this->grad_input_;
+}
+
+template <typename T>
+const Tensor<T>& ReLU<T>::forward(const Tensor<T>& input) {
+    this->input_ = &input;
+    this->output_.resize(input.shape);
+    relu_forward(this->output_.data.data(), input.data.data(), input.size());
+    return this->output_;
+}
+
+template <typename T>
+const Tensor<T>& ReLU<T>::backward(const Tensor<T>& grad_output) {
+    const Tensor<T>& input = require_forward(this->input_, "ReLU");
+    check_same_shape("relu_backward", "z", input.shape, "doutput", grad_output.shape);
+    this->grad_output_ = &grad_output;
+    this->grad_input_.resize(input.shape);
+    relu_backward(this->grad_input_.data.data(), grad_output.data.data(), input.data.data(),
+                  input.size());
+    return this->grad_input_;
+}
+
+template <typename T>
+const Tensor<T>& Sigmoid<T>::forward(const Tensor<T>& input) {
+    this->input_ = &input;
+    this->output_.resize(input.shape);
+    sigmoid_forward(this->output_.data.data(), input.data.data(), input.size());
+    return this->output_;
+}
+
+template <typename T>
+const Tensor<T>& Sigmoid<T>::backward(const Tensor<T>& grad_output) {
+    require_forward(this->input_, "Sigmoid");
+    check_same_shape("sigmoid_backward", "a", this->output_.shape, "doutput", grad_output.shape);
+    this->grad_output_ = &grad_output;
+    this->grad_input_.resize(this->output_.shape);
+    sigmoid_backward(this->grad_input_.data.data(), grad_output.data.data(),
+                     this->output_.data.data(), this->output_.size());
+    return this->grad_input_;
+}
+
+template <typename T>
+const Tensor<T>& Flatten<T>::forward(const Tensor<T>& input) {
+    if (input.shape.empty())
+        throw std::invalid_argument(
+            "[flatten] input: expected at least 1 dim (N, ...), got shape " +
+            shape_str(input.shape));
+    this->input_ = &input;
+    const int64_t n = input.shape[0];
+    this->output_.shape = {n, n ? input.size() / n : 0};
+    this->output_.data = input.data;  // the trace owns its own copy
+    return this->output_;
+}
+
+template <typename T>
+const Tensor<T>& Flatten<T>::backward(const Tensor<T>& grad_output) {
+    const Tensor<T>& input = require_forward(this->input_, "Flatten");
+    check_same_shape("flatten_backward", "output", this->output_.shape, "dF", grad_output.shape);
+    this->grad_output_ = &grad_output;
+    this->grad_input_.shape = input.shape;
+    this->grad_input_.data = grad_output.data;
+    return this->grad_input_;
+}
+
+// ---- Sequential ----------------------------------------------------------------------------
+
+template <typename T>
+Sequential<T>& Sequential<T>::add(std::unique_ptr<Layer<T>> layer) {
+    if (!layer) throw std::invalid_argument("[Sequential] layer: expected a layer, got null");
+    for (auto& named : layer->named_parameters()) parameters_.push_back(named.second);
+    layers_.push_back(std::move(layer));
+    return *this;
+}
+
+template <typename T>
+const Tensor<T>& Sequential<T>::forward(const Tensor<T>& input) {
+    if (layers_.empty()) throw std::invalid_argument("[Sequential] expected at least one layer");
+    this->input_ = &input;
+    const Tensor<T>* x = &input;
+    for (auto& layer : layers_) x = &layer->forward(*x);
+    return *x;
+}
+
+template <typename T>
+const Tensor<T>& Sequential<T>::backward(const Tensor<T>& grad_output) {
+    if (layers_.empty()) throw std::invalid_argument("[Sequential] expected at least one layer");
+    this->grad_output_ = &grad_output;
+    const Tensor<T>* g = &grad_output;
+    for (auto it = layers_.rbegin(); it != layers_.rend(); ++it) g = &(*it)->backward(*g);
+    return *g;
+}
+
+template <typename T>
+const Tensor<T>& Sequential<T>::output() const {
+    return layers_.empty() ? this->output_ : layers_.back()->output();
+}
+
+template <typename T>
+const Tensor<T>& Sequential<T>::grad_input() const {
+    return layers_.empty() ? this->grad_input_ : layers_.front()->grad_input();
+}
+
+template <typename T>
+std::vector<std::pair<std::string, Parameter<T>*>> Sequential<T>::named_parameters() {
+    std::vector<std::pair<std::string, Parameter<T>*>> out;
+    for (size_t i = 0; i < layers_.size(); ++i)
+        for (auto& [name, p] : layers_[i]->named_parameters())
+            out.emplace_back(std::to_string(i) + "." + name, p);
+    return out;
+}
+
+template <typename T>
+std::vector<Parameter<T>*> Sequential<T>::parameters() {
+    return parameters_;
+}
+
+template <typename T>
+void Sequential<T>::zero_grad() {
+    for (Parameter<T>* p : parameters_) p->clear_grad();
+}
+
+// ---- losses --------------------------------------------------------------------------------
+
+template <typename T>
+double BCELoss<T>::forward(const Tensor<T>& input, const Tensor<T>& target) {
+    const char* op = "binary_cross_entropy";
+    check_bce_shapes(op, input.shape, target.shape);
+    check_probabilities(op, input.data.data(), input.size());
+    this->input_ = &input, this->target_ = &target;
+    return binary_cross_entropy_forward(input.data.data(), target.data.data(), input.size());
+}
+
+template <typename T>
+const Tensor<T>& BCELoss<T>::backward() {
+    const Tensor<T>& input = require_forward(this->input_, "BCELoss");
+    this->grad_input_.resize(input.shape);
+    binary_cross_entropy_backward(this->grad_input_.data.data(), input.data.data(),
+                                  this->target_->data.data(), input.size());
+    return this->grad_input_;
+}
+
+template <typename T>
+double BCEWithLogitsLoss<T>::forward(const Tensor<T>& input, const Tensor<T>& target) {
+    check_bce_shapes("binary_cross_entropy_with_logits", input.shape, target.shape);
+    this->input_ = &input, this->target_ = &target;
+    return binary_cross_entropy_with_logits_forward(input.data.data(), target.data.data(),
+                                                    input.size());
+}
+
+template <typename T>
+const Tensor<T>& BCEWithLogitsLoss<T>::backward() {
+    const Tensor<T>& input = require_forward(this->input_, "BCEWithLogitsLoss");
+    this->grad_input_.resize(input.shape);
+    binary_cross_entropy_with_logits_backward(this->grad_input_.data.data(), input.data.data(),
+                                              this->target_->data.data(), input.size());
+    return this->grad_input_;
+}
+
+template <typename T>
+double CrossEntropyLoss<T>::forward(const Tensor<T>& input, const Tensor<T>& target) {
+    const char* op = "cross_entropy";
+    const auto d = cross_entropy_dims(op, input.shape, target.shape);
+    labels_.resize(size_t(d.N));
+    for (int64_t n = 0; n < d.N; ++n) {
+        const T label = target.data[size_t(n)];
+        if (label != std::floor(label))
+            throw std::invalid_argument(std::string("[") + op +
+                                        "] labels: expected whole class indices, got " +
+                                        std::to_string(label));
+        labels_[size_t(n)] = int64_t(label);
+    }
+    check_labels(op, labels_.data(), d.N, d.K);
+    this->input_ = &input, this->target_ = &target;
+    return cross_entropy_forward(input.data.data(), labels_.data(), d.N, d.K);
+}
+
+template <typename T>
+const Tensor<T>& CrossEntropyLoss<T>::backward() {
+    const Tensor<T>& input = require_forward(this->input_, "CrossEntropyLoss");
+    this->grad_input_.resize(input.shape);
+    cross_entropy_backward(this->grad_input_.data.data(), input.data.data(), labels_.data(),
+                           input.shape[0], input.shape[1]);
+    return this->grad_input_;
+}
+
+// ---- optimizers ----------------------------------------------------------------------------
+
+template <typename T>
+void Optimizer<T>::zero_grad() {
+    for (Parameter<T>* p : params_) p->clear_grad();
+}
+
+template <typename T>
+SGD<T>::SGD(std::vector<Parameter<T>*> params, double lr, double momentum, double weight_decay,
+            double dampening, bool nesterov)
+    : Optimizer<T>(std::move(params)),
+      lr_(lr),
+      momentum_(momentum),
+      weight_decay_(weight_decay),
+      dampening_(dampening),
+      nesterov_(nesterov),
+      buffers_(this->params_.size()) {
+    for (auto [name, value] : {std::pair{"lr", lr}, std::pair{"momentum", momentum},
+                               std::pair{"weight_decay", weight_decay}})
+        if (!(value >= 0))
+            throw std::invalid_argument(std::string("[SGD] ") + name + ": expected >= 0, got " +
+                                        std::to_string(value));
+    if (nesterov && (momentum <= 0 || dampening != 0))
+        throw std::invalid_argument("[SGD] nesterov: expected momentum > 0 and dampening 0");
+}
+
+template <typename T>
+void SGD<T>::step() {
+    const SgdParams p{lr_, momentum_, dampening_, weight_decay_, nesterov_};
+    for (size_t i = 0; i < this->params_.size(); ++i) {
+        Parameter<T>& param = *this->params_[i];
+        if (!param.has_grad()) continue;
+        const bool is_new = momentum_ != 0 && buffers_[i].empty();
+        if (is_new) buffers_[i].resize(param.value.data.size());
+        sgd_step(param.value.data.data(), param.grad.data.data(),
+                 momentum_ != 0 ? buffers_[i].data() : nullptr, is_new, p, param.value.size());
+    }
+}
+
+template <typename T>
+Adam<T>::Adam(std::vector<Parameter<T>*> params, double lr, double beta1, double beta2, double eps,
+              double weight_decay)
+    : Optimizer<T>(std::move(params)),
+      lr_(lr),
+      beta1_(beta1),
+      beta2_(beta2),
+      eps_(eps),
+      weight_decay_(weight_decay),
+      steps_(this->params_.size(), 0),
+      first_(this->params_.size()),
+      second_(this->params_.size()) {
+    for (auto [name, value] :
+         {std::pair{"lr", lr}, std::pair{"eps", eps}, std::pair{"weight_decay", weight_decay}})
+        if (!(value >= 0))
+            throw std::invalid_argument(std::string("[Adam] ") + name + ": expected >= 0, got " +
+                                        std::to_string(value));
+    if (!(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1))
+        throw std::invalid_argument("[Adam] betas: expected values in [0, 1)");
+}
+
+template <typename T>
+void Adam<T>::step() {
+    for (size_t i = 0; i < this->params_.size(); ++i) {
+        Parameter<T>& param = *this->params_[i];
+        if (!param.has_grad()) continue;
+        auto& m = first_[i];
+        auto& v = second_[i];
+        if (m.empty()) m.assign(param.value.data.size(), T(0)), v.assign(m.size(), T(0));
+        const int64_t t = ++steps_[i];
+        const double step_size = lr_ / (1 - std::pow(beta1_, double(t)));
+        const double correction2 = std::sqrt(1 - std::pow(beta2_, double(t)));
+        for (size_t j = 0; j < m.size(); ++j) {
+            double g = double(param.grad.data[j]);
+            if (weight_decay_ != 0) g += weight_decay_ * double(param.value.data[j]);
+            m[j] = T(double(m[j]) + (1 - beta1_) * (g - double(m[j])));
+            v[j] = T(beta2_ * double(v[j]) + (1 - beta2_) * g * g);
+            const double denom = std::sqrt(double(v[j])) / correction2 + eps_;
+            param.value.data[j] = T(double(param.value.data[j]) - step_size * double(m[j]) / denom);
+        }
+    }
+}
+
+template <typename T>
+double train_step(Sequential<T>& model, const Tensor<T>& input, const Tensor<T>& target,
+                  Loss<T>& loss, Optimizer<T>& optimizer) {
+    model.zero_grad();
+    const double value = loss.forward(model.forward(input), target);
+    model.backward(loss.backward());
+    optimizer.step();
+    return value;
+}
+
+#define CNNBP_INSTANTIATE(T)                                                                    \
+    template struct Tensor<T>;                                                                  \
+    template class Conv2d<T>;                                                                   \
+    template class Linear<T>;                                                                   \
+    template class MaxPool2d<T>;                                                                \
+    template class ReLU<T>;                                                                     \
+    template class Sigmoid<T>;                                                                  \
+    template class Flatten<T>;                                                                  \
+    template class Sequential<T>;                                                               \
+    template class BCELoss<T>;                                                                  \
+    template class BCEWithLogitsLoss<T>;                                                        \
+    template class CrossEntropyLoss<T>;                                                         \
+    template class Optimizer<T>;                                                                \
+    template class SGD<T>;                                                                      \
+    template class Adam<T>;                                                                     \
+    template double train_step<T>(Sequential<T>&, const Tensor<T>&, const Tensor<T>&, Loss<T>&, \
+                                  Optimizer<T>&);
+CNNBP_INSTANTIATE(float)
+CNNBP_INSTANTIATE(double)
+
+}  // namespace cnnbp::nn

@@ -1,0 +1,185 @@
+// The C++ model API: layers, Sequential, losses, optimizers and the per-layer trace.
+#include <cmath>
+#include <memory>
+#include <random>
+
+#include "check.hpp"
+#include "cnnbp/cnnbp.hpp"
+
+using namespace cnnbp;
+using namespace cnnbp::nn;
+using V = std::vector<double>;
+
+namespace {
+
+// The derivation's network with given weights (Conv2d 1->1 3x3, ReLU, MaxPool 2, Flatten,
+// Linear 4->1, Sigmoid).
+Sequential<double> seed_network(const V& W1, double B1, const V& W2, double B2) {
+    Sequential<double> model;
+    auto conv = std::make_unique<Conv2d<double>>(1, 1, 3);
+    conv->weight.value.data = W1;
+    conv->bias.value.data = {B1};
+    auto fc = std::make_unique<Linear<double>>(4, 1);
+    fc->weight.value.data = W2;
+    fc->bias.value.data = {B2};
+    model.add(std::move(conv))
+        .add(std::make_unique<ReLU<double>>())
+        .add(std::make_unique<MaxPool2d<double>>(2))
+        .add(std::make_unique<Flatten<double>>())
+        .add(std::move(fc))
+        .add(std::make_unique<Sigmoid<double>>());
+    return model;
+}
+
+V values(size_t count, unsigned seed, double scale = 1.0) {
+    std::mt19937 gen(seed);
+    std::uniform_real_distribution<double> dist(-scale, scale);
+    V v(count);
+    for (double& x : v) x = dist(gen);
+    return v;
+}
+
+}  // namespace
+
+TEST_CASE("nn: the seed network through the model API equals the kernel chain") {
+    const V X = values(36, 1), W1 = values(9, 2, 0.5), W2 = values(4, 3, 0.8);
+    auto model = seed_network(W1, 0.05, W2, -0.1);
+    CHECK(model.named_parameters().size() == 4);
+    CHECK(model.named_parameters()[2].first == "4.weight");
+    const Tensor<double> x({1, 1, 6, 6}, X), y({1, 1}, V{1.0});
+    BCELoss<double> loss;
+    const double L = loss.forward(model.forward(x), y);
+    model.backward(loss.backward());
+
+    // the same step chained from the kernels
+    const auto conv = conv2d_dims({1, 1, 6, 6}, {1, 1, 3, 3}, nullptr, {});
+    const auto pool = pool2d_dims("max_pool2d", {1, 1, 4, 4}, {2, 2, 2, 2, 0, 0});
+    const auto fc = linear_dims({1, 4}, {1, 4}, nullptr);
+    V Z1(16), A1(16), P1(4), Z2(1), A2(1), B1{0.05}, B2{-0.1}, Y{1.0};
+    std::vector<int64_t> idx(4);
+    conv2d_forward(Z1.data(), X.data(), W1.data(), B1.data(), conv);
+    relu_forward(A1.data(), Z1.data(), 16);
+    max_pool2d_forward(P1.data(), idx.data(), A1.data(), pool);
+    linear_forward(Z2.data(), P1.data(), W2.data(), B2.data(), fc);
+    sigmoid_forward(A2.data(), Z2.data(), 1);
+    CHECK_CLOSE(&L, (V{binary_cross_entropy_forward(A2.data(), Y.data(), 1)}), 0, 1e-15);
+    V dA2(1), dZ2(1), dF(4), dW2(4), dB2(1), dA1(16), dZ1(16), dX(36), dW1(9), dB1(1);
+    binary_cross_entropy_backward(dA2.data(), A2.data(), Y.data(), 1);
+    sigmoid_backward(dZ2.data(), dA2.data(), A2.data(), 1);
+    linear_backward(dF.data(), dW2.data(), dB2.data(), dZ2.data(), P1.data(), W2.data(), fc);
+    max_pool2d_backward(dA1.data(), dF.data(), idx.data(), pool);
+    relu_backward(dZ1.data(), dA1.data(), Z1.data(), 16);
+    conv2d_backward(dX.data(), dW1.data(), dB1.data(), dZ1.data(), X.data(), W1.data(), conv);
+
+    auto params = model.parameters();
+    CHECK_CLOSE(params[0]->grad.data.data(), dW1, 0, 1e-15);
+    CHECK_CLOSE(params[1]->grad.data.data(), dB1, 0, 1e-15);
+    CHECK_CLOSE(params[2]->grad.data.data(), dW2, 0, 1e-15);
+    CHECK_CLOSE(params[3]->grad.data.data(), dB2, 0, 1e-15);
+    CHECK_CLOSE(model.grad_input().data.data(), dX, 0, 1e-15);
+    // the trace: every intermediate, by layer
+    CHECK_CLOSE(model[0].output().data.data(), Z1, 0, 1e-15);
+    CHECK_CLOSE(model[4].grad_input().data.data(), dF, 0, 1e-15);
+    CHECK_CLOSE(model[1].grad_input().data.data(), dZ1, 0, 1e-15);
+}
+
+TEST_CASE("nn: the trace links the layers; gradients accumulate until zero_grad") {
+    auto model = seed_network(values(9, 4, 0.5), 0.1, values(4, 5), 0.2);
+    const Tensor<double> x({2, 1, 6, 6}, values(72, 6)), y({2, 1}, V{1.0, 0.0});
+    BCELoss<double> loss;
+    loss.forward(model.forward(x), y);
+    model.backward(loss.backward());
+    CHECK(model[0].input() == &x);
+    for (size_t i = 0; i + 1 < model.size(); ++i) {
+        CHECK(model[i + 1].input() == &model[i].output());         // output i is input i + 1
+        CHECK(model[i].grad_output() == &model[i + 1].grad_input());  // and back again
+    }
+    const V once = model.parameters()[0]->grad.data;
+    loss.forward(model.forward(x), y);
+    model.backward(loss.backward());
+    V twice(once.size());
+    for (size_t i = 0; i < once.size(); ++i) twice[i] = 2 * once[i];
+    CHECK_CLOSE(model.parameters()[0]->grad.data.data(), twice, 1e-15, 1e-14);
+    model.zero_grad();
+    for (auto* p : model.parameters()) CHECK(!p->has_grad());
+}
+
+TEST_CASE("nn: parameter gradients of a strided model against finite differences") {
+    Sequential<double> model;
+    model.add(std::make_unique<Conv2d<double>>(2, 3, 3, 2, 1))
+        .add(std::make_unique<ReLU<double>>())
+        .add(std::make_unique<MaxPool2d<double>>(2, 1))
+        .add(std::make_unique<Flatten<double>>())
+        .add(std::make_unique<Linear<double>>(3 * 3 * 3, 4));
+    const Tensor<double> x({2, 2, 7, 7}, values(196, 7)), labels({2}, V{1, 3});
+    CrossEntropyLoss<double> loss;
+    auto objective = [&] { return loss.forward(model.forward(x), labels); };
+    objective();
+    model.backward(loss.backward());
+    const double h = 1e-6;
+    for (auto& [name, p] : model.named_parameters()) {
+        V numeric(p->value.data.size());
+        for (size_t i = 0; i < numeric.size(); ++i) {
+            const double saved = p->value.data[i];
+            p->value.data[i] = saved + h;
+            const double plus = objective();
+            p->value.data[i] = saved - h;
+            const double minus = objective();
+            p->value.data[i] = saved;
+            numeric[i] = (plus - minus) / (2 * h);
+        }
+        CHECK_CLOSE(p->grad.data.data(), numeric, 1e-8, 1e-5);
+    }
+}
+
+TEST_CASE("nn: SGD and Adam apply torch's update rules; train_step learns") {
+    Parameter<double> p;
+    p.value = Tensor<double>({3}, V{1.0, -2.0, 0.5});
+    p.grad = Tensor<double>({3}, V{0.1, 0.2, -0.3});
+    p.grad_set = true;
+    SGD<double> sgd({&p}, 0.5, 0.9);
+    sgd.step();  // first step: buffer = g, p -= lr * g
+    CHECK_CLOSE(p.value.data.data(), (V{0.95, -2.1, 0.65}), 0, 1e-15);
+    sgd.step();  // buffer = 0.9 * g + g
+    CHECK_CLOSE(p.value.data.data(), (V{0.855, -2.29, 0.935}), 0, 1e-14);
+
+    Parameter<double> q;
+    q.value = Tensor<double>({2}, V{1.0, -1.0});
+    q.grad = Tensor<double>({2}, V{0.5, -0.25});
+    q.grad_set = true;
+    Adam<double> adam({&q}, 0.1);
+    adam.step();  // bias-corrected first step moves each value by lr * sign(g)
+    CHECK_CLOSE(q.value.data.data(), (V{0.9, -0.9}), 0, 1e-7);
+
+    // a small CNN on a fixed batch: the loss falls
+    manual_seed(3);
+    Sequential<float> model;
+    model.add(std::make_unique<Conv2d<float>>(1, 8, 3))
+        .add(std::make_unique<ReLU<float>>())
+        .add(std::make_unique<MaxPool2d<float>>(2))
+        .add(std::make_unique<Conv2d<float>>(8, 16, 3))
+        .add(std::make_unique<ReLU<float>>())
+        .add(std::make_unique<MaxPool2d<float>>(2))
+        .add(std::make_unique<Flatten<float>>())
+        .add(std::make_unique<Linear<float>>(400, 10));
+    const V pixels = values(8 * 28 * 28, 9);
+    const Tensor<float> x({8, 1, 28, 28}, std::vector<float>(pixels.begin(), pixels.end()));
+    const Tensor<float> labels({8}, std::vector<float>{0, 1, 2, 3, 4, 5, 6, 7});
+    CrossEntropyLoss<float> loss;
+    SGD<float> opt(model.parameters(), 0.1, 0.9);
+    const double first = train_step(model, x, labels, loss, opt);
+    double last = first;
+    for (int i = 0; i < 30; ++i) last = train_step(model, x, labels, loss, opt);
+    CHECK(last < 0.5 * first);
+}
+
+TEST_CASE("nn: bad input is refused with the kernels' messages") {
+    Conv2d<double> conv(2, 3, 3);
+    const Tensor<double> wrong({1, 1, 6, 6});
+    CHECK_THROWS(conv.forward(wrong), "[conv2d] weight: expected 1 input channels");
+    CrossEntropyLoss<double> ce;
+    const Tensor<double> logits({2, 3}), labels({2}, V{0, 3});
+    CHECK_THROWS(ce.forward(logits, labels), "[cross_entropy] labels: expected class indices");
+    CHECK_THROWS(SGD<double>({}, -1.0), "[SGD] lr: expected >= 0");
+    CHECK_THROWS(Linear<double>(0, 2), "[Linear] in_features: expected >= 1, got 0");
+}
