@@ -66,3 +66,67 @@ def test_example_matches_the_walkthrough(example, seed, label, lr, steps):
     for name in ("dL/dW1", "dL/dB1", "dL/dW2", "dL/dB2", "dL/dX"):
         np.testing.assert_allclose(grads[name], np.ravel(result[name]), rtol=1e-12, atol=1e-15,
                                    err_msg=name)
+
+
+# ---- model files between Python and C++ -------------------------------------------------
+
+import cnnbp  # noqa: E402
+from cnnbp import nn  # noqa: E402
+
+
+def interop_model(dtype):
+    nn.manual_seed(8)
+    return nn.Sequential(nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0), dtype=dtype),
+                         nn.ReLU(), nn.MaxPool2d(2, stride=1), nn.Flatten(),
+                         nn.Linear(3 * 3 * 3, 4, bias=False, dtype=dtype), nn.Sigmoid())
+
+
+def run_model(example, *args):
+    binary = example[0].parent / "run_model"
+    return subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_python_model_runs_in_cpp_and_cpp_copy_loads_in_python(example, dtype):
+    work = example[1]
+    model = interop_model(dtype)
+    x = np.random.default_rng(4).standard_normal((2, 2, 8, 5)).astype(dtype)
+    saved, copy, inputs = (work / f"{np.dtype(dtype)}_{n}" for n in ("model.npz", "copy.npz",
+                                                                      "input.txt"))
+    model.save(saved)
+    inputs.write_text(" ".join(map(str, x.shape)) + "\n" + " ".join(repr(float(v)) for v in x.ravel()))
+    proc = run_model(example, saved, inputs, copy)
+    assert proc.returncode == 0, proc.stderr
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    expected = model(x)
+    assert tuple(int(d) for d in lines["shape"].split()) == expected.shape
+    got = np.array([float(v) for v in lines["values"].split()], dtype=dtype)
+    np.testing.assert_array_equal(got, expected.ravel())  # the same kernels: the same bits
+    # the file C++ wrote loads in Python as the same model
+    reloaded = cnnbp.load(copy)
+    for (name, p), (_, q) in zip(model.named_parameters(), reloaded.named_parameters()):
+        np.testing.assert_array_equal(p.data, q.data, err_msg=name)
+    np.testing.assert_array_equal(reloaded(x), expected)
+
+
+def test_cpp_refuses_hostile_files(example):
+    work = example[1]
+    good = work / "good.npz"
+    interop_model(np.float32).save(good)
+    with np.load(good) as contents:
+        arrays = {k: contents[k] for k in contents.files}
+    inputs = work / "one.txt"
+    inputs.write_text("1 2 8 5\n" + " ".join(["0.5"] * 80))
+    cases = {
+        "pickle.npz": dict(arrays, **{"0.weight": np.array([{}], dtype=object)}),
+        "missing.npz": {k: v for k, v in arrays.items() if k != "4.weight"},
+    }
+    for name, content in cases.items():
+        np.savez(work / name, **content)
+    (work / "truncated.npz").write_bytes(good.read_bytes()[:300])
+    np.savez_compressed(work / "compressed.npz", **arrays)
+    for name in ("pickle.npz", "missing.npz", "truncated.npz", "compressed.npz"):
+        proc = run_model(example, work / name, inputs)
+        assert proc.returncode == 2, (name, proc.stdout, proc.stderr)
+        assert "[load]" in proc.stderr, (name, proc.stderr)

@@ -1,6 +1,7 @@
 // Layers, Sequential, losses and optimizers over the kernels (see cnnbp/nn.hpp).
 #include "cnnbp/nn.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 
@@ -77,16 +78,20 @@ void Tensor<T>::resize(const Shape& s) {
 template <typename T>
 Conv2d<T>::Conv2d(int64_t in_channels, int64_t out_channels, int64_t kernel_size, int64_t stride,
                   int64_t padding, bool bias)
-    : params{stride, stride, padding, padding}, has_bias_(bias) {
+    : Conv2d(in_channels, out_channels, {kernel_size, kernel_size}, {stride, stride},
+             {padding, padding}, bias) {}
+
+template <typename T>
+Conv2d<T>::Conv2d(int64_t in_channels, int64_t out_channels, std::array<int64_t, 2> kernel,
+                  std::array<int64_t, 2> stride, std::array<int64_t, 2> padding, bool bias)
+    : params{stride[0], stride[1], padding[0], padding[1]}, has_bias_(bias) {
     check_positive("Conv2d", "in_channels", in_channels);
     check_positive("Conv2d", "out_channels", out_channels);
-    check_positive("Conv2d", "kernel_size", kernel_size);
-    const int64_t fan_in = in_channels * kernel_size * kernel_size;
-    weight.value =
-        kaiming_uniform<T>({out_channels, in_channels, kernel_size, kernel_size}, fan_in);
+    check_positive("Conv2d", "kernel_size", std::min(kernel[0], kernel[1]));
+    const int64_t fan_in = in_channels * kernel[0] * kernel[1];
+    weight.value = kaiming_uniform<T>({out_channels, in_channels, kernel[0], kernel[1]}, fan_in);
     if (bias) this->bias.value = kaiming_uniform<T>({out_channels}, fan_in);
 }
-
 template <typename T>
 const Tensor<T>& Conv2d<T>::forward(const Tensor<T>& input) {
     dims_ = conv2d_dims(input.shape, weight.value.shape, has_bias_ ? &bias.value.shape : nullptr,
@@ -168,8 +173,14 @@ std::vector<std::pair<std::string, Parameter<T>*>> Linear<T>::named_parameters()
 
 template <typename T>
 MaxPool2d<T>::MaxPool2d(int64_t kernel_size, int64_t stride, int64_t padding)
-    : params{kernel_size, kernel_size, stride ? stride : kernel_size, stride ? stride : kernel_size,
-             padding,     padding} {}
+    : MaxPool2d({kernel_size, kernel_size},
+                {stride ? stride : kernel_size, stride ? stride : kernel_size},
+                {padding, padding}) {}
+
+template <typename T>
+MaxPool2d<T>::MaxPool2d(std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
+                        std::array<int64_t, 2> padding)
+    : params{kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1]} {}
 
 template <typename T>
 const Tensor<T>& MaxPool2d<T>::forward(const Tensor<T>& input) {

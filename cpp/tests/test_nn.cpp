@@ -1,5 +1,8 @@
 // The C++ model API: layers, Sequential, losses, optimizers and the per-layer trace.
 #include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iterator>
 #include <memory>
 #include <random>
 
@@ -182,4 +185,48 @@ TEST_CASE("nn: bad input is refused with the kernels' messages") {
     CHECK_THROWS(ce.forward(logits, labels), "[cross_entropy] labels: expected class indices");
     CHECK_THROWS(SGD<double>({}, -1.0), "[SGD] lr: expected >= 0");
     CHECK_THROWS(Linear<double>(0, 2), "[Linear] in_features: expected >= 1, got 0");
+}
+
+TEST_CASE("nn: model files round-trip and refuse damaged files") {
+    manual_seed(11);
+    Sequential<double> model;
+    model.add(std::make_unique<Conv2d<double>>(2, 3, std::array<int64_t, 2>{3, 2},
+                                               std::array<int64_t, 2>{2, 1},
+                                               std::array<int64_t, 2>{1, 0}, true))
+        .add(std::make_unique<ReLU<double>>())
+        .add(std::make_unique<MaxPool2d<double>>(2))
+        .add(std::make_unique<Flatten<double>>())
+        .add(std::make_unique<Linear<double>>(3 * 2 * 2, 2, false))
+        .add(std::make_unique<Sigmoid<double>>());
+    const Tensor<double> x({2, 2, 8, 5}, values(160, 12));
+    const V expected = model.forward(x).data;
+    const std::string path = "cnnbp_test_model.npz";
+    save(model, path);
+    CHECK(model_file_dtype(path) == "float64");
+    auto loaded = load<double>(path);
+    CHECK(loaded.size() == 6);
+    CHECK_CLOSE(loaded.forward(x).data.data(), expected, 0, 0);
+    CHECK_THROWS(load<float>(path), "[load] dtype: expected float32, got float64");
+
+    // damaged copies: truncated, a flipped byte in the JSON, garbage
+    std::string bytes;
+    {
+        std::ifstream in(path, std::ios::binary);
+        bytes.assign(std::istreambuf_iterator<char>(in), {});
+    }
+    auto write = [&](const std::string& content) {
+        std::ofstream out(path, std::ios::binary | std::ios::trunc);
+        out << content;
+    };
+    write(bytes.substr(0, bytes.size() / 2));
+    CHECK_THROWS(load<double>(path), "[load] file:");
+    std::string broken = bytes;
+    const size_t brace = broken.find("{\"format\"");
+    CHECK(brace != std::string::npos);
+    broken[brace] = '[';
+    write(broken);
+    CHECK_THROWS(load<double>(path), "[load] architecture");
+    write("not a zip file at all, just text that is long enough");
+    CHECK_THROWS(load<double>(path), "[load] file:");
+    std::remove(path.c_str());
 }

@@ -11,9 +11,10 @@ depend on them. ``kernel_isa()`` names the instruction set the kernels chose at 
 
 from . import functional, nn, optim, reference, walkthrough
 from ._core import get_num_threads, kernel_isa, set_num_threads
+from .model_file import load
 from .nn import manual_seed
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "nn", "optim", "reference", "walkthrough", "manual_seed",
+__all__ = ["functional", "nn", "optim", "reference", "walkthrough", "manual_seed", "load",
            "set_num_threads", "get_num_threads", "kernel_isa", "__version__"]

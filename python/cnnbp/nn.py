@@ -150,11 +150,20 @@ class Module:
         self.grad_input = dx
         return dx
 
+    def config(self):
+        """The architecture entry of a model file: the type and constructor arguments."""
+        return {"type": type(self).__name__}
+
     def extra_repr(self) -> str:
         return ""
 
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"
+
+
+def _pair(v):
+    """An int or an (h, w) pair as a list [h, w] of ints (the model file's form)."""
+    return [int(v), int(v)] if np.isscalar(v) else [int(x) for x in v]
 
 
 def _kaiming_uniform(shape, fan_in, dtype):
@@ -189,6 +198,13 @@ class Conv2d(Module):
                                        self.stride, self.padding)
         return self._finish_backward(dx, dw, db)
 
+    def config(self):
+        """The architecture entry of a model file."""
+        return {"type": "Conv2d", "in_channels": int(self.in_channels),
+                "out_channels": int(self.out_channels), "kernel_size": _pair(self.kernel_size),
+                "stride": _pair(self.stride), "padding": _pair(self.padding),
+                "bias": self.bias is not None}
+
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")
@@ -216,6 +232,11 @@ class MaxPool2d(Module):
         out = super().trace()
         out["indices"] = self.indices
         return out
+
+    def config(self):
+        stride = self.kernel_size if self.stride is None else self.stride
+        return {"type": "MaxPool2d", "kernel_size": _pair(self.kernel_size),
+                "stride": _pair(stride), "padding": _pair(self.padding)}
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
@@ -288,6 +309,10 @@ class Linear(Module):
         dx, dw, db = F.linear_backward(grad_output, self.input, self.weight.data)
         return self._finish_backward(dx, dw, db)
 
+    def config(self):
+        return {"type": "Linear", "in_features": int(self.in_features),
+                "out_features": int(self.out_features), "bias": self.bias is not None}
+
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}")
@@ -334,6 +359,12 @@ class Sequential(Module):
     def zero_grad(self) -> None:
         for layer in self.layers:
             layer.zero_grad()
+
+    def save(self, path) -> None:
+        """Write the architecture and weights to one .npz model file (cnnbp.load reads it,
+        and so does the C++ library). A temporary file is renamed over `path`."""
+        from .model_file import save
+        save(self, path)
 
     def trace(self):
         """One trace per layer: [(name, {"input": ..., "output": ..., ...}), ...]."""

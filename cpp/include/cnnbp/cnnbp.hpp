@@ -5,6 +5,7 @@
 #include "cnnbp/conv2d.hpp"
 #include "cnnbp/linear.hpp"
 #include "cnnbp/loss.hpp"
+#include "cnnbp/model_file.hpp"
 #include "cnnbp/nn.hpp"
 #include "cnnbp/optim.hpp"
 #include "cnnbp/pool2d.hpp"

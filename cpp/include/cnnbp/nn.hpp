@@ -13,6 +13,7 @@
 //   double L = cnnbp::nn::train_step(model, x, y, loss, sgd);
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <random>
@@ -84,6 +85,10 @@ class Conv2d : public Layer<T> {
     // weight (out_channels, in_channels, k, k), bias (out_channels,)
     Conv2d(int64_t in_channels, int64_t out_channels, int64_t kernel_size, int64_t stride = 1,
            int64_t padding = 0, bool bias = true);
+    // (h, w) pairs: weight (out_channels, in_channels, kernel[0], kernel[1])
+    Conv2d(int64_t in_channels, int64_t out_channels, std::array<int64_t, 2> kernel,
+           std::array<int64_t, 2> stride, std::array<int64_t, 2> padding, bool bias = true);
+    bool has_bias() const { return has_bias_; }
     const Tensor<T>& forward(const Tensor<T>& input) override;
     const Tensor<T>& backward(const Tensor<T>& grad_output) override;
     std::vector<std::pair<std::string, Parameter<T>*>> named_parameters() override;
@@ -102,6 +107,7 @@ class Linear : public Layer<T> {
  public:
     // weight (out_features, in_features), bias (out_features,)
     Linear(int64_t in_features, int64_t out_features, bool bias = true);
+    bool has_bias() const { return has_bias_; }
     const Tensor<T>& forward(const Tensor<T>& input) override;
     const Tensor<T>& backward(const Tensor<T>& grad_output) override;
     std::vector<std::pair<std::string, Parameter<T>*>> named_parameters() override;
@@ -119,6 +125,9 @@ class MaxPool2d : public Layer<T> {
  public:
     // stride 0 means stride = kernel_size (torch's default)
     explicit MaxPool2d(int64_t kernel_size, int64_t stride = 0, int64_t padding = 0);
+    // (h, w) pairs
+    MaxPool2d(std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
+              std::array<int64_t, 2> padding);
     const Tensor<T>& forward(const Tensor<T>& input) override;
     const Tensor<T>& backward(const Tensor<T>& grad_output) override;
     std::string type() const override { return "MaxPool2d"; }

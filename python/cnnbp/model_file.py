@@ -1,0 +1,164 @@
+"""Model files: one uncompressed .npz holding the architecture (JSON) and the weights.
+
+    architecture.npy   uint8: UTF-8 JSON {"format": "cnnbp-model", "version": 1,
+                       "dtype": "float32", "layers": [{"type": "Conv2d", ...}, ...]}
+    0.weight.npy ...   every parameter under its torch name, in the model's dtype
+
+The C++ library reads and writes the same files (cnnbp/model_file.hpp). Loading is data
+only: np.load(allow_pickle=False), stored (uncompressed) entries, known layer types, and
+exactly the arrays the architecture implies, with their shapes and dtype; anything else is
+refused with ValueError("[load] ...").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+from . import nn
+
+FORMAT, VERSION = "cnnbp-model", 1
+
+
+def save(model, path) -> None:
+    params = model.named_parameters()
+    dtypes = {p.data.dtype for _, p in params}
+    if len(dtypes) > 1:
+        raise TypeError(f"[save] model: expected one dtype for all parameters, got {sorted(map(str, dtypes))}")
+    dtype = dtypes.pop() if dtypes else np.dtype(np.float32)
+    architecture = {"format": FORMAT, "version": VERSION, "dtype": str(dtype),
+                    "layers": [layer.config() for layer in model]}
+    arrays = {"architecture": np.frombuffer(json.dumps(architecture).encode(), dtype=np.uint8)}
+    arrays.update({name: np.ascontiguousarray(p.data) for name, p in params})
+    path = os.fspath(path)
+    # a half-written file never replaces a good one: write beside it, then rename
+    fd, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def _refuse(what):
+    raise ValueError(f"[load] {what}")
+
+
+def _int(spec, key, where):
+    value = spec.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        _refuse(f"{where}.{key}: expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _pair(spec, key, where):
+    value = spec.get(key)
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+        _refuse(f"{where}.{key}: expected a pair of integers, got {value!r}")
+    return tuple(value)
+
+
+def _bool(spec, key, where):
+    value = spec.get(key)
+    if not isinstance(value, bool):
+        _refuse(f"{where}.{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _build(spec, where, dtype):
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+        _refuse(f"{where}: expected an object with a string \"type\"")
+    kind = spec["type"]
+    if kind == "Conv2d":
+        return nn.Conv2d(_int(spec, "in_channels", where), _int(spec, "out_channels", where),
+                         _pair(spec, "kernel_size", where), _pair(spec, "stride", where),
+                         _pair(spec, "padding", where), _bool(spec, "bias", where), dtype=dtype)
+    if kind == "Linear":
+        return nn.Linear(_int(spec, "in_features", where), _int(spec, "out_features", where),
+                         _bool(spec, "bias", where), dtype=dtype)
+    if kind == "MaxPool2d":
+        return nn.MaxPool2d(_pair(spec, "kernel_size", where), _pair(spec, "stride", where),
+                            _pair(spec, "padding", where))
+    if kind in ("ReLU", "Sigmoid", "Flatten"):
+        return getattr(nn, kind)()
+    _refuse(f"{where}: expected a known layer type, got {kind!r}")
+
+
+def load(path) -> "nn.Sequential":
+    """Rebuild the model saved at `path` (by Python's model.save or C++'s cnnbp::nn::save)."""
+    path = os.fspath(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
+                    _refuse(f"{info.filename}: expected an uncompressed, unencrypted entry")
+        with np.load(path, allow_pickle=False) as contents:
+            arrays = {name: contents[name] for name in contents.files}
+    except ValueError as error:
+        if str(error).startswith("[load]"):
+            raise
+        _refuse(f"file: expected a model file, got an unreadable array ({error})")
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as error:
+        _refuse(f"file: expected a .npz model file, got {type(error).__name__}: {error}")
+
+    raw = arrays.pop("architecture", None)
+    if raw is None:
+        _refuse("file: expected an array 'architecture', got none")
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        _refuse("architecture: expected a 1-D uint8 array of JSON text")
+    try:
+        architecture = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        _refuse(f"architecture: expected valid JSON, got {error}")
+    if not isinstance(architecture, dict) or architecture.get("format") != FORMAT:
+        _refuse(f"architecture: expected format \"{FORMAT}\"")
+    if architecture.get("version") != VERSION:
+        _refuse(f"architecture: expected version {VERSION}, got {architecture.get('version')!r}")
+    dtype = architecture.get("dtype")
+    if dtype not in ("float32", "float64"):
+        _refuse(f"architecture: expected dtype \"float32\" or \"float64\", got {dtype!r}")
+    layers = architecture.get("layers")
+    if not isinstance(layers, list):
+        _refuse("architecture: expected a list \"layers\"")
+
+    # the weights the architecture asks for must be in the file before any is allocated
+    for i, spec in enumerate(layers):
+        if isinstance(spec, dict) and spec.get("type") in ("Conv2d", "Linear"):
+            where = f"architecture: layer {i}"
+            if spec["type"] == "Conv2d":
+                r, s = _pair(spec, "kernel_size", where)
+                count = _int(spec, "out_channels", where) * _int(spec, "in_channels", where) * r * s
+            else:
+                count = _int(spec, "out_features", where) * _int(spec, "in_features", where)
+            weight = arrays.get(f"{i}.weight")
+            if weight is None:
+                _refuse(f"{i}.weight: expected an array, got none")
+            if weight.size != count:
+                _refuse(f"{where}: expected weights that fit in the file, got {count} weights "
+                        f"for an array of {weight.size}")
+
+    model = nn.Sequential(*(_build(spec, f"architecture: layer {i}", np.dtype(dtype))
+                            for i, spec in enumerate(layers)))
+    expected = dict(model.named_parameters())
+    for name in expected:
+        if name not in arrays:
+            _refuse(f"{name}: expected an array, got none")
+    extra = sorted(set(arrays) - set(expected))
+    if extra:
+        _refuse(f"file: expected only the architecture's arrays, got also {extra}")
+    for name, p in expected.items():
+        value = arrays[name]
+        if value.dtype != np.dtype(dtype):
+            _refuse(f"{name}: expected dtype {dtype}, got {value.dtype}")
+        if value.shape != p.data.shape:
+            _refuse(f"{name}: expected shape {p.data.shape}, got shape {value.shape}")
+        p.data = np.ascontiguousarray(value)
+    return model
