@@ -146,3 +146,23 @@ def test_the_walkthrough_network_saves_and_loads(tmp_path):
     x = np.random.default_rng(2).standard_normal((3, 1, 6, 6))
     np.testing.assert_array_equal(loaded(x), model(x))
     assert sum(p.data.size for p in loaded.parameters()) == 15
+
+
+def test_train_step_is_the_four_calls(tmp_path):
+    from cnnbp import optim
+
+    x = batch(F64)
+    y = np.array([[1, 0, 1, 0], [0, 1, 1, 0]], dtype=F64)
+    a, b = every_layer_model(F64), every_layer_model(F64)
+    loss_a, loss_b = nn.BCELoss(), nn.BCELoss()
+    opt_a = optim.SGD(a.parameters(), lr=0.3, momentum=0.9)
+    opt_b = optim.SGD(b.parameters(), lr=0.3, momentum=0.9)
+    for _ in range(3):
+        got = a.train_step(x, y, loss_a, opt_a)
+        b.zero_grad()
+        want = loss_b(b(x), y)
+        b.backward(loss_b.backward())
+        opt_b.step()
+        assert got == want
+    for (_, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        np.testing.assert_array_equal(p.data, q.data)

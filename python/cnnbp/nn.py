@@ -360,6 +360,15 @@ class Sequential(Module):
         for layer in self.layers:
             layer.zero_grad()
 
+    def train_step(self, x, y, loss_fn, optimizer) -> float:
+        """One training step: zero_grad, forward, loss, backward, optimizer.step(); returns
+        the loss. The same as the four calls written out."""
+        self.zero_grad()
+        loss = loss_fn(self.forward(x), y)
+        self.backward(loss_fn.backward())
+        optimizer.step()
+        return loss
+
     def save(self, path) -> None:
         """Write the architecture and weights to one .npz model file (cnnbp.load reads it,
         and so does the C++ library). A temporary file is renamed over `path`."""
