@@ -73,7 +73,26 @@ void Tensor<T>::resize(const Shape& s) {
     data.resize(size_t(numel(s)));
 }
 
-// ---- Conv2d ------------------------------------------------------------------------------
+// ---- WeightedLayer, Conv2d ------------------------------------------------------------------
+
+template <typename T>
+std::vector<std::pair<std::string, Parameter<T>*>> WeightedLayer<T>::named_parameters() {
+    if (has_bias_) return {{"weight", &weight}, {"bias", &bias}};
+    return {{"weight", &weight}};
+}
+
+template <typename T>
+void WeightedLayer<T>::prepare_gradients() {
+    dweight_.resize(weight.value.shape);
+    if (has_bias_) dbias_.resize(bias.value.shape);
+}
+
+template <typename T>
+const Tensor<T>& WeightedLayer<T>::finish_backward() {
+    accumulate(weight, dweight_);
+    if (has_bias_) accumulate(bias, dbias_);
+    return this->grad_input_;
+}
 
 template <typename T>
 Conv2d<T>::Conv2d(int64_t in_channels, int64_t out_channels, int64_t kernel_size, int64_t stride,
@@ -84,22 +103,23 @@ Conv2d<T>::Conv2d(int64_t in_channels, int64_t out_channels, int64_t kernel_size
 template <typename T>
 Conv2d<T>::Conv2d(int64_t in_channels, int64_t out_channels, std::array<int64_t, 2> kernel,
                   std::array<int64_t, 2> stride, std::array<int64_t, 2> padding, bool bias)
-    : params{stride[0], stride[1], padding[0], padding[1]}, has_bias_(bias) {
+    : WeightedLayer<T>(bias), params{stride[0], stride[1], padding[0], padding[1]} {
     check_positive("Conv2d", "in_channels", in_channels);
     check_positive("Conv2d", "out_channels", out_channels);
     check_positive("Conv2d", "kernel_size", std::min(kernel[0], kernel[1]));
     const int64_t fan_in = in_channels * kernel[0] * kernel[1];
-    weight.value = kaiming_uniform<T>({out_channels, in_channels, kernel[0], kernel[1]}, fan_in);
+    this->weight.value =
+        kaiming_uniform<T>({out_channels, in_channels, kernel[0], kernel[1]}, fan_in);
     if (bias) this->bias.value = kaiming_uniform<T>({out_channels}, fan_in);
 }
 template <typename T>
 const Tensor<T>& Conv2d<T>::forward(const Tensor<T>& input) {
-    dims_ = conv2d_dims(input.shape, weight.value.shape, has_bias_ ? &bias.value.shape : nullptr,
-                        params);
+    dims_ = conv2d_dims(input.shape, this->weight.value.shape,
+                        this->has_bias_ ? &this->bias.value.shape : nullptr, params);
     this->input_ = &input;
     this->output_.resize({dims_.N, dims_.K, dims_.P, dims_.Q});
-    conv2d_forward(this->output_.data.data(), input.data.data(), weight.value.data.data(),
-                   has_bias_ ? bias.value.data.data() : nullptr, dims_);
+    conv2d_forward(this->output_.data.data(), input.data.data(), this->weight.value.data.data(),
+                   this->has_bias_ ? this->bias.value.data.data() : nullptr, dims_);
     return this->output_;
 }
 
@@ -109,41 +129,33 @@ const Tensor<T>& Conv2d<T>::backward(const Tensor<T>& grad_output) {
     conv2d_check_doutput(dims_, grad_output.shape);
     this->grad_output_ = &grad_output;
     this->grad_input_.resize(input.shape);
-    dweight_.resize(weight.value.shape);
-    dbias_.resize({dims_.K});
-    conv2d_backward(this->grad_input_.data.data(), dweight_.data.data(),
-                    has_bias_ ? dbias_.data.data() : nullptr, grad_output.data.data(),
-                    input.data.data(), weight.value.data.data(), dims_);
-    accumulate(weight, dweight_);
-    if (has_bias_) accumulate(bias, dbias_);
-    return this->grad_input_;
-}
-
-template <typename T>
-std::vector<std::pair<std::string, Parameter<T>*>> Conv2d<T>::named_parameters() {
-    if (has_bias_) return {{"weight", &weight}, {"bias", &bias}};
-    return {{"weight", &weight}};
+    this->prepare_gradients();
+    conv2d_backward(this->grad_input_.data.data(), this->dweight_.data.data(),
+                    this->has_bias_ ? this->dbias_.data.data() : nullptr, grad_output.data.data(),
+                    input.data.data(), this->weight.value.data.data(), dims_);
+    return this->finish_backward();
 }
 
 // ---- Linear ------------------------------------------------------------------------------
 
 template <typename T>
-Linear<T>::Linear(int64_t in_features, int64_t out_features, bool bias) : has_bias_(bias) {
+Linear<T>::Linear(int64_t in_features, int64_t out_features, bool bias) : WeightedLayer<T>(bias) {
     check_positive("Linear", "in_features", in_features);
     check_positive("Linear", "out_features", out_features);
-    weight.value = kaiming_uniform<T>({out_features, in_features}, in_features);
+    this->weight.value = kaiming_uniform<T>({out_features, in_features}, in_features);
     if (bias) this->bias.value = kaiming_uniform<T>({out_features}, in_features);
 }
 
 template <typename T>
 const Tensor<T>& Linear<T>::forward(const Tensor<T>& input) {
-    dims_ = linear_dims(input.shape, weight.value.shape, has_bias_ ? &bias.value.shape : nullptr);
+    dims_ = linear_dims(input.shape, this->weight.value.shape,
+                        this->has_bias_ ? &this->bias.value.shape : nullptr);
     this->input_ = &input;
     Shape out = input.shape;
     out.back() = dims_.OUT;
     this->output_.resize(out);
-    linear_forward(this->output_.data.data(), input.data.data(), weight.value.data.data(),
-                   has_bias_ ? bias.value.data.data() : nullptr, dims_);
+    linear_forward(this->output_.data.data(), input.data.data(), this->weight.value.data.data(),
+                   this->has_bias_ ? this->bias.value.data.data() : nullptr, dims_);
     return this->output_;
 }
 
@@ -153,20 +165,11 @@ const Tensor<T>& Linear<T>::backward(const Tensor<T>& grad_output) {
     linear_check_doutput(dims_, input.shape, grad_output.shape);
     this->grad_output_ = &grad_output;
     this->grad_input_.resize(input.shape);
-    dweight_.resize(weight.value.shape);
-    dbias_.resize({dims_.OUT});
-    linear_backward(this->grad_input_.data.data(), dweight_.data.data(),
-                    has_bias_ ? dbias_.data.data() : nullptr, grad_output.data.data(),
-                    input.data.data(), weight.value.data.data(), dims_);
-    accumulate(weight, dweight_);
-    if (has_bias_) accumulate(bias, dbias_);
-    return this->grad_input_;
-}
-
-template <typename T>
-std::vector<std::pair<std::string, Parameter<T>*>> Linear<T>::named_parameters() {
-    if (has_bias_) return {{"weight", &weight}, {"bias", &bias}};
-    return {{"weight", &weight}};
+    this->prepare_gradients();
+    linear_backward(this->grad_input_.data.data(), this->dweight_.data.data(),
+                    this->has_bias_ ? this->dbias_.data.data() : nullptr, grad_output.data.data(),
+                    input.data.data(), this->weight.value.data.data(), dims_);
+    return this->finish_backward();
 }
 
 // ---- MaxPool2d, activations, Flatten -------------------------------------------------------
@@ -480,6 +483,7 @@ double train_step(Sequential<T>& model, const Tensor<T>& input, const Tensor<T>&
 
 #define CNNBP_INSTANTIATE(T)                                                                    \
     template struct Tensor<T>;                                                                  \
+    template class WeightedLayer<T>;                                                            \
     template class Conv2d<T>;                                                                   \
     template class Linear<T>;                                                                   \
     template class MaxPool2d<T>;                                                                \

@@ -79,8 +79,27 @@ class Layer {
     Tensor<T> output_, grad_input_;
 };
 
+// A layer with a weight and an optional bias (Conv2d, Linear): their parameters, and the
+// gradient buffers its backward fills before accumulating them.
 template <typename T>
-class Conv2d : public Layer<T> {
+class WeightedLayer : public Layer<T> {
+ public:
+    std::vector<std::pair<std::string, Parameter<T>*>> named_parameters() override;
+    bool has_bias() const { return has_bias_; }
+    Parameter<T> weight, bias;
+
+ protected:
+    explicit WeightedLayer(bool bias) : has_bias_(bias) {}
+    // size the gradient buffers like the parameters
+    void prepare_gradients();
+    // weight.grad (+)= dweight_, bias.grad (+)= dbias_; returns grad_input
+    const Tensor<T>& finish_backward();
+    bool has_bias_;
+    Tensor<T> dweight_, dbias_;
+};
+
+template <typename T>
+class Conv2d : public WeightedLayer<T> {
  public:
     // weight (out_channels, in_channels, k, k), bias (out_channels,)
     Conv2d(int64_t in_channels, int64_t out_channels, int64_t kernel_size, int64_t stride = 1,
@@ -88,36 +107,26 @@ class Conv2d : public Layer<T> {
     // (h, w) pairs: weight (out_channels, in_channels, kernel[0], kernel[1])
     Conv2d(int64_t in_channels, int64_t out_channels, std::array<int64_t, 2> kernel,
            std::array<int64_t, 2> stride, std::array<int64_t, 2> padding, bool bias = true);
-    bool has_bias() const { return has_bias_; }
     const Tensor<T>& forward(const Tensor<T>& input) override;
     const Tensor<T>& backward(const Tensor<T>& grad_output) override;
-    std::vector<std::pair<std::string, Parameter<T>*>> named_parameters() override;
     std::string type() const override { return "Conv2d"; }
-    Parameter<T> weight, bias;
     Conv2dParams params;
 
  private:
-    bool has_bias_;
     Conv2dDims dims_{};
-    Tensor<T> dweight_, dbias_;
 };
 
 template <typename T>
-class Linear : public Layer<T> {
+class Linear : public WeightedLayer<T> {
  public:
     // weight (out_features, in_features), bias (out_features,)
     Linear(int64_t in_features, int64_t out_features, bool bias = true);
-    bool has_bias() const { return has_bias_; }
     const Tensor<T>& forward(const Tensor<T>& input) override;
     const Tensor<T>& backward(const Tensor<T>& grad_output) override;
-    std::vector<std::pair<std::string, Parameter<T>*>> named_parameters() override;
     std::string type() const override { return "Linear"; }
-    Parameter<T> weight, bias;
 
  private:
-    bool has_bias_;
     LinearDims dims_{};
-    Tensor<T> dweight_, dbias_;
 };
 
 template <typename T>
