@@ -7,9 +7,17 @@
 //   forward   output_n (K x PQ)   = weight (K x CRS) . col_n
 //   dinput    dcol_n (CRS x PQ)   = weight^T . doutput_n (K x PQ), then col2im adds into dinput
 //   dweight   dweight (K x CRS)  += doutput_n . col_n^T          (summed over the batch)
-// col is never materialized whole: the forward GEMM packs its blocks straight from the
-// image, dweight builds it a block of pixels at a time.
-// Tiny problems (fewer multiply-adds than a GEMM's packing costs) take direct loops.
+// col is never materialized whole. The paths, by shape:
+//   - tiny problems (fewer multiply-adds than packing costs): direct loops;
+//   - unit strides: each image is copied once into a zero-padded stack, and on the
+//     padded-width output grid every row of col is a contiguous run of that stack, read in
+//     place by the tap and gather micro-kernels (forward_padded, dweight_padded); dinput is
+//     the forward convolution of the padded doutput with the flipped, transposed weight;
+//   - other strides: the forward packs col blocks into the GEMM (forward_gemm), dinput runs
+//     the GEMM into dcol blocks and adds them back (col2im), dweight takes the dot-product
+//     kernel on blocks of col rows.
+// Threads split the batch (or fixed chunks of it for the dweight/dbias sums), so results do
+// not depend on the thread count.
 #include "cnnbp/conv2d.hpp"
 
 #include <algorithm>
