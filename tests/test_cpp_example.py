@@ -130,3 +130,37 @@ def test_cpp_refuses_hostile_files(example):
         proc = run_model(example, work / name, inputs)
         assert proc.returncode == 2, (name, proc.stdout, proc.stderr)
         assert "[load]" in proc.stderr, (name, proc.stderr)
+
+
+def test_damaged_model_files_never_crash_either_loader(example):
+    # random byte flips and truncations: each loader either loads the model or refuses the
+    # file with its "[load]" error, never anything worse
+    import random
+    import warnings
+
+    work = example[1]
+    good = work / "fuzz_good.npz"
+    interop_model(np.float64).save(good)
+    data = good.read_bytes()
+    inputs = work / "fuzz_input.txt"
+    inputs.write_text("1 2 8 5\n" + " ".join(["0.25"] * 80))
+    rng = random.Random(7)
+    for trial in range(60):
+        damaged = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        if trial % 5 == 0:
+            damaged = damaged[: rng.randrange(len(damaged))]
+        path = work / "fuzz_case.npz"
+        path.write_bytes(bytes(damaged))
+        proc = subprocess.run([str(example[0].parent / "run_model"), str(path), str(inputs)],
+                              capture_output=True)
+        assert proc.returncode in (0, 2), (trial, proc.returncode, proc.stderr[-500:])
+        if proc.returncode == 2:
+            assert b"[load]" in proc.stderr, (trial, proc.stderr[-500:])
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cnnbp.load(path)
+        except ValueError as error:
+            assert str(error).startswith("[load]")

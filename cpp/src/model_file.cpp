@@ -251,7 +251,7 @@ std::string npy_bytes(const std::string& descr, const Shape& shape, const void* 
 
 // ---- zip (stored entries only) ---------------------------------------------------------------
 
-uint32_t crc32(const std::string& bytes) {
+uint32_t crc32(const unsigned char* bytes, size_t size) {
     static uint32_t table[256] = {};
     if (!table[1])
         for (uint32_t i = 0; i < 256; ++i) {
@@ -260,7 +260,7 @@ uint32_t crc32(const std::string& bytes) {
             table[i] = c;
         }
     uint32_t crc = 0xFFFFFFFFu;
-    for (unsigned char b : bytes) crc = table[(crc ^ b) & 0xff] ^ (crc >> 8);
+    for (size_t i = 0; i < size; ++i) crc = table[(crc ^ bytes[i]) & 0xff] ^ (crc >> 8);
     return crc ^ 0xFFFFFFFFu;
 }
 
@@ -279,7 +279,8 @@ std::string zip(const std::vector<std::pair<std::string, std::string>>& entries)
     for (const auto& [name, data] : entries) {
         if (data.size() >= 0xFFFFFFFFu || out.size() >= 0xFFFFFFFFu)
             throw std::invalid_argument("[save] model: expected under 4 GiB, got more");
-        const uint32_t crc = crc32(data);
+        const uint32_t crc =
+            crc32(reinterpret_cast<const unsigned char*>(data.data()), data.size());
         const uint64_t offset = out.size();
         put(out, 0x04034b50, 4), put(out, 20, 2), put(out, 0, 2), put(out, 0, 2);
         put(out, 0, 2), put(out, 0x21, 2);  // time, date: 1980-01-01
@@ -326,6 +327,7 @@ std::map<std::string, std::pair<const unsigned char*, size_t>> unzip(const std::
         if (p + 46 > dir_offset + dir_size || get(bytes + p, 4) != 0x02014b50)
             refuse("file: corrupt zip directory");
         const uint64_t flags = get(bytes + p + 8, 2), method = get(bytes + p + 10, 2);
+        const uint64_t crc = get(bytes + p + 16, 4);
         uint64_t compressed = get(bytes + p + 20, 4), uncompressed = get(bytes + p + 24, 4);
         const uint64_t name_len = get(bytes + p + 28, 2), extra_len = get(bytes + p + 30, 2),
                        comment_len = get(bytes + p + 32, 2);
@@ -334,8 +336,10 @@ std::map<std::string, std::pair<const unsigned char*, size_t>> unzip(const std::
             refuse("file: corrupt zip directory");
         const std::string name(reinterpret_cast<const char*>(bytes + p + 46), name_len);
         // zip64: the sizes and offset that overflowed 32 bits follow in extra field 0x0001
-        for (size_t x = p + 46 + name_len; x + 4 <= p + 46 + name_len + extra_len;) {
+        const size_t extra_end = p + 46 + name_len + extra_len;
+        for (size_t x = p + 46 + name_len; x + 4 <= extra_end;) {
             const uint64_t id = get(bytes + x, 2), len = get(bytes + x + 2, 2);
+            if (x + 4 + len > extra_end) refuse(name + ": corrupt zip extra field");
             size_t y = x + 4;
             if (id == 1) {
                 for (uint64_t* v : {&uncompressed, &compressed, &local})
@@ -352,6 +356,8 @@ std::map<std::string, std::pair<const unsigned char*, size_t>> unzip(const std::
         const uint64_t start = local + 30 + get(bytes + local + 26, 2) + get(bytes + local + 28, 2);
         if (start > size || compressed > size - start)
             refuse(name + ": entry runs past the file (truncated?)");
+        if (crc32(bytes + start, size_t(compressed)) != crc)
+            refuse(name + ": checksum mismatch (the file is damaged)");
         if (!out.emplace(name, std::make_pair(bytes + start, size_t(compressed))).second)
             refuse(name + ": appears twice");
         p += 46 + name_len + extra_len + comment_len;

@@ -106,7 +106,7 @@ def load(path) -> "nn.Sequential":
         if str(error).startswith("[load]"):
             raise
         _refuse(f"file: expected a model file, got an unreadable array ({error})")
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as error:
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError, NotImplementedError) as error:
         _refuse(f"file: expected a .npz model file, got {type(error).__name__}: {error}")
 
     raw = arrays.pop("architecture", None)
