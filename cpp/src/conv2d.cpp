@@ -47,6 +47,23 @@ constexpr int64_t kVectorPad = 16;
 
 // ---- direct loops (tiny problems) ----------------------------------------------------------
 
+// The direct loops' walk over the filter taps: body(r, s, p_lo, p_hi, q_lo, q_hi, col) for
+// every tap, where output rows [p_lo, p_hi) and columns [q_lo, q_hi) read inside the input,
+// output (op, oq) reading input row op*sh-ph+r, column oq*sw+col.
+template <typename Body>
+void for_each_tap(const Conv2dDims& d, Body&& body) {
+    const auto& p = d.params;
+    for (int64_t r = 0; r < d.R; ++r) {
+        int64_t p_lo, p_hi;
+        valid_range(d.P, d.H, p.stride_h, p.pad_h, r, p_lo, p_hi);
+        for (int64_t s = 0; s < d.S; ++s) {
+            int64_t q_lo, q_hi;
+            valid_range(d.Q, d.W, p.stride_w, p.pad_w, s, q_lo, q_hi);
+            body(r, s, p_lo, p_hi, q_lo, q_hi, s - p.pad_w);
+        }
+    }
+}
+
 template <typename T>
 void forward_direct(T* out, const T* in_image, const T* weight, const T* bias, int64_t k,
                     const Conv2dDims& d) {
@@ -55,22 +72,16 @@ void forward_direct(T* out, const T* in_image, const T* weight, const T* bias, i
     for (int64_t c = 0; c < d.C; ++c) {
         const T* in = in_image + c * d.H * d.W;
         const T* wkc = weight + (k * d.C + c) * d.R * d.S;
-        for (int64_t r = 0; r < d.R; ++r) {
-            int64_t p_lo, p_hi;
-            valid_range(d.P, d.H, p.stride_h, p.pad_h, r, p_lo, p_hi);
-            for (int64_t s = 0; s < d.S; ++s) {
-                int64_t q_lo, q_hi;
-                valid_range(d.Q, d.W, p.stride_w, p.pad_w, s, q_lo, q_hi);
-                const int64_t col = s - p.pad_w;  // input column of output column 0
-                const T w = wkc[r * d.S + s];
-                for (int64_t op = p_lo; op < p_hi; ++op) {
-                    const T* in_row = in + (op * p.stride_h - p.pad_h + r) * d.W;
-                    T* out_row = out + op * d.Q;
-                    for (int64_t oq = q_lo; oq < q_hi; ++oq)
-                        out_row[oq] += w * in_row[oq * p.stride_w + col];
-                }
+        for_each_tap(d, [&](int64_t r, int64_t s, int64_t p_lo, int64_t p_hi, int64_t q_lo,
+                            int64_t q_hi, int64_t col) {
+            const T w = wkc[r * d.S + s];
+            for (int64_t op = p_lo; op < p_hi; ++op) {
+                const T* in_row = in + (op * p.stride_h - p.pad_h + r) * d.W;
+                T* out_row = out + op * d.Q;
+                for (int64_t oq = q_lo; oq < q_hi; ++oq)
+                    out_row[oq] += w * in_row[oq * p.stride_w + col];
             }
-        }
+        });
     }
 }
 
@@ -325,27 +336,21 @@ void dweight_direct(T* dweight, T* dbias, const T* doutput, const T* input, cons
     if (!dweight) return;
     for (int64_t kc = 0; kc < d.K * d.C; ++kc) {
         const int64_t k = kc / d.C, c = kc % d.C;
-        for (int64_t r = 0; r < d.R; ++r) {
-            int64_t p_lo, p_hi;
-            valid_range(d.P, d.H, p.stride_h, p.pad_h, r, p_lo, p_hi);
-            for (int64_t s = 0; s < d.S; ++s) {
-                int64_t q_lo, q_hi;
-                valid_range(d.Q, d.W, p.stride_w, p.pad_w, s, q_lo, q_hi);
-                const int64_t col = s - p.pad_w;  // input column of output column 0
-                T sum = 0;
-                for (int64_t n = 0; n < d.N; ++n) {
-                    const T* plane = input + (n * d.C + c) * HW;
-                    const T* dout = doutput + (n * d.K + k) * PQ;
-                    for (int64_t op = p_lo; op < p_hi; ++op) {
-                        const T* in_row = plane + (op * p.stride_h - p.pad_h + r) * d.W;
-                        const T* dout_row = dout + op * d.Q;
-                        for (int64_t oq = q_lo; oq < q_hi; ++oq)
-                            sum += dout_row[oq] * in_row[oq * p.stride_w + col];
-                    }
+        for_each_tap(d, [&](int64_t r, int64_t s, int64_t p_lo, int64_t p_hi, int64_t q_lo,
+                            int64_t q_hi, int64_t col) {
+            T sum = 0;
+            for (int64_t n = 0; n < d.N; ++n) {
+                const T* plane = input + (n * d.C + c) * HW;
+                const T* dout = doutput + (n * d.K + k) * PQ;
+                for (int64_t op = p_lo; op < p_hi; ++op) {
+                    const T* in_row = plane + (op * p.stride_h - p.pad_h + r) * d.W;
+                    const T* dout_row = dout + op * d.Q;
+                    for (int64_t oq = q_lo; oq < q_hi; ++oq)
+                        sum += dout_row[oq] * in_row[oq * p.stride_w + col];
                 }
-                dweight[(kc * d.R + r) * d.S + s] = sum;
             }
-        }
+            dweight[(kc * d.R + r) * d.S + s] = sum;
+        });
     }
 }
 
@@ -492,22 +497,16 @@ void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T*
                 for (int64_t k = 0; k < d.K; ++k) {
                     const T* dout = doutput + (n * d.K + k) * PQ;
                     const T* wkc = weight + (k * d.C + c) * d.R * d.S;
-                    for (int64_t r = 0; r < d.R; ++r) {
-                        int64_t p_lo, p_hi;
-                        valid_range(d.P, d.H, p.stride_h, p.pad_h, r, p_lo, p_hi);
-                        for (int64_t s = 0; s < d.S; ++s) {
-                            int64_t q_lo, q_hi;
-                            valid_range(d.Q, d.W, p.stride_w, p.pad_w, s, q_lo, q_hi);
-                            const int64_t col = s - p.pad_w;
-                            const T w = wkc[r * d.S + s];
-                            for (int64_t op = p_lo; op < p_hi; ++op) {
-                                T* din_row = din + (op * p.stride_h - p.pad_h + r) * d.W;
-                                const T* dout_row = dout + op * d.Q;
-                                for (int64_t oq = q_lo; oq < q_hi; ++oq)
-                                    din_row[oq * p.stride_w + col] += w * dout_row[oq];
-                            }
+                    for_each_tap(d, [&](int64_t r, int64_t s, int64_t p_lo, int64_t p_hi,
+                                        int64_t q_lo, int64_t q_hi, int64_t col) {
+                        const T w = wkc[r * d.S + s];
+                        for (int64_t op = p_lo; op < p_hi; ++op) {
+                            T* din_row = din + (op * p.stride_h - p.pad_h + r) * d.W;
+                            const T* dout_row = dout + op * d.Q;
+                            for (int64_t oq = q_lo; oq < q_hi; ++oq)
+                                din_row[oq * p.stride_w + col] += w * dout_row[oq];
                         }
-                    }
+                    });
                 }
             }
         });
