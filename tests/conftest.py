@@ -57,3 +57,16 @@ def numeric_grad(f, x, eps=1e-6):
 # rounding error ~ 1e-16 |f| / eps ~ 1e-10 relative, so 1e-6 leaves a wide margin while
 # still catching any real mistake (a wrong index or factor is an O(1) error).
 FD_RTOL = 1e-6
+
+
+# torch.optim.SGD settings the optimizer tests sweep (tests/test_nn.py, test_layer_path.py)
+SGD_CONFIGS = [
+    dict(lr=0.1),
+    dict(lr=0.05, momentum=0.9),
+    dict(lr=0.1, weight_decay=0.01),
+    dict(lr=0.05, momentum=0.9, weight_decay=0.01),
+    dict(lr=0.05, momentum=0.8, dampening=0.5),
+    dict(lr=0.05, momentum=0.9, nesterov=True),
+    dict(lr=0.02, momentum=0.9, weight_decay=0.05, nesterov=True),
+]
+SGD_CONFIG_IDS = [",".join(f"{k}={v}" for k, v in c.items()) for c in SGD_CONFIGS]

@@ -10,19 +10,9 @@ import numpy as np
 import pytest
 
 from cnnbp import _core, nn, optim
-from conftest import DTYPES
+from conftest import DTYPES, SGD_CONFIG_IDS, SGD_CONFIGS
 
 DTYPE_IDS = ["float32", "float64"]
-SGD_CONFIGS = [
-    dict(lr=0.1),
-    dict(lr=0.05, momentum=0.9),
-    dict(lr=0.1, weight_decay=0.01),
-    dict(lr=0.05, momentum=0.9, weight_decay=0.01),
-    dict(lr=0.05, momentum=0.8, dampening=0.5),
-    dict(lr=0.05, momentum=0.9, nesterov=True),
-    dict(lr=0.02, momentum=0.9, weight_decay=0.05, nesterov=True),
-]
-CONFIG_IDS = [",".join(f"{k}={v}" for k, v in c.items()) for c in SGD_CONFIGS]
 
 
 def make_params(dtype, seed):
@@ -39,7 +29,7 @@ def numpy_steps(opt):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("config", SGD_CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("config", SGD_CONFIGS, ids=SGD_CONFIG_IDS)
 def test_sgd_one_call_equals_the_numpy_update_bit_for_bit(config, dtype):
     fast, slow = make_params(dtype, 1), make_params(dtype, 1)
     opt_fast, opt_slow = optim.SGD(fast, **config), optim.SGD(slow, **config)

@@ -14,7 +14,7 @@ tnn = torch.nn
 
 import cnnbp  # noqa: E402
 from cnnbp import nn, optim  # noqa: E402
-from conftest import assert_close, check_array  # noqa: E402
+from conftest import SGD_CONFIG_IDS, SGD_CONFIGS, assert_close, check_array  # noqa: E402
 
 F32, F64 = np.float32, np.float64
 TORCH_DTYPE = {F32: torch.float32, F64: torch.float64}
@@ -439,18 +439,9 @@ def test_losses_at_their_edges_match_torch(dtype):
 # SGD
 # ---------------------------------------------------------------------------------------
 
-SGD_CONFIGS = [
-    dict(lr=0.1),
-    dict(lr=0.05, momentum=0.9),
-    dict(lr=0.1, weight_decay=0.01),
-    dict(lr=0.05, momentum=0.9, weight_decay=0.01),
-    dict(lr=0.05, momentum=0.8, dampening=0.5),
-    dict(lr=0.05, momentum=0.9, nesterov=True),
-    dict(lr=0.02, momentum=0.9, weight_decay=0.05, nesterov=True),
-]
 
 
-@pytest.mark.parametrize("config", SGD_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("config", SGD_CONFIGS, ids=SGD_CONFIG_IDS)
 def test_sgd_matches_torch_over_five_steps(config):
     check_optimizer_matches_torch(optim.SGD, torch.optim.SGD, config, steps=5, seed=2)
 
@@ -476,7 +467,7 @@ def check_optimizer_matches_torch(ours, theirs, config, steps, seed):
             assert_close(p.data, t2n(tparams[k]), 1e-10, f"{k} after step {step}")
 
 
-@pytest.mark.parametrize("config", SGD_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("config", SGD_CONFIGS, ids=SGD_CONFIG_IDS)
 def test_sgd_update_rule_with_given_gradients(config):
     # the optimizer alone: the same gradients fed to both, parameters must follow torch's
     rng = np.random.default_rng(13)
