@@ -30,6 +30,19 @@ int64_t numel(const Shape& shape) {
     return count;
 }
 
+int64_t checked_product(std::initializer_list<int64_t> factors, int64_t limit) {
+    for (int64_t f : factors)
+        if (f < 0) return -1;
+    for (int64_t f : factors)
+        if (f == 0) return 0;
+    int64_t product = 1;
+    for (int64_t f : factors) {
+        if (f > limit / product) return -1;  // product * f > limit, tested without overflow
+        product *= f;
+    }
+    return product;
+}
+
 namespace {
 
 [[noreturn]] void fail(const char* op, const std::string& what) {
@@ -56,15 +69,52 @@ void check_window(const char* op, const char* name, int64_t value, int64_t minim
                      std::to_string(value));
 }
 
+// "2^48" for the powers of two the limits are, else the number.
+std::string limit_str(int64_t limit) {
+    for (int bit = 0; bit < 63; ++bit)
+        if (limit == (int64_t(1) << bit)) return "2^" + std::to_string(bit);
+    return std::to_string(limit);
+}
+
+// in + 2 * padding for in, padding >= 0, or throws when it exceeds kMaxElements.
+int64_t padded_extent(const char* op, int64_t in, int64_t padding) {
+    if (in > kMaxElements || padding > (kMaxElements - in) / 2)
+        fail(op, "padding: expected a padded size (size + 2 * padding) of at most " +
+                     limit_str(kMaxElements) + ", got " + std::to_string(in) + " + 2 * " +
+                     std::to_string(padding));
+    return in + 2 * padding;
+}
+
 }  // namespace
 
+int64_t checked_numel(const char* op, const char* name, const Shape& shape, int64_t limit) {
+    int64_t count = 1;
+    for (int64_t d : shape) {
+        if (d < 0)
+            fail(op,
+                 std::string(name) + ": expected every dim >= 0, got shape " + shape_str(shape));
+    }
+    for (int64_t d : shape) {
+        if (d == 0) return 0;
+    }
+    for (int64_t d : shape) {
+        count = checked_product({count, d}, limit);
+        if (count < 0)
+            fail(op, std::string(name) + ": expected at most " + limit_str(limit) +
+                         " elements, got shape " + shape_str(shape));
+    }
+    return count;
+}
+
 int64_t output_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding) {
+    check_window("output_size", "in_size", in, 0);
     check_window("output_size", "kernel", kernel, 1);
     check_window("output_size", "stride", stride, 1);
     check_window("output_size", "padding", padding, 0);
-    const int64_t span = in + 2 * padding - kernel;
+    const int64_t span =
+        padded_extent("output_size", in, padding) - kernel;  // >= 1 - 2^63: no overflow
     // floor division, also for a negative span (window larger than the padded input)
-    const int64_t steps = span >= 0 ? span / stride : -((-span + stride - 1) / stride);
+    const int64_t steps = span >= 0 ? span / stride : -(-(span + 1) / stride) - 1;
     return steps + 1;
 }
 
@@ -72,9 +122,9 @@ int64_t output_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding)
 
 void check_num_threads(int64_t n) {
     check_window("set_num_threads", "n", n, 1);
-    if (n > std::numeric_limits<int>::max())
-        fail("set_num_threads", "n: expected <= " + std::to_string(std::numeric_limits<int>::max()) +
-                                    ", got " + std::to_string(n));
+    if (n > kMaxThreads)
+        fail("set_num_threads",
+             "n: expected <= " + std::to_string(kMaxThreads) + ", got " + std::to_string(n));
 }
 
 // ---- conv2d ------------------------------------------------------------------------------
@@ -96,13 +146,31 @@ Conv2dDims conv2d_dims(const Shape& input, const Shape& weight, const Shape* bia
     if (bias && (bias->size() != 1 || (*bias)[0] != d.K))
         fail(op, "bias: expected shape (" + std::to_string(d.K) + ",), got shape " +
                      shape_str(*bias));
+    checked_numel(op, "input", input);
+    checked_numel(op, "weight", weight);
+    const int64_t Hp = padded_extent(op, d.H, params.pad_h);
+    const int64_t Wp = padded_extent(op, d.W, params.pad_w);
     d.P = output_size(d.H, d.R, params.stride_h, params.pad_h);
     d.Q = output_size(d.W, d.S, params.stride_w, params.pad_w);
     if (d.P < 1 || d.Q < 1)
-        fail(op, "input: expected padded size (" + std::to_string(d.H + 2 * params.pad_h) + ", " +
-                     std::to_string(d.W + 2 * params.pad_w) + ") >= kernel size (" +
+        fail(op, "input: expected padded size (" + std::to_string(Hp) + ", " +
+                     std::to_string(Wp) + ") >= kernel size (" +
                      std::to_string(d.R) + ", " + std::to_string(d.S) + "), got input shape " +
                      shape_str(input));
+    checked_numel(op, "output", {d.N, d.K, d.P, d.Q});
+    // The kernels' workspace: padded plane stacks of the input (forward, dweight) and of
+    // doutput (dinput), a few images' worth per thread; R <= Hp and S <= Wp here.
+    if (checked_product({d.N, std::max(d.C, d.K), Hp + d.R, Wp + d.S}, kMaxWork) < 0)
+        fail(op, "padding: expected padded planes of at most " + limit_str(kMaxWork) +
+                     " elements in all (N * max(C, K) * (H + 2 * pad_h + R) * (W + 2 * pad_w + "
+                     "S)), got input shape " + shape_str(input) + ", weight shape " +
+                     shape_str(weight) + " and padding (" + std::to_string(params.pad_h) + ", " +
+                     std::to_string(params.pad_w) + ")");
+    if (checked_product({d.N, d.K, d.P, d.Q, d.C, d.R, d.S}, kMaxWork) < 0)
+        fail(op, "input: expected at most " + limit_str(kMaxWork) +
+                     " multiply-adds (N * K * P * Q * C * R * S), got input shape " +
+                     shape_str(input) + ", weight shape " + shape_str(weight) +
+                     " and output size (" + std::to_string(d.P) + ", " + std::to_string(d.Q) + ")");
     return d;
 }
 
@@ -121,18 +189,29 @@ Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& p
     check_window(op, "kernel_size", std::min(p.kernel_h, p.kernel_w), 1);
     check_window(op, "stride", std::min(p.stride_h, p.stride_w), 1);
     check_window(op, "padding", std::min(p.pad_h, p.pad_w), 0);
-    if (2 * p.pad_h > p.kernel_h || 2 * p.pad_w > p.kernel_w)
+    if (p.pad_h > p.kernel_h / 2 || p.pad_w > p.kernel_w / 2)  // 2 * pad could overflow
         fail(op, "padding: expected at most half the kernel size (" + std::to_string(p.kernel_h) +
                      ", " + std::to_string(p.kernel_w) + "), got (" + std::to_string(p.pad_h) +
                      ", " + std::to_string(p.pad_w) + ")");
+    checked_numel(op, "input", input);
     Pool2dDims d{input[0], input[1], input[2], input[3], 0, 0, p};
+    const int64_t Hp = padded_extent(op, d.H, p.pad_h);
+    const int64_t Wp = padded_extent(op, d.W, p.pad_w);
     d.P = output_size(d.H, p.kernel_h, p.stride_h, p.pad_h);
     d.Q = output_size(d.W, p.kernel_w, p.stride_w, p.pad_w);
     if (d.P < 1 || d.Q < 1)
-        fail(op, "input: expected padded size (" + std::to_string(d.H + 2 * p.pad_h) + ", " +
-                     std::to_string(d.W + 2 * p.pad_w) + ") >= kernel size (" +
+        fail(op, "input: expected padded size (" + std::to_string(Hp) + ", " +
+                     std::to_string(Wp) + ") >= kernel size (" +
                      std::to_string(p.kernel_h) + ", " + std::to_string(p.kernel_w) +
                      "), got input shape " + shape_str(input));
+    checked_numel(op, "output", {d.N, d.C, d.P, d.Q});
+    // kernel <= padded size here, so kernel_h * kernel_w <= Hp * Wp
+    if (checked_product({d.N, d.C, d.P, d.Q, p.kernel_h, p.kernel_w}, kMaxWork) < 0)
+        fail(op, "kernel_size: expected at most " + limit_str(kMaxWork) +
+                     " window cells in all (N * C * P * Q * kernel_h * kernel_w), got input shape " +
+                     shape_str(input) + ", kernel_size (" + std::to_string(p.kernel_h) + ", " +
+                     std::to_string(p.kernel_w) + ") and output size (" + std::to_string(d.P) +
+                     ", " + std::to_string(d.Q) + ")");
     return d;
 }
 
@@ -142,6 +221,8 @@ Pool2dDims max_pool2d_backward_dims(const Shape& doutput, const Shape& indices,
     check_rank(op, "doutput", doutput, 4, "(N, C, P, Q)");
     check_rank(op, "x_shape", input_shape, 4, "(N, C, H, W)");
     check_nonempty(op, "x_shape", input_shape);
+    checked_numel(op, "x_shape", input_shape);
+    checked_numel(op, "doutput", doutput);
     if (indices != doutput)
         fail(op, "indices: expected shape " + shape_str(doutput) + " (doutput's), got shape " +
                      shape_str(indices));
@@ -194,14 +275,24 @@ LinearDims linear_dims(const Shape& input, const Shape& weight, const Shape* bia
         fail(op, "input: expected at least 1 dim (*, in_features), got shape " + shape_str(input));
     check_rank(op, "weight", weight, 2, "(out_features, in_features)");
     check_nonempty(op, "weight", weight);
+    checked_numel(op, "weight", weight);
     LinearDims d{1, input.back(), weight[0]};
-    for (size_t i = 0; i + 1 < input.size(); ++i) d.M *= input[i];
+    // rows: the leading dims' product, 0 when one is 0 (else it fits, as input's numel did)
+    if (checked_numel(op, "input", input) == 0) d.M = 0;
+    for (size_t i = 0; d.M && i + 1 < input.size(); ++i) d.M *= input[i];
     if (weight[1] != d.IN)
         fail(op, "weight: expected in_features (dim 1) = " + std::to_string(d.IN) +
                      " to match input " + shape_str(input) + ", got shape " + shape_str(weight));
     if (bias && (bias->size() != 1 || (*bias)[0] != d.OUT))
         fail(op, "bias: expected shape (" + std::to_string(d.OUT) + ",), got shape " +
                      shape_str(*bias));
+    Shape output = input;
+    output.back() = d.OUT;
+    checked_numel(op, "output", output);
+    if (checked_product({d.M, d.OUT, d.IN}, kMaxWork) < 0)
+        fail(op, "input: expected at most " + limit_str(kMaxWork) +
+                     " multiply-adds (rows * out_features * in_features), got input shape " +
+                     shape_str(input) + " and weight shape " + shape_str(weight));
     return d;
 }
 
@@ -215,7 +306,7 @@ void linear_check_doutput(const LinearDims& d, const Shape& input, const Shape& 
 
 void check_bce_shapes(const char* op, const Shape& prediction, const Shape& target) {
     check_same_shape(op, "input", prediction, "target", target);
-    if (numel(prediction) < 1)
+    if (checked_numel(op, "input", prediction) < 1)
         fail(op, "input: expected at least one element, got shape " + shape_str(prediction));
 }
 
@@ -232,6 +323,7 @@ template void check_probabilities<double>(const char*, const double*, int64_t);
 CrossEntropyDims cross_entropy_dims(const char* op, const Shape& logits, const Shape& labels) {
     check_rank(op, "logits", logits, 2, "(N, K)");
     check_nonempty(op, "logits", logits);
+    checked_numel(op, "logits", logits);
     if (labels.size() != 1 || labels[0] != logits[0])
         fail(op, "labels: expected shape (" + std::to_string(logits[0]) +
                      ",) (one class index per row of logits), got shape " + shape_str(labels));

@@ -1,4 +1,6 @@
 // The validation layer throws std::invalid_argument "[op] what: expected ..., got ...".
+#include <limits>
+
 #include "check.hpp"
 #include "cnnbp/shapes.hpp"
 #include "cnnbp/threads.hpp"
@@ -71,11 +73,71 @@ TEST_CASE("validation: linear and losses") {
 
 TEST_CASE("validation: thread count") {
     CHECK_THROWS(set_num_threads(0), "[set_num_threads] n: expected >= 1, got 0");
-    CHECK_THROWS(set_num_threads(int64_t(1) << 31), "[set_num_threads] n: expected <= 2147483647");
+    CHECK_THROWS(set_num_threads(int64_t(1) << 31), "[set_num_threads] n: expected <= 1024, got 2147483648");
+    CHECK_THROWS(set_num_threads(1025), "[set_num_threads] n: expected <= 1024, got 1025");
     const int64_t before = get_num_threads();
     CHECK(before >= 1);
     set_num_threads(1);
     CHECK(get_num_threads() == 1);
     set_num_threads(before);
     CHECK(get_num_threads() == before);
+}
+
+TEST_CASE("validation: size arithmetic never overflows") {
+    const int64_t max = std::numeric_limits<int64_t>::max();
+    CHECK(checked_product({}, 10) == 1);
+    CHECK(checked_product({3, 4}, 12) == 12);
+    CHECK(checked_product({3, 4}, 11) == -1);
+    CHECK(checked_product({max, max, 0}, kMaxElements) == 0);  // a zero anywhere: empty
+    CHECK(checked_product({int64_t(1) << 32, int64_t(1) << 32}, max) == -1);  // 2^64
+    CHECK(checked_product({max, 2}, max) == -1);
+    CHECK(checked_product({2, -3}, max) == -1);
+    CHECK(checked_numel("op", "x", {1 << 24, 1 << 24}) == int64_t(1) << 48);
+    CHECK_THROWS(checked_numel("op", "x", {1 << 24, (1 << 24) + 1}),
+                 "[op] x: expected at most 2^48 elements, got shape (16777216, 16777217)");
+    CHECK_THROWS(checked_numel("op", "x", {max, max, max}), "[op] x: expected at most 2^48");
+
+    // output sizes: padding, kernel and stride at the int64 extremes
+    CHECK(output_size(0, max, max, 0) == 0);  // a window that never fits, no overflow
+    CHECK(output_size(5, 1, max, 0) == 1);
+    CHECK_THROWS(output_size(5, 1, 1, max), "[output_size] padding: expected a padded size");
+    CHECK_THROWS(output_size(5, 1, 1, int64_t(1) << 62), "got 5 + 2 * 4611686018427387904");
+    CHECK_THROWS(output_size(-1, 1, 1, 0), "[output_size] in_size: expected >= 0, got -1");
+
+    // conv2d: padding whose padded size, output or workspace would not fit
+    CHECK_THROWS(conv2d_dims({1, 1, 4, 4}, {1, 1, 3, 3}, nullptr, {1, 1, max, 0}),
+                 "[conv2d] padding: expected a padded size");
+    CHECK_THROWS(conv2d_dims({1, 1, 4, 4}, {1, 1, 3, 3}, nullptr, {1, 1, int64_t(1) << 40, 1 << 20}),
+                 "[conv2d] output: expected at most 2^48 elements");
+    CHECK_THROWS(conv2d_dims({1, 1 << 20, 1, 1}, {1, 1 << 20, 1, 1}, nullptr, {1, 1, 1 << 17, 1 << 17}),
+                 "[conv2d] padding: expected padded planes of at most 2^56 elements");
+    CHECK_THROWS(conv2d_dims({1 << 17, 1 << 4, 1 << 8, 1 << 8}, {1 << 12, 1 << 4, 1 << 4, 1 << 4},
+                             nullptr, {}),
+                 "[conv2d] input: expected at most 2^56 multiply-adds");
+    CHECK_THROWS(conv2d_dims({1 << 20, 1 << 20, 1 << 20, 1}, {1, 1 << 20, 1, 1}, nullptr, {}),
+                 "[conv2d] input: expected at most 2^48 elements");
+    CHECK_THROWS(conv2d_dims({1, 1, 4, 4}, {max, 1, 1, 1}, nullptr, {}),
+                 "[conv2d] weight: expected at most 2^48 elements");
+
+    // max_pool2d: 2 * padding, padded size and the windows' cells
+    CHECK_THROWS(pool2d_dims("max_pool2d", {1, 1, 4, 4}, {max, max, 1, 1, max / 2, 0}),
+                 "[max_pool2d] padding: expected a padded size");
+    CHECK_THROWS(pool2d_dims("max_pool2d", {1, 1, 4, 4}, {4, 4, 1, 1, max, 0}),
+                 "[max_pool2d] padding: expected at most half the kernel size");
+    CHECK_THROWS(pool2d_dims("max_pool2d", {1 << 10, 1 << 10, 1 << 10, 1 << 10},
+                             {1 << 10, 1 << 10, 1, 1, 1 << 9, 1 << 9}),
+                 "[max_pool2d] kernel_size: expected at most 2^56 window cells");
+    CHECK_THROWS(max_pool2d_backward_dims({1, 1, 1, 1}, {1, 1, 1, 1}, {1, 1, max, max}),
+                 "[max_pool2d_backward] x_shape: expected at most 2^48 elements");
+
+    // linear: rows times features
+    CHECK_THROWS(linear_dims({1 << 30, 1 << 20}, {1 << 10, 1 << 20}, nullptr),
+                 "[linear] input: expected at most 2^48 elements");
+    CHECK_THROWS(linear_dims({2, 1 << 20}, {1 << 30, 1 << 20}, nullptr),
+                 "[linear] weight: expected at most 2^48 elements");
+    CHECK_THROWS(linear_dims({1 << 20, 1 << 10}, {1 << 30, 1 << 10}, nullptr),
+                 "[linear] output: expected at most 2^48 elements");
+    CHECK_THROWS(linear_dims({1 << 24, 1 << 16}, {1 << 20, 1 << 16}, nullptr),
+                 "[linear] input: expected at most 2^56 multiply-adds");
+    CHECK(linear_dims({0, int64_t(1) << 40, 3}, {2, 3}, nullptr).M == 0);
 }

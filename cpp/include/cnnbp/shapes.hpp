@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -21,11 +22,27 @@ std::string shape_str(const Shape& shape);
 // Number of elements of a shape (1 for a scalar shape ()).
 int64_t numel(const Shape& shape);
 
+// ---- size limits ---------------------------------------------------------------------------
+// Checked before anything is allocated, so that no size a kernel computes (element counts,
+// offsets, workspace bytes) can overflow int64: every tensor, padded extent and padded plane
+// stack holds at most kMaxElements values (2 PiB of float64, beyond any machine), and one
+// call does at most kMaxWork multiply-adds or window cells (days of a CPU's time). Within
+// them the largest size computed, conv2d's workspace in bytes, stays below 2^62.
+constexpr int64_t kMaxElements = int64_t(1) << 48;
+constexpr int64_t kMaxWork = int64_t(1) << 56;
+
+// The product of factors >= 0 when it is at most `limit`, else -1 (also for a negative
+// factor). Exact and overflow-free whatever the factors; 0 when any factor is 0.
+int64_t checked_product(std::initializer_list<int64_t> factors, int64_t limit);
+// numel(shape), or throws "[op] name: expected at most 2^48 elements, got shape (...)".
+int64_t checked_numel(const char* op, const char* name, const Shape& shape,
+                      int64_t limit = kMaxElements);
+
 // Output length of a sliding window along one axis:
 //   floor((in + 2 * padding - kernel) / stride) + 1
-// Shared by every kernel, layer and the NumPy oracle. Throws when kernel < 1,
-// stride < 1 or padding < 0; the result may be < 1 (callers reject that with
-// their own op-prefixed message).
+// Shared by every kernel, layer and the NumPy oracle. Throws when in < 0, kernel < 1,
+// stride < 1, padding < 0 or in + 2 * padding > kMaxElements; the result may be < 1
+// (callers reject that with their own op-prefixed message).
 int64_t output_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding);
 
 // ---- conv2d ------------------------------------------------------------------------------
@@ -75,7 +92,9 @@ Pool2dDims max_pool2d_backward_dims(const Shape& doutput, const Shape& indices,
 void check_pool_indices(const int64_t* indices, int64_t count, int64_t plane_size);
 
 // ---- threads -------------------------------------------------------------------------------
-// set_num_threads: n in [1, 2^31 - 1] (OpenMP counts threads in an int).
+// set_num_threads: n in [1, kMaxThreads]. More threads than any CPU has would not run
+// faster, and OpenMP ends the process when it cannot start or allocate a team of them.
+constexpr int64_t kMaxThreads = 1024;
 void check_num_threads(int64_t n);
 
 // ---- elementwise, linear, losses -----------------------------------------------------------
