@@ -759,3 +759,128 @@ def test_everything_still_works_after_the_errors():
     dx = F.max_pool2d_backward(np.ones_like(y), idx, x.shape)
     assert dx.sum() == 4
     np.testing.assert_array_equal(F.conv2d(x, np.ones((1, 1, 1, 1)), np.zeros(1)), x)
+
+
+# ---------------------------------------------------------------------------------------
+# sizes: huge ints, overflowing products, copies that cannot be allocated
+# ---------------------------------------------------------------------------------------
+
+HUGE_INTS = [2**63, 2**70, -(2**63) - 1, -(2**70), np.uint64(2**64 - 1)]
+
+
+@pytest.mark.parametrize("huge", HUGE_INTS, ids=str)
+def test_ints_beyond_int64_are_value_errors(huge):
+    # pybind11 would raise RuntimeError("Unable to cast Python instance ...")
+    x, w, b = conv_args()
+    shown = str(int(huge))
+    for name in ("stride", "padding"):
+        with raises(ValueError, f"[conv2d] {name}: expected a 64-bit integer, got {shown}"):
+            F.conv2d(x, w, b, **{name: huge})
+        with raises(ValueError, f"[conv2d] {name}: expected a 64-bit integer, got {shown}"):
+            F.conv2d(x, w, b, **{name: (1, huge)})
+        with raises(ValueError, f"[conv2d_backward] {name}: expected a 64-bit integer"):
+            F.conv2d_backward(np.ones((2, 4, 4, 4)), x, w, **{name: huge})
+    for name in ("kernel_size", "stride", "padding"):
+        args = {"kernel_size": 2, name: huge}
+        with raises(ValueError, f"[max_pool2d] {name}: expected a 64-bit integer, got {shown}"):
+            F.max_pool2d(x, **args)
+    with raises(ValueError, f"[max_pool2d_backward] x_shape: expected a 64-bit integer, got {shown}"):
+        F.max_pool2d_backward(np.ones((1, 1, 1, 1)), np.zeros((1, 1, 1, 1), np.int64), (1, 1, huge, 2))
+    for i, name in enumerate(("in_size", "kernel", "stride", "padding")):
+        args = [5, 1, 1, 0]
+        args[i] = huge
+        with raises(ValueError, f"[output_size] {name}: expected a 64-bit integer, got {shown}"):
+            F.output_size(*args)
+    with raises(ValueError, f"[conv2d_workspace_bytes] padding: expected a 64-bit integer"):
+        F.conv2d_workspace_bytes((1, 1, 4, 4), (1, 1, 3, 3), 1, huge)
+
+
+@pytest.mark.parametrize("padding, expected", [
+    (2**62, "[conv2d] padding: expected a padded size (size + 2 * padding) of at most 2^48, "
+            "got 6 + 2 * 4611686018427387904"),
+    (2**63 - 1, "[conv2d] padding: expected a padded size"),
+    (2**40, "[conv2d] output: expected at most 2^48 elements, got shape (2, 4, 2199023255556, "
+            "2199023255556)"),
+    ((2**31, 2**30), "[conv2d] output: expected at most 2^48 elements, got shape "
+                     "(2, 4, 4294967300, 2147483652)"),
+])
+def test_conv2d_sizes_that_overflow_are_refused_before_allocating(padding, expected):
+    # before: NumPy's "array is too big" ValueError, or a padded size that wrapped negative
+    x, w, b = conv_args()
+    with raises(ValueError, expected):
+        F.conv2d(x, w, b, padding=padding)
+    with raises(ValueError, expected.replace("[conv2d]", "[conv2d_backward]")):
+        F.conv2d_backward(np.ones((2, 4, 4, 4)), x, w, padding=padding)
+    with raises(ValueError, expected.replace("[conv2d]", "[conv2d_workspace_bytes]")):
+        F.conv2d_workspace_bytes(x.shape, w.shape, 1, padding)
+
+
+def test_max_pool2d_and_output_size_extremes():
+    x = np.ones((1, 1, 4, 4))
+    with raises(ValueError, "[max_pool2d] padding: expected a padded size (size + 2 * padding) "
+                            "of at most 2^48, got 4 + 2 * 4611686018427387903"):
+        F.max_pool2d(x, 2**63 - 1, 1, 2**62 - 1)
+    with raises(ValueError, "[max_pool2d] input: expected padded size (4, 4) >= kernel size "
+                            "(9223372036854775807, 9223372036854775807)"):
+        F.max_pool2d(x, 2**63 - 1)
+    # a stride beyond the input and a window as wide as the padded input are fine
+    y, idx = F.max_pool2d(x, 2, 2**63 - 1)
+    assert y.shape == (1, 1, 1, 1) and idx[0, 0, 0, 0] == 0
+    y, _ = F.max_pool2d(x, (3, 2**40), 1, (1, 2**39))
+    assert y.shape == (1, 1, 4, 5)
+    with raises(ValueError, "[max_pool2d_backward] x_shape: expected at most 2^48 elements, got "
+                            "shape (1, 1, 4611686018427387904, 4611686018427387904)"):
+        F.max_pool2d_backward(np.ones((1, 1, 1, 1)), np.zeros((1, 1, 1, 1), np.int64),
+                              (1, 1, 2**62, 2**62))
+    assert F.output_size(0, 2**63 - 1, 2**63 - 1) == 0
+    with raises(ValueError, "[output_size] padding: expected a padded size"):
+        F.output_size(5, 1, 1, 2**62)
+    with raises(ValueError, "[output_size] in_size: expected >= 0, got -5"):
+        F.output_size(-5, 1)
+
+
+def test_broadcast_views_too_large_to_copy():
+    # zero-stride views whose contiguous copy does not fit: the size check names the op,
+    # or the copy raises MemoryError (before: a null array and a segmentation fault)
+    big = np.broadcast_to(np.float64(1), (2**29, 2**30))
+    with raises(ValueError, "[relu] input: expected at most 2^48 elements, got shape (536870912, "
+                            "1073741824)"):
+        F.relu(big)
+    with raises(ValueError, "[sigmoid_backward] doutput: expected at most 2^48 elements"):
+        F.sigmoid_backward(big, big)
+    with raises(ValueError, "[binary_cross_entropy_with_logits] input: expected at most 2^48"):
+        F.binary_cross_entropy_with_logits(big, big)
+    x = np.broadcast_to(np.float32(1), (2**16, 2**31))
+    w = np.broadcast_to(np.float32(1), (1, 2**31))
+    with pytest.raises(MemoryError):
+        F.linear(x, w)
+    with pytest.raises(MemoryError):
+        F.relu(np.broadcast_to(np.float32(1), (2**22, 2**24)))
+    idx = np.broadcast_to(np.uint8(0), (1, 2**21, 2**12, 2**12))
+    with pytest.raises(MemoryError):
+        F.max_pool2d_backward(np.broadcast_to(np.float32(1), idx.shape), idx, idx.shape)
+
+
+def test_conv2d_workspace_that_cannot_be_allocated_raises_memory_error():
+    # the padded planes (2^16 channels of 32769 x 32769 floats per thread, 256 TiB: more
+    # than the address space, so also refused where memory is overcommitted) cannot be
+    # allocated: the allocation fails inside the threads' parallel region, and must surface
+    # as MemoryError rather than terminate the process
+    import cnnbp
+
+    before = cnnbp.get_num_threads()
+    x = np.ones((2, 2**16, 1, 1), np.float32)
+    w = np.ones((1, 2**16, 1, 1), np.float32)
+    try:
+        for threads in (1, 2):
+            cnnbp.set_num_threads(threads)
+            with pytest.raises(MemoryError):
+                F.conv2d(x, w, None, 1, 2**14)
+    finally:
+        cnnbp.set_num_threads(before)
+
+
+def test_conv2d_workspace_bytes_dtype_errors():
+    for bad in ("foo", 3.5, "int32", np.complex64):
+        with raises(TypeError, "[conv2d_workspace_bytes] dtype: expected float32 or float64"):
+            F.conv2d_workspace_bytes((1, 1, 4, 4), (1, 1, 3, 3), dtype=bad)

@@ -60,11 +60,13 @@ Shape shape_of(const py::array& a) { return Shape(a.shape(), a.shape() + a.ndim(
 // A C-contiguous view of `a` (a copy only when a is strided, Fortran-ordered or of the
 // other byte order). Arrays that already are, nearly all, pass straight through without
 // PyArray_FromAny's conversion machinery: for a tiny layer that costs more than its kernel.
+// A copy that cannot be made raises (MemoryError): array_t::ensure would return a null
+// array instead, whose data() is a null pointer.
 template <typename T>
 py::array_t<T, py::array::c_style> contiguous(const py::array& a) {
     if (py::isinstance<py::array_t<T, py::array::c_style>>(a))
         return py::reinterpret_borrow<py::array_t<T, py::array::c_style>>(a);
-    return py::array_t<T, py::array::c_style>::ensure(a);
+    return py::array_t<T, py::array::c_style>(py::reinterpret_borrow<py::object>(a));
 }
 
 // A new uninitialized C-contiguous array, made by NumPy's C API directly (pybind11's
@@ -93,7 +95,8 @@ py::array_t<int64_t, py::array::c_style> as_int64(const char* op, const char* na
                              ": expected an integer array, got " + dtype_name(arr));
     if (py::isinstance<py::array_t<int64_t, py::array::c_style>>(arr))  // as contiguous()
         return py::reinterpret_borrow<py::array_t<int64_t, py::array::c_style>>(arr);
-    return py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(arr);
+    // the converting constructor raises where ensure() would return a null array
+    return py::array_t<int64_t, py::array::c_style | py::array::forcecast>(arr);
 }
 
 // A plain Python int that fits int64 without the generic PyNumber_Index round trip, which
@@ -111,6 +114,20 @@ bool exact_int(const py::handle& v, int64_t& out) {
     return true;
 }
 
+// v.__index__() as int64. py::cast would raise RuntimeError for a value beyond int64;
+// this names the op and the argument.
+int64_t index_value(const char* op, const char* name, const py::handle& v) {
+    const auto index = py::reinterpret_steal<py::object>(PyNumber_Index(v.ptr()));
+    if (!index) throw py::error_already_set();
+    int overflow = 0;
+    const long long value = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+    if (overflow)
+        throw py::value_error(std::string("[") + op + "] " + name +
+                              ": expected a 64-bit integer, got " + std::string(py::str(index)));
+    if (value == -1 && PyErr_Occurred()) throw py::error_already_set();
+    return value;
+}
+
 // An int or a pair of ints -> (h, w).
 std::array<int64_t, 2> parse_pair(const char* op, const char* name, const py::handle& obj) {
     auto as_int = [&](const py::handle& v) -> int64_t {
@@ -120,7 +137,7 @@ std::array<int64_t, 2> parse_pair(const char* op, const char* name, const py::ha
             throw py::type_error(std::string("[") + op + "] " + name +
                                  ": expected an int or a pair of ints, got " +
                                  std::string(py::repr(obj)));
-        return py::cast<int64_t>(py::reinterpret_steal<py::object>(PyNumber_Index(v.ptr())));
+        return index_value(op, name, v);
     };
     if (PyIndex_Check(obj.ptr())) {  // ints, numpy integers, 0-d integer arrays
         const int64_t v = as_int(obj);
@@ -143,7 +160,7 @@ int64_t parse_int(const char* op, const char* name, const py::handle& obj) {
     if (py::isinstance<py::bool_>(obj) || !PyIndex_Check(obj.ptr()))
         throw py::type_error(std::string("[") + op + "] " + name + ": expected an int, got " +
                              std::string(py::repr(obj)));
-    return py::cast<int64_t>(py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr())));
+    return index_value(op, name, obj);
 }
 
 // Runs body(T{}) with T = float or double.
@@ -271,7 +288,7 @@ Shape parse_shape(const char* op, const char* name, const py::handle& obj) {
                 ok = false;
                 break;
             }
-            shape.push_back(py::cast<int64_t>(py::reinterpret_steal<py::object>(PyNumber_Index(v.ptr()))));
+            shape.push_back(index_value(op, name, v));
         }
     if (!ok)
         throw py::type_error(std::string("[") + op + "] " + name +
@@ -306,6 +323,7 @@ template <void (*KernelF)(float*, const float*, int64_t),
 py::array unary(const char* op, const py::handle& z_obj) {
     py::array z = as_array(op, "input", z_obj);
     const DType dtype = float_dtype(op, "input", z);
+    cnnbp::checked_numel(op, "input", shape_of(z));  // a broadcast view may be too large to copy
     return dispatch(dtype, [&](auto tag) -> py::array {
         using T = decltype(tag);
         auto zc = contiguous<T>(z);
@@ -326,6 +344,7 @@ py::array unary_backward(const char* op, const char* saved_name, const py::handl
     const DType dtype = float_dtype(op, "doutput", da);
     check_dtype(op, saved_name, saved, dtype);
     cnnbp::check_same_shape(op, "doutput", shape_of(da), saved_name, shape_of(saved));
+    cnnbp::checked_numel(op, "doutput", shape_of(da));
     return dispatch(dtype, [&](auto tag) -> py::array {
         using T = decltype(tag);
         auto dac = contiguous<T>(da), sc = contiguous<T>(saved);
@@ -597,7 +616,13 @@ int64_t conv2d_workspace_bytes(const py::handle& x_shape, const py::handle& w_sh
     const auto dims = cnnbp::conv2d_dims(parse_shape(op, "x_shape", x_shape),
                                          parse_shape(op, "w_shape", w_shape), nullptr,
                                          conv_params(op, stride, padding), op);
-    const py::dtype dt = py::dtype::from_args(py::reinterpret_borrow<py::object>(dtype));
+    py::dtype dt;
+    try {
+        dt = py::dtype::from_args(py::reinterpret_borrow<py::object>(dtype));
+    } catch (const py::error_already_set&) {  // not a dtype at all ("foo", 3.5)
+        throw py::type_error(std::string("[") + op + "] dtype: expected float32 or float64, got " +
+                             std::string(py::repr(dtype)));
+    }
     if (dt.kind() != 'f' || (dt.itemsize() != 4 && dt.itemsize() != 8))
         throw py::type_error(std::string("[") + op + "] dtype: expected float32 or float64, got " +
                              std::string(py::str(dt)));
@@ -630,8 +655,15 @@ PYBIND11_MODULE(_core, m) {
           "Bytes of scratch memory conv2d / conv2d_backward allocate for these shapes with the "
           "current thread count (0 for the direct loops of tiny problems).");
 
-    m.def("output_size", &cnnbp::output_size, arg("in_size"), arg("kernel"), arg("stride") = 1,
-          arg("padding") = 0,
+    m.def("output_size",
+          [](const py::handle& in, const py::handle& kernel, const py::handle& stride,
+             const py::handle& padding) {
+              const char* op = "output_size";
+              return cnnbp::output_size(parse_int(op, "in_size", in), parse_int(op, "kernel", kernel),
+                                        parse_int(op, "stride", stride),
+                                        parse_int(op, "padding", padding));
+          },
+          arg("in_size"), arg("kernel"), arg("stride") = 1, arg("padding") = 0,
           "Output length of a sliding window: floor((in + 2*padding - kernel) / stride) + 1.");
 
     m.def("conv2d", &conv2d, arg("x"), arg("w"), arg("b") = py::none(), arg("stride") = 1,

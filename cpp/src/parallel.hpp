@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <exception>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -23,12 +24,21 @@ template <typename Body>
 inline void parallel_for_if(bool parallel, int64_t count, const Body& body) {
 #ifdef _OPENMP
     if (parallel && count > 1 && omp_get_max_threads() > 1) {
+        // An exception must not leave an OpenMP region (that terminates the process): the
+        // first one thrown (std::bad_alloc of a workspace) is rethrown after the region.
+        std::exception_ptr error;
 #pragma omp parallel
         {
             const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
             const int64_t begin = count * t / threads, end = count * (t + 1) / threads;
-            if (begin < end) body(begin, end);
+            try {
+                if (begin < end) body(begin, end);
+            } catch (...) {
+#pragma omp critical(cnnbp_parallel_error)
+                if (!error) error = std::current_exception();
+            }
         }
+        if (error) std::rethrow_exception(error);
         return;
     }
 #else
