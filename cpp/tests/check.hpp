@@ -2,6 +2,8 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <functional>
 #include <iostream>
 #include <string>
@@ -39,6 +41,44 @@ void check_close(const char* file, int line, const T* got, const std::vector<dou
     }
 }
 
+// An output buffer of `count` elements between two guard regions of `guard` elements,
+// every byte of which holds a pattern. A kernel that writes outside [data(), data() + count)
+// changes a guard (guards_intact() turns false); the interior starts as the same pattern,
+// so an element a kernel forgot to write keeps it (all_written() turns false).
+template <typename T>
+class Guarded {
+ public:
+    static constexpr unsigned char kPattern = 0xA5;
+
+    explicit Guarded(size_t count, size_t guard = 64)
+        : storage_(count + 2 * guard), count_(count), guard_(guard) {
+        std::memset(static_cast<void*>(storage_.data()), kPattern, storage_.size() * sizeof(T));
+    }
+    T* data() { return storage_.data() + guard_; }
+    const T* data() const { return storage_.data() + guard_; }
+    size_t size() const { return count_; }
+    T operator[](size_t i) const { return data()[i]; }
+
+    bool guards_intact() const {
+        return untouched(storage_.data(), guard_) && untouched(data() + count_, guard_);
+    }
+    bool all_written() const {
+        for (size_t i = 0; i < count_; ++i)
+            if (untouched(data() + i, 1)) return false;
+        return true;
+    }
+
+ private:
+    static bool untouched(const T* p, size_t n) {
+        const auto* bytes = reinterpret_cast<const unsigned char*>(p);
+        for (size_t i = 0; i < n * sizeof(T); ++i)
+            if (bytes[i] != kPattern) return false;
+        return true;
+    }
+    std::vector<T> storage_;
+    size_t count_, guard_;
+};
+
 }  // namespace cnnbp_test
 
 #define CNNBP_CAT2(a, b) a##b
@@ -52,6 +92,14 @@ void check_close(const char* file, int line, const T* got, const std::vector<dou
     do { if (!(cond)) cnnbp_test::fail(__FILE__, __LINE__, "CHECK(" #cond ") failed"); } while (0)
 #define CHECK_CLOSE(got, expected, atol, rtol) \
     cnnbp_test::check_close(__FILE__, __LINE__, got, expected, atol, rtol)
+// The kernel wrote nothing outside the guarded output buffer and every element inside it.
+#define CHECK_GUARDED(buffer)                                                               \
+    do {                                                                                    \
+        if (!(buffer).guards_intact())                                                      \
+            cnnbp_test::fail(__FILE__, __LINE__, "write outside the output " #buffer);      \
+        if (!(buffer).all_written())                                                        \
+            cnnbp_test::fail(__FILE__, __LINE__, "an element of " #buffer " not written");  \
+    } while (0)
 // The statement must throw std::invalid_argument whose message contains `fragment`.
 #define CHECK_THROWS(statement, fragment)                                                   \
     do {                                                                                    \
