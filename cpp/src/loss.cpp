@@ -44,14 +44,16 @@ void binary_cross_entropy_with_logits_backward(T* dz, const T* z, const T* y, in
 }
 
 namespace {
-// log(sum(exp(row))) computed around the row's maximum so exp never overflows
+// sum_k exp(row[k] - top) with top the row's maximum: never overflows, and >= 1. Then
+// logsumexp(row) = top + log(sum) and softmax(row)[k] = exp(row[k] - top) / sum, exact where
+// logits are equal however large (softmax 1/2 for two logits of 1e4, as torch). An infinite
+// or NaN logit makes the sum NaN, as in torch's log_softmax.
 template <typename T>
-double log_sum_exp(const T* row, int64_t K) {
-    const double top = *std::max_element(row, row + K);
-    if (std::isinf(top)) return top;
+double shifted_exp_sum(const T* row, int64_t K, double& top) {
+    top = *std::max_element(row, row + K);
     double sum = 0;
     for (int64_t k = 0; k < K; ++k) sum += std::exp(double(row[k]) - top);
-    return top + std::log(sum);
+    return sum;
 }
 }  // namespace
 
@@ -60,7 +62,10 @@ double cross_entropy_forward(const T* logits, const int64_t* labels, int64_t N, 
     double sum = 0;
     for (int64_t n = 0; n < N; ++n) {
         const T* row = logits + n * K;
-        sum += log_sum_exp(row, K) - double(row[labels[n]]);
+        double top;
+        const double exp_sum = shifted_exp_sum(row, K, top);
+        // logsumexp - row[label], both shifted by top: exact for the largest logit
+        sum += std::log(exp_sum) - (double(row[labels[n]]) - top);
     }
     return sum / double(N);
 }
@@ -72,9 +77,10 @@ void cross_entropy_backward(T* dlogits, const T* logits, const int64_t* labels, 
     for (int64_t n = 0; n < N; ++n) {
         const T* row = logits + n * K;
         T* drow = dlogits + n * K;
-        const double lse = log_sum_exp(row, K);
+        double top;
+        const double exp_sum = shifted_exp_sum(row, K, top);
         for (int64_t k = 0; k < K; ++k) {
-            const double softmax = std::exp(double(row[k]) - lse);
+            const double softmax = std::exp(double(row[k]) - top) / exp_sum;
             drow[k] = T((softmax - (k == labels[n] ? 1.0 : 0.0)) * inv_n);
         }
     }
