@@ -86,7 +86,7 @@ def damaged_files(tmp_path):
     arch = architecture_of(good)
     cases = {}
     cases["object array (pickle)"] = (dict(good, **{"0.weight": np.array([{}], dtype=object)}),
-                                      False, "unreadable array")
+                                      False, "expected a numeric array, got dtype object")
     cases["compressed"] = (good, True, "uncompressed")
     missing = dict(good)
     del missing["5.weight"]
@@ -166,3 +166,188 @@ def test_train_step_is_the_four_calls(tmp_path):
         assert got == want
     for (_, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         np.testing.assert_array_equal(p.data, q.data)
+
+
+# ---------------------------------------------------------------------------------------
+# files are data: pickles, lying headers and hostile JSON are refused before allocating
+# ---------------------------------------------------------------------------------------
+
+
+class _CreatesAFile:
+    """Unpickling this creates the file at `path`: the proof that something was unpickled."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def zip_of(path, entries):
+    """A stored (uncompressed) zip of name -> bytes, as np.savez writes."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return path
+
+
+def npy_bytes(array=None, header=None, data=b""):
+    """A .npy entry: an array's, or a hand-written header dict followed by `data`."""
+    buffer = io.BytesIO()
+    if array is not None:
+        np.save(buffer, array, allow_pickle=True)
+    else:
+        np.lib.format.write_array_header_1_0(buffer, header)
+        buffer.write(data)
+    return buffer.getvalue()
+
+
+def good_entries(tmp_path):
+    path = tmp_path / "good.npz"
+    every_layer_model(F32).save(path)
+    with zipfile.ZipFile(path) as archive:
+        return {info.filename: archive.read(info) for info in archive.infolist()}
+
+
+def refuses(path, message):
+    with pytest.raises(ValueError, match=r"^\[load\] .*" + message):
+        cnnbp.load(path)
+
+
+def test_pickles_are_never_unpickled(tmp_path):
+    import pickle
+
+    marker = tmp_path / "unpickled"
+    evil = np.array([_CreatesAFile(marker)], dtype=object)
+    entries = good_entries(tmp_path)
+    # an object array in place of a weight, an extra one, a pickle entry, a pickle file
+    refuses(zip_of(tmp_path / "a.npz", dict(entries, **{"0.weight.npy": npy_bytes(evil)})),
+            "expected a numeric array, got dtype object")
+    refuses(zip_of(tmp_path / "b.npz", dict(entries, **{"extra.npy": npy_bytes(evil)})),
+            "expected a numeric array, got dtype object")
+    refuses(zip_of(tmp_path / "c.npz", dict(entries, **{"evil.pkl": pickle.dumps(evil)})),
+            "expected only .npy entries")
+    raw = tmp_path / "d.npz"
+    raw.write_bytes(pickle.dumps({"architecture": evil}))
+    refuses(raw, "file: expected a .npz model file")
+    # and the saved weights of np.savez(allow_pickle=True) are refused the same way
+    path = tmp_path / "e.npz"
+    np.savez(path, **dict(np.load(tmp_path / "good.npz")), stowaway=evil)
+    refuses(path, "expected a numeric array, got dtype object")
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(_CreatesAFile(marker)))  # the payload does work when unpickled
+    assert marker.exists()
+
+
+def test_lying_npy_headers_are_refused_before_allocating(tmp_path):
+    entries = good_entries(tmp_path)
+    # 2^40 float64 (8 TiB) declared over 32 bytes of data: np.load would allocate it first
+    huge = npy_bytes(header={"descr": "<f8", "fortran_order": False, "shape": (2**40,)},
+                     data=bytes(32))
+    refuses(zip_of(tmp_path / "a.npz", dict(entries, **{"5.bias.npy": huge})),
+            r"5\.bias\.npy: expected 8796093022208 bytes of data as its header declares")
+    # truncated: the header declares 4 floats, 2 are there
+    short = npy_bytes(header={"descr": "<f4", "fortran_order": False, "shape": (4,)},
+                      data=bytes(8))
+    refuses(zip_of(tmp_path / "b.npz", dict(entries, **{"5.bias.npy": short})),
+            "expected 16 bytes of data as its header declares")
+    # more data than declared
+    long = npy_bytes(header={"descr": "<f4", "fortran_order": False, "shape": (4,)},
+                     data=bytes(64))
+    refuses(zip_of(tmp_path / "c.npz", dict(entries, **{"5.bias.npy": long})),
+            "expected 16 bytes of data")
+    # negative and overflowing shapes, structured and void dtypes, a broken header
+    for i, header in enumerate([
+            {"descr": "<f4", "fortran_order": False, "shape": (-4,)},
+            {"descr": "<f4", "fortran_order": False, "shape": (2**62, 2**62)},
+            {"descr": [("a", "<f4")], "fortran_order": False, "shape": (4,)},
+            {"descr": "|V16", "fortran_order": False, "shape": (1,)},
+            {"descr": "<c8", "fortran_order": False, "shape": (2,)}]):
+        entry = npy_bytes(header=header, data=bytes(16))
+        refuses(zip_of(tmp_path / f"d{i}.npz", dict(entries, **{"5.bias.npy": entry})), "")
+    garbage = b"\x93NUMPY\x01\x00\x10\x00{'descr': <f4    \n" + bytes(16)
+    refuses(zip_of(tmp_path / "e.npz", dict(entries, **{"5.bias.npy": garbage})), "")
+    refuses(zip_of(tmp_path / "f.npz", dict(entries, **{"5.bias.npy": b"not an npy file"})), "")
+
+
+def test_zip_directories_declaring_huge_sizes_are_refused(tmp_path):
+    # a zip bomb's trick: the directory declares far more than the file holds
+    path = tmp_path / "bomb.npz"
+    every_layer_model(F32).save(path)
+    data = bytearray(path.read_bytes())
+    central = data.find(b"PK\x01\x02")  # the first central-directory entry
+    local = data.find(b"PK\x03\x04")
+    for offset in (central + 20, central + 24, local + 18, local + 22):  # both sizes, both
+        data[offset:offset + 4] = (2**31).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    refuses(path, r"expected an entry within the file's \d+ bytes, got a declared size of 2147483648")
+
+
+def test_compressed_entries_are_refused_whatever_they_expand_to(tmp_path):
+    # a deflated entry could expand without bound: only stored entries are read
+    entries = good_entries(tmp_path)
+    path = tmp_path / "deflated.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, content in entries.items():
+            archive.writestr(name, content)
+        archive.writestr("zeros.npy", npy_bytes(np.zeros(2**22, np.uint8)))  # 4 MiB of zeros
+    refuses(path, "expected an uncompressed, unencrypted entry")
+
+
+def hostile_architectures(arch):
+    """(name, JSON text) of architectures that must be refused."""
+    text = json.dumps(arch)
+    conv = json.dumps(arch["layers"][0])
+
+    def layer0(**changes):
+        hostile = json.loads(text)
+        hostile["layers"][0].update(changes)
+        return json.dumps(hostile)
+
+    cases = [
+        ("deep list nesting", "[" * 100_000 + "]" * 100_000),
+        ("deep object nesting", '{"a": ' * 100_000 + "1" + "}" * 100_000),
+        ("deep nesting inside a layer", text.replace(conv, '{"x": ' * 50_000 + conv + "}" * 50_000)),
+        ("5000-digit integer", text.replace('"in_channels": 2', '"in_channels": 1' + "0" * 5000)),
+        ("integer beyond int64", layer0(in_channels=2**64)),
+        ("1e999", text.replace('"in_channels": 2', '"in_channels": 1e999')),
+        ("NaN", text.replace('"in_channels": 2', '"in_channels": NaN')),
+        ("float size", layer0(in_channels=2.0)),
+        ("string size", layer0(in_channels="2")),
+        ("bool size", layer0(in_channels=True)),
+        ("null size", layer0(in_channels=None)),
+        ("zero channels", layer0(in_channels=0)),
+        ("negative padding", layer0(padding=[-1, 0])),
+        ("zero stride", layer0(stride=[0, 1])),
+        ("kernel of three", layer0(kernel_size=[3, 2, 1])),
+        ("kernel as dict", layer0(kernel_size={"h": 3, "w": 2})),
+        ("bias as string", layer0(bias="yes")),
+        ("type as list", layer0(type=["Conv2d"])),
+        ("version true", json.dumps(dict(arch, version=True))),
+        ("version string", json.dumps(dict(arch, version="1"))),
+        ("dtype object", json.dumps(dict(arch, dtype="object"))),
+        ("dtype as list", json.dumps(dict(arch, dtype=["float32"]))),
+        ("layers as dict", json.dumps(dict(arch, layers={"0": arch["layers"][0]}))),
+        ("layer as list", json.dumps(dict(arch, layers=[["Conv2d"]] + arch["layers"][1:]))),
+        ("top level list", json.dumps([arch])),
+        ("top level string", json.dumps(text)),
+        ("not UTF-8", None),
+        ("empty", ""),
+        ("pool padding over half", json.dumps(dict(arch, layers=arch["layers"][:2] + [
+            dict(arch["layers"][2], padding=[2, 0])] + arch["layers"][3:]))),
+    ]
+    return cases
+
+
+def test_hostile_architecture_json_is_refused(tmp_path):
+    good = saved_arrays(tmp_path)
+    arch = architecture_of(good)
+    assert arch["layers"][0]["in_channels"] == 2 and arch["layers"][2]["type"] == "MaxPool2d"
+    for name, text in hostile_architectures(arch):
+        raw = b"\xff\xfe{}" if text is None else text.encode()
+        arrays = dict(good, architecture=np.frombuffer(raw, dtype=np.uint8))
+        path = tmp_path / "hostile.npz"
+        write_npz(path, arrays)
+        with pytest.raises(ValueError, match=r"^\[load\] ") as info:
+            cnnbp.load(path)
+        assert "architecture" in str(info.value), (name, str(info.value))

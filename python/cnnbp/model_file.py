@@ -7,17 +7,21 @@
 The C++ library reads and writes the same files (cnnbp/model_file.hpp). Loading is data
 only: np.load(allow_pickle=False), stored (uncompressed) entries, known layer types, and
 exactly the arrays the architecture implies, with their shapes and dtype; anything else is
-refused with ValueError("[load] ...").
+refused with ValueError("[load] ..."). Every entry's .npy header is read and checked against
+the entry's real size before NumPy allocates anything: a header or a zip directory that
+declares more data than the file holds is refused, not allocated.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import zipfile
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from . import nn
 
@@ -51,18 +55,25 @@ def _refuse(what):
     raise ValueError(f"[load] {what}")
 
 
-def _int(spec, key, where):
+_INT64_MAX = 2**63 - 1
+
+
+def _is_int(value, minimum):
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and minimum <= value <= _INT64_MAX)
+
+
+def _int(spec, key, where, minimum=1):
     value = spec.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        _refuse(f"{where}.{key}: expected a non-negative integer, got {value!r}")
+    if not _is_int(value, minimum):
+        _refuse(f"{where}.{key}: expected an integer in [{minimum}, 2^63), got {value!r}")
     return value
 
 
-def _pair(spec, key, where):
+def _pair(spec, key, where, minimum=1):
     value = spec.get(key)
-    if (not isinstance(value, list) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
-        _refuse(f"{where}.{key}: expected a pair of integers, got {value!r}")
+    if not isinstance(value, list) or len(value) != 2 or not all(_is_int(v, minimum) for v in value):
+        _refuse(f"{where}.{key}: expected a pair of integers in [{minimum}, 2^63), got {value!r}")
     return tuple(value)
 
 
@@ -80,26 +91,59 @@ def _build(spec, where, dtype):
     if kind == "Conv2d":
         return nn.Conv2d(_int(spec, "in_channels", where), _int(spec, "out_channels", where),
                          _pair(spec, "kernel_size", where), _pair(spec, "stride", where),
-                         _pair(spec, "padding", where), _bool(spec, "bias", where), dtype=dtype)
+                         _pair(spec, "padding", where, 0), _bool(spec, "bias", where), dtype=dtype)
     if kind == "Linear":
         return nn.Linear(_int(spec, "in_features", where), _int(spec, "out_features", where),
                          _bool(spec, "bias", where), dtype=dtype)
     if kind == "MaxPool2d":
-        return nn.MaxPool2d(_pair(spec, "kernel_size", where), _pair(spec, "stride", where),
-                            _pair(spec, "padding", where))
+        kernel, padding = _pair(spec, "kernel_size", where), _pair(spec, "padding", where, 0)
+        if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
+            _refuse(f"{where}.padding: expected at most half the kernel size {list(kernel)}, "
+                    f"got {list(padding)}")
+        return nn.MaxPool2d(kernel, _pair(spec, "stride", where), padding)
     if kind in ("ReLU", "Sigmoid", "Flatten"):
         return getattr(nn, kind)()
     _refuse(f"{where}: expected a known layer type, got {kind!r}")
+
+
+def _check_entry(archive, info, file_size):
+    """The entry is a stored .npy of a plain numeric dtype whose header declares exactly the
+    bytes the entry holds, and the entry lies within the file: NumPy allocates an array of
+    the declared shape before reading it, so a lying header must not reach np.load."""
+    name = info.filename
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
+        _refuse(f"{name}: expected an uncompressed, unencrypted entry")
+    if info.file_size != info.compress_size or info.file_size > file_size:
+        _refuse(f"{name}: expected an entry within the file's {file_size} bytes, "
+                f"got a declared size of {info.file_size}")
+    if not name.endswith(".npy"):
+        _refuse(f"{name}: expected only .npy entries")
+    with archive.open(info) as entry:
+        try:
+            version = npy_format.read_magic(entry)
+            read_header = {(1, 0): npy_format.read_array_header_1_0,
+                           (2, 0): npy_format.read_array_header_2_0}[version]
+            shape, _, dtype = read_header(entry)
+        except Exception as error:  # NumPy's header parser raises ValueError, SyntaxError, ...
+            _refuse(f"{name}: expected a .npy header of version 1.0 or 2.0, got "
+                    f"{type(error).__name__}: {error}")
+        header_size = entry.tell()
+    if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields is not None:
+        _refuse(f"{name}: expected a numeric array, got dtype {dtype}")
+    declared = math.prod(shape) * dtype.itemsize
+    if declared != info.file_size - header_size:
+        _refuse(f"{name}: expected {declared} bytes of data as its header declares "
+                f"(shape {shape}, {dtype}), got {info.file_size - header_size}")
 
 
 def load(path) -> "nn.Sequential":
     """Rebuild the model saved at `path` (by Python's model.save or C++'s cnnbp::nn::save)."""
     path = os.fspath(path)
     try:
+        file_size = os.path.getsize(path)
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
-                if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
-                    _refuse(f"{info.filename}: expected an uncompressed, unencrypted entry")
+                _check_entry(archive, info, file_size)
         with np.load(path, allow_pickle=False) as contents:
             arrays = {name: contents[name] for name in contents.files}
     except ValueError as error:
@@ -116,11 +160,13 @@ def load(path) -> "nn.Sequential":
         _refuse("architecture: expected a 1-D uint8 array of JSON text")
     try:
         architecture = json.loads(raw.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        _refuse(f"architecture: expected valid JSON, got {error}")
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        # ValueError: JSONDecodeError, and integers of more digits than Python converts;
+        # RecursionError: nesting deeper than the decoder's stack
+        _refuse(f"architecture: expected valid JSON, got {type(error).__name__}: {error}")
     if not isinstance(architecture, dict) or architecture.get("format") != FORMAT:
         _refuse(f"architecture: expected format \"{FORMAT}\"")
-    if architecture.get("version") != VERSION:
+    if type(architecture.get("version")) is not int or architecture["version"] != VERSION:
         _refuse(f"architecture: expected version {VERSION}, got {architecture.get('version')!r}")
     dtype = architecture.get("dtype")
     if dtype not in ("float32", "float64"):
