@@ -884,3 +884,24 @@ def test_conv2d_workspace_bytes_dtype_errors():
     for bad in ("foo", 3.5, "int32", np.complex64):
         with raises(TypeError, "[conv2d_workspace_bytes] dtype: expected float32 or float64"):
             F.conv2d_workspace_bytes((1, 1, 4, 4), (1, 1, 3, 3), dtype=bad)
+
+
+@pytest.mark.parametrize("stride", [2**62, 2**63 - 1, (1, 2**63 - 1), (2**63 - 1, 2)], ids=str)
+def test_strides_beyond_the_input_are_one_window(stride):
+    # the window range's ceiling division overflowed at strides near 2^63 and the direct
+    # loops wrote outside dx ("double free or corruption")
+    from cnnbp import reference as ref
+
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal((2, 3, 5, 6)), rng.standard_normal((4, 3, 3, 3))
+    for padding in (0, 1, 2):
+        y = F.conv2d(x, w, None, stride, padding)
+        np.testing.assert_allclose(y, ref.conv2d(x, w, None, stride, padding), rtol=1e-12)
+        dy = rng.standard_normal(y.shape)
+        for got, want in zip(F.conv2d_backward(dy, x, w, stride, padding),
+                             ref.conv2d_backward(dy, x, w, stride, padding)):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        out, idx = F.max_pool2d(x, 3, stride, min(padding, 1))
+        want_out, want_idx = ref.max_pool2d(x, 3, stride, min(padding, 1))
+        np.testing.assert_array_equal(out, want_out)
+        np.testing.assert_array_equal(idx, want_idx)

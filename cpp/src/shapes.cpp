@@ -208,8 +208,8 @@ Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& p
     // kernel <= padded size here, so kernel_h * kernel_w <= Hp * Wp
     if (checked_product({d.N, d.C, d.P, d.Q, p.kernel_h, p.kernel_w}, kMaxWork) < 0)
         fail(op, "kernel_size: expected at most " + limit_str(kMaxWork) +
-                     " window cells in all (N * C * P * Q * kernel_h * kernel_w), got input shape " +
-                     shape_str(input) + ", kernel_size (" + std::to_string(p.kernel_h) + ", " +
+                     " window cells in all (N * C * P * Q * kernel_h * kernel_w), got input "
+                     "shape " + shape_str(input) + ", kernel_size (" + std::to_string(p.kernel_h) + ", " +
                      std::to_string(p.kernel_w) + ") and output size (" + std::to_string(d.P) +
                      ", " + std::to_string(d.Q) + ")");
     return d;
