@@ -213,8 +213,10 @@ py::array conv2d(const py::handle& x_obj, const py::handle& w_obj, const py::han
         auto y = empty_like_shape<T>({dims.N, dims.K, dims.P, dims.Q});
         T* y_ptr = y.mutable_data();
         const T* b_ptr = bias.present ? bc.data() : nullptr;
-        py::gil_scoped_release release;
-        cnnbp::conv2d_forward<T>(y_ptr, xc.data(), wc.data(), b_ptr, dims);
+        {  // the GIL is held again before the result is touched
+            py::gil_scoped_release release;
+            cnnbp::conv2d_forward<T>(y_ptr, xc.data(), wc.data(), b_ptr, dims);
+        }
         return y;
     });
 }
@@ -310,8 +312,10 @@ py::array max_pool2d_backward(const py::handle& dy_obj, const py::handle& idx_ob
         auto dyc = contiguous<T>(dy);
         auto dx = empty_like_shape<T>(x_shape);
         T* dx_ptr = dx.mutable_data();
-        py::gil_scoped_release release;
-        cnnbp::max_pool2d_backward<T>(dx_ptr, dyc.data(), idx.data(), dims);
+        {  // the GIL is held again before the result is touched
+            py::gil_scoped_release release;
+            cnnbp::max_pool2d_backward<T>(dx_ptr, dyc.data(), idx.data(), dims);
+        }
         return dx;
     });
 }
@@ -329,9 +333,11 @@ py::array unary(const char* op, const py::handle& z_obj) {
         auto zc = contiguous<T>(z);
         auto a = empty_like_shape<T>(shape_of(z));
         T* a_ptr = a.mutable_data();
-        py::gil_scoped_release release;
-        if constexpr (std::is_same_v<T, float>) KernelF(a_ptr, zc.data(), zc.size());
-        else KernelD(a_ptr, zc.data(), zc.size());
+        {  // the GIL is held again before the result is touched
+            py::gil_scoped_release release;
+            if constexpr (std::is_same_v<T, float>) KernelF(a_ptr, zc.data(), zc.size());
+            else KernelD(a_ptr, zc.data(), zc.size());
+        }
         return a;
     });
 }
@@ -350,9 +356,13 @@ py::array unary_backward(const char* op, const char* saved_name, const py::handl
         auto dac = contiguous<T>(da), sc = contiguous<T>(saved);
         auto dz = empty_like_shape<T>(shape_of(da));
         T* dz_ptr = dz.mutable_data();
-        py::gil_scoped_release release;
-        if constexpr (std::is_same_v<T, float>) KernelF(dz_ptr, dac.data(), sc.data(), dac.size());
-        else KernelD(dz_ptr, dac.data(), sc.data(), dac.size());
+        {  // the GIL is held again before the result is touched
+            py::gil_scoped_release release;
+            if constexpr (std::is_same_v<T, float>)
+                KernelF(dz_ptr, dac.data(), sc.data(), dac.size());
+            else
+                KernelD(dz_ptr, dac.data(), sc.data(), dac.size());
+        }
         return dz;
     });
 }
@@ -377,8 +387,10 @@ py::array linear(const py::handle& x_obj, const py::handle& w_obj, const py::han
         auto y = empty_like_shape<T>(y_shape);
         T* y_ptr = y.mutable_data();
         const T* b_ptr = bias.present ? bc.data() : nullptr;
-        py::gil_scoped_release release;
-        cnnbp::linear_forward<T>(y_ptr, xc.data(), wc.data(), b_ptr, dims);
+        {  // the GIL is held again before the result is touched
+            py::gil_scoped_release release;
+            cnnbp::linear_forward<T>(y_ptr, xc.data(), wc.data(), b_ptr, dims);
+        }
         return y;
     });
 }
@@ -451,12 +463,14 @@ py::array binary_loss_backward(const char* op, const py::handle& p_obj, const py
         if constexpr (kProbabilities) cnnbp::check_probabilities<T>(op, pc.data(), pc.size());
         auto grad = empty_like_shape<T>(shape_of(args.prediction));
         T* g_ptr = grad.mutable_data();
-        py::gil_scoped_release release;
-        if constexpr (kProbabilities)
-            cnnbp::binary_cross_entropy_backward<T>(g_ptr, pc.data(), yc.data(), pc.size());
-        else
-            cnnbp::binary_cross_entropy_with_logits_backward<T>(g_ptr, pc.data(), yc.data(),
-                                                                pc.size());
+        {  // the GIL is held again before the result is touched
+            py::gil_scoped_release release;
+            if constexpr (kProbabilities)
+                cnnbp::binary_cross_entropy_backward<T>(g_ptr, pc.data(), yc.data(), pc.size());
+            else
+                cnnbp::binary_cross_entropy_with_logits_backward<T>(g_ptr, pc.data(), yc.data(),
+                                                                    pc.size());
+        }
         return grad;
     });
 }
@@ -497,9 +511,11 @@ py::array cross_entropy_backward(const py::handle& z_obj, const py::handle& labe
         auto zc = contiguous<T>(args.logits);
         auto dz = empty_like_shape<T>({args.dims.N, args.dims.K});
         T* dz_ptr = dz.mutable_data();
-        py::gil_scoped_release release;
-        cnnbp::cross_entropy_backward<T>(dz_ptr, zc.data(), args.labels.data(), args.dims.N,
-                                         args.dims.K);
+        {  // the GIL is held again before the result is touched
+            py::gil_scoped_release release;
+            cnnbp::cross_entropy_backward<T>(dz_ptr, zc.data(), args.labels.data(), args.dims.N,
+                                             args.dims.K);
+        }
         return dz;
     });
 }
