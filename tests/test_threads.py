@@ -145,3 +145,98 @@ def test_conv2d_is_thread_independent(case, dtype):
     y = F.conv2d(x, w, b, stride, padding)
     dy = data(y.shape, dtype, 12, False)
     check_thread_independent(lambda: F.conv2d_backward(dy, x, w, stride, padding))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_losses_are_thread_independent(dtype):
+    rng = np.random.default_rng(13)
+    z = data((4096, 40), dtype, 14, False)
+    labels = rng.integers(0, 40, 4096)
+    y = rng.integers(0, 2, z.shape).astype(dtype)
+    a = F.sigmoid(z)
+    for fn, args in [(F.cross_entropy, (z, labels)), (F.binary_cross_entropy_with_logits, (z, y)),
+                     (F.binary_cross_entropy, (a, y))]:
+        one, two = with_threads(1, lambda: fn(*args)), with_threads(2, lambda: fn(*args))
+        assert one == two and np.float64(one).tobytes() == np.float64(two).tobytes()
+    check_thread_independent(lambda: F.cross_entropy_backward(z, labels))
+    check_thread_independent(lambda: F.binary_cross_entropy_with_logits_backward(z, y))
+    check_thread_independent(lambda: F.binary_cross_entropy_backward(a, y))
+
+
+def training_run(dtype, optimizer):
+    """Ten training steps of a small CNN; the losses and the final parameters."""
+    from cnnbp import nn, optim
+
+    nn.manual_seed(21)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, dtype=dtype), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(16, 32, 3, dtype=dtype), nn.Sigmoid(), nn.Flatten(),
+                          nn.Linear(32 * 6 * 6, 10, dtype=dtype))
+    rng = np.random.default_rng(22)
+    x = rng.standard_normal((64, 3, 16, 16)).astype(dtype)
+    labels = rng.integers(0, 10, 64)
+    opt = (optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if optimizer == "SGD"
+           else optim.Adam(model.parameters(), lr=1e-3))
+    loss_fn = nn.CrossEntropyLoss()
+    losses = [model.train_step(x, labels, loss_fn, opt) for _ in range(10)]
+    return (np.array(losses),) + tuple(p.data for p in model.parameters())
+
+
+@pytest.mark.parametrize("optimizer", ["SGD", "Adam"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_training_steps_are_thread_independent(dtype, optimizer):
+    # sizes above the threading thresholds: conv2d's batch is split between the threads
+    check_thread_independent(lambda: training_run(dtype, optimizer))
+
+
+# Run in a fresh process: a hash of every kernel's results and of a training run.
+HASH_SCRIPT = r"""
+import hashlib, sys
+import numpy as np
+import cnnbp
+from cnnbp import functional as F
+sys.path.insert(0, sys.argv[1])
+from test_threads import data, training_run
+
+cnnbp.set_num_threads(int(sys.argv[2]))
+digest = hashlib.sha256()
+def add(*arrays):
+    for a in arrays:
+        a = np.asarray(a)
+        digest.update(str((a.dtype, a.shape)).encode() + a.tobytes())
+for dtype in (np.float32, np.float64):
+    x, w, b = data((16, 8, 20, 20), dtype, 1, False), data((16, 8, 3, 3), dtype, 2, False), data((16,), dtype, 3, False)
+    y = F.conv2d(x, w, b, 1, 1)
+    add(y, *F.conv2d_backward(data(y.shape, dtype, 4, False), x, w, 1, 1))
+    add(*F.conv2d_backward(data((16, 16, 9, 9), dtype, 5, False), x, w, 2, 0))
+    p, idx = F.max_pool2d(data((16, 8, 20, 20), dtype, 6), 3, 2, 1)
+    add(p, idx, F.max_pool2d_backward(data(p.shape, dtype, 7), idx, (16, 8, 20, 20)))
+    z = data((300, 500), dtype, 8)
+    add(F.relu(z), F.relu_backward(z, z), F.sigmoid(z), F.sigmoid_backward(z, F.sigmoid(z)))
+    lx, lw = data((256, 300), dtype, 9, False), data((40, 300), dtype, 10, False)
+    add(F.linear(lx, lw), *F.linear_backward(data((256, 40), dtype, 11, False), lx, lw))
+    logits, labels = data((256, 40), dtype, 12, False), np.arange(256) % 40
+    add([F.cross_entropy(logits, labels)], F.cross_entropy_backward(logits, labels))
+    add(*training_run(dtype, "Adam"))
+print(digest.hexdigest())
+"""
+
+
+def test_results_are_identical_across_processes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = tmp_path / "hash_run.py"
+    script.write_text(HASH_SCRIPT)
+
+    def digest(threads):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        out = subprocess.run([sys.executable, str(script), here, str(threads)], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    first, second, threaded = digest(1), digest(1), digest(2)
+    assert len(first) == 64
+    assert first == second == threaded
