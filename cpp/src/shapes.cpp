@@ -157,7 +157,13 @@ Conv2dDims conv2d_dims(const Shape& input, const Shape& weight, const Shape* bia
                      std::to_string(Wp) + ") >= kernel size (" +
                      std::to_string(d.R) + ", " + std::to_string(d.S) + "), got input shape " +
                      shape_str(input));
-    checked_numel(op, "output", {d.N, d.K, d.P, d.Q});
+    if (checked_product({d.N, d.K, d.P, d.Q}, kMaxElements) < 0)
+        fail(op, "output: expected at most " + limit_str(kMaxElements) + " elements, got shape " +
+                     shape_str({d.N, d.K, d.P, d.Q}) + " from input " + shape_str(input) +
+                     ", weight " + shape_str(weight) + ", stride (" +
+                     std::to_string(params.stride_h) + ", " + std::to_string(params.stride_w) +
+                     ") and padding (" + std::to_string(params.pad_h) + ", " +
+                     std::to_string(params.pad_w) + ")");
     // The kernels' workspace: padded plane stacks of the input (forward, dweight) and of
     // doutput (dinput), a few images' worth per thread; R <= Hp and S <= Wp here.
     if (checked_product({d.N, std::max(d.C, d.K), Hp + d.R, Wp + d.S}, kMaxWork) < 0)
@@ -204,14 +210,21 @@ Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& p
                      std::to_string(Wp) + ") >= kernel size (" +
                      std::to_string(p.kernel_h) + ", " + std::to_string(p.kernel_w) +
                      "), got input shape " + shape_str(input));
-    checked_numel(op, "output", {d.N, d.C, d.P, d.Q});
+    if (checked_product({d.N, d.C, d.P, d.Q}, kMaxElements) < 0)
+        fail(op, "output: expected at most " + limit_str(kMaxElements) + " elements, got shape " +
+                     shape_str({d.N, d.C, d.P, d.Q}) + " from input " + shape_str(input) +
+                     ", kernel_size (" + std::to_string(p.kernel_h) + ", " +
+                     std::to_string(p.kernel_w) + "), stride (" + std::to_string(p.stride_h) +
+                     ", " + std::to_string(p.stride_w) + ") and padding (" +
+                     std::to_string(p.pad_h) + ", " + std::to_string(p.pad_w) + ")");
     // kernel <= padded size here, so kernel_h * kernel_w <= Hp * Wp
     if (checked_product({d.N, d.C, d.P, d.Q, p.kernel_h, p.kernel_w}, kMaxWork) < 0)
         fail(op, "kernel_size: expected at most " + limit_str(kMaxWork) +
                      " window cells in all (N * C * P * Q * kernel_h * kernel_w), got input "
-                     "shape " + shape_str(input) + ", kernel_size (" + std::to_string(p.kernel_h) + ", " +
-                     std::to_string(p.kernel_w) + ") and output size (" + std::to_string(d.P) +
-                     ", " + std::to_string(d.Q) + ")");
+                     "shape " + shape_str(input) + ", kernel_size (" +
+                     std::to_string(p.kernel_h) + ", " + std::to_string(p.kernel_w) +
+                     ") and output size (" + std::to_string(d.P) + ", " + std::to_string(d.Q) +
+                     ")");
     return d;
 }
 
@@ -288,7 +301,10 @@ LinearDims linear_dims(const Shape& input, const Shape& weight, const Shape* bia
                      shape_str(*bias));
     Shape output = input;
     output.back() = d.OUT;
-    checked_numel(op, "output", output);
+    if (checked_product({d.M, d.OUT}, kMaxElements) < 0)
+        fail(op, "output: expected at most " + limit_str(kMaxElements) + " elements, got shape " +
+                     shape_str(output) + " from input " + shape_str(input) + " and weight " +
+                     shape_str(weight));
     if (checked_product({d.M, d.OUT, d.IN}, kMaxWork) < 0)
         fail(op, "input: expected at most " + limit_str(kMaxWork) +
                      " multiply-adds (rows * out_features * in_features), got input shape " +
