@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <sstream>
 #include <stdexcept>
@@ -11,6 +13,19 @@
 #include "parallel.hpp"
 
 namespace cnnbp {
+
+std::string number_str(double value) {
+    if (std::isnan(value)) return "nan";
+    if (std::isinf(value)) return value > 0 ? "inf" : "-inf";
+    char text[32];
+    for (int precision = 1; precision <= 17; ++precision) {
+        std::snprintf(text, sizeof text, "%.*g", precision, value);
+        if (std::strtod(text, nullptr) == value) break;
+    }
+    std::string out = text;
+    if (out.find_first_of(".e") == std::string::npos) out += ".0";  // 0.0, as a float reads
+    return out;
+}
 
 std::string shape_str(const Shape& shape) {
     std::ostringstream out;

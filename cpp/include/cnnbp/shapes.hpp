@@ -17,6 +17,9 @@ using Shape = std::vector<int64_t>;
 
 // "(2, 3, 4)" -- how shapes appear in error messages.
 std::string shape_str(const Shape& shape);
+// the shortest text that reads back as `value` ("0.5", "1e-05", "2.0", "nan"), as Python's
+// repr of a float
+std::string number_str(double value);
 
 // Number of elements of a shape (1 for a scalar shape ()).
 int64_t numel(const Shape& shape);
