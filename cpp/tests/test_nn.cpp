@@ -176,6 +176,65 @@ TEST_CASE("nn: SGD and Adam apply torch's update rules; train_step learns") {
     CHECK(last < 0.5 * first);
 }
 
+TEST_CASE("nn: AdamW decays the parameter; a new learning rate applies from the next step") {
+    Parameter<double> w;
+    w.value = Tensor<double>({2}, V{1.0, -1.0});
+    w.grad = Tensor<double>({2}, V{0.5, -0.25});
+    w.grad_set = true;
+    AdamW<double> adamw({&w}, 0.1, 0.9, 0.999, 1e-8, 0.5);
+    adamw.step();  // p *= 1 - lr * wd, then the Adam step: lr * sign(g)
+    CHECK_CLOSE(w.value.data.data(), (V{0.95 - 0.1, -0.95 + 0.1}), 0, 1e-7);
+    CHECK_THROWS(AdamW<double>({&w}, 0.1, 1.0), "[AdamW] betas: expected values in [0, 1), got (1.0, 0.999)");
+
+    Parameter<double> p;
+    p.value = Tensor<double>({1}, V{1.0});
+    p.grad = Tensor<double>({1}, V{1.0});
+    p.grad_set = true;
+    SGD<double> sgd({&p}, 0.5);
+    sgd.set_lr(0.25);
+    sgd.step();
+    CHECK(p.value.data[0] == 0.75 && sgd.lr() == 0.25);
+    CHECK_THROWS(sgd.set_lr(-1.0), "[SGD] lr: expected >= 0, got -1.0");
+    CHECK(number_str(0.1) == "0.1" && number_str(1e-05) == "1e-05" && number_str(2.0) == "2.0");
+}
+
+TEST_CASE("nn: shared layers and the trace that outlives a container") {
+    auto relu = std::make_shared<ReLU<double>>();
+    auto flatten = std::make_shared<Flatten<double>>();
+    const Tensor<double> x({1, 1, 2, 2}, V{-1.0, 2.0, -3.0, 4.0});
+    {
+        Sequential<double> model;
+        model.add(std::make_shared<Linear<double>>(2, 2)).add(relu).add(flatten);
+        model.forward(x);
+        CHECK(relu->input() != nullptr && flatten->input() == &relu->output());
+    }
+    // the Linear layer died with the container, so ReLU's input is forgotten, not dangling
+    CHECK(relu->input() == nullptr && flatten->input() == nullptr);
+    CHECK(relu->output().size() == 4);
+    // a layer's kept input belongs to it
+    relu->kept_input() = x;
+    relu->forward(relu->kept_input());
+    relu->forget_borrowed();
+    CHECK(relu->input() == &relu->kept_input());
+
+    // a loss keeps copies of its arguments
+    BCELoss<double> loss;
+    {
+        const Tensor<double> a({2}, V{0.25, 0.5}), y({2}, V{0.0, 1.0});
+        loss.forward(a, y);
+    }
+    CHECK(loss.has_run() && loss.input().data == (V{0.25, 0.5}) && loss.target().data[1] == 1.0);
+    CHECK_CLOSE(&loss.backward().data[0], (V{1.0 / 0.75 / 2, -1.0 / 0.5 / 2}), 0, 1e-15);
+    CrossEntropyLoss<double> ce;
+    bool refused = false;
+    try {
+        ce.backward();
+    } catch (const std::logic_error& e) {
+        refused = std::string(e.what()) == "[CrossEntropyLoss] backward called before forward";
+    }
+    CHECK(refused);
+}
+
 TEST_CASE("nn: bad input is refused with the kernels' messages") {
     Conv2d<double> conv(2, 3, 3);
     const Tensor<double> wrong({1, 1, 6, 6});
