@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _core
+from . import _core, lr_scheduler  # noqa: F401 - optim.lr_scheduler, as torch
 from .nn import _SUFFIX, Parameter
 
 
@@ -97,4 +97,4 @@ class AdamW(Adam):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
-__all__ = ["SGD", "Adam", "AdamW"]
+__all__ = ["SGD", "Adam", "AdamW", "lr_scheduler"]
