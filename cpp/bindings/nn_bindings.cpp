@@ -297,6 +297,8 @@ void bind_dtype(py::module_& m) {
         .def("grad_output", [](L& l) { return to_numpy_or_none(l.grad_output()); })
         .def("grad_input", [](L& l) { return to_numpy_or_none(&l.grad_input()); })
         .def("type", &L::type)
+        .def("train", &L::train)
+        .def("is_training", &L::is_training)
         .def("named_parameters", &named_parameters<T>);
 
     using A2 = std::array<int64_t, 2>;

@@ -299,6 +299,12 @@ void Sequential<T>::forget_borrowed() {
 }
 
 template <typename T>
+void Sequential<T>::train(bool mode) {
+    Layer<T>::train(mode);
+    for (auto& layer : layers_) layer->train(mode);
+}
+
+template <typename T>
 Sequential<T>& Sequential<T>::add(std::shared_ptr<Layer<T>> layer) {
     if (!layer) throw std::invalid_argument("[Sequential] layer: expected a layer, got null");
     if (layer.get() == this)

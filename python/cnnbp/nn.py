@@ -151,6 +151,22 @@ class Module:
         for p in self.parameters():
             p.grad = None
 
+    training = True  # the mode: Dropout drops only while training
+
+    def train(self, mode: bool = True):
+        """Training mode (the default) or, with mode False, evaluation mode; returns self."""
+        self.training = bool(mode)
+        for child in self._children():
+            child.train(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode: train(False)."""
+        return self.train(False)
+
+    def _children(self):
+        return ()
+
     def state_dict(self):
         """name -> copy of the parameter array, with torch's key names."""
         return OrderedDict((name, p.data.copy()) for name, p in self.named_parameters())
@@ -223,10 +239,18 @@ class _NativeModule(Module):
         impl = self._impls.get(dtype)
         if impl is None:
             impl = self._impls[dtype] = self._make(dtype)
+            impl.train(self.training)
+            for child in self._children():  # each keeps its own mode
+                child.train(child.training)
         return impl
 
     def _activate(self, dtype) -> None:
         self._impl = self._native_for(dtype)
+
+    def train(self, mode: bool = True):
+        for impl in self._impls.values():
+            impl.train(bool(mode))
+        return super().train(mode)
 
     def _impl_for_input(self, x):
         dtype = self._fixed_dtype or _dtype_of(x)
@@ -412,6 +436,9 @@ class Sequential(_NativeModule):
         self._step = None
         for layer in self.layers:
             layer._activate(dtype)
+
+    def _children(self):
+        return self.layers
 
     def __getitem__(self, i):
         return self.layers[i]

@@ -77,6 +77,12 @@ class Layer {
     const Tensor<T>* grad_output() const { return grad_output_; }
     virtual const Tensor<T>& grad_input() const { return grad_input_; }
 
+    // Training mode (the default) or evaluation mode (train(false)): Dropout drops only
+    // while training. A Sequential passes the mode to its layers.
+    virtual void train(bool mode = true) { training_ = mode; }
+    void eval() { train(false); }
+    bool is_training() const { return training_; }
+
     // Storage the layer keeps for callers that cannot keep their tensors alive until
     // backward (the Python bindings): fill it, then forward(kept_input()).
     Tensor<T>& kept_input() { return kept_input_; }
@@ -93,6 +99,7 @@ class Layer {
     const Tensor<T>* grad_output_ = nullptr;
     Tensor<T> output_, grad_input_;
     Tensor<T> kept_input_, kept_grad_output_;
+    bool training_ = true;
 };
 
 // A layer with a weight and an optional bias (Conv2d, Linear): their parameters, and the
@@ -213,6 +220,7 @@ class Sequential : public Layer<T> {
     size_t size() const { return layers_.size(); }
     Layer<T>& operator[](size_t i) { return *layers_.at(i); }
     void forget_borrowed() override;
+    void train(bool mode = true) override;
 
  private:
     std::vector<std::shared_ptr<Layer<T>>> layers_;
