@@ -556,6 +556,48 @@ def test_dropout_keep_rate_matches_torch():
 
 
 # ---------------------------------------------------------------------------------------
+# the oracle itself: finite differences of its own forwards, and torch in float64
+# ---------------------------------------------------------------------------------------
+
+TORCH_TOL = dict(rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("case", AVG_POOL_CASES, ids=str)
+def test_reference_avg_pool2d_against_finite_differences_and_torch(case):
+    x, g, kernel, stride, padding = avg_pool_data(case, F64)
+
+    def objective():
+        return float(np.sum(ref.avg_pool2d(x, kernel, stride, padding) * g))
+
+    dx = ref.avg_pool2d_backward(g, x.shape, kernel, stride, padding)
+    fd_check(dx, objective, x, "reference avg_pool2d")
+    torch = pytest.importorskip("torch")
+    xt = torch.tensor(x, requires_grad=True)
+    yt = torch.nn.functional.avg_pool2d(xt, kernel, stride, padding)
+    yt.backward(torch.tensor(g))
+    np.testing.assert_allclose(ref.avg_pool2d(x, kernel, stride, padding), yt.detach().numpy(),
+                               **TORCH_TOL)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), **TORCH_TOL)
+
+
+def test_reference_tanh_and_dropout_against_finite_differences_and_torch():
+    rng = rng_for("reference-tanh")
+    z = rng.standard_normal((3, 7)) * 2
+    g = rng.standard_normal(z.shape)
+    fd_check(ref.tanh_backward(g, ref.tanh(z)), lambda: float(np.sum(ref.tanh(z) * g)), z,
+             "reference tanh")
+    mask = ref.dropout_mask(z.shape, 0.3, 4)
+    fd_check(ref.dropout_backward(g, mask, 0.3),
+             lambda: float(np.sum(ref.dropout(z, mask, 0.3) * g)), z, "reference dropout")
+    torch = pytest.importorskip("torch")
+    zt = torch.tensor(z, requires_grad=True)
+    at = torch.tanh(zt)
+    at.backward(torch.tensor(g))
+    np.testing.assert_allclose(ref.tanh(z), at.detach().numpy(), **TORCH_TOL)
+    np.testing.assert_allclose(ref.tanh_backward(g, ref.tanh(z)), zt.grad.numpy(), **TORCH_TOL)
+
+
+# ---------------------------------------------------------------------------------------
 # threads, layouts, inputs untouched
 # ---------------------------------------------------------------------------------------
 
