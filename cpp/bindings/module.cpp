@@ -208,6 +208,162 @@ py::array unary_backward(const char* op, const char* saved_name, const py::handl
     });
 }
 
+// ---- avg_pool2d, tanh, dropout -------------------------------------------------------------
+
+cnnbp::Pool2dParams pool_params(const char* op, const py::handle& kernel_size,
+                                const py::handle& stride, const py::handle& padding) {
+    auto k = parse_pair(op, "kernel_size", kernel_size);
+    auto s = stride.is_none() ? k : parse_pair(op, "stride", stride);  // torch: stride = kernel
+    auto p = parse_pair(op, "padding", padding);
+    return cnnbp::Pool2dParams{k[0], k[1], s[0], s[1], p[0], p[1]};
+}
+
+py::array avg_pool2d(const py::handle& x_obj, const py::handle& kernel_size,
+                     const py::handle& stride, const py::handle& padding) {
+    const char* op = "avg_pool2d";
+    py::array x = as_array(op, "input", x_obj);
+    const DType dtype = float_dtype(op, "input", x);
+    const auto dims =
+        cnnbp::pool2d_dims(op, shape_of(x), pool_params(op, kernel_size, stride, padding));
+    return dispatch(dtype, [&](auto tag) -> py::array {
+        using T = decltype(tag);
+        auto xc = contiguous<T>(x);
+        auto y = empty_like_shape<T>({dims.N, dims.C, dims.P, dims.Q});
+        T* y_ptr = y.mutable_data();
+        py::gil_scoped_release release;
+        cnnbp::avg_pool2d_forward<T>(y_ptr, xc.data(), dims);
+        return y;
+    });
+}
+
+py::array avg_pool2d_backward(const py::handle& dy_obj, const py::handle& x_shape_obj,
+                              const py::handle& kernel_size, const py::handle& stride,
+                              const py::handle& padding) {
+    const char* op = "avg_pool2d_backward";
+    const Shape x_shape = parse_shape(op, "x_shape", x_shape_obj);
+    py::array dy = as_array(op, "doutput", dy_obj);
+    const DType dtype = float_dtype(op, "doutput", dy);
+    const auto dims = cnnbp::avg_pool2d_backward_dims(
+        shape_of(dy), x_shape, pool_params(op, kernel_size, stride, padding));
+    return dispatch(dtype, [&](auto tag) -> py::array {
+        using T = decltype(tag);
+        auto dyc = contiguous<T>(dy);
+        auto dx = empty_like_shape<T>(x_shape);
+        T* dx_ptr = dx.mutable_data();
+        py::gil_scoped_release release;
+        cnnbp::avg_pool2d_backward<T>(dx_ptr, dyc.data(), dims);
+        return dx;
+    });
+}
+
+// A real number (Python or NumPy float or int, not a bool); its range is the validation's.
+double parse_float(const char* op, const char* name, const py::handle& obj) {
+    PyObject* o = obj.ptr();
+    if (PyFloat_Check(o)) return PyFloat_AS_DOUBLE(o);
+    if (!py::isinstance<py::bool_>(obj) && !PyComplex_Check(o) &&
+        !py::isinstance<py::array>(obj) && PyNumber_Check(o)) {
+        const double value = PyFloat_AsDouble(o);
+        if (!(value == -1.0 && PyErr_Occurred())) return value;
+        PyErr_Clear();
+    }
+    throw py::type_error(std::string("[") + op + "] " + name + ": expected a float, got " +
+                         std::string(py::repr(obj)));
+}
+
+// A Python int (or NumPy integer) in [0, 2^64): the C++ seed is a uint64_t.
+uint64_t parse_seed(const char* op, const py::handle& obj) {
+    if (py::isinstance<py::bool_>(obj) || !PyIndex_Check(obj.ptr()))
+        throw py::type_error(std::string("[") + op + "] seed: expected an int, got " +
+                             std::string(py::repr(obj)));
+    const auto value = py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr()));
+    if (!value) throw py::error_already_set();
+    const unsigned long long seed = PyLong_AsUnsignedLongLong(value.ptr());
+    if (seed == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+        PyErr_Clear();
+        throw py::value_error(std::string("[") + op +
+                              "] seed: expected an int in [0, 2**64), got " +
+                              std::string(py::repr(value)));
+    }
+    return seed;
+}
+
+py::tuple dropout(const py::handle& x_obj, const py::handle& p_obj, const py::handle& seed_obj) {
+    const char* op = "dropout";
+    py::array x = as_array(op, "input", x_obj);
+    const DType dtype = float_dtype(op, "input", x);
+    const double p = parse_float(op, "p", p_obj);
+    const auto params = cnnbp::dropout_params(op, p, parse_seed(op, seed_obj));
+    return dispatch(dtype, [&](auto tag) -> py::tuple {
+        using T = decltype(tag);
+        auto xc = contiguous<T>(x);
+        auto y = empty_like_shape<T>(shape_of(x));
+        auto mask = empty_like_shape<bool>(shape_of(x));
+        T* y_ptr = y.mutable_data();
+        // NumPy's bool is one byte holding 0 or 1: the kernel writes exactly those
+        auto* mask_ptr = reinterpret_cast<uint8_t*>(mask.mutable_data());
+        {
+            py::gil_scoped_release release;
+            cnnbp::dropout_forward<T>(y_ptr, mask_ptr, xc.data(), xc.size(), params);
+        }
+        return py::make_tuple(y, mask);
+    });
+}
+
+py::array dropout_backward(const py::handle& dy_obj, const py::handle& mask_obj,
+                           const py::handle& p_obj) {
+    const char* op = "dropout_backward";
+    py::array dy = as_array(op, "doutput", dy_obj);
+    const DType dtype = float_dtype(op, "doutput", dy);
+    py::array mask = as_array(op, "mask", mask_obj);
+    if (mask.dtype().kind() != 'b')
+        throw py::type_error(std::string("[") + op + "] mask: expected a bool array, got " +
+                             dtype_name(mask));
+    const auto params = cnnbp::dropout_params(op, parse_float(op, "p", p_obj));
+    cnnbp::check_same_shape(op, "doutput", shape_of(dy), "mask", shape_of(mask));
+    auto mc = py::array_t<bool, py::array::c_style>::ensure(mask);
+    if (!mc) throw py::error_already_set();
+    return dispatch(dtype, [&](auto tag) -> py::array {
+        using T = decltype(tag);
+        auto dyc = contiguous<T>(dy);
+        auto dx = empty_like_shape<T>(shape_of(dy));
+        T* dx_ptr = dx.mutable_data();
+        // read as bytes, any nonzero byte is kept (a bool view of other bytes is no UB)
+        const auto* mask_ptr = reinterpret_cast<const uint8_t*>(mc.data());
+        py::gil_scoped_release release;
+        cnnbp::dropout_backward<T>(dx_ptr, dyc.data(), mask_ptr, dyc.size(), params);
+        return dx;
+    });
+}
+
+void def_avg_pool2d_tanh_dropout(py::module_& m) {
+    using py::arg;
+    m.def("avg_pool2d", &avg_pool2d, arg("x"), arg("kernel_size"), arg("stride") = py::none(),
+          arg("padding") = 0,
+          "y (N, C, P, Q) = avg_pool2d(x (N, C, H, W), ...): the mean of each window, padding "
+          "counted as zeros in the full-window divisor; floored output size (torch's "
+          "count_include_pad=True, ceil_mode=False).");
+    m.def("avg_pool2d_backward", &avg_pool2d_backward, arg("dy"), arg("x_shape"),
+          arg("kernel_size"), arg("stride") = py::none(), arg("padding") = 0,
+          "dx (x_shape): each cell gets dy / (window size) from every window covering it.");
+    m.def("tanh",
+          [](const py::handle& z) {
+              return unary<cnnbp::tanh_forward<float>, cnnbp::tanh_forward<double>>("tanh", z);
+          },
+          arg("z"), "a = tanh(z)");
+    m.def("tanh_backward",
+          [](const py::handle& da, const py::handle& a) {
+              return unary_backward<cnnbp::tanh_backward<float>, cnnbp::tanh_backward<double>>(
+                  "tanh_backward", "a", da, a);
+          },
+          arg("da"), arg("a"), "dz = da * (1 - a * a), from the forward output a");
+    m.def("dropout", &dropout, arg("x"), arg("p") = 0.5, arg("seed") = 0,
+          "(y, mask) = dropout(x, p, seed): mask (bool, x's shape) keeps each element with "
+          "probability 1 - p, drawn from (seed, flat index) by a counter-based hash; "
+          "y = x * mask / (1 - p); p == 1 gives x * 0.");
+    m.def("dropout_backward", &dropout_backward, arg("dy"), arg("mask"), arg("p"),
+          "dx = dy * mask / (1 - p) (dy * 0 for p == 1)");
+}
+
 // ---- linear ------------------------------------------------------------------------------
 
 py::array linear(const py::handle& x_obj, const py::handle& w_obj, const py::handle& b_obj) {
@@ -434,6 +590,7 @@ PYBIND11_MODULE(_core, m) {
                                     cnnbp::sigmoid_backward<double>>("sigmoid_backward", "a", da, a);
           },
           arg("da"), arg("a"), "dz = da * a * (1 - a), from the forward output a");
+    def_avg_pool2d_tanh_dropout(m);
 
     m.def("linear", &linear, arg("x"), arg("w"), arg("b") = py::none(),
           "y (*, out) = x (*, in) . w (out, in)^T + b (out,)");

@@ -65,6 +65,17 @@ void check_nonempty(const char* op, const char* name, const Shape& shape) {
                          shape_str(shape));
 }
 
+// The shortest %g text that reads back as v ("1.5", "0.1", "-2", "nan", "inf"), so that a
+// value in a message looks as the user wrote it.
+std::string shortest_str(double v) {
+    char text[40];
+    for (int digits = 1; digits <= 17; ++digits) {
+        std::snprintf(text, sizeof text, "%.*g", digits, v);
+        if (std::isnan(v) || std::strtod(text, nullptr) == v) break;
+    }
+    return text;
+}
+
 void check_window(const char* op, const char* name, int64_t value, int64_t minimum) {
     if (value < minimum)
         fail(op, std::string(name) + ": expected >= " + std::to_string(minimum) + ", got " +
@@ -130,9 +141,10 @@ void conv2d_check_doutput(const Conv2dDims& d, const Shape& doutput) {
 
 // ---- pool2d ------------------------------------------------------------------------------
 
-Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& p) {
-    check_rank(op, "input", input, 4, "(N, C, H, W)");
-    check_nonempty(op, "input", input);
+Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& p,
+                       const char* input_name) {
+    check_rank(op, input_name, input, 4, "(N, C, H, W)");
+    check_nonempty(op, input_name, input);
     check_window(op, "kernel_size", std::min(p.kernel_h, p.kernel_w), 1);
     check_window(op, "stride", std::min(p.stride_h, p.stride_w), 1);
     check_window(op, "padding", std::min(p.pad_h, p.pad_w), 0);
@@ -144,10 +156,11 @@ Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& p
     d.P = output_size(d.H, p.kernel_h, p.stride_h, p.pad_h);
     d.Q = output_size(d.W, p.kernel_w, p.stride_w, p.pad_w);
     if (d.P < 1 || d.Q < 1)
-        fail(op, "input: expected padded size (" + std::to_string(d.H + 2 * p.pad_h) + ", " +
-                     std::to_string(d.W + 2 * p.pad_w) + ") >= kernel size (" +
-                     std::to_string(p.kernel_h) + ", " + std::to_string(p.kernel_w) +
-                     "), got input shape " + shape_str(input));
+        fail(op, std::string(input_name) + ": expected padded size (" +
+                     std::to_string(d.H + 2 * p.pad_h) + ", " + std::to_string(d.W + 2 * p.pad_w) +
+                     ") >= kernel size (" + std::to_string(p.kernel_h) + ", " +
+                     std::to_string(p.kernel_w) + "), got " + input_name +
+                     (std::string(input_name) == "input" ? " shape " : " ") + shape_str(input));
     return d;
 }
 
@@ -192,6 +205,25 @@ void check_pool_indices(const int64_t* indices, int64_t count, int64_t plane_siz
                  "indices: expected values in [0, " + std::to_string(plane_size) +
                      ") (flat positions in an H*W input plane), got " +
                      std::to_string(indices[i]) + " at flat position " + std::to_string(i));
+}
+
+Pool2dDims avg_pool2d_backward_dims(const Shape& doutput, const Shape& input_shape,
+                                    const Pool2dParams& params) {
+    const char* op = "avg_pool2d_backward";
+    const Pool2dDims d = pool2d_dims(op, input_shape, params, "x_shape");
+    const Shape expected{d.N, d.C, d.P, d.Q};
+    if (doutput != expected)
+        fail(op, "doutput: expected shape " + shape_str(expected) +
+                     " (the forward output's), got shape " + shape_str(doutput));
+    return d;
+}
+
+// ---- dropout -------------------------------------------------------------------------------
+
+DropoutParams dropout_params(const char* op, double p, uint64_t seed) {
+    if (!(p >= 0.0 && p <= 1.0))  // written so that NaN fails too
+        fail(op, "p: expected a probability in [0, 1], got " + shortest_str(p));
+    return DropoutParams{p, seed};
 }
 
 // ---- elementwise, linear, losses -----------------------------------------------------------

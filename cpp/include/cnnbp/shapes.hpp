@@ -64,9 +64,11 @@ struct Pool2dDims {
     Pool2dParams params;
 };
 
-// `op` names the caller in messages ("max_pool2d"). Matches torch: padding at most half
-// the kernel, output size floored.
-Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& params);
+// `op` names the caller in messages ("max_pool2d"), `input_name` the input's shape in them
+// ("x_shape" where a backward is given the shape rather than the array). Matches torch:
+// padding at most half the kernel, output size floored.
+Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& params,
+                       const char* input_name = "input");
 
 // max_pool2d_backward: doutput and indices (N, C, P, Q), x_shape (N, C, H, W).
 // Returns the dims (params unset) after checking shapes; the index values are checked
@@ -77,6 +79,11 @@ Pool2dDims max_pool2d_backward_dims(const Shape& doutput, const Shape& indices,
 // error, never an out-of-bounds write.
 void check_pool_indices(const int64_t* indices, int64_t count, int64_t plane_size);
 
+// avg_pool2d_backward: x_shape (N, C, H, W) and the forward's parameters, checked as the
+// forward checks them; doutput must then be the forward output's shape (N, C, P, Q).
+Pool2dDims avg_pool2d_backward_dims(const Shape& doutput, const Shape& input_shape,
+                                    const Pool2dParams& params);
+
 // ---- threads -------------------------------------------------------------------------------
 // set_num_threads: n in [1, 2^31 - 1] (OpenMP counts threads in an int).
 void check_num_threads(int64_t n);
@@ -85,6 +92,14 @@ void check_num_threads(int64_t n);
 // Two tensors of an elementwise op must have the same shape.
 void check_same_shape(const char* op, const char* name_a, const Shape& a, const char* name_b,
                       const Shape& b);
+
+// ---- dropout -------------------------------------------------------------------------------
+struct DropoutParams {
+    double p = 0.5;     // probability of dropping an element
+    uint64_t seed = 0;  // the mask is a function of (seed, flat index) only
+};
+// p in [0, 1] (NaN refused), as torch. `op` names the caller ("dropout", "dropout_backward").
+DropoutParams dropout_params(const char* op, double p, uint64_t seed = 0);
 
 struct LinearDims {
     int64_t M;    // rows: the product of all leading dims of input (*, IN)
