@@ -42,6 +42,9 @@ std::string op_of(const std::string& type) {
     if (type == "MaxPool2d") return "max_pool2d";
     if (type == "ReLU") return "relu";
     if (type == "Sigmoid") return "sigmoid";
+    if (type == "AvgPool2d") return "avg_pool2d";
+    if (type == "Tanh") return "tanh";
+    if (type == "Dropout") return "dropout";
     if (type == "Flatten") return "flatten";
     return type;
 }
@@ -315,8 +318,21 @@ void bind_dtype(py::module_& m) {
             std::copy(l.indices.begin(), l.indices.end(), out.mutable_data());
             return std::move(out);
         });
+    py::class_<AvgPool2d<T>, L, std::shared_ptr<AvgPool2d<T>>>(m,
+                                                                suffixed<T>("AvgPool2d").c_str())
+        .def(py::init<A2, A2, A2>());
     py::class_<ReLU<T>, L, std::shared_ptr<ReLU<T>>>(m, suffixed<T>("ReLU").c_str())
         .def(py::init<>());
+    py::class_<Tanh<T>, L, std::shared_ptr<Tanh<T>>>(m, suffixed<T>("Tanh").c_str())
+        .def(py::init<>());
+    py::class_<Dropout<T>, L, std::shared_ptr<Dropout<T>>>(m, suffixed<T>("Dropout").c_str())
+        .def(py::init<double, uint64_t>())
+        .def("mask", [](Dropout<T>& l) -> py::object {  // of the last training forward
+            if (!l.dropped()) return py::none();
+            auto out = empty_like_shape<bool>(l.output().shape);
+            std::copy(l.mask.begin(), l.mask.end(), out.mutable_data());
+            return std::move(out);
+        });
     py::class_<Sigmoid<T>, L, std::shared_ptr<Sigmoid<T>>>(m, suffixed<T>("Sigmoid").c_str())
         .def(py::init<>());
     py::class_<Flatten<T>, L, std::shared_ptr<Flatten<T>>>(m, suffixed<T>("Flatten").c_str())

@@ -7,6 +7,7 @@
 
 #include "cnnbp/activation.hpp"
 #include "cnnbp/conv2d.hpp"
+#include "cnnbp/dropout.hpp"
 #include "cnnbp/linear.hpp"
 #include "cnnbp/loss.hpp"
 #include "cnnbp/optim.hpp"
@@ -209,6 +210,96 @@ const Tensor<T>& MaxPool2d<T>::backward(const Tensor<T>& grad_output) {
     this->grad_input_.resize(input.shape);
     max_pool2d_backward(this->grad_input_.data.data(), grad_output.data.data(), indices.data(),
                         dims_);
+    return this->grad_input_;
+}
+
+template <typename T>
+AvgPool2d<T>::AvgPool2d(int64_t kernel_size, int64_t stride, int64_t padding)
+    : AvgPool2d({kernel_size, kernel_size},
+                {stride ? stride : kernel_size, stride ? stride : kernel_size},
+                {padding, padding}) {}
+
+template <typename T>
+AvgPool2d<T>::AvgPool2d(std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
+                        std::array<int64_t, 2> padding)
+    : params{kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1]} {}
+
+template <typename T>
+const Tensor<T>& AvgPool2d<T>::forward(const Tensor<T>& input) {
+    dims_ = pool2d_dims("avg_pool2d", input.shape, params);
+    this->input_ = &input;
+    this->output_.resize({dims_.N, dims_.C, dims_.P, dims_.Q});
+    avg_pool2d_forward(this->output_.data.data(), input.data.data(), dims_);
+    return this->output_;
+}
+
+template <typename T>
+const Tensor<T>& AvgPool2d<T>::backward(const Tensor<T>& grad_output) {
+    const Tensor<T>& input = require_forward(this->input_, "AvgPool2d");
+    check_same_shape("avg_pool2d_backward", "output", this->output_.shape, "doutput",
+                     grad_output.shape);
+    this->grad_output_ = &grad_output;
+    this->grad_input_.resize(input.shape);
+    avg_pool2d_backward(this->grad_input_.data.data(), grad_output.data.data(), dims_);
+    return this->grad_input_;
+}
+
+template <typename T>
+const Tensor<T>& Tanh<T>::forward(const Tensor<T>& input) {
+    this->input_ = &input;
+    this->output_.resize(input.shape);
+    tanh_forward(this->output_.data.data(), input.data.data(), input.size());
+    return this->output_;
+}
+
+template <typename T>
+const Tensor<T>& Tanh<T>::backward(const Tensor<T>& grad_output) {
+    require_forward(this->input_, "Tanh");
+    check_same_shape("tanh_backward", "a", this->output_.shape, "doutput", grad_output.shape);
+    this->grad_output_ = &grad_output;
+    this->grad_input_.resize(this->output_.shape);
+    tanh_backward(this->grad_input_.data.data(), grad_output.data.data(),
+                  this->output_.data.data(), this->output_.size());
+    return this->grad_input_;
+}
+
+template <typename T>
+Dropout<T>::Dropout(double p) : Dropout(p, generator()()) {}
+
+template <typename T>
+Dropout<T>::Dropout(double p, uint64_t seed)
+    : params_(dropout_params("Dropout", p)), seeds_(seed) {}
+
+template <typename T>
+const Tensor<T>& Dropout<T>::forward(const Tensor<T>& input) {
+    this->input_ = &input;
+    this->output_.resize(input.shape);
+    dropped_ = this->training_;
+    if (!dropped_) {  // evaluation: the identity
+        std::copy(input.data.begin(), input.data.end(), this->output_.data.begin());
+        return this->output_;
+    }
+    params_.seed = seeds_();
+    mask.resize(input.data.size());
+    dropout_forward(this->output_.data.data(), mask.data(), input.data.data(), input.size(),
+                    params_);
+    return this->output_;
+}
+
+template <typename T>
+const Tensor<T>& Dropout<T>::backward(const Tensor<T>& grad_output) {
+    require_forward(this->input_, "Dropout");
+    check_same_shape("dropout_backward", "output", this->output_.shape, "doutput",
+                     grad_output.shape);
+    this->grad_output_ = &grad_output;
+    this->grad_input_.resize(grad_output.shape);
+    if (!dropped_) {
+        std::copy(grad_output.data.begin(), grad_output.data.end(),
+                  this->grad_input_.data.begin());
+        return this->grad_input_;
+    }
+    dropout_backward(this->grad_input_.data.data(), grad_output.data.data(), mask.data(),
+                     grad_output.size(), params_);
     return this->grad_input_;
 }
 
@@ -572,6 +663,9 @@ double train_step(Sequential<T>& model, const Tensor<T>& input, const Tensor<T>&
     template class Conv2d<T>;                                                                   \
     template class Linear<T>;                                                                   \
     template class MaxPool2d<T>;                                                                \
+    template class AvgPool2d<T>;                                                                \
+    template class Tanh<T>;                                                                     \
+    template class Dropout<T>;                                                                  \
     template class ReLU<T>;                                                                     \
     template class Sigmoid<T>;                                                                  \
     template class Flatten<T>;                                                                  \

@@ -135,6 +135,50 @@ TEST_CASE("nn: parameter gradients of a strided model against finite differences
     }
 }
 
+TEST_CASE("nn: Tanh, AvgPool2d and Dropout layers; gradients against finite differences") {
+    manual_seed(5);
+    Sequential<double> model;
+    auto dropout = std::make_shared<Dropout<double>>(0.25, 9);
+    model.add(std::make_shared<Conv2d<double>>(2, 3, 3, 1, 1))
+        .add(std::make_shared<Tanh<double>>())
+        .add(std::make_shared<AvgPool2d<double>>(3, 2, 1))
+        .add(dropout)
+        .add(std::make_shared<Flatten<double>>())
+        .add(std::make_shared<Linear<double>>(3 * 3 * 3, 4));
+    const Tensor<double> x({2, 2, 6, 5}, values(120, 8)), labels({2}, V{0, 2});
+    CrossEntropyLoss<double> loss;
+    model.eval();  // a fixed function for the finite differences
+    CHECK(!dropout->is_training());
+    auto objective = [&] { return loss.forward(model.forward(x), labels); };
+    objective();
+    CHECK(!dropout->dropped() && dropout->output().data == model[2].output().data);
+    model.backward(loss.backward());
+    const double h = 1e-6;
+    for (auto& [name, p] : model.named_parameters()) {
+        V numeric(p->value.data.size());
+        for (size_t i = 0; i < numeric.size(); ++i) {
+            const double saved = p->value.data[i];
+            p->value.data[i] = saved + h;
+            const double plus = objective();
+            p->value.data[i] = saved - h;
+            const double minus = objective();
+            p->value.data[i] = saved;
+            numeric[i] = (plus - minus) / (2 * h);
+        }
+        CHECK_CLOSE(p->grad.data.data(), numeric, 1e-8, 1e-5);
+    }
+    // training: each forward draws a mask; kept values are scaled by 1 / (1 - p)
+    model.train();
+    const V first = model.forward(x).data;
+    const std::vector<uint8_t> mask = dropout->mask;
+    const Tensor<double>& pooled = model[2].output();
+    for (size_t i = 0; i < mask.size(); ++i)
+        CHECK(dropout->output().data[i] == (mask[i] ? pooled.data[i] / 0.75 : 0.0));
+    model.forward(x);
+    CHECK(dropout->mask != mask);
+    CHECK_THROWS(Dropout<float>(1.5), "[Dropout] p: expected a probability in [0, 1]");
+}
+
 TEST_CASE("nn: SGD and Adam apply torch's update rules; train_step learns") {
     Parameter<double> p;
     p.value = Tensor<double>({3}, V{1.0, -2.0, 0.5});

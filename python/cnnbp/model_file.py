@@ -87,7 +87,15 @@ def _build(spec, where, dtype):
     if kind == "MaxPool2d":
         return nn.MaxPool2d(_pair(spec, "kernel_size", where), _pair(spec, "stride", where),
                             _pair(spec, "padding", where))
-    if kind in ("ReLU", "Sigmoid", "Flatten"):
+    if kind == "AvgPool2d":
+        return nn.AvgPool2d(_pair(spec, "kernel_size", where), _pair(spec, "stride", where),
+                            _pair(spec, "padding", where))
+    if kind == "Dropout":
+        p = spec.get("p")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            _refuse(f"{where}.p: expected a number in [0, 1], got {p!r}")
+        return nn.Dropout(p)
+    if kind in ("ReLU", "Sigmoid", "Tanh", "Flatten"):
         return getattr(nn, kind)()
     _refuse(f"{where}: expected a known layer type, got {kind!r}")
 

@@ -354,6 +354,28 @@ class MaxPool2d(_NativeModule):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
 
+class AvgPool2d(_NativeModule):
+    """y = the mean over each kernel_size window, padding counted as zeros (torch's
+    count_include_pad=True); backward spreads dL/dy evenly over each window."""
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+
+    def _make(self, dtype):
+        stride = self.kernel_size if self.stride is None else self.stride
+        return _native("AvgPool2d", dtype)(_pair(self.kernel_size), _pair(stride),
+                                           _pair(self.padding))
+
+    def config(self):
+        stride = self.kernel_size if self.stride is None else self.stride
+        return {"type": "AvgPool2d", "kernel_size": _pair(self.kernel_size),
+                "stride": _pair(stride), "padding": _pair(self.padding)}
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
 class ReLU(_NativeModule):
     """a = max(z, 0); dz = da where z > 0."""
 
@@ -366,6 +388,48 @@ class Sigmoid(_NativeModule):
 
     def _make(self, dtype):
         return _native("Sigmoid", dtype)()
+
+
+class Tanh(_NativeModule):
+    """a = tanh(z); dz = da * (1 - a * a), from the output a."""
+
+    def _make(self, dtype):
+        return _native("Tanh", dtype)()
+
+
+class Dropout(_NativeModule):
+    """While training: each element zeroed with probability p, the rest scaled by
+    1 / (1 - p); in eval() mode, the identity. Each training forward draws a new mask;
+    the masks follow from cnnbp.manual_seed (or seed=), like the weights."""
+
+    def __init__(self, p: float = 0.5, seed: int | None = None):
+        super().__init__()
+        if isinstance(p, bool) or not isinstance(p, (int, float, np.floating, np.integer)):
+            raise TypeError(f"[Dropout] p: expected a probability in [0, 1], got {p!r}")
+        if not 0 <= p <= 1:
+            raise ValueError(f"[Dropout] p: expected a probability in [0, 1], got {p!r}")
+        self.p = float(p)
+        # the seed of the layer's own stream of mask seeds, one stream per dtype
+        self._seed = int(_rng.integers(0, 2**63)) if seed is None else int(seed)
+
+    def _make(self, dtype):
+        return _native("Dropout", dtype)(self.p, self._seed)
+
+    @property
+    def mask(self):
+        """Which elements the last training forward kept (bool, the input's shape)."""
+        return self._impl.mask() if self._impl else None
+
+    def trace(self):
+        out = super().trace()
+        out["mask"] = self.mask
+        return out
+
+    def config(self):
+        return {"type": "Dropout", "p": self.p}
+
+    def extra_repr(self):
+        return f"p={self.p}"
 
 
 class Flatten(_NativeModule):
@@ -555,6 +619,7 @@ class CrossEntropyLoss(_Loss):
 
 
 __all__ = [
-    "Parameter", "Module", "Conv2d", "MaxPool2d", "ReLU", "Sigmoid", "Flatten", "Linear",
+    "Parameter", "Module", "Conv2d", "MaxPool2d", "AvgPool2d", "ReLU", "Sigmoid", "Tanh",
+    "Dropout", "Flatten", "Linear",
     "Sequential", "BCELoss", "BCEWithLogitsLoss", "CrossEntropyLoss", "manual_seed",
 ]

@@ -170,6 +170,23 @@ class MaxPool2d : public Layer<T> {
     Pool2dDims dims_{};
 };
 
+// torch.nn.AvgPool2d (count_include_pad, floored output size)
+template <typename T>
+class AvgPool2d : public Layer<T> {
+ public:
+    // stride 0 means stride = kernel_size (torch's default)
+    explicit AvgPool2d(int64_t kernel_size, int64_t stride = 0, int64_t padding = 0);
+    AvgPool2d(std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
+              std::array<int64_t, 2> padding);
+    const Tensor<T>& forward(const Tensor<T>& input) override;
+    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+    std::string type() const override { return "AvgPool2d"; }
+    Pool2dParams params;
+
+ private:
+    Pool2dDims dims_{};
+};
+
 template <typename T>
 class ReLU : public Layer<T> {
  public:
@@ -184,6 +201,36 @@ class Sigmoid : public Layer<T> {
     const Tensor<T>& forward(const Tensor<T>& input) override;
     const Tensor<T>& backward(const Tensor<T>& grad_output) override;
     std::string type() const override { return "Sigmoid"; }
+};
+
+template <typename T>
+class Tanh : public Layer<T> {
+ public:
+    const Tensor<T>& forward(const Tensor<T>& input) override;
+    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+    std::string type() const override { return "Tanh"; }
+};
+
+// torch.nn.Dropout: while training, each element is zeroed with probability p and the rest
+// scaled by 1 / (1 - p); in evaluation mode it is the identity. Each training forward draws
+// a new mask seed from the layer's generator (seeded at construction: by default from the
+// generator manual_seed seeds), so a run is reproducible from its seeds.
+template <typename T>
+class Dropout : public Layer<T> {
+ public:
+    explicit Dropout(double p = 0.5);
+    Dropout(double p, uint64_t seed);
+    const Tensor<T>& forward(const Tensor<T>& input) override;
+    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+    std::string type() const override { return "Dropout"; }
+    double p() const { return params_.p; }
+    bool dropped() const { return dropped_; }  // whether the last forward applied a mask
+    std::vector<uint8_t> mask;  // of the last training forward: 1 kept, 0 dropped
+
+ private:
+    DropoutParams params_;
+    std::mt19937_64 seeds_;
+    bool dropped_ = false;  // whether the last forward applied the mask
 };
 
 // (N, ...) -> (N, product of the rest)
