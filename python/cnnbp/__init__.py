@@ -7,7 +7,7 @@ inputs, outputs and gradients, ``reference`` is the plain float64 NumPy oracle, 
 ``walkthrough`` runs the derivation's 15-parameter network step by step. ``data`` loads
 image datasets (digits, MNIST-format IDX files, .npz) and batches them, and
 ``gradcheck(model, x, y, loss_fn)`` compares a model's parameter gradients with finite
-differences.
+differences; ``cnnbp train`` / ``cnnbp evaluate`` (module ``cnnbp.train``) train and report.
 ``set_num_threads(n)`` / ``get_num_threads()`` control the kernels' threads; results do not
 depend on them. ``kernel_isa()`` names the instruction set the kernels chose at run time.
 """
