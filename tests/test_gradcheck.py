@@ -60,28 +60,33 @@ def test_float32_model_is_checked_on_a_float64_copy_and_left_alone():
         np.testing.assert_array_equal(value, before[name])
 
 
-def test_a_wrong_weight_gradient_is_caught(monkeypatch):
-    model = small_cnn()
-    x, y = batch()
-    loss_fn = nn.CrossEntropyLoss()
-    conv = model[3]
+class WrongConv(nn.Conv2d):
+    """A layer whose dL/dW comes out 10% too large: its backward, redefined in Python, runs
+    inside the model's C++ Sequential."""
 
-    def weight_gradient():
-        model.zero_grad()
-        loss_fn(model(x), y)
-        model.backward(loss_fn.backward())
-        return np.array(conv.weight.grad, copy=True)
-
-    right = weight_gradient()
-    backward = conv.backward
-
-    def wrong_backward(grad_output):  # this layer's dL/dW comes out 10% too large
-        dx = backward(grad_output)
-        conv.weight.grad *= 1.1
+    def backward(self, grad_output):
+        dx = super().backward(grad_output)
+        self.weight.grad *= 1.1
         return dx
 
-    monkeypatch.setattr(conv, "backward", wrong_backward)
-    np.testing.assert_allclose(weight_gradient(), 1.1 * right)  # the patch is in effect
+
+def test_a_wrong_weight_gradient_is_caught():
+    right_model, wrong_model = small_cnn(), small_cnn()
+    layers = list(wrong_model)
+    wrong = WrongConv(3, 4, 3, padding=1, dtype=np.float64)
+    wrong.load_state_dict(layers[3].state_dict())
+    layers[3] = wrong
+    model = nn.Sequential(*layers)
+    x, y = batch()
+    loss_fn = nn.CrossEntropyLoss()
+
+    def weight_gradient(net):
+        net.zero_grad()
+        loss_fn(net(x), y)
+        net.backward(loss_fn.backward())
+        return np.array(net[3].weight.grad, copy=True)
+
+    np.testing.assert_allclose(weight_gradient(model), 1.1 * weight_gradient(right_model))
 
     report = cnnbp.gradcheck(model, x, y, loss_fn)
     assert not report.passed

@@ -199,7 +199,7 @@ class Module:
             out[name + ".grad"] = None if p.grad is None else p.grad.copy()
         return out
 
-    def _native_for(self, dtype):
+    def _as_layer(self, dtype):
         """The C++ layer that runs this module inside a C++ Sequential of `dtype`: for a
         module written in Python, a layer that calls its forward and backward."""
         impls = self.__dict__.setdefault("_python_layers", {})
@@ -246,6 +246,13 @@ class _NativeModule(Module):
 
     def _activate(self, dtype) -> None:
         self._impl = self._native_for(dtype)
+
+    def _as_layer(self, dtype):
+        # a subclass (or instance) that redefines forward or backward runs them in Python
+        redefined = (type(self).forward is not _NativeModule.forward
+                     or type(self).backward is not _NativeModule.backward
+                     or "forward" in self.__dict__ or "backward" in self.__dict__)
+        return super()._as_layer(dtype) if redefined else self._native_for(dtype)
 
     def train(self, mode: bool = True):
         for impl in self._impls.values():
@@ -483,7 +490,7 @@ class Sequential(_NativeModule):
     def _make(self, dtype):
         impl = _native("Sequential", dtype)()
         for layer in self.layers:
-            impl.add(layer._native_for(dtype))
+            impl.add(layer._as_layer(dtype))
         return impl
 
     def _impl_for_input(self, x):
@@ -572,7 +579,7 @@ class _Loss:
     def _impl_for_dtype(self, dtype):
         impl = self._impls.get(dtype)
         if impl is None:
-            impl = self._impls[dtype] = _native(type(self).__name__, dtype)()
+            impl = self._impls[dtype] = _native(self._native_name, dtype)()
         self._impl = impl
         return impl
 
@@ -608,14 +615,17 @@ class _Loss:
 
 class BCELoss(_Loss):
     """Mean binary cross-entropy of probabilities (torch.nn.BCELoss)."""
+    _native_name = "BCELoss"  # subclasses keep the C++ loss of their base
 
 
 class BCEWithLogitsLoss(_Loss):
     """Mean binary cross-entropy of sigmoid(logits), computed stably (torch.nn.BCEWithLogitsLoss)."""
+    _native_name = "BCEWithLogitsLoss"
 
 
 class CrossEntropyLoss(_Loss):
     """Mean softmax cross-entropy of logits (N, K) against class indices (N,)."""
+    _native_name = "CrossEntropyLoss"
 
 
 __all__ = [
