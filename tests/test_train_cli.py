@@ -65,6 +65,17 @@ def test_same_seed_same_losses_other_seed_other_losses(dataset):
     assert first["correct"] == round(first["test_accuracy"] * 30)
 
 
+@pytest.mark.parametrize("optimizer,schedule", [("adamw", "cosine"), ("nesterov", "step"),
+                                                ("adam", "constant")])
+def test_optimizers_and_schedules_by_name(dataset, optimizer, schedule):
+    result = run("train", "--npz", dataset, "--epochs", 3, "--quiet", "--optimizer", optimizer,
+                 "--schedule", schedule)
+    assert result.returncode == 0, result.stderr
+    expected = "" if schedule == "constant" else f", {schedule} schedule"
+    assert f"{optimizer} lr " in result.stdout and f"{expected}, seed 0" in result.stdout
+    assert "test accuracy " in result.stdout
+
+
 def test_saved_model_evaluates_to_the_same_accuracy(dataset, tmp_path):
     model = tmp_path / "model.npz"
     trained = run_json("train", "--npz", dataset, "--epochs", 3, "--quiet", "--save", model,
@@ -152,6 +163,7 @@ def test_default_run_is_the_digits():
     (["train", "--lr", "-0.1"], "--lr: expected a number > 0, got -0.1"),
     (["train", "--batch-size", "0"], "--batch-size: expected an integer >= 1"),
     (["train", "--optimizer", "rmsprop"], "--optimizer: invalid choice: 'rmsprop'"),
+    (["train", "--schedule", "linear"], "--schedule: invalid choice: 'linear'"),
     (["train", "--optimizer", "adam", "--momentum", "0.9"], "--momentum: not used by"),
     (["train", "--binary", "1", "1"], "--binary: expected two different classes"),
     (["train", "--binary", "1"], "--binary: expected 2 arguments"),

@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     walk.add_argument("--steps", type=int, default=5, help="SGD steps to take (default 5)")
     walk.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
-    from .train import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, OPTIMIZERS
+    from .train import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, OPTIMIZERS, SCHEDULES
     train = commands.add_parser(
         "train", help="train a small CNN on real images and report its test accuracy",
         description="Train conv-ReLU-pool x2 + linear on the 8x8 digits (default), "
@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                        + ")")
     train.add_argument("--momentum", type=_nonnegative_float, default=None,
                        help="SGD momentum (default 0.9)")
+    train.add_argument("--schedule", choices=sorted(SCHEDULES), default="constant",
+                       help="learning rate per epoch: constant (default), step (x0.1 every "
+                            "third of the epochs) or cosine (down to 0 at the last epoch)")
     train.add_argument("--weight-decay", type=_nonnegative_float, default=0.0,
                        help="L2 penalty added to the gradient (default 0)")
     train.add_argument("--save", metavar="MODEL.npz", help="write the trained model here "

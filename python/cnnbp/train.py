@@ -58,10 +58,25 @@ OPTIMIZERS = {
         lambda params, lr, momentum, weight_decay: optim.SGD(
             params, lr=lr, momentum=momentum, weight_decay=weight_decay),
         default_lr=0.05, uses_momentum=True),
+    "nesterov": OptimizerChoice(
+        lambda params, lr, momentum, weight_decay: optim.SGD(
+            params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True),
+        default_lr=0.05, uses_momentum=True),
     "adam": OptimizerChoice(
         lambda params, lr, momentum, weight_decay: optim.Adam(
             params, lr=lr, weight_decay=weight_decay),
         default_lr=1e-3),
+    "adamw": OptimizerChoice(  # decoupled weight decay; torch's default decay 0.01
+        lambda params, lr, momentum, weight_decay: optim.AdamW(
+            params, lr=lr, weight_decay=weight_decay or 1e-2),
+        default_lr=1e-3),
+}
+
+# learning-rate schedules, stepped once per epoch
+SCHEDULES = {
+    "constant": lambda opt, epochs: None,
+    "step": lambda opt, epochs: optim.lr_scheduler.StepLR(opt, max(1, epochs // 3), 0.1),
+    "cosine": lambda opt, epochs: optim.lr_scheduler.CosineAnnealingLR(opt, epochs),
 }
 
 
@@ -277,7 +292,8 @@ def format_epoch(entry, epochs):
 
 
 def fit(dataset, epochs=None, batch_size=DEFAULT_BATCH_SIZE, optimizer="sgd", lr=None,
-        momentum=None, weight_decay=0.0, seed=0, progress=False, log=None):
+        momentum=None, weight_decay=0.0, seed=0, progress=False, log=None,
+        schedule="constant"):
     """Train build_model's network on dataset's training part; evaluate after each epoch.
 
     progress shows a tqdm bar per epoch (on stderr, when tqdm is installed); log(line) is
@@ -294,6 +310,10 @@ def fit(dataset, epochs=None, batch_size=DEFAULT_BATCH_SIZE, optimizer="sgd", lr
     model = build_model(x_train.shape[1:], outputs, dtype=dtype)
     opt = make_optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum,
                          weight_decay=weight_decay)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"[train] schedule: expected one of {sorted(SCHEDULES)}, "
+                         f"got {schedule!r}")
+    scheduler = SCHEDULES[schedule](opt, epochs)
     loss_fn = loss_function(dataset.binary)
     loader = data.DataLoader(x_train, y_train, batch_size=batch_size, shuffle=True, seed=seed)
     result = TrainResult(model)
@@ -313,6 +333,8 @@ def fit(dataset, epochs=None, batch_size=DEFAULT_BATCH_SIZE, optimizer="sgd", lr
                 bar.update(1)
         result.train_seconds += time.perf_counter() - start
         result.images += seen
+        if scheduler is not None:
+            scheduler.step()
         if not math.isfinite(total):
             if bar is not None:
                 bar.close()
@@ -469,12 +491,13 @@ def run_train(args) -> int:
         f"of {'x'.join(map(str, dataset.x_train.shape[1:]))}, {dataset.num_classes} classes")
     momentum = (f", momentum {DEFAULT_MOMENTUM if args.momentum is None else args.momentum:g}"
                 if OPTIMIZERS[args.optimizer].uses_momentum else "")
+    schedule = "" if args.schedule == "constant" else f", {args.schedule} schedule"
     say(f"training: {epochs} epochs, batch {args.batch_size}, {args.optimizer} lr {lr:g}"
-        f"{momentum}, seed {args.seed}")
+        f"{momentum}{schedule}, seed {args.seed}")
 
     result = fit(dataset, epochs=epochs, batch_size=args.batch_size, optimizer=args.optimizer,
                  lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed,
-                 progress=not args.quiet, log=say)
+                 progress=not args.quiet, log=say, schedule=args.schedule)
     model = result.model
     evaluation = evaluate(model, dataset.x_test, dataset.y_test, dataset.binary,
                           dataset.num_classes)
