@@ -5,6 +5,10 @@ of each per round), and the table reports medians and the speed-up (PyTorch time
 time). float32 throughout; both libraries use the same number of threads.
 
     python benchmarks/bench.py [--rounds 50] [--threads 2] [--markdown]
+
+A last table times the derivation's tiny training step (batch 1) on one thread: from C++
+(build/benchmarks/cnnbp_bench_step, when built with -DCNNBP_BUILD_BENCHMARKS=ON), from
+Python in one call (model.train_step) and as the four calls, and PyTorch's.
 """
 
 from __future__ import annotations
@@ -12,8 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import statistics
+import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -134,6 +141,39 @@ def small_cnn_case():
     return "training step, small CNN, N=64 28x28", ours, theirs, None
 
 
+def tiny_step_rows(rounds):
+    """The seed network's training step on one thread: (how, seconds) rows."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((1, 1, 6, 6), dtype=np.float32)
+    Y = np.ones((1, 1), np.float32)
+    model = nn.Sequential(nn.Conv2d(1, 1, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(4, 1), nn.Sigmoid())
+    loss_fn, opt = nn.BCELoss(), optim.SGD(model.parameters(), lr=0.01)
+    _, four_calls, theirs, _ = seed_step_case()
+    threads = cnnbp.get_num_threads()
+    cnnbp.set_num_threads(1)
+    if torch is not None:
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+    rows = []
+    binary = Path(__file__).resolve().parent.parent / "build" / "benchmarks" / "cnnbp_bench_step"
+    if binary.exists():
+        out = subprocess.run([str(binary)], capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+        found = re.search(r"([0-9.]+) us", out)
+        if found:
+            rows.append(("C++ cnnbp::nn::train_step", float(found.group(1)) * 1e-6))
+    one_call, calls = interleaved(lambda: model.train_step(X, Y, loss_fn, opt), four_calls,
+                                  rounds)
+    rows += [("Python model.train_step (one call)", one_call),
+             ("Python zero_grad, forward, loss, backward, step", calls)]
+    if theirs is not None:
+        rows.append(("PyTorch " + torch.__version__, interleaved(theirs, None, rounds)[0]))
+        torch.set_num_threads(torch_threads)
+    cnnbp.set_num_threads(threads)
+    return rows
+
+
 def median_seconds(fn, rounds, min_time=0.02):
     """`rounds` samples, each the mean time of a batch of calls lasting >= min_time."""
     start = time.perf_counter()
@@ -210,6 +250,10 @@ def main():
         print(f"{name:45s} cnnbp {row['cnnbp']:>10s}  {row['rate']:>16s} {row['peak']:>4s}  "
               f"torch {row['torch']:>10s}  speed-up {row['speedup']}", flush=True)
 
+    tiny = tiny_step_rows(args.rounds) if "tiny" in args.only or not args.only else []
+    for how, seconds in tiny:
+        print(f"tiny step, 1 thread: {how:50s} {fmt_time(seconds):>10s}", flush=True)
+
     if args.markdown:
         print(f"\n{cpu_name()}, {args.threads} threads, kernels {cnnbp.kernel_isa()}, "
               f"micro-kernel peak {peak_per_core:.0f} GFLOP/s per core; "
@@ -219,6 +263,11 @@ def main():
         for r in rows:
             print(f"| {r['case']} | {r['cnnbp']} | {r['rate']} | {r['peak']} | {r['torch']} | "
                   f"{r['speedup']} |")
+        if tiny:
+            print("\n| tiny step: seed network, N=1, float32, 1 thread | time |")
+            print("|---|---|")
+            for how, seconds in tiny:
+                print(f"| {how} | {fmt_time(seconds)} |")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,8 @@ from cnnbp import nn  # noqa: E402
 def interop_model(dtype):
     nn.manual_seed(8)
     return nn.Sequential(nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0), dtype=dtype),
-                         nn.ReLU(), nn.MaxPool2d(2, stride=1), nn.Flatten(),
+                         nn.ReLU(), nn.MaxPool2d(2, stride=1), nn.Tanh(),
+                         nn.AvgPool2d(3, stride=1, padding=1), nn.Dropout(0.25), nn.Flatten(),
                          nn.Linear(3 * 3 * 3, 4, bias=False, dtype=dtype), nn.Sigmoid())
 
 
@@ -90,7 +91,7 @@ def run_model(example, *args):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 def test_python_model_runs_in_cpp_and_cpp_copy_loads_in_python(example, dtype):
     work = example[1]
-    model = interop_model(dtype)
+    model = interop_model(dtype).eval()  # run_model evaluates (Dropout off)
     x = np.random.default_rng(4).standard_normal((2, 2, 8, 5)).astype(dtype)
     saved, copy, inputs = (work / f"{np.dtype(dtype)}_{n}" for n in ("model.npz", "copy.npz",
                                                                       "input.txt"))
@@ -104,7 +105,8 @@ def test_python_model_runs_in_cpp_and_cpp_copy_loads_in_python(example, dtype):
     got = np.array([float(v) for v in lines["values"].split()], dtype=dtype)
     np.testing.assert_array_equal(got, expected.ravel())  # the same kernels: the same bits
     # the file C++ wrote loads in Python as the same model
-    reloaded = cnnbp.load(copy)
+    reloaded = cnnbp.load(copy).eval()
+    assert [layer.config() for layer in reloaded] == [layer.config() for layer in model]
     for (name, p), (_, q) in zip(model.named_parameters(), reloaded.named_parameters()):
         np.testing.assert_array_equal(p.data, q.data, err_msg=name)
     np.testing.assert_array_equal(reloaded(x), expected)
@@ -120,7 +122,7 @@ def test_cpp_refuses_hostile_files(example):
     inputs.write_text("1 2 8 5\n" + " ".join(["0.5"] * 80))
     cases = {
         "pickle.npz": dict(arrays, **{"0.weight": np.array([{}], dtype=object)}),
-        "missing.npz": {k: v for k, v in arrays.items() if k != "4.weight"},
+        "missing.npz": {k: v for k, v in arrays.items() if k != "7.weight"},  # the Linear's
     }
     for name, content in cases.items():
         np.savez(work / name, **content)

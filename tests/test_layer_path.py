@@ -1,15 +1,15 @@
-"""The lean training-step path keeps the behaviour of the plain one.
+"""Parameters are shared with the C++ layers and optimizers, and behave as arrays.
 
-optim.SGD updates all parameters in one C++ call (cnnbp._core.sgd_step) that follows the
-NumPy update operation for operation, and leaves to NumPy the parameters whose arrays it
-cannot update in place. Module.zero_grad reaches "weight" and "bias" directly unless a
-subclass defines its parameters otherwise. Flatten works on array-likes as before.
+optim.SGD runs the C++ update, which follows the NumPy update below operation for
+operation (bit for bit, float32 included). nn.Parameter's data and grad are views of the
+C++ storage: assignments copy into it, whatever the layout or byte order of the array
+assigned, and in-place changes reach the layers. Flatten works on array-likes as before.
 """
 
 import numpy as np
 import pytest
 
-from cnnbp import _core, nn, optim
+from cnnbp import nn, optim
 from conftest import DTYPES, SGD_CONFIG_IDS, SGD_CONFIGS
 
 DTYPE_IDS = ["float32", "float64"]
@@ -17,22 +17,42 @@ DTYPE_IDS = ["float32", "float64"]
 
 def make_params(dtype, seed):
     rng = np.random.default_rng(seed)
-    shapes = [(3, 4), (4,), (2, 1, 3, 3), (1,), (300, 400)]  # the last above the GIL threshold
+    shapes = [(3, 4), (4,), (2, 1, 3, 3), (1,), (300, 400)]
     return [nn.Parameter(rng.standard_normal(s).astype(dtype)) for s in shapes]
 
 
-def numpy_steps(opt):
-    """The NumPy update for every parameter that has a gradient (the reference)."""
-    for i, p in enumerate(opt.params):
-        if p.grad is not None:
-            opt._step_one(i)
+class NumpySGD:
+    """torch.optim.SGD written in NumPy, in the C++ update's order of operations."""
+
+    def __init__(self, params, lr, momentum=0.0, weight_decay=0.0, dampening=0.0,
+                 nesterov=False):
+        self.params, self.lr, self.momentum = params, lr, momentum
+        self.weight_decay, self.dampening, self.nesterov = weight_decay, dampening, nesterov
+        self.buffers = [None] * len(params)
+
+    def step(self):
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            g = p.grad
+            if self.weight_decay:
+                g = g + self.weight_decay * p.data
+            if self.momentum:
+                buf = self.buffers[i]
+                if buf is None:
+                    buf = self.buffers[i] = g.copy()
+                else:
+                    buf *= self.momentum
+                    buf += (1 - self.dampening) * g
+                g = g + self.momentum * buf if self.nesterov else buf
+            p.data -= (self.lr * g).astype(p.data.dtype, copy=False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("config", SGD_CONFIGS, ids=SGD_CONFIG_IDS)
-def test_sgd_one_call_equals_the_numpy_update_bit_for_bit(config, dtype):
+def test_sgd_equals_the_numpy_update_bit_for_bit(config, dtype):
     fast, slow = make_params(dtype, 1), make_params(dtype, 1)
-    opt_fast, opt_slow = optim.SGD(fast, **config), optim.SGD(slow, **config)
+    opt_fast, opt_slow = optim.SGD(fast, **config), NumpySGD(slow, **config)
     rng = np.random.default_rng(2)
     for step in range(4):
         for i, (a, b) in enumerate(zip(fast, slow)):
@@ -42,54 +62,67 @@ def test_sgd_one_call_equals_the_numpy_update_bit_for_bit(config, dtype):
             g = rng.standard_normal(a.shape).astype(dtype)
             a.grad, b.grad = g.copy(), g.copy()
         opt_fast.step()
-        numpy_steps(opt_slow)
+        opt_slow.step()
         for a, b in zip(fast, slow):
             assert a.data.dtype == dtype
             np.testing.assert_array_equal(a.data.view(np.uint8), b.data.view(np.uint8))
-        for ba, bb in zip(opt_fast._momentum_buffers, opt_slow._momentum_buffers):
-            assert (ba is None) == (bb is None)
-            if ba is not None:
-                np.testing.assert_array_equal(ba, bb)
 
 
-def test_sgd_leaves_unusual_arrays_to_numpy():
+def test_parameters_take_arrays_of_any_layout_by_copy():
     rng = np.random.default_rng(3)
     w = nn.Parameter(rng.standard_normal((4, 3)))
-    w.data = np.asfortranarray(w.data)  # not C-contiguous
+    fortran = np.asfortranarray(rng.standard_normal((4, 3)))
+    w.data = fortran  # copied into the parameter's C-contiguous storage
+    assert w.data.flags.c_contiguous and not np.shares_memory(w.data, fortran)
+    np.testing.assert_array_equal(w.data, fortran)
     b = nn.Parameter(rng.standard_normal(3).astype(np.float32))
-    b.data = b.data.astype(b.data.dtype.newbyteorder())  # other byte order
+    swapped = b.data.astype(b.data.dtype.newbyteorder())  # other byte order
+    b.data = swapped
+    assert b.data.dtype == np.float32 and b.data.dtype.isnative
     c = nn.Parameter(rng.standard_normal((2, 2)))
-    ro = nn.Parameter(rng.standard_normal(5))
-    ro.data.flags.writeable = False
-    params = [w, b, c, ro]
+    read_only = rng.standard_normal((2, 2))
+    read_only.flags.writeable = False
+    c.data = read_only
+    params = [w, b, c]
     for p in params:
         p.grad = rng.standard_normal(p.shape).astype(p.dtype)
     c.grad = np.ones((1, 2))  # broadcasts, as NumPy allows
+    np.testing.assert_array_equal(c.grad, np.ones((2, 2)))
     before = [p.data.copy() for p in params]
-    assert _core.sgd_step(params, [None] * 4, 0.5, 0.0, 0.0, 0.0, False) == [0, 1, 2, 3]
-    for p, old in zip(params, before):
-        np.testing.assert_array_equal(p.data, old)  # untouched, left to the caller
-    ro.data.flags.writeable = True
-    opt = optim.SGD([w, b, c], lr=0.5, momentum=0.9)
-    opt.step()
+    optim.SGD(params, lr=0.5, momentum=0.9).step()
     np.testing.assert_allclose(w.data, before[0] - 0.5 * w.grad)
     np.testing.assert_allclose(b.data, before[1] - 0.5 * b.grad.astype(np.float64), rtol=1e-6)
     np.testing.assert_allclose(c.data, before[2] - 0.5)
-    assert opt._momentum_buffers[0] is not None
 
 
-def test_sgd_step_rejects_a_buffer_list_of_the_wrong_length():
-    p = nn.Parameter(np.zeros(3))
-    p.grad = np.ones(3)
-    with pytest.raises(ValueError, match=r"\[sgd_step\] buffers: expected one per parameter"):
-        _core.sgd_step([p], [], 0.1, 0.9, 0.0, 0.0, False)
+def test_parameter_assignments_are_checked_before_anything_changes():
+    p = nn.Parameter(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"\[Parameter\] data: expected shape \(2, 3\), "
+                                         r"got shape \(3, 2\)"):
+        p.data = np.ones((3, 2))
+    with pytest.raises(ValueError):
+        p.grad = np.ones((3, 2))  # does not broadcast
+    assert p.grad is None
+    np.testing.assert_array_equal(p.data, np.zeros((2, 3)))
+    with pytest.raises(TypeError, match=r"\[nn\] dtype: expected float32 or float64, got int64"):
+        nn.Parameter(np.zeros(3, np.int64))
+
+
+def test_in_place_changes_reach_the_layer():
+    lin = nn.Linear(2, 1, dtype=np.float64)
+    lin.weight.data[...] = [[1.0, 2.0]]
+    lin.bias.data[0] = 0.5
+    np.testing.assert_array_equal(lin(np.array([[1.0, 1.0]])), [[3.5]])
+    lin.weight.accumulate(np.ones((1, 2)))
+    lin.weight.accumulate(np.ones((1, 2)))
+    np.testing.assert_array_equal(lin.weight.grad, [[2.0, 2.0]])
 
 
 def test_sgd_sees_parameters_replaced_by_load_state_dict():
     lin = nn.Linear(3, 2, dtype=np.float64)
     opt = optim.SGD(lin.parameters(), lr=1.0)
     state = {k: np.zeros_like(v) for k, v in lin.state_dict().items()}
-    lin.load_state_dict(state)  # new arrays behind the same Parameter objects
+    lin.load_state_dict(state)  # new values behind the same Parameter objects
     lin.weight.grad = np.ones((2, 3))
     lin.bias.grad = np.ones(2)
     opt.step()

@@ -589,6 +589,41 @@ def test_adam_matches_torch_over_ten_steps(config):
     check_optimizer_matches_torch(optim.Adam, torch.optim.Adam, config, steps=10, seed=3)
 
 
+ADAMW_CONFIGS = [dict(lr=0.01), dict(lr=0.02, betas=(0.8, 0.99), weight_decay=0.1)]
+
+
+@pytest.mark.parametrize("config", ADAMW_CONFIGS,
+                         ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_adamw_matches_torch_over_ten_steps(config):
+    check_optimizer_matches_torch(optim.AdamW, torch.optim.AdamW, config, steps=10, seed=4)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_a_new_learning_rate_applies_from_the_next_step(name):
+    # torch's schedulers set the rate between steps; ours is the optimizer's `lr`
+    config = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.01)
+    model, tmodel = build_pair("seed", F64, seed=5)
+    x, y, loss_fn, tloss = make_data("seed", F64, 4, np.random.default_rng(15))
+    opt = getattr(optim, name)(model.parameters(), **config)
+    topt = getattr(torch.optim, name)(tmodel.parameters(), **config)
+    for step, lr in enumerate([0.1, 0.05, 0.02, 0.0]):
+        opt.lr = lr
+        for group in topt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad()
+        topt.zero_grad()
+        run_cnnbp(model, loss_fn, x, y)
+        run_torch(tmodel, tloss, x, y)
+        opt.step()
+        topt.step()
+        tparams = dict(tmodel.named_parameters())
+        for k, p in model.named_parameters():
+            assert_close(p.data, t2n(tparams[k]), 1e-10, f"{k} after step {step}")
+    assert opt.lr == 0.0
+    with pytest.raises(ValueError, match=rf"\[{name}\] lr: expected >= 0, got -1.0"):
+        opt.lr = -1.0
+
+
 def test_adam_rejects_bad_hyperparameters():
     params = nn.Linear(2, 1).parameters()
     with pytest.raises(ValueError, match=r"\[Adam\] betas"):

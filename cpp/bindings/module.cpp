@@ -13,162 +13,15 @@
 #include <tuple>
 #include <vector>
 
+#include "arrays.hpp"
 #include "cnnbp/cnnbp.hpp"
 
 namespace py = pybind11;
 using cnnbp::Shape;
 
+using namespace cnnbp_bindings;
+
 namespace {
-
-enum class DType { f32, f64 };
-
-// Any array-like becomes an ndarray; None and non-numeric objects are refused.
-py::array as_array(const char* op, const char* name, const py::handle& obj) {
-    if (obj.is_none())
-        throw py::type_error(std::string("[") + op + "] " + name + ": expected an array, got None");
-    if (py::isinstance<py::array>(obj)) return py::reinterpret_borrow<py::array>(obj);
-    py::array arr = py::array::ensure(obj);
-    if (!arr)
-        throw py::type_error(std::string("[") + op + "] " + name + ": expected an array, got " +
-                             std::string(py::str(py::type::of(obj).attr("__name__"))));
-    return arr;
-}
-
-std::string dtype_name(const py::array& a) { return py::str(a.dtype()); }
-
-// By kind and size, not dtype identity: a float64 that went through pickle or carries
-// a non-native byte order is still float64 (contiguous() converts it).
-DType float_dtype(const char* op, const char* name, const py::array& a) {
-    const py::dtype dt = a.dtype();
-    if (dt.kind() == 'f' && dt.itemsize() == 4) return DType::f32;
-    if (dt.kind() == 'f' && dt.itemsize() == 8) return DType::f64;
-    throw py::type_error(std::string("[") + op + "] " + name +
-                         ": expected float32 or float64, got " + dtype_name(a));
-}
-
-// Every float tensor of one call has the dtype of the first: mixing is an error.
-void check_dtype(const char* op, const char* name, const py::array& a, DType expected) {
-    DType got = float_dtype(op, name, a);
-    if (got != expected)
-        throw py::type_error(std::string("[") + op + "] " + name + ": expected " +
-                             (expected == DType::f32 ? "float32" : "float64") +
-                             " like the first array argument, got " + dtype_name(a));
-}
-
-Shape shape_of(const py::array& a) { return Shape(a.shape(), a.shape() + a.ndim()); }
-
-// A C-contiguous view of `a` (a copy only when a is strided, Fortran-ordered or of the
-// other byte order). Arrays that already are, nearly all, pass straight through without
-// PyArray_FromAny's conversion machinery: for a tiny layer that costs more than its kernel.
-// A copy that cannot be made raises (MemoryError): array_t::ensure would return a null
-// array instead, whose data() is a null pointer.
-template <typename T>
-py::array_t<T, py::array::c_style> contiguous(const py::array& a) {
-    if (py::isinstance<py::array_t<T, py::array::c_style>>(a))
-        return py::reinterpret_borrow<py::array_t<T, py::array::c_style>>(a);
-    return py::array_t<T, py::array::c_style>(py::reinterpret_borrow<py::object>(a));
-}
-
-// A new uninitialized C-contiguous array, made by NumPy's C API directly (pybind11's
-// constructor goes through vectors of shape and strides first).
-template <typename T>
-py::array_t<T> empty_like_shape(const Shape& shape) {
-    const auto& api = py::detail::npy_api::get();
-    std::array<py::ssize_t, 32> dims{};  // NumPy allows at most 32 (64 since 2.0) dims
-    if (shape.size() > dims.size())
-        return py::array_t<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
-    std::copy(shape.begin(), shape.end(), dims.begin());
-    PyObject* arr = api.PyArray_NewFromDescr_(api.PyArray_Type_, py::dtype::of<T>().release().ptr(),
-                                              static_cast<int>(shape.size()), dims.data(),
-                                              nullptr, nullptr, 0, nullptr);
-    if (!arr) throw py::error_already_set();
-    return py::reinterpret_steal<py::array_t<T>>(arr);
-}
-
-// Integer arrays (class labels, pooling indices) as C-contiguous int64.
-py::array_t<int64_t, py::array::c_style> as_int64(const char* op, const char* name,
-                                                  const py::handle& obj) {
-    py::array arr = as_array(op, name, obj);
-    const char kind = arr.dtype().kind();
-    if (kind != 'i' && kind != 'u')
-        throw py::type_error(std::string("[") + op + "] " + name +
-                             ": expected an integer array, got " + dtype_name(arr));
-    if (py::isinstance<py::array_t<int64_t, py::array::c_style>>(arr))  // as contiguous()
-        return py::reinterpret_borrow<py::array_t<int64_t, py::array::c_style>>(arr);
-    // the converting constructor raises where ensure() would return a null array
-    return py::array_t<int64_t, py::array::c_style | py::array::forcecast>(arr);
-}
-
-// A plain Python int that fits int64 without the generic PyNumber_Index round trip, which
-// costs more than a tiny layer's kernel; false for anything else (the caller's generic path
-// then converts it or reports it).
-bool exact_int(const py::handle& v, int64_t& out) {
-    if (!PyLong_CheckExact(v.ptr())) return false;
-    int overflow = 0;
-    const long long value = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
-    if (overflow || (value == -1 && PyErr_Occurred())) {
-        PyErr_Clear();
-        return false;
-    }
-    out = value;
-    return true;
-}
-
-// v.__index__() as int64. py::cast would raise RuntimeError for a value beyond int64;
-// this names the op and the argument.
-int64_t index_value(const char* op, const char* name, const py::handle& v) {
-    const auto index = py::reinterpret_steal<py::object>(PyNumber_Index(v.ptr()));
-    if (!index) throw py::error_already_set();
-    int overflow = 0;
-    const long long value = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
-    if (overflow)
-        throw py::value_error(std::string("[") + op + "] " + name +
-                              ": expected a 64-bit integer, got " + std::string(py::str(index)));
-    if (value == -1 && PyErr_Occurred()) throw py::error_already_set();
-    return value;
-}
-
-// An int or a pair of ints -> (h, w).
-std::array<int64_t, 2> parse_pair(const char* op, const char* name, const py::handle& obj) {
-    auto as_int = [&](const py::handle& v) -> int64_t {
-        int64_t fast;
-        if (exact_int(v, fast)) return fast;
-        if (py::isinstance<py::bool_>(v) || !PyIndex_Check(v.ptr()))
-            throw py::type_error(std::string("[") + op + "] " + name +
-                                 ": expected an int or a pair of ints, got " +
-                                 std::string(py::repr(obj)));
-        return index_value(op, name, v);
-    };
-    if (PyIndex_Check(obj.ptr())) {  // ints, numpy integers, 0-d integer arrays
-        const int64_t v = as_int(obj);
-        return {v, v};
-    }
-    if (py::isinstance<py::sequence>(obj) && !py::isinstance<py::str>(obj)) {
-        py::sequence seq = py::reinterpret_borrow<py::sequence>(obj);
-        if (seq.size() != 2)
-            throw py::type_error(std::string("[") + op + "] " + name +
-                                 ": expected an int or a pair of ints, got " +
-                                 std::string(py::repr(obj)));
-        return {as_int(seq[0]), as_int(seq[1])};
-    }
-    as_int(obj);  // throws the op-prefixed TypeError
-    return {0, 0};
-}
-
-// A Python int (or numpy integer), not a bool.
-int64_t parse_int(const char* op, const char* name, const py::handle& obj) {
-    if (py::isinstance<py::bool_>(obj) || !PyIndex_Check(obj.ptr()))
-        throw py::type_error(std::string("[") + op + "] " + name + ": expected an int, got " +
-                             std::string(py::repr(obj)));
-    return index_value(op, name, obj);
-}
-
-// Runs body(T{}) with T = float or double.
-template <typename Body>
-auto dispatch(DType dtype, Body&& body) {
-    if (dtype == DType::f32) return body(float{});
-    return body(double{});
-}
 
 // An optional bias argument (conv2d, linear). A default-constructed py::array is a 0-d
 // array, not "none", so presence is tracked apart.
@@ -367,6 +220,162 @@ py::array unary_backward(const char* op, const char* saved_name, const py::handl
     });
 }
 
+// ---- avg_pool2d, tanh, dropout -------------------------------------------------------------
+
+cnnbp::Pool2dParams pool_params(const char* op, const py::handle& kernel_size,
+                                const py::handle& stride, const py::handle& padding) {
+    auto k = parse_pair(op, "kernel_size", kernel_size);
+    auto s = stride.is_none() ? k : parse_pair(op, "stride", stride);  // torch: stride = kernel
+    auto p = parse_pair(op, "padding", padding);
+    return cnnbp::Pool2dParams{k[0], k[1], s[0], s[1], p[0], p[1]};
+}
+
+py::array avg_pool2d(const py::handle& x_obj, const py::handle& kernel_size,
+                     const py::handle& stride, const py::handle& padding) {
+    const char* op = "avg_pool2d";
+    py::array x = as_array(op, "input", x_obj);
+    const DType dtype = float_dtype(op, "input", x);
+    const auto dims =
+        cnnbp::pool2d_dims(op, shape_of(x), pool_params(op, kernel_size, stride, padding));
+    return dispatch(dtype, [&](auto tag) -> py::array {
+        using T = decltype(tag);
+        auto xc = contiguous<T>(x);
+        auto y = empty_like_shape<T>({dims.N, dims.C, dims.P, dims.Q});
+        T* y_ptr = y.mutable_data();
+        py::gil_scoped_release release;
+        cnnbp::avg_pool2d_forward<T>(y_ptr, xc.data(), dims);
+        return y;
+    });
+}
+
+py::array avg_pool2d_backward(const py::handle& dy_obj, const py::handle& x_shape_obj,
+                              const py::handle& kernel_size, const py::handle& stride,
+                              const py::handle& padding) {
+    const char* op = "avg_pool2d_backward";
+    const Shape x_shape = parse_shape(op, "x_shape", x_shape_obj);
+    py::array dy = as_array(op, "doutput", dy_obj);
+    const DType dtype = float_dtype(op, "doutput", dy);
+    const auto dims = cnnbp::avg_pool2d_backward_dims(
+        shape_of(dy), x_shape, pool_params(op, kernel_size, stride, padding));
+    return dispatch(dtype, [&](auto tag) -> py::array {
+        using T = decltype(tag);
+        auto dyc = contiguous<T>(dy);
+        auto dx = empty_like_shape<T>(x_shape);
+        T* dx_ptr = dx.mutable_data();
+        py::gil_scoped_release release;
+        cnnbp::avg_pool2d_backward<T>(dx_ptr, dyc.data(), dims);
+        return dx;
+    });
+}
+
+// A real number (Python or NumPy float or int, not a bool); its range is the validation's.
+double parse_float(const char* op, const char* name, const py::handle& obj) {
+    PyObject* o = obj.ptr();
+    if (PyFloat_Check(o)) return PyFloat_AS_DOUBLE(o);
+    if (!py::isinstance<py::bool_>(obj) && !PyComplex_Check(o) &&
+        !py::isinstance<py::array>(obj) && PyNumber_Check(o)) {
+        const double value = PyFloat_AsDouble(o);
+        if (!(value == -1.0 && PyErr_Occurred())) return value;
+        PyErr_Clear();
+    }
+    throw py::type_error(std::string("[") + op + "] " + name + ": expected a float, got " +
+                         std::string(py::repr(obj)));
+}
+
+// A Python int (or NumPy integer) in [0, 2^64): the C++ seed is a uint64_t.
+uint64_t parse_seed(const char* op, const py::handle& obj) {
+    if (py::isinstance<py::bool_>(obj) || !PyIndex_Check(obj.ptr()))
+        throw py::type_error(std::string("[") + op + "] seed: expected an int, got " +
+                             std::string(py::repr(obj)));
+    const auto value = py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr()));
+    if (!value) throw py::error_already_set();
+    const unsigned long long seed = PyLong_AsUnsignedLongLong(value.ptr());
+    if (seed == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+        PyErr_Clear();
+        throw py::value_error(std::string("[") + op +
+                              "] seed: expected an int in [0, 2**64), got " +
+                              std::string(py::repr(value)));
+    }
+    return seed;
+}
+
+py::tuple dropout(const py::handle& x_obj, const py::handle& p_obj, const py::handle& seed_obj) {
+    const char* op = "dropout";
+    py::array x = as_array(op, "input", x_obj);
+    const DType dtype = float_dtype(op, "input", x);
+    const double p = parse_float(op, "p", p_obj);
+    const auto params = cnnbp::dropout_params(op, p, parse_seed(op, seed_obj));
+    return dispatch(dtype, [&](auto tag) -> py::tuple {
+        using T = decltype(tag);
+        auto xc = contiguous<T>(x);
+        auto y = empty_like_shape<T>(shape_of(x));
+        auto mask = empty_like_shape<bool>(shape_of(x));
+        T* y_ptr = y.mutable_data();
+        // NumPy's bool is one byte holding 0 or 1: the kernel writes exactly those
+        auto* mask_ptr = reinterpret_cast<uint8_t*>(mask.mutable_data());
+        {
+            py::gil_scoped_release release;
+            cnnbp::dropout_forward<T>(y_ptr, mask_ptr, xc.data(), xc.size(), params);
+        }
+        return py::make_tuple(y, mask);
+    });
+}
+
+py::array dropout_backward(const py::handle& dy_obj, const py::handle& mask_obj,
+                           const py::handle& p_obj) {
+    const char* op = "dropout_backward";
+    py::array dy = as_array(op, "doutput", dy_obj);
+    const DType dtype = float_dtype(op, "doutput", dy);
+    py::array mask = as_array(op, "mask", mask_obj);
+    if (mask.dtype().kind() != 'b')
+        throw py::type_error(std::string("[") + op + "] mask: expected a bool array, got " +
+                             dtype_name(mask));
+    const auto params = cnnbp::dropout_params(op, parse_float(op, "p", p_obj));
+    cnnbp::check_same_shape(op, "doutput", shape_of(dy), "mask", shape_of(mask));
+    auto mc = py::array_t<bool, py::array::c_style>::ensure(mask);
+    if (!mc) throw py::error_already_set();
+    return dispatch(dtype, [&](auto tag) -> py::array {
+        using T = decltype(tag);
+        auto dyc = contiguous<T>(dy);
+        auto dx = empty_like_shape<T>(shape_of(dy));
+        T* dx_ptr = dx.mutable_data();
+        // read as bytes, any nonzero byte is kept (a bool view of other bytes is no UB)
+        const auto* mask_ptr = reinterpret_cast<const uint8_t*>(mc.data());
+        py::gil_scoped_release release;
+        cnnbp::dropout_backward<T>(dx_ptr, dyc.data(), mask_ptr, dyc.size(), params);
+        return dx;
+    });
+}
+
+void def_avg_pool2d_tanh_dropout(py::module_& m) {
+    using py::arg;
+    m.def("avg_pool2d", &avg_pool2d, arg("x"), arg("kernel_size"), arg("stride") = py::none(),
+          arg("padding") = 0,
+          "y (N, C, P, Q) = avg_pool2d(x (N, C, H, W), ...): the mean of each window, padding "
+          "counted as zeros in the full-window divisor; floored output size (torch's "
+          "count_include_pad=True, ceil_mode=False).");
+    m.def("avg_pool2d_backward", &avg_pool2d_backward, arg("dy"), arg("x_shape"),
+          arg("kernel_size"), arg("stride") = py::none(), arg("padding") = 0,
+          "dx (x_shape): each cell gets dy / (window size) from every window covering it.");
+    m.def("tanh",
+          [](const py::handle& z) {
+              return unary<cnnbp::tanh_forward<float>, cnnbp::tanh_forward<double>>("tanh", z);
+          },
+          arg("z"), "a = tanh(z)");
+    m.def("tanh_backward",
+          [](const py::handle& da, const py::handle& a) {
+              return unary_backward<cnnbp::tanh_backward<float>, cnnbp::tanh_backward<double>>(
+                  "tanh_backward", "a", da, a);
+          },
+          arg("da"), arg("a"), "dz = da * (1 - a * a), from the forward output a");
+    m.def("dropout", &dropout, arg("x"), arg("p") = 0.5, arg("seed") = 0,
+          "(y, mask) = dropout(x, p, seed): mask (bool, x's shape) keeps each element with "
+          "probability 1 - p, drawn from (seed, flat index) by a counter-based hash; "
+          "y = x * mask / (1 - p); p == 1 gives x * 0.");
+    m.def("dropout_backward", &dropout_backward, arg("dy"), arg("mask"), arg("p"),
+          "dx = dy * mask / (1 - p) (dy * 0 for p == 1)");
+}
+
 // ---- linear ------------------------------------------------------------------------------
 
 py::array linear(const py::handle& x_obj, const py::handle& w_obj, const py::handle& b_obj) {
@@ -520,111 +529,6 @@ py::array cross_entropy_backward(const py::handle& z_obj, const py::handle& labe
     });
 }
 
-// ---- optimizers --------------------------------------------------------------------------
-
-// Updates smaller than this many values keep the GIL: releasing it costs more than they do.
-constexpr int64_t kReleaseGilWork = int64_t(1) << 14;
-
-// The arrays of one parameter that sgd_step can update in place.
-template <typename T>
-struct SgdItem {
-    T* param;
-    const T* grad;
-    T* buffer;
-    bool buffer_is_new;
-    int64_t count;
-};
-
-template <typename T>
-bool same_shape(const py::array& a, const py::array& b) {
-    return a.ndim() == b.ndim() && std::equal(a.shape(), a.shape() + a.ndim(), b.shape());
-}
-
-// A writeable C-contiguous array of exactly T (native byte order), else a null handle.
-template <typename T>
-py::array_t<T, py::array::c_style> writeable_exact(const py::handle& obj) {
-    if (!py::isinstance<py::array_t<T, py::array::c_style>>(obj)) return {};
-    auto a = py::reinterpret_borrow<py::array_t<T, py::array::c_style>>(obj);
-    if (!a.writeable()) return {};
-    return a;
-}
-
-// One SGD step over a list of parameters (objects with .data and .grad, as nn.Parameter)
-// in one call, so that a small network's step is not a dozen NumPy calls per parameter.
-// buffers is the optimizer's list of momentum buffers (None until the first step); new
-// ones are stored into it. Parameters without a gradient are skipped, as in torch. Returns
-// the indices of the parameters it left alone because their arrays are not plain
-// C-contiguous float32/float64 arrays of matching shapes: the caller updates those.
-py::list sgd_step(const py::list& params, const py::list& buffers, double lr, double momentum,
-                  double dampening, double weight_decay, bool nesterov) {
-    const cnnbp::SgdParams sgd{lr, momentum, dampening, weight_decay, nesterov};
-    // interned once and kept for the life of the process (a static py::str would be
-    // released after the interpreter has shut down)
-    static PyObject* const data_name = PyUnicode_InternFromString("data");
-    static PyObject* const grad_name = PyUnicode_InternFromString("grad");
-    auto get = [](const py::handle& obj, PyObject* name) {
-        PyObject* value = PyObject_GetAttr(obj.ptr(), name);
-        if (!value) throw py::error_already_set();
-        return py::reinterpret_steal<py::object>(value);
-    };
-    const bool heavy = momentum != 0.0;
-    std::vector<SgdItem<float>> f32;
-    std::vector<SgdItem<double>> f64;
-    int64_t total = 0;
-    py::list left;
-    const size_t n = params.size();
-    if (buffers.size() != n)
-        throw py::value_error("[sgd_step] buffers: expected one per parameter (" +
-                              std::to_string(n) + "), got " + std::to_string(buffers.size()));
-    for (size_t i = 0; i < n; ++i) {
-        const py::object param = params[i];
-        const py::object grad = get(param, grad_name);
-        if (grad.is_none()) continue;
-        const py::object data = get(param, data_name);
-        auto collect = [&](auto tag, auto& items) -> bool {
-            using T = decltype(tag);
-            auto p = writeable_exact<T>(data);
-            if (!p || !py::isinstance<py::array_t<T, py::array::c_style>>(grad)) return false;
-            auto g = py::reinterpret_borrow<py::array_t<T, py::array::c_style>>(grad);
-            if (!same_shape<T>(p, g)) return false;
-            py::array_t<T, py::array::c_style> b;
-            bool fresh = false;
-            if (heavy) {
-                const py::object old = buffers[i];
-                if (old.is_none()) {
-                    b = py::array_t<T, py::array::c_style>(
-                        std::vector<py::ssize_t>(p.shape(), p.shape() + p.ndim()));
-                    fresh = true;
-                } else {
-                    b = writeable_exact<T>(old);
-                    if (!b || !same_shape<T>(p, b)) return false;
-                }
-            }
-            items.push_back({p.mutable_data(), g.data(), heavy ? b.mutable_data() : nullptr, fresh,
-                             static_cast<int64_t>(p.size())});
-            if (fresh) buffers[i] = b;  // the list keeps the new buffer alive
-            total += p.size();
-            return true;
-        };
-        if (!collect(float{}, f32) && !collect(double{}, f64)) left.append(py::int_(i));
-    }
-    // The arrays stay referenced by params and buffers while the GIL is released: nothing
-    // else runs Python code in this call.
-    auto run = [&] {
-        for (const auto& it : f32)
-            cnnbp::sgd_step<float>(it.param, it.grad, it.buffer, it.buffer_is_new, sgd, it.count);
-        for (const auto& it : f64)
-            cnnbp::sgd_step<double>(it.param, it.grad, it.buffer, it.buffer_is_new, sgd, it.count);
-    };
-    if (total >= kReleaseGilWork) {
-        py::gil_scoped_release release;
-        run();
-    } else {
-        run();
-    }
-    return left;
-}
-
 int64_t conv2d_workspace_bytes(const py::handle& x_shape, const py::handle& w_shape,
                                const py::handle& stride, const py::handle& padding,
                                const py::handle& dtype) {
@@ -648,6 +552,10 @@ int64_t conv2d_workspace_bytes(const py::handle& x_shape, const py::handle& w_sh
 }
 
 }  // namespace
+
+namespace cnnbp_bindings {
+void bind_nn(py::module_& m);  // nn_bindings.cpp
+}
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "cnnbp's C++ kernels (use cnnbp.functional, which documents each function)";
@@ -713,18 +621,13 @@ PYBIND11_MODULE(_core, m) {
                                     cnnbp::sigmoid_backward<double>>("sigmoid_backward", "a", da, a);
           },
           arg("da"), arg("a"), "dz = da * a * (1 - a), from the forward output a");
+    def_avg_pool2d_tanh_dropout(m);
 
     m.def("linear", &linear, arg("x"), arg("w"), arg("b") = py::none(),
           "y (*, out) = x (*, in) . w (out, in)^T + b (out,)");
     m.def("linear_backward", &linear_backward, arg("dy"), arg("x"), arg("w"),
           "(dx, dw, db) = gradients of linear given dy (*, out)");
 
-    m.def("sgd_step", &sgd_step, arg("params"), arg("buffers"), arg("lr"), arg("momentum"),
-          arg("dampening"), arg("weight_decay"), arg("nesterov"),
-          "One torch.optim.SGD step over a list of parameters (.data updated in place, "
-          "momentum buffers stored into `buffers`); returns the indices of the parameters "
-          "left to the caller (arrays that are not C-contiguous float32/float64 of matching "
-          "shapes). Used by cnnbp.optim.SGD.");
 
     m.def("binary_cross_entropy",
           [](const py::handle& a, const py::handle& y) { return binary_loss<true>("binary_cross_entropy", a, y); },
@@ -748,4 +651,6 @@ PYBIND11_MODULE(_core, m) {
           "mean softmax cross-entropy of logits (N, K) against class indices labels (N,)");
     m.def("cross_entropy_backward", &cross_entropy_backward, arg("logits"), arg("labels"),
           "dL/dlogits = (softmax(logits) - onehot(labels)) / N");
+
+    cnnbp_bindings::bind_nn(m);  // the model objects that cnnbp.nn and cnnbp.optim wrap
 }

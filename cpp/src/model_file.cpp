@@ -142,6 +142,12 @@ std::array<int64_t, 2> as_pair(const Json& j, const std::string& where) {
     return {as_int((*a)[0], where), as_int((*a)[1], where)};
 }
 
+double as_probability(const Json& j, const std::string& where) {
+    const double* d = std::get_if<double>(&j.value);
+    if (!d || !(*d >= 0 && *d <= 1)) refuse(where + ": expected a number in [0, 1]");
+    return *d;
+}
+
 bool as_bool(const Json& j, const std::string& where) {
     const bool* b = std::get_if<bool>(&j.value);
     if (!b) refuse(where + ": expected true or false");
@@ -416,6 +422,12 @@ std::string model_file_dtype(const std::string& path) {
     return *dtype;
 }
 
+static std::string pool_json(const Pool2dParams& p) {
+    return ", \"kernel_size\": " + pair_json(p.kernel_h, p.kernel_w) +
+           ", \"stride\": " + pair_json(p.stride_h, p.stride_w) +
+           ", \"padding\": " + pair_json(p.pad_h, p.pad_w);
+}
+
 template <typename T>
 void save(Sequential<T>& model, const std::string& path) {
     std::string layers;
@@ -437,10 +449,11 @@ void save(Sequential<T>& model, const std::string& path) {
                     ", \"out_features\": " + std::to_string(w[0]) +
                     ", \"bias\": " + (fc->has_bias() ? "true" : "false");
         } else if (auto* pool = dynamic_cast<MaxPool2d<T>*>(&layer)) {
-            const auto& p = pool->params;
-            json += ", \"kernel_size\": " + pair_json(p.kernel_h, p.kernel_w) +
-                    ", \"stride\": " + pair_json(p.stride_h, p.stride_w) +
-                    ", \"padding\": " + pair_json(p.pad_h, p.pad_w);
+            json += pool_json(pool->params);
+        } else if (auto* avg = dynamic_cast<AvgPool2d<T>*>(&layer)) {
+            json += pool_json(avg->params);
+        } else if (auto* dropout = dynamic_cast<Dropout<T>*>(&layer)) {
+            json += ", \"p\": " + number_str(dropout->p());
         }
         layers += (i ? ", " : "") + json + "}";
     }
@@ -522,8 +535,16 @@ Sequential<T> load(const std::string& path) {
                                                      get_pair("padding")));
         else if (*type == "ReLU")
             model.add(std::make_unique<ReLU<T>>());
+        else if (*type == "AvgPool2d")
+            model.add(std::make_unique<AvgPool2d<T>>(get_pair("kernel_size"), get_pair("stride"),
+                                                     get_pair("padding")));
         else if (*type == "Sigmoid")
             model.add(std::make_unique<Sigmoid<T>>());
+        else if (*type == "Tanh")
+            model.add(std::make_unique<Tanh<T>>());
+        else if (*type == "Dropout")
+            model.add(std::make_unique<Dropout<T>>(
+                as_probability(field(*spec, "p", where), where + ".p")));
         else if (*type == "Flatten")
             model.add(std::make_unique<Flatten<T>>());
         else

@@ -7,6 +7,7 @@
 
 #include "cnnbp/activation.hpp"
 #include "cnnbp/conv2d.hpp"
+#include "cnnbp/dropout.hpp"
 #include "cnnbp/linear.hpp"
 #include "cnnbp/loss.hpp"
 #include "cnnbp/optim.hpp"
@@ -47,6 +48,11 @@ void accumulate(Parameter<T>& p, const Tensor<T>& delta) {
         return;
     }
     for (size_t i = 0; i < delta.data.size(); ++i) p.grad.data[i] += delta.data[i];
+}
+
+// a whole-number label as the integer it is
+std::string label_str(double label) {
+    return std::abs(label) < 9e18 ? std::to_string(int64_t(label)) : number_str(label);
 }
 
 template <typename T>
@@ -208,6 +214,96 @@ const Tensor<T>& MaxPool2d<T>::backward(const Tensor<T>& grad_output) {
 }
 
 template <typename T>
+AvgPool2d<T>::AvgPool2d(int64_t kernel_size, int64_t stride, int64_t padding)
+    : AvgPool2d({kernel_size, kernel_size},
+                {stride ? stride : kernel_size, stride ? stride : kernel_size},
+                {padding, padding}) {}
+
+template <typename T>
+AvgPool2d<T>::AvgPool2d(std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
+                        std::array<int64_t, 2> padding)
+    : params{kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1]} {}
+
+template <typename T>
+const Tensor<T>& AvgPool2d<T>::forward(const Tensor<T>& input) {
+    dims_ = pool2d_dims("avg_pool2d", input.shape, params);
+    this->input_ = &input;
+    this->output_.resize({dims_.N, dims_.C, dims_.P, dims_.Q});
+    avg_pool2d_forward(this->output_.data.data(), input.data.data(), dims_);
+    return this->output_;
+}
+
+template <typename T>
+const Tensor<T>& AvgPool2d<T>::backward(const Tensor<T>& grad_output) {
+    const Tensor<T>& input = require_forward(this->input_, "AvgPool2d");
+    check_same_shape("avg_pool2d_backward", "output", this->output_.shape, "doutput",
+                     grad_output.shape);
+    this->grad_output_ = &grad_output;
+    this->grad_input_.resize(input.shape);
+    avg_pool2d_backward(this->grad_input_.data.data(), grad_output.data.data(), dims_);
+    return this->grad_input_;
+}
+
+template <typename T>
+const Tensor<T>& Tanh<T>::forward(const Tensor<T>& input) {
+    this->input_ = &input;
+    this->output_.resize(input.shape);
+    tanh_forward(this->output_.data.data(), input.data.data(), input.size());
+    return this->output_;
+}
+
+template <typename T>
+const Tensor<T>& Tanh<T>::backward(const Tensor<T>& grad_output) {
+    require_forward(this->input_, "Tanh");
+    check_same_shape("tanh_backward", "a", this->output_.shape, "doutput", grad_output.shape);
+    this->grad_output_ = &grad_output;
+    this->grad_input_.resize(this->output_.shape);
+    tanh_backward(this->grad_input_.data.data(), grad_output.data.data(),
+                  this->output_.data.data(), this->output_.size());
+    return this->grad_input_;
+}
+
+template <typename T>
+Dropout<T>::Dropout(double p) : Dropout(p, generator()()) {}
+
+template <typename T>
+Dropout<T>::Dropout(double p, uint64_t seed)
+    : params_(dropout_params("Dropout", p)), seeds_(seed) {}
+
+template <typename T>
+const Tensor<T>& Dropout<T>::forward(const Tensor<T>& input) {
+    this->input_ = &input;
+    this->output_.resize(input.shape);
+    dropped_ = this->training_;
+    if (!dropped_) {  // evaluation: the identity
+        std::copy(input.data.begin(), input.data.end(), this->output_.data.begin());
+        return this->output_;
+    }
+    params_.seed = seeds_();
+    mask.resize(input.data.size());
+    dropout_forward(this->output_.data.data(), mask.data(), input.data.data(), input.size(),
+                    params_);
+    return this->output_;
+}
+
+template <typename T>
+const Tensor<T>& Dropout<T>::backward(const Tensor<T>& grad_output) {
+    require_forward(this->input_, "Dropout");
+    check_same_shape("dropout_backward", "output", this->output_.shape, "doutput",
+                     grad_output.shape);
+    this->grad_output_ = &grad_output;
+    this->grad_input_.resize(grad_output.shape);
+    if (!dropped_) {
+        std::copy(grad_output.data.begin(), grad_output.data.end(),
+                  this->grad_input_.data.begin());
+        return this->grad_input_;
+    }
+    dropout_backward(this->grad_input_.data.data(), grad_output.data.data(), mask.data(),
+                     grad_output.size(), params_);
+    return this->grad_input_;
+}
+
+template <typename T>
 const Tensor<T>& ReLU<T>::forward(const Tensor<T>& input) {
     this->input_ = &input;
     this->output_.resize(input.shape);
@@ -271,8 +367,39 @@ const Tensor<T>& Flatten<T>::backward(const Tensor<T>& grad_output) {
 // ---- Sequential ----------------------------------------------------------------------------
 
 template <typename T>
-Sequential<T>& Sequential<T>::add(std::unique_ptr<Layer<T>> layer) {
+Sequential<T>::~Sequential() {
+    // Layers that live on (held elsewhere) may point at tensors that die with this
+    // container: its input and the outputs of layers only it holds.
+    for (auto& layer : layers_)
+        if (layer.use_count() > 1) layer->forget_borrowed();
+}
+
+template <typename T>
+Sequential<T>::Sequential(Sequential&& other) noexcept
+    : layers_(std::move(other.layers_)), parameters_(std::move(other.parameters_)) {
+    for (auto& layer : layers_) layer->forget_borrowed();
+}
+
+template <typename T>
+void Sequential<T>::forget_borrowed() {
+    Layer<T>::forget_borrowed();
+    if (!layers_.empty()) {
+        layers_.front()->forget_borrowed();
+        layers_.back()->forget_borrowed();
+    }
+}
+
+template <typename T>
+void Sequential<T>::train(bool mode) {
+    Layer<T>::train(mode);
+    for (auto& layer : layers_) layer->train(mode);
+}
+
+template <typename T>
+Sequential<T>& Sequential<T>::add(std::shared_ptr<Layer<T>> layer) {
     if (!layer) throw std::invalid_argument("[Sequential] layer: expected a layer, got null");
+    if (layer.get() == this)
+        throw std::invalid_argument("[Sequential] layer: expected another layer, got itself");
     for (auto& named : layer->named_parameters()) parameters_.push_back(named.second);
     layers_.push_back(std::move(layer));
     return *this;
@@ -328,37 +455,57 @@ void Sequential<T>::zero_grad() {
 // ---- losses --------------------------------------------------------------------------------
 
 template <typename T>
+void Loss<T>::keep(const Tensor<T>& input, const Tensor<T>& target) {
+    input_.shape = input.shape;
+    input_.data.assign(input.data.begin(), input.data.end());  // reuses the storage
+    target_.shape = target.shape;
+    target_.data.assign(target.data.begin(), target.data.end());
+}
+
+template <typename T>
+const Tensor<T>& Loss<T>::require_forward() const {
+    if (!has_run_)
+        throw std::logic_error("[" + type() + "] backward called before forward");
+    return input_;
+}
+
+template <typename T>
 double BCELoss<T>::forward(const Tensor<T>& input, const Tensor<T>& target) {
     const char* op = "binary_cross_entropy";
     check_bce_shapes(op, input.shape, target.shape);
     check_probabilities(op, input.data.data(), input.size());
-    this->input_ = &input, this->target_ = &target;
-    return binary_cross_entropy_forward(input.data.data(), target.data.data(), input.size());
+    this->keep(input, target);
+    this->value_ =
+        binary_cross_entropy_forward(input.data.data(), target.data.data(), input.size());
+    this->has_run_ = true;
+    return this->value_;
 }
 
 template <typename T>
 const Tensor<T>& BCELoss<T>::backward() {
-    const Tensor<T>& input = require_forward(this->input_, "BCELoss");
+    const Tensor<T>& input = this->require_forward();
     this->grad_input_.resize(input.shape);
     binary_cross_entropy_backward(this->grad_input_.data.data(), input.data.data(),
-                                  this->target_->data.data(), input.size());
+                                  this->target_.data.data(), input.size());
     return this->grad_input_;
 }
 
 template <typename T>
 double BCEWithLogitsLoss<T>::forward(const Tensor<T>& input, const Tensor<T>& target) {
     check_bce_shapes("binary_cross_entropy_with_logits", input.shape, target.shape);
-    this->input_ = &input, this->target_ = &target;
-    return binary_cross_entropy_with_logits_forward(input.data.data(), target.data.data(),
-                                                    input.size());
+    this->keep(input, target);
+    this->value_ = binary_cross_entropy_with_logits_forward(input.data.data(),
+                                                            target.data.data(), input.size());
+    this->has_run_ = true;
+    return this->value_;
 }
 
 template <typename T>
 const Tensor<T>& BCEWithLogitsLoss<T>::backward() {
-    const Tensor<T>& input = require_forward(this->input_, "BCEWithLogitsLoss");
+    const Tensor<T>& input = this->require_forward();
     this->grad_input_.resize(input.shape);
     binary_cross_entropy_with_logits_backward(this->grad_input_.data.data(), input.data.data(),
-                                              this->target_->data.data(), input.size());
+                                              this->target_.data.data(), input.size());
     return this->grad_input_;
 }
 
@@ -372,17 +519,25 @@ double CrossEntropyLoss<T>::forward(const Tensor<T>& input, const Tensor<T>& tar
         if (label != std::floor(label))
             throw std::invalid_argument(std::string("[") + op +
                                         "] labels: expected whole class indices, got " +
-                                        std::to_string(label));
+                                        number_str(double(label)));
+        if (label < 0 || label >= T(d.K)) {  // before the conversion, which could overflow
+            throw std::invalid_argument(std::string("[") + op +
+                                        "] labels: expected class indices in [0, " +
+                                        std::to_string(d.K) + "), got " + label_str(double(label)) +
+                                        " at position " + std::to_string(n));
+        }
         labels_[size_t(n)] = int64_t(label);
     }
     check_labels(op, labels_.data(), d.N, d.K);
-    this->input_ = &input, this->target_ = &target;
-    return cross_entropy_forward(input.data.data(), labels_.data(), d.N, d.K);
+    this->keep(input, target);
+    this->value_ = cross_entropy_forward(input.data.data(), labels_.data(), d.N, d.K);
+    this->has_run_ = true;
+    return this->value_;
 }
 
 template <typename T>
 const Tensor<T>& CrossEntropyLoss<T>::backward() {
-    const Tensor<T>& input = require_forward(this->input_, "CrossEntropyLoss");
+    const Tensor<T>& input = this->require_forward();
     this->grad_input_.resize(input.shape);
     cross_entropy_backward(this->grad_input_.data.data(), input.data.data(), labels_.data(),
                            input.shape[0], input.shape[1]);
@@ -392,6 +547,21 @@ const Tensor<T>& CrossEntropyLoss<T>::backward() {
 // ---- optimizers ----------------------------------------------------------------------------
 
 template <typename T>
+Optimizer<T>::Optimizer(std::string name, std::vector<Parameter<T>*> params, double lr)
+    : name_(std::move(name)), params_(std::move(params)) {
+    for (Parameter<T>* p : params_)
+        if (!p) throw std::invalid_argument("[" + name_ + "] params: expected parameters, got null");
+    set_lr(lr);
+}
+
+template <typename T>
+void Optimizer<T>::set_lr(double lr) {
+    if (!(lr >= 0))
+        throw std::invalid_argument("[" + name_ + "] lr: expected >= 0, got " + number_str(lr));
+    lr_ = lr;
+}
+
+template <typename T>
 void Optimizer<T>::zero_grad() {
     for (Parameter<T>* p : params_) p->clear_grad();
 }
@@ -399,28 +569,30 @@ void Optimizer<T>::zero_grad() {
 template <typename T>
 SGD<T>::SGD(std::vector<Parameter<T>*> params, double lr, double momentum, double weight_decay,
             double dampening, bool nesterov)
-    : Optimizer<T>(std::move(params)),
-      lr_(lr),
+    : Optimizer<T>("SGD", std::move(params), lr),
       momentum_(momentum),
       weight_decay_(weight_decay),
       dampening_(dampening),
       nesterov_(nesterov),
       buffers_(this->params_.size()) {
-    for (auto [name, value] : {std::pair{"lr", lr}, std::pair{"momentum", momentum},
-                               std::pair{"weight_decay", weight_decay}})
+    for (auto [name, value] :
+         {std::pair{"momentum", momentum}, std::pair{"weight_decay", weight_decay}})
         if (!(value >= 0))
             throw std::invalid_argument(std::string("[SGD] ") + name + ": expected >= 0, got " +
-                                        std::to_string(value));
+                                        number_str(value));
     if (nesterov && (momentum <= 0 || dampening != 0))
-        throw std::invalid_argument("[SGD] nesterov: expected momentum > 0 and dampening 0");
+        throw std::invalid_argument(
+            "[SGD] nesterov: expected momentum > 0 and dampening 0, got momentum " +
+            number_str(momentum) + ", dampening " + number_str(dampening));
 }
 
 template <typename T>
 void SGD<T>::step() {
-    const SgdParams p{lr_, momentum_, dampening_, weight_decay_, nesterov_};
+    const SgdParams p{this->lr_, momentum_, dampening_, weight_decay_, nesterov_};
     for (size_t i = 0; i < this->params_.size(); ++i) {
         Parameter<T>& param = *this->params_[i];
         if (!param.has_grad()) continue;
+        check_same_shape("SGD", "param", param.value.shape, "grad", param.grad.shape);
         const bool is_new = momentum_ != 0 && buffers_[i].empty();
         if (is_new) buffers_[i].resize(param.value.data.size());
         sgd_step(param.value.data.data(), param.grad.data.data(),
@@ -431,43 +603,47 @@ void SGD<T>::step() {
 template <typename T>
 Adam<T>::Adam(std::vector<Parameter<T>*> params, double lr, double beta1, double beta2, double eps,
               double weight_decay)
-    : Optimizer<T>(std::move(params)),
-      lr_(lr),
+    : Adam("Adam", std::move(params), lr, beta1, beta2, eps, weight_decay, false) {}
+
+template <typename T>
+Adam<T>::Adam(const char* name, std::vector<Parameter<T>*> params, double lr, double beta1,
+              double beta2, double eps, double weight_decay, bool decoupled)
+    : Optimizer<T>(name, std::move(params), lr),
       beta1_(beta1),
       beta2_(beta2),
       eps_(eps),
       weight_decay_(weight_decay),
+      decoupled_(decoupled),
       steps_(this->params_.size(), 0),
       first_(this->params_.size()),
       second_(this->params_.size()) {
-    for (auto [name, value] :
-         {std::pair{"lr", lr}, std::pair{"eps", eps}, std::pair{"weight_decay", weight_decay}})
+    for (auto [key, value] : {std::pair{"eps", eps}, std::pair{"weight_decay", weight_decay}})
         if (!(value >= 0))
-            throw std::invalid_argument(std::string("[Adam] ") + name + ": expected >= 0, got " +
-                                        std::to_string(value));
+            throw std::invalid_argument(std::string("[") + name + "] " + key +
+                                        ": expected >= 0, got " + number_str(value));
     if (!(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1))
-        throw std::invalid_argument("[Adam] betas: expected values in [0, 1)");
+        throw std::invalid_argument(std::string("[") + name +
+                                    "] betas: expected values in [0, 1), got (" +
+                                    number_str(beta1) + ", " + number_str(beta2) + ")");
 }
 
 template <typename T>
+AdamW<T>::AdamW(std::vector<Parameter<T>*> params, double lr, double beta1, double beta2,
+                double eps, double weight_decay)
+    : Adam<T>("AdamW", std::move(params), lr, beta1, beta2, eps, weight_decay, true) {}
+
+template <typename T>
 void Adam<T>::step() {
+    const AdamParams p{this->lr_, beta1_, beta2_, eps_, weight_decay_, decoupled_};
     for (size_t i = 0; i < this->params_.size(); ++i) {
         Parameter<T>& param = *this->params_[i];
         if (!param.has_grad()) continue;
+        check_same_shape("Adam", "param", param.value.shape, "grad", param.grad.shape);
         auto& m = first_[i];
         auto& v = second_[i];
         if (m.empty()) m.assign(param.value.data.size(), T(0)), v.assign(m.size(), T(0));
-        const int64_t t = ++steps_[i];
-        const double step_size = lr_ / (1 - std::pow(beta1_, double(t)));
-        const double correction2 = std::sqrt(1 - std::pow(beta2_, double(t)));
-        for (size_t j = 0; j < m.size(); ++j) {
-            double g = double(param.grad.data[j]);
-            if (weight_decay_ != 0) g += weight_decay_ * double(param.value.data[j]);
-            m[j] = T(double(m[j]) + (1 - beta1_) * (g - double(m[j])));
-            v[j] = T(beta2_ * double(v[j]) + (1 - beta2_) * g * g);
-            const double denom = std::sqrt(double(v[j])) / correction2 + eps_;
-            param.value.data[j] = T(double(param.value.data[j]) - step_size * double(m[j]) / denom);
-        }
+        adam_step(param.value.data.data(), param.grad.data.data(), m.data(), v.data(),
+                  ++steps_[i], p, param.value.size());
     }
 }
 
@@ -487,16 +663,21 @@ double train_step(Sequential<T>& model, const Tensor<T>& input, const Tensor<T>&
     template class Conv2d<T>;                                                                   \
     template class Linear<T>;                                                                   \
     template class MaxPool2d<T>;                                                                \
+    template class AvgPool2d<T>;                                                                \
+    template class Tanh<T>;                                                                     \
+    template class Dropout<T>;                                                                  \
     template class ReLU<T>;                                                                     \
     template class Sigmoid<T>;                                                                  \
     template class Flatten<T>;                                                                  \
     template class Sequential<T>;                                                               \
+    template class Loss<T>;                                                                     \
     template class BCELoss<T>;                                                                  \
     template class BCEWithLogitsLoss<T>;                                                        \
     template class CrossEntropyLoss<T>;                                                         \
     template class Optimizer<T>;                                                                \
     template class SGD<T>;                                                                      \
     template class Adam<T>;                                                                     \
+    template class AdamW<T>;                                                                    \
     template double train_step<T>(Sequential<T>&, const Tensor<T>&, const Tensor<T>&, Loss<T>&, \
                                   Optimizer<T>&);
 CNNBP_INSTANTIATE(float)

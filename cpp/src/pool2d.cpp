@@ -1,4 +1,5 @@
-// max_pool2d forward and backward. N batch, C channels, H/W input, P/Q output.
+// max_pool2d and avg_pool2d, forward and backward. N batch, C channels, H/W input, P/Q
+// output.
 //
 // Every (n, c) plane is independent, so the planes are shared among threads and each plane's
 // result is computed by one thread in one fixed order: results do not depend on the thread
@@ -11,6 +12,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "isa.hpp"
 #include "parallel.hpp"
@@ -258,9 +260,113 @@ void max_pool2d_backward(T* dinput, const T* doutput, const int64_t* indices,
     });
 }
 
+// ---- avg_pool2d ----------------------------------------------------------------------------
+//
+// Both directions walk a plane by output row p and window row r, then by window column s,
+// with the output columns q innermost: that loop reads (forward) or writes (backward) a run
+// of cells w = q*sw - pw + s, contiguous for unit strides, which the compiler vectorizes.
+// The order of the additions into each element is still torch's (see each kernel).
+
+namespace {
+
+// acc[i] += src[i * stride] for i in [0, n)
+template <typename T>
+inline void add_from_strided(T* __restrict acc, const T* __restrict src, int64_t n,
+                             int64_t stride) {
+    if (stride == 1)
+        for (int64_t i = 0; i < n; ++i) acc[i] += src[i];
+    else
+        for (int64_t i = 0; i < n; ++i) acc[i] += src[i * stride];
+}
+
+// dst[i * stride] += g[i] for i in [0, n); distinct i write distinct cells (stride >= 1)
+template <typename T>
+inline void add_to_strided(T* __restrict dst, const T* __restrict g, int64_t n, int64_t stride) {
+    if (stride == 1)
+        for (int64_t i = 0; i < n; ++i) dst[i] += g[i];
+    else
+        for (int64_t i = 0; i < n; ++i) dst[i * stride] += g[i];
+}
+
+template <typename T>
+void avg_pool_plane(T* out, const T* in, const Pool2dDims& d) {
+    const auto& p = d.params;
+    const T divisor = T(p.kernel_h * p.kernel_w);  // count_include_pad: the whole window
+    for (int64_t op = 0; op < d.P; ++op) {
+        T* row_out = out + op * d.Q;
+        std::fill(row_out, row_out + d.Q, T(0));
+        // window rows [h0, h1) clipped to the plane: padding adds nothing
+        const int64_t h_start = op * p.stride_h - p.pad_h;
+        const int64_t h0 = std::max<int64_t>(h_start, 0);
+        const int64_t h1 = std::min(h_start + p.kernel_h, d.H);
+        // For each output, window cells arrive row by row and, within a row, by column s:
+        // the row-major order in which torch sums a window.
+        for (int64_t h = h0; h < h1; ++h)
+            for (int64_t s = 0; s < p.kernel_w; ++s) {
+                int64_t lo, hi;  // outputs whose window column s lies inside the plane
+                detail::valid_range(d.Q, d.W, p.stride_w, p.pad_w, s, lo, hi);
+                const int64_t w_first = lo * p.stride_w - p.pad_w + s;  // >= 0 when lo < hi
+                if (lo < hi)
+                    add_from_strided(row_out + lo, in + (h * d.W + w_first), hi - lo, p.stride_w);
+            }
+        for (int64_t q = 0; q < d.Q; ++q) row_out[q] /= divisor;
+    }
+}
+
+// Inverts `row_out[q] = sum(window) / divisor`: every cell of the window receives
+// g = doutput / divisor. Torch scatters g window by window in row-major order of (p, q); here
+// window rows are visited by p, and the columns s from last to first, so that within an
+// output row every cell still receives its windows' g in increasing q: the same additions
+// in the same order, so the same bits.
+template <typename T>
+void avg_unpool_plane(T* din, const T* dout, T* g, const Pool2dDims& d) {
+    const auto& p = d.params;
+    const T divisor = T(p.kernel_h * p.kernel_w);
+    std::fill(din, din + d.H * d.W, T(0));
+    for (int64_t op = 0; op < d.P; ++op) {
+        for (int64_t q = 0; q < d.Q; ++q) g[q] = dout[op * d.Q + q] / divisor;
+        const int64_t h_start = op * p.stride_h - p.pad_h;
+        const int64_t h0 = std::max<int64_t>(h_start, 0);
+        const int64_t h1 = std::min(h_start + p.kernel_h, d.H);
+        for (int64_t h = h0; h < h1; ++h)
+            for (int64_t s = p.kernel_w - 1; s >= 0; --s) {
+                int64_t lo, hi;
+                detail::valid_range(d.Q, d.W, p.stride_w, p.pad_w, s, lo, hi);
+                const int64_t w_first = lo * p.stride_w - p.pad_w + s;
+                if (lo < hi)
+                    add_to_strided(din + (h * d.W + w_first), g + lo, hi - lo, p.stride_w);
+            }
+    }
+}
+
+}  // namespace
+
+template <typename T>
+void avg_pool2d_forward(T* output, const T* input, const Pool2dDims& d) {
+    const int64_t PQ = d.P * d.Q, HW = d.H * d.W;
+    const int64_t work = d.N * d.C * PQ * d.params.kernel_h * d.params.kernel_w;
+    detail::parallel_for(d.N * d.C, work, [&](int64_t begin, int64_t end) {
+        for (int64_t nc = begin; nc < end; ++nc)
+            avg_pool_plane(output + nc * PQ, input + nc * HW, d);
+    });
+}
+
+template <typename T>
+void avg_pool2d_backward(T* dinput, const T* doutput, const Pool2dDims& d) {
+    const int64_t PQ = d.P * d.Q, HW = d.H * d.W;
+    const int64_t work = d.N * d.C * (PQ * d.params.kernel_h * d.params.kernel_w + HW);
+    detail::parallel_for(d.N * d.C, work, [&](int64_t begin, int64_t end) {
+        std::vector<T> g(d.Q);  // one output row divided by the window size
+        for (int64_t nc = begin; nc < end; ++nc)
+            avg_unpool_plane(dinput + nc * HW, doutput + nc * PQ, g.data(), d);
+    });
+}
+
 #define CNNBP_INSTANTIATE(T)                                                              \
     template void max_pool2d_forward<T>(T*, int64_t*, const T*, const Pool2dDims&);      \
-    template void max_pool2d_backward<T>(T*, const T*, const int64_t*, const Pool2dDims&);
+    template void max_pool2d_backward<T>(T*, const T*, const int64_t*, const Pool2dDims&); \
+    template void avg_pool2d_forward<T>(T*, const T*, const Pool2dDims&);                 \
+    template void avg_pool2d_backward<T>(T*, const T*, const Pool2dDims&);
 CNNBP_INSTANTIATE(float)
 CNNBP_INSTANTIATE(double)
 

@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <sstream>
 #include <stdexcept>
@@ -11,6 +13,19 @@
 #include "parallel.hpp"
 
 namespace cnnbp {
+
+std::string number_str(double value) {
+    if (std::isnan(value)) return "nan";
+    if (std::isinf(value)) return value > 0 ? "inf" : "-inf";
+    char text[32];
+    for (int precision = 1; precision <= 17; ++precision) {
+        std::snprintf(text, sizeof text, "%.*g", precision, value);
+        if (std::strtod(text, nullptr) == value) break;
+    }
+    std::string out = text;
+    if (out.find_first_of(".e") == std::string::npos) out += ".0";  // 0.0, as a float reads
+    return out;
+}
 
 std::string shape_str(const Shape& shape) {
     std::ostringstream out;
@@ -61,6 +76,17 @@ void check_nonempty(const char* op, const char* name, const Shape& shape) {
         if (d < 1)
             fail(op, std::string(name) + ": expected every dim >= 1, got shape " +
                          shape_str(shape));
+}
+
+// The shortest %g text that reads back as v ("1.5", "0.1", "-2", "nan", "inf"), so that a
+// value in a message looks as the user wrote it.
+std::string shortest_str(double v) {
+    char text[40];
+    for (int digits = 1; digits <= 17; ++digits) {
+        std::snprintf(text, sizeof text, "%.*g", digits, v);
+        if (std::isnan(v) || std::strtod(text, nullptr) == v) break;
+    }
+    return text;
 }
 
 void check_window(const char* op, const char* name, int64_t value, int64_t minimum) {
@@ -189,9 +215,10 @@ void conv2d_check_doutput(const Conv2dDims& d, const Shape& doutput) {
 
 // ---- pool2d ------------------------------------------------------------------------------
 
-Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& p) {
-    check_rank(op, "input", input, 4, "(N, C, H, W)");
-    check_nonempty(op, "input", input);
+Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& p,
+                       const char* input_name) {
+    check_rank(op, input_name, input, 4, "(N, C, H, W)");
+    check_nonempty(op, input_name, input);
     check_window(op, "kernel_size", std::min(p.kernel_h, p.kernel_w), 1);
     check_window(op, "stride", std::min(p.stride_h, p.stride_w), 1);
     check_window(op, "padding", std::min(p.pad_h, p.pad_w), 0);
@@ -199,29 +226,30 @@ Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& p
         fail(op, "padding: expected at most half the kernel size (" + std::to_string(p.kernel_h) +
                      ", " + std::to_string(p.kernel_w) + "), got (" + std::to_string(p.pad_h) +
                      ", " + std::to_string(p.pad_w) + ")");
-    checked_numel(op, "input", input);
+    checked_numel(op, input_name, input);
     Pool2dDims d{input[0], input[1], input[2], input[3], 0, 0, p};
     const int64_t Hp = padded_extent(op, d.H, p.pad_h);
     const int64_t Wp = padded_extent(op, d.W, p.pad_w);
     d.P = output_size(d.H, p.kernel_h, p.stride_h, p.pad_h);
     d.Q = output_size(d.W, p.kernel_w, p.stride_w, p.pad_w);
     if (d.P < 1 || d.Q < 1)
-        fail(op, "input: expected padded size (" + std::to_string(Hp) + ", " +
-                     std::to_string(Wp) + ") >= kernel size (" +
-                     std::to_string(p.kernel_h) + ", " + std::to_string(p.kernel_w) +
-                     "), got input shape " + shape_str(input));
+        fail(op, std::string(input_name) + ": expected padded size (" + std::to_string(Hp) +
+                     ", " + std::to_string(Wp) + ") >= kernel size (" +
+                     std::to_string(p.kernel_h) + ", " + std::to_string(p.kernel_w) + "), got " +
+                     input_name + (std::string(input_name) == "input" ? " shape " : " ") +
+                     shape_str(input));
     if (checked_product({d.N, d.C, d.P, d.Q}, kMaxElements) < 0)
         fail(op, "output: expected at most " + limit_str(kMaxElements) + " elements, got shape " +
-                     shape_str({d.N, d.C, d.P, d.Q}) + " from input " + shape_str(input) +
-                     ", kernel_size (" + std::to_string(p.kernel_h) + ", " +
+                     shape_str({d.N, d.C, d.P, d.Q}) + " from " + input_name + " " +
+                     shape_str(input) + ", kernel_size (" + std::to_string(p.kernel_h) + ", " +
                      std::to_string(p.kernel_w) + "), stride (" + std::to_string(p.stride_h) +
                      ", " + std::to_string(p.stride_w) + ") and padding (" +
                      std::to_string(p.pad_h) + ", " + std::to_string(p.pad_w) + ")");
     // kernel <= padded size here, so kernel_h * kernel_w <= Hp * Wp
     if (checked_product({d.N, d.C, d.P, d.Q, p.kernel_h, p.kernel_w}, kMaxWork) < 0)
         fail(op, "kernel_size: expected at most " + limit_str(kMaxWork) +
-                     " window cells in all (N * C * P * Q * kernel_h * kernel_w), got input "
-                     "shape " + shape_str(input) + ", kernel_size (" +
+                     " window cells in all (N * C * P * Q * kernel_h * kernel_w), got " +
+                     input_name + " " + shape_str(input) + ", kernel_size (" +
                      std::to_string(p.kernel_h) + ", " + std::to_string(p.kernel_w) +
                      ") and output size (" + std::to_string(d.P) + ", " + std::to_string(d.Q) +
                      ")");
@@ -271,6 +299,25 @@ void check_pool_indices(const int64_t* indices, int64_t count, int64_t plane_siz
                  "indices: expected values in [0, " + std::to_string(plane_size) +
                      ") (flat positions in an H*W input plane), got " +
                      std::to_string(indices[i]) + " at flat position " + std::to_string(i));
+}
+
+Pool2dDims avg_pool2d_backward_dims(const Shape& doutput, const Shape& input_shape,
+                                    const Pool2dParams& params) {
+    const char* op = "avg_pool2d_backward";
+    const Pool2dDims d = pool2d_dims(op, input_shape, params, "x_shape");
+    const Shape expected{d.N, d.C, d.P, d.Q};
+    if (doutput != expected)
+        fail(op, "doutput: expected shape " + shape_str(expected) +
+                     " (the forward output's), got shape " + shape_str(doutput));
+    return d;
+}
+
+// ---- dropout -------------------------------------------------------------------------------
+
+DropoutParams dropout_params(const char* op, double p, uint64_t seed) {
+    if (!(p >= 0.0 && p <= 1.0))  // written so that NaN fails too
+        fail(op, "p: expected a probability in [0, 1], got " + shortest_str(p));
+    return DropoutParams{p, seed};
 }
 
 // ---- elementwise, linear, losses -----------------------------------------------------------

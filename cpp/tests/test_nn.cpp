@@ -135,6 +135,50 @@ TEST_CASE("nn: parameter gradients of a strided model against finite differences
     }
 }
 
+TEST_CASE("nn: Tanh, AvgPool2d and Dropout layers; gradients against finite differences") {
+    manual_seed(5);
+    Sequential<double> model;
+    auto dropout = std::make_shared<Dropout<double>>(0.25, 9);
+    model.add(std::make_shared<Conv2d<double>>(2, 3, 3, 1, 1))
+        .add(std::make_shared<Tanh<double>>())
+        .add(std::make_shared<AvgPool2d<double>>(3, 2, 1))
+        .add(dropout)
+        .add(std::make_shared<Flatten<double>>())
+        .add(std::make_shared<Linear<double>>(3 * 3 * 3, 4));
+    const Tensor<double> x({2, 2, 6, 5}, values(120, 8)), labels({2}, V{0, 2});
+    CrossEntropyLoss<double> loss;
+    model.eval();  // a fixed function for the finite differences
+    CHECK(!dropout->is_training());
+    auto objective = [&] { return loss.forward(model.forward(x), labels); };
+    objective();
+    CHECK(!dropout->dropped() && dropout->output().data == model[2].output().data);
+    model.backward(loss.backward());
+    const double h = 1e-6;
+    for (auto& [name, p] : model.named_parameters()) {
+        V numeric(p->value.data.size());
+        for (size_t i = 0; i < numeric.size(); ++i) {
+            const double saved = p->value.data[i];
+            p->value.data[i] = saved + h;
+            const double plus = objective();
+            p->value.data[i] = saved - h;
+            const double minus = objective();
+            p->value.data[i] = saved;
+            numeric[i] = (plus - minus) / (2 * h);
+        }
+        CHECK_CLOSE(p->grad.data.data(), numeric, 1e-8, 1e-5);
+    }
+    // training: each forward draws a mask; kept values are scaled by 1 / (1 - p)
+    model.train();
+    const V first = model.forward(x).data;
+    const std::vector<uint8_t> mask = dropout->mask;
+    const Tensor<double>& pooled = model[2].output();
+    for (size_t i = 0; i < mask.size(); ++i)
+        CHECK(dropout->output().data[i] == (mask[i] ? pooled.data[i] / 0.75 : 0.0));
+    model.forward(x);
+    CHECK(dropout->mask != mask);
+    CHECK_THROWS(Dropout<float>(1.5), "[Dropout] p: expected a probability in [0, 1]");
+}
+
 TEST_CASE("nn: SGD and Adam apply torch's update rules; train_step learns") {
     Parameter<double> p;
     p.value = Tensor<double>({3}, V{1.0, -2.0, 0.5});
@@ -174,6 +218,65 @@ TEST_CASE("nn: SGD and Adam apply torch's update rules; train_step learns") {
     double last = first;
     for (int i = 0; i < 30; ++i) last = train_step(model, x, labels, loss, opt);
     CHECK(last < 0.5 * first);
+}
+
+TEST_CASE("nn: AdamW decays the parameter; a new learning rate applies from the next step") {
+    Parameter<double> w;
+    w.value = Tensor<double>({2}, V{1.0, -1.0});
+    w.grad = Tensor<double>({2}, V{0.5, -0.25});
+    w.grad_set = true;
+    AdamW<double> adamw({&w}, 0.1, 0.9, 0.999, 1e-8, 0.5);
+    adamw.step();  // p *= 1 - lr * wd, then the Adam step: lr * sign(g)
+    CHECK_CLOSE(w.value.data.data(), (V{0.95 - 0.1, -0.95 + 0.1}), 0, 1e-7);
+    CHECK_THROWS(AdamW<double>({&w}, 0.1, 1.0), "[AdamW] betas: expected values in [0, 1), got (1.0, 0.999)");
+
+    Parameter<double> p;
+    p.value = Tensor<double>({1}, V{1.0});
+    p.grad = Tensor<double>({1}, V{1.0});
+    p.grad_set = true;
+    SGD<double> sgd({&p}, 0.5);
+    sgd.set_lr(0.25);
+    sgd.step();
+    CHECK(p.value.data[0] == 0.75 && sgd.lr() == 0.25);
+    CHECK_THROWS(sgd.set_lr(-1.0), "[SGD] lr: expected >= 0, got -1.0");
+    CHECK(number_str(0.1) == "0.1" && number_str(1e-05) == "1e-05" && number_str(2.0) == "2.0");
+}
+
+TEST_CASE("nn: shared layers and the trace that outlives a container") {
+    auto relu = std::make_shared<ReLU<double>>();
+    auto flatten = std::make_shared<Flatten<double>>();
+    const Tensor<double> x({1, 1, 2, 2}, V{-1.0, 2.0, -3.0, 4.0});
+    {
+        Sequential<double> model;
+        model.add(std::make_shared<Linear<double>>(2, 2)).add(relu).add(flatten);
+        model.forward(x);
+        CHECK(relu->input() != nullptr && flatten->input() == &relu->output());
+    }
+    // the Linear layer died with the container, so ReLU's input is forgotten, not dangling
+    CHECK(relu->input() == nullptr && flatten->input() == nullptr);
+    CHECK(relu->output().size() == 4);
+    // a layer's kept input belongs to it
+    relu->kept_input() = x;
+    relu->forward(relu->kept_input());
+    relu->forget_borrowed();
+    CHECK(relu->input() == &relu->kept_input());
+
+    // a loss keeps copies of its arguments
+    BCELoss<double> loss;
+    {
+        const Tensor<double> a({2}, V{0.25, 0.5}), y({2}, V{0.0, 1.0});
+        loss.forward(a, y);
+    }
+    CHECK(loss.has_run() && loss.input().data == (V{0.25, 0.5}) && loss.target().data[1] == 1.0);
+    CHECK_CLOSE(&loss.backward().data[0], (V{1.0 / 0.75 / 2, -1.0 / 0.5 / 2}), 0, 1e-15);
+    CrossEntropyLoss<double> ce;
+    bool refused = false;
+    try {
+        ce.backward();
+    } catch (const std::logic_error& e) {
+        refused = std::string(e.what()) == "[CrossEntropyLoss] backward called before forward";
+    }
+    CHECK(refused);
 }
 
 TEST_CASE("nn: bad input is refused with the kernels' messages") {

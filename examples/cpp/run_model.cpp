@@ -1,5 +1,5 @@
 // Loads a model file (written by Python's model.save or by cnnbp::nn::save), runs it on an
-// input, prints the output, and optionally writes the model back out from C++.
+// input in evaluation mode, prints the output, and optionally writes the model back out from C++.
 //
 // Usage: run_model model.npz input.txt [copy.npz]
 // input.txt: the input's shape on the first line (e.g. "2 1 6 6"), then its values.
@@ -14,6 +14,7 @@
 template <typename T>
 int run(const std::string& model_path, const std::string& input_path, const char* copy_path) {
     auto model = cnnbp::nn::load<T>(model_path);
+    model.eval();  // inference: Dropout passes its input through
     std::ifstream in(input_path);
     if (!in) throw std::runtime_error("cannot open " + input_path);
     std::string first_line;

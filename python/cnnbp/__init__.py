@@ -4,17 +4,22 @@
 
 ``functional`` runs the C++ kernels, ``nn`` builds networks whose every layer keeps its
 inputs, outputs and gradients, ``reference`` is the plain float64 NumPy oracle, and
-``walkthrough`` runs the derivation's 15-parameter network step by step.
+``walkthrough`` runs the derivation's 15-parameter network step by step. ``data`` loads
+image datasets (digits, MNIST-format IDX files, .npz) and batches them, and
+``gradcheck(model, x, y, loss_fn)`` compares a model's parameter gradients with finite
+differences; ``cnnbp train`` / ``cnnbp evaluate`` (module ``cnnbp.train``) train and report.
 ``set_num_threads(n)`` / ``get_num_threads()`` control the kernels' threads; results do not
 depend on them. ``kernel_isa()`` names the instruction set the kernels chose at run time.
 """
 
-from . import functional, nn, optim, reference, walkthrough
+from . import data, functional, nn, optim, reference, walkthrough
 from ._core import get_num_threads, kernel_isa, set_num_threads
+from .gradcheck import gradcheck
 from .model_file import load
 from .nn import manual_seed
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "nn", "optim", "reference", "walkthrough", "manual_seed", "load",
-           "set_num_threads", "get_num_threads", "kernel_isa", "__version__"]
+__all__ = ["functional", "nn", "optim", "reference", "walkthrough", "data", "gradcheck",
+           "manual_seed", "load", "set_num_threads", "get_num_threads", "kernel_isa",
+           "__version__"]

@@ -9,8 +9,13 @@ with a message that starts with the op's name, e.g. ``[conv2d] weight: expected 
     dx, dw, db   = conv2d_backward(dy, x, w, stride=1, padding=0)
     y, idx       = max_pool2d(x, kernel_size, stride=None, padding=0)   # idx: flat h*W+w
     dx           = max_pool2d_backward(dy, idx, x_shape)
+    y            = avg_pool2d(x, kernel_size, stride=None, padding=0)   # zeros padding, counted
+    dx           = avg_pool2d_backward(dy, x_shape, kernel_size, stride=None, padding=0)
     a = relu(z);    dz = relu_backward(da, z)
     a = sigmoid(z); dz = sigmoid_backward(da, a)
+    a = tanh(z);    dz = tanh_backward(da, a)
+    y, mask      = dropout(x, p=0.5, seed=0)                     # mask bool: True = kept
+    dx           = dropout_backward(dy, mask, p)                 # y = x * mask / (1 - p)
     y = linear(x, w, b=None)                                     # w (out, in): y = x w^T + b
     dx, dw, db   = linear_backward(dy, x, w)
     loss = binary_cross_entropy(a, y);             da = binary_cross_entropy_backward(a, y)
@@ -18,6 +23,10 @@ with a message that starts with the op's name, e.g. ``[conv2d] weight: expected 
     loss = cross_entropy(logits, labels);          dz = cross_entropy_backward(logits, labels)
 
 Losses are means over the batch, like torch's default reduction='mean'.
+avg_pool2d is torch's with count_include_pad=True, ceil_mode=False (the defaults): the
+divisor is always kernel_h * kernel_w. dropout's mask is a function of (seed, flat index)
+only (cnnbp.reference.dropout_mask writes the hash out in NumPy): the same for any thread
+count and on every run; p must lie in [0, 1], p == 0 is the identity and p == 1 gives x * 0.
 ``conv2d_workspace_bytes(x_shape, w_shape, stride, padding, dtype)`` reports the scratch
 memory a convolution allocates: a few images' worth per thread, never the whole batch.
 stride, padding and kernel_size take an int or an (h, w) pair.
@@ -28,6 +37,8 @@ import math
 import numpy as np
 
 from ._core import (
+    avg_pool2d,
+    avg_pool2d_backward,
     binary_cross_entropy,
     binary_cross_entropy_backward,
     binary_cross_entropy_with_logits,
@@ -37,6 +48,8 @@ from ._core import (
     conv2d_workspace_bytes,
     cross_entropy,
     cross_entropy_backward,
+    dropout,
+    dropout_backward,
     linear,
     linear_backward,
     max_pool2d,
@@ -46,6 +59,8 @@ from ._core import (
     relu_backward,
     sigmoid,
     sigmoid_backward,
+    tanh,
+    tanh_backward,
 )
 
 
@@ -75,8 +90,11 @@ __all__ = [
     "output_size",
     "conv2d", "conv2d_backward", "conv2d_workspace_bytes",
     "max_pool2d", "max_pool2d_backward",
+    "avg_pool2d", "avg_pool2d_backward",
     "relu", "relu_backward",
     "sigmoid", "sigmoid_backward",
+    "tanh", "tanh_backward",
+    "dropout", "dropout_backward",
     "linear", "linear_backward",
     "flatten", "flatten_backward",
     "binary_cross_entropy", "binary_cross_entropy_backward",

@@ -84,6 +84,15 @@ def _bool(spec, key, where):
     return value
 
 
+def _pool(spec, where):
+    """kernel_size, stride and padding of a pooling layer; padding at most half the kernel."""
+    kernel, padding = _pair(spec, "kernel_size", where), _pair(spec, "padding", where, 0)
+    if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
+        _refuse(f"{where}.padding: expected at most half the kernel size {list(kernel)}, "
+                f"got {list(padding)}")
+    return kernel, _pair(spec, "stride", where), padding
+
+
 def _build(spec, where, dtype):
     if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
         _refuse(f"{where}: expected an object with a string \"type\"")
@@ -96,12 +105,15 @@ def _build(spec, where, dtype):
         return nn.Linear(_int(spec, "in_features", where), _int(spec, "out_features", where),
                          _bool(spec, "bias", where), dtype=dtype)
     if kind == "MaxPool2d":
-        kernel, padding = _pair(spec, "kernel_size", where), _pair(spec, "padding", where, 0)
-        if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
-            _refuse(f"{where}.padding: expected at most half the kernel size {list(kernel)}, "
-                    f"got {list(padding)}")
-        return nn.MaxPool2d(kernel, _pair(spec, "stride", where), padding)
-    if kind in ("ReLU", "Sigmoid", "Flatten"):
+        return nn.MaxPool2d(*_pool(spec, where))
+    if kind == "AvgPool2d":
+        return nn.AvgPool2d(*_pool(spec, where))
+    if kind == "Dropout":
+        p = spec.get("p")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            _refuse(f"{where}.p: expected a number in [0, 1], got {p!r}")
+        return nn.Dropout(p)
+    if kind in ("ReLU", "Sigmoid", "Tanh", "Flatten"):
         return getattr(nn, kind)()
     _refuse(f"{where}: expected a known layer type, got {kind!r}")
 

@@ -16,7 +16,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from . import functional as F
+from . import _core
 
 _rng = np.random.default_rng()
 
@@ -34,35 +34,91 @@ def _check_dtype(dtype):
     return dtype
 
 
-class Parameter:
-    """A trainable array ``data`` and its accumulated gradient ``grad`` (None until a backward)."""
+_SUFFIX = {np.dtype(np.float32): "32", np.dtype(np.float64): "64"}
 
-    def __init__(self, data: np.ndarray):
-        self.data = np.ascontiguousarray(data)
-        self.grad: np.ndarray | None = None
+
+def _native(name, dtype):
+    """The C++ class `name` for dtype (float32 -> Conv2d32, float64 -> Conv2d64)."""
+    return getattr(_core, name + _SUFFIX[dtype])
+
+
+def _dtype_of(x):
+    """The dtype an input selects: its own for float32/float64 arrays, else float32 (the
+    C++ side then reports anything that is not a float array)."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        try:
+            dtype = np.asarray(x).dtype
+        except Exception:  # noqa: BLE001 - the kernel reports what it cannot take
+            return np.dtype(np.float32)
+    return dtype if dtype in _SUFFIX else np.dtype(np.float32)
+
+
+class Parameter:
+    """A trainable array ``data`` and its accumulated gradient ``grad`` (None until a backward).
+
+    Both are NumPy views of the C++ parameter that the layers and optimizers update, so
+    in-place changes (``p.data[...] = v``) reach them; assigning ``p.data = a`` copies ``a``
+    in (same shape), and ``p.grad = g`` copies ``g`` (broadcast to the shape) or clears it."""
+
+    __slots__ = ("_impl", "__weakref__")
+
+    def __init__(self, data, *, _impl=None):
+        if _impl is None:
+            data = np.asarray(data)
+            _impl = _native("Parameter", _check_dtype(data.dtype))(data)
+        self._impl = _impl
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._impl.data
+
+    @data.setter
+    def data(self, value):
+        target = self._impl.data
+        value = np.asarray(value)
+        if value.shape != target.shape:
+            raise ValueError(f"[Parameter] data: expected shape {target.shape}, "
+                             f"got shape {value.shape}")
+        np.copyto(target, value, casting="same_kind")
+
+    @property
+    def grad(self):
+        return self._impl.grad
+
+    @grad.setter
+    def grad(self, value):
+        if value is None:
+            self._impl.clear_grad()
+            return
+        value = np.broadcast_to(np.asarray(value), self.shape)  # raises before any change
+        np.copyto(self._impl.grad_storage(), value, casting="same_kind")
 
     @property
     def shape(self):
-        return self.data.shape
+        return self._impl.data.shape
 
     @property
     def dtype(self):
-        return self.data.dtype
+        return self._impl.data.dtype
 
     def accumulate(self, grad: np.ndarray) -> None:
-        if self.grad is None:
+        """grad (+)= the given array: the first call after zero_grad sets it."""
+        current = self._impl.grad
+        if current is None:
             self.grad = grad
         else:
-            self.grad += grad
+            current += grad
 
     def __repr__(self):
-        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
+        return f"Parameter(shape={self.shape}, dtype={self.dtype})"
 
 
 class Module:
-    """Base class: forward/backward, parameters, state_dict and the per-layer trace."""
+    """Base class: forward/backward, parameters, state_dict and the per-layer trace.
 
-    _plain_parameters = True
+    A module written in Python sets ``input``, ``output``, ``grad_output`` and
+    ``grad_input`` itself; the built-in layers run in C++ and read them from there."""
 
     def __init__(self):
         self.input = None
@@ -90,25 +146,26 @@ class Module:
     def parameters(self):
         return [p for _, p in self.named_parameters()]
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        # Whether the parameters are the plain "weight" and "bias" attributes, so that
-        # zero_grad() can reach them without building named_parameters() every step.
-        cls._plain_parameters = (cls.named_parameters is Module.named_parameters
-                                 and cls.parameters is Module.parameters
-                                 and cls._own_parameters is Module._own_parameters)
-
     def zero_grad(self) -> None:
         """Forget accumulated gradients (they become None, as torch's set_to_none=True)."""
-        if not self._plain_parameters:
-            for p in self.parameters():
-                p.grad = None
-            return
-        attributes = self.__dict__
-        for name in ("weight", "bias"):
-            p = attributes.get(name)
-            if isinstance(p, Parameter):
-                p.grad = None
+        for p in self.parameters():
+            p.grad = None
+
+    training = True  # the mode: Dropout drops only while training
+
+    def train(self, mode: bool = True):
+        """Training mode (the default) or, with mode False, evaluation mode; returns self."""
+        self.training = bool(mode)
+        for child in self._children():
+            child.train(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode: train(False)."""
+        return self.train(False)
+
+    def _children(self):
+        return ()
 
     def state_dict(self):
         """name -> copy of the parameter array, with torch's key names."""
@@ -124,31 +181,34 @@ class Module:
                            f"got missing {missing}, unexpected {unexpected}")
         for name, p in own.items():
             value = np.asarray(state_dict[name])
-            if value.shape != p.data.shape:
-                raise ValueError(f"[load_state_dict] {name}: expected shape {p.data.shape}, "
+            if value.shape != p.shape:
+                raise ValueError(f"[load_state_dict] {name}: expected shape {p.shape}, "
                                  f"got shape {value.shape}")
-            if value.dtype != p.data.dtype:
-                raise TypeError(f"[load_state_dict] {name}: expected {p.data.dtype}, "
+            if value.dtype != p.dtype:
+                raise TypeError(f"[load_state_dict] {name}: expected {p.dtype}, "
                                 f"got {value.dtype}")
         for name, p in own.items():
-            p.data = np.array(state_dict[name], dtype=p.data.dtype, order="C", copy=True)
+            p.data = state_dict[name]
 
     def trace(self):
-        """What this layer saw in its last forward and backward, by name."""
+        """What this layer saw in its last forward and backward, by name (copies)."""
         out = OrderedDict(input=self.input, output=self.output,
                           grad_output=self.grad_output, grad_input=self.grad_input)
         for name, p in self._own_parameters():
-            out[name] = p.data
-            out[name + ".grad"] = p.grad
+            out[name] = p.data.copy()
+            out[name + ".grad"] = None if p.grad is None else p.grad.copy()
         return out
 
-    def _finish_backward(self, dx, dw, db):
-        """Accumulate weight and bias gradients, keep and return dL/d input."""
-        self.weight.accumulate(dw)
-        if self.bias is not None:
-            self.bias.accumulate(db)
-        self.grad_input = dx
-        return dx
+    def _as_layer(self, dtype):
+        """The C++ layer that runs this module inside a C++ Sequential of `dtype`: for a
+        module written in Python, a layer that calls its forward and backward."""
+        impls = self.__dict__.setdefault("_python_layers", {})
+        if dtype not in impls:
+            impls[dtype] = _native("PythonLayer", dtype)(self)
+        return impls[dtype]
+
+    def _activate(self, dtype) -> None:
+        """Read the trace from the C++ layer of `dtype` (built-in layers)."""
 
     def config(self):
         """The architecture entry of a model file: the type and constructor arguments."""
@@ -161,42 +221,102 @@ class Module:
         return f"{type(self).__name__}({self.extra_repr()})"
 
 
+class _NativeModule(Module):
+    """A built-in layer: a C++ layer object per dtype runs it and holds its trace.
+
+    ``_make(dtype)`` builds the C++ layer; layers with parameters have one fixed dtype."""
+
+    _fixed_dtype = None
+
+    def __init__(self):  # no Python-side trace attributes: they are read from C++
+        self._impls = {}
+        self._impl = None  # the C++ layer of the last pass
+
+    def _make(self, dtype):
+        raise NotImplementedError
+
+    def _native_for(self, dtype):
+        impl = self._impls.get(dtype)
+        if impl is None:
+            impl = self._impls[dtype] = self._make(dtype)
+            impl.train(self.training)
+            for child in self._children():  # each keeps its own mode
+                child.train(child.training)
+        return impl
+
+    def _activate(self, dtype) -> None:
+        self._impl = self._native_for(dtype)
+
+    def _as_layer(self, dtype):
+        # a subclass (or instance) that redefines forward or backward runs them in Python
+        redefined = (type(self).forward is not _NativeModule.forward
+                     or type(self).backward is not _NativeModule.backward
+                     or "forward" in self.__dict__ or "backward" in self.__dict__)
+        return super()._as_layer(dtype) if redefined else self._native_for(dtype)
+
+    def train(self, mode: bool = True):
+        for impl in self._impls.values():
+            impl.train(bool(mode))
+        return super().train(mode)
+
+    def _impl_for_input(self, x):
+        dtype = self._fixed_dtype or _dtype_of(x)
+        impl = self._impl = self._native_for(dtype)
+        return impl
+
+    def forward(self, x):
+        return self._impl_for_input(x).forward(x)
+
+    def backward(self, grad_output):
+        if self._impl is None:
+            raise RuntimeError(f"[{type(self).__name__}] backward called before forward")
+        return self._impl.backward(grad_output)
+
+    # the trace of the last pass, read from the C++ layer (copies; None before a pass)
+    def _traced(name):  # noqa: N805 - a helper that builds properties
+        return property(lambda self: getattr(self._impl, name)() if self._impl else None)
+
+    input = _traced("input")
+    output = _traced("output")
+    grad_output = _traced("grad_output")
+    grad_input = _traced("grad_input")
+    del _traced
+
+
 def _pair(v):
     """An int or an (h, w) pair as a list [h, w] of ints (the model file's form)."""
     return [int(v), int(v)] if np.isscalar(v) else [int(x) for x in v]
 
 
-def _kaiming_uniform(shape, fan_in, dtype):
-    # torch's default for conv and linear: kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(fan_in), +)
+def _weight_init(impl, dtype, shape, fan_in, bias):
+    # torch's default for conv and linear: kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(fan_in), +),
+    # drawn from cnnbp.manual_seed's generator and copied into the C++ parameters
     bound = 1.0 / math.sqrt(fan_in)
-    return _rng.uniform(-bound, bound, size=shape).astype(dtype)
+    weight = Parameter(None, _impl=impl.named_parameters()[0][1])
+    weight.data = _rng.uniform(-bound, bound, size=shape).astype(dtype)
+    if not bias:
+        return weight, None
+    out_features = shape[0]
+    bias_p = Parameter(None, _impl=impl.named_parameters()[1][1])
+    bias_p.data = _rng.uniform(-bound, bound, size=(out_features,)).astype(dtype)
+    return weight, bias_p
 
 
-class Conv2d(Module):
+class Conv2d(_NativeModule):
     """y (N, K, P, Q) = conv2d(x (N, C, H, W), weight (K, C, R, S)) + bias (K,)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
                  dtype=np.float32):
         super().__init__()
-        dtype = _check_dtype(dtype)
+        dtype = self._fixed_dtype = _check_dtype(dtype)
         r, s = (kernel_size, kernel_size) if np.isscalar(kernel_size) else tuple(kernel_size)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = (r, s), stride, padding
-        fan_in = in_channels * r * s
-        self.weight = Parameter(_kaiming_uniform((out_channels, in_channels, r, s), fan_in, dtype))
-        self.bias = Parameter(_kaiming_uniform((out_channels,), fan_in, dtype)) if bias else None
-
-    def forward(self, x):
-        self.input = x
-        b = self.bias.data if self.bias is not None else None
-        self.output = F.conv2d(x, self.weight.data, b, self.stride, self.padding)
-        return self.output
-
-    def backward(self, grad_output):
-        self.grad_output = grad_output
-        dx, dw, db = F.conv2d_backward(grad_output, self.input, self.weight.data,
-                                       self.stride, self.padding)
-        return self._finish_backward(dx, dw, db)
+        impl = self._impl = self._impls[dtype] = _native("Conv2d", dtype)(
+            in_channels, out_channels, _pair(self.kernel_size), _pair(stride), _pair(padding),
+            bool(bias))
+        self.weight, self.bias = _weight_init(impl, dtype, (out_channels, in_channels, r, s),
+                                              in_channels * r * s, bias)
 
     def config(self):
         """The architecture entry of a model file."""
@@ -210,23 +330,22 @@ class Conv2d(Module):
                 f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")
 
 
-class MaxPool2d(Module):
+class MaxPool2d(_NativeModule):
     """y, argmax = max over each kernel_size window; backward routes dL/dy to the argmax."""
 
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
-        self.indices = None
 
-    def forward(self, x):
-        self.input = x
-        self.output, self.indices = F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
-        return self.output
+    def _make(self, dtype):
+        stride = self.kernel_size if self.stride is None else self.stride
+        return _native("MaxPool2d", dtype)(_pair(self.kernel_size), _pair(stride),
+                                           _pair(self.padding))
 
-    def backward(self, grad_output):
-        self.grad_output = grad_output
-        self.grad_input = F.max_pool2d_backward(grad_output, self.indices, self.input.shape)
-        return self.grad_input
+    @property
+    def indices(self):
+        """argmax of the last forward: flat h*W+w per input plane, shaped like the output."""
+        return self._impl.indices() if self._impl else None
 
     def trace(self):
         out = super().trace()
@@ -242,72 +361,102 @@ class MaxPool2d(Module):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
 
-class _Activation(Module):
-    """An elementwise layer: backward needs either its input or its output, nothing else."""
-    _forward = _backward = None
-    _backward_uses_output = False
+class AvgPool2d(_NativeModule):
+    """y = the mean over each kernel_size window, padding counted as zeros (torch's
+    count_include_pad=True); backward spreads dL/dy evenly over each window."""
 
-    def forward(self, x):
-        self.input = x
-        self.output = self._forward(x)
-        return self.output
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
 
-    def backward(self, grad_output):
-        self.grad_output = grad_output
-        saved = self.output if self._backward_uses_output else self.input
-        self.grad_input = self._backward(grad_output, saved)
-        return self.grad_input
+    def _make(self, dtype):
+        stride = self.kernel_size if self.stride is None else self.stride
+        return _native("AvgPool2d", dtype)(_pair(self.kernel_size), _pair(stride),
+                                           _pair(self.padding))
+
+    def config(self):
+        stride = self.kernel_size if self.stride is None else self.stride
+        return {"type": "AvgPool2d", "kernel_size": _pair(self.kernel_size),
+                "stride": _pair(stride), "padding": _pair(self.padding)}
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
 
-class ReLU(_Activation):
+class ReLU(_NativeModule):
     """a = max(z, 0); dz = da where z > 0."""
-    _forward = staticmethod(F.relu)
-    _backward = staticmethod(F.relu_backward)
+
+    def _make(self, dtype):
+        return _native("ReLU", dtype)()
 
 
-class Sigmoid(_Activation):
+class Sigmoid(_NativeModule):
     """a = 1 / (1 + exp(-z)); dz = da * a * (1 - a), from the output a."""
-    _forward = staticmethod(F.sigmoid)
-    _backward = staticmethod(F.sigmoid_backward)
-    _backward_uses_output = True
+
+    def _make(self, dtype):
+        return _native("Sigmoid", dtype)()
 
 
-class Flatten(Module):
+class Tanh(_NativeModule):
+    """a = tanh(z); dz = da * (1 - a * a), from the output a."""
+
+    def _make(self, dtype):
+        return _native("Tanh", dtype)()
+
+
+class Dropout(_NativeModule):
+    """While training: each element zeroed with probability p, the rest scaled by
+    1 / (1 - p); in eval() mode, the identity. Each training forward draws a new mask;
+    the masks follow from cnnbp.manual_seed (or seed=), like the weights."""
+
+    def __init__(self, p: float = 0.5, seed: int | None = None):
+        super().__init__()
+        if isinstance(p, bool) or not isinstance(p, (int, float, np.floating, np.integer)):
+            raise TypeError(f"[Dropout] p: expected a probability in [0, 1], got {p!r}")
+        if not 0 <= p <= 1:
+            raise ValueError(f"[Dropout] p: expected a probability in [0, 1], got {p!r}")
+        self.p = float(p)
+        # the seed of the layer's own stream of mask seeds, one stream per dtype
+        self._seed = int(_rng.integers(0, 2**63)) if seed is None else int(seed)
+
+    def _make(self, dtype):
+        return _native("Dropout", dtype)(self.p, self._seed)
+
+    @property
+    def mask(self):
+        """Which elements the last training forward kept (bool, the input's shape)."""
+        return self._impl.mask() if self._impl else None
+
+    def trace(self):
+        out = super().trace()
+        out["mask"] = self.mask
+        return out
+
+    def config(self):
+        return {"type": "Dropout", "p": self.p}
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class Flatten(_NativeModule):
     """F (N, C*H*W) = x (N, C, H, W) reshaped (torch's Flatten with start_dim=1)."""
 
-    def forward(self, x):
-        self.input = x
-        self.output = F.flatten(x)
-        return self.output
-
-    def backward(self, grad_output):
-        self.grad_output = grad_output
-        x = self.input
-        shape = x.shape if isinstance(x, np.ndarray) else np.shape(x)
-        self.grad_input = F.flatten_backward(grad_output, shape)
-        return self.grad_input
+    def _make(self, dtype):
+        return _native("Flatten", dtype)()
 
 
-class Linear(Module):
+class Linear(_NativeModule):
     """y (*, out) = x (*, in) . weight (out, in)^T + bias (out,)."""
 
     def __init__(self, in_features, out_features, bias=True, dtype=np.float32):
         super().__init__()
-        dtype = _check_dtype(dtype)
+        dtype = self._fixed_dtype = _check_dtype(dtype)
         self.in_features, self.out_features = in_features, out_features
-        self.weight = Parameter(_kaiming_uniform((out_features, in_features), in_features, dtype))
-        self.bias = Parameter(_kaiming_uniform((out_features,), in_features, dtype)) if bias else None
-
-    def forward(self, x):
-        self.input = x
-        b = self.bias.data if self.bias is not None else None
-        self.output = F.linear(x, self.weight.data, b)
-        return self.output
-
-    def backward(self, grad_output):
-        self.grad_output = grad_output
-        dx, dw, db = F.linear_backward(grad_output, self.input, self.weight.data)
-        return self._finish_backward(dx, dw, db)
+        impl = self._impl = self._impls[dtype] = _native("Linear", dtype)(
+            in_features, out_features, bool(bias))
+        self.weight, self.bias = _weight_init(impl, dtype, (out_features, in_features),
+                                              in_features, bias)
 
     def config(self):
         return {"type": "Linear", "in_features": int(self.in_features),
@@ -318,8 +467,11 @@ class Linear(Module):
                 f"bias={self.bias is not None}")
 
 
-class Sequential(Module):
-    """Layers applied in order; backward runs them in reverse. Names are "0", "1", ..."""
+class Sequential(_NativeModule):
+    """Layers applied in order; backward runs them in reverse. Names are "0", "1", ...
+
+    A C++ Sequential runs the layers (modules written in Python included, called back);
+    ``train_step`` runs a whole training step in one call."""
 
     def __init__(self, *layers: Module):
         super().__init__()
@@ -327,7 +479,37 @@ class Sequential(Module):
             if not isinstance(layer, Module):
                 raise TypeError(f"[Sequential] layer {i}: expected an nn.Module, "
                                 f"got {type(layer).__name__}")
-        self.layers = list(layers)
+        self.layers = tuple(layers)
+        dtypes = {p.dtype for p in self.parameters()}
+        if len(dtypes) > 1:
+            raise TypeError(f"[Sequential] parameters: expected one dtype, got "
+                            f"{sorted(str(d) for d in dtypes)}")
+        self._fixed_dtype = dtypes.pop() if dtypes else None
+        self._step = None  # train_step's bound C++ call, for the last loss and optimizer
+
+    def _make(self, dtype):
+        impl = _native("Sequential", dtype)()
+        for layer in self.layers:
+            impl.add(layer._as_layer(dtype))
+        return impl
+
+    def _impl_for_input(self, x):
+        dtype = self._fixed_dtype or _dtype_of(x)
+        impl = self._impls.get(dtype)
+        if impl is None:
+            impl = self._native_for(dtype)
+        if impl is not self._impl:  # the layers' traces now come from this dtype's objects
+            self._activate(dtype)
+        return impl
+
+    def _activate(self, dtype) -> None:
+        self._impl = self._native_for(dtype)
+        self._step = None
+        for layer in self.layers:
+            layer._activate(dtype)
+
+    def _children(self):
+        return self.layers
 
     def __getitem__(self, i):
         return self.layers[i]
@@ -337,20 +519,6 @@ class Sequential(Module):
 
     def __iter__(self):
         return iter(self.layers)
-
-    def forward(self, x):
-        self.input = x
-        for layer in self.layers:
-            x = layer.forward(x)  # what layer(x) calls, one Python call less per layer
-        self.output = x
-        return x
-
-    def backward(self, grad_output):
-        self.grad_output = grad_output
-        for layer in reversed(self.layers):
-            grad_output = layer.backward(grad_output)
-        self.grad_input = grad_output
-        return grad_output
 
     def named_parameters(self, prefix: str = ""):
         return [pair for i, layer in enumerate(self.layers)
@@ -362,12 +530,28 @@ class Sequential(Module):
 
     def train_step(self, x, y, loss_fn, optimizer) -> float:
         """One training step: zero_grad, forward, loss, backward, optimizer.step(); returns
-        the loss. The same as the four calls written out."""
-        self.zero_grad()
-        loss = loss_fn(self.forward(x), y)
-        self.backward(loss_fn.backward())
-        optimizer.step()
-        return loss
+        the loss. The same as the four calls written out, in one call into C++."""
+        cached = self._step
+        if (cached is not None and cached[0] is loss_fn and cached[1] is optimizer
+                and cached[2] is getattr(x, "dtype", None)):
+            loss_fn._impl = cached[3]  # the loss's trace is this step's
+            return cached[4](x, y)
+        return self._first_train_step(x, y, loss_fn, optimizer)
+
+    def _first_train_step(self, x, y, loss_fn, optimizer) -> float:
+        impl = self._impl_for_input(x)
+        dtype = self._fixed_dtype or _dtype_of(x)
+        native_optimizer = optimizer._native_for(dtype)
+        if native_optimizer is None:  # parameters of both dtypes: the calls one by one
+            self.zero_grad()
+            loss = loss_fn(self.forward(x), y)
+            self.backward(loss_fn.backward())
+            optimizer.step()
+            return loss
+        native_loss = loss_fn._impl_for_dtype(dtype)
+        step = _native("TrainStep", dtype)(impl, native_loss, native_optimizer)
+        self._step = (loss_fn, optimizer, getattr(x, "dtype", None), native_loss, step)
+        return step(x, y)
 
     def save(self, path) -> None:
         """Write the architecture and weights to one .npz model file (cnnbp.load reads it,
@@ -385,29 +569,41 @@ class Sequential(Module):
 
 
 class _Loss:
-    """A loss remembers its arguments so that ``backward()`` needs none."""
+    """A loss remembers its arguments so that ``backward()`` needs none. A C++ loss object
+    per dtype computes it and keeps the trace."""
 
     def __init__(self):
-        self.input = None
-        self.target = None
-        self.loss = None
-        self.grad_input = None
+        self._impls = {}
+        self._impl = None
+
+    def _impl_for_dtype(self, dtype):
+        impl = self._impls.get(dtype)
+        if impl is None:
+            impl = self._impls[dtype] = _native(self._native_name, dtype)()
+        self._impl = impl
+        return impl
 
     def __call__(self, input, target) -> float:
         return self.forward(input, target)
 
     def forward(self, input, target) -> float:
-        self.input, self.target = input, target
-        self.loss = self._forward(input, target)
-        return self.loss
+        return self._impl_for_dtype(_dtype_of(input)).forward(input, target)
 
     def backward(self, grad_loss: float = 1.0):
         """dL/d input of the last call, scaled by dL/d loss (1 when the loss is the objective)."""
-        if self.input is None:
+        if self._impl is None or not self._impl.has_run():
             raise RuntimeError(f"[{type(self).__name__}] backward called before forward")
-        grad = self._backward(self.input, self.target)
-        self.grad_input = grad if grad_loss == 1.0 else grad * grad.dtype.type(grad_loss)
-        return self.grad_input
+        return self._impl.backward(float(grad_loss))
+
+    def _traced(name):  # noqa: N805 - a helper that builds properties
+        return property(lambda self: getattr(self._impl, name)()
+                        if self._impl and self._impl.has_run() else None)
+
+    input = _traced("input")
+    target = _traced("target")
+    loss = _traced("value")
+    grad_input = _traced("grad_input")
+    del _traced
 
     def trace(self):
         return OrderedDict(input=self.input, target=self.target, loss=self.loss,
@@ -419,23 +615,21 @@ class _Loss:
 
 class BCELoss(_Loss):
     """Mean binary cross-entropy of probabilities (torch.nn.BCELoss)."""
-    _forward = staticmethod(F.binary_cross_entropy)
-    _backward = staticmethod(F.binary_cross_entropy_backward)
+    _native_name = "BCELoss"  # subclasses keep the C++ loss of their base
 
 
 class BCEWithLogitsLoss(_Loss):
     """Mean binary cross-entropy of sigmoid(logits), computed stably (torch.nn.BCEWithLogitsLoss)."""
-    _forward = staticmethod(F.binary_cross_entropy_with_logits)
-    _backward = staticmethod(F.binary_cross_entropy_with_logits_backward)
+    _native_name = "BCEWithLogitsLoss"
 
 
 class CrossEntropyLoss(_Loss):
     """Mean softmax cross-entropy of logits (N, K) against class indices (N,)."""
-    _forward = staticmethod(F.cross_entropy)
-    _backward = staticmethod(F.cross_entropy_backward)
+    _native_name = "CrossEntropyLoss"
 
 
 __all__ = [
-    "Parameter", "Module", "Conv2d", "MaxPool2d", "ReLU", "Sigmoid", "Flatten", "Linear",
+    "Parameter", "Module", "Conv2d", "MaxPool2d", "AvgPool2d", "ReLU", "Sigmoid", "Tanh",
+    "Dropout", "Flatten", "Linear",
     "Sequential", "BCELoss", "BCEWithLogitsLoss", "CrossEntropyLoss", "manual_seed",
 ]

@@ -30,10 +30,17 @@ __all__ = [
     "conv2d_backward",
     "max_pool2d",
     "max_pool2d_backward",
+    "avg_pool2d",
+    "avg_pool2d_backward",
     "relu",
     "relu_backward",
     "sigmoid",
     "sigmoid_backward",
+    "tanh",
+    "tanh_backward",
+    "dropout_mask",
+    "dropout",
+    "dropout_backward",
     "linear",
     "linear_backward",
     "flatten",
@@ -206,6 +213,58 @@ def max_pool2d_backward(dy, idx, x_shape):
 
 
 # ---------------------------------------------------------------------------------------
+# avg_pool2d: PyTorch's defaults, count_include_pad=True and ceil_mode=False
+# ---------------------------------------------------------------------------------------
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0):
+    """y[n, c, p, q] = mean of the kh x kw window of xpad at (p*sh, q*sw).
+
+    Padding is zeros and counts in the divisor: every window divides by kh * kw, even where
+    it hangs over the border (torch's count_include_pad=True). The output size is floored.
+    """
+    x = _f64(x)  # x (N, C, H, W)
+    kh, kw = _pair(kernel_size)
+    sh, sw = _pair(kernel_size if stride is None else stride)
+    ph, pw = _pair(padding)
+    N, C, H, W = x.shape
+    P = output_size(H, kh, sh, ph)
+    Q = output_size(W, kw, sw, pw)
+
+    xpad = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))  # xpad (N, C, H+2ph, W+2pw)
+    y = np.empty((N, C, P, Q))  # y (N, C, P, Q)
+    for p in range(P):
+        for q in range(Q):
+            window = xpad[:, :, p * sh : p * sh + kh, q * sw : q * sw + kw]  # (N, C, kh, kw)
+            y[:, :, p, q] = window.sum(axis=(2, 3)) / (kh * kw)
+    return _out(y)
+
+
+def avg_pool2d_backward(dy, x_shape, kernel_size, stride=None, padding=0):
+    """Gradient of avg_pool2d with respect to its input x.
+
+    Inverts:
+        y[:, :, p, q] = window.sum(axis=(2, 3)) / (kh * kw)
+    so every cell of the window receives dy[n, c, p, q] / (kh * kw). Overlapping windows
+    (stride < kernel) share cells, so the contributions are added; the padding's share is
+    dropped, and cells that no window covers get 0.
+    """
+    dy = _f64(dy)  # dy (N, C, P, Q)
+    kh, kw = _pair(kernel_size)
+    sh, sw = _pair(kernel_size if stride is None else stride)
+    ph, pw = _pair(padding)
+    N, C, H, W = (int(d) for d in x_shape)
+    _, _, P, Q = dy.shape
+
+    dxpad = np.zeros((N, C, H + 2 * ph, W + 2 * pw))  # dxpad (N, C, H+2ph, W+2pw)
+    for p in range(P):
+        for q in range(Q):
+            share = dy[:, :, p, q] / (kh * kw)  # share (N, C)
+            dxpad[:, :, p * sh : p * sh + kh, q * sw : q * sw + kw] += share[:, :, None, None]
+    return _out(dxpad[:, :, ph : ph + H, pw : pw + W])  # dx (N, C, H, W)
+
+
+# ---------------------------------------------------------------------------------------
 # activations
 # ---------------------------------------------------------------------------------------
 
@@ -246,6 +305,80 @@ def sigmoid_backward(da, a):
     da = _f64(da)
     a = _f64(a)
     return _out(da * a * (1.0 - a))
+
+
+def tanh(z):
+    """a = tanh(z) = (exp(z) - exp(-z)) / (exp(z) + exp(-z)); +-1 for large |z|, no overflow."""
+    z = _f64(z)
+    return _out(np.tanh(z))
+
+
+def tanh_backward(da, a):
+    """Gradient of tanh with respect to z, from the forward OUTPUT a.
+
+    Inverts:
+        return _out(np.tanh(z))
+    whose derivative is da/dz = 1 - tanh(z)^2 = 1 - a^2 (torch's tanh_backward), written
+    (1 - a)(1 + a): near a = +-1, 1 - a * a would cancel to a few correct digits.
+    """
+    da = _f64(da)
+    a = _f64(a)
+    return _out(da * ((1.0 - a) * (1.0 + a)))
+
+
+# ---------------------------------------------------------------------------------------
+# dropout: y = x * mask / (1 - p), the mask drawn from (seed, flat index)
+# ---------------------------------------------------------------------------------------
+
+_U64 = np.uint64
+_GAMMA = _U64(0x9E3779B97F4A7C15)  # SplitMix64's increment (2^64 / golden ratio)
+
+
+def _mix64(z):
+    """SplitMix64's finalizer on a uint64 array (arithmetic wraps modulo 2^64)."""
+    z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
+    return z ^ (z >> _U64(31))
+
+
+def dropout_mask(shape, p, seed):
+    """The keep mask cnnbp's dropout draws (bool, True = kept), written out in NumPy.
+
+    Element i (flat, row-major) gets the counter-based hash
+        h = mix64(mix64(seed) + (i + 1) * GAMMA)        (SplitMix64's i-th output)
+    and the uniform u = (h >> 11) * 2^-53 in [0, 1); it is kept when u >= p, which happens
+    with probability 1 - p. Nothing but (seed, i) enters: no state, no thread count.
+    """
+    count = int(np.prod(shape, dtype=np.int64))
+    key = _mix64(np.array([seed], dtype=_U64))  # (1,)
+    counter = np.arange(1, count + 1, dtype=_U64)  # i + 1 for i in [0, count)
+    h = _mix64(key + counter * _GAMMA)  # h (count,)
+    u = (h >> _U64(11)).astype(np.float64) * 2.0**-53  # exact: 53-bit integers
+    return (u >= p).reshape(tuple(int(d) for d in shape))
+
+
+def dropout(x, mask, p):
+    """y = x * mask / (1 - p): dropped elements become 0, kept ones are scaled so that the
+    expected value of y is x. p == 1 drops everything: y = x * 0, as torch."""
+    x = _f64(x)
+    mask = np.asarray(mask, dtype=bool)  # mask: x's shape, True = kept
+    if p == 1:
+        return _out(x * 0.0)
+    return _out(x * mask / (1.0 - p))
+
+
+def dropout_backward(dy, mask, p):
+    """Gradient of dropout with respect to x.
+
+    Inverts:
+        return _out(x * mask / (1.0 - p))
+    a scaling by the constant mask / (1 - p), so dx = dy * mask / (1 - p) (dy * 0 for p == 1).
+    """
+    dy = _f64(dy)
+    mask = np.asarray(mask, dtype=bool)
+    if p == 1:
+        return _out(dy * 0.0)
+    return _out(dy * mask / (1.0 - p))
 
 
 # ---------------------------------------------------------------------------------------

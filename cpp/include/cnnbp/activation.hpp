@@ -20,4 +20,13 @@ void sigmoid_forward(T* a, const T* z, int64_t count);
 template <typename T>
 void sigmoid_backward(T* dz, const T* da, const T* a, int64_t count);
 
+// a = tanh(z), by std::tanh in double (float: rounded once, within half an ulp); +-1 for
+// large |z|, never overflows, NaN stays NaN.
+template <typename T>
+void tanh_forward(T* a, const T* z, int64_t count);
+// dz = da * (1 - a * a)   -- inverts `a = tanh(z)` using the forward output a, as torch's
+// tanh_backward; computed as da * ((1 - a) * (1 + a)), which does not cancel near a = +-1.
+template <typename T>
+void tanh_backward(T* dz, const T* da, const T* a, int64_t count);
+
 }  // namespace cnnbp

@@ -3,6 +3,7 @@
 
 #include "cnnbp/activation.hpp"
 #include "cnnbp/conv2d.hpp"
+#include "cnnbp/dropout.hpp"
 #include "cnnbp/linear.hpp"
 #include "cnnbp/loss.hpp"
 #include "cnnbp/model_file.hpp"

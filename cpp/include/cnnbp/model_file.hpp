@@ -8,8 +8,9 @@
 //                       "layers": [{"type": "Conv2d", "in_channels": 1, "out_channels": 1,
 //                                   "kernel_size": [3, 3], "stride": [1, 1],
 //                                   "padding": [0, 0], "bias": true}, {"type": "ReLU"}, ...]}
-//                      (Linear: in_features, out_features, bias; MaxPool2d: kernel_size,
-//                      stride, padding; ReLU, Sigmoid, Flatten: type only)
+//                      (Linear: in_features, out_features, bias; MaxPool2d and AvgPool2d:
+//                      kernel_size, stride, padding; Dropout: p; ReLU, Sigmoid, Tanh,
+//                      Flatten: type only)
 //   0.weight.npy, ...  each parameter under its torch name, little-endian float32/float64,
 //                      C order, the shapes the architecture implies
 // Loading is data only: anything else -- compressed or encrypted entries, object or

@@ -4,8 +4,12 @@
 // Every layer keeps what its backward needs and shows it afterwards: input(), output(),
 // grad_output() and grad_input(), and each parameter's value and accumulated grad -- the
 // per-layer trace. forward() keeps a reference to its input: keep the input alive until
-// backward() has run. Parameter gradients accumulate across backward() calls until
-// zero_grad(), as in PyTorch. Errors are std::invalid_argument with "[op] ..." messages.
+// backward() has run (or hand the layer a tensor to keep: forward(layer.kept_input())).
+// Parameter gradients accumulate across backward() calls until zero_grad(), as in
+// PyTorch. Errors are std::invalid_argument with "[op] ..." messages.
+//
+// Threads: a layer, model, loss or optimizer holds the state of its last call, so one
+// object must not run in two threads at once; separate objects may.
 //
 //   cnnbp::nn::Sequential<double> model;
 //   model.add(std::make_unique<cnnbp::nn::Conv2d<double>>(1, 1, 3)) ... ;
@@ -73,10 +77,29 @@ class Layer {
     const Tensor<T>* grad_output() const { return grad_output_; }
     virtual const Tensor<T>& grad_input() const { return grad_input_; }
 
+    // Training mode (the default) or evaluation mode (train(false)): Dropout drops only
+    // while training. A Sequential passes the mode to its layers.
+    virtual void train(bool mode = true) { training_ = mode; }
+    void eval() { train(false); }
+    bool is_training() const { return training_; }
+
+    // Storage the layer keeps for callers that cannot keep their tensors alive until
+    // backward (the Python bindings): fill it, then forward(kept_input()).
+    Tensor<T>& kept_input() { return kept_input_; }
+    Tensor<T>& kept_grad_output() { return kept_grad_output_; }
+    // Drop the trace's references to tensors the layer does not own; a Sequential that
+    // goes away calls it on the layers that outlive it.
+    virtual void forget_borrowed() {
+        if (input_ != &kept_input_) input_ = nullptr;
+        if (grad_output_ != &kept_grad_output_) grad_output_ = nullptr;
+    }
+
  protected:
     const Tensor<T>* input_ = nullptr;
     const Tensor<T>* grad_output_ = nullptr;
     Tensor<T> output_, grad_input_;
+    Tensor<T> kept_input_, kept_grad_output_;
+    bool training_ = true;
 };
 
 // A layer with a weight and an optional bias (Conv2d, Linear): their parameters, and the
@@ -147,6 +170,23 @@ class MaxPool2d : public Layer<T> {
     Pool2dDims dims_{};
 };
 
+// torch.nn.AvgPool2d (count_include_pad, floored output size)
+template <typename T>
+class AvgPool2d : public Layer<T> {
+ public:
+    // stride 0 means stride = kernel_size (torch's default)
+    explicit AvgPool2d(int64_t kernel_size, int64_t stride = 0, int64_t padding = 0);
+    AvgPool2d(std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
+              std::array<int64_t, 2> padding);
+    const Tensor<T>& forward(const Tensor<T>& input) override;
+    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+    std::string type() const override { return "AvgPool2d"; }
+    Pool2dParams params;
+
+ private:
+    Pool2dDims dims_{};
+};
+
 template <typename T>
 class ReLU : public Layer<T> {
  public:
@@ -163,6 +203,36 @@ class Sigmoid : public Layer<T> {
     std::string type() const override { return "Sigmoid"; }
 };
 
+template <typename T>
+class Tanh : public Layer<T> {
+ public:
+    const Tensor<T>& forward(const Tensor<T>& input) override;
+    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+    std::string type() const override { return "Tanh"; }
+};
+
+// torch.nn.Dropout: while training, each element is zeroed with probability p and the rest
+// scaled by 1 / (1 - p); in evaluation mode it is the identity. Each training forward draws
+// a new mask seed from the layer's generator (seeded at construction: by default from the
+// generator manual_seed seeds), so a run is reproducible from its seeds.
+template <typename T>
+class Dropout : public Layer<T> {
+ public:
+    explicit Dropout(double p = 0.5);
+    Dropout(double p, uint64_t seed);
+    const Tensor<T>& forward(const Tensor<T>& input) override;
+    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+    std::string type() const override { return "Dropout"; }
+    double p() const { return params_.p; }
+    bool dropped() const { return dropped_; }  // whether the last forward applied a mask
+    std::vector<uint8_t> mask;  // of the last training forward: 1 kept, 0 dropped
+
+ private:
+    DropoutParams params_;
+    std::mt19937_64 seeds_;
+    bool dropped_ = false;  // whether the last forward applied the mask
+};
+
 // (N, ...) -> (N, product of the rest)
 template <typename T>
 class Flatten : public Layer<T> {
@@ -172,10 +242,18 @@ class Flatten : public Layer<T> {
     std::string type() const override { return "Flatten"; }
 };
 
+// Layers are shared: one layer object may sit in several containers (and in Python).
 template <typename T>
 class Sequential : public Layer<T> {
  public:
-    Sequential& add(std::unique_ptr<Layer<T>> layer);
+    Sequential() = default;
+    Sequential(const Sequential&) = delete;
+    Sequential& operator=(const Sequential&) = delete;
+    // takes the layers (and forgets the trace of the moved-from container)
+    Sequential(Sequential&& other) noexcept;
+    Sequential& operator=(Sequential&&) = delete;
+    ~Sequential() override;
+    Sequential& add(std::shared_ptr<Layer<T>> layer);
     const Tensor<T>& forward(const Tensor<T>& input) override;
     const Tensor<T>& backward(const Tensor<T>& grad_output) override;
     // "0.weight", "0.bias", "4.weight", ...
@@ -188,24 +266,38 @@ class Sequential : public Layer<T> {
     const Tensor<T>& grad_input() const override;
     size_t size() const { return layers_.size(); }
     Layer<T>& operator[](size_t i) { return *layers_.at(i); }
+    void forget_borrowed() override;
+    void train(bool mode = true) override;
 
  private:
-    std::vector<std::unique_ptr<Layer<T>>> layers_;
+    std::vector<std::shared_ptr<Layer<T>>> layers_;
     std::vector<Parameter<T>*> parameters_;  // every layer's, in order; kept by add()
 };
 
-// Losses: the mean over the batch; backward() returns dL/d input of the last call.
+// Losses: the mean over the batch; backward() returns dL/d input of the last call. A loss
+// keeps copies of its arguments (they are small), so its trace outlives them.
 template <typename T>
 class Loss {
  public:
     virtual ~Loss() = default;
     virtual double forward(const Tensor<T>& input, const Tensor<T>& target) = 0;
     virtual const Tensor<T>& backward() = 0;
+    virtual std::string type() const = 0;
+
+    // the trace of the last forward and backward; has_run() is false before the first
+    bool has_run() const { return has_run_; }
+    const Tensor<T>& input() const { return input_; }
+    const Tensor<T>& target() const { return target_; }
+    double value() const { return value_; }
+    const Tensor<T>& grad_input() const { return grad_input_; }
 
  protected:
-    const Tensor<T>* input_ = nullptr;
-    const Tensor<T>* target_ = nullptr;
-    Tensor<T> grad_input_;
+    // keeps copies of input and target; throws if `input` is the loss's own storage
+    void keep(const Tensor<T>& input, const Tensor<T>& target);
+    const Tensor<T>& require_forward() const;
+    Tensor<T> input_, target_, grad_input_;
+    double value_ = 0.0;
+    bool has_run_ = false;
 };
 
 template <typename T>
@@ -213,6 +305,7 @@ class BCELoss : public Loss<T> {  // input: probabilities in [0, 1]
  public:
     double forward(const Tensor<T>& input, const Tensor<T>& target) override;
     const Tensor<T>& backward() override;
+    std::string type() const override { return "BCELoss"; }
 };
 
 template <typename T>
@@ -220,6 +313,7 @@ class BCEWithLogitsLoss : public Loss<T> {  // input: logits
  public:
     double forward(const Tensor<T>& input, const Tensor<T>& target) override;
     const Tensor<T>& backward() override;
+    std::string type() const override { return "BCEWithLogitsLoss"; }
 };
 
 template <typename T>
@@ -227,21 +321,32 @@ class CrossEntropyLoss : public Loss<T> {  // input (N, K) logits, target (N,) c
  public:
     double forward(const Tensor<T>& input, const Tensor<T>& target) override;
     const Tensor<T>& backward() override;
+    std::string type() const override { return "CrossEntropyLoss"; }
+    const std::vector<int64_t>& labels() const { return labels_; }  // the last target
 
  private:
     std::vector<int64_t> labels_;
 };
 
+// An optimizer updates the parameters it was given; they must outlive it.
 template <typename T>
 class Optimizer {
  public:
-    explicit Optimizer(std::vector<Parameter<T>*> params) : params_(std::move(params)) {}
+    // name: "SGD", "Adam", ... for error messages
+    Optimizer(std::string name, std::vector<Parameter<T>*> params, double lr);
     virtual ~Optimizer() = default;
     virtual void step() = 0;  // parameters without a gradient are skipped
     void zero_grad();
+    // the learning rate, which a schedule may change between steps
+    double lr() const { return lr_; }
+    void set_lr(double lr);
+    const std::vector<Parameter<T>*>& parameters() const { return params_; }
+    const std::string& type() const { return name_; }
 
  protected:
+    std::string name_;
     std::vector<Parameter<T>*> params_;
+    double lr_;
 };
 
 // torch.optim.SGD
@@ -253,7 +358,7 @@ class SGD : public Optimizer<T> {
     void step() override;
 
  private:
-    double lr_, momentum_, weight_decay_, dampening_;
+    double momentum_, weight_decay_, dampening_;
     bool nesterov_;
     std::vector<std::vector<T>> buffers_;
 };
@@ -266,10 +371,23 @@ class Adam : public Optimizer<T> {
          double beta2 = 0.999, double eps = 1e-8, double weight_decay = 0.0);
     void step() override;
 
+ protected:
+    Adam(const char* name, std::vector<Parameter<T>*> params, double lr, double beta1,
+         double beta2, double eps, double weight_decay, bool decoupled);
+
  private:
-    double lr_, beta1_, beta2_, eps_, weight_decay_;
+    double beta1_, beta2_, eps_, weight_decay_;
+    bool decoupled_;  // AdamW: decay the parameter, not the gradient
     std::vector<int64_t> steps_;
     std::vector<std::vector<T>> first_, second_;
+};
+
+// torch.optim.AdamW: Adam with decoupled weight decay, param *= 1 - lr * weight_decay
+template <typename T>
+class AdamW : public Adam<T> {
+ public:
+    AdamW(std::vector<Parameter<T>*> params, double lr = 1e-3, double beta1 = 0.9,
+          double beta2 = 0.999, double eps = 1e-8, double weight_decay = 1e-2);
 };
 
 // zero_grad, forward, loss, backward, optimizer step: returns the loss.

@@ -25,4 +25,19 @@ template <typename T>
 void sgd_step(T* param, const T* grad, T* momentum_buffer, bool buffer_is_new,
               const SgdParams& params, int64_t count);
 
+struct AdamParams {
+    double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
+    bool decoupled_weight_decay = false;  // AdamW
+};
+
+// torch.optim.Adam / AdamW, step number `step` (1 for the first), in torch's order:
+//   param *= 1 - lr * weight_decay                         (AdamW, weight_decay != 0)
+//   g = grad + weight_decay * param                        (Adam, weight_decay != 0)
+//   m += (1 - beta1) * (g - m)          v = beta2 * v + (1 - beta2) * g * g
+//   param += -lr / (1 - beta1^step) * (m / (sqrt(v) / sqrt(1 - beta2^step) + eps))
+// m and v start at zero.
+template <typename T>
+void adam_step(T* param, const T* grad, T* first_moment, T* second_moment, int64_t step,
+               const AdamParams& params, int64_t count);
+
 }  // namespace cnnbp

@@ -1,4 +1,5 @@
-// cnnbp/pool2d.hpp -- 2-D max pooling, forward and backward, with PyTorch's semantics.
+// cnnbp/pool2d.hpp -- 2-D max and average pooling, forward and backward, with PyTorch's
+// semantics.
 //
 // Dimension letters: N batch, C channels, H/W input, P/Q output. Dense C-contiguous NCHW.
 // Outputs are overwritten.
@@ -23,5 +24,18 @@ void max_pool2d_forward(T* output, int64_t* indices, const T* input, const Pool2
 template <typename T>
 void max_pool2d_backward(T* dinput, const T* doutput, const int64_t* indices,
                          const Pool2dDims& dims);
+
+// output[n,c,p,q] = (sum of the in-bounds cells of the window of input plane (n,c) starting
+// at (p*sh-ph, q*sw-pw)) / (kernel_h * kernel_w): padding counts as zeros and the divisor is
+// always the full window, as torch's avg_pool2d with count_include_pad=True and
+// ceil_mode=False. Each window is summed in row-major order, as torch does.
+template <typename T>
+void avg_pool2d_forward(T* output, const T* input, const Pool2dDims& dims);
+
+// dinput (N, C, H, W): each cell receives doutput / (kernel_h * kernel_w) from every window
+// that covers it (zero for cells no window covers), added in row-major order of the windows.
+// Inverts `output = sum(window) / (kernel_h * kernel_w)`.
+template <typename T>
+void avg_pool2d_backward(T* dinput, const T* doutput, const Pool2dDims& dims);
 
 }  // namespace cnnbp

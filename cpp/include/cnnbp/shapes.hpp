@@ -18,6 +18,9 @@ using Shape = std::vector<int64_t>;
 
 // "(2, 3, 4)" -- how shapes appear in error messages.
 std::string shape_str(const Shape& shape);
+// the shortest text that reads back as `value` ("0.5", "1e-05", "2.0", "nan"), as Python's
+// repr of a float
+std::string number_str(double value);
 
 // Number of elements of a shape (1 for a scalar shape ()).
 int64_t numel(const Shape& shape);
@@ -78,9 +81,11 @@ struct Pool2dDims {
     Pool2dParams params;
 };
 
-// `op` names the caller in messages ("max_pool2d"). Matches torch: padding at most half
-// the kernel, output size floored.
-Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& params);
+// `op` names the caller in messages ("max_pool2d"), `input_name` the input's shape in them
+// ("x_shape" where a backward is given the shape rather than the array). Matches torch:
+// padding at most half the kernel, output size floored.
+Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& params,
+                       const char* input_name = "input");
 
 // max_pool2d_backward: doutput and indices (N, C, P, Q), x_shape (N, C, H, W).
 // Returns the dims (params unset) after checking shapes; the index values are checked
@@ -90,6 +95,11 @@ Pool2dDims max_pool2d_backward_dims(const Shape& doutput, const Shape& indices,
 // Every index must lie inside its input plane [0, plane_size): a wrong index is an
 // error, never an out-of-bounds write.
 void check_pool_indices(const int64_t* indices, int64_t count, int64_t plane_size);
+
+// avg_pool2d_backward: x_shape (N, C, H, W) and the forward's parameters, checked as the
+// forward checks them; doutput must then be the forward output's shape (N, C, P, Q).
+Pool2dDims avg_pool2d_backward_dims(const Shape& doutput, const Shape& input_shape,
+                                    const Pool2dParams& params);
 
 // ---- threads -------------------------------------------------------------------------------
 // set_num_threads: n in [1, kMaxThreads]. More threads than any CPU has would not run
@@ -101,6 +111,14 @@ void check_num_threads(int64_t n);
 // Two tensors of an elementwise op must have the same shape.
 void check_same_shape(const char* op, const char* name_a, const Shape& a, const char* name_b,
                       const Shape& b);
+
+// ---- dropout -------------------------------------------------------------------------------
+struct DropoutParams {
+    double p = 0.5;     // probability of dropping an element
+    uint64_t seed = 0;  // the mask is a function of (seed, flat index) only
+};
+// p in [0, 1] (NaN refused), as torch. `op` names the caller ("dropout", "dropout_backward").
+DropoutParams dropout_params(const char* op, double p, uint64_t seed = 0);
 
 struct LinearDims {
     int64_t M;    // rows: the product of all leading dims of input (*, IN)

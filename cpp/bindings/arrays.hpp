@@ -1,0 +1,187 @@
+// Array conversion shared by the bindings: dtype checks (TypeError), C-contiguous views,
+// new arrays made without pybind11's detours, and int / pair arguments.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <array>
+#include <string>
+#include <vector>
+
+#include "cnnbp/shapes.hpp"
+
+namespace cnnbp_bindings {
+
+namespace py = pybind11;
+using cnnbp::Shape;
+
+
+enum class DType { f32, f64 };
+
+// Any array-like becomes an ndarray; None and non-numeric objects are refused.
+inline py::array as_array(const char* op, const char* name, const py::handle& obj) {
+    if (obj.is_none())
+        throw py::type_error(std::string("[") + op + "] " + name + ": expected an array, got None");
+    if (py::isinstance<py::array>(obj)) return py::reinterpret_borrow<py::array>(obj);
+    py::array arr = py::array::ensure(obj);
+    if (!arr)
+        throw py::type_error(std::string("[") + op + "] " + name + ": expected an array, got " +
+                             std::string(py::str(py::type::of(obj).attr("__name__"))));
+    return arr;
+}
+
+inline std::string dtype_name(const py::array& a) { return py::str(a.dtype()); }
+
+// By kind and size, not dtype identity: a float64 that went through pickle or carries
+// a non-native byte order is still float64 (contiguous() converts it).
+inline DType float_dtype(const char* op, const char* name, const py::array& a) {
+    const py::dtype dt = a.dtype();
+    if (dt.kind() == 'f' && dt.itemsize() == 4) return DType::f32;
+    if (dt.kind() == 'f' && dt.itemsize() == 8) return DType::f64;
+    throw py::type_error(std::string("[") + op + "] " + name +
+                         ": expected float32 or float64, got " + dtype_name(a));
+}
+
+// Every float tensor of one call has the dtype of the first: mixing is an error.
+inline void check_dtype(const char* op, const char* name, const py::array& a, DType expected) {
+    DType got = float_dtype(op, name, a);
+    if (got != expected)
+        throw py::type_error(std::string("[") + op + "] " + name + ": expected " +
+                             (expected == DType::f32 ? "float32" : "float64") +
+                             " like the first array argument, got " + dtype_name(a));
+}
+
+inline Shape shape_of(const py::array& a) { return Shape(a.shape(), a.shape() + a.ndim()); }
+
+// A C-contiguous view of `a` (a copy only when a is strided, Fortran-ordered or of the
+// other byte order). Arrays that already are, nearly all, pass straight through without
+// PyArray_FromAny's conversion machinery: for a tiny layer that costs more than its kernel.
+// True when obj is an aligned, C-contiguous ndarray of exactly T in native byte order, read
+// off the array's header (pybind11's isinstance asks NumPy to compare dtypes, which costs
+// more than a tiny layer's kernel).
+template <typename T>
+bool is_plain_array(const py::handle& obj) {
+    const auto& api = py::detail::npy_api::get();
+    if (!api.PyArray_Check_(obj.ptr())) return false;
+    const auto* header = py::detail::array_proxy(obj.ptr());
+    constexpr int wanted = py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_ |
+                           py::detail::npy_api::NPY_ARRAY_ALIGNED_;
+    if ((header->flags & wanted) != wanted) return false;
+    const auto* descr = py::detail::array_descriptor_proxy(header->descr);
+    return descr->type_num == py::detail::npy_format_descriptor<T>::value &&
+           descr->byteorder != '>';
+}
+
+// A copy that cannot be made raises (MemoryError): array_t::ensure would return a null
+// array instead, whose data() is a null pointer.
+template <typename T>
+py::array_t<T, py::array::c_style> contiguous(const py::array& a) {
+    if (is_plain_array<T>(a) || py::isinstance<py::array_t<T, py::array::c_style>>(a))
+        return py::reinterpret_borrow<py::array_t<T, py::array::c_style>>(a);
+    return py::array_t<T, py::array::c_style>(py::reinterpret_borrow<py::object>(a));
+}
+
+// A new uninitialized C-contiguous array, made by NumPy's C API directly (pybind11's
+// constructor goes through vectors of shape and strides first).
+template <typename T>
+py::array_t<T> empty_like_shape(const Shape& shape) {
+    const auto& api = py::detail::npy_api::get();
+    std::array<py::ssize_t, 32> dims{};  // NumPy allows at most 32 (64 since 2.0) dims
+    if (shape.size() > dims.size())
+        return py::array_t<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+    std::copy(shape.begin(), shape.end(), dims.begin());
+    PyObject* arr = api.PyArray_NewFromDescr_(api.PyArray_Type_, py::dtype::of<T>().release().ptr(),
+                                              static_cast<int>(shape.size()), dims.data(),
+                                              nullptr, nullptr, 0, nullptr);
+    if (!arr) throw py::error_already_set();
+    return py::reinterpret_steal<py::array_t<T>>(arr);
+}
+
+// Integer arrays (class labels, pooling indices) as C-contiguous int64.
+inline py::array_t<int64_t, py::array::c_style> as_int64(const char* op, const char* name,
+                                                  const py::handle& obj) {
+    py::array arr = as_array(op, name, obj);
+    const char kind = arr.dtype().kind();
+    if (kind != 'i' && kind != 'u')
+        throw py::type_error(std::string("[") + op + "] " + name +
+                             ": expected an integer array, got " + dtype_name(arr));
+    if (py::isinstance<py::array_t<int64_t, py::array::c_style>>(arr))  // as contiguous()
+        return py::reinterpret_borrow<py::array_t<int64_t, py::array::c_style>>(arr);
+    // the converting constructor raises where ensure() would return a null array
+    return py::array_t<int64_t, py::array::c_style | py::array::forcecast>(arr);
+}
+
+// A plain Python int that fits int64 without the generic PyNumber_Index round trip, which
+// costs more than a tiny layer's kernel; false for anything else (the caller's generic path
+// then converts it or reports it).
+inline bool exact_int(const py::handle& v, int64_t& out) {
+    if (!PyLong_CheckExact(v.ptr())) return false;
+    int overflow = 0;
+    const long long value = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
+    if (overflow || (value == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return false;
+    }
+    out = value;
+    return true;
+}
+
+// v.__index__() as int64. py::cast would raise RuntimeError for a value beyond int64;
+// this names the op and the argument.
+inline int64_t index_value(const char* op, const char* name, const py::handle& v) {
+    const auto index = py::reinterpret_steal<py::object>(PyNumber_Index(v.ptr()));
+    if (!index) throw py::error_already_set();
+    int overflow = 0;
+    const long long value = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+    if (overflow)
+        throw py::value_error(std::string("[") + op + "] " + name +
+                              ": expected a 64-bit integer, got " + std::string(py::str(index)));
+    if (value == -1 && PyErr_Occurred()) throw py::error_already_set();
+    return value;
+}
+
+// An int or a pair of ints -> (h, w).
+inline std::array<int64_t, 2> parse_pair(const char* op, const char* name, const py::handle& obj) {
+    auto as_int = [&](const py::handle& v) -> int64_t {
+        int64_t fast;
+        if (exact_int(v, fast)) return fast;
+        if (py::isinstance<py::bool_>(v) || !PyIndex_Check(v.ptr()))
+            throw py::type_error(std::string("[") + op + "] " + name +
+                                 ": expected an int or a pair of ints, got " +
+                                 std::string(py::repr(obj)));
+        return index_value(op, name, v);
+    };
+    if (PyIndex_Check(obj.ptr())) {  // ints, numpy integers, 0-d integer arrays
+        const int64_t v = as_int(obj);
+        return {v, v};
+    }
+    if (py::isinstance<py::sequence>(obj) && !py::isinstance<py::str>(obj)) {
+        py::sequence seq = py::reinterpret_borrow<py::sequence>(obj);
+        if (seq.size() != 2)
+            throw py::type_error(std::string("[") + op + "] " + name +
+                                 ": expected an int or a pair of ints, got " +
+                                 std::string(py::repr(obj)));
+        return {as_int(seq[0]), as_int(seq[1])};
+    }
+    as_int(obj);  // throws the op-prefixed TypeError
+    return {0, 0};
+}
+
+// A Python int (or numpy integer), not a bool.
+inline int64_t parse_int(const char* op, const char* name, const py::handle& obj) {
+    if (py::isinstance<py::bool_>(obj) || !PyIndex_Check(obj.ptr()))
+        throw py::type_error(std::string("[") + op + "] " + name + ": expected an int, got " +
+                             std::string(py::repr(obj)));
+    return index_value(op, name, obj);
+}
+
+// Runs body(T{}) with T = float or double.
+template <typename Body>
+auto dispatch(DType dtype, Body&& body) {
+    if (dtype == DType::f32) return body(float{});
+    return body(double{});
+}
+
+}  // namespace cnnbp_bindings

@@ -1,0 +1,440 @@
+// cnnbp._core's model objects: the layers, Sequential, losses and optimizers of cnnbp/nn.hpp,
+// one class per dtype ("Conv2d32", "Conv2d64", ...), which python/cnnbp/nn.py and optim.py
+// wrap. Arrays cross the boundary by copy (a layer keeps its own input; outputs and the
+// trace come back as new arrays), except parameters, whose data and grad are NumPy views of
+// the C++ storage. The GIL is released while layers run.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "arrays.hpp"
+#include "cnnbp/nn.hpp"
+
+namespace cnnbp_bindings {
+
+using namespace cnnbp::nn;
+
+namespace {
+
+template <typename T>
+constexpr DType dtype_of = std::is_same_v<T, float> ? DType::f32 : DType::f64;
+
+template <typename T>
+std::string dtype_str() {
+    return std::is_same_v<T, float> ? "float32" : "float64";
+}
+
+template <typename T>
+std::string suffixed(const char* name) {
+    return std::string(name) + (std::is_same_v<T, float> ? "32" : "64");
+}
+
+// The kernel a layer's error messages name, as the functional API's do.
+std::string op_of(const std::string& type) {
+    if (type == "Conv2d") return "conv2d";
+    if (type == "Linear") return "linear";
+    if (type == "MaxPool2d") return "max_pool2d";
+    if (type == "ReLU") return "relu";
+    if (type == "Sigmoid") return "sigmoid";
+    if (type == "AvgPool2d") return "avg_pool2d";
+    if (type == "Tanh") return "tanh";
+    if (type == "Dropout") return "dropout";
+    if (type == "Flatten") return "flatten";
+    return type;
+}
+
+// dst = a C-contiguous copy of obj, which must be a float array of dtype T.
+template <typename T>
+void fill(Tensor<T>& dst, const py::array& arr) {
+    auto c = contiguous<T>(arr);
+    dst.shape = shape_of(c);
+    dst.data.assign(c.data(), c.data() + c.size());  // reuses the storage
+}
+
+// A layer's input: a float array of the layer's dtype. A weighted layer states a mismatch as
+// the functional API does, from the weight's side.
+template <typename T>
+void fill_input(Tensor<T>& dst, const std::string& op, bool weighted, const py::handle& obj,
+                const char* name = "input") {
+    if (is_plain_array<T>(obj)) {  // the common case, read off the header
+        const auto* header = py::detail::array_proxy(obj.ptr());
+        dst.shape.assign(header->dimensions, header->dimensions + header->nd);
+        const T* data = reinterpret_cast<const T*>(header->data);
+        dst.data.assign(data, data + cnnbp::numel(dst.shape));
+        return;
+    }
+    py::array arr = as_array(op.c_str(), name, obj);
+    const DType got = float_dtype(op.c_str(), name, arr);
+    if (got != dtype_of<T>) {
+        if (weighted)
+            throw py::type_error("[" + op + "] weight: expected " + dtype_name(arr) +
+                                 " like the first array argument, got " + dtype_str<T>());
+        throw py::type_error("[" + op + "] " + name + ": expected " + dtype_str<T>() + ", got " +
+                             dtype_name(arr));
+    }
+    fill(dst, arr);
+}
+
+// A new array holding a copy of t.
+template <typename T>
+py::array to_numpy(const Tensor<T>& t) {
+    auto out = empty_like_shape<T>(t.shape);
+    if (!t.data.empty()) std::memcpy(out.mutable_data(), t.data.data(), t.data.size() * sizeof(T));
+    return out;
+}
+
+// A copy, or None for a tensor that was never written (a trace entry before its pass).
+template <typename T>
+py::object to_numpy_or_none(const Tensor<T>* t) {
+    if (!t || t->shape.empty()) return py::none();
+    return to_numpy(*t);
+}
+
+// A writable NumPy view of t's storage that keeps `owner` alive.
+template <typename T>
+py::array view(Tensor<T>& t, const py::handle& owner) {
+    std::vector<py::ssize_t> shape(t.shape.begin(), t.shape.end());
+    return py::array_t<T>(shape, t.data.data(), owner);
+}
+
+// The first weighted layer decides how a dtype mismatch is reported.
+template <typename T>
+bool is_weighted(Layer<T>& layer) {
+    return dynamic_cast<WeightedLayer<T>*>(&layer) != nullptr;
+}
+
+template <typename T>
+py::array layer_forward(Layer<T>& layer, const py::handle& x) {
+    fill_input(layer.kept_input(), op_of(layer.type()), is_weighted(layer), x);
+    const Tensor<T>* out;
+    {
+        py::gil_scoped_release release;
+        out = &layer.forward(layer.kept_input());
+    }
+    return to_numpy(*out);
+}
+
+template <typename T>
+py::array layer_backward(Layer<T>& layer, const py::handle& dy) {
+    fill_input(layer.kept_grad_output(), op_of(layer.type()) + "_backward", false, dy, "doutput");
+    const Tensor<T>* dx;
+    {
+        py::gil_scoped_release release;
+        dx = &layer.backward(layer.kept_grad_output());
+    }
+    return to_numpy(*dx);
+}
+
+// A module written in Python, run as a layer of a C++ Sequential: its forward and backward
+// are called with the GIL held, on copies of the tensors.
+template <typename T>
+class PythonLayer : public Layer<T> {
+ public:
+    explicit PythonLayer(py::object module) : module_(std::move(module)) {}
+
+    const Tensor<T>& forward(const Tensor<T>& input) override {
+        py::gil_scoped_acquire gil;
+        this->input_ = &input;
+        py::object out = module_.attr("forward")(to_numpy(input));
+        fill_input(this->output_, type(), false, out, "output");
+        return this->output_;
+    }
+
+    const Tensor<T>& backward(const Tensor<T>& grad_output) override {
+        py::gil_scoped_acquire gil;
+        this->grad_output_ = &grad_output;
+        py::object dx = module_.attr("backward")(to_numpy(grad_output));
+        fill_input(this->grad_input_, type() + "_backward", false, dx, "grad_input");
+        return this->grad_input_;
+    }
+
+    // the module's own parameters, so zero_grad and the optimizers reach them
+    std::vector<std::pair<std::string, Parameter<T>*>> named_parameters() override {
+        py::gil_scoped_acquire gil;
+        std::vector<std::pair<std::string, Parameter<T>*>> out;
+        for (py::handle pair : module_.attr("named_parameters")()) {
+            auto named = py::reinterpret_borrow<py::tuple>(pair);
+            py::object impl = named[1].attr("_impl");
+            if (!py::isinstance<Parameter<T>>(impl))
+                throw py::type_error("[Sequential] " + type() + "." +
+                                     py::cast<std::string>(named[0]) + ": expected a " +
+                                     dtype_str<T>() + " parameter like the model's");
+            out.emplace_back(py::cast<std::string>(named[0]), impl.cast<Parameter<T>*>());
+        }
+        return out;
+    }
+
+    std::string type() const override {
+        py::gil_scoped_acquire gil;
+        return py::cast<std::string>(py::type::of(module_).attr("__name__"));
+    }
+
+ private:
+    py::object module_;
+};
+
+// The target of a loss as a tensor of T: probabilities for BCE, class indices for
+// cross-entropy (given as integers, checked here as the functional API checks them).
+template <typename T>
+void fill_target(Tensor<T>& dst, Loss<T>& loss, const py::handle& obj) {
+    if (dynamic_cast<CrossEntropyLoss<T>*>(&loss)) {
+        auto labels = as_int64("cross_entropy", "labels", obj);
+        dst.shape = shape_of(labels);
+        dst.data.resize(size_t(labels.size()));
+        const int64_t* src = labels.data();
+        for (size_t i = 0; i < dst.data.size(); ++i) {
+            // exact as T up to 2^24; labels beyond stay out of range, so the loss reports them
+            const int64_t limit = int64_t(1) << 24, label = src[i];
+            dst.data[i] = T(label < -limit ? -limit : label > limit ? limit : label);
+        }
+        return;
+    }
+    const std::string op = loss.type() == "BCELoss" ? "binary_cross_entropy"
+                                                    : "binary_cross_entropy_with_logits";
+    if (is_plain_array<T>(obj)) {
+        fill_input(dst, op, false, obj, "target");
+        return;
+    }
+    py::array arr = as_array(op.c_str(), "target", obj);
+    check_dtype(op.c_str(), "target", arr, dtype_of<T>);
+    fill(dst, arr);
+}
+
+template <typename T>
+std::string loss_op(Loss<T>& loss) {
+    const std::string type = loss.type();
+    if (type == "BCELoss") return "binary_cross_entropy";
+    if (type == "BCEWithLogitsLoss") return "binary_cross_entropy_with_logits";
+    return "cross_entropy";
+}
+
+template <typename T>
+double loss_forward(Loss<T>& loss, const py::handle& input, const py::handle& target) {
+    static thread_local Tensor<T> input_copy, target_copy;  // the loss keeps its own copies
+    const std::string op = loss_op(loss);
+    py::array arr = as_array(op.c_str(), "input", input);
+    check_dtype(op.c_str(), "input", arr, dtype_of<T>);
+    fill(input_copy, arr);
+    fill_target(target_copy, loss, target);
+    py::gil_scoped_release release;
+    return loss.forward(input_copy, target_copy);
+}
+
+// Steps on inputs smaller than this keep the GIL: releasing it costs more than they do.
+constexpr int64_t kReleaseGilValues = int64_t(1) << 12;
+
+// A training step with its model, loss and optimizer bound once, so that each call passes
+// only the batch: the path of Sequential.train_step in Python.
+template <typename T>
+struct TrainStep {
+    std::shared_ptr<Sequential<T>> model;
+    std::shared_ptr<Loss<T>> loss;
+    std::shared_ptr<Optimizer<T>> optimizer;
+    Tensor<T> target;  // the loss keeps its own copy; this is the conversion's storage
+
+    double operator()(const py::handle& x, const py::handle& y) {
+        fill_input(model->kept_input(), "Sequential", false, x);
+        fill_target(target, *loss, y);
+        if (model->kept_input().size() < kReleaseGilValues)
+            return train_step(*model, model->kept_input(), target, *loss, *optimizer);
+        py::gil_scoped_release release;
+        return train_step(*model, model->kept_input(), target, *loss, *optimizer);
+    }
+};
+
+template <typename T>
+std::vector<Parameter<T>*> parameter_pointers(const py::list& params) {
+    std::vector<Parameter<T>*> out;
+    for (py::handle p : params) out.push_back(p.cast<Parameter<T>*>());
+    return out;
+}
+
+template <typename T>
+py::list named_parameters(const py::object& self) {
+    py::list out;
+    for (auto& [name, p] : self.cast<Layer<T>&>().named_parameters())
+        out.append(py::make_tuple(name, py::cast(p, py::return_value_policy::reference_internal,
+                                                 self)));
+    return out;
+}
+
+template <typename T>
+void bind_dtype(py::module_& m) {
+    using P = Parameter<T>;
+    py::class_<P>(m, suffixed<T>("Parameter").c_str())
+        .def(py::init([](const py::handle& data) {
+            auto p = std::make_unique<P>();
+            fill_input(p->value, "Parameter", false, data, "data");
+            return p;
+        }))
+        .def_property_readonly("data",
+                               [](py::object self) { return view(self.cast<P&>().value, self); })
+        .def_property_readonly("grad",
+                               [](py::object self) -> py::object {
+                                   P& p = self.cast<P&>();
+                                   if (!p.grad_set) return py::none();
+                                   return view(p.grad, self);
+                               })
+        // the gradient's storage, shaped like data, marked set: the caller fills it
+        .def("grad_storage",
+             [](py::object self) {
+                 P& p = self.cast<P&>();
+                 p.grad.resize(p.value.shape);
+                 p.grad_set = true;
+                 return view(p.grad, self);
+             })
+        .def("clear_grad", &P::clear_grad);
+
+    using L = Layer<T>;
+    py::class_<L, std::shared_ptr<L>>(m, suffixed<T>("Layer").c_str())
+        .def("forward", &layer_forward<T>)
+        .def("backward", &layer_backward<T>)
+        .def("input", [](L& l) { return to_numpy_or_none(l.input()); })
+        .def("output", [](L& l) { return to_numpy_or_none(&l.output()); })
+        .def("grad_output", [](L& l) { return to_numpy_or_none(l.grad_output()); })
+        .def("grad_input", [](L& l) { return to_numpy_or_none(&l.grad_input()); })
+        .def("type", &L::type)
+        .def("train", &L::train)
+        .def("is_training", &L::is_training)
+        .def("named_parameters", &named_parameters<T>);
+
+    using A2 = std::array<int64_t, 2>;
+    py::class_<Conv2d<T>, L, std::shared_ptr<Conv2d<T>>>(m, suffixed<T>("Conv2d").c_str())
+        .def(py::init<int64_t, int64_t, A2, A2, A2, bool>());
+    py::class_<Linear<T>, L, std::shared_ptr<Linear<T>>>(m, suffixed<T>("Linear").c_str())
+        .def(py::init<int64_t, int64_t, bool>());
+    py::class_<MaxPool2d<T>, L, std::shared_ptr<MaxPool2d<T>>>(m,
+                                                                suffixed<T>("MaxPool2d").c_str())
+        .def(py::init<A2, A2, A2>())
+        .def("indices", [](MaxPool2d<T>& l) -> py::object {
+            if (l.output().shape.empty()) return py::none();
+            auto out = empty_like_shape<int64_t>(l.output().shape);
+            std::copy(l.indices.begin(), l.indices.end(), out.mutable_data());
+            return std::move(out);
+        });
+    py::class_<AvgPool2d<T>, L, std::shared_ptr<AvgPool2d<T>>>(m,
+                                                                suffixed<T>("AvgPool2d").c_str())
+        .def(py::init<A2, A2, A2>());
+    py::class_<ReLU<T>, L, std::shared_ptr<ReLU<T>>>(m, suffixed<T>("ReLU").c_str())
+        .def(py::init<>());
+    py::class_<Tanh<T>, L, std::shared_ptr<Tanh<T>>>(m, suffixed<T>("Tanh").c_str())
+        .def(py::init<>());
+    py::class_<Dropout<T>, L, std::shared_ptr<Dropout<T>>>(m, suffixed<T>("Dropout").c_str())
+        .def(py::init<double, uint64_t>())
+        .def("mask", [](Dropout<T>& l) -> py::object {  // of the last training forward
+            if (!l.dropped()) return py::none();
+            auto out = empty_like_shape<bool>(l.output().shape);
+            std::copy(l.mask.begin(), l.mask.end(), out.mutable_data());
+            return std::move(out);
+        });
+    py::class_<Sigmoid<T>, L, std::shared_ptr<Sigmoid<T>>>(m, suffixed<T>("Sigmoid").c_str())
+        .def(py::init<>());
+    py::class_<Flatten<T>, L, std::shared_ptr<Flatten<T>>>(m, suffixed<T>("Flatten").c_str())
+        .def(py::init<>());
+    py::class_<PythonLayer<T>, L, std::shared_ptr<PythonLayer<T>>>(
+        m, suffixed<T>("PythonLayer").c_str())
+        .def(py::init<py::object>());
+    py::class_<Sequential<T>, L, std::shared_ptr<Sequential<T>>>(
+        m, suffixed<T>("Sequential").c_str())
+        .def(py::init<>())
+        .def("add", [](Sequential<T>& s, std::shared_ptr<L> layer) { s.add(std::move(layer)); })
+        .def("zero_grad", &Sequential<T>::zero_grad);
+    py::class_<TrainStep<T>>(m, suffixed<T>("TrainStep").c_str())
+        .def(py::init([](std::shared_ptr<Sequential<T>> model, std::shared_ptr<Loss<T>> loss,
+                         std::shared_ptr<Optimizer<T>> optimizer) {
+            return TrainStep<T>{std::move(model), std::move(loss), std::move(optimizer), {}};
+        }))
+        .def("__call__", &TrainStep<T>::operator());
+
+    using Lo = Loss<T>;
+    py::class_<Lo, std::shared_ptr<Lo>>(m, suffixed<T>("Loss").c_str())
+        .def("forward", &loss_forward<T>)
+        .def("backward",
+             [](Lo& loss, double grad_loss) {
+                 const Tensor<T>* grad;
+                 {
+                     py::gil_scoped_release release;
+                     grad = &loss.backward();
+                 }
+                 py::array out = to_numpy(*grad);
+                 if (grad_loss != 1.0) {
+                     T* g = static_cast<T*>(out.mutable_data());
+                     for (py::ssize_t i = 0; i < out.size(); ++i) g[i] *= T(grad_loss);
+                 }
+                 return out;
+             })
+        .def("has_run", &Lo::has_run)
+        .def("input", [](Lo& l) { return to_numpy_or_none(l.has_run() ? &l.input() : nullptr); })
+        .def("target",
+             [](Lo& l) -> py::object {
+                 if (!l.has_run()) return py::none();
+                 if (auto* ce = dynamic_cast<CrossEntropyLoss<T>*>(&l)) {
+                     auto out = empty_like_shape<int64_t>({int64_t(ce->labels().size())});
+                     std::copy(ce->labels().begin(), ce->labels().end(), out.mutable_data());
+                     return std::move(out);
+                 }
+                 return to_numpy(l.target());
+             })
+        .def("value", &Lo::value)
+        .def("grad_input", [](Lo& l) { return to_numpy_or_none(&l.grad_input()); })
+        .def("type", &Lo::type);
+    py::class_<BCELoss<T>, Lo, std::shared_ptr<BCELoss<T>>>(m, suffixed<T>("BCELoss").c_str())
+        .def(py::init<>());
+    py::class_<BCEWithLogitsLoss<T>, Lo, std::shared_ptr<BCEWithLogitsLoss<T>>>(
+        m, suffixed<T>("BCEWithLogitsLoss").c_str())
+        .def(py::init<>());
+    py::class_<CrossEntropyLoss<T>, Lo, std::shared_ptr<CrossEntropyLoss<T>>>(
+        m, suffixed<T>("CrossEntropyLoss").c_str())
+        .def(py::init<>());
+
+    using O = Optimizer<T>;
+    using py::arg;
+    py::class_<O, std::shared_ptr<O>>(m, suffixed<T>("Optimizer").c_str())
+        .def("step",
+             [](O& o) {
+                 py::gil_scoped_release release;
+                 o.step();
+             })
+        .def("zero_grad", &O::zero_grad)
+        .def_property("lr", &O::lr, &O::set_lr);
+    // The optimizer keeps the list of parameters (and so the parameters) alive.
+    py::class_<SGD<T>, O, std::shared_ptr<SGD<T>>>(m, suffixed<T>("SGD").c_str())
+        .def(py::init([](const py::list& params, double lr, double momentum, double weight_decay,
+                         double dampening, bool nesterov) {
+                 return std::make_shared<SGD<T>>(parameter_pointers<T>(params), lr, momentum,
+                                                 weight_decay, dampening, nesterov);
+             }),
+             py::keep_alive<1, 2>(), arg("params"), arg("lr"), arg("momentum"),
+             arg("weight_decay"), arg("dampening"), arg("nesterov"));
+    py::class_<Adam<T>, O, std::shared_ptr<Adam<T>>>(m, suffixed<T>("Adam").c_str())
+        .def(py::init([](const py::list& params, double lr, double beta1, double beta2,
+                         double eps, double weight_decay) {
+                 return std::make_shared<Adam<T>>(parameter_pointers<T>(params), lr, beta1,
+                                                  beta2, eps, weight_decay);
+             }),
+             py::keep_alive<1, 2>(), arg("params"), arg("lr"), arg("beta1"), arg("beta2"),
+             arg("eps"), arg("weight_decay"));
+    py::class_<AdamW<T>, Adam<T>, std::shared_ptr<AdamW<T>>>(m, suffixed<T>("AdamW").c_str())
+        .def(py::init([](const py::list& params, double lr, double beta1, double beta2,
+                         double eps, double weight_decay) {
+                 return std::make_shared<AdamW<T>>(parameter_pointers<T>(params), lr, beta1,
+                                                   beta2, eps, weight_decay);
+             }),
+             py::keep_alive<1, 2>(), arg("params"), arg("lr"), arg("beta1"), arg("beta2"),
+             arg("eps"), arg("weight_decay"));
+}
+
+}  // namespace
+
+void bind_nn(py::module_& m) {
+    bind_dtype<float>(m);
+    bind_dtype<double>(m);
+}
+
+}  // namespace cnnbp_bindings

@@ -1,0 +1,345 @@
+"""Data for training: image datasets as NumPy arrays, splits and minibatches.
+
+    x, y = data.load_digits()                        # (1797, 1, 8, 8) in [0, 1], labels 0..9
+    x, y = data.load_mnist("mnist/", split="train")  # IDX files, plain or .gz (also Fashion-MNIST)
+    x, y = data.load_npz("my_images.npz")            # arrays "x" (N, C, H, W) or (N, H, W), "y" (N,)
+    (x_train, y_train), (x_test, y_test) = data.train_test_split(x, y, test_fraction=0.2, seed=0)
+    x01, y01 = data.select_classes(x, y, [0, 1])     # two classes, labels remapped to 0 and 1
+    for xb, yb in data.DataLoader(x_train, y_train, batch_size=32, shuffle=True, seed=0):
+        loss = model.train_step(xb, yb, loss_fn, optimizer)
+
+Images come out NCHW, C-contiguous, in the requested float dtype (float32 by default);
+labels come out int64. Loaders read data only (never unpickle) and refuse malformed files
+with ValueError("[load_...] <what>: expected ..., got ...").
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zipfile
+import zlib
+
+import numpy as np
+
+_EXTRA_HINT = 'install the datasets extra: pip install "cnnbp[datasets]"'
+
+
+def _float_dtype(dtype, where):
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"[{where}] dtype: expected float32 or float64, got {dtype}")
+    return dtype
+
+
+# ---- scikit-learn's 8x8 digits --------------------------------------------------------------
+
+
+def load_digits(dtype=np.float32):
+    """The 1797 8x8 handwritten digits bundled with scikit-learn (no download).
+
+    Returns x (1797, 1, 8, 8) scaled from 0..16 to [0, 1] and y (1797,) int64 in 0..9.
+    """
+    dtype = _float_dtype(dtype, "load_digits")
+    try:
+        from sklearn.datasets import load_digits as sklearn_load_digits
+    except ImportError as error:
+        raise ImportError(f"[load_digits] scikit-learn is needed for the digits dataset: "
+                          f"{_EXTRA_HINT}") from error
+    digits = sklearn_load_digits()
+    images = np.asarray(digits.images)  # (1797, 8, 8), values 0..16
+    x = np.ascontiguousarray((images / 16.0).astype(dtype)[:, None, :, :])
+    y = np.asarray(digits.target, dtype=np.int64)
+    return x, y
+
+
+# ---- MNIST-format IDX files ---------------------------------------------------------------
+
+_IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dims (count, rows, columns)
+_IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dim (count)
+_READ_CHUNK = 1 << 20
+
+
+def _find_idx_file(directory, stem):
+    for name in (stem, stem + ".gz"):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"[load_mnist] {stem}: expected {stem} or {stem}.gz in "
+                            f"{directory!r}, got neither")
+
+
+def _read_exactly(stream, size, name, dims):
+    """Read `size` bytes, growing the buffer only as data actually arrives, so a header
+    that claims more than the file holds never makes us allocate it."""
+    chunks, have = [], 0
+    while have < size:
+        chunk = stream.read(min(_READ_CHUNK, size - have))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        have += len(chunk)
+    if have != size:
+        raise ValueError(f"[load_mnist] {name}: expected {size} data bytes for dimensions "
+                         f"{dims}, got {have}")
+    return b"".join(chunks)
+
+
+def _read_idx(path, magic, ndim):
+    """The array in one IDX file (unsigned bytes), header checked against the file length."""
+    name = os.path.basename(path)
+    compressed = path.endswith(".gz")
+    header_size = 4 + 4 * ndim
+    try:
+        stream = gzip.open(path, "rb") if compressed else open(path, "rb")
+        with stream:
+            header = stream.read(header_size)
+            if len(header) < 4:
+                raise ValueError(f"[load_mnist] {name}: expected an IDX header of "
+                                 f"{header_size} bytes, got {len(header)} bytes")
+            got_magic = int.from_bytes(header[:4], "big")
+            if got_magic != magic:
+                raise ValueError(f"[load_mnist] {name}: expected magic number 0x{magic:08x}, "
+                                 f"got 0x{got_magic:08x}")
+            if len(header) < header_size:
+                raise ValueError(f"[load_mnist] {name}: expected an IDX header of "
+                                 f"{header_size} bytes, got {len(header)} bytes")
+            dims = tuple(int.from_bytes(header[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+            if any(d == 0 for d in dims):
+                raise ValueError(f"[load_mnist] {name}: expected non-zero dimensions, got {dims}")
+            size = int(np.prod(dims, dtype=object))
+            if not compressed:
+                # the length is known before reading: refuse a header that does not fit it
+                available = os.fstat(stream.fileno()).st_size - header_size
+                if available != size:
+                    raise ValueError(f"[load_mnist] {name}: expected {size} data bytes for "
+                                     f"dimensions {dims}, got {available}")
+            body = _read_exactly(stream, size, name, dims)
+            if stream.read(1):
+                raise ValueError(f"[load_mnist] {name}: expected {size} data bytes for "
+                                 f"dimensions {dims}, got more")
+    except (OSError, EOFError, zlib.error) as error:
+        if isinstance(error, FileNotFoundError):
+            raise
+        raise ValueError(f"[load_mnist] {name}: expected a readable IDX file, "
+                         f"got {type(error).__name__}: {error}") from error
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+def load_mnist(directory, split="train", dtype=np.float32):
+    """MNIST (or Fashion-MNIST, or any MNIST-format) IDX files from `directory`.
+
+    split "train" reads train-images-idx3-ubyte / train-labels-idx1-ubyte, split "test"
+    reads t10k-images-idx3-ubyte / t10k-labels-idx1-ubyte, each plain or gzipped (.gz).
+    Returns x (N, 1, rows, cols) scaled from 0..255 to [0, 1] and y (N,) int64.
+    """
+    dtype = _float_dtype(dtype, "load_mnist")
+    if split not in _IDX_FILES:
+        raise ValueError(f"[load_mnist] split: expected 'train' or 'test', got {split!r}")
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"[load_mnist] directory: expected a directory holding the "
+                                f"IDX files, got {directory!r}")
+    images_stem, labels_stem = _IDX_FILES[split]
+    images = _read_idx(_find_idx_file(directory, images_stem), _IDX_IMAGES_MAGIC, 3)
+    labels = _read_idx(_find_idx_file(directory, labels_stem), _IDX_LABELS_MAGIC, 1)
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"[load_mnist] {split}: expected as many labels as images "
+                         f"({images.shape[0]}), got {labels.shape[0]}")
+    x = (images.astype(dtype) / dtype.type(255))[:, None, :, :]
+    return np.ascontiguousarray(x), labels.astype(np.int64)
+
+
+# ---- any .npz of images and labels -----------------------------------------------------
+
+# deflate expands at most ~1032:1; a member claiming more is refused before it is allocated
+_MAX_DEFLATE_RATIO = 1100
+
+
+def _check_npz_member(archive, info, key):
+    """The .npy header of `key` must describe exactly the bytes the zip entry holds."""
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(member)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(member)
+        else:
+            raise ValueError(f"npy format version {version}")
+        header_size = member.tell()
+    if dtype.hasobject:
+        raise ValueError(f"[load_npz] {key}: expected a numeric array, got an object array "
+                         f"(pickled data is never loaded)")
+    data_size = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if info.file_size - header_size != data_size:
+        raise ValueError(f"[load_npz] {key}: expected {data_size} bytes for shape {shape} "
+                         f"{dtype}, got {info.file_size - header_size}")
+    if (info.compress_type != zipfile.ZIP_STORED
+            and info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + 4096):
+        raise ValueError(f"[load_npz] {key}: expected at most {_MAX_DEFLATE_RATIO}x "
+                         f"compression, got {info.file_size} bytes from {info.compress_size}")
+
+
+def _labels(y, where):
+    if y.ndim != 1:
+        raise ValueError(f"[{where}] y: expected 1 dim (N,), got shape {y.shape}")
+    if y.dtype.kind in "iu":
+        labels = y.astype(np.int64)
+    elif y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+        labels = y.astype(np.int64)  # whole numbers stored as floats
+    else:
+        raise ValueError(f"[{where}] y: expected integer class labels, got {y.dtype} values")
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"[{where}] y: expected labels >= 0, got {labels.min()}")
+    return labels
+
+
+def load_npz(path, dtype=np.float32):
+    """Images and labels from a .npz holding arrays "x" and "y".
+
+    x: (N, C, H, W), or (N, H, W) which becomes (N, 1, H, W); uint8 images are scaled from
+    0..255 to [0, 1], other numeric types are converted as they are. y: (N,) non-negative
+    integer labels (integer dtype, or floats holding whole numbers). Extra arrays are ignored.
+    """
+    dtype = _float_dtype(dtype, "load_npz")
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"[load_npz] {path}: expected a .npz file, got no such file")
+    arrays = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename: info for info in archive.infolist()}
+            for key in ("x", "y"):
+                info = members.get(key + ".npy")
+                if info is None:
+                    names = sorted(n[:-4] for n in members if n.endswith(".npy"))
+                    raise ValueError(f"[load_npz] {key}: expected arrays 'x' and 'y', "
+                                     f"got {names}")
+                _check_npz_member(archive, info, key)
+        with np.load(path, allow_pickle=False) as contents:
+            for key in ("x", "y"):
+                arrays[key] = contents[key]
+    except ValueError as error:
+        if str(error).startswith("[load_npz]"):
+            raise
+        raise ValueError(f"[load_npz] {os.path.basename(path)}: expected a readable .npz "
+                         f"archive, got {error}") from error
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError,
+            NotImplementedError) as error:
+        raise ValueError(f"[load_npz] {os.path.basename(path)}: expected a readable .npz "
+                         f"archive, got {type(error).__name__}: {error}") from error
+
+    x, y = arrays["x"], arrays["y"]
+    if x.ndim == 3:
+        x = x[:, None, :, :]
+    if x.ndim != 4:
+        raise ValueError(f"[load_npz] x: expected 4 dims (N, C, H, W) or 3 dims (N, H, W), "
+                         f"got shape {x.shape}")
+    if x.dtype.kind not in "biuf":
+        raise ValueError(f"[load_npz] x: expected numeric images, got {x.dtype}")
+    labels = _labels(y, "load_npz")
+    if x.shape[0] != labels.shape[0]:
+        raise ValueError(f"[load_npz] y: expected one label per image ({x.shape[0]}), "
+                         f"got {labels.shape[0]}")
+    if x.shape[0] == 0:
+        raise ValueError("[load_npz] x: expected at least one image, got 0")
+    images = x.astype(dtype) / dtype.type(255) if x.dtype == np.uint8 else x.astype(dtype)
+    if not np.all(np.isfinite(images)):
+        raise ValueError("[load_npz] x: expected finite values, got NaN or infinity")
+    return np.ascontiguousarray(images), labels
+
+
+# ---- splits and minibatches ------------------------------------------------------------
+
+
+def _check_pair(x, y, where):
+    x, y = np.asarray(x), np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"[{where}] y: expected 1 dim (N,), got shape {y.shape}")
+    if x.ndim < 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"[{where}] x: expected {y.shape[0]} samples like y, "
+                         f"got shape {x.shape}")
+    return x, y
+
+
+def train_test_split(x, y, test_fraction=0.2, seed=0):
+    """Split into (x_train, y_train), (x_test, y_test), stratified: each class puts
+    round(test_fraction * its count) samples into the test part, chosen by `seed`.
+    Both parts keep the original order of the samples. Deterministic for a seed."""
+    x, y = _check_pair(x, y, "train_test_split")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"[train_test_split] test_fraction: expected a value in (0, 1), "
+                         f"got {test_fraction}")
+    rng = np.random.default_rng(seed)
+    test = np.zeros(y.shape[0], dtype=bool)
+    for label in np.unique(y):
+        members = np.flatnonzero(y == label)
+        count = int(round(test_fraction * members.size))
+        test[rng.permutation(members)[:count]] = True
+    if test.all() or not test.any():
+        raise ValueError(f"[train_test_split] x: expected enough samples for a training and "
+                         f"a test part at test_fraction {test_fraction}, got {y.shape[0]}")
+    train_index, test_index = np.flatnonzero(~test), np.flatnonzero(test)
+    return (x[train_index], y[train_index]), (x[test_index], y[test_index])
+
+
+def select_classes(x, y, classes):
+    """Only the samples whose label is in `classes`, relabelled 0..k-1 in that order:
+    select_classes(x, y, [3, 8]) makes 3 -> 0 and 8 -> 1."""
+    x, y = _check_pair(x, y, "select_classes")
+    classes = [int(c) for c in classes]
+    if len(set(classes)) != len(classes) or not classes:
+        raise ValueError(f"[select_classes] classes: expected distinct labels, got {classes}")
+    mapping = {c: i for i, c in enumerate(classes)}
+    present = set(np.unique(y).tolist())
+    missing = [c for c in classes if c not in present]
+    if missing:
+        raise ValueError(f"[select_classes] classes: expected labels present in the data "
+                         f"({sorted(present)}), got {missing}")
+    keep = np.flatnonzero(np.isin(y, classes))
+    kept = y[keep]
+    remapped = np.empty(keep.size, dtype=np.int64)
+    for label, index in mapping.items():
+        remapped[kept == label] = index
+    return x[keep], remapped
+
+
+class DataLoader:
+    """Minibatches (xb, yb) of x and y, C-contiguous, in a fresh order every epoch.
+
+    With shuffle=True the order comes from one generator seeded once here, so the k-th
+    pass over the loader is the same in every run with the same seed, and different from
+    the passes before it. len(loader) is the number of batches per epoch; drop_last
+    leaves out a last batch smaller than batch_size.
+    """
+
+    def __init__(self, x, y, batch_size=64, shuffle=True, seed=0, drop_last=False):
+        x, y = _check_pair(x, y, "DataLoader")
+        if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
+            raise ValueError(f"[DataLoader] batch_size: expected an integer >= 1, "
+                             f"got {batch_size!r}")
+        self.x, self.y = x, y
+        self.batch_size, self.shuffle, self.drop_last = int(batch_size), shuffle, drop_last
+        self._rng = np.random.default_rng(seed)
+
+    def __len__(self):
+        n = self.y.shape[0]
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = self.y.shape[0]
+        order = self._rng.permutation(n) if self.shuffle else None
+        for b in range(len(self)):
+            start, stop = b * self.batch_size, min((b + 1) * self.batch_size, n)
+            if order is None:
+                yield (np.ascontiguousarray(self.x[start:stop]),
+                       np.ascontiguousarray(self.y[start:stop]))
+            else:
+                index = order[start:stop]
+                yield np.ascontiguousarray(self.x[index]), np.ascontiguousarray(self.y[index])
+
+
+__all__ = ["load_digits", "load_mnist", "load_npz", "train_test_split", "select_classes",
+           "DataLoader"]

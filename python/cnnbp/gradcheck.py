@@ -1,0 +1,243 @@
+"""Check a model's parameter gradients against central finite differences.
+
+    report = cnnbp.gradcheck(model, x, y, nn.CrossEntropyLoss())
+    print(report)                    # one line per parameter: worst error, probes, skipped
+    report.passed, report["0.weight"].error
+
+For every entry of every parameter p, the analytic dL/dp from one backward pass is compared
+with (L(p + eps) - L(p - eps)) / (2 eps). The comparison runs in float64: a float32 model
+is checked on a float64 copy of itself (same architecture and weights, through the model
+file format), so float32 rounding does not drown the differences; the model passed in is
+left as it was.
+
+ReLU and max-pooling are not differentiable everywhere. A probe whose +-eps step changes
+which ReLU inputs are positive, or which element a max-pool window picks, straddles a kink
+or a tie, where the difference quotient means nothing: such probes are skipped and counted.
+They are found by comparing every layer's pattern (ReLU: input > 0; MaxPool2d: indices)
+after each perturbed forward with the unperturbed one.
+
+Each parameter's error is the walkthrough's measure, max |analytic - numeric| over the
+probed entries divided by the largest |numeric| (at least 1e-12); a parameter passes when
+that error is at most rtol, or when the absolute difference is at most atol (for gradients
+that are zero up to rounding).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import nn
+
+
+@dataclass
+class ParameterCheck:
+    """The comparison for one parameter."""
+    name: str
+    shape: tuple
+    error: float        # max |analytic - numeric| / max(max |numeric|, 1e-12), probed entries
+    abs_error: float    # max |analytic - numeric|
+    probed: int         # entries compared
+    skipped: int        # entries whose probe crossed a ReLU kink or a max-pool tie
+    worst_index: tuple | None
+    passed: bool
+
+
+@dataclass
+class GradcheckReport:
+    """Per-parameter results, by name, in the model's order; str() is a printable table."""
+    parameters: dict = field(default_factory=dict)
+    eps: float = 1e-6
+    rtol: float = 1e-5
+    atol: float = 1e-8
+    loss: float = float("nan")
+    copied_from: str | None = None  # "float32" when a float64 copy was checked
+
+    def __getitem__(self, name) -> ParameterCheck:
+        return self.parameters[name]
+
+    def __iter__(self):
+        return iter(self.parameters.values())
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self)
+
+    @property
+    def failed(self) -> list:
+        """Names of the parameters whose gradients disagree with finite differences."""
+        return [check.name for check in self if not check.passed]
+
+    def summary(self) -> str:
+        origin = (f" (a float64 copy of the {self.copied_from} model)"
+                  if self.copied_from else "")
+        rows = [(c.name, "x".join(map(str, c.shape)) or "scalar", f"{c.probed}",
+                 f"{c.skipped}", f"{c.error:.2e}", f"{c.abs_error:.2e}",
+                 "ok" if c.passed else "FAILED") for c in self]
+        head = ("parameter", "shape", "probed", "skipped", "rel. error", "abs. error", "")
+        widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+        line = lambda r: "  ".join(v.ljust(w) if i < 2 else v.rjust(w)  # noqa: E731
+                                   for i, (v, w) in enumerate(zip(r, widths))).rstrip()
+        lines = [f"gradcheck: central differences, eps {self.eps:g}, float64{origin}; "
+                 f"loss {self.loss:.6g}",
+                 line(head)] + [line(r) for r in rows]
+        verdict = "passed" if self.passed else f"FAILED: {', '.join(self.failed)}"
+        lines.append(f"{verdict} (rel. error <= {self.rtol:g} or abs. error <= {self.atol:g}; "
+                     f"probes across a ReLU kink or max-pool tie skipped)")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"passed": self.passed, "eps": self.eps, "rtol": self.rtol, "atol": self.atol,
+                "loss": self.loss, "copied_from": self.copied_from,
+                "parameters": {c.name: {"shape": list(c.shape), "error": c.error,
+                                        "abs_error": c.abs_error, "probed": c.probed,
+                                        "skipped": c.skipped, "passed": c.passed}
+                               for c in self}}
+
+    def __str__(self):
+        return self.summary()
+
+
+def _layers(model):
+    try:
+        return list(model)
+    except TypeError:
+        return [model]
+
+
+def _patterns(model):
+    """What decides which piece of a piecewise-linear layer is active, layer by layer."""
+    out = []
+    for layer in _layers(model):
+        if isinstance(layer, nn.ReLU) and layer.input is not None:
+            out.append(np.asarray(layer.input) > 0)
+        indices = getattr(layer, "indices", None)
+        if indices is not None:
+            out.append(np.array(indices, copy=True))
+    return out
+
+
+def _same(patterns, reference):
+    return len(patterns) == len(reference) and all(
+        a.shape == b.shape and np.array_equal(a, b) for a, b in zip(patterns, reference))
+
+
+def _float64_copy(model):
+    """The same architecture and weights in float64, through a model file (save/load)."""
+    from .model_file import load
+    if not hasattr(model, "save"):
+        raise TypeError(f"[gradcheck] model: expected float64 parameters, or a model with "
+                        f"save() to copy into float64, got a float32 {type(model).__name__}; "
+                        f"build it with dtype=np.float64")
+    with tempfile.TemporaryDirectory() as directory:
+        source = os.path.join(directory, "model.npz")
+        model.save(source)
+        with np.load(source, allow_pickle=False) as contents:
+            arrays = {name: contents[name] for name in contents.files}
+        architecture = json.loads(arrays.pop("architecture").tobytes().decode("utf-8"))
+        architecture["dtype"] = "float64"
+        arrays = {name: value.astype(np.float64) for name, value in arrays.items()}
+        arrays["architecture"] = np.frombuffer(json.dumps(architecture).encode(), np.uint8)
+        target = os.path.join(directory, "model64.npz")
+        np.savez(target, **arrays)
+        return load(target)
+
+
+def _evaluation_mode(model):
+    """Put layers with modes (dropout) in eval mode, so every forward is the same function;
+    returns how to restore the previous mode."""
+    if not callable(getattr(model, "eval", None)):
+        return lambda: None
+    was_training = getattr(model, "training", False)
+    model.eval()
+    return (lambda: model.train()) if was_training and callable(getattr(model, "train", None)) \
+        else (lambda: None)
+
+
+def gradcheck(model, x, y, loss_fn, eps=1e-6, rtol=1e-5, atol=1e-8, max_entries=None,
+              seed=0) -> GradcheckReport:
+    """Compare every parameter gradient of `model` on (x, y) with central differences.
+
+    model: an nn.Sequential or a single layer; loss_fn: an nn loss (called as loss_fn(out, y),
+    then loss_fn.backward()). float32 models are checked on a float64 copy; x and floating y
+    are converted to float64. max_entries probes at most that many entries per parameter,
+    chosen with `seed` (default: all of them).
+    """
+    if not eps > 0:
+        raise ValueError(f"[gradcheck] eps: expected > 0, got {eps}")
+    named = model.named_parameters()
+    if not named:
+        raise ValueError("[gradcheck] model: expected trainable parameters, got none")
+    dtypes = {np.dtype(p.data.dtype) for _, p in named}
+    copied_from = None
+    if dtypes != {np.dtype(np.float64)}:
+        if len(dtypes) > 1:
+            raise TypeError(f"[gradcheck] model: expected one dtype for all parameters, "
+                            f"got {sorted(map(str, dtypes))}")
+        copied_from = str(dtypes.pop())
+        model = _float64_copy(model)
+        named = model.named_parameters()
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    y = np.asarray(y)
+    if y.dtype.kind == "f":
+        y = np.ascontiguousarray(y, dtype=np.float64)
+
+    restore = _evaluation_mode(model)
+    try:
+        model.zero_grad()
+        loss = float(loss_fn(model(x), y))
+        model.backward(loss_fn.backward())
+        base = _patterns(model)
+        analytic = {name: (np.zeros(p.data.shape) if p.grad is None
+                           else np.array(p.grad, dtype=np.float64, copy=True))
+                    for name, p in named}
+
+        def loss_and_patterns():
+            value = float(loss_fn(model(x), y))
+            return value, _patterns(model)
+
+        rng = np.random.default_rng(seed)
+        report = GradcheckReport(eps=eps, rtol=rtol, atol=atol, loss=loss,
+                                 copied_from=copied_from)
+        for name, p in named:
+            values = p.data  # perturbed in place, entry by entry, and restored
+            count = values.size
+            flat = np.arange(count)
+            if max_entries is not None and count > max_entries:
+                flat = np.sort(rng.choice(count, size=max_entries, replace=False))
+            numeric = np.full(values.shape, np.nan)
+            skipped = 0
+            for i in flat:
+                index = np.unravel_index(i, values.shape)
+                saved = values[index]
+                values[index] = saved + eps
+                plus, patterns_plus = loss_and_patterns()
+                values[index] = saved - eps
+                minus, patterns_minus = loss_and_patterns()
+                values[index] = saved
+                if _same(patterns_plus, base) and _same(patterns_minus, base):
+                    numeric[index] = (plus - minus) / (2 * eps)
+                else:
+                    skipped += 1
+            probed = ~np.isnan(numeric)
+            difference = np.abs(analytic[name] - np.where(probed, numeric, 0.0))
+            difference[~probed] = 0.0
+            abs_error = float(difference.max(initial=0.0))
+            scale = max(float(np.max(np.abs(numeric[probed]), initial=0.0)), 1e-12)
+            error = abs_error / scale
+            worst = (tuple(int(v) for v in np.unravel_index(np.argmax(difference), values.shape))
+                     if probed.any() else None)
+            report.parameters[name] = ParameterCheck(
+                name, tuple(values.shape), error, abs_error, int(probed.sum()), skipped, worst,
+                passed=error <= rtol or abs_error <= atol)
+        model(x)  # leave the layers holding the unperturbed forward
+    finally:
+        restore()
+    return report
+
+
+__all__ = ["gradcheck", "GradcheckReport", "ParameterCheck"]

@@ -1,0 +1,195 @@
+"""`cnnbp train` and `cnnbp evaluate`, run as a user runs them: `python -m cnnbp ...`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+
+def run(*args, timeout=180):
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")  # small problems; keep the suite's cores free
+    return subprocess.run([sys.executable, "-m", "cnnbp", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def run_json(*args):
+    result = run(*args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """150 noisy 8x8 images of three easy patterns: a row, a column, the diagonal."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 50)
+    x = rng.uniform(0, 0.3, size=(150, 8, 8)).astype(np.float32)
+    for i, label in enumerate(y):
+        k = rng.integers(1, 7)
+        if label == 0:
+            x[i, k, :] += 0.7
+        elif label == 1:
+            x[i, :, k] += 0.7
+        else:
+            x[i][np.eye(8, dtype=bool)] += 0.7
+    path = tmp_path_factory.mktemp("data") / "patterns.npz"
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def test_train_prints_epochs_and_the_report(dataset):
+    result = run("train", "--npz", dataset, "--epochs", 2, "--quiet")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "epoch 1/2  loss " in out and "epoch 2/2  loss " in out
+    assert "120 training and 30 test images of 1x8x8, 3 classes" in out
+    assert "test accuracy " in out
+    assert "confusion matrix (rows: true label, columns: predicted label):" in out
+    assert "images/s" in out and "total time" in out
+    assert "epoch" not in result.stderr  # --quiet: no progress bar
+
+
+def test_same_seed_same_losses_other_seed_other_losses(dataset):
+    first = run_json("train", "--npz", dataset, "--epochs", 2, "--quiet", "--seed", 3)
+    again = run_json("train", "--npz", dataset, "--epochs", 2, "--quiet", "--seed", 3)
+    other = run_json("train", "--npz", dataset, "--epochs", 2, "--quiet", "--seed", 4)
+    assert len(first["losses"]) == 2 and all(np.isfinite(first["losses"]))
+    assert first["losses"] == again["losses"]
+    assert first["confusion_matrix"] == again["confusion_matrix"]
+    assert first["losses"] != other["losses"]
+    assert first["test_images"] == 30 and sum(map(sum, first["confusion_matrix"])) == 30
+    assert first["correct"] == round(first["test_accuracy"] * 30)
+
+
+@pytest.mark.parametrize("optimizer,schedule", [("adamw", "cosine"), ("nesterov", "step"),
+                                                ("adam", "constant")])
+def test_optimizers_and_schedules_by_name(dataset, optimizer, schedule):
+    result = run("train", "--npz", dataset, "--epochs", 3, "--quiet", "--optimizer", optimizer,
+                 "--schedule", schedule)
+    assert result.returncode == 0, result.stderr
+    expected = "" if schedule == "constant" else f", {schedule} schedule"
+    assert f"{optimizer} lr " in result.stdout and f"{expected}, seed 0" in result.stdout
+    assert "test accuracy " in result.stdout
+
+
+def test_saved_model_evaluates_to_the_same_accuracy(dataset, tmp_path):
+    model = tmp_path / "model.npz"
+    trained = run_json("train", "--npz", dataset, "--epochs", 3, "--quiet", "--save", model,
+                       "--seed", 5)
+    assert model.exists() and trained["saved"] == str(model)
+    assert trained["test_accuracy"] > 0.6  # three easy patterns, three epochs
+    evaluated = run_json("evaluate", model, "--npz", dataset, "--seed", 5)
+    assert evaluated["test_accuracy"] == trained["test_accuracy"]
+    assert evaluated["confusion_matrix"] == trained["confusion_matrix"]
+    assert evaluated["test_loss"] == pytest.approx(trained["test_loss"], rel=1e-6)
+    text = run("evaluate", model, "--npz", dataset, "--seed", 5)
+    assert text.returncode == 0, text.stderr
+    assert f"test accuracy {100 * trained['test_accuracy']:.2f}%" in text.stdout
+    assert "images/s" in text.stdout
+    # another seed holds out other images, so the model is scored on others
+    assert run_json("evaluate", model, "--npz", dataset, "--seed", 6)["test_images"] == 30
+
+
+def test_binary_trains_one_logit_and_evaluate_needs_the_same_classes(dataset, tmp_path):
+    model = tmp_path / "binary.npz"
+    trained = run_json("train", "--npz", dataset, "--binary", 2, 0, "--epochs", 2, "--quiet",
+                       "--save", model)
+    assert trained["binary"] and trained["classes"] == ["2", "0"]
+    assert trained["test_images"] == 20 and np.array(trained["confusion_matrix"]).shape == (2, 2)
+    import cnnbp
+    assert cnnbp.load(model)[-1].weight.data.shape[0] == 1  # one output: BCE with logits
+    evaluated = run_json("evaluate", model, "--npz", dataset, "--binary", 2, 0)
+    assert evaluated["test_accuracy"] == trained["test_accuracy"]
+    refused = run("evaluate", model, "--npz", dataset)
+    assert refused.returncode == 2
+    assert "pass --binary A B" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_mnist_directory_trains_and_evaluates_on_the_t10k_files(dataset, tmp_path):
+    import gzip
+
+    with np.load(dataset) as contents:
+        x, y = contents["x"], contents["y"]
+    images = np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
+    order = np.random.default_rng(1).permutation(y.size)
+    for prefix, part in (("train", order[:110]), ("t10k", order[110:])):
+        n = part.size
+        header = (0x803).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (n, 8, 8))
+        with gzip.open(tmp_path / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(header + images[part].tobytes())
+        labels = (0x801).to_bytes(4, "big") + n.to_bytes(4, "big")
+        (tmp_path / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            labels + y[part].astype(np.uint8).tobytes())
+    model = tmp_path / "m.npz"
+    trained = run_json("train", "--mnist", tmp_path, "--epochs", 2, "--quiet", "--save", model)
+    assert trained["dataset"] == "mnist" and trained["epochs"] == 2
+    assert trained["train_images"] == 110 and trained["test_images"] == 40
+    evaluated = run_json("evaluate", model, "--mnist", tmp_path)
+    assert evaluated["test_accuracy"] == trained["test_accuracy"]
+
+
+def test_plot_writes_a_png(dataset, tmp_path):
+    pytest.importorskip("matplotlib")
+    figure = tmp_path / "curves.png"
+    result = run("train", "--npz", dataset, "--epochs", 2, "--quiet", "--plot", figure)
+    assert result.returncode == 0, result.stderr
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"saved the figure to {figure}" in result.stdout
+
+
+def test_progress_bar_goes_to_stderr(dataset):
+    pytest.importorskip("tqdm")
+    result = run("train", "--npz", dataset, "--epochs", 1, "--optimizer", "adam")
+    assert result.returncode == 0, result.stderr
+    assert "epoch 1/1" in result.stderr and "test accuracy" in result.stderr
+    assert "adam lr 0.001" in result.stdout
+
+
+def test_default_run_is_the_digits():
+    pytest.importorskip("sklearn")
+    summary = run_json("train", "--epochs", 1, "--quiet")
+    assert summary["dataset"] == "digits" and summary["train_images"] == 1438
+    assert summary["test_images"] == 359 and summary["classes"] == [str(c) for c in range(10)]
+    assert summary["test_accuracy"] > 0.5 and summary["images_per_second"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--epochs", "0"], "--epochs: expected an integer >= 1, got 0"),
+    (["train", "--epochs", "two"], "--epochs: expected an integer, got 'two'"),
+    (["train", "--lr", "-0.1"], "--lr: expected a number > 0, got -0.1"),
+    (["train", "--batch-size", "0"], "--batch-size: expected an integer >= 1"),
+    (["train", "--optimizer", "rmsprop"], "--optimizer: invalid choice: 'rmsprop'"),
+    (["train", "--schedule", "linear"], "--schedule: invalid choice: 'linear'"),
+    (["train", "--optimizer", "adam", "--momentum", "0.9"], "--momentum: not used by"),
+    (["train", "--binary", "1", "1"], "--binary: expected two different classes"),
+    (["train", "--binary", "1"], "--binary: expected 2 arguments"),
+    (["train", "--binary", "1", "-2"], "--binary"),
+    (["train", "--test-fraction", "1.5"], "--test-fraction: expected a number between 0 and 1"),
+    (["train", "--mnist", "a", "--npz", "b"], "not allowed with argument"),
+    (["train", "--threads", "0"], "--threads: expected an integer >= 1"),
+    (["train", "--unknown"], "unrecognized arguments: --unknown"),
+    (["evaluate"], "the following arguments are required: MODEL.npz"),
+])
+def test_bad_arguments_exit_2_with_a_message(args, message):
+    result = run(*args)
+    assert result.returncode == 2
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_data_and_paths_exit_2_with_a_message(dataset, tmp_path):
+    cases = [
+        (["train", "--npz", tmp_path / "missing.npz"], "[load_npz]"),
+        (["train", "--mnist", tmp_path], "[load_mnist]"),
+        (["train", "--npz", dataset, "--binary", "0", "7"], "[select_classes]"),
+        (["train", "--npz", dataset, "--save", tmp_path / "no" / "m.npz"], "[train] save"),
+        (["evaluate", dataset, "--npz", dataset], "[load]"),
+    ]
+    for args, message in cases:
+        result = run(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
