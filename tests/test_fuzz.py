@@ -1200,14 +1200,11 @@ def test_random_architectures_load_or_are_refused(tmp_path_factory, model_file_b
 # ---------------------------------------------------------------------------------------
 
 KNOWN_GAPS = [
-    ("Conv2d kernel_size 0", lambda: nn.Conv2d(1, 1, 0)),                 # ZeroDivisionError
-    ("Conv2d in_channels 0", lambda: nn.Conv2d(0, 1, 3)),                 # ZeroDivisionError
-    ("Conv2d in_channels -1", lambda: nn.Conv2d(-1, 1, 3)),               # math domain error
-    ("Conv2d kernel_size 2^40", lambda: nn.Conv2d(1, 1, 2**40)),          # NumPy's too big
     ("Conv2d kernel_size '3'", lambda: nn.Conv2d(1, 1, "3")),             # str * str
-    ("Linear in_features 0", lambda: nn.Linear(0, 1)),                    # ZeroDivisionError
-    ("Linear out_features -1", lambda: nn.Linear(2, -1)),                 # NumPy's negative
-    ("SGD lr '0.1'", lambda: optim.SGD(nn.Linear(2, 1).parameters(), lr="0.1")),  # '>=' str
+    ("Conv2d in_channels 2.5", lambda: nn.Conv2d(2.5, 1, 3)),            # pybind11's overloads
+    ("Linear in_features 2^64", lambda: nn.Linear(2**64, 1)),            # pybind11's overloads
+    ("SGD lr '0.1'", lambda: optim.SGD(nn.Linear(2, 1).parameters(), lr="0.1")),
+    ("SGD lr None", lambda: optim.SGD(nn.Linear(2, 1).parameters(), lr=None)),
     ("Adam betas of one", lambda: optim.Adam(nn.Linear(2, 1).parameters(), betas=(0.9,))),
     ("load_state_dict ragged list", lambda: nn.Linear(2, 1).load_state_dict(
         {"weight": [[1.0], [2.0, 3.0]], "bias": [0.0]})),                # NumPy's inhomogeneous
@@ -1232,3 +1229,23 @@ def test_known_gaps_in_layer_and_optimizer_arguments(name, call):
     assert error is not None, "accepted"
     assert re.match(r"^\[\w+\] [\w.]+: expected ", str(error)), f"{type(error).__name__}: {error}"
 
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: nn.Conv2d(1, 1, 0), "[Conv2d] kernel_size: expected >= 1, got 0"),
+    (lambda: nn.Conv2d(0, 1, 3), "[Conv2d] in_channels: expected >= 1, got 0"),
+    (lambda: nn.Conv2d(1, -1, 3), "[Conv2d] out_channels: expected >= 1, got -1"),
+    (lambda: nn.Linear(0, 1), "[Linear] in_features: expected >= 1, got 0"),
+    (lambda: nn.Linear(2, -1), "[Linear] out_features: expected >= 1, got -1"),
+    # weights whose element count overflows int64 (2^32 * (2^32 + 1) wrapped to 2^32 and
+    # sized a 16 GiB buffer for a (2^32, 2^32 + 1) weight) or cannot exist
+    (lambda: nn.Linear(2**32 + 1, 2**32), "[numel] shape: expected at most 2^48 elements, "
+                                          "got shape (4294967296, 4294967297)"),
+    (lambda: nn.Linear(2**62, 2**62), "[numel] shape: expected at most 2^48 elements"),
+    (lambda: nn.Conv2d(2**20, 2**20, 2**20), "[numel] shape: expected at most 2^48 elements"),
+    (lambda: nn.Conv2d(1, 1, (2**32, 2**32)), "[numel] shape: expected at most 2^48 elements"),
+], ids=["kernel 0", "in 0", "out -1", "in_features 0", "out_features -1", "2^64 wraps",
+        "2^124", "2^80", "2^64"])
+def test_layer_constructors_refuse_sizes(call, message):
+    _, error = run(call)
+    assert isinstance(error, ValueError), f"{type(error).__name__}: {error}"
+    assert str(error).startswith(message), str(error)

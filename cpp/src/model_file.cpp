@@ -225,7 +225,7 @@ Npy parse_npy(const std::string& name, const unsigned char* bytes, size_t size) 
             refuse(where + ": malformed .npy shape");
         npy.shape.push_back(std::stoll(dim));
     }
-    const size_t count = size_t(numel(npy.shape));
+    const size_t count = size_t(checked_numel("load", (where + ": shape").c_str(), npy.shape));
     npy.data = bytes + offset + header_len;
     npy.bytes = size - offset - header_len;
     if (npy.bytes != count * item_size(npy.descr))

@@ -39,11 +39,7 @@ std::string shape_str(const Shape& shape) {
     return out.str();
 }
 
-int64_t numel(const Shape& shape) {
-    int64_t count = 1;
-    for (int64_t d : shape) count *= d;
-    return count;
-}
+int64_t numel(const Shape& shape) { return checked_numel("numel", "shape", shape); }
 
 int64_t checked_product(std::initializer_list<int64_t> factors, int64_t limit) {
     for (int64_t f : factors)

@@ -96,6 +96,11 @@ TEST_CASE("validation: size arithmetic never overflows") {
     CHECK_THROWS(checked_numel("op", "x", {1 << 24, (1 << 24) + 1}),
                  "[op] x: expected at most 2^48 elements, got shape (16777216, 16777217)");
     CHECK_THROWS(checked_numel("op", "x", {max, max, max}), "[op] x: expected at most 2^48");
+    CHECK_THROWS(checked_numel("op", "x", {2, -3}), "[op] x: expected every dim >= 0, got shape");
+    // numel sizes nn.hpp's tensors: 2^32 * (2^32 + 1) must not wrap to 2^32
+    CHECK(numel({}) == 1 && numel({3, 0, max}) == 0 && numel({2, 3}) == 6);
+    CHECK_THROWS(numel({int64_t(1) << 32, (int64_t(1) << 32) + 1}),
+                 "[numel] shape: expected at most 2^48 elements, got shape (4294967296, 4294967297)");
 
     // output sizes: padding, kernel and stride at the int64 extremes
     CHECK(output_size(0, max, max, 0) == 0);  // a window that never fits, no overflow

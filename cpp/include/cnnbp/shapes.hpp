@@ -22,7 +22,9 @@ std::string shape_str(const Shape& shape);
 // repr of a float
 std::string number_str(double value);
 
-// Number of elements of a shape (1 for a scalar shape ()).
+// Number of elements of a shape (1 for a scalar shape ()). Throws std::invalid_argument
+// ("[numel] shape: ...") for a negative dim or more than kMaxElements elements, so that no
+// tensor sized by it (nn.hpp's Tensor, a model file's array) can wrap around.
 int64_t numel(const Shape& shape);
 
 // ---- size limits ---------------------------------------------------------------------------
