@@ -242,8 +242,10 @@ py::array avg_pool2d(const py::handle& x_obj, const py::handle& kernel_size,
         auto xc = contiguous<T>(x);
         auto y = empty_like_shape<T>({dims.N, dims.C, dims.P, dims.Q});
         T* y_ptr = y.mutable_data();
-        py::gil_scoped_release release;
-        cnnbp::avg_pool2d_forward<T>(y_ptr, xc.data(), dims);
+        {  // the GIL is held again before the result is touched
+            py::gil_scoped_release release;
+            cnnbp::avg_pool2d_forward<T>(y_ptr, xc.data(), dims);
+        }
         return y;
     });
 }
@@ -262,8 +264,10 @@ py::array avg_pool2d_backward(const py::handle& dy_obj, const py::handle& x_shap
         auto dyc = contiguous<T>(dy);
         auto dx = empty_like_shape<T>(x_shape);
         T* dx_ptr = dx.mutable_data();
-        py::gil_scoped_release release;
-        cnnbp::avg_pool2d_backward<T>(dx_ptr, dyc.data(), dims);
+        {  // the GIL is held again before the result is touched
+            py::gil_scoped_release release;
+            cnnbp::avg_pool2d_backward<T>(dx_ptr, dyc.data(), dims);
+        }
         return dx;
     });
 }
@@ -332,8 +336,9 @@ py::array dropout_backward(const py::handle& dy_obj, const py::handle& mask_obj,
                              dtype_name(mask));
     const auto params = cnnbp::dropout_params(op, parse_float(op, "p", p_obj));
     cnnbp::check_same_shape(op, "doutput", shape_of(dy), "mask", shape_of(mask));
-    auto mc = py::array_t<bool, py::array::c_style>::ensure(mask);
-    if (!mc) throw py::error_already_set();
+    // the converting constructor raises where ensure() returns a null array (and clears
+    // the error, so that error_already_set would have nothing to raise)
+    auto mc = py::array_t<bool, py::array::c_style>(mask);
     return dispatch(dtype, [&](auto tag) -> py::array {
         using T = decltype(tag);
         auto dyc = contiguous<T>(dy);
@@ -341,8 +346,10 @@ py::array dropout_backward(const py::handle& dy_obj, const py::handle& mask_obj,
         T* dx_ptr = dx.mutable_data();
         // read as bytes, any nonzero byte is kept (a bool view of other bytes is no UB)
         const auto* mask_ptr = reinterpret_cast<const uint8_t*>(mc.data());
-        py::gil_scoped_release release;
-        cnnbp::dropout_backward<T>(dx_ptr, dyc.data(), mask_ptr, dyc.size(), params);
+        {  // the GIL is held again before the result is touched
+            py::gil_scoped_release release;
+            cnnbp::dropout_backward<T>(dx_ptr, dyc.data(), mask_ptr, dyc.size(), params);
+        }
         return dx;
     });
 }
