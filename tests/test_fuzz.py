@@ -50,6 +50,8 @@ TOL = {
     "max_pool2d_backward": {F64: 1e-14, F32: 1e-6},
     "relu": {F64: 0, F32: 0},
     "sigmoid": {F64: 1e-14, F32: 1e-6},
+    "tanh": {F64: 1e-14, F32: 1e-6},
+    "avg_pool2d": {F64: 1e-12, F32: 1e-5},
     "linear": {F64: 1e-12, F32: 1e-5},
     "loss": {F64: 1e-12, F32: 1e-6},
 }
@@ -133,6 +135,9 @@ def run(fn, *args, **kwargs):
         return fn(*args, **kwargs), None
     except (ValueError, TypeError, MemoryError) as error:
         return None, error
+
+
+shapes = st.lists(st.integers(0, 5), min_size=0, max_size=5).map(tuple)
 
 
 MESSAGE = re.compile(r"^\[(\w+)\] ([\w.]+): expected ")
@@ -446,6 +451,73 @@ def test_max_pool2d_fuzz(brk, data):
                  TOL["max_pool2d_backward"][case["dtype"]], "max_pool2d_backward")
 
 
+@pytest.mark.parametrize("brk", POOL_BREAKS, ids=str)
+@settings(PER_BREAK, max_examples=15)
+@given(data=st.data())
+def test_avg_pool2d_fuzz(brk, data):
+    case = data.draw(pool_cases(brk))
+    x, kernel, stride, padding = case["x"], case["kernel"], case["stride"], case["padding"]
+    y, error = run(F.avg_pool2d, x, kernel, stride, padding)
+    valid = case["brk"] is None
+    if case["brk"] in ("kernel", "stride", "padding"):
+        (kh, kw) = pair_of(kernel) if pair_is_valid(kernel, 1) else (0, 0)
+        valid = (pair_is_valid(kernel, 1) and (stride is None or pair_is_valid(stride, 1))
+                 and pair_is_valid(padding, 0))
+        if valid:
+            (ph, pw) = pair_of(padding)
+            _, _, H, W = np.shape(x)
+            valid = (2 * ph <= kh and 2 * pw <= kw and H + 2 * ph >= kh and W + 2 * pw >= kw
+                     and H + 2 * ph <= 2**48 and W + 2 * pw <= 2**48)
+    if not valid:
+        check_error(error, "avg_pool2d", case["names"])
+        return
+    assert error is None, f"{type(error).__name__}: {error}"
+    want = ref.avg_pool2d(x, kernel, stride, padding)
+    check_array(y, want.shape, case["dtype"])
+    tol = TOL["avg_pool2d"][case["dtype"]]
+    if case["kind"] != "special":  # inf - inf in a window's sum: NaN in either order
+        assert_close(y, want, tol, "avg_pool2d")
+    same_bits(y, F.avg_pool2d(contiguous(np.asarray(x)), kernel, stride, padding))
+    dy = values(case["rng"], y.shape, case["dtype"], "normal")
+    dx = F.avg_pool2d_backward(dy, np.shape(x), kernel, stride, padding)
+    check_array(dx, np.shape(x), case["dtype"])
+    assert_close(dx, ref.avg_pool2d_backward(dy, np.shape(x), kernel, stride, padding), tol)
+
+
+@settings(FUZZ, max_examples=60)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(DTYPES), shapes,
+       st.one_of(st.sampled_from([0.0, 0.5, 1.0, 0.1, 1, 0, np.float32(0.25)]),
+                 st.sampled_from([-0.1, 1.5, float("nan"), float("inf"), "0.5", None, True,
+                                  1 + 1e-12])),
+       st.one_of(st.integers(0, 2**64 - 1),
+                 st.sampled_from([-1, 2**64, 2**70, 1.5, "1", None, True, np.uint64(2**64 - 1)])),
+       st.data())
+def test_dropout_fuzz(seed, dtype, shape, p, drop_seed, data):
+    rng = np.random.default_rng(seed)
+    x = make_array(data.draw, rng, shape, dtype, "normal")
+    out, error = run(F.dropout, x, p, drop_seed)
+    p_ok = (isinstance(p, (float, int, np.floating)) and not isinstance(p, bool)
+            and 0 <= p <= 1)
+    seed_ok = int_is_valid(drop_seed, 0) or (isinstance(drop_seed, (int, np.integer))
+                                             and not isinstance(drop_seed, bool)
+                                             and 0 <= int(drop_seed) < 2**64)
+    if not (p_ok and seed_ok):
+        check_error(error, "dropout", {"p", "seed"})
+        return
+    assert error is None, f"{type(error).__name__}: {error}"
+    y, mask = out
+    check_array(y, shape, dtype)
+    check_array(mask, shape, np.bool_)
+    want_mask = ref.dropout_mask(shape, float(p), int(drop_seed))
+    np.testing.assert_array_equal(mask, want_mask)
+    assert_close(y, ref.dropout(x, mask, float(p)), 1e-6 if dtype == F32 else 1e-15)
+    dy = values(rng, shape, dtype, "normal")
+    assert_close(F.dropout_backward(dy, mask, p), ref.dropout_backward(dy, mask, float(p)),
+                 1e-6 if dtype == F32 else 1e-15)
+    _, error = run(F.dropout_backward, dy, mask.astype(np.uint8), p)
+    check_error(error, "dropout_backward", {"mask"}, (TypeError,))
+
+
 POOL_BACKWARD_BREAKS = [None, "index", "x_shape", "x_shape type", "idx dtype", "idx shape",
                         "dy dtype", "N mismatch"]
 
@@ -522,11 +594,10 @@ def test_max_pool2d_backward_fuzz(brk, data):
 # relu, sigmoid: any rank, zero-sized shapes
 # ---------------------------------------------------------------------------------------
 
-shapes = st.lists(st.integers(0, 5), min_size=0, max_size=5).map(tuple)
 
 
 @pytest.mark.parametrize("brk", [None, "dtype", "saved dtype", "mixed", "shape", "none"], ids=str)
-@pytest.mark.parametrize("op", ["relu", "sigmoid"])
+@pytest.mark.parametrize("op", ["relu", "sigmoid", "tanh"])
 @settings(PER_BREAK, max_examples=20)
 @given(st.integers(0, 2**32 - 1), st.sampled_from(DTYPES), shapes,
        st.sampled_from(["normal", "ties", "special"]), st.data())
