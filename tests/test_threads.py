@@ -147,6 +147,20 @@ def test_conv2d_is_thread_independent(case, dtype):
     check_thread_independent(lambda: F.conv2d_backward(dy, x, w, stride, padding))
 
 
+def test_idle_threads_sleep_unless_the_user_chose_otherwise():
+    # OpenMP's busy-wait made small steps 10x slower on shared cores; cnnbp asks for
+    # passive waiting before OpenMP loads, and keeps a policy the user set
+    import os
+    import subprocess
+    import sys
+    code = "import os, cnnbp; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "PASSIVE", out.stderr
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "ACTIVE", out.stderr
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_losses_are_thread_independent(dtype):
     rng = np.random.default_rng(13)
