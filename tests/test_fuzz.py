@@ -1264,40 +1264,40 @@ def test_random_architectures_load_or_are_refused(tmp_path_factory, model_file_b
             assert layer.config() == {k: v for k, v in spec.items() if k in layer.config()}
 
 
-# ---------------------------------------------------------------------------------------
-# known gaps: Python-level argument checks of nn.py and optim.py (constructors, gradients
-# the optimizers are handed), which the fuzzing above leaves out. Each should become an
-# "[op] name: expected ..." error; until then they are expected failures.
+# Python-level argument checks of nn.py and optim.py (constructors, state dicts, the
+# gradients the optimizers are handed): each is an "[op] name: expected ..." error.
 # ---------------------------------------------------------------------------------------
 
-KNOWN_GAPS = [
-    ("Conv2d kernel_size '3'", lambda: nn.Conv2d(1, 1, "3")),             # str * str
-    ("Conv2d in_channels 2.5", lambda: nn.Conv2d(2.5, 1, 3)),            # pybind11's overloads
-    ("Linear in_features 2^64", lambda: nn.Linear(2**64, 1)),            # pybind11's overloads
-    ("SGD lr '0.1'", lambda: optim.SGD(nn.Linear(2, 1).parameters(), lr="0.1")),
-    ("SGD lr None", lambda: optim.SGD(nn.Linear(2, 1).parameters(), lr=None)),
-    ("Adam betas of one", lambda: optim.Adam(nn.Linear(2, 1).parameters(), betas=(0.9,))),
+ARGUMENT_ERRORS = [
+    ("Conv2d kernel_size '3'", lambda: nn.Conv2d(1, 1, "3"), TypeError),
+    ("Conv2d in_channels 2.5", lambda: nn.Conv2d(2.5, 1, 3), TypeError),
+    ("Linear in_features 2^64", lambda: nn.Linear(2**64, 1), ValueError),
+    ("SGD lr '0.1'", lambda: optim.SGD(nn.Linear(2, 1).parameters(), lr="0.1"), TypeError),
+    ("SGD lr None", lambda: optim.SGD(nn.Linear(2, 1).parameters(), lr=None), TypeError),
+    ("Adam betas of one", lambda: optim.Adam(nn.Linear(2, 1).parameters(), betas=(0.9,)),
+     ValueError),
     ("load_state_dict ragged list", lambda: nn.Linear(2, 1).load_state_dict(
-        {"weight": [[1.0], [2.0, 3.0]], "bias": [0.0]})),                # NumPy's inhomogeneous
-    ("load_state_dict None", lambda: nn.Linear(2, 1).load_state_dict(None)),  # not iterable
-    ("SGD step, gradient of another shape", lambda: sgd_step_with_grad(np.ones(3, F32))),
-    ("Adam step, gradient of another shape", lambda: sgd_step_with_grad(np.ones(3, F32), "Adam")),
+        {"weight": [[1.0], [2.0, 3.0]], "bias": [0.0]}), ValueError),
+    ("load_state_dict None", lambda: nn.Linear(2, 1).load_state_dict(None), TypeError),
+    ("SGD step, gradient of another shape", lambda: sgd_step_with_grad(np.ones(3, F32)),
+     ValueError),
+    ("Adam step, gradient of another shape",
+     lambda: sgd_step_with_grad(np.ones(3, F32), "Adam"), ValueError),
 ]
 
 
 def sgd_step_with_grad(grad, kind="SGD"):
-    """A step with a (3,) gradient for a (2, 3) weight: today it broadcasts, silently."""
+    """A step with a (3,) gradient for a (2, 3) weight: refused when it is assigned."""
     model = nn.Linear(3, 2)
     model.parameters()[0].grad = grad
     getattr(optim, kind)(model.parameters(), lr=0.5).step()
 
 
-@pytest.mark.xfail(reason="nn.py / optim.py check these arguments in Python, not yet with "
-                          "[op] messages", strict=False)
-@pytest.mark.parametrize("name, call", KNOWN_GAPS, ids=[g[0] for g in KNOWN_GAPS])
-def test_known_gaps_in_layer_and_optimizer_arguments(name, call):
+@pytest.mark.parametrize("name, call, kind", ARGUMENT_ERRORS,
+                         ids=[g[0] for g in ARGUMENT_ERRORS])
+def test_layer_and_optimizer_arguments_are_checked(name, call, kind):
     _, error = run(call)
-    assert error is not None, "accepted"
+    assert isinstance(error, kind), f"{type(error).__name__}: {error}"
     assert re.match(r"^\[\w+\] [\w.]+: expected ", str(error)), f"{type(error).__name__}: {error}"
 
 
@@ -1313,11 +1313,11 @@ def test_known_gaps_in_layer_and_optimizer_arguments(name, call):
                                           "got shape (4294967296, 4294967297)"),
     (lambda: nn.Linear(2**62, 2**62), "[numel] shape: expected at most 2^48 elements"),
     (lambda: nn.Conv2d(2**20, 2**20, 2**20), "[numel] shape: expected at most 2^48 elements"),
-    # (not nn.Conv2d(1, 1, (2**32, 2**32)): nn.cpp multiplies fan_in = in_channels *
-    # kernel_h * kernel_w before any check, a signed overflow that UBSan stops at)
     (lambda: nn.Conv2d(2, 1, (2**24, 2**24)), "[numel] shape: expected at most 2^48 elements"),
+    # the weight's size is checked before fan_in = in_channels * kernel_h * kernel_w
+    (lambda: nn.Conv2d(1, 1, (2**32, 2**32)), "[numel] shape: expected at most 2^48 elements"),
 ], ids=["kernel 0", "in 0", "out -1", "in_features 0", "out_features -1", "2^64 wraps",
-        "2^124", "2^80", "2^64"])
+        "2^124", "2^80", "2^64", "2^64 kernel"])
 def test_layer_constructors_refuse_sizes(call, message):
     _, error = run(call)
     assert isinstance(error, ValueError), f"{type(error).__name__}: {error}"

@@ -113,9 +113,10 @@ Conv2d<T>::Conv2d(int64_t in_channels, int64_t out_channels, std::array<int64_t,
     check_positive("Conv2d", "in_channels", in_channels);
     check_positive("Conv2d", "out_channels", out_channels);
     check_positive("Conv2d", "kernel_size", std::min(kernel[0], kernel[1]));
+    const Shape shape{out_channels, in_channels, kernel[0], kernel[1]};
+    numel(shape);  // the weight's size is checked before fan_in multiplies its dims
     const int64_t fan_in = in_channels * kernel[0] * kernel[1];
-    this->weight.value =
-        kaiming_uniform<T>({out_channels, in_channels, kernel[0], kernel[1]}, fan_in);
+    this->weight.value = kaiming_uniform<T>(shape, fan_in);
     if (bias) this->bias.value = kaiming_uniform<T>({out_channels}, fan_in);
 }
 template <typename T>

@@ -27,6 +27,25 @@ def manual_seed(seed: int) -> None:
     _rng = np.random.default_rng(seed)
 
 
+def _int_arg(op, name, value):
+    """An int argument as a Python int; its range is checked by the C++ constructor."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"[{op}] {name}: expected an int, got {value!r}")
+    value = int(value)
+    if not -2**63 <= value < 2**63:
+        raise ValueError(f"[{op}] {name}: expected a 64-bit integer, got {value}")
+    return value
+
+
+def _pair_arg(op, name, value):
+    """An int or an (h, w) pair of ints, as a list [h, w]."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise TypeError(f"[{op}] {name}: expected an int or a pair of ints, got {value!r}")
+        return [_int_arg(op, name, v) for v in value]
+    return [_int_arg(op, name, value)] * 2
+
+
 def _check_dtype(dtype):
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
@@ -59,7 +78,7 @@ class Parameter:
 
     Both are NumPy views of the C++ parameter that the layers and optimizers update, so
     in-place changes (``p.data[...] = v``) reach them; assigning ``p.data = a`` copies ``a``
-    in (same shape), and ``p.grad = g`` copies ``g`` (broadcast to the shape) or clears it."""
+    in (same shape), and ``p.grad = g`` copies ``g`` (same shape) or, with None, clears it."""
 
     __slots__ = ("_impl", "__weakref__")
 
@@ -91,7 +110,10 @@ class Parameter:
         if value is None:
             self._impl.clear_grad()
             return
-        value = np.broadcast_to(np.asarray(value), self.shape)  # raises before any change
+        value = np.asarray(value)
+        if value.shape != self.shape:  # as torch: a gradient has its parameter's shape
+            raise ValueError(f"[Parameter] grad: expected shape {self.shape}, "
+                             f"got shape {value.shape}")
         np.copyto(self._impl.grad_storage(), value, casting="same_kind")
 
     @property
@@ -173,6 +195,9 @@ class Module:
 
     def load_state_dict(self, state_dict) -> None:
         """Copy arrays into the parameters; keys, shapes and dtypes must match exactly."""
+        if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
+            raise TypeError(f"[load_state_dict] state_dict: expected a mapping of names to "
+                            f"arrays, got {type(state_dict).__name__}")
         own = OrderedDict(self.named_parameters())
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]
@@ -180,7 +205,11 @@ class Module:
             raise KeyError(f"[load_state_dict] expected keys {list(own)}, "
                            f"got missing {missing}, unexpected {unexpected}")
         for name, p in own.items():
-            value = np.asarray(state_dict[name])
+            try:
+                value = np.asarray(state_dict[name])
+            except ValueError as error:  # ragged nested lists
+                raise ValueError(f"[load_state_dict] {name}: expected an array, "
+                                 f"got {error}") from None
             if value.shape != p.shape:
                 raise ValueError(f"[load_state_dict] {name}: expected shape {p.shape}, "
                                  f"got shape {value.shape}")
@@ -309,12 +338,15 @@ class Conv2d(_NativeModule):
                  dtype=np.float32):
         super().__init__()
         dtype = self._fixed_dtype = _check_dtype(dtype)
-        r, s = (kernel_size, kernel_size) if np.isscalar(kernel_size) else tuple(kernel_size)
+        in_channels = _int_arg("Conv2d", "in_channels", in_channels)
+        out_channels = _int_arg("Conv2d", "out_channels", out_channels)
+        r, s = _pair_arg("Conv2d", "kernel_size", kernel_size)
+        stride_pair = _pair_arg("Conv2d", "stride", stride)
+        padding_pair = _pair_arg("Conv2d", "padding", padding)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = (r, s), stride, padding
         impl = self._impl = self._impls[dtype] = _native("Conv2d", dtype)(
-            in_channels, out_channels, _pair(self.kernel_size), _pair(stride), _pair(padding),
-            bool(bias))
+            in_channels, out_channels, [r, s], stride_pair, padding_pair, bool(bias))
         self.weight, self.bias = _weight_init(impl, dtype, (out_channels, in_channels, r, s),
                                               in_channels * r * s, bias)
 
@@ -452,6 +484,8 @@ class Linear(_NativeModule):
     def __init__(self, in_features, out_features, bias=True, dtype=np.float32):
         super().__init__()
         dtype = self._fixed_dtype = _check_dtype(dtype)
+        in_features = _int_arg("Linear", "in_features", in_features)
+        out_features = _int_arg("Linear", "out_features", out_features)
         self.in_features, self.out_features = in_features, out_features
         impl = self._impl = self._impls[dtype] = _native("Linear", dtype)(
             in_features, out_features, bool(bias))

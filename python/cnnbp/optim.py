@@ -22,6 +22,12 @@ class _Optimizer:
             if not isinstance(p, Parameter):
                 raise TypeError(f"[{name}] params: expected nn.Parameter objects, "
                                 f"got {type(p).__name__}")
+        for key, value in hyper.items():
+            if key == "nesterov":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
+                                                                 np.floating)):
+                raise TypeError(f"[{name}] {key}: expected a number, got {value!r}")
         groups = {}
         for p in self.params:
             groups.setdefault(p.dtype, []).append(p._impl)
@@ -44,6 +50,9 @@ class _Optimizer:
 
     @lr.setter
     def lr(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
+                                                             np.floating)):
+            raise TypeError(f"[{type(self).__name__}] lr: expected a number, got {value!r}")
         for native in self._natives.values():
             native.lr = value
         self._lr = value
@@ -83,6 +92,9 @@ class Adam(_Optimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        name = type(self).__name__
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"[{name}] betas: expected a pair (beta1, beta2), got {betas!r}")
         beta1, beta2 = betas
         super().__init__(params, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                          weight_decay=weight_decay)
