@@ -41,16 +41,33 @@ std::string shape_str(const Shape& shape) {
 
 int64_t numel(const Shape& shape) { return checked_numel("numel", "shape", shape); }
 
+namespace {
+
+// a * b when it is at most `limit` (a, b >= 0, a <= limit), else -1; without overflow, and
+// without a division where the compiler checks multiplications itself (these run on every
+// layer call, where a 64-bit division costs more than a tiny layer's arithmetic)
+inline int64_t times_at_most(int64_t a, int64_t b, int64_t limit) {
+#if defined(__GNUC__) || defined(__clang__)
+    int64_t product;
+    if (__builtin_mul_overflow(a, b, &product) || product > limit) return -1;
+    return product;
+#else
+    return a != 0 && b > limit / a ? -1 : a * b;
+#endif
+}
+
+}  // namespace
+
 int64_t checked_product(std::initializer_list<int64_t> factors, int64_t limit) {
-    for (int64_t f : factors)
-        if (f < 0) return -1;
-    for (int64_t f : factors)
-        if (f == 0) return 0;
-    int64_t product = 1;
+    bool zero = false;
     for (int64_t f : factors) {
-        if (f > limit / product) return -1;  // product * f > limit, tested without overflow
-        product *= f;
+        if (f < 0) return -1;
+        zero = zero || f == 0;
     }
+    if (zero) return 0;
+    int64_t product = 1;
+    for (int64_t f : factors)
+        if ((product = times_at_most(product, f, limit)) < 0) return -1;
     return product;
 }
 
@@ -109,22 +126,28 @@ int64_t padded_extent(const char* op, int64_t in, int64_t padding) {
 
 }  // namespace
 
+// The failure of checked_numel, out of its hot path.
+[[noreturn]] [[gnu::cold]] [[gnu::noinline]] static void fail_numel(const char* op, const char* name,
+                                                                    const Shape& shape,
+                                                                    int64_t limit,
+                                                                    bool negative) {
+    if (negative)
+        fail(op, std::string(name) + ": expected every dim >= 0, got shape " + shape_str(shape));
+    fail(op, std::string(name) + ": expected at most " + limit_str(limit) +
+                 " elements, got shape " + shape_str(shape));
+}
+
 int64_t checked_numel(const char* op, const char* name, const Shape& shape, int64_t limit) {
+    bool negative = false, zero = false;
+    for (int64_t d : shape) {
+        negative = negative || d < 0;
+        zero = zero || d == 0;
+    }
+    if (negative) fail_numel(op, name, shape, limit, true);
+    if (zero) return 0;
     int64_t count = 1;
-    for (int64_t d : shape) {
-        if (d < 0)
-            fail(op,
-                 std::string(name) + ": expected every dim >= 0, got shape " + shape_str(shape));
-    }
-    for (int64_t d : shape) {
-        if (d == 0) return 0;
-    }
-    for (int64_t d : shape) {
-        count = checked_product({count, d}, limit);
-        if (count < 0)
-            fail(op, std::string(name) + ": expected at most " + limit_str(limit) +
-                         " elements, got shape " + shape_str(shape));
-    }
+    for (int64_t d : shape)
+        if ((count = times_at_most(count, d, limit)) < 0) fail_numel(op, name, shape, limit, false);
     return count;
 }
 
