@@ -225,3 +225,45 @@ def test_kernels_release_the_gil(kernel):
     assert len(inside) > 100, (len(inside), span)
     gaps = np.diff([start] + inside + [end])
     assert gaps.max() < 0.5 * (end - start), (gaps.max(), span)
+
+
+def test_one_model_in_two_threads_at_once_is_refused_not_corrupted():
+    # a model keeps its input and trace: a second call on it while a first runs (GIL
+    # released) is a RuntimeError naming the object, and the first call's result is intact
+    import threading
+
+    import cnnbp
+    from cnnbp import nn
+
+    cnnbp.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Flatten())
+    x = np.random.default_rng(0).standard_normal((16, 8, 48, 48)).astype(np.float32)
+    want = model(x)
+    stop = threading.Event()
+    results = []
+
+    def keep_running():
+        while not stop.is_set():
+            try:
+                results.append(model(x))
+            except RuntimeError:  # refused while the main thread's call runs
+                pass
+
+    worker = threading.Thread(target=keep_running)
+    worker.start()
+    refused = 0
+    try:
+        for _ in range(200):
+            try:
+                model(x)
+            except RuntimeError as error:
+                assert str(error).startswith("[Sequential] in use by another thread")
+                refused += 1
+            if refused >= 3:
+                break
+    finally:
+        stop.set()
+        worker.join()
+    assert refused >= 1
+    for got in results:
+        np.testing.assert_array_equal(got, want)

@@ -11,6 +11,7 @@
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <unordered_set>
 #include <vector>
 
 #include "arrays.hpp"
@@ -109,8 +110,44 @@ bool is_weighted(Layer<T>& layer) {
     return dynamic_cast<WeightedLayer<T>*>(&layer) != nullptr;
 }
 
+// Marks an object as running a call whose GIL is released, and refuses a second call on it
+// from another thread meanwhile: the object's state (its input, trace, buffers) would be
+// overwritten under the first. The marks are read and written with the GIL held, so a set
+// of addresses suffices; a layer called back from Python inside the same model is not
+// refused (that is the same thread, before the model's call releases anything of its own).
+class Busy {
+ public:
+    // mark: whether this call releases the GIL (a call that keeps it cannot be overlapped,
+    // so it only checks)
+    Busy(const void* object, const std::string& type, bool mark = true)
+        : object_(mark ? object : nullptr) {
+        if (in_use().count(object))
+            throw std::runtime_error("[" + type +
+                                     "] in use by another thread: one layer, model, loss or "
+                                     "optimizer must not run two calls at once");
+        if (mark) in_use().insert(object);
+    }
+    ~Busy() {
+        if (object_) in_use().erase(object_);
+    }
+    void mark(const void* object) {
+        in_use().insert(object);
+        object_ = object;
+    }
+    Busy(const Busy&) = delete;
+    Busy& operator=(const Busy&) = delete;
+
+ private:
+    static std::unordered_set<const void*>& in_use() {
+        static std::unordered_set<const void*> objects;  // guarded by the GIL
+        return objects;
+    }
+    const void* object_;
+};
+
 template <typename T>
 py::array layer_forward(Layer<T>& layer, const py::handle& x) {
+    Busy busy(&layer, layer.type());
     fill_input(layer.kept_input(), op_of(layer.type()), is_weighted(layer), x);
     const Tensor<T>* out;
     {
@@ -122,6 +159,7 @@ py::array layer_forward(Layer<T>& layer, const py::handle& x) {
 
 template <typename T>
 py::array layer_backward(Layer<T>& layer, const py::handle& dy) {
+    Busy busy(&layer, layer.type());
     fill_input(layer.kept_grad_output(), op_of(layer.type()) + "_backward", false, dy, "doutput");
     const Tensor<T>* dx;
     {
@@ -216,6 +254,7 @@ std::string loss_op(Loss<T>& loss) {
 
 template <typename T>
 double loss_forward(Loss<T>& loss, const py::handle& input, const py::handle& target) {
+    Busy busy(&loss, loss.type());
     static thread_local Tensor<T> input_copy, target_copy;  // the loss keeps its own copies
     const std::string op = loss_op(loss);
     py::array arr = as_array(op.c_str(), "input", input);
@@ -239,10 +278,16 @@ struct TrainStep {
     Tensor<T> target;  // the loss keeps its own copy; this is the conversion's storage
 
     double operator()(const py::handle& x, const py::handle& y) {
+        // checked before anything is touched
+        Busy busy_model(model.get(), "Sequential", false), busy_loss(loss.get(), loss->type(), false),
+            busy_optimizer(optimizer.get(), optimizer->type(), false);
         fill_input(model->kept_input(), "Sequential", false, x);
         fill_target(target, *loss, y);
         if (model->kept_input().size() < kReleaseGilValues)
             return train_step(*model, model->kept_input(), target, *loss, *optimizer);
+        busy_model.mark(model.get());
+        busy_loss.mark(loss.get());
+        busy_optimizer.mark(optimizer.get());
         py::gil_scoped_release release;
         return train_step(*model, model->kept_input(), target, *loss, *optimizer);
     }
@@ -398,6 +443,7 @@ void bind_dtype(py::module_& m) {
     py::class_<O, std::shared_ptr<O>>(m, suffixed<T>("Optimizer").c_str())
         .def("step",
              [](O& o) {
+                 Busy busy(&o, o.type());
                  py::gil_scoped_release release;
                  o.step();
              })
