@@ -112,6 +112,23 @@ def test_python_model_runs_in_cpp_and_cpp_copy_loads_in_python(example, dtype):
     np.testing.assert_array_equal(reloaded(x), expected)
 
 
+def test_cpp_loads_a_model_saved_with_its_optimizer(example):
+    # the optimizer's entries are Python's: C++ loads the model beside them
+    work = example[1]
+    model = interop_model(np.float64).eval()
+    opt = cnnbp.optim.Adam(model.parameters(), lr=0.01)
+    x = np.random.default_rng(6).standard_normal((1, 2, 8, 5))
+    model.train_step(x, np.array([[0.0, 1.0, 1.0, 0.0]]), nn.BCELoss(), opt)
+    model.save(work / "with_optimizer.npz", optimizer=opt)
+    inputs = work / "input_opt.txt"
+    inputs.write_text("1 2 8 5\n" + " ".join(repr(float(v)) for v in x.ravel()))
+    proc = run_model(example, work / "with_optimizer.npz", inputs)
+    assert proc.returncode == 0, proc.stderr
+    values = dict(line.split(" ", 1) for line in proc.stdout.splitlines())["values"]
+    np.testing.assert_array_equal(np.array(values.split(), dtype=np.float64),
+                                  model(x).ravel())
+
+
 def test_cpp_refuses_hostile_files(example):
     work = example[1]
     good = work / "good.npz"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import cnnbp
-from cnnbp import model_file, nn
+from cnnbp import model_file, nn, optim
 
 F32, F64 = np.float32, np.float64
 
@@ -351,3 +351,93 @@ def test_hostile_architecture_json_is_refused(tmp_path):
         with pytest.raises(ValueError, match=r"^\[load\] ") as info:
             cnnbp.load(path)
         assert "architecture" in str(info.value), (name, str(info.value))
+
+
+# ---- optimizer state beside the model ------------------------------------------------------
+
+def _resume_case(kind, dtype):
+    cnnbp.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, dtype=dtype), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8, 3, dtype=dtype))
+    settings = {"SGD": dict(lr=0.1, momentum=0.9, nesterov=True), "Adam": dict(lr=0.01),
+                "AdamW": dict(lr=0.01, weight_decay=0.1)}[kind]
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 1, 4, 4)).astype(dtype)
+    y = np.array([0, 2, 1, 0])
+    return model, getattr(optim, kind)(model.parameters(), **settings), x, y
+
+
+@pytest.mark.parametrize("kind", ["SGD", "Adam", "AdamW"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_training_resumes_from_a_saved_optimizer_exactly(tmp_path, kind, dtype):
+    model, opt, x, y = _resume_case(kind, dtype)
+    for _ in range(3):
+        model.train_step(x, y, nn.CrossEntropyLoss(), opt)
+    model.save(tmp_path / "m.npz", optimizer=opt)
+    loaded, loaded_opt = cnnbp.load(tmp_path / "m.npz", optimizer=True)
+    assert type(loaded_opt) is type(opt) and loaded_opt.lr == opt.lr
+    assert [p for p in loaded_opt.params] == loaded.parameters()
+    ours = [model.train_step(x, y, nn.CrossEntropyLoss(), opt) for _ in range(3)]
+    theirs = [loaded.train_step(x, y, nn.CrossEntropyLoss(), loaded_opt) for _ in range(3)]
+    assert ours == theirs
+    for (name, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters()):
+        np.testing.assert_array_equal(p.data, q.data, err_msg=name)
+    # the model alone loads as before; a file without an optimizer gives None
+    assert isinstance(cnnbp.load(tmp_path / "m.npz"), nn.Sequential)
+    model.save(tmp_path / "plain.npz")
+    assert cnnbp.load(tmp_path / "plain.npz", optimizer=True)[1] is None
+
+
+def test_optimizer_state_dict_round_trips_and_is_checked():
+    model, opt, x, y = _resume_case("Adam", np.float64)
+    state = opt.state_dict()
+    assert state["state"] == [None] * 4  # no step yet
+    model.train_step(x, y, nn.CrossEntropyLoss(), opt)
+    state = opt.state_dict()
+    assert state["type"] == "Adam" and state["state"][0]["step"] == 1
+    assert state["state"][0]["exp_avg"].shape == model.parameters()[0].shape
+    other = optim.Adam(model.parameters(), lr=0.5)
+    other.load_state_dict(state)
+    again = other.state_dict()
+    assert again["lr"] == 0.01
+    for a, b in zip(state["state"], again["state"]):
+        assert a["step"] == b["step"]
+        np.testing.assert_array_equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    with pytest.raises(ValueError, match=r"\[SGD.load_state_dict\] type: expected 'SGD', "
+                                         r"got 'Adam'"):
+        optim.SGD(model.parameters(), lr=0.1).load_state_dict(state)
+    bad = dict(state, state=[dict(state["state"][0], exp_avg=np.zeros(3))] + state["state"][1:])
+    with pytest.raises(ValueError, match=r"\[Adam.load_state_dict\] exp_avg: expected shape"):
+        other.load_state_dict(bad)
+    with pytest.raises(ValueError, match=r"\[Adam.load_state_dict\] state: expected one entry"):
+        other.load_state_dict(dict(state, state=state["state"][:2]))
+    with pytest.raises(ValueError, match=r"\[save\] optimizer: expected an optimizer over "
+                                         r"this model's parameters"):
+        model.save("never.npz", optimizer=optim.SGD(model.parameters()[:2], lr=0.1))
+
+
+def test_hostile_optimizer_entries_are_refused(tmp_path):
+    model, opt, x, y = _resume_case("SGD", np.float64)
+    model.train_step(x, y, nn.CrossEntropyLoss(), opt)
+    model.save(tmp_path / "m.npz", optimizer=opt)
+    with np.load(tmp_path / "m.npz") as contents:
+        arrays = {k: contents[k] for k in contents.files}
+    settings = json.loads(arrays["optimizer"].tobytes())
+
+    def variant(name, **changes):
+        content = dict(arrays, **changes)
+        np.savez(tmp_path / name, **content)
+        return tmp_path / name
+
+    cases = {
+        "type.npz": variant("type.npz", optimizer=np.frombuffer(
+            json.dumps(dict(settings, type="LBFGS")).encode(), np.uint8)),
+        "lr.npz": variant("lr.npz", optimizer=np.frombuffer(
+            json.dumps(dict(settings, lr=-1)).encode(), np.uint8)),
+        "shape.npz": variant("shape.npz", **{"optimizer.0.momentum_buffer": np.zeros(5)}),
+        "json.npz": variant("json.npz", optimizer=np.frombuffer(b"{not json", np.uint8)),
+    }
+    for name, path in cases.items():
+        assert isinstance(cnnbp.load(path), nn.Sequential)  # the model alone still loads
+        with pytest.raises(ValueError, match=r"^\[load\] optimizer"):
+            cnnbp.load(path, optimizer=True)

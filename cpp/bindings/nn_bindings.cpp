@@ -293,6 +293,34 @@ struct TrainStep {
     }
 };
 
+// An optimizer's per-parameter buffer as an array shaped like its parameter (a copy), or
+// None while it is empty.
+template <typename T>
+py::object buffer_array(Optimizer<T>& o, size_t i, const std::vector<T>& buffer) {
+    if (buffer.empty()) return py::none();
+    auto out = empty_like_shape<T>(o.parameters().at(i)->value.shape);
+    std::copy(buffer.begin(), buffer.end(), out.mutable_data());
+    return std::move(out);
+}
+
+// buffer = a copy of `values` (None: empty), which must have the parameter's shape.
+template <typename T>
+void set_buffer(Optimizer<T>& o, size_t i, std::vector<T>& buffer, const char* name,
+                const py::handle& values) {
+    if (values.is_none()) {
+        buffer.clear();
+        return;
+    }
+    const Shape& shape = o.parameters().at(i)->value.shape;
+    Tensor<T> t;
+    fill_input(t, o.type() + ".load_state_dict", false, values, name);
+    if (t.shape != shape)
+        throw py::value_error("[" + o.type() + ".load_state_dict] " + name + ": expected shape " +
+                              cnnbp::shape_str(shape) + ", got shape " +
+                              cnnbp::shape_str(t.shape));
+    buffer = std::move(t.data);
+}
+
 template <typename T>
 std::vector<Parameter<T>*> parameter_pointers(const py::list& params) {
     std::vector<Parameter<T>*> out;
@@ -457,7 +485,12 @@ void bind_dtype(py::module_& m) {
                                                  weight_decay, dampening, nesterov);
              }),
              py::keep_alive<1, 2>(), arg("params"), arg("lr"), arg("momentum"),
-             arg("weight_decay"), arg("dampening"), arg("nesterov"));
+             arg("weight_decay"), arg("dampening"), arg("nesterov"))
+        .def("momentum_buffer",
+             [](SGD<T>& o, size_t i) { return buffer_array(o, i, o.momentum_buffers().at(i)); })
+        .def("set_momentum_buffer", [](SGD<T>& o, size_t i, const py::handle& values) {
+            set_buffer(o, i, o.momentum_buffers().at(i), "momentum_buffer", values);
+        });
     py::class_<Adam<T>, O, std::shared_ptr<Adam<T>>>(m, suffixed<T>("Adam").c_str())
         .def(py::init([](const py::list& params, double lr, double beta1, double beta2,
                          double eps, double weight_decay) {
@@ -465,7 +498,29 @@ void bind_dtype(py::module_& m) {
                                                   beta2, eps, weight_decay);
              }),
              py::keep_alive<1, 2>(), arg("params"), arg("lr"), arg("beta1"), arg("beta2"),
-             arg("eps"), arg("weight_decay"));
+             arg("eps"), arg("weight_decay"))
+        // (step, exp_avg, exp_avg_sq) of parameter i, torch's names; None before its first step
+        .def("moments",
+             [](Adam<T>& o, size_t i) -> py::object {
+                 if (o.steps().at(i) == 0) return py::none();
+                 return py::make_tuple(o.steps()[i], buffer_array(o, i, o.first_moments()[i]),
+                                       buffer_array(o, i, o.second_moments()[i]));
+             })
+        .def("set_moments", [](Adam<T>& o, size_t i, int64_t step, const py::handle& first,
+                               const py::handle& second) {
+            if (step < 0)
+                throw py::value_error("[" + o.type() + ".load_state_dict] step: expected >= 0, "
+                                      "got " + std::to_string(step));
+            if (step > 0 && (first.is_none() || second.is_none()))
+                throw py::value_error("[" + o.type() + ".load_state_dict] exp_avg: expected "
+                                      "both moments for a step > 0");
+            std::vector<T> m, v;  // checked before anything changes
+            set_buffer(o, i, m, "exp_avg", step ? first : py::none());
+            set_buffer(o, i, v, "exp_avg_sq", step ? second : py::none());
+            o.steps().at(i) = step;
+            o.first_moments()[i] = std::move(m);
+            o.second_moments()[i] = std::move(v);
+        });
     py::class_<AdamW<T>, Adam<T>, std::shared_ptr<AdamW<T>>>(m, suffixed<T>("AdamW").c_str())
         .def(py::init([](const py::list& params, double lr, double beta1, double beta2,
                          double eps, double weight_decay) {

@@ -563,6 +563,10 @@ Sequential<T> load(const std::string& path) {
                    shape_str(npy.shape));
         std::memcpy(p->value.data.data(), npy.data, npy.bytes);
     }
+    // an optimizer's state saved beside the model (Python's model.save(path, optimizer=...))
+    // is not the model's: it is left to the loaders that ask for it
+    for (const auto& entry : entries)
+        if (entry.first.rfind("optimizer", 0) == 0) ++expected_entries;
     if (entries.size() != expected_entries)
         refuse("file: expected " + std::to_string(expected_entries) +
                " arrays (architecture and parameters), got " + std::to_string(entries.size()));

@@ -3,6 +3,8 @@
     architecture.npy   uint8: UTF-8 JSON {"format": "cnnbp-model", "version": 1,
                        "dtype": "float32", "layers": [{"type": "Conv2d", ...}, ...]}
     0.weight.npy ...   every parameter under its torch name, in the model's dtype
+    optimizer.npy ...  (optional) an optimizer's settings as JSON, and its state per
+                       parameter: optimizer.0.momentum_buffer.npy, optimizer.3.exp_avg.npy, ...
 
 The C++ library reads and writes the same files (cnnbp/model_file.hpp). Loading is data
 only: np.load(allow_pickle=False), stored (uncompressed) entries, known layer types, and
@@ -28,7 +30,26 @@ from . import nn
 FORMAT, VERSION = "cnnbp-model", 1
 
 
-def save(model, path) -> None:
+def _optimizer_arrays(model, optimizer):
+    """The entries that hold `optimizer`'s settings (JSON) and state beside the model."""
+    params = model.parameters()
+    if len(optimizer.params) != len(params) or any(
+            a is not b for a, b in zip(optimizer.params, params)):
+        raise ValueError("[save] optimizer: expected an optimizer over this model's parameters, "
+                         "in order")
+    state = optimizer.state_dict()
+    settings = {"type": state["type"], "lr": state["lr"],
+                "hyperparameters": state["hyperparameters"],
+                "steps": [entry.get("step") if entry else None for entry in state["state"]]}
+    arrays = {"optimizer": np.frombuffer(json.dumps(settings).encode(), dtype=np.uint8)}
+    for i, entry in enumerate(state["state"]):
+        for key, value in (entry or {}).items():
+            if key != "step":
+                arrays[f"optimizer.{i}.{key}"] = np.ascontiguousarray(value)
+    return arrays
+
+
+def save(model, path, optimizer=None) -> None:
     params = model.named_parameters()
     dtypes = {p.data.dtype for _, p in params}
     if len(dtypes) > 1:
@@ -38,6 +59,8 @@ def save(model, path) -> None:
                     "layers": [layer.config() for layer in model]}
     arrays = {"architecture": np.frombuffer(json.dumps(architecture).encode(), dtype=np.uint8)}
     arrays.update({name: np.ascontiguousarray(p.data) for name, p in params})
+    if optimizer is not None:
+        arrays.update(_optimizer_arrays(model, optimizer))
     path = os.fspath(path)
     # a half-written file never replaces a good one: write beside it, then rename
     fd, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
@@ -148,8 +171,54 @@ def _check_entry(archive, info, file_size):
                 f"(shape {shape}, {dtype}), got {info.file_size - header_size}")
 
 
-def load(path) -> "nn.Sequential":
-    """Rebuild the model saved at `path` (by Python's model.save or C++'s cnnbp::nn::save)."""
+_OPTIMIZER_KEYS = {"SGD": ("momentum", "weight_decay", "dampening", "nesterov"),
+                   "Adam": ("beta1", "beta2", "eps", "weight_decay"),
+                   "AdamW": ("beta1", "beta2", "eps", "weight_decay")}
+
+
+def _load_optimizer(model, raw, arrays):
+    """The optimizer saved beside the model, over the model's parameters, with its state."""
+    from . import optim
+    try:
+        settings = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        _refuse(f"optimizer: expected valid JSON, got {type(error).__name__}: {error}")
+    if not isinstance(settings, dict) or settings.get("type") not in _OPTIMIZER_KEYS:
+        _refuse(f"optimizer: expected type SGD, Adam or AdamW, got {settings!r:.80}")
+    kind, hyper = settings["type"], settings.get("hyperparameters")
+    keys = _OPTIMIZER_KEYS[kind]
+    if not isinstance(hyper, dict) or set(hyper) != set(keys):
+        _refuse(f"optimizer: expected hyperparameters {list(keys)}, got {hyper!r:.80}")
+    params = model.parameters()
+    steps = settings.get("steps")
+    if not isinstance(steps, list) or len(steps) != len(params):
+        _refuse(f"optimizer: expected one step count per parameter ({len(params)})")
+    try:
+        if kind == "SGD":
+            opt = optim.SGD(params, lr=settings.get("lr"), **hyper)
+        else:
+            opt = getattr(optim, kind)(params, lr=settings.get("lr"),
+                                       betas=(hyper["beta1"], hyper["beta2"]), eps=hyper["eps"],
+                                       weight_decay=hyper["weight_decay"])
+        state = []
+        for i, step in enumerate(steps):
+            entry = {key.split(".", 2)[2]: arrays[key] for key in arrays
+                     if key.startswith(f"optimizer.{i}.")}
+            if step is not None:
+                entry["step"] = step
+            state.append(entry or None)
+        opt.load_state_dict({"type": kind, "lr": settings.get("lr"), "state": state})
+    except (TypeError, ValueError) as error:
+        _refuse(f"optimizer: {error}")
+    return opt
+
+
+def load(path, optimizer=False):
+    """Rebuild the model saved at `path` (by Python's model.save or C++'s cnnbp::nn::save).
+
+    With optimizer=True, returns (model, optimizer): the optimizer saved beside the model by
+    model.save(path, optimizer=opt), over the new model's parameters and with its state
+    (momentum buffers, Adam's moments and steps), or None when the file holds none."""
     path = os.fspath(path)
     try:
         file_size = os.path.getsize(path)
@@ -165,6 +234,8 @@ def load(path) -> "nn.Sequential":
     except (OSError, EOFError, zipfile.BadZipFile, KeyError, NotImplementedError) as error:
         _refuse(f"file: expected a .npz model file, got {type(error).__name__}: {error}")
 
+    optimizer_raw = arrays.pop("optimizer", None)
+    optimizer_arrays = {k: arrays.pop(k) for k in list(arrays) if k.startswith("optimizer.")}
     raw = arrays.pop("architecture", None)
     if raw is None:
         _refuse("file: expected an array 'architecture', got none")
@@ -219,4 +290,13 @@ def load(path) -> "nn.Sequential":
         if value.shape != p.data.shape:
             _refuse(f"{name}: expected shape {p.data.shape}, got shape {value.shape}")
         p.data = np.ascontiguousarray(value)
-    return model
+    if not optimizer:
+        return model
+    if optimizer_raw is None:
+        if optimizer_arrays:
+            _refuse(f"file: expected optimizer state with its settings, got only "
+                    f"{sorted(optimizer_arrays)}")
+        return model, None
+    if optimizer_raw.dtype != np.uint8 or optimizer_raw.ndim != 1:
+        _refuse("optimizer: expected a 1-D uint8 array of JSON text")
+    return model, _load_optimizer(model, optimizer_raw, optimizer_arrays)

@@ -587,11 +587,13 @@ class Sequential(_NativeModule):
         self._step = (loss_fn, optimizer, getattr(x, "dtype", None), native_loss, step)
         return step(x, y)
 
-    def save(self, path) -> None:
+    def save(self, path, optimizer=None) -> None:
         """Write the architecture and weights to one .npz model file (cnnbp.load reads it,
-        and so does the C++ library). A temporary file is renamed over `path`."""
+        and so does the C++ library). A temporary file is renamed over `path`. With an
+        optimizer over this model's parameters, its settings and state go in the file too
+        (cnnbp.load(path, optimizer=True) gives them back)."""
         from .model_file import save
-        save(self, path)
+        save(self, path, optimizer)
 
     def trace(self):
         """One trace per layer: [(name, {"input": ..., "output": ..., ...}), ...]."""

@@ -29,12 +29,17 @@ class _Optimizer:
                                                                  np.floating)):
                 raise TypeError(f"[{name}] {key}: expected a number, got {value!r}")
         groups = {}
+        self._where = []  # parameter i -> (its dtype's C++ optimizer, its index there)
         for p in self.params:
-            groups.setdefault(p.dtype, []).append(p._impl)
+            group = groups.setdefault(p.dtype, [])
+            self._where.append((p.dtype, len(group)))
+            group.append(p._impl)
         if not groups:  # still check the settings
             groups[np.dtype(np.float64)] = []
         self._natives = {dtype: getattr(_core, name + _SUFFIX[dtype])(impls, **hyper)
                          for dtype, impls in groups.items()}
+        self._where = [(self._natives[dtype], j) for dtype, j in self._where]
+        self._hyper = dict(hyper)
         self._lr = hyper["lr"]
 
     def _native_for(self, dtype):
@@ -61,6 +66,41 @@ class _Optimizer:
         for native in self._natives.values():
             native.step()
 
+    def state_dict(self):
+        """The settings and, per parameter (in order), a copy of its state; None for a
+        parameter without state yet. torch's names: momentum_buffer; step, exp_avg,
+        exp_avg_sq."""
+        return {"type": type(self).__name__, "lr": self.lr, "hyperparameters": {
+                    k: v for k, v in self._hyper.items() if k != "lr"},
+                "state": [self._state_of(native, j) for native, j in self._where]}
+
+    def load_state_dict(self, state) -> None:
+        """Take the state of an optimizer of the same type over parameters of the same shapes
+        (as state_dict() gives it); the learning rate too."""
+        name = type(self).__name__
+        if not isinstance(state, dict) or state.get("type") != name:
+            got = state.get("type") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"[{name}.load_state_dict] type: expected {name!r}, got {got!r}")
+        per_parameter = state.get("state")
+        if not isinstance(per_parameter, (list, tuple)) or len(per_parameter) != len(self.params):
+            raise ValueError(f"[{name}.load_state_dict] state: expected one entry per parameter "
+                             f"({len(self.params)}), got {per_parameter!r:.80}")
+        for i, entry in enumerate(per_parameter):
+            if entry is not None and not isinstance(entry, dict):
+                raise ValueError(f"[{name}.load_state_dict] state[{i}]: expected a dict or "
+                                 f"None, got {type(entry).__name__}")
+        for (native, j), entry in zip(self._where, per_parameter):
+            self._set_state(native, j, entry or {})
+        self.lr = state.get("lr", self.lr)
+
+    @staticmethod
+    def _state_of(native, j):
+        raise NotImplementedError
+
+    @staticmethod
+    def _set_state(native, j, entry):
+        raise NotImplementedError
+
     def zero_grad(self) -> None:
         for native in self._natives.values():
             native.zero_grad()
@@ -82,6 +122,15 @@ class SGD(_Optimizer):
         self.momentum, self.weight_decay = momentum, weight_decay
         self.dampening, self.nesterov = dampening, nesterov
 
+    @staticmethod
+    def _state_of(native, j):
+        buffer = native.momentum_buffer(j)
+        return None if buffer is None else {"momentum_buffer": buffer}
+
+    @staticmethod
+    def _set_state(native, j, entry):
+        native.set_momentum_buffer(j, entry.get("momentum_buffer"))
+
 
 class Adam(_Optimizer):
     """Adam, as torch.optim.Adam (amsgrad off; weight decay added to the gradient):
@@ -99,6 +148,21 @@ class Adam(_Optimizer):
         super().__init__(params, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                          weight_decay=weight_decay)
         self.betas, self.eps, self.weight_decay = (beta1, beta2), eps, weight_decay
+
+    @staticmethod
+    def _state_of(native, j):
+        moments = native.moments(j)
+        if moments is None:
+            return None
+        step, first, second = moments
+        return {"step": step, "exp_avg": first, "exp_avg_sq": second}
+
+    @staticmethod
+    def _set_state(native, j, entry):
+        step = entry.get("step", 0)
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+            raise TypeError(f"[Adam.load_state_dict] step: expected an int, got {step!r}")
+        native.set_moments(j, int(step), entry.get("exp_avg"), entry.get("exp_avg_sq"))
 
 
 class AdamW(Adam):

@@ -13,6 +13,9 @@
 //                      Flatten: type only)
 //   0.weight.npy, ...  each parameter under its torch name, little-endian float32/float64,
 //                      C order, the shapes the architecture implies
+//   optimizer.npy, optimizer.0.exp_avg.npy, ...   (optional) an optimizer's settings (JSON)
+//                      and state, written by Python's model.save(path, optimizer=opt) and
+//                      read by cnnbp.load(path, optimizer=True); load() here skips them
 // Loading is data only: anything else -- compressed or encrypted entries, object or
 // pickled arrays, unknown layers, missing or extra arrays, wrong shapes or dtypes, sizes
 // that run past the file -- is refused with std::invalid_argument "[load] ...". Saving

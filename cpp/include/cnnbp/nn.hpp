@@ -356,6 +356,8 @@ class SGD : public Optimizer<T> {
     SGD(std::vector<Parameter<T>*> params, double lr, double momentum = 0.0,
         double weight_decay = 0.0, double dampening = 0.0, bool nesterov = false);
     void step() override;
+    // per parameter: its momentum buffer, empty until its first step with momentum
+    std::vector<std::vector<T>>& momentum_buffers() { return buffers_; }
 
  private:
     double momentum_, weight_decay_, dampening_;
@@ -370,6 +372,10 @@ class Adam : public Optimizer<T> {
     Adam(std::vector<Parameter<T>*> params, double lr = 1e-3, double beta1 = 0.9,
          double beta2 = 0.999, double eps = 1e-8, double weight_decay = 0.0);
     void step() override;
+    // per parameter: steps taken, and the first and second moments (empty before the first)
+    std::vector<int64_t>& steps() { return steps_; }
+    std::vector<std::vector<T>>& first_moments() { return first_; }
+    std::vector<std::vector<T>>& second_moments() { return second_; }
 
  protected:
     Adam(const char* name, std::vector<Parameter<T>*> params, double lr, double beta1,
