@@ -82,7 +82,9 @@ def pool_case(shape):
     return f"max-pool 2x2 fwd+bwd {shape}", ours, theirs, ("GB/s", nbytes / 1e9)
 
 
-def seed_step_case():
+def seed_step_case(keep=False):
+    """The training step of the derivation's network as the four calls (keep=True: with the
+    model, batch, loss and optimizer in place of the rate, for one-call timing)."""
     rng = np.random.default_rng(0)
     X = rng.standard_normal((1, 1, 6, 6), dtype=np.float32)
     Y = np.ones((1, 1), np.float32)
@@ -108,7 +110,8 @@ def seed_step_case():
             tloss(tm(tX), tY).backward()
             topt.step()
 
-    return "training step, seed network, N=1", ours, theirs, None
+    return ("training step, seed network, N=1", ours, theirs,
+            (model, X, Y, loss_fn, opt) if keep else None)
 
 
 def small_cnn_case():
@@ -143,13 +146,7 @@ def small_cnn_case():
 
 def tiny_step_rows(rounds):
     """The seed network's training step on one thread: (how, seconds) rows."""
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((1, 1, 6, 6), dtype=np.float32)
-    Y = np.ones((1, 1), np.float32)
-    model = nn.Sequential(nn.Conv2d(1, 1, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                          nn.Linear(4, 1), nn.Sigmoid())
-    loss_fn, opt = nn.BCELoss(), optim.SGD(model.parameters(), lr=0.01)
-    _, four_calls, theirs, _ = seed_step_case()
+    _, four_calls, theirs, (model, X, Y, loss_fn, opt) = seed_step_case(keep=True)
     threads = cnnbp.get_num_threads()
     cnnbp.set_num_threads(1)
     if torch is not None:

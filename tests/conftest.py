@@ -3,6 +3,8 @@
 Import them with ``from conftest import ...`` (pytest puts this directory on sys.path).
 """
 
+import hashlib
+
 import numpy as np
 
 DTYPES = (np.float32, np.float64)
@@ -70,3 +72,38 @@ SGD_CONFIGS = [
     dict(lr=0.02, momentum=0.9, weight_decay=0.05, nesterov=True),
 ]
 SGD_CONFIG_IDS = [",".join(f"{k}={v}" for k, v in c.items()) for c in SGD_CONFIGS]
+
+
+def rng_for(*key):
+    """A generator seeded from the test's parameters, so every case is reproducible."""
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def randn(rng, shape, dtype, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def wide(a):
+    """The exact float64 values of an array the kernel saw."""
+    return np.asarray(a, dtype=np.float64)
+
+
+def fd_check(analytic, objective, x, what):
+    """An analytic gradient against central differences of objective() at x (FD_RTOL)."""
+    numeric = numeric_grad(objective, x)
+    scale = max(float(np.max(np.abs(numeric))), 1e-3)
+    np.testing.assert_allclose(analytic, numeric, rtol=FD_RTOL, atol=FD_RTOL * scale,
+                               err_msg=what)
+
+
+def pair(v):
+    return (v, v) if np.isscalar(v) else tuple(v)
+
+
+def with_threads(n, fn):
+    """fn() run with the kernels set to n threads."""
+    import cnnbp
+    cnnbp.set_num_threads(n)
+    assert cnnbp.get_num_threads() == n
+    return fn()

@@ -3,7 +3,6 @@ every backward against central finite differences of the C++ forward, and the ar
 contract: dtypes, layouts, lists, determinism, Python-float losses.
 """
 
-import hashlib
 import os
 import pickle
 import subprocess
@@ -16,7 +15,8 @@ import pytest
 
 from cnnbp import functional as F
 from cnnbp import reference as ref
-from conftest import DTYPES, FD_RTOL, assert_close, check_array, numeric_grad
+from conftest import (DTYPES, assert_close, check_array, fd_check,
+                      pair, randn, rng_for, wide)
 
 F32, F64 = np.float32, np.float64
 
@@ -48,32 +48,6 @@ TOL = {
 }
 
 DTYPE_IDS = ["float32", "float64"]
-
-
-def rng_for(*key):
-    """A generator seeded from the test's parameters, so every case is reproducible."""
-    digest = hashlib.sha256(repr(key).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
-
-
-def randn(rng, shape, dtype, scale=1.0):
-    return (rng.standard_normal(shape) * scale).astype(dtype)
-
-
-def wide(a):
-    """The exact float64 values of an array the kernel saw."""
-    return np.asarray(a, dtype=np.float64)
-
-
-def fd_check(analytic, objective, x, what):
-    numeric = numeric_grad(objective, x)
-    scale = max(float(np.max(np.abs(numeric))), 1e-3)
-    np.testing.assert_allclose(analytic, numeric, rtol=FD_RTOL, atol=FD_RTOL * scale,
-                               err_msg=what)
-
-
-def pair(v):
-    return (v, v) if np.isscalar(v) else tuple(v)
 
 
 # ---------------------------------------------------------------------------------------

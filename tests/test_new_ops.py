@@ -4,7 +4,6 @@ forward in float64, PyTorch parity, the dropout mask's statistics and determinis
 counts, and every validation error (type and message).
 """
 
-import hashlib
 import re
 import warnings
 
@@ -14,7 +13,9 @@ import pytest
 import cnnbp
 from cnnbp import functional as F
 from cnnbp import reference as ref
-from conftest import DTYPES, FD_RTOL, assert_close, check_array, numeric_grad
+from conftest import (DTYPES, assert_close, check_array, fd_check,
+                      pair, randn, wide, with_threads)
+from conftest import rng_for as shared_rng_for
 
 F32, F64 = np.float32, np.float64
 DTYPE_IDS = ["float32", "float64"]
@@ -37,28 +38,7 @@ TOL = {
 
 def rng_for(*key):
     """A generator seeded from the test's parameters, so every case is reproducible."""
-    digest = hashlib.sha256(repr(("new_ops",) + key).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
-
-
-def randn(rng, shape, dtype, scale=1.0):
-    return (rng.standard_normal(shape) * scale).astype(dtype)
-
-
-def wide(a):
-    """The exact float64 values of an array the kernel saw."""
-    return np.asarray(a, dtype=np.float64)
-
-
-def fd_check(analytic, objective, x, what):
-    numeric = numeric_grad(objective, x)
-    scale = max(float(np.max(np.abs(numeric))), 1e-3)
-    np.testing.assert_allclose(analytic, numeric, rtol=FD_RTOL, atol=FD_RTOL * scale,
-                               err_msg=what)
-
-
-def pair(v):
-    return (v, v) if np.isscalar(v) else tuple(v)
+    return shared_rng_for("new_ops", *key)
 
 
 def same_bits(got, want, what=""):
@@ -75,10 +55,6 @@ def restore_thread_count():
     cnnbp.set_num_threads(before)
 
 
-def with_threads(n, fn):
-    cnnbp.set_num_threads(n)
-    assert cnnbp.get_num_threads() == n
-    return fn()
 
 
 # ---------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 
 import cnnbp
 from cnnbp import functional as F
+from conftest import with_threads
 
 DTYPES = (np.float32, np.float64)
 DTYPE_IDS = ["float32", "float64"]
@@ -22,10 +23,6 @@ def restore_thread_count():
     cnnbp.set_num_threads(before)
 
 
-def with_threads(n, fn):
-    cnnbp.set_num_threads(n)
-    assert cnnbp.get_num_threads() == n
-    return fn()
 
 
 def assert_same_bits(one, two):

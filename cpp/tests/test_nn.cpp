@@ -42,6 +42,25 @@ V values(size_t count, unsigned seed, double scale = 1.0) {
     return v;
 }
 
+// Every parameter gradient of the last backward against central differences of objective().
+template <typename Objective>
+void check_against_differences(Sequential<double>& model, const Objective& objective) {
+    const double h = 1e-6;
+    for (auto& [name, p] : model.named_parameters()) {
+        V numeric(p->value.data.size());
+        for (size_t i = 0; i < numeric.size(); ++i) {
+            const double saved = p->value.data[i];
+            p->value.data[i] = saved + h;
+            const double plus = objective();
+            p->value.data[i] = saved - h;
+            const double minus = objective();
+            p->value.data[i] = saved;
+            numeric[i] = (plus - minus) / (2 * h);
+        }
+        CHECK_CLOSE(p->grad.data.data(), numeric, 1e-8, 1e-5);
+    }
+}
+
 }  // namespace
 
 TEST_CASE("nn: the seed network through the model API equals the kernel chain") {
@@ -119,20 +138,7 @@ TEST_CASE("nn: parameter gradients of a strided model against finite differences
     auto objective = [&] { return loss.forward(model.forward(x), labels); };
     objective();
     model.backward(loss.backward());
-    const double h = 1e-6;
-    for (auto& [name, p] : model.named_parameters()) {
-        V numeric(p->value.data.size());
-        for (size_t i = 0; i < numeric.size(); ++i) {
-            const double saved = p->value.data[i];
-            p->value.data[i] = saved + h;
-            const double plus = objective();
-            p->value.data[i] = saved - h;
-            const double minus = objective();
-            p->value.data[i] = saved;
-            numeric[i] = (plus - minus) / (2 * h);
-        }
-        CHECK_CLOSE(p->grad.data.data(), numeric, 1e-8, 1e-5);
-    }
+    check_against_differences(model, objective);
 }
 
 TEST_CASE("nn: Tanh, AvgPool2d and Dropout layers; gradients against finite differences") {
@@ -153,20 +159,7 @@ TEST_CASE("nn: Tanh, AvgPool2d and Dropout layers; gradients against finite diff
     objective();
     CHECK(!dropout->dropped() && dropout->output().data == model[2].output().data);
     model.backward(loss.backward());
-    const double h = 1e-6;
-    for (auto& [name, p] : model.named_parameters()) {
-        V numeric(p->value.data.size());
-        for (size_t i = 0; i < numeric.size(); ++i) {
-            const double saved = p->value.data[i];
-            p->value.data[i] = saved + h;
-            const double plus = objective();
-            p->value.data[i] = saved - h;
-            const double minus = objective();
-            p->value.data[i] = saved;
-            numeric[i] = (plus - minus) / (2 * h);
-        }
-        CHECK_CLOSE(p->grad.data.data(), numeric, 1e-8, 1e-5);
-    }
+    check_against_differences(model, objective);
     // training: each forward draws a mask; kept values are scaled by 1 / (1 - p)
     model.train();
     const V first = model.forward(x).data;
