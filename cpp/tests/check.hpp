@@ -6,6 +6,7 @@
 #include <cstring>
 #include <functional>
 #include <iostream>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -78,6 +79,22 @@ class Guarded {
     std::vector<T> storage_;
     size_t count_, guard_;
 };
+
+// `count` values drawn uniformly from [-scale, scale], reproducible from `seed`.
+template <typename T = double>
+std::vector<T> random_values(size_t count, unsigned seed, double scale = 1.0) {
+    std::mt19937 gen(seed);
+    std::uniform_real_distribution<double> dist(-1.0, 1.0);
+    std::vector<T> v(count);
+    for (auto& x : v) x = T(scale * dist(gen));
+    return v;
+}
+
+inline double dot(const std::vector<double>& a, const std::vector<double>& b) {
+    double s = 0;
+    for (size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
+    return s;
+}
 
 }  // namespace cnnbp_test
 

@@ -9,23 +9,11 @@
 #include "cnnbp/cnnbp.hpp"
 
 using namespace cnnbp;
+using cnnbp_test::dot;
+using cnnbp_test::random_values;
 using V = std::vector<double>;
 
 namespace {
-
-std::vector<double> random_values(size_t count, unsigned seed) {
-    std::mt19937 gen(seed);
-    std::uniform_real_distribution<double> dist(-1.0, 1.0);
-    std::vector<double> v(count);
-    for (auto& x : v) x = dist(gen);
-    return v;
-}
-
-double dot(const V& a, const V& b) {
-    double s = 0;
-    for (size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
-    return s;
-}
 
 template <typename T>
 bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {

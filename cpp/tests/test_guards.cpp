@@ -9,18 +9,11 @@
 #include "cnnbp/cnnbp.hpp"
 
 using namespace cnnbp;
+using cnnbp_test::dot;
+using cnnbp_test::random_values;
 using cnnbp_test::Guarded;
 
 namespace {
-
-template <typename T>
-std::vector<T> random_values(size_t count, unsigned seed) {
-    std::mt19937 gen(seed);
-    std::uniform_real_distribution<double> dist(-1.0, 1.0);
-    std::vector<T> v(count);
-    for (auto& x : v) x = T(dist(gen));
-    return v;
-}
 
 template <typename T>
 void conv2d_guarded(const Shape& xs, const Shape& ws, const Conv2dParams& params, unsigned seed) {

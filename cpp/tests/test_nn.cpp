@@ -35,11 +35,7 @@ Sequential<double> seed_network(const V& W1, double B1, const V& W2, double B2) 
 }
 
 V values(size_t count, unsigned seed, double scale = 1.0) {
-    std::mt19937 gen(seed);
-    std::uniform_real_distribution<double> dist(-scale, scale);
-    V v(count);
-    for (double& x : v) x = dist(gen);
-    return v;
+    return cnnbp_test::random_values(count, seed, scale);
 }
 
 // Every parameter gradient of the last backward against central differences of objective().
