@@ -79,6 +79,12 @@ void Tensor<T>::resize(const Shape& s) {
     data.resize(size_t(numel(s)));
 }
 
+template <typename T>
+void Tensor<T>::resize(std::initializer_list<int64_t> dims) {
+    shape.assign(dims);  // reuses the shape's storage
+    data.resize(size_t(numel(shape)));
+}
+
 // ---- WeightedLayer, Conv2d ------------------------------------------------------------------
 
 template <typename T>
@@ -158,9 +164,9 @@ const Tensor<T>& Linear<T>::forward(const Tensor<T>& input) {
     dims_ = linear_dims(input.shape, this->weight.value.shape,
                         this->has_bias_ ? &this->bias.value.shape : nullptr);
     this->input_ = &input;
-    Shape out = input.shape;
-    out.back() = dims_.OUT;
-    this->output_.resize(out);
+    this->output_.shape = input.shape;  // (*, out): reuses the shape's storage
+    this->output_.shape.back() = dims_.OUT;
+    this->output_.resize(this->output_.shape);
     linear_forward(this->output_.data.data(), input.data.data(), this->weight.value.data.data(),
                    this->has_bias_ ? this->bias.value.data.data() : nullptr, dims_);
     return this->output_;

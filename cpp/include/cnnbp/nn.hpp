@@ -19,6 +19,7 @@
 
 #include <array>
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <random>
 #include <string>
@@ -41,6 +42,7 @@ struct Tensor {
     int64_t size() const { return int64_t(data.size()); }
     // Give the tensor this shape, reusing its storage; contents are unspecified.
     void resize(const Shape& s);
+    void resize(std::initializer_list<int64_t> dims);  // resize({N, C, H, W}), no temporary
 };
 
 // A trainable tensor and its gradient. Until the first backward after a zero_grad() there
