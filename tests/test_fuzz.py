@@ -1272,6 +1272,8 @@ ARGUMENT_ERRORS = [
     ("Conv2d kernel_size '3'", lambda: nn.Conv2d(1, 1, "3"), TypeError),
     ("Conv2d in_channels 2.5", lambda: nn.Conv2d(2.5, 1, 3), TypeError),
     ("Linear in_features 2^64", lambda: nn.Linear(2**64, 1), ValueError),
+    ("MaxPool2d kernel_size 2.0", lambda: nn.MaxPool2d(2.0), TypeError),  # as F.max_pool2d
+    ("AvgPool2d stride '2'", lambda: nn.AvgPool2d(2, stride="2"), TypeError),
     ("SGD lr '0.1'", lambda: optim.SGD(nn.Linear(2, 1).parameters(), lr="0.1"), TypeError),
     ("SGD lr None", lambda: optim.SGD(nn.Linear(2, 1).parameters(), lr=None), TypeError),
     ("Adam betas of one", lambda: optim.Adam(nn.Linear(2, 1).parameters(), betas=(0.9,)),

@@ -312,11 +312,6 @@ class _NativeModule(Module):
     del _traced
 
 
-def _pair(v):
-    """An int or an (h, w) pair as a list [h, w] of ints (the model file's form)."""
-    return [int(v), int(v)] if np.isscalar(v) else [int(x) for x in v]
-
-
 def _weight_init(impl, dtype, shape, fan_in, bias):
     # torch's default for conv and linear: kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(fan_in), +),
     # drawn from cnnbp.manual_seed's generator and copied into the C++ parameters
@@ -340,39 +335,56 @@ class Conv2d(_NativeModule):
         dtype = self._fixed_dtype = _check_dtype(dtype)
         in_channels = _int_arg("Conv2d", "in_channels", in_channels)
         out_channels = _int_arg("Conv2d", "out_channels", out_channels)
-        r, s = _pair_arg("Conv2d", "kernel_size", kernel_size)
-        stride_pair = _pair_arg("Conv2d", "stride", stride)
-        padding_pair = _pair_arg("Conv2d", "padding", padding)
+        # [h, w] pairs, checked once; the model file's form
+        self._pairs = {name: _pair_arg("Conv2d", name, value) for name, value in
+                       (("kernel_size", kernel_size), ("stride", stride), ("padding", padding))}
+        r, s = self._pairs["kernel_size"]
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = (r, s), stride, padding
         impl = self._impl = self._impls[dtype] = _native("Conv2d", dtype)(
-            in_channels, out_channels, [r, s], stride_pair, padding_pair, bool(bias))
+            in_channels, out_channels, *self._pairs.values(), bool(bias))
         self.weight, self.bias = _weight_init(impl, dtype, (out_channels, in_channels, r, s),
                                               in_channels * r * s, bias)
 
     def config(self):
         """The architecture entry of a model file."""
-        return {"type": "Conv2d", "in_channels": int(self.in_channels),
-                "out_channels": int(self.out_channels), "kernel_size": _pair(self.kernel_size),
-                "stride": _pair(self.stride), "padding": _pair(self.padding),
-                "bias": self.bias is not None}
+        return {"type": "Conv2d", "in_channels": self.in_channels,
+                "out_channels": self.out_channels, **self._pairs, "bias": self.bias is not None}
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")
 
 
-class MaxPool2d(_NativeModule):
-    """y, argmax = max over each kernel_size window; backward routes dL/dy to the argmax."""
+class _Pool2d(_NativeModule):
+    """A pooling layer over kernel_size windows; stride defaults to kernel_size, as torch's."""
+
+    _native_name = None  # "MaxPool2d", "AvgPool2d": the C++ layer and the model file's type
 
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        name = self._native_name
+        # [h, w] pairs, checked once; the model file's form
+        self._pairs = {"kernel_size": _pair_arg(name, "kernel_size", kernel_size),
+                       "stride": _pair_arg(name, "stride",
+                                           kernel_size if stride is None else stride),
+                       "padding": _pair_arg(name, "padding", padding)}
 
     def _make(self, dtype):
-        stride = self.kernel_size if self.stride is None else self.stride
-        return _native("MaxPool2d", dtype)(_pair(self.kernel_size), _pair(stride),
-                                           _pair(self.padding))
+        return _native(self._native_name, dtype)(*self._pairs.values())
+
+    def config(self):
+        return {"type": self._native_name, **self._pairs}
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+class MaxPool2d(_Pool2d):
+    """y, argmax = max over each kernel_size window; backward routes dL/dy to the argmax."""
+
+    _native_name = "MaxPool2d"
 
     @property
     def indices(self):
@@ -384,35 +396,12 @@ class MaxPool2d(_NativeModule):
         out["indices"] = self.indices
         return out
 
-    def config(self):
-        stride = self.kernel_size if self.stride is None else self.stride
-        return {"type": "MaxPool2d", "kernel_size": _pair(self.kernel_size),
-                "stride": _pair(stride), "padding": _pair(self.padding)}
 
-    def extra_repr(self):
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
-
-
-class AvgPool2d(_NativeModule):
+class AvgPool2d(_Pool2d):
     """y = the mean over each kernel_size window, padding counted as zeros (torch's
     count_include_pad=True); backward spreads dL/dy evenly over each window."""
 
-    def __init__(self, kernel_size, stride=None, padding=0):
-        super().__init__()
-        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
-
-    def _make(self, dtype):
-        stride = self.kernel_size if self.stride is None else self.stride
-        return _native("AvgPool2d", dtype)(_pair(self.kernel_size), _pair(stride),
-                                           _pair(self.padding))
-
-    def config(self):
-        stride = self.kernel_size if self.stride is None else self.stride
-        return {"type": "AvgPool2d", "kernel_size": _pair(self.kernel_size),
-                "stride": _pair(stride), "padding": _pair(self.padding)}
-
-    def extra_repr(self):
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+    _native_name = "AvgPool2d"
 
 
 class ReLU(_NativeModule):
