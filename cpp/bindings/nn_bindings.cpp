@@ -82,6 +82,17 @@ void fill_input(Tensor<T>& dst, const std::string& op, bool weighted, const py::
     fill(dst, arr);
 }
 
+// dst = obj, an argument that must have the dtype T of the call's first array (the loss's
+// target beside its input), reported as the functional API reports it.
+template <typename T>
+void fill_like_first(Tensor<T>& dst, const std::string& op, const char* name,
+                     const py::handle& obj) {
+    if (is_plain_array<T>(obj)) return fill_input(dst, op, false, obj, name);
+    py::array arr = as_array(op.c_str(), name, obj);
+    check_dtype(op.c_str(), name, arr, dtype_of<T>);
+    fill(dst, arr);
+}
+
 // A new array holding a copy of t.
 template <typename T>
 py::array to_numpy(const Tensor<T>& t) {
@@ -104,7 +115,7 @@ py::array view(Tensor<T>& t, const py::handle& owner) {
     return py::array_t<T>(shape, t.data.data(), owner);
 }
 
-// The first weighted layer decides how a dtype mismatch is reported.
+// Whether the layer has a weight, which then names a dtype mismatch (see fill_input).
 template <typename T>
 bool is_weighted(Layer<T>& layer) {
     return dynamic_cast<WeightedLayer<T>*>(&layer) != nullptr;
@@ -117,22 +128,21 @@ bool is_weighted(Layer<T>& layer) {
 // refused (that is the same thread, before the model's call releases anything of its own).
 class Busy {
  public:
-    // mark: whether this call releases the GIL (a call that keeps it cannot be overlapped,
-    // so it only checks)
-    Busy(const void* object, const std::string& type, bool mark = true)
-        : object_(mark ? object : nullptr) {
+    // mark: whether this call releases the GIL now (a call that keeps it cannot be
+    // overlapped, so it only checks; it may mark() later, before releasing the GIL)
+    Busy(const void* object, const std::string& type, bool mark = true) : object_(object) {
         if (in_use().count(object))
             throw std::runtime_error("[" + type +
                                      "] in use by another thread: one layer, model, loss or "
                                      "optimizer must not run two calls at once");
-        if (mark) in_use().insert(object);
+        if (mark) this->mark();
     }
     ~Busy() {
-        if (object_) in_use().erase(object_);
+        if (marked_) in_use().erase(object_);
     }
-    void mark(const void* object) {
-        in_use().insert(object);
-        object_ = object;
+    void mark() {
+        in_use().insert(object_);
+        marked_ = true;
     }
     Busy(const Busy&) = delete;
     Busy& operator=(const Busy&) = delete;
@@ -143,6 +153,7 @@ class Busy {
         return objects;
     }
     const void* object_;
+    bool marked_ = false;
 };
 
 template <typename T>
@@ -217,6 +228,15 @@ class PythonLayer : public Layer<T> {
     py::object module_;
 };
 
+// The kernel a loss's error messages name.
+template <typename T>
+std::string loss_op(Loss<T>& loss) {
+    const std::string type = loss.type();
+    if (type == "BCELoss") return "binary_cross_entropy";
+    if (type == "BCEWithLogitsLoss") return "binary_cross_entropy_with_logits";
+    return "cross_entropy";
+}
+
 // The target of a loss as a tensor of T: probabilities for BCE, class indices for
 // cross-entropy (given as integers, checked here as the functional API checks them).
 template <typename T>
@@ -233,33 +253,14 @@ void fill_target(Tensor<T>& dst, Loss<T>& loss, const py::handle& obj) {
         }
         return;
     }
-    const std::string op = loss.type() == "BCELoss" ? "binary_cross_entropy"
-                                                    : "binary_cross_entropy_with_logits";
-    if (is_plain_array<T>(obj)) {
-        fill_input(dst, op, false, obj, "target");
-        return;
-    }
-    py::array arr = as_array(op.c_str(), "target", obj);
-    check_dtype(op.c_str(), "target", arr, dtype_of<T>);
-    fill(dst, arr);
-}
-
-template <typename T>
-std::string loss_op(Loss<T>& loss) {
-    const std::string type = loss.type();
-    if (type == "BCELoss") return "binary_cross_entropy";
-    if (type == "BCEWithLogitsLoss") return "binary_cross_entropy_with_logits";
-    return "cross_entropy";
+    fill_like_first(dst, loss_op(loss), "target", obj);
 }
 
 template <typename T>
 double loss_forward(Loss<T>& loss, const py::handle& input, const py::handle& target) {
     Busy busy(&loss, loss.type());
     static thread_local Tensor<T> input_copy, target_copy;  // the loss keeps its own copies
-    const std::string op = loss_op(loss);
-    py::array arr = as_array(op.c_str(), "input", input);
-    check_dtype(op.c_str(), "input", arr, dtype_of<T>);
-    fill(input_copy, arr);
+    fill_like_first(input_copy, loss_op(loss), "input", input);
     fill_target(target_copy, loss, target);
     py::gil_scoped_release release;
     return loss.forward(input_copy, target_copy);
@@ -285,9 +286,9 @@ struct TrainStep {
         fill_target(target, *loss, y);
         if (model->kept_input().size() < kReleaseGilValues)
             return train_step(*model, model->kept_input(), target, *loss, *optimizer);
-        busy_model.mark(model.get());
-        busy_loss.mark(loss.get());
-        busy_optimizer.mark(optimizer.get());
+        busy_model.mark();
+        busy_loss.mark();
+        busy_optimizer.mark();
         py::gil_scoped_release release;
         return train_step(*model, model->kept_input(), target, *loss, *optimizer);
     }
