@@ -252,25 +252,6 @@ const Tensor<T>& AvgPool2d<T>::backward(const Tensor<T>& grad_output) {
 }
 
 template <typename T>
-const Tensor<T>& Tanh<T>::forward(const Tensor<T>& input) {
-    this->input_ = &input;
-    this->output_.resize(input.shape);
-    tanh_forward(this->output_.data.data(), input.data.data(), input.size());
-    return this->output_;
-}
-
-template <typename T>
-const Tensor<T>& Tanh<T>::backward(const Tensor<T>& grad_output) {
-    require_forward(this->input_, "Tanh");
-    check_same_shape("tanh_backward", "a", this->output_.shape, "doutput", grad_output.shape);
-    this->grad_output_ = &grad_output;
-    this->grad_input_.resize(this->output_.shape);
-    tanh_backward(this->grad_input_.data.data(), grad_output.data.data(),
-                  this->output_.data.data(), this->output_.size());
-    return this->grad_input_;
-}
-
-template <typename T>
 Dropout<T>::Dropout(double p) : Dropout(p, generator()()) {}
 
 template <typename T>
@@ -311,41 +292,60 @@ const Tensor<T>& Dropout<T>::backward(const Tensor<T>& grad_output) {
 }
 
 template <typename T>
-const Tensor<T>& ReLU<T>::forward(const Tensor<T>& input) {
-    this->input_ = &input;
-    this->output_.resize(input.shape);
-    relu_forward(this->output_.data.data(), input.data.data(), input.size());
-    return this->output_;
+template <typename Kernel>
+const Tensor<T>& Layer<T>::elementwise_forward(const Tensor<T>& input, Kernel kernel) {
+    input_ = &input;
+    output_.resize(input.shape);
+    kernel(output_.data.data(), input.data.data(), input.size());
+    return output_;
 }
 
 template <typename T>
-const Tensor<T>& ReLU<T>::backward(const Tensor<T>& grad_output) {
+template <typename Kernel>
+const Tensor<T>& Layer<T>::elementwise_backward(const Tensor<T>& grad_output, const char* op,
+                                                const char* saved_name, const Tensor<T>& saved,
+                                                Kernel kernel) {
+    check_same_shape(op, saved_name, saved.shape, "doutput", grad_output.shape);
+    grad_output_ = &grad_output;
+    grad_input_.resize(saved.shape);
+    kernel(grad_input_.data.data(), grad_output.data.data(), saved.data.data(), saved.size());
+    return grad_input_;
+}
+
+template <typename T>
+const Tensor<T>& ReLU<T>::forward(const Tensor<T>& input) {
+    return this->elementwise_forward(input, relu_forward<T>);
+}
+
+template <typename T>
+const Tensor<T>& ReLU<T>::backward(const Tensor<T>& grad_output) {  // dz from the input z
     const Tensor<T>& input = require_forward(this->input_, "ReLU");
-    check_same_shape("relu_backward", "z", input.shape, "doutput", grad_output.shape);
-    this->grad_output_ = &grad_output;
-    this->grad_input_.resize(input.shape);
-    relu_backward(this->grad_input_.data.data(), grad_output.data.data(), input.data.data(),
-                  input.size());
-    return this->grad_input_;
+    return this->elementwise_backward(grad_output, "relu_backward", "z", input,
+                                      relu_backward<T>);
 }
 
 template <typename T>
 const Tensor<T>& Sigmoid<T>::forward(const Tensor<T>& input) {
-    this->input_ = &input;
-    this->output_.resize(input.shape);
-    sigmoid_forward(this->output_.data.data(), input.data.data(), input.size());
-    return this->output_;
+    return this->elementwise_forward(input, sigmoid_forward<T>);
 }
 
 template <typename T>
-const Tensor<T>& Sigmoid<T>::backward(const Tensor<T>& grad_output) {
+const Tensor<T>& Sigmoid<T>::backward(const Tensor<T>& grad_output) {  // dz from the output a
     require_forward(this->input_, "Sigmoid");
-    check_same_shape("sigmoid_backward", "a", this->output_.shape, "doutput", grad_output.shape);
-    this->grad_output_ = &grad_output;
-    this->grad_input_.resize(this->output_.shape);
-    sigmoid_backward(this->grad_input_.data.data(), grad_output.data.data(),
-                     this->output_.data.data(), this->output_.size());
-    return this->grad_input_;
+    return this->elementwise_backward(grad_output, "sigmoid_backward", "a", this->output_,
+                                      sigmoid_backward<T>);
+}
+
+template <typename T>
+const Tensor<T>& Tanh<T>::forward(const Tensor<T>& input) {
+    return this->elementwise_forward(input, tanh_forward<T>);
+}
+
+template <typename T>
+const Tensor<T>& Tanh<T>::backward(const Tensor<T>& grad_output) {  // dz from the output a
+    require_forward(this->input_, "Tanh");
+    return this->elementwise_backward(grad_output, "tanh_backward", "a", this->output_,
+                                      tanh_backward<T>);
 }
 
 template <typename T>

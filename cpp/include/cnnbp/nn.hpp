@@ -97,6 +97,16 @@ class Layer {
     }
 
  protected:
+    // An elementwise layer's passes (ReLU, Sigmoid, Tanh): output = kernel(input), and
+    // grad_input = kernel(grad_output, saved), where saved is what the backward reads (the
+    // input or the output), named saved_name in op's shape errors.
+    template <typename Kernel>
+    const Tensor<T>& elementwise_forward(const Tensor<T>& input, Kernel kernel);
+    template <typename Kernel>
+    const Tensor<T>& elementwise_backward(const Tensor<T>& grad_output, const char* op,
+                                          const char* saved_name, const Tensor<T>& saved,
+                                          Kernel kernel);
+
     const Tensor<T>* input_ = nullptr;
     const Tensor<T>* grad_output_ = nullptr;
     Tensor<T> output_, grad_input_;
