@@ -8,6 +8,50 @@ import hashlib
 import numpy as np
 
 DTYPES = (np.float32, np.float64)
+F32, F64 = np.float32, np.float64
+
+# Tolerances against the float64 oracle, per op and dtype (see conftest.assert_close: the
+# bound is tol * (|want| + max|want|)). The oracle is evaluated on exactly the numbers the
+# kernel saw (float32 inputs widened to float64), so the only differences are the kernel's
+# own rounding: a few ulps for elementwise ops (float64 ulp 1.1e-16, float32 ulp 6e-8),
+# and growing with the length of the sums for conv2d / linear and their gradients.
+# Selections (max-pool values and indices, relu, flatten) move numbers without arithmetic
+# and must be exact.
+KERNEL_TOL = {
+    "conv2d": {F64: 1e-12, F32: 1e-5},
+    "conv2d_backward": {F64: 1e-12, F32: 1e-5},
+    "max_pool2d": {F64: 0, F32: 0},
+    "max_pool2d_backward": {F64: 1e-14, F32: 1e-6},  # overlapping picks add up
+    "relu": {F64: 0, F32: 0},
+    "relu_backward": {F64: 0, F32: 0},
+    "sigmoid": {F64: 1e-14, F32: 1e-6},
+    "sigmoid_backward": {F64: 1e-14, F32: 1e-6},
+    "linear": {F64: 1e-12, F32: 1e-5},
+    "linear_backward": {F64: 1e-12, F32: 1e-5},
+    "flatten": {F64: 0, F32: 0},
+    "binary_cross_entropy": {F64: 1e-12, F32: 1e-6},
+    "binary_cross_entropy_backward": {F64: 1e-12, F32: 1e-6},
+    "binary_cross_entropy_with_logits": {F64: 1e-12, F32: 1e-6},
+    "binary_cross_entropy_with_logits_backward": {F64: 1e-12, F32: 1e-6},
+    "cross_entropy": {F64: 1e-12, F32: 1e-6},
+    "cross_entropy_backward": {F64: 1e-12, F32: 1e-6},
+    # avg_pool2d sums at most kh*kw cells and divides once: a few ulps. float tanh is the
+    # double tanh rounded once (half an ulp), float64 tanh the library's (an ulp or so).
+    # Dropout multiplies by 0 or 1 and divides by 1 - p: exact in float64, where the oracle
+    # does the same operations; in float32 the kernel divides by 1 - p rounded to float32.
+    "avg_pool2d": {F64: 1e-14, F32: 1e-6},
+    "avg_pool2d_backward": {F64: 1e-14, F32: 1e-6},  # overlapping windows add up
+    "tanh": {F64: 1e-14, F32: 1e-6},
+    "tanh_backward": {F64: 1e-14, F32: 1e-6},
+    "dropout": {F64: 0, F32: 1e-6},
+    "dropout_backward": {F64: 0, F32: 1e-6},
+}
+
+# cnnbp networks against torch, normwise (see assert_close). float64: both sides are exact
+# to ~1e-15, 1e-9 leaves room for different summation orders through a few layers.
+# float32: torch sums with other blockings (oneDNN, BLAS), so differences of a few float32
+# ulps per reduction, amplified a little through the layers.
+NETWORK_TOL = {F64: 1e-9, F32: 1e-4}
 
 
 def check_array(got, shape, dtype):

@@ -11,12 +11,12 @@ import pytest
 
 from cnnbp import functional as F
 from cnnbp import reference as ref
-from conftest import DTYPES, assert_close
+from conftest import DTYPES, KERNEL_TOL, assert_close
 
 F32, F64 = np.float32, np.float64
 DTYPE_IDS = ["float32", "float64"]
 # the loss tolerances of test_functional.py
-LOSS_TOL = {F64: 1e-12, F32: 1e-6}
+LOSS_TOL = KERNEL_TOL["binary_cross_entropy_with_logits"]
 
 
 def torch_or_skip():

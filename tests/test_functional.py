@@ -15,37 +15,12 @@ import pytest
 
 from cnnbp import functional as F
 from cnnbp import reference as ref
-from conftest import (DTYPES, assert_close, check_array, fd_check,
+from conftest import (DTYPES, KERNEL_TOL, assert_close, check_array, fd_check,
                       pair, randn, rng_for, wide)
 
 F32, F64 = np.float32, np.float64
 
-# Tolerances against the float64 oracle, per op and dtype (see conftest.assert_close: the
-# bound is tol * (|want| + max|want|)). The oracle is evaluated on exactly the numbers the
-# kernel saw (float32 inputs widened to float64), so the only differences are the kernel's
-# own rounding: a few ulps for elementwise ops (float64 ulp 1.1e-16, float32 ulp 6e-8),
-# and growing with the length of the sums for conv2d / linear and their gradients.
-# Selections (max-pool values and indices, relu, flatten) move numbers without arithmetic
-# and must be exact.
-TOL = {
-    "conv2d": {F64: 1e-12, F32: 1e-5},
-    "conv2d_backward": {F64: 1e-12, F32: 1e-5},
-    "max_pool2d": {F64: 0, F32: 0},
-    "max_pool2d_backward": {F64: 1e-14, F32: 1e-6},  # overlapping picks add up
-    "relu": {F64: 0, F32: 0},
-    "relu_backward": {F64: 0, F32: 0},
-    "sigmoid": {F64: 1e-14, F32: 1e-6},
-    "sigmoid_backward": {F64: 1e-14, F32: 1e-6},
-    "linear": {F64: 1e-12, F32: 1e-5},
-    "linear_backward": {F64: 1e-12, F32: 1e-5},
-    "flatten": {F64: 0, F32: 0},
-    "binary_cross_entropy": {F64: 1e-12, F32: 1e-6},
-    "binary_cross_entropy_backward": {F64: 1e-12, F32: 1e-6},
-    "binary_cross_entropy_with_logits": {F64: 1e-12, F32: 1e-6},
-    "binary_cross_entropy_with_logits_backward": {F64: 1e-12, F32: 1e-6},
-    "cross_entropy": {F64: 1e-12, F32: 1e-6},
-    "cross_entropy_backward": {F64: 1e-12, F32: 1e-6},
-}
+TOL = KERNEL_TOL
 
 DTYPE_IDS = ["float32", "float64"]
 

@@ -30,7 +30,7 @@ import cnnbp
 from cnnbp import functional as F
 from cnnbp import nn, optim
 from cnnbp import reference as ref
-from conftest import assert_close, check_array
+from conftest import KERNEL_TOL, assert_close, check_array
 
 # NaN and infinities cast to the wrong dtypes, and the oracle's own overflow, warn
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -43,18 +43,8 @@ FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
 # per kind of breakage (a pytest parameter, so that every kind is drawn)
 PER_BREAK = settings(FUZZ, max_examples=12)
 
-# the tolerances of test_functional.py
-TOL = {
-    "conv2d": {F64: 1e-12, F32: 1e-5},
-    "max_pool2d": {F64: 0, F32: 0},
-    "max_pool2d_backward": {F64: 1e-14, F32: 1e-6},
-    "relu": {F64: 0, F32: 0},
-    "sigmoid": {F64: 1e-14, F32: 1e-6},
-    "tanh": {F64: 1e-14, F32: 1e-6},
-    "avg_pool2d": {F64: 1e-12, F32: 1e-5},
-    "linear": {F64: 1e-12, F32: 1e-5},
-    "loss": {F64: 1e-12, F32: 1e-6},
-}
+# the tolerances of test_functional.py; the three losses share theirs
+TOL = {**KERNEL_TOL, "loss": KERNEL_TOL["cross_entropy"]}
 
 BAD_DTYPES = [np.int8, np.int32, np.int64, np.uint8, np.uint64, np.bool_, np.float16,
               np.complex64, np.complex128, object, np.longdouble]
@@ -414,6 +404,21 @@ def pool_cases(draw, brk):
                 dtype=dtype, kind=kind, rng=rng)
 
 
+def pool_case_is_valid(case):
+    """Whether a drawn pooling case should run: unbroken, or its broken kernel, stride or
+    padding still form a window the input can hold (torch's rules, 2^48 extents at most)."""
+    if case["brk"] not in ("kernel", "stride", "padding"):
+        return case["brk"] is None
+    kernel, stride, padding = case["kernel"], case["stride"], case["padding"]
+    if not (pair_is_valid(kernel, 1) and (stride is None or pair_is_valid(stride, 1))
+            and pair_is_valid(padding, 0)):
+        return False
+    (kh, kw), (ph, pw) = pair_of(kernel), pair_of(padding)
+    _, _, H, W = np.shape(case["x"])
+    return (2 * ph <= kh and 2 * pw <= kw and H + 2 * ph >= kh and W + 2 * pw >= kw
+            and H + 2 * ph <= 2**48 and W + 2 * pw <= 2**48)
+
+
 @pytest.mark.parametrize("brk", POOL_BREAKS, ids=str)
 @settings(PER_BREAK, max_examples=25)
 @given(data=st.data())
@@ -421,16 +426,7 @@ def test_max_pool2d_fuzz(brk, data):
     case = data.draw(pool_cases(brk))
     x, kernel, stride, padding = case["x"], case["kernel"], case["stride"], case["padding"]
     out, error = run(F.max_pool2d, x, kernel, stride, padding)
-    valid = case["brk"] is None
-    if case["brk"] in ("kernel", "stride", "padding"):
-        (kh, kw) = pair_of(kernel) if pair_is_valid(kernel, 1) else (0, 0)
-        valid = (pair_is_valid(kernel, 1) and (stride is None or pair_is_valid(stride, 1))
-                 and pair_is_valid(padding, 0))
-        if valid:
-            (ph, pw) = pair_of(padding)
-            _, _, H, W = np.shape(x)
-            valid = (2 * ph <= kh and 2 * pw <= kw and H + 2 * ph >= kh and W + 2 * pw >= kw
-                     and H + 2 * ph <= 2**48 and W + 2 * pw <= 2**48)
+    valid = pool_case_is_valid(case)
     event(f"break: {case['brk']}, {'valid' if valid else 'refused'}")
     if not valid:
         check_error(error, "max_pool2d", case["names"])
@@ -458,16 +454,7 @@ def test_avg_pool2d_fuzz(brk, data):
     case = data.draw(pool_cases(brk))
     x, kernel, stride, padding = case["x"], case["kernel"], case["stride"], case["padding"]
     y, error = run(F.avg_pool2d, x, kernel, stride, padding)
-    valid = case["brk"] is None
-    if case["brk"] in ("kernel", "stride", "padding"):
-        (kh, kw) = pair_of(kernel) if pair_is_valid(kernel, 1) else (0, 0)
-        valid = (pair_is_valid(kernel, 1) and (stride is None or pair_is_valid(stride, 1))
-                 and pair_is_valid(padding, 0))
-        if valid:
-            (ph, pw) = pair_of(padding)
-            _, _, H, W = np.shape(x)
-            valid = (2 * ph <= kh and 2 * pw <= kw and H + 2 * ph >= kh and W + 2 * pw >= kw
-                     and H + 2 * ph <= 2**48 and W + 2 * pw <= 2**48)
+    valid = pool_case_is_valid(case)
     if not valid:
         check_error(error, "avg_pool2d", case["names"])
         return

@@ -6,13 +6,13 @@ import pytest
 
 import cnnbp
 from cnnbp import nn, optim
-from conftest import assert_close
+from conftest import NETWORK_TOL, assert_close
 
 torch = pytest.importorskip("torch")
 tnn = torch.nn
 
 F32, F64 = np.float32, np.float64
-TOL = {F32: 1e-4, F64: 1e-9}  # as the other network-level torch comparisons
+TOL = NETWORK_TOL  # as the other network-level torch comparisons
 
 
 def pair(dtype, seed=0):

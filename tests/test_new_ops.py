@@ -13,27 +13,14 @@ import pytest
 import cnnbp
 from cnnbp import functional as F
 from cnnbp import reference as ref
-from conftest import (DTYPES, assert_close, check_array, fd_check,
+from conftest import (DTYPES, KERNEL_TOL, assert_close, check_array, fd_check,
                       pair, randn, wide, with_threads)
 from conftest import rng_for as shared_rng_for
 
 F32, F64 = np.float32, np.float64
 DTYPE_IDS = ["float32", "float64"]
 
-# Tolerances against the float64 oracle, per op and dtype, as in test_functional.py (the
-# bound is tol * (|want| + max|want|), see conftest.assert_close). avg_pool2d sums at most
-# kh*kw cells and divides once: a few ulps. float tanh is the double tanh rounded once (half
-# an ulp), float64 tanh the library's (an ulp or so). Dropout multiplies by 0 or 1 and divides
-# by 1 - p: exact in float64, where the oracle does the same operations; in float32 the
-# kernel divides by 1 - p rounded to float32 and rounds the quotient.
-TOL = {
-    "avg_pool2d": {F64: 1e-14, F32: 1e-6},
-    "avg_pool2d_backward": {F64: 1e-14, F32: 1e-6},  # overlapping windows add up
-    "tanh": {F64: 1e-14, F32: 1e-6},
-    "tanh_backward": {F64: 1e-14, F32: 1e-6},
-    "dropout": {F64: 0, F32: 1e-6},
-    "dropout_backward": {F64: 0, F32: 1e-6},
-}
+TOL = KERNEL_TOL
 
 
 def rng_for(*key):

@@ -14,15 +14,12 @@ tnn = torch.nn
 
 import cnnbp  # noqa: E402
 from cnnbp import nn, optim  # noqa: E402
-from conftest import SGD_CONFIG_IDS, SGD_CONFIGS, assert_close, check_array  # noqa: E402
+from conftest import (NETWORK_TOL, SGD_CONFIG_IDS, SGD_CONFIGS, assert_close,  # noqa: E402
+                      check_array)
 
 F32, F64 = np.float32, np.float64
 TORCH_DTYPE = {F32: torch.float32, F64: torch.float64}
-# cnnbp against torch, normwise (see conftest.assert_close). float64: both sides are
-# exact to ~1e-15, 1e-9 leaves room for different summation orders through a few layers.
-# float32: torch sums with other blockings (oneDNN, BLAS), so differences of a few float32
-# ulps per reduction, amplified a little through the layers.
-TOL = {F64: 1e-9, F32: 1e-4}
+TOL = NETWORK_TOL  # cnnbp against torch, normwise (see conftest)
 DTYPE_IDS = ["float32", "float64"]
 
 
