@@ -16,6 +16,7 @@ declares more data than the file holds is refused, not allocated.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -171,11 +172,6 @@ def _check_entry(archive, info, file_size):
                 f"(shape {shape}, {dtype}), got {info.file_size - header_size}")
 
 
-_OPTIMIZER_KEYS = {"SGD": ("momentum", "weight_decay", "dampening", "nesterov"),
-                   "Adam": ("beta1", "beta2", "eps", "weight_decay"),
-                   "AdamW": ("beta1", "beta2", "eps", "weight_decay")}
-
-
 def _load_optimizer(model, raw, arrays):
     """The optimizer saved beside the model, over the model's parameters, with its state."""
     from . import optim
@@ -183,23 +179,20 @@ def _load_optimizer(model, raw, arrays):
         settings = json.loads(raw.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
         _refuse(f"optimizer: expected valid JSON, got {type(error).__name__}: {error}")
-    if not isinstance(settings, dict) or settings.get("type") not in _OPTIMIZER_KEYS:
+    if not isinstance(settings, dict) or settings.get("type") not in ("SGD", "Adam", "AdamW"):
         _refuse(f"optimizer: expected type SGD, Adam or AdamW, got {settings!r:.80}")
     kind, hyper = settings["type"], settings.get("hyperparameters")
-    keys = _OPTIMIZER_KEYS[kind]
-    if not isinstance(hyper, dict) or set(hyper) != set(keys):
-        _refuse(f"optimizer: expected hyperparameters {list(keys)}, got {hyper!r:.80}")
+    optimizer_class = getattr(optim, kind)
+    # every argument of the constructor but the parameters and the rate, and nothing else
+    keys = set(inspect.signature(optimizer_class).parameters) - {"params", "lr"}
+    if not isinstance(hyper, dict) or set(hyper) != keys:
+        _refuse(f"optimizer: expected hyperparameters {sorted(keys)}, got {hyper!r:.80}")
     params = model.parameters()
     steps = settings.get("steps")
     if not isinstance(steps, list) or len(steps) != len(params):
         _refuse(f"optimizer: expected one step count per parameter ({len(params)})")
     try:
-        if kind == "SGD":
-            opt = optim.SGD(params, lr=settings.get("lr"), **hyper)
-        else:
-            opt = getattr(optim, kind)(params, lr=settings.get("lr"),
-                                       betas=(hyper["beta1"], hyper["beta2"]), eps=hyper["eps"],
-                                       weight_decay=hyper["weight_decay"])
+        opt = optimizer_class(params, lr=settings.get("lr"), **hyper)
         state = []
         for i, step in enumerate(steps):
             entry = {key.split(".", 2)[2]: arrays[key] for key in arrays

@@ -12,6 +12,11 @@ from . import _core, lr_scheduler  # noqa: F401 - optim.lr_scheduler, as torch
 from .nn import _SUFFIX, Parameter
 
 
+def _check_number(name, key, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"[{name}] {key}: expected a number, got {value!r}")
+
+
 class _Optimizer:
     """Holds the parameters; ``step()`` updates those that have a gradient."""
 
@@ -23,11 +28,8 @@ class _Optimizer:
                 raise TypeError(f"[{name}] params: expected nn.Parameter objects, "
                                 f"got {type(p).__name__}")
         for key, value in hyper.items():
-            if key == "nesterov":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
-                                                                 np.floating)):
-                raise TypeError(f"[{name}] {key}: expected a number, got {value!r}")
+            if key != "nesterov":
+                _check_number(name, key, value)
         groups = {}
         self._where = []  # parameter i -> (its dtype's C++ optimizer, its index there)
         for p in self.params:
@@ -39,8 +41,8 @@ class _Optimizer:
         self._natives = {dtype: getattr(_core, name + _SUFFIX[dtype])(impls, **hyper)
                          for dtype, impls in groups.items()}
         self._where = [(self._natives[dtype], j) for dtype, j in self._where]
-        self._hyper = dict(hyper)
         self._lr = hyper["lr"]
+        self._settings = {}  # the constructor's other arguments, as a subclass takes them
 
     def _native_for(self, dtype):
         """The C++ optimizer of a model of `dtype`, when it updates all the parameters."""
@@ -55,9 +57,7 @@ class _Optimizer:
 
     @lr.setter
     def lr(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
-                                                             np.floating)):
-            raise TypeError(f"[{type(self).__name__}] lr: expected a number, got {value!r}")
+        _check_number(type(self).__name__, "lr", value)
         for native in self._natives.values():
             native.lr = value
         self._lr = value
@@ -67,11 +67,11 @@ class _Optimizer:
             native.step()
 
     def state_dict(self):
-        """The settings and, per parameter (in order), a copy of its state; None for a
-        parameter without state yet. torch's names: momentum_buffer; step, exp_avg,
+        """The settings (the constructor's arguments) and, per parameter (in order), a copy
+        of its state; None for a parameter without state yet. torch's names: momentum_buffer; step, exp_avg,
         exp_avg_sq."""
-        return {"type": type(self).__name__, "lr": self.lr, "hyperparameters": {
-                    k: v for k, v in self._hyper.items() if k != "lr"},
+        return {"type": type(self).__name__, "lr": self.lr,
+                "hyperparameters": dict(self._settings),
                 "state": [self._state_of(native, j) for native, j in self._where]}
 
     def load_state_dict(self, state) -> None:
@@ -121,6 +121,8 @@ class SGD(_Optimizer):
                          dampening=dampening, nesterov=bool(nesterov))
         self.momentum, self.weight_decay = momentum, weight_decay
         self.dampening, self.nesterov = dampening, nesterov
+        self._settings = dict(momentum=momentum, weight_decay=weight_decay,
+                              dampening=dampening, nesterov=bool(nesterov))
 
     @staticmethod
     def _state_of(native, j):
@@ -148,6 +150,7 @@ class Adam(_Optimizer):
         super().__init__(params, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                          weight_decay=weight_decay)
         self.betas, self.eps, self.weight_decay = (beta1, beta2), eps, weight_decay
+        self._settings = dict(betas=[beta1, beta2], eps=eps, weight_decay=weight_decay)
 
     @staticmethod
     def _state_of(native, j):
