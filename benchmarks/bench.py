@@ -22,16 +22,15 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
-
 import cnnbp
-from cnnbp import _core, functional as F, nn, optim
+import numpy as np
+from cnnbp import _core, nn, optim
+from cnnbp import functional as F
 
 try:
     import torch
 except ImportError:  # the table then shows cnnbp alone
     torch = None
-
 
 
 def conv_case(N, C, H, K, R, pad):
@@ -88,8 +87,9 @@ def seed_step_case(keep=False):
     rng = np.random.default_rng(0)
     X = rng.standard_normal((1, 1, 6, 6), dtype=np.float32)
     Y = np.ones((1, 1), np.float32)
-    model = nn.Sequential(nn.Conv2d(1, 1, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                          nn.Linear(4, 1), nn.Sigmoid())
+    model = nn.Sequential(
+        nn.Conv2d(1, 1, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4, 1), nn.Sigmoid()
+    )
     loss_fn, opt = nn.BCELoss(), optim.SGD(model.parameters(), lr=0.01)
 
     def ours():
@@ -100,8 +100,14 @@ def seed_step_case(keep=False):
 
     theirs = None
     if torch is not None:
-        tm = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-                                 torch.nn.Flatten(), torch.nn.Linear(4, 1), torch.nn.Sigmoid())
+        tm = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 1, 3),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2),
+            torch.nn.Flatten(),
+            torch.nn.Linear(4, 1),
+            torch.nn.Sigmoid(),
+        )
         tloss, topt = torch.nn.BCELoss(), torch.optim.SGD(tm.parameters(), lr=0.01)
         tX, tY = torch.tensor(X), torch.tensor(Y)
 
@@ -110,16 +116,28 @@ def seed_step_case(keep=False):
             tloss(tm(tX), tY).backward()
             topt.step()
 
-    return ("training step, seed network, N=1", ours, theirs,
-            (model, X, Y, loss_fn, opt) if keep else None)
+    return (
+        "training step, seed network, N=1",
+        ours,
+        theirs,
+        (model, X, Y, loss_fn, opt) if keep else None,
+    )
 
 
 def small_cnn_case():
     rng = np.random.default_rng(0)
     X = rng.standard_normal((64, 1, 28, 28), dtype=np.float32)
     labels = rng.integers(0, 10, 64)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3),
-                          nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 10))
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(400, 10),
+    )
     loss_fn, opt = nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.01)
 
     def ours():
@@ -130,9 +148,16 @@ def small_cnn_case():
 
     theirs = None
     if torch is not None:
-        tm = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-                                 torch.nn.Conv2d(8, 16, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-                                 torch.nn.Flatten(), torch.nn.Linear(400, 10))
+        tm = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 8, 3),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(8, 16, 3),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2),
+            torch.nn.Flatten(),
+            torch.nn.Linear(400, 10),
+        )
         tloss, topt = torch.nn.CrossEntropyLoss(), torch.optim.SGD(tm.parameters(), lr=0.01)
         tX, tlabels = torch.tensor(X), torch.tensor(labels)
 
@@ -155,15 +180,20 @@ def tiny_step_rows(rounds):
     rows = []
     binary = Path(__file__).resolve().parent.parent / "build" / "benchmarks" / "cnnbp_bench_step"
     if binary.exists():
-        out = subprocess.run([str(binary)], capture_output=True, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+        out = subprocess.run(
+            [str(binary)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        ).stdout
         found = re.search(r"([0-9.]+) us", out)
         if found:
             rows.append(("C++ cnnbp::nn::train_step", float(found.group(1)) * 1e-6))
-    one_call, calls = interleaved(lambda: model.train_step(X, Y, loss_fn, opt), four_calls,
-                                  rounds)
-    rows += [("Python model.train_step (one call)", one_call),
-             ("Python zero_grad, forward, loss, backward, step", calls)]
+    one_call, calls = interleaved(lambda: model.train_step(X, Y, loss_fn, opt), four_calls, rounds)
+    rows += [
+        ("Python model.train_step (one call)", one_call),
+        ("Python zero_grad, forward, loss, backward, step", calls),
+    ]
     if theirs is not None:
         rows.append(("PyTorch " + torch.__version__, interleaved(theirs, None, rounds)[0]))
         torch.set_num_threads(torch_threads)
@@ -221,22 +251,36 @@ def main():
     if torch is not None:
         torch.set_num_threads(args.threads)
 
-    cases = [conv_case(64, 1, 28, 8, 3, 0), conv_case(64, 8, 13, 16, 3, 0),
-             conv_case(32, 32, 32, 64, 3, 1), conv_case(16, 64, 56, 64, 3, 1),
-             pool_case((64, 8, 26, 26)), pool_case((32, 64, 32, 32)),
-             seed_step_case(), small_cnn_case()]
+    cases = [
+        conv_case(64, 1, 28, 8, 3, 0),
+        conv_case(64, 8, 13, 16, 3, 0),
+        conv_case(32, 32, 32, 64, 3, 1),
+        conv_case(16, 64, 56, 64, 3, 1),
+        pool_case((64, 8, 26, 26)),
+        pool_case((32, 64, 32, 32)),
+        seed_step_case(),
+        small_cnn_case(),
+    ]
     # the practical peak: the float micro-kernel on one core with its data in L1
     peak_per_core = _core._micro_kernel_gflops(0.5)
-    print(f"kernels: {cnnbp.kernel_isa()}, micro-kernel peak {peak_per_core:.0f} GFLOP/s per "
-          f"core, {args.threads} threads", flush=True)
+    print(
+        f"kernels: {cnnbp.kernel_isa()}, micro-kernel peak {peak_per_core:.0f} GFLOP/s per "
+        f"core, {args.threads} threads",
+        flush=True,
+    )
     rows = []
     for name, ours, theirs, rate in cases:
         if args.only not in name:
             continue
         t_ours, t_theirs = interleaved(ours, theirs, args.rounds)
-        row = {"case": name, "cnnbp": fmt_time(t_ours), "rate": "", "peak": "",
-               "torch": fmt_time(t_theirs) if t_theirs else "-",
-               "speedup": f"{t_theirs / t_ours:.2f}x" if t_theirs else "-"}
+        row = {
+            "case": name,
+            "cnnbp": fmt_time(t_ours),
+            "rate": "",
+            "peak": "",
+            "torch": fmt_time(t_theirs) if t_theirs else "-",
+            "speedup": f"{t_theirs / t_ours:.2f}x" if t_theirs else "-",
+        }
         if rate:
             unit, amount = rate
             row["rate"] = f"{amount / t_ours:.1f} {unit}"
@@ -244,22 +288,29 @@ def main():
                 peak = peak_per_core * args.threads
                 row["peak"] = f"{100 * amount / t_ours / peak:.0f}%"
         rows.append(row)
-        print(f"{name:45s} cnnbp {row['cnnbp']:>10s}  {row['rate']:>16s} {row['peak']:>4s}  "
-              f"torch {row['torch']:>10s}  speed-up {row['speedup']}", flush=True)
+        print(
+            f"{name:45s} cnnbp {row['cnnbp']:>10s}  {row['rate']:>16s} {row['peak']:>4s}  "
+            f"torch {row['torch']:>10s}  speed-up {row['speedup']}",
+            flush=True,
+        )
 
     tiny = tiny_step_rows(args.rounds) if "tiny" in args.only or not args.only else []
     for how, seconds in tiny:
         print(f"tiny step, 1 thread: {how:50s} {fmt_time(seconds):>10s}", flush=True)
 
     if args.markdown:
-        print(f"\n{cpu_name()}, {args.threads} threads, kernels {cnnbp.kernel_isa()}, "
-              f"micro-kernel peak {peak_per_core:.0f} GFLOP/s per core; "
-              f"torch {torch.__version__ if torch else 'not installed'}, cnnbp {cnnbp.__version__}\n")
+        print(
+            f"\n{cpu_name()}, {args.threads} threads, kernels {cnnbp.kernel_isa()}, "
+            f"micro-kernel peak {peak_per_core:.0f} GFLOP/s per core; "
+            f"torch {torch.__version__ if torch else 'not installed'}, cnnbp {cnnbp.__version__}\n"
+        )
         print("| case | cnnbp | rate | % of peak | PyTorch | speed-up |")
         print("|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['case']} | {r['cnnbp']} | {r['rate']} | {r['peak']} | {r['torch']} | "
-                  f"{r['speedup']} |")
+            print(
+                f"| {r['case']} | {r['cnnbp']} | {r['rate']} | {r['peak']} | {r['torch']} | "
+                f"{r['speedup']} |"
+            )
         if tiny:
             print("\n| tiny step: seed network, N=1, float32, 1 thread | time |")
             print("|---|---|")

@@ -5,11 +5,10 @@
 //   build/benchmarks/cnnbp_bench_step
 #include <algorithm>
 #include <chrono>
+#include <cnnbp/cnnbp.hpp>
 #include <cstdio>
 #include <memory>
 #include <vector>
-
-#include <cnnbp/cnnbp.hpp>
 
 int main() {
     using namespace cnnbp::nn;

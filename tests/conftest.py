@@ -137,8 +137,7 @@ def fd_check(analytic, objective, x, what):
     """An analytic gradient against central differences of objective() at x (FD_RTOL)."""
     numeric = numeric_grad(objective, x)
     scale = max(float(np.max(np.abs(numeric))), 1e-3)
-    np.testing.assert_allclose(analytic, numeric, rtol=FD_RTOL, atol=FD_RTOL * scale,
-                               err_msg=what)
+    np.testing.assert_allclose(analytic, numeric, rtol=FD_RTOL, atol=FD_RTOL * scale, err_msg=what)
 
 
 def pair(v):
@@ -148,6 +147,7 @@ def pair(v):
 def with_threads(n, fn):
     """fn() run with the kernels set to n threads."""
     import cnnbp
+
     cnnbp.set_num_threads(n)
     assert cnnbp.get_num_threads() == n
     return fn()

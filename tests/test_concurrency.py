@@ -9,10 +9,9 @@ thread trains its own. (README, "Guarantees".)
 import threading
 import time
 
+import cnnbp
 import numpy as np
 import pytest
-
-import cnnbp
 from cnnbp import functional as F
 from cnnbp import nn, optim
 
@@ -42,19 +41,32 @@ def kernel_workload(seed, dtype):
     labels = rng.integers(0, 5, z.shape[0])
     target = rng.integers(0, 2, z.shape).astype(dtype)
     a = F.sigmoid(z)
-    losses = np.array([F.cross_entropy(z, labels), F.binary_cross_entropy_with_logits(z, target),
-                       F.binary_cross_entropy(a, target)])
-    grads = (F.cross_entropy_backward(z, labels),
-             F.binary_cross_entropy_with_logits_backward(z, target),
-             F.binary_cross_entropy_backward(a, target))
+    losses = np.array(
+        [
+            F.cross_entropy(z, labels),
+            F.binary_cross_entropy_with_logits(z, target),
+            F.binary_cross_entropy(a, target),
+        ]
+    )
+    grads = (
+        F.cross_entropy_backward(z, labels),
+        F.binary_cross_entropy_with_logits_backward(z, target),
+        F.binary_cross_entropy_backward(a, target),
+    )
     return (y, dx, dw, db, p, idx, dp, r, dr, s, ds, z, dh, dlw, dlb, losses) + grads
 
 
 def make_model(seed, dtype):
     nn.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, dtype=dtype), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(4, 4, 3, padding=1, dtype=dtype), nn.Sigmoid(), nn.Flatten(),
-                         nn.Linear(4 * 3 * 3, 3, dtype=dtype))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, dtype=dtype),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=1, dtype=dtype),
+        nn.Sigmoid(),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 3, dtype=dtype),
+    )
 
 
 def train(model, seed, dtype, steps=15):
@@ -63,8 +75,11 @@ def train(model, seed, dtype, steps=15):
     x = rng.standard_normal((8, 1, 8, 8)).astype(dtype)
     labels = rng.integers(0, 3, 8)
     loss_fn = nn.CrossEntropyLoss()
-    opt = (optim.Adam(model.parameters(), lr=0.01) if seed % 2
-           else optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    opt = (
+        optim.Adam(model.parameters(), lr=0.01)
+        if seed % 2
+        else optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    )
     losses = [model.train_step(x, labels, loss_fn, opt) for _ in range(steps)]
     return np.array(losses), tuple(p.data.copy() for p in model.parameters())
 
@@ -127,8 +142,9 @@ def test_concurrent_kernel_calls_match_the_serial_results(dtype):
     serial = [kernel_workload(seed, dtype) for seed in range(THREADS)]
     with Busy():
         for _ in range(2):
-            concurrent = run_threads(lambda i: [kernel_workload(i, dtype) for _ in range(3)],
-                                     THREADS)
+            concurrent = run_threads(
+                lambda i: [kernel_workload(i, dtype) for _ in range(3)], THREADS
+            )
             for i, repeats in enumerate(concurrent):
                 for result in repeats:
                     assert_same_bits(result, serial[i])
@@ -138,7 +154,7 @@ def test_threads_training_separate_models_match_serial_training():
     dtypes = [np.float32, np.float64]
     serial = [train(make_model(i, dtypes[i % 2]), i, dtypes[i % 2]) for i in range(THREADS)]
     models = [make_model(i, dtypes[i % 2]) for i in range(THREADS)]  # built here: the seed
-    with Busy():                                                       # generator is global
+    with Busy():  # generator is global
         concurrent = run_threads(lambda i: train(models[i], i, dtypes[i % 2]), THREADS)
     for (losses, params), (want_losses, want_params) in zip(concurrent, serial):
         assert_same_bits([losses], [want_losses])

@@ -11,15 +11,15 @@ import subprocess
 
 import numpy as np
 import pytest
-
 from cnnbp import walkthrough
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def run(*command, cwd=None):
-    proc = subprocess.run([str(c) for c in command], capture_output=True, text=True, cwd=cwd,
-                          timeout=900)
+    proc = subprocess.run(
+        [str(c) for c in command], capture_output=True, text=True, cwd=cwd, timeout=900
+    )
     assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -31,13 +31,28 @@ def example(tmp_path_factory):
         pytest.fail("cmake is needed to build the C++ example (pip install cmake)")
     work = tmp_path_factory.mktemp("cpp")
     build, prefix = work / "build", work / "prefix"
-    run(cmake, "-S", ROOT, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DCNNBP_BUILD_TESTS=OFF",
-        "-DCNNBP_BUILD_PYTHON=OFF")
+    run(
+        cmake,
+        "-S",
+        ROOT,
+        "-B",
+        build,
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DCNNBP_BUILD_TESTS=OFF",
+        "-DCNNBP_BUILD_PYTHON=OFF",
+    )
     run(cmake, "--build", build, "-j", "2")
     run(cmake, "--install", build, "--prefix", prefix)
     example_build = work / "example"
-    run(cmake, "-S", ROOT / "examples" / "cpp", "-B", example_build,
-        f"-DCMAKE_PREFIX_PATH={prefix}", "-DCMAKE_BUILD_TYPE=Release")
+    run(
+        cmake,
+        "-S",
+        ROOT / "examples" / "cpp",
+        "-B",
+        example_build,
+        f"-DCMAKE_PREFIX_PATH={prefix}",
+        "-DCMAKE_BUILD_TYPE=Release",
+    )
     run(cmake, "--build", example_build)
     return example_build / "train_seed_network", work
 
@@ -64,8 +79,9 @@ def test_example_matches_the_walkthrough(example, seed, label, lr, steps):
     losses, grads = parse(run(binary, path, repr(lr), steps))
     np.testing.assert_allclose(losses, result.losses, rtol=1e-12)
     for name in ("dL/dW1", "dL/dB1", "dL/dW2", "dL/dB2", "dL/dX"):
-        np.testing.assert_allclose(grads[name], np.ravel(result[name]), rtol=1e-12, atol=1e-15,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            grads[name], np.ravel(result[name]), rtol=1e-12, atol=1e-15, err_msg=name
+        )
 
 
 # ---- model files between Python and C++ -------------------------------------------------
@@ -76,16 +92,24 @@ from cnnbp import nn  # noqa: E402
 
 def interop_model(dtype):
     nn.manual_seed(8)
-    return nn.Sequential(nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0), dtype=dtype),
-                         nn.ReLU(), nn.MaxPool2d(2, stride=1), nn.Tanh(),
-                         nn.AvgPool2d(3, stride=1, padding=1), nn.Dropout(0.25), nn.Flatten(),
-                         nn.Linear(3 * 3 * 3, 4, bias=False, dtype=dtype), nn.Sigmoid())
+    return nn.Sequential(
+        nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0), dtype=dtype),
+        nn.ReLU(),
+        nn.MaxPool2d(2, stride=1),
+        nn.Tanh(),
+        nn.AvgPool2d(3, stride=1, padding=1),
+        nn.Dropout(0.25),
+        nn.Flatten(),
+        nn.Linear(3 * 3 * 3, 4, bias=False, dtype=dtype),
+        nn.Sigmoid(),
+    )
 
 
 def run_model(example, *args):
     binary = example[0].parent / "run_model"
-    return subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [str(binary), *map(str, args)], capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
@@ -93,10 +117,13 @@ def test_python_model_runs_in_cpp_and_cpp_copy_loads_in_python(example, dtype):
     work = example[1]
     model = interop_model(dtype).eval()  # run_model evaluates (Dropout off)
     x = np.random.default_rng(4).standard_normal((2, 2, 8, 5)).astype(dtype)
-    saved, copy, inputs = (work / f"{np.dtype(dtype)}_{n}" for n in ("model.npz", "copy.npz",
-                                                                      "input.txt"))
+    saved, copy, inputs = (
+        work / f"{np.dtype(dtype)}_{n}" for n in ("model.npz", "copy.npz", "input.txt")
+    )
     model.save(saved)
-    inputs.write_text(" ".join(map(str, x.shape)) + "\n" + " ".join(repr(float(v)) for v in x.ravel()))
+    inputs.write_text(
+        " ".join(map(str, x.shape)) + "\n" + " ".join(repr(float(v)) for v in x.ravel())
+    )
     proc = run_model(example, saved, inputs, copy)
     assert proc.returncode == 0, proc.stderr
     lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
@@ -125,8 +152,7 @@ def test_cpp_loads_a_model_saved_with_its_optimizer(example):
     proc = run_model(example, work / "with_optimizer.npz", inputs)
     assert proc.returncode == 0, proc.stderr
     values = dict(line.split(" ", 1) for line in proc.stdout.splitlines())["values"]
-    np.testing.assert_array_equal(np.array(values.split(), dtype=np.float64),
-                                  model(x).ravel())
+    np.testing.assert_array_equal(np.array(values.split(), dtype=np.float64), model(x).ravel())
 
 
 def test_cpp_refuses_hostile_files(example):
@@ -172,8 +198,9 @@ def test_damaged_model_files_never_crash_either_loader(example):
             damaged = damaged[: rng.randrange(len(damaged))]
         path = work / "fuzz_case.npz"
         path.write_bytes(bytes(damaged))
-        proc = subprocess.run([str(example[0].parent / "run_model"), str(path), str(inputs)],
-                              capture_output=True)
+        proc = subprocess.run(
+            [str(example[0].parent / "run_model"), str(path), str(inputs)], capture_output=True
+        )
         assert proc.returncode in (0, 2), (trial, proc.returncode, proc.stderr[-500:])
         if proc.returncode == 2:
             assert b"[load]" in proc.stderr, (trial, proc.stderr[-500:])

@@ -7,11 +7,10 @@ import zipfile
 
 import numpy as np
 import pytest
-
 from cnnbp import data
 
-
 # ---- digits ------------------------------------------------------------------------------
+
 
 def test_digits_shapes_range_and_labels():
     pytest.importorskip("sklearn")
@@ -40,9 +39,9 @@ def test_digits_refuses_integer_dtype():
 
 # ---- MNIST-format IDX files --------------------------------------------------------------
 
+
 def idx_bytes(magic, dims, body):
-    return (magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
-            + bytes(body))
+    return magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims) + bytes(body)
 
 
 def write(path, content, gz=False):
@@ -60,8 +59,11 @@ def write_mnist(directory, split="train", n=5, rows=28, cols=28, gz=False, seed=
     images = rng.integers(0, 256, size=(n, rows, cols), dtype=np.uint8)
     labels = rng.integers(0, 10, size=n, dtype=np.uint8)
     prefix = "train" if split == "train" else "t10k"
-    write(directory / f"{prefix}-images-idx3-ubyte",
-          idx_bytes(0x803, (n, rows, cols), images.tobytes()), gz)
+    write(
+        directory / f"{prefix}-images-idx3-ubyte",
+        idx_bytes(0x803, (n, rows, cols), images.tobytes()),
+        gz,
+    )
     write(directory / f"{prefix}-labels-idx1-ubyte", idx_bytes(0x801, (n,), labels.tobytes()), gz)
     return images, labels
 
@@ -91,45 +93,73 @@ def _images_file(tmp_path, content, gz=False):
 
 
 @pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
-@pytest.mark.parametrize("content, message", [
-    (idx_bytes(0x802, (2, 2, 2), bytes(8)), r"expected magic number 0x00000803, got 0x00000802"),
-    (idx_bytes(0x801, (8,), bytes(8)), r"expected magic number 0x00000803, got 0x00000801"),
-    (idx_bytes(0x803, (2, 2, 2), bytes(7)), r"expected 8 data bytes .*, got 7"),
-    (idx_bytes(0x803, (2, 2, 2), bytes(9)), r"expected 8 data bytes .*, got (9|more)"),
-    (idx_bytes(0x803, (0, 2, 2), b""), r"expected non-zero dimensions, got \(0, 2, 2\)"),
-    (idx_bytes(0x803, (2, 2, 2), b"")[:10], r"expected an IDX header of 16 bytes, got 10"),
-    (b"\x00\x00", r"expected an IDX header of 16 bytes, got 2"),
-    # a header claiming 2^32-1 images of 2^32-1 x 2^32-1 is refused, never allocated
-    (idx_bytes(0x803, (2**32 - 1,) * 3, bytes(16)), r"expected \d+ data bytes"),
-], ids=["magic", "labels-magic", "truncated", "trailing", "zero-dim", "short-header",
-        "tiny", "huge-header"])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            idx_bytes(0x802, (2, 2, 2), bytes(8)),
+            r"expected magic number 0x00000803, got 0x00000802",
+        ),
+        (idx_bytes(0x801, (8,), bytes(8)), r"expected magic number 0x00000803, got 0x00000801"),
+        (idx_bytes(0x803, (2, 2, 2), bytes(7)), r"expected 8 data bytes .*, got 7"),
+        (idx_bytes(0x803, (2, 2, 2), bytes(9)), r"expected 8 data bytes .*, got (9|more)"),
+        (idx_bytes(0x803, (0, 2, 2), b""), r"expected non-zero dimensions, got \(0, 2, 2\)"),
+        (idx_bytes(0x803, (2, 2, 2), b"")[:10], r"expected an IDX header of 16 bytes, got 10"),
+        (b"\x00\x00", r"expected an IDX header of 16 bytes, got 2"),
+        # a header claiming 2^32-1 images of 2^32-1 x 2^32-1 is refused, never allocated
+        (idx_bytes(0x803, (2**32 - 1,) * 3, bytes(16)), r"expected \d+ data bytes"),
+    ],
+    ids=[
+        "magic",
+        "labels-magic",
+        "truncated",
+        "trailing",
+        "zero-dim",
+        "short-header",
+        "tiny",
+        "huge-header",
+    ],
+)
 def test_mnist_refuses_malformed_images(tmp_path, content, message, gz):
     _images_file(tmp_path, content, gz)
-    with pytest.raises(ValueError, match=r"^\[load_mnist\] train-images-idx3-ubyte(\.gz)?: "
-                                         + message):
+    with pytest.raises(
+        ValueError, match=r"^\[load_mnist\] train-images-idx3-ubyte(\.gz)?: " + message
+    ):
         data.load_mnist(tmp_path)
 
 
 def test_mnist_refuses_wrong_label_magic_and_count_mismatch(tmp_path):
     write_mnist(tmp_path, "train", n=3)
     write(tmp_path / "train-labels-idx1-ubyte", idx_bytes(0x803, (1, 1, 1), b"\x00"))
-    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte: expected magic number "
-                                         r"0x00000801, got 0x00000803"):
+    with pytest.raises(
+        ValueError,
+        match=r"train-labels-idx1-ubyte: expected magic number "
+        r"0x00000801, got 0x00000803",
+    ):
         data.load_mnist(tmp_path)
     write(tmp_path / "train-labels-idx1-ubyte", idx_bytes(0x801, (4,), bytes(4)))
-    with pytest.raises(ValueError, match=r"\[load_mnist\] train: expected as many labels as "
-                                         r"images \(3\), got 4"):
+    with pytest.raises(
+        ValueError,
+        match=r"\[load_mnist\] train: expected as many labels as "
+        r"images \(3\), got 4",
+    ):
         data.load_mnist(tmp_path)
 
 
 def test_mnist_refuses_corrupt_gzip_missing_files_and_bad_split(tmp_path):
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip data at all")
     write(tmp_path / "train-labels-idx1-ubyte", idx_bytes(0x801, (1,), b"\x00"))
-    with pytest.raises(ValueError, match=r"\[load_mnist\] train-images-idx3-ubyte.gz: expected "
-                                         r"a readable IDX file"):
+    with pytest.raises(
+        ValueError,
+        match=r"\[load_mnist\] train-images-idx3-ubyte.gz: expected "
+        r"a readable IDX file",
+    ):
         data.load_mnist(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"t10k-images-idx3-ubyte or "
-                                                r"t10k-images-idx3-ubyte.gz"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"t10k-images-idx3-ubyte or "
+        r"t10k-images-idx3-ubyte.gz",
+    ):
         data.load_mnist(tmp_path, split="test")
     with pytest.raises(FileNotFoundError, match=r"\[load_mnist\] directory"):
         data.load_mnist(tmp_path / "nowhere")
@@ -138,6 +168,7 @@ def test_mnist_refuses_corrupt_gzip_missing_files_and_bad_split(tmp_path):
 
 
 # ---- .npz ------------------------------------------------------------------------------
+
 
 def test_npz_nchw_nhw_uint8_and_float_labels(tmp_path):
     rng = np.random.default_rng(0)
@@ -185,32 +216,76 @@ def _truncated(path):
     path.write_bytes(path.read_bytes()[:300])
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: np.savez(p, x=np.zeros((2, 4, 4))), r"y: expected arrays 'x' and 'y', got \['x'\]"),
-    (lambda p: np.savez(p, images=np.zeros((2, 4, 4)), y=np.arange(2)),
-     r"x: expected arrays 'x' and 'y', got \['images', 'y'\]"),
-    (_npz_with_object_array, r"x: expected a numeric array, got an object array"),
-    (lambda p: np.savez(p, x=np.zeros((2, 4)), y=np.arange(2)),
-     r"x: expected 4 dims \(N, C, H, W\) or 3 dims \(N, H, W\), got shape \(2, 4\)"),
-    (lambda p: np.savez(p, x=np.zeros((2, 1, 1, 4, 4)), y=np.arange(2)), r"x: expected 4 dims"),
-    (lambda p: np.savez(p, x=np.zeros((3, 4, 4)), y=np.arange(2)),
-     r"y: expected one label per image \(3\), got 2"),
-    (lambda p: np.savez(p, x=np.zeros((2, 4, 4)), y=np.array([0.5, 1.0])),
-     r"y: expected integer class labels, got float64"),
-    (lambda p: np.savez(p, x=np.zeros((2, 4, 4)), y=np.array([0, -1])),
-     r"y: expected labels >= 0, got -1"),
-    (lambda p: np.savez(p, x=np.zeros((2, 4, 4)), y=np.zeros((2, 1), dtype=int)),
-     r"y: expected 1 dim \(N,\), got shape \(2, 1\)"),
-    (lambda p: np.savez(p, x=np.full((2, 4, 4), np.nan), y=np.arange(2)),
-     r"x: expected finite values"),
-    (lambda p: np.savez(p, x=np.array(["a", "b"]).reshape(2, 1, 1), y=np.arange(2)),
-     r"x: expected numeric images, got <U1"),
-    (_npz_with_lying_header, r"x: expected 64000 bytes for shape \(4000, 2, 2\) float32, got 64"),
-    (_truncated, r"data.npz: expected a readable .npz archive, got BadZipFile"),
-    (lambda p: p.write_bytes(b"plain text, not an archive"), r"expected a readable .npz archive"),
-    (lambda p: np.save(open(p, "wb"), np.zeros(3)), r"expected a readable .npz archive"),
-], ids=["no-y", "no-x", "object", "x-2d", "x-5d", "n-mismatch", "float-labels", "negative",
-        "y-2d", "nan", "strings", "lying-header", "truncated", "text", "npy"])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda p: np.savez(p, x=np.zeros((2, 4, 4))),
+            r"y: expected arrays 'x' and 'y', got \['x'\]",
+        ),
+        (
+            lambda p: np.savez(p, images=np.zeros((2, 4, 4)), y=np.arange(2)),
+            r"x: expected arrays 'x' and 'y', got \['images', 'y'\]",
+        ),
+        (_npz_with_object_array, r"x: expected a numeric array, got an object array"),
+        (
+            lambda p: np.savez(p, x=np.zeros((2, 4)), y=np.arange(2)),
+            r"x: expected 4 dims \(N, C, H, W\) or 3 dims \(N, H, W\), got shape \(2, 4\)",
+        ),
+        (lambda p: np.savez(p, x=np.zeros((2, 1, 1, 4, 4)), y=np.arange(2)), r"x: expected 4 dims"),
+        (
+            lambda p: np.savez(p, x=np.zeros((3, 4, 4)), y=np.arange(2)),
+            r"y: expected one label per image \(3\), got 2",
+        ),
+        (
+            lambda p: np.savez(p, x=np.zeros((2, 4, 4)), y=np.array([0.5, 1.0])),
+            r"y: expected integer class labels, got float64",
+        ),
+        (
+            lambda p: np.savez(p, x=np.zeros((2, 4, 4)), y=np.array([0, -1])),
+            r"y: expected labels >= 0, got -1",
+        ),
+        (
+            lambda p: np.savez(p, x=np.zeros((2, 4, 4)), y=np.zeros((2, 1), dtype=int)),
+            r"y: expected 1 dim \(N,\), got shape \(2, 1\)",
+        ),
+        (
+            lambda p: np.savez(p, x=np.full((2, 4, 4), np.nan), y=np.arange(2)),
+            r"x: expected finite values",
+        ),
+        (
+            lambda p: np.savez(p, x=np.array(["a", "b"]).reshape(2, 1, 1), y=np.arange(2)),
+            r"x: expected numeric images, got <U1",
+        ),
+        (
+            _npz_with_lying_header,
+            r"x: expected 64000 bytes for shape \(4000, 2, 2\) float32, got 64",
+        ),
+        (_truncated, r"data.npz: expected a readable .npz archive, got BadZipFile"),
+        (
+            lambda p: p.write_bytes(b"plain text, not an archive"),
+            r"expected a readable .npz archive",
+        ),
+        (lambda p: np.save(open(p, "wb"), np.zeros(3)), r"expected a readable .npz archive"),
+    ],
+    ids=[
+        "no-y",
+        "no-x",
+        "object",
+        "x-2d",
+        "x-5d",
+        "n-mismatch",
+        "float-labels",
+        "negative",
+        "y-2d",
+        "nan",
+        "strings",
+        "lying-header",
+        "truncated",
+        "text",
+        "npy",
+    ],
+)
 def test_npz_refuses_bad_files(tmp_path, make, message):
     path = tmp_path / "data.npz"
     make(path)
@@ -224,6 +299,7 @@ def test_npz_missing_file(tmp_path):
 
 
 # ---- train_test_split and select_classes -------------------------------------------------
+
 
 def _labelled(counts):
     y = np.concatenate([np.full(n, label) for label, n in enumerate(counts)])
@@ -240,8 +316,8 @@ def test_split_is_stratified_disjoint_and_complete():
     ids_train, ids_test = x_train[:, 0].astype(int), x_test[:, 0].astype(int)
     assert not set(ids_train) & set(ids_test)
     assert sorted(set(ids_train) | set(ids_test)) == list(range(y.size))
-    np.testing.assert_array_equal(y[ids_test], y_test)   # pairs stay together
-    assert np.all(np.diff(ids_test) > 0)                  # original order kept
+    np.testing.assert_array_equal(y[ids_test], y_test)  # pairs stay together
+    assert np.all(np.diff(ids_test) > 0)  # original order kept
 
 
 def test_split_is_deterministic_for_a_seed():
@@ -281,8 +357,9 @@ def test_select_classes_remaps_in_the_given_order():
 
 # ---- DataLoader --------------------------------------------------------------------------
 
+
 def test_loader_covers_every_sample_once_per_epoch():
-    x, y = _labelled([13, 10])   # 23 samples
+    x, y = _labelled([13, 10])  # 23 samples
     loader = data.DataLoader(x, y, batch_size=5, seed=3)
     assert len(loader) == 5
     for _ in range(3):
@@ -309,7 +386,7 @@ def test_loader_same_seed_same_batches_new_order_each_epoch():
 
 
 def test_loader_in_order_drop_last_and_noncontiguous_input():
-    x = np.arange(40, dtype=np.float32).reshape(10, 4)[:, ::2]   # not C-contiguous
+    x = np.arange(40, dtype=np.float32).reshape(10, 4)[:, ::2]  # not C-contiguous
     y = np.arange(10)
     loader = data.DataLoader(x, y, batch_size=4, shuffle=False, drop_last=True)
     assert len(loader) == 2

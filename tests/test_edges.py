@@ -8,7 +8,6 @@ per-op tolerances of test_functional.py elsewhere.
 
 import numpy as np
 import pytest
-
 from cnnbp import functional as F
 from cnnbp import reference as ref
 from conftest import DTYPES, KERNEL_TOL, assert_close
@@ -43,8 +42,14 @@ def assert_same_bits(got, want, what=""):
 # ---------------------------------------------------------------------------------------
 
 # (logit, target, exact loss): |z| = 1e4 saturates the sigmoid completely
-BCE_LOGIT_CASES = [(1e4, 0.0, 1e4), (-1e4, 1.0, 1e4), (1e4, 1.0, 0.0), (-1e4, 0.0, 0.0),
-                   (1e4, 0.5, 5e3), (-1e4, 0.25, 2.5e3)]
+BCE_LOGIT_CASES = [
+    (1e4, 0.0, 1e4),
+    (-1e4, 1.0, 1e4),
+    (1e4, 1.0, 0.0),
+    (-1e4, 0.0, 0.0),
+    (1e4, 0.5, 5e3),
+    (-1e4, 0.25, 2.5e3),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -63,8 +68,11 @@ def test_bce_with_logits_at_huge_logits(dtype):
     ys = np.array([c[1] for c in BCE_LOGIT_CASES], dtype)
     want = ref.binary_cross_entropy_with_logits(zs, ys)
     assert_close(F.binary_cross_entropy_with_logits(zs, ys), want, LOSS_TOL[dtype])
-    assert_close(F.binary_cross_entropy_with_logits_backward(zs, ys),
-                 ref.binary_cross_entropy_with_logits_backward(zs, ys), LOSS_TOL[dtype])
+    assert_close(
+        F.binary_cross_entropy_with_logits_backward(zs, ys),
+        ref.binary_cross_entropy_with_logits_backward(zs, ys),
+        LOSS_TOL[dtype],
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -100,8 +108,9 @@ def test_cross_entropy_at_huge_logits(dtype):
     z = np.array([[1e4, 1e4, -1e4], [-1e4, 0.0, 1e4], [3.0, -1e4, 1e4]], dtype)
     labels = np.array([2, 0, 1])
     assert_close(F.cross_entropy(z, labels), ref.cross_entropy(z, labels), LOSS_TOL[dtype])
-    assert_same_bits(F.cross_entropy_backward(z, labels),
-                     ref.cross_entropy_backward(z, labels).astype(dtype))
+    assert_same_bits(
+        F.cross_entropy_backward(z, labels), ref.cross_entropy_backward(z, labels).astype(dtype)
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -141,8 +150,25 @@ def test_cross_entropy_with_infinite_or_nan_logits_is_nan_like_torch():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_sigmoid_at_huge_and_infinite_inputs(dtype):
-    z = np.array([1e4, -1e4, np.inf, -np.inf, 1e30, -1e30, 88.8, -88.8, 104.0, -104.0,
-                  710.0, -710.0, 0.0, -0.0], dtype)
+    z = np.array(
+        [
+            1e4,
+            -1e4,
+            np.inf,
+            -np.inf,
+            1e30,
+            -1e30,
+            88.8,
+            -88.8,
+            104.0,
+            -104.0,
+            710.0,
+            -710.0,
+            0.0,
+            -0.0,
+        ],
+        dtype,
+    )
     with np.errstate(all="raise"):  # nothing here may need NumPy's overflow handling
         a = F.sigmoid(z)
     assert np.all((a >= 0) & (a <= 1)), a
@@ -175,8 +201,8 @@ def test_bce_at_probabilities_zero_and_one(dtype):
     y = np.array([1.0, 0.0, 0.0, 1.0, 0.5], dtype)
     want = [100.0, 100.0, 0.0, 0.0, 50.0]  # log clamped at -100, never infinite
     for i in range(len(a)):
-        assert F.binary_cross_entropy(a[i:i + 1], y[i:i + 1]) == want[i]
-        assert ref.binary_cross_entropy(a[i:i + 1], y[i:i + 1]) == want[i]
+        assert F.binary_cross_entropy(a[i : i + 1], y[i : i + 1]) == want[i]
+        assert ref.binary_cross_entropy(a[i : i + 1], y[i : i + 1]) == want[i]
     assert F.binary_cross_entropy(a, y) == pytest.approx(np.mean(want), rel=1e-15)
     grad = F.binary_cross_entropy_backward(a, y)
     assert np.all(np.isfinite(grad))
@@ -189,7 +215,7 @@ def test_bce_at_probabilities_zero_and_one_matches_torch(dtype):
     a = np.array([0.0, 1.0, 0.0, 1.0, 1e-30, 1 - 1e-7, 0.5], dtype)
     y = np.array([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.5], dtype)
     for i in range(len(a)):
-        ai, yi = a[i:i + 1], y[i:i + 1]
+        ai, yi = a[i : i + 1], y[i : i + 1]
         t_loss, t_grad = torch_grad(torch.nn.functional.binary_cross_entropy, ai, yi)
         assert F.binary_cross_entropy(ai, yi) == pytest.approx(t_loss, rel=1e-7, abs=0), (ai, yi)
         assert_same_bits(F.binary_cross_entropy_backward(ai, yi), t_grad)
@@ -233,8 +259,11 @@ def test_max_pool2d_propagates_nan_like_the_oracle():
         dy = rng.standard_normal(y.shape).astype(x.dtype)
         dy.reshape(-1)[::7] = np.nan  # a NaN gradient goes where its window's max went
         # overlapping windows add up: the tolerance of test_functional.py
-        assert_close(F.max_pool2d_backward(dy, idx, x.shape),
-                     ref.max_pool2d_backward(dy, idx, x.shape), 1e-6 if x.dtype == F32 else 1e-14)
+        assert_close(
+            F.max_pool2d_backward(dy, idx, x.shape),
+            ref.max_pool2d_backward(dy, idx, x.shape),
+            1e-6 if x.dtype == F32 else 1e-14,
+        )
 
 
 def test_max_pool2d_propagates_nan_like_torch():

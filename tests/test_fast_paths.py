@@ -15,8 +15,8 @@ import textwrap
 
 import numpy as np
 import pytest
-
-from cnnbp import functional as F, reference as ref
+from cnnbp import functional as F
+from cnnbp import reference as ref
 from conftest import DTYPES, assert_close, check_array
 
 DTYPE_IDS = ["float32", "float64"]
@@ -25,8 +25,16 @@ UINT = {np.dtype(np.float32): np.uint32, np.dtype(np.float64): np.uint64}
 # (N, C, H, W): one window; odd heights and widths (a row or column no window sees);
 # widths around the 16-wide vector step; the benchmark's shapes.
 POOL_SHAPES = [
-    (1, 1, 2, 2), (1, 1, 3, 3), (2, 3, 5, 7), (1, 2, 4, 34), (2, 1, 7, 33), (1, 1, 2, 97),
-    (3, 2, 33, 35), (1, 1, 64, 2), (64, 8, 26, 26), (4, 64, 32, 32),
+    (1, 1, 2, 2),
+    (1, 1, 3, 3),
+    (2, 3, 5, 7),
+    (1, 2, 4, 34),
+    (2, 1, 7, 33),
+    (1, 1, 2, 97),
+    (3, 2, 33, 35),
+    (1, 1, 64, 2),
+    (64, 8, 26, 26),
+    (4, 64, 32, 32),
 ]
 
 
@@ -53,10 +61,10 @@ def pool2x2_rule(x):
     P, Q = H // 2, W // 2
     rows = np.arange(P)[:, None] * 2 * W
     cols = np.arange(Q)[None, :] * 2
-    best = x[:, :, 0:2 * P:2, 0:2 * Q:2].copy()
+    best = x[:, :, 0 : 2 * P : 2, 0 : 2 * Q : 2].copy()
     offset = np.zeros(best.shape, np.int64)
     for dh, dw in [(0, 1), (1, 0), (1, 1)]:
-        cell = x[:, :, dh:2 * P:2, dw:2 * Q:2]
+        cell = x[:, :, dh : 2 * P : 2, dw : 2 * Q : 2]
         take = (cell > best) | np.isnan(cell)
         best = np.where(take, cell, best)
         offset = np.where(take, dh * W + dw, offset)
@@ -168,8 +176,11 @@ def test_backward_still_rejects_bad_indices_on_the_fast_path():
     for bad in (-1, 256, 1 << 40):
         wrong = idx.copy()
         wrong[1, 7, 7, 7] = bad
-        with pytest.raises(ValueError, match=r"\[max_pool2d_backward\] indices: expected values "
-                                             rf"in \[0, 256\).*got {bad} at flat position 1023"):
+        with pytest.raises(
+            ValueError,
+            match=r"\[max_pool2d_backward\] indices: expected values "
+            rf"in \[0, 256\).*got {bad} at flat position 1023",
+        ):
             F.max_pool2d_backward(np.ones_like(y), wrong, x.shape)
 
 
@@ -247,5 +258,8 @@ def test_sigmoid_on_a_large_array(dtype):
     assert (np.abs(a[finite] - want) <= 4 * ulp + np.finfo(dtype).tiny).all()
     da = rng.standard_normal(z.shape).astype(dtype)
     dz = F.sigmoid_backward(da, a)
-    assert_close(dz[finite], ref.sigmoid_backward(da[finite].astype(np.float64),
-                                                  a[finite].astype(np.float64)), tol)
+    assert_close(
+        dz[finite],
+        ref.sigmoid_backward(da[finite].astype(np.float64), a[finite].astype(np.float64)),
+        tol,
+    )

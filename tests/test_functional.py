@@ -12,11 +12,19 @@ import warnings
 
 import numpy as np
 import pytest
-
 from cnnbp import functional as F
 from cnnbp import reference as ref
-from conftest import (DTYPES, KERNEL_TOL, assert_close, check_array, fd_check,
-                      pair, randn, rng_for, wide)
+from conftest import (
+    DTYPES,
+    KERNEL_TOL,
+    assert_close,
+    check_array,
+    fd_check,
+    pair,
+    randn,
+    rng_for,
+    wide,
+)
 
 F32, F64 = np.float32, np.float64
 
@@ -202,7 +210,7 @@ def test_max_pool2d_ties_pick_the_first_index(case, dtype):
     # all equal: every window reports its first in-bounds cell
     x = np.full((N, C, H, W), 1.5, dtype)
     y, idx = check_pool(x, kernel, stride, padding, dtype, pool_out_shape(case))
-    (kh, kw), (ph, pw) = pair(kernel), pair(padding)
+    ph, pw = pair(padding)
     sh, sw = pair(kernel if stride is None else stride)
     P, Q = y.shape[2:]
     first_h = np.maximum(np.arange(P) * sh - ph, 0)
@@ -340,9 +348,14 @@ def test_sigmoid_extremes_are_finite(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_elementwise_ops_keep_a_0d_shape(dtype):
     z, da = np.array(-0.5, dtype), np.array(2.0, dtype)
-    for got, want in [(F.relu(z), 0.0), (F.relu(-z), 0.5), (F.relu_backward(da, z), 0.0),
-                      (F.relu_backward(da, -z), 2.0), (F.sigmoid(np.array(0.0, dtype)), 0.5),
-                      (F.sigmoid_backward(da, np.array(0.5, dtype)), 0.5)]:
+    for got, want in [
+        (F.relu(z), 0.0),
+        (F.relu(-z), 0.5),
+        (F.relu_backward(da, z), 0.0),
+        (F.relu_backward(da, -z), 2.0),
+        (F.sigmoid(np.array(0.0, dtype)), 0.5),
+        (F.sigmoid_backward(da, np.array(0.5, dtype)), 0.5),
+    ]:
         check_array(got, (), dtype)
         assert got == want
 
@@ -382,8 +395,12 @@ def linear_data(case, dtype):
     x_shape, OUT = case
     rng = rng_for("linear", case, np.dtype(dtype).name)
     IN = x_shape[-1]
-    return (randn(rng, x_shape, dtype), randn(rng, (OUT, IN), dtype), randn(rng, (OUT,), dtype),
-            randn(rng, x_shape[:-1] + (OUT,), dtype))
+    return (
+        randn(rng, x_shape, dtype),
+        randn(rng, (OUT, IN), dtype),
+        randn(rng, (OUT,), dtype),
+        randn(rng, x_shape[:-1] + (OUT,), dtype),
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -438,8 +455,12 @@ def test_flatten_matches_oracle(dtype):
     check_array(dx, x.shape, dtype)
     assert_close(dx, ref.flatten_backward(wide(g), x.shape), TOL["flatten"][dtype])
     x64, g64 = wide(x).copy(), wide(g)
-    fd_check(F.flatten_backward(g64, x.shape), lambda: float(np.sum(F.flatten(x64) * g64)),
-             x64, "flatten")
+    fd_check(
+        F.flatten_backward(g64, x.shape),
+        lambda: float(np.sum(F.flatten(x64) * g64)),
+        x64,
+        "flatten",
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -458,12 +479,16 @@ def test_binary_cross_entropy_matches_oracle(shape, dtype, hard):
     y = (rng.integers(0, 2, shape) if hard else rng.uniform(0, 1, shape)).astype(dtype)
     loss = F.binary_cross_entropy(a, y)
     assert type(loss) is float
-    assert_close(loss, ref.binary_cross_entropy(wide(a), wide(y)),
-                 TOL["binary_cross_entropy"][dtype])
+    assert_close(
+        loss, ref.binary_cross_entropy(wide(a), wide(y)), TOL["binary_cross_entropy"][dtype]
+    )
     da = F.binary_cross_entropy_backward(a, y)
     check_array(da, shape, dtype)
-    assert_close(da, ref.binary_cross_entropy_backward(wide(a), wide(y)),
-                 TOL["binary_cross_entropy_backward"][dtype])
+    assert_close(
+        da,
+        ref.binary_cross_entropy_backward(wide(a), wide(y)),
+        TOL["binary_cross_entropy_backward"][dtype],
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -477,8 +502,11 @@ def test_binary_cross_entropy_clamps_logs_at_minus_100(dtype):
     assert loss == 50.0
     da = F.binary_cross_entropy_backward(a, y)
     assert np.isfinite(da).all()
-    assert_close(da, ref.binary_cross_entropy_backward(wide(a), wide(y)),
-                 TOL["binary_cross_entropy_backward"][dtype])
+    assert_close(
+        da,
+        ref.binary_cross_entropy_backward(wide(a), wide(y)),
+        TOL["binary_cross_entropy_backward"][dtype],
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -489,12 +517,18 @@ def test_binary_cross_entropy_with_logits_matches_oracle(shape, dtype):
     y = rng.uniform(0, 1, shape).astype(dtype)
     loss = F.binary_cross_entropy_with_logits(z, y)
     assert type(loss) is float
-    assert_close(loss, ref.binary_cross_entropy_with_logits(wide(z), wide(y)),
-                 TOL["binary_cross_entropy_with_logits"][dtype])
+    assert_close(
+        loss,
+        ref.binary_cross_entropy_with_logits(wide(z), wide(y)),
+        TOL["binary_cross_entropy_with_logits"][dtype],
+    )
     dz = F.binary_cross_entropy_with_logits_backward(z, y)
     check_array(dz, shape, dtype)
-    assert_close(dz, ref.binary_cross_entropy_with_logits_backward(wide(z), wide(y)),
-                 TOL["binary_cross_entropy_with_logits_backward"][dtype])
+    assert_close(
+        dz,
+        ref.binary_cross_entropy_with_logits_backward(wide(z), wide(y)),
+        TOL["binary_cross_entropy_with_logits_backward"][dtype],
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -506,10 +540,16 @@ def test_binary_cross_entropy_with_logits_is_stable(dtype):
         loss = F.binary_cross_entropy_with_logits(z, y)
         dz = F.binary_cross_entropy_with_logits_backward(z, y)
     assert np.isfinite(loss) and np.isfinite(dz).all()
-    assert_close(loss, ref.binary_cross_entropy_with_logits(wide(z), wide(y)),
-                 TOL["binary_cross_entropy_with_logits"][dtype])
-    assert_close(dz, ref.binary_cross_entropy_with_logits_backward(wide(z), wide(y)),
-                 TOL["binary_cross_entropy_with_logits_backward"][dtype])
+    assert_close(
+        loss,
+        ref.binary_cross_entropy_with_logits(wide(z), wide(y)),
+        TOL["binary_cross_entropy_with_logits"][dtype],
+    )
+    assert_close(
+        dz,
+        ref.binary_cross_entropy_with_logits_backward(wide(z), wide(y)),
+        TOL["binary_cross_entropy_with_logits_backward"][dtype],
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -523,8 +563,9 @@ def test_cross_entropy_matches_oracle(NK, dtype):
     assert_close(loss, ref.cross_entropy(wide(z), labels), TOL["cross_entropy"][dtype])
     dz = F.cross_entropy_backward(z, labels)
     check_array(dz, NK, dtype)
-    assert_close(dz, ref.cross_entropy_backward(wide(z), labels),
-                 TOL["cross_entropy_backward"][dtype])
+    assert_close(
+        dz, ref.cross_entropy_backward(wide(z), labels), TOL["cross_entropy_backward"][dtype]
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -532,14 +573,21 @@ def test_cross_entropy_is_stable_and_takes_any_integer_labels(dtype):
     z = np.array([[1000.0, 0.0, -1000.0], [-1000.0, -1001.0, -1002.0], [0.0, 0.0, 0.0]], dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for labels in (np.array([2, 0, 1]), np.array([2, 0, 1], np.int32),
-                       np.array([2, 0, 1], np.uint8), [2, 0, 1]):
+        for labels in (
+            np.array([2, 0, 1]),
+            np.array([2, 0, 1], np.int32),
+            np.array([2, 0, 1], np.uint8),
+            [2, 0, 1],
+        ):
             loss = F.cross_entropy(z, labels)
             dz = F.cross_entropy_backward(z, labels)
             assert type(loss) is float and np.isfinite(loss) and np.isfinite(dz).all()
             assert_close(loss, ref.cross_entropy(wide(z), [2, 0, 1]), TOL["cross_entropy"][dtype])
-            assert_close(dz, ref.cross_entropy_backward(wide(z), [2, 0, 1]),
-                         TOL["cross_entropy_backward"][dtype])
+            assert_close(
+                dz,
+                ref.cross_entropy_backward(wide(z), [2, 0, 1]),
+                TOL["cross_entropy_backward"][dtype],
+            )
     assert_close(F.cross_entropy(z[2:], [1]), np.log(3.0), TOL["cross_entropy"][dtype])
 
 
@@ -547,8 +595,9 @@ def test_binary_cross_entropy_backward_finite_differences():
     rng = rng_for("bce-fd")
     a = rng.uniform(0.05, 0.95, (4, 3))
     for y in (rng.uniform(0, 1, a.shape), rng.integers(0, 2, a.shape).astype(F64)):
-        fd_check(F.binary_cross_entropy_backward(a, y),
-                 lambda: F.binary_cross_entropy(a, y), a, "bce")
+        fd_check(
+            F.binary_cross_entropy_backward(a, y), lambda: F.binary_cross_entropy(a, y), a, "bce"
+        )
 
 
 def test_binary_cross_entropy_with_logits_backward_finite_differences():
@@ -556,8 +605,12 @@ def test_binary_cross_entropy_with_logits_backward_finite_differences():
     z = rng.standard_normal((3, 5)) * 4
     z = np.where(np.abs(z) < 1e-2, 0.5, z)  # |z| and max(z, 0) have kinks at 0
     y = rng.uniform(0, 1, z.shape)
-    fd_check(F.binary_cross_entropy_with_logits_backward(z, y),
-             lambda: F.binary_cross_entropy_with_logits(z, y), z, "bce_with_logits")
+    fd_check(
+        F.binary_cross_entropy_with_logits_backward(z, y),
+        lambda: F.binary_cross_entropy_with_logits(z, y),
+        z,
+        "bce_with_logits",
+    )
 
 
 def test_cross_entropy_backward_finite_differences():
@@ -632,8 +685,11 @@ def _calls(dtype):
         ("binary_cross_entropy", F.binary_cross_entropy, (a, t)),
         ("binary_cross_entropy_backward", F.binary_cross_entropy_backward, (a, t)),
         ("binary_cross_entropy_with_logits", F.binary_cross_entropy_with_logits, (z, t)),
-        ("binary_cross_entropy_with_logits_backward",
-         F.binary_cross_entropy_with_logits_backward, (z, t)),
+        (
+            "binary_cross_entropy_with_logits_backward",
+            F.binary_cross_entropy_with_logits_backward,
+            (z, t),
+        ),
         ("cross_entropy", F.cross_entropy, (z, labels)),
         ("cross_entropy_backward", F.cross_entropy_backward, (z, labels)),
     ]
@@ -663,7 +719,7 @@ def test_other_layouts_give_identical_results(dtype):
             if not isinstance(arg, np.ndarray):
                 continue
             for layout, variant in layouts(arg).items():
-                got = fn(*args[:i], variant, *args[i + 1:])
+                got = fn(*args[:i], variant, *args[i + 1 :])
                 assert_identical(got, want, f"{name} argument {i} {layout}")
         # every array argument in Fortran order at once
         got = fn(*(np.asfortranarray(a) if isinstance(a, np.ndarray) else a for a in args))
@@ -691,10 +747,13 @@ def test_dtypes_equal_to_float32_or_float64_are_accepted():
                 "native byte order": lambda a: a.view(a.dtype.newbyteorder("=")),
             }
             for vname, make in variants.items():
-                new = [make(a) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else a
-                       for a in args]
-                assert all(n.dtype == a.dtype for n, a in zip(new, args)
-                           if isinstance(a, np.ndarray))
+                new = [
+                    make(a) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else a
+                    for a in args
+                ]
+                assert all(
+                    n.dtype == a.dtype for n, a in zip(new, args) if isinstance(a, np.ndarray)
+                )
                 assert_identical(fn(*new), want, f"{name} with {vname} arrays")
 
 
@@ -728,11 +787,18 @@ def test_stride_padding_and_kernel_accept_ints_pairs_and_numpy_ints():
     w = randn(rng_for("pairs-w"), (3, 2, 3, 2), F64)
     b = np.zeros(3)
     want = F.conv2d(x, w, b, (2, 2), (1, 1))
-    for stride, padding in [(2, 1), ([2, 2], [1, 1]), (np.int64(2), np.int32(1)),
-                            ((np.int64(2), 2), (1, np.int8(1)))]:
+    for stride, padding in [
+        (2, 1),
+        ([2, 2], [1, 1]),
+        (np.int64(2), np.int32(1)),
+        ((np.int64(2), 2), (1, np.int8(1))),
+    ]:
         assert_identical(F.conv2d(x, w, b, stride, padding), want, f"{stride} {padding}")
-        assert_identical(F.conv2d_backward(want, x, w, stride, padding),
-                         F.conv2d_backward(want, x, w, (2, 2), (1, 1)), f"{stride} {padding}")
+        assert_identical(
+            F.conv2d_backward(want, x, w, stride, padding),
+            F.conv2d_backward(want, x, w, (2, 2), (1, 1)),
+            f"{stride} {padding}",
+        )
     want = F.max_pool2d(x, (3, 3), (2, 2), (1, 1))
     for k, s, p in [(3, 2, 1), ([3, 3], [2, 2], [1, 1]), (np.int64(3), np.int64(2), 1)]:
         assert_identical(F.max_pool2d(x, k, s, p), want, f"{k} {s} {p}")
@@ -748,7 +814,11 @@ def test_same_call_twice_is_bitwise_identical(dtype):
     dy = randn(rng, conv_out_shape(BIG_CONV_CASE), dtype)
     xp = randn(rng, (2, 16, 24, 24), dtype)
     yp, idx = F.max_pool2d(xp, 3, 2, 1)
-    lx, lw, ldy = randn(rng, (64, 300), dtype), randn(rng, (40, 300), dtype), randn(rng, (64, 40), dtype)
+    lx, lw, ldy = (
+        randn(rng, (64, 300), dtype),
+        randn(rng, (40, 300), dtype),
+        randn(rng, (64, 40), dtype),
+    )
     z = randn(rng, (64, 64, 20), dtype)
     calls = [
         (F.conv2d, (x, w, b, stride, padding)),
@@ -757,7 +827,10 @@ def test_same_call_twice_is_bitwise_identical(dtype):
         (F.max_pool2d_backward, (yp, idx, xp.shape)),
         (F.linear, (lx, lw, ldy[0])),
         (F.linear_backward, (ldy, lx, lw)),
-        (F.relu, (z,)), (F.relu_backward, (z, z)), (F.sigmoid, (z,)), (F.sigmoid_backward, (z, z)),
+        (F.relu, (z,)),
+        (F.relu_backward, (z, z)),
+        (F.sigmoid, (z,)),
+        (F.sigmoid_backward, (z, z)),
     ] + [(fn, args) for _, fn, args in _calls(dtype)]
     for fn, args in calls:
         assert_identical(fn(*args), fn(*args), fn.__name__)
@@ -791,8 +864,13 @@ def test_results_do_not_depend_on_the_number_of_threads():
     digests = set()
     for threads in ("1", "2", "3"):
         env = dict(os.environ, OMP_NUM_THREADS=threads)
-        run = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], env=env,
-                             capture_output=True, text=True, timeout=120)
+        run = subprocess.run(
+            [sys.executable, "-c", _THREADS_SCRIPT],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert run.returncode == 0, run.stderr
         digests.add(run.stdout.strip())
     assert len(digests) == 1
@@ -824,13 +902,16 @@ def test_backward_outputs_are_new_arrays():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stride, dtype", [(1, "float32"), (2, "float32"), (1, "float64"),
-                                           (2, "float64")])
+@pytest.mark.parametrize(
+    "stride, dtype", [(1, "float32"), (2, "float32"), (1, "float64"), (2, "float64")]
+)
 def test_conv2d_workspace_is_bounded_by_images_not_batch(stride, dtype):
     # scratch memory is a few images per thread plus fixed partial sums: it stops growing
     # once the batch outnumbers the reduction chunks
-    sizes = [F.conv2d_workspace_bytes((n, 16, 24, 24), (32, 16, 3, 3), stride, 1, dtype)
-             for n in (64, 256, 1024)]
+    sizes = [
+        F.conv2d_workspace_bytes((n, 16, 24, 24), (32, 16, 3, 3), stride, 1, dtype)
+        for n in (64, 256, 1024)
+    ]
     assert sizes[0] > 0
     assert sizes[0] == sizes[1] == sizes[2]
     whole_batch_im2col = 1024 * 16 * 9 * 24 * 24 * np.dtype(dtype).itemsize

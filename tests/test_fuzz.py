@@ -21,16 +21,15 @@ import json
 import re
 import zipfile
 
+import cnnbp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
-
-import cnnbp
 from cnnbp import functional as F
 from cnnbp import nn, optim
 from cnnbp import reference as ref
 from conftest import KERNEL_TOL, assert_close, check_array
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 # NaN and infinities cast to the wrong dtypes, and the oracle's own overflow, warn
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -38,20 +37,48 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 F32, F64 = np.float32, np.float64
 DTYPES = (F32, F64)
 
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
-                suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 # per kind of breakage (a pytest parameter, so that every kind is drawn)
 PER_BREAK = settings(FUZZ, max_examples=12)
 
 # the tolerances of test_functional.py; the three losses share theirs
 TOL = {**KERNEL_TOL, "loss": KERNEL_TOL["cross_entropy"]}
 
-BAD_DTYPES = [np.int8, np.int32, np.int64, np.uint8, np.uint64, np.bool_, np.float16,
-              np.complex64, np.complex128, object, np.longdouble]
+BAD_DTYPES = [
+    np.int8,
+    np.int32,
+    np.int64,
+    np.uint8,
+    np.uint64,
+    np.bool_,
+    np.float16,
+    np.complex64,
+    np.complex128,
+    object,
+    np.longdouble,
+]
 # ints beyond int64, at its edges, and the wrong types for an int parameter
 HUGE_INTS = [2**63, 2**64, -(2**63) - 1, 10**30, 2**62, 2**63 - 1, -(2**63), 2**48 + 1]
-BAD_INT_TYPES = [1.0, 2.5, "1", None, True, b"1", (1, 2, 3), (1,), [1, None], {"h": 1},
-                 np.float64(1.0), object()]
+BAD_INT_TYPES = [
+    1.0,
+    2.5,
+    "1",
+    None,
+    True,
+    b"1",
+    (1, 2, 3),
+    (1,),
+    [1, None],
+    {"h": 1},
+    np.float64(1.0),
+    object(),
+]
 LAYOUTS = ["c", "c", "fortran", "negative", "strided", "swapped", "readonly", "list"]
 SPECIALS = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e30, -1e30, 1e-40]
 
@@ -143,7 +170,9 @@ def check_error(error, op, names, types=(ValueError, TypeError), memory=False):
     assert match, f"unclear message: {error}"
     ops = {op} if isinstance(op, str) else op
     assert match.group(1) in ops, str(error)
-    assert match.group(2) in names, f"names {match.group(2)}, expected one of {sorted(names)}: {error}"
+    assert match.group(2) in names, (
+        f"names {match.group(2)}, expected one of {sorted(names)}: {error}"
+    )
 
 
 def same_bits(a, b):
@@ -159,8 +188,11 @@ def bad_int(draw):
 
 
 def int_is_valid(v, minimum):
-    return (isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-            and minimum <= int(v) < 2**63)
+    return (
+        isinstance(v, (int, np.integer))
+        and not isinstance(v, (bool, np.bool_))
+        and minimum <= int(v) < 2**63
+    )
 
 
 def pair_is_valid(v, minimum):
@@ -177,9 +209,26 @@ def pair_of(v):
 # conv2d and conv2d_backward
 # ---------------------------------------------------------------------------------------
 
-CONV_BREAKS = [None, "x dtype", "w dtype", "b dtype", "mixed", "x rank", "w rank", "zero dim",
-               "channels", "bias shape", "stride", "padding", "window", "none", "not an array",
-               "huge view", "dy shape", "dy dtype"]
+CONV_BREAKS = [
+    None,
+    "x dtype",
+    "w dtype",
+    "b dtype",
+    "mixed",
+    "x rank",
+    "w rank",
+    "zero dim",
+    "channels",
+    "bias shape",
+    "stride",
+    "padding",
+    "window",
+    "none",
+    "not an array",
+    "huge view",
+    "dy shape",
+    "dy dtype",
+]
 
 
 @st.composite
@@ -194,9 +243,18 @@ def conv_cases(draw, brk):
     stride = draw(st.sampled_from([1, 2, 3, (1, 2), (3, 1), [2, 2], np.int64(2)]))
     padding = draw(st.sampled_from([(ph, pw), [ph, pw]] + ([ph] if ph == pw else [])))
     has_bias = draw(st.booleans())
-    case = dict(dtype=dtype, kind=kind, stride=stride, padding=padding, brk=brk,
-                x_shape=(N, C, H, W), w_shape=(K, C, R, S), names=set(), types=(),
-                memory=False)
+    case = dict(
+        dtype=dtype,
+        kind=kind,
+        stride=stride,
+        padding=padding,
+        brk=brk,
+        x_shape=(N, C, H, W),
+        w_shape=(K, C, R, S),
+        names=set(),
+        types=(),
+        memory=False,
+    )
     x_dtype = w_dtype = b_dtype = dy_dtype = dtype
     if brk == "x dtype":
         x_dtype = draw(st.sampled_from(BAD_DTYPES))
@@ -240,25 +298,36 @@ def conv_cases(draw, brk):
         case.update(names={"stride", "input", "output"}, may_work=True)
     elif brk == "padding":
         # no padding that passes validation yet allocates gigabytes: nothing in [2^20, 2^48)
-        bad = draw(st.sampled_from([v for v in HUGE_INTS if not 0 < v < 2**48] +
-                                   BAD_INT_TYPES + [-1, -(2**31)]))
+        bad = draw(
+            st.sampled_from(
+                [v for v in HUGE_INTS if not 0 < v < 2**48] + BAD_INT_TYPES + [-1, -(2**31)]
+            )
+        )
         case["padding"] = draw(st.sampled_from([bad, (0, bad), [bad, 0]]))
         case.update(names={"padding", "input", "output"}, may_work=True)
     elif brk == "window":
         case["w_shape"] = (K, C, H + 2 * ph + 1, S)
         case.update(names={"input"}, types=(ValueError,))
     elif brk == "none":
-        case.update(none=draw(st.sampled_from(["x", "w"])), names={"input", "weight"},
-                    types=(TypeError,))
+        case.update(
+            none=draw(st.sampled_from(["x", "w"])), names={"input", "weight"}, types=(TypeError,)
+        )
     elif brk == "not an array":
-        case.update(x_value=draw(st.sampled_from(["abc", object(), {"a": 1}, [[1.0], [2.0, 3.0]]])),
-                    names={"input"}, types=(TypeError,))
+        case.update(
+            x_value=draw(st.sampled_from(["abc", object(), {"a": 1}, [[1.0], [2.0, 3.0]]])),
+            names={"input"},
+            types=(TypeError,),
+        )
     elif brk == "huge view":
         # 2^21 * C * 2^14 * 2^14 > 2^48 elements, as a view of one float
         case.update(huge=(2**21, C, 2**14, 2**14), names={"input"}, types=(ValueError,))
     elif brk == "dy shape":
-        case.update(dy_shape_delta=draw(st.sampled_from([(0, 0, 1, 0), (1, 0, 0, 0), (0, 1, 0, 0)])),
-                    names={"doutput"}, types=(ValueError,), forward_ok=True)
+        case.update(
+            dy_shape_delta=draw(st.sampled_from([(0, 0, 1, 0), (1, 0, 0, 0), (0, 1, 0, 0)])),
+            names={"doutput"},
+            types=(ValueError,),
+            forward_ok=True,
+        )
 
     def array(shape, dt, scale=1.0):
         if np.dtype(dt) in (np.dtype(F32), np.dtype(F64)):
@@ -286,9 +355,14 @@ def conv_cases(draw, brk):
 
 def conv_dy(case, y_shape):
     shape = tuple(np.add(y_shape, case.get("dy_shape_delta", (0, 0, 0, 0))))
-    return values(case["rng"], shape, case["dy_dtype"] if np.dtype(case["dy_dtype"]).kind == "f"
-                  and np.dtype(case["dy_dtype"]).itemsize in (4, 8) else F64, "normal"
-                  ).astype(case["dy_dtype"])
+    return values(
+        case["rng"],
+        shape,
+        case["dy_dtype"]
+        if np.dtype(case["dy_dtype"]).kind == "f" and np.dtype(case["dy_dtype"]).itemsize in (4, 8)
+        else F64,
+        "normal",
+    ).astype(case["dy_dtype"])
 
 
 @pytest.mark.parametrize("brk", CONV_BREAKS, ids=str)
@@ -299,7 +373,8 @@ def test_conv2d_fuzz(brk, data):
     x, w, b, stride, padding = case["x"], case["w"], case["b"], case["stride"], case["padding"]
     y, error = run(F.conv2d, x, w, b, stride, padding)
     valid = case["brk"] in (None, "dy shape", "dy dtype") or (
-        case["brk"] == "b dtype" and b is None)
+        case["brk"] == "b dtype" and b is None
+    )
     if case.get("may_work"):
         valid = pair_is_valid(stride, 1) and pair_is_valid(padding, 0)
         if valid:  # a parameter from the bad list that is fine (stride 2^62) or too large
@@ -315,8 +390,9 @@ def test_conv2d_fuzz(brk, data):
         if case["brk"] not in ("dy shape", "dy dtype", "bias shape", "b dtype"):  # no bias there
             dy = np.zeros((1, 1, 1, 1), case["dtype"])
             _, error = run(F.conv2d_backward, dy, x, w, stride, padding)
-            check_error(error, "conv2d_backward", case["names"] | {"doutput"},
-                        (ValueError, TypeError))
+            check_error(
+                error, "conv2d_backward", case["names"] | {"doutput"}, (ValueError, TypeError)
+            )
         return
     assert error is None, f"{type(error).__name__}: {error}"
     dtype = case["dtype"]
@@ -326,8 +402,16 @@ def test_conv2d_fuzz(brk, data):
     P, Q = (H + 2 * ph - R) // sh + 1, (W + 2 * pw - S) // sw + 1
     check_array(y, (N, K, P, Q), dtype)
     # the same bits as on C-contiguous copies: layout never changes a result
-    same_bits(y, F.conv2d(contiguous(np.asarray(x, dtype)), contiguous(np.asarray(w, dtype)),
-                          contiguous(None if b is None else np.asarray(b, dtype)), stride, padding))
+    same_bits(
+        y,
+        F.conv2d(
+            contiguous(np.asarray(x, dtype)),
+            contiguous(np.asarray(w, dtype)),
+            contiguous(None if b is None else np.asarray(b, dtype)),
+            stride,
+            padding,
+        ),
+    )
     dy = conv_dy(case, y.shape)
     grads, error = run(F.conv2d_backward, dy, x, w, stride, padding)
     if case["brk"] in ("dy shape", "dy dtype"):
@@ -340,8 +424,9 @@ def test_conv2d_fuzz(brk, data):
         return  # inf * 0 and NaN: the paths may differ in which padded zeros they multiply
     tol = TOL["conv2d"][dtype]
     assert_close(y, ref.conv2d(x, w, b, stride, padding), tol, "conv2d")
-    for got, want, name in zip(grads, ref.conv2d_backward(dy, x, w, stride, padding),
-                               ["dx", "dw", "db"]):
+    for got, want, name in zip(
+        grads, ref.conv2d_backward(dy, x, w, stride, padding), ["dx", "dw", "db"]
+    ):
         assert_close(got, want, tol, name)
 
 
@@ -350,8 +435,17 @@ def test_conv2d_fuzz(brk, data):
 # ---------------------------------------------------------------------------------------
 
 
-POOL_BREAKS = [None, "dtype", "rank", "zero dim", "kernel", "stride", "padding", "none",
-               "huge view"]
+POOL_BREAKS = [
+    None,
+    "dtype",
+    "rank",
+    "zero dim",
+    "kernel",
+    "stride",
+    "padding",
+    "none",
+    "huge view",
+]
 
 
 @st.composite
@@ -400,8 +494,17 @@ def pool_cases(draw, brk):
         x = make_array(draw, rng, shape, x_dtype, kind)
     else:
         x = values(rng, shape, F64, "ties").astype(x_dtype)
-    return dict(x=x, kernel=kernel, stride=stride, padding=padding, brk=brk, names=names,
-                dtype=dtype, kind=kind, rng=rng)
+    return dict(
+        x=x,
+        kernel=kernel,
+        stride=stride,
+        padding=padding,
+        brk=brk,
+        names=names,
+        dtype=dtype,
+        kind=kind,
+        rng=rng,
+    )
 
 
 def pool_case_is_valid(case):
@@ -410,13 +513,22 @@ def pool_case_is_valid(case):
     if case["brk"] not in ("kernel", "stride", "padding"):
         return case["brk"] is None
     kernel, stride, padding = case["kernel"], case["stride"], case["padding"]
-    if not (pair_is_valid(kernel, 1) and (stride is None or pair_is_valid(stride, 1))
-            and pair_is_valid(padding, 0)):
+    if not (
+        pair_is_valid(kernel, 1)
+        and (stride is None or pair_is_valid(stride, 1))
+        and pair_is_valid(padding, 0)
+    ):
         return False
     (kh, kw), (ph, pw) = pair_of(kernel), pair_of(padding)
     _, _, H, W = np.shape(case["x"])
-    return (2 * ph <= kh and 2 * pw <= kw and H + 2 * ph >= kh and W + 2 * pw >= kw
-            and H + 2 * ph <= 2**48 and W + 2 * pw <= 2**48)
+    return (
+        2 * ph <= kh
+        and 2 * pw <= kw
+        and H + 2 * ph >= kh
+        and W + 2 * pw >= kw
+        and H + 2 * ph <= 2**48
+        and W + 2 * pw <= 2**48
+    )
 
 
 @pytest.mark.parametrize("brk", POOL_BREAKS, ids=str)
@@ -443,8 +555,12 @@ def test_max_pool2d_fuzz(brk, data):
     dy = values(case["rng"], y.shape, case["dtype"], case["kind"])
     dx = F.max_pool2d_backward(dy, idx, np.shape(x))
     check_array(dx, np.shape(x), case["dtype"])
-    assert_close(dx, ref.max_pool2d_backward(dy, idx, np.shape(x)),
-                 TOL["max_pool2d_backward"][case["dtype"]], "max_pool2d_backward")
+    assert_close(
+        dx,
+        ref.max_pool2d_backward(dy, idx, np.shape(x)),
+        TOL["max_pool2d_backward"][case["dtype"]],
+        "max_pool2d_backward",
+    )
 
 
 @pytest.mark.parametrize("brk", POOL_BREAKS, ids=str)
@@ -472,22 +588,30 @@ def test_avg_pool2d_fuzz(brk, data):
 
 
 @settings(FUZZ, max_examples=60)
-@given(st.integers(0, 2**32 - 1), st.sampled_from(DTYPES), shapes,
-       st.one_of(st.sampled_from([0.0, 0.5, 1.0, 0.1, 1, 0, np.float32(0.25)]),
-                 st.sampled_from([-0.1, 1.5, float("nan"), float("inf"), "0.5", None, True,
-                                  1 + 1e-12])),
-       st.one_of(st.integers(0, 2**64 - 1),
-                 st.sampled_from([-1, 2**64, 2**70, 1.5, "1", None, True, np.uint64(2**64 - 1)])),
-       st.data())
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(DTYPES),
+    shapes,
+    st.one_of(
+        st.sampled_from([0.0, 0.5, 1.0, 0.1, 1, 0, np.float32(0.25)]),
+        st.sampled_from([-0.1, 1.5, float("nan"), float("inf"), "0.5", None, True, 1 + 1e-12]),
+    ),
+    st.one_of(
+        st.integers(0, 2**64 - 1),
+        st.sampled_from([-1, 2**64, 2**70, 1.5, "1", None, True, np.uint64(2**64 - 1)]),
+    ),
+    st.data(),
+)
 def test_dropout_fuzz(seed, dtype, shape, p, drop_seed, data):
     rng = np.random.default_rng(seed)
     x = make_array(data.draw, rng, shape, dtype, "normal")
     out, error = run(F.dropout, x, p, drop_seed)
-    p_ok = (isinstance(p, (float, int, np.floating)) and not isinstance(p, bool)
-            and 0 <= p <= 1)
-    seed_ok = int_is_valid(drop_seed, 0) or (isinstance(drop_seed, (int, np.integer))
-                                             and not isinstance(drop_seed, bool)
-                                             and 0 <= int(drop_seed) < 2**64)
+    p_ok = isinstance(p, (float, int, np.floating)) and not isinstance(p, bool) and 0 <= p <= 1
+    seed_ok = int_is_valid(drop_seed, 0) or (
+        isinstance(drop_seed, (int, np.integer))
+        and not isinstance(drop_seed, bool)
+        and 0 <= int(drop_seed) < 2**64
+    )
     if not (p_ok and seed_ok):
         check_error(error, "dropout", {"p", "seed"})
         return
@@ -499,14 +623,25 @@ def test_dropout_fuzz(seed, dtype, shape, p, drop_seed, data):
     np.testing.assert_array_equal(mask, want_mask)
     assert_close(y, ref.dropout(x, mask, float(p)), 1e-6 if dtype == F32 else 1e-15)
     dy = values(rng, shape, dtype, "normal")
-    assert_close(F.dropout_backward(dy, mask, p), ref.dropout_backward(dy, mask, float(p)),
-                 1e-6 if dtype == F32 else 1e-15)
+    assert_close(
+        F.dropout_backward(dy, mask, p),
+        ref.dropout_backward(dy, mask, float(p)),
+        1e-6 if dtype == F32 else 1e-15,
+    )
     _, error = run(F.dropout_backward, dy, mask.astype(np.uint8), p)
     check_error(error, "dropout_backward", {"mask"}, (TypeError,))
 
 
-POOL_BACKWARD_BREAKS = [None, "index", "x_shape", "x_shape type", "idx dtype", "idx shape",
-                        "dy dtype", "N mismatch"]
+POOL_BACKWARD_BREAKS = [
+    None,
+    "index",
+    "x_shape",
+    "x_shape type",
+    "idx dtype",
+    "idx shape",
+    "dy dtype",
+    "N mismatch",
+]
 
 
 @st.composite
@@ -531,18 +666,23 @@ def pool_backward_cases(draw, brk):
         names = {"indices"}
     elif brk == "x_shape":
         x_shape = list(x_shape)
-        x_shape[draw(st.integers(0, 3))] = draw(st.sampled_from(
-            [0, -1, 2**48 + 1, 2**62, 2**63 - 1, 2**63, 2**64, -(2**63) - 1]))
+        x_shape[draw(st.integers(0, 3))] = draw(
+            st.sampled_from([0, -1, 2**48 + 1, 2**62, 2**63 - 1, 2**63, 2**64, -(2**63) - 1])
+        )
         if draw(st.booleans()):
             x_shape = x_shape[:3]
         names = {"x_shape", "indices", "doutput"}
     elif brk == "x_shape type":
-        x_shape = draw(st.sampled_from([None, "1234", 5, (1, 1, 2.0, 2), (1, None, 2, 2),
-                                        {"N": 1}, (True, 1, 2, 2)]))
+        x_shape = draw(
+            st.sampled_from(
+                [None, "1234", 5, (1, 1, 2.0, 2), (1, None, 2, 2), {"N": 1}, (True, 1, 2, 2)]
+            )
+        )
         names = {"x_shape"}
     elif brk == "idx dtype":
-        idx = idx.astype(draw(st.sampled_from([np.float64, np.float32, np.bool_, object,
-                                               np.complex64])))
+        idx = idx.astype(
+            draw(st.sampled_from([np.float64, np.float32, np.bool_, object, np.complex64]))
+        )
         names = {"indices"}
     elif brk == "idx shape":
         idx = idx.reshape(-1) if idx.ndim else idx
@@ -556,8 +696,15 @@ def pool_backward_cases(draw, brk):
     if brk == "dy dtype":
         dy = dy.astype(draw(st.sampled_from(BAD_DTYPES)))
         names = {"doutput"}
-    return dict(dy=relayout(dy, draw(st.sampled_from(LAYOUTS))), idx=idx, x_shape=x_shape,
-                brk=brk, names=names, dtype=dtype, idx_is_valid=brk is None)
+    return dict(
+        dy=relayout(dy, draw(st.sampled_from(LAYOUTS))),
+        idx=idx,
+        x_shape=x_shape,
+        brk=brk,
+        names=names,
+        dtype=dtype,
+        idx_is_valid=brk is None,
+    )
 
 
 @pytest.mark.parametrize("brk", POOL_BACKWARD_BREAKS, ids=str)
@@ -573,8 +720,9 @@ def test_max_pool2d_backward_fuzz(brk, data):
     assert error is None, f"{type(error).__name__}: {error}"
     shape = tuple(int(v) for v in x_shape)
     check_array(dx, shape, case["dtype"])
-    assert_close(dx, ref.max_pool2d_backward(dy, idx, shape),
-                 TOL["max_pool2d_backward"][case["dtype"]])
+    assert_close(
+        dx, ref.max_pool2d_backward(dy, idx, shape), TOL["max_pool2d_backward"][case["dtype"]]
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -582,12 +730,16 @@ def test_max_pool2d_backward_fuzz(brk, data):
 # ---------------------------------------------------------------------------------------
 
 
-
 @pytest.mark.parametrize("brk", [None, "dtype", "saved dtype", "mixed", "shape", "none"], ids=str)
 @pytest.mark.parametrize("op", ["relu", "sigmoid", "tanh"])
 @settings(PER_BREAK, max_examples=20)
-@given(st.integers(0, 2**32 - 1), st.sampled_from(DTYPES), shapes,
-       st.sampled_from(["normal", "ties", "special"]), st.data())
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(DTYPES),
+    shapes,
+    st.sampled_from(["normal", "ties", "special"]),
+    st.data(),
+)
 def test_activations_fuzz(op, brk, seed, dtype, shape, kind, data):
     rng = np.random.default_rng(seed)
     forward, backward = getattr(F, op), getattr(F, op + "_backward")
@@ -595,7 +747,9 @@ def test_activations_fuzz(op, brk, seed, dtype, shape, kind, data):
     event(f"break: {brk}")
     z = make_array(data.draw, rng, shape, dtype, kind)
     if brk == "dtype":
-        bad = np.asarray(values(rng, shape, F64, "ties")).astype(data.draw(st.sampled_from(BAD_DTYPES)))
+        bad = np.asarray(values(rng, shape, F64, "ties")).astype(
+            data.draw(st.sampled_from(BAD_DTYPES))
+        )
         _, error = run(forward, bad)
         check_error(error, op, {"input"}, (TypeError,))
         _, error = run(backward, bad, z)
@@ -637,22 +791,51 @@ def test_activations_fuzz(op, brk, seed, dtype, shape, kind, data):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("brk", [None, "x dtype", "w dtype", "mixed", "in_features", "w rank",
-                                 "bias", "zero out", "scalar", "dy shape", "huge view"], ids=str)
+@pytest.mark.parametrize(
+    "brk",
+    [
+        None,
+        "x dtype",
+        "w dtype",
+        "mixed",
+        "in_features",
+        "w rank",
+        "bias",
+        "zero out",
+        "scalar",
+        "dy shape",
+        "huge view",
+    ],
+    ids=str,
+)
 @settings(PER_BREAK, max_examples=25)
-@given(st.integers(0, 2**32 - 1), st.sampled_from(DTYPES),
-       st.lists(st.integers(0, 3), min_size=0, max_size=3).map(tuple),
-       st.integers(1, 7), st.integers(1, 6), st.booleans(),
-       st.sampled_from(["normal", "ties", "special"]), st.data())
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(DTYPES),
+    st.lists(st.integers(0, 3), min_size=0, max_size=3).map(tuple),
+    st.integers(1, 7),
+    st.integers(1, 6),
+    st.booleans(),
+    st.sampled_from(["normal", "ties", "special"]),
+    st.data(),
+)
 def test_linear_fuzz(brk, seed, dtype, lead, IN, OUT, has_bias, kind, data):
     rng = np.random.default_rng(seed)
     draw = data.draw
     x = make_array(draw, rng, lead + (IN,), dtype, kind)
     w = make_array(draw, rng, (OUT, IN), dtype, kind)
     b = make_array(draw, rng, (OUT,), dtype, kind) if has_bias else None
-    names = {"x dtype": {"input"}, "w dtype": {"weight"}, "mixed": {"weight"},
-             "in_features": {"weight"}, "w rank": {"weight"}, "bias": {"bias"},
-             "zero out": {"weight"}, "scalar": {"input"}, "huge view": {"input", "output"}}
+    names = {
+        "x dtype": {"input"},
+        "w dtype": {"weight"},
+        "mixed": {"weight"},
+        "in_features": {"weight"},
+        "w rank": {"weight"},
+        "bias": {"bias"},
+        "zero out": {"weight"},
+        "scalar": {"input"},
+        "huge view": {"input", "output"},
+    }
     if brk == "x dtype":
         x = np.asarray(x).astype(draw(st.sampled_from(BAD_DTYPES)))
     elif brk == "w dtype":
@@ -680,8 +863,14 @@ def test_linear_fuzz(brk, seed, dtype, lead, IN, OUT, has_bias, kind, data):
         return
     assert error is None, f"{type(error).__name__}: {error}"
     check_array(y, lead + (OUT,), dtype)
-    same_bits(y, F.linear(contiguous(np.asarray(x, dtype)), contiguous(np.asarray(w, dtype)),
-                          contiguous(None if b is None else np.asarray(b, dtype))))
+    same_bits(
+        y,
+        F.linear(
+            contiguous(np.asarray(x, dtype)),
+            contiguous(np.asarray(w, dtype)),
+            contiguous(None if b is None else np.asarray(b, dtype)),
+        ),
+    )
     dy = values(rng, y.shape, dtype, "normal")
     if brk == "dy shape":
         _, error = run(F.linear_backward, values(rng, lead + (OUT + 1,), dtype, "normal"), x, w)
@@ -707,8 +896,13 @@ def test_linear_fuzz(brk, seed, dtype, lead, IN, OUT, has_bias, kind, data):
 @pytest.mark.parametrize("brk", [None, "dtype", "target dtype", "mixed", "shape", "none"], ids=str)
 @pytest.mark.parametrize("op", ["binary_cross_entropy", "binary_cross_entropy_with_logits"])
 @settings(PER_BREAK, max_examples=20)
-@given(st.integers(0, 2**32 - 1), st.sampled_from(DTYPES), shapes,
-       st.sampled_from(["normal", "extreme", "special", "edges"]), st.data())
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(DTYPES),
+    shapes,
+    st.sampled_from(["normal", "extreme", "special", "edges"]),
+    st.data(),
+)
 def test_binary_losses_fuzz(op, brk, seed, dtype, shape, kind, data):
     rng = np.random.default_rng(seed)
     draw = data.draw
@@ -738,8 +932,9 @@ def test_binary_losses_fuzz(op, brk, seed, dtype, shape, kind, data):
         p, names = None, ({"input"}, (TypeError,))
     elif p.size == 0:
         names = ({"input"}, (ValueError,))  # a mean of nothing
-    probabilities_ok = (p is None or op != "binary_cross_entropy"
-                        or bool(np.all((p >= 0) & (p <= 1))))
+    probabilities_ok = (
+        p is None or op != "binary_cross_entropy" or bool(np.all((p >= 0) & (p <= 1)))
+    )
     if names is None and not probabilities_ok:
         names = ({"input"}, (ValueError,))
     p_view = relayout(p, draw(st.sampled_from(LAYOUTS))) if p is not None else None
@@ -758,12 +953,21 @@ def test_binary_losses_fuzz(op, brk, seed, dtype, shape, kind, data):
             assert_close(got, want, TOL["loss"][dtype], fn)
 
 
-@pytest.mark.parametrize("brk", [None, "label range", "label dtype", "label shape", "logits rank",
-                                 "logits dtype", "none"], ids=str)
+@pytest.mark.parametrize(
+    "brk",
+    [None, "label range", "label dtype", "label shape", "logits rank", "logits dtype", "none"],
+    ids=str,
+)
 @settings(PER_BREAK, max_examples=20)
-@given(st.integers(0, 2**32 - 1), st.sampled_from(DTYPES), st.integers(0, 5), st.integers(0, 6),
-       st.sampled_from(["normal", "extreme", "special"]),
-       st.sampled_from([np.int64, np.int32, np.uint8, np.int8, list]), st.data())
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(DTYPES),
+    st.integers(0, 5),
+    st.integers(0, 6),
+    st.sampled_from(["normal", "extreme", "special"]),
+    st.sampled_from([np.int64, np.int32, np.uint8, np.int8, list]),
+    st.data(),
+)
 def test_cross_entropy_fuzz(brk, seed, dtype, N, K, kind, label_type, data):
     rng = np.random.default_rng(seed)
     draw = data.draw
@@ -816,13 +1020,23 @@ def test_cross_entropy_fuzz(brk, seed, dtype, N, K, kind, label_type, data):
 
 
 @FUZZ
-@given(st.lists(st.one_of(st.integers(-3, 9), st.sampled_from(HUGE_INTS + BAD_INT_TYPES)),
-                min_size=4, max_size=4))
+@given(
+    st.lists(
+        st.one_of(st.integers(-3, 9), st.sampled_from(HUGE_INTS + BAD_INT_TYPES)),
+        min_size=4,
+        max_size=4,
+    )
+)
 def test_output_size_fuzz(args):
     got, error = run(F.output_size, *args)
     in_size, kernel, stride, padding = args
-    valid = (int_is_valid(in_size, 0) and int_is_valid(kernel, 1) and int_is_valid(stride, 1)
-             and int_is_valid(padding, 0) and in_size + 2 * padding <= 2**48)
+    valid = (
+        int_is_valid(in_size, 0)
+        and int_is_valid(kernel, 1)
+        and int_is_valid(stride, 1)
+        and int_is_valid(padding, 0)
+        and in_size + 2 * padding <= 2**48
+    )
     if not valid:
         check_error(error, "output_size", {"in_size", "kernel", "stride", "padding"})
         return
@@ -845,17 +1059,21 @@ def test_set_num_threads_fuzz(n):
 
 
 @FUZZ
-@given(st.lists(st.one_of(st.integers(0, 40), st.sampled_from(HUGE_INTS)), min_size=4, max_size=4),
-       st.lists(st.one_of(st.integers(0, 5), st.sampled_from(HUGE_INTS)), min_size=4, max_size=4),
-       st.one_of(st.integers(-1, 3), st.sampled_from(HUGE_INTS)),
-       st.one_of(st.integers(-1, 3), st.sampled_from(HUGE_INTS)),
-       st.sampled_from(["float32", "float64", np.float32, "int8", "bogus", None]))
+@given(
+    st.lists(st.one_of(st.integers(0, 40), st.sampled_from(HUGE_INTS)), min_size=4, max_size=4),
+    st.lists(st.one_of(st.integers(0, 5), st.sampled_from(HUGE_INTS)), min_size=4, max_size=4),
+    st.one_of(st.integers(-1, 3), st.sampled_from(HUGE_INTS)),
+    st.one_of(st.integers(-1, 3), st.sampled_from(HUGE_INTS)),
+    st.sampled_from(["float32", "float64", np.float32, "int8", "bogus", None]),
+)
 def test_conv2d_workspace_bytes_fuzz(x_shape, w_shape, stride, padding, dtype):
     got, error = run(F.conv2d_workspace_bytes, x_shape, w_shape, stride, padding, dtype)
     if error is not None:
-        check_error(error, "conv2d_workspace_bytes",
-                    {"x_shape", "w_shape", "input", "weight", "stride", "padding", "output",
-                     "dtype"})
+        check_error(
+            error,
+            "conv2d_workspace_bytes",
+            {"x_shape", "w_shape", "input", "weight", "stride", "padding", "output", "dtype"},
+        )
         return
     # it worked: the same shapes are a valid convolution, and the workspace is bounded
     assert isinstance(got, int) and 0 <= got < 2**62
@@ -879,8 +1097,10 @@ def networks(draw):
     activation = draw(st.sampled_from([nn.ReLU, nn.Sigmoid]))
     pool = draw(st.sampled_from([None, (2, None, 0), (3, 1, 1), (2, 1, 0)]))
     P = (H + 2 * padding - k) // stride + 1
-    layers = [nn.Conv2d(C, K, k, stride=stride, padding=padding, bias=draw(st.booleans()),
-                        dtype=dtype), activation()]
+    layers = [
+        nn.Conv2d(C, K, k, stride=stride, padding=padding, bias=draw(st.booleans()), dtype=dtype),
+        activation(),
+    ]
     if pool is not None:
         pk, ps, pp = pool
         if P + 2 * pp >= pk:
@@ -972,8 +1192,11 @@ def test_layers_fuzz(brk, net, seed, N, data):
         bad_target = np.zeros((N + 1,) + np.shape(target)[1:], np.asarray(target).dtype)
         _, error = run(loss_fn, out, bad_target)
         assert error is not None and isinstance(error, (ValueError, TypeError))
-        assert re.match(r"^\[(binary_cross_entropy|binary_cross_entropy_with_logits|"
-                        r"cross_entropy)\] (target|labels): expected ", str(error)), str(error)
+        assert re.match(
+            r"^\[(binary_cross_entropy|binary_cross_entropy_with_logits|"
+            r"cross_entropy)\] (target|labels): expected ",
+            str(error),
+        ), str(error)
         return
     layers = list(model)
     g = rng.standard_normal(out.shape).astype(dtype)
@@ -991,13 +1214,17 @@ def test_layers_fuzz(brk, net, seed, N, data):
             assert_close(layers[i].bias.grad, db, tol, f"{i}.bias.grad")
     # the loss layer: the functional loss and its gradient, scaled by grad_loss
     loss = loss_fn(out, target)
-    fn = {nn.BCELoss: "binary_cross_entropy", nn.BCEWithLogitsLoss:
-          "binary_cross_entropy_with_logits", nn.CrossEntropyLoss: "cross_entropy"}[net["loss"]]
+    fn = {
+        nn.BCELoss: "binary_cross_entropy",
+        nn.BCEWithLogitsLoss: "binary_cross_entropy_with_logits",
+        nn.CrossEntropyLoss: "cross_entropy",
+    }[net["loss"]]
     assert isinstance(loss, float)
     assert_close(loss, getattr(F, fn)(out, target), TOL["loss"][dtype])
     assert_close(loss_fn.backward(), getattr(F, fn + "_backward")(out, target), TOL["loss"][dtype])
-    assert_close(loss_fn.backward(2.0), 2 * getattr(F, fn + "_backward")(out, target),
-                 TOL["loss"][dtype])
+    assert_close(
+        loss_fn.backward(2.0), 2 * getattr(F, fn + "_backward")(out, target), TOL["loss"][dtype]
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -1025,28 +1252,58 @@ def adam_reference(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay):
 
 
 @settings(FUZZ, max_examples=80)
-@given(st.integers(0, 2**32 - 1), st.sampled_from(DTYPES), st.sampled_from(["SGD", "Adam"]),
-       st.sampled_from(HYPER), st.sampled_from(HYPER), st.sampled_from(HYPER),
-       st.sampled_from([0.0, 0.5, -0.5]), st.booleans(),
-       st.sampled_from([(0.9, 0.999), (0.0, 0.0), (0.5, 0.9), (1.0, 0.9), (0.9, 1.0),
-                        (-0.1, 0.9), (float("nan"), 0.9)]),
-       st.sampled_from([1e-8, 0.0, 1.0, -1e-8]), st.sampled_from(["all", "some", "fortran"]))
-def test_optimizers_fuzz(seed, dtype, kind, lr, momentum, weight_decay, dampening, nesterov,
-                         betas, eps, grads):
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(DTYPES),
+    st.sampled_from(["SGD", "Adam"]),
+    st.sampled_from(HYPER),
+    st.sampled_from(HYPER),
+    st.sampled_from(HYPER),
+    st.sampled_from([0.0, 0.5, -0.5]),
+    st.booleans(),
+    st.sampled_from(
+        [
+            (0.9, 0.999),
+            (0.0, 0.0),
+            (0.5, 0.9),
+            (1.0, 0.9),
+            (0.9, 1.0),
+            (-0.1, 0.9),
+            (float("nan"), 0.9),
+        ]
+    ),
+    st.sampled_from([1e-8, 0.0, 1.0, -1e-8]),
+    st.sampled_from(["all", "some", "fortran"]),
+)
+def test_optimizers_fuzz(
+    seed, dtype, kind, lr, momentum, weight_decay, dampening, nesterov, betas, eps, grads
+):
     rng = np.random.default_rng(seed)
     nn.manual_seed(seed % 1000)
     model = nn.Sequential(nn.Linear(3, 2, dtype=dtype), nn.ReLU(), nn.Linear(2, 2, dtype=dtype))
     params = model.parameters()
     if kind == "SGD":
-        valid = (all(v >= 0 for v in (lr, momentum, weight_decay))
-                 and not (nesterov and (momentum <= 0 or dampening != 0)))
-        make = lambda: optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,  # noqa: E731
-                                 dampening=dampening, nesterov=nesterov)
+        valid = all(v >= 0 for v in (lr, momentum, weight_decay)) and not (
+            nesterov and (momentum <= 0 or dampening != 0)
+        )
+
+        def make():
+            return optim.SGD(
+                params,
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                dampening=dampening,
+                nesterov=nesterov,
+            )
+
         names = {"lr", "momentum", "weight_decay", "nesterov"}
     else:
-        valid = (all(v >= 0 for v in (lr, eps, weight_decay))
-                 and all(0 <= b < 1 for b in betas))
-        make = lambda: optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)  # noqa: E731
+        valid = all(v >= 0 for v in (lr, eps, weight_decay)) and all(0 <= b < 1 for b in betas)
+
+        def make():
+            return optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
         names = {"lr", "eps", "weight_decay", "betas"}
     opt, error = run(make)
     if not valid:
@@ -1054,7 +1311,7 @@ def test_optimizers_fuzz(seed, dtype, kind, lr, momentum, weight_decay, dampenin
         return
     assert error is None, f"{type(error).__name__}: {error}"
     state = [dict(p=p.data.astype(F64), buf=None, m=0.0, v=0.0, t=0) for p in params]
-    for step in range(3):
+    for _ in range(3):
         for i, p in enumerate(params):
             skip = grads == "some" and i % 2 == 1
             g = None if skip else rng.standard_normal(p.data.shape).astype(dtype)
@@ -1065,12 +1322,14 @@ def test_optimizers_fuzz(seed, dtype, kind, lr, momentum, weight_decay, dampenin
                 continue
             s = state[i]
             if kind == "SGD":
-                s["p"], s["buf"] = sgd_reference(s["p"], g.astype(F64), s["buf"], lr, momentum,
-                                                 weight_decay, dampening, nesterov)
+                s["p"], s["buf"] = sgd_reference(
+                    s["p"], g.astype(F64), s["buf"], lr, momentum, weight_decay, dampening, nesterov
+                )
             else:
                 s["t"] += 1
-                s["p"], s["m"], s["v"] = adam_reference(s["p"], g.astype(F64), s["m"], s["v"],
-                                                        s["t"], lr, *betas, eps, weight_decay)
+                s["p"], s["m"], s["v"] = adam_reference(
+                    s["p"], g.astype(F64), s["m"], s["v"], s["t"], lr, *betas, eps, weight_decay
+                )
         opt.step()
         for i, p in enumerate(params):
             assert p.data.dtype == dtype and p.data.shape == state[i]["p"].shape
@@ -1083,16 +1342,44 @@ def test_optimizers_fuzz(seed, dtype, kind, lr, momentum, weight_decay, dampenin
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("change", [None, "drop", "extra", "rename", "shape", "dtype", "object",
-                                    "list", "string", "scalar", "fortran", "negative", "broadcast",
-                                    "nan", "readonly", "swapped"], ids=str)
+@pytest.mark.parametrize(
+    "change",
+    [
+        None,
+        "drop",
+        "extra",
+        "rename",
+        "shape",
+        "dtype",
+        "object",
+        "list",
+        "string",
+        "scalar",
+        "fortran",
+        "negative",
+        "broadcast",
+        "nan",
+        "readonly",
+        "swapped",
+    ],
+    ids=str,
+)
 @settings(PER_BREAK, max_examples=6)
-@given(st.integers(0, 2**32 - 1), st.sampled_from(DTYPES),
-       st.sampled_from(["0.weight", "0.bias", "4.weight", "4.bias"]))
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(DTYPES),
+    st.sampled_from(["0.weight", "0.bias", "4.weight", "4.bias"]),
+)
 def test_load_state_dict_fuzz(change, seed, dtype, key):
     rng = np.random.default_rng(seed)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3, dtype=dtype), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                          nn.Linear(8, 1, dtype=dtype), nn.Sigmoid())
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, dtype=dtype),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8, 1, dtype=dtype),
+        nn.Sigmoid(),
+    )
     before = {k: v.copy() for k, v in model.state_dict().items()}
     new = {k: values(rng, v.shape, dtype, "normal") for k, v in before.items()}
     value = new[key]
@@ -1137,8 +1424,8 @@ def test_load_state_dict_fuzz(change, seed, dtype, key):
     elif change == "swapped":
         new[key] = relayout(value, "swapped")
         outcome = TypeError  # >f4 is not the model's float32
-    result, error = run(model.load_state_dict, new) if outcome != KeyError else (None, None)
-    if outcome == KeyError:
+    result, error = run(model.load_state_dict, new) if outcome is not KeyError else (None, None)
+    if outcome is KeyError:
         with pytest.raises(KeyError, match=r"^.\[load_state_dict\] expected keys"):
             model.load_state_dict(new)
     elif outcome != "ok":
@@ -1172,8 +1459,9 @@ def test_load_state_dict_fuzz(change, seed, dtype, key):
 @pytest.fixture(scope="module")
 def model_file_bytes(tmp_path_factory):
     nn.manual_seed(3)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                          nn.Linear(8, 1), nn.Sigmoid())
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 1), nn.Sigmoid()
+    )
     path = tmp_path_factory.mktemp("model") / "model.npz"
     model.save(path)
     return path.read_bytes()
@@ -1191,9 +1479,17 @@ def load_or_refuse(tmp_path, content):
 
 
 @settings(FUZZ, max_examples=80)
-@given(st.lists(st.tuples(st.sampled_from(["flip", "truncate", "insert", "delete", "set"]),
-                          st.floats(0, 1, exclude_max=True), st.integers(0, 255)),
-                min_size=1, max_size=4))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["flip", "truncate", "insert", "delete", "set"]),
+            st.floats(0, 1, exclude_max=True),
+            st.integers(0, 255),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
 def test_mutated_model_files_load_or_are_refused(tmp_path_factory, model_file_bytes, mutations):
     data = bytearray(model_file_bytes)
     for kind, where, byte in mutations:
@@ -1205,7 +1501,7 @@ def test_mutated_model_files_load_or_are_refused(tmp_path_factory, model_file_by
         elif kind == "insert":
             data[i:i] = bytes([byte]) * (1 + byte % 16)
         elif kind == "delete":
-            del data[i:i + 1 + byte % 16]
+            del data[i : i + 1 + byte % 16]
         else:
             data[i] = byte
         if not data:
@@ -1217,23 +1513,43 @@ def test_mutated_model_files_load_or_are_refused(tmp_path_factory, model_file_by
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True)
     | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8),
-                                                                     children, max_size=4),
-    max_leaves=12)
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 @settings(FUZZ, max_examples=80)
-@given(st.integers(0, 6), st.sampled_from(["type", "in_channels", "out_channels", "kernel_size",
-                                           "stride", "padding", "bias", "in_features",
-                                           "out_features", None]),
-       json_values, st.sampled_from([None, "format", "version", "dtype", "layers"]))
-def test_random_architectures_load_or_are_refused(tmp_path_factory, model_file_bytes, layer,
-                                                  field, value, top):
+@given(
+    st.integers(0, 6),
+    st.sampled_from(
+        [
+            "type",
+            "in_channels",
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "bias",
+            "in_features",
+            "out_features",
+            None,
+        ]
+    ),
+    json_values,
+    st.sampled_from([None, "format", "version", "dtype", "layers"]),
+)
+def test_random_architectures_load_or_are_refused(
+    tmp_path_factory, model_file_bytes, layer, field, value, top
+):
     with zipfile.ZipFile(io.BytesIO(model_file_bytes)) as archive:
-        arrays = {name[:-4]: np.load(io.BytesIO(archive.read(name)))
-                  for name in archive.namelist()}
+        arrays = {name[:-4]: np.load(io.BytesIO(archive.read(name))) for name in archive.namelist()}
     arch = json.loads(arrays["architecture"].tobytes())
     if top is not None:
         arch[top] = value
@@ -1263,15 +1579,27 @@ ARGUMENT_ERRORS = [
     ("AvgPool2d stride '2'", lambda: nn.AvgPool2d(2, stride="2"), TypeError),
     ("SGD lr '0.1'", lambda: optim.SGD(nn.Linear(2, 1).parameters(), lr="0.1"), TypeError),
     ("SGD lr None", lambda: optim.SGD(nn.Linear(2, 1).parameters(), lr=None), TypeError),
-    ("Adam betas of one", lambda: optim.Adam(nn.Linear(2, 1).parameters(), betas=(0.9,)),
-     ValueError),
-    ("load_state_dict ragged list", lambda: nn.Linear(2, 1).load_state_dict(
-        {"weight": [[1.0], [2.0, 3.0]], "bias": [0.0]}), ValueError),
+    (
+        "Adam betas of one",
+        lambda: optim.Adam(nn.Linear(2, 1).parameters(), betas=(0.9,)),
+        ValueError,
+    ),
+    (
+        "load_state_dict ragged list",
+        lambda: nn.Linear(2, 1).load_state_dict({"weight": [[1.0], [2.0, 3.0]], "bias": [0.0]}),
+        ValueError,
+    ),
     ("load_state_dict None", lambda: nn.Linear(2, 1).load_state_dict(None), TypeError),
-    ("SGD step, gradient of another shape", lambda: sgd_step_with_grad(np.ones(3, F32)),
-     ValueError),
-    ("Adam step, gradient of another shape",
-     lambda: sgd_step_with_grad(np.ones(3, F32), "Adam"), ValueError),
+    (
+        "SGD step, gradient of another shape",
+        lambda: sgd_step_with_grad(np.ones(3, F32)),
+        ValueError,
+    ),
+    (
+        "Adam step, gradient of another shape",
+        lambda: sgd_step_with_grad(np.ones(3, F32), "Adam"),
+        ValueError,
+    ),
 ]
 
 
@@ -1282,31 +1610,46 @@ def sgd_step_with_grad(grad, kind="SGD"):
     getattr(optim, kind)(model.parameters(), lr=0.5).step()
 
 
-@pytest.mark.parametrize("name, call, kind", ARGUMENT_ERRORS,
-                         ids=[g[0] for g in ARGUMENT_ERRORS])
+@pytest.mark.parametrize("name, call, kind", ARGUMENT_ERRORS, ids=[g[0] for g in ARGUMENT_ERRORS])
 def test_layer_and_optimizer_arguments_are_checked(name, call, kind):
     _, error = run(call)
     assert isinstance(error, kind), f"{type(error).__name__}: {error}"
     assert re.match(r"^\[\w+\] [\w.]+: expected ", str(error)), f"{type(error).__name__}: {error}"
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: nn.Conv2d(1, 1, 0), "[Conv2d] kernel_size: expected >= 1, got 0"),
-    (lambda: nn.Conv2d(0, 1, 3), "[Conv2d] in_channels: expected >= 1, got 0"),
-    (lambda: nn.Conv2d(1, -1, 3), "[Conv2d] out_channels: expected >= 1, got -1"),
-    (lambda: nn.Linear(0, 1), "[Linear] in_features: expected >= 1, got 0"),
-    (lambda: nn.Linear(2, -1), "[Linear] out_features: expected >= 1, got -1"),
-    # weights whose element count overflows int64 (2^32 * (2^32 + 1) wrapped to 2^32 and
-    # sized a 16 GiB buffer for a (2^32, 2^32 + 1) weight) or cannot exist
-    (lambda: nn.Linear(2**32 + 1, 2**32), "[numel] shape: expected at most 2^48 elements, "
-                                          "got shape (4294967296, 4294967297)"),
-    (lambda: nn.Linear(2**62, 2**62), "[numel] shape: expected at most 2^48 elements"),
-    (lambda: nn.Conv2d(2**20, 2**20, 2**20), "[numel] shape: expected at most 2^48 elements"),
-    (lambda: nn.Conv2d(2, 1, (2**24, 2**24)), "[numel] shape: expected at most 2^48 elements"),
-    # the weight's size is checked before fan_in = in_channels * kernel_h * kernel_w
-    (lambda: nn.Conv2d(1, 1, (2**32, 2**32)), "[numel] shape: expected at most 2^48 elements"),
-], ids=["kernel 0", "in 0", "out -1", "in_features 0", "out_features -1", "2^64 wraps",
-        "2^124", "2^80", "2^64", "2^64 kernel"])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: nn.Conv2d(1, 1, 0), "[Conv2d] kernel_size: expected >= 1, got 0"),
+        (lambda: nn.Conv2d(0, 1, 3), "[Conv2d] in_channels: expected >= 1, got 0"),
+        (lambda: nn.Conv2d(1, -1, 3), "[Conv2d] out_channels: expected >= 1, got -1"),
+        (lambda: nn.Linear(0, 1), "[Linear] in_features: expected >= 1, got 0"),
+        (lambda: nn.Linear(2, -1), "[Linear] out_features: expected >= 1, got -1"),
+        # weights whose element count overflows int64 (2^32 * (2^32 + 1) wrapped to 2^32 and
+        # sized a 16 GiB buffer for a (2^32, 2^32 + 1) weight) or cannot exist
+        (
+            lambda: nn.Linear(2**32 + 1, 2**32),
+            "[numel] shape: expected at most 2^48 elements, got shape (4294967296, 4294967297)",
+        ),
+        (lambda: nn.Linear(2**62, 2**62), "[numel] shape: expected at most 2^48 elements"),
+        (lambda: nn.Conv2d(2**20, 2**20, 2**20), "[numel] shape: expected at most 2^48 elements"),
+        (lambda: nn.Conv2d(2, 1, (2**24, 2**24)), "[numel] shape: expected at most 2^48 elements"),
+        # the weight's size is checked before fan_in = in_channels * kernel_h * kernel_w
+        (lambda: nn.Conv2d(1, 1, (2**32, 2**32)), "[numel] shape: expected at most 2^48 elements"),
+    ],
+    ids=[
+        "kernel 0",
+        "in 0",
+        "out -1",
+        "in_features 0",
+        "out_features -1",
+        "2^64 wraps",
+        "2^124",
+        "2^80",
+        "2^64",
+        "2^64 kernel",
+    ],
+)
 def test_layer_constructors_refuse_sizes(call, message):
     _, error = run(call)
     assert isinstance(error, ValueError), f"{type(error).__name__}: {error}"

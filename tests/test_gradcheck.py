@@ -1,9 +1,8 @@
 """cnnbp.gradcheck: backward against central finite differences, kinks and ties skipped."""
 
+import cnnbp
 import numpy as np
 import pytest
-
-import cnnbp
 from cnnbp import nn, walkthrough
 from cnnbp.gradcheck import GradcheckReport
 
@@ -11,9 +10,15 @@ from cnnbp.gradcheck import GradcheckReport
 def small_cnn(dtype=np.float64, seed=1):
     cnnbp.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1, dtype=dtype), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(3, 4, 3, padding=1, dtype=dtype), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16, 5, dtype=dtype))
+        nn.Conv2d(2, 3, 3, padding=1, dtype=dtype),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(3, 4, 3, padding=1, dtype=dtype),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 5, dtype=dtype),
+    )
 
 
 def batch(seed=0):
@@ -39,11 +44,20 @@ def test_small_cnn_passes_with_cross_entropy_and_bce_with_logits():
     report = cnnbp.gradcheck(small_cnn(), x, y, nn.CrossEntropyLoss())
     assert report.passed, report
     assert [(c.name, c.shape, c.probed + c.skipped) for c in report] == [
-        ("0.weight", (3, 2, 3, 3), 54), ("0.bias", (3,), 3), ("3.weight", (4, 3, 3, 3), 108),
-        ("3.bias", (4,), 4), ("7.weight", (5, 16), 80), ("7.bias", (5,), 5)]
+        ("0.weight", (3, 2, 3, 3), 54),
+        ("0.bias", (3,), 3),
+        ("3.weight", (4, 3, 3, 3), 108),
+        ("3.bias", (4,), 4),
+        ("7.weight", (5, 16), 80),
+        ("7.bias", (5,), 5),
+    ]
     cnnbp.manual_seed(2)
-    binary = nn.Sequential(nn.Conv2d(2, 2, 3, dtype=np.float64), nn.ReLU(), nn.Flatten(),
-                           nn.Linear(72, 1, dtype=np.float64))
+    binary = nn.Sequential(
+        nn.Conv2d(2, 2, 3, dtype=np.float64),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(72, 1, dtype=np.float64),
+    )
     report = cnnbp.gradcheck(binary, x, np.array([[1.0], [0.0], [1.0]]), nn.BCEWithLogitsLoss())
     assert report.passed, report
 
@@ -110,8 +124,12 @@ def test_probes_across_a_relu_kink_are_skipped():
     # zero images and a zero bias put every ReLU input exactly at the kink: moving the bias
     # by +-eps flips the pattern, so that probe is skipped; the weights cannot move it
     cnnbp.manual_seed(3)
-    model = nn.Sequential(nn.Conv2d(1, 1, 3, dtype=np.float64), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4, 1, dtype=np.float64))
+    model = nn.Sequential(
+        nn.Conv2d(1, 1, 3, dtype=np.float64),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4, 1, dtype=np.float64),
+    )
     model[0].bias.data[:] = 0.0
     x = np.zeros((2, 1, 4, 4))
     report = cnnbp.gradcheck(model, x, np.array([[1.0], [0.0]]), nn.BCEWithLogitsLoss())
@@ -124,8 +142,12 @@ def test_probes_across_a_max_pool_tie_are_skipped():
     # two channels feed one 1x1 filter with equal weights: positions (0, 0) and (0, 1) of
     # the pooling window tie, and moving either weight breaks the tie one way or the other
     cnnbp.manual_seed(4)
-    model = nn.Sequential(nn.Conv2d(2, 1, 1, dtype=np.float64), nn.MaxPool2d(2), nn.Flatten(),
-                          nn.Linear(1, 1, dtype=np.float64))
+    model = nn.Sequential(
+        nn.Conv2d(2, 1, 1, dtype=np.float64),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(1, 1, dtype=np.float64),
+    )
     model[0].weight.data[:] = 0.5
     x = np.zeros((1, 2, 2, 2))
     x[0, 0, 0, 0] = x[0, 1, 0, 1] = 1.0

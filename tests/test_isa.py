@@ -9,9 +9,8 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
-
 import cnnbp
+import pytest
 
 TESTS = pathlib.Path(__file__).parent
 
@@ -22,8 +21,9 @@ def test_kernel_isa_names_an_instruction_set():
 
 def run_child(isa, *args):
     env = dict(os.environ, CNNBP_ISA=isa)
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
@@ -36,7 +36,16 @@ def test_cap_selects_the_instruction_set(isa):
 
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_conv2d_matches_the_oracle_on_narrower_kernels(isa):
-    child = run_child(isa, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                      str(TESTS / "test_functional.py"), "-k", "conv2d")
+    child = run_child(
+        isa,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        str(TESTS / "test_functional.py"),
+        "-k",
+        "conv2d",
+    )
     assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-2000:]
     assert " passed" in child.stdout

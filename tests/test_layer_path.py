@@ -8,7 +8,6 @@ assigned, and in-place changes reach the layers. Flatten works on array-likes as
 
 import numpy as np
 import pytest
-
 from cnnbp import nn, optim
 from conftest import DTYPES, SGD_CONFIG_IDS, SGD_CONFIGS
 
@@ -24,8 +23,7 @@ def make_params(dtype, seed):
 class NumpySGD:
     """torch.optim.SGD written in NumPy, in the C++ update's order of operations."""
 
-    def __init__(self, params, lr, momentum=0.0, weight_decay=0.0, dampening=0.0,
-                 nesterov=False):
+    def __init__(self, params, lr, momentum=0.0, weight_decay=0.0, dampening=0.0, nesterov=False):
         self.params, self.lr, self.momentum = params, lr, momentum
         self.weight_decay, self.dampening, self.nesterov = weight_decay, dampening, nesterov
         self.buffers = [None] * len(params)
@@ -96,11 +94,17 @@ def test_parameters_take_arrays_of_any_layout_by_copy():
 
 def test_parameter_assignments_are_checked_before_anything_changes():
     p = nn.Parameter(np.zeros((2, 3)))
-    with pytest.raises(ValueError, match=r"\[Parameter\] data: expected shape \(2, 3\), "
-                                         r"got shape \(3, 2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"\[Parameter\] data: expected shape \(2, 3\), "
+        r"got shape \(3, 2\)",
+    ):
         p.data = np.ones((3, 2))
-    with pytest.raises(ValueError, match=r"\[Parameter\] grad: expected shape \(2, 3\), "
-                                         r"got shape \(1, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"\[Parameter\] grad: expected shape \(2, 3\), "
+        r"got shape \(1, 3\)",
+    ):
         p.grad = np.ones((1, 3))  # no broadcasting: torch refuses it too
     assert p.grad is None
     np.testing.assert_array_equal(p.data, np.zeros((2, 3)))
@@ -165,8 +169,9 @@ def test_flatten_layer_takes_array_likes():
 
 def test_a_training_step_reuses_nothing_it_should_not():
     # each step's trace holds that step's arrays: outputs are fresh, gradients not aliased
-    model = nn.Sequential(nn.Conv2d(1, 1, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                          nn.Linear(4, 1), nn.Sigmoid())
+    model = nn.Sequential(
+        nn.Conv2d(1, 1, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4, 1), nn.Sigmoid()
+    )
     loss_fn, opt = nn.BCELoss(), optim.SGD(model.parameters(), lr=0.1)
     x = np.random.default_rng(4).standard_normal((1, 1, 6, 6)).astype(np.float32)
     y = np.ones((1, 1), np.float32)

@@ -4,15 +4,15 @@ process, and conv2d's workspace does not grow with the batch."""
 import os
 import sys
 
+import cnnbp
 import numpy as np
 import pytest
-
-import cnnbp
 from cnnbp import functional as F
 from cnnbp import nn, optim
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
-                                reason="reads the resident set size from /proc/self/statm")
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads the resident set size from /proc/self/statm"
+)
 
 MB = 1 << 20
 # Allocator noise: freed blocks the allocator keeps, a page table or two. A leak of even
@@ -28,9 +28,16 @@ def rss():
 
 def make_model(dtype):
     nn.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, dtype=dtype), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(8, 16, 3, dtype=dtype), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(16 * 2 * 2, 10, dtype=dtype))
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, dtype=dtype),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, dtype=dtype),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 2 * 2, 10, dtype=dtype),
+    )
 
 
 @pytest.mark.parametrize("optimizer", ["SGD", "Adam"])
@@ -38,10 +45,15 @@ def test_long_training_loop_does_not_grow_memory(optimizer):
     dtype = np.float32
     model = make_model(dtype)
     rng = np.random.default_rng(1)
-    batches = [(rng.standard_normal((32, 1, 12, 12)).astype(dtype), rng.integers(0, 10, 32))
-               for _ in range(4)]
-    opt = (optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if optimizer == "SGD"
-           else optim.Adam(model.parameters(), lr=1e-3))
+    batches = [
+        (rng.standard_normal((32, 1, 12, 12)).astype(dtype), rng.integers(0, 10, 32))
+        for _ in range(4)
+    ]
+    opt = (
+        optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        if optimizer == "SGD"
+        else optim.Adam(model.parameters(), lr=1e-3)
+    )
     loss_fn = nn.CrossEntropyLoss()
 
     def steps(count):
@@ -74,11 +86,15 @@ def test_many_kernel_calls_and_errors_do_not_grow_memory():
         F.linear(F.flatten(p), rng.standard_normal((5, p[0].size)))
         F.cross_entropy_backward(F.flatten(p)[:, :5], np.zeros(4, np.int64))
         # every failure path: validation errors, type errors, refused indices and sizes
-        for bad in [lambda: F.conv2d(x, w[:, :2]), lambda: F.conv2d(x.astype(np.int64), w),
-                    lambda: F.conv2d(x, w, None, 2**70), lambda: F.conv2d(x, w, None, 1, 2**40),
-                    lambda: F.max_pool2d_backward(p, bad_idx, x.shape),
-                    lambda: F.cross_entropy(p[:, 0, 0], np.full(4, 9)),
-                    lambda: F.binary_cross_entropy(np.full(3, 2.0), np.ones(3))]:
+        for bad in [
+            lambda: F.conv2d(x, w[:, :2]),
+            lambda: F.conv2d(x.astype(np.int64), w),
+            lambda: F.conv2d(x, w, None, 2**70),
+            lambda: F.conv2d(x, w, None, 1, 2**40),
+            lambda: F.max_pool2d_backward(p, bad_idx, x.shape),
+            lambda: F.cross_entropy(p[:, 0, 0], np.full(4, 9)),
+            lambda: F.binary_cross_entropy(np.full(3, 2.0), np.ones(3)),
+        ]:
             try:
                 bad()
             except (ValueError, TypeError):
@@ -94,9 +110,15 @@ def test_many_kernel_calls_and_errors_do_not_grow_memory():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("layer", [((3, 32, 32), (16, 3, 3, 3), 1, 1),
-                                   ((16, 28, 28), (32, 16, 3, 3), 1, 0),
-                                   ((32, 14, 14), (64, 32, 3, 3), 2, 1)], ids=str)
+@pytest.mark.parametrize(
+    "layer",
+    [
+        ((3, 32, 32), (16, 3, 3, 3), 1, 1),
+        ((16, 28, 28), (32, 16, 3, 3), 1, 0),
+        ((32, 14, 14), (64, 32, 3, 3), 2, 1),
+    ],
+    ids=str,
+)
 def test_conv2d_workspace_is_bounded_in_the_batch(layer, dtype):
     (C, H, W), w_shape, stride, padding = layer
     before = cnnbp.get_num_threads()
@@ -104,8 +126,10 @@ def test_conv2d_workspace_is_bounded_in_the_batch(layer, dtype):
     try:
         for threads in (1, 2, 4):
             cnnbp.set_num_threads(threads)
-            sizes = [F.conv2d_workspace_bytes((n, C, H, W), w_shape, stride, padding, dtype)
-                     for n in (1, 8, 64, 512, 4096, 2**16, 2**20)]
+            sizes = [
+                F.conv2d_workspace_bytes((n, C, H, W), w_shape, stride, padding, dtype)
+                for n in (1, 8, 64, 512, 4096, 2**16, 2**20)
+            ]
             # it grows with the first images (the partial sums' chunks, the pixel blocks of
             # the gradient), then stops: a million images need no more than 4096
             assert sizes == sorted(sizes) and sizes[-3] == sizes[-2] == sizes[-1], sizes

@@ -4,21 +4,25 @@ import io
 import json
 import zipfile
 
+import cnnbp
 import numpy as np
 import pytest
-
-import cnnbp
-from cnnbp import model_file, nn, optim
+from cnnbp import nn, optim
 
 F32, F64 = np.float32, np.float64
 
 
 def every_layer_model(dtype):
     nn.manual_seed(5)
-    return nn.Sequential(nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0), dtype=dtype),
-                         nn.ReLU(), nn.MaxPool2d(2, stride=1), nn.Conv2d(3, 2, 1, bias=False,
-                                                                      dtype=dtype),
-                         nn.Flatten(), nn.Linear(2 * 3 * 3, 4, dtype=dtype), nn.Sigmoid())
+    return nn.Sequential(
+        nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0), dtype=dtype),
+        nn.ReLU(),
+        nn.MaxPool2d(2, stride=1),
+        nn.Conv2d(3, 2, 1, bias=False, dtype=dtype),
+        nn.Flatten(),
+        nn.Linear(2 * 3 * 3, 4, dtype=dtype),
+        nn.Sigmoid(),
+    )
 
 
 def batch(dtype):
@@ -85,19 +89,31 @@ def damaged_files(tmp_path):
     good = saved_arrays(tmp_path)
     arch = architecture_of(good)
     cases = {}
-    cases["object array (pickle)"] = (dict(good, **{"0.weight": np.array([{}], dtype=object)}),
-                                      False, "expected a numeric array, got dtype object")
+    cases["object array (pickle)"] = (
+        dict(good, **{"0.weight": np.array([{}], dtype=object)}),
+        False,
+        "expected a numeric array, got dtype object",
+    )
     cases["compressed"] = (good, True, "uncompressed")
     missing = dict(good)
     del missing["5.weight"]
     cases["missing array"] = (missing, False, r"5\.weight: expected an array")
     cases["extra array"] = (dict(good, stowaway=np.zeros(3, F32)), False, "stowaway")
-    cases["wrong shape"] = (dict(good, **{"5.bias": np.zeros(5, F32)}), False,
-                            r"5\.bias: expected shape \(4,\)")
-    cases["wrong dtype"] = (dict(good, **{"5.bias": np.zeros(4, F64)}), False,
-                            r"5\.bias: expected dtype float32")
-    cases["no architecture"] = ({k: v for k, v in good.items() if k != "architecture"}, False,
-                                "expected an array 'architecture'")
+    cases["wrong shape"] = (
+        dict(good, **{"5.bias": np.zeros(5, F32)}),
+        False,
+        r"5\.bias: expected shape \(4,\)",
+    )
+    cases["wrong dtype"] = (
+        dict(good, **{"5.bias": np.zeros(4, F64)}),
+        False,
+        r"5\.bias: expected dtype float32",
+    )
+    cases["no architecture"] = (
+        {k: v for k, v in good.items() if k != "architecture"},
+        False,
+        "expected an array 'architecture'",
+    )
     bad_json = dict(good, architecture=np.frombuffer(b"{not json", dtype=np.uint8))
     cases["bad JSON"] = (bad_json, False, "expected valid JSON")
     unknown = json.loads(json.dumps(arch))
@@ -111,9 +127,22 @@ def damaged_files(tmp_path):
     return cases
 
 
-@pytest.mark.parametrize("case", ["object array (pickle)", "compressed", "missing array",
-                                  "extra array", "wrong shape", "wrong dtype", "no architecture",
-                                  "bad JSON", "unknown layer", "future version", "huge sizes"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "object array (pickle)",
+        "compressed",
+        "missing array",
+        "extra array",
+        "wrong shape",
+        "wrong dtype",
+        "no architecture",
+        "bad JSON",
+        "unknown layer",
+        "future version",
+        "huge sizes",
+    ],
+)
 def test_damaged_or_hostile_files_are_refused(tmp_path, case):
     arrays, compressed, message = damaged_files(tmp_path)[case]
     path = tmp_path / "bad.npz"
@@ -126,8 +155,11 @@ def test_truncated_and_foreign_files_are_refused(tmp_path):
     good = tmp_path / "good.npz"
     every_layer_model(F32).save(good)
     data = good.read_bytes()
-    for name, content in [("truncated", data[: len(data) // 2]), ("text", b"hello" * 20),
-                          ("empty", b"")]:
+    for name, content in [
+        ("truncated", data[: len(data) // 2]),
+        ("text", b"hello" * 20),
+        ("empty", b""),
+    ]:
         path = tmp_path / f"{name}.npz"
         path.write_bytes(content)
         with pytest.raises(ValueError, match=r"\[load\] file"):
@@ -221,12 +253,18 @@ def test_pickles_are_never_unpickled(tmp_path):
     evil = np.array([_CreatesAFile(marker)], dtype=object)
     entries = good_entries(tmp_path)
     # an object array in place of a weight, an extra one, a pickle entry, a pickle file
-    refuses(zip_of(tmp_path / "a.npz", dict(entries, **{"0.weight.npy": npy_bytes(evil)})),
-            "expected a numeric array, got dtype object")
-    refuses(zip_of(tmp_path / "b.npz", dict(entries, **{"extra.npy": npy_bytes(evil)})),
-            "expected a numeric array, got dtype object")
-    refuses(zip_of(tmp_path / "c.npz", dict(entries, **{"evil.pkl": pickle.dumps(evil)})),
-            "expected only .npy entries")
+    refuses(
+        zip_of(tmp_path / "a.npz", dict(entries, **{"0.weight.npy": npy_bytes(evil)})),
+        "expected a numeric array, got dtype object",
+    )
+    refuses(
+        zip_of(tmp_path / "b.npz", dict(entries, **{"extra.npy": npy_bytes(evil)})),
+        "expected a numeric array, got dtype object",
+    )
+    refuses(
+        zip_of(tmp_path / "c.npz", dict(entries, **{"evil.pkl": pickle.dumps(evil)})),
+        "expected only .npy entries",
+    )
     raw = tmp_path / "d.npz"
     raw.write_bytes(pickle.dumps({"architecture": evil}))
     refuses(raw, "file: expected a .npz model file")
@@ -242,27 +280,35 @@ def test_pickles_are_never_unpickled(tmp_path):
 def test_lying_npy_headers_are_refused_before_allocating(tmp_path):
     entries = good_entries(tmp_path)
     # 2^40 float64 (8 TiB) declared over 32 bytes of data: np.load would allocate it first
-    huge = npy_bytes(header={"descr": "<f8", "fortran_order": False, "shape": (2**40,)},
-                     data=bytes(32))
-    refuses(zip_of(tmp_path / "a.npz", dict(entries, **{"5.bias.npy": huge})),
-            r"5\.bias\.npy: expected 8796093022208 bytes of data as its header declares")
+    huge = npy_bytes(
+        header={"descr": "<f8", "fortran_order": False, "shape": (2**40,)}, data=bytes(32)
+    )
+    refuses(
+        zip_of(tmp_path / "a.npz", dict(entries, **{"5.bias.npy": huge})),
+        r"5\.bias\.npy: expected 8796093022208 bytes of data as its header declares",
+    )
     # truncated: the header declares 4 floats, 2 are there
-    short = npy_bytes(header={"descr": "<f4", "fortran_order": False, "shape": (4,)},
-                      data=bytes(8))
-    refuses(zip_of(tmp_path / "b.npz", dict(entries, **{"5.bias.npy": short})),
-            "expected 16 bytes of data as its header declares")
+    short = npy_bytes(header={"descr": "<f4", "fortran_order": False, "shape": (4,)}, data=bytes(8))
+    refuses(
+        zip_of(tmp_path / "b.npz", dict(entries, **{"5.bias.npy": short})),
+        "expected 16 bytes of data as its header declares",
+    )
     # more data than declared
-    long = npy_bytes(header={"descr": "<f4", "fortran_order": False, "shape": (4,)},
-                     data=bytes(64))
-    refuses(zip_of(tmp_path / "c.npz", dict(entries, **{"5.bias.npy": long})),
-            "expected 16 bytes of data")
+    long = npy_bytes(header={"descr": "<f4", "fortran_order": False, "shape": (4,)}, data=bytes(64))
+    refuses(
+        zip_of(tmp_path / "c.npz", dict(entries, **{"5.bias.npy": long})),
+        "expected 16 bytes of data",
+    )
     # negative and overflowing shapes, structured and void dtypes, a broken header
-    for i, header in enumerate([
+    for i, header in enumerate(
+        [
             {"descr": "<f4", "fortran_order": False, "shape": (-4,)},
             {"descr": "<f4", "fortran_order": False, "shape": (2**62, 2**62)},
             {"descr": [("a", "<f4")], "fortran_order": False, "shape": (4,)},
             {"descr": "|V16", "fortran_order": False, "shape": (1,)},
-            {"descr": "<c8", "fortran_order": False, "shape": (2,)}]):
+            {"descr": "<c8", "fortran_order": False, "shape": (2,)},
+        ]
+    ):
         entry = npy_bytes(header=header, data=bytes(16))
         refuses(zip_of(tmp_path / f"d{i}.npz", dict(entries, **{"5.bias.npy": entry})), "")
     garbage = b"\x93NUMPY\x01\x00\x10\x00{'descr': <f4    \n" + bytes(16)
@@ -278,9 +324,11 @@ def test_zip_directories_declaring_huge_sizes_are_refused(tmp_path):
     central = data.find(b"PK\x01\x02")  # the first central-directory entry
     local = data.find(b"PK\x03\x04")
     for offset in (central + 20, central + 24, local + 18, local + 22):  # both sizes, both
-        data[offset:offset + 4] = (2**31).to_bytes(4, "little")
+        data[offset : offset + 4] = (2**31).to_bytes(4, "little")
     path.write_bytes(bytes(data))
-    refuses(path, r"expected an entry within the file's \d+ bytes, got a declared size of 2147483648")
+    refuses(
+        path, r"expected an entry within the file's \d+ bytes, got a declared size of 2147483648"
+    )
 
 
 def test_compressed_entries_are_refused_whatever_they_expand_to(tmp_path):
@@ -307,7 +355,10 @@ def hostile_architectures(arch):
     cases = [
         ("deep list nesting", "[" * 100_000 + "]" * 100_000),
         ("deep object nesting", '{"a": ' * 100_000 + "1" + "}" * 100_000),
-        ("deep nesting inside a layer", text.replace(conv, '{"x": ' * 50_000 + conv + "}" * 50_000)),
+        (
+            "deep nesting inside a layer",
+            text.replace(conv, '{"x": ' * 50_000 + conv + "}" * 50_000),
+        ),
         ("5000-digit integer", text.replace('"in_channels": 2', '"in_channels": 1' + "0" * 5000)),
         ("integer beyond int64", layer0(in_channels=2**64)),
         ("1e999", text.replace('"in_channels": 2', '"in_channels": 1e999')),
@@ -333,8 +384,17 @@ def hostile_architectures(arch):
         ("top level string", json.dumps(text)),
         ("not UTF-8", None),
         ("empty", ""),
-        ("pool padding over half", json.dumps(dict(arch, layers=arch["layers"][:2] + [
-            dict(arch["layers"][2], padding=[2, 0])] + arch["layers"][3:]))),
+        (
+            "pool padding over half",
+            json.dumps(
+                dict(
+                    arch,
+                    layers=arch["layers"][:2]
+                    + [dict(arch["layers"][2], padding=[2, 0])]
+                    + arch["layers"][3:],
+                )
+            ),
+        ),
     ]
     return cases
 
@@ -355,12 +415,17 @@ def test_hostile_architecture_json_is_refused(tmp_path):
 
 # ---- optimizer state beside the model ------------------------------------------------------
 
+
 def _resume_case(kind, dtype):
     cnnbp.manual_seed(4)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3, dtype=dtype), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(8, 3, dtype=dtype))
-    settings = {"SGD": dict(lr=0.1, momentum=0.9, nesterov=True), "Adam": dict(lr=0.01),
-                "AdamW": dict(lr=0.01, weight_decay=0.1)}[kind]
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, dtype=dtype), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3, dtype=dtype)
+    )
+    settings = {
+        "SGD": dict(lr=0.1, momentum=0.9, nesterov=True),
+        "Adam": dict(lr=0.01),
+        "AdamW": dict(lr=0.01, weight_decay=0.1),
+    }[kind]
     rng = np.random.default_rng(5)
     x = rng.standard_normal((4, 1, 4, 4)).astype(dtype)
     y = np.array([0, 2, 1, 0])
@@ -403,16 +468,22 @@ def test_optimizer_state_dict_round_trips_and_is_checked():
     for a, b in zip(state["state"], again["state"]):
         assert a["step"] == b["step"]
         np.testing.assert_array_equal(a["exp_avg_sq"], b["exp_avg_sq"])
-    with pytest.raises(ValueError, match=r"\[SGD.load_state_dict\] type: expected 'SGD', "
-                                         r"got 'Adam'"):
+    with pytest.raises(
+        ValueError,
+        match=r"\[SGD.load_state_dict\] type: expected 'SGD', "
+        r"got 'Adam'",
+    ):
         optim.SGD(model.parameters(), lr=0.1).load_state_dict(state)
     bad = dict(state, state=[dict(state["state"][0], exp_avg=np.zeros(3))] + state["state"][1:])
     with pytest.raises(ValueError, match=r"\[Adam.load_state_dict\] exp_avg: expected shape"):
         other.load_state_dict(bad)
     with pytest.raises(ValueError, match=r"\[Adam.load_state_dict\] state: expected one entry"):
         other.load_state_dict(dict(state, state=state["state"][:2]))
-    with pytest.raises(ValueError, match=r"\[save\] optimizer: expected an optimizer over "
-                                         r"this model's parameters"):
+    with pytest.raises(
+        ValueError,
+        match=r"\[save\] optimizer: expected an optimizer over "
+        r"this model's parameters",
+    ):
         model.save("never.npz", optimizer=optim.SGD(model.parameters()[:2], lr=0.1))
 
 
@@ -430,14 +501,17 @@ def test_hostile_optimizer_entries_are_refused(tmp_path):
         return tmp_path / name
 
     cases = {
-        "type.npz": variant("type.npz", optimizer=np.frombuffer(
-            json.dumps(dict(settings, type="LBFGS")).encode(), np.uint8)),
-        "lr.npz": variant("lr.npz", optimizer=np.frombuffer(
-            json.dumps(dict(settings, lr=-1)).encode(), np.uint8)),
+        "type.npz": variant(
+            "type.npz",
+            optimizer=np.frombuffer(json.dumps(dict(settings, type="LBFGS")).encode(), np.uint8),
+        ),
+        "lr.npz": variant(
+            "lr.npz", optimizer=np.frombuffer(json.dumps(dict(settings, lr=-1)).encode(), np.uint8)
+        ),
         "shape.npz": variant("shape.npz", **{"optimizer.0.momentum_buffer": np.zeros(5)}),
         "json.npz": variant("json.npz", optimizer=np.frombuffer(b"{not json", np.uint8)),
     }
-    for name, path in cases.items():
+    for path in cases.values():
         assert isinstance(cnnbp.load(path), nn.Sequential)  # the model alone still loads
         with pytest.raises(ValueError, match=r"^\[load\] optimizer"):
             cnnbp.load(path, optimizer=True)

@@ -10,7 +10,6 @@ import gc
 
 import numpy as np
 import pytest
-
 from cnnbp import nn, optim
 
 F64 = np.float64
@@ -37,8 +36,13 @@ class Scale(nn.Module):
 
 def seed_model(dtype=F64, seed=0, extra=None):
     nn.manual_seed(seed)
-    layers = [nn.Conv2d(1, 1, 3, dtype=dtype), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-              nn.Linear(4, 1, dtype=dtype)]
+    layers = [
+        nn.Conv2d(1, 1, 3, dtype=dtype),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4, 1, dtype=dtype),
+    ]
     if extra is not None:
         layers.append(extra)
     return nn.Sequential(*layers, nn.Sigmoid())
@@ -46,8 +50,10 @@ def seed_model(dtype=F64, seed=0, extra=None):
 
 def batch(dtype=F64, n=3, seed=1):
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal((n, 1, 6, 6)).astype(dtype),
-            (rng.random((n, 1)) > 0.5).astype(dtype))
+    return (
+        rng.standard_normal((n, 1, 6, 6)).astype(dtype),
+        (rng.random((n, 1)) > 0.5).astype(dtype),
+    )
 
 
 def four_calls(model, x, y, loss_fn, opt):
@@ -151,6 +157,9 @@ def test_an_optimizer_over_two_dtypes_updates_both():
     opt.step()
     for p, old in zip(opt.params, before):
         np.testing.assert_array_equal(p.data, old - 1)
-    with pytest.raises(TypeError, match=r"\[SGD\] params: expected nn.Parameter objects, "
-                                        r"got ndarray"):
+    with pytest.raises(
+        TypeError,
+        match=r"\[SGD\] params: expected nn.Parameter objects, "
+        r"got ndarray",
+    ):
         optim.SGD([np.zeros(3)])

@@ -1,10 +1,9 @@
 """AvgPool2d, Tanh and Dropout as layers: PyTorch's semantics inside networks, train() and
 eval(), reproducible dropout masks, and model files that hold them."""
 
+import cnnbp
 import numpy as np
 import pytest
-
-import cnnbp
 from cnnbp import nn, optim
 from conftest import NETWORK_TOL, assert_close
 
@@ -19,13 +18,27 @@ def pair(dtype, seed=0):
     """The same network in cnnbp and torch (no dropout): Conv, Tanh, AvgPool (padded),
     Conv, ReLU, AvgPool (strided), Linear."""
     torch.manual_seed(seed)
-    tmodel = tnn.Sequential(tnn.Conv2d(2, 4, 3, padding=1), tnn.Tanh(),
-                            tnn.AvgPool2d(3, stride=2, padding=1), tnn.Conv2d(4, 5, 2),
-                            tnn.ReLU(), tnn.AvgPool2d(2), tnn.Flatten(), tnn.Linear(20, 3))
+    tmodel = tnn.Sequential(
+        tnn.Conv2d(2, 4, 3, padding=1),
+        tnn.Tanh(),
+        tnn.AvgPool2d(3, stride=2, padding=1),
+        tnn.Conv2d(4, 5, 2),
+        tnn.ReLU(),
+        tnn.AvgPool2d(2),
+        tnn.Flatten(),
+        tnn.Linear(20, 3),
+    )
     tmodel = tmodel.to(torch.float64 if dtype == F64 else torch.float32)
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, dtype=dtype), nn.Tanh(),
-                          nn.AvgPool2d(3, stride=2, padding=1), nn.Conv2d(4, 5, 2, dtype=dtype),
-                          nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(20, 3, dtype=dtype))
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, dtype=dtype),
+        nn.Tanh(),
+        nn.AvgPool2d(3, stride=2, padding=1),
+        nn.Conv2d(4, 5, 2, dtype=dtype),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(20, 3, dtype=dtype),
+    )
     model.load_state_dict({k: v.detach().numpy() for k, v in tmodel.state_dict().items()})
     return model, tmodel
 
@@ -72,8 +85,9 @@ def test_dropout_in_eval_mode_is_the_identity_and_eval_reaches_nested_layers():
     model.eval()
     assert not model[1][0].training
     np.testing.assert_array_equal(model(x), model[0](x))
-    np.testing.assert_array_equal(model.backward(np.ones((2, 6))),
-                                  model[0].backward(np.ones((2, 6))))
+    np.testing.assert_array_equal(
+        model.backward(np.ones((2, 6))), model[0].backward(np.ones((2, 6)))
+    )
     assert model[1][0].mask is None  # nothing was dropped
     model.train()
     assert model[1][0].training
@@ -106,9 +120,16 @@ def test_dropout_extremes(p):
     np.testing.assert_array_equal(layer(x), x if p == 0 else np.zeros_like(x))
 
 
-@pytest.mark.parametrize("bad,error", [(1.5, ValueError), (-0.1, ValueError),
-                                       (float("nan"), ValueError), ("0.5", TypeError),
-                                       (True, TypeError)])
+@pytest.mark.parametrize(
+    "bad,error",
+    [
+        (1.5, ValueError),
+        (-0.1, ValueError),
+        (float("nan"), ValueError),
+        ("0.5", TypeError),
+        (True, TypeError),
+    ],
+)
 def test_dropout_refuses_bad_probabilities(bad, error):
     with pytest.raises(error, match=r"\[Dropout\] p: expected a probability in \[0, 1\]"):
         nn.Dropout(bad)
@@ -116,8 +137,14 @@ def test_dropout_refuses_bad_probabilities(bad, error):
 
 def test_models_with_the_new_layers_save_load_and_train(tmp_path):
     cnnbp.manual_seed(6)
-    model = nn.Sequential(nn.Conv2d(1, 3, 3, dtype=F64), nn.Tanh(), nn.AvgPool2d(2),
-                          nn.Dropout(0.2), nn.Flatten(), nn.Linear(27, 2, dtype=F64))
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, dtype=F64),
+        nn.Tanh(),
+        nn.AvgPool2d(2),
+        nn.Dropout(0.2),
+        nn.Flatten(),
+        nn.Linear(27, 2, dtype=F64),
+    )
     x = np.random.default_rng(7).standard_normal((4, 1, 8, 8))
     y = np.array([0, 1, 1, 0])
     opt = optim.Adam(model.parameters(), lr=0.01)

@@ -7,14 +7,22 @@ counts, and every validation error (type and message).
 import re
 import warnings
 
+import cnnbp
 import numpy as np
 import pytest
-
-import cnnbp
 from cnnbp import functional as F
 from cnnbp import reference as ref
-from conftest import (DTYPES, KERNEL_TOL, assert_close, check_array, fd_check,
-                      pair, randn, wide, with_threads)
+from conftest import (
+    DTYPES,
+    KERNEL_TOL,
+    assert_close,
+    check_array,
+    fd_check,
+    pair,
+    randn,
+    wide,
+    with_threads,
+)
 from conftest import rng_for as shared_rng_for
 
 F32, F64 = np.float32, np.float64
@@ -40,8 +48,6 @@ def restore_thread_count():
     before = cnnbp.get_num_threads()
     yield
     cnnbp.set_num_threads(before)
-
-
 
 
 # ---------------------------------------------------------------------------------------
@@ -87,8 +93,9 @@ def test_avg_pool2d_matches_oracle(case, dtype):
     x, dy, kernel, stride, padding = avg_pool_data(case, dtype)
     y = F.avg_pool2d(x, kernel, stride, padding)
     check_array(y, avg_pool_out_shape(case), dtype)
-    assert_close(y, ref.avg_pool2d(wide(x), kernel, stride, padding), TOL["avg_pool2d"][dtype],
-                 "avg_pool2d")
+    assert_close(
+        y, ref.avg_pool2d(wide(x), kernel, stride, padding), TOL["avg_pool2d"][dtype], "avg_pool2d"
+    )
     dx = F.avg_pool2d_backward(dy, x.shape, kernel, stride, padding)
     check_array(dx, x.shape, dtype)
     want = ref.avg_pool2d_backward(wide(dy), x.shape, kernel, stride, padding)
@@ -111,8 +118,9 @@ def test_avg_pool2d_known_answer():
     check_array(y, (1, 1, 2, 2), F64)
     np.testing.assert_array_equal(y[0, 0], [[2.5, 4.5], [10.5, 12.5]])
     dx = F.avg_pool2d_backward(np.array([[[[4.0, 8.0], [12.0, 16.0]]]]), x.shape, 2)
-    np.testing.assert_array_equal(dx[0, 0], [[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4],
-                                             [3, 3, 4, 4]])
+    np.testing.assert_array_equal(
+        dx[0, 0], [[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]]
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -122,8 +130,7 @@ def test_avg_pool2d_padding_counts_in_the_divisor(dtype):
     x = np.ones((1, 1, 2, 2), dtype)
     y = F.avg_pool2d(x, 2, 1, 1)
     check_array(y, (1, 1, 3, 3), dtype)
-    np.testing.assert_array_equal(y[0, 0], [[0.25, 0.5, 0.25], [0.5, 1.0, 0.5],
-                                            [0.25, 0.5, 0.25]])
+    np.testing.assert_array_equal(y[0, 0], [[0.25, 0.5, 0.25], [0.5, 1.0, 0.5], [0.25, 0.5, 0.25]])
     # and the gradient of the padding is dropped: each cell is in four windows of 1/4
     dx = F.avg_pool2d_backward(np.ones_like(y), x.shape, 2, 1, 1)
     np.testing.assert_array_equal(dx, np.ones_like(x))
@@ -168,12 +175,18 @@ def test_avg_pool2d_accepts_ints_pairs_numpy_ints_and_keywords():
     dx = F.avg_pool2d_backward(dy, x.shape, 3, 2, 1)
     for shape in ([1, 2, 7, 8], np.array(x.shape), (np.int64(1), 2, np.int32(7), 8)):
         same_bits(F.avg_pool2d_backward(dy, shape, 3, 2, 1), dx, str(shape))
-    same_bits(F.avg_pool2d_backward(dy=dy, x_shape=x.shape, kernel_size=3, stride=2, padding=1),
-              dx, "keywords")
+    same_bits(
+        F.avg_pool2d_backward(dy=dy, x_shape=x.shape, kernel_size=3, stride=2, padding=1),
+        dx,
+        "keywords",
+    )
     # stride None (the default) is the kernel size
     same_bits(F.avg_pool2d(x, 2), F.avg_pool2d(x, 2, 2), "default stride")
-    same_bits(F.avg_pool2d_backward(np.ones((1, 2, 3, 4)), x.shape, 2),
-              F.avg_pool2d_backward(np.ones((1, 2, 3, 4)), x.shape, 2, 2), "default stride")
+    same_bits(
+        F.avg_pool2d_backward(np.ones((1, 2, 3, 4)), x.shape, 2),
+        F.avg_pool2d_backward(np.ones((1, 2, 3, 4)), x.shape, 2, 2),
+        "default stride",
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,15 +207,17 @@ def test_tanh_matches_oracle(shape, dtype):
     assert_close(a, ref.tanh(wide(z)), TOL["tanh"][dtype], "tanh")
     dz = F.tanh_backward(da, a)
     check_array(dz, shape, dtype)
-    assert_close(dz, ref.tanh_backward(wide(da), wide(a)), TOL["tanh_backward"][dtype],
-                 "tanh_backward")
+    assert_close(
+        dz, ref.tanh_backward(wide(da), wide(a)), TOL["tanh_backward"][dtype], "tanh_backward"
+    )
 
 
 def test_float_tanh_is_the_double_tanh_rounded_once():
     # within half a float ulp of the float64 tanh (plus the float64 tanh's own error)
     rng = rng_for("tanh-ulp")
-    z = np.concatenate([rng.standard_normal(20000) * 3, rng.uniform(-1e-3, 1e-3, 1000),
-                        rng.uniform(-12, 12, 5000)]).astype(F32)
+    z = np.concatenate(
+        [rng.standard_normal(20000) * 3, rng.uniform(-1e-3, 1e-3, 1000), rng.uniform(-12, 12, 5000)]
+    ).astype(F32)
     a = F.tanh(z)
     want = np.tanh(wide(z))
     bound = 0.5 * np.spacing(np.abs(a)).astype(F64) + 4e-16 * np.abs(want)
@@ -211,8 +226,7 @@ def test_float_tanh_is_the_double_tanh_rounded_once():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_tanh_extremes_are_finite(dtype):
-    z = np.array([-np.inf, -1e30, -1e4, -100, -20, -0.0, 0.0, 20, 100, 1e4, 1e30, np.inf],
-                 dtype)
+    z = np.array([-np.inf, -1e30, -1e4, -100, -20, -0.0, 0.0, 20, 100, 1e4, 1e30, np.inf], dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         a = F.tanh(z)
@@ -285,8 +299,12 @@ def test_dropout_is_x_times_mask_over_keep_probability(p, shape, dtype):
     dx = F.dropout_backward(dy, mask, p)
     check_array(dx, shape, dtype)
     np.testing.assert_array_equal(dx, dropout_formula(dy, mask, p))
-    assert_close(dx, ref.dropout_backward(wide(dy), mask, p), TOL["dropout_backward"][dtype],
-                 "dropout_backward")
+    assert_close(
+        dx,
+        ref.dropout_backward(wide(dy), mask, p),
+        TOL["dropout_backward"][dtype],
+        "dropout_backward",
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 17, 2**32 + 5, 2**63, 2**64 - 1])
@@ -316,7 +334,7 @@ def test_dropout_keep_rate(p):
     for seed in (0, 1, 2, 12345, 2**63 + 7):
         _, mask = F.dropout(np.ones(n, F32), p, seed)
         assert abs(mask.mean() - (1 - p)) < 5 * sigma, (seed, mask.mean())
-        for part in (mask[: n // 2], mask[n // 2:], mask[0::2], mask[1::2]):
+        for part in (mask[: n // 2], mask[n // 2 :], mask[0::2], mask[1::2]):
             assert abs(part.mean() - (1 - p)) < 5 * sigma * np.sqrt(2)
         rows = mask.reshape(40, -1).mean(axis=1)  # 40 rows of 10k
         assert (np.abs(rows - (1 - p)) < 5 * sigma * np.sqrt(40)).all()
@@ -483,10 +501,18 @@ def test_tanh_matches_torch(dtype):
     a = F.tanh(z)
     assert_close(a, at.detach().numpy(), TOL["tanh"][dtype], "tanh")
     # the backward from torch's own output, and from ours
-    assert_close(F.tanh_backward(g, at.detach().numpy()), zt.grad.numpy(),
-                 TOL["tanh_backward"][dtype], "tanh_backward")
-    assert_close(F.tanh_backward(g, a), zt.grad.numpy(), 10 * TOL["tanh_backward"][dtype],
-                 "tanh_backward from our a")
+    assert_close(
+        F.tanh_backward(g, at.detach().numpy()),
+        zt.grad.numpy(),
+        TOL["tanh_backward"][dtype],
+        "tanh_backward",
+    )
+    assert_close(
+        F.tanh_backward(g, a),
+        zt.grad.numpy(),
+        10 * TOL["tanh_backward"][dtype],
+        "tanh_backward from our a",
+    )
     np.testing.assert_array_equal(np.signbit(a), np.signbit(at.detach().numpy()))
 
 
@@ -538,8 +564,9 @@ def test_reference_avg_pool2d_against_finite_differences_and_torch(case):
     xt = torch.tensor(x, requires_grad=True)
     yt = torch.nn.functional.avg_pool2d(xt, kernel, stride, padding)
     yt.backward(torch.tensor(g))
-    np.testing.assert_allclose(ref.avg_pool2d(x, kernel, stride, padding), yt.detach().numpy(),
-                               **TORCH_TOL)
+    np.testing.assert_allclose(
+        ref.avg_pool2d(x, kernel, stride, padding), yt.detach().numpy(), **TORCH_TOL
+    )
     np.testing.assert_allclose(dx, xt.grad.numpy(), **TORCH_TOL)
 
 
@@ -547,11 +574,19 @@ def test_reference_tanh_and_dropout_against_finite_differences_and_torch():
     rng = rng_for("reference-tanh")
     z = rng.standard_normal((3, 7)) * 2
     g = rng.standard_normal(z.shape)
-    fd_check(ref.tanh_backward(g, ref.tanh(z)), lambda: float(np.sum(ref.tanh(z) * g)), z,
-             "reference tanh")
+    fd_check(
+        ref.tanh_backward(g, ref.tanh(z)),
+        lambda: float(np.sum(ref.tanh(z) * g)),
+        z,
+        "reference tanh",
+    )
     mask = ref.dropout_mask(z.shape, 0.3, 4)
-    fd_check(ref.dropout_backward(g, mask, 0.3),
-             lambda: float(np.sum(ref.dropout(z, mask, 0.3) * g)), z, "reference dropout")
+    fd_check(
+        ref.dropout_backward(g, mask, 0.3),
+        lambda: float(np.sum(ref.dropout(z, mask, 0.3) * g)),
+        z,
+        "reference dropout",
+    )
     torch = pytest.importorskip("torch")
     zt = torch.tensor(z, requires_grad=True)
     at = torch.tanh(zt)
@@ -604,8 +639,11 @@ def test_other_layouts_give_identical_results(dtype):
     for name, fn, args in _calls(dtype):
         want = as_tuple(fn(*args))
         x = args[0]
-        for variant in (np.asfortranarray(x), x[..., ::-1].copy()[..., ::-1],
-                        np.swapaxes(np.swapaxes(x, 0, -1).copy(), 0, -1)):
+        for variant in (
+            np.asfortranarray(x),
+            x[..., ::-1].copy()[..., ::-1],
+            np.swapaxes(np.swapaxes(x, 0, -1).copy(), 0, -1),
+        ):
             np.testing.assert_array_equal(variant, x)
             for a, b in zip(as_tuple(fn(variant, *args[1:])), want):
                 same_bits(a, b, f"{name} layout")
@@ -645,10 +683,31 @@ def raises(exception, text):
     return pytest.raises(exception, match=msg(text))
 
 
-BAD_PAIRS = ["2", 1.0, 2.5, (1, 1, 1), (1,), (), (1, "a"), (1.0, 1), True, None, [1, None],
-             {"h": 1}]
-BAD_DTYPES = [np.int64, np.int32, np.uint8, np.bool_, np.float16, np.complex64, np.complex128,
-              np.longdouble, object]
+BAD_PAIRS = [
+    "2",
+    1.0,
+    2.5,
+    (1, 1, 1),
+    (1,),
+    (),
+    (1, "a"),
+    (1.0, 1),
+    True,
+    None,
+    [1, None],
+    {"h": 1},
+]
+BAD_DTYPES = [
+    np.int64,
+    np.int32,
+    np.uint8,
+    np.bool_,
+    np.float16,
+    np.complex64,
+    np.complex128,
+    np.longdouble,
+    object,
+]
 
 
 def dtype_name(dtype):
@@ -659,8 +718,13 @@ def dtype_name(dtype):
     "x_shape, kernel, stride, padding, expected",
     [
         ((4, 4), 2, None, 0, "input: expected 4 dims (N, C, H, W), got shape (4, 4)"),
-        ((1, 1, 1, 4, 4), 2, None, 0,
-         "input: expected 4 dims (N, C, H, W), got shape (1, 1, 1, 4, 4)"),
+        (
+            (1, 1, 1, 4, 4),
+            2,
+            None,
+            0,
+            "input: expected 4 dims (N, C, H, W), got shape (1, 1, 1, 4, 4)",
+        ),
         # an empty batch is refused, as max_pool2d refuses it
         ((0, 1, 4, 4), 2, None, 0, "input: expected every dim >= 1, got shape (0, 1, 4, 4)"),
         ((1, 0, 4, 4), 2, None, 0, "input: expected every dim >= 1, got shape (1, 0, 4, 4)"),
@@ -670,14 +734,34 @@ def dtype_name(dtype):
         ((1, 1, 4, 4), 2, 0, 0, "stride: expected >= 1, got 0"),
         ((1, 1, 4, 4), 2, (0, 1), 0, "stride: expected >= 1, got 0"),
         ((1, 1, 4, 4), 2, 2, -1, "padding: expected >= 0, got -1"),
-        ((1, 1, 4, 4), 2, 2, 2,
-         "padding: expected at most half the kernel size (2, 2), got (2, 2)"),
-        ((1, 1, 6, 6), (3, 2), 1, (1, 2),
-         "padding: expected at most half the kernel size (3, 2), got (1, 2)"),
-        ((1, 1, 3, 3), 5, None, 0,
-         "input: expected padded size (3, 3) >= kernel size (5, 5), got input shape (1, 1, 3, 3)"),
-        ((1, 1, 3, 8), (6, 2), 1, (1, 1),
-         "input: expected padded size (5, 10) >= kernel size (6, 2), got input shape (1, 1, 3, 8)"),
+        (
+            (1, 1, 4, 4),
+            2,
+            2,
+            2,
+            "padding: expected at most half the kernel size (2, 2), got (2, 2)",
+        ),
+        (
+            (1, 1, 6, 6),
+            (3, 2),
+            1,
+            (1, 2),
+            "padding: expected at most half the kernel size (3, 2), got (1, 2)",
+        ),
+        (
+            (1, 1, 3, 3),
+            5,
+            None,
+            0,
+            "input: expected padded size (3, 3) >= kernel size (5, 5), got input shape (1, 1, 3, 3)",
+        ),
+        (
+            (1, 1, 3, 8),
+            (6, 2),
+            1,
+            (1, 1),
+            "input: expected padded size (5, 10) >= kernel size (6, 2), got input shape (1, 1, 3, 8)",
+        ),
     ],
 )
 def test_avg_pool2d_value_errors(x_shape, kernel, stride, padding, expected):
@@ -698,18 +782,54 @@ def test_avg_pool2d_padding_of_exactly_half_the_kernel_is_fine():
 @pytest.mark.parametrize(
     "dy_shape, x_shape, kernel, stride, padding, expected",
     [
-        ((1, 1, 2, 1), (1, 1, 4, 4), 2, None, 0,
-         "doutput: expected shape (1, 1, 2, 2) (the forward output's), got shape (1, 1, 2, 1)"),
-        ((1, 1, 2, 2), (1, 1, 4, 4), 2, 1, 0,
-         "doutput: expected shape (1, 1, 3, 3) (the forward output's), got shape (1, 1, 2, 2)"),
-        ((2, 1, 2, 2), (1, 1, 4, 4), 2, None, 0,
-         "doutput: expected shape (1, 1, 2, 2) (the forward output's), got shape (2, 1, 2, 2)"),
-        ((1, 4), (1, 1, 4, 4), 2, None, 0,
-         "doutput: expected shape (1, 1, 2, 2) (the forward output's), got shape (1, 4)"),
-        ((1, 1, 2, 2), (1, 4, 4), 2, None, 0,
-         "x_shape: expected 4 dims (N, C, H, W), got shape (1, 4, 4)"),
-        ((1, 1, 2, 2), (1, 1, -4, 4), 2, None, 0,
-         "x_shape: expected every dim >= 1, got shape (1, 1, -4, 4)"),
+        (
+            (1, 1, 2, 1),
+            (1, 1, 4, 4),
+            2,
+            None,
+            0,
+            "doutput: expected shape (1, 1, 2, 2) (the forward output's), got shape (1, 1, 2, 1)",
+        ),
+        (
+            (1, 1, 2, 2),
+            (1, 1, 4, 4),
+            2,
+            1,
+            0,
+            "doutput: expected shape (1, 1, 3, 3) (the forward output's), got shape (1, 1, 2, 2)",
+        ),
+        (
+            (2, 1, 2, 2),
+            (1, 1, 4, 4),
+            2,
+            None,
+            0,
+            "doutput: expected shape (1, 1, 2, 2) (the forward output's), got shape (2, 1, 2, 2)",
+        ),
+        (
+            (1, 4),
+            (1, 1, 4, 4),
+            2,
+            None,
+            0,
+            "doutput: expected shape (1, 1, 2, 2) (the forward output's), got shape (1, 4)",
+        ),
+        (
+            (1, 1, 2, 2),
+            (1, 4, 4),
+            2,
+            None,
+            0,
+            "x_shape: expected 4 dims (N, C, H, W), got shape (1, 4, 4)",
+        ),
+        (
+            (1, 1, 2, 2),
+            (1, 1, -4, 4),
+            2,
+            None,
+            0,
+            "x_shape: expected every dim >= 1, got shape (1, 1, -4, 4)",
+        ),
     ],
 )
 def test_avg_pool2d_backward_shape_errors(dy_shape, x_shape, kernel, stride, padding, expected):
@@ -735,13 +855,17 @@ def test_avg_pool2d_refuses_other_dtypes(dtype):
     name = dtype_name(dtype)
     with raises(TypeError, f"[avg_pool2d] input: expected float32 or float64, got {name}"):
         F.avg_pool2d(np.ones((1, 1, 4, 4), dtype), 2)
-    with raises(TypeError, f"[avg_pool2d_backward] doutput: expected float32 or float64, "
-                           f"got {name}"):
+    with raises(
+        TypeError, f"[avg_pool2d_backward] doutput: expected float32 or float64, got {name}"
+    ):
         F.avg_pool2d_backward(np.ones((1, 1, 2, 2), dtype), (1, 1, 4, 4), 2)
 
 
-@pytest.mark.parametrize("bad", ["abcd", 16, 4.0, None, (1, 1, 4.0, 4), (1, 1, "4", 4),
-                                 (1, 1, None, 4), (1, True, 4, 4)], ids=repr)
+@pytest.mark.parametrize(
+    "bad",
+    ["abcd", 16, 4.0, None, (1, 1, 4.0, 4), (1, 1, "4", 4), (1, 1, None, 4), (1, True, 4, 4)],
+    ids=repr,
+)
 def test_avg_pool2d_backward_x_shape_of_wrong_type(bad):
     with raises(TypeError, "[avg_pool2d_backward] x_shape: expected a sequence of ints, got "):
         F.avg_pool2d_backward(np.ones((1, 1, 2, 2)), bad, 2)
@@ -767,41 +891,50 @@ def test_tanh_errors():
             F.tanh_backward(np.ones(3, dtype), np.ones(3))
         with raises(TypeError, f"[tanh_backward] a: expected float32 or float64, got {name}"):
             F.tanh_backward(np.ones(3), np.ones(3, dtype))
-    with raises(TypeError, "[tanh_backward] a: expected float32 like the first array "
-                           "argument, got float64"):
+    with raises(
+        TypeError, "[tanh_backward] a: expected float32 like the first array argument, got float64"
+    ):
         F.tanh_backward(np.ones(3, F32), np.ones(3, F64))
-    with raises(TypeError, "[tanh_backward] a: expected float64 like the first array "
-                           "argument, got float32"):
+    with raises(
+        TypeError, "[tanh_backward] a: expected float64 like the first array argument, got float32"
+    ):
         F.tanh_backward(np.ones(3, F64), np.ones(3, F32))
     with raises(TypeError, "[tanh_backward] doutput: expected an array, got None"):
         F.tanh_backward(None, np.ones(3))
     with raises(TypeError, "[tanh_backward] a: expected an array, got None"):
         F.tanh_backward(np.ones(3), None)
-    with raises(ValueError, "[tanh_backward] a: expected shape (2, 3) (doutput's), "
-                            "got shape (3, 2)"):
+    with raises(
+        ValueError, "[tanh_backward] a: expected shape (2, 3) (doutput's), got shape (3, 2)"
+    ):
         F.tanh_backward(np.ones((2, 3)), np.ones((3, 2)))
-    with raises(ValueError, "[tanh_backward] a: expected shape (6,) (doutput's), "
-                            "got shape (2, 3)"):
+    with raises(ValueError, "[tanh_backward] a: expected shape (6,) (doutput's), got shape (2, 3)"):
         F.tanh_backward(np.ones(6), np.ones((2, 3)))
 
 
-@pytest.mark.parametrize("bad, shown", [(-0.1, "-0.1"), (1.5, "1.5"), (1.0000000000000002,
-                                        "1.0000000000000002"), (-1e-300, "-1e-300"),
-                                        (np.nan, "nan"), (np.inf, "inf"), (-np.inf, "-inf"),
-                                        (2, "2"), (np.float32(1.5), "1.5")],
-                         ids=["-0.1", "1.5", "1+ulp", "-1e-300", "nan", "inf", "-inf", "int 2",
-                              "float32 1.5"])
+@pytest.mark.parametrize(
+    "bad, shown",
+    [
+        (-0.1, "-0.1"),
+        (1.5, "1.5"),
+        (1.0000000000000002, "1.0000000000000002"),
+        (-1e-300, "-1e-300"),
+        (np.nan, "nan"),
+        (np.inf, "inf"),
+        (-np.inf, "-inf"),
+        (2, "2"),
+        (np.float32(1.5), "1.5"),
+    ],
+    ids=["-0.1", "1.5", "1+ulp", "-1e-300", "nan", "inf", "-inf", "int 2", "float32 1.5"],
+)
 def test_dropout_refuses_p_outside_0_1(bad, shown):
     x = np.ones((2, 3))
     with raises(ValueError, f"[dropout] p: expected a probability in [0, 1], got {shown}"):
         F.dropout(x, bad)
-    with raises(ValueError, f"[dropout_backward] p: expected a probability in [0, 1], "
-                            f"got {shown}"):
+    with raises(ValueError, f"[dropout_backward] p: expected a probability in [0, 1], got {shown}"):
         F.dropout_backward(x, np.ones((2, 3), bool), bad)
 
 
-@pytest.mark.parametrize("bad", ["0.5", None, [0.5], 0.5j, True, np.array(0.5), object()],
-                         ids=repr)
+@pytest.mark.parametrize("bad", ["0.5", None, [0.5], 0.5j, True, np.array(0.5), object()], ids=repr)
 def test_dropout_p_of_wrong_type(bad):
     x = np.ones((2, 3))
     with raises(TypeError, "[dropout] p: expected a float, got "):
@@ -831,22 +964,26 @@ def test_dropout_array_errors():
         name = dtype_name(dtype)
         with raises(TypeError, f"[dropout] input: expected float32 or float64, got {name}"):
             F.dropout(np.ones(3, dtype))
-        with raises(TypeError, f"[dropout_backward] doutput: expected float32 or float64, "
-                               f"got {name}"):
+        with raises(
+            TypeError, f"[dropout_backward] doutput: expected float32 or float64, got {name}"
+        ):
             F.dropout_backward(np.ones(3, dtype), mask, 0.5)
     for dtype in (np.float64, np.float32, np.int64, np.uint8, np.int8, object):
-        with raises(TypeError, "[dropout_backward] mask: expected a bool array, got "
-                               f"{dtype_name(dtype)}"):
+        with raises(
+            TypeError, f"[dropout_backward] mask: expected a bool array, got {dtype_name(dtype)}"
+        ):
             F.dropout_backward(np.ones(3), np.ones(3, dtype), 0.5)
     with raises(TypeError, "[dropout_backward] doutput: expected an array, got None"):
         F.dropout_backward(None, mask, 0.5)
     with raises(TypeError, "[dropout_backward] mask: expected an array, got None"):
         F.dropout_backward(np.ones(3), None, 0.5)
-    with raises(ValueError, "[dropout_backward] mask: expected shape (2, 3) (doutput's), "
-                            "got shape (3, 2)"):
+    with raises(
+        ValueError, "[dropout_backward] mask: expected shape (2, 3) (doutput's), got shape (3, 2)"
+    ):
         F.dropout_backward(np.ones((2, 3)), np.ones((3, 2), bool), 0.5)
-    with raises(ValueError, "[dropout_backward] mask: expected shape (6,) (doutput's), "
-                            "got shape ()"):
+    with raises(
+        ValueError, "[dropout_backward] mask: expected shape (6,) (doutput's), got shape ()"
+    ):
         F.dropout_backward(np.ones(6), np.array(True), 0.5)
 
 

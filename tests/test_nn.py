@@ -14,8 +14,13 @@ tnn = torch.nn
 
 import cnnbp  # noqa: E402
 from cnnbp import nn, optim  # noqa: E402
-from conftest import (NETWORK_TOL, SGD_CONFIG_IDS, SGD_CONFIGS, assert_close,  # noqa: E402
-                      check_array)
+from conftest import (
+    NETWORK_TOL,
+    SGD_CONFIG_IDS,
+    SGD_CONFIGS,
+    assert_close,  # noqa: E402
+    check_array,
+)
 
 F32, F64 = np.float32, np.float64
 TORCH_DTYPE = {F32: torch.float32, F64: torch.float64}
@@ -31,10 +36,22 @@ DTYPE_IDS = ["float32", "float64"]
 def seed_net(lib, dtype):
     """The derivation's 15-parameter network."""
     if lib is nn:
-        return nn.Sequential(nn.Conv2d(1, 1, 3, dtype=dtype), nn.ReLU(), nn.MaxPool2d(2),
-                             nn.Flatten(), nn.Linear(4, 1, dtype=dtype), nn.Sigmoid())
-    return tnn.Sequential(tnn.Conv2d(1, 1, 3), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Flatten(),
-                          tnn.Linear(4, 1), tnn.Sigmoid())
+        return nn.Sequential(
+            nn.Conv2d(1, 1, 3, dtype=dtype),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(4, 1, dtype=dtype),
+            nn.Sigmoid(),
+        )
+    return tnn.Sequential(
+        tnn.Conv2d(1, 1, 3),
+        tnn.ReLU(),
+        tnn.MaxPool2d(2),
+        tnn.Flatten(),
+        tnn.Linear(4, 1),
+        tnn.Sigmoid(),
+    )
 
 
 def big_net(lib, dtype):
@@ -43,34 +60,64 @@ def big_net(lib, dtype):
     (N, 5, 2, 1) -> 10 features -> 7 classes."""
     if lib is nn:
         return nn.Sequential(
-            nn.Conv2d(3, 4, 3, stride=2, padding=1, dtype=dtype), nn.ReLU(),
+            nn.Conv2d(3, 4, 3, stride=2, padding=1, dtype=dtype),
+            nn.ReLU(),
             nn.MaxPool2d(3, stride=2, padding=1),
-            nn.Conv2d(4, 5, (3, 2), padding=(1, 0), dtype=dtype), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(10, 7, dtype=dtype))
+            nn.Conv2d(4, 5, (3, 2), padding=(1, 0), dtype=dtype),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(10, 7, dtype=dtype),
+        )
     return tnn.Sequential(
-        tnn.Conv2d(3, 4, 3, stride=2, padding=1), tnn.ReLU(), tnn.MaxPool2d(3, stride=2, padding=1),
-        tnn.Conv2d(4, 5, (3, 2), padding=(1, 0)), tnn.ReLU(), tnn.MaxPool2d(2),
-        tnn.Flatten(), tnn.Linear(10, 7))
+        tnn.Conv2d(3, 4, 3, stride=2, padding=1),
+        tnn.ReLU(),
+        tnn.MaxPool2d(3, stride=2, padding=1),
+        tnn.Conv2d(4, 5, (3, 2), padding=(1, 0)),
+        tnn.ReLU(),
+        tnn.MaxPool2d(2),
+        tnn.Flatten(),
+        tnn.Linear(10, 7),
+    )
 
 
 def logits_net(lib, dtype):
     """Rectangular kernels and strides, a stride-1 pool; two logits per sample.
     Input (N, 2, 7, 9) -> (N, 3, 6, 4) -> pool (N, 3, 5, 3) -> 45 features -> 2."""
     if lib is nn:
-        return nn.Sequential(nn.Conv2d(2, 3, (2, 3), stride=(1, 2), dtype=dtype), nn.ReLU(),
-                             nn.MaxPool2d((2, 2), stride=1), nn.Flatten(),
-                             nn.Linear(45, 2, dtype=dtype))
-    return tnn.Sequential(tnn.Conv2d(2, 3, (2, 3), stride=(1, 2)), tnn.ReLU(),
-                          tnn.MaxPool2d((2, 2), stride=1), tnn.Flatten(), tnn.Linear(45, 2))
+        return nn.Sequential(
+            nn.Conv2d(2, 3, (2, 3), stride=(1, 2), dtype=dtype),
+            nn.ReLU(),
+            nn.MaxPool2d((2, 2), stride=1),
+            nn.Flatten(),
+            nn.Linear(45, 2, dtype=dtype),
+        )
+    return tnn.Sequential(
+        tnn.Conv2d(2, 3, (2, 3), stride=(1, 2)),
+        tnn.ReLU(),
+        tnn.MaxPool2d((2, 2), stride=1),
+        tnn.Flatten(),
+        tnn.Linear(45, 2),
+    )
 
 
 def no_bias_net(lib, dtype):
     """Layers without bias, a sigmoid in the middle."""
     if lib is nn:
-        return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False, dtype=dtype), nn.Sigmoid(),
-                             nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 3, bias=False, dtype=dtype))
-    return tnn.Sequential(tnn.Conv2d(2, 3, 3, padding=1, bias=False), tnn.Sigmoid(),
-                          tnn.MaxPool2d(2), tnn.Flatten(), tnn.Linear(12, 3, bias=False))
+        return nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1, bias=False, dtype=dtype),
+            nn.Sigmoid(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(12, 3, bias=False, dtype=dtype),
+        )
+    return tnn.Sequential(
+        tnn.Conv2d(2, 3, 3, padding=1, bias=False),
+        tnn.Sigmoid(),
+        tnn.MaxPool2d(2),
+        tnn.Flatten(),
+        tnn.Linear(12, 3, bias=False),
+    )
 
 
 def make_data(name, dtype, N, rng):
@@ -160,8 +207,12 @@ def compare_with_torch(model, tmodel, loss_fn, tloss, x, y, dtype):
         if isinstance(layer, nn.MaxPool2d):
             tlayer = tmodel[i]
             _, tidx = torch.nn.functional.max_pool2d(
-                acts[i].detach(), tlayer.kernel_size, tlayer.stride, tlayer.padding,
-                return_indices=True)
+                acts[i].detach(),
+                tlayer.kernel_size,
+                tlayer.stride,
+                tlayer.padding,
+                return_indices=True,
+            )
             check_array(tr["indices"], tuple(tidx.shape), np.int64)
             np.testing.assert_array_equal(tr["indices"], tidx.numpy(), err_msg=f"layer {i}")
     return out, loss, dx
@@ -196,7 +247,7 @@ def count_tied_windows(a, kernel, stride, padding):
     ties = 0
     for h0 in range(-ph, H + ph - kh + 1, sh):
         for w0 in range(-pw, W + pw - kw + 1, sw):
-            win = a[:, :, max(h0, 0):h0 + kh, max(w0, 0):w0 + kw].reshape(N, C, -1)
+            win = a[:, :, max(h0, 0) : h0 + kh, max(w0, 0) : w0 + kw].reshape(N, C, -1)
             ties += int(((win == win.max(axis=2, keepdims=True)).sum(axis=2) > 1).sum())
     return ties
 
@@ -251,13 +302,18 @@ def test_state_dict_keys_shapes_and_round_trip(dtype):
     model, tmodel = build_pair("big", dtype)
     sd = model.state_dict()
     tsd = tmodel.state_dict()
-    assert list(sd) == list(tsd) == ["0.weight", "0.bias", "3.weight", "3.bias", "7.weight", "7.bias"]
+    assert (
+        list(sd) == list(tsd) == ["0.weight", "0.bias", "3.weight", "3.bias", "7.weight", "7.bias"]
+    )
     for k in sd:
         check_array(sd[k], tuple(tsd[k].shape), dtype)
         np.testing.assert_array_equal(sd[k], tsd[k].numpy())
     seed, tseed = build_pair("seed", dtype)
-    assert list(seed.state_dict()) == list(tseed.state_dict()) == [
-        "0.weight", "0.bias", "4.weight", "4.bias"]
+    assert (
+        list(seed.state_dict())
+        == list(tseed.state_dict())
+        == ["0.weight", "0.bias", "4.weight", "4.bias"]
+    )
     # state_dict returns copies: changing them leaves the model alone
     sd["0.weight"][...] = 0
     assert not np.array_equal(model.state_dict()["0.weight"], sd["0.weight"])
@@ -314,7 +370,9 @@ def test_trace_is_consistent(name):
             assert tr["indices"].shape == tr["output"].shape
             picked = np.take_along_axis(
                 tr["input"].reshape(*tr["input"].shape[:2], -1),
-                tr["indices"].reshape(*tr["indices"].shape[:2], -1), 2)
+                tr["indices"].reshape(*tr["indices"].shape[:2], -1),
+                2,
+            )
             np.testing.assert_array_equal(picked.reshape(tr["output"].shape), tr["output"])
 
     lt = loss_fn.trace()
@@ -409,14 +467,24 @@ def test_loss_backward_scales_by_grad_loss(loss_name):
 def test_losses_at_their_edges_match_torch(dtype):
     # BCE at the clamp (a = 0 or 1), BCE-with-logits and cross-entropy at huge logits
     cases = [
-        (nn.BCELoss(), tnn.BCELoss(), np.array([[0.0, 1.0, 0.0, 1.0, 0.5, 1e-30]], dtype),
-         np.array([[1.0, 0.0, 0.0, 1.0, 1.0, 1.0]], dtype)),
-        (nn.BCEWithLogitsLoss(), tnn.BCEWithLogitsLoss(),
-         np.array([[-1e4, -100.0, 0.0, 100.0, 1e4, 3.0]], dtype),
-         np.array([[1.0, 0.0, 0.5, 0.0, 1.0, 0.25]], dtype)),
-        (nn.CrossEntropyLoss(), tnn.CrossEntropyLoss(),
-         np.array([[1000.0, 0.0, -1000.0], [-1e4, -1e4 - 1, -1e4 - 2], [0.0, 0.0, 0.0]], dtype),
-         np.array([2, 0, 1])),
+        (
+            nn.BCELoss(),
+            tnn.BCELoss(),
+            np.array([[0.0, 1.0, 0.0, 1.0, 0.5, 1e-30]], dtype),
+            np.array([[1.0, 0.0, 0.0, 1.0, 1.0, 1.0]], dtype),
+        ),
+        (
+            nn.BCEWithLogitsLoss(),
+            tnn.BCEWithLogitsLoss(),
+            np.array([[-1e4, -100.0, 0.0, 100.0, 1e4, 3.0]], dtype),
+            np.array([[1.0, 0.0, 0.5, 0.0, 1.0, 0.25]], dtype),
+        ),
+        (
+            nn.CrossEntropyLoss(),
+            tnn.CrossEntropyLoss(),
+            np.array([[1000.0, 0.0, -1000.0], [-1e4, -1e4 - 1, -1e4 - 2], [0.0, 0.0, 0.0]], dtype),
+            np.array([2, 0, 1]),
+        ),
     ]
     for loss_fn, tloss, out, y in cases:
         loss = loss_fn(out, y)
@@ -435,7 +503,6 @@ def test_losses_at_their_edges_match_torch(dtype):
 # ---------------------------------------------------------------------------------------
 # SGD
 # ---------------------------------------------------------------------------------------
-
 
 
 @pytest.mark.parametrize("config", SGD_CONFIGS, ids=SGD_CONFIG_IDS)
@@ -528,11 +595,21 @@ def test_training_steps_follow_torch():
 
 def test_default_init_is_within_torchs_kaiming_uniform_bounds():
     nn.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 5), nn.Conv2d(16, 8, (3, 2)), nn.Flatten(),
-                          nn.Linear(200, 50), nn.Linear(50, 10))
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 5),
+        nn.Conv2d(16, 8, (3, 2)),
+        nn.Flatten(),
+        nn.Linear(200, 50),
+        nn.Linear(50, 10),
+    )
     torch.manual_seed(0)
-    tmodel = tnn.Sequential(tnn.Conv2d(3, 16, 5), tnn.Conv2d(16, 8, (3, 2)), tnn.Flatten(),
-                            tnn.Linear(200, 50), tnn.Linear(50, 10))
+    tmodel = tnn.Sequential(
+        tnn.Conv2d(3, 16, 5),
+        tnn.Conv2d(16, 8, (3, 2)),
+        tnn.Flatten(),
+        tnn.Linear(200, 50),
+        tnn.Linear(50, 10),
+    )
     tparams = dict(tmodel.named_parameters())
     for k, p in model.named_parameters():
         t = tparams[k.replace(".bias", ".weight")]
@@ -581,7 +658,9 @@ ADAM_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("config", ADAM_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize(
+    "config", ADAM_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items())
+)
 def test_adam_matches_torch_over_ten_steps(config):
     check_optimizer_matches_torch(optim.Adam, torch.optim.Adam, config, steps=10, seed=3)
 
@@ -589,8 +668,9 @@ def test_adam_matches_torch_over_ten_steps(config):
 ADAMW_CONFIGS = [dict(lr=0.01), dict(lr=0.02, betas=(0.8, 0.99), weight_decay=0.1)]
 
 
-@pytest.mark.parametrize("config", ADAMW_CONFIGS,
-                         ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize(
+    "config", ADAMW_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items())
+)
 def test_adamw_matches_torch_over_ten_steps(config):
     check_optimizer_matches_torch(optim.AdamW, torch.optim.AdamW, config, steps=10, seed=4)
 

@@ -7,15 +7,12 @@
 
 import numpy as np
 import pytest
-
 from cnnbp import reference as ref
 from conftest import numeric_grad
 
 # ---------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------
-
-
 
 
 def check_array(got, shape, dtype=np.float64):
@@ -181,9 +178,7 @@ def test_cross_entropy_backward_finite_differences():
     labels = rng.integers(0, 5, 6)
     dz = ref.cross_entropy_backward(z, labels)
     check_array(dz, z.shape)
-    np.testing.assert_allclose(
-        dz, numeric_grad(lambda: ref.cross_entropy(z, labels), z), **FD_TOL
-    )
+    np.testing.assert_allclose(dz, numeric_grad(lambda: ref.cross_entropy(z, labels), z), **FD_TOL)
 
 
 SEED_KEYS = [
@@ -261,9 +256,7 @@ def test_seed_network_finite_differences(seed, N):
     F = out["F"].copy()
     np.testing.assert_allclose(
         out["dL/dF"],
-        numeric_grad(
-            lambda: ref.binary_cross_entropy(ref.sigmoid(ref.linear(F, W2, B2)), Y), F
-        ),
+        numeric_grad(lambda: ref.binary_cross_entropy(ref.sigmoid(ref.linear(F, W2, B2)), Y), F),
         **FD_TOL,
     )
     Z1 = out["Z1"].copy()

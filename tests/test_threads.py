@@ -5,10 +5,9 @@ thread and two threads must give the same bits. The sizes are above the threadin
 thresholds, so that two threads really split the work.
 """
 
+import cnnbp
 import numpy as np
 import pytest
-
-import cnnbp
 from cnnbp import functional as F
 from conftest import with_threads
 
@@ -21,8 +20,6 @@ def restore_thread_count():
     before = cnnbp.get_num_threads()
     yield
     cnnbp.set_num_threads(before)
-
-
 
 
 def assert_same_bits(one, two):
@@ -63,7 +60,9 @@ def test_set_num_threads_rejects_less_than_one(n):
 def test_set_num_threads_rejects_huge_counts_and_non_integers():
     # OpenMP ends the process when it cannot start or even allocate a team this large
     for huge in (1025, 2**31 - 1, 2**31):
-        with pytest.raises(ValueError, match=rf"^\[set_num_threads\] n: expected <= 1024, got {huge}$"):
+        with pytest.raises(
+            ValueError, match=rf"^\[set_num_threads\] n: expected <= 1024, got {huge}$"
+        ):
             cnnbp.set_num_threads(huge)
     with pytest.raises(ValueError, match=r"^\[set_num_threads\] n: expected a 64-bit integer"):
         cnnbp.set_num_threads(2**64)
@@ -114,7 +113,11 @@ def test_relu_and_sigmoid_are_thread_independent(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_linear_is_thread_independent(dtype):
-    x, w, b = data((256, 300), dtype, 5, False), data((40, 300), dtype, 6, False), data((40,), dtype, 7, False)
+    x, w, b = (
+        data((256, 300), dtype, 5, False),
+        data((40, 300), dtype, 6, False),
+        data((40,), dtype, 7, False),
+    )
     dy = data((256, 40), dtype, 8, False)
     check_thread_independent(lambda: F.linear(x, w, b))
     check_thread_independent(lambda: F.linear_backward(dy, x, w))
@@ -150,6 +153,7 @@ def test_idle_threads_sleep_unless_the_user_chose_otherwise():
     import os
     import subprocess
     import sys
+
     code = "import os, cnnbp; print(os.environ['OMP_WAIT_POLICY'])"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -158,6 +162,7 @@ def test_idle_threads_sleep_unless_the_user_chose_otherwise():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "ACTIVE", out.stderr
 
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_losses_are_thread_independent(dtype):
     rng = np.random.default_rng(13)
@@ -165,8 +170,11 @@ def test_losses_are_thread_independent(dtype):
     labels = rng.integers(0, 40, 4096)
     y = rng.integers(0, 2, z.shape).astype(dtype)
     a = F.sigmoid(z)
-    for fn, args in [(F.cross_entropy, (z, labels)), (F.binary_cross_entropy_with_logits, (z, y)),
-                     (F.binary_cross_entropy, (a, y))]:
+    for fn, args in [
+        (F.cross_entropy, (z, labels)),
+        (F.binary_cross_entropy_with_logits, (z, y)),
+        (F.binary_cross_entropy, (a, y)),
+    ]:
         one, two = with_threads(1, lambda: fn(*args)), with_threads(2, lambda: fn(*args))
         assert one == two and np.float64(one).tobytes() == np.float64(two).tobytes()
     check_thread_independent(lambda: F.cross_entropy_backward(z, labels))
@@ -179,14 +187,23 @@ def training_run(dtype, optimizer):
     from cnnbp import nn, optim
 
     nn.manual_seed(21)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, dtype=dtype), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Conv2d(16, 32, 3, dtype=dtype), nn.Sigmoid(), nn.Flatten(),
-                          nn.Linear(32 * 6 * 6, 10, dtype=dtype))
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, dtype=dtype),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, dtype=dtype),
+        nn.Sigmoid(),
+        nn.Flatten(),
+        nn.Linear(32 * 6 * 6, 10, dtype=dtype),
+    )
     rng = np.random.default_rng(22)
     x = rng.standard_normal((64, 3, 16, 16)).astype(dtype)
     labels = rng.integers(0, 10, 64)
-    opt = (optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if optimizer == "SGD"
-           else optim.Adam(model.parameters(), lr=1e-3))
+    opt = (
+        optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        if optimizer == "SGD"
+        else optim.Adam(model.parameters(), lr=1e-3)
+    )
     loss_fn = nn.CrossEntropyLoss()
     losses = [model.train_step(x, labels, loss_fn, opt) for _ in range(10)]
     return (np.array(losses),) + tuple(p.data for p in model.parameters())
@@ -243,8 +260,13 @@ def test_results_are_identical_across_processes(tmp_path):
 
     def digest(threads):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        out = subprocess.run([sys.executable, str(script), here, str(threads)], env=env,
-                             capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, str(script), here, str(threads)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr
         return out.stdout.strip()
 

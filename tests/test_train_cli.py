@@ -12,8 +12,13 @@ import pytest
 def run(*args, timeout=180):
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # small problems; keep the suite's cores free
-    return subprocess.run([sys.executable, "-m", "cnnbp", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "cnnbp", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def run_json(*args):
@@ -65,11 +70,22 @@ def test_same_seed_same_losses_other_seed_other_losses(dataset):
     assert first["correct"] == round(first["test_accuracy"] * 30)
 
 
-@pytest.mark.parametrize("optimizer,schedule", [("adamw", "cosine"), ("nesterov", "step"),
-                                                ("adam", "constant")])
+@pytest.mark.parametrize(
+    "optimizer,schedule", [("adamw", "cosine"), ("nesterov", "step"), ("adam", "constant")]
+)
 def test_optimizers_and_schedules_by_name(dataset, optimizer, schedule):
-    result = run("train", "--npz", dataset, "--epochs", 3, "--quiet", "--optimizer", optimizer,
-                 "--schedule", schedule)
+    result = run(
+        "train",
+        "--npz",
+        dataset,
+        "--epochs",
+        3,
+        "--quiet",
+        "--optimizer",
+        optimizer,
+        "--schedule",
+        schedule,
+    )
     assert result.returncode == 0, result.stderr
     expected = "" if schedule == "constant" else f", {schedule} schedule"
     assert f"{optimizer} lr " in result.stdout and f"{expected}, seed 0" in result.stdout
@@ -78,8 +94,9 @@ def test_optimizers_and_schedules_by_name(dataset, optimizer, schedule):
 
 def test_saved_model_evaluates_to_the_same_accuracy(dataset, tmp_path):
     model = tmp_path / "model.npz"
-    trained = run_json("train", "--npz", dataset, "--epochs", 3, "--quiet", "--save", model,
-                       "--seed", 5)
+    trained = run_json(
+        "train", "--npz", dataset, "--epochs", 3, "--quiet", "--save", model, "--seed", 5
+    )
     assert model.exists() and trained["saved"] == str(model)
     assert trained["test_accuracy"] > 0.6  # three easy patterns, three epochs
     evaluated = run_json("evaluate", model, "--npz", dataset, "--seed", 5)
@@ -96,11 +113,13 @@ def test_saved_model_evaluates_to_the_same_accuracy(dataset, tmp_path):
 
 def test_binary_trains_one_logit_and_evaluate_needs_the_same_classes(dataset, tmp_path):
     model = tmp_path / "binary.npz"
-    trained = run_json("train", "--npz", dataset, "--binary", 2, 0, "--epochs", 2, "--quiet",
-                       "--save", model)
+    trained = run_json(
+        "train", "--npz", dataset, "--binary", 2, 0, "--epochs", 2, "--quiet", "--save", model
+    )
     assert trained["binary"] and trained["classes"] == ["2", "0"]
     assert trained["test_images"] == 20 and np.array(trained["confusion_matrix"]).shape == (2, 2)
     import cnnbp
+
     assert cnnbp.load(model)[-1].weight.data.shape[0] == 1  # one output: BCE with logits
     evaluated = run_json("evaluate", model, "--npz", dataset, "--binary", 2, 0)
     assert evaluated["test_accuracy"] == trained["test_accuracy"]
@@ -123,7 +142,8 @@ def test_mnist_directory_trains_and_evaluates_on_the_t10k_files(dataset, tmp_pat
             f.write(header + images[part].tobytes())
         labels = (0x801).to_bytes(4, "big") + n.to_bytes(4, "big")
         (tmp_path / f"{prefix}-labels-idx1-ubyte").write_bytes(
-            labels + y[part].astype(np.uint8).tobytes())
+            labels + y[part].astype(np.uint8).tobytes()
+        )
     model = tmp_path / "m.npz"
     trained = run_json("train", "--mnist", tmp_path, "--epochs", 2, "--quiet", "--save", model)
     assert trained["dataset"] == "mnist" and trained["epochs"] == 2
@@ -157,23 +177,26 @@ def test_default_run_is_the_digits():
     assert summary["test_accuracy"] > 0.5 and summary["images_per_second"] > 0
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "--epochs", "0"], "--epochs: expected an integer >= 1, got 0"),
-    (["train", "--epochs", "two"], "--epochs: expected an integer, got 'two'"),
-    (["train", "--lr", "-0.1"], "--lr: expected a number > 0, got -0.1"),
-    (["train", "--batch-size", "0"], "--batch-size: expected an integer >= 1"),
-    (["train", "--optimizer", "rmsprop"], "--optimizer: invalid choice: 'rmsprop'"),
-    (["train", "--schedule", "linear"], "--schedule: invalid choice: 'linear'"),
-    (["train", "--optimizer", "adam", "--momentum", "0.9"], "--momentum: not used by"),
-    (["train", "--binary", "1", "1"], "--binary: expected two different classes"),
-    (["train", "--binary", "1"], "--binary: expected 2 arguments"),
-    (["train", "--binary", "1", "-2"], "--binary"),
-    (["train", "--test-fraction", "1.5"], "--test-fraction: expected a number between 0 and 1"),
-    (["train", "--mnist", "a", "--npz", "b"], "not allowed with argument"),
-    (["train", "--threads", "0"], "--threads: expected an integer >= 1"),
-    (["train", "--unknown"], "unrecognized arguments: --unknown"),
-    (["evaluate"], "the following arguments are required: MODEL.npz"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--epochs", "0"], "--epochs: expected an integer >= 1, got 0"),
+        (["train", "--epochs", "two"], "--epochs: expected an integer, got 'two'"),
+        (["train", "--lr", "-0.1"], "--lr: expected a number > 0, got -0.1"),
+        (["train", "--batch-size", "0"], "--batch-size: expected an integer >= 1"),
+        (["train", "--optimizer", "rmsprop"], "--optimizer: invalid choice: 'rmsprop'"),
+        (["train", "--schedule", "linear"], "--schedule: invalid choice: 'linear'"),
+        (["train", "--optimizer", "adam", "--momentum", "0.9"], "--momentum: not used by"),
+        (["train", "--binary", "1", "1"], "--binary: expected two different classes"),
+        (["train", "--binary", "1"], "--binary: expected 2 arguments"),
+        (["train", "--binary", "1", "-2"], "--binary"),
+        (["train", "--test-fraction", "1.5"], "--test-fraction: expected a number between 0 and 1"),
+        (["train", "--mnist", "a", "--npz", "b"], "not allowed with argument"),
+        (["train", "--threads", "0"], "--threads: expected an integer >= 1"),
+        (["train", "--unknown"], "unrecognized arguments: --unknown"),
+        (["evaluate"], "the following arguments are required: MODEL.npz"),
+    ],
+)
 def test_bad_arguments_exit_2_with_a_message(args, message):
     result = run(*args)
     assert result.returncode == 2

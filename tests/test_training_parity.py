@@ -17,12 +17,24 @@ STEPS, BATCH, SAMPLES = 20, 16, 64
 def small_cnn(lib):
     """8x8 images, 10 classes: the shape of the digits set."""
     if lib is nn:
-        return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1, dtype=np.float64), nn.ReLU(),
-                             nn.MaxPool2d(2), nn.Conv2d(6, 8, 3, dtype=np.float64), nn.ReLU(),
-                             nn.Flatten(), nn.Linear(32, 10, dtype=np.float64))
-    return tnn.Sequential(tnn.Conv2d(1, 6, 3, padding=1), tnn.ReLU(), tnn.MaxPool2d(2),
-                          tnn.Conv2d(6, 8, 3), tnn.ReLU(), tnn.Flatten(),
-                          tnn.Linear(32, 10)).double()
+        return nn.Sequential(
+            nn.Conv2d(1, 6, 3, padding=1, dtype=np.float64),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 8, 3, dtype=np.float64),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(32, 10, dtype=np.float64),
+        )
+    return tnn.Sequential(
+        tnn.Conv2d(1, 6, 3, padding=1),
+        tnn.ReLU(),
+        tnn.MaxPool2d(2),
+        tnn.Conv2d(6, 8, 3),
+        tnn.ReLU(),
+        tnn.Flatten(),
+        tnn.Linear(32, 10),
+    ).double()
 
 
 def minibatches(seed):
@@ -31,24 +43,31 @@ def minibatches(seed):
     y = rng.integers(0, 10, SAMPLES)
     order = np.concatenate([rng.permutation(SAMPLES) for _ in range(STEPS * BATCH // SAMPLES)])
     for step in range(STEPS):
-        take = order[step * BATCH:(step + 1) * BATCH]
+        take = order[step * BATCH : (step + 1) * BATCH]
         yield x[take], y[take]
 
 
 RUNS = [
     ("SGD", dict(lr=0.1, momentum=0.9), None),
-    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
-     ("StepLR", dict(step_size=2, gamma=0.5))),
+    (
+        "SGD",
+        dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+        ("StepLR", dict(step_size=2, gamma=0.5)),
+    ),
     ("Adam", dict(lr=0.01), None),
     ("Adam", dict(lr=0.01, weight_decay=1e-3), ("CosineAnnealingLR", dict(T_max=5))),
-    ("AdamW", dict(lr=0.01, weight_decay=0.05),
-     ("CosineAnnealingLR", dict(T_max=5, eta_min=1e-3))),
+    ("AdamW", dict(lr=0.01, weight_decay=0.05), ("CosineAnnealingLR", dict(T_max=5, eta_min=1e-3))),
 ]
 
 
-@pytest.mark.parametrize("name,config,schedule", RUNS,
-                         ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in c.items())}"
-                              f"{'-' + s[0] if s else ''}" for n, c, s in RUNS])
+@pytest.mark.parametrize(
+    "name,config,schedule",
+    RUNS,
+    ids=[
+        f"{n}-{'-'.join(f'{k}={v}' for k, v in c.items())}{'-' + s[0] if s else ''}"
+        for n, c, s in RUNS
+    ],
+)
 def test_loss_curve_equals_torch(name, config, schedule):
     torch.manual_seed(7)
     tmodel = small_cnn(tnn)
@@ -76,13 +95,19 @@ def test_loss_curve_equals_torch(name, config, schedule):
     np.testing.assert_allclose(ours, theirs, rtol=1e-8, atol=0)
     assert ours[-1] < ours[0]  # it learned something on its batches
     for k, v in tmodel.state_dict().items():
-        np.testing.assert_allclose(dict(model.named_parameters())[k].data, v.numpy(),
-                                   rtol=1e-8, atol=1e-10, err_msg=k)
+        np.testing.assert_allclose(
+            dict(model.named_parameters())[k].data, v.numpy(), rtol=1e-8, atol=1e-10, err_msg=k
+        )
 
 
-@pytest.mark.parametrize("schedule", [("StepLR", dict(step_size=3, gamma=0.5)),
-                                      ("CosineAnnealingLR", dict(T_max=5)),
-                                      ("CosineAnnealingLR", dict(T_max=4, eta_min=0.001))])
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        ("StepLR", dict(step_size=3, gamma=0.5)),
+        ("CosineAnnealingLR", dict(T_max=5)),
+        ("CosineAnnealingLR", dict(T_max=4, eta_min=0.001)),
+    ],
+)
 def test_schedules_give_torchs_rates_exactly(schedule):
     opt = optim.SGD([nn.Parameter(np.zeros(2))], lr=0.1)
     topt = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1)

@@ -9,7 +9,6 @@ import re
 
 import numpy as np
 import pytest
-
 from cnnbp import functional as F
 from cnnbp import nn, optim
 
@@ -38,38 +37,123 @@ def conv_args(dtype=F64):
 @pytest.mark.parametrize(
     "x_shape, w_shape, b_shape, stride, padding, expected",
     [
-        ((3, 6, 6), (4, 3, 3, 3), (4,), 1, 0,
-         "[conv2d] input: expected 4 dims (N, C, H, W), got shape (3, 6, 6)"),
-        ((1, 2, 3, 6, 6), (4, 3, 3, 3), (4,), 1, 0,
-         "[conv2d] input: expected 4 dims (N, C, H, W), got shape (1, 2, 3, 6, 6)"),
-        ((2, 3, 6, 6), (3, 3), (4,), 1, 0,
-         "[conv2d] weight: expected 4 dims (K, C, R, S), got shape (3, 3)"),
-        ((2, 3, 6, 6), (4, 2, 3, 3), (4,), 1, 0,
-         "[conv2d] weight: expected 3 input channels (dim 1) to match input (2, 3, 6, 6), "
-         "got shape (4, 2, 3, 3)"),
-        ((2, 3, 6, 6), (4, 3, 3, 3), (3,), 1, 0, "[conv2d] bias: expected shape (4,), got shape (3,)"),
-        ((2, 3, 6, 6), (4, 3, 3, 3), (4, 1), 1, 0,
-         "[conv2d] bias: expected shape (4,), got shape (4, 1)"),
+        (
+            (3, 6, 6),
+            (4, 3, 3, 3),
+            (4,),
+            1,
+            0,
+            "[conv2d] input: expected 4 dims (N, C, H, W), got shape (3, 6, 6)",
+        ),
+        (
+            (1, 2, 3, 6, 6),
+            (4, 3, 3, 3),
+            (4,),
+            1,
+            0,
+            "[conv2d] input: expected 4 dims (N, C, H, W), got shape (1, 2, 3, 6, 6)",
+        ),
+        (
+            (2, 3, 6, 6),
+            (3, 3),
+            (4,),
+            1,
+            0,
+            "[conv2d] weight: expected 4 dims (K, C, R, S), got shape (3, 3)",
+        ),
+        (
+            (2, 3, 6, 6),
+            (4, 2, 3, 3),
+            (4,),
+            1,
+            0,
+            "[conv2d] weight: expected 3 input channels (dim 1) to match input (2, 3, 6, 6), "
+            "got shape (4, 2, 3, 3)",
+        ),
+        (
+            (2, 3, 6, 6),
+            (4, 3, 3, 3),
+            (3,),
+            1,
+            0,
+            "[conv2d] bias: expected shape (4,), got shape (3,)",
+        ),
+        (
+            (2, 3, 6, 6),
+            (4, 3, 3, 3),
+            (4, 1),
+            1,
+            0,
+            "[conv2d] bias: expected shape (4,), got shape (4, 1)",
+        ),
         ((2, 3, 6, 6), (4, 3, 3, 3), (), 1, 0, "[conv2d] bias: expected shape (4,), got shape ()"),
-        ((0, 3, 6, 6), (4, 3, 3, 3), (4,), 1, 0,
-         "[conv2d] input: expected every dim >= 1, got shape (0, 3, 6, 6)"),
-        ((2, 0, 6, 6), (4, 0, 3, 3), (4,), 1, 0,
-         "[conv2d] input: expected every dim >= 1, got shape (2, 0, 6, 6)"),
-        ((2, 3, 6, 0), (4, 3, 3, 3), (4,), 1, 0,
-         "[conv2d] input: expected every dim >= 1, got shape (2, 3, 6, 0)"),
-        ((2, 3, 6, 6), (0, 3, 3, 3), (0,), 1, 0,
-         "[conv2d] weight: expected every dim >= 1, got shape (0, 3, 3, 3)"),
-        ((2, 3, 6, 6), (4, 3, 3, 0), (4,), 1, 0,
-         "[conv2d] weight: expected every dim >= 1, got shape (4, 3, 3, 0)"),
-        ((2, 3, 2, 6), (4, 3, 3, 3), (4,), 1, 0,
-         "[conv2d] input: expected padded size (2, 6) >= kernel size (3, 3), "
-         "got input shape (2, 3, 2, 6)"),
-        ((1, 1, 4, 4), (1, 1, 7, 5), (1,), 1, 1,
-         "[conv2d] input: expected padded size (6, 6) >= kernel size (7, 5), "
-         "got input shape (1, 1, 4, 4)"),
-        ((1, 1, 4, 4), (1, 1, 5, 5), (1,), 1, (1, 0),
-         "[conv2d] input: expected padded size (6, 4) >= kernel size (5, 5), "
-         "got input shape (1, 1, 4, 4)"),
+        (
+            (0, 3, 6, 6),
+            (4, 3, 3, 3),
+            (4,),
+            1,
+            0,
+            "[conv2d] input: expected every dim >= 1, got shape (0, 3, 6, 6)",
+        ),
+        (
+            (2, 0, 6, 6),
+            (4, 0, 3, 3),
+            (4,),
+            1,
+            0,
+            "[conv2d] input: expected every dim >= 1, got shape (2, 0, 6, 6)",
+        ),
+        (
+            (2, 3, 6, 0),
+            (4, 3, 3, 3),
+            (4,),
+            1,
+            0,
+            "[conv2d] input: expected every dim >= 1, got shape (2, 3, 6, 0)",
+        ),
+        (
+            (2, 3, 6, 6),
+            (0, 3, 3, 3),
+            (0,),
+            1,
+            0,
+            "[conv2d] weight: expected every dim >= 1, got shape (0, 3, 3, 3)",
+        ),
+        (
+            (2, 3, 6, 6),
+            (4, 3, 3, 0),
+            (4,),
+            1,
+            0,
+            "[conv2d] weight: expected every dim >= 1, got shape (4, 3, 3, 0)",
+        ),
+        (
+            (2, 3, 2, 6),
+            (4, 3, 3, 3),
+            (4,),
+            1,
+            0,
+            "[conv2d] input: expected padded size (2, 6) >= kernel size (3, 3), "
+            "got input shape (2, 3, 2, 6)",
+        ),
+        (
+            (1, 1, 4, 4),
+            (1, 1, 7, 5),
+            (1,),
+            1,
+            1,
+            "[conv2d] input: expected padded size (6, 6) >= kernel size (7, 5), "
+            "got input shape (1, 1, 4, 4)",
+        ),
+        (
+            (1, 1, 4, 4),
+            (1, 1, 5, 5),
+            (1,),
+            1,
+            (1, 0),
+            "[conv2d] input: expected padded size (6, 4) >= kernel size (5, 5), "
+            "got input shape (1, 1, 4, 4)",
+        ),
         ((2, 3, 6, 6), (4, 3, 3, 3), (4,), 0, 0, "[conv2d] stride: expected >= 1, got 0"),
         ((2, 3, 6, 6), (4, 3, 3, 3), (4,), (1, 0), 0, "[conv2d] stride: expected >= 1, got 0"),
         ((2, 3, 6, 6), (4, 3, 3, 3), (4,), -2, 0, "[conv2d] stride: expected >= 1, got -2"),
@@ -91,24 +175,72 @@ def test_conv2d_kernel_exactly_as_large_as_the_padded_input_is_fine():
 @pytest.mark.parametrize(
     "x_shape, w_shape, dy_shape, stride, padding, expected",
     [
-        ((2, 3, 6, 6), (4, 3, 3, 3), (2, 4, 3, 4), 1, 0,
-         r"^\[conv2d_backward\] doutput: expected shape \(2, 4, 4, 4\) \(the forward output's\), "
-         r"got shape \(2, 4, 3, 4\)"),
-        ((2, 3, 6, 6), (4, 3, 3, 3), (2, 4, 4, 4), 2, 0,
-         r"^\[conv2d_backward\] doutput: expected shape \(2, 4, 2, 2\)"),
-        ((2, 3, 6, 6), (4, 3, 3, 3), (4, 4, 4), 1, 0,
-         r"^\[conv2d_backward\] doutput: expected shape \(2, 4, 4, 4\).*got shape \(4, 4, 4\)"),
+        (
+            (2, 3, 6, 6),
+            (4, 3, 3, 3),
+            (2, 4, 3, 4),
+            1,
+            0,
+            r"^\[conv2d_backward\] doutput: expected shape \(2, 4, 4, 4\) \(the forward output's\), "
+            r"got shape \(2, 4, 3, 4\)",
+        ),
+        (
+            (2, 3, 6, 6),
+            (4, 3, 3, 3),
+            (2, 4, 4, 4),
+            2,
+            0,
+            r"^\[conv2d_backward\] doutput: expected shape \(2, 4, 2, 2\)",
+        ),
+        (
+            (2, 3, 6, 6),
+            (4, 3, 3, 3),
+            (4, 4, 4),
+            1,
+            0,
+            r"^\[conv2d_backward\] doutput: expected shape \(2, 4, 4, 4\).*got shape \(4, 4, 4\)",
+        ),
         # shape checks shared with the forward (one parameter struct, one validation)
-        ((3, 6, 6), (4, 3, 3, 3), (2, 4, 4, 4), 1, 0,
-         r"^\[conv2d(_backward)?\] input: expected 4 dims \(N, C, H, W\), got shape \(3, 6, 6\)"),
-        ((2, 3, 6, 6), (4, 2, 3, 3), (2, 4, 4, 4), 1, 0,
-         r"^\[conv2d(_backward)?\] weight: expected 3 input channels"),
-        ((2, 3, 6, 6), (4, 3, 3, 3), (2, 4, 4, 4), 0, 0,
-         r"^\[conv2d(_backward)?\] stride: expected >= 1, got 0"),
-        ((2, 3, 6, 6), (4, 3, 3, 3), (2, 4, 4, 4), 1, -1,
-         r"^\[conv2d(_backward)?\] padding: expected >= 0, got -1"),
-        ((2, 3, 2, 2), (4, 3, 3, 3), (2, 4, 1, 1), 1, 0,
-         r"^\[conv2d(_backward)?\] input: expected padded size \(2, 2\) >= kernel size \(3, 3\)"),
+        (
+            (3, 6, 6),
+            (4, 3, 3, 3),
+            (2, 4, 4, 4),
+            1,
+            0,
+            r"^\[conv2d(_backward)?\] input: expected 4 dims \(N, C, H, W\), got shape \(3, 6, 6\)",
+        ),
+        (
+            (2, 3, 6, 6),
+            (4, 2, 3, 3),
+            (2, 4, 4, 4),
+            1,
+            0,
+            r"^\[conv2d(_backward)?\] weight: expected 3 input channels",
+        ),
+        (
+            (2, 3, 6, 6),
+            (4, 3, 3, 3),
+            (2, 4, 4, 4),
+            0,
+            0,
+            r"^\[conv2d(_backward)?\] stride: expected >= 1, got 0",
+        ),
+        (
+            (2, 3, 6, 6),
+            (4, 3, 3, 3),
+            (2, 4, 4, 4),
+            1,
+            -1,
+            r"^\[conv2d(_backward)?\] padding: expected >= 0, got -1",
+        ),
+        (
+            (2, 3, 2, 2),
+            (4, 3, 3, 3),
+            (2, 4, 1, 1),
+            1,
+            0,
+            r"^\[conv2d(_backward)?\] input: expected padded size \(2, 2\) >= kernel size \(3, 3\)",
+        ),
     ],
 )
 def test_conv2d_backward_value_errors(x_shape, w_shape, dy_shape, stride, padding, expected):
@@ -116,8 +248,20 @@ def test_conv2d_backward_value_errors(x_shape, w_shape, dy_shape, stride, paddin
         F.conv2d_backward(np.ones(dy_shape), np.ones(x_shape), np.ones(w_shape), stride, padding)
 
 
-BAD_PAIRS = ["2", 1.0, 2.5, (1, 1, 1), (1,), (), (1, "a"), (1.0, 1), True, None, [1, None],
-             {"h": 1}]
+BAD_PAIRS = [
+    "2",
+    1.0,
+    2.5,
+    (1, 1, 1),
+    (1,),
+    (),
+    (1, "a"),
+    (1.0, 1),
+    True,
+    None,
+    [1, None],
+    {"h": 1},
+]
 
 
 @pytest.mark.parametrize("bad", BAD_PAIRS, ids=repr)
@@ -144,8 +288,17 @@ def test_stride_given_as_a_0d_integer_array():
         np.testing.assert_array_equal(y, F.conv2d(x, w, b, stride=2))
 
 
-BAD_DTYPES = [np.int64, np.int32, np.uint8, np.bool_, np.float16, np.complex64, np.complex128,
-              np.longdouble, object]
+BAD_DTYPES = [
+    np.int64,
+    np.int32,
+    np.uint8,
+    np.bool_,
+    np.float16,
+    np.complex64,
+    np.complex128,
+    np.longdouble,
+    object,
+]
 
 
 def dtype_name(dtype):
@@ -172,28 +325,38 @@ def test_conv2d_refuses_other_dtypes(dtype):
 def test_conv2d_refuses_mixed_float32_and_float64():
     x, w, b = conv_args(F32)
     d = np.float64
-    with raises(TypeError, "[conv2d] weight: expected float32 like the first array "
-                           "argument, got float64"):
+    with raises(
+        TypeError, "[conv2d] weight: expected float32 like the first array argument, got float64"
+    ):
         F.conv2d(x, w.astype(d), b)
-    with raises(TypeError, "[conv2d] bias: expected float32 like the first array "
-                           "argument, got float64"):
+    with raises(
+        TypeError, "[conv2d] bias: expected float32 like the first array argument, got float64"
+    ):
         F.conv2d(x, w, b.astype(d))
-    with raises(TypeError, "[conv2d] weight: expected float64 like the first array "
-                           "argument, got float32"):
+    with raises(
+        TypeError, "[conv2d] weight: expected float64 like the first array argument, got float32"
+    ):
         F.conv2d(x.astype(d), w, b.astype(d))
     # a list becomes float64: mixing it with float32 arrays is the same error
-    with raises(TypeError, "[conv2d] bias: expected float32 like the first array "
-                           "argument, got float64"):
+    with raises(
+        TypeError, "[conv2d] bias: expected float32 like the first array argument, got float64"
+    ):
         F.conv2d(x, w, [0.0, 0.0, 0.0, 0.0])
     dy = np.ones((2, 4, 4, 4), F32)
-    with raises(TypeError, "[conv2d_backward] input: expected float32 like the first "
-                           "array argument, got float64"):
+    with raises(
+        TypeError,
+        "[conv2d_backward] input: expected float32 like the first array argument, got float64",
+    ):
         F.conv2d_backward(dy, x.astype(d), w)
-    with raises(TypeError, "[conv2d_backward] weight: expected float32 like the first "
-                           "array argument, got float64"):
+    with raises(
+        TypeError,
+        "[conv2d_backward] weight: expected float32 like the first array argument, got float64",
+    ):
         F.conv2d_backward(dy, x, w.astype(d))
-    with raises(TypeError, "[conv2d_backward] input: expected float64 like the first "
-                           "array argument, got float32"):
+    with raises(
+        TypeError,
+        "[conv2d_backward] input: expected float64 like the first array argument, got float32",
+    ):
         F.conv2d_backward(dy.astype(d), x, w)
 
 
@@ -226,29 +389,69 @@ def test_conv2d_refuses_none_and_non_arrays():
     "x_shape, kernel, stride, padding, expected",
     [
         ((4, 4), 2, None, 0, "[max_pool2d] input: expected 4 dims (N, C, H, W), got shape (4, 4)"),
-        ((1, 1, 1, 4, 4), 2, None, 0,
-         "[max_pool2d] input: expected 4 dims (N, C, H, W), got shape (1, 1, 1, 4, 4)"),
-        ((0, 1, 4, 4), 2, None, 0,
-         "[max_pool2d] input: expected every dim >= 1, got shape (0, 1, 4, 4)"),
-        ((1, 1, 4, 0), 2, None, 0,
-         "[max_pool2d] input: expected every dim >= 1, got shape (1, 1, 4, 0)"),
+        (
+            (1, 1, 1, 4, 4),
+            2,
+            None,
+            0,
+            "[max_pool2d] input: expected 4 dims (N, C, H, W), got shape (1, 1, 1, 4, 4)",
+        ),
+        (
+            (0, 1, 4, 4),
+            2,
+            None,
+            0,
+            "[max_pool2d] input: expected every dim >= 1, got shape (0, 1, 4, 4)",
+        ),
+        (
+            (1, 1, 4, 0),
+            2,
+            None,
+            0,
+            "[max_pool2d] input: expected every dim >= 1, got shape (1, 1, 4, 0)",
+        ),
         ((1, 1, 4, 4), 0, None, 0, "[max_pool2d] kernel_size: expected >= 1, got 0"),
         ((1, 1, 4, 4), (2, -1), None, 0, "[max_pool2d] kernel_size: expected >= 1, got -1"),
         ((1, 1, 4, 4), 2, 0, 0, "[max_pool2d] stride: expected >= 1, got 0"),
         ((1, 1, 4, 4), 2, (0, 1), 0, "[max_pool2d] stride: expected >= 1, got 0"),
         ((1, 1, 4, 4), 2, 2, -1, "[max_pool2d] padding: expected >= 0, got -1"),
-        ((1, 1, 4, 4), 2, 2, 2,
-         "[max_pool2d] padding: expected at most half the kernel size (2, 2), got (2, 2)"),
-        ((1, 1, 6, 6), 3, 2, 2,
-         "[max_pool2d] padding: expected at most half the kernel size (3, 3), got (2, 2)"),
-        ((1, 1, 6, 6), (3, 2), 1, (1, 2),
-         "[max_pool2d] padding: expected at most half the kernel size (3, 2), got (1, 2)"),
-        ((1, 1, 3, 3), 5, None, 0,
-         "[max_pool2d] input: expected padded size (3, 3) >= kernel size (5, 5), "
-         "got input shape (1, 1, 3, 3)"),
-        ((1, 1, 3, 8), (6, 2), 1, (1, 1),
-         "[max_pool2d] input: expected padded size (5, 10) >= kernel size (6, 2), "
-         "got input shape (1, 1, 3, 8)"),
+        (
+            (1, 1, 4, 4),
+            2,
+            2,
+            2,
+            "[max_pool2d] padding: expected at most half the kernel size (2, 2), got (2, 2)",
+        ),
+        (
+            (1, 1, 6, 6),
+            3,
+            2,
+            2,
+            "[max_pool2d] padding: expected at most half the kernel size (3, 3), got (2, 2)",
+        ),
+        (
+            (1, 1, 6, 6),
+            (3, 2),
+            1,
+            (1, 2),
+            "[max_pool2d] padding: expected at most half the kernel size (3, 2), got (1, 2)",
+        ),
+        (
+            (1, 1, 3, 3),
+            5,
+            None,
+            0,
+            "[max_pool2d] input: expected padded size (3, 3) >= kernel size (5, 5), "
+            "got input shape (1, 1, 3, 3)",
+        ),
+        (
+            (1, 1, 3, 8),
+            (6, 2),
+            1,
+            (1, 1),
+            "[max_pool2d] input: expected padded size (5, 10) >= kernel size (6, 2), "
+            "got input shape (1, 1, 3, 8)",
+        ),
     ],
 )
 def test_max_pool2d_value_errors(x_shape, kernel, stride, padding, expected):
@@ -279,8 +482,9 @@ def test_max_pool2d_refuses_other_dtypes(dtype):
     with raises(TypeError, f"[max_pool2d] input: expected float32 or float64, got {name}"):
         F.max_pool2d(np.ones((1, 1, 4, 4), dtype), 2)
     idx = np.zeros((1, 1, 2, 2), np.int64)
-    with raises(TypeError, "[max_pool2d_backward] doutput: expected float32 or float64, "
-                           f"got {name}"):
+    with raises(
+        TypeError, f"[max_pool2d_backward] doutput: expected float32 or float64, got {name}"
+    ):
         F.max_pool2d_backward(np.ones((1, 1, 2, 2), dtype), idx, (1, 1, 4, 4))
 
 
@@ -304,15 +508,19 @@ def test_max_pool2d_backward_refuses_indices_out_of_range(bad_index, dtype):
     for position in [(0, 0, 0, 0), (0, 0, 1, 1)]:
         bad = idx.copy()
         bad[position] = bad_index
-        expected = ("[max_pool2d_backward] indices: expected values in [0, 16) (flat positions "
-                    f"in an H*W input plane), got {bad_index} at flat position ")
+        expected = (
+            "[max_pool2d_backward] indices: expected values in [0, 16) (flat positions "
+            f"in an H*W input plane), got {bad_index} at flat position "
+        )
         with raises(ValueError, expected):
             F.max_pool2d_backward(dy, bad, x.shape)
     # the indices of another plane size: 16 is valid for a 5x5 plane, not for 4x4
     with raises(ValueError, "[max_pool2d_backward] indices: expected values in [0, 4)"):
         F.max_pool2d_backward(dy, idx, (1, 1, 2, 2))
     # the module is still fine and the good indices still work
-    np.testing.assert_array_equal(F.max_pool2d_backward(dy, idx, x.shape).reshape(-1)[idx.reshape(-1)], 1)
+    np.testing.assert_array_equal(
+        F.max_pool2d_backward(dy, idx, x.shape).reshape(-1)[idx.reshape(-1)], 1
+    )
 
 
 def test_max_pool2d_backward_refuses_unsigned_indices_that_wrap():
@@ -325,24 +533,56 @@ def test_max_pool2d_backward_refuses_unsigned_indices_that_wrap():
 @pytest.mark.parametrize(
     "dy_shape, idx_shape, x_shape, expected",
     [
-        ((1, 1, 2, 2), (1, 1, 2, 1), (1, 1, 4, 4),
-         "[max_pool2d_backward] indices: expected shape (1, 1, 2, 2) (doutput's), got shape (1, 1, 2, 1)"),
-        ((1, 1, 2, 2), (1, 4), (1, 1, 4, 4),
-         "[max_pool2d_backward] indices: expected shape (1, 1, 2, 2) (doutput's), got shape (1, 4)"),
-        ((1, 2, 2), (1, 2, 2), (1, 1, 4, 4),
-         "[max_pool2d_backward] doutput: expected 4 dims (N, C, P, Q), got shape (1, 2, 2)"),
-        ((1, 1, 2, 2), (1, 1, 2, 2), (1, 4, 4),
-         "[max_pool2d_backward] x_shape: expected 4 dims (N, C, H, W), got shape (1, 4, 4)"),
-        ((1, 1, 2, 2), (1, 1, 2, 2), (1, 1, 0, 4),
-         "[max_pool2d_backward] x_shape: expected every dim >= 1, got shape (1, 1, 0, 4)"),
-        ((1, 1, 2, 2), (1, 1, 2, 2), (1, 1, -4, 4),
-         "[max_pool2d_backward] x_shape: expected every dim >= 1, got shape (1, 1, -4, 4)"),
-        ((1, 1, 2, 2), (1, 1, 2, 2), (2, 1, 4, 4),
-         "[max_pool2d_backward] doutput: expected (N, C) = (2, 1) to match x_shape (2, 1, 4, 4), "
-         "got shape (1, 1, 2, 2)"),
-        ((1, 3, 2, 2), (1, 3, 2, 2), (1, 2, 4, 4),
-         "[max_pool2d_backward] doutput: expected (N, C) = (1, 2) to match x_shape (1, 2, 4, 4), "
-         "got shape (1, 3, 2, 2)"),
+        (
+            (1, 1, 2, 2),
+            (1, 1, 2, 1),
+            (1, 1, 4, 4),
+            "[max_pool2d_backward] indices: expected shape (1, 1, 2, 2) (doutput's), got shape (1, 1, 2, 1)",
+        ),
+        (
+            (1, 1, 2, 2),
+            (1, 4),
+            (1, 1, 4, 4),
+            "[max_pool2d_backward] indices: expected shape (1, 1, 2, 2) (doutput's), got shape (1, 4)",
+        ),
+        (
+            (1, 2, 2),
+            (1, 2, 2),
+            (1, 1, 4, 4),
+            "[max_pool2d_backward] doutput: expected 4 dims (N, C, P, Q), got shape (1, 2, 2)",
+        ),
+        (
+            (1, 1, 2, 2),
+            (1, 1, 2, 2),
+            (1, 4, 4),
+            "[max_pool2d_backward] x_shape: expected 4 dims (N, C, H, W), got shape (1, 4, 4)",
+        ),
+        (
+            (1, 1, 2, 2),
+            (1, 1, 2, 2),
+            (1, 1, 0, 4),
+            "[max_pool2d_backward] x_shape: expected every dim >= 1, got shape (1, 1, 0, 4)",
+        ),
+        (
+            (1, 1, 2, 2),
+            (1, 1, 2, 2),
+            (1, 1, -4, 4),
+            "[max_pool2d_backward] x_shape: expected every dim >= 1, got shape (1, 1, -4, 4)",
+        ),
+        (
+            (1, 1, 2, 2),
+            (1, 1, 2, 2),
+            (2, 1, 4, 4),
+            "[max_pool2d_backward] doutput: expected (N, C) = (2, 1) to match x_shape (2, 1, 4, 4), "
+            "got shape (1, 1, 2, 2)",
+        ),
+        (
+            (1, 3, 2, 2),
+            (1, 3, 2, 2),
+            (1, 2, 4, 4),
+            "[max_pool2d_backward] doutput: expected (N, C) = (1, 2) to match x_shape (1, 2, 4, 4), "
+            "got shape (1, 3, 2, 2)",
+        ),
     ],
 )
 def test_max_pool2d_backward_shape_errors(dy_shape, idx_shape, x_shape, expected):
@@ -350,8 +590,11 @@ def test_max_pool2d_backward_shape_errors(dy_shape, idx_shape, x_shape, expected
         F.max_pool2d_backward(np.ones(dy_shape), np.zeros(idx_shape, np.int64), x_shape)
 
 
-@pytest.mark.parametrize("bad", ["abcd", 16, 4.0, None, (1, 1, 4.0, 4), (1, 1, "4", 4),
-                                 (1, 1, None, 4), (1, True, 4, 4)], ids=repr)
+@pytest.mark.parametrize(
+    "bad",
+    ["abcd", 16, 4.0, None, (1, 1, 4.0, 4), (1, 1, "4", 4), (1, 1, None, 4), (1, True, 4, 4)],
+    ids=repr,
+)
 def test_max_pool2d_backward_x_shape_of_wrong_type(bad):
     dy, idx = np.ones((1, 1, 2, 2)), np.zeros((1, 1, 2, 2), np.int64)
     with raises(TypeError, "[max_pool2d_backward] x_shape: expected a sequence of ints, got "):
@@ -365,8 +608,9 @@ def test_max_pool2d_backward_x_shape_may_be_any_int_sequence():
         np.testing.assert_array_equal(F.max_pool2d_backward(dy, idx, shape), want)
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.complex128, np.bool_, object],
-                         ids=dtype_name)
+@pytest.mark.parametrize(
+    "dtype", [np.float64, np.float32, np.complex128, np.bool_, object], ids=dtype_name
+)
 def test_max_pool2d_backward_indices_must_be_integers(dtype):
     dy = np.ones((1, 1, 2, 2))
     name = dtype_name(dtype)
@@ -401,11 +645,13 @@ def test_activation_errors(op, saved):
             backward(np.ones(3, dtype), np.ones(3))
         with raises(TypeError, f"[{bw}] {saved}: expected float32 or float64, got {name}"):
             backward(np.ones(3), np.ones(3, dtype))
-    with raises(TypeError, f"[{bw}] {saved}: expected float32 like the first array "
-                           "argument, got float64"):
+    with raises(
+        TypeError, f"[{bw}] {saved}: expected float32 like the first array argument, got float64"
+    ):
         backward(np.ones(3, F32), np.ones(3, F64))
-    with raises(TypeError, f"[{bw}] {saved}: expected float64 like the first array "
-                           "argument, got float32"):
+    with raises(
+        TypeError, f"[{bw}] {saved}: expected float64 like the first array argument, got float32"
+    ):
         backward(np.ones(3, F64), np.ones(3, F32))
     with raises(TypeError, f"[{bw}] doutput: expected an array, got None"):
         backward(None, np.ones(3))
@@ -425,17 +671,42 @@ def test_activation_errors(op, saved):
 @pytest.mark.parametrize(
     "x_shape, w_shape, b_shape, expected",
     [
-        ((), (4, 3), (4,), "[linear] input: expected at least 1 dim (*, in_features), got shape ()"),
-        ((2, 3), (3,), (4,),
-         "[linear] weight: expected 2 dims (out_features, in_features), got shape (3,)"),
-        ((2, 3), (1, 4, 3), (4,),
-         "[linear] weight: expected 2 dims (out_features, in_features), got shape (1, 4, 3)"),
-        ((2, 3), (4, 5), (4,),
-         "[linear] weight: expected in_features (dim 1) = 3 to match input (2, 3), got shape (4, 5)"),
-        ((2, 5, 3), (4, 5), (4,),
-         "[linear] weight: expected in_features (dim 1) = 3 to match input (2, 5, 3), got shape (4, 5)"),
-        ((2, 3), (3, 4), (4,),
-         "[linear] weight: expected in_features (dim 1) = 3 to match input (2, 3), got shape (3, 4)"),
+        (
+            (),
+            (4, 3),
+            (4,),
+            "[linear] input: expected at least 1 dim (*, in_features), got shape ()",
+        ),
+        (
+            (2, 3),
+            (3,),
+            (4,),
+            "[linear] weight: expected 2 dims (out_features, in_features), got shape (3,)",
+        ),
+        (
+            (2, 3),
+            (1, 4, 3),
+            (4,),
+            "[linear] weight: expected 2 dims (out_features, in_features), got shape (1, 4, 3)",
+        ),
+        (
+            (2, 3),
+            (4, 5),
+            (4,),
+            "[linear] weight: expected in_features (dim 1) = 3 to match input (2, 3), got shape (4, 5)",
+        ),
+        (
+            (2, 5, 3),
+            (4, 5),
+            (4,),
+            "[linear] weight: expected in_features (dim 1) = 3 to match input (2, 5, 3), got shape (4, 5)",
+        ),
+        (
+            (2, 3),
+            (3, 4),
+            (4,),
+            "[linear] weight: expected in_features (dim 1) = 3 to match input (2, 3), got shape (3, 4)",
+        ),
         ((2, 3), (0, 3), (0,), "[linear] weight: expected every dim >= 1, got shape (0, 3)"),
         ((2, 0), (4, 0), (4,), "[linear] weight: expected every dim >= 1, got shape (4, 0)"),
         ((2, 3), (4, 3), (3,), "[linear] bias: expected shape (4,), got shape (3,)"),
@@ -451,14 +722,27 @@ def test_linear_value_errors(x_shape, w_shape, b_shape, expected):
 @pytest.mark.parametrize(
     "dy_shape, x_shape, w_shape, expected",
     [
-        ((2, 5), (2, 3), (4, 3),
-         r"^\[linear_backward\] doutput: expected shape \(2, 4\) \(the forward output's\), "
-         r"got shape \(2, 5\)"),
+        (
+            (2, 5),
+            (2, 3),
+            (4, 3),
+            r"^\[linear_backward\] doutput: expected shape \(2, 4\) \(the forward output's\), "
+            r"got shape \(2, 5\)",
+        ),
         ((3, 4), (2, 3), (4, 3), r"^\[linear_backward\] doutput: expected shape \(2, 4\)"),
-        ((8, 4), (2, 4, 3), (4, 3),
-         r"^\[linear_backward\] doutput: expected shape \(2, 4, 4\) \(the forward output's\), "
-         r"got shape \(8, 4\)"),
-        ((2, 4), (2, 3), (4, 5), r"^\[linear(_backward)?\] weight: expected in_features \(dim 1\) = 3"),
+        (
+            (8, 4),
+            (2, 4, 3),
+            (4, 3),
+            r"^\[linear_backward\] doutput: expected shape \(2, 4, 4\) \(the forward output's\), "
+            r"got shape \(8, 4\)",
+        ),
+        (
+            (2, 4),
+            (2, 3),
+            (4, 5),
+            r"^\[linear(_backward)?\] weight: expected in_features \(dim 1\) = 3",
+        ),
         ((2, 4), (2, 3), (12,), r"^\[linear(_backward)?\] weight: expected 2 dims"),
     ],
 )
@@ -481,20 +765,27 @@ def test_linear_type_errors():
             F.linear(x, w.astype(dtype), b)
         with raises(TypeError, f"[linear] bias: expected float32 or float64, got {name}"):
             F.linear(x, w, b.astype(dtype))
-        with raises(TypeError, "[linear_backward] doutput: expected float32 or float64, got "
-                               f"{name}"):
+        with raises(
+            TypeError, f"[linear_backward] doutput: expected float32 or float64, got {name}"
+        ):
             F.linear_backward(np.ones((2, 4), dtype), x, w)
-    with raises(TypeError, "[linear] weight: expected float32 like the first array "
-                           "argument, got float64"):
+    with raises(
+        TypeError, "[linear] weight: expected float32 like the first array argument, got float64"
+    ):
         F.linear(x.astype(F32), w, b)
-    with raises(TypeError, "[linear] bias: expected float32 like the first array "
-                           "argument, got float64"):
+    with raises(
+        TypeError, "[linear] bias: expected float32 like the first array argument, got float64"
+    ):
         F.linear(x.astype(F32), w.astype(F32), b)
-    with raises(TypeError, "[linear_backward] input: expected float32 like the first "
-                           "array argument, got float64"):
+    with raises(
+        TypeError,
+        "[linear_backward] input: expected float32 like the first array argument, got float64",
+    ):
         F.linear_backward(np.ones((2, 4), F32), x, w.astype(F32))
-    with raises(TypeError, "[linear_backward] weight: expected float32 like the first "
-                           "array argument, got float64"):
+    with raises(
+        TypeError,
+        "[linear_backward] weight: expected float32 like the first array argument, got float64",
+    ):
         F.linear_backward(np.ones((2, 4), F32), x.astype(F32), w)
 
 
@@ -503,21 +794,36 @@ def test_linear_type_errors():
 # ---------------------------------------------------------------------------------------
 
 BCE_OPS = ["binary_cross_entropy", "binary_cross_entropy_backward"]
-BINARY_OPS = BCE_OPS + ["binary_cross_entropy_with_logits",
-                        "binary_cross_entropy_with_logits_backward"]
+BINARY_OPS = BCE_OPS + [
+    "binary_cross_entropy_with_logits",
+    "binary_cross_entropy_with_logits_backward",
+]
 
 
 @pytest.mark.parametrize("op", BCE_OPS)
-@pytest.mark.parametrize("bad, shown", [(1.5, "1.5"), (-0.25, "-0.25"), (1.0 + 1e-6, "1.00000"),
-                                        (np.nan, "nan"), (np.inf, "inf"), (-np.inf, "-inf")],
-                         ids=["1.5", "-0.25", "1+1e-6", "nan", "inf", "-inf"])
+@pytest.mark.parametrize(
+    "bad, shown",
+    [
+        (1.5, "1.5"),
+        (-0.25, "-0.25"),
+        (1.0 + 1e-6, "1.00000"),
+        (np.nan, "nan"),
+        (np.inf, "inf"),
+        (-np.inf, "-inf"),
+    ],
+    ids=["1.5", "-0.25", "1+1e-6", "nan", "inf", "-inf"],
+)
 @pytest.mark.parametrize("dtype", [F32, F64])
 def test_binary_cross_entropy_refuses_non_probabilities(op, bad, shown, dtype):
     a = np.array([[0.5, 0.25], [0.75, 0.5]], dtype)
     a[1, 0] = bad
     y = np.ones((2, 2), dtype)
-    expected = (re.escape(f"[{op}] input: expected probabilities in [0, 1], got ") + r"-?"
-                + re.escape(shown.lstrip("-")) + r"\S* at flat position 2")
+    expected = (
+        re.escape(f"[{op}] input: expected probabilities in [0, 1], got ")
+        + r"-?"
+        + re.escape(shown.lstrip("-"))
+        + r"\S* at flat position 2"
+    )
     with pytest.raises(ValueError, match="^" + expected):
         getattr(F, op)(a, y)
 
@@ -540,11 +846,13 @@ def test_binary_losses_shape_and_type_errors(op):
         fn(np.zeros(0), np.zeros(0))
     with raises(ValueError, f"[{op}] input: expected at least one element, got shape (2, 0)"):
         fn(np.zeros((2, 0)), np.zeros((2, 0)))
-    with raises(TypeError, f"[{op}] target: expected float32 like the first array "
-                           "argument, got float64"):
+    with raises(
+        TypeError, f"[{op}] target: expected float32 like the first array argument, got float64"
+    ):
         fn(np.full(3, 0.5, F32), np.ones(3))
-    with raises(TypeError, f"[{op}] target: expected float64 like the first array "
-                           "argument, got float32"):
+    with raises(
+        TypeError, f"[{op}] target: expected float64 like the first array argument, got float32"
+    ):
         fn(np.full(3, 0.5), np.ones(3, F32))
     with raises(TypeError, f"[{op}] input: expected an array, got None"):
         fn(None, np.ones(3))
@@ -564,17 +872,26 @@ def test_cross_entropy_errors(op):
     z = np.zeros((3, 4))
     for bad in ([0, 4, 1], [0, 1, 7], [-1, 0, 0], [0, 0, -4]):
         where = next(i for i, v in enumerate(bad) if not 0 <= v < 4)
-        with raises(ValueError, f"[{op}] labels: expected class indices in [0, 4), got "
-                                f"{bad[where]} at position {where}"):
+        with raises(
+            ValueError,
+            f"[{op}] labels: expected class indices in [0, 4), got "
+            f"{bad[where]} at position {where}",
+        ):
             fn(z, np.array(bad))
-    with raises(ValueError, f"[{op}] labels: expected shape (3,) (one class index per row "
-                            "of logits), got shape (4,)"):
+    with raises(
+        ValueError,
+        f"[{op}] labels: expected shape (3,) (one class index per row of logits), got shape (4,)",
+    ):
         fn(z, np.zeros(4, np.int64))
-    with raises(ValueError, f"[{op}] labels: expected shape (3,) (one class index per row "
-                            "of logits), got shape (3, 1)"):
+    with raises(
+        ValueError,
+        f"[{op}] labels: expected shape (3,) (one class index per row of logits), got shape (3, 1)",
+    ):
         fn(z, np.zeros((3, 1), np.int64))
-    with raises(ValueError, f"[{op}] labels: expected shape (3,) (one class index per row "
-                            "of logits), got shape ()"):
+    with raises(
+        ValueError,
+        f"[{op}] labels: expected shape (3,) (one class index per row of logits), got shape ()",
+    ):
         fn(z, 0)
     with raises(ValueError, f"[{op}] logits: expected 2 dims (N, K), got shape (4,)"):
         fn(np.zeros(4), np.zeros(1, np.int64))
@@ -585,8 +902,9 @@ def test_cross_entropy_errors(op):
     with raises(ValueError, f"[{op}] logits: expected every dim >= 1, got shape (3, 0)"):
         fn(np.zeros((3, 0)), np.zeros(3, np.int64))
     for dtype in (np.float64, np.float32, np.bool_, np.complex128, object):
-        with raises(TypeError, f"[{op}] labels: expected an integer array, got "
-                               f"{dtype_name(dtype)}"):
+        with raises(
+            TypeError, f"[{op}] labels: expected an integer array, got {dtype_name(dtype)}"
+        ):
             fn(z, np.zeros(3, dtype))
     with raises(TypeError, f"[{op}] labels: expected an integer array, got float64"):
         fn(z, [0, 1.0, 2])
@@ -595,8 +913,9 @@ def test_cross_entropy_errors(op):
     with raises(TypeError, f"[{op}] logits: expected an array, got None"):
         fn(None, np.zeros(3, np.int64))
     for dtype in BAD_DTYPES:
-        with raises(TypeError, f"[{op}] logits: expected float32 or float64, got "
-                               f"{dtype_name(dtype)}"):
+        with raises(
+            TypeError, f"[{op}] logits: expected float32 or float64, got {dtype_name(dtype)}"
+        ):
             fn(z.astype(dtype), np.zeros(3, np.int64))
 
 
@@ -622,8 +941,14 @@ def test_output_size_errors():
 
 
 def seed_model(dtype=np.float32):
-    return nn.Sequential(nn.Conv2d(1, 1, 3, dtype=dtype), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                         nn.Linear(4, 1, dtype=dtype), nn.Sigmoid())
+    return nn.Sequential(
+        nn.Conv2d(1, 1, 3, dtype=dtype),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4, 1, dtype=dtype),
+        nn.Sigmoid(),
+    )
 
 
 def test_load_state_dict_missing_and_unexpected_keys():
@@ -633,9 +958,14 @@ def test_load_state_dict_missing_and_unexpected_keys():
 
     missing = dict(good)
     del missing["0.bias"]
-    with pytest.raises(KeyError, match=re.escape("[load_state_dict] expected keys ['0.weight', "
-                                                 "'0.bias', '4.weight', '4.bias'], got missing "
-                                                 "['0.bias'], unexpected []")):
+    with pytest.raises(
+        KeyError,
+        match=re.escape(
+            "[load_state_dict] expected keys ['0.weight', "
+            "'0.bias', '4.weight', '4.bias'], got missing "
+            "['0.bias'], unexpected []"
+        ),
+    ):
         model.load_state_dict(missing)
 
     extra = dict(good, **{"5.weight": np.ones(1, np.float32)})
@@ -643,8 +973,10 @@ def test_load_state_dict_missing_and_unexpected_keys():
         model.load_state_dict(extra)
 
     renamed = {k.replace("4.", "1."): v for k, v in good.items()}
-    with pytest.raises(KeyError, match=re.escape("got missing ['4.weight', '4.bias'], "
-                                                 "unexpected ['1.weight', '1.bias']")):
+    with pytest.raises(
+        KeyError,
+        match=re.escape("got missing ['4.weight', '4.bias'], unexpected ['1.weight', '1.bias']"),
+    ):
         model.load_state_dict(renamed)
 
     with pytest.raises(KeyError, match=re.escape("[load_state_dict]")):
@@ -689,8 +1021,9 @@ def test_load_state_dict_wrong_shape_and_dtype():
         model64.load_state_dict(good)
 
 
-@pytest.mark.parametrize("dtype", [int, np.int64, np.int32, np.float16, np.complex128, bool,
-                                   "int8"], ids=repr)
+@pytest.mark.parametrize(
+    "dtype", [int, np.int64, np.int32, np.float16, np.complex128, bool, "int8"], ids=repr
+)
 def test_layers_refuse_non_float_dtypes(dtype):
     name = str(np.dtype(dtype))
     with raises(TypeError, f"[nn] dtype: expected float32 or float64, got {name}"):
@@ -701,12 +1034,14 @@ def test_layers_refuse_non_float_dtypes(dtype):
 
 def test_layers_refuse_inputs_of_the_other_dtype():
     conv = nn.Conv2d(1, 2, 3)  # float32 by default
-    with raises(TypeError, "[conv2d] weight: expected float64 like the first array "
-                           "argument, got float32"):
+    with raises(
+        TypeError, "[conv2d] weight: expected float64 like the first array argument, got float32"
+    ):
         conv(np.ones((1, 1, 5, 5)))
     lin = nn.Linear(3, 2, dtype=np.float64)
-    with raises(TypeError, "[linear] weight: expected float32 like the first array "
-                           "argument, got float64"):
+    with raises(
+        TypeError, "[linear] weight: expected float32 like the first array argument, got float64"
+    ):
         lin(np.ones((2, 3), np.float32))
     with raises(ValueError, "[conv2d] weight: expected 1 input channels (dim 1)"):
         nn.Conv2d(2, 2, 3)(np.ones((1, 1, 5, 5), np.float32))
@@ -743,11 +1078,14 @@ def test_sgd_errors():
             optim.SGD(params, **{name: -0.5})
         with raises(ValueError, f"[SGD] {name}: expected >= 0, got nan"):
             optim.SGD(params, **{name: float("nan")})
-    with raises(ValueError, "[SGD] nesterov: expected momentum > 0 and dampening 0, got "
-                            "momentum 0.0"):
+    with raises(
+        ValueError, "[SGD] nesterov: expected momentum > 0 and dampening 0, got momentum 0.0"
+    ):
         optim.SGD(params, lr=0.1, nesterov=True)
-    with raises(ValueError, "[SGD] nesterov: expected momentum > 0 and dampening 0, got "
-                            "momentum 0.9, dampening 0.1"):
+    with raises(
+        ValueError,
+        "[SGD] nesterov: expected momentum > 0 and dampening 0, got momentum 0.9, dampening 0.1",
+    ):
         optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.1, nesterov=True)
 
 
@@ -784,26 +1122,42 @@ def test_ints_beyond_int64_are_value_errors(huge):
         args = {"kernel_size": 2, name: huge}
         with raises(ValueError, f"[max_pool2d] {name}: expected a 64-bit integer, got {shown}"):
             F.max_pool2d(x, **args)
-    with raises(ValueError, f"[max_pool2d_backward] x_shape: expected a 64-bit integer, got {shown}"):
-        F.max_pool2d_backward(np.ones((1, 1, 1, 1)), np.zeros((1, 1, 1, 1), np.int64), (1, 1, huge, 2))
+    with raises(
+        ValueError, f"[max_pool2d_backward] x_shape: expected a 64-bit integer, got {shown}"
+    ):
+        F.max_pool2d_backward(
+            np.ones((1, 1, 1, 1)), np.zeros((1, 1, 1, 1), np.int64), (1, 1, huge, 2)
+        )
     for i, name in enumerate(("in_size", "kernel", "stride", "padding")):
         args = [5, 1, 1, 0]
         args[i] = huge
         with raises(ValueError, f"[output_size] {name}: expected a 64-bit integer, got {shown}"):
             F.output_size(*args)
-    with raises(ValueError, f"[conv2d_workspace_bytes] padding: expected a 64-bit integer"):
+    with raises(ValueError, "[conv2d_workspace_bytes] padding: expected a 64-bit integer"):
         F.conv2d_workspace_bytes((1, 1, 4, 4), (1, 1, 3, 3), 1, huge)
 
 
-@pytest.mark.parametrize("padding, expected", [
-    (2**62, "[conv2d] padding: expected a padded size (size + 2 * padding) of at most 2^48, "
-            "got 6 + 2 * 4611686018427387904"),
-    (2**63 - 1, "[conv2d] padding: expected a padded size"),
-    (2**40, "[conv2d] output: expected at most 2^48 elements, got shape (2, 4, 2199023255556, "
-            "2199023255556)"),
-    ((2**31, 2**30), "[conv2d] output: expected at most 2^48 elements, got shape "
-                     "(2, 4, 4294967300, 2147483652)"),
-])
+@pytest.mark.parametrize(
+    "padding, expected",
+    [
+        (
+            2**62,
+            "[conv2d] padding: expected a padded size (size + 2 * padding) of at most 2^48, "
+            "got 6 + 2 * 4611686018427387904",
+        ),
+        (2**63 - 1, "[conv2d] padding: expected a padded size"),
+        (
+            2**40,
+            "[conv2d] output: expected at most 2^48 elements, got shape (2, 4, 2199023255556, "
+            "2199023255556)",
+        ),
+        (
+            (2**31, 2**30),
+            "[conv2d] output: expected at most 2^48 elements, got shape "
+            "(2, 4, 4294967300, 2147483652)",
+        ),
+    ],
+)
 def test_conv2d_sizes_that_overflow_are_refused_before_allocating(padding, expected):
     # before: NumPy's "array is too big" ValueError, or a padded size that wrapped negative
     x, w, b = conv_args()
@@ -817,21 +1171,31 @@ def test_conv2d_sizes_that_overflow_are_refused_before_allocating(padding, expec
 
 def test_max_pool2d_and_output_size_extremes():
     x = np.ones((1, 1, 4, 4))
-    with raises(ValueError, "[max_pool2d] padding: expected a padded size (size + 2 * padding) "
-                            "of at most 2^48, got 4 + 2 * 4611686018427387903"):
+    with raises(
+        ValueError,
+        "[max_pool2d] padding: expected a padded size (size + 2 * padding) "
+        "of at most 2^48, got 4 + 2 * 4611686018427387903",
+    ):
         F.max_pool2d(x, 2**63 - 1, 1, 2**62 - 1)
-    with raises(ValueError, "[max_pool2d] input: expected padded size (4, 4) >= kernel size "
-                            "(9223372036854775807, 9223372036854775807)"):
+    with raises(
+        ValueError,
+        "[max_pool2d] input: expected padded size (4, 4) >= kernel size "
+        "(9223372036854775807, 9223372036854775807)",
+    ):
         F.max_pool2d(x, 2**63 - 1)
     # a stride beyond the input and a window as wide as the padded input are fine
     y, idx = F.max_pool2d(x, 2, 2**63 - 1)
     assert y.shape == (1, 1, 1, 1) and idx[0, 0, 0, 0] == 0
     y, _ = F.max_pool2d(x, (3, 2**40), 1, (1, 2**39))
     assert y.shape == (1, 1, 4, 5)
-    with raises(ValueError, "[max_pool2d_backward] x_shape: expected at most 2^48 elements, got "
-                            "shape (1, 1, 4611686018427387904, 4611686018427387904)"):
-        F.max_pool2d_backward(np.ones((1, 1, 1, 1)), np.zeros((1, 1, 1, 1), np.int64),
-                              (1, 1, 2**62, 2**62))
+    with raises(
+        ValueError,
+        "[max_pool2d_backward] x_shape: expected at most 2^48 elements, got "
+        "shape (1, 1, 4611686018427387904, 4611686018427387904)",
+    ):
+        F.max_pool2d_backward(
+            np.ones((1, 1, 1, 1)), np.zeros((1, 1, 1, 1), np.int64), (1, 1, 2**62, 2**62)
+        )
     assert F.output_size(0, 2**63 - 1, 2**63 - 1) == 0
     with raises(ValueError, "[output_size] padding: expected a padded size"):
         F.output_size(5, 1, 1, 2**62)
@@ -843,8 +1207,10 @@ def test_broadcast_views_too_large_to_copy():
     # zero-stride views whose contiguous copy does not fit: the size check names the op,
     # or the copy raises MemoryError (before: a null array and a segmentation fault)
     big = np.broadcast_to(np.float64(1), (2**29, 2**30))
-    with raises(ValueError, "[relu] input: expected at most 2^48 elements, got shape (536870912, "
-                            "1073741824)"):
+    with raises(
+        ValueError,
+        "[relu] input: expected at most 2^48 elements, got shape (536870912, 1073741824)",
+    ):
         F.relu(big)
     with raises(ValueError, "[sigmoid_backward] doutput: expected at most 2^48 elements"):
         F.sigmoid_backward(big, big)
@@ -898,8 +1264,10 @@ def test_strides_beyond_the_input_are_one_window(stride):
         y = F.conv2d(x, w, None, stride, padding)
         np.testing.assert_allclose(y, ref.conv2d(x, w, None, stride, padding), rtol=1e-12)
         dy = rng.standard_normal(y.shape)
-        for got, want in zip(F.conv2d_backward(dy, x, w, stride, padding),
-                             ref.conv2d_backward(dy, x, w, stride, padding)):
+        for got, want in zip(
+            F.conv2d_backward(dy, x, w, stride, padding),
+            ref.conv2d_backward(dy, x, w, stride, padding),
+        ):
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
         out, idx = F.max_pool2d(x, 3, stride, min(padding, 1))
         want_out, want_idx = ref.max_pool2d(x, 3, stride, min(padding, 1))

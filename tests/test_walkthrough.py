@@ -6,13 +6,23 @@ import sys
 
 import numpy as np
 import pytest
-
 from cnnbp import reference, walkthrough
 
 ALL_NAMES = walkthrough.FORWARD_NAMES + walkthrough.BACKWARD_NAMES
-SHAPES = {"X": (1, 1, 6, 6), "W1": (1, 1, 3, 3), "B1": (1,), "Z1": (1, 1, 4, 4),
-          "A1": (1, 1, 4, 4), "P1": (1, 1, 2, 2), "F": (1, 4), "W2": (1, 4), "B2": (1,),
-          "Z2": (1, 1), "A2": (1, 1), "Y": (1, 1)}
+SHAPES = {
+    "X": (1, 1, 6, 6),
+    "W1": (1, 1, 3, 3),
+    "B1": (1,),
+    "Z1": (1, 1, 4, 4),
+    "A1": (1, 1, 4, 4),
+    "P1": (1, 1, 2, 2),
+    "F": (1, 4),
+    "W2": (1, 4),
+    "B2": (1,),
+    "Z2": (1, 1),
+    "A2": (1, 1),
+    "Y": (1, 1),
+}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 7])
@@ -31,8 +41,10 @@ def test_quantities_have_the_derivations_shapes_and_15_parameters():
     assert list(result.quantities) == ALL_NAMES
     for name, shape in SHAPES.items():
         assert np.shape(result[name]) == shape, name
-        assert np.shape(result["dL/d" + name] if "dL/d" + name in result.quantities
-                        else result[name]) == shape
+        assert (
+            np.shape(result["dL/d" + name] if "dL/d" + name in result.quantities else result[name])
+            == shape
+        )
     assert isinstance(result["L"], float)
     n_params = sum(np.size(result[n]) for n in ("W1", "B1", "W2", "B2"))
     assert n_params == 15
@@ -43,8 +55,9 @@ def test_numbers_match_the_oracle_independently():
     result = walkthrough.run(seed=3, label=0.0)
     expected = reference.seed_network(*(result[n] for n in ("X", "W1", "B1", "W2", "B2", "Y")))
     for name in ALL_NAMES:
-        np.testing.assert_allclose(result[name], expected[name], rtol=1e-12, atol=1e-15,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            result[name], expected[name], rtol=1e-12, atol=1e-15, err_msg=name
+        )
     # dL/dZ2 = A2 - Y for one sample; the pool gradient sits on the argmax cells only
     np.testing.assert_allclose(result["dL/dZ2"], result["A2"] - result["Y"], rtol=1e-14)
     dA1 = result["dL/dA1"].ravel()
@@ -75,8 +88,9 @@ def test_bad_arguments_raise():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "cnnbp", *args], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "cnnbp", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_command_prints_every_quantity_and_passes():
@@ -90,8 +104,9 @@ def test_command_prints_every_quantity_and_passes():
 
 
 def test_command_json_matches_python_api():
-    proc = _cli("walkthrough", "--json", "--seed", "4", "--label", "0", "--lr", "0.1",
-                "--steps", "3")
+    proc = _cli(
+        "walkthrough", "--json", "--seed", "4", "--label", "0", "--lr", "0.1", "--steps", "3"
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     result = walkthrough.run(seed=4, label=0.0, lr=0.1, steps=3)

@@ -17,7 +17,6 @@ namespace cnnbp_bindings {
 namespace py = pybind11;
 using cnnbp::Shape;
 
-
 enum class DType { f32, f64 };
 
 // Any array-like becomes an ndarray; None and non-numeric objects are refused.
@@ -66,8 +65,8 @@ bool is_plain_array(const py::handle& obj) {
     const auto& api = py::detail::npy_api::get();
     if (!api.PyArray_Check_(obj.ptr())) return false;
     const auto* header = py::detail::array_proxy(obj.ptr());
-    constexpr int wanted = py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_ |
-                           py::detail::npy_api::NPY_ARRAY_ALIGNED_;
+    constexpr int wanted =
+        py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_ | py::detail::npy_api::NPY_ARRAY_ALIGNED_;
     if ((header->flags & wanted) != wanted) return false;
     const auto* descr = py::detail::array_descriptor_proxy(header->descr);
     return descr->type_num == py::detail::npy_format_descriptor<T>::value &&
@@ -93,15 +92,15 @@ py::array_t<T> empty_like_shape(const Shape& shape) {
         return py::array_t<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
     std::copy(shape.begin(), shape.end(), dims.begin());
     PyObject* arr = api.PyArray_NewFromDescr_(api.PyArray_Type_, py::dtype::of<T>().release().ptr(),
-                                              static_cast<int>(shape.size()), dims.data(),
-                                              nullptr, nullptr, 0, nullptr);
+                                              static_cast<int>(shape.size()), dims.data(), nullptr,
+                                              nullptr, 0, nullptr);
     if (!arr) throw py::error_already_set();
     return py::reinterpret_steal<py::array_t<T>>(arr);
 }
 
 // Integer arrays (class labels, pooling indices) as C-contiguous int64.
 inline py::array_t<int64_t, py::array::c_style> as_int64(const char* op, const char* name,
-                                                  const py::handle& obj) {
+                                                         const py::handle& obj) {
     py::array arr = as_array(op, name, obj);
     const char kind = arr.dtype().kind();
     if (kind != 'i' && kind != 'u')

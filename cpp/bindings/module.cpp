@@ -48,7 +48,6 @@ cnnbp::Conv2dParams conv_params(const char* op, const py::handle& stride,
     return cnnbp::Conv2dParams{s[0], s[1], p[0], p[1]};
 }
 
-
 py::array conv2d(const py::handle& x_obj, const py::handle& w_obj, const py::handle& b_obj,
                  const py::handle& stride, const py::handle& padding) {
     const char* op = "conv2d";
@@ -83,8 +82,8 @@ py::tuple conv2d_backward(const py::handle& dy_obj, const py::handle& x_obj,
     const DType dtype = float_dtype(op, "doutput", dy);
     check_dtype(op, "input", x, dtype);
     check_dtype(op, "weight", w, dtype);
-    const auto dims = cnnbp::conv2d_dims(shape_of(x), shape_of(w), nullptr,
-                                         conv_params(op, stride, padding), op);
+    const auto dims =
+        cnnbp::conv2d_dims(shape_of(x), shape_of(w), nullptr, conv_params(op, stride, padding), op);
     cnnbp::conv2d_check_doutput(dims, shape_of(dy));
     return dispatch(dtype, [&](auto tag) -> py::tuple {
         using T = decltype(tag);
@@ -111,8 +110,8 @@ py::tuple max_pool2d(const py::handle& x_obj, const py::handle& kernel_size,
     auto k = parse_pair(op, "kernel_size", kernel_size);
     auto s = stride.is_none() ? k : parse_pair(op, "stride", stride);  // torch: stride = kernel
     auto p = parse_pair(op, "padding", padding);
-    const auto dims =
-        cnnbp::pool2d_dims(op, shape_of(x), cnnbp::Pool2dParams{k[0], k[1], s[0], s[1], p[0], p[1]});
+    const auto dims = cnnbp::pool2d_dims(op, shape_of(x),
+                                         cnnbp::Pool2dParams{k[0], k[1], s[0], s[1], p[0], p[1]});
     return dispatch(dtype, [&](auto tag) -> py::tuple {
         using T = decltype(tag);
         auto xc = contiguous<T>(x);
@@ -188,8 +187,10 @@ py::array unary(const char* op, const py::handle& z_obj) {
         T* a_ptr = a.mutable_data();
         {  // the GIL is held again before the result is touched
             py::gil_scoped_release release;
-            if constexpr (std::is_same_v<T, float>) KernelF(a_ptr, zc.data(), zc.size());
-            else KernelD(a_ptr, zc.data(), zc.size());
+            if constexpr (std::is_same_v<T, float>)
+                KernelF(a_ptr, zc.data(), zc.size());
+            else
+                KernelD(a_ptr, zc.data(), zc.size());
         }
         return a;
     });
@@ -276,8 +277,8 @@ py::array avg_pool2d_backward(const py::handle& dy_obj, const py::handle& x_shap
 double parse_float(const char* op, const char* name, const py::handle& obj) {
     PyObject* o = obj.ptr();
     if (PyFloat_Check(o)) return PyFloat_AS_DOUBLE(o);
-    if (!py::isinstance<py::bool_>(obj) && !PyComplex_Check(o) &&
-        !py::isinstance<py::array>(obj) && PyNumber_Check(o)) {
+    if (!py::isinstance<py::bool_>(obj) && !PyComplex_Check(o) && !py::isinstance<py::array>(obj) &&
+        PyNumber_Check(o)) {
         const double value = PyFloat_AsDouble(o);
         if (!(value == -1.0 && PyErr_Occurred())) return value;
         PyErr_Clear();
@@ -364,17 +365,19 @@ void def_avg_pool2d_tanh_dropout(py::module_& m) {
     m.def("avg_pool2d_backward", &avg_pool2d_backward, arg("dy"), arg("x_shape"),
           arg("kernel_size"), arg("stride") = py::none(), arg("padding") = 0,
           "dx (x_shape): each cell gets dy / (window size) from every window covering it.");
-    m.def("tanh",
-          [](const py::handle& z) {
-              return unary<cnnbp::tanh_forward<float>, cnnbp::tanh_forward<double>>("tanh", z);
-          },
-          arg("z"), "a = tanh(z)");
-    m.def("tanh_backward",
-          [](const py::handle& da, const py::handle& a) {
-              return unary_backward<cnnbp::tanh_backward<float>, cnnbp::tanh_backward<double>>(
-                  "tanh_backward", "a", da, a);
-          },
-          arg("da"), arg("a"), "dz = da * (1 - a * a), from the forward output a");
+    m.def(
+        "tanh",
+        [](const py::handle& z) {
+            return unary<cnnbp::tanh_forward<float>, cnnbp::tanh_forward<double>>("tanh", z);
+        },
+        arg("z"), "a = tanh(z)");
+    m.def(
+        "tanh_backward",
+        [](const py::handle& da, const py::handle& a) {
+            return unary_backward<cnnbp::tanh_backward<float>, cnnbp::tanh_backward<double>>(
+                "tanh_backward", "a", da, a);
+        },
+        arg("da"), arg("a"), "dz = da * (1 - a * a), from the forward output a");
     m.def("dropout", &dropout, arg("x"), arg("p") = 0.5, arg("seed") = 0,
           "(y, mask) = dropout(x, p, seed): mask (bool, x's shape) keeps each element with "
           "probability 1 - p, drawn from (seed, flat index) by a counter-based hash; "
@@ -540,9 +543,9 @@ int64_t conv2d_workspace_bytes(const py::handle& x_shape, const py::handle& w_sh
                                const py::handle& stride, const py::handle& padding,
                                const py::handle& dtype) {
     const char* op = "conv2d_workspace_bytes";
-    const auto dims = cnnbp::conv2d_dims(parse_shape(op, "x_shape", x_shape),
-                                         parse_shape(op, "w_shape", w_shape), nullptr,
-                                         conv_params(op, stride, padding), op);
+    const auto dims =
+        cnnbp::conv2d_dims(parse_shape(op, "x_shape", x_shape), parse_shape(op, "w_shape", w_shape),
+                           nullptr, conv_params(op, stride, padding), op);
     py::dtype dt;
     try {
         dt = py::dtype::from_args(py::reinterpret_borrow<py::object>(dtype));
@@ -568,11 +571,12 @@ PYBIND11_MODULE(_core, m) {
     m.doc() = "cnnbp's C++ kernels (use cnnbp.functional, which documents each function)";
     using py::arg;
 
-    m.def("set_num_threads",
-          [](const py::handle& n) { cnnbp::set_num_threads(parse_int("set_num_threads", "n", n)); },
-          arg("n"),
-          "Use n >= 1 threads in the kernels called from this thread from now on (OpenMP's "
-          "omp_set_num_threads). Results are the same for any n.");
+    m.def(
+        "set_num_threads",
+        [](const py::handle& n) { cnnbp::set_num_threads(parse_int("set_num_threads", "n", n)); },
+        arg("n"),
+        "Use n >= 1 threads in the kernels called from this thread from now on (OpenMP's "
+        "omp_set_num_threads). Results are the same for any n.");
     m.def("get_num_threads", &cnnbp::get_num_threads,
           "The number of threads the kernels may use (omp_get_max_threads; 1 without OpenMP).");
 
@@ -586,16 +590,17 @@ PYBIND11_MODULE(_core, m) {
           "Bytes of scratch memory conv2d / conv2d_backward allocate for these shapes with the "
           "current thread count (0 for the direct loops of tiny problems).");
 
-    m.def("output_size",
-          [](const py::handle& in, const py::handle& kernel, const py::handle& stride,
-             const py::handle& padding) {
-              const char* op = "output_size";
-              return cnnbp::output_size(parse_int(op, "in_size", in), parse_int(op, "kernel", kernel),
-                                        parse_int(op, "stride", stride),
-                                        parse_int(op, "padding", padding));
-          },
-          arg("in_size"), arg("kernel"), arg("stride") = 1, arg("padding") = 0,
-          "Output length of a sliding window: floor((in + 2*padding - kernel) / stride) + 1.");
+    m.def(
+        "output_size",
+        [](const py::handle& in, const py::handle& kernel, const py::handle& stride,
+           const py::handle& padding) {
+            const char* op = "output_size";
+            return cnnbp::output_size(parse_int(op, "in_size", in), parse_int(op, "kernel", kernel),
+                                      parse_int(op, "stride", stride),
+                                      parse_int(op, "padding", padding));
+        },
+        arg("in_size"), arg("kernel"), arg("stride") = 1, arg("padding") = 0,
+        "Output length of a sliding window: floor((in + 2*padding - kernel) / stride) + 1.");
 
     m.def("conv2d", &conv2d, arg("x"), arg("w"), arg("b") = py::none(), arg("stride") = 1,
           arg("padding") = 0,
@@ -612,22 +617,33 @@ PYBIND11_MODULE(_core, m) {
     m.def("max_pool2d_backward", &max_pool2d_backward, arg("dy"), arg("idx"), arg("x_shape"),
           "dx (x_shape) = dy scattered to the positions in idx, zero elsewhere.");
 
-    m.def("relu", [](const py::handle& z) { return unary<cnnbp::relu_forward<float>, cnnbp::relu_forward<double>>("relu", z); },
-          arg("z"), "a = max(z, 0)");
-    m.def("relu_backward",
-          [](const py::handle& da, const py::handle& z) {
-              return unary_backward<cnnbp::relu_backward<float>, cnnbp::relu_backward<double>>(
-                  "relu_backward", "z", da, z);
-          },
-          arg("da"), arg("z"), "dz = da where z > 0, else 0");
-    m.def("sigmoid", [](const py::handle& z) { return unary<cnnbp::sigmoid_forward<float>, cnnbp::sigmoid_forward<double>>("sigmoid", z); },
-          arg("z"), "a = 1 / (1 + exp(-z))");
-    m.def("sigmoid_backward",
-          [](const py::handle& da, const py::handle& a) {
-              return unary_backward<cnnbp::sigmoid_backward<float>,
-                                    cnnbp::sigmoid_backward<double>>("sigmoid_backward", "a", da, a);
-          },
-          arg("da"), arg("a"), "dz = da * a * (1 - a), from the forward output a");
+    m.def(
+        "relu",
+        [](const py::handle& z) {
+            return unary<cnnbp::relu_forward<float>, cnnbp::relu_forward<double>>("relu", z);
+        },
+        arg("z"), "a = max(z, 0)");
+    m.def(
+        "relu_backward",
+        [](const py::handle& da, const py::handle& z) {
+            return unary_backward<cnnbp::relu_backward<float>, cnnbp::relu_backward<double>>(
+                "relu_backward", "z", da, z);
+        },
+        arg("da"), arg("z"), "dz = da where z > 0, else 0");
+    m.def(
+        "sigmoid",
+        [](const py::handle& z) {
+            return unary<cnnbp::sigmoid_forward<float>, cnnbp::sigmoid_forward<double>>("sigmoid",
+                                                                                        z);
+        },
+        arg("z"), "a = 1 / (1 + exp(-z))");
+    m.def(
+        "sigmoid_backward",
+        [](const py::handle& da, const py::handle& a) {
+            return unary_backward<cnnbp::sigmoid_backward<float>, cnnbp::sigmoid_backward<double>>(
+                "sigmoid_backward", "a", da, a);
+        },
+        arg("da"), arg("a"), "dz = da * a * (1 - a), from the forward output a");
     def_avg_pool2d_tanh_dropout(m);
 
     m.def("linear", &linear, arg("x"), arg("w"), arg("b") = py::none(),
@@ -635,25 +651,30 @@ PYBIND11_MODULE(_core, m) {
     m.def("linear_backward", &linear_backward, arg("dy"), arg("x"), arg("w"),
           "(dx, dw, db) = gradients of linear given dy (*, out)");
 
-
-    m.def("binary_cross_entropy",
-          [](const py::handle& a, const py::handle& y) { return binary_loss<true>("binary_cross_entropy", a, y); },
-          arg("a"), arg("y"), "mean binary cross-entropy of probabilities a against targets y");
-    m.def("binary_cross_entropy_backward",
-          [](const py::handle& a, const py::handle& y) {
-              return binary_loss_backward<true>("binary_cross_entropy_backward", a, y);
-          },
-          arg("a"), arg("y"), "dL/da of the mean binary cross-entropy");
-    m.def("binary_cross_entropy_with_logits",
-          [](const py::handle& z, const py::handle& y) {
-              return binary_loss<false>("binary_cross_entropy_with_logits", z, y);
-          },
-          arg("z"), arg("y"), "mean binary cross-entropy of sigmoid(z) against y, computed stably");
-    m.def("binary_cross_entropy_with_logits_backward",
-          [](const py::handle& z, const py::handle& y) {
-              return binary_loss_backward<false>("binary_cross_entropy_with_logits_backward", z, y);
-          },
-          arg("z"), arg("y"), "dL/dz = (sigmoid(z) - y) / count");
+    m.def(
+        "binary_cross_entropy",
+        [](const py::handle& a, const py::handle& y) {
+            return binary_loss<true>("binary_cross_entropy", a, y);
+        },
+        arg("a"), arg("y"), "mean binary cross-entropy of probabilities a against targets y");
+    m.def(
+        "binary_cross_entropy_backward",
+        [](const py::handle& a, const py::handle& y) {
+            return binary_loss_backward<true>("binary_cross_entropy_backward", a, y);
+        },
+        arg("a"), arg("y"), "dL/da of the mean binary cross-entropy");
+    m.def(
+        "binary_cross_entropy_with_logits",
+        [](const py::handle& z, const py::handle& y) {
+            return binary_loss<false>("binary_cross_entropy_with_logits", z, y);
+        },
+        arg("z"), arg("y"), "mean binary cross-entropy of sigmoid(z) against y, computed stably");
+    m.def(
+        "binary_cross_entropy_with_logits_backward",
+        [](const py::handle& z, const py::handle& y) {
+            return binary_loss_backward<false>("binary_cross_entropy_with_logits_backward", z, y);
+        },
+        arg("z"), arg("y"), "dL/dz = (sigmoid(z) - y) / count");
     m.def("cross_entropy", &cross_entropy, arg("logits"), arg("labels"),
           "mean softmax cross-entropy of logits (N, K) against class indices labels (N,)");
     m.def("cross_entropy_backward", &cross_entropy_backward, arg("logits"), arg("labels"),

@@ -280,7 +280,8 @@ struct TrainStep {
 
     double operator()(const py::handle& x, const py::handle& y) {
         // checked before anything is touched
-        Busy busy_model(model.get(), "Sequential", false), busy_loss(loss.get(), loss->type(), false),
+        Busy busy_model(model.get(), "Sequential", false),
+            busy_loss(loss.get(), loss->type(), false),
             busy_optimizer(optimizer.get(), optimizer->type(), false);
         fill_input(model->kept_input(), "Sequential", false, x);
         fill_target(target, *loss, y);
@@ -317,8 +318,7 @@ void set_buffer(Optimizer<T>& o, size_t i, std::vector<T>& buffer, const char* n
     fill_input(t, o.type() + ".load_state_dict", false, values, name);
     if (t.shape != shape)
         throw py::value_error("[" + o.type() + ".load_state_dict] " + name + ": expected shape " +
-                              cnnbp::shape_str(shape) + ", got shape " +
-                              cnnbp::shape_str(t.shape));
+                              cnnbp::shape_str(shape) + ", got shape " + cnnbp::shape_str(t.shape));
     buffer = std::move(t.data);
 }
 
@@ -333,8 +333,8 @@ template <typename T>
 py::list named_parameters(const py::object& self) {
     py::list out;
     for (auto& [name, p] : self.cast<Layer<T>&>().named_parameters())
-        out.append(py::make_tuple(name, py::cast(p, py::return_value_policy::reference_internal,
-                                                 self)));
+        out.append(
+            py::make_tuple(name, py::cast(p, py::return_value_policy::reference_internal, self)));
     return out;
 }
 
@@ -383,8 +383,7 @@ void bind_dtype(py::module_& m) {
         .def(py::init<int64_t, int64_t, A2, A2, A2, bool>());
     py::class_<Linear<T>, L, std::shared_ptr<Linear<T>>>(m, suffixed<T>("Linear").c_str())
         .def(py::init<int64_t, int64_t, bool>());
-    py::class_<MaxPool2d<T>, L, std::shared_ptr<MaxPool2d<T>>>(m,
-                                                                suffixed<T>("MaxPool2d").c_str())
+    py::class_<MaxPool2d<T>, L, std::shared_ptr<MaxPool2d<T>>>(m, suffixed<T>("MaxPool2d").c_str())
         .def(py::init<A2, A2, A2>())
         .def("indices", [](MaxPool2d<T>& l) -> py::object {
             if (l.output().shape.empty()) return py::none();
@@ -392,8 +391,7 @@ void bind_dtype(py::module_& m) {
             std::copy(l.indices.begin(), l.indices.end(), out.mutable_data());
             return std::move(out);
         });
-    py::class_<AvgPool2d<T>, L, std::shared_ptr<AvgPool2d<T>>>(m,
-                                                                suffixed<T>("AvgPool2d").c_str())
+    py::class_<AvgPool2d<T>, L, std::shared_ptr<AvgPool2d<T>>>(m, suffixed<T>("AvgPool2d").c_str())
         .def(py::init<A2, A2, A2>());
     py::class_<ReLU<T>, L, std::shared_ptr<ReLU<T>>>(m, suffixed<T>("ReLU").c_str())
         .def(py::init<>());
@@ -414,8 +412,8 @@ void bind_dtype(py::module_& m) {
     py::class_<PythonLayer<T>, L, std::shared_ptr<PythonLayer<T>>>(
         m, suffixed<T>("PythonLayer").c_str())
         .def(py::init<py::object>());
-    py::class_<Sequential<T>, L, std::shared_ptr<Sequential<T>>>(
-        m, suffixed<T>("Sequential").c_str())
+    py::class_<Sequential<T>, L, std::shared_ptr<Sequential<T>>>(m,
+                                                                 suffixed<T>("Sequential").c_str())
         .def(py::init<>())
         .def("add", [](Sequential<T>& s, std::shared_ptr<L> layer) { s.add(std::move(layer)); })
         .def("zero_grad", &Sequential<T>::zero_grad);
@@ -485,18 +483,18 @@ void bind_dtype(py::module_& m) {
                  return std::make_shared<SGD<T>>(parameter_pointers<T>(params), lr, momentum,
                                                  weight_decay, dampening, nesterov);
              }),
-             py::keep_alive<1, 2>(), arg("params"), arg("lr"), arg("momentum"),
-             arg("weight_decay"), arg("dampening"), arg("nesterov"))
+             py::keep_alive<1, 2>(), arg("params"), arg("lr"), arg("momentum"), arg("weight_decay"),
+             arg("dampening"), arg("nesterov"))
         .def("momentum_buffer",
              [](SGD<T>& o, size_t i) { return buffer_array(o, i, o.momentum_buffers().at(i)); })
         .def("set_momentum_buffer", [](SGD<T>& o, size_t i, const py::handle& values) {
             set_buffer(o, i, o.momentum_buffers().at(i), "momentum_buffer", values);
         });
     py::class_<Adam<T>, O, std::shared_ptr<Adam<T>>>(m, suffixed<T>("Adam").c_str())
-        .def(py::init([](const py::list& params, double lr, double beta1, double beta2,
-                         double eps, double weight_decay) {
-                 return std::make_shared<Adam<T>>(parameter_pointers<T>(params), lr, beta1,
-                                                  beta2, eps, weight_decay);
+        .def(py::init([](const py::list& params, double lr, double beta1, double beta2, double eps,
+                         double weight_decay) {
+                 return std::make_shared<Adam<T>>(parameter_pointers<T>(params), lr, beta1, beta2,
+                                                  eps, weight_decay);
              }),
              py::keep_alive<1, 2>(), arg("params"), arg("lr"), arg("beta1"), arg("beta2"),
              arg("eps"), arg("weight_decay"))
@@ -510,10 +508,13 @@ void bind_dtype(py::module_& m) {
         .def("set_moments", [](Adam<T>& o, size_t i, int64_t step, const py::handle& first,
                                const py::handle& second) {
             if (step < 0)
-                throw py::value_error("[" + o.type() + ".load_state_dict] step: expected >= 0, "
-                                      "got " + std::to_string(step));
+                throw py::value_error("[" + o.type() +
+                                      ".load_state_dict] step: expected >= 0, "
+                                      "got " +
+                                      std::to_string(step));
             if (step > 0 && (first.is_none() || second.is_none()))
-                throw py::value_error("[" + o.type() + ".load_state_dict] exp_avg: expected "
+                throw py::value_error("[" + o.type() +
+                                      ".load_state_dict] exp_avg: expected "
                                       "both moments for a step > 0");
             std::vector<T> m, v;  // checked before anything changes
             set_buffer(o, i, m, "exp_avg", step ? first : py::none());
@@ -523,10 +524,10 @@ void bind_dtype(py::module_& m) {
             o.second_moments()[i] = std::move(v);
         });
     py::class_<AdamW<T>, Adam<T>, std::shared_ptr<AdamW<T>>>(m, suffixed<T>("AdamW").c_str())
-        .def(py::init([](const py::list& params, double lr, double beta1, double beta2,
-                         double eps, double weight_decay) {
-                 return std::make_shared<AdamW<T>>(parameter_pointers<T>(params), lr, beta1,
-                                                   beta2, eps, weight_decay);
+        .def(py::init([](const py::list& params, double lr, double beta1, double beta2, double eps,
+                         double weight_decay) {
+                 return std::make_shared<AdamW<T>>(parameter_pointers<T>(params), lr, beta1, beta2,
+                                                   eps, weight_decay);
              }),
              py::keep_alive<1, 2>(), arg("params"), arg("lr"), arg("beta1"), arg("beta2"),
              arg("eps"), arg("weight_decay"));

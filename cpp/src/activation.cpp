@@ -98,11 +98,11 @@ void tanh_backward(T* dz, const T* da, const T* a, int64_t count) {
     });
 }
 
-#define CNNBP_INSTANTIATE(T)                                                  \
-    template void relu_forward<T>(T*, const T*, int64_t);                    \
-    template void relu_backward<T>(T*, const T*, const T*, int64_t);         \
-    template void sigmoid_backward<T>(T*, const T*, const T*, int64_t);      \
-    template void tanh_forward<T>(T*, const T*, int64_t);                    \
+#define CNNBP_INSTANTIATE(T)                                            \
+    template void relu_forward<T>(T*, const T*, int64_t);               \
+    template void relu_backward<T>(T*, const T*, const T*, int64_t);    \
+    template void sigmoid_backward<T>(T*, const T*, const T*, int64_t); \
+    template void tanh_forward<T>(T*, const T*, int64_t);               \
     template void tanh_backward<T>(T*, const T*, const T*, int64_t);
 CNNBP_INSTANTIATE(float)
 CNNBP_INSTANTIATE(double)

@@ -60,12 +60,12 @@ inline float sigmoid_value(float z) {
     p = p * (r * r) + r + 1.0f;
     const int32_t ni = static_cast<int32_t>(n);  // in [-150, 0]
     const uint32_t tiny = ones_if_negative(ni + 126);
-    const float scale = from_bits(static_cast<uint32_t>(ni + static_cast<int32_t>(tiny & 64u) + 127)
-                                  << 23);
+    const float scale =
+        from_bits(static_cast<uint32_t>(ni + static_cast<int32_t>(tiny & 64u) + 127) << 23);
     const float unscale = from_bits(pick(tiny, 0x1f800000u, 0x3f800000u));  // 2^-64 or 1
     const float e = from_bits(to_bits(p * scale * unscale) & ~is_big);
-    const float numerator = from_bits(pick(ones_if_negative(static_cast<int32_t>(z_bits)),
-                                           to_bits(e), 0x3f800000u));
+    const float numerator =
+        from_bits(pick(ones_if_negative(static_cast<int32_t>(z_bits)), to_bits(e), 0x3f800000u));
     return from_bits(pick(is_nan, z_bits, to_bits(numerator / (1.0f + e))));
 }
 

@@ -87,7 +87,6 @@ struct KernelSet {
 template <typename T>
 const KernelSet<T>& kernels_for_cpu();
 
-
 // C (M x N) += A (M x K, row stride lda) . B^T (B: N x K, row stride ldb), tile by tile.
 template <typename T>
 void gemm_dot(const DotKernel<T>& dk, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,

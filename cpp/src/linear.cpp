@@ -60,10 +60,9 @@ void linear_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T*
     }
 }
 
-#define CNNBP_INSTANTIATE(T)                                                                \
-    template void linear_forward<T>(T*, const T*, const T*, const T*, const LinearDims&);  \
-    template void linear_backward<T>(T*, T*, T*, const T*, const T*, const T*,             \
-                                     const LinearDims&);
+#define CNNBP_INSTANTIATE(T)                                                              \
+    template void linear_forward<T>(T*, const T*, const T*, const T*, const LinearDims&); \
+    template void linear_backward<T>(T*, T*, T*, const T*, const T*, const T*, const LinearDims&);
 CNNBP_INSTANTIATE(float)
 CNNBP_INSTANTIATE(double)
 

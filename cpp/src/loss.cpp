@@ -32,7 +32,8 @@ double binary_cross_entropy_with_logits_forward(const T* z, const T* y, int64_t 
     double sum = 0;
     for (int64_t i = 0; i < count; ++i)
         // log(1 + exp(-|z|)) never overflows; max(z, 0) - z*y restores the sign
-        sum += double(std::max(z[i], T(0)) - z[i] * y[i] + T(std::log1p(std::exp(-std::abs(z[i])))));
+        sum +=
+            double(std::max(z[i], T(0)) - z[i] * y[i] + T(std::log1p(std::exp(-std::abs(z[i])))));
     return sum / double(count);
 }
 
@@ -86,13 +87,12 @@ void cross_entropy_backward(T* dlogits, const T* logits, const int64_t* labels, 
     }
 }
 
-#define CNNBP_INSTANTIATE(T)                                                                    \
-    template double binary_cross_entropy_forward<T>(const T*, const T*, int64_t);              \
-    template void binary_cross_entropy_backward<T>(T*, const T*, const T*, int64_t);           \
-    template double binary_cross_entropy_with_logits_forward<T>(const T*, const T*, int64_t);  \
-    template void binary_cross_entropy_with_logits_backward<T>(T*, const T*, const T*,         \
-                                                               int64_t);                       \
-    template double cross_entropy_forward<T>(const T*, const int64_t*, int64_t, int64_t);      \
+#define CNNBP_INSTANTIATE(T)                                                                     \
+    template double binary_cross_entropy_forward<T>(const T*, const T*, int64_t);                \
+    template void binary_cross_entropy_backward<T>(T*, const T*, const T*, int64_t);             \
+    template double binary_cross_entropy_with_logits_forward<T>(const T*, const T*, int64_t);    \
+    template void binary_cross_entropy_with_logits_backward<T>(T*, const T*, const T*, int64_t); \
+    template double cross_entropy_forward<T>(const T*, const int64_t*, int64_t, int64_t);        \
     template void cross_entropy_backward<T>(T*, const T*, const int64_t*, int64_t, int64_t);
 CNNBP_INSTANTIATE(float)
 CNNBP_INSTANTIATE(double)

@@ -282,8 +282,7 @@ const Tensor<T>& Dropout<T>::backward(const Tensor<T>& grad_output) {
     this->grad_output_ = &grad_output;
     this->grad_input_.resize(grad_output.shape);
     if (!dropped_) {
-        std::copy(grad_output.data.begin(), grad_output.data.end(),
-                  this->grad_input_.data.begin());
+        std::copy(grad_output.data.begin(), grad_output.data.end(), this->grad_input_.data.begin());
         return this->grad_input_;
     }
     dropout_backward(this->grad_input_.data.data(), grad_output.data.data(), mask.data(),
@@ -320,8 +319,7 @@ const Tensor<T>& ReLU<T>::forward(const Tensor<T>& input) {
 template <typename T>
 const Tensor<T>& ReLU<T>::backward(const Tensor<T>& grad_output) {  // dz from the input z
     const Tensor<T>& input = require_forward(this->input_, "ReLU");
-    return this->elementwise_backward(grad_output, "relu_backward", "z", input,
-                                      relu_backward<T>);
+    return this->elementwise_backward(grad_output, "relu_backward", "z", input, relu_backward<T>);
 }
 
 template <typename T>
@@ -471,8 +469,7 @@ void Loss<T>::keep(const Tensor<T>& input, const Tensor<T>& target) {
 
 template <typename T>
 const Tensor<T>& Loss<T>::require_forward() const {
-    if (!has_run_)
-        throw std::logic_error("[" + type() + "] backward called before forward");
+    if (!has_run_) throw std::logic_error("[" + type() + "] backward called before forward");
     return input_;
 }
 
@@ -501,8 +498,8 @@ template <typename T>
 double BCEWithLogitsLoss<T>::forward(const Tensor<T>& input, const Tensor<T>& target) {
     check_bce_shapes("binary_cross_entropy_with_logits", input.shape, target.shape);
     this->keep(input, target);
-    this->value_ = binary_cross_entropy_with_logits_forward(input.data.data(),
-                                                            target.data.data(), input.size());
+    this->value_ = binary_cross_entropy_with_logits_forward(input.data.data(), target.data.data(),
+                                                            input.size());
     this->has_run_ = true;
     return this->value_;
 }
@@ -557,7 +554,8 @@ template <typename T>
 Optimizer<T>::Optimizer(std::string name, std::vector<Parameter<T>*> params, double lr)
     : name_(std::move(name)), params_(std::move(params)) {
     for (Parameter<T>* p : params_)
-        if (!p) throw std::invalid_argument("[" + name_ + "] params: expected parameters, got null");
+        if (!p)
+            throw std::invalid_argument("[" + name_ + "] params: expected parameters, got null");
     set_lr(lr);
 }
 
@@ -649,8 +647,8 @@ void Adam<T>::step() {
         auto& m = first_[i];
         auto& v = second_[i];
         if (m.empty()) m.assign(param.value.data.size(), T(0)), v.assign(m.size(), T(0));
-        adam_step(param.value.data.data(), param.grad.data.data(), m.data(), v.data(),
-                  ++steps_[i], p, param.value.size());
+        adam_step(param.value.data.data(), param.grad.data.data(), m.data(), v.data(), ++steps_[i],
+                  p, param.value.size());
     }
 }
 

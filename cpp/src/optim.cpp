@@ -9,8 +9,8 @@
 namespace cnnbp {
 
 template <typename T>
-void sgd_step(T* param, const T* grad, T* momentum_buffer, bool buffer_is_new,
-              const SgdParams& p, int64_t count) {
+void sgd_step(T* param, const T* grad, T* momentum_buffer, bool buffer_is_new, const SgdParams& p,
+              int64_t count) {
     const T lr = T(p.lr), momentum = T(p.momentum), weight_decay = T(p.weight_decay);
     const T keep = T(1.0 - p.dampening);  // (1 - dampening) in double, then rounded, as in Python
     const bool decay = p.weight_decay != 0.0, heavy = p.momentum != 0.0, nesterov = p.nesterov;

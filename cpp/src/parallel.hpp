@@ -56,8 +56,8 @@ inline void parallel_for(int64_t count, int64_t work, const Body& body) {
 // o * stride - pad + offset lies inside [0, in_size): returns [lo, hi) (empty if lo >= hi).
 inline void valid_range(int64_t out_count, int64_t in_size, int64_t stride, int64_t pad,
                         int64_t offset, int64_t& lo, int64_t& hi) {
-    const int64_t first = pad - offset;  // o * stride >= first
-    lo = first <= 0 ? 0 : (first - 1) / stride + 1;  // ceil, no overflow for any stride
+    const int64_t first = pad - offset;               // o * stride >= first
+    lo = first <= 0 ? 0 : (first - 1) / stride + 1;   // ceil, no overflow for any stride
     const int64_t last = in_size - 1 + pad - offset;  // o * stride <= last
     hi = last < 0 ? 0 : last / stride + 1;
     if (hi > out_count) hi = out_count;

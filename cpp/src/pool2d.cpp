@@ -147,8 +147,8 @@ void unpool2x2_run(T* __restrict row0, T* __restrict row1, const T* __restrict d
 // false, with the plane partly written, when some index lies elsewhere; the caller then
 // scatters instead.
 template <typename T>
-bool max_unpool2x2_plane(T* din, const T* dout, const int64_t* idx, int64_t H, int64_t W,
-                         int64_t P, int64_t Q) {
+bool max_unpool2x2_plane(T* din, const T* dout, const int64_t* idx, int64_t H, int64_t W, int64_t P,
+                         int64_t Q) {
     int32_t offset[kRun];
     for (int64_t p = 0; p < P; ++p) {
         T* row0 = din + 2 * p * W;
@@ -166,11 +166,12 @@ bool max_unpool2x2_plane(T* din, const T* dout, const int64_t* idx, int64_t H, i
 }
 
 template void max_pool2x2_plane<float>(float*, int64_t*, const float*, int64_t, int64_t, int64_t);
-template void max_pool2x2_plane<double>(double*, int64_t*, const double*, int64_t, int64_t, int64_t);
+template void max_pool2x2_plane<double>(double*, int64_t*, const double*, int64_t, int64_t,
+                                        int64_t);
 template bool max_unpool2x2_plane<float>(float*, const float*, const int64_t*, int64_t, int64_t,
                                          int64_t, int64_t);
-template bool max_unpool2x2_plane<double>(double*, const double*, const int64_t*, int64_t,
-                                          int64_t, int64_t, int64_t);
+template bool max_unpool2x2_plane<double>(double*, const double*, const int64_t*, int64_t, int64_t,
+                                          int64_t, int64_t);
 
 Pool2x2Forward max_pool2x2_plane_avx512_if_supported() {
 #if defined(CNNBP_AVX512_KERNELS)
@@ -193,9 +194,8 @@ void max_pool2d_forward(T* output, int64_t* indices, const T* input, const Pool2
     const auto& p = d.params;
     const int64_t PQ = d.P * d.Q, HW = d.H * d.W;
     // the 2x2 kernels keep window offsets in 32 bits: wider planes take the general kernel
-    const bool is2x2 = p.kernel_h == 2 && p.kernel_w == 2 && p.stride_h == 2 &&
-                       p.stride_w == 2 && p.pad_h == 0 && p.pad_w == 0 &&
-                       d.W < detail::kMaxSimdWidth;
+    const bool is2x2 = p.kernel_h == 2 && p.kernel_w == 2 && p.stride_h == 2 && p.stride_w == 2 &&
+                       p.pad_h == 0 && p.pad_w == 0 && d.W < detail::kMaxSimdWidth;
     // float 2x2 pools run the AVX-512 plane kernel when the CPU has one
     [[maybe_unused]] detail::Pool2x2Forward simd = nullptr;
     if constexpr (std::is_same_v<T, float>)
@@ -232,8 +232,7 @@ void max_unpool_plane(T* din, const T* dout, const int64_t* idx, int64_t HW, int
 }  // namespace
 
 template <typename T>
-void max_pool2d_backward(T* dinput, const T* doutput, const int64_t* indices,
-                         const Pool2dDims& d) {
+void max_pool2d_backward(T* dinput, const T* doutput, const int64_t* indices, const Pool2dDims& d) {
     const int64_t PQ = d.P * d.Q, HW = d.H * d.W;
     // The indices do not say which pool made them; a plane can be written in one pass when
     // they fit the 2x2 tiling, which the plane kernels check as they go.
@@ -333,8 +332,7 @@ void avg_unpool_plane(T* din, const T* dout, T* g, const Pool2dDims& d) {
                 int64_t lo, hi;
                 detail::valid_range(d.Q, d.W, p.stride_w, p.pad_w, s, lo, hi);
                 const int64_t w_first = lo * p.stride_w - p.pad_w + s;
-                if (lo < hi)
-                    add_to_strided(din + (h * d.W + w_first), g + lo, hi - lo, p.stride_w);
+                if (lo < hi) add_to_strided(din + (h * d.W + w_first), g + lo, hi - lo, p.stride_w);
             }
     }
 }
@@ -362,10 +360,10 @@ void avg_pool2d_backward(T* dinput, const T* doutput, const Pool2dDims& d) {
     });
 }
 
-#define CNNBP_INSTANTIATE(T)                                                              \
-    template void max_pool2d_forward<T>(T*, int64_t*, const T*, const Pool2dDims&);      \
+#define CNNBP_INSTANTIATE(T)                                                               \
+    template void max_pool2d_forward<T>(T*, int64_t*, const T*, const Pool2dDims&);        \
     template void max_pool2d_backward<T>(T*, const T*, const int64_t*, const Pool2dDims&); \
-    template void avg_pool2d_forward<T>(T*, const T*, const Pool2dDims&);                 \
+    template void avg_pool2d_forward<T>(T*, const T*, const Pool2dDims&);                  \
     template void avg_pool2d_backward<T>(T*, const T*, const Pool2dDims&);
 CNNBP_INSTANTIATE(float)
 CNNBP_INSTANTIATE(double)

@@ -20,11 +20,11 @@ namespace {
 
 // Lane masks for the last, partial step of a row: n < 16 outputs, i.e. 2n inputs per row.
 struct StepMasks {
-    __mmask16 out;     // outputs (and doutput) 0..n-1
-    __mmask8 out_lo;   // the same for the first 8 int64 indices
-    __mmask8 out_hi;   // and the next 8
-    __mmask16 in_lo;   // input columns 2q .. 2q+15
-    __mmask16 in_hi;   // input columns 2q+16 .. 2q+31
+    __mmask16 out;    // outputs (and doutput) 0..n-1
+    __mmask8 out_lo;  // the same for the first 8 int64 indices
+    __mmask8 out_hi;  // and the next 8
+    __mmask16 in_lo;  // input columns 2q .. 2q+15
+    __mmask16 in_hi;  // input columns 2q+16 .. 2q+31
 };
 
 StepMasks step_masks(int64_t n) {
@@ -51,10 +51,10 @@ inline __mmask16 takes(__m512 value, __m512 best) {
 void max_pool2x2_plane_avx512(float* output, int64_t* indices, const float* input, int64_t W,
                               int64_t P, int64_t Q) {
     // Even and odd columns of 32 consecutive inputs: the left and right cells of 16 windows.
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
-                                           28, 30);
-    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
-                                          29, 31);
+    const __m512i even =
+        _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd =
+        _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
     const __m512i column2 = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);  // 2 * lane
     const __m512i sixteen = _mm512_set1_epi64(16);
     const __m512i off_right = _mm512_set1_epi32(1),
@@ -92,7 +92,8 @@ void max_pool2x2_plane_avx512(float* output, int64_t* indices, const float* inpu
             __m512i offset = _mm512_maskz_mov_epi32(t1, off_right);
             offset = _mm512_mask_mov_epi32(offset, t2, off_below);
             offset = _mm512_mask_mov_epi32(offset, t3, off_below_right);
-            const __m512i first_lo = _mm512_add_epi64(_mm512_set1_epi64(2 * p * W + 2 * q), column2);
+            const __m512i first_lo =
+                _mm512_add_epi64(_mm512_set1_epi64(2 * p * W + 2 * q), column2);
             const __m512i first_hi = _mm512_add_epi64(first_lo, sixteen);
             const __m512i idx_lo =
                 _mm512_add_epi64(first_lo, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(offset)));
@@ -107,10 +108,10 @@ void max_pool2x2_plane_avx512(float* output, int64_t* indices, const float* inpu
 bool max_unpool2x2_plane_avx512(float* dinput, const float* doutput, const int64_t* indices,
                                 int64_t H, int64_t W, int64_t P, int64_t Q) {
     // Interleave 16 left-cell and 16 right-cell values back into 32 consecutive columns.
-    const __m512i mix_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22,
-                                             7, 23);
-    const __m512i mix_hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14,
-                                             30, 15, 31);
+    const __m512i mix_lo =
+        _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i mix_hi =
+        _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
     const __m512i column2 = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
     const __m512i sixteen = _mm512_set1_epi64(16);
     const __m512i off_right = _mm512_set1_epi32(1),
@@ -136,15 +137,16 @@ bool max_unpool2x2_plane_avx512(float* dinput, const float* doutput, const int64
                 _mm512_sub_epi64(_mm512_maskz_loadu_epi64(m.out_lo, idx + q), first_lo);
             const __m512i off_hi =
                 _mm512_sub_epi64(_mm512_maskz_loadu_epi64(m.out_hi, idx + q + 8), first_hi);
-            const __m512i offset = _mm512_inserti64x4(
-                _mm512_castsi256_si512(_mm512_cvtsepi64_epi32(off_lo)),
-                _mm512_cvtsepi64_epi32(off_hi), 1);
+            const __m512i offset =
+                _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtsepi64_epi32(off_lo)),
+                                   _mm512_cvtsepi64_epi32(off_hi), 1);
             const __mmask16 k0 = _mm512_testn_epi32_mask(offset, offset),
                             k1 = _mm512_cmpeq_epi32_mask(offset, off_right),
                             k2 = _mm512_cmpeq_epi32_mask(offset, off_below),
                             k3 = _mm512_cmpeq_epi32_mask(offset, off_below_right);
             if (static_cast<__mmask16>((k0 | k1 | k2 | k3) & m.out) != m.out) return false;
-            const __m512 top_left = _mm512_maskz_mov_ps(k0, g), top_right = _mm512_maskz_mov_ps(k1, g);
+            const __m512 top_left = _mm512_maskz_mov_ps(k0, g),
+                         top_right = _mm512_maskz_mov_ps(k1, g);
             const __m512 bottom_left = _mm512_maskz_mov_ps(k2, g),
                          bottom_right = _mm512_maskz_mov_ps(k3, g);
             _mm512_mask_storeu_ps(row0 + 2 * q, m.in_lo,

@@ -19,11 +19,11 @@ void max_pool2x2_plane(T* output, int64_t* indices, const T* input, int64_t W, i
 // written part of the plane, if some index lies outside its own 2x2 window: the caller then
 // redoes the plane by zero-fill and scatter.
 template <typename T>
-bool max_unpool2x2_plane(T* dinput, const T* doutput, const int64_t* indices, int64_t H,
-                         int64_t W, int64_t P, int64_t Q);
+bool max_unpool2x2_plane(T* dinput, const T* doutput, const int64_t* indices, int64_t H, int64_t W,
+                         int64_t P, int64_t Q);
 
 using Pool2x2Forward = void (*)(float* output, int64_t* indices, const float* input, int64_t W,
-                               int64_t P, int64_t Q);
+                                int64_t P, int64_t Q);
 using Pool2x2Backward = bool (*)(float* dinput, const float* doutput, const int64_t* indices,
                                  int64_t H, int64_t W, int64_t P, int64_t Q);
 // The AVX-512 plane kernels, or null when this build lacks them or the CPU cannot run them.

@@ -87,8 +87,8 @@ void check_rank(const char* op, const char* name, const Shape& shape, size_t ran
 void check_nonempty(const char* op, const char* name, const Shape& shape) {
     for (int64_t d : shape)
         if (d < 1)
-            fail(op, std::string(name) + ": expected every dim >= 1, got shape " +
-                         shape_str(shape));
+            fail(op,
+                 std::string(name) + ": expected every dim >= 1, got shape " + shape_str(shape));
 }
 
 // The shortest %g text that reads back as v ("1.5", "0.1", "-2", "nan", "inf"), so that a
@@ -127,10 +127,10 @@ int64_t padded_extent(const char* op, int64_t in, int64_t padding) {
 }  // namespace
 
 // The failure of checked_numel, out of its hot path.
-[[noreturn]] [[gnu::cold]] [[gnu::noinline]] static void fail_numel(const char* op, const char* name,
+[[noreturn]] [[gnu::cold]] [[gnu::noinline]] static void fail_numel(const char* op,
+                                                                    const char* name,
                                                                     const Shape& shape,
-                                                                    int64_t limit,
-                                                                    bool negative) {
+                                                                    int64_t limit, bool negative) {
     if (negative)
         fail(op, std::string(name) + ": expected every dim >= 0, got shape " + shape_str(shape));
     fail(op, std::string(name) + ": expected at most " + limit_str(limit) +
@@ -182,15 +182,15 @@ Conv2dDims conv2d_dims(const Shape& input, const Shape& weight, const Shape* bia
     check_nonempty(op, "weight", weight);
     check_window(op, "stride", std::min(params.stride_h, params.stride_w), 1);
     check_window(op, "padding", std::min(params.pad_h, params.pad_w), 0);
-    Conv2dDims d{input[0], input[1], input[2], input[3], weight[0], weight[2], weight[3],
-                 0, 0, params};
+    Conv2dDims d{input[0],  input[1],  input[2], input[3], weight[0],
+                 weight[2], weight[3], 0,        0,        params};
     if (weight[1] != d.C)
         fail(op, "weight: expected " + std::to_string(d.C) +
                      " input channels (dim 1) to match input " + shape_str(input) + ", got shape " +
                      shape_str(weight));
     if (bias && (bias->size() != 1 || (*bias)[0] != d.K))
-        fail(op, "bias: expected shape (" + std::to_string(d.K) + ",), got shape " +
-                     shape_str(*bias));
+        fail(op,
+             "bias: expected shape (" + std::to_string(d.K) + ",), got shape " + shape_str(*bias));
     checked_numel(op, "input", input);
     checked_numel(op, "weight", weight);
     const int64_t Hp = padded_extent(op, d.H, params.pad_h);
@@ -198,10 +198,9 @@ Conv2dDims conv2d_dims(const Shape& input, const Shape& weight, const Shape* bia
     d.P = output_size(d.H, d.R, params.stride_h, params.pad_h);
     d.Q = output_size(d.W, d.S, params.stride_w, params.pad_w);
     if (d.P < 1 || d.Q < 1)
-        fail(op, "input: expected padded size (" + std::to_string(Hp) + ", " +
-                     std::to_string(Wp) + ") >= kernel size (" +
-                     std::to_string(d.R) + ", " + std::to_string(d.S) + "), got input shape " +
-                     shape_str(input));
+        fail(op, "input: expected padded size (" + std::to_string(Hp) + ", " + std::to_string(Wp) +
+                     ") >= kernel size (" + std::to_string(d.R) + ", " + std::to_string(d.S) +
+                     "), got input shape " + shape_str(input));
     if (checked_product({d.N, d.K, d.P, d.Q}, kMaxElements) < 0)
         fail(op, "output: expected at most " + limit_str(kMaxElements) + " elements, got shape " +
                      shape_str({d.N, d.K, d.P, d.Q}) + " from input " + shape_str(input) +
@@ -214,9 +213,9 @@ Conv2dDims conv2d_dims(const Shape& input, const Shape& weight, const Shape* bia
     if (checked_product({d.N, std::max(d.C, d.K), Hp + d.R, Wp + d.S}, kMaxWork) < 0)
         fail(op, "padding: expected padded planes of at most " + limit_str(kMaxWork) +
                      " elements in all (N * max(C, K) * (H + 2 * pad_h + R) * (W + 2 * pad_w + "
-                     "S)), got input shape " + shape_str(input) + ", weight shape " +
-                     shape_str(weight) + " and padding (" + std::to_string(params.pad_h) + ", " +
-                     std::to_string(params.pad_w) + ")");
+                     "S)), got input shape " +
+                     shape_str(input) + ", weight shape " + shape_str(weight) + " and padding (" +
+                     std::to_string(params.pad_h) + ", " + std::to_string(params.pad_w) + ")");
     if (checked_product({d.N, d.K, d.P, d.Q, d.C, d.R, d.S}, kMaxWork) < 0)
         fail(op, "input: expected at most " + limit_str(kMaxWork) +
                      " multiply-adds (N * K * P * Q * C * R * S), got input shape " +
@@ -257,11 +256,10 @@ Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& p
     d.P = output_size(d.H, p.kernel_h, p.stride_h, p.pad_h);
     d.Q = output_size(d.W, p.kernel_w, p.stride_w, p.pad_w);
     if (d.P < 1 || d.Q < 1)
-        fail(op, std::string(input_name) + ": expected padded size (" + std::to_string(Hp) +
-                     ", " + std::to_string(Wp) + ") >= kernel size (" +
-                     std::to_string(p.kernel_h) + ", " + std::to_string(p.kernel_w) + "), got " +
-                     input_name + (std::string(input_name) == "input" ? " shape " : " ") +
-                     shape_str(input));
+        fail(op, std::string(input_name) + ": expected padded size (" + std::to_string(Hp) + ", " +
+                     std::to_string(Wp) + ") >= kernel size (" + std::to_string(p.kernel_h) + ", " +
+                     std::to_string(p.kernel_w) + "), got " + input_name +
+                     (std::string(input_name) == "input" ? " shape " : " ") + shape_str(input));
     if (checked_product({d.N, d.C, d.P, d.Q}, kMaxElements) < 0)
         fail(op, "output: expected at most " + limit_str(kMaxElements) + " elements, got shape " +
                      shape_str({d.N, d.C, d.P, d.Q}) + " from " + input_name + " " +
@@ -321,8 +319,8 @@ void check_pool_indices(const int64_t* indices, int64_t count, int64_t plane_siz
         if (indices[i] < 0 || indices[i] >= plane_size)
             fail("max_pool2d_backward",
                  "indices: expected values in [0, " + std::to_string(plane_size) +
-                     ") (flat positions in an H*W input plane), got " +
-                     std::to_string(indices[i]) + " at flat position " + std::to_string(i));
+                     ") (flat positions in an H*W input plane), got " + std::to_string(indices[i]) +
+                     " at flat position " + std::to_string(i));
 }
 
 Pool2dDims avg_pool2d_backward_dims(const Shape& doutput, const Shape& input_shape,
@@ -353,8 +351,7 @@ void check_same_shape(const char* op, const char* name_a, const Shape& a, const 
                      "'s), got shape " + shape_str(b));
 }
 
-LinearDims linear_dims(const Shape& input, const Shape& weight, const Shape* bias,
-                       const char* op) {
+LinearDims linear_dims(const Shape& input, const Shape& weight, const Shape* bias, const char* op) {
     if (input.empty())
         fail(op, "input: expected at least 1 dim (*, in_features), got shape " + shape_str(input));
     check_rank(op, "weight", weight, 2, "(out_features, in_features)");

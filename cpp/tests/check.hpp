@@ -35,8 +35,9 @@ void check_close(const char* file, int line, const T* got, const std::vector<dou
     for (size_t i = 0; i < expected.size(); ++i) {
         const double g = double(got[i]), e = expected[i];
         if (!(std::abs(g - e) <= atol + rtol * std::abs(e))) {
-            fail(file, line, "element " + std::to_string(i) + ": got " + std::to_string(g) +
-                                 ", expected " + std::to_string(e));
+            fail(file, line,
+                 "element " + std::to_string(i) + ": got " + std::to_string(g) + ", expected " +
+                     std::to_string(e));
             return;
         }
     }
@@ -100,32 +101,37 @@ inline double dot(const std::vector<double>& a, const std::vector<double>& b) {
 
 #define CNNBP_CAT2(a, b) a##b
 #define CNNBP_CAT(a, b) CNNBP_CAT2(a, b)
-#define TEST_CASE(name)                                                                   \
-    static void CNNBP_CAT(test_, __LINE__)();                                            \
+#define TEST_CASE(name)                                                                           \
+    static void CNNBP_CAT(test_, __LINE__)();                                                     \
     static cnnbp_test::Register CNNBP_CAT(register_, __LINE__)(name, CNNBP_CAT(test_, __LINE__)); \
     static void CNNBP_CAT(test_, __LINE__)()
 
-#define CHECK(cond) \
-    do { if (!(cond)) cnnbp_test::fail(__FILE__, __LINE__, "CHECK(" #cond ") failed"); } while (0)
+#define CHECK(cond)                                                                   \
+    do {                                                                              \
+        if (!(cond)) cnnbp_test::fail(__FILE__, __LINE__, "CHECK(" #cond ") failed"); \
+    } while (0)
 #define CHECK_CLOSE(got, expected, atol, rtol) \
     cnnbp_test::check_close(__FILE__, __LINE__, got, expected, atol, rtol)
 // The kernel wrote nothing outside the guarded output buffer and every element inside it.
-#define CHECK_GUARDED(buffer)                                                               \
-    do {                                                                                    \
-        if (!(buffer).guards_intact())                                                      \
-            cnnbp_test::fail(__FILE__, __LINE__, "write outside the output " #buffer);      \
-        if (!(buffer).all_written())                                                        \
-            cnnbp_test::fail(__FILE__, __LINE__, "an element of " #buffer " not written");  \
+#define CHECK_GUARDED(buffer)                                                              \
+    do {                                                                                   \
+        if (!(buffer).guards_intact())                                                     \
+            cnnbp_test::fail(__FILE__, __LINE__, "write outside the output " #buffer);     \
+        if (!(buffer).all_written())                                                       \
+            cnnbp_test::fail(__FILE__, __LINE__, "an element of " #buffer " not written"); \
     } while (0)
 // The statement must throw std::invalid_argument whose message contains `fragment`.
-#define CHECK_THROWS(statement, fragment)                                                   \
-    do {                                                                                    \
-        bool thrown = false;                                                                \
-        try { statement; } catch (const std::invalid_argument& e) {                         \
-            thrown = true;                                                                  \
-            if (std::string(e.what()).find(fragment) == std::string::npos)                  \
-                cnnbp_test::fail(__FILE__, __LINE__, std::string("message '") + e.what() +  \
-                                 "' lacks '" + fragment + "'");                             \
-        }                                                                                   \
+#define CHECK_THROWS(statement, fragment)                                                    \
+    do {                                                                                     \
+        bool thrown = false;                                                                 \
+        try {                                                                                \
+            statement;                                                                       \
+        } catch (const std::invalid_argument& e) {                                           \
+            thrown = true;                                                                   \
+            if (std::string(e.what()).find(fragment) == std::string::npos)                   \
+                cnnbp_test::fail(                                                            \
+                    __FILE__, __LINE__,                                                      \
+                    std::string("message '") + e.what() + "' lacks '" + fragment + "'");     \
+        }                                                                                    \
         if (!thrown) cnnbp_test::fail(__FILE__, __LINE__, "expected std::invalid_argument"); \
     } while (0)

@@ -10,8 +10,8 @@
 
 using namespace cnnbp;
 using cnnbp_test::dot;
-using cnnbp_test::random_values;
 using cnnbp_test::Guarded;
+using cnnbp_test::random_values;
 
 namespace {
 
@@ -105,20 +105,23 @@ void losses_guarded(int64_t N, int64_t K, unsigned seed) {
 }  // namespace
 
 TEST_CASE("conv2d guards: outputs written exactly, on every path") {
-    struct Case { Shape x, w; Conv2dParams p; };
+    struct Case {
+        Shape x, w;
+        Conv2dParams p;
+    };
     const Case cases[] = {
-        {{2, 3, 5, 4}, {2, 3, 3, 2}, {2, 1, 1, 1}},      // tiny: direct loops
-        {{1, 1, 1, 1}, {1, 1, 1, 1}, {1, 1, 0, 0}},      // one element
-        {{1, 1, 1, 1}, {1, 1, 3, 3}, {1, 1, 1, 1}},      // all padding but one cell
-        {{3, 1, 12, 11}, {8, 1, 3, 3}, {1, 1, 0, 0}},    // one input channel
-        {{2, 8, 9, 9}, {16, 8, 3, 3}, {1, 1, 1, 1}},     // padded unit-stride path
-        {{2, 5, 7, 8}, {70, 5, 3, 2}, {1, 1, 1, 0}},     // many filters: dweight in place
-        {{2, 34, 6, 6}, {3, 34, 3, 3}, {1, 1, 1, 1}},    // many channels: dinput as forward
-        {{2, 6, 11, 9}, {10, 6, 3, 3}, {2, 1, 1, 0}},    // strided: im2col GEMM, col2im
-        {{2, 30, 9, 9}, {9, 30, 3, 3}, {2, 2, 1, 1}},    // strided, two k-blocks
-        {{1, 3, 8, 8}, {5, 3, 8, 8}, {1, 1, 0, 0}},      // kernel as large as the input
-        {{2, 4, 13, 7}, {6, 4, 5, 1}, {3, 1, 2, 0}},     // tall filter, large stride
-        {{9, 16, 16, 16}, {32, 16, 3, 3}, {1, 1, 1, 1}}, // above the threads' threshold
+        {{2, 3, 5, 4}, {2, 3, 3, 2}, {2, 1, 1, 1}},       // tiny: direct loops
+        {{1, 1, 1, 1}, {1, 1, 1, 1}, {1, 1, 0, 0}},       // one element
+        {{1, 1, 1, 1}, {1, 1, 3, 3}, {1, 1, 1, 1}},       // all padding but one cell
+        {{3, 1, 12, 11}, {8, 1, 3, 3}, {1, 1, 0, 0}},     // one input channel
+        {{2, 8, 9, 9}, {16, 8, 3, 3}, {1, 1, 1, 1}},      // padded unit-stride path
+        {{2, 5, 7, 8}, {70, 5, 3, 2}, {1, 1, 1, 0}},      // many filters: dweight in place
+        {{2, 34, 6, 6}, {3, 34, 3, 3}, {1, 1, 1, 1}},     // many channels: dinput as forward
+        {{2, 6, 11, 9}, {10, 6, 3, 3}, {2, 1, 1, 0}},     // strided: im2col GEMM, col2im
+        {{2, 30, 9, 9}, {9, 30, 3, 3}, {2, 2, 1, 1}},     // strided, two k-blocks
+        {{1, 3, 8, 8}, {5, 3, 8, 8}, {1, 1, 0, 0}},       // kernel as large as the input
+        {{2, 4, 13, 7}, {6, 4, 5, 1}, {3, 1, 2, 0}},      // tall filter, large stride
+        {{9, 16, 16, 16}, {32, 16, 3, 3}, {1, 1, 1, 1}},  // above the threads' threshold
     };
     unsigned seed = 100;
     for (const auto& c : cases) {
@@ -129,7 +132,10 @@ TEST_CASE("conv2d guards: outputs written exactly, on every path") {
 }
 
 TEST_CASE("max_pool2d guards: outputs written exactly, on every path") {
-    struct Case { Shape x; Pool2dParams p; };
+    struct Case {
+        Shape x;
+        Pool2dParams p;
+    };
     const Case cases[] = {
         {{1, 1, 4, 4}, {2, 2, 2, 2, 0, 0}},     // the 2x2 kernel
         {{2, 3, 7, 9}, {2, 2, 2, 2, 0, 0}},     // 2x2, odd sizes: a row and a column unseen

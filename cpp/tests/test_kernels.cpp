@@ -10,9 +10,7 @@ using cnnbp_test::dot;
 using cnnbp_test::random_values;
 using V = std::vector<double>;
 
-namespace {
-
-}  // namespace
+namespace {}  // namespace
 
 // ---- conv2d ------------------------------------------------------------------------------
 
@@ -43,9 +41,9 @@ TEST_CASE("conv2d forward: zero padding and stride") {
 }
 
 TEST_CASE("conv2d forward: channels sum, filters separate (float)") {
-    const std::vector<float> x{1, 2, 3, 4, 5, 6, 7, 8};             // (1, 2, 2, 2)
-    const std::vector<float> w{1, 1, 1, 1, 1, 1, 1, 1,              // filter 0: all ones
-                               1, 1, 1, 1, -1, -1, -1, -1};         // filter 1: c0 - c1
+    const std::vector<float> x{1, 2, 3, 4, 5, 6, 7, 8};      // (1, 2, 2, 2)
+    const std::vector<float> w{1, 1, 1, 1, 1,  1,  1,  1,    // filter 0: all ones
+                               1, 1, 1, 1, -1, -1, -1, -1};  // filter 1: c0 - c1
     const auto d = conv2d_dims({1, 2, 2, 2}, {2, 2, 2, 2}, nullptr, {});
     std::vector<float> y(2);
     conv2d_forward(y.data(), x.data(), w.data(), (const float*)nullptr, d);
@@ -112,14 +110,17 @@ TEST_CASE("conv2d backward: finite differences through the packed GEMM") {
 
 TEST_CASE("conv2d float paths agree with double on every shape family") {
     // unit and non-unit strides, narrow and wide channel counts: every kernel path
-    struct Case { Shape x, w; Conv2dParams p; };
+    struct Case {
+        Shape x, w;
+        Conv2dParams p;
+    };
     const Case cases[] = {
-        {{3, 1, 12, 11}, {8, 1, 3, 3}, {1, 1, 0, 0}},    // one input channel
-        {{2, 8, 9, 9}, {16, 8, 3, 3}, {1, 1, 1, 1}},     // middle widths
-        {{2, 5, 7, 8}, {70, 5, 3, 2}, {1, 1, 1, 0}},     // many filters, partial panels
-        {{2, 34, 6, 6}, {3, 34, 3, 3}, {1, 1, 1, 1}},    // many channels, few filters
-        {{2, 6, 11, 9}, {10, 6, 3, 3}, {2, 1, 1, 0}},    // strided: im2col GEMM, col2im
-        {{2, 30, 9, 9}, {9, 30, 3, 3}, {2, 2, 1, 1}},    // strided, two k-blocks
+        {{3, 1, 12, 11}, {8, 1, 3, 3}, {1, 1, 0, 0}},  // one input channel
+        {{2, 8, 9, 9}, {16, 8, 3, 3}, {1, 1, 1, 1}},   // middle widths
+        {{2, 5, 7, 8}, {70, 5, 3, 2}, {1, 1, 1, 0}},   // many filters, partial panels
+        {{2, 34, 6, 6}, {3, 34, 3, 3}, {1, 1, 1, 1}},  // many channels, few filters
+        {{2, 6, 11, 9}, {10, 6, 3, 3}, {2, 1, 1, 0}},  // strided: im2col GEMM, col2im
+        {{2, 30, 9, 9}, {9, 30, 3, 3}, {2, 2, 1, 1}},  // strided, two k-blocks
     };
     unsigned seed = 10;
     for (const auto& c : cases) {
@@ -239,8 +240,8 @@ TEST_CASE("linear forward and backward") {
 
 TEST_CASE("loss binary cross-entropy: value, -100 clamp, gradient") {
     const V a{0.5, 0.0}, y{1, 1};
-    CHECK_CLOSE((V{binary_cross_entropy_forward(a.data(), y.data(), 1)}.data()),
-                (V{std::log(2.0)}), 0, 1e-15);
+    CHECK_CLOSE((V{binary_cross_entropy_forward(a.data(), y.data(), 1)}.data()), (V{std::log(2.0)}),
+                0, 1e-15);
     // a = 0 with y = 1: log clamped at -100, so the mean of (log 2, 100)
     CHECK_CLOSE((V{binary_cross_entropy_forward(a.data(), y.data(), 2)}.data()),
                 (V{(std::log(2.0) + 100) / 2}), 0, 1e-15);

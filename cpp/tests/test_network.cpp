@@ -13,10 +13,10 @@ using V = std::vector<double>;
 namespace {
 
 struct SeedNetwork {
-    V X{0.3, -1.2, 0.8, 0.5, -0.7, 1.1, 1.4, 0.2, -0.6, 0.9, 0.1, -0.4,
-        -0.9, 0.7, 1.3, -0.2, 0.6, 0.4, 0.5, -0.3, 0.2, 1.2, -1.1, 0.8,
-        -0.5, 1.0, -0.8, 0.3, 0.9, -0.6, 0.7, -0.1, 0.4, -1.3, 0.5, 1.1};  // (1, 1, 6, 6)
-    V W1{0.2, -0.5, 0.3, 0.4, 0.1, -0.3, -0.2, 0.6, 0.25};                 // (1, 1, 3, 3)
+    V X{0.3,  -1.2, 0.8,  0.5,  -0.7, 1.1,  1.4, 0.2,  -0.6, 0.9,  0.1,  -0.4,
+        -0.9, 0.7,  1.3,  -0.2, 0.6,  0.4,  0.5, -0.3, 0.2,  1.2,  -1.1, 0.8,
+        -0.5, 1.0,  -0.8, 0.3,  0.9,  -0.6, 0.7, -0.1, 0.4,  -1.3, 0.5,  1.1};  // (1, 1, 6, 6)
+    V W1{0.2, -0.5, 0.3, 0.4, 0.1, -0.3, -0.2, 0.6, 0.25};                      // (1, 1, 3, 3)
     V B1{0.05};
     V W2{0.7, -0.4, 0.5, 0.3};  // (1, 4)
     V B2{-0.1};
@@ -80,8 +80,8 @@ TEST_CASE("network: derivation identities and finite differences of all 15 param
 
     // every one of the 15 parameters against central finite differences of L
     const double h = 1e-6;
-    std::array<std::pair<V*, V*>, 4> params{{{&net.W1, &dW1}, {&net.B1, &dB1}, {&net.W2, &dW2},
-                                             {&net.B2, &dB2}}};
+    std::array<std::pair<V*, V*>, 4> params{
+        {{&net.W1, &dW1}, {&net.B1, &dB1}, {&net.W2, &dW2}, {&net.B2, &dB2}}};
     int probed = 0;
     for (auto [values, grad] : params) {
         for (size_t i = 0; i < values->size(); ++i) {

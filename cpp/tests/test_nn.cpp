@@ -109,7 +109,7 @@ TEST_CASE("nn: the trace links the layers; gradients accumulate until zero_grad"
     model.backward(loss.backward());
     CHECK(model[0].input() == &x);
     for (size_t i = 0; i + 1 < model.size(); ++i) {
-        CHECK(model[i + 1].input() == &model[i].output());         // output i is input i + 1
+        CHECK(model[i + 1].input() == &model[i].output());            // output i is input i + 1
         CHECK(model[i].grad_output() == &model[i + 1].grad_input());  // and back again
     }
     const V once = model.parameters()[0]->grad.data;
@@ -217,7 +217,8 @@ TEST_CASE("nn: AdamW decays the parameter; a new learning rate applies from the 
     AdamW<double> adamw({&w}, 0.1, 0.9, 0.999, 1e-8, 0.5);
     adamw.step();  // p *= 1 - lr * wd, then the Adam step: lr * sign(g)
     CHECK_CLOSE(w.value.data.data(), (V{0.95 - 0.1, -0.95 + 0.1}), 0, 1e-7);
-    CHECK_THROWS(AdamW<double>({&w}, 0.1, 1.0), "[AdamW] betas: expected values in [0, 1), got (1.0, 0.999)");
+    CHECK_THROWS(AdamW<double>({&w}, 0.1, 1.0),
+                 "[AdamW] betas: expected values in [0, 1), got (1.0, 0.999)");
 
     Parameter<double> p;
     p.value = Tensor<double>({1}, V{1.0});
@@ -282,9 +283,10 @@ TEST_CASE("nn: bad input is refused with the kernels' messages") {
 TEST_CASE("nn: model files round-trip and refuse damaged files") {
     manual_seed(11);
     Sequential<double> model;
-    model.add(std::make_unique<Conv2d<double>>(2, 3, std::array<int64_t, 2>{3, 2},
-                                               std::array<int64_t, 2>{2, 1},
-                                               std::array<int64_t, 2>{1, 0}, true))
+    model
+        .add(std::make_unique<Conv2d<double>>(2, 3, std::array<int64_t, 2>{3, 2},
+                                              std::array<int64_t, 2>{2, 1},
+                                              std::array<int64_t, 2>{1, 0}, true))
         .add(std::make_unique<ReLU<double>>())
         .add(std::make_unique<MaxPool2d<double>>(2))
         .add(std::make_unique<Flatten<double>>())

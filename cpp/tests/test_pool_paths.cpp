@@ -68,8 +68,8 @@ std::vector<T> reference_unpool(const std::vector<T>& dy, const std::vector<int6
 }
 
 const std::vector<std::pair<int64_t, int64_t>> kSizes = {
-    {2, 2}, {3, 3}, {4, 4}, {2, 5}, {5, 2}, {7, 9}, {26, 26}, {32, 32}, {33, 35},
-    {4, 34}, {6, 63}, {3, 66}, {2, 97}};
+    {2, 2},   {3, 3},   {4, 4},  {2, 5},  {5, 2},  {7, 9}, {26, 26},
+    {32, 32}, {33, 35}, {4, 34}, {6, 63}, {3, 66}, {2, 97}};
 
 template <typename T>
 void check_forward_paths(unsigned seed) {
@@ -96,8 +96,8 @@ void check_forward_paths(unsigned seed) {
         if constexpr (std::is_same_v<T, float>)
             if (auto avx512 = detail::max_pool2x2_plane_avx512_if_supported()) {
                 for (int64_t n = 0; n < planes; ++n)
-                    avx512(y.data() + n * P * Q, idx.data() + n * P * Q, x.data() + n * H * W, W,
-                           P, Q);
+                    avx512(y.data() + n * P * Q, idx.data() + n * P * Q, x.data() + n * H * W, W, P,
+                           Q);
                 check("AVX-512 plane kernel");
             }
     }
@@ -116,16 +116,18 @@ void check_backward_paths(unsigned seed) {
         std::vector<int64_t> tiled(y.size()), overlapping(y.size());
         reference_pool2x2(y, tiled, x, planes, H, W);
         const auto d3 = pool2d_dims("max_pool2d", {planes, 1, H, W}, {3, 3, 2, 2, 1, 1});
-        if (d3.P == P && d3.Q == Q) max_pool2d_forward(y.data(), overlapping.data(), x.data(), d3);
-        else overlapping = tiled;
+        if (d3.P == P && d3.Q == Q)
+            max_pool2d_forward(y.data(), overlapping.data(), x.data(), d3);
+        else
+            overlapping = tiled;
 
         for (const auto* idx : {&tiled, &overlapping}) {
             const std::string where = std::to_string(H) + "x" + std::to_string(W) +
                                       (idx == &tiled ? " tiled" : " overlapping");
             const auto want = reference_unpool(dy, *idx, planes, H * W, P * Q);
             std::vector<T> dx(want.size(), T(7));  // garbage the kernels must overwrite
-            const auto d = max_pool2d_backward_dims({planes, 1, P, Q}, {planes, 1, P, Q},
-                                                    {planes, 1, H, W});
+            const auto d =
+                max_pool2d_backward_dims({planes, 1, P, Q}, {planes, 1, P, Q}, {planes, 1, H, W});
             max_pool2d_backward(dx.data(), dy.data(), idx->data(), d);
             if (!same_bits(dx, want))
                 cnnbp_test::fail(__FILE__, __LINE__, "max_pool2d_backward differs at " + where);
@@ -136,15 +138,18 @@ void check_backward_paths(unsigned seed) {
                 bool all = true;
                 for (int64_t n = 0; n < planes; ++n) {
                     std::vector<T> plane(H * W, T(7));
-                    const bool done = kernel(plane.data(), dy.data() + n * P * Q,
-                                             idx->data() + n * P * Q);
+                    const bool done =
+                        kernel(plane.data(), dy.data() + n * P * Q, idx->data() + n * P * Q);
                     all = all && done;
-                    if (done) std::copy(plane.begin(), plane.end(), got.begin() + n * H * W);
-                    else std::copy(want.begin() + n * H * W, want.begin() + (n + 1) * H * W,
-                                   got.begin() + n * H * W);
+                    if (done)
+                        std::copy(plane.begin(), plane.end(), got.begin() + n * H * W);
+                    else
+                        std::copy(want.begin() + n * H * W, want.begin() + (n + 1) * H * W,
+                                  got.begin() + n * H * W);
                 }
                 if (!same_bits(got, want))
-                    cnnbp_test::fail(__FILE__, __LINE__, std::string(path) + " differs at " + where);
+                    cnnbp_test::fail(__FILE__, __LINE__,
+                                     std::string(path) + " differs at " + where);
                 if (idx == &tiled && !all)
                     cnnbp_test::fail(__FILE__, __LINE__, std::string(path) + " declined " + where);
             };

@@ -12,7 +12,7 @@ TEST_CASE("validation: output_size") {
     CHECK(output_size(4, 2, 2, 0) == 2);
     CHECK(output_size(5, 2, 2, 0) == 2);  // floored
     CHECK(output_size(5, 3, 2, 1) == 3);
-    CHECK(output_size(2, 5, 1, 0) < 1);   // window larger than the input
+    CHECK(output_size(2, 5, 1, 0) < 1);  // window larger than the input
     CHECK_THROWS(output_size(5, 3, 0, 0), "[output_size] stride: expected >= 1, got 0");
     CHECK_THROWS(output_size(5, 0, 1, 0), "[output_size] kernel: expected >= 1, got 0");
     CHECK_THROWS(output_size(5, 3, 1, -1), "[output_size] padding: expected >= 0, got -1");
@@ -49,8 +49,9 @@ TEST_CASE("validation: pool2d and indices") {
     CHECK_THROWS(max_pool2d_backward_dims({1, 2, 2, 2}, {1, 2, 2, 2}, {1, 1, 4, 4}),
                  "[max_pool2d_backward] doutput: expected (N, C) = (1, 1)");
     const std::vector<int64_t> bad{0, 16};
-    CHECK_THROWS(check_pool_indices(bad.data(), 2, 16),
-                 "indices: expected values in [0, 16) (flat positions in an H*W input plane), got 16");
+    CHECK_THROWS(
+        check_pool_indices(bad.data(), 2, 16),
+        "indices: expected values in [0, 16) (flat positions in an H*W input plane), got 16");
     const std::vector<int64_t> negative{-1};
     CHECK_THROWS(check_pool_indices(negative.data(), 1, 16), "got -1");
 }
@@ -73,7 +74,8 @@ TEST_CASE("validation: linear and losses") {
 
 TEST_CASE("validation: thread count") {
     CHECK_THROWS(set_num_threads(0), "[set_num_threads] n: expected >= 1, got 0");
-    CHECK_THROWS(set_num_threads(int64_t(1) << 31), "[set_num_threads] n: expected <= 1024, got 2147483648");
+    CHECK_THROWS(set_num_threads(int64_t(1) << 31),
+                 "[set_num_threads] n: expected <= 1024, got 2147483648");
     CHECK_THROWS(set_num_threads(1025), "[set_num_threads] n: expected <= 1024, got 1025");
     const int64_t before = get_num_threads();
     CHECK(before >= 1);
@@ -99,8 +101,9 @@ TEST_CASE("validation: size arithmetic never overflows") {
     CHECK_THROWS(checked_numel("op", "x", {2, -3}), "[op] x: expected every dim >= 0, got shape");
     // numel sizes nn.hpp's tensors: 2^32 * (2^32 + 1) must not wrap to 2^32
     CHECK(numel({}) == 1 && numel({3, 0, max}) == 0 && numel({2, 3}) == 6);
-    CHECK_THROWS(numel({int64_t(1) << 32, (int64_t(1) << 32) + 1}),
-                 "[numel] shape: expected at most 2^48 elements, got shape (4294967296, 4294967297)");
+    CHECK_THROWS(
+        numel({int64_t(1) << 32, (int64_t(1) << 32) + 1}),
+        "[numel] shape: expected at most 2^48 elements, got shape (4294967296, 4294967297)");
 
     // output sizes: padding, kernel and stride at the int64 extremes
     CHECK(output_size(0, max, max, 0) == 0);  // a window that never fits, no overflow
@@ -112,10 +115,12 @@ TEST_CASE("validation: size arithmetic never overflows") {
     // conv2d: padding whose padded size, output or workspace would not fit
     CHECK_THROWS(conv2d_dims({1, 1, 4, 4}, {1, 1, 3, 3}, nullptr, {1, 1, max, 0}),
                  "[conv2d] padding: expected a padded size");
-    CHECK_THROWS(conv2d_dims({1, 1, 4, 4}, {1, 1, 3, 3}, nullptr, {1, 1, int64_t(1) << 40, 1 << 20}),
-                 "[conv2d] output: expected at most 2^48 elements");
-    CHECK_THROWS(conv2d_dims({1, 1 << 20, 1, 1}, {1, 1 << 20, 1, 1}, nullptr, {1, 1, 1 << 17, 1 << 17}),
-                 "[conv2d] padding: expected padded planes of at most 2^56 elements");
+    CHECK_THROWS(
+        conv2d_dims({1, 1, 4, 4}, {1, 1, 3, 3}, nullptr, {1, 1, int64_t(1) << 40, 1 << 20}),
+        "[conv2d] output: expected at most 2^48 elements");
+    CHECK_THROWS(
+        conv2d_dims({1, 1 << 20, 1, 1}, {1, 1 << 20, 1, 1}, nullptr, {1, 1, 1 << 17, 1 << 17}),
+        "[conv2d] padding: expected padded planes of at most 2^56 elements");
     CHECK_THROWS(conv2d_dims({1 << 17, 1 << 4, 1 << 8, 1 << 8}, {1 << 12, 1 << 4, 1 << 4, 1 << 4},
                              nullptr, {}),
                  "[conv2d] input: expected at most 2^56 multiply-adds");

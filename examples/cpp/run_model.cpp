@@ -3,13 +3,12 @@
 //
 // Usage: run_model model.npz input.txt [copy.npz]
 // input.txt: the input's shape on the first line (e.g. "2 1 6 6"), then its values.
+#include <cnnbp/cnnbp.hpp>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
 #include <string>
-
-#include <cnnbp/cnnbp.hpp>
 
 template <typename T>
 int run(const std::string& model_path, const std::string& input_path, const char* copy_path) {

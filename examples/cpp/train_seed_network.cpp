@@ -9,13 +9,12 @@
 // gradients of the first step, and checks them against central finite differences (exit
 // status 1 if they disagree).
 #include <cmath>
+#include <cnnbp/cnnbp.hpp>
 #include <cstdio>
 #include <fstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
-
-#include <cnnbp/cnnbp.hpp>
 
 namespace {
 
@@ -31,8 +30,7 @@ struct Gradients {
 };
 
 const cnnbp::Conv2dDims kConv = cnnbp::conv2d_dims({1, 1, 6, 6}, {1, 1, 3, 3}, nullptr, {});
-const cnnbp::Pool2dDims kPool =
-    cnnbp::pool2d_dims("max_pool2d", {1, 1, 4, 4}, {2, 2, 2, 2, 0, 0});
+const cnnbp::Pool2dDims kPool = cnnbp::pool2d_dims("max_pool2d", {1, 1, 4, 4}, {2, 2, 2, 2, 0, 0});
 const cnnbp::LinearDims kLinear = cnnbp::linear_dims({1, 4}, {1, 4}, nullptr);
 
 // One forward pass; with `grads`, the backward pass too. Returns L.
@@ -130,8 +128,8 @@ int main(int argc, char** argv) {
                 const double minus = step(probe, nullptr);
                 (*param)[i] = saved;
                 const double numeric = (plus - minus) / (2 * h);
-                worst = std::max(worst, std::abs(numeric - (*grad)[i]) /
-                                            std::max(1e-3, std::abs(numeric)));
+                worst = std::max(
+                    worst, std::abs(numeric - (*grad)[i]) / std::max(1e-3, std::abs(numeric)));
             }
         std::printf("finite differences: worst relative error %.2e\n", worst);
         return worst < 1e-5 ? 0 : 1;

@@ -28,6 +28,18 @@ from .nn import manual_seed  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "nn", "optim", "reference", "walkthrough", "data", "gradcheck",
-           "manual_seed", "load", "set_num_threads", "get_num_threads", "kernel_isa",
-           "__version__"]
+__all__ = [
+    "functional",
+    "nn",
+    "optim",
+    "reference",
+    "walkthrough",
+    "data",
+    "gradcheck",
+    "manual_seed",
+    "load",
+    "set_num_threads",
+    "get_num_threads",
+    "kernel_isa",
+    "__version__",
+]

@@ -7,13 +7,17 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cnnbp", description="Backpropagation through "
-                                     "convolutional networks, visible and fast.")
+    parser = argparse.ArgumentParser(
+        prog="cnnbp",
+        description="Backpropagation through convolutional networks, visible and fast.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     walk = commands.add_parser(
-        "walkthrough", help="run the derivation's 15-parameter network step by step",
+        "walkthrough",
+        help="run the derivation's 15-parameter network step by step",
         description="Run one forward and backward pass of the derivation's network, print "
-                    "every quantity, check every gradient, then take a few SGD steps.")
+        "every quantity, check every gradient, then take a few SGD steps.",
+    )
     walk.add_argument("--seed", type=int, default=0, help="seed for X and the weights (default 0)")
     walk.add_argument("--label", type=float, default=1.0, help="the target Y in [0, 1] (default 1)")
     walk.add_argument("--lr", type=float, default=0.5, help="SGD learning rate (default 0.5)")
@@ -21,43 +25,76 @@ def build_parser() -> argparse.ArgumentParser:
     walk.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
     from .train import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, OPTIMIZERS, SCHEDULES
+
     train = commands.add_parser(
-        "train", help="train a small CNN on real images and report its test accuracy",
+        "train",
+        help="train a small CNN on real images and report its test accuracy",
         description="Train conv-ReLU-pool x2 + linear on the 8x8 digits (default), "
-                    "MNIST-format IDX files or a .npz, then print the test accuracy, the "
-                    "confusion matrix, images/s and the time.")
+        "MNIST-format IDX files or a .npz, then print the test accuracy, the "
+        "confusion matrix, images/s and the time.",
+    )
     _add_data_arguments(train)
-    train.add_argument("--epochs", type=_positive_int, default=None,
-                       help=f"passes over the training images (default "
-                            f"{DEFAULT_EPOCHS['digits']}, {DEFAULT_EPOCHS['mnist']} for MNIST)")
-    train.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
-                       help=f"images per step (default {DEFAULT_BATCH_SIZE})")
-    train.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd",
-                       help="default sgd")
-    train.add_argument("--lr", type=_positive_float, default=None,
-                       help="learning rate (default: " + ", ".join(
-                           f"{name} {choice.default_lr:g}" for name, choice in OPTIMIZERS.items())
-                       + ")")
-    train.add_argument("--momentum", type=_nonnegative_float, default=None,
-                       help="SGD momentum (default 0.9)")
-    train.add_argument("--schedule", choices=sorted(SCHEDULES), default="constant",
-                       help="learning rate per epoch: constant (default), step (x0.1 every "
-                            "third of the epochs) or cosine (down to 0 at the last epoch)")
-    train.add_argument("--weight-decay", type=_nonnegative_float, default=0.0,
-                       help="L2 penalty added to the gradient (default 0)")
-    train.add_argument("--save", metavar="MODEL.npz", help="write the trained model here "
-                       "(cnnbp evaluate and cnnbp.load read it)")
-    train.add_argument("--plot", metavar="CURVES.png", help="write a figure: loss and accuracy "
-                       "per epoch, first-layer filters, misclassified test images")
-    train.add_argument("--quiet", action="store_true",
-                       help="no progress bar: one line per epoch instead")
+    train.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=None,
+        help=f"passes over the training images (default "
+        f"{DEFAULT_EPOCHS['digits']}, {DEFAULT_EPOCHS['mnist']} for MNIST)",
+    )
+    train.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"images per step (default {DEFAULT_BATCH_SIZE})",
+    )
+    train.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd", help="default sgd")
+    train.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=None,
+        help="learning rate (default: "
+        + ", ".join(f"{name} {choice.default_lr:g}" for name, choice in OPTIMIZERS.items())
+        + ")",
+    )
+    train.add_argument(
+        "--momentum", type=_nonnegative_float, default=None, help="SGD momentum (default 0.9)"
+    )
+    train.add_argument(
+        "--schedule",
+        choices=sorted(SCHEDULES),
+        default="constant",
+        help="learning rate per epoch: constant (default), step (x0.1 every "
+        "third of the epochs) or cosine (down to 0 at the last epoch)",
+    )
+    train.add_argument(
+        "--weight-decay",
+        type=_nonnegative_float,
+        default=0.0,
+        help="L2 penalty added to the gradient (default 0)",
+    )
+    train.add_argument(
+        "--save",
+        metavar="MODEL.npz",
+        help="write the trained model here (cnnbp evaluate and cnnbp.load read it)",
+    )
+    train.add_argument(
+        "--plot",
+        metavar="CURVES.png",
+        help="write a figure: loss and accuracy "
+        "per epoch, first-layer filters, misclassified test images",
+    )
+    train.add_argument(
+        "--quiet", action="store_true", help="no progress bar: one line per epoch instead"
+    )
     train.add_argument("--json", action="store_true", help="print a machine-readable summary")
 
     evaluate = commands.add_parser(
-        "evaluate", help="report a saved model's accuracy on the test split",
+        "evaluate",
+        help="report a saved model's accuracy on the test split",
         description="Load a model saved by `cnnbp train --save` and print its test accuracy "
-                    "and confusion matrix on the same test split (same --seed and "
-                    "--test-fraction as training).")
+        "and confusion matrix on the same test split (same --seed and "
+        "--test-fraction as training).",
+    )
     evaluate.add_argument("model", metavar="MODEL.npz", help="a model file (model.save)")
     _add_data_arguments(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print a machine-readable summary")
@@ -103,8 +140,9 @@ def _number(kind, text):
     try:
         return kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}"
-                                         f", got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+        ) from None
 
 
 class _TwoClasses(argparse.Action):
@@ -112,30 +150,56 @@ class _TwoClasses(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         if values[0] == values[1]:
-            parser.error(f"argument --binary: expected two different classes, "
-                         f"got {values[0]} twice")
+            parser.error(
+                f"argument --binary: expected two different classes, got {values[0]} twice"
+            )
         setattr(namespace, self.dest, values)
 
 
 def _add_data_arguments(parser):
     """The data options train and evaluate share, so that both see the same test split."""
     from .train import DEFAULT_TEST_FRACTION
+
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--mnist", metavar="DIR", help="MNIST-format IDX files (train-*, "
-                        "t10k-*; plain or .gz; Fashion-MNIST too) instead of the digits")
-    source.add_argument("--npz", metavar="PATH", help="a .npz with images x (N, C, H, W) or "
-                        "(N, H, W) and integer labels y (N,) instead of the digits")
-    parser.add_argument("--binary", nargs=2, type=_label, metavar=("A", "B"),
-                        action=_TwoClasses,
-                        help="only classes A and B, as a two-class problem (one logit, "
-                             "BCEWithLogitsLoss)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the split, the weights "
-                        "and the batch order (default 0)")
-    parser.add_argument("--test-fraction", type=_fraction, default=DEFAULT_TEST_FRACTION,
-                        help=f"share of each class held out for testing, digits and .npz "
-                             f"(default {DEFAULT_TEST_FRACTION:g})")
-    parser.add_argument("--threads", type=_positive_int, default=None,
-                        help="kernel threads (default: cnnbp.get_num_threads())")
+    source.add_argument(
+        "--mnist",
+        metavar="DIR",
+        help="MNIST-format IDX files (train-*, "
+        "t10k-*; plain or .gz; Fashion-MNIST too) instead of the digits",
+    )
+    source.add_argument(
+        "--npz",
+        metavar="PATH",
+        help="a .npz with images x (N, C, H, W) or "
+        "(N, H, W) and integer labels y (N,) instead of the digits",
+    )
+    parser.add_argument(
+        "--binary",
+        nargs=2,
+        type=_label,
+        metavar=("A", "B"),
+        action=_TwoClasses,
+        help="only classes A and B, as a two-class problem (one logit, BCEWithLogitsLoss)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for the split, the weights and the batch order (default 0)",
+    )
+    parser.add_argument(
+        "--test-fraction",
+        type=_fraction,
+        default=DEFAULT_TEST_FRACTION,
+        help=f"share of each class held out for testing, digits and .npz "
+        f"(default {DEFAULT_TEST_FRACTION:g})",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="kernel threads (default: cnnbp.get_num_threads())",
+    )
 
 
 def main(argv=None) -> int:
@@ -144,9 +208,11 @@ def main(argv=None) -> int:
     if args.command in ("train", "evaluate"):
         if args.command == "train" and args.momentum is not None:
             from .train import OPTIMIZERS
+
             if not OPTIMIZERS[args.optimizer].uses_momentum:
                 parser.error(f"argument --momentum: not used by --optimizer {args.optimizer}")
         from . import train
+
         run = train.run_train if args.command == "train" else train.run_evaluate
         try:
             return run(args)
@@ -158,9 +224,11 @@ def main(argv=None) -> int:
             return 1
     if args.command == "walkthrough":
         from . import walkthrough
+
         try:
-            return walkthrough.main(seed=args.seed, label=args.label, lr=args.lr,
-                                    steps=args.steps, as_json=args.json)
+            return walkthrough.main(
+                seed=args.seed, label=args.label, lr=args.lr, steps=args.steps, as_json=args.json
+            )
         except ValueError as error:
             print(f"cnnbp: {error}", file=sys.stderr)
             return 2

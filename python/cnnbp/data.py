@@ -44,8 +44,9 @@ def load_digits(dtype=np.float32):
     try:
         from sklearn.datasets import load_digits as sklearn_load_digits
     except ImportError as error:
-        raise ImportError(f"[load_digits] scikit-learn is needed for the digits dataset: "
-                          f"{_EXTRA_HINT}") from error
+        raise ImportError(
+            f"[load_digits] scikit-learn is needed for the digits dataset: {_EXTRA_HINT}"
+        ) from error
     digits = sklearn_load_digits()
     images = np.asarray(digits.images)  # (1797, 8, 8), values 0..16
     x = np.ascontiguousarray((images / 16.0).astype(dtype)[:, None, :, :])
@@ -55,8 +56,10 @@ def load_digits(dtype=np.float32):
 
 # ---- MNIST-format IDX files ---------------------------------------------------------------
 
-_IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 _IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dims (count, rows, columns)
 _IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dim (count)
 _READ_CHUNK = 1 << 20
@@ -67,8 +70,9 @@ def _find_idx_file(directory, stem):
         path = os.path.join(directory, name)
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(f"[load_mnist] {stem}: expected {stem} or {stem}.gz in "
-                            f"{directory!r}, got neither")
+    raise FileNotFoundError(
+        f"[load_mnist] {stem}: expected {stem} or {stem}.gz in {directory!r}, got neither"
+    )
 
 
 def _read_exactly(stream, size, name, dims):
@@ -82,8 +86,9 @@ def _read_exactly(stream, size, name, dims):
         chunks.append(chunk)
         have += len(chunk)
     if have != size:
-        raise ValueError(f"[load_mnist] {name}: expected {size} data bytes for dimensions "
-                         f"{dims}, got {have}")
+        raise ValueError(
+            f"[load_mnist] {name}: expected {size} data bytes for dimensions {dims}, got {have}"
+        )
     return b"".join(chunks)
 
 
@@ -97,16 +102,22 @@ def _read_idx(path, magic, ndim):
         with stream:
             header = stream.read(header_size)
             if len(header) < 4:
-                raise ValueError(f"[load_mnist] {name}: expected an IDX header of "
-                                 f"{header_size} bytes, got {len(header)} bytes")
+                raise ValueError(
+                    f"[load_mnist] {name}: expected an IDX header of "
+                    f"{header_size} bytes, got {len(header)} bytes"
+                )
             got_magic = int.from_bytes(header[:4], "big")
             if got_magic != magic:
-                raise ValueError(f"[load_mnist] {name}: expected magic number 0x{magic:08x}, "
-                                 f"got 0x{got_magic:08x}")
+                raise ValueError(
+                    f"[load_mnist] {name}: expected magic number 0x{magic:08x}, "
+                    f"got 0x{got_magic:08x}"
+                )
             if len(header) < header_size:
-                raise ValueError(f"[load_mnist] {name}: expected an IDX header of "
-                                 f"{header_size} bytes, got {len(header)} bytes")
-            dims = tuple(int.from_bytes(header[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+                raise ValueError(
+                    f"[load_mnist] {name}: expected an IDX header of "
+                    f"{header_size} bytes, got {len(header)} bytes"
+                )
+            dims = tuple(int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
             if any(d == 0 for d in dims):
                 raise ValueError(f"[load_mnist] {name}: expected non-zero dimensions, got {dims}")
             size = int(np.prod(dims, dtype=object))
@@ -114,17 +125,23 @@ def _read_idx(path, magic, ndim):
                 # the length is known before reading: refuse a header that does not fit it
                 available = os.fstat(stream.fileno()).st_size - header_size
                 if available != size:
-                    raise ValueError(f"[load_mnist] {name}: expected {size} data bytes for "
-                                     f"dimensions {dims}, got {available}")
+                    raise ValueError(
+                        f"[load_mnist] {name}: expected {size} data bytes for "
+                        f"dimensions {dims}, got {available}"
+                    )
             body = _read_exactly(stream, size, name, dims)
             if stream.read(1):
-                raise ValueError(f"[load_mnist] {name}: expected {size} data bytes for "
-                                 f"dimensions {dims}, got more")
+                raise ValueError(
+                    f"[load_mnist] {name}: expected {size} data bytes for "
+                    f"dimensions {dims}, got more"
+                )
     except (OSError, EOFError, zlib.error) as error:
         if isinstance(error, FileNotFoundError):
             raise
-        raise ValueError(f"[load_mnist] {name}: expected a readable IDX file, "
-                         f"got {type(error).__name__}: {error}") from error
+        raise ValueError(
+            f"[load_mnist] {name}: expected a readable IDX file, "
+            f"got {type(error).__name__}: {error}"
+        ) from error
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
@@ -140,14 +157,17 @@ def load_mnist(directory, split="train", dtype=np.float32):
         raise ValueError(f"[load_mnist] split: expected 'train' or 'test', got {split!r}")
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"[load_mnist] directory: expected a directory holding the "
-                                f"IDX files, got {directory!r}")
+        raise FileNotFoundError(
+            f"[load_mnist] directory: expected a directory holding the IDX files, got {directory!r}"
+        )
     images_stem, labels_stem = _IDX_FILES[split]
     images = _read_idx(_find_idx_file(directory, images_stem), _IDX_IMAGES_MAGIC, 3)
     labels = _read_idx(_find_idx_file(directory, labels_stem), _IDX_LABELS_MAGIC, 1)
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"[load_mnist] {split}: expected as many labels as images "
-                         f"({images.shape[0]}), got {labels.shape[0]}")
+        raise ValueError(
+            f"[load_mnist] {split}: expected as many labels as images "
+            f"({images.shape[0]}), got {labels.shape[0]}"
+        )
     x = (images.astype(dtype) / dtype.type(255))[:, None, :, :]
     return np.ascontiguousarray(x), labels.astype(np.int64)
 
@@ -170,16 +190,24 @@ def _check_npz_member(archive, info, key):
             raise ValueError(f"npy format version {version}")
         header_size = member.tell()
     if dtype.hasobject:
-        raise ValueError(f"[load_npz] {key}: expected a numeric array, got an object array "
-                         f"(pickled data is never loaded)")
+        raise ValueError(
+            f"[load_npz] {key}: expected a numeric array, got an object array "
+            f"(pickled data is never loaded)"
+        )
     data_size = int(np.prod(shape, dtype=object)) * dtype.itemsize
     if info.file_size - header_size != data_size:
-        raise ValueError(f"[load_npz] {key}: expected {data_size} bytes for shape {shape} "
-                         f"{dtype}, got {info.file_size - header_size}")
-    if (info.compress_type != zipfile.ZIP_STORED
-            and info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + 4096):
-        raise ValueError(f"[load_npz] {key}: expected at most {_MAX_DEFLATE_RATIO}x "
-                         f"compression, got {info.file_size} bytes from {info.compress_size}")
+        raise ValueError(
+            f"[load_npz] {key}: expected {data_size} bytes for shape {shape} "
+            f"{dtype}, got {info.file_size - header_size}"
+        )
+    if (
+        info.compress_type != zipfile.ZIP_STORED
+        and info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + 4096
+    ):
+        raise ValueError(
+            f"[load_npz] {key}: expected at most {_MAX_DEFLATE_RATIO}x "
+            f"compression, got {info.file_size} bytes from {info.compress_size}"
+        )
 
 
 def _labels(y, where):
@@ -215,8 +243,7 @@ def load_npz(path, dtype=np.float32):
                 info = members.get(key + ".npy")
                 if info is None:
                     names = sorted(n[:-4] for n in members if n.endswith(".npy"))
-                    raise ValueError(f"[load_npz] {key}: expected arrays 'x' and 'y', "
-                                     f"got {names}")
+                    raise ValueError(f"[load_npz] {key}: expected arrays 'x' and 'y', got {names}")
                 _check_npz_member(archive, info, key)
         with np.load(path, allow_pickle=False) as contents:
             for key in ("x", "y"):
@@ -224,25 +251,36 @@ def load_npz(path, dtype=np.float32):
     except ValueError as error:
         if str(error).startswith("[load_npz]"):
             raise
-        raise ValueError(f"[load_npz] {os.path.basename(path)}: expected a readable .npz "
-                         f"archive, got {error}") from error
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError,
-            NotImplementedError) as error:
-        raise ValueError(f"[load_npz] {os.path.basename(path)}: expected a readable .npz "
-                         f"archive, got {type(error).__name__}: {error}") from error
+        raise ValueError(
+            f"[load_npz] {os.path.basename(path)}: expected a readable .npz archive, got {error}"
+        ) from error
+    except (
+        OSError,
+        EOFError,
+        zipfile.BadZipFile,
+        zlib.error,
+        KeyError,
+        NotImplementedError,
+    ) as error:
+        raise ValueError(
+            f"[load_npz] {os.path.basename(path)}: expected a readable .npz "
+            f"archive, got {type(error).__name__}: {error}"
+        ) from error
 
     x, y = arrays["x"], arrays["y"]
     if x.ndim == 3:
         x = x[:, None, :, :]
     if x.ndim != 4:
-        raise ValueError(f"[load_npz] x: expected 4 dims (N, C, H, W) or 3 dims (N, H, W), "
-                         f"got shape {x.shape}")
+        raise ValueError(
+            f"[load_npz] x: expected 4 dims (N, C, H, W) or 3 dims (N, H, W), got shape {x.shape}"
+        )
     if x.dtype.kind not in "biuf":
         raise ValueError(f"[load_npz] x: expected numeric images, got {x.dtype}")
     labels = _labels(y, "load_npz")
     if x.shape[0] != labels.shape[0]:
-        raise ValueError(f"[load_npz] y: expected one label per image ({x.shape[0]}), "
-                         f"got {labels.shape[0]}")
+        raise ValueError(
+            f"[load_npz] y: expected one label per image ({x.shape[0]}), got {labels.shape[0]}"
+        )
     if x.shape[0] == 0:
         raise ValueError("[load_npz] x: expected at least one image, got 0")
     images = x.astype(dtype) / dtype.type(255) if x.dtype == np.uint8 else x.astype(dtype)
@@ -259,8 +297,7 @@ def _check_pair(x, y, where):
     if y.ndim != 1:
         raise ValueError(f"[{where}] y: expected 1 dim (N,), got shape {y.shape}")
     if x.ndim < 1 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"[{where}] x: expected {y.shape[0]} samples like y, "
-                         f"got shape {x.shape}")
+        raise ValueError(f"[{where}] x: expected {y.shape[0]} samples like y, got shape {x.shape}")
     return x, y
 
 
@@ -270,8 +307,9 @@ def train_test_split(x, y, test_fraction=0.2, seed=0):
     Both parts keep the original order of the samples. Deterministic for a seed."""
     x, y = _check_pair(x, y, "train_test_split")
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"[train_test_split] test_fraction: expected a value in (0, 1), "
-                         f"got {test_fraction}")
+        raise ValueError(
+            f"[train_test_split] test_fraction: expected a value in (0, 1), got {test_fraction}"
+        )
     rng = np.random.default_rng(seed)
     test = np.zeros(y.shape[0], dtype=bool)
     for label in np.unique(y):
@@ -279,8 +317,10 @@ def train_test_split(x, y, test_fraction=0.2, seed=0):
         count = int(round(test_fraction * members.size))
         test[rng.permutation(members)[:count]] = True
     if test.all() or not test.any():
-        raise ValueError(f"[train_test_split] x: expected enough samples for a training and "
-                         f"a test part at test_fraction {test_fraction}, got {y.shape[0]}")
+        raise ValueError(
+            f"[train_test_split] x: expected enough samples for a training and "
+            f"a test part at test_fraction {test_fraction}, got {y.shape[0]}"
+        )
     train_index, test_index = np.flatnonzero(~test), np.flatnonzero(test)
     return (x[train_index], y[train_index]), (x[test_index], y[test_index])
 
@@ -296,8 +336,10 @@ def select_classes(x, y, classes):
     present = set(np.unique(y).tolist())
     missing = [c for c in classes if c not in present]
     if missing:
-        raise ValueError(f"[select_classes] classes: expected labels present in the data "
-                         f"({sorted(present)}), got {missing}")
+        raise ValueError(
+            f"[select_classes] classes: expected labels present in the data "
+            f"({sorted(present)}), got {missing}"
+        )
     keep = np.flatnonzero(np.isin(y, classes))
     kept = y[keep]
     remapped = np.empty(keep.size, dtype=np.int64)
@@ -318,8 +360,9 @@ class DataLoader:
     def __init__(self, x, y, batch_size=64, shuffle=True, seed=0, drop_last=False):
         x, y = _check_pair(x, y, "DataLoader")
         if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
-            raise ValueError(f"[DataLoader] batch_size: expected an integer >= 1, "
-                             f"got {batch_size!r}")
+            raise ValueError(
+                f"[DataLoader] batch_size: expected an integer >= 1, got {batch_size!r}"
+            )
         self.x, self.y = x, y
         self.batch_size, self.shuffle, self.drop_last = int(batch_size), shuffle, drop_last
         self._rng = np.random.default_rng(seed)
@@ -334,12 +377,20 @@ class DataLoader:
         for b in range(len(self)):
             start, stop = b * self.batch_size, min((b + 1) * self.batch_size, n)
             if order is None:
-                yield (np.ascontiguousarray(self.x[start:stop]),
-                       np.ascontiguousarray(self.y[start:stop]))
+                yield (
+                    np.ascontiguousarray(self.x[start:stop]),
+                    np.ascontiguousarray(self.y[start:stop]),
+                )
             else:
                 index = order[start:stop]
                 yield np.ascontiguousarray(self.x[index]), np.ascontiguousarray(self.y[index])
 
 
-__all__ = ["load_digits", "load_mnist", "load_npz", "train_test_split", "select_classes",
-           "DataLoader"]
+__all__ = [
+    "load_digits",
+    "load_mnist",
+    "load_npz",
+    "train_test_split",
+    "select_classes",
+    "DataLoader",
+]

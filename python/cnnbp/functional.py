@@ -81,23 +81,38 @@ def flatten_backward(dF, x_shape):
     # math.prod for the usual tuple: np.prod would first convert it into an array
     count = math.prod(x_shape) if isinstance(x_shape, tuple) else int(np.prod(x_shape))
     if count != dF.size:
-        raise ValueError(f"[flatten_backward] dF: expected {int(count)} elements "
-                         f"to fill x_shape {tuple(x_shape)}, got shape {dF.shape}")
+        raise ValueError(
+            f"[flatten_backward] dF: expected {int(count)} elements "
+            f"to fill x_shape {tuple(x_shape)}, got shape {dF.shape}"
+        )
     return dF.reshape(x_shape)
 
 
 __all__ = [
     "output_size",
-    "conv2d", "conv2d_backward", "conv2d_workspace_bytes",
-    "max_pool2d", "max_pool2d_backward",
-    "avg_pool2d", "avg_pool2d_backward",
-    "relu", "relu_backward",
-    "sigmoid", "sigmoid_backward",
-    "tanh", "tanh_backward",
-    "dropout", "dropout_backward",
-    "linear", "linear_backward",
-    "flatten", "flatten_backward",
-    "binary_cross_entropy", "binary_cross_entropy_backward",
-    "binary_cross_entropy_with_logits", "binary_cross_entropy_with_logits_backward",
-    "cross_entropy", "cross_entropy_backward",
+    "conv2d",
+    "conv2d_backward",
+    "conv2d_workspace_bytes",
+    "max_pool2d",
+    "max_pool2d_backward",
+    "avg_pool2d",
+    "avg_pool2d_backward",
+    "relu",
+    "relu_backward",
+    "sigmoid",
+    "sigmoid_backward",
+    "tanh",
+    "tanh_backward",
+    "dropout",
+    "dropout_backward",
+    "linear",
+    "linear_backward",
+    "flatten",
+    "flatten_backward",
+    "binary_cross_entropy",
+    "binary_cross_entropy_backward",
+    "binary_cross_entropy_with_logits",
+    "binary_cross_entropy_with_logits_backward",
+    "cross_entropy",
+    "cross_entropy_backward",
 ]

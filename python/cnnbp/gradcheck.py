@@ -37,12 +37,13 @@ from . import nn
 @dataclass
 class ParameterCheck:
     """The comparison for one parameter."""
+
     name: str
     shape: tuple
-    error: float        # max |analytic - numeric| / max(max |numeric|, 1e-12), probed entries
-    abs_error: float    # max |analytic - numeric|
-    probed: int         # entries compared
-    skipped: int        # entries whose probe crossed a ReLU kink or a max-pool tie
+    error: float  # max |analytic - numeric| / max(max |numeric|, 1e-12), probed entries
+    abs_error: float  # max |analytic - numeric|
+    probed: int  # entries compared
+    skipped: int  # entries whose probe crossed a ReLU kink or a max-pool tie
     worst_index: tuple | None
     passed: bool
 
@@ -50,6 +51,7 @@ class ParameterCheck:
 @dataclass
 class GradcheckReport:
     """Per-parameter results, by name, in the model's order; str() is a printable table."""
+
     parameters: dict = field(default_factory=dict)
     eps: float = 1e-6
     rtol: float = 1e-5
@@ -73,30 +75,58 @@ class GradcheckReport:
         return [check.name for check in self if not check.passed]
 
     def summary(self) -> str:
-        origin = (f" (a float64 copy of the {self.copied_from} model)"
-                  if self.copied_from else "")
-        rows = [(c.name, "x".join(map(str, c.shape)) or "scalar", f"{c.probed}",
-                 f"{c.skipped}", f"{c.error:.2e}", f"{c.abs_error:.2e}",
-                 "ok" if c.passed else "FAILED") for c in self]
+        origin = f" (a float64 copy of the {self.copied_from} model)" if self.copied_from else ""
+        rows = [
+            (
+                c.name,
+                "x".join(map(str, c.shape)) or "scalar",
+                f"{c.probed}",
+                f"{c.skipped}",
+                f"{c.error:.2e}",
+                f"{c.abs_error:.2e}",
+                "ok" if c.passed else "FAILED",
+            )
+            for c in self
+        ]
         head = ("parameter", "shape", "probed", "skipped", "rel. error", "abs. error", "")
         widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-        line = lambda r: "  ".join(v.ljust(w) if i < 2 else v.rjust(w)  # noqa: E731
-                                   for i, (v, w) in enumerate(zip(r, widths))).rstrip()
-        lines = [f"gradcheck: central differences, eps {self.eps:g}, float64{origin}; "
-                 f"loss {self.loss:.6g}",
-                 line(head)] + [line(r) for r in rows]
+
+        def line(r):
+            cells = (v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+            return "  ".join(cells).rstrip()
+
+        lines = [
+            f"gradcheck: central differences, eps {self.eps:g}, float64{origin}; "
+            f"loss {self.loss:.6g}",
+            line(head),
+        ] + [line(r) for r in rows]
         verdict = "passed" if self.passed else f"FAILED: {', '.join(self.failed)}"
-        lines.append(f"{verdict} (rel. error <= {self.rtol:g} or abs. error <= {self.atol:g}; "
-                     f"probes across a ReLU kink or max-pool tie skipped)")
+        lines.append(
+            f"{verdict} (rel. error <= {self.rtol:g} or abs. error <= {self.atol:g}; "
+            f"probes across a ReLU kink or max-pool tie skipped)"
+        )
         return "\n".join(lines)
 
     def to_json(self) -> dict:
-        return {"passed": self.passed, "eps": self.eps, "rtol": self.rtol, "atol": self.atol,
-                "loss": self.loss, "copied_from": self.copied_from,
-                "parameters": {c.name: {"shape": list(c.shape), "error": c.error,
-                                        "abs_error": c.abs_error, "probed": c.probed,
-                                        "skipped": c.skipped, "passed": c.passed}
-                               for c in self}}
+        return {
+            "passed": self.passed,
+            "eps": self.eps,
+            "rtol": self.rtol,
+            "atol": self.atol,
+            "loss": self.loss,
+            "copied_from": self.copied_from,
+            "parameters": {
+                c.name: {
+                    "shape": list(c.shape),
+                    "error": c.error,
+                    "abs_error": c.abs_error,
+                    "probed": c.probed,
+                    "skipped": c.skipped,
+                    "passed": c.passed,
+                }
+                for c in self
+            },
+        }
 
     def __str__(self):
         return self.summary()
@@ -123,16 +153,20 @@ def _patterns(model):
 
 def _same(patterns, reference):
     return len(patterns) == len(reference) and all(
-        a.shape == b.shape and np.array_equal(a, b) for a, b in zip(patterns, reference))
+        a.shape == b.shape and np.array_equal(a, b) for a, b in zip(patterns, reference)
+    )
 
 
 def _float64_copy(model):
     """The same architecture and weights in float64, through a model file (save/load)."""
     from .model_file import load
+
     if not hasattr(model, "save"):
-        raise TypeError(f"[gradcheck] model: expected float64 parameters, or a model with "
-                        f"save() to copy into float64, got a float32 {type(model).__name__}; "
-                        f"build it with dtype=np.float64")
+        raise TypeError(
+            f"[gradcheck] model: expected float64 parameters, or a model with "
+            f"save() to copy into float64, got a float32 {type(model).__name__}; "
+            f"build it with dtype=np.float64"
+        )
     with tempfile.TemporaryDirectory() as directory:
         source = os.path.join(directory, "model.npz")
         model.save(source)
@@ -154,12 +188,16 @@ def _evaluation_mode(model):
         return lambda: None
     was_training = getattr(model, "training", False)
     model.eval()
-    return (lambda: model.train()) if was_training and callable(getattr(model, "train", None)) \
+    return (
+        (lambda: model.train())
+        if was_training and callable(getattr(model, "train", None))
         else (lambda: None)
+    )
 
 
-def gradcheck(model, x, y, loss_fn, eps=1e-6, rtol=1e-5, atol=1e-8, max_entries=None,
-              seed=0) -> GradcheckReport:
+def gradcheck(
+    model, x, y, loss_fn, eps=1e-6, rtol=1e-5, atol=1e-8, max_entries=None, seed=0
+) -> GradcheckReport:
     """Compare every parameter gradient of `model` on (x, y) with central differences.
 
     model: an nn.Sequential or a single layer; loss_fn: an nn loss (called as loss_fn(out, y),
@@ -176,8 +214,10 @@ def gradcheck(model, x, y, loss_fn, eps=1e-6, rtol=1e-5, atol=1e-8, max_entries=
     copied_from = None
     if dtypes != {np.dtype(np.float64)}:
         if len(dtypes) > 1:
-            raise TypeError(f"[gradcheck] model: expected one dtype for all parameters, "
-                            f"got {sorted(map(str, dtypes))}")
+            raise TypeError(
+                f"[gradcheck] model: expected one dtype for all parameters, "
+                f"got {sorted(map(str, dtypes))}"
+            )
         copied_from = str(dtypes.pop())
         model = _float64_copy(model)
         named = model.named_parameters()
@@ -192,17 +232,21 @@ def gradcheck(model, x, y, loss_fn, eps=1e-6, rtol=1e-5, atol=1e-8, max_entries=
         loss = float(loss_fn(model(x), y))
         model.backward(loss_fn.backward())
         base = _patterns(model)
-        analytic = {name: (np.zeros(p.data.shape) if p.grad is None
-                           else np.array(p.grad, dtype=np.float64, copy=True))
-                    for name, p in named}
+        analytic = {
+            name: (
+                np.zeros(p.data.shape)
+                if p.grad is None
+                else np.array(p.grad, dtype=np.float64, copy=True)
+            )
+            for name, p in named
+        }
 
         def loss_and_patterns():
             value = float(loss_fn(model(x), y))
             return value, _patterns(model)
 
         rng = np.random.default_rng(seed)
-        report = GradcheckReport(eps=eps, rtol=rtol, atol=atol, loss=loss,
-                                 copied_from=copied_from)
+        report = GradcheckReport(eps=eps, rtol=rtol, atol=atol, loss=loss, copied_from=copied_from)
         for name, p in named:
             values = p.data  # perturbed in place, entry by entry, and restored
             count = values.size
@@ -229,11 +273,21 @@ def gradcheck(model, x, y, loss_fn, eps=1e-6, rtol=1e-5, atol=1e-8, max_entries=
             abs_error = float(difference.max(initial=0.0))
             scale = max(float(np.max(np.abs(numeric[probed]), initial=0.0)), 1e-12)
             error = abs_error / scale
-            worst = (tuple(int(v) for v in np.unravel_index(np.argmax(difference), values.shape))
-                     if probed.any() else None)
+            worst = (
+                tuple(int(v) for v in np.unravel_index(np.argmax(difference), values.shape))
+                if probed.any()
+                else None
+            )
             report.parameters[name] = ParameterCheck(
-                name, tuple(values.shape), error, abs_error, int(probed.sum()), skipped, worst,
-                passed=error <= rtol or abs_error <= atol)
+                name,
+                tuple(values.shape),
+                error,
+                abs_error,
+                int(probed.sum()),
+                skipped,
+                worst,
+                passed=error <= rtol or abs_error <= atol,
+            )
         model(x)  # leave the layers holding the unperturbed forward
     finally:
         restore()

@@ -12,8 +12,10 @@ import math
 class _Schedule:
     def __init__(self, optimizer):
         if not hasattr(optimizer, "lr"):
-            raise TypeError(f"[{type(self).__name__}] optimizer: expected a cnnbp optimizer, "
-                            f"got {type(optimizer).__name__}")
+            raise TypeError(
+                f"[{type(self).__name__}] optimizer: expected a cnnbp optimizer, "
+                f"got {type(optimizer).__name__}"
+            )
         self.optimizer = optimizer
         self.base_lr = optimizer.lr
         self.last_epoch = 0
@@ -56,8 +58,9 @@ class CosineAnnealingLR(_Schedule):
         t, T, low = self.last_epoch, self.T_max, self.eta_min
         if (t - 1 - T) % (2 * T) == 0:
             return lr + (self.base_lr - low) * (1 - math.cos(math.pi / T)) / 2
-        return ((1 + math.cos(math.pi * t / T)) / (1 + math.cos(math.pi * (t - 1) / T))
-                * (lr - low) + low)
+        return (1 + math.cos(math.pi * t / T)) / (1 + math.cos(math.pi * (t - 1) / T)) * (
+            lr - low
+        ) + low
 
 
 __all__ = ["StepLR", "CosineAnnealingLR"]

@@ -35,13 +35,18 @@ def _optimizer_arrays(model, optimizer):
     """The entries that hold `optimizer`'s settings (JSON) and state beside the model."""
     params = model.parameters()
     if len(optimizer.params) != len(params) or any(
-            a is not b for a, b in zip(optimizer.params, params)):
-        raise ValueError("[save] optimizer: expected an optimizer over this model's parameters, "
-                         "in order")
+        a is not b for a, b in zip(optimizer.params, params)
+    ):
+        raise ValueError(
+            "[save] optimizer: expected an optimizer over this model's parameters, in order"
+        )
     state = optimizer.state_dict()
-    settings = {"type": state["type"], "lr": state["lr"],
-                "hyperparameters": state["hyperparameters"],
-                "steps": [entry.get("step") if entry else None for entry in state["state"]]}
+    settings = {
+        "type": state["type"],
+        "lr": state["lr"],
+        "hyperparameters": state["hyperparameters"],
+        "steps": [entry.get("step") if entry else None for entry in state["state"]],
+    }
     arrays = {"optimizer": np.frombuffer(json.dumps(settings).encode(), dtype=np.uint8)}
     for i, entry in enumerate(state["state"]):
         for key, value in (entry or {}).items():
@@ -54,10 +59,16 @@ def save(model, path, optimizer=None) -> None:
     params = model.named_parameters()
     dtypes = {p.data.dtype for _, p in params}
     if len(dtypes) > 1:
-        raise TypeError(f"[save] model: expected one dtype for all parameters, got {sorted(map(str, dtypes))}")
+        raise TypeError(
+            f"[save] model: expected one dtype for all parameters, got {sorted(map(str, dtypes))}"
+        )
     dtype = dtypes.pop() if dtypes else np.dtype(np.float32)
-    architecture = {"format": FORMAT, "version": VERSION, "dtype": str(dtype),
-                    "layers": [layer.config() for layer in model]}
+    architecture = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": str(dtype),
+        "layers": [layer.config() for layer in model],
+    }
     arrays = {"architecture": np.frombuffer(json.dumps(architecture).encode(), dtype=np.uint8)}
     arrays.update({name: np.ascontiguousarray(p.data) for name, p in params})
     if optimizer is not None:
@@ -83,8 +94,7 @@ _INT64_MAX = 2**63 - 1
 
 
 def _is_int(value, minimum):
-    return (isinstance(value, int) and not isinstance(value, bool)
-            and minimum <= value <= _INT64_MAX)
+    return isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= _INT64_MAX
 
 
 def _int(spec, key, where, minimum=1):
@@ -96,7 +106,11 @@ def _int(spec, key, where, minimum=1):
 
 def _pair(spec, key, where, minimum=1):
     value = spec.get(key)
-    if not isinstance(value, list) or len(value) != 2 or not all(_is_int(v, minimum) for v in value):
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(_is_int(v, minimum) for v in value)
+    ):
         _refuse(f"{where}.{key}: expected a pair of integers in [{minimum}, 2^63), got {value!r}")
     return tuple(value)
 
@@ -112,22 +126,34 @@ def _pool(spec, where):
     """kernel_size, stride and padding of a pooling layer; padding at most half the kernel."""
     kernel, padding = _pair(spec, "kernel_size", where), _pair(spec, "padding", where, 0)
     if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
-        _refuse(f"{where}.padding: expected at most half the kernel size {list(kernel)}, "
-                f"got {list(padding)}")
+        _refuse(
+            f"{where}.padding: expected at most half the kernel size {list(kernel)}, "
+            f"got {list(padding)}"
+        )
     return kernel, _pair(spec, "stride", where), padding
 
 
 def _build(spec, where, dtype):
     if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
-        _refuse(f"{where}: expected an object with a string \"type\"")
+        _refuse(f'{where}: expected an object with a string "type"')
     kind = spec["type"]
     if kind == "Conv2d":
-        return nn.Conv2d(_int(spec, "in_channels", where), _int(spec, "out_channels", where),
-                         _pair(spec, "kernel_size", where), _pair(spec, "stride", where),
-                         _pair(spec, "padding", where, 0), _bool(spec, "bias", where), dtype=dtype)
+        return nn.Conv2d(
+            _int(spec, "in_channels", where),
+            _int(spec, "out_channels", where),
+            _pair(spec, "kernel_size", where),
+            _pair(spec, "stride", where),
+            _pair(spec, "padding", where, 0),
+            _bool(spec, "bias", where),
+            dtype=dtype,
+        )
     if kind == "Linear":
-        return nn.Linear(_int(spec, "in_features", where), _int(spec, "out_features", where),
-                         _bool(spec, "bias", where), dtype=dtype)
+        return nn.Linear(
+            _int(spec, "in_features", where),
+            _int(spec, "out_features", where),
+            _bool(spec, "bias", where),
+            dtype=dtype,
+        )
     if kind == "MaxPool2d":
         return nn.MaxPool2d(*_pool(spec, where))
     if kind == "AvgPool2d":
@@ -150,31 +176,40 @@ def _check_entry(archive, info, file_size):
     if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
         _refuse(f"{name}: expected an uncompressed, unencrypted entry")
     if info.file_size != info.compress_size or info.file_size > file_size:
-        _refuse(f"{name}: expected an entry within the file's {file_size} bytes, "
-                f"got a declared size of {info.file_size}")
+        _refuse(
+            f"{name}: expected an entry within the file's {file_size} bytes, "
+            f"got a declared size of {info.file_size}"
+        )
     if not name.endswith(".npy"):
         _refuse(f"{name}: expected only .npy entries")
     with archive.open(info) as entry:
         try:
             version = npy_format.read_magic(entry)
-            read_header = {(1, 0): npy_format.read_array_header_1_0,
-                           (2, 0): npy_format.read_array_header_2_0}[version]
+            read_header = {
+                (1, 0): npy_format.read_array_header_1_0,
+                (2, 0): npy_format.read_array_header_2_0,
+            }[version]
             shape, _, dtype = read_header(entry)
         except Exception as error:  # NumPy's header parser raises ValueError, SyntaxError, ...
-            _refuse(f"{name}: expected a .npy header of version 1.0 or 2.0, got "
-                    f"{type(error).__name__}: {error}")
+            _refuse(
+                f"{name}: expected a .npy header of version 1.0 or 2.0, got "
+                f"{type(error).__name__}: {error}"
+            )
         header_size = entry.tell()
     if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields is not None:
         _refuse(f"{name}: expected a numeric array, got dtype {dtype}")
     declared = math.prod(shape) * dtype.itemsize
     if declared != info.file_size - header_size:
-        _refuse(f"{name}: expected {declared} bytes of data as its header declares "
-                f"(shape {shape}, {dtype}), got {info.file_size - header_size}")
+        _refuse(
+            f"{name}: expected {declared} bytes of data as its header declares "
+            f"(shape {shape}, {dtype}), got {info.file_size - header_size}"
+        )
 
 
 def _load_optimizer(model, raw, arrays):
     """The optimizer saved beside the model, over the model's parameters, with its state."""
     from . import optim
+
     try:
         settings = json.loads(raw.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
@@ -195,8 +230,11 @@ def _load_optimizer(model, raw, arrays):
         opt = optimizer_class(params, lr=settings.get("lr"), **hyper)
         state = []
         for i, step in enumerate(steps):
-            entry = {key.split(".", 2)[2]: arrays[key] for key in arrays
-                     if key.startswith(f"optimizer.{i}.")}
+            entry = {
+                key.split(".", 2)[2]: arrays[key]
+                for key in arrays
+                if key.startswith(f"optimizer.{i}.")
+            }
             if step is not None:
                 entry["step"] = step
             state.append(entry or None)
@@ -241,15 +279,15 @@ def load(path, optimizer=False):
         # RecursionError: nesting deeper than the decoder's stack
         _refuse(f"architecture: expected valid JSON, got {type(error).__name__}: {error}")
     if not isinstance(architecture, dict) or architecture.get("format") != FORMAT:
-        _refuse(f"architecture: expected format \"{FORMAT}\"")
+        _refuse(f'architecture: expected format "{FORMAT}"')
     if type(architecture.get("version")) is not int or architecture["version"] != VERSION:
         _refuse(f"architecture: expected version {VERSION}, got {architecture.get('version')!r}")
     dtype = architecture.get("dtype")
     if dtype not in ("float32", "float64"):
-        _refuse(f"architecture: expected dtype \"float32\" or \"float64\", got {dtype!r}")
+        _refuse(f'architecture: expected dtype "float32" or "float64", got {dtype!r}')
     layers = architecture.get("layers")
     if not isinstance(layers, list):
-        _refuse("architecture: expected a list \"layers\"")
+        _refuse('architecture: expected a list "layers"')
 
     # the weights the architecture asks for must be in the file before any is allocated
     for i, spec in enumerate(layers):
@@ -264,11 +302,17 @@ def load(path, optimizer=False):
             if weight is None:
                 _refuse(f"{i}.weight: expected an array, got none")
             if weight.size != count:
-                _refuse(f"{where}: expected weights that fit in the file, got {count} weights "
-                        f"for an array of {weight.size}")
+                _refuse(
+                    f"{where}: expected weights that fit in the file, got {count} weights "
+                    f"for an array of {weight.size}"
+                )
 
-    model = nn.Sequential(*(_build(spec, f"architecture: layer {i}", np.dtype(dtype))
-                            for i, spec in enumerate(layers)))
+    model = nn.Sequential(
+        *(
+            _build(spec, f"architecture: layer {i}", np.dtype(dtype))
+            for i, spec in enumerate(layers)
+        )
+    )
     expected = dict(model.named_parameters())
     for name in expected:
         if name not in arrays:
@@ -287,8 +331,10 @@ def load(path, optimizer=False):
         return model
     if optimizer_raw is None:
         if optimizer_arrays:
-            _refuse(f"file: expected optimizer state with its settings, got only "
-                    f"{sorted(optimizer_arrays)}")
+            _refuse(
+                f"file: expected optimizer state with its settings, got only "
+                f"{sorted(optimizer_arrays)}"
+            )
         return model, None
     if optimizer_raw.dtype != np.uint8 or optimizer_raw.ndim != 1:
         _refuse("optimizer: expected a 1-D uint8 array of JSON text")

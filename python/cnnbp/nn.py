@@ -32,7 +32,7 @@ def _int_arg(op, name, value):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"[{op}] {name}: expected an int, got {value!r}")
     value = int(value)
-    if not -2**63 <= value < 2**63:
+    if not -(2**63) <= value < 2**63:
         raise ValueError(f"[{op}] {name}: expected a 64-bit integer, got {value}")
     return value
 
@@ -97,8 +97,9 @@ class Parameter:
         target = self._impl.data
         value = np.asarray(value)
         if value.shape != target.shape:
-            raise ValueError(f"[Parameter] data: expected shape {target.shape}, "
-                             f"got shape {value.shape}")
+            raise ValueError(
+                f"[Parameter] data: expected shape {target.shape}, got shape {value.shape}"
+            )
         np.copyto(target, value, casting="same_kind")
 
     @property
@@ -112,8 +113,9 @@ class Parameter:
             return
         value = np.asarray(value)
         if value.shape != self.shape:  # as torch: a gradient has its parameter's shape
-            raise ValueError(f"[Parameter] grad: expected shape {self.shape}, "
-                             f"got shape {value.shape}")
+            raise ValueError(
+                f"[Parameter] grad: expected shape {self.shape}, got shape {value.shape}"
+            )
         np.copyto(self._impl.grad_storage(), value, casting="same_kind")
 
     @property
@@ -162,8 +164,11 @@ class Module:
         return [(prefix + name, p) for name, p in self._own_parameters()]
 
     def _own_parameters(self):
-        return [(name, p) for name in ("weight", "bias")
-                if isinstance(p := getattr(self, name, None), Parameter)]
+        return [
+            (name, p)
+            for name in ("weight", "bias")
+            if isinstance(p := getattr(self, name, None), Parameter)
+        ]
 
     def parameters(self):
         return [p for _, p in self.named_parameters()]
@@ -196,33 +201,42 @@ class Module:
     def load_state_dict(self, state_dict) -> None:
         """Copy arrays into the parameters; keys, shapes and dtypes must match exactly."""
         if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
-            raise TypeError(f"[load_state_dict] state_dict: expected a mapping of names to "
-                            f"arrays, got {type(state_dict).__name__}")
+            raise TypeError(
+                f"[load_state_dict] state_dict: expected a mapping of names to "
+                f"arrays, got {type(state_dict).__name__}"
+            )
         own = OrderedDict(self.named_parameters())
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]
         if missing or unexpected:
-            raise KeyError(f"[load_state_dict] expected keys {list(own)}, "
-                           f"got missing {missing}, unexpected {unexpected}")
+            raise KeyError(
+                f"[load_state_dict] expected keys {list(own)}, "
+                f"got missing {missing}, unexpected {unexpected}"
+            )
         for name, p in own.items():
             try:
                 value = np.asarray(state_dict[name])
             except ValueError as error:  # ragged nested lists
-                raise ValueError(f"[load_state_dict] {name}: expected an array, "
-                                 f"got {error}") from None
+                raise ValueError(
+                    f"[load_state_dict] {name}: expected an array, got {error}"
+                ) from None
             if value.shape != p.shape:
-                raise ValueError(f"[load_state_dict] {name}: expected shape {p.shape}, "
-                                 f"got shape {value.shape}")
+                raise ValueError(
+                    f"[load_state_dict] {name}: expected shape {p.shape}, got shape {value.shape}"
+                )
             if value.dtype != p.dtype:
-                raise TypeError(f"[load_state_dict] {name}: expected {p.dtype}, "
-                                f"got {value.dtype}")
+                raise TypeError(f"[load_state_dict] {name}: expected {p.dtype}, got {value.dtype}")
         for name, p in own.items():
             p.data = state_dict[name]
 
     def trace(self):
         """What this layer saw in its last forward and backward, by name (copies)."""
-        out = OrderedDict(input=self.input, output=self.output,
-                          grad_output=self.grad_output, grad_input=self.grad_input)
+        out = OrderedDict(
+            input=self.input,
+            output=self.output,
+            grad_output=self.grad_output,
+            grad_input=self.grad_input,
+        )
         for name, p in self._own_parameters():
             out[name] = p.data.copy()
             out[name + ".grad"] = None if p.grad is None else p.grad.copy()
@@ -278,9 +292,12 @@ class _NativeModule(Module):
 
     def _as_layer(self, dtype):
         # a subclass (or instance) that redefines forward or backward runs them in Python
-        redefined = (type(self).forward is not _NativeModule.forward
-                     or type(self).backward is not _NativeModule.backward
-                     or "forward" in self.__dict__ or "backward" in self.__dict__)
+        redefined = (
+            type(self).forward is not _NativeModule.forward
+            or type(self).backward is not _NativeModule.backward
+            or "forward" in self.__dict__
+            or "backward" in self.__dict__
+        )
         return super()._as_layer(dtype) if redefined else self._native_for(dtype)
 
     def train(self, mode: bool = True):
@@ -329,31 +346,54 @@ def _weight_init(impl, dtype, shape, fan_in, bias):
 class Conv2d(_NativeModule):
     """y (N, K, P, Q) = conv2d(x (N, C, H, W), weight (K, C, R, S)) + bias (K,)."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
-                 dtype=np.float32):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        bias=True,
+        dtype=np.float32,
+    ):
         super().__init__()
         dtype = self._fixed_dtype = _check_dtype(dtype)
         in_channels = _int_arg("Conv2d", "in_channels", in_channels)
         out_channels = _int_arg("Conv2d", "out_channels", out_channels)
         # [h, w] pairs, checked once; the model file's form
-        self._pairs = {name: _pair_arg("Conv2d", name, value) for name, value in
-                       (("kernel_size", kernel_size), ("stride", stride), ("padding", padding))}
+        self._pairs = {
+            name: _pair_arg("Conv2d", name, value)
+            for name, value in (
+                ("kernel_size", kernel_size),
+                ("stride", stride),
+                ("padding", padding),
+            )
+        }
         r, s = self._pairs["kernel_size"]
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = (r, s), stride, padding
         impl = self._impl = self._impls[dtype] = _native("Conv2d", dtype)(
-            in_channels, out_channels, *self._pairs.values(), bool(bias))
-        self.weight, self.bias = _weight_init(impl, dtype, (out_channels, in_channels, r, s),
-                                              in_channels * r * s, bias)
+            in_channels, out_channels, *self._pairs.values(), bool(bias)
+        )
+        self.weight, self.bias = _weight_init(
+            impl, dtype, (out_channels, in_channels, r, s), in_channels * r * s, bias
+        )
 
     def config(self):
         """The architecture entry of a model file."""
-        return {"type": "Conv2d", "in_channels": self.in_channels,
-                "out_channels": self.out_channels, **self._pairs, "bias": self.bias is not None}
+        return {
+            "type": "Conv2d",
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            **self._pairs,
+            "bias": self.bias is not None,
+        }
 
     def extra_repr(self):
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}"
+        )
 
 
 class _Pool2d(_NativeModule):
@@ -366,10 +406,11 @@ class _Pool2d(_NativeModule):
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         name = self._native_name
         # [h, w] pairs, checked once; the model file's form
-        self._pairs = {"kernel_size": _pair_arg(name, "kernel_size", kernel_size),
-                       "stride": _pair_arg(name, "stride",
-                                           kernel_size if stride is None else stride),
-                       "padding": _pair_arg(name, "padding", padding)}
+        self._pairs = {
+            "kernel_size": _pair_arg(name, "kernel_size", kernel_size),
+            "stride": _pair_arg(name, "stride", kernel_size if stride is None else stride),
+            "padding": _pair_arg(name, "padding", padding),
+        }
 
     def _make(self, dtype):
         return _native(self._native_name, dtype)(*self._pairs.values())
@@ -477,17 +518,25 @@ class Linear(_NativeModule):
         out_features = _int_arg("Linear", "out_features", out_features)
         self.in_features, self.out_features = in_features, out_features
         impl = self._impl = self._impls[dtype] = _native("Linear", dtype)(
-            in_features, out_features, bool(bias))
-        self.weight, self.bias = _weight_init(impl, dtype, (out_features, in_features),
-                                              in_features, bias)
+            in_features, out_features, bool(bias)
+        )
+        self.weight, self.bias = _weight_init(
+            impl, dtype, (out_features, in_features), in_features, bias
+        )
 
     def config(self):
-        return {"type": "Linear", "in_features": int(self.in_features),
-                "out_features": int(self.out_features), "bias": self.bias is not None}
+        return {
+            "type": "Linear",
+            "in_features": int(self.in_features),
+            "out_features": int(self.out_features),
+            "bias": self.bias is not None,
+        }
 
     def extra_repr(self):
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 class Sequential(_NativeModule):
@@ -500,13 +549,15 @@ class Sequential(_NativeModule):
         super().__init__()
         for i, layer in enumerate(layers):
             if not isinstance(layer, Module):
-                raise TypeError(f"[Sequential] layer {i}: expected an nn.Module, "
-                                f"got {type(layer).__name__}")
+                raise TypeError(
+                    f"[Sequential] layer {i}: expected an nn.Module, got {type(layer).__name__}"
+                )
         self.layers = tuple(layers)
         dtypes = {p.dtype for p in self.parameters()}
         if len(dtypes) > 1:
-            raise TypeError(f"[Sequential] parameters: expected one dtype, got "
-                            f"{sorted(str(d) for d in dtypes)}")
+            raise TypeError(
+                f"[Sequential] parameters: expected one dtype, got {sorted(str(d) for d in dtypes)}"
+            )
         self._fixed_dtype = dtypes.pop() if dtypes else None
         self._step = None  # train_step's bound C++ call, for the last loss and optimizer
 
@@ -544,8 +595,11 @@ class Sequential(_NativeModule):
         return iter(self.layers)
 
     def named_parameters(self, prefix: str = ""):
-        return [pair for i, layer in enumerate(self.layers)
-                for pair in layer.named_parameters(f"{prefix}{i}.")]
+        return [
+            pair
+            for i, layer in enumerate(self.layers)
+            for pair in layer.named_parameters(f"{prefix}{i}.")
+        ]
 
     def zero_grad(self) -> None:
         for layer in self.layers:
@@ -555,8 +609,12 @@ class Sequential(_NativeModule):
         """One training step: zero_grad, forward, loss, backward, optimizer.step(); returns
         the loss. The same as the four calls written out, in one call into C++."""
         cached = self._step
-        if (cached is not None and cached[0] is loss_fn and cached[1] is optimizer
-                and cached[2] is getattr(x, "dtype", None)):
+        if (
+            cached is not None
+            and cached[0] is loss_fn
+            and cached[1] is optimizer
+            and cached[2] is getattr(x, "dtype", None)
+        ):
             loss_fn._impl = cached[3]  # the loss's trace is this step's
             return cached[4](x, y)
         return self._first_train_step(x, y, loss_fn, optimizer)
@@ -582,6 +640,7 @@ class Sequential(_NativeModule):
         optimizer over this model's parameters, its settings and state go in the file too
         (cnnbp.load(path, optimizer=True) gives them back)."""
         from .model_file import save
+
         save(self, path, optimizer)
 
     def trace(self):
@@ -621,8 +680,11 @@ class _Loss:
         return self._impl.backward(float(grad_loss))
 
     def _traced(name):  # noqa: N805 - a helper that builds properties
-        return property(lambda self: getattr(self._impl, name)()
-                        if self._impl and self._impl.has_run() else None)
+        return property(
+            lambda self: (
+                getattr(self._impl, name)() if self._impl and self._impl.has_run() else None
+            )
+        )
 
     input = _traced("input")
     target = _traced("target")
@@ -631,8 +693,9 @@ class _Loss:
     del _traced
 
     def trace(self):
-        return OrderedDict(input=self.input, target=self.target, loss=self.loss,
-                           grad_input=self.grad_input)
+        return OrderedDict(
+            input=self.input, target=self.target, loss=self.loss, grad_input=self.grad_input
+        )
 
     def __repr__(self):
         return f"{type(self).__name__}()"
@@ -640,21 +703,37 @@ class _Loss:
 
 class BCELoss(_Loss):
     """Mean binary cross-entropy of probabilities (torch.nn.BCELoss)."""
+
     _native_name = "BCELoss"  # subclasses keep the C++ loss of their base
 
 
 class BCEWithLogitsLoss(_Loss):
     """Mean binary cross-entropy of sigmoid(logits), computed stably (torch.nn.BCEWithLogitsLoss)."""
+
     _native_name = "BCEWithLogitsLoss"
 
 
 class CrossEntropyLoss(_Loss):
     """Mean softmax cross-entropy of logits (N, K) against class indices (N,)."""
+
     _native_name = "CrossEntropyLoss"
 
 
 __all__ = [
-    "Parameter", "Module", "Conv2d", "MaxPool2d", "AvgPool2d", "ReLU", "Sigmoid", "Tanh",
-    "Dropout", "Flatten", "Linear",
-    "Sequential", "BCELoss", "BCEWithLogitsLoss", "CrossEntropyLoss", "manual_seed",
+    "Parameter",
+    "Module",
+    "Conv2d",
+    "MaxPool2d",
+    "AvgPool2d",
+    "ReLU",
+    "Sigmoid",
+    "Tanh",
+    "Dropout",
+    "Flatten",
+    "Linear",
+    "Sequential",
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "CrossEntropyLoss",
+    "manual_seed",
 ]

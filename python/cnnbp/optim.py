@@ -25,8 +25,9 @@ class _Optimizer:
         name = type(self).__name__
         for p in self.params:
             if not isinstance(p, Parameter):
-                raise TypeError(f"[{name}] params: expected nn.Parameter objects, "
-                                f"got {type(p).__name__}")
+                raise TypeError(
+                    f"[{name}] params: expected nn.Parameter objects, got {type(p).__name__}"
+                )
         for key, value in hyper.items():
             if key != "nesterov":
                 _check_number(name, key, value)
@@ -38,8 +39,10 @@ class _Optimizer:
             group.append(p._impl)
         if not groups:  # still check the settings
             groups[np.dtype(np.float64)] = []
-        self._natives = {dtype: getattr(_core, name + _SUFFIX[dtype])(impls, **hyper)
-                         for dtype, impls in groups.items()}
+        self._natives = {
+            dtype: getattr(_core, name + _SUFFIX[dtype])(impls, **hyper)
+            for dtype, impls in groups.items()
+        }
         self._where = [(self._natives[dtype], j) for dtype, j in self._where]
         self._lr = hyper["lr"]
         self._settings = {}  # the constructor's other arguments, as a subclass takes them
@@ -70,9 +73,12 @@ class _Optimizer:
         """The settings (the constructor's arguments) and, per parameter (in order), a copy
         of its state; None for a parameter without state yet. torch's names: momentum_buffer; step, exp_avg,
         exp_avg_sq."""
-        return {"type": type(self).__name__, "lr": self.lr,
-                "hyperparameters": dict(self._settings),
-                "state": [self._state_of(native, j) for native, j in self._where]}
+        return {
+            "type": type(self).__name__,
+            "lr": self.lr,
+            "hyperparameters": dict(self._settings),
+            "state": [self._state_of(native, j) for native, j in self._where],
+        }
 
     def load_state_dict(self, state) -> None:
         """Take the state of an optimizer of the same type over parameters of the same shapes
@@ -83,12 +89,16 @@ class _Optimizer:
             raise ValueError(f"[{name}.load_state_dict] type: expected {name!r}, got {got!r}")
         per_parameter = state.get("state")
         if not isinstance(per_parameter, (list, tuple)) or len(per_parameter) != len(self.params):
-            raise ValueError(f"[{name}.load_state_dict] state: expected one entry per parameter "
-                             f"({len(self.params)}), got {per_parameter!r:.80}")
+            raise ValueError(
+                f"[{name}.load_state_dict] state: expected one entry per parameter "
+                f"({len(self.params)}), got {per_parameter!r:.80}"
+            )
         for i, entry in enumerate(per_parameter):
             if entry is not None and not isinstance(entry, dict):
-                raise ValueError(f"[{name}.load_state_dict] state[{i}]: expected a dict or "
-                                 f"None, got {type(entry).__name__}")
+                raise ValueError(
+                    f"[{name}.load_state_dict] state[{i}]: expected a dict or "
+                    f"None, got {type(entry).__name__}"
+                )
         for (native, j), entry in zip(self._where, per_parameter):
             self._set_state(native, j, entry or {})
         self.lr = state.get("lr", self.lr)
@@ -109,20 +119,31 @@ class _Optimizer:
 class SGD(_Optimizer):
     """Stochastic gradient descent, as torch.optim.SGD:
 
-        g = grad + weight_decay * p
-        buf = g (first step) or momentum * buf + (1 - dampening) * g
-        g = g + momentum * buf if nesterov else buf
-        p -= lr * g
+    g = grad + weight_decay * p
+    buf = g (first step) or momentum * buf + (1 - dampening) * g
+    g = g + momentum * buf if nesterov else buf
+    p -= lr * g
     """
 
-    def __init__(self, params, lr=0.1, momentum=0.0, weight_decay=0.0, dampening=0.0,
-                 nesterov=False):
-        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                         dampening=dampening, nesterov=bool(nesterov))
+    def __init__(
+        self, params, lr=0.1, momentum=0.0, weight_decay=0.0, dampening=0.0, nesterov=False
+    ):
+        super().__init__(
+            params,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            dampening=dampening,
+            nesterov=bool(nesterov),
+        )
         self.momentum, self.weight_decay = momentum, weight_decay
         self.dampening, self.nesterov = dampening, nesterov
-        self._settings = dict(momentum=momentum, weight_decay=weight_decay,
-                              dampening=dampening, nesterov=bool(nesterov))
+        self._settings = dict(
+            momentum=momentum,
+            weight_decay=weight_decay,
+            dampening=dampening,
+            nesterov=bool(nesterov),
+        )
 
     @staticmethod
     def _state_of(native, j):
@@ -137,9 +158,9 @@ class SGD(_Optimizer):
 class Adam(_Optimizer):
     """Adam, as torch.optim.Adam (amsgrad off; weight decay added to the gradient):
 
-        g = grad + weight_decay * p
-        m = beta1 * m + (1 - beta1) * g          v = beta2 * v + (1 - beta2) * g * g
-        p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+    g = grad + weight_decay * p
+    m = beta1 * m + (1 - beta1) * g          v = beta2 * v + (1 - beta2) * g * g
+    p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
@@ -147,8 +168,9 @@ class Adam(_Optimizer):
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"[{name}] betas: expected a pair (beta1, beta2), got {betas!r}")
         beta1, beta2 = betas
-        super().__init__(params, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                         weight_decay=weight_decay)
+        super().__init__(
+            params, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay
+        )
         self.betas, self.eps, self.weight_decay = (beta1, beta2), eps, weight_decay
         self._settings = dict(betas=[beta1, beta2], eps=eps, weight_decay=weight_decay)
 

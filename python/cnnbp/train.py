@@ -35,7 +35,7 @@ import numpy as np
 
 from . import data, nn, optim
 
-CONV_CHANNELS = (32, 64)        # output channels of the two convolutions
+CONV_CHANNELS = (32, 64)  # output channels of the two convolutions
 DEFAULT_EPOCHS = {"digits": 25, "npz": 25, "mnist": 5}
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_MOMENTUM = 0.9
@@ -45,9 +45,11 @@ EVAL_BATCH_SIZE = 1000
 
 # ---- optimizers, by name ---------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class OptimizerChoice:
     """One entry of `cnnbp train --optimizer NAME`: how to build it and its default rate."""
+
     make: Callable  # make(params, lr=..., momentum=..., weight_decay=...) -> optimizer
     default_lr: float
     uses_momentum: bool = False
@@ -56,20 +58,30 @@ class OptimizerChoice:
 OPTIMIZERS = {
     "sgd": OptimizerChoice(
         lambda params, lr, momentum, weight_decay: optim.SGD(
-            params, lr=lr, momentum=momentum, weight_decay=weight_decay),
-        default_lr=0.05, uses_momentum=True),
+            params, lr=lr, momentum=momentum, weight_decay=weight_decay
+        ),
+        default_lr=0.05,
+        uses_momentum=True,
+    ),
     "nesterov": OptimizerChoice(
         lambda params, lr, momentum, weight_decay: optim.SGD(
-            params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True),
-        default_lr=0.05, uses_momentum=True),
+            params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True
+        ),
+        default_lr=0.05,
+        uses_momentum=True,
+    ),
     "adam": OptimizerChoice(
         lambda params, lr, momentum, weight_decay: optim.Adam(
-            params, lr=lr, weight_decay=weight_decay),
-        default_lr=1e-3),
+            params, lr=lr, weight_decay=weight_decay
+        ),
+        default_lr=1e-3,
+    ),
     "adamw": OptimizerChoice(  # decoupled weight decay; torch's default decay 0.01
         lambda params, lr, momentum, weight_decay: optim.AdamW(
-            params, lr=lr, weight_decay=weight_decay or 1e-2),
-        default_lr=1e-3),
+            params, lr=lr, weight_decay=weight_decay or 1e-2
+        ),
+        default_lr=1e-3,
+    ),
 }
 
 # learning-rate schedules, stepped once per epoch
@@ -94,9 +106,11 @@ def make_optimizer(name, params, lr=None, momentum=None, weight_decay=0.0):
 
 # ---- data ------------------------------------------------------------------------------
 
+
 @dataclass
 class Dataset:
     """Training and test images with labels 0..k-1, and what each label stands for."""
+
     name: str
     description: str
     x_train: np.ndarray | None
@@ -111,8 +125,15 @@ class Dataset:
         return len(self.class_names)
 
 
-def load_dataset(mnist=None, npz=None, binary=None, seed=0,
-                 test_fraction=DEFAULT_TEST_FRACTION, dtype=np.float32, need_train=True):
+def load_dataset(
+    mnist=None,
+    npz=None,
+    binary=None,
+    seed=0,
+    test_fraction=DEFAULT_TEST_FRACTION,
+    dtype=np.float32,
+    need_train=True,
+):
     """digits (default), MNIST-format IDX files in the directory `mnist`, or the .npz `npz`.
 
     digits and .npz files are split into training and test parts by train_test_split with
@@ -135,7 +156,8 @@ def load_dataset(mnist=None, npz=None, binary=None, seed=0,
             name, description = "digits", "scikit-learn digits"
             x, y = data.load_digits(dtype=dtype)
         (x_train, y_train), (x_test, y_test) = data.train_test_split(
-            x, y, test_fraction=test_fraction, seed=seed)
+            x, y, test_fraction=test_fraction, seed=seed
+        )
         description += f", stratified {test_fraction:g} test split (seed {seed})"
 
     if binary is not None:
@@ -150,23 +172,32 @@ def load_dataset(mnist=None, npz=None, binary=None, seed=0,
     else:
         seen = [y_test] + ([y_train] if y_train is not None else [])
         class_names = [str(c) for c in range(int(max(int(v.max()) for v in seen)) + 1)]
-    return Dataset(name, description, x_train, y_train, x_test, y_test, class_names,
-                   binary=binary is not None)
+    return Dataset(
+        name, description, x_train, y_train, x_test, y_test, class_names, binary=binary is not None
+    )
 
 
 # ---- the network and what its outputs mean ----------------------------------------------
+
 
 def build_model(input_shape, num_outputs, dtype=np.float32, channels=CONV_CHANNELS):
     """conv-ReLU-pool twice, then linear: for images (C, H, W) with H, W >= 4."""
     c, h, w = (int(v) for v in input_shape)
     if h < 4 or w < 4:
-        raise ValueError(f"[train] x: expected images of at least 4x4 pixels (two 2x2 "
-                         f"poolings), got {h}x{w}")
+        raise ValueError(
+            f"[train] x: expected images of at least 4x4 pixels (two 2x2 poolings), got {h}x{w}"
+        )
     c1, c2 = channels
     return nn.Sequential(
-        nn.Conv2d(c, c1, 3, padding=1, dtype=dtype), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(c1, c2, 3, padding=1, dtype=dtype), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(c2 * (h // 4) * (w // 4), num_outputs, dtype=dtype))
+        nn.Conv2d(c, c1, 3, padding=1, dtype=dtype),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 3, padding=1, dtype=dtype),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(c2 * (h // 4) * (w // 4), num_outputs, dtype=dtype),
+    )
 
 
 def loss_function(binary):
@@ -207,13 +238,15 @@ def _parameter_count(model):
 
 # ---- evaluation ------------------------------------------------------------------------
 
+
 @dataclass
 class Evaluation:
     """The model's predictions on one set of images and what they add up to."""
+
     labels: np.ndarray
     predicted: np.ndarray
     loss: float
-    confusion: np.ndarray          # confusion[true, predicted], counts
+    confusion: np.ndarray  # confusion[true, predicted], counts
     seconds: float
 
     @property
@@ -243,11 +276,11 @@ def evaluate(model, x, y, binary, num_classes=None, batch_size=EVAL_BATCH_SIZE):
     total_loss = 0.0
     start = time.perf_counter()
     for first in range(0, y.shape[0], batch_size):
-        xb = np.ascontiguousarray(x[first:first + batch_size])
-        yb = y[first:first + batch_size]
+        xb = np.ascontiguousarray(x[first : first + batch_size])
+        yb = y[first : first + batch_size]
         output = model(xb)
         total_loss += float(loss_fn(output, targets(yb, binary, dtype))) * yb.shape[0]
-        predicted[first:first + yb.shape[0]] = predictions(output, binary)
+        predicted[first : first + yb.shape[0]] = predictions(output, binary)
     seconds = time.perf_counter() - start
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(confusion, (y, predicted), 1)
@@ -256,12 +289,13 @@ def evaluate(model, x, y, binary, num_classes=None, batch_size=EVAL_BATCH_SIZE):
 
 # ---- training --------------------------------------------------------------------------
 
+
 @dataclass
 class TrainResult:
     model: nn.Sequential
     history: list = field(default_factory=list)  # per epoch: loss, test_loss, test_accuracy
-    train_seconds: float = 0.0                    # in training steps, evaluations excluded
-    images: int = 0                               # training images processed
+    train_seconds: float = 0.0  # in training steps, evaluations excluded
+    images: int = 0  # training images processed
 
     @property
     def images_per_second(self) -> float:
@@ -280,20 +314,38 @@ def _progress_bar(loader, epoch, epochs, enabled):
     except ImportError:
         return None
     # updated by hand: a bar wrapping the loader closes itself before the epoch's summary
-    return tqdm(total=len(loader), desc=f"epoch {epoch}/{epochs}", unit="batch",
-                file=sys.stderr, leave=True, dynamic_ncols=True)
+    return tqdm(
+        total=len(loader),
+        desc=f"epoch {epoch}/{epochs}",
+        unit="batch",
+        file=sys.stderr,
+        leave=True,
+        dynamic_ncols=True,
+    )
 
 
 def format_epoch(entry, epochs):
     width = len(str(epochs))
-    return (f"epoch {entry['epoch']:{width}d}/{epochs}  loss {entry['loss']:.6f}  "
-            f"test loss {entry['test_loss']:.6f}  "
-            f"test accuracy {100 * entry['test_accuracy']:.2f}%")
+    return (
+        f"epoch {entry['epoch']:{width}d}/{epochs}  loss {entry['loss']:.6f}  "
+        f"test loss {entry['test_loss']:.6f}  "
+        f"test accuracy {100 * entry['test_accuracy']:.2f}%"
+    )
 
 
-def fit(dataset, epochs=None, batch_size=DEFAULT_BATCH_SIZE, optimizer="sgd", lr=None,
-        momentum=None, weight_decay=0.0, seed=0, progress=False, log=None,
-        schedule="constant"):
+def fit(
+    dataset,
+    epochs=None,
+    batch_size=DEFAULT_BATCH_SIZE,
+    optimizer="sgd",
+    lr=None,
+    momentum=None,
+    weight_decay=0.0,
+    seed=0,
+    progress=False,
+    log=None,
+    schedule="constant",
+):
     """Train build_model's network on dataset's training part; evaluate after each epoch.
 
     progress shows a tqdm bar per epoch (on stderr, when tqdm is installed); log(line) is
@@ -305,14 +357,15 @@ def fit(dataset, epochs=None, batch_size=DEFAULT_BATCH_SIZE, optimizer="sgd", lr
     x_train, y_train = dataset.x_train, dataset.y_train
     dtype = x_train.dtype
     from . import manual_seed
+
     manual_seed(seed)  # the initial weights
     outputs = 1 if dataset.binary else dataset.num_classes
     model = build_model(x_train.shape[1:], outputs, dtype=dtype)
-    opt = make_optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum,
-                         weight_decay=weight_decay)
+    opt = make_optimizer(
+        optimizer, model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
     if schedule not in SCHEDULES:
-        raise ValueError(f"[train] schedule: expected one of {sorted(SCHEDULES)}, "
-                         f"got {schedule!r}")
+        raise ValueError(f"[train] schedule: expected one of {sorted(SCHEDULES)}, got {schedule!r}")
     scheduler = SCHEDULES[schedule](opt, epochs)
     loss_fn = loss_function(dataset.binary)
     loader = data.DataLoader(x_train, y_train, batch_size=batch_size, shuffle=True, seed=seed)
@@ -338,16 +391,23 @@ def fit(dataset, epochs=None, batch_size=DEFAULT_BATCH_SIZE, optimizer="sgd", lr
         if not math.isfinite(total):
             if bar is not None:
                 bar.close()
-            raise FloatingPointError(f"[train] loss: expected a finite value, got {total / seen} "
-                                     f"in epoch {epoch} (try a smaller --lr)")
-        test = evaluate(model, dataset.x_test, dataset.y_test, dataset.binary,
-                        dataset.num_classes)
-        entry = {"epoch": epoch, "loss": total / seen, "test_loss": test.loss,
-                 "test_accuracy": test.accuracy}
+            raise FloatingPointError(
+                f"[train] loss: expected a finite value, got {total / seen} "
+                f"in epoch {epoch} (try a smaller --lr)"
+            )
+        test = evaluate(model, dataset.x_test, dataset.y_test, dataset.binary, dataset.num_classes)
+        entry = {
+            "epoch": epoch,
+            "loss": total / seen,
+            "test_loss": test.loss,
+            "test_accuracy": test.accuracy,
+        }
         result.history.append(entry)
         if bar is not None:
-            bar.set_postfix_str(f"loss {entry['loss']:.4f}, test loss {test.loss:.4f}, "
-                                f"test accuracy {100 * test.accuracy:.2f}%")
+            bar.set_postfix_str(
+                f"loss {entry['loss']:.4f}, test loss {test.loss:.4f}, "
+                f"test accuracy {100 * test.accuracy:.2f}%"
+            )
             bar.close()
         elif log is not None:
             log(format_epoch(entry, epochs))
@@ -356,32 +416,48 @@ def fit(dataset, epochs=None, batch_size=DEFAULT_BATCH_SIZE, optimizer="sgd", lr
 
 # ---- reports ---------------------------------------------------------------------------
 
+
 def format_confusion(confusion, class_names):
-    width = max(5, max(len(n) for n in class_names) + 1,
-                len(str(int(confusion.max(initial=0)))) + 1)
-    lines = ["confusion matrix (rows: true label, columns: predicted label):",
-             " " * width + "".join(f"{n:>{width}}" for n in class_names)]
+    width = max(
+        5, max(len(n) for n in class_names) + 1, len(str(int(confusion.max(initial=0)))) + 1
+    )
+    lines = [
+        "confusion matrix (rows: true label, columns: predicted label):",
+        " " * width + "".join(f"{n:>{width}}" for n in class_names),
+    ]
     for name, row in zip(class_names, confusion):
         lines.append(f"{name:>{width}}" + "".join(f"{int(v):>{width}d}" for v in row))
     return "\n".join(lines)
 
 
 def format_report(evaluation, class_names):
-    return "\n".join([
-        f"test accuracy {100 * evaluation.accuracy:.2f}% "
-        f"({evaluation.correct}/{evaluation.count}), test loss {evaluation.loss:.6f}",
-        format_confusion(evaluation.confusion, class_names)])
+    return "\n".join(
+        [
+            f"test accuracy {100 * evaluation.accuracy:.2f}% "
+            f"({evaluation.correct}/{evaluation.count}), test loss {evaluation.loss:.6f}",
+            format_confusion(evaluation.confusion, class_names),
+        ]
+    )
 
 
 def _summary(command, dataset, evaluation, seconds):
-    return {"command": command, "dataset": dataset.name, "description": dataset.description,
-            "classes": dataset.class_names, "binary": dataset.binary,
-            "test_images": evaluation.count, "test_accuracy": evaluation.accuracy,
-            "test_loss": evaluation.loss, "correct": evaluation.correct,
-            "confusion_matrix": evaluation.confusion.tolist(), "seconds": seconds}
+    return {
+        "command": command,
+        "dataset": dataset.name,
+        "description": dataset.description,
+        "classes": dataset.class_names,
+        "binary": dataset.binary,
+        "test_images": evaluation.count,
+        "test_accuracy": evaluation.accuracy,
+        "test_loss": evaluation.loss,
+        "correct": evaluation.correct,
+        "confusion_matrix": evaluation.confusion.tolist(),
+        "seconds": seconds,
+    }
 
 
 # ---- the figure ------------------------------------------------------------------------
+
 
 def _image(ax, image, **kwargs):
     image = np.asarray(image, dtype=np.float64)
@@ -398,16 +474,16 @@ def _grid(count, columns):
     return max(1, -(-count // columns)), columns
 
 
-def plot_training(path, history, model, x_test, evaluation, class_names, title="",
-                  max_images=24):
+def plot_training(path, history, model, x_test, evaluation, class_names, title="", max_images=24):
     """A PNG: loss and test accuracy per epoch, the first convolution's filters, and
     misclassified test images labelled "predicted / true"."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as error:
-        raise ImportError(f"[train] plot: matplotlib is needed for --plot: "
-                          f"{data._EXTRA_HINT}") from error
+        raise ImportError(
+            f"[train] plot: matplotlib is needed for --plot: {data._EXTRA_HINT}"
+        ) from error
     figure = Figure(figsize=(12, 9), layout="constrained")
     FigureCanvasAgg(figure)  # draws off screen; pyplot's global state stays untouched
     if title:
@@ -425,43 +501,55 @@ def plot_training(path, history, model, x_test, evaluation, class_names, title="
         ax.grid(alpha=0.3)
 
     filters_fig, wrong_fig = bottom.subfigures(1, 2)
-    weights = next((layer.weight.data for layer in model
-                    if getattr(layer, "weight", None) is not None and layer.weight.data.ndim == 4),
-                   None)
+    weights = next(
+        (
+            layer.weight.data
+            for layer in model
+            if getattr(layer, "weight", None) is not None and layer.weight.data.ndim == 4
+        ),
+        None,
+    )
     if weights is not None:
         rows, columns = _grid(weights.shape[0], 8)
         limit = float(np.max(np.abs(weights))) or 1.0
         axes = np.atleast_1d(filters_fig.subplots(rows, columns)).ravel()
         for ax, w in zip(axes, weights):
             _image(ax, w if w.shape[0] == 3 else w[:1], cmap="RdBu_r", vmin=-limit, vmax=limit)
-        for ax in axes[weights.shape[0]:]:
+        for ax in axes[weights.shape[0] :]:
             ax.axis("off")
         shown = "" if weights.shape[1] in (1, 3) else " (input channel 0)"
         filters_fig.suptitle(f"first-layer filters{shown}")
 
     wrong = np.flatnonzero(evaluation.predicted != evaluation.labels)
-    wrong_fig.suptitle(f"misclassified test images: {wrong.size} of {evaluation.count} "
-                       f"(predicted / true)")
+    wrong_fig.suptitle(
+        f"misclassified test images: {wrong.size} of {evaluation.count} (predicted / true)"
+    )
     if wrong.size:
         shown = wrong[:max_images]
         rows, columns = _grid(shown.size, 6)
         axes = np.atleast_1d(wrong_fig.subplots(rows, columns)).ravel()
         for ax, i in zip(axes, shown):
             _image(ax, x_test[i])
-            ax.set_title(f"{class_names[evaluation.predicted[i]]} / "
-                         f"{class_names[evaluation.labels[i]]}", fontsize=8, color="C3")
-        for ax in axes[shown.size:]:
+            ax.set_title(
+                f"{class_names[evaluation.predicted[i]]} / {class_names[evaluation.labels[i]]}",
+                fontsize=8,
+                color="C3",
+            )
+        for ax in axes[shown.size :]:
             ax.axis("off")
     figure.savefig(os.fspath(path), dpi=100)
 
 
 # ---- the commands ----------------------------------------------------------------------
 
+
 def _check_output_path(path, what):
     directory = os.path.dirname(os.path.abspath(os.fspath(path)))
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"[train] {what}: expected an existing directory for "
-                                f"{path!r}, got no directory {directory!r}")
+        raise FileNotFoundError(
+            f"[train] {what}: expected an existing directory for "
+            f"{path!r}, got no directory {directory!r}"
+        )
 
 
 def _print_json(summary):
@@ -476,54 +564,95 @@ def run_train(args) -> int:
     if args.plot is not None:
         _check_output_path(args.plot, "plot")
         if importlib.util.find_spec("matplotlib") is None:  # fail before training, not after
-            raise ImportError(f"[train] plot: matplotlib is needed for --plot: "
-                              f"{data._EXTRA_HINT}")
+            raise ImportError(f"[train] plot: matplotlib is needed for --plot: {data._EXTRA_HINT}")
     if args.threads is not None:
         from . import set_num_threads
+
         set_num_threads(args.threads)
-    dataset = load_dataset(mnist=args.mnist, npz=args.npz, binary=args.binary, seed=args.seed,
-                           test_fraction=args.test_fraction)
+    dataset = load_dataset(
+        mnist=args.mnist,
+        npz=args.npz,
+        binary=args.binary,
+        seed=args.seed,
+        test_fraction=args.test_fraction,
+    )
     epochs = DEFAULT_EPOCHS[dataset.name] if args.epochs is None else args.epochs
     lr = OPTIMIZERS[args.optimizer].default_lr if args.lr is None else args.lr
     say = (lambda *a, **k: None) if args.json else print
     say(f"data: {dataset.description}")
-    say(f"      {dataset.x_train.shape[0]} training and {dataset.x_test.shape[0]} test images "
-        f"of {'x'.join(map(str, dataset.x_train.shape[1:]))}, {dataset.num_classes} classes")
-    momentum = (f", momentum {DEFAULT_MOMENTUM if args.momentum is None else args.momentum:g}"
-                if OPTIMIZERS[args.optimizer].uses_momentum else "")
+    say(
+        f"      {dataset.x_train.shape[0]} training and {dataset.x_test.shape[0]} test images "
+        f"of {'x'.join(map(str, dataset.x_train.shape[1:]))}, {dataset.num_classes} classes"
+    )
+    momentum = (
+        f", momentum {DEFAULT_MOMENTUM if args.momentum is None else args.momentum:g}"
+        if OPTIMIZERS[args.optimizer].uses_momentum
+        else ""
+    )
     schedule = "" if args.schedule == "constant" else f", {args.schedule} schedule"
-    say(f"training: {epochs} epochs, batch {args.batch_size}, {args.optimizer} lr {lr:g}"
-        f"{momentum}{schedule}, seed {args.seed}")
+    say(
+        f"training: {epochs} epochs, batch {args.batch_size}, {args.optimizer} lr {lr:g}"
+        f"{momentum}{schedule}, seed {args.seed}"
+    )
 
-    result = fit(dataset, epochs=epochs, batch_size=args.batch_size, optimizer=args.optimizer,
-                 lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed,
-                 progress=not args.quiet, log=say, schedule=args.schedule)
+    result = fit(
+        dataset,
+        epochs=epochs,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        progress=not args.quiet,
+        log=say,
+        schedule=args.schedule,
+    )
     model = result.model
-    evaluation = evaluate(model, dataset.x_test, dataset.y_test, dataset.binary,
-                          dataset.num_classes)
+    evaluation = evaluate(
+        model, dataset.x_test, dataset.y_test, dataset.binary, dataset.num_classes
+    )
     if args.save is not None:
         model.save(args.save)
     if args.plot is not None:
-        plot_training(args.plot, result.history, model, dataset.x_test, evaluation,
-                      dataset.class_names, title=f"cnnbp train: {dataset.description}")
+        plot_training(
+            args.plot,
+            result.history,
+            model,
+            dataset.x_test,
+            evaluation,
+            dataset.class_names,
+            title=f"cnnbp train: {dataset.description}",
+        )
     seconds = time.perf_counter() - start
 
     if args.json:
         summary = _summary("train", dataset, evaluation, seconds)
-        summary.update({
-            "train_images": int(dataset.x_train.shape[0]), "epochs": epochs,
-            "batch_size": args.batch_size, "optimizer": args.optimizer, "lr": lr,
-            "seed": args.seed, "parameters": _parameter_count(model),
-            "losses": result.losses, "history": result.history,
-            "train_seconds": result.train_seconds,
-            "images_per_second": result.images_per_second,
-            "saved": args.save, "plot": args.plot})
+        summary.update(
+            {
+                "train_images": int(dataset.x_train.shape[0]),
+                "epochs": epochs,
+                "batch_size": args.batch_size,
+                "optimizer": args.optimizer,
+                "lr": lr,
+                "seed": args.seed,
+                "parameters": _parameter_count(model),
+                "losses": result.losses,
+                "history": result.history,
+                "train_seconds": result.train_seconds,
+                "images_per_second": result.images_per_second,
+                "saved": args.save,
+                "plot": args.plot,
+            }
+        )
         _print_json(summary)
         return 0
     print(f"model: {len(model)} layers, {_parameter_count(model)} parameters")
     print(format_report(evaluation, dataset.class_names))
-    print(f"trained {result.images} images in {result.train_seconds:.2f} s "
-          f"({result.images_per_second:.0f} images/s); total time {seconds:.2f} s")
+    print(
+        f"trained {result.images} images in {result.train_seconds:.2f} s "
+        f"({result.images_per_second:.0f} images/s); total time {seconds:.2f} s"
+    )
     if args.save is not None:
         print(f"saved the model to {args.save}")
     if args.plot is not None:
@@ -535,38 +664,59 @@ def run_evaluate(args) -> int:
     """`cnnbp evaluate MODEL`: the report of a saved model on the test split."""
     start = time.perf_counter()
     from .model_file import load
+
     if args.threads is not None:
         from . import set_num_threads
+
         set_num_threads(args.threads)
     model = load(args.model)
     dtype = model.parameters()[0].data.dtype if model.parameters() else np.float32
-    dataset = load_dataset(mnist=args.mnist, npz=args.npz, binary=args.binary, seed=args.seed,
-                           test_fraction=args.test_fraction, dtype=dtype, need_train=False)
+    dataset = load_dataset(
+        mnist=args.mnist,
+        npz=args.npz,
+        binary=args.binary,
+        seed=args.seed,
+        test_fraction=args.test_fraction,
+        dtype=dtype,
+        need_train=False,
+    )
     outputs = _output_count(model)
     if outputs == 1 and not dataset.binary:
         if dataset.num_classes > 2:
-            raise ValueError(f"[evaluate] model: a one-output (binary) model expects two "
-                             f"classes (pass --binary A B), got {dataset.num_classes} classes")
+            raise ValueError(
+                f"[evaluate] model: a one-output (binary) model expects two "
+                f"classes (pass --binary A B), got {dataset.num_classes} classes"
+            )
         dataset.binary = True
     elif outputs != 1 and dataset.binary:
         raise ValueError(f"[evaluate] binary: expected a one-output model, got {outputs} outputs")
     elif outputs != 1 and dataset.num_classes > outputs:
-        raise ValueError(f"[evaluate] model: expected at least {dataset.num_classes} outputs "
-                         f"for the data's labels, got {outputs}")
+        raise ValueError(
+            f"[evaluate] model: expected at least {dataset.num_classes} outputs "
+            f"for the data's labels, got {outputs}"
+        )
     num_classes = 2 if dataset.binary else outputs
-    class_names = dataset.class_names + [str(c) for c in range(len(dataset.class_names),
-                                                                num_classes)]
+    class_names = dataset.class_names + [
+        str(c) for c in range(len(dataset.class_names), num_classes)
+    ]
     evaluation = evaluate(model, dataset.x_test, dataset.y_test, dataset.binary, num_classes)
     seconds = time.perf_counter() - start
     if args.json:
         summary = _summary("evaluate", dataset, evaluation, seconds)
-        summary.update({"model": os.fspath(args.model), "classes": class_names,
-                        "images_per_second": evaluation.images_per_second})
+        summary.update(
+            {
+                "model": os.fspath(args.model),
+                "classes": class_names,
+                "images_per_second": evaluation.images_per_second,
+            }
+        )
         _print_json(summary)
         return 0
     print(f"model: {args.model}, {len(model)} layers, {_parameter_count(model)} parameters")
     print(f"data: {dataset.description}, {evaluation.count} test images")
     print(format_report(evaluation, class_names))
-    print(f"evaluated {evaluation.count} images in {evaluation.seconds:.3f} s "
-          f"({evaluation.images_per_second:.0f} images/s); total time {seconds:.2f} s")
+    print(
+        f"evaluated {evaluation.count} images in {evaluation.seconds:.3f} s "
+        f"({evaluation.images_per_second:.0f} images/s); total time {seconds:.2f} s"
+    )
     return 0

@@ -26,18 +26,30 @@ from . import nn, optim, reference
 
 # The order in which the quantities are computed and shown.
 FORWARD_NAMES = ["X", "W1", "B1", "Z1", "A1", "P1", "F", "W2", "B2", "Z2", "A2", "Y", "L"]
-BACKWARD_NAMES = ["dL/dA2", "dL/dZ2", "dL/dW2", "dL/dB2", "dL/dF", "dL/dP1", "dL/dA1",
-                  "dL/dZ1", "dL/dW1", "dL/dB1", "dL/dX"]
+BACKWARD_NAMES = [
+    "dL/dA2",
+    "dL/dZ2",
+    "dL/dW2",
+    "dL/dB2",
+    "dL/dF",
+    "dL/dP1",
+    "dL/dA1",
+    "dL/dZ1",
+    "dL/dW1",
+    "dL/dB1",
+    "dL/dX",
+]
 
-ORACLE_TOLERANCE = 1e-12     # kernels vs the oracle, both float64: relative to the largest value
-IDENTITY_TOLERANCE = 1e-12   # the derivation's identities, float64
-FD_TOLERANCE = 1e-6          # central differences with step FD_STEP are accurate to ~1e-9
+ORACLE_TOLERANCE = 1e-12  # kernels vs the oracle, both float64: relative to the largest value
+IDENTITY_TOLERANCE = 1e-12  # the derivation's identities, float64
+FD_TOLERANCE = 1e-6  # central differences with step FD_STEP are accurate to ~1e-9
 FD_STEP = 1e-6
 
 
 @dataclass
 class Check:
     """One comparison: `error` is max |got - expected| / max(max |expected|, 1e-12)."""
+
     name: str
     error: float
     tolerance: float
@@ -50,7 +62,7 @@ class Check:
 
 @dataclass
 class WalkthroughResult:
-    quantities: "OrderedDict[str, np.ndarray | float]"
+    quantities: OrderedDict[str, np.ndarray | float]
     argmax: np.ndarray
     identities: list[Check] = field(default_factory=list)
     oracle: list[Check] = field(default_factory=list)
@@ -70,24 +82,45 @@ class WalkthroughResult:
 
     def to_json(self) -> dict:
         def value(v):
-            return float(v) if np.isscalar(v) else {"shape": list(np.shape(v)),
-                                                    "values": np.asarray(v).tolist()}
+            return (
+                float(v)
+                if np.isscalar(v)
+                else {"shape": list(np.shape(v)), "values": np.asarray(v).tolist()}
+            )
 
         def checks(items):
-            return [{"name": c.name, "error": c.error, "tolerance": c.tolerance,
-                     "ok": c.ok, "detail": c.detail} for c in items]
+            return [
+                {
+                    "name": c.name,
+                    "error": c.error,
+                    "tolerance": c.tolerance,
+                    "ok": c.ok,
+                    "detail": c.detail,
+                }
+                for c in items
+            ]
 
-        return {"quantities": {k: value(v) for k, v in self.quantities.items()},
-                "argmax": self.argmax.tolist(),
-                "identities": checks(self.identities), "oracle": checks(self.oracle),
-                "finite_differences": checks(self.finite_differences),
-                "losses": self.losses, "passed": self.passed}
+        return {
+            "quantities": {k: value(v) for k, v in self.quantities.items()},
+            "argmax": self.argmax.tolist(),
+            "identities": checks(self.identities),
+            "oracle": checks(self.oracle),
+            "finite_differences": checks(self.finite_differences),
+            "losses": self.losses,
+            "passed": self.passed,
+        }
 
 
 def build_network() -> nn.Sequential:
     """The derivation's network: 9 + 1 + 4 + 1 = 15 trainable parameters, float64."""
-    return nn.Sequential(nn.Conv2d(1, 1, 3, dtype=np.float64), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(4, 1, dtype=np.float64), nn.Sigmoid())
+    return nn.Sequential(
+        nn.Conv2d(1, 1, 3, dtype=np.float64),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4, 1, dtype=np.float64),
+        nn.Sigmoid(),
+    )
 
 
 def _relative_error(got, expected) -> float:
@@ -121,40 +154,74 @@ def _forward_backward(model, loss_fn, X, Y):
 def _identities(q, argmax) -> list[Check]:
     """The derivation's equations, evaluated on this step's numbers."""
     checks = []
-    checks.append(Check("dL/dZ2 = A2 - Y", _relative_error(q["dL/dZ2"], q["A2"] - q["Y"]),
-                        IDENTITY_TOLERANCE))
-    checks.append(Check("dL/dW2 = (A2 - Y) F^T",
-                        _relative_error(q["dL/dW2"], (q["A2"] - q["Y"]).T @ q["F"]),
-                        IDENTITY_TOLERANCE))
-    checks.append(Check("dL/dB2 = A2 - Y", _relative_error(q["dL/dB2"], (q["A2"] - q["Y"])[0]),
-                        IDENTITY_TOLERANCE))
-    checks.append(Check("dL/dF = W2^T (A2 - Y)",
-                        _relative_error(q["dL/dF"], (q["A2"] - q["Y"]) @ q["W2"]),
-                        IDENTITY_TOLERANCE))
+    checks.append(
+        Check("dL/dZ2 = A2 - Y", _relative_error(q["dL/dZ2"], q["A2"] - q["Y"]), IDENTITY_TOLERANCE)
+    )
+    checks.append(
+        Check(
+            "dL/dW2 = (A2 - Y) F^T",
+            _relative_error(q["dL/dW2"], (q["A2"] - q["Y"]).T @ q["F"]),
+            IDENTITY_TOLERANCE,
+        )
+    )
+    checks.append(
+        Check(
+            "dL/dB2 = A2 - Y",
+            _relative_error(q["dL/dB2"], (q["A2"] - q["Y"])[0]),
+            IDENTITY_TOLERANCE,
+        )
+    )
+    checks.append(
+        Check(
+            "dL/dF = W2^T (A2 - Y)",
+            _relative_error(q["dL/dF"], (q["A2"] - q["Y"]) @ q["W2"]),
+            IDENTITY_TOLERANCE,
+        )
+    )
     # dL/dA1 is dL/dP1 at the argmax cells and exactly zero everywhere else
     expected_dA1 = np.zeros(16)
     expected_dA1[argmax.ravel()] = q["dL/dP1"].ravel()
     off_argmax = np.delete(q["dL/dA1"].ravel(), argmax.ravel())
-    checks.append(Check("dL/dA1 lands only on the argmax cells",
-                        _relative_error(q["dL/dA1"].ravel(), expected_dA1), IDENTITY_TOLERANCE,
-                        f"argmax cells {sorted(argmax.ravel().tolist())}, "
-                        f"{int(np.count_nonzero(off_argmax))} nonzero elsewhere"))
-    checks.append(Check("dL/dZ1 = dL/dA1 * (Z1 > 0)",
-                        _relative_error(q["dL/dZ1"], q["dL/dA1"] * (q["Z1"] > 0)),
-                        IDENTITY_TOLERANCE))
-    checks.append(Check("dL/dB1 = sum(dL/dZ1)",
-                        _relative_error(q["dL/dB1"], [q["dL/dZ1"].sum()]), IDENTITY_TOLERANCE))
+    checks.append(
+        Check(
+            "dL/dA1 lands only on the argmax cells",
+            _relative_error(q["dL/dA1"].ravel(), expected_dA1),
+            IDENTITY_TOLERANCE,
+            f"argmax cells {sorted(argmax.ravel().tolist())}, "
+            f"{int(np.count_nonzero(off_argmax))} nonzero elsewhere",
+        )
+    )
+    checks.append(
+        Check(
+            "dL/dZ1 = dL/dA1 * (Z1 > 0)",
+            _relative_error(q["dL/dZ1"], q["dL/dA1"] * (q["Z1"] > 0)),
+            IDENTITY_TOLERANCE,
+        )
+    )
+    checks.append(
+        Check(
+            "dL/dB1 = sum(dL/dZ1)",
+            _relative_error(q["dL/dB1"], [q["dL/dZ1"].sum()]),
+            IDENTITY_TOLERANCE,
+        )
+    )
     # X (1,1,6,6) correlated with dL/dZ1 (1,1,4,4) used as a filter gives a (1,1,3,3) map
-    checks.append(Check("dL/dW1 = conv(X, dL/dZ1)",
-                        _relative_error(q["dL/dW1"], F.conv2d(q["X"], q["dL/dZ1"])),
-                        IDENTITY_TOLERANCE))
+    checks.append(
+        Check(
+            "dL/dW1 = conv(X, dL/dZ1)",
+            _relative_error(q["dL/dW1"], F.conv2d(q["X"], q["dL/dZ1"])),
+            IDENTITY_TOLERANCE,
+        )
+    )
     return checks
 
 
 def _oracle(q) -> list[Check]:
     expected = reference.seed_network(q["X"], q["W1"], q["B1"], q["W2"], q["B2"], q["Y"])
-    return [Check(name, _relative_error(q[name], expected[name]), ORACLE_TOLERANCE)
-            for name in FORWARD_NAMES + BACKWARD_NAMES]
+    return [
+        Check(name, _relative_error(q[name], expected[name]), ORACLE_TOLERANCE)
+        for name in FORWARD_NAMES + BACKWARD_NAMES
+    ]
 
 
 def _finite_differences(model, loss_fn, q, argmax) -> list[Check]:
@@ -171,8 +238,12 @@ def _finite_differences(model, loss_fn, q, argmax) -> list[Check]:
         return L, conv.output > 0, model[2].indices.copy()
 
     base_signs, base_argmax = q["Z1"] > 0, argmax
-    targets = [("W1", model[0].weight.data, q["dL/dW1"]), ("B1", model[0].bias.data, q["dL/dB1"]),
-               ("W2", model[4].weight.data, q["dL/dW2"]), ("B2", model[4].bias.data, q["dL/dB2"])]
+    targets = [
+        ("W1", model[0].weight.data, q["dL/dW1"]),
+        ("B1", model[0].bias.data, q["dL/dB1"]),
+        ("W2", model[4].weight.data, q["dL/dW2"]),
+        ("B2", model[4].bias.data, q["dL/dB2"]),
+    ]
     x_probe = np.array(X, copy=True)
     targets.append(("X", x_probe, q["dL/dX"]))
     checks = []
@@ -186,17 +257,29 @@ def _finite_differences(model, loss_fn, q, argmax) -> list[Check]:
             values[i] = saved - FD_STEP
             minus, signs_m, argmax_m = loss_and_pattern(x_probe)
             values[i] = saved
-            same = all(np.array_equal(a, b) for a, b in
-                       ((signs_p, base_signs), (signs_m, base_signs),
-                        (argmax_p, base_argmax), (argmax_m, base_argmax)))
+            same = all(
+                np.array_equal(a, b)
+                for a, b in (
+                    (signs_p, base_signs),
+                    (signs_m, base_signs),
+                    (argmax_p, base_argmax),
+                    (argmax_m, base_argmax),
+                )
+            )
             if same:
                 numeric[i] = (plus - minus) / (2 * FD_STEP)
             else:
                 skipped += 1
         probed = ~np.isnan(numeric)
         error = _relative_error(np.asarray(analytic)[probed], numeric[probed])
-        checks.append(Check(f"dL/d{name}", error, FD_TOLERANCE,
-                            f"{int(probed.sum())} probes, {skipped} skipped at kinks/ties"))
+        checks.append(
+            Check(
+                f"dL/d{name}",
+                error,
+                FD_TOLERANCE,
+                f"{int(probed.sum())} probes, {skipped} skipped at kinks/ties",
+            )
+        )
     model(X)  # leave the layers holding the unperturbed step
     return checks
 
@@ -211,7 +294,7 @@ def run(seed: int = 0, label: float = 1.0, lr: float = 0.5, steps: int = 5) -> W
     nn.manual_seed(seed)
     model = build_network()
     X = np.round(rng.uniform(-1.0, 1.0, size=(1, 1, 6, 6)), 2)  # X (N=1, C=1, 6, 6)
-    Y = np.array([[label]], dtype=np.float64)                   # Y (N=1, 1)
+    Y = np.array([[label]], dtype=np.float64)  # Y (N=1, 1)
     loss_fn = nn.BCELoss()
 
     q, argmax = _forward_backward(model, loss_fn, X, Y)
@@ -237,14 +320,29 @@ def run(seed: int = 0, label: float = 1.0, lr: float = 0.5, steps: int = 5) -> W
 # ---- printing ---------------------------------------------------------------------------
 
 _DESCRIPTIONS = {
-    "X": "input image", "W1": "conv filter", "B1": "conv bias",
-    "Z1": "conv(X, W1) + B1", "A1": "ReLU(Z1)", "P1": "max-pool 2x2/2 of A1",
-    "F": "P1 flattened", "W2": "linear weights", "B2": "linear bias", "Z2": "F . W2^T + B2",
-    "A2": "sigmoid(Z2) = y_hat", "Y": "label", "L": "binary cross-entropy(A2, Y)",
-    "dL/dA2": "(A2 - Y) / (A2 (1 - A2))", "dL/dZ2": "dL/dA2 * A2 (1 - A2)",
-    "dL/dW2": "dL/dZ2 F^T", "dL/dB2": "dL/dZ2", "dL/dF": "W2^T dL/dZ2",
-    "dL/dP1": "dL/dF reshaped to P1", "dL/dA1": "dL/dP1 routed to the argmax cells",
-    "dL/dZ1": "dL/dA1 * (Z1 > 0)", "dL/dW1": "conv(X, dL/dZ1)", "dL/dB1": "sum(dL/dZ1)",
+    "X": "input image",
+    "W1": "conv filter",
+    "B1": "conv bias",
+    "Z1": "conv(X, W1) + B1",
+    "A1": "ReLU(Z1)",
+    "P1": "max-pool 2x2/2 of A1",
+    "F": "P1 flattened",
+    "W2": "linear weights",
+    "B2": "linear bias",
+    "Z2": "F . W2^T + B2",
+    "A2": "sigmoid(Z2) = y_hat",
+    "Y": "label",
+    "L": "binary cross-entropy(A2, Y)",
+    "dL/dA2": "(A2 - Y) / (A2 (1 - A2))",
+    "dL/dZ2": "dL/dA2 * A2 (1 - A2)",
+    "dL/dW2": "dL/dZ2 F^T",
+    "dL/dB2": "dL/dZ2",
+    "dL/dF": "W2^T dL/dZ2",
+    "dL/dP1": "dL/dF reshaped to P1",
+    "dL/dA1": "dL/dP1 routed to the argmax cells",
+    "dL/dZ1": "dL/dA1 * (Z1 > 0)",
+    "dL/dW1": "conv(X, dL/dZ1)",
+    "dL/dB1": "sum(dL/dZ1)",
     "dL/dX": "full conv of dL/dZ1 with rotated W1",
 }
 
@@ -256,34 +354,43 @@ def _show(name, value) -> str:
     arr = np.asarray(value)
     # show each sample's planes as matrices: (1, 1, 4, 4) prints as its 4x4 plane
     squeezed = arr.reshape(arr.shape[-2:]) if arr.ndim == 4 else arr
-    body = np.array2string(squeezed, precision=4, suppress_small=True, floatmode="fixed",
-                           max_line_width=100)
+    body = np.array2string(
+        squeezed, precision=4, suppress_small=True, floatmode="fixed", max_line_width=100
+    )
     body = "\n".join("        " + line for line in body.splitlines())
     return f"{head}   shape {tuple(arr.shape)}\n{body}"
 
 
 def format_result(result: WalkthroughResult) -> str:
-    lines = ["cnnbp walkthrough: X -> conv(W1)+B1 -> Z1 -> ReLU -> A1 -> max-pool -> P1 -> "
-             "flatten -> F -> F.W2+B2 -> Z2 -> sigmoid -> A2 -> BCE -> L",
-             "15 trainable parameters: W1 (9) + B1 (1) + W2 (4) + B2 (1); float64", "",
-             "== forward"]
+    lines = [
+        "cnnbp walkthrough: X -> conv(W1)+B1 -> Z1 -> ReLU -> A1 -> max-pool -> P1 -> "
+        "flatten -> F -> F.W2+B2 -> Z2 -> sigmoid -> A2 -> BCE -> L",
+        "15 trainable parameters: W1 (9) + B1 (1) + W2 (4) + B2 (1); float64",
+        "",
+        "== forward",
+    ]
     lines += [_show(n, result[n]) for n in FORWARD_NAMES]
-    lines += ["", f"max-pool argmax (flat index into the 4x4 plane of A1): "
-                  f"{result.argmax.ravel().tolist()}", "", "== backward"]
+    lines += [
+        "",
+        f"max-pool argmax (flat index into the 4x4 plane of A1): {result.argmax.ravel().tolist()}",
+        "",
+        "== backward",
+    ]
     lines += [_show(n, result[n]) for n in BACKWARD_NAMES]
 
     def table(title, checks):
         out = ["", f"== {title}"]
         for c in checks:
             detail = f"  ({c.detail})" if c.detail else ""
-            out.append(f"  {'ok  ' if c.ok else 'FAIL'} {c.name:38s} error {c.error:.2e} "
-                       f"(tolerance {c.tolerance:.0e}){detail}")
+            out.append(
+                f"  {'ok  ' if c.ok else 'FAIL'} {c.name:38s} error {c.error:.2e} "
+                f"(tolerance {c.tolerance:.0e}){detail}"
+            )
         return out
 
     lines += table("the derivation's identities on these numbers", result.identities)
     lines += table("C++ kernels vs the NumPy oracle (float64, relative)", result.oracle)
-    lines += table("gradients vs central finite differences (relative)",
-                   result.finite_differences)
+    lines += table("gradients vs central finite differences (relative)", result.finite_differences)
     lines += ["", "== gradient descent (SGD)"]
     lines += [f"  step {i}: L = {loss:.6f}" for i, loss in enumerate(result.losses)]
     lines += ["", "all checks passed" if result.passed else "SOME CHECKS FAILED"]

@@ -237,7 +237,7 @@ class Dropout : public Layer<T> {
     std::string type() const override { return "Dropout"; }
     double p() const { return params_.p; }
     bool dropped() const { return dropped_; }  // whether the last forward applied a mask
-    std::vector<uint8_t> mask;  // of the last training forward: 1 kept, 0 dropped
+    std::vector<uint8_t> mask;                 // of the last training forward: 1 kept, 0 dropped
 
  private:
     DropoutParams params_;
@@ -390,8 +390,8 @@ class Adam : public Optimizer<T> {
     std::vector<std::vector<T>>& second_moments() { return second_; }
 
  protected:
-    Adam(const char* name, std::vector<Parameter<T>*> params, double lr, double beta1,
-         double beta2, double eps, double weight_decay, bool decoupled);
+    Adam(const char* name, std::vector<Parameter<T>*> params, double lr, double beta1, double beta2,
+         double eps, double weight_decay, bool decoupled);
 
  private:
     double beta1_, beta2_, eps_, weight_decay_;

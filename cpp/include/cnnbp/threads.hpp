@@ -10,7 +10,8 @@
 namespace cnnbp {
 
 // Threads for the kernels called from this thread afterwards (OpenMP's
-// omp_set_num_threads: a setting of the calling thread). 1 <= n <= 1024, else std::invalid_argument.
+// omp_set_num_threads: a setting of the calling thread). 1 <= n <= 1024, else
+// std::invalid_argument.
 void set_num_threads(int64_t n);
 // The number of threads the next kernel may use (omp_get_max_threads), 1 without OpenMP.
 int64_t get_num_threads();
