@@ -2,6 +2,8 @@
 
 import io
 import json
+import subprocess
+import sys
 import zipfile
 
 import cnnbp
@@ -48,18 +50,31 @@ def test_round_trip_gives_the_same_model(tmp_path, dtype):
         assert set(contents.files) == {"architecture"} | set(dict(model.named_parameters()))
 
 
-def test_a_failed_save_leaves_the_old_file(tmp_path, monkeypatch):
-    model = every_layer_model(F32)
+_FAILED_SAVE = """
+import resource, signal, sys
+import numpy as np
+from cnnbp import nn
+path = sys.argv[1]
+# a file-size limit below the new model's size: the write fails as on a full disk
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    nn.Sequential(nn.Linear(64, 64)).save(path)
+except OSError as error:
+    print("OSError", error)
+"""
+
+
+def test_a_failed_save_leaves_the_old_file(tmp_path):
     path = tmp_path / "model.npz"
-    model.save(path)
+    every_layer_model(F32).save(path)
     before = path.read_bytes()
-
-    def broken_savez(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(np, "savez", broken_savez)
-    with pytest.raises(OSError, match="disk full"):
-        every_layer_model(F32).save(path)
+    assert len(before) < 4096
+    run = subprocess.run(
+        [sys.executable, "-c", _FAILED_SAVE, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("OSError [save] path: cannot write"), run.stdout
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.npz"]  # no temporary left
 

@@ -1,8 +1,10 @@
 // cnnbp._core's model objects: the layers, Sequential, losses and optimizers of cnnbp/nn.hpp,
-// one class per dtype ("Conv2d32", "Conv2d64", ...), which python/cnnbp/nn.py and optim.py
-// wrap. Arrays cross the boundary by copy (a layer keeps its own input; outputs and the
-// trace come back as new arrays), except parameters, whose data and grad are NumPy views of
-// the C++ storage. The GIL is released while layers run.
+// one class per dtype ("Layer32", "SGD64", ...), which python/cnnbp/nn.py and optim.py
+// wrap. Layers are made by name from the registry (make_layer), which also tells Python
+// which layer classes to offer (layer_types); model files are cnnbp/model_file.hpp's. Arrays cross
+// the boundary by copy (a layer keeps its own input; outputs and the trace come back as new
+// arrays), except parameters, whose data and grad are NumPy views of the C++ storage. The GIL is
+// released while layers run.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -15,11 +17,15 @@
 #include <vector>
 
 #include "arrays.hpp"
+#include "cnnbp/errors.hpp"
+#include "cnnbp/model_file.hpp"
 #include "cnnbp/nn.hpp"
+#include "cnnbp/registry.hpp"
 
 namespace cnnbp_bindings {
 
 using namespace cnnbp::nn;
+namespace json = cnnbp::json;
 
 namespace {
 
@@ -36,18 +42,67 @@ std::string suffixed(const char* name) {
     return std::string(name) + (std::is_same_v<T, float> ? "32" : "64");
 }
 
-// The kernel a layer's error messages name, as the functional API's do.
-std::string op_of(const std::string& type) {
-    if (type == "Conv2d") return "conv2d";
-    if (type == "Linear") return "linear";
-    if (type == "MaxPool2d") return "max_pool2d";
-    if (type == "ReLU") return "relu";
-    if (type == "Sigmoid") return "sigmoid";
-    if (type == "AvgPool2d") return "avg_pool2d";
-    if (type == "Tanh") return "tanh";
-    if (type == "Dropout") return "dropout";
-    if (type == "Flatten") return "flatten";
-    return type;
+// The kernel a layer's error messages name, as the functional API's do (its declaration's
+// op), or its type.
+template <typename T>
+std::string op_of(const Layer<T>& layer) {
+    if (const Config* arguments = layer.arguments()) return find_layer_type(arguments->type())->op;
+    return layer.type();
+}
+
+// A Python value as JSON: None, bool, int, float, str, list/tuple, dict (NumPy scalars
+// too); anything else is a TypeError naming the argument.
+json::Value to_json(const std::string& op, const std::string& name, const py::handle& obj) {
+    if (obj.is_none()) return nullptr;
+    if (py::isinstance<py::bool_>(obj) ||
+        py::isinstance(obj, py::module_::import("numpy").attr("bool_")))
+        return py::cast<bool>(obj);
+    if (py::isinstance<py::int_>(obj) ||
+        py::isinstance(obj, py::module_::import("numpy").attr("integer"))) {
+        py::int_ i(py::reinterpret_borrow<py::object>(obj));
+        try {
+            return py::cast<int64_t>(i);
+        } catch (const py::cast_error&) {
+            return json::Value::Big{py::cast<std::string>(py::str(i))};
+        }
+    }
+    if (py::isinstance<py::float_>(obj) ||
+        py::isinstance(obj, py::module_::import("numpy").attr("floating")))
+        return py::cast<double>(obj);
+    if (py::isinstance<py::str>(obj)) return py::cast<std::string>(obj);
+    if (py::isinstance<py::list>(obj) || py::isinstance<py::tuple>(obj)) {
+        json::Array out;
+        for (py::handle item : obj) out.push_back(to_json(op, name, item));
+        return out;
+    }
+    if (py::isinstance<py::dict>(obj)) {
+        json::Object out;
+        for (auto [k, v] : py::reinterpret_borrow<py::dict>(obj))
+            out.emplace_back(py::cast<std::string>(py::str(k)), to_json(op, name, v));
+        return out;
+    }
+    throw py::type_error("[" + op + "] " + name +
+                         ": expected an int, a float, a bool or a "
+                         "list of them, got " +
+                         py::cast<std::string>(py::repr(obj)));
+}
+
+py::object to_python(const json::Value& v) {
+    if (v.is_null()) return py::none();
+    if (const bool* b = v.get<bool>()) return py::bool_(*b);
+    if (const int64_t* i = v.get<int64_t>()) return py::int_(*i);
+    if (const double* d = v.get<double>()) return py::float_(*d);
+    if (const std::string* s = v.get<std::string>()) return py::str(*s);
+    if (const json::Value::Big* big = v.get<json::Value::Big>())
+        return py::module_::import("builtins").attr("int")(big->text);
+    if (const json::Array* a = v.get<json::Array>()) {
+        py::list out;
+        for (const auto& item : *a) out.append(to_python(item));
+        return std::move(out);
+    }
+    py::dict out;
+    for (const auto& [key, value] : *v.get<json::Object>()) out[py::str(key)] = to_python(value);
+    return std::move(out);
 }
 
 // dst = a C-contiguous copy of obj, which must be a float array of dtype T.
@@ -159,7 +214,7 @@ class Busy {
 template <typename T>
 py::array layer_forward(Layer<T>& layer, const py::handle& x) {
     Busy busy(&layer, layer.type());
-    fill_input(layer.kept_input(), op_of(layer.type()), is_weighted(layer), x);
+    fill_input(layer.kept_input(), op_of(layer), is_weighted(layer), x);
     const Tensor<T>* out;
     {
         py::gil_scoped_release release;
@@ -171,7 +226,7 @@ py::array layer_forward(Layer<T>& layer, const py::handle& x) {
 template <typename T>
 py::array layer_backward(Layer<T>& layer, const py::handle& dy) {
     Busy busy(&layer, layer.type());
-    fill_input(layer.kept_grad_output(), op_of(layer.type()) + "_backward", false, dy, "doutput");
+    fill_input(layer.kept_grad_output(), op_of(layer) + "_backward", false, dy, "doutput");
     const Tensor<T>* dx;
     {
         py::gil_scoped_release release;
@@ -228,42 +283,34 @@ class PythonLayer : public Layer<T> {
     py::object module_;
 };
 
-// The kernel a loss's error messages name.
+// A loss's target: probabilities of the input's dtype for the BCE losses, class indices
+// (int64) for cross-entropy, checked as the functional API checks them.
 template <typename T>
-std::string loss_op(Loss<T>& loss) {
-    const std::string type = loss.type();
-    if (type == "BCELoss") return "binary_cross_entropy";
-    if (type == "BCEWithLogitsLoss") return "binary_cross_entropy_with_logits";
-    return "cross_entropy";
-}
+struct Target {
+    Tensor<T> values;
+    Tensor<int64_t> labels;
 
-// The target of a loss as a tensor of T: probabilities for BCE, class indices for
-// cross-entropy (given as integers, checked here as the functional API checks them).
-template <typename T>
-void fill_target(Tensor<T>& dst, Loss<T>& loss, const py::handle& obj) {
-    if (dynamic_cast<CrossEntropyLoss<T>*>(&loss)) {
-        auto labels = as_int64("cross_entropy", "labels", obj);
-        dst.shape = shape_of(labels);
-        dst.data.resize(size_t(labels.size()));
-        const int64_t* src = labels.data();
-        for (size_t i = 0; i < dst.data.size(); ++i) {
-            // exact as T up to 2^24; labels beyond stay out of range, so the loss reports them
-            const int64_t limit = int64_t(1) << 24, label = src[i];
-            dst.data[i] = T(label < -limit ? -limit : label > limit ? limit : label);
-        }
-        return;
+    void fill(Loss<T>& loss, const py::handle& obj) {
+        if (!loss.takes_class_indices()) return fill_like_first(values, loss.op(), "target", obj);
+        auto array = as_int64(loss.op(), "labels", obj);
+        labels.shape = shape_of(array);
+        labels.data.assign(array.data(), array.data() + array.size());
     }
-    fill_like_first(dst, loss_op(loss), "target", obj);
-}
+    double forward(Loss<T>& loss, const Tensor<T>& input) {
+        if (loss.takes_class_indices()) return loss.forward(input, labels);
+        return loss.forward(input, values);
+    }
+};
 
 template <typename T>
 double loss_forward(Loss<T>& loss, const py::handle& input, const py::handle& target) {
     Busy busy(&loss, loss.type());
-    static thread_local Tensor<T> input_copy, target_copy;  // the loss keeps its own copies
-    fill_like_first(input_copy, loss_op(loss), "input", input);
-    fill_target(target_copy, loss, target);
+    static thread_local Tensor<T> input_copy;  // the loss keeps its own copies
+    static thread_local Target<T> target_copy;
+    fill_like_first(input_copy, loss.op(), "input", input);
+    target_copy.fill(loss, target);
     py::gil_scoped_release release;
-    return loss.forward(input_copy, target_copy);
+    return target_copy.forward(loss, input_copy);
 }
 
 // Steps on inputs smaller than this keep the GIL: releasing it costs more than they do.
@@ -276,7 +323,7 @@ struct TrainStep {
     std::shared_ptr<Sequential<T>> model;
     std::shared_ptr<Loss<T>> loss;
     std::shared_ptr<Optimizer<T>> optimizer;
-    Tensor<T> target;  // the loss keeps its own copy; this is the conversion's storage
+    Target<T> target;  // the loss keeps its own copy; this is the conversion's storage
 
     double operator()(const py::handle& x, const py::handle& y) {
         // checked before anything is touched
@@ -284,14 +331,14 @@ struct TrainStep {
             busy_loss(loss.get(), loss->type(), false),
             busy_optimizer(optimizer.get(), optimizer->type(), false);
         fill_input(model->kept_input(), "Sequential", false, x);
-        fill_target(target, *loss, y);
-        if (model->kept_input().size() < kReleaseGilValues)
-            return train_step(*model, model->kept_input(), target, *loss, *optimizer);
-        busy_model.mark();
-        busy_loss.mark();
-        busy_optimizer.mark();
-        py::gil_scoped_release release;
-        return train_step(*model, model->kept_input(), target, *loss, *optimizer);
+        target.fill(*loss, y);
+        const bool release = model->kept_input().size() >= kReleaseGilValues;
+        if (release) busy_model.mark(), busy_loss.mark(), busy_optimizer.mark();
+        std::optional<py::gil_scoped_release> released;
+        if (release) released.emplace();
+        if (loss->takes_class_indices())
+            return train_step(*model, model->kept_input(), target.labels, *loss, *optimizer);
+        return train_step(*model, model->kept_input(), target.values, *loss, *optimizer);
     }
 };
 
@@ -376,39 +423,42 @@ void bind_dtype(py::module_& m) {
         .def("type", &L::type)
         .def("train", &L::train)
         .def("is_training", &L::is_training)
-        .def("named_parameters", &named_parameters<T>);
+        .def("named_parameters", &named_parameters<T>)
+        // every argument the layer was built from (None for undeclared types)
+        .def("arguments",
+             [](L& l) -> py::object {
+                 if (!l.arguments()) return py::none();
+                 return to_python(l.arguments()->values());
+             })
+        .def("config", [](L& l) { return to_python(l.config()); })
+        // name -> array (a copy) or None, of what the trace holds beyond the tensors
+        .def("trace_extras", [](L& l) {
+            py::dict out;
+            for (const TraceExtra& extra : l.trace_extras()) {
+                if (extra.indices) {
+                    auto a = empty_like_shape<int64_t>(extra.shape);
+                    std::copy(extra.indices, extra.indices + a.size(), a.mutable_data());
+                    out[py::str(extra.name)] = a;
+                } else if (extra.mask) {
+                    auto a = empty_like_shape<bool>(extra.shape);
+                    std::copy(extra.mask, extra.mask + a.size(), a.mutable_data());
+                    out[py::str(extra.name)] = a;
+                } else {
+                    out[py::str(extra.name)] = py::none();
+                }
+            }
+            return out;
+        });
 
-    using A2 = std::array<int64_t, 2>;
-    py::class_<Conv2d<T>, L, std::shared_ptr<Conv2d<T>>>(m, suffixed<T>("Conv2d").c_str())
-        .def(py::init<int64_t, int64_t, A2, A2, A2, bool>());
-    py::class_<Linear<T>, L, std::shared_ptr<Linear<T>>>(m, suffixed<T>("Linear").c_str())
-        .def(py::init<int64_t, int64_t, bool>());
-    py::class_<MaxPool2d<T>, L, std::shared_ptr<MaxPool2d<T>>>(m, suffixed<T>("MaxPool2d").c_str())
-        .def(py::init<A2, A2, A2>())
-        .def("indices", [](MaxPool2d<T>& l) -> py::object {
-            if (l.output().shape.empty()) return py::none();
-            auto out = empty_like_shape<int64_t>(l.output().shape);
-            std::copy(l.indices.begin(), l.indices.end(), out.mutable_data());
-            return std::move(out);
-        });
-    py::class_<AvgPool2d<T>, L, std::shared_ptr<AvgPool2d<T>>>(m, suffixed<T>("AvgPool2d").c_str())
-        .def(py::init<A2, A2, A2>());
-    py::class_<ReLU<T>, L, std::shared_ptr<ReLU<T>>>(m, suffixed<T>("ReLU").c_str())
-        .def(py::init<>());
-    py::class_<Tanh<T>, L, std::shared_ptr<Tanh<T>>>(m, suffixed<T>("Tanh").c_str())
-        .def(py::init<>());
-    py::class_<Dropout<T>, L, std::shared_ptr<Dropout<T>>>(m, suffixed<T>("Dropout").c_str())
-        .def(py::init<double, uint64_t>())
-        .def("mask", [](Dropout<T>& l) -> py::object {  // of the last training forward
-            if (!l.dropped()) return py::none();
-            auto out = empty_like_shape<bool>(l.output().shape);
-            std::copy(l.mask.begin(), l.mask.end(), out.mutable_data());
-            return std::move(out);
-        });
-    py::class_<Sigmoid<T>, L, std::shared_ptr<Sigmoid<T>>>(m, suffixed<T>("Sigmoid").c_str())
-        .def(py::init<>());
-    py::class_<Flatten<T>, L, std::shared_ptr<Flatten<T>>>(m, suffixed<T>("Flatten").c_str())
-        .def(py::init<>());
+    // a layer of a declared type, by name, from Python's (named) arguments
+    m.def(suffixed<T>("make_layer").c_str(), [](const std::string& type, const py::dict& named) {
+        json::Object arguments;
+        for (auto [key, value] : named) {
+            const std::string name = py::cast<std::string>(key);
+            arguments.emplace_back(name, to_json(type, name, value));
+        }
+        return make_layer<T>(type, {}, arguments);
+    });
     py::class_<PythonLayer<T>, L, std::shared_ptr<PythonLayer<T>>>(
         m, suffixed<T>("PythonLayer").c_str())
         .def(py::init<py::object>());
@@ -416,7 +466,33 @@ void bind_dtype(py::module_& m) {
                                                                  suffixed<T>("Sequential").c_str())
         .def(py::init<>())
         .def("add", [](Sequential<T>& s, std::shared_ptr<L> layer) { s.add(std::move(layer)); })
-        .def("zero_grad", &Sequential<T>::zero_grad);
+        .def("zero_grad", &Sequential<T>::zero_grad)
+        .def("layers",
+             [](Sequential<T>& s) {
+                 std::vector<std::shared_ptr<L>> out;
+                 for (size_t i = 0; i < s.size(); ++i) out.push_back(s.layer(i));
+                 return out;
+             })
+        // the model file (cnnbp/model_file.hpp), with an optimizer's state when given
+        .def(
+            "save",
+            [](Sequential<T>& s, const std::string& path, std::shared_ptr<Optimizer<T>> opt) {
+                py::gil_scoped_release release;
+                save(s, path, opt.get());
+            },
+            py::arg("path"), py::arg("optimizer") = nullptr);
+    // (Sequential, optimizer or None) from a model file of this dtype
+    m.def(suffixed<T>("load_checkpoint").c_str(), [](const std::string& path) {
+        Checkpoint<T> c = [&] {
+            py::gil_scoped_release release;
+            return load_checkpoint<T>(path);
+        }();
+        return py::make_tuple(std::make_shared<Sequential<T>>(std::move(c.model)), c.optimizer);
+    });
+    m.def(suffixed<T>("load_model").c_str(), [](const std::string& path) {
+        py::gil_scoped_release release;
+        return std::make_shared<Sequential<T>>(load<T>(path));
+    });
     py::class_<TrainStep<T>>(m, suffixed<T>("TrainStep").c_str())
         .def(py::init([](std::shared_ptr<Sequential<T>> model, std::shared_ptr<Loss<T>> loss,
                          std::shared_ptr<Optimizer<T>> optimizer) {
@@ -432,23 +508,18 @@ void bind_dtype(py::module_& m) {
                  const Tensor<T>* grad;
                  {
                      py::gil_scoped_release release;
-                     grad = &loss.backward();
+                     grad = &loss.backward(grad_loss);
                  }
-                 py::array out = to_numpy(*grad);
-                 if (grad_loss != 1.0) {
-                     T* g = static_cast<T*>(out.mutable_data());
-                     for (py::ssize_t i = 0; i < out.size(); ++i) g[i] *= T(grad_loss);
-                 }
-                 return out;
+                 return to_numpy(*grad);
              })
         .def("has_run", &Lo::has_run)
         .def("input", [](Lo& l) { return to_numpy_or_none(l.has_run() ? &l.input() : nullptr); })
         .def("target",
              [](Lo& l) -> py::object {
                  if (!l.has_run()) return py::none();
-                 if (auto* ce = dynamic_cast<CrossEntropyLoss<T>*>(&l)) {
-                     auto out = empty_like_shape<int64_t>({int64_t(ce->labels().size())});
-                     std::copy(ce->labels().begin(), ce->labels().end(), out.mutable_data());
+                 if (l.takes_class_indices()) {
+                     auto out = empty_like_shape<int64_t>(l.labels().shape);
+                     std::copy(l.labels().data.begin(), l.labels().data.end(), out.mutable_data());
                      return std::move(out);
                  }
                  return to_numpy(l.target());
@@ -475,6 +546,8 @@ void bind_dtype(py::module_& m) {
                  o.step();
              })
         .def("zero_grad", &O::zero_grad)
+        .def("type", &O::type)
+        .def("settings", [](O& o) { return to_python(o.settings()); })
         .def_property("lr", &O::lr, &O::set_lr);
     // The optimizer keeps the list of parameters (and so the parameters) alive.
     py::class_<SGD<T>, O, std::shared_ptr<SGD<T>>>(m, suffixed<T>("SGD").c_str())
@@ -536,8 +609,38 @@ void bind_dtype(py::module_& m) {
 }  // namespace
 
 void bind_nn(py::module_& m) {
+    py::register_exception_translator([](std::exception_ptr p) {
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const cnnbp::argument_type_error& e) {
+            PyErr_SetString(PyExc_TypeError, e.what());
+        } catch (const cnnbp::io_error& e) {
+            PyErr_SetString(PyExc_OSError, e.what());
+        }
+    });
     bind_dtype<float>(m);
     bind_dtype<double>(m);
+    m.def("manual_seed", &manual_seed, py::arg("seed"),
+          "Seed the generator that initializes new layers' weights and Dropout's seeds.");
+    m.def("model_file_dtype", &model_file_dtype, py::arg("path"));
+    // the declared layer types, for the Python classes: name, doc, fields, ...
+    m.def("layer_types", [] {
+        py::list out;
+        for (const LayerType* t : layer_types()) {
+            py::list fields;
+            for (const Field& f : t->fields)
+                fields.append(py::dict(
+                    py::arg("name") = f.name, py::arg("default") = to_python(f.default_value),
+                    py::arg("required") = f.default_value.is_null() && f.default_from.empty() &&
+                                          f.kind != FieldKind::Seed,
+                    py::arg("saved") = f.saved));
+            out.append(py::dict(py::arg("name") = t->name, py::arg("doc") = t->doc,
+                                py::arg("op") = t->op, py::arg("fields") = fields,
+                                py::arg("has_parameters") = t->parameter_count != nullptr,
+                                py::arg("trace_extras") = t->trace_extras));
+        }
+        return out;
+    });
 }
 
 }  // namespace cnnbp_bindings

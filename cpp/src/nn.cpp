@@ -8,6 +8,7 @@
 #include "cnnbp/activation.hpp"
 #include "cnnbp/conv2d.hpp"
 #include "cnnbp/dropout.hpp"
+#include "cnnbp/errors.hpp"
 #include "cnnbp/linear.hpp"
 #include "cnnbp/loss.hpp"
 #include "cnnbp/optim.hpp"
@@ -22,21 +23,26 @@ std::mt19937_64& generator() {
     return engine;
 }
 
-// torch's default for conv and linear: kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(fan_in), +)
+// torch's default for conv and linear: kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(fan_in), +).
+// The uniform draw is written out (53 random bits scaled), not left to a library's
+// distribution, so that a seed gives the same weights on every platform.
 template <typename T>
 Tensor<T> kaiming_uniform(Shape shape, int64_t fan_in) {
     const double bound = 1.0 / std::sqrt(double(fan_in));
-    std::uniform_real_distribution<double> uniform(-bound, bound);
     Tensor<T> t(std::move(shape));
-    for (T& v : t.data) v = T(uniform(generator()));
+    for (T& v : t.data) {
+        const double unit = double(generator()() >> 11) * 0x1.0p-53;  // [0, 1)
+        v = T(bound * (2.0 * unit - 1.0));
+    }
     return t;
 }
 
-void check_positive(const char* op, const char* name, int64_t value) {
-    if (value < 1)
-        throw std::invalid_argument(std::string("[") + op + "] " + name + ": expected >= 1, got " +
-                                    std::to_string(value));
+// The checked arguments of the declared layer `type`, given positionally.
+Config arguments_of(const char* type, json::Array positional) {
+    return find_layer_type(type)->parse(positional, {});
 }
+
+json::Array pair_value(std::array<int64_t, 2> pair) { return {pair[0], pair[1]}; }
 
 // grad (+)= delta: the first backward sets the gradient, later ones add to it.
 template <typename T>
@@ -50,11 +56,6 @@ void accumulate(Parameter<T>& p, const Tensor<T>& delta) {
     for (size_t i = 0; i < delta.data.size(); ++i) p.grad.data[i] += delta.data[i];
 }
 
-// a whole-number label as the integer it is
-std::string label_str(double label) {
-    return std::abs(label) < 9e18 ? std::to_string(int64_t(label)) : number_str(label);
-}
-
 template <typename T>
 const Tensor<T>& require_forward(const Tensor<T>* input, const char* op) {
     if (!input) throw std::logic_error(std::string("[") + op + "] backward called before forward");
@@ -64,6 +65,16 @@ const Tensor<T>& require_forward(const Tensor<T>* input, const char* op) {
 }  // namespace
 
 void manual_seed(uint64_t seed) { generator().seed(seed); }
+
+template <typename T>
+json::Object Layer<T>::config() const {
+    json::Object out{{"type", type()}};
+    if (!arguments_) return out;
+    const LayerType* declared = find_layer_type(arguments_->type());
+    for (const Field& f : declared->fields)
+        if (f.saved) out.emplace_back(f.name, *json::find(arguments_->values(), f.name));
+    return out;
+}
 
 template <typename T>
 Tensor<T>::Tensor(Shape s, std::vector<T> values) : shape(std::move(s)), data(std::move(values)) {
@@ -115,16 +126,48 @@ Conv2d<T>::Conv2d(int64_t in_channels, int64_t out_channels, int64_t kernel_size
 template <typename T>
 Conv2d<T>::Conv2d(int64_t in_channels, int64_t out_channels, std::array<int64_t, 2> kernel,
                   std::array<int64_t, 2> stride, std::array<int64_t, 2> padding, bool bias)
-    : WeightedLayer<T>(bias), params{stride[0], stride[1], padding[0], padding[1]} {
-    check_positive("Conv2d", "in_channels", in_channels);
-    check_positive("Conv2d", "out_channels", out_channels);
-    check_positive("Conv2d", "kernel_size", std::min(kernel[0], kernel[1]));
+    : Conv2d(arguments_of("Conv2d", {in_channels, out_channels, pair_value(kernel),
+                                     pair_value(stride), pair_value(padding), bias})) {}
+
+template <typename T>
+Conv2d<T>::Conv2d(const Config& arguments) : WeightedLayer<T>(arguments) {
+    const auto kernel = arguments.pair("kernel_size"), stride = arguments.pair("stride"),
+               padding = arguments.pair("padding");
+    const int64_t in_channels = arguments.integer("in_channels"),
+                  out_channels = arguments.integer("out_channels");
+    params = {stride[0], stride[1], padding[0], padding[1]};
     const Shape shape{out_channels, in_channels, kernel[0], kernel[1]};
     numel(shape);  // the weight's size is checked before fan_in multiplies its dims
     const int64_t fan_in = in_channels * kernel[0] * kernel[1];
     this->weight.value = kaiming_uniform<T>(shape, fan_in);
-    if (bias) this->bias.value = kaiming_uniform<T>({out_channels}, fan_in);
+    if (this->has_bias_) this->bias.value = kaiming_uniform<T>({out_channels}, fan_in);
 }
+
+// the weight (K, C, R, S) and the bias (K,)
+int64_t weighted_layer_parameters(int64_t out, std::initializer_list<int64_t> per_output,
+                                  bool bias) {
+    int64_t count = out;
+    for (int64_t d : per_output) count = checked_product({count, d}, kMaxElements);
+    return count + (bias ? out : 0);
+}
+
+CNNBP_REGISTER_LAYER(Conv2d,
+                     {"Conv2d",
+                      "conv2d",
+                      "y (N, K, P, Q) = conv2d(x (N, C, H, W), weight (K, C, R, S)) + bias (K,)",
+                      {{"in_channels", FieldKind::Int, nullptr, 1},
+                       {"out_channels", FieldKind::Int, nullptr, 1},
+                       {"kernel_size", FieldKind::Pair, nullptr, 1},
+                       {"stride", FieldKind::Pair, 1, 1},
+                       {"padding", FieldKind::Pair, 0, 0},
+                       {"bias", FieldKind::Bool, true}},
+                      {},
+                      [](const Config& c) {
+                          const auto k = c.pair("kernel_size");
+                          return weighted_layer_parameters(c.integer("out_channels"),
+                                                           {c.integer("in_channels"), k[0], k[1]},
+                                                           c.boolean("bias"));
+                      }});
 template <typename T>
 const Tensor<T>& Conv2d<T>::forward(const Tensor<T>& input) {
     dims_ = conv2d_dims(input.shape, this->weight.value.shape,
@@ -152,12 +195,31 @@ const Tensor<T>& Conv2d<T>::backward(const Tensor<T>& grad_output) {
 // ---- Linear ------------------------------------------------------------------------------
 
 template <typename T>
-Linear<T>::Linear(int64_t in_features, int64_t out_features, bool bias) : WeightedLayer<T>(bias) {
-    check_positive("Linear", "in_features", in_features);
-    check_positive("Linear", "out_features", out_features);
-    this->weight.value = kaiming_uniform<T>({out_features, in_features}, in_features);
-    if (bias) this->bias.value = kaiming_uniform<T>({out_features}, in_features);
+Linear<T>::Linear(int64_t in_features, int64_t out_features, bool bias)
+    : Linear(arguments_of("Linear", {in_features, out_features, bias})) {}
+
+template <typename T>
+Linear<T>::Linear(const Config& arguments) : WeightedLayer<T>(arguments) {
+    const int64_t in_features = arguments.integer("in_features"),
+                  out_features = arguments.integer("out_features");
+    const Shape shape{out_features, in_features};
+    numel(shape);
+    this->weight.value = kaiming_uniform<T>(shape, in_features);
+    if (this->has_bias_) this->bias.value = kaiming_uniform<T>({out_features}, in_features);
 }
+
+CNNBP_REGISTER_LAYER(Linear, {"Linear",
+                              "linear",
+                              "y (*, out) = x (*, in) . weight (out, in)^T + bias (out,)",
+                              {{"in_features", FieldKind::Int, nullptr, 1},
+                               {"out_features", FieldKind::Int, nullptr, 1},
+                               {"bias", FieldKind::Bool, true}},
+                              {},
+                              [](const Config& c) {
+                                  return weighted_layer_parameters(c.integer("out_features"),
+                                                                   {c.integer("in_features")},
+                                                                   c.boolean("bias"));
+                              }});
 
 template <typename T>
 const Tensor<T>& Linear<T>::forward(const Tensor<T>& input) {
@@ -188,19 +250,44 @@ const Tensor<T>& Linear<T>::backward(const Tensor<T>& grad_output) {
 // ---- MaxPool2d, activations, Flatten -------------------------------------------------------
 
 template <typename T>
+Pool2d<T>::Pool2d(const Config& arguments) : Layer<T>(arguments) {
+    const auto kernel = arguments.pair("kernel_size"), stride = arguments.pair("stride"),
+               padding = arguments.pair("padding");
+    params = {kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1]};
+    pool2d_check_params(arguments.type().c_str(), params);
+}
+
+// kernel_size, stride (default: the kernel size), padding (at most half the kernel)
+const std::vector<Field> pool2d_fields{{"kernel_size", FieldKind::Pair, nullptr, 1},
+                                       {"stride", FieldKind::Pair, nullptr, 1, "kernel_size"},
+                                       {"padding", FieldKind::Pair, 0, 0}};
+
+// the positional arguments of a pool layer from C++'s (stride 0: the kernel size)
+json::Array pool2d_arguments(std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
+                             std::array<int64_t, 2> padding) {
+    return {pair_value(kernel), stride[0] || stride[1] ? json::Value(pair_value(stride)) : nullptr,
+            pair_value(padding)};
+}
+
+template <typename T>
 MaxPool2d<T>::MaxPool2d(int64_t kernel_size, int64_t stride, int64_t padding)
-    : MaxPool2d({kernel_size, kernel_size},
-                {stride ? stride : kernel_size, stride ? stride : kernel_size},
-                {padding, padding}) {}
+    : MaxPool2d({kernel_size, kernel_size}, {stride, stride}, {padding, padding}) {}
 
 template <typename T>
 MaxPool2d<T>::MaxPool2d(std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
                         std::array<int64_t, 2> padding)
-    : params{kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1]} {}
+    : MaxPool2d(arguments_of("MaxPool2d", pool2d_arguments(kernel, stride, padding))) {}
+
+template <typename T>
+std::vector<TraceExtra> MaxPool2d<T>::trace_extras() const {
+    if (this->output_.shape.empty()) return {};
+    return {{"indices", this->output_.shape, indices.data(), nullptr}};
+}
 
 template <typename T>
 const Tensor<T>& MaxPool2d<T>::forward(const Tensor<T>& input) {
-    dims_ = pool2d_dims("max_pool2d", input.shape, params);
+    this->dims_ = pool2d_dims("max_pool2d", input.shape, this->params);
+    const auto& dims_ = this->dims_;
     this->input_ = &input;
     this->output_.resize({dims_.N, dims_.C, dims_.P, dims_.Q});
     indices.resize(size_t(this->output_.size()));
@@ -216,24 +303,30 @@ const Tensor<T>& MaxPool2d<T>::backward(const Tensor<T>& grad_output) {
     this->grad_output_ = &grad_output;
     this->grad_input_.resize(input.shape);
     max_pool2d_backward(this->grad_input_.data.data(), grad_output.data.data(), indices.data(),
-                        dims_);
+                        this->dims_);
     return this->grad_input_;
 }
 
+CNNBP_REGISTER_LAYER(MaxPool2d, {"MaxPool2d",
+                                 "max_pool2d",
+                                 "y, argmax = max over each kernel_size window; backward routes "
+                                 "dL/dy to the argmax",
+                                 pool2d_fields,
+                                 {"indices"}});
+
 template <typename T>
 AvgPool2d<T>::AvgPool2d(int64_t kernel_size, int64_t stride, int64_t padding)
-    : AvgPool2d({kernel_size, kernel_size},
-                {stride ? stride : kernel_size, stride ? stride : kernel_size},
-                {padding, padding}) {}
+    : AvgPool2d({kernel_size, kernel_size}, {stride, stride}, {padding, padding}) {}
 
 template <typename T>
 AvgPool2d<T>::AvgPool2d(std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
                         std::array<int64_t, 2> padding)
-    : params{kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1]} {}
+    : AvgPool2d(arguments_of("AvgPool2d", pool2d_arguments(kernel, stride, padding))) {}
 
 template <typename T>
 const Tensor<T>& AvgPool2d<T>::forward(const Tensor<T>& input) {
-    dims_ = pool2d_dims("avg_pool2d", input.shape, params);
+    this->dims_ = pool2d_dims("avg_pool2d", input.shape, this->params);
+    const auto& dims_ = this->dims_;
     this->input_ = &input;
     this->output_.resize({dims_.N, dims_.C, dims_.P, dims_.Q});
     avg_pool2d_forward(this->output_.data.data(), input.data.data(), dims_);
@@ -247,16 +340,37 @@ const Tensor<T>& AvgPool2d<T>::backward(const Tensor<T>& grad_output) {
                      grad_output.shape);
     this->grad_output_ = &grad_output;
     this->grad_input_.resize(input.shape);
-    avg_pool2d_backward(this->grad_input_.data.data(), grad_output.data.data(), dims_);
+    avg_pool2d_backward(this->grad_input_.data.data(), grad_output.data.data(), this->dims_);
     return this->grad_input_;
 }
 
+CNNBP_REGISTER_LAYER(AvgPool2d, {"AvgPool2d", "avg_pool2d",
+                                 "y = the mean over each kernel_size window, padding counted as "
+                                 "zeros (count_include_pad); backward spreads dL/dy evenly",
+                                 pool2d_fields});
+
 template <typename T>
-Dropout<T>::Dropout(double p) : Dropout(p, generator()()) {}
+Dropout<T>::Dropout(double p) : Dropout(arguments_of("Dropout", {p})) {}
 
 template <typename T>
 Dropout<T>::Dropout(double p, uint64_t seed)
-    : params_(dropout_params("Dropout", p)), seeds_(seed) {}
+    : Dropout(arguments_of("Dropout",
+                           {p, seed >> 63 ? json::Value(json::Value::Big{std::to_string(seed)})
+                                          : json::Value(int64_t(seed))})) {}
+
+template <typename T>
+Dropout<T>::Dropout(const Config& arguments)
+    : Layer<T>(arguments), params_(dropout_params("Dropout", arguments.number("p"))) {
+    if (!arguments.seed("seed"))  // drawn once, so that every copy of the layer agrees
+        this->arguments_->set("seed", int64_t(generator()() >> 1));
+    seeds_.seed(*this->arguments_->seed("seed"));
+}
+
+template <typename T>
+std::vector<TraceExtra> Dropout<T>::trace_extras() const {
+    if (!dropped_) return {{"mask", {}, nullptr, nullptr}};
+    return {{"mask", this->output_.shape, nullptr, mask.data()}};
+}
 
 template <typename T>
 const Tensor<T>& Dropout<T>::forward(const Tensor<T>& input) {
@@ -290,6 +404,14 @@ const Tensor<T>& Dropout<T>::backward(const Tensor<T>& grad_output) {
     return this->grad_input_;
 }
 
+CNNBP_REGISTER_LAYER(Dropout, {"Dropout",
+                               "dropout",
+                               "while training, each element zeroed with probability p and the "
+                               "rest scaled by 1 / (1 - p); the identity in eval mode",
+                               {{"p", FieldKind::Probability, 0.5},
+                                {"seed", FieldKind::Seed, nullptr, 0, "", false}},
+                               {"mask"}});
+
 template <typename T>
 template <typename Kernel>
 const Tensor<T>& Layer<T>::elementwise_forward(const Tensor<T>& input, Kernel kernel) {
@@ -312,6 +434,9 @@ const Tensor<T>& Layer<T>::elementwise_backward(const Tensor<T>& grad_output, co
 }
 
 template <typename T>
+ReLU<T>::ReLU() : ReLU(arguments_of("ReLU", {})) {}
+
+template <typename T>
 const Tensor<T>& ReLU<T>::forward(const Tensor<T>& input) {
     return this->elementwise_forward(input, relu_forward<T>);
 }
@@ -321,6 +446,11 @@ const Tensor<T>& ReLU<T>::backward(const Tensor<T>& grad_output) {  // dz from t
     const Tensor<T>& input = require_forward(this->input_, "ReLU");
     return this->elementwise_backward(grad_output, "relu_backward", "z", input, relu_backward<T>);
 }
+
+CNNBP_REGISTER_LAYER(ReLU, {"ReLU", "relu", "a = max(z, 0); dz = da where z > 0"});
+
+template <typename T>
+Sigmoid<T>::Sigmoid() : Sigmoid(arguments_of("Sigmoid", {})) {}
 
 template <typename T>
 const Tensor<T>& Sigmoid<T>::forward(const Tensor<T>& input) {
@@ -334,6 +464,12 @@ const Tensor<T>& Sigmoid<T>::backward(const Tensor<T>& grad_output) {  // dz fro
                                       sigmoid_backward<T>);
 }
 
+CNNBP_REGISTER_LAYER(Sigmoid, {"Sigmoid", "sigmoid",
+                               "a = 1 / (1 + exp(-z)); dz = da * a * (1 - a), from the output a"});
+
+template <typename T>
+Tanh<T>::Tanh() : Tanh(arguments_of("Tanh", {})) {}
+
 template <typename T>
 const Tensor<T>& Tanh<T>::forward(const Tensor<T>& input) {
     return this->elementwise_forward(input, tanh_forward<T>);
@@ -345,6 +481,12 @@ const Tensor<T>& Tanh<T>::backward(const Tensor<T>& grad_output) {  // dz from t
     return this->elementwise_backward(grad_output, "tanh_backward", "a", this->output_,
                                       tanh_backward<T>);
 }
+
+CNNBP_REGISTER_LAYER(Tanh,
+                     {"Tanh", "tanh", "a = tanh(z); dz = da * (1 - a * a), from the output a"});
+
+template <typename T>
+Flatten<T>::Flatten() : Flatten(arguments_of("Flatten", {})) {}
 
 template <typename T>
 const Tensor<T>& Flatten<T>::forward(const Tensor<T>& input) {
@@ -368,6 +510,10 @@ const Tensor<T>& Flatten<T>::backward(const Tensor<T>& grad_output) {
     this->grad_input_.data = grad_output.data;
     return this->grad_input_;
 }
+
+CNNBP_REGISTER_LAYER(Flatten, {"Flatten", "flatten",
+                               "F (N, C*H*W) = x (N, C, H, W) reshaped (torch's Flatten with "
+                               "start_dim=1)"});
 
 // ---- Sequential ----------------------------------------------------------------------------
 
@@ -460,25 +606,41 @@ void Sequential<T>::zero_grad() {
 // ---- losses --------------------------------------------------------------------------------
 
 template <typename T>
-void Loss<T>::keep(const Tensor<T>& input, const Tensor<T>& target) {
-    input_.shape = input.shape;
-    input_.data.assign(input.data.begin(), input.data.end());  // reuses the storage
-    target_.shape = target.shape;
-    target_.data.assign(target.data.begin(), target.data.end());
+double Loss<T>::forward(const Tensor<T>&, const Tensor<T>&) {
+    throw std::invalid_argument(std::string("[") + op() +
+                                "] target: expected class indices (int64), got floats");
 }
 
 template <typename T>
-const Tensor<T>& Loss<T>::require_forward() const {
+double Loss<T>::forward(const Tensor<T>&, const Tensor<int64_t>&) {
+    throw std::invalid_argument(std::string("[") + op() +
+                                "] target: expected probabilities like the input, got class "
+                                "indices (int64)");
+}
+
+template <typename T>
+const Tensor<T>& Loss<T>::backward(double grad_loss) {
     if (!has_run_) throw std::logic_error("[" + type() + "] backward called before forward");
-    return input_;
+    grad_input_.resize(input_.shape);
+    gradient();
+    if (grad_loss != 1.0)
+        for (T& g : grad_input_.data) g *= T(grad_loss);
+    return grad_input_;
+}
+
+template <typename T>
+void Loss<T>::keep(const Tensor<T>& input) {
+    input_.shape = input.shape;
+    input_.data.assign(input.data.begin(), input.data.end());  // reuses the storage
 }
 
 template <typename T>
 double BCELoss<T>::forward(const Tensor<T>& input, const Tensor<T>& target) {
-    const char* op = "binary_cross_entropy";
-    check_bce_shapes(op, input.shape, target.shape);
-    check_probabilities(op, input.data.data(), input.size());
-    this->keep(input, target);
+    check_bce_shapes(this->op(), input.shape, target.shape);
+    check_probabilities(this->op(), input.data.data(), input.size());
+    this->keep(input);
+    this->target_.shape = target.shape;
+    this->target_.data.assign(target.data.begin(), target.data.end());
     this->value_ =
         binary_cross_entropy_forward(input.data.data(), target.data.data(), input.size());
     this->has_run_ = true;
@@ -486,18 +648,17 @@ double BCELoss<T>::forward(const Tensor<T>& input, const Tensor<T>& target) {
 }
 
 template <typename T>
-const Tensor<T>& BCELoss<T>::backward() {
-    const Tensor<T>& input = this->require_forward();
-    this->grad_input_.resize(input.shape);
-    binary_cross_entropy_backward(this->grad_input_.data.data(), input.data.data(),
-                                  this->target_.data.data(), input.size());
-    return this->grad_input_;
+void BCELoss<T>::gradient() {
+    binary_cross_entropy_backward(this->grad_input_.data.data(), this->input_.data.data(),
+                                  this->target_.data.data(), this->input_.size());
 }
 
 template <typename T>
 double BCEWithLogitsLoss<T>::forward(const Tensor<T>& input, const Tensor<T>& target) {
-    check_bce_shapes("binary_cross_entropy_with_logits", input.shape, target.shape);
-    this->keep(input, target);
+    check_bce_shapes(this->op(), input.shape, target.shape);
+    this->keep(input);
+    this->target_.shape = target.shape;
+    this->target_.data.assign(target.data.begin(), target.data.end());
     this->value_ = binary_cross_entropy_with_logits_forward(input.data.data(), target.data.data(),
                                                             input.size());
     this->has_run_ = true;
@@ -505,47 +666,28 @@ double BCEWithLogitsLoss<T>::forward(const Tensor<T>& input, const Tensor<T>& ta
 }
 
 template <typename T>
-const Tensor<T>& BCEWithLogitsLoss<T>::backward() {
-    const Tensor<T>& input = this->require_forward();
-    this->grad_input_.resize(input.shape);
-    binary_cross_entropy_with_logits_backward(this->grad_input_.data.data(), input.data.data(),
-                                              this->target_.data.data(), input.size());
-    return this->grad_input_;
+void BCEWithLogitsLoss<T>::gradient() {
+    binary_cross_entropy_with_logits_backward(this->grad_input_.data.data(),
+                                              this->input_.data.data(), this->target_.data.data(),
+                                              this->input_.size());
 }
 
 template <typename T>
-double CrossEntropyLoss<T>::forward(const Tensor<T>& input, const Tensor<T>& target) {
-    const char* op = "cross_entropy";
-    const auto d = cross_entropy_dims(op, input.shape, target.shape);
-    labels_.resize(size_t(d.N));
-    for (int64_t n = 0; n < d.N; ++n) {
-        const T label = target.data[size_t(n)];
-        if (label != std::floor(label))
-            throw std::invalid_argument(std::string("[") + op +
-                                        "] labels: expected whole class indices, got " +
-                                        number_str(double(label)));
-        if (label < 0 || label >= T(d.K)) {  // before the conversion, which could overflow
-            throw std::invalid_argument(std::string("[") + op +
-                                        "] labels: expected class indices in [0, " +
-                                        std::to_string(d.K) + "), got " + label_str(double(label)) +
-                                        " at position " + std::to_string(n));
-        }
-        labels_[size_t(n)] = int64_t(label);
-    }
-    check_labels(op, labels_.data(), d.N, d.K);
-    this->keep(input, target);
-    this->value_ = cross_entropy_forward(input.data.data(), labels_.data(), d.N, d.K);
+double CrossEntropyLoss<T>::forward(const Tensor<T>& input, const Tensor<int64_t>& target) {
+    const auto d = cross_entropy_dims(this->op(), input.shape, target.shape);
+    check_labels(this->op(), target.data.data(), d.N, d.K);
+    this->keep(input);
+    this->labels_.shape = target.shape;
+    this->labels_.data.assign(target.data.begin(), target.data.end());
+    this->value_ = cross_entropy_forward(input.data.data(), target.data.data(), d.N, d.K);
     this->has_run_ = true;
     return this->value_;
 }
 
 template <typename T>
-const Tensor<T>& CrossEntropyLoss<T>::backward() {
-    const Tensor<T>& input = this->require_forward();
-    this->grad_input_.resize(input.shape);
-    cross_entropy_backward(this->grad_input_.data.data(), input.data.data(), labels_.data(),
-                           input.shape[0], input.shape[1]);
-    return this->grad_input_;
+void CrossEntropyLoss<T>::gradient() {
+    cross_entropy_backward(this->grad_input_.data.data(), this->input_.data.data(),
+                           this->labels_.data.data(), this->input_.shape[0], this->input_.shape[1]);
 }
 
 // ---- optimizers ----------------------------------------------------------------------------
@@ -589,6 +731,14 @@ SGD<T>::SGD(std::vector<Parameter<T>*> params, double lr, double momentum, doubl
         throw std::invalid_argument(
             "[SGD] nesterov: expected momentum > 0 and dampening 0, got momentum " +
             number_str(momentum) + ", dampening " + number_str(dampening));
+}
+
+template <typename T>
+json::Object SGD<T>::settings() const {
+    return {{"momentum", momentum_},
+            {"weight_decay", weight_decay_},
+            {"dampening", dampening_},
+            {"nesterov", nesterov_}};
 }
 
 template <typename T>
@@ -638,6 +788,11 @@ AdamW<T>::AdamW(std::vector<Parameter<T>*> params, double lr, double beta1, doub
     : Adam<T>("AdamW", std::move(params), lr, beta1, beta2, eps, weight_decay, true) {}
 
 template <typename T>
+json::Object Adam<T>::settings() const {
+    return {{"betas", json::Array{beta1_, beta2_}}, {"eps", eps_}, {"weight_decay", weight_decay_}};
+}
+
+template <typename T>
 void Adam<T>::step() {
     const AdamParams p{this->lr_, beta1_, beta2_, eps_, weight_decay_, decoupled_};
     for (size_t i = 0; i < this->params_.size(); ++i) {
@@ -652,8 +807,8 @@ void Adam<T>::step() {
     }
 }
 
-template <typename T>
-double train_step(Sequential<T>& model, const Tensor<T>& input, const Tensor<T>& target,
+template <typename T, typename Target>
+double train_step(Sequential<T>& model, const Tensor<T>& input, const Tensor<Target>& target,
                   Loss<T>& loss, Optimizer<T>& optimizer) {
     model.zero_grad();
     const double value = loss.forward(model.forward(input), target);
@@ -662,29 +817,34 @@ double train_step(Sequential<T>& model, const Tensor<T>& input, const Tensor<T>&
     return value;
 }
 
-#define CNNBP_INSTANTIATE(T)                                                                    \
-    template struct Tensor<T>;                                                                  \
-    template class WeightedLayer<T>;                                                            \
-    template class Conv2d<T>;                                                                   \
-    template class Linear<T>;                                                                   \
-    template class MaxPool2d<T>;                                                                \
-    template class AvgPool2d<T>;                                                                \
-    template class Tanh<T>;                                                                     \
-    template class Dropout<T>;                                                                  \
-    template class ReLU<T>;                                                                     \
-    template class Sigmoid<T>;                                                                  \
-    template class Flatten<T>;                                                                  \
-    template class Sequential<T>;                                                               \
-    template class Loss<T>;                                                                     \
-    template class BCELoss<T>;                                                                  \
-    template class BCEWithLogitsLoss<T>;                                                        \
-    template class CrossEntropyLoss<T>;                                                         \
-    template class Optimizer<T>;                                                                \
-    template class SGD<T>;                                                                      \
-    template class Adam<T>;                                                                     \
-    template class AdamW<T>;                                                                    \
-    template double train_step<T>(Sequential<T>&, const Tensor<T>&, const Tensor<T>&, Loss<T>&, \
-                                  Optimizer<T>&);
+#define CNNBP_INSTANTIATE(T)                                                                       \
+    template struct Tensor<T>;                                                                     \
+    template class Layer<T>;                                                                       \
+    template class WeightedLayer<T>;                                                               \
+    template class Pool2d<T>;                                                                      \
+    template class Conv2d<T>;                                                                      \
+    template class Linear<T>;                                                                      \
+    template class MaxPool2d<T>;                                                                   \
+    template class AvgPool2d<T>;                                                                   \
+    template class Tanh<T>;                                                                        \
+    template class Dropout<T>;                                                                     \
+    template class ReLU<T>;                                                                        \
+    template class Sigmoid<T>;                                                                     \
+    template class Flatten<T>;                                                                     \
+    template class Sequential<T>;                                                                  \
+    template class Loss<T>;                                                                        \
+    template class BCELoss<T>;                                                                     \
+    template class BCEWithLogitsLoss<T>;                                                           \
+    template class CrossEntropyLoss<T>;                                                            \
+    template class Optimizer<T>;                                                                   \
+    template class SGD<T>;                                                                         \
+    template class Adam<T>;                                                                        \
+    template class AdamW<T>;                                                                       \
+    template double train_step<T, T>(Sequential<T>&, const Tensor<T>&, const Tensor<T>&, Loss<T>&, \
+                                     Optimizer<T>&);                                               \
+    template double train_step<T, int64_t>(Sequential<T>&, const Tensor<T>&,                       \
+                                           const Tensor<int64_t>&, Loss<T>&, Optimizer<T>&);
+template struct Tensor<int64_t>;
 CNNBP_INSTANTIATE(float)
 CNNBP_INSTANTIATE(double)
 

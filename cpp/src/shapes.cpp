@@ -238,10 +238,7 @@ void conv2d_check_doutput(const Conv2dDims& d, const Shape& doutput) {
 
 // ---- pool2d ------------------------------------------------------------------------------
 
-Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& p,
-                       const char* input_name) {
-    check_rank(op, input_name, input, 4, "(N, C, H, W)");
-    check_nonempty(op, input_name, input);
+void pool2d_check_params(const char* op, const Pool2dParams& p) {
     check_window(op, "kernel_size", std::min(p.kernel_h, p.kernel_w), 1);
     check_window(op, "stride", std::min(p.stride_h, p.stride_w), 1);
     check_window(op, "padding", std::min(p.pad_h, p.pad_w), 0);
@@ -249,6 +246,13 @@ Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& p
         fail(op, "padding: expected at most half the kernel size (" + std::to_string(p.kernel_h) +
                      ", " + std::to_string(p.kernel_w) + "), got (" + std::to_string(p.pad_h) +
                      ", " + std::to_string(p.pad_w) + ")");
+}
+
+Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& p,
+                       const char* input_name) {
+    check_rank(op, input_name, input, 4, "(N, C, H, W)");
+    check_nonempty(op, input_name, input);
+    pool2d_check_params(op, p);
     checked_numel(op, input_name, input);
     Pool2dDims d{input[0], input[1], input[2], input[3], 0, 0, p};
     const int64_t Hp = padded_extent(op, d.H, p.pad_h);

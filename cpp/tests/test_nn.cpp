@@ -129,7 +129,8 @@ TEST_CASE("nn: parameter gradients of a strided model against finite differences
         .add(std::make_unique<MaxPool2d<double>>(2, 1))
         .add(std::make_unique<Flatten<double>>())
         .add(std::make_unique<Linear<double>>(3 * 3 * 3, 4));
-    const Tensor<double> x({2, 2, 7, 7}, values(196, 7)), labels({2}, V{1, 3});
+    const Tensor<double> x({2, 2, 7, 7}, values(196, 7));
+    const Tensor<int64_t> labels({2}, {1, 3});
     CrossEntropyLoss<double> loss;
     auto objective = [&] { return loss.forward(model.forward(x), labels); };
     objective();
@@ -147,7 +148,8 @@ TEST_CASE("nn: Tanh, AvgPool2d and Dropout layers; gradients against finite diff
         .add(dropout)
         .add(std::make_shared<Flatten<double>>())
         .add(std::make_shared<Linear<double>>(3 * 3 * 3, 4));
-    const Tensor<double> x({2, 2, 6, 5}, values(120, 8)), labels({2}, V{0, 2});
+    const Tensor<double> x({2, 2, 6, 5}, values(120, 8));
+    const Tensor<int64_t> labels({2}, {0, 2});
     CrossEntropyLoss<double> loss;
     model.eval();  // a fixed function for the finite differences
     CHECK(!dropout->is_training());
@@ -200,7 +202,7 @@ TEST_CASE("nn: SGD and Adam apply torch's update rules; train_step learns") {
         .add(std::make_unique<Linear<float>>(400, 10));
     const V pixels = values(8 * 28 * 28, 9);
     const Tensor<float> x({8, 1, 28, 28}, std::vector<float>(pixels.begin(), pixels.end()));
-    const Tensor<float> labels({8}, std::vector<float>{0, 1, 2, 3, 4, 5, 6, 7});
+    const Tensor<int64_t> labels({8}, {0, 1, 2, 3, 4, 5, 6, 7});
     CrossEntropyLoss<float> loss;
     SGD<float> opt(model.parameters(), 0.1, 0.9);
     const double first = train_step(model, x, labels, loss, opt);
@@ -274,7 +276,8 @@ TEST_CASE("nn: bad input is refused with the kernels' messages") {
     const Tensor<double> wrong({1, 1, 6, 6});
     CHECK_THROWS(conv.forward(wrong), "[conv2d] weight: expected 1 input channels");
     CrossEntropyLoss<double> ce;
-    const Tensor<double> logits({2, 3}), labels({2}, V{0, 3});
+    const Tensor<double> logits({2, 3});
+    const Tensor<int64_t> labels({2}, {0, 3});
     CHECK_THROWS(ce.forward(logits, labels), "[cross_entropy] labels: expected class indices");
     CHECK_THROWS(SGD<double>({}, -1.0), "[SGD] lr: expected >= 0");
     CHECK_THROWS(Linear<double>(0, 2), "[Linear] in_features: expected >= 1, got 0");
@@ -323,4 +326,38 @@ TEST_CASE("nn: model files round-trip and refuse damaged files") {
     write("not a zip file at all, just text that is long enough");
     CHECK_THROWS(load<double>(path), "[load] file:");
     std::remove(path.c_str());
+}
+
+TEST_CASE("nn: layers are made by name from the registry, and report their arguments") {
+    CHECK(find_layer_type("Conv2d") != nullptr && find_layer_type("Nope") == nullptr);
+    manual_seed(3);
+    auto by_name = make_layer<double>("Conv2d", {2, 3, json::Array{3, 2}}, {{"padding", 1}});
+    manual_seed(3);
+    Conv2d<double> direct(2, 3, {3, 2}, {1, 1}, {1, 1});
+    auto& made = dynamic_cast<Conv2d<double>&>(*by_name);
+    CHECK(made.weight.value.data == direct.weight.value.data);  // one generator, same draws
+    CHECK(json::dump(made.config()) ==
+          "{\"type\": \"Conv2d\", \"in_channels\": 2, \"out_channels\": 3, \"kernel_size\": [3, "
+          "2], \"stride\": [1, 1], \"padding\": [1, 1], \"bias\": true}");
+    auto pool = make_layer<float>("MaxPool2d", {3}, {});
+    CHECK(json::dump(pool->config()) ==
+          "{\"type\": \"MaxPool2d\", \"kernel_size\": [3, 3], \"stride\": [3, 3], \"padding\": "
+          "[0, 0]}");
+    CHECK_THROWS(make_layer<float>("Conv2d", {1, 1, 2.5}, {}),
+                 "[Conv2d] kernel_size: expected an int or a pair of ints, got 2.5");
+    CHECK_THROWS(make_layer<float>("Conv2d", {0, 1, 3}, {}),
+                 "[Conv2d] in_channels: expected >= 1, got 0");
+    CHECK_THROWS(make_layer<float>("MaxPool2d", {2}, {{"padding", 2}}),
+                 "[MaxPool2d] padding: expected at most half the kernel size");
+    CHECK_THROWS(make_layer<float>("Linear", {1, 2}, {{"bais", false}}),
+                 "[Linear] got an unexpected argument 'bais'");
+    CHECK_THROWS(make_layer<float>("Tanh", {}, {{"p", 1}}), "[Tanh] got an unexpected argument");
+    CHECK_THROWS(make_layer<float>("Softmax", {}, {}), "[make_layer] type: expected one of");
+    // Dropout draws its seed once and keeps it, so that copies of it agree
+    auto dropout = make_layer<float>("Dropout", {0.25}, {});
+    CHECK(!dropout->arguments()->values().back().second.is_null());
+    CHECK(json::dump(dropout->config()) == "{\"type\": \"Dropout\", \"p\": 0.25}");
+    CrossEntropyLoss<double> ce;
+    CHECK_THROWS(ce.forward(Tensor<double>({2, 3}), Tensor<double>({2})),
+                 "[cross_entropy] target: expected class indices (int64)");
 }

@@ -11,66 +11,25 @@ Parameter gradients accumulate across backward calls, as in PyTorch, until ``zer
 
 from __future__ import annotations
 
-import math
+import inspect
+import os
 from collections import OrderedDict
 
 import numpy as np
 
 from . import _core
-
-_rng = np.random.default_rng()
+from ._native import check_dtype, dtype_of, native
 
 
 def manual_seed(seed: int) -> None:
-    """Seed the generator that initializes new layers' weights."""
-    global _rng
-    _rng = np.random.default_rng(seed)
-
-
-def _int_arg(op, name, value):
-    """An int argument as a Python int; its range is checked by the C++ constructor."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"[{op}] {name}: expected an int, got {value!r}")
-    value = int(value)
-    if not -(2**63) <= value < 2**63:
-        raise ValueError(f"[{op}] {name}: expected a 64-bit integer, got {value}")
-    return value
-
-
-def _pair_arg(op, name, value):
-    """An int or an (h, w) pair of ints, as a list [h, w]."""
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise TypeError(f"[{op}] {name}: expected an int or a pair of ints, got {value!r}")
-        return [_int_arg(op, name, v) for v in value]
-    return [_int_arg(op, name, value)] * 2
-
-
-def _check_dtype(dtype):
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise TypeError(f"[nn] dtype: expected float32 or float64, got {dtype}")
-    return dtype
-
-
-_SUFFIX = {np.dtype(np.float32): "32", np.dtype(np.float64): "64"}
-
-
-def _native(name, dtype):
-    """The C++ class `name` for dtype (float32 -> Conv2d32, float64 -> Conv2d64)."""
-    return getattr(_core, name + _SUFFIX[dtype])
-
-
-def _dtype_of(x):
-    """The dtype an input selects: its own for float32/float64 arrays, else float32 (the
-    C++ side then reports anything that is not a float array)."""
-    dtype = getattr(x, "dtype", None)
-    if dtype is None:
-        try:
-            dtype = np.asarray(x).dtype
-        except Exception:  # noqa: BLE001 - the kernel reports what it cannot take
-            return np.dtype(np.float32)
-    return dtype if dtype in _SUFFIX else np.dtype(np.float32)
+    """Seed the one generator (in C++) that initializes new layers' weights and Dropout's
+    seeds: the same seed gives the same layers in Python and in C++
+    (cnnbp::nn::manual_seed)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"[manual_seed] seed: expected an int, got {seed!r}")
+    if not 0 <= int(seed) < 2**64:
+        raise ValueError(f"[manual_seed] seed: expected an int in [0, 2^64), got {seed}")
+    _core.manual_seed(int(seed))
 
 
 class Parameter:
@@ -85,7 +44,7 @@ class Parameter:
     def __init__(self, data, *, _impl=None):
         if _impl is None:
             data = np.asarray(data)
-            _impl = _native("Parameter", _check_dtype(data.dtype))(data)
+            _impl = native("Parameter", check_dtype(data.dtype))(data)
         self._impl = _impl
 
     @property
@@ -247,7 +206,7 @@ class Module:
         module written in Python, a layer that calls its forward and backward."""
         impls = self.__dict__.setdefault("_python_layers", {})
         if dtype not in impls:
-            impls[dtype] = _native("PythonLayer", dtype)(self)
+            impls[dtype] = native("PythonLayer", dtype)(self)
         return impls[dtype]
 
     def _activate(self, dtype) -> None:
@@ -306,7 +265,7 @@ class _NativeModule(Module):
         return super().train(mode)
 
     def _impl_for_input(self, x):
-        dtype = self._fixed_dtype or _dtype_of(x)
+        dtype = self._fixed_dtype or dtype_of(x)
         impl = self._impl = self._native_for(dtype)
         return impl
 
@@ -329,214 +288,122 @@ class _NativeModule(Module):
     del _traced
 
 
-def _weight_init(impl, dtype, shape, fan_in, bias):
-    # torch's default for conv and linear: kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(fan_in), +),
-    # drawn from cnnbp.manual_seed's generator and copied into the C++ parameters
-    bound = 1.0 / math.sqrt(fan_in)
-    weight = Parameter(None, _impl=impl.named_parameters()[0][1])
-    weight.data = _rng.uniform(-bound, bound, size=shape).astype(dtype)
-    if not bias:
-        return weight, None
-    out_features = shape[0]
-    bias_p = Parameter(None, _impl=impl.named_parameters()[1][1])
-    bias_p.data = _rng.uniform(-bound, bound, size=(out_features,)).astype(dtype)
-    return weight, bias_p
+class _DeclaredLayer(_NativeModule):
+    """A layer type declared in C++ (cnnbp/registry.hpp): its arguments are checked there,
+    its weights drawn there, and its model-file entry is its config()."""
 
+    _declaration = None  # the registry's entry: name, doc, fields, ...
 
-class Conv2d(_NativeModule):
-    """y (N, K, P, Q) = conv2d(x (N, C, H, W), weight (K, C, R, S)) + bias (K,)."""
-
-    def __init__(
-        self,
-        in_channels,
-        out_channels,
-        kernel_size,
-        stride=1,
-        padding=0,
-        bias=True,
-        dtype=np.float32,
-    ):
+    def __init__(self, *args, **kwargs):
         super().__init__()
-        dtype = self._fixed_dtype = _check_dtype(dtype)
-        in_channels = _int_arg("Conv2d", "in_channels", in_channels)
-        out_channels = _int_arg("Conv2d", "out_channels", out_channels)
-        # [h, w] pairs, checked once; the model file's form
-        self._pairs = {
-            name: _pair_arg("Conv2d", name, value)
-            for name, value in (
-                ("kernel_size", kernel_size),
-                ("stride", stride),
-                ("padding", padding),
-            )
+        declaration = self._declaration
+        given = self.__signature__.bind(*args, **kwargs)
+        given.apply_defaults()
+        arguments = dict(given.arguments)
+        dtype = arguments.pop("dtype", None)
+        if declaration["has_parameters"]:
+            dtype = self._fixed_dtype = check_dtype(dtype)
+        impl = native("make_layer", dtype or np.float32)(declaration["name"], arguments)
+        self._adopt(impl, arguments)
+        if declaration["has_parameters"]:
+            self._impl = self._impls[dtype] = impl
+
+    def _adopt(self, impl, given):
+        """Take the C++ layer's arguments (all, normalized: a drawn seed too) and show the
+        given ones as attributes."""
+        self._arguments = impl.arguments()
+        if not self._declaration["has_parameters"]:
+            self._impls[self._dtype_of_impl(impl)] = impl
+        for name, value in given.items():
+            setattr(self, name, value)
+        params = dict(impl.named_parameters())
+        if self._declaration["has_parameters"]:
+            self.weight = Parameter(None, _impl=params["weight"])
+            self.bias = Parameter(None, _impl=params["bias"]) if "bias" in params else None
+
+    @staticmethod
+    def _dtype_of_impl(impl):
+        return np.dtype(np.float32 if type(impl).__name__.endswith("32") else np.float64)
+
+    @classmethod
+    def _from_native(cls, impl):
+        """The Python layer around a C++ layer built elsewhere (a loaded model file)."""
+        layer = cls.__new__(cls)
+        _NativeModule.__init__(layer)
+        arguments = impl.arguments()
+        shown = {
+            name: tuple(value) if isinstance(value, list) else value
+            for name, value in arguments.items()
         }
-        r, s = self._pairs["kernel_size"]
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.padding = (r, s), stride, padding
-        impl = self._impl = self._impls[dtype] = _native("Conv2d", dtype)(
-            in_channels, out_channels, *self._pairs.values(), bool(bias)
-        )
-        self.weight, self.bias = _weight_init(
-            impl, dtype, (out_channels, in_channels, r, s), in_channels * r * s, bias
-        )
-
-    def config(self):
-        """The architecture entry of a model file."""
-        return {
-            "type": "Conv2d",
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            **self._pairs,
-            "bias": self.bias is not None,
-        }
-
-    def extra_repr(self):
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}"
-        )
-
-
-class _Pool2d(_NativeModule):
-    """A pooling layer over kernel_size windows; stride defaults to kernel_size, as torch's."""
-
-    _native_name = None  # "MaxPool2d", "AvgPool2d": the C++ layer and the model file's type
-
-    def __init__(self, kernel_size, stride=None, padding=0):
-        super().__init__()
-        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
-        name = self._native_name
-        # [h, w] pairs, checked once; the model file's form
-        self._pairs = {
-            "kernel_size": _pair_arg(name, "kernel_size", kernel_size),
-            "stride": _pair_arg(name, "stride", kernel_size if stride is None else stride),
-            "padding": _pair_arg(name, "padding", padding),
-        }
+        if cls._declaration["has_parameters"]:
+            layer._fixed_dtype = cls._dtype_of_impl(impl)
+            layer._impl = layer._impls[layer._fixed_dtype] = impl
+        layer._adopt(impl, shown)
+        return layer
 
     def _make(self, dtype):
-        return _native(self._native_name, dtype)(*self._pairs.values())
+        return native("make_layer", dtype)(self._declaration["name"], self._arguments)
 
     def config(self):
-        return {"type": self._native_name, **self._pairs}
-
-    def extra_repr(self):
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
-
-
-class MaxPool2d(_Pool2d):
-    """y, argmax = max over each kernel_size window; backward routes dL/dy to the argmax."""
-
-    _native_name = "MaxPool2d"
-
-    @property
-    def indices(self):
-        """argmax of the last forward: flat h*W+w per input plane, shaped like the output."""
-        return self._impl.indices() if self._impl else None
+        """The architecture entry of a model file: the type and the saved arguments."""
+        return next(iter(self._impls.values())).config()
 
     def trace(self):
         out = super().trace()
-        out["indices"] = self.indices
+        for name in self._declaration["trace_extras"]:
+            out[name] = getattr(self, name)
         return out
 
-
-class AvgPool2d(_Pool2d):
-    """y = the mean over each kernel_size window, padding counted as zeros (torch's
-    count_include_pad=True); backward spreads dL/dy evenly over each window."""
-
-    _native_name = "AvgPool2d"
-
-
-class ReLU(_NativeModule):
-    """a = max(z, 0); dz = da where z > 0."""
-
-    def _make(self, dtype):
-        return _native("ReLU", dtype)()
-
-
-class Sigmoid(_NativeModule):
-    """a = 1 / (1 + exp(-z)); dz = da * a * (1 - a), from the output a."""
-
-    def _make(self, dtype):
-        return _native("Sigmoid", dtype)()
-
-
-class Tanh(_NativeModule):
-    """a = tanh(z); dz = da * (1 - a * a), from the output a."""
-
-    def _make(self, dtype):
-        return _native("Tanh", dtype)()
-
-
-class Dropout(_NativeModule):
-    """While training: each element zeroed with probability p, the rest scaled by
-    1 / (1 - p); in eval() mode, the identity. Each training forward draws a new mask;
-    the masks follow from cnnbp.manual_seed (or seed=), like the weights."""
-
-    def __init__(self, p: float = 0.5, seed: int | None = None):
-        super().__init__()
-        if isinstance(p, bool) or not isinstance(p, (int, float, np.floating, np.integer)):
-            raise TypeError(f"[Dropout] p: expected a probability in [0, 1], got {p!r}")
-        if not 0 <= p <= 1:
-            raise ValueError(f"[Dropout] p: expected a probability in [0, 1], got {p!r}")
-        self.p = float(p)
-        # the seed of the layer's own stream of mask seeds, one stream per dtype
-        self._seed = int(_rng.integers(0, 2**63)) if seed is None else int(seed)
-
-    def _make(self, dtype):
-        return _native("Dropout", dtype)(self.p, self._seed)
-
-    @property
-    def mask(self):
-        """Which elements the last training forward kept (bool, the input's shape)."""
-        return self._impl.mask() if self._impl else None
-
-    def trace(self):
-        out = super().trace()
-        out["mask"] = self.mask
-        return out
-
-    def config(self):
-        return {"type": "Dropout", "p": self.p}
-
     def extra_repr(self):
-        return f"p={self.p}"
-
-
-class Flatten(_NativeModule):
-    """F (N, C*H*W) = x (N, C, H, W) reshaped (torch's Flatten with start_dim=1)."""
-
-    def _make(self, dtype):
-        return _native("Flatten", dtype)()
-
-
-class Linear(_NativeModule):
-    """y (*, out) = x (*, in) . weight (out, in)^T + bias (out,)."""
-
-    def __init__(self, in_features, out_features, bias=True, dtype=np.float32):
-        super().__init__()
-        dtype = self._fixed_dtype = _check_dtype(dtype)
-        in_features = _int_arg("Linear", "in_features", in_features)
-        out_features = _int_arg("Linear", "out_features", out_features)
-        self.in_features, self.out_features = in_features, out_features
-        impl = self._impl = self._impls[dtype] = _native("Linear", dtype)(
-            in_features, out_features, bool(bias)
-        )
-        self.weight, self.bias = _weight_init(
-            impl, dtype, (out_features, in_features), in_features, bias
+        shown = self._arguments
+        return ", ".join(
+            f"{field['name']}={tuple(shown[field['name']]) if isinstance(shown[field['name']], list) else shown[field['name']]!r}"
+            for field in self._declaration["fields"]
+            if field["saved"]
         )
 
-    def config(self):
-        return {
-            "type": "Linear",
-            "in_features": int(self.in_features),
-            "out_features": int(self.out_features),
-            "bias": self.bias is not None,
-        }
 
-    def extra_repr(self):
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}"
+def _trace_extra(name):
+    def read(self):
+        return self._impl.trace_extras()[name] if self._impl else None
+
+    return property(read, doc=f"{name} of the last forward (see the layer's doc)")
+
+
+def _declared_class(declaration):
+    """The Python class of a layer type declared in C++, with its signature and doc."""
+    parameters = [
+        inspect.Parameter(
+            field["name"],
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            **({} if field["required"] else {"default": field["default"]}),
         )
+        for field in declaration["fields"]
+    ]
+    if declaration["has_parameters"]:
+        parameters.append(
+            inspect.Parameter("dtype", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=np.float32)
+        )
+    namespace = {
+        "_declaration": declaration,
+        "__doc__": declaration["doc"] + ".",
+        "__signature__": inspect.Signature(parameters),
+        "__module__": __name__,
+        "__qualname__": declaration["name"],
+    }
+    for name in declaration["trace_extras"]:
+        namespace[name] = _trace_extra(name)
+    return type(declaration["name"], (_DeclaredLayer,), namespace)
+
+
+# One class per layer type the C++ registry declares: Conv2d, Linear, MaxPool2d, ...
+_LAYER_CLASSES = {d["name"]: _declared_class(d) for d in _core.layer_types()}
+globals().update(_LAYER_CLASSES)
+
+
+def _from_native(impl):
+    """The Python layer around a C++ layer of a declared type."""
+    return _LAYER_CLASSES[impl.type()]._from_native(impl)
 
 
 class Sequential(_NativeModule):
@@ -562,13 +429,13 @@ class Sequential(_NativeModule):
         self._step = None  # train_step's bound C++ call, for the last loss and optimizer
 
     def _make(self, dtype):
-        impl = _native("Sequential", dtype)()
+        impl = native("Sequential", dtype)()
         for layer in self.layers:
             impl.add(layer._as_layer(dtype))
         return impl
 
     def _impl_for_input(self, x):
-        dtype = self._fixed_dtype or _dtype_of(x)
+        dtype = self._fixed_dtype or dtype_of(x)
         impl = self._impls.get(dtype)
         if impl is None:
             impl = self._native_for(dtype)
@@ -621,7 +488,7 @@ class Sequential(_NativeModule):
 
     def _first_train_step(self, x, y, loss_fn, optimizer) -> float:
         impl = self._impl_for_input(x)
-        dtype = self._fixed_dtype or _dtype_of(x)
+        dtype = self._fixed_dtype or dtype_of(x)
         native_optimizer = optimizer._native_for(dtype)
         if native_optimizer is None:  # parameters of both dtypes: the calls one by one
             self.zero_grad()
@@ -630,18 +497,29 @@ class Sequential(_NativeModule):
             optimizer.step()
             return loss
         native_loss = loss_fn._impl_for_dtype(dtype)
-        step = _native("TrainStep", dtype)(impl, native_loss, native_optimizer)
+        step = native("TrainStep", dtype)(impl, native_loss, native_optimizer)
         self._step = (loss_fn, optimizer, getattr(x, "dtype", None), native_loss, step)
         return step(x, y)
 
     def save(self, path, optimizer=None) -> None:
         """Write the architecture and weights to one .npz model file (cnnbp.load reads it,
-        and so does the C++ library). A temporary file is renamed over `path`. With an
-        optimizer over this model's parameters, its settings and state go in the file too
-        (cnnbp.load(path, optimizer=True) gives them back)."""
-        from .model_file import save
+        and so does the C++ library: both are cnnbp/model_file.hpp). A temporary file is
+        renamed over `path`. With an optimizer over this model's parameters, its settings
+        and state go in the file too (cnnbp.load(path, optimizer=True) gives them back)."""
+        dtype = self._fixed_dtype or np.dtype(np.float32)
+        native_optimizer = None
+        if optimizer is not None:
+            native_optimizer = optimizer._native_for(dtype)
+            if native_optimizer is None:
+                raise ValueError(
+                    "[save] optimizer: expected an optimizer over this model's parameters, in order"
+                )
+        self._native_for(dtype).save(os.fspath(path), native_optimizer)
 
-        save(self, path, optimizer)
+    @classmethod
+    def _from_native(cls, impl):
+        """The Python model around a C++ Sequential of declared layers (a loaded file)."""
+        return cls(*(_from_native(layer) for layer in impl.layers()))
 
     def trace(self):
         """One trace per layer: [(name, {"input": ..., "output": ..., ...}), ...]."""
@@ -663,7 +541,7 @@ class _Loss:
     def _impl_for_dtype(self, dtype):
         impl = self._impls.get(dtype)
         if impl is None:
-            impl = self._impls[dtype] = _native(self._native_name, dtype)()
+            impl = self._impls[dtype] = native(self._native_name, dtype)()
         self._impl = impl
         return impl
 
@@ -671,7 +549,7 @@ class _Loss:
         return self.forward(input, target)
 
     def forward(self, input, target) -> float:
-        return self._impl_for_dtype(_dtype_of(input)).forward(input, target)
+        return self._impl_for_dtype(dtype_of(input)).forward(input, target)
 
     def backward(self, grad_loss: float = 1.0):
         """dL/d input of the last call, scaled by dL/d loss (1 when the loss is the objective)."""
@@ -722,15 +600,7 @@ class CrossEntropyLoss(_Loss):
 __all__ = [
     "Parameter",
     "Module",
-    "Conv2d",
-    "MaxPool2d",
-    "AvgPool2d",
-    "ReLU",
-    "Sigmoid",
-    "Tanh",
-    "Dropout",
-    "Flatten",
-    "Linear",
+    *_LAYER_CLASSES,
     "Sequential",
     "BCELoss",
     "BCEWithLogitsLoss",

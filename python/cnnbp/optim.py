@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _core, lr_scheduler  # noqa: F401 - optim.lr_scheduler, as torch
-from .nn import _SUFFIX, Parameter
+from . import lr_scheduler  # noqa: F401 - optim.lr_scheduler, as torch
+from ._native import native as native_class
+from .nn import Parameter
 
 
 def _check_number(name, key, value):
@@ -40,12 +41,17 @@ class _Optimizer:
         if not groups:  # still check the settings
             groups[np.dtype(np.float64)] = []
         self._natives = {
-            dtype: getattr(_core, name + _SUFFIX[dtype])(impls, **hyper)
-            for dtype, impls in groups.items()
+            dtype: native_class(name, dtype)(impls, **hyper) for dtype, impls in groups.items()
         }
         self._where = [(self._natives[dtype], j) for dtype, j in self._where]
         self._lr = hyper["lr"]
-        self._settings = {}  # the constructor's other arguments, as a subclass takes them
+
+    def _adopt(self, params, impl):
+        """Run as the C++ optimizer `impl` over `params` (one dtype, in order)."""
+        self.params = list(params)
+        self._natives = {params[0].dtype if params else np.dtype(np.float64): impl}
+        self._where = [(impl, j) for j in range(len(self.params))]
+        self._lr = impl.lr
 
     def _native_for(self, dtype):
         """The C++ optimizer of a model of `dtype`, when it updates all the parameters."""
@@ -136,6 +142,10 @@ class SGD(_Optimizer):
             dampening=dampening,
             nesterov=bool(nesterov),
         )
+        self._show(momentum, weight_decay, dampening, nesterov)
+
+    def _show(self, momentum, weight_decay, dampening, nesterov):
+        """The settings as attributes, and as state_dict's hyperparameters."""
         self.momentum, self.weight_decay = momentum, weight_decay
         self.dampening, self.nesterov = dampening, nesterov
         self._settings = dict(
@@ -171,8 +181,12 @@ class Adam(_Optimizer):
         super().__init__(
             params, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay
         )
-        self.betas, self.eps, self.weight_decay = (beta1, beta2), eps, weight_decay
-        self._settings = dict(betas=[beta1, beta2], eps=eps, weight_decay=weight_decay)
+        self._show((beta1, beta2), eps, weight_decay)
+
+    def _show(self, betas, eps, weight_decay):
+        """The settings as attributes, and as state_dict's hyperparameters."""
+        self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
+        self._settings = dict(betas=list(betas), eps=eps, weight_decay=weight_decay)
 
     @staticmethod
     def _state_of(native, j):
@@ -196,6 +210,18 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def _from_native(impl, params):
+    """The Python optimizer around a C++ one over `params` (a loaded model file's)."""
+    cls = {"SGD": SGD, "Adam": Adam, "AdamW": AdamW}[impl.type()]
+    settings = impl.settings()
+    if "betas" in settings:
+        settings["betas"] = tuple(settings["betas"])
+    opt = cls.__new__(cls)
+    _Optimizer._adopt(opt, params, impl)
+    cls._show(opt, **settings)
+    return opt
 
 
 __all__ = ["SGD", "Adam", "AdamW", "lr_scheduler"]

@@ -11,6 +11,10 @@
 // Threads: a layer, model, loss or optimizer holds the state of its last call, so one
 // object must not run in two threads at once; separate objects may.
 //
+// Every layer type is declared once, with its arguments, in nn.cpp (see cnnbp/registry.hpp):
+// a layer is built from C++ arguments or from a Config, e.g. make_layer<double>("Conv2d",
+// {1, 1, 3}, {}), and reports its arguments as config() -- its model-file entry.
+//
 //   cnnbp::nn::Sequential<double> model;
 //   model.add(std::make_unique<cnnbp::nn::Conv2d<double>>(1, 1, 3)) ... ;
 //   cnnbp::nn::BCELoss<double> loss;  cnnbp::nn::SGD<double> sgd(model.parameters(), 0.1);
@@ -21,10 +25,13 @@
 #include <cstdint>
 #include <initializer_list>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "cnnbp/json.hpp"
+#include "cnnbp/registry.hpp"
 #include "cnnbp/shapes.hpp"
 
 namespace cnnbp::nn {
@@ -57,8 +64,19 @@ struct Parameter {
     void clear_grad() { grad_set = false; }
 };
 
-// Seeds the generator that initializes new layers (Kaiming-uniform, as torch's default).
+// Seeds the one generator that initializes new layers' weights (Kaiming-uniform, as
+// torch's default) and draws Dropout's seeds: the same seed gives the same layers in C++
+// and in Python (cnnbp.manual_seed).
 void manual_seed(uint64_t seed);
+
+// What a layer's trace holds beyond its input, output and gradients: MaxPool2d's argmax
+// indices, Dropout's mask; shaped like the output.
+struct TraceExtra {
+    std::string name;
+    Shape shape;
+    const int64_t* indices = nullptr;  // one of the two is set
+    const uint8_t* mask = nullptr;
+};
 
 template <typename T>
 class Layer {
@@ -72,6 +90,12 @@ class Layer {
     virtual std::vector<std::pair<std::string, Parameter<T>*>> named_parameters() { return {}; }
     // "Conv2d", "ReLU", ...
     virtual std::string type() const = 0;
+    // The arguments the layer was built from (all of them, normalized); nullptr for a
+    // layer type that is not declared in the registry (Sequential, a Python module).
+    const Config* arguments() const { return arguments_ ? &*arguments_ : nullptr; }
+    // The model file's entry: {"type": ..., and every saved argument}.
+    json::Object config() const;
+    virtual std::vector<TraceExtra> trace_extras() const { return {}; }
 
     // the trace of the last forward and backward
     const Tensor<T>* input() const { return input_; }
@@ -107,6 +131,9 @@ class Layer {
                                           const char* saved_name, const Tensor<T>& saved,
                                           Kernel kernel);
 
+    Layer() = default;
+    explicit Layer(Config arguments) : arguments_(std::move(arguments)) {}
+    std::optional<Config> arguments_;
     const Tensor<T>* input_ = nullptr;
     const Tensor<T>* grad_output_ = nullptr;
     Tensor<T> output_, grad_input_;
@@ -124,7 +151,8 @@ class WeightedLayer : public Layer<T> {
     Parameter<T> weight, bias;
 
  protected:
-    explicit WeightedLayer(bool bias) : has_bias_(bias) {}
+    explicit WeightedLayer(Config arguments)
+        : Layer<T>(std::move(arguments)), has_bias_(this->arguments_->boolean("bias")) {}
     // size the gradient buffers like the parameters
     void prepare_gradients();
     // weight.grad (+)= dweight_, bias.grad (+)= dbias_; returns grad_input
@@ -142,6 +170,7 @@ class Conv2d : public WeightedLayer<T> {
     // (h, w) pairs: weight (out_channels, in_channels, kernel[0], kernel[1])
     Conv2d(int64_t in_channels, int64_t out_channels, std::array<int64_t, 2> kernel,
            std::array<int64_t, 2> stride, std::array<int64_t, 2> padding, bool bias = true);
+    explicit Conv2d(const Config& arguments);
     const Tensor<T>& forward(const Tensor<T>& input) override;
     const Tensor<T>& backward(const Tensor<T>& grad_output) override;
     std::string type() const override { return "Conv2d"; }
@@ -156,6 +185,7 @@ class Linear : public WeightedLayer<T> {
  public:
     // weight (out_features, in_features), bias (out_features,)
     Linear(int64_t in_features, int64_t out_features, bool bias = true);
+    explicit Linear(const Config& arguments);
     const Tensor<T>& forward(const Tensor<T>& input) override;
     const Tensor<T>& backward(const Tensor<T>& grad_output) override;
     std::string type() const override { return "Linear"; }
@@ -164,44 +194,52 @@ class Linear : public WeightedLayer<T> {
     LinearDims dims_{};
 };
 
+// A pooling layer's window (MaxPool2d, AvgPool2d); stride defaults to the kernel size.
 template <typename T>
-class MaxPool2d : public Layer<T> {
+class Pool2d : public Layer<T> {
+ public:
+    Pool2dParams params;
+
+ protected:
+    explicit Pool2d(const Config& arguments);
+    Pool2dDims dims_{};
+};
+
+template <typename T>
+class MaxPool2d : public Pool2d<T> {
  public:
     // stride 0 means stride = kernel_size (torch's default)
     explicit MaxPool2d(int64_t kernel_size, int64_t stride = 0, int64_t padding = 0);
     // (h, w) pairs
     MaxPool2d(std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
               std::array<int64_t, 2> padding);
+    explicit MaxPool2d(const Config& arguments) : Pool2d<T>(arguments) {}
     const Tensor<T>& forward(const Tensor<T>& input) override;
     const Tensor<T>& backward(const Tensor<T>& grad_output) override;
     std::string type() const override { return "MaxPool2d"; }
-    Pool2dParams params;
+    std::vector<TraceExtra> trace_extras() const override;
     std::vector<int64_t> indices;  // argmax of the last forward, flat h*W+w per plane
-
- private:
-    Pool2dDims dims_{};
 };
 
 // torch.nn.AvgPool2d (count_include_pad, floored output size)
 template <typename T>
-class AvgPool2d : public Layer<T> {
+class AvgPool2d : public Pool2d<T> {
  public:
     // stride 0 means stride = kernel_size (torch's default)
     explicit AvgPool2d(int64_t kernel_size, int64_t stride = 0, int64_t padding = 0);
     AvgPool2d(std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
               std::array<int64_t, 2> padding);
+    explicit AvgPool2d(const Config& arguments) : Pool2d<T>(arguments) {}
     const Tensor<T>& forward(const Tensor<T>& input) override;
     const Tensor<T>& backward(const Tensor<T>& grad_output) override;
     std::string type() const override { return "AvgPool2d"; }
-    Pool2dParams params;
-
- private:
-    Pool2dDims dims_{};
 };
 
 template <typename T>
 class ReLU : public Layer<T> {
  public:
+    ReLU();
+    explicit ReLU(const Config& arguments) : Layer<T>(arguments) {}
     const Tensor<T>& forward(const Tensor<T>& input) override;
     const Tensor<T>& backward(const Tensor<T>& grad_output) override;
     std::string type() const override { return "ReLU"; }
@@ -210,6 +248,8 @@ class ReLU : public Layer<T> {
 template <typename T>
 class Sigmoid : public Layer<T> {
  public:
+    Sigmoid();
+    explicit Sigmoid(const Config& arguments) : Layer<T>(arguments) {}
     const Tensor<T>& forward(const Tensor<T>& input) override;
     const Tensor<T>& backward(const Tensor<T>& grad_output) override;
     std::string type() const override { return "Sigmoid"; }
@@ -218,6 +258,8 @@ class Sigmoid : public Layer<T> {
 template <typename T>
 class Tanh : public Layer<T> {
  public:
+    Tanh();
+    explicit Tanh(const Config& arguments) : Layer<T>(arguments) {}
     const Tensor<T>& forward(const Tensor<T>& input) override;
     const Tensor<T>& backward(const Tensor<T>& grad_output) override;
     std::string type() const override { return "Tanh"; }
@@ -232,9 +274,12 @@ class Dropout : public Layer<T> {
  public:
     explicit Dropout(double p = 0.5);
     Dropout(double p, uint64_t seed);
+    // a null seed is drawn now, and kept in arguments()
+    explicit Dropout(const Config& arguments);
     const Tensor<T>& forward(const Tensor<T>& input) override;
     const Tensor<T>& backward(const Tensor<T>& grad_output) override;
     std::string type() const override { return "Dropout"; }
+    std::vector<TraceExtra> trace_extras() const override;
     double p() const { return params_.p; }
     bool dropped() const { return dropped_; }  // whether the last forward applied a mask
     std::vector<uint8_t> mask;                 // of the last training forward: 1 kept, 0 dropped
@@ -249,6 +294,8 @@ class Dropout : public Layer<T> {
 template <typename T>
 class Flatten : public Layer<T> {
  public:
+    Flatten();
+    explicit Flatten(const Config& arguments) : Layer<T>(arguments) {}
     const Tensor<T>& forward(const Tensor<T>& input) override;
     const Tensor<T>& backward(const Tensor<T>& grad_output) override;
     std::string type() const override { return "Flatten"; }
@@ -277,6 +324,7 @@ class Sequential : public Layer<T> {
     const Tensor<T>& output() const override;
     const Tensor<T>& grad_input() const override;
     size_t size() const { return layers_.size(); }
+    const std::shared_ptr<Layer<T>>& layer(size_t i) const { return layers_.at(i); }
     Layer<T>& operator[](size_t i) { return *layers_.at(i); }
     void forget_borrowed() override;
     void train(bool mode = true) override;
@@ -292,22 +340,33 @@ template <typename T>
 class Loss {
  public:
     virtual ~Loss() = default;
-    virtual double forward(const Tensor<T>& input, const Tensor<T>& target) = 0;
-    virtual const Tensor<T>& backward() = 0;
+    // BCE losses: a target of the input's shape and dtype
+    virtual double forward(const Tensor<T>& input, const Tensor<T>& target);
+    // CrossEntropyLoss: a target of class indices
+    virtual double forward(const Tensor<T>& input, const Tensor<int64_t>& target);
+    virtual bool takes_class_indices() const { return false; }
+    // dL/d input of the last forward, times grad_loss (dL/d loss: 1 when the loss is the
+    // objective)
+    const Tensor<T>& backward(double grad_loss = 1.0);
     virtual std::string type() const = 0;
+    // the kernel the loss's error messages name ("binary_cross_entropy", ...)
+    virtual const char* op() const = 0;
 
     // the trace of the last forward and backward; has_run() is false before the first
     bool has_run() const { return has_run_; }
     const Tensor<T>& input() const { return input_; }
-    const Tensor<T>& target() const { return target_; }
+    const Tensor<T>& target() const { return target_; }        // BCE losses
+    const Tensor<int64_t>& labels() const { return labels_; }  // CrossEntropyLoss
     double value() const { return value_; }
     const Tensor<T>& grad_input() const { return grad_input_; }
 
  protected:
-    // keeps copies of input and target; throws if `input` is the loss's own storage
-    void keep(const Tensor<T>& input, const Tensor<T>& target);
-    const Tensor<T>& require_forward() const;
+    // grad_input_ = dL/d input_ of the last forward (grad_input_ has input_'s shape)
+    virtual void gradient() = 0;
+    // keeps a copy of input; throws if `input` is the loss's own storage
+    void keep(const Tensor<T>& input);
     Tensor<T> input_, target_, grad_input_;
+    Tensor<int64_t> labels_;
     double value_ = 0.0;
     bool has_run_ = false;
 };
@@ -315,29 +374,38 @@ class Loss {
 template <typename T>
 class BCELoss : public Loss<T> {  // input: probabilities in [0, 1]
  public:
+    using Loss<T>::forward;
     double forward(const Tensor<T>& input, const Tensor<T>& target) override;
-    const Tensor<T>& backward() override;
     std::string type() const override { return "BCELoss"; }
+    const char* op() const override { return "binary_cross_entropy"; }
+
+ protected:
+    void gradient() override;
 };
 
 template <typename T>
 class BCEWithLogitsLoss : public Loss<T> {  // input: logits
  public:
+    using Loss<T>::forward;
     double forward(const Tensor<T>& input, const Tensor<T>& target) override;
-    const Tensor<T>& backward() override;
     std::string type() const override { return "BCEWithLogitsLoss"; }
+    const char* op() const override { return "binary_cross_entropy_with_logits"; }
+
+ protected:
+    void gradient() override;
 };
 
 template <typename T>
 class CrossEntropyLoss : public Loss<T> {  // input (N, K) logits, target (N,) class indices
  public:
-    double forward(const Tensor<T>& input, const Tensor<T>& target) override;
-    const Tensor<T>& backward() override;
+    using Loss<T>::forward;
+    double forward(const Tensor<T>& input, const Tensor<int64_t>& target) override;
+    bool takes_class_indices() const override { return true; }
     std::string type() const override { return "CrossEntropyLoss"; }
-    const std::vector<int64_t>& labels() const { return labels_; }  // the last target
+    const char* op() const override { return "cross_entropy"; }
 
- private:
-    std::vector<int64_t> labels_;
+ protected:
+    void gradient() override;
 };
 
 // An optimizer updates the parameters it was given; they must outlive it.
@@ -354,6 +422,10 @@ class Optimizer {
     void set_lr(double lr);
     const std::vector<Parameter<T>*>& parameters() const { return params_; }
     const std::string& type() const { return name_; }
+    // The constructor's arguments besides the parameters and lr, by torch's names: what a
+    // model file keeps of an optimizer (SGD: momentum, weight_decay, dampening, nesterov;
+    // Adam, AdamW: betas, eps, weight_decay).
+    virtual json::Object settings() const = 0;
 
  protected:
     std::string name_;
@@ -368,6 +440,7 @@ class SGD : public Optimizer<T> {
     SGD(std::vector<Parameter<T>*> params, double lr, double momentum = 0.0,
         double weight_decay = 0.0, double dampening = 0.0, bool nesterov = false);
     void step() override;
+    json::Object settings() const override;
     // per parameter: its momentum buffer, empty until its first step with momentum
     std::vector<std::vector<T>>& momentum_buffers() { return buffers_; }
 
@@ -384,6 +457,7 @@ class Adam : public Optimizer<T> {
     Adam(std::vector<Parameter<T>*> params, double lr = 1e-3, double beta1 = 0.9,
          double beta2 = 0.999, double eps = 1e-8, double weight_decay = 0.0);
     void step() override;
+    json::Object settings() const override;
     // per parameter: steps taken, and the first and second moments (empty before the first)
     std::vector<int64_t>& steps() { return steps_; }
     std::vector<std::vector<T>>& first_moments() { return first_; }
@@ -408,9 +482,10 @@ class AdamW : public Adam<T> {
           double beta2 = 0.999, double eps = 1e-8, double weight_decay = 1e-2);
 };
 
-// zero_grad, forward, loss, backward, optimizer step: returns the loss.
-template <typename T>
-double train_step(Sequential<T>& model, const Tensor<T>& input, const Tensor<T>& target,
+// zero_grad, forward, loss, backward, optimizer step: returns the loss. The target is a
+// tensor of T for the BCE losses and of class indices (int64) for CrossEntropyLoss.
+template <typename T, typename Target>
+double train_step(Sequential<T>& model, const Tensor<T>& input, const Tensor<Target>& target,
                   Loss<T>& loss, Optimizer<T>& optimizer);
 
 }  // namespace cnnbp::nn

@@ -86,6 +86,9 @@ struct Pool2dDims {
 // `op` names the caller in messages ("max_pool2d"), `input_name` the input's shape in them
 // ("x_shape" where a backward is given the shape rather than the array). Matches torch:
 // padding at most half the kernel, output size floored.
+// kernel_size >= 1, stride >= 1, 0 <= padding <= kernel_size / 2 (torch's rule)
+void pool2d_check_params(const char* op, const Pool2dParams& params);
+
 Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& params,
                        const char* input_name = "input");
 
