@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -530,3 +531,46 @@ def test_hostile_optimizer_entries_are_refused(tmp_path):
         assert isinstance(cnnbp.load(path), nn.Sequential)  # the model alone still loads
         with pytest.raises(ValueError, match=r"^\[load\] optimizer"):
             cnnbp.load(path, optimizer=True)
+
+
+# ---- files written by earlier versions -----------------------------------------------------
+
+_DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+@pytest.mark.parametrize(
+    "name", ["v1_seed_float64", "v1_every_layer_float32", "v1_every_layer_float32_cpp"]
+)
+def test_files_of_format_1_still_load_and_give_their_outputs(name):
+    expected = np.load(os.path.join(_DATA, "v1_expected.npz"))
+    model = cnnbp.load(os.path.join(_DATA, name + ".npz")).eval()
+    np.testing.assert_array_equal(model(expected[name + ".input"]), expected[name + ".output"])
+
+
+@pytest.mark.parametrize("name", ["v1_sgd_float64", "v1_adamw_float64"])
+def test_optimizers_saved_by_format_1_resume_exactly(name):
+    expected = np.load(os.path.join(_DATA, "v1_expected.npz"))
+    model, opt = cnnbp.load(os.path.join(_DATA, name + ".npz"), optimizer=True)
+    model.train_step(
+        expected[name + ".input"], expected[name + ".target"], nn.CrossEntropyLoss(), opt
+    )
+    after = np.concatenate([p.data.ravel() for p in model.parameters()])
+    np.testing.assert_array_equal(after, expected[name + ".after_step"])
+
+
+def test_unknown_fields_in_a_layer_entry_are_refused(tmp_path):
+    good = saved_arrays(tmp_path)
+    arch = architecture_of(good)
+    arch["layers"][0]["dilation"] = [1, 1]
+    write_npz(tmp_path / "extra.npz", with_architecture(good, arch))
+    refuses(tmp_path / "extra.npz", 'layer 0: expected the fields of Conv2d, got also "dilation"')
+
+
+def test_the_same_seed_gives_the_same_weights():
+    def weights():
+        cnnbp.manual_seed(0)
+        model = every_layer_model(F64)
+        return [p.data.copy() for p in model.parameters()]
+
+    first, second = weights(), weights()
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))

@@ -24,9 +24,6 @@ that are zero up to rounding).
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -158,27 +155,27 @@ def _same(patterns, reference):
 
 
 def _float64_copy(model):
-    """The same architecture and weights in float64, through a model file (save/load)."""
-    from .model_file import load
-
-    if not hasattr(model, "save"):
+    """The same architecture (each layer's config()) and weights, in float64."""
+    layers = list(model) if isinstance(model, nn.Sequential) else None
+    declared = [getattr(nn, layer.config()["type"], None) for layer in layers or ()]
+    if layers is None or not all(
+        isinstance(c, type) and isinstance(layer, c) for c, layer in zip(declared, layers)
+    ):
         raise TypeError(
-            f"[gradcheck] model: expected float64 parameters, or a model with "
-            f"save() to copy into float64, got a float32 {type(model).__name__}; "
+            f"[gradcheck] model: expected float64 parameters, or a Sequential of cnnbp's "
+            f"layers to copy into float64, got a float32 {type(model).__name__}; "
             f"build it with dtype=np.float64"
         )
-    with tempfile.TemporaryDirectory() as directory:
-        source = os.path.join(directory, "model.npz")
-        model.save(source)
-        with np.load(source, allow_pickle=False) as contents:
-            arrays = {name: contents[name] for name in contents.files}
-        architecture = json.loads(arrays.pop("architecture").tobytes().decode("utf-8"))
-        architecture["dtype"] = "float64"
-        arrays = {name: value.astype(np.float64) for name, value in arrays.items()}
-        arrays["architecture"] = np.frombuffer(json.dumps(architecture).encode(), np.uint8)
-        target = os.path.join(directory, "model64.npz")
-        np.savez(target, **arrays)
-        return load(target)
+    copies = []
+    for layer in layers:
+        arguments = layer.config()
+        del arguments["type"]
+        if layer.parameters():
+            arguments["dtype"] = np.float64
+        copies.append(type(layer)(**arguments))
+    copy = nn.Sequential(*copies)
+    copy.load_state_dict({k: v.astype(np.float64) for k, v in model.state_dict().items()})
+    return copy
 
 
 def _evaluation_mode(model):
