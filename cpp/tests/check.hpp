@@ -1,4 +1,6 @@
-// A minimal test harness: TEST_CASE registers a function, CHECK_* record failures.
+// A minimal test harness: TEST_CASE registers a function, CHECK_* record failures; and the
+// helpers the property files share (finite differences, guarded outputs, bit equality,
+// thread counts, the pooling shapes).
 #pragma once
 
 #include <cmath>
@@ -9,6 +11,9 @@
 #include <random>
 #include <string>
 #include <vector>
+
+#include "cnnbp/shapes.hpp"
+#include "cnnbp/threads.hpp"
 
 namespace cnnbp_test {
 
@@ -41,6 +46,11 @@ void check_close(const char* file, int line, const T* got, const std::vector<dou
             return;
         }
     }
+}
+
+inline void check_close(const char* file, int line, double got, double expected, double atol,
+                        double rtol) {
+    check_close(file, line, &got, std::vector<double>{expected}, atol, rtol);
 }
 
 // An output buffer of `count` elements between two guard regions of `guard` elements,
@@ -97,6 +107,77 @@ inline double dot(const std::vector<double>& a, const std::vector<double>& b) {
     return s;
 }
 
+// Exact equality of the bytes: tells -0 from +0 and NaN payloads apart.
+template <typename T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+template <typename T>
+std::string bytes_of(const std::vector<T>& v) {
+    return std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
+}
+
+// Central differences of objective() with respect to every value, each restored after use.
+template <typename F>
+std::vector<double> numeric_gradient(std::vector<double>& values, F objective) {
+    const double h = 1e-6;
+    std::vector<double> numeric(values.size());
+    for (size_t i = 0; i < values.size(); ++i) {
+        const double saved = values[i];
+        values[i] = saved + h;
+        const double plus = objective();
+        values[i] = saved - h;
+        const double minus = objective();
+        values[i] = saved;
+        numeric[i] = (plus - minus) / (2 * h);
+    }
+    return numeric;
+}
+
+// The kernel wrote nothing outside each guarded output buffer and every element inside it.
+template <typename... Buffers>
+void check_guarded(const char* file, int line, const char* names, const Buffers&... buffers) {
+    int i = 0;
+    auto check = [&](const auto& buffer) {
+        const std::string which = "output " + std::to_string(i++) + " of (" + names + ")";
+        if (!buffer.guards_intact()) fail(file, line, "write outside " + which);
+        if (!buffer.all_written()) fail(file, line, "an element of " + which + " not written");
+    };
+    (check(buffers), ...);
+}
+
+// run() returns its outputs' bytes (bytes_of): one thread and two give the same.
+template <typename Run>
+void check_thread_count_independent(const char* file, int line, Run run) {
+    const int64_t before = cnnbp::get_num_threads();
+    cnnbp::set_num_threads(1);
+    const std::vector<std::string> one = run();
+    cnnbp::set_num_threads(2);
+    const std::vector<std::string> two = run();
+    cnnbp::set_num_threads(before);
+    for (size_t i = 0; i < one.size(); ++i)
+        if (one[i] != two[i])
+            fail(file, line, "output " + std::to_string(i) + " differs with two threads");
+}
+
+// Pooling windows of every kind: tiled, overlapping, padded, strided past a remainder,
+// rectangular, and windows as large as the padded input.
+struct PoolCase {
+    cnnbp::Shape x;
+    cnnbp::Pool2dParams params;
+};
+inline const std::vector<PoolCase>& pool_cases() {
+    static const std::vector<PoolCase> cases = {
+        {{1, 1, 4, 4}, {2, 2, 2, 2, 0, 0}},  {{2, 3, 7, 7}, {3, 3, 2, 2, 0, 0}},
+        {{2, 2, 9, 8}, {3, 3, 2, 2, 1, 1}},  {{1, 2, 5, 7}, {2, 3, 1, 2, 1, 1}},
+        {{1, 1, 5, 5}, {5, 5, 1, 1, 2, 2}},  {{2, 1, 7, 5}, {2, 2, 3, 3, 0, 0}},
+        {{1, 2, 8, 9}, {3, 3, 1, 1, 1, 1}},  {{2, 2, 9, 9}, {5, 4, 1, 2, 2, 1}},
+        {{1, 1, 6, 13}, {1, 4, 1, 3, 0, 2}}, {{3, 2, 11, 10}, {4, 3, 3, 1, 2, 1}},
+    };
+    return cases;
+}
+
 }  // namespace cnnbp_test
 
 #define CNNBP_CAT2(a, b) a##b
@@ -112,14 +193,10 @@ inline double dot(const std::vector<double>& a, const std::vector<double>& b) {
     } while (0)
 #define CHECK_CLOSE(got, expected, atol, rtol) \
     cnnbp_test::check_close(__FILE__, __LINE__, got, expected, atol, rtol)
-// The kernel wrote nothing outside the guarded output buffer and every element inside it.
-#define CHECK_GUARDED(buffer)                                                              \
-    do {                                                                                   \
-        if (!(buffer).guards_intact())                                                     \
-            cnnbp_test::fail(__FILE__, __LINE__, "write outside the output " #buffer);     \
-        if (!(buffer).all_written())                                                       \
-            cnnbp_test::fail(__FILE__, __LINE__, "an element of " #buffer " not written"); \
-    } while (0)
+// CHECK_GUARDED(y, dx, ...): Guarded buffers, each written exactly.
+#define CHECK_GUARDED(...) cnnbp_test::check_guarded(__FILE__, __LINE__, #__VA_ARGS__, __VA_ARGS__)
+#define CHECK_THREAD_COUNT_INDEPENDENT(...) \
+    cnnbp_test::check_thread_count_independent(__FILE__, __LINE__, __VA_ARGS__)
 // The statement must throw std::invalid_argument whose message contains `fragment`.
 #define CHECK_THROWS(statement, fragment)                                                    \
     do {                                                                                     \

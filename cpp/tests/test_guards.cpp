@@ -2,91 +2,121 @@
 // (check.hpp's Guarded), which must be untouched afterwards, and every element inside must
 // have been written. The shapes reach every path: direct loops, packed GEMM, padded and
 // strided convolutions, the 2x2 max-pool kernel and the generic one, vector tails, and
-// sizes above the threads' threshold.
+// sizes above the threads' thresholds.
 #include <random>
+#include <sstream>
 
 #include "check.hpp"
 #include "cnnbp/cnnbp.hpp"
 
 using namespace cnnbp;
-using cnnbp_test::dot;
 using cnnbp_test::Guarded;
+using cnnbp_test::PoolCase;
 using cnnbp_test::random_values;
 
 namespace {
 
-template <typename T>
-void conv2d_guarded(const Shape& xs, const Shape& ws, const Conv2dParams& params, unsigned seed) {
-    const Shape bias_shape{ws[0]};
-    const auto d = conv2d_dims(xs, ws, &bias_shape, params);
-    const auto x = random_values<T>(numel(xs), seed), w = random_values<T>(numel(ws), seed + 1),
-               b = random_values<T>(d.K, seed + 2);
-    const auto dy = random_values<T>(d.N * d.K * d.P * d.Q, seed + 3);
-    Guarded<T> y(dy.size()), dx(x.size()), dw(w.size()), db(b.size());
-    conv2d_forward(y.data(), x.data(), w.data(), b.data(), d);
-    conv2d_backward(dx.data(), dw.data(), db.data(), dy.data(), x.data(), w.data(), d);
-    CHECK_GUARDED(y);
-    CHECK_GUARDED(dx);
-    CHECK_GUARDED(dw);
-    CHECK_GUARDED(db);
-    // one gradient at a time (the others nullptr): still nothing outside
-    Guarded<T> dx_only(x.size()), dw_only(w.size()), db_only(b.size());
-    conv2d_backward(dx_only.data(), (T*)nullptr, (T*)nullptr, dy.data(), x.data(), w.data(), d);
-    conv2d_backward((T*)nullptr, dw_only.data(), (T*)nullptr, dy.data(), x.data(), w.data(), d);
-    conv2d_backward((T*)nullptr, (T*)nullptr, db_only.data(), dy.data(), x.data(), w.data(), d);
-    CHECK_GUARDED(dx_only);
-    CHECK_GUARDED(dw_only);
-    CHECK_GUARDED(db_only);
+// A kernel pair with weight and bias (conv2d, linear) on random values of the given sizes:
+// forward(y, x, w, b) and backward(dx, dw, db, dy, x, w), then backward again for one
+// gradient at a time (the others nullptr), which must still write nothing outside.
+template <typename T, typename Forward, typename Backward>
+void weighted_guarded(size_t nx, size_t nw, size_t nb, size_t ny, unsigned seed, Forward forward,
+                      Backward backward) {
+    const auto x = random_values<T>(nx, seed), w = random_values<T>(nw, seed + 1),
+               b = random_values<T>(nb, seed + 2), dy = random_values<T>(ny, seed + 3);
+    Guarded<T> y(ny), dx(nx), dw(nw), db(nb);
+    forward(y.data(), x.data(), w.data(), b.data());
+    backward(dx.data(), dw.data(), db.data(), dy.data(), x.data(), w.data());
+    CHECK_GUARDED(y, dx, dw, db);
+    Guarded<T> dx_only(nx), dw_only(nw), db_only(nb);
+    backward(dx_only.data(), (T*)nullptr, (T*)nullptr, dy.data(), x.data(), w.data());
+    backward((T*)nullptr, dw_only.data(), (T*)nullptr, dy.data(), x.data(), w.data());
+    backward((T*)nullptr, (T*)nullptr, db_only.data(), dy.data(), x.data(), w.data());
+    CHECK_GUARDED(dx_only, dw_only, db_only);
 }
 
-template <typename T>
-void max_pool2d_guarded(const Shape& xs, const Pool2dParams& params, unsigned seed) {
-    const auto d = pool2d_dims("max_pool2d", xs, params);
-    const auto x = random_values<T>(numel(xs), seed);
+// Each op's check for one row of its table, in the element type of `type` (float, double).
+
+struct ConvCase {
+    Shape x, w;
+    Conv2dParams p;
+};
+const auto conv2d_guarded = [](auto type, const ConvCase& c, unsigned seed) {
+    const Shape bias_shape{c.w[0]};
+    const auto d = conv2d_dims(c.x, c.w, &bias_shape, c.p);
+    weighted_guarded<decltype(type)>(
+        numel(c.x), numel(c.w), d.K, d.N * d.K * d.P * d.Q, seed,
+        [&](auto... args) { conv2d_forward(args..., d); },
+        [&](auto... args) { conv2d_backward(args..., d); });
+};
+
+const auto linear_guarded = [](auto type, const std::pair<Shape, Shape>& xw, unsigned seed) {
+    const Shape bias_shape{xw.second[0]};
+    const auto d = linear_dims(xw.first, xw.second, &bias_shape);
+    weighted_guarded<decltype(type)>(
+        numel(xw.first), numel(xw.second), d.OUT, d.M * d.OUT, seed,
+        [&](auto... args) { linear_forward(args..., d); },
+        [&](auto... args) { linear_backward(args..., d); });
+};
+
+const auto max_pool2d_guarded = [](auto type, const PoolCase& c, unsigned seed) {
+    using T = decltype(type);
+    const auto d = pool2d_dims("max_pool2d", c.x, c.params);
+    const auto x = random_values<T>(numel(c.x), seed);
     const size_t out = size_t(d.N * d.C * d.P * d.Q);
     Guarded<T> y(out);
     Guarded<int64_t> idx(out);
     max_pool2d_forward(y.data(), idx.data(), x.data(), d);
-    CHECK_GUARDED(y);
-    CHECK_GUARDED(idx);
+    CHECK_GUARDED(y, idx);
     const auto dy = random_values<T>(out, seed + 1);
     check_pool_indices(idx.data(), int64_t(out), d.H * d.W);
     Guarded<T> dx(x.size());
     max_pool2d_backward(dx.data(), dy.data(), idx.data(), d);
     CHECK_GUARDED(dx);
-}
+};
 
-template <typename T>
-void activations_guarded(size_t count, unsigned seed) {
+const auto avg_pool2d_guarded = [](auto type, const PoolCase& c, unsigned seed) {
+    using T = decltype(type);
+    const auto d = pool2d_dims("avg_pool2d", c.x, c.params);
+    const auto x = random_values<T>(numel(c.x), seed);
+    const auto dy = random_values<T>(size_t(d.N * d.C * d.P * d.Q), seed + 1);
+    Guarded<T> y(dy.size()), dx(x.size());
+    avg_pool2d_forward(y.data(), x.data(), d);
+    avg_pool2d_backward(dx.data(), dy.data(), d);
+    CHECK_GUARDED(y, dx);
+};
+
+// relu, sigmoid and tanh, backward from the input (relu) or the output
+const auto activations_guarded = [](auto type, size_t count, unsigned seed) {
+    using T = decltype(type);
+    const auto n = int64_t(count);
     const auto z = random_values<T>(count, seed), da = random_values<T>(count, seed + 1);
-    Guarded<T> a(count), dz(count), s(count), ds(count);
-    relu_forward(a.data(), z.data(), int64_t(count));
-    relu_backward(dz.data(), da.data(), z.data(), int64_t(count));
-    sigmoid_forward(s.data(), z.data(), int64_t(count));
-    sigmoid_backward(ds.data(), da.data(), s.data(), int64_t(count));
-    CHECK_GUARDED(a);
-    CHECK_GUARDED(dz);
-    CHECK_GUARDED(s);
-    CHECK_GUARDED(ds);
-}
+    Guarded<T> a(count), dz(count), s(count), ds(count), t(count), dt(count);
+    relu_forward(a.data(), z.data(), n);
+    relu_backward(dz.data(), da.data(), z.data(), n);
+    sigmoid_forward(s.data(), z.data(), n);
+    sigmoid_backward(ds.data(), da.data(), s.data(), n);
+    tanh_forward(t.data(), z.data(), n);
+    tanh_backward(dt.data(), da.data(), t.data(), n);
+    CHECK_GUARDED(a, dz, s, ds, t, dt);
+};
 
-template <typename T>
-void linear_guarded(const Shape& xs, const Shape& ws, unsigned seed) {
-    const Shape bias_shape{ws[0]};
-    const auto d = linear_dims(xs, ws, &bias_shape);
-    const auto x = random_values<T>(numel(xs), seed), w = random_values<T>(numel(ws), seed + 1),
-               b = random_values<T>(d.OUT, seed + 2), dy = random_values<T>(d.M * d.OUT, seed + 3);
-    Guarded<T> y(dy.size()), dx(x.size()), dw(w.size()), db(b.size());
-    linear_forward(y.data(), x.data(), w.data(), b.data(), d);
-    linear_backward(dx.data(), dw.data(), db.data(), dy.data(), x.data(), w.data(), d);
-    CHECK_GUARDED(y);
-    CHECK_GUARDED(dx);
-    CHECK_GUARDED(dw);
-    CHECK_GUARDED(db);
-}
+const auto dropout_guarded = [](auto type, size_t count, unsigned seed) {
+    using T = decltype(type);
+    const auto n = int64_t(count);
+    const auto x = random_values<T>(count, seed), dy = random_values<T>(count, seed + 1);
+    const auto params = dropout_params("dropout", 0.3, seed);
+    Guarded<T> y(count), dx(count);
+    Guarded<uint8_t> mask(count);
+    dropout_forward(y.data(), mask.data(), x.data(), n, params);
+    dropout_backward(dx.data(), dy.data(), mask.data(), n, params);
+    CHECK_GUARDED(y, mask, dx);
+};
 
-template <typename T>
-void losses_guarded(int64_t N, int64_t K, unsigned seed) {
+// (N, K): N samples of K probabilities, targets or logits
+const auto losses_guarded = [](auto type, const std::pair<int64_t, int64_t>& NK, unsigned seed) {
+    using T = decltype(type);
+    const auto [N, K] = NK;
     const size_t count = size_t(N * K);
     auto a = random_values<T>(count, seed), y = random_values<T>(count, seed + 1);
     for (auto& v : a) v = T(0.5) + v / T(4);  // probabilities in (0, 1)
@@ -97,19 +127,24 @@ void losses_guarded(int64_t N, int64_t K, unsigned seed) {
     binary_cross_entropy_backward(da.data(), a.data(), y.data(), int64_t(count));
     binary_cross_entropy_with_logits_backward(dz.data(), a.data(), y.data(), int64_t(count));
     cross_entropy_backward(dlogits.data(), a.data(), labels.data(), N, K);
-    CHECK_GUARDED(da);
-    CHECK_GUARDED(dz);
-    CHECK_GUARDED(dlogits);
+    CHECK_GUARDED(da, dz, dlogits);
+};
+
+// check(T{}, row, seed) for T = float and for T = double on every row, each with seeds of
+// its own.
+template <typename Rows, typename Check>
+void in_float_and_double(const Rows& rows, unsigned seed, Check check) {
+    for (const auto& row : rows) {
+        check(float{}, row, seed);
+        check(double{}, row, seed + 10);
+        seed += 20;
+    }
 }
 
 }  // namespace
 
 TEST_CASE("conv2d guards: outputs written exactly, on every path") {
-    struct Case {
-        Shape x, w;
-        Conv2dParams p;
-    };
-    const Case cases[] = {
+    const ConvCase cases[] = {
         {{2, 3, 5, 4}, {2, 3, 3, 2}, {2, 1, 1, 1}},       // tiny: direct loops
         {{1, 1, 1, 1}, {1, 1, 1, 1}, {1, 1, 0, 0}},       // one element
         {{1, 1, 1, 1}, {1, 1, 3, 3}, {1, 1, 1, 1}},       // all padding but one cell
@@ -123,66 +158,53 @@ TEST_CASE("conv2d guards: outputs written exactly, on every path") {
         {{2, 4, 13, 7}, {6, 4, 5, 1}, {3, 1, 2, 0}},      // tall filter, large stride
         {{9, 16, 16, 16}, {32, 16, 3, 3}, {1, 1, 1, 1}},  // above the threads' threshold
     };
-    unsigned seed = 100;
-    for (const auto& c : cases) {
-        conv2d_guarded<float>(c.x, c.w, c.p, seed);
-        conv2d_guarded<double>(c.x, c.w, c.p, seed + 10);
-        seed += 20;
-    }
+    in_float_and_double(cases, 100, conv2d_guarded);
 }
+
+// Pooling shapes for every path: the 2x2 kernel, the generic one, vector tails, windows
+// mostly padding, threads.
+const PoolCase kPoolShapes[] = {
+    {{1, 1, 4, 4}, {2, 2, 2, 2, 0, 0}},     // the 2x2 kernel
+    {{2, 3, 7, 9}, {2, 2, 2, 2, 0, 0}},     // 2x2, odd sizes: a row and a column unseen
+    {{1, 2, 2, 66}, {2, 2, 2, 2, 0, 0}},    // 2x2, a long run with a tail
+    {{2, 2, 6, 6}, {3, 3, 2, 2, 1, 1}},     // generic, padded
+    {{1, 1, 5, 5}, {3, 3, 1, 1, 1, 1}},     // overlapping windows
+    {{1, 1, 1, 1}, {1, 1, 1, 1, 0, 0}},     // one element
+    {{1, 1, 3, 2}, {5, 3, 1, 7, 2, 1}},     // windows mostly padding, stride past the end
+    {{8, 16, 32, 32}, {2, 2, 2, 2, 0, 0}},  // above the threads' threshold
+    {{8, 16, 24, 24}, {3, 3, 2, 2, 1, 1}},  // above it, overlapping and padded
+};
 
 TEST_CASE("max_pool2d guards: outputs written exactly, on every path") {
-    struct Case {
-        Shape x;
-        Pool2dParams p;
-    };
-    const Case cases[] = {
-        {{1, 1, 4, 4}, {2, 2, 2, 2, 0, 0}},     // the 2x2 kernel
-        {{2, 3, 7, 9}, {2, 2, 2, 2, 0, 0}},     // 2x2, odd sizes: a row and a column unseen
-        {{1, 2, 2, 66}, {2, 2, 2, 2, 0, 0}},    // 2x2, a long run with a tail
-        {{2, 2, 6, 6}, {3, 3, 2, 2, 1, 1}},     // generic, padded
-        {{1, 1, 5, 5}, {3, 3, 1, 1, 1, 1}},     // overlapping windows
-        {{1, 1, 1, 1}, {1, 1, 1, 1, 0, 0}},     // one element
-        {{1, 1, 3, 2}, {5, 3, 1, 7, 2, 1}},     // windows mostly padding, stride past the end
-        {{8, 16, 32, 32}, {2, 2, 2, 2, 0, 0}},  // above the threads' threshold
-    };
-    unsigned seed = 300;
-    for (const auto& c : cases) {
-        max_pool2d_guarded<float>(c.x, c.p, seed);
-        max_pool2d_guarded<double>(c.x, c.p, seed + 10);
-        seed += 20;
-    }
+    in_float_and_double(kPoolShapes, 300, max_pool2d_guarded);
 }
 
+TEST_CASE("avg_pool2d guards: outputs written exactly, on every path") {
+    in_float_and_double(kPoolShapes, 400, avg_pool2d_guarded);
+    in_float_and_double(cnnbp_test::pool_cases(), 600, avg_pool2d_guarded);
+}
+
+// Element counts for the elementwise kernels: empty, vector tails, above the threads'
+// thresholds (dropout's is higher).
+const size_t kCounts[] = {0, 1, 7, 15, 16, 17, 33, 1000, 70001, 200001};
+
 TEST_CASE("activation guards: outputs written exactly, tails and threads") {
-    unsigned seed = 500;
-    for (size_t count : {size_t(0), size_t(1), size_t(7), size_t(15), size_t(16), size_t(17),
-                         size_t(33), size_t(1000), size_t(70001)}) {
-        activations_guarded<float>(count, seed);
-        activations_guarded<double>(count, seed + 1);
-        seed += 2;
-    }
+    in_float_and_double(kCounts, 500, activations_guarded);
+}
+
+TEST_CASE("dropout guards: outputs and mask written exactly, tails and threads") {
+    in_float_and_double(kCounts, 900, dropout_guarded);
 }
 
 TEST_CASE("linear guards: outputs written exactly") {
-    unsigned seed = 700;
-    for (const auto& [x, w] : {std::pair<Shape, Shape>{{1, 1}, {1, 1}},
-                               {{3, 5}, {2, 5}},
-                               {{2, 3, 17}, {9, 17}},
-                               {{64, 300}, {40, 300}}}) {
-        linear_guarded<float>(x, w, seed);
-        linear_guarded<double>(x, w, seed + 1);
-        seed += 2;
-    }
+    const std::pair<Shape, Shape> shapes[] = {
+        {{1, 1}, {1, 1}}, {{3, 5}, {2, 5}}, {{2, 3, 17}, {9, 17}}, {{64, 300}, {40, 300}}};
+    in_float_and_double(shapes, 700, linear_guarded);
 }
 
 TEST_CASE("loss guards: gradients written exactly") {
-    unsigned seed = 900;
-    for (const auto& [N, K] : {std::pair<int64_t, int64_t>{1, 1}, {3, 5}, {17, 2}, {64, 33}}) {
-        losses_guarded<float>(N, K, seed);
-        losses_guarded<double>(N, K, seed + 2);
-        seed += 4;
-    }
+    const std::pair<int64_t, int64_t> sizes[] = {{1, 1}, {3, 5}, {17, 2}, {64, 33}};
+    in_float_and_double(sizes, 1100, losses_guarded);
 }
 
 TEST_CASE("activation guards: the helper notices stray and missing writes") {
@@ -194,4 +216,17 @@ TEST_CASE("activation guards: the helper notices stray and missing writes") {
     CHECK(gap.guards_intact() && !gap.all_written());
     for (int i = 0; i < 4; ++i) fine.data()[i] = -0.0f;
     CHECK(fine.guards_intact() && fine.all_written());
+    // CHECK_GUARDED reports each buffer that breaks a rule, and only those
+    const int before = cnnbp_test::failures();
+    std::ostringstream reports;
+    auto* cerr = std::cerr.rdbuf(reports.rdbuf());
+    CHECK_GUARDED(fine, past_end, gap);
+    std::cerr.rdbuf(cerr);
+    const int reported = cnnbp_test::failures() - before;
+    cnnbp_test::failures() = before;  // the expected reports are not failures of this case
+    CHECK(reported == 2);
+    CHECK(reports.str().find("write outside output 1 of (fine, past_end, gap)") !=
+          std::string::npos);
+    CHECK(reports.str().find("an element of output 2 of (fine, past_end, gap) not written") !=
+          std::string::npos);
 }

@@ -1,4 +1,5 @@
-// Kernels against small hand-computed answers and against central finite differences.
+// Kernels against small hand-computed answers and against central finite differences, and
+// the elementwise kernels' results for one and two threads.
 #include <limits>
 #include <random>
 
@@ -6,11 +7,32 @@
 #include "cnnbp/cnnbp.hpp"
 
 using namespace cnnbp;
+using cnnbp_test::bytes_of;
 using cnnbp_test::dot;
+using cnnbp_test::numeric_gradient;
 using cnnbp_test::random_values;
+using cnnbp_test::same_bits;
 using V = std::vector<double>;
 
-namespace {}  // namespace
+namespace {
+
+// The gradient of J(x) = sum(forward(x) * g), by backward(dx, g, x), against central
+// differences: forward(y, x) writes g.size() outputs and runs once before backward (which
+// may read what it left, as dropout's mask).
+template <typename Forward, typename Backward>
+void check_finite_differences(V x, const V& g, Forward forward, Backward backward) {
+    auto objective = [&]() {
+        V y(g.size());
+        forward(y.data(), x.data());
+        return dot(y, g);
+    };
+    objective();
+    V dx(x.size());
+    backward(dx.data(), g.data(), x.data());
+    CHECK_CLOSE(dx.data(), numeric_gradient(x, objective), 1e-9, 1e-6);
+}
+
+}  // namespace
 
 // ---- conv2d ------------------------------------------------------------------------------
 
@@ -76,20 +98,8 @@ void check_conv2d_finite_differences(const Shape& xs, const Shape& ws, const Con
     };
     V dx(x.size()), dw(w.size()), db(d.K);
     conv2d_backward(dx.data(), dw.data(), db.data(), g.data(), x.data(), w.data(), d);
-    const double h = 1e-6;
-    for (auto [values, grad] : {std::pair{&x, &dx}, std::pair{&w, &dw}}) {
-        V numeric(values->size());
-        for (size_t i = 0; i < values->size(); ++i) {
-            const double saved = (*values)[i];
-            (*values)[i] = saved + h;
-            const double plus = objective();
-            (*values)[i] = saved - h;
-            const double minus = objective();
-            (*values)[i] = saved;
-            numeric[i] = (plus - minus) / (2 * h);
-        }
-        CHECK_CLOSE(grad->data(), numeric, 1e-8, 1e-6);
-    }
+    for (auto [values, grad] : {std::pair{&x, &dx}, std::pair{&w, &dw}})
+        CHECK_CLOSE(grad->data(), numeric_gradient(*values, objective), 1e-8, 1e-6);
 }
 
 }  // namespace
@@ -200,6 +210,60 @@ TEST_CASE("max_pool2d backward adds where overlapping windows pick the same cell
     CHECK_CLOSE(dx.data(), (V{0, 0, 0, 0, 4, 0}), 0, 0);
 }
 
+// ---- avg_pool2d --------------------------------------------------------------------------
+
+TEST_CASE("avg_pool2d forward and backward: 2x2 windows") {
+    V x(16);
+    for (int i = 0; i < 16; ++i) x[i] = i;
+    const auto d = pool2d_dims("avg_pool2d", {1, 1, 4, 4}, {2, 2, 2, 2, 0, 0});
+    CHECK(d.P == 2 && d.Q == 2);
+    V y(4), dx(16);
+    avg_pool2d_forward(y.data(), x.data(), d);
+    CHECK_CLOSE(y.data(), (V{2.5, 4.5, 10.5, 12.5}), 0, 0);
+    const V dy{4, 8, 12, 16};
+    avg_pool2d_backward(dx.data(), dy.data(), d);
+    CHECK_CLOSE(dx.data(), (V{1, 1, 2, 2, 1, 1, 2, 2, 3, 3, 4, 4, 3, 3, 4, 4}), 0, 0);
+}
+
+TEST_CASE("avg_pool2d padding counts in the divisor, its gradient is dropped") {
+    const std::vector<float> x(4, 1.0f);
+    const auto d = pool2d_dims("avg_pool2d", {1, 1, 2, 2}, {2, 2, 1, 1, 1, 1});
+    CHECK(d.P == 3 && d.Q == 3);
+    std::vector<float> y(9), dx(4);
+    avg_pool2d_forward(y.data(), x.data(), d);
+    CHECK_CLOSE(y.data(), (V{0.25, 0.5, 0.25, 0.5, 1, 0.5, 0.25, 0.5, 0.25}), 0, 0);
+    const std::vector<float> dy(9, 1.0f);
+    avg_pool2d_backward(dx.data(), dy.data(), d);
+    CHECK_CLOSE(dx.data(), (V{1, 1, 1, 1}), 0, 0);  // each cell in four windows of 1/4
+}
+
+TEST_CASE("avg_pool2d backward adds overlapping windows, zero where no window reads") {
+    // kernel 3, stride 2 on 5x5: the center is in all four windows
+    const auto d = pool2d_dims("avg_pool2d", {1, 1, 5, 5}, {3, 3, 2, 2, 0, 0});
+    const V dy{9, 18, 27, 36};
+    V dx(25);
+    avg_pool2d_backward(dx.data(), dy.data(), d);
+    CHECK(dx[12] == 10 && dx[0] == 1 && dx[2] == 3 && dx[24] == 4);
+    // kernel 2, stride 3 on 5 columns: column 2 is in no window
+    const auto gap = pool2d_dims("avg_pool2d", {1, 1, 2, 5}, {2, 2, 1, 3, 0, 0});
+    const V ones{1, 1};
+    V dgap(10);
+    avg_pool2d_backward(dgap.data(), ones.data(), gap);
+    CHECK_CLOSE(dgap.data(), (V{0.25, 0.25, 0, 0.25, 0.25, 0.25, 0.25, 0, 0.25, 0.25}), 0, 0);
+}
+
+TEST_CASE("avg_pool2d backward: finite differences") {
+    unsigned seed = 1;
+    for (const auto& c : cnnbp_test::pool_cases()) {
+        const auto d = pool2d_dims("avg_pool2d", c.x, c.params);
+        const V x = random_values(numel(c.x), seed++);
+        check_finite_differences(
+            x, random_values(d.N * d.C * d.P * d.Q, seed++),
+            [&](double* y, const double* in) { avg_pool2d_forward(y, in, d); },
+            [&](double* dx, const double* g, const double*) { avg_pool2d_backward(dx, g, d); });
+    }
+}
+
 // ---- activations -------------------------------------------------------------------------
 
 TEST_CASE("activation relu: forward keeps NaN, backward zero at z <= 0") {
@@ -221,6 +285,130 @@ TEST_CASE("activation sigmoid: forward and backward") {
     CHECK_CLOSE(dz.data(), (V{0.25, 0, 0}), 1e-30, 1e-7);
 }
 
+TEST_CASE("activation tanh: forward saturates without overflow, backward from the output") {
+    const double inf = std::numeric_limits<double>::infinity();
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    const V z{0, 0.5, -0.5, 30, -30, 1e300, -inf, nan};
+    V a(z.size()), dz(z.size());
+    tanh_forward(a.data(), z.data(), int64_t(z.size()));
+    CHECK_CLOSE(a.data(), (V{0, std::tanh(0.5), -std::tanh(0.5), 1, -1, 1, -1}), 0, 1e-15);
+    CHECK(std::isnan(a[7]));
+    const V da(z.size(), 2.0);
+    tanh_backward(dz.data(), da.data(), a.data(), int64_t(z.size()));
+    const double t = std::tanh(0.5);
+    CHECK_CLOSE(dz.data(), (V{2, 2 * (1 - t * t), 2 * (1 - t * t), 0, 0, 0, 0}), 0, 1e-15);
+
+    const std::vector<float> zf{0.25f, 1e30f, -100.0f};
+    std::vector<float> af(3);
+    tanh_forward(af.data(), zf.data(), 3);
+    CHECK_CLOSE(af.data(), (V{std::tanh(0.25), 1, -1}), 0, 6e-8);  // half a float ulp
+}
+
+TEST_CASE("activation tanh backward: finite differences") {
+    V z = random_values(40, 11);
+    for (auto& v : z) v *= 3;
+    const auto n = int64_t(z.size());
+    check_finite_differences(
+        z, random_values(z.size(), 12),
+        [&](double* a, const double* in) { tanh_forward(a, in, n); },
+        [&](double* dz, const double* g, const double* in) {
+            V a(z.size());
+            tanh_forward(a.data(), in, n);
+            tanh_backward(dz, g, a.data(), n);
+        });
+}
+
+// ---- dropout -------------------------------------------------------------------------------
+
+TEST_CASE("dropout hash: SplitMix64's published outputs for seed 0") {
+    // mix64(0) = 0, so seed 0 is SplitMix64 started from state 0
+    CHECK(dropout_hash(0, 0) == 0xE220A8397B1DCDAFull);
+    CHECK(dropout_hash(0, 1) == 0x6E789E6AA1B965F4ull);
+    CHECK(dropout_hash(0, 2) == 0x06C45D188009454Full);
+    CHECK(dropout_hash(1, 0) != dropout_hash(0, 0));
+}
+
+TEST_CASE("dropout forward: mask from the hash, output x * mask / (1 - p)") {
+    const int64_t n = 1000;
+    const V x = random_values(n, 21);
+    V y(n);
+    std::vector<uint8_t> mask(n);
+    const auto params = dropout_params("dropout", 0.25, 42);
+    dropout_forward(y.data(), mask.data(), x.data(), n, params);
+    int64_t kept = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        const double u = double(dropout_hash(42, uint64_t(i)) >> 11) * 0x1p-53;
+        CHECK(mask[i] == (u >= 0.25 ? 1 : 0));
+        CHECK(y[i] == (mask[i] ? x[i] / 0.75 : x[i] * 0.0));
+        kept += mask[i];
+    }
+    // Bernoulli(0.75) over 1000: sigma ~ 13.7
+    CHECK(kept > 750 - 70 && kept < 750 + 70);
+
+    // float: 1 - p rounded to float, then x * mask / that
+    const std::vector<float> xf(x.begin(), x.end());
+    std::vector<float> yf(n);
+    std::vector<uint8_t> maskf(n);
+    dropout_forward(yf.data(), maskf.data(), xf.data(), n, params);
+    CHECK(maskf == mask);
+    for (int64_t i = 0; i < n; ++i) CHECK(yf[i] == xf[i] * float(mask[i]) / 0.75f);
+}
+
+TEST_CASE("dropout p = 0 is the identity, p = 1 gives x * 0") {
+    const double inf = std::numeric_limits<double>::infinity();
+    const V x{1.5, -2.0, -0.0, inf};
+    V y(4);
+    std::vector<uint8_t> mask(4);
+    dropout_forward(y.data(), mask.data(), x.data(), 4, dropout_params("dropout", 0.0, 3));
+    CHECK(same_bits(y, x));
+    CHECK((mask == std::vector<uint8_t>{1, 1, 1, 1}));
+    dropout_forward(y.data(), mask.data(), x.data(), 4, dropout_params("dropout", 1.0, 3));
+    CHECK((mask == std::vector<uint8_t>{0, 0, 0, 0}));
+    CHECK(y[0] == 0 && y[1] == 0 && std::signbit(y[1]) && y[2] == 0 && std::isnan(y[3]));
+    V dx(4);
+    const std::vector<uint8_t> all{1, 1, 1, 1};
+    const V dy{1, 2, 3, 4};
+    dropout_backward(dx.data(), dy.data(), all.data(), 4, dropout_params("dropout", 1.0));
+    CHECK_CLOSE(dx.data(), (V{0, 0, 0, 0}), 0, 0);
+}
+
+TEST_CASE("dropout backward: dy * mask / (1 - p), finite differences") {
+    const int64_t n = 60;
+    const V x = random_values(n, 31), g = random_values(n, 32);
+    const auto params = dropout_params("dropout", 0.4, 9);
+    std::vector<uint8_t> mask(n);  // the same seed, the same mask: J is linear in x
+    auto forward = [&](double* y, const double* in) {
+        dropout_forward(y, mask.data(), in, n, params);
+    };
+    auto backward = [&](double* dx, const double* dy, const double*) {
+        dropout_backward(dx, dy, mask.data(), n, params);
+    };
+    check_finite_differences(x, g, forward, backward);
+    V y(n), dx(n);
+    forward(y.data(), x.data());
+    backward(dx.data(), g.data(), x.data());
+    for (int64_t i = 0; i < n; ++i) CHECK(dx[i] == (mask[i] ? g[i] / 0.6 : g[i] * 0.0));
+    // any nonzero byte is a kept element
+    std::vector<uint8_t> bytes(mask);
+    for (auto& b : bytes) b = b ? 7 : 0;
+    V dx7(n);
+    dropout_backward(dx7.data(), g.data(), bytes.data(), n, params);
+    CHECK(same_bits(dx7, dx));
+}
+
+TEST_CASE("dropout results do not depend on the thread count") {
+    const int64_t n = 200000;  // above the threading threshold
+    const V x = random_values(n, 41);
+    const auto params = dropout_params("dropout", 0.5, 1234567);
+    CHECK_THREAD_COUNT_INDEPENDENT([&]() {
+        V y(n), dx(n);
+        std::vector<uint8_t> mask(n);
+        dropout_forward(y.data(), mask.data(), x.data(), n, params);
+        dropout_backward(dx.data(), x.data(), mask.data(), n, params);
+        return std::vector<std::string>{bytes_of(mask), bytes_of(y), bytes_of(dx)};
+    });
+}
+
 // ---- linear ------------------------------------------------------------------------------
 
 TEST_CASE("linear forward and backward") {
@@ -240,11 +428,10 @@ TEST_CASE("linear forward and backward") {
 
 TEST_CASE("loss binary cross-entropy: value, -100 clamp, gradient") {
     const V a{0.5, 0.0}, y{1, 1};
-    CHECK_CLOSE((V{binary_cross_entropy_forward(a.data(), y.data(), 1)}.data()), (V{std::log(2.0)}),
-                0, 1e-15);
+    CHECK_CLOSE(binary_cross_entropy_forward(a.data(), y.data(), 1), std::log(2.0), 0, 1e-15);
     // a = 0 with y = 1: log clamped at -100, so the mean of (log 2, 100)
-    CHECK_CLOSE((V{binary_cross_entropy_forward(a.data(), y.data(), 2)}.data()),
-                (V{(std::log(2.0) + 100) / 2}), 0, 1e-15);
+    CHECK_CLOSE(binary_cross_entropy_forward(a.data(), y.data(), 2), (std::log(2.0) + 100) / 2, 0,
+                1e-15);
     V da(1);
     binary_cross_entropy_backward(da.data(), a.data(), y.data(), 1);
     CHECK_CLOSE(da.data(), (V{-2}), 0, 1e-15);
@@ -252,10 +439,10 @@ TEST_CASE("loss binary cross-entropy: value, -100 clamp, gradient") {
 
 TEST_CASE("loss binary cross-entropy with logits: stable for large logits") {
     const V z{0, 1000, -1000}, y{1, 0, 0};
-    CHECK_CLOSE((V{binary_cross_entropy_with_logits_forward(z.data(), y.data(), 1)}.data()),
-                (V{std::log(2.0)}), 0, 1e-15);
-    CHECK_CLOSE((V{binary_cross_entropy_with_logits_forward(z.data(), y.data(), 3)}.data()),
-                (V{(std::log(2.0) + 1000) / 3}), 0, 1e-15);
+    const double one = binary_cross_entropy_with_logits_forward(z.data(), y.data(), 1);
+    CHECK_CLOSE(one, std::log(2.0), 0, 1e-15);
+    const double three = binary_cross_entropy_with_logits_forward(z.data(), y.data(), 3);
+    CHECK_CLOSE(three, (std::log(2.0) + 1000) / 3, 0, 1e-15);
     V dz(3);
     binary_cross_entropy_with_logits_backward(dz.data(), z.data(), y.data(), 3);
     CHECK_CLOSE(dz.data(), (V{-0.5 / 3, 1.0 / 3, 0}), 1e-300, 1e-15);
@@ -264,10 +451,9 @@ TEST_CASE("loss binary cross-entropy with logits: stable for large logits") {
 TEST_CASE("loss cross-entropy: value and gradient, stable") {
     const V logits{0, 0, 1000, 0};
     const std::vector<int64_t> labels{0, 1};
-    CHECK_CLOSE((V{cross_entropy_forward(logits.data(), labels.data(), 1, 2)}.data()),
-                (V{std::log(2.0)}), 0, 1e-15);
-    CHECK_CLOSE((V{cross_entropy_forward(logits.data(), labels.data(), 2, 2)}.data()),
-                (V{(std::log(2.0) + 1000) / 2}), 0, 1e-15);
+    CHECK_CLOSE(cross_entropy_forward(logits.data(), labels.data(), 1, 2), std::log(2.0), 0, 1e-15);
+    CHECK_CLOSE(cross_entropy_forward(logits.data(), labels.data(), 2, 2),
+                (std::log(2.0) + 1000) / 2, 0, 1e-15);
     V dz(4);
     cross_entropy_backward(dz.data(), logits.data(), labels.data(), 2, 2);
     CHECK_CLOSE(dz.data(), (V{-0.25, 0.25, 0.5, -0.5}), 0, 1e-15);

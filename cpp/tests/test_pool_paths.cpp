@@ -1,6 +1,8 @@
-// The 2x2 / stride 2 max-pool kernels (portable and AVX-512) against a plain loop written
-// from the rule, bit for bit: ties, NaN, infinities, -0, and sizes that leave a remainder
-// row, column or partial vector step.
+// The pooling kernels' fast paths against plain loops written from the rule, bit for bit:
+// the 2x2 / stride 2 max-pool kernels (portable and AVX-512) on ties, NaN, infinities, -0,
+// and sizes that leave a remainder row, column or partial vector step; avg_pool2d's
+// reordered loops against torch's window-by-window ones, and its results for one and two
+// threads.
 #include <cstring>
 #include <limits>
 #include <random>
@@ -11,14 +13,11 @@
 #include "cnnbp/cnnbp.hpp"
 
 using namespace cnnbp;
+using cnnbp_test::bytes_of;
+using cnnbp_test::random_values;
+using cnnbp_test::same_bits;
 
 namespace {
-
-// Exact equality of the bytes: tells -0 from +0 and NaN payloads apart.
-template <typename T>
-bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
-    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
-}
 
 // Few distinct values (so windows tie), with NaN, -inf, +inf and -0 sprinkled in.
 template <typename T>
@@ -165,6 +164,41 @@ void check_backward_paths(unsigned seed) {
     }
 }
 
+// torch's avg-pool loops, written plainly: each window summed in row-major order over its
+// in-bounds cells and divided by kh * kw; the backward scatters dy / (kh * kw) window by
+// window.
+template <typename T>
+void plain_avg_pool(std::vector<T>& y, const std::vector<T>& x, const Pool2dDims& d) {
+    const auto& p = d.params;
+    for (int64_t nc = 0; nc < d.N * d.C; ++nc)
+        for (int64_t op = 0; op < d.P; ++op)
+            for (int64_t oq = 0; oq < d.Q; ++oq) {
+                const int64_t h0 = op * p.stride_h - p.pad_h, w0 = oq * p.stride_w - p.pad_w;
+                T sum = 0;
+                for (int64_t h = h0; h < h0 + p.kernel_h; ++h)
+                    for (int64_t w = w0; w < w0 + p.kernel_w; ++w)
+                        if (h >= 0 && h < d.H && w >= 0 && w < d.W)
+                            sum += x[(nc * d.H + h) * d.W + w];
+                y[(nc * d.P + op) * d.Q + oq] = sum / T(p.kernel_h * p.kernel_w);
+            }
+}
+
+template <typename T>
+void plain_avg_unpool(std::vector<T>& dx, const std::vector<T>& dy, const Pool2dDims& d) {
+    const auto& p = d.params;
+    std::fill(dx.begin(), dx.end(), T(0));
+    for (int64_t nc = 0; nc < d.N * d.C; ++nc)
+        for (int64_t op = 0; op < d.P; ++op)
+            for (int64_t oq = 0; oq < d.Q; ++oq) {
+                const int64_t h0 = op * p.stride_h - p.pad_h, w0 = oq * p.stride_w - p.pad_w;
+                const T g = dy[(nc * d.P + op) * d.Q + oq] / T(p.kernel_h * p.kernel_w);
+                for (int64_t h = h0; h < h0 + p.kernel_h; ++h)
+                    for (int64_t w = w0; w < w0 + p.kernel_w; ++w)
+                        if (h >= 0 && h < d.H && w >= 0 && w < d.W)
+                            dx[(nc * d.H + h) * d.W + w] += g;
+            }
+}
+
 }  // namespace
 
 TEST_CASE("max_pool2d 2x2 kernels match the rule bit for bit (float)") {
@@ -181,4 +215,40 @@ TEST_CASE("max_pool2d 2x2 backward writes the scatter's bits or declines (float)
 
 TEST_CASE("max_pool2d 2x2 backward writes the scatter's bits or declines (double)") {
     check_backward_paths<double>(4);
+}
+
+TEST_CASE("avg_pool2d equals torch's window-by-window loops bit for bit") {
+    // the kernels reorder the loops for vectorization but keep each element's additions in
+    // torch's order: the same bits as the plain loops, in float and double
+    unsigned seed = 100;
+    for (const auto& c : cnnbp_test::pool_cases()) {
+        const auto d = pool2d_dims("avg_pool2d", c.x, c.params);
+        const auto x64 = random_values(numel(c.x), seed++);
+        const auto dy64 = random_values(d.N * d.C * d.P * d.Q, seed++);
+        auto check = [&](auto tag) {
+            using T = decltype(tag);
+            const std::vector<T> x(x64.begin(), x64.end()), dy(dy64.begin(), dy64.end());
+            std::vector<T> y(dy.size()), want_y(dy.size()), dx(x.size()), want_dx(x.size());
+            avg_pool2d_forward(y.data(), x.data(), d);
+            plain_avg_pool(want_y, x, d);
+            CHECK(same_bits(y, want_y));
+            avg_pool2d_backward(dx.data(), dy.data(), d);
+            plain_avg_unpool(want_dx, dy, d);
+            CHECK(same_bits(dx, want_dx));
+        };
+        check(float{});
+        check(double{});
+    }
+}
+
+TEST_CASE("avg_pool2d results do not depend on the thread count") {
+    const Shape shape{8, 16, 24, 24};
+    const auto d = pool2d_dims("avg_pool2d", shape, {3, 3, 2, 2, 1, 1});  // above the threshold
+    const auto x = random_values<float>(numel(shape), 7);
+    CHECK_THREAD_COUNT_INDEPENDENT([&]() {
+        std::vector<float> y(d.N * d.C * d.P * d.Q), dx(x.size());
+        avg_pool2d_forward(y.data(), x.data(), d);
+        avg_pool2d_backward(dx.data(), y.data(), d);
+        return std::vector<std::string>{bytes_of(y), bytes_of(dx)};
+    });
 }

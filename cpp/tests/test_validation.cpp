@@ -56,6 +56,36 @@ TEST_CASE("validation: pool2d and indices") {
     CHECK_THROWS(check_pool_indices(negative.data(), 1, 16), "got -1");
 }
 
+TEST_CASE("validation: avg_pool2d shapes and parameters") {
+    CHECK_THROWS(pool2d_dims("avg_pool2d", {1, 1, 4, 4}, {2, 2, 2, 2, 2, 0}),
+                 "[avg_pool2d] padding: expected at most half the kernel size (2, 2), got (2, 0)");
+    CHECK_THROWS(pool2d_dims("avg_pool2d", {0, 1, 4, 4}, {2, 2, 2, 2, 0, 0}),
+                 "[avg_pool2d] input: expected every dim >= 1, got shape (0, 1, 4, 4)");
+    CHECK_THROWS(
+        avg_pool2d_backward_dims({1, 1, 2, 2}, {1, 4, 4}, {2, 2, 2, 2, 0, 0}),
+        "[avg_pool2d_backward] x_shape: expected 4 dims (N, C, H, W), got shape (1, 4, 4)");
+    CHECK_THROWS(avg_pool2d_backward_dims({1, 1, 2, 2}, {1, 1, 3, 3}, {5, 5, 1, 1, 0, 0}),
+                 "[avg_pool2d_backward] x_shape: expected padded size (3, 3) >= kernel size "
+                 "(5, 5), got x_shape (1, 1, 3, 3)");
+    CHECK_THROWS(avg_pool2d_backward_dims({1, 1, 2, 3}, {1, 1, 4, 4}, {2, 2, 2, 2, 0, 0}),
+                 "[avg_pool2d_backward] doutput: expected shape (1, 1, 2, 2) (the forward "
+                 "output's), got shape (1, 1, 2, 3)");
+    const auto d = avg_pool2d_backward_dims({2, 3, 2, 2}, {2, 3, 5, 5}, {3, 3, 2, 2, 0, 0});
+    CHECK(d.N == 2 && d.C == 3 && d.H == 5 && d.W == 5 && d.P == 2 && d.Q == 2);
+}
+
+TEST_CASE("validation: dropout probability") {
+    CHECK_THROWS(dropout_params("dropout", -0.5),
+                 "[dropout] p: expected a probability in [0, 1], got -0.5");
+    CHECK_THROWS(dropout_params("dropout", 1.5), "got 1.5");
+    CHECK_THROWS(dropout_params("dropout_backward", 1.1),
+                 "[dropout_backward] p: expected a probability in [0, 1], got 1.1");
+    CHECK_THROWS(dropout_params("dropout", std::numeric_limits<double>::quiet_NaN()), "got nan");
+    CHECK_THROWS(dropout_params("dropout", std::numeric_limits<double>::infinity()), "got inf");
+    CHECK(dropout_params("dropout", 0.0).p == 0.0);
+    CHECK(dropout_params("dropout", 1.0, 5).seed == 5);
+}
+
 TEST_CASE("validation: linear and losses") {
     CHECK_THROWS(linear_dims({2, 3}, {4, 5}, nullptr),
                  "[linear] weight: expected in_features (dim 1) = 3");
