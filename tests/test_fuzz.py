@@ -1234,23 +1234,6 @@ def test_layers_fuzz(brk, net, seed, N, data):
 HYPER = [0.0, 1e-3, 0.1, 0.9, 1.0, -0.1, -1e-12, float("nan")]
 
 
-def sgd_reference(p, g, buf, lr, momentum, weight_decay, dampening, nesterov):
-    """torch.optim.SGD's update in float64; returns (new p, new buffer)."""
-    g = g + weight_decay * p
-    if momentum:
-        buf = g.copy() if buf is None else momentum * buf + (1 - dampening) * g
-        g = g + momentum * buf if nesterov else buf
-    return p - lr * g, buf
-
-
-def adam_reference(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay):
-    g = g + weight_decay * p
-    m = beta1 * m + (1 - beta1) * g
-    v = beta2 * v + (1 - beta2) * g * g
-    denom = np.sqrt(v) / np.sqrt(1 - beta2**t) + eps
-    return p - lr / (1 - beta1**t) * m / denom, m, v
-
-
 @settings(FUZZ, max_examples=80)
 @given(
     st.integers(0, 2**32 - 1),
@@ -1322,13 +1305,12 @@ def test_optimizers_fuzz(
                 continue
             s = state[i]
             if kind == "SGD":
-                s["p"], s["buf"] = sgd_reference(
-                    s["p"], g.astype(F64), s["buf"], lr, momentum, weight_decay, dampening, nesterov
+                s["p"], s["buf"] = ref.sgd_step(
+                    s["p"], g, s["buf"], lr, momentum, dampening, weight_decay, nesterov
                 )
             else:
-                s["t"] += 1
-                s["p"], s["m"], s["v"] = adam_reference(
-                    s["p"], g.astype(F64), s["m"], s["v"], s["t"], lr, *betas, eps, weight_decay
+                s["p"], s["m"], s["v"], s["t"] = ref.adam_step(
+                    s["p"], g, s["m"], s["v"], s["t"], lr, betas, eps, weight_decay
                 )
         opt.step()
         for i, p in enumerate(params):

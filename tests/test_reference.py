@@ -8,7 +8,7 @@
 import numpy as np
 import pytest
 from cnnbp import reference as ref
-from conftest import numeric_grad
+from conftest import SGD_CONFIG_IDS, SGD_CONFIGS, numeric_grad
 
 # ---------------------------------------------------------------------------------------
 # helpers
@@ -710,3 +710,122 @@ def test_zero_dim_inputs_keep_their_shape():
     z = np.array(-1.0)
     for out in (ref.relu(z), ref.sigmoid(z), ref.relu_backward(z, z), ref.sigmoid_backward(z, z)):
         assert out.shape == ()
+
+
+# ---------------------------------------------------------------------------------------
+# 4. the oracle stands alone: its own output_size, NumPy only, no build needed
+# ---------------------------------------------------------------------------------------
+
+
+def test_output_size_floors():
+    assert ref.output_size(6, 3) == 4
+    assert ref.output_size(7, 3, 2) == 3
+    assert ref.output_size(8, 3, 2) == 3  # floored
+    assert ref.output_size(5, 3, 2, 1) == 3
+    assert ref.output_size(1, 1) == 1
+    assert ref.output_size(4, 3, 1, 3) == 8
+    assert ref.output_size(2, 5, 1, 0) == -2  # a window larger than the input: < 1
+
+
+def test_output_size_equals_the_kernels_helper():
+    from cnnbp import functional as F
+
+    for in_size in range(0, 9):
+        for kernel in range(1, 6):
+            for stride in range(1, 4):
+                for padding in range(0, 3):
+                    args = (in_size, kernel, stride, padding)
+                    assert ref.output_size(*args) == F.output_size(*args), args
+
+
+LOAD_BY_PATH = """
+import importlib.util, sys
+sys.modules["cnnbp"] = None  # importing cnnbp or cnnbp._core now raises ImportError
+sys.modules["cnnbp._core"] = None
+sys.modules["_core"] = None
+spec = importlib.util.spec_from_file_location("reference", sys.argv[1])
+reference = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(reference)
+x = [[[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]]]]
+w = [[[[1.0, 2.0], [3.0, 4.0]]]]
+print(reference.conv2d(x, w, [0.5]).reshape(-1).tolist())
+print(sorted(m for m in sys.modules if m.startswith("cnnbp") and sys.modules[m] is not None))
+"""
+
+
+def test_the_oracle_loads_by_path_without_the_package(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run(
+        [sys.executable, "-c", LOAD_BY_PATH, ref.__file__],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,  # nothing of cnnbp on the path either
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    conv, loaded = run.stdout.splitlines()
+    assert conv == "[37.5, 47.5, 67.5, 77.5]"  # test_conv2d_known_answer's numbers
+    assert loaded == "[]"
+
+
+# ---------------------------------------------------------------------------------------
+# 5. the optimizer updates against torch.optim (float64)
+# ---------------------------------------------------------------------------------------
+
+ADAM_CONFIGS = [
+    dict(lr=0.01),
+    dict(lr=0.05, betas=(0.5, 0.9), eps=1e-6),
+    dict(lr=0.01, weight_decay=0.1),
+]
+
+
+def _optimizer_runs(torch_cls, config, update, state, steps=6, seed=0):
+    """The same gradients through torch_cls(**config) and the reference update; each
+    step's parameters compared."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(seed)
+    shapes = [(3, 4), (5,), (2, 1, 3, 3)]
+    params = [rng.standard_normal(s) for s in shapes]
+    tparams = [torch.tensor(p, requires_grad=True) for p in params]
+    topt = torch_cls(tparams, **config)
+    states = [state() for _ in params]
+    for step in range(steps):
+        for i, tp in enumerate(tparams):
+            if step == 2 and i == 1:  # a parameter without a gradient is left alone
+                tp.grad = None
+                continue
+            g = rng.standard_normal(tp.shape)
+            tp.grad = torch.tensor(g)
+            params[i], *states[i] = update(params[i], g, *states[i], **config)
+        topt.step()
+        for p, tp in zip(params, tparams):
+            np.testing.assert_allclose(p, tp.detach().numpy(), rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("config", SGD_CONFIGS, ids=SGD_CONFIG_IDS)
+def test_sgd_step_matches_torch(config):
+    torch = pytest.importorskip("torch")
+    _optimizer_runs(torch.optim.SGD, config, ref.sgd_step, lambda: [None])
+
+
+@pytest.mark.parametrize("config", ADAM_CONFIGS, ids=str)
+def test_adam_step_matches_torch(config):
+    torch = pytest.importorskip("torch")
+    _optimizer_runs(torch.optim.Adam, config, ref.adam_step, lambda: [0.0, 0.0, 0])
+
+
+@pytest.mark.parametrize("config", ADAM_CONFIGS + [dict(lr=0.01, weight_decay=0.5)], ids=str)
+def test_adamw_step_matches_torch(config):
+    torch = pytest.importorskip("torch")
+    _optimizer_runs(torch.optim.AdamW, config, ref.adamw_step, lambda: [0.0, 0.0, 0])
+
+
+def test_adamw_defaults_to_torchs_weight_decay():
+    p, g = np.ones(3), np.zeros(3)
+    decayed, *_ = ref.adamw_step(p, g, 0.0, 0.0, 0, lr=0.1)
+    np.testing.assert_allclose(decayed, 1 - 0.1 * 1e-2, rtol=1e-15)
