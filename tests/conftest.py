@@ -6,6 +6,7 @@ Import them with ``from conftest import ...`` (pytest puts this directory on sys
 import hashlib
 
 import numpy as np
+from cnnbp.gradcheck import numeric_gradient
 
 DTYPES = (np.float32, np.float64)
 F32, F64 = np.float32, np.float64
@@ -81,24 +82,6 @@ def assert_close(got, want, tol, what=""):
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale, err_msg=what)
 
 
-def numeric_grad(f, x, eps=1e-6):
-    """Central finite differences of the scalar f() at x (float64, perturbed in place and
-    restored)."""
-    assert x.dtype == np.float64 and x.flags.c_contiguous
-    grad = np.zeros_like(x)
-    flat_x = x.reshape(-1)
-    flat_g = grad.reshape(-1)
-    for i in range(flat_x.size):
-        old = flat_x[i]
-        flat_x[i] = old + eps
-        f_plus = f()
-        flat_x[i] = old - eps
-        f_minus = f()
-        flat_x[i] = old
-        flat_g[i] = (f_plus - f_minus) / (2 * eps)
-    return grad
-
-
 # Finite differences with eps = 1e-6 in float64: truncation error ~ eps^2 |f'''| and
 # rounding error ~ 1e-16 |f| / eps ~ 1e-10 relative, so 1e-6 leaves a wide margin while
 # still catching any real mistake (a wrong index or factor is an O(1) error).
@@ -135,7 +118,7 @@ def wide(a):
 
 def fd_check(analytic, objective, x, what):
     """An analytic gradient against central differences of objective() at x (FD_RTOL)."""
-    numeric = numeric_grad(objective, x)
+    numeric = numeric_gradient(objective, x)
     scale = max(float(np.max(np.abs(numeric))), 1e-3)
     np.testing.assert_allclose(analytic, numeric, rtol=FD_RTOL, atol=FD_RTOL * scale, err_msg=what)
 

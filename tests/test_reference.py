@@ -8,7 +8,8 @@
 import numpy as np
 import pytest
 from cnnbp import reference as ref
-from conftest import SGD_CONFIG_IDS, SGD_CONFIGS, numeric_grad
+from cnnbp.gradcheck import numeric_gradient
+from conftest import SGD_CONFIG_IDS, SGD_CONFIGS
 
 # ---------------------------------------------------------------------------------------
 # helpers
@@ -57,9 +58,9 @@ def test_conv2d_backward_finite_differences(case):
     check_array(dx, x.shape)
     check_array(dw, w.shape)
     check_array(db, b.shape)
-    np.testing.assert_allclose(dx, numeric_grad(objective, x), **FD_TOL)
-    np.testing.assert_allclose(dw, numeric_grad(objective, w), **FD_TOL)
-    np.testing.assert_allclose(db, numeric_grad(objective, b), **FD_TOL)
+    np.testing.assert_allclose(dx, numeric_gradient(objective, x), **FD_TOL)
+    np.testing.assert_allclose(dw, numeric_gradient(objective, w), **FD_TOL)
+    np.testing.assert_allclose(db, numeric_gradient(objective, b), **FD_TOL)
 
 
 POOL_CASES = [
@@ -87,7 +88,7 @@ def test_max_pool2d_backward_finite_differences(case):
 
     dx = ref.max_pool2d_backward(g, idx, x.shape)
     check_array(dx, x.shape)
-    np.testing.assert_allclose(dx, numeric_grad(objective, x), **FD_TOL)
+    np.testing.assert_allclose(dx, numeric_gradient(objective, x), **FD_TOL)
 
 
 def test_relu_backward_finite_differences():
@@ -98,7 +99,7 @@ def test_relu_backward_finite_differences():
     dz = ref.relu_backward(g, z)
     check_array(dz, z.shape)
     np.testing.assert_allclose(
-        dz, numeric_grad(lambda: float(np.sum(ref.relu(z) * g)), z), **FD_TOL
+        dz, numeric_gradient(lambda: float(np.sum(ref.relu(z) * g)), z), **FD_TOL
     )
 
 
@@ -109,7 +110,7 @@ def test_sigmoid_backward_finite_differences():
     dz = ref.sigmoid_backward(g, ref.sigmoid(z))
     check_array(dz, z.shape)
     np.testing.assert_allclose(
-        dz, numeric_grad(lambda: float(np.sum(ref.sigmoid(z) * g)), z), **FD_TOL
+        dz, numeric_gradient(lambda: float(np.sum(ref.sigmoid(z) * g)), z), **FD_TOL
     )
 
 
@@ -131,9 +132,9 @@ def test_linear_backward_finite_differences(x_shape):
     check_array(dx, x.shape)
     check_array(dw, w.shape)
     check_array(db, b.shape)
-    np.testing.assert_allclose(dx, numeric_grad(objective, x), **FD_TOL)
-    np.testing.assert_allclose(dw, numeric_grad(objective, w), **FD_TOL)
-    np.testing.assert_allclose(db, numeric_grad(objective, b), **FD_TOL)
+    np.testing.assert_allclose(dx, numeric_gradient(objective, x), **FD_TOL)
+    np.testing.assert_allclose(dw, numeric_gradient(objective, w), **FD_TOL)
+    np.testing.assert_allclose(db, numeric_gradient(objective, b), **FD_TOL)
 
 
 def test_flatten_backward_finite_differences():
@@ -145,7 +146,7 @@ def test_flatten_backward_finite_differences():
     dx = ref.flatten_backward(g, x.shape)
     check_array(dx, x.shape)
     np.testing.assert_allclose(
-        dx, numeric_grad(lambda: float(np.sum(ref.flatten(x) * g)), x), **FD_TOL
+        dx, numeric_gradient(lambda: float(np.sum(ref.flatten(x) * g)), x), **FD_TOL
     )
 
 
@@ -156,7 +157,7 @@ def test_binary_cross_entropy_backward_finite_differences():
     da = ref.binary_cross_entropy_backward(a, y)
     check_array(da, a.shape)
     np.testing.assert_allclose(
-        da, numeric_grad(lambda: ref.binary_cross_entropy(a, y), a), **FD_TOL
+        da, numeric_gradient(lambda: ref.binary_cross_entropy(a, y), a), **FD_TOL
     )
 
 
@@ -168,7 +169,7 @@ def test_binary_cross_entropy_with_logits_backward_finite_differences():
     dz = ref.binary_cross_entropy_with_logits_backward(z, y)
     check_array(dz, z.shape)
     np.testing.assert_allclose(
-        dz, numeric_grad(lambda: ref.binary_cross_entropy_with_logits(z, y), z), **FD_TOL
+        dz, numeric_gradient(lambda: ref.binary_cross_entropy_with_logits(z, y), z), **FD_TOL
     )
 
 
@@ -178,7 +179,9 @@ def test_cross_entropy_backward_finite_differences():
     labels = rng.integers(0, 5, 6)
     dz = ref.cross_entropy_backward(z, labels)
     check_array(dz, z.shape)
-    np.testing.assert_allclose(dz, numeric_grad(lambda: ref.cross_entropy(z, labels), z), **FD_TOL)
+    np.testing.assert_allclose(
+        dz, numeric_gradient(lambda: ref.cross_entropy(z, labels), z), **FD_TOL
+    )
 
 
 SEED_KEYS = [
@@ -240,23 +243,25 @@ def test_seed_network_finite_differences(seed, N):
     # All 15 parameters and the input, through the loss.
     for name, arr in [("X", X), ("W1", W1), ("B1", B1), ("W2", W2), ("B2", B2)]:
         np.testing.assert_allclose(
-            out["dL/d" + name], numeric_grad(loss, arr), err_msg=name, **FD_TOL
+            out["dL/d" + name], numeric_gradient(loss, arr), err_msg=name, **FD_TOL
         )
     # Intermediate gradients, by perturbing the forward from that point on.
     A2 = out["A2"].copy()
     np.testing.assert_allclose(
-        out["dL/dA2"], numeric_grad(lambda: ref.binary_cross_entropy(A2, Y), A2), **FD_TOL
+        out["dL/dA2"], numeric_gradient(lambda: ref.binary_cross_entropy(A2, Y), A2), **FD_TOL
     )
     Z2 = out["Z2"].copy()
     np.testing.assert_allclose(
         out["dL/dZ2"],
-        numeric_grad(lambda: ref.binary_cross_entropy(ref.sigmoid(Z2), Y), Z2),
+        numeric_gradient(lambda: ref.binary_cross_entropy(ref.sigmoid(Z2), Y), Z2),
         **FD_TOL,
     )
     F = out["F"].copy()
     np.testing.assert_allclose(
         out["dL/dF"],
-        numeric_grad(lambda: ref.binary_cross_entropy(ref.sigmoid(ref.linear(F, W2, B2)), Y), F),
+        numeric_gradient(
+            lambda: ref.binary_cross_entropy(ref.sigmoid(ref.linear(F, W2, B2)), Y), F
+        ),
         **FD_TOL,
     )
     Z1 = out["Z1"].copy()
@@ -266,7 +271,7 @@ def test_seed_network_finite_differences(seed, N):
         Z2 = ref.linear(ref.flatten(P1), W2, B2)
         return ref.binary_cross_entropy(ref.sigmoid(Z2), Y)
 
-    np.testing.assert_allclose(out["dL/dZ1"], numeric_grad(loss_from_z1, Z1), **FD_TOL)
+    np.testing.assert_allclose(out["dL/dZ1"], numeric_gradient(loss_from_z1, Z1), **FD_TOL)
 
 
 def test_seed_network_matches_the_generic_backwards():
