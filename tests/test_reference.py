@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from cnnbp import reference as ref
 from cnnbp.gradcheck import numeric_gradient
-from conftest import SGD_CONFIG_IDS, SGD_CONFIGS
+from conftest import SGD_CONFIG_IDS, SGD_CONFIGS, fd_check, rng_for
+from ops import AVG_POOL2D, AVG_POOL_CASES
 
 # ---------------------------------------------------------------------------------------
 # helpers
@@ -834,3 +835,54 @@ def test_adamw_defaults_to_torchs_weight_decay():
     p, g = np.ones(3), np.zeros(3)
     decayed, *_ = ref.adamw_step(p, g, 0.0, 0.0, 0, lr=0.1)
     np.testing.assert_allclose(decayed, 1 - 0.1 * 1e-2, rtol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------
+# 6. avg_pool2d, tanh and dropout: finite differences of the oracle's own forwards, and
+#    torch in float64
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", AVG_POOL_CASES, ids=str)
+def test_reference_avg_pool2d_against_finite_differences_and_torch(case):
+    s = AVG_POOL2D.sample(case, np.float64)
+    x, g, kernel, stride, padding = s.x, s.dy, s.kernel, s.stride, s.padding
+
+    def objective():
+        return float(np.sum(ref.avg_pool2d(x, kernel, stride, padding) * g))
+
+    dx = ref.avg_pool2d_backward(g, x.shape, kernel, stride, padding)
+    fd_check(dx, objective, x, "reference avg_pool2d")
+    torch = pytest.importorskip("torch")
+    xt = torch.tensor(x, requires_grad=True)
+    yt = torch.nn.functional.avg_pool2d(xt, kernel, stride, padding)
+    yt.backward(torch.tensor(g))
+    np.testing.assert_allclose(
+        ref.avg_pool2d(x, kernel, stride, padding), yt.detach().numpy(), **TORCH_TOL
+    )
+    np.testing.assert_allclose(dx, xt.grad.numpy(), **TORCH_TOL)
+
+
+def test_reference_tanh_and_dropout_against_finite_differences_and_torch():
+    rng = rng_for("new_ops", "reference-tanh")
+    z = rng.standard_normal((3, 7)) * 2
+    g = rng.standard_normal(z.shape)
+    fd_check(
+        ref.tanh_backward(g, ref.tanh(z)),
+        lambda: float(np.sum(ref.tanh(z) * g)),
+        z,
+        "reference tanh",
+    )
+    mask = ref.dropout_mask(z.shape, 0.3, 4)
+    fd_check(
+        ref.dropout_backward(g, mask, 0.3),
+        lambda: float(np.sum(ref.dropout(z, mask, 0.3) * g)),
+        z,
+        "reference dropout",
+    )
+    torch = pytest.importorskip("torch")
+    zt = torch.tensor(z, requires_grad=True)
+    at = torch.tanh(zt)
+    at.backward(torch.tensor(g))
+    np.testing.assert_allclose(ref.tanh(z), at.detach().numpy(), **TORCH_TOL)
+    np.testing.assert_allclose(ref.tanh_backward(g, ref.tanh(z)), zt.grad.numpy(), **TORCH_TOL)
