@@ -23,15 +23,13 @@ CALLS = [
 ]
 
 
-def call_of(op, direction):
-    if direction == "forward":
-        return op.forward, op.forward_args
-    return op.backward, op.backward_args
-
-
-def arrays(s, args):
-    """The array arguments of a call, by key."""
-    return [a.key for a in args if isinstance(s[a.key], np.ndarray)]
+def prepare(op, case, direction, dtype):
+    """The call (forward or backward), a sample, and the keys of the call's array arguments."""
+    call, args = (
+        (op.forward, op.forward_args) if direction == "forward" else (op.backward, op.backward_args)
+    )
+    s = op.sample(case, dtype)
+    return call, s, [a.key for a in args if isinstance(s[a.key], np.ndarray)]
 
 
 def layouts(a):
@@ -53,10 +51,8 @@ def layouts(a):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("op, case, direction", CALLS)
 def test_other_layouts_give_identical_results(op, case, direction, dtype):
-    call, args = call_of(op, direction)
-    s = op.sample(case, dtype)
+    call, s, keys = prepare(op, case, direction, dtype)
     want = call(F, s)
-    keys = arrays(s, args)
     for key in keys:
         for layout, variant in layouts(s[key]).items():
             assert_same_bits(call(F, s.replace(**{key: variant})), want, f"{key} {layout}")
@@ -67,9 +63,8 @@ def test_other_layouts_give_identical_results(op, case, direction, dtype):
 
 @pytest.mark.parametrize("op, case, direction", CALLS)
 def test_lists_are_accepted_as_arrays(op, case, direction):
-    call, args = call_of(op, direction)
-    s = op.sample(case, np.float64)
-    lists = {key: s[key].tolist() for key in arrays(s, args) if s[key].ndim}
+    call, s, keys = prepare(op, case, direction, np.float64)
+    lists = {key: s[key].tolist() for key in keys if s[key].ndim}
     assert_same_bits(call(F, s.replace(**lists)), call(F, s), "lists")
 
 
@@ -79,15 +74,14 @@ def test_dtypes_equal_to_float32_or_float64_are_accepted(op, case, direction, dt
     # A float64 array that went through pickle (multiprocessing, joblib, a saved object) or
     # whose dtype carries metadata has a dtype object equal to np.float64 but not the same
     # object; it holds the same native float64 numbers and must be accepted.
-    call, args = call_of(op, direction)
-    s = op.sample(case, dtype)
+    call, s, keys = prepare(op, case, direction, dtype)
     want = call(F, s)
     variants = {
         "pickled": lambda a: pickle.loads(pickle.dumps(a)),
         "metadata": lambda a: a.view(np.dtype(a.dtype, metadata={"unit": "m"})),
         "native byte order": lambda a: a.view(a.dtype.newbyteorder("=")),
     }
-    floats = [key for key in arrays(s, args) if s[key].dtype.kind == "f"]
+    floats = [key for key in keys if s[key].dtype.kind == "f"]
     for name, make in variants.items():
         new = {key: make(s[key]) for key in floats}
         assert all(new[key].dtype == s[key].dtype for key in floats)
@@ -98,9 +92,7 @@ def test_dtypes_equal_to_float32_or_float64_are_accepted(op, case, direction, dt
 @pytest.mark.parametrize("op, case, direction", CALLS)
 def test_inputs_are_untouched_and_outputs_are_new(op, case, direction, dtype):
     # backward returns gradients: it never accumulates into or aliases its arguments
-    call, args = call_of(op, direction)
-    s = op.sample(case, dtype)
-    keys = arrays(s, args)
+    call, s, keys = prepare(op, case, direction, dtype)
     copies = {key: s[key].copy() for key in keys}
     first = call(F, s)
     results = first if isinstance(first, tuple) else (first,)

@@ -187,15 +187,20 @@ def test_npz_nchw_nhw_uint8_and_float_labels(tmp_path):
     assert got_y.tolist() == [0, 1, 2, 1]
 
 
+def _npz_with_x(path, x_npy, n):
+    """An archive whose x.npy holds the bytes x_npy, beside n good labels."""
+    y = io.BytesIO()
+    np.save(y, np.arange(n))
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", x_npy)
+        archive.writestr("y.npy", y.getvalue())
+
+
 def _npz_with_object_array(path):
     """x is an object array: loading it would unpickle, which load_npz never does."""
     buffer = io.BytesIO()
     np.save(buffer, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("x.npy", buffer.getvalue())
-        y = io.BytesIO()
-        np.save(y, np.arange(2))
-        archive.writestr("y.npy", y.getvalue())
+    _npz_with_x(path, buffer.getvalue(), 2)
 
 
 def _npz_with_lying_header(path):
@@ -204,11 +209,7 @@ def _npz_with_lying_header(path):
     np.save(buffer, np.zeros((4, 2, 2), dtype=np.float32))
     content = buffer.getvalue().replace(b"(4, 2, 2), }   ", b"(4000, 2, 2), }")  # same length
     assert len(content) == len(buffer.getvalue())
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("x.npy", content)
-        y = io.BytesIO()
-        np.save(y, np.arange(4))
-        archive.writestr("y.npy", y.getvalue())
+    _npz_with_x(path, content, 4)
 
 
 def _npz_with_huge_header(path):
@@ -217,11 +218,7 @@ def _npz_with_huge_header(path):
     header = {"descr": "<f4", "fortran_order": False, "shape": (2**40, 2**30)}
     np.lib.format.write_array_header_1_0(buffer, header)
     buffer.write(bytes(64))
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("x.npy", buffer.getvalue())
-        y = io.BytesIO()
-        np.save(y, np.arange(4))
-        archive.writestr("y.npy", y.getvalue())
+    _npz_with_x(path, buffer.getvalue(), 4)
 
 
 def _truncated(path):

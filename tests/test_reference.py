@@ -648,52 +648,40 @@ def test_linear_matches_torch(x_shape, bias):
         np.testing.assert_allclose(db, bt.grad.numpy(), **TORCH_TOL)
 
 
-def test_binary_cross_entropy_matches_torch():
-    torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(1200)
-    a = rng.uniform(0.0, 1.0, (6, 3))
-    y = rng.uniform(0.0, 1.0, (6, 3))
-    # Clamped and boundary cases.
-    a[0] = [0.0, 1.0, 1e-50]
-    y[0] = [1.0, 0.0, 1.0]
-    a[1] = [0.0, 1.0, 0.5]
-    y[1] = [0.0, 1.0, 0.5]
-    at = _t(a)
-    Lt = torch.nn.functional.binary_cross_entropy(at, torch.tensor(y))
-    assert ref.binary_cross_entropy(a, y) == pytest.approx(Lt.item(), rel=1e-12)
-    Lt.backward()
-    np.testing.assert_allclose(
-        ref.binary_cross_entropy_backward(a, y), at.grad.numpy(), **TORCH_TOL
-    )
-
-
-def test_binary_cross_entropy_with_logits_matches_torch():
-    torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(1300)
-    z = rng.standard_normal((5, 4)) * 6
-    z[0] = [1000.0, -1000.0, 40.0, -40.0]
-    y = rng.uniform(0.0, 1.0, z.shape)
-    y[0] = [0.0, 1.0, 1.0, 0.0]
-    zt = _t(z)
-    Lt = torch.nn.functional.binary_cross_entropy_with_logits(zt, torch.tensor(y))
-    assert ref.binary_cross_entropy_with_logits(z, y) == pytest.approx(Lt.item(), rel=1e-12)
-    Lt.backward()
-    np.testing.assert_allclose(
-        ref.binary_cross_entropy_with_logits_backward(z, y), zt.grad.numpy(), **TORCH_TOL
-    )
-
-
-def test_cross_entropy_matches_torch():
-    torch = pytest.importorskip("torch")
+def loss_inputs(name):
+    """(input, target) of each loss, with clamped, saturated and boundary cases."""
+    if name == "binary_cross_entropy":
+        rng = np.random.default_rng(1200)
+        a = rng.uniform(0.0, 1.0, (6, 3))
+        y = rng.uniform(0.0, 1.0, (6, 3))
+        a[0], y[0] = [0.0, 1.0, 1e-50], [1.0, 0.0, 1.0]  # clamped
+        a[1], y[1] = [0.0, 1.0, 0.5], [0.0, 1.0, 0.5]  # the boundary
+        return a, y
+    if name == "binary_cross_entropy_with_logits":
+        rng = np.random.default_rng(1300)
+        z = rng.standard_normal((5, 4)) * 6
+        y = rng.uniform(0.0, 1.0, z.shape)
+        z[0], y[0] = [1000.0, -1000.0, 40.0, -40.0], [0.0, 1.0, 1.0, 0.0]
+        return z, y
     rng = np.random.default_rng(1400)
     z = rng.standard_normal((7, 5)) * 4
     z[0] = [1000.0, 0.0, -1000.0, 3.0, 999.0]
-    labels = rng.integers(0, 5, 7)
-    zt = _t(z)
-    Lt = torch.nn.functional.cross_entropy(zt, torch.tensor(labels))
-    assert ref.cross_entropy(z, labels) == pytest.approx(Lt.item(), rel=1e-12)
+    return z, rng.integers(0, 5, 7)
+
+
+@pytest.mark.parametrize(
+    "name", ["binary_cross_entropy", "binary_cross_entropy_with_logits", "cross_entropy"]
+)
+def test_losses_match_torch(name):
+    torch = pytest.importorskip("torch")
+    p, target = loss_inputs(name)
+    pt = _t(p)
+    Lt = getattr(torch.nn.functional, name)(pt, torch.tensor(target))
+    assert getattr(ref, name)(p, target) == pytest.approx(Lt.item(), rel=1e-12)
     Lt.backward()
-    np.testing.assert_allclose(ref.cross_entropy_backward(z, labels), zt.grad.numpy(), **TORCH_TOL)
+    np.testing.assert_allclose(
+        getattr(ref, name + "_backward")(p, target), pt.grad.numpy(), **TORCH_TOL
+    )
 
 
 def test_seed_network_matches_torch_autograd():

@@ -89,6 +89,19 @@ def output_size(in_size, kernel, stride=1, padding=0):
     return (in_size + 2 * padding - kernel) // stride + 1
 
 
+def _padded(x, ph, pw):
+    """x (N, C, H, W) with ph rows of zeros above and below, pw columns left and right."""
+    return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+
+
+def _windows(H, W, kh, kw, stride, padding):
+    """Where a kh x kw window slides over an H x W plane: the strides (sh, sw), the
+    paddings (ph, pw) and the number of positions (P, Q)."""
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    return (sh, sw), (ph, pw), (output_size(H, kh, sh, ph), output_size(W, kw, sw, pw))
+
+
 # ---------------------------------------------------------------------------------------
 # conv2d: zero padding, cross-correlation (no filter flip), like torch's conv2d
 # ---------------------------------------------------------------------------------------
@@ -98,15 +111,12 @@ def conv2d(x, w, b=None, stride=1, padding=0):
     """y[n, k, p, q] = b[k] + sum_{c, r, s} xpad[n, c, p*sh + r, q*sw + s] * w[k, c, r, s]."""
     x = _f64(x)  # x (N, C, H, W)
     w = _f64(w)  # w (K, C, R, S)
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
     N, C, H, W = x.shape
     K, _, R, S = w.shape
-    P = output_size(H, R, sh, ph)
-    Q = output_size(W, S, sw, pw)
+    (sh, sw), (ph, pw), (P, Q) = _windows(H, W, R, S, stride, padding)
 
     # Zero padding: the window may hang over the border by ph rows / pw columns.
-    xpad = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))  # xpad (N, C, H+2ph, W+2pw)
+    xpad = _padded(x, ph, pw)  # xpad (N, C, H+2ph, W+2pw)
 
     y = np.zeros((N, K, P, Q))  # y (N, K, P, Q)
     for p in range(P):
@@ -134,14 +144,11 @@ def conv2d_backward(dy, x, w, stride=1, padding=0):
     dy = _f64(dy)  # dy (N, K, P, Q)
     x = _f64(x)  # x (N, C, H, W)
     w = _f64(w)  # w (K, C, R, S)
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
     N, C, H, W = x.shape
     K, _, R, S = w.shape
-    P = output_size(H, R, sh, ph)
-    Q = output_size(W, S, sw, pw)
+    (sh, sw), (ph, pw), (P, Q) = _windows(H, W, R, S, stride, padding)
 
-    xpad = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))  # xpad (N, C, H+2ph, W+2pw)
+    xpad = _padded(x, ph, pw)  # xpad (N, C, H+2ph, W+2pw)
     dxpad = np.zeros_like(xpad)  # dxpad (N, C, H+2ph, W+2pw)
     dw = np.zeros_like(w)  # dw (K, C, R, S)
     for p in range(P):
@@ -176,11 +183,11 @@ def max_pool2d(x, kernel_size, stride=None, padding=0):
     """
     x = _f64(x)  # x (N, C, H, W)
     kh, kw = _pair(kernel_size)
-    sh, sw = _pair(kernel_size if stride is None else stride)
-    ph, pw = _pair(padding)
     N, C, H, W = x.shape
-    P = output_size(H, kh, sh, ph)  # floored, like torch with ceil_mode=False
-    Q = output_size(W, kw, sw, pw)
+    # the output size is floored, like torch with ceil_mode=False
+    (sh, sw), (ph, pw), (P, Q) = _windows(
+        H, W, kh, kw, kernel_size if stride is None else stride, padding
+    )
 
     y = np.empty((N, C, P, Q))  # y (N, C, P, Q)
     idx = np.empty((N, C, P, Q), dtype=np.int64)  # idx (N, C, P, Q)
@@ -241,13 +248,12 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0):
     """
     x = _f64(x)  # x (N, C, H, W)
     kh, kw = _pair(kernel_size)
-    sh, sw = _pair(kernel_size if stride is None else stride)
-    ph, pw = _pair(padding)
     N, C, H, W = x.shape
-    P = output_size(H, kh, sh, ph)
-    Q = output_size(W, kw, sw, pw)
+    (sh, sw), (ph, pw), (P, Q) = _windows(
+        H, W, kh, kw, kernel_size if stride is None else stride, padding
+    )
 
-    xpad = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))  # xpad (N, C, H+2ph, W+2pw)
+    xpad = _padded(x, ph, pw)  # xpad (N, C, H+2ph, W+2pw)
     y = np.empty((N, C, P, Q))  # y (N, C, P, Q)
     for p in range(P):
         for q in range(Q):
