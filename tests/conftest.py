@@ -6,6 +6,7 @@ Import them with ``from conftest import ...`` (pytest puts this directory on sys
 import hashlib
 
 import numpy as np
+from cnnbp.gradcheck import numeric_gradient
 
 DTYPES = (np.float32, np.float64)
 F32, F64 = np.float32, np.float64
@@ -29,6 +30,7 @@ KERNEL_TOL = {
     "linear": {F64: 1e-12, F32: 1e-5},
     "linear_backward": {F64: 1e-12, F32: 1e-5},
     "flatten": {F64: 0, F32: 0},
+    "flatten_backward": {F64: 0, F32: 0},
     "binary_cross_entropy": {F64: 1e-12, F32: 1e-6},
     "binary_cross_entropy_backward": {F64: 1e-12, F32: 1e-6},
     "binary_cross_entropy_with_logits": {F64: 1e-12, F32: 1e-6},
@@ -62,6 +64,42 @@ def check_array(got, shape, dtype):
     assert got.flags.c_contiguous, "expected a C-contiguous result"
 
 
+def check_result(got, want, dtype, tol, what=""):
+    """A kernel's result against the oracle's, component by component: Python floats (the
+    losses) within tol; float arrays of the call's dtype within tol; integer and bool arrays
+    (max-pool indices, dropout masks) of the oracle's dtype, exactly. Type, shape, dtype and
+    layout are checked before any value."""
+    if isinstance(want, tuple):
+        assert isinstance(got, tuple) and len(got) == len(want), f"{what}: {type(got)}"
+        for i, (g, w) in enumerate(zip(got, want)):
+            check_result(g, w, dtype, tol, f"{what}[{i}]")
+    elif isinstance(want, float):
+        assert type(got) is float, f"{what}: expected a Python float, got {type(got).__name__}"
+        assert_close(got, want, tol, what)
+    elif want.dtype.kind in "iub":
+        check_array(got, want.shape, want.dtype)
+        np.testing.assert_array_equal(got, want, err_msg=what)
+    else:
+        check_array(got, want.shape, dtype)
+        assert_close(got, want, tol, what)
+
+
+def assert_same_bits(got, want, what=""):
+    """Results identical byte for byte (NaNs and signed zeros included): arrays of the same
+    dtype and shape, C-contiguous; Python floats (the losses) equal; tuples element-wise."""
+    if isinstance(want, tuple):
+        assert isinstance(got, tuple) and len(got) == len(want), what
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same_bits(g, w, f"{what}[{i}]")
+    elif isinstance(want, float):
+        assert type(got) is float, what
+        assert np.float64(got).tobytes() == np.float64(want).tobytes(), f"{what}: {got} != {want}"
+    else:
+        assert got.dtype == want.dtype and got.shape == want.shape, what
+        assert got.flags.c_contiguous, f"{what}: output not C-contiguous"
+        assert got.tobytes() == want.tobytes(), f"{what}: not bitwise identical"
+
+
 def assert_close(got, want, tol, what=""):
     """|got - want| <= tol * (|want| + max|want|), elementwise.
 
@@ -79,24 +117,6 @@ def assert_close(got, want, tol, what=""):
     finite = want[np.isfinite(want)]
     scale = float(np.max(np.abs(finite))) if finite.size else 0.0
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale, err_msg=what)
-
-
-def numeric_grad(f, x, eps=1e-6):
-    """Central finite differences of the scalar f() at x (float64, perturbed in place and
-    restored)."""
-    assert x.dtype == np.float64 and x.flags.c_contiguous
-    grad = np.zeros_like(x)
-    flat_x = x.reshape(-1)
-    flat_g = grad.reshape(-1)
-    for i in range(flat_x.size):
-        old = flat_x[i]
-        flat_x[i] = old + eps
-        f_plus = f()
-        flat_x[i] = old - eps
-        f_minus = f()
-        flat_x[i] = old
-        flat_g[i] = (f_plus - f_minus) / (2 * eps)
-    return grad
 
 
 # Finite differences with eps = 1e-6 in float64: truncation error ~ eps^2 |f'''| and
@@ -135,8 +155,8 @@ def wide(a):
 
 def fd_check(analytic, objective, x, what):
     """An analytic gradient against central differences of objective() at x (FD_RTOL)."""
-    numeric = numeric_grad(objective, x)
-    scale = max(float(np.max(np.abs(numeric))), 1e-3)
+    numeric = numeric_gradient(objective, x)
+    scale = max(float(np.max(np.abs(numeric), initial=0.0)), 1e-3)
     np.testing.assert_allclose(analytic, numeric, rtol=FD_RTOL, atol=FD_RTOL * scale, err_msg=what)
 
 

@@ -187,15 +187,20 @@ def test_npz_nchw_nhw_uint8_and_float_labels(tmp_path):
     assert got_y.tolist() == [0, 1, 2, 1]
 
 
+def _npz_with_x(path, x_npy, n):
+    """An archive whose x.npy holds the bytes x_npy, beside n good labels."""
+    y = io.BytesIO()
+    np.save(y, np.arange(n))
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", x_npy)
+        archive.writestr("y.npy", y.getvalue())
+
+
 def _npz_with_object_array(path):
     """x is an object array: loading it would unpickle, which load_npz never does."""
     buffer = io.BytesIO()
     np.save(buffer, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("x.npy", buffer.getvalue())
-        y = io.BytesIO()
-        np.save(y, np.arange(2))
-        archive.writestr("y.npy", y.getvalue())
+    _npz_with_x(path, buffer.getvalue(), 2)
 
 
 def _npz_with_lying_header(path):
@@ -204,11 +209,16 @@ def _npz_with_lying_header(path):
     np.save(buffer, np.zeros((4, 2, 2), dtype=np.float32))
     content = buffer.getvalue().replace(b"(4, 2, 2), }   ", b"(4000, 2, 2), }")  # same length
     assert len(content) == len(buffer.getvalue())
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("x.npy", content)
-        y = io.BytesIO()
-        np.save(y, np.arange(4))
-        archive.writestr("y.npy", y.getvalue())
+    _npz_with_x(path, content, 4)
+
+
+def _npz_with_huge_header(path):
+    """x.npy's header claims 2^70 elements (written by NumPy's own header writer)."""
+    buffer = io.BytesIO()
+    header = {"descr": "<f4", "fortran_order": False, "shape": (2**40, 2**30)}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    buffer.write(bytes(64))
+    _npz_with_x(path, buffer.getvalue(), 4)
 
 
 def _truncated(path):
@@ -227,7 +237,11 @@ def _truncated(path):
             lambda p: np.savez(p, images=np.zeros((2, 4, 4)), y=np.arange(2)),
             r"x: expected arrays 'x' and 'y', got \['images', 'y'\]",
         ),
-        (_npz_with_object_array, r"x: expected a numeric array, got an object array"),
+        (
+            _npz_with_object_array,
+            r"x: expected a numeric array \(pickled data is never loaded\), got ValueError: "
+            r"Object arrays cannot be loaded when allow_pickle=False",
+        ),
         (
             lambda p: np.savez(p, x=np.zeros((2, 4)), y=np.arange(2)),
             r"x: expected 4 dims \(N, C, H, W\) or 3 dims \(N, H, W\), got shape \(2, 4\)",
@@ -259,14 +273,18 @@ def _truncated(path):
         ),
         (
             _npz_with_lying_header,
-            r"x: expected 64000 bytes for shape \(4000, 2, 2\) float32, got 64",
+            r"x: expected a numeric array .*got ValueError: .*expected 64000 bytes got 64",
         ),
+        (_npz_with_huge_header, r"x: expected a numeric array .*got (ValueError|MemoryError)"),
         (_truncated, r"data.npz: expected a readable .npz archive, got BadZipFile"),
         (
             lambda p: p.write_bytes(b"plain text, not an archive"),
             r"expected a readable .npz archive",
         ),
-        (lambda p: np.save(open(p, "wb"), np.zeros(3)), r"expected a readable .npz archive"),
+        (
+            lambda p: np.save(open(p, "wb"), np.zeros(3)),
+            r"expected a readable .npz archive, got a single .npy array",
+        ),
     ],
     ids=[
         "no-y",
@@ -281,6 +299,7 @@ def _truncated(path):
         "nan",
         "strings",
         "lying-header",
+        "huge-header",
         "truncated",
         "text",
         "npy",

@@ -3,18 +3,20 @@
 Each kernel is held to the float64 oracle (cnnbp.reference) and, where PyTorch is
 installed, to torch itself: bit for bit where both compute the same operations (gradients
 at saturated logits, the -100 clamp, NaN routing through max-pool and ReLU), within the
-per-op tolerances of test_functional.py elsewhere.
+per-op tolerances of conftest.KERNEL_TOL elsewhere.
 """
+
+import warnings
 
 import numpy as np
 import pytest
 from cnnbp import functional as F
 from cnnbp import reference as ref
-from conftest import DTYPES, KERNEL_TOL, assert_close
+from conftest import DTYPES, KERNEL_TOL, assert_close, rng_for, wide
 
 F32, F64 = np.float32, np.float64
 DTYPE_IDS = ["float32", "float64"]
-# the loss tolerances of test_functional.py
+# the loss tolerances of the kernel tests (conftest.KERNEL_TOL)
 LOSS_TOL = KERNEL_TOL["binary_cross_entropy_with_logits"]
 
 
@@ -258,7 +260,7 @@ def test_max_pool2d_propagates_nan_like_the_oracle():
         assert_same_bits(idx, want_idx)
         dy = rng.standard_normal(y.shape).astype(x.dtype)
         dy.reshape(-1)[::7] = np.nan  # a NaN gradient goes where its window's max went
-        # overlapping windows add up: the tolerance of test_functional.py
+        # overlapping windows add up: the tolerance of the kernel tests
         assert_close(
             F.max_pool2d_backward(dy, idx, x.shape),
             ref.max_pool2d_backward(dy, idx, x.shape),
@@ -296,3 +298,113 @@ def test_relu_propagates_nan_like_torch(dtype):
     out.backward(torch.tensor(da))
     assert_same_bits(a, out.detach().numpy())
     assert_same_bits(dz, tz.grad.numpy())
+
+
+# ---------------------------------------------------------------------------------------
+# no overflow, no warning: sigmoid, BCE-with-logits and cross-entropy at large inputs, and
+# cross-entropy's labels of any integer type
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sigmoid_extremes_are_finite(dtype):
+    z = np.array([-1e4, -1000, -100, -30, 0, 30, 100, 1000, 1e4], dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = F.sigmoid(z)
+    assert np.isfinite(a).all()
+    assert a[0] == 0 and a[-1] == 1 and a[4] == 0.5
+    assert (np.diff(a) >= 0).all()
+    assert_close(a, ref.sigmoid(wide(z)), KERNEL_TOL["sigmoid"][dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_binary_cross_entropy_with_logits_is_stable(dtype):
+    z = np.array([-1e4, -1000.0, -100.0, 0.0, 100.0, 1000.0, 1e4], dtype)
+    y = np.array([1.0, 1.0, 0.0, 0.5, 1.0, 0.0, 0.0], dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = F.binary_cross_entropy_with_logits(z, y)
+        dz = F.binary_cross_entropy_with_logits_backward(z, y)
+    assert np.isfinite(loss) and np.isfinite(dz).all()
+    assert_close(
+        loss,
+        ref.binary_cross_entropy_with_logits(wide(z), wide(y)),
+        KERNEL_TOL["binary_cross_entropy_with_logits"][dtype],
+    )
+    assert_close(
+        dz,
+        ref.binary_cross_entropy_with_logits_backward(wide(z), wide(y)),
+        KERNEL_TOL["binary_cross_entropy_with_logits_backward"][dtype],
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cross_entropy_is_stable_and_takes_any_integer_labels(dtype):
+    z = np.array([[1000.0, 0.0, -1000.0], [-1000.0, -1001.0, -1002.0], [0.0, 0.0, 0.0]], dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for labels in (
+            np.array([2, 0, 1]),
+            np.array([2, 0, 1], np.int32),
+            np.array([2, 0, 1], np.uint8),
+            [2, 0, 1],
+        ):
+            loss = F.cross_entropy(z, labels)
+            dz = F.cross_entropy_backward(z, labels)
+            assert type(loss) is float and np.isfinite(loss) and np.isfinite(dz).all()
+            assert_close(
+                loss, ref.cross_entropy(wide(z), [2, 0, 1]), KERNEL_TOL["cross_entropy"][dtype]
+            )
+            assert_close(
+                dz,
+                ref.cross_entropy_backward(wide(z), [2, 0, 1]),
+                KERNEL_TOL["cross_entropy_backward"][dtype],
+            )
+    assert_close(F.cross_entropy(z[2:], [1]), np.log(3.0), KERNEL_TOL["cross_entropy"][dtype])
+
+
+# ---------------------------------------------------------------------------------------
+# tanh: correctly rounded in float32, saturated without overflow, its gradient keeping its
+# digits near +-1
+# ---------------------------------------------------------------------------------------
+
+
+def test_float_tanh_is_the_double_tanh_rounded_once():
+    # within half a float ulp of the float64 tanh (plus the float64 tanh's own error)
+    rng = rng_for("new_ops", "tanh-ulp")
+    z = np.concatenate(
+        [rng.standard_normal(20000) * 3, rng.uniform(-1e-3, 1e-3, 1000), rng.uniform(-12, 12, 5000)]
+    ).astype(F32)
+    a = F.tanh(z)
+    want = np.tanh(wide(z))
+    bound = 0.5 * np.spacing(np.abs(a)).astype(F64) + 4e-16 * np.abs(want)
+    assert (np.abs(wide(a) - want) <= bound).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_tanh_extremes_are_finite(dtype):
+    z = np.array([-np.inf, -1e30, -1e4, -100, -20, -0.0, 0.0, 20, 100, 1e4, 1e30, np.inf], dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = F.tanh(z)
+    np.testing.assert_array_equal(a, [-1, -1, -1, -1, -1, 0, 0, 1, 1, 1, 1, 1])
+    assert np.signbit(a[5]) and not np.signbit(a[6])  # tanh(-0) = -0, as torch
+    assert (np.diff(a) >= 0).all()
+    dz = F.tanh_backward(np.ones_like(a), a)
+    np.testing.assert_array_equal(dz, [0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0])
+    assert np.isnan(F.tanh(np.array([1.0, np.nan], dtype))[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_tanh_backward_keeps_its_digits_near_saturation(dtype):
+    # a close to +-1: the gradient 1 - a^2 is small, and every element (not just the large
+    # ones) is within a few ulps of the exact value for the a it was given
+    z = np.concatenate([np.linspace(3, 9, 200), -np.linspace(3, 9, 200)]).astype(dtype)
+    a = F.tanh(z)
+    dz = F.tanh_backward(np.ones_like(a), a)
+    a64 = wide(a)
+    # exact for a float32 a (two 25-bit factors); for float64 as exact as float64 allows
+    exact = (1 - a64) * (1 + a64)
+    rel = np.abs(wide(dz) - exact) / exact
+    assert rel.max() <= 4 * np.finfo(dtype).eps

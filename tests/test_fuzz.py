@@ -7,7 +7,7 @@ huge values, arrays in every layout (Fortran order, negative strides, every othe
 element, byte-swapped, read-only, zero-stride broadcast views, nested lists). Then:
 
 - a valid case returns what the oracle returns, within the per-op tolerances of
-  test_functional.py, and exactly what the same call on C-contiguous copies returns;
+  conftest.KERNEL_TOL, and exactly what the same call on C-contiguous copies returns;
 - a broken case raises ValueError or TypeError "[op] name: expected ..." naming the op
   and one of the arguments that can be at fault (MemoryError only where the sizes cannot
   be allocated); a broken parameter that is still valid (a stride of 2^62) must work.
@@ -27,9 +27,10 @@ import pytest
 from cnnbp import functional as F
 from cnnbp import nn, optim
 from cnnbp import reference as ref
-from conftest import KERNEL_TOL, assert_close, check_array
+from conftest import KERNEL_TOL, assert_close, assert_same_bits, check_array, check_result
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from ops import OPS
 
 # NaN and infinities cast to the wrong dtypes, and the oracle's own overflow, warn
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -47,7 +48,7 @@ FUZZ = settings(
 # per kind of breakage (a pytest parameter, so that every kind is drawn)
 PER_BREAK = settings(FUZZ, max_examples=12)
 
-# the tolerances of test_functional.py; the three losses share theirs
+# the kernel tests' tolerances (conftest.KERNEL_TOL); the three losses share theirs
 TOL = {**KERNEL_TOL, "loss": KERNEL_TOL["cross_entropy"]}
 
 BAD_DTYPES = [
@@ -175,13 +176,6 @@ def check_error(error, op, names, types=(ValueError, TypeError), memory=False):
     )
 
 
-def same_bits(a, b):
-    a, b = (a if isinstance(a, tuple) else (a,)), (b if isinstance(b, tuple) else (b,))
-    for x, y in zip(a, b):
-        assert x.dtype == y.dtype and x.shape == y.shape
-        assert x.tobytes() == y.tobytes()
-
-
 @st.composite
 def bad_int(draw):
     return draw(st.sampled_from(HUGE_INTS + BAD_INT_TYPES + [0, -1, -(2**31)]))
@@ -203,6 +197,37 @@ def pair_is_valid(v, minimum):
 
 def pair_of(v):
     return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+# ---------------------------------------------------------------------------------------
+# every op of the table: random cases, values and layouts
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", OPS, ids=repr)
+@settings(FUZZ, max_examples=30)
+@given(data=st.data())
+def test_table_ops_fuzz(op, data):
+    """A drawn case of the op (tests/ops.py), in a drawn dtype, with normal values, ties or
+    NaN and infinities, its float arrays in drawn layouts: the same bits as on C-contiguous
+    arrays, forward and backward; and, without NaN and infinities, the oracle's numbers."""
+    draw = data.draw
+    case = draw(st.sampled_from(op.cases))
+    dtype = draw(st.sampled_from(DTYPES))
+    values = draw(st.sampled_from(["normal", "ties", "special"]))
+    s = op.make(case, dtype, np.random.default_rng(draw(st.integers(0, 2**32 - 1))), values)
+    event(f"{op.name}: {values}")
+    for call, args in ((op.forward, op.forward_args), (op.backward, op.backward_args)):
+        laid_out = {
+            a.key: relayout(s[a.key], draw(st.sampled_from(LAYOUTS)))
+            for a in args
+            if a.kind in ("float", "optional") and s[a.key] is not None
+        }
+        assert_same_bits(call(F, s.replace(**laid_out)), call(F, s), "layout")
+    if values != "special":
+        check_result(op.forward(F, s), op.expected(s), dtype, TOL[op.name][dtype], op.name)
+        tol = TOL[op.backward_name][dtype]
+        check_result(op.backward(F, s), op.backward(ref, s), dtype, tol, op.backward_name)
 
 
 # ---------------------------------------------------------------------------------------
@@ -402,7 +427,7 @@ def test_conv2d_fuzz(brk, data):
     P, Q = (H + 2 * ph - R) // sh + 1, (W + 2 * pw - S) // sw + 1
     check_array(y, (N, K, P, Q), dtype)
     # the same bits as on C-contiguous copies: layout never changes a result
-    same_bits(
+    assert_same_bits(
         y,
         F.conv2d(
             contiguous(np.asarray(x, dtype)),
@@ -551,7 +576,7 @@ def test_max_pool2d_fuzz(brk, data):
     # selection: the values, NaNs and first-index ties exactly as the oracle
     assert_close(y, want_y, 0, "max_pool2d")
     np.testing.assert_array_equal(idx, want_idx)
-    same_bits(out, F.max_pool2d(contiguous(np.asarray(x)), kernel, stride, padding))
+    assert_same_bits(out, F.max_pool2d(contiguous(np.asarray(x)), kernel, stride, padding))
     dy = values(case["rng"], y.shape, case["dtype"], case["kind"])
     dx = F.max_pool2d_backward(dy, idx, np.shape(x))
     check_array(dx, np.shape(x), case["dtype"])
@@ -580,7 +605,7 @@ def test_avg_pool2d_fuzz(brk, data):
     tol = TOL["avg_pool2d"][case["dtype"]]
     if case["kind"] != "special":  # inf - inf in a window's sum: NaN in either order
         assert_close(y, want, tol, "avg_pool2d")
-    same_bits(y, F.avg_pool2d(contiguous(np.asarray(x)), kernel, stride, padding))
+    assert_same_bits(y, F.avg_pool2d(contiguous(np.asarray(x)), kernel, stride, padding))
     dy = values(case["rng"], y.shape, case["dtype"], "normal")
     dx = F.avg_pool2d_backward(dy, np.shape(x), kernel, stride, padding)
     check_array(dx, np.shape(x), case["dtype"])
@@ -764,7 +789,7 @@ def test_activations_fuzz(op, brk, seed, dtype, shape, kind, data):
     check_array(a, shape, dtype)
     want = getattr(ref, op)(z)
     assert_close(a, want, TOL[op][dtype], op)
-    same_bits(a, forward(contiguous(np.asarray(z, dtype))))
+    assert_same_bits(a, forward(contiguous(np.asarray(z, dtype))))
     saved = z if op == "relu" else a
     da = make_array(data.draw, rng, shape, dtype, kind)
     if brk == "saved dtype":
@@ -863,7 +888,7 @@ def test_linear_fuzz(brk, seed, dtype, lead, IN, OUT, has_bias, kind, data):
         return
     assert error is None, f"{type(error).__name__}: {error}"
     check_array(y, lead + (OUT,), dtype)
-    same_bits(
+    assert_same_bits(
         y,
         F.linear(
             contiguous(np.asarray(x, dtype)),
@@ -1234,23 +1259,6 @@ def test_layers_fuzz(brk, net, seed, N, data):
 HYPER = [0.0, 1e-3, 0.1, 0.9, 1.0, -0.1, -1e-12, float("nan")]
 
 
-def sgd_reference(p, g, buf, lr, momentum, weight_decay, dampening, nesterov):
-    """torch.optim.SGD's update in float64; returns (new p, new buffer)."""
-    g = g + weight_decay * p
-    if momentum:
-        buf = g.copy() if buf is None else momentum * buf + (1 - dampening) * g
-        g = g + momentum * buf if nesterov else buf
-    return p - lr * g, buf
-
-
-def adam_reference(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay):
-    g = g + weight_decay * p
-    m = beta1 * m + (1 - beta1) * g
-    v = beta2 * v + (1 - beta2) * g * g
-    denom = np.sqrt(v) / np.sqrt(1 - beta2**t) + eps
-    return p - lr / (1 - beta1**t) * m / denom, m, v
-
-
 @settings(FUZZ, max_examples=80)
 @given(
     st.integers(0, 2**32 - 1),
@@ -1322,13 +1330,12 @@ def test_optimizers_fuzz(
                 continue
             s = state[i]
             if kind == "SGD":
-                s["p"], s["buf"] = sgd_reference(
-                    s["p"], g.astype(F64), s["buf"], lr, momentum, weight_decay, dampening, nesterov
+                s["p"], s["buf"] = ref.sgd_step(
+                    s["p"], g, s["buf"], lr, momentum, dampening, weight_decay, nesterov
                 )
             else:
-                s["t"] += 1
-                s["p"], s["m"], s["v"] = adam_reference(
-                    s["p"], g.astype(F64), s["m"], s["v"], s["t"], lr, *betas, eps, weight_decay
+                s["p"], s["m"], s["v"], s["t"] = ref.adam_step(
+                    s["p"], g, s["m"], s["v"], s["t"], lr, betas, eps, weight_decay
                 )
         opt.step()
         for i, p in enumerate(params):

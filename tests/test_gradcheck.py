@@ -4,7 +4,7 @@ import cnnbp
 import numpy as np
 import pytest
 from cnnbp import nn, walkthrough
-from cnnbp.gradcheck import GradcheckReport
+from cnnbp.gradcheck import GradcheckReport, numeric_gradient
 
 
 def small_cnn(dtype=np.float64, seed=1):
@@ -183,3 +183,41 @@ def test_bad_arguments():
         cnnbp.gradcheck(small_cnn(), x, y, nn.CrossEntropyLoss(), eps=0)
     with pytest.raises(ValueError, match=r"\[gradcheck\] model: expected trainable parameters"):
         cnnbp.gradcheck(nn.Sequential(nn.ReLU()), x, y, nn.CrossEntropyLoss())
+
+
+def test_numeric_gradient_of_a_known_function_restores_x():
+    x = np.random.default_rng(5).standard_normal((3, 4))
+    before = x.copy()
+    numeric = numeric_gradient(lambda: float(np.sum(x**3)), x)
+    assert numeric.shape == x.shape and numeric.dtype == np.float64
+    np.testing.assert_allclose(numeric, 3 * before**2, rtol=1e-8, atol=1e-10)
+    np.testing.assert_array_equal(x, before)  # every entry restored, bit for bit
+    # a strided view is perturbed where it lies
+    view = before.copy()[:, ::2]
+    numeric = numeric_gradient(lambda: float(np.sum(view**2)), view)
+    np.testing.assert_allclose(numeric, 2 * view, rtol=1e-8)
+
+
+def test_numeric_gradient_probes_the_entries_asked_and_skips_crossings():
+    x = np.array([-1.0, 0.0, 2.0, 3.0])
+
+    def relu_sum():
+        return float(np.sum(np.maximum(x, 0.0)))
+
+    numeric = numeric_gradient(relu_sum, x, entries=[0, 1, 2])
+    np.testing.assert_allclose(numeric[[0, 2]], [0.0, 1.0], atol=1e-9)
+    assert numeric[1] == pytest.approx(0.5)  # across the kink: a meaningless quotient
+    assert np.isnan(numeric[3])  # not probed
+    signs = x > 0
+    numeric = numeric_gradient(relu_sum, x, skip=lambda: not np.array_equal(x > 0, signs))
+    assert np.isnan(numeric[1])  # the probe that crossed the kink is skipped
+    np.testing.assert_allclose(numeric[[0, 2, 3]], [0.0, 1.0, 1.0], atol=1e-9)
+
+
+def test_numeric_gradient_refuses_other_arrays():
+    with pytest.raises(TypeError, match=r"\[numeric_gradient\] x: expected a float64 array"):
+        numeric_gradient(lambda: 0.0, np.zeros(3, np.float32))
+    with pytest.raises(TypeError, match=r"\[numeric_gradient\] x: expected a float64 array"):
+        numeric_gradient(lambda: 0.0, [0.0, 1.0])
+    with pytest.raises(ValueError, match=r"\[numeric_gradient\] eps: expected > 0"):
+        numeric_gradient(lambda: 0.0, np.zeros(3), eps=0.0)

@@ -43,7 +43,8 @@ def test_conv2d_matches_the_oracle_on_narrower_kernels(isa):
         "-q",
         "-p",
         "no:cacheprovider",
-        str(TESTS / "test_functional.py"),
+        str(TESTS / "test_forward_vs_oracle.py"),
+        str(TESTS / "test_backward.py"),
         "-k",
         "conv2d",
     )

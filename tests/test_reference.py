@@ -8,7 +8,9 @@
 import numpy as np
 import pytest
 from cnnbp import reference as ref
-from conftest import numeric_grad
+from cnnbp.gradcheck import numeric_gradient
+from conftest import SGD_CONFIG_IDS, SGD_CONFIGS, fd_check, rng_for
+from ops import AVG_POOL2D, AVG_POOL_CASES
 
 # ---------------------------------------------------------------------------------------
 # helpers
@@ -57,9 +59,9 @@ def test_conv2d_backward_finite_differences(case):
     check_array(dx, x.shape)
     check_array(dw, w.shape)
     check_array(db, b.shape)
-    np.testing.assert_allclose(dx, numeric_grad(objective, x), **FD_TOL)
-    np.testing.assert_allclose(dw, numeric_grad(objective, w), **FD_TOL)
-    np.testing.assert_allclose(db, numeric_grad(objective, b), **FD_TOL)
+    np.testing.assert_allclose(dx, numeric_gradient(objective, x), **FD_TOL)
+    np.testing.assert_allclose(dw, numeric_gradient(objective, w), **FD_TOL)
+    np.testing.assert_allclose(db, numeric_gradient(objective, b), **FD_TOL)
 
 
 POOL_CASES = [
@@ -87,7 +89,7 @@ def test_max_pool2d_backward_finite_differences(case):
 
     dx = ref.max_pool2d_backward(g, idx, x.shape)
     check_array(dx, x.shape)
-    np.testing.assert_allclose(dx, numeric_grad(objective, x), **FD_TOL)
+    np.testing.assert_allclose(dx, numeric_gradient(objective, x), **FD_TOL)
 
 
 def test_relu_backward_finite_differences():
@@ -98,7 +100,7 @@ def test_relu_backward_finite_differences():
     dz = ref.relu_backward(g, z)
     check_array(dz, z.shape)
     np.testing.assert_allclose(
-        dz, numeric_grad(lambda: float(np.sum(ref.relu(z) * g)), z), **FD_TOL
+        dz, numeric_gradient(lambda: float(np.sum(ref.relu(z) * g)), z), **FD_TOL
     )
 
 
@@ -109,7 +111,7 @@ def test_sigmoid_backward_finite_differences():
     dz = ref.sigmoid_backward(g, ref.sigmoid(z))
     check_array(dz, z.shape)
     np.testing.assert_allclose(
-        dz, numeric_grad(lambda: float(np.sum(ref.sigmoid(z) * g)), z), **FD_TOL
+        dz, numeric_gradient(lambda: float(np.sum(ref.sigmoid(z) * g)), z), **FD_TOL
     )
 
 
@@ -131,9 +133,9 @@ def test_linear_backward_finite_differences(x_shape):
     check_array(dx, x.shape)
     check_array(dw, w.shape)
     check_array(db, b.shape)
-    np.testing.assert_allclose(dx, numeric_grad(objective, x), **FD_TOL)
-    np.testing.assert_allclose(dw, numeric_grad(objective, w), **FD_TOL)
-    np.testing.assert_allclose(db, numeric_grad(objective, b), **FD_TOL)
+    np.testing.assert_allclose(dx, numeric_gradient(objective, x), **FD_TOL)
+    np.testing.assert_allclose(dw, numeric_gradient(objective, w), **FD_TOL)
+    np.testing.assert_allclose(db, numeric_gradient(objective, b), **FD_TOL)
 
 
 def test_flatten_backward_finite_differences():
@@ -145,7 +147,7 @@ def test_flatten_backward_finite_differences():
     dx = ref.flatten_backward(g, x.shape)
     check_array(dx, x.shape)
     np.testing.assert_allclose(
-        dx, numeric_grad(lambda: float(np.sum(ref.flatten(x) * g)), x), **FD_TOL
+        dx, numeric_gradient(lambda: float(np.sum(ref.flatten(x) * g)), x), **FD_TOL
     )
 
 
@@ -156,7 +158,7 @@ def test_binary_cross_entropy_backward_finite_differences():
     da = ref.binary_cross_entropy_backward(a, y)
     check_array(da, a.shape)
     np.testing.assert_allclose(
-        da, numeric_grad(lambda: ref.binary_cross_entropy(a, y), a), **FD_TOL
+        da, numeric_gradient(lambda: ref.binary_cross_entropy(a, y), a), **FD_TOL
     )
 
 
@@ -168,7 +170,7 @@ def test_binary_cross_entropy_with_logits_backward_finite_differences():
     dz = ref.binary_cross_entropy_with_logits_backward(z, y)
     check_array(dz, z.shape)
     np.testing.assert_allclose(
-        dz, numeric_grad(lambda: ref.binary_cross_entropy_with_logits(z, y), z), **FD_TOL
+        dz, numeric_gradient(lambda: ref.binary_cross_entropy_with_logits(z, y), z), **FD_TOL
     )
 
 
@@ -178,7 +180,9 @@ def test_cross_entropy_backward_finite_differences():
     labels = rng.integers(0, 5, 6)
     dz = ref.cross_entropy_backward(z, labels)
     check_array(dz, z.shape)
-    np.testing.assert_allclose(dz, numeric_grad(lambda: ref.cross_entropy(z, labels), z), **FD_TOL)
+    np.testing.assert_allclose(
+        dz, numeric_gradient(lambda: ref.cross_entropy(z, labels), z), **FD_TOL
+    )
 
 
 SEED_KEYS = [
@@ -240,23 +244,25 @@ def test_seed_network_finite_differences(seed, N):
     # All 15 parameters and the input, through the loss.
     for name, arr in [("X", X), ("W1", W1), ("B1", B1), ("W2", W2), ("B2", B2)]:
         np.testing.assert_allclose(
-            out["dL/d" + name], numeric_grad(loss, arr), err_msg=name, **FD_TOL
+            out["dL/d" + name], numeric_gradient(loss, arr), err_msg=name, **FD_TOL
         )
     # Intermediate gradients, by perturbing the forward from that point on.
     A2 = out["A2"].copy()
     np.testing.assert_allclose(
-        out["dL/dA2"], numeric_grad(lambda: ref.binary_cross_entropy(A2, Y), A2), **FD_TOL
+        out["dL/dA2"], numeric_gradient(lambda: ref.binary_cross_entropy(A2, Y), A2), **FD_TOL
     )
     Z2 = out["Z2"].copy()
     np.testing.assert_allclose(
         out["dL/dZ2"],
-        numeric_grad(lambda: ref.binary_cross_entropy(ref.sigmoid(Z2), Y), Z2),
+        numeric_gradient(lambda: ref.binary_cross_entropy(ref.sigmoid(Z2), Y), Z2),
         **FD_TOL,
     )
     F = out["F"].copy()
     np.testing.assert_allclose(
         out["dL/dF"],
-        numeric_grad(lambda: ref.binary_cross_entropy(ref.sigmoid(ref.linear(F, W2, B2)), Y), F),
+        numeric_gradient(
+            lambda: ref.binary_cross_entropy(ref.sigmoid(ref.linear(F, W2, B2)), Y), F
+        ),
         **FD_TOL,
     )
     Z1 = out["Z1"].copy()
@@ -266,7 +272,7 @@ def test_seed_network_finite_differences(seed, N):
         Z2 = ref.linear(ref.flatten(P1), W2, B2)
         return ref.binary_cross_entropy(ref.sigmoid(Z2), Y)
 
-    np.testing.assert_allclose(out["dL/dZ1"], numeric_grad(loss_from_z1, Z1), **FD_TOL)
+    np.testing.assert_allclose(out["dL/dZ1"], numeric_gradient(loss_from_z1, Z1), **FD_TOL)
 
 
 def test_seed_network_matches_the_generic_backwards():
@@ -642,52 +648,40 @@ def test_linear_matches_torch(x_shape, bias):
         np.testing.assert_allclose(db, bt.grad.numpy(), **TORCH_TOL)
 
 
-def test_binary_cross_entropy_matches_torch():
-    torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(1200)
-    a = rng.uniform(0.0, 1.0, (6, 3))
-    y = rng.uniform(0.0, 1.0, (6, 3))
-    # Clamped and boundary cases.
-    a[0] = [0.0, 1.0, 1e-50]
-    y[0] = [1.0, 0.0, 1.0]
-    a[1] = [0.0, 1.0, 0.5]
-    y[1] = [0.0, 1.0, 0.5]
-    at = _t(a)
-    Lt = torch.nn.functional.binary_cross_entropy(at, torch.tensor(y))
-    assert ref.binary_cross_entropy(a, y) == pytest.approx(Lt.item(), rel=1e-12)
-    Lt.backward()
-    np.testing.assert_allclose(
-        ref.binary_cross_entropy_backward(a, y), at.grad.numpy(), **TORCH_TOL
-    )
-
-
-def test_binary_cross_entropy_with_logits_matches_torch():
-    torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(1300)
-    z = rng.standard_normal((5, 4)) * 6
-    z[0] = [1000.0, -1000.0, 40.0, -40.0]
-    y = rng.uniform(0.0, 1.0, z.shape)
-    y[0] = [0.0, 1.0, 1.0, 0.0]
-    zt = _t(z)
-    Lt = torch.nn.functional.binary_cross_entropy_with_logits(zt, torch.tensor(y))
-    assert ref.binary_cross_entropy_with_logits(z, y) == pytest.approx(Lt.item(), rel=1e-12)
-    Lt.backward()
-    np.testing.assert_allclose(
-        ref.binary_cross_entropy_with_logits_backward(z, y), zt.grad.numpy(), **TORCH_TOL
-    )
-
-
-def test_cross_entropy_matches_torch():
-    torch = pytest.importorskip("torch")
+def loss_inputs(name):
+    """(input, target) of each loss, with clamped, saturated and boundary cases."""
+    if name == "binary_cross_entropy":
+        rng = np.random.default_rng(1200)
+        a = rng.uniform(0.0, 1.0, (6, 3))
+        y = rng.uniform(0.0, 1.0, (6, 3))
+        a[0], y[0] = [0.0, 1.0, 1e-50], [1.0, 0.0, 1.0]  # clamped
+        a[1], y[1] = [0.0, 1.0, 0.5], [0.0, 1.0, 0.5]  # the boundary
+        return a, y
+    if name == "binary_cross_entropy_with_logits":
+        rng = np.random.default_rng(1300)
+        z = rng.standard_normal((5, 4)) * 6
+        y = rng.uniform(0.0, 1.0, z.shape)
+        z[0], y[0] = [1000.0, -1000.0, 40.0, -40.0], [0.0, 1.0, 1.0, 0.0]
+        return z, y
     rng = np.random.default_rng(1400)
     z = rng.standard_normal((7, 5)) * 4
     z[0] = [1000.0, 0.0, -1000.0, 3.0, 999.0]
-    labels = rng.integers(0, 5, 7)
-    zt = _t(z)
-    Lt = torch.nn.functional.cross_entropy(zt, torch.tensor(labels))
-    assert ref.cross_entropy(z, labels) == pytest.approx(Lt.item(), rel=1e-12)
+    return z, rng.integers(0, 5, 7)
+
+
+@pytest.mark.parametrize(
+    "name", ["binary_cross_entropy", "binary_cross_entropy_with_logits", "cross_entropy"]
+)
+def test_losses_match_torch(name):
+    torch = pytest.importorskip("torch")
+    p, target = loss_inputs(name)
+    pt = _t(p)
+    Lt = getattr(torch.nn.functional, name)(pt, torch.tensor(target))
+    assert getattr(ref, name)(p, target) == pytest.approx(Lt.item(), rel=1e-12)
     Lt.backward()
-    np.testing.assert_allclose(ref.cross_entropy_backward(z, labels), zt.grad.numpy(), **TORCH_TOL)
+    np.testing.assert_allclose(
+        getattr(ref, name + "_backward")(p, target), pt.grad.numpy(), **TORCH_TOL
+    )
 
 
 def test_seed_network_matches_torch_autograd():
@@ -710,3 +704,173 @@ def test_zero_dim_inputs_keep_their_shape():
     z = np.array(-1.0)
     for out in (ref.relu(z), ref.sigmoid(z), ref.relu_backward(z, z), ref.sigmoid_backward(z, z)):
         assert out.shape == ()
+
+
+# ---------------------------------------------------------------------------------------
+# 4. the oracle stands alone: its own output_size, NumPy only, no build needed
+# ---------------------------------------------------------------------------------------
+
+
+def test_output_size_floors():
+    assert ref.output_size(6, 3) == 4
+    assert ref.output_size(7, 3, 2) == 3
+    assert ref.output_size(8, 3, 2) == 3  # floored
+    assert ref.output_size(5, 3, 2, 1) == 3
+    assert ref.output_size(1, 1) == 1
+    assert ref.output_size(4, 3, 1, 3) == 8
+    assert ref.output_size(2, 5, 1, 0) == -2  # a window larger than the input: < 1
+
+
+def test_output_size_equals_the_kernels_helper():
+    from cnnbp import functional as F
+
+    for in_size in range(0, 9):
+        for kernel in range(1, 6):
+            for stride in range(1, 4):
+                for padding in range(0, 3):
+                    args = (in_size, kernel, stride, padding)
+                    assert ref.output_size(*args) == F.output_size(*args), args
+
+
+LOAD_BY_PATH = """
+import importlib.util, sys
+sys.modules["cnnbp"] = None  # importing cnnbp or cnnbp._core now raises ImportError
+sys.modules["cnnbp._core"] = None
+sys.modules["_core"] = None
+spec = importlib.util.spec_from_file_location("reference", sys.argv[1])
+reference = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(reference)
+x = [[[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]]]]
+w = [[[[1.0, 2.0], [3.0, 4.0]]]]
+print(reference.conv2d(x, w, [0.5]).reshape(-1).tolist())
+print(sorted(m for m in sys.modules if m.startswith("cnnbp") and sys.modules[m] is not None))
+"""
+
+
+def test_the_oracle_loads_by_path_without_the_package(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run(
+        [sys.executable, "-c", LOAD_BY_PATH, ref.__file__],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,  # nothing of cnnbp on the path either
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    conv, loaded = run.stdout.splitlines()
+    assert conv == "[37.5, 47.5, 67.5, 77.5]"  # test_conv2d_known_answer's numbers
+    assert loaded == "[]"
+
+
+# ---------------------------------------------------------------------------------------
+# 5. the optimizer updates against torch.optim (float64)
+# ---------------------------------------------------------------------------------------
+
+ADAM_CONFIGS = [
+    dict(lr=0.01),
+    dict(lr=0.05, betas=(0.5, 0.9), eps=1e-6),
+    dict(lr=0.01, weight_decay=0.1),
+]
+
+
+def _optimizer_runs(torch_cls, config, update, state, steps=6, seed=0):
+    """The same gradients through torch_cls(**config) and the reference update; each
+    step's parameters compared."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(seed)
+    shapes = [(3, 4), (5,), (2, 1, 3, 3)]
+    params = [rng.standard_normal(s) for s in shapes]
+    tparams = [torch.tensor(p, requires_grad=True) for p in params]
+    topt = torch_cls(tparams, **config)
+    states = [state() for _ in params]
+    for step in range(steps):
+        for i, tp in enumerate(tparams):
+            if step == 2 and i == 1:  # a parameter without a gradient is left alone
+                tp.grad = None
+                continue
+            g = rng.standard_normal(tp.shape)
+            tp.grad = torch.tensor(g)
+            params[i], *states[i] = update(params[i], g, *states[i], **config)
+        topt.step()
+        for p, tp in zip(params, tparams):
+            np.testing.assert_allclose(p, tp.detach().numpy(), rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("config", SGD_CONFIGS, ids=SGD_CONFIG_IDS)
+def test_sgd_step_matches_torch(config):
+    torch = pytest.importorskip("torch")
+    _optimizer_runs(torch.optim.SGD, config, ref.sgd_step, lambda: [None])
+
+
+@pytest.mark.parametrize("config", ADAM_CONFIGS, ids=str)
+def test_adam_step_matches_torch(config):
+    torch = pytest.importorskip("torch")
+    _optimizer_runs(torch.optim.Adam, config, ref.adam_step, lambda: [0.0, 0.0, 0])
+
+
+@pytest.mark.parametrize("config", ADAM_CONFIGS + [dict(lr=0.01, weight_decay=0.5)], ids=str)
+def test_adamw_step_matches_torch(config):
+    torch = pytest.importorskip("torch")
+    _optimizer_runs(torch.optim.AdamW, config, ref.adamw_step, lambda: [0.0, 0.0, 0])
+
+
+def test_adamw_defaults_to_torchs_weight_decay():
+    p, g = np.ones(3), np.zeros(3)
+    decayed, *_ = ref.adamw_step(p, g, 0.0, 0.0, 0, lr=0.1)
+    np.testing.assert_allclose(decayed, 1 - 0.1 * 1e-2, rtol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------
+# 6. avg_pool2d, tanh and dropout: finite differences of the oracle's own forwards, and
+#    torch in float64
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", AVG_POOL_CASES, ids=str)
+def test_reference_avg_pool2d_against_finite_differences_and_torch(case):
+    s = AVG_POOL2D.sample(case, np.float64)
+    x, g, kernel, stride, padding = s.x, s.dy, s.kernel, s.stride, s.padding
+
+    def objective():
+        return float(np.sum(ref.avg_pool2d(x, kernel, stride, padding) * g))
+
+    dx = ref.avg_pool2d_backward(g, x.shape, kernel, stride, padding)
+    fd_check(dx, objective, x, "reference avg_pool2d")
+    torch = pytest.importorskip("torch")
+    xt = torch.tensor(x, requires_grad=True)
+    yt = torch.nn.functional.avg_pool2d(xt, kernel, stride, padding)
+    yt.backward(torch.tensor(g))
+    np.testing.assert_allclose(
+        ref.avg_pool2d(x, kernel, stride, padding), yt.detach().numpy(), **TORCH_TOL
+    )
+    np.testing.assert_allclose(dx, xt.grad.numpy(), **TORCH_TOL)
+
+
+def test_reference_tanh_and_dropout_against_finite_differences_and_torch():
+    rng = rng_for("new_ops", "reference-tanh")
+    z = rng.standard_normal((3, 7)) * 2
+    g = rng.standard_normal(z.shape)
+    fd_check(
+        ref.tanh_backward(g, ref.tanh(z)),
+        lambda: float(np.sum(ref.tanh(z) * g)),
+        z,
+        "reference tanh",
+    )
+    mask = ref.dropout_mask(z.shape, 0.3, 4)
+    fd_check(
+        ref.dropout_backward(g, mask, 0.3),
+        lambda: float(np.sum(ref.dropout(z, mask, 0.3) * g)),
+        z,
+        "reference dropout",
+    )
+    torch = pytest.importorskip("torch")
+    zt = torch.tensor(z, requires_grad=True)
+    at = torch.tanh(zt)
+    at.backward(torch.tensor(g))
+    np.testing.assert_allclose(ref.tanh(z), at.detach().numpy(), **TORCH_TOL)
+    np.testing.assert_allclose(ref.tanh_backward(g, ref.tanh(z)), zt.grad.numpy(), **TORCH_TOL)

@@ -1,17 +1,19 @@
 """cnnbp.set_num_threads / get_num_threads, and results that do not depend on the count.
 
-Every kernel gives each output element to one thread and reduces in a fixed order, so one
-thread and two threads must give the same bits. The sizes are above the threading
-thresholds, so that two threads really split the work.
+Every kernel gives each output element to one thread and reduces in a fixed order, so one,
+two and three threads must give the same bits: every op of the table (tests/ops.py) on its
+thread cases, which are above the threading thresholds so that the threads really split
+the work, with ties, NaN, -inf and -0 where the op selects; training steps; and whole
+processes started with other thread counts.
 """
 
 import cnnbp
 import numpy as np
 import pytest
 from cnnbp import functional as F
-from conftest import with_threads
+from conftest import DTYPES, assert_same_bits, with_threads
+from ops import OPS
 
-DTYPES = (np.float32, np.float64)
 DTYPE_IDS = ["float32", "float64"]
 
 
@@ -22,18 +24,8 @@ def restore_thread_count():
     cnnbp.set_num_threads(before)
 
 
-def assert_same_bits(one, two):
-    """Tuples of arrays, equal byte for byte (NaNs and signed zeros included)."""
-    if not isinstance(one, tuple):
-        one, two = (one,), (two,)
-    assert len(one) == len(two)
-    for a, b in zip(one, two):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        assert a.tobytes() == b.tobytes()
-
-
 def check_thread_independent(fn):
-    assert_same_bits(with_threads(1, fn), with_threads(2, fn))
+    assert_same_bits(with_threads(2, fn), with_threads(1, fn))
 
 
 # ---------------------------------------------------------------------------------------
@@ -72,79 +64,25 @@ def test_set_num_threads_rejects_huge_counts_and_non_integers():
 
 
 # ---------------------------------------------------------------------------------------
-# the same bits with one and two threads
+# the same bits with one, two and three threads, for every op of the table
 # ---------------------------------------------------------------------------------------
 
 
-def data(shape, dtype, seed, special=True):
-    rng = np.random.default_rng(seed)
-    x = rng.integers(-4, 5, shape).astype(dtype) * dtype(0.5)  # ties for max-pool
-    x += rng.standard_normal(shape).astype(dtype) * (rng.random(shape) < 0.5)
-    if special:
-        flat = x.reshape(-1)
-        flat[rng.integers(0, flat.size, 20)] = np.nan
-        flat[rng.integers(0, flat.size, 20)] = -np.inf
-        flat[rng.integers(0, flat.size, 20)] = -0.0
-    return x
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", [(64, 8, 26, 26), (8, 64, 33, 31)], ids=str)
-@pytest.mark.parametrize("pool", [(2, None, 0), (3, 2, 1), (2, 1, 0)], ids=str)
-def test_max_pool2d_is_thread_independent(shape, pool, dtype):
-    x = data(shape, dtype, 1)
-    kernel, stride, padding = pool
-    check_thread_independent(lambda: F.max_pool2d(x, kernel, stride, padding))
-    y, idx = F.max_pool2d(x, kernel, stride, padding)
-    dy = data(y.shape, dtype, 2)
-    check_thread_independent(lambda: F.max_pool2d_backward(dy, idx, x.shape))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_relu_and_sigmoid_are_thread_independent(dtype):
-    z = data((7, 100_003), dtype, 3)
-    da = data(z.shape, dtype, 4)
-    check_thread_independent(lambda: F.relu(z))
-    check_thread_independent(lambda: F.relu_backward(da, z))
-    check_thread_independent(lambda: F.sigmoid(z))
-    a = F.sigmoid(z)
-    check_thread_independent(lambda: F.sigmoid_backward(da, a))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_linear_is_thread_independent(dtype):
-    x, w, b = (
-        data((256, 300), dtype, 5, False),
-        data((40, 300), dtype, 6, False),
-        data((40,), dtype, 7, False),
-    )
-    dy = data((256, 40), dtype, 8, False)
-    check_thread_independent(lambda: F.linear(x, w, b))
-    check_thread_independent(lambda: F.linear_backward(dy, x, w))
-
-
-CONV_CASES = [
-    # (N, C, H, W, K, R, stride, padding)
-    (64, 1, 28, 28, 8, 3, 1, 0),
-    (16, 8, 13, 13, 16, 3, 1, 0),
-    (8, 16, 20, 20, 32, 3, 1, 1),
-    (6, 5, 17, 15, 7, 3, 2, 1),
-    (1, 32, 32, 32, 32, 3, 1, 1),  # one image: the threads must split something else
-    (3, 2, 6, 6, 4, 3, 1, 0),  # tiny: direct loops
-]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case", CONV_CASES, ids=str)
-def test_conv2d_is_thread_independent(case, dtype):
-    N, C, H, W, K, R, stride, padding = case
-    x = data((N, C, H, W), dtype, 9, False)
-    w = data((K, C, R, R), dtype, 10, False) * dtype(0.1)
-    b = data((K,), dtype, 11, False)
-    check_thread_independent(lambda: F.conv2d(x, w, b, stride, padding))
-    y = F.conv2d(x, w, b, stride, padding)
-    dy = data(y.shape, dtype, 12, False)
-    check_thread_independent(lambda: F.conv2d_backward(dy, x, w, stride, padding))
+@pytest.mark.parametrize(
+    "op, case, dtype",
+    [
+        pytest.param(op, case, dtype, id=f"{op.name}-{case}-{np.dtype(dtype).name}")
+        for op in OPS
+        for case in op.threads
+        for dtype in DTYPES
+    ],
+)
+def test_results_do_not_depend_on_the_number_of_threads(op, case, dtype):
+    s = op.sample(case, dtype, op.thread_values)
+    for call in (op.forward, op.backward):
+        one = with_threads(1, lambda: call(F, s))
+        for threads in (2, 3):
+            assert_same_bits(with_threads(threads, lambda: call(F, s)), one, f"{threads} threads")
 
 
 def test_idle_threads_sleep_unless_the_user_chose_otherwise():
@@ -161,25 +99,6 @@ def test_idle_threads_sleep_unless_the_user_chose_otherwise():
     env["OMP_WAIT_POLICY"] = "ACTIVE"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "ACTIVE", out.stderr
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_losses_are_thread_independent(dtype):
-    rng = np.random.default_rng(13)
-    z = data((4096, 40), dtype, 14, False)
-    labels = rng.integers(0, 40, 4096)
-    y = rng.integers(0, 2, z.shape).astype(dtype)
-    a = F.sigmoid(z)
-    for fn, args in [
-        (F.cross_entropy, (z, labels)),
-        (F.binary_cross_entropy_with_logits, (z, y)),
-        (F.binary_cross_entropy, (a, y)),
-    ]:
-        one, two = with_threads(1, lambda: fn(*args)), with_threads(2, lambda: fn(*args))
-        assert one == two and np.float64(one).tobytes() == np.float64(two).tobytes()
-    check_thread_independent(lambda: F.cross_entropy_backward(z, labels))
-    check_thread_independent(lambda: F.binary_cross_entropy_with_logits_backward(z, y))
-    check_thread_independent(lambda: F.binary_cross_entropy_backward(a, y))
 
 
 def training_run(dtype, optimizer):
@@ -216,35 +135,30 @@ def test_training_steps_are_thread_independent(dtype, optimizer):
     check_thread_independent(lambda: training_run(dtype, optimizer))
 
 
-# Run in a fresh process: a hash of every kernel's results and of a training run.
+# Run in a fresh process: a hash of every op's results on its thread cases, and of a
+# training run.
 HASH_SCRIPT = r"""
 import hashlib, sys
 import numpy as np
 import cnnbp
 from cnnbp import functional as F
 sys.path.insert(0, sys.argv[1])
-from test_threads import data, training_run
+from ops import OPS
+from test_threads import training_run
 
 cnnbp.set_num_threads(int(sys.argv[2]))
 digest = hashlib.sha256()
-def add(*arrays):
-    for a in arrays:
+def add(result):
+    for a in result if isinstance(result, tuple) else (result,):
         a = np.asarray(a)
         digest.update(str((a.dtype, a.shape)).encode() + a.tobytes())
 for dtype in (np.float32, np.float64):
-    x, w, b = data((16, 8, 20, 20), dtype, 1, False), data((16, 8, 3, 3), dtype, 2, False), data((16,), dtype, 3, False)
-    y = F.conv2d(x, w, b, 1, 1)
-    add(y, *F.conv2d_backward(data(y.shape, dtype, 4, False), x, w, 1, 1))
-    add(*F.conv2d_backward(data((16, 16, 9, 9), dtype, 5, False), x, w, 2, 0))
-    p, idx = F.max_pool2d(data((16, 8, 20, 20), dtype, 6), 3, 2, 1)
-    add(p, idx, F.max_pool2d_backward(data(p.shape, dtype, 7), idx, (16, 8, 20, 20)))
-    z = data((300, 500), dtype, 8)
-    add(F.relu(z), F.relu_backward(z, z), F.sigmoid(z), F.sigmoid_backward(z, F.sigmoid(z)))
-    lx, lw = data((256, 300), dtype, 9, False), data((40, 300), dtype, 10, False)
-    add(F.linear(lx, lw), *F.linear_backward(data((256, 40), dtype, 11, False), lx, lw))
-    logits, labels = data((256, 40), dtype, 12, False), np.arange(256) % 40
-    add([F.cross_entropy(logits, labels)], F.cross_entropy_backward(logits, labels))
-    add(*training_run(dtype, "Adam"))
+    for op in OPS:
+        for case in op.threads:
+            s = op.sample(case, dtype, op.thread_values)
+            add(op.forward(F, s))
+            add(op.backward(F, s))
+    add(training_run(dtype, "Adam"))
 print(digest.hexdigest())
 """
 
@@ -270,6 +184,6 @@ def test_results_are_identical_across_processes(tmp_path):
         assert out.returncode == 0, out.stderr
         return out.stdout.strip()
 
-    first, second, threaded = digest(1), digest(1), digest(2)
+    first, second, two, three = digest(1), digest(1), digest(2), digest(3)
     assert len(first) == 64
-    assert first == second == threaded
+    assert first == second == two == three

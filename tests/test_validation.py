@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from cnnbp import functional as F
 from cnnbp import nn, optim
+from cnnbp import reference as ref
+from ops import OPS, all_errors
 
 F32, F64 = np.float32, np.float64
 
@@ -34,218 +36,90 @@ def conv_args(dtype=F64):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "x_shape, w_shape, b_shape, stride, padding, expected",
-    [
-        (
-            (3, 6, 6),
-            (4, 3, 3, 3),
-            (4,),
-            1,
-            0,
-            "[conv2d] input: expected 4 dims (N, C, H, W), got shape (3, 6, 6)",
-        ),
-        (
-            (1, 2, 3, 6, 6),
-            (4, 3, 3, 3),
-            (4,),
-            1,
-            0,
-            "[conv2d] input: expected 4 dims (N, C, H, W), got shape (1, 2, 3, 6, 6)",
-        ),
-        (
-            (2, 3, 6, 6),
-            (3, 3),
-            (4,),
-            1,
-            0,
-            "[conv2d] weight: expected 4 dims (K, C, R, S), got shape (3, 3)",
-        ),
-        (
-            (2, 3, 6, 6),
-            (4, 2, 3, 3),
-            (4,),
-            1,
-            0,
-            "[conv2d] weight: expected 3 input channels (dim 1) to match input (2, 3, 6, 6), "
-            "got shape (4, 2, 3, 3)",
-        ),
-        (
-            (2, 3, 6, 6),
-            (4, 3, 3, 3),
-            (3,),
-            1,
-            0,
-            "[conv2d] bias: expected shape (4,), got shape (3,)",
-        ),
-        (
-            (2, 3, 6, 6),
-            (4, 3, 3, 3),
-            (4, 1),
-            1,
-            0,
-            "[conv2d] bias: expected shape (4,), got shape (4, 1)",
-        ),
-        ((2, 3, 6, 6), (4, 3, 3, 3), (), 1, 0, "[conv2d] bias: expected shape (4,), got shape ()"),
-        (
-            (0, 3, 6, 6),
-            (4, 3, 3, 3),
-            (4,),
-            1,
-            0,
-            "[conv2d] input: expected every dim >= 1, got shape (0, 3, 6, 6)",
-        ),
-        (
-            (2, 0, 6, 6),
-            (4, 0, 3, 3),
-            (4,),
-            1,
-            0,
-            "[conv2d] input: expected every dim >= 1, got shape (2, 0, 6, 6)",
-        ),
-        (
-            (2, 3, 6, 0),
-            (4, 3, 3, 3),
-            (4,),
-            1,
-            0,
-            "[conv2d] input: expected every dim >= 1, got shape (2, 3, 6, 0)",
-        ),
-        (
-            (2, 3, 6, 6),
-            (0, 3, 3, 3),
-            (0,),
-            1,
-            0,
-            "[conv2d] weight: expected every dim >= 1, got shape (0, 3, 3, 3)",
-        ),
-        (
-            (2, 3, 6, 6),
-            (4, 3, 3, 0),
-            (4,),
-            1,
-            0,
-            "[conv2d] weight: expected every dim >= 1, got shape (4, 3, 3, 0)",
-        ),
-        (
-            (2, 3, 2, 6),
-            (4, 3, 3, 3),
-            (4,),
-            1,
-            0,
-            "[conv2d] input: expected padded size (2, 6) >= kernel size (3, 3), "
-            "got input shape (2, 3, 2, 6)",
-        ),
-        (
-            (1, 1, 4, 4),
-            (1, 1, 7, 5),
-            (1,),
-            1,
-            1,
-            "[conv2d] input: expected padded size (6, 6) >= kernel size (7, 5), "
-            "got input shape (1, 1, 4, 4)",
-        ),
-        (
-            (1, 1, 4, 4),
-            (1, 1, 5, 5),
-            (1,),
-            1,
-            (1, 0),
-            "[conv2d] input: expected padded size (6, 4) >= kernel size (5, 5), "
-            "got input shape (1, 1, 4, 4)",
-        ),
-        ((2, 3, 6, 6), (4, 3, 3, 3), (4,), 0, 0, "[conv2d] stride: expected >= 1, got 0"),
-        ((2, 3, 6, 6), (4, 3, 3, 3), (4,), (1, 0), 0, "[conv2d] stride: expected >= 1, got 0"),
-        ((2, 3, 6, 6), (4, 3, 3, 3), (4,), -2, 0, "[conv2d] stride: expected >= 1, got -2"),
-        ((2, 3, 6, 6), (4, 3, 3, 3), (4,), 1, -1, "[conv2d] padding: expected >= 0, got -1"),
-        ((2, 3, 6, 6), (4, 3, 3, 3), (4,), 1, (0, -3), "[conv2d] padding: expected >= 0, got -3"),
-    ],
-)
-def test_conv2d_value_errors(x_shape, w_shape, b_shape, stride, padding, expected):
-    x, w, b = np.ones(x_shape), np.ones(w_shape), np.zeros(b_shape)
-    with raises(ValueError, expected):
-        F.conv2d(x, w, b, stride=stride, padding=padding)
+# ---------------------------------------------------------------------------------------
+# every op of the table: its invalid-argument cases, and the dtype / None / mixed-dtype
+# refusals of each of its array arguments
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", all_errors())
+def test_invalid_arguments_are_refused(bad):
+    with pytest.raises(bad.exception, match=bad.match):
+        bad.call()
+
+
+def calls(op, dtype=F64):
+    """(name, call, array arguments) of the op's forward and backward, on one sample."""
+    s = op.sample(op.cases[1], dtype, "smooth")  # no NaN to cast to the other dtypes
+    return s, [
+        (op.name, op.forward, op.forward_args),
+        (op.backward_name, op.backward, op.backward_args),
+    ]
+
+
+@pytest.mark.parametrize("op", OPS, ids=repr)
+def test_float_arguments_refuse_other_dtypes(op):
+    s, named_calls = calls(op)
+    for fn, call, args in named_calls:
+        for arg in args:
+            if arg.kind not in ("float", "optional"):
+                continue
+            for dtype in BAD_DTYPES:
+                bad = s.replace(**{arg.key: s[arg.key].astype(dtype)})
+                name = dtype_name(dtype)
+                with raises(
+                    TypeError, f"[{fn}] {arg.name}: expected float32 or float64, got {name}"
+                ):
+                    call(F, bad)
+
+
+@pytest.mark.parametrize("op", OPS, ids=repr)
+def test_array_arguments_refuse_none(op):
+    s, named_calls = calls(op)
+    for fn, call, args in named_calls:
+        for arg in args:
+            if arg.kind in ("float", "int", "bool"):  # "optional" takes None: no bias
+                with raises(TypeError, f"[{fn}] {arg.name}: expected an array, got None"):
+                    call(F, s.replace(**{arg.key: None}))
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["float32", "float64"])
+@pytest.mark.parametrize("op", OPS, ids=repr)
+def test_float_arguments_refuse_the_other_float_dtype(op, dtype):
+    other = F64 if dtype == F32 else F32
+    s, named_calls = calls(op, dtype)
+    for fn, call, args in named_calls:
+        floats = [a for a in args if a.kind in ("float", "optional")]
+        for arg in floats[1:]:  # the first array argument sets the dtype of the call
+            with raises(
+                TypeError,
+                f"[{fn}] {arg.name}: expected {dtype_name(dtype)} like the first array "
+                f"argument, got {dtype_name(other)}",
+            ):
+                call(F, s.replace(**{arg.key: s[arg.key].astype(other)}))
+    if op.name == "conv2d":  # a list becomes float64: mixing it with float32 is the same error
+        s = op.sample(op.cases[1], F32)
+        with raises(
+            TypeError, "[conv2d] bias: expected float32 like the first array argument, got float64"
+        ):
+            F.conv2d(s.x, s.w, s.b.tolist())
+
+
+def test_non_arrays_are_refused():
+    x, w, b = conv_args()
+    with raises(TypeError, "[conv2d] input: expected an array, got list"):
+        F.conv2d([[[[1.0, 2.0], [3.0]]]], w, b)  # ragged
+    with raises(TypeError, "[conv2d] input: expected float32 or float64, got <U3"):
+        F.conv2d("abc", w, b)
+    with raises(TypeError, "[conv2d] input: expected float32 or float64, got object"):
+        F.conv2d(object(), w, b)
+    with raises(TypeError, "[avg_pool2d] input: expected float32 or float64, got <U3"):
+        F.avg_pool2d("abc", 2)
 
 
 def test_conv2d_kernel_exactly_as_large_as_the_padded_input_is_fine():
     y = F.conv2d(np.ones((1, 1, 4, 4)), np.ones((1, 1, 6, 6)), np.zeros(1), padding=1)
     assert y.shape == (1, 1, 1, 1)
-
-
-@pytest.mark.parametrize(
-    "x_shape, w_shape, dy_shape, stride, padding, expected",
-    [
-        (
-            (2, 3, 6, 6),
-            (4, 3, 3, 3),
-            (2, 4, 3, 4),
-            1,
-            0,
-            r"^\[conv2d_backward\] doutput: expected shape \(2, 4, 4, 4\) \(the forward output's\), "
-            r"got shape \(2, 4, 3, 4\)",
-        ),
-        (
-            (2, 3, 6, 6),
-            (4, 3, 3, 3),
-            (2, 4, 4, 4),
-            2,
-            0,
-            r"^\[conv2d_backward\] doutput: expected shape \(2, 4, 2, 2\)",
-        ),
-        (
-            (2, 3, 6, 6),
-            (4, 3, 3, 3),
-            (4, 4, 4),
-            1,
-            0,
-            r"^\[conv2d_backward\] doutput: expected shape \(2, 4, 4, 4\).*got shape \(4, 4, 4\)",
-        ),
-        # shape checks shared with the forward (one parameter struct, one validation)
-        (
-            (3, 6, 6),
-            (4, 3, 3, 3),
-            (2, 4, 4, 4),
-            1,
-            0,
-            r"^\[conv2d(_backward)?\] input: expected 4 dims \(N, C, H, W\), got shape \(3, 6, 6\)",
-        ),
-        (
-            (2, 3, 6, 6),
-            (4, 2, 3, 3),
-            (2, 4, 4, 4),
-            1,
-            0,
-            r"^\[conv2d(_backward)?\] weight: expected 3 input channels",
-        ),
-        (
-            (2, 3, 6, 6),
-            (4, 3, 3, 3),
-            (2, 4, 4, 4),
-            0,
-            0,
-            r"^\[conv2d(_backward)?\] stride: expected >= 1, got 0",
-        ),
-        (
-            (2, 3, 6, 6),
-            (4, 3, 3, 3),
-            (2, 4, 4, 4),
-            1,
-            -1,
-            r"^\[conv2d(_backward)?\] padding: expected >= 0, got -1",
-        ),
-        (
-            (2, 3, 2, 2),
-            (4, 3, 3, 3),
-            (2, 4, 1, 1),
-            1,
-            0,
-            r"^\[conv2d(_backward)?\] input: expected padded size \(2, 2\) >= kernel size \(3, 3\)",
-        ),
-    ],
-)
-def test_conv2d_backward_value_errors(x_shape, w_shape, dy_shape, stride, padding, expected):
-    with pytest.raises(ValueError, match=expected):
-        F.conv2d_backward(np.ones(dy_shape), np.ones(x_shape), np.ones(w_shape), stride, padding)
 
 
 BAD_PAIRS = [
@@ -305,192 +179,41 @@ def dtype_name(dtype):
     return str(np.dtype(dtype))
 
 
-@pytest.mark.parametrize("dtype", BAD_DTYPES, ids=dtype_name)
-def test_conv2d_refuses_other_dtypes(dtype):
-    x, w, b = conv_args()
-    name = dtype_name(dtype)
-    with raises(TypeError, f"[conv2d] input: expected float32 or float64, got {name}"):
-        F.conv2d(x.astype(dtype), w, b)
-    with raises(TypeError, f"[conv2d] weight: expected float32 or float64, got {name}"):
-        F.conv2d(x, w.astype(dtype), b)
-    with raises(TypeError, f"[conv2d] bias: expected float32 or float64, got {name}"):
-        F.conv2d(x, w, b.astype(dtype))
-    dy = np.ones((2, 4, 4, 4))
-    with raises(TypeError, f"[conv2d_backward] doutput: expected float32 or float64, got {name}"):
-        F.conv2d_backward(dy.astype(dtype), x, w)
-    with raises(TypeError, f"[conv2d_backward] input: expected float32 or float64, got {name}"):
-        F.conv2d_backward(dy, x.astype(dtype), w)
-
-
-def test_conv2d_refuses_mixed_float32_and_float64():
-    x, w, b = conv_args(F32)
-    d = np.float64
-    with raises(
-        TypeError, "[conv2d] weight: expected float32 like the first array argument, got float64"
-    ):
-        F.conv2d(x, w.astype(d), b)
-    with raises(
-        TypeError, "[conv2d] bias: expected float32 like the first array argument, got float64"
-    ):
-        F.conv2d(x, w, b.astype(d))
-    with raises(
-        TypeError, "[conv2d] weight: expected float64 like the first array argument, got float32"
-    ):
-        F.conv2d(x.astype(d), w, b.astype(d))
-    # a list becomes float64: mixing it with float32 arrays is the same error
-    with raises(
-        TypeError, "[conv2d] bias: expected float32 like the first array argument, got float64"
-    ):
-        F.conv2d(x, w, [0.0, 0.0, 0.0, 0.0])
-    dy = np.ones((2, 4, 4, 4), F32)
-    with raises(
-        TypeError,
-        "[conv2d_backward] input: expected float32 like the first array argument, got float64",
-    ):
-        F.conv2d_backward(dy, x.astype(d), w)
-    with raises(
-        TypeError,
-        "[conv2d_backward] weight: expected float32 like the first array argument, got float64",
-    ):
-        F.conv2d_backward(dy, x, w.astype(d))
-    with raises(
-        TypeError,
-        "[conv2d_backward] input: expected float64 like the first array argument, got float32",
-    ):
-        F.conv2d_backward(dy.astype(d), x, w)
-
-
-def test_conv2d_refuses_none_and_non_arrays():
-    x, w, b = conv_args()
-    with raises(TypeError, "[conv2d] input: expected an array, got None"):
-        F.conv2d(None, w, b)
-    with raises(TypeError, "[conv2d] weight: expected an array, got None"):
-        F.conv2d(x, None, b)
-    with raises(TypeError, "[conv2d_backward] doutput: expected an array, got None"):
-        F.conv2d_backward(None, x, w)
-    with raises(TypeError, "[conv2d_backward] input: expected an array, got None"):
-        F.conv2d_backward(np.ones((2, 4, 4, 4)), None, w)
-    with raises(TypeError, "[conv2d_backward] weight: expected an array, got None"):
-        F.conv2d_backward(np.ones((2, 4, 4, 4)), x, None)
-    with raises(TypeError, "[conv2d] input: expected an array, got list"):
-        F.conv2d([[[[1.0, 2.0], [3.0]]]], w, b)  # ragged
-    with raises(TypeError, "[conv2d] input: expected float32 or float64, got <U3"):
-        F.conv2d("abc", w, b)
-    with raises(TypeError, "[conv2d] input: expected float32 or float64, got object"):
-        F.conv2d(object(), w, b)
-
-
 # ---------------------------------------------------------------------------------------
 # max_pool2d
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "x_shape, kernel, stride, padding, expected",
-    [
-        ((4, 4), 2, None, 0, "[max_pool2d] input: expected 4 dims (N, C, H, W), got shape (4, 4)"),
-        (
-            (1, 1, 1, 4, 4),
-            2,
-            None,
-            0,
-            "[max_pool2d] input: expected 4 dims (N, C, H, W), got shape (1, 1, 1, 4, 4)",
-        ),
-        (
-            (0, 1, 4, 4),
-            2,
-            None,
-            0,
-            "[max_pool2d] input: expected every dim >= 1, got shape (0, 1, 4, 4)",
-        ),
-        (
-            (1, 1, 4, 0),
-            2,
-            None,
-            0,
-            "[max_pool2d] input: expected every dim >= 1, got shape (1, 1, 4, 0)",
-        ),
-        ((1, 1, 4, 4), 0, None, 0, "[max_pool2d] kernel_size: expected >= 1, got 0"),
-        ((1, 1, 4, 4), (2, -1), None, 0, "[max_pool2d] kernel_size: expected >= 1, got -1"),
-        ((1, 1, 4, 4), 2, 0, 0, "[max_pool2d] stride: expected >= 1, got 0"),
-        ((1, 1, 4, 4), 2, (0, 1), 0, "[max_pool2d] stride: expected >= 1, got 0"),
-        ((1, 1, 4, 4), 2, 2, -1, "[max_pool2d] padding: expected >= 0, got -1"),
-        (
-            (1, 1, 4, 4),
-            2,
-            2,
-            2,
-            "[max_pool2d] padding: expected at most half the kernel size (2, 2), got (2, 2)",
-        ),
-        (
-            (1, 1, 6, 6),
-            3,
-            2,
-            2,
-            "[max_pool2d] padding: expected at most half the kernel size (3, 3), got (2, 2)",
-        ),
-        (
-            (1, 1, 6, 6),
-            (3, 2),
-            1,
-            (1, 2),
-            "[max_pool2d] padding: expected at most half the kernel size (3, 2), got (1, 2)",
-        ),
-        (
-            (1, 1, 3, 3),
-            5,
-            None,
-            0,
-            "[max_pool2d] input: expected padded size (3, 3) >= kernel size (5, 5), "
-            "got input shape (1, 1, 3, 3)",
-        ),
-        (
-            (1, 1, 3, 8),
-            (6, 2),
-            1,
-            (1, 1),
-            "[max_pool2d] input: expected padded size (5, 10) >= kernel size (6, 2), "
-            "got input shape (1, 1, 3, 8)",
-        ),
-    ],
-)
-def test_max_pool2d_value_errors(x_shape, kernel, stride, padding, expected):
-    with raises(ValueError, expected):
-        F.max_pool2d(np.ones(x_shape), kernel, stride, padding)
+def test_pool_padding_of_exactly_half_the_kernel_is_fine():
+    for pool in (F.max_pool2d, F.avg_pool2d):
+        y = pool(np.ones((1, 1, 4, 4)), 2, 2, 1)
+        assert (y[0] if isinstance(y, tuple) else y).shape == (1, 1, 3, 3)
+        y = pool(np.ones((1, 1, 4, 4)), 3, 2, 1)
+        assert (y[0] if isinstance(y, tuple) else y).shape == (1, 1, 2, 2)
+        y = pool(np.ones((1, 1, 3, 3)), 5, 1, 2)
+        assert (y[0] if isinstance(y, tuple) else y).shape == (1, 1, 3, 3)
+    assert F.avg_pool2d_backward(np.ones((1, 1, 3, 3)), (1, 1, 3, 3), 5, 1, 2).shape == (1, 1, 3, 3)
 
 
-def test_max_pool2d_padding_of_exactly_half_the_kernel_is_fine():
-    assert F.max_pool2d(np.ones((1, 1, 4, 4)), 2, 2, 1)[0].shape == (1, 1, 3, 3)
-    assert F.max_pool2d(np.ones((1, 1, 4, 4)), 3, 2, 1)[0].shape == (1, 1, 2, 2)
-    assert F.max_pool2d(np.ones((1, 1, 3, 3)), 5, 1, 2)[0].shape == (1, 1, 3, 3)
+# stride=None is no error: it means "the kernel size"
+POOL_BAD_PARAMETERS = [
+    (name, bad)
+    for name in ("kernel_size", "stride", "padding")
+    for bad in BAD_PAIRS
+    if not (name == "stride" and bad is None)
+]
 
 
-@pytest.mark.parametrize("bad", BAD_PAIRS, ids=repr)
-@pytest.mark.parametrize("name", ["kernel_size", "stride", "padding"])
-def test_max_pool2d_parameters_of_wrong_type(name, bad):
-    if name == "stride" and bad is None:
-        return  # stride=None means "the kernel size"
+@pytest.mark.parametrize("name, bad", POOL_BAD_PARAMETERS, ids=repr)
+@pytest.mark.parametrize("pool", ["max_pool2d", "avg_pool2d"])
+def test_pool_parameters_of_wrong_type(pool, name, bad):
     args = dict(kernel_size=2, stride=None, padding=0)
     args[name] = bad
-    with raises(TypeError, f"[max_pool2d] {name}: expected an int or a pair of ints, got "):
-        F.max_pool2d(np.ones((1, 1, 4, 4)), **args)
-
-
-@pytest.mark.parametrize("dtype", BAD_DTYPES, ids=dtype_name)
-def test_max_pool2d_refuses_other_dtypes(dtype):
-    name = dtype_name(dtype)
-    with raises(TypeError, f"[max_pool2d] input: expected float32 or float64, got {name}"):
-        F.max_pool2d(np.ones((1, 1, 4, 4), dtype), 2)
-    idx = np.zeros((1, 1, 2, 2), np.int64)
-    with raises(
-        TypeError, f"[max_pool2d_backward] doutput: expected float32 or float64, got {name}"
-    ):
-        F.max_pool2d_backward(np.ones((1, 1, 2, 2), dtype), idx, (1, 1, 4, 4))
-
-
-def test_max_pool2d_refuses_none():
-    with raises(TypeError, "[max_pool2d] input: expected an array, got None"):
-        F.max_pool2d(None, 2)
+    with raises(TypeError, f"[{pool}] {name}: expected an int or a pair of ints, got "):
+        getattr(F, pool)(np.ones((1, 1, 4, 4)), **args)
+    if pool == "avg_pool2d":
+        with raises(TypeError, f"[avg_pool2d_backward] {name}: expected an int or a pair of ints"):
+            F.avg_pool2d_backward(np.ones((1, 1, 2, 2)), (1, 1, 4, 4), **args)
 
 
 # ---------------------------------------------------------------------------------------
@@ -531,74 +254,16 @@ def test_max_pool2d_backward_refuses_unsigned_indices_that_wrap():
 
 
 @pytest.mark.parametrize(
-    "dy_shape, idx_shape, x_shape, expected",
-    [
-        (
-            (1, 1, 2, 2),
-            (1, 1, 2, 1),
-            (1, 1, 4, 4),
-            "[max_pool2d_backward] indices: expected shape (1, 1, 2, 2) (doutput's), got shape (1, 1, 2, 1)",
-        ),
-        (
-            (1, 1, 2, 2),
-            (1, 4),
-            (1, 1, 4, 4),
-            "[max_pool2d_backward] indices: expected shape (1, 1, 2, 2) (doutput's), got shape (1, 4)",
-        ),
-        (
-            (1, 2, 2),
-            (1, 2, 2),
-            (1, 1, 4, 4),
-            "[max_pool2d_backward] doutput: expected 4 dims (N, C, P, Q), got shape (1, 2, 2)",
-        ),
-        (
-            (1, 1, 2, 2),
-            (1, 1, 2, 2),
-            (1, 4, 4),
-            "[max_pool2d_backward] x_shape: expected 4 dims (N, C, H, W), got shape (1, 4, 4)",
-        ),
-        (
-            (1, 1, 2, 2),
-            (1, 1, 2, 2),
-            (1, 1, 0, 4),
-            "[max_pool2d_backward] x_shape: expected every dim >= 1, got shape (1, 1, 0, 4)",
-        ),
-        (
-            (1, 1, 2, 2),
-            (1, 1, 2, 2),
-            (1, 1, -4, 4),
-            "[max_pool2d_backward] x_shape: expected every dim >= 1, got shape (1, 1, -4, 4)",
-        ),
-        (
-            (1, 1, 2, 2),
-            (1, 1, 2, 2),
-            (2, 1, 4, 4),
-            "[max_pool2d_backward] doutput: expected (N, C) = (2, 1) to match x_shape (2, 1, 4, 4), "
-            "got shape (1, 1, 2, 2)",
-        ),
-        (
-            (1, 3, 2, 2),
-            (1, 3, 2, 2),
-            (1, 2, 4, 4),
-            "[max_pool2d_backward] doutput: expected (N, C) = (1, 2) to match x_shape (1, 2, 4, 4), "
-            "got shape (1, 3, 2, 2)",
-        ),
-    ],
-)
-def test_max_pool2d_backward_shape_errors(dy_shape, idx_shape, x_shape, expected):
-    with raises(ValueError, expected):
-        F.max_pool2d_backward(np.ones(dy_shape), np.zeros(idx_shape, np.int64), x_shape)
-
-
-@pytest.mark.parametrize(
     "bad",
     ["abcd", 16, 4.0, None, (1, 1, 4.0, 4), (1, 1, "4", 4), (1, 1, None, 4), (1, True, 4, 4)],
     ids=repr,
 )
-def test_max_pool2d_backward_x_shape_of_wrong_type(bad):
+def test_pool_backward_x_shape_of_wrong_type(bad):
     dy, idx = np.ones((1, 1, 2, 2)), np.zeros((1, 1, 2, 2), np.int64)
     with raises(TypeError, "[max_pool2d_backward] x_shape: expected a sequence of ints, got "):
         F.max_pool2d_backward(dy, idx, bad)
+    with raises(TypeError, "[avg_pool2d_backward] x_shape: expected a sequence of ints, got "):
+        F.avg_pool2d_backward(dy, bad, 2)
 
 
 def test_max_pool2d_backward_x_shape_may_be_any_int_sequence():
@@ -618,49 +283,9 @@ def test_max_pool2d_backward_indices_must_be_integers(dtype):
         F.max_pool2d_backward(dy, np.zeros((1, 1, 2, 2), dtype), (1, 1, 4, 4))
 
 
-def test_max_pool2d_backward_refuses_none():
-    dy, idx = np.ones((1, 1, 2, 2)), np.zeros((1, 1, 2, 2), np.int64)
-    with raises(TypeError, "[max_pool2d_backward] doutput: expected an array, got None"):
-        F.max_pool2d_backward(None, idx, (1, 1, 4, 4))
-    with raises(TypeError, "[max_pool2d_backward] indices: expected an array, got None"):
-        F.max_pool2d_backward(dy, None, (1, 1, 4, 4))
-
-
 # ---------------------------------------------------------------------------------------
 # relu, sigmoid
 # ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("op, saved", [("relu", "z"), ("sigmoid", "a")])
-def test_activation_errors(op, saved):
-    forward, backward = getattr(F, op), getattr(F, op + "_backward")
-    bw = op + "_backward"
-    with raises(TypeError, f"[{op}] input: expected an array, got None"):
-        forward(None)
-    for dtype in BAD_DTYPES:
-        name = dtype_name(dtype)
-        with raises(TypeError, f"[{op}] input: expected float32 or float64, got {name}"):
-            forward(np.ones(3, dtype))
-        with raises(TypeError, f"[{bw}] doutput: expected float32 or float64, got {name}"):
-            backward(np.ones(3, dtype), np.ones(3))
-        with raises(TypeError, f"[{bw}] {saved}: expected float32 or float64, got {name}"):
-            backward(np.ones(3), np.ones(3, dtype))
-    with raises(
-        TypeError, f"[{bw}] {saved}: expected float32 like the first array argument, got float64"
-    ):
-        backward(np.ones(3, F32), np.ones(3, F64))
-    with raises(
-        TypeError, f"[{bw}] {saved}: expected float64 like the first array argument, got float32"
-    ):
-        backward(np.ones(3, F64), np.ones(3, F32))
-    with raises(TypeError, f"[{bw}] doutput: expected an array, got None"):
-        backward(None, np.ones(3))
-    with raises(TypeError, f"[{bw}] {saved}: expected an array, got None"):
-        backward(np.ones(3), None)
-    with raises(ValueError, f"[{bw}] {saved}: expected shape (2, 3) (doutput's), got shape (3, 2)"):
-        backward(np.ones((2, 3)), np.ones((3, 2)))
-    with raises(ValueError, f"[{bw}] {saved}: expected shape (6,) (doutput's), got shape (2, 3)"):
-        backward(np.ones(6), np.ones((2, 3)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -668,136 +293,11 @@ def test_activation_errors(op, saved):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "x_shape, w_shape, b_shape, expected",
-    [
-        (
-            (),
-            (4, 3),
-            (4,),
-            "[linear] input: expected at least 1 dim (*, in_features), got shape ()",
-        ),
-        (
-            (2, 3),
-            (3,),
-            (4,),
-            "[linear] weight: expected 2 dims (out_features, in_features), got shape (3,)",
-        ),
-        (
-            (2, 3),
-            (1, 4, 3),
-            (4,),
-            "[linear] weight: expected 2 dims (out_features, in_features), got shape (1, 4, 3)",
-        ),
-        (
-            (2, 3),
-            (4, 5),
-            (4,),
-            "[linear] weight: expected in_features (dim 1) = 3 to match input (2, 3), got shape (4, 5)",
-        ),
-        (
-            (2, 5, 3),
-            (4, 5),
-            (4,),
-            "[linear] weight: expected in_features (dim 1) = 3 to match input (2, 5, 3), got shape (4, 5)",
-        ),
-        (
-            (2, 3),
-            (3, 4),
-            (4,),
-            "[linear] weight: expected in_features (dim 1) = 3 to match input (2, 3), got shape (3, 4)",
-        ),
-        ((2, 3), (0, 3), (0,), "[linear] weight: expected every dim >= 1, got shape (0, 3)"),
-        ((2, 0), (4, 0), (4,), "[linear] weight: expected every dim >= 1, got shape (4, 0)"),
-        ((2, 3), (4, 3), (3,), "[linear] bias: expected shape (4,), got shape (3,)"),
-        ((2, 3), (4, 3), (1, 4), "[linear] bias: expected shape (4,), got shape (1, 4)"),
-        ((2, 3), (4, 3), (), "[linear] bias: expected shape (4,), got shape ()"),
-    ],
-)
-def test_linear_value_errors(x_shape, w_shape, b_shape, expected):
-    with raises(ValueError, expected):
-        F.linear(np.ones(x_shape), np.ones(w_shape), np.zeros(b_shape))
-
-
-@pytest.mark.parametrize(
-    "dy_shape, x_shape, w_shape, expected",
-    [
-        (
-            (2, 5),
-            (2, 3),
-            (4, 3),
-            r"^\[linear_backward\] doutput: expected shape \(2, 4\) \(the forward output's\), "
-            r"got shape \(2, 5\)",
-        ),
-        ((3, 4), (2, 3), (4, 3), r"^\[linear_backward\] doutput: expected shape \(2, 4\)"),
-        (
-            (8, 4),
-            (2, 4, 3),
-            (4, 3),
-            r"^\[linear_backward\] doutput: expected shape \(2, 4, 4\) \(the forward output's\), "
-            r"got shape \(8, 4\)",
-        ),
-        (
-            (2, 4),
-            (2, 3),
-            (4, 5),
-            r"^\[linear(_backward)?\] weight: expected in_features \(dim 1\) = 3",
-        ),
-        ((2, 4), (2, 3), (12,), r"^\[linear(_backward)?\] weight: expected 2 dims"),
-    ],
-)
-def test_linear_backward_value_errors(dy_shape, x_shape, w_shape, expected):
-    with pytest.raises(ValueError, match=expected):
-        F.linear_backward(np.ones(dy_shape), np.ones(x_shape), np.ones(w_shape))
-
-
-def test_linear_type_errors():
-    x, w, b = np.ones((2, 3)), np.ones((4, 3)), np.zeros(4)
-    with raises(TypeError, "[linear] input: expected an array, got None"):
-        F.linear(None, w, b)
-    with raises(TypeError, "[linear] weight: expected an array, got None"):
-        F.linear(x, None, b)
-    for dtype in BAD_DTYPES:
-        name = dtype_name(dtype)
-        with raises(TypeError, f"[linear] input: expected float32 or float64, got {name}"):
-            F.linear(x.astype(dtype), w, b)
-        with raises(TypeError, f"[linear] weight: expected float32 or float64, got {name}"):
-            F.linear(x, w.astype(dtype), b)
-        with raises(TypeError, f"[linear] bias: expected float32 or float64, got {name}"):
-            F.linear(x, w, b.astype(dtype))
-        with raises(
-            TypeError, f"[linear_backward] doutput: expected float32 or float64, got {name}"
-        ):
-            F.linear_backward(np.ones((2, 4), dtype), x, w)
-    with raises(
-        TypeError, "[linear] weight: expected float32 like the first array argument, got float64"
-    ):
-        F.linear(x.astype(F32), w, b)
-    with raises(
-        TypeError, "[linear] bias: expected float32 like the first array argument, got float64"
-    ):
-        F.linear(x.astype(F32), w.astype(F32), b)
-    with raises(
-        TypeError,
-        "[linear_backward] input: expected float32 like the first array argument, got float64",
-    ):
-        F.linear_backward(np.ones((2, 4), F32), x, w.astype(F32))
-    with raises(
-        TypeError,
-        "[linear_backward] weight: expected float32 like the first array argument, got float64",
-    ):
-        F.linear_backward(np.ones((2, 4), F32), x.astype(F32), w)
-
-
 # ---------------------------------------------------------------------------------------
 # losses
 # ---------------------------------------------------------------------------------------
 
 BCE_OPS = ["binary_cross_entropy", "binary_cross_entropy_backward"]
-BINARY_OPS = BCE_OPS + [
-    "binary_cross_entropy_with_logits",
-    "binary_cross_entropy_with_logits_backward",
-]
 
 
 @pytest.mark.parametrize("op", BCE_OPS)
@@ -830,44 +330,18 @@ def test_binary_cross_entropy_refuses_non_probabilities(op, bad, shown, dtype):
 
 @pytest.mark.parametrize("op", BCE_OPS)
 def test_binary_cross_entropy_accepts_the_closed_interval(op):
+    # 0, -0 and 1 are probabilities: no error, finite results (the logs are clamped), the
+    # oracle's numbers
     a = np.array([0.0, 1.0, -0.0, 0.5])
     y = np.array([0.0, 1.0, 0.0, 1.0])
-    getattr(F, op)(a, y)
-
-
-@pytest.mark.parametrize("op", BINARY_OPS)
-def test_binary_losses_shape_and_type_errors(op):
-    fn = getattr(F, op)
-    with raises(ValueError, f"[{op}] target: expected shape (2, 3) (input's), got shape (3, 2)"):
-        fn(np.full((2, 3), 0.5), np.ones((3, 2)))
-    with raises(ValueError, f"[{op}] target: expected shape (6,) (input's), got shape (6, 1)"):
-        fn(np.full(6, 0.5), np.ones((6, 1)))
-    with raises(ValueError, f"[{op}] input: expected at least one element, got shape (0,)"):
-        fn(np.zeros(0), np.zeros(0))
-    with raises(ValueError, f"[{op}] input: expected at least one element, got shape (2, 0)"):
-        fn(np.zeros((2, 0)), np.zeros((2, 0)))
-    with raises(
-        TypeError, f"[{op}] target: expected float32 like the first array argument, got float64"
-    ):
-        fn(np.full(3, 0.5, F32), np.ones(3))
-    with raises(
-        TypeError, f"[{op}] target: expected float64 like the first array argument, got float32"
-    ):
-        fn(np.full(3, 0.5), np.ones(3, F32))
-    with raises(TypeError, f"[{op}] input: expected an array, got None"):
-        fn(None, np.ones(3))
-    with raises(TypeError, f"[{op}] target: expected an array, got None"):
-        fn(np.full(3, 0.5), None)
-    for dtype in BAD_DTYPES:
-        name = dtype_name(dtype)
-        with raises(TypeError, f"[{op}] input: expected float32 or float64, got {name}"):
-            fn(np.ones(3, dtype), np.ones(3))
-        with raises(TypeError, f"[{op}] target: expected float32 or float64, got {name}"):
-            fn(np.full(3, 0.5), np.ones(3, dtype))
+    got = getattr(F, op)(a, y)
+    want = getattr(ref, op)(a, y)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("op", ["cross_entropy", "cross_entropy_backward"])
-def test_cross_entropy_errors(op):
+def test_cross_entropy_label_errors(op):
     fn = getattr(F, op)
     z = np.zeros((3, 4))
     for bad in ([0, 4, 1], [0, 1, 7], [-1, 0, 0], [0, 0, -4]):
@@ -878,29 +352,6 @@ def test_cross_entropy_errors(op):
             f"{bad[where]} at position {where}",
         ):
             fn(z, np.array(bad))
-    with raises(
-        ValueError,
-        f"[{op}] labels: expected shape (3,) (one class index per row of logits), got shape (4,)",
-    ):
-        fn(z, np.zeros(4, np.int64))
-    with raises(
-        ValueError,
-        f"[{op}] labels: expected shape (3,) (one class index per row of logits), got shape (3, 1)",
-    ):
-        fn(z, np.zeros((3, 1), np.int64))
-    with raises(
-        ValueError,
-        f"[{op}] labels: expected shape (3,) (one class index per row of logits), got shape ()",
-    ):
-        fn(z, 0)
-    with raises(ValueError, f"[{op}] logits: expected 2 dims (N, K), got shape (4,)"):
-        fn(np.zeros(4), np.zeros(1, np.int64))
-    with raises(ValueError, f"[{op}] logits: expected 2 dims (N, K), got shape (1, 3, 4)"):
-        fn(np.zeros((1, 3, 4)), np.zeros(1, np.int64))
-    with raises(ValueError, f"[{op}] logits: expected every dim >= 1, got shape (0, 4)"):
-        fn(np.zeros((0, 4)), np.zeros(0, np.int64))
-    with raises(ValueError, f"[{op}] logits: expected every dim >= 1, got shape (3, 0)"):
-        fn(np.zeros((3, 0)), np.zeros(3, np.int64))
     for dtype in (np.float64, np.float32, np.bool_, np.complex128, object):
         with raises(
             TypeError, f"[{op}] labels: expected an integer array, got {dtype_name(dtype)}"
@@ -908,15 +359,61 @@ def test_cross_entropy_errors(op):
             fn(z, np.zeros(3, dtype))
     with raises(TypeError, f"[{op}] labels: expected an integer array, got float64"):
         fn(z, [0, 1.0, 2])
-    with raises(TypeError, f"[{op}] labels: expected an array, got None"):
-        fn(z, None)
-    with raises(TypeError, f"[{op}] logits: expected an array, got None"):
-        fn(None, np.zeros(3, np.int64))
-    for dtype in BAD_DTYPES:
+
+
+# ---------------------------------------------------------------------------------------
+# dropout: p and seed
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad, shown",
+    [
+        (-0.1, "-0.1"),
+        (1.5, "1.5"),
+        (1.0000000000000002, "1.0000000000000002"),
+        (-1e-300, "-1e-300"),
+        (np.nan, "nan"),
+        (np.inf, "inf"),
+        (-np.inf, "-inf"),
+        (2, "2"),
+        (np.float32(1.5), "1.5"),
+    ],
+    ids=["-0.1", "1.5", "1+ulp", "-1e-300", "nan", "inf", "-inf", "int 2", "float32 1.5"],
+)
+def test_dropout_refuses_p_outside_0_1(bad, shown):
+    x = np.ones((2, 3))
+    with raises(ValueError, f"[dropout] p: expected a probability in [0, 1], got {shown}"):
+        F.dropout(x, bad)
+    with raises(ValueError, f"[dropout_backward] p: expected a probability in [0, 1], got {shown}"):
+        F.dropout_backward(x, np.ones((2, 3), bool), bad)
+
+
+@pytest.mark.parametrize("bad", ["0.5", None, [0.5], 0.5j, True, np.array(0.5), object()], ids=repr)
+def test_dropout_p_of_wrong_type(bad):
+    x = np.ones((2, 3))
+    with raises(TypeError, "[dropout] p: expected a float, got "):
+        F.dropout(x, bad)
+    with raises(TypeError, "[dropout_backward] p: expected a float, got "):
+        F.dropout_backward(x, np.ones((2, 3), bool), bad)
+
+
+def test_dropout_seed_and_mask_errors():
+    x = np.ones(4)
+    for bad in (-1, -(2**70), 2**64, 2**80):
+        with raises(ValueError, f"[dropout] seed: expected an int in [0, 2**64), got {bad}"):
+            F.dropout(x, 0.5, bad)
+    with raises(ValueError, "[dropout] seed: expected an int in [0, 2**64), got -3"):
+        F.dropout(x, 0.5, np.int64(-3))
+    for bad in (1.0, "1", None, True, np.float64(2.0), [1]):
+        with raises(TypeError, "[dropout] seed: expected an int, got "):
+            F.dropout(x, 0.5, bad)
+    F.dropout(x, 0.5, 2**64 - 1)  # the largest seed is fine
+    for dtype in (np.float64, np.float32, np.int64, np.uint8, np.int8, object):
         with raises(
-            TypeError, f"[{op}] logits: expected float32 or float64, got {dtype_name(dtype)}"
+            TypeError, f"[dropout_backward] mask: expected a bool array, got {dtype_name(dtype)}"
         ):
-            fn(z.astype(dtype), np.zeros(3, np.int64))
+            F.dropout_backward(np.ones(3), np.ones(3, dtype), 0.5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1097,6 +594,10 @@ def test_everything_still_works_after_the_errors():
     dx = F.max_pool2d_backward(np.ones_like(y), idx, x.shape)
     assert dx.sum() == 4
     np.testing.assert_array_equal(F.conv2d(x, np.ones((1, 1, 1, 1)), np.zeros(1)), x)
+    np.testing.assert_array_equal(F.avg_pool2d(x, 2).reshape(-1), [2.5, 4.5, 10.5, 12.5])
+    y, mask = F.dropout(x, 0.0)
+    np.testing.assert_array_equal(y, x)
+    assert F.tanh(np.zeros(2)).tolist() == [0.0, 0.0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -1256,8 +757,6 @@ def test_conv2d_workspace_bytes_dtype_errors():
 def test_strides_beyond_the_input_are_one_window(stride):
     # the window range's ceiling division overflowed at strides near 2^63 and the direct
     # loops wrote outside dx ("double free or corruption")
-    from cnnbp import reference as ref
-
     rng = np.random.default_rng(5)
     x, w = rng.standard_normal((2, 3, 5, 6)), rng.standard_normal((4, 3, 3, 3))
     for padding in (0, 1, 2):

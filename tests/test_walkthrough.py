@@ -1,12 +1,14 @@
 """The walkthrough: every quantity of the derivation's network, its checks, and the command."""
 
 import json
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from cnnbp import reference, walkthrough
+from cnnbp import nn, reference, walkthrough
+from cnnbp.gradcheck import numeric_gradient
 
 ALL_NAMES = walkthrough.FORWARD_NAMES + walkthrough.BACKWARD_NAMES
 SHAPES = {
@@ -65,13 +67,79 @@ def test_numbers_match_the_oracle_independently():
     assert np.all(dA1[off] == 0)
 
 
-def test_checks_can_fail():
+FD_SIZES = {"dL/dW1": 9, "dL/dB1": 1, "dL/dW2": 4, "dL/dB2": 1, "dL/dX": 36}
+
+
+def probes_and_skips(check):
+    probed, skipped = (int(v) for v in re.findall(r"\d+", check.detail))
+    return probed, skipped
+
+
+def step_of(result, X=None, B1=None):
+    """The walkthrough's network with `result`'s weights (B1 replaced if given), one forward
+    and backward on X (default: result's input); (model, loss_fn, quantities, argmax)."""
+    model, loss_fn = walkthrough.build_network(), nn.BCELoss()
+    model.load_state_dict(
+        {
+            "0.weight": result["W1"],
+            "0.bias": result["B1"] if B1 is None else B1,
+            "4.weight": result["W2"],
+            "4.bias": result["B2"],
+        }
+    )
+    X = result["X"] if X is None else X
+    q, argmax = walkthrough._forward_backward(model, loss_fn, X, result["Y"])
+    return model, loss_fn, q, argmax
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_finite_differences_agree_with_the_analytic_gradients(seed):
+    result = walkthrough.run(seed=seed)
+    checks = {c.name: c for c in result.finite_differences}
+    assert list(checks) == list(FD_SIZES)
+    for name, check in checks.items():
+        assert check.ok and check.error <= walkthrough.FD_TOLERANCE, (name, check.error)
+        probed, skipped = probes_and_skips(check)
+        assert probed + skipped == FD_SIZES[name] and probed > 0, check.detail
+    # the same comparison outside the walkthrough: differences of the oracle's loss
+    inputs = {n: np.array(result[n], copy=True) for n in ("X", "W1", "B1", "W2", "B2", "Y")}
+
+    def loss():
+        return reference.seed_network(**inputs)["L"]
+
+    for name in ("X", "W1", "B1", "W2", "B2"):
+        numeric = numeric_gradient(loss, inputs[name])
+        scale = float(np.max(np.abs(numeric)))
+        np.testing.assert_allclose(
+            result["dL/d" + name], numeric, rtol=1e-6, atol=1e-6 * scale, err_msg=name
+        )
+
+
+@pytest.mark.parametrize("name", list(FD_SIZES))
+def test_checks_catch_a_wrong_gradient(name):
     # a wrong gradient must be caught by both the oracle and the finite-difference check
     result = walkthrough.run(seed=0)
-    q = result.quantities
-    q["dL/dW1"] = q["dL/dW1"] + 1e-3
+    model, loss_fn, q, argmax = step_of(result)
+    q[name] = q[name] + 1e-3
     oracle = {c.name: c for c in walkthrough._oracle(q)}
-    assert not oracle["dL/dW1"].ok
+    assert not oracle[name].ok
+    assert [n for n, c in oracle.items() if not c.ok] == [name]
+    fd = {c.name: c for c in walkthrough._finite_differences(model, loss_fn, q, argmax)}
+    assert not fd[name].ok and fd[name].error > 100 * walkthrough.FD_TOLERANCE
+    assert [n for n, c in fd.items() if not c.ok] == [name]
+
+
+def test_finite_differences_skip_probes_across_a_relu_kink():
+    # a zero image and a zero bias put every pre-activation Z1 exactly at the kink: moving
+    # B1 or an input pixel changes which are positive, so those probes are skipped; the
+    # filter's weights multiply zeros and cannot move Z1
+    result = walkthrough.run(seed=0)
+    model, loss_fn, q, argmax = step_of(result, X=np.zeros((1, 1, 6, 6)), B1=np.zeros(1))
+    fd = {c.name: c for c in walkthrough._finite_differences(model, loss_fn, q, argmax)}
+    assert probes_and_skips(fd["dL/dB1"]) == (0, 1)
+    assert probes_and_skips(fd["dL/dW1"]) == (9, 0)
+    assert probes_and_skips(fd["dL/dX"]) == (0, 36)
+    assert all(c.ok for c in fd.values())
 
 
 def test_same_seed_same_numbers_different_seed_different_numbers():

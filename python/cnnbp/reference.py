@@ -15,7 +15,11 @@ logs at -100, stable BCE-with-logits and cross-entropy, losses averaged like tor
 reduction='mean').
 
 The oracle checks nothing beyond what it needs: it is a reference, not the user-facing
-API (that is `cnnbp.functional`, whose validation lives in C++).
+API (that is `cnnbp.functional`, whose validation lives in C++). It imports NumPy and
+nothing else, not even the rest of cnnbp: it can be read, and run, without a build.
+
+At the end, the optimizers' updates (SGD, Adam, AdamW) for one parameter, written beside
+torch.optim's update rules, as the reference for cnnbp.optim.
 
 Dimension letters: N batch, C in-channels, K out-channels, H/W input height/width,
 P/Q output height/width, R/S filter height/width.
@@ -23,9 +27,8 @@ P/Q output height/width, R/S filter height/width.
 
 import numpy as np
 
-from .functional import output_size
-
 __all__ = [
+    "output_size",
     "conv2d",
     "conv2d_backward",
     "max_pool2d",
@@ -52,6 +55,9 @@ __all__ = [
     "cross_entropy",
     "cross_entropy_backward",
     "seed_network",
+    "sgd_step",
+    "adam_step",
+    "adamw_step",
 ]
 
 
@@ -73,6 +79,29 @@ def _pair(v):
     return int(h), int(w)
 
 
+def output_size(in_size, kernel, stride=1, padding=0):
+    """The number of window positions along one axis: floor((H + 2p - k) / s) + 1.
+
+    The padded axis holds H + 2p cells; a window of k cells starts at 0, s, 2s, ... and must
+    end inside it, so the last start is at most H + 2p - k. The floor drops a last partial
+    window, as torch does with ceil_mode=False.
+    """
+    return (in_size + 2 * padding - kernel) // stride + 1
+
+
+def _padded(x, ph, pw):
+    """x (N, C, H, W) with ph rows of zeros above and below, pw columns left and right."""
+    return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+
+
+def _windows(H, W, kh, kw, stride, padding):
+    """Where a kh x kw window slides over an H x W plane: the strides (sh, sw), the
+    paddings (ph, pw) and the number of positions (P, Q)."""
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    return (sh, sw), (ph, pw), (output_size(H, kh, sh, ph), output_size(W, kw, sw, pw))
+
+
 # ---------------------------------------------------------------------------------------
 # conv2d: zero padding, cross-correlation (no filter flip), like torch's conv2d
 # ---------------------------------------------------------------------------------------
@@ -82,15 +111,12 @@ def conv2d(x, w, b=None, stride=1, padding=0):
     """y[n, k, p, q] = b[k] + sum_{c, r, s} xpad[n, c, p*sh + r, q*sw + s] * w[k, c, r, s]."""
     x = _f64(x)  # x (N, C, H, W)
     w = _f64(w)  # w (K, C, R, S)
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
     N, C, H, W = x.shape
     K, _, R, S = w.shape
-    P = output_size(H, R, sh, ph)
-    Q = output_size(W, S, sw, pw)
+    (sh, sw), (ph, pw), (P, Q) = _windows(H, W, R, S, stride, padding)
 
     # Zero padding: the window may hang over the border by ph rows / pw columns.
-    xpad = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))  # xpad (N, C, H+2ph, W+2pw)
+    xpad = _padded(x, ph, pw)  # xpad (N, C, H+2ph, W+2pw)
 
     y = np.zeros((N, K, P, Q))  # y (N, K, P, Q)
     for p in range(P):
@@ -118,14 +144,11 @@ def conv2d_backward(dy, x, w, stride=1, padding=0):
     dy = _f64(dy)  # dy (N, K, P, Q)
     x = _f64(x)  # x (N, C, H, W)
     w = _f64(w)  # w (K, C, R, S)
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
     N, C, H, W = x.shape
     K, _, R, S = w.shape
-    P = output_size(H, R, sh, ph)
-    Q = output_size(W, S, sw, pw)
+    (sh, sw), (ph, pw), (P, Q) = _windows(H, W, R, S, stride, padding)
 
-    xpad = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))  # xpad (N, C, H+2ph, W+2pw)
+    xpad = _padded(x, ph, pw)  # xpad (N, C, H+2ph, W+2pw)
     dxpad = np.zeros_like(xpad)  # dxpad (N, C, H+2ph, W+2pw)
     dw = np.zeros_like(w)  # dw (K, C, R, S)
     for p in range(P):
@@ -160,11 +183,11 @@ def max_pool2d(x, kernel_size, stride=None, padding=0):
     """
     x = _f64(x)  # x (N, C, H, W)
     kh, kw = _pair(kernel_size)
-    sh, sw = _pair(kernel_size if stride is None else stride)
-    ph, pw = _pair(padding)
     N, C, H, W = x.shape
-    P = output_size(H, kh, sh, ph)  # floored, like torch with ceil_mode=False
-    Q = output_size(W, kw, sw, pw)
+    # the output size is floored, like torch with ceil_mode=False
+    (sh, sw), (ph, pw), (P, Q) = _windows(
+        H, W, kh, kw, kernel_size if stride is None else stride, padding
+    )
 
     y = np.empty((N, C, P, Q))  # y (N, C, P, Q)
     idx = np.empty((N, C, P, Q), dtype=np.int64)  # idx (N, C, P, Q)
@@ -225,13 +248,12 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0):
     """
     x = _f64(x)  # x (N, C, H, W)
     kh, kw = _pair(kernel_size)
-    sh, sw = _pair(kernel_size if stride is None else stride)
-    ph, pw = _pair(padding)
     N, C, H, W = x.shape
-    P = output_size(H, kh, sh, ph)
-    Q = output_size(W, kw, sw, pw)
+    (sh, sw), (ph, pw), (P, Q) = _windows(
+        H, W, kh, kw, kernel_size if stride is None else stride, padding
+    )
 
-    xpad = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))  # xpad (N, C, H+2ph, W+2pw)
+    xpad = _padded(x, ph, pw)  # xpad (N, C, H+2ph, W+2pw)
     y = np.empty((N, C, P, Q))  # y (N, C, P, Q)
     for p in range(P):
         for q in range(Q):
@@ -610,3 +632,67 @@ def seed_network(X, W1, B1, W2, B2, Y):
         "dL/dB1": dB1,
         "dL/dX": dX,
     }
+
+
+# ---------------------------------------------------------------------------------------
+# optimizer updates: one step for one parameter, torch.optim's rules written out
+# ---------------------------------------------------------------------------------------
+
+
+def sgd_step(
+    p, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False
+):
+    """One step of torch.optim.SGD; returns (p, momentum_buffer).
+
+    torch.optim.SGD's update, line for line:
+        g = grad + weight_decay * p
+        b = g                                      on the first step (momentum_buffer None)
+        b = momentum * b + (1 - dampening) * g     after it
+        g = g + momentum * b  if nesterov  else b
+        p = p - lr * g
+    Without momentum there is no buffer: it stays None and g is used as it is.
+    """
+    p = _f64(p)
+    g = _f64(grad) + weight_decay * p
+    if momentum:
+        if momentum_buffer is None:
+            momentum_buffer = g.copy()
+        else:
+            momentum_buffer = momentum * _f64(momentum_buffer) + (1 - dampening) * g
+        g = g + momentum * momentum_buffer if nesterov else momentum_buffer
+    return _out(p - lr * g), momentum_buffer
+
+
+def adam_step(
+    p, grad, exp_avg, exp_avg_sq, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
+):
+    """One step of torch.optim.Adam (amsgrad off); returns (p, exp_avg, exp_avg_sq, step).
+
+    `step` counts the steps taken before this one (0 at first, when exp_avg and exp_avg_sq
+    may be 0). torch.optim.Adam's update, line for line, with t = step + 1:
+        g = grad + weight_decay * p
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+    """
+    beta1, beta2 = betas
+    t = step + 1
+    p = _f64(p)
+    g = _f64(grad) + weight_decay * p
+    m = beta1 * _f64(exp_avg) + (1 - beta1) * g
+    v = beta2 * _f64(exp_avg_sq) + (1 - beta2) * g * g
+    denom = np.sqrt(v) / np.sqrt(1 - beta2**t) + eps
+    return _out(p - lr / (1 - beta1**t) * m / denom), _out(m), _out(v), t
+
+
+def adamw_step(
+    p, grad, exp_avg, exp_avg_sq, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2
+):
+    """One step of torch.optim.AdamW; returns (p, exp_avg, exp_avg_sq, step).
+
+    Decoupled weight decay: the parameter shrinks first, and the gradient is left alone,
+        p = p * (1 - lr * weight_decay)
+    then Adam's update above without weight decay.
+    """
+    p = _f64(p) * (1 - lr * weight_decay)
+    return adam_step(p, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay=0.0)

@@ -1,0 +1,1101 @@
+"""The table of functional ops that the kernel tests run over.
+
+One entry per op: how to make random valid inputs (seeded, per dtype), the kernel call and
+the oracle call (the same function of `lib`, which is cnnbp.functional or cnnbp.reference:
+their signatures agree), the backward call and its oracle, the tolerance key (KERNEL_TOL),
+which arguments are arrays and what the kernel calls them in its messages, and the
+invalid-argument cases with their expected "[op] ..." messages.
+
+The kernel tests are organized by property, each parametrized over this table:
+
+    test_forward_vs_oracle.py   forward against the oracle, every case and dtype
+    test_backward.py            backward against the oracle, and against central finite
+                                differences in float64 (away from ReLU kinks and max-pool ties)
+    test_validation.py          the invalid-argument cases, and dtype / None / mixed-dtype
+                                refusals derived from the arguments
+    test_threads.py             the same bits for 1, 2 and 3 threads, and across processes
+    test_array_contract.py      layouts, lists, untouched inputs, new outputs, determinism
+    test_fuzz.py                random cases in random layouts
+
+Adding an op to OPS puts it under every one of them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from cnnbp import functional as F
+from cnnbp import reference as ref
+from conftest import rng_for
+
+F32, F64 = np.float32, np.float64
+
+
+class Sample(dict):
+    """The inputs of one call, by name (s.x is s["x"]); `replace` makes a changed copy."""
+
+    __getattr__ = dict.__getitem__
+
+    def replace(self, **changes):
+        return Sample(self, **changes)
+
+
+# ---------------------------------------------------------------------------------------
+# values
+# ---------------------------------------------------------------------------------------
+
+
+def fill(rng, shape, dtype, values, scale=1.0):
+    """Random numbers of `shape` in `dtype`:
+
+    normal   N(0, scale^2)
+    smooth   the same, moved at least 1e-2 away from 0 (ReLU's kink, |z| in the losses)
+    ties     multiples of 0.5 (max-pool ties, ReLU kinks), half of them perturbed by N(0, 1)
+    special  ties salted with NaN, -inf and -0 (20 of each)
+    """
+    if values in ("ties", "special"):
+        x = np.array(rng.integers(-4, 5, shape), dtype)
+        x *= dtype(0.5)  # in place: a 0-d array stays an array
+        x += np.asarray(rng.standard_normal(shape), dtype) * (rng.random(shape) < 0.5)
+        if values == "special" and x.size:
+            flat = x.reshape(-1)
+            flat[rng.integers(0, flat.size, 20)] = np.nan
+            flat[rng.integers(0, flat.size, 20)] = -np.inf
+            flat[rng.integers(0, flat.size, 20)] = -0.0
+        return x
+    x = rng.standard_normal(shape) * scale
+    if values == "smooth":
+        x = np.where(np.abs(x) < 1e-2, 0.5, x)
+    return np.asarray(x).astype(dtype)
+
+
+def distinct(rng, shape, dtype):
+    """Values 0.1 apart in random order: no ties, and a 1e-6 step changes no argmax."""
+    n = int(np.prod(shape))
+    return (rng.permutation(n).reshape(shape) * 0.1 - n * 0.05).astype(dtype)
+
+
+def pair(v):
+    return (v, v) if np.isscalar(v) else tuple(v)
+
+
+def pooled_shape(x_shape, kernel, stride, padding):
+    """The output shape of a pool (or, with the filter's sizes, of a convolution)."""
+    N, C, H, W = x_shape
+    (kh, kw), (ph, pw) = pair(kernel), pair(padding)
+    sh, sw = pair(kernel if stride is None else stride)
+    return (N, C, ref.output_size(H, kh, sh, ph), ref.output_size(W, kw, sw, pw))
+
+
+# ---------------------------------------------------------------------------------------
+# the table's entries
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arg:
+    """An array argument of a call: its key in the sample, the name the kernel's messages
+    give it, and what it holds: "float" (float32 or float64, the dtype of the call),
+    "optional" (a float array or None), "int" / "bool" (indices, labels, masks), or "any"
+    (flatten takes any array)."""
+
+    key: str
+    name: str
+    kind: str = "float"
+
+
+@dataclass(frozen=True)
+class Bad:
+    """An invalid call and the error it must raise: `pattern` is matched from the message's
+    start (a literal text unless regex=True)."""
+
+    fn: str
+    args: tuple
+    kwargs: dict
+    exception: type
+    pattern: str
+    regex: bool = False
+
+    def call(self):
+        return getattr(F, self.fn)(*self.args, **self.kwargs)
+
+    @property
+    def match(self):
+        return self.pattern if self.regex else "^" + re.escape(self.pattern)
+
+    def __repr__(self):
+        return f"{self.fn}: {self.pattern[:70]}"
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str  # F.name and ref.name; the tolerances KERNEL_TOL[name], KERNEL_TOL[name_backward]
+    make: Callable  # make(case, dtype, rng, values) -> Sample
+    forward: Callable  # forward(lib, s), lib = F or ref
+    backward: Callable  # backward(lib, s) -> the gradients with respect to `wrt`, a tuple
+    wrt: tuple  # the sample's keys that backward differentiates, in its result's order
+    forward_args: tuple  # Arg: the forward's array arguments, in call order
+    backward_args: tuple  # Arg: the backward's array arguments, in call order
+    cases: list  # small cases: forward, backward, finite differences
+    big: list  # cases above the threading thresholds: forward and backward against the oracle
+    threads: list  # cases for the thread-count tests
+    thread_values: str = "normal"  # the values of the thread-count tests (see fill)
+    oracle: Callable | None = None  # the forward's oracle when ref's call differs
+    loss: bool = False  # a scalar loss: its backward takes no dy
+    errors: list = field(default_factory=list)  # Bad calls
+
+    @property
+    def backward_name(self):
+        return self.name + "_backward"
+
+    def sample(self, case, dtype, values="normal", *key):
+        return self.make(case, dtype, rng_for(self.name, case, np.dtype(dtype).name, *key), values)
+
+    def expected(self, s):
+        return (self.oracle or self.forward)(ref, s)
+
+    def objective(self, s):
+        """The scalar whose gradient backward gives: the loss, or sum(output * dy)."""
+        out = self.forward(F, s)
+        if self.loss:
+            return out
+        return float(np.sum(np.asarray(out[0] if isinstance(out, tuple) else out) * s.dy))
+
+    def __repr__(self):
+        return self.name
+
+
+# ---------------------------------------------------------------------------------------
+# conv2d
+# ---------------------------------------------------------------------------------------
+
+CONV_CASES = [
+    # (N, C, H, W, K, R, S, stride, padding[, bias])
+    (1, 1, 5, 5, 1, 3, 3, 1, 0),  # the smallest: one sample, one channel
+    (3, 4, 7, 6, 5, 3, 3, 1, 1),  # batch, several channels, padding, W != H
+    (3, 4, 7, 6, 5, 3, 3, 1, 1, False),  # b=None: no bias
+    (2, 3, 8, 8, 2, 1, 1, 1, 0),  # 1x1 kernel
+    (2, 2, 9, 7, 3, 1, 1, 2, 0),  # 1x1 kernel with stride: every other cell unread
+    (2, 3, 9, 9, 4, 3, 3, 2, 1),  # stride 2 and padding
+    (1, 2, 7, 8, 3, 3, 2, (2, 1), (1, 0)),  # non-square kernel, (h, w) stride/padding
+    (1, 2, 7, 8, 3, 3, 2, (2, 1), (1, 0), False),
+    (2, 1, 6, 5, 2, 2, 4, (1, 3), (0, 2)),  # wide kernel, padding only in w
+    (1, 2, 5, 5, 2, 5, 5, 1, 0),  # kernel covers the whole input: 1x1 output
+    (1, 1, 4, 4, 1, 3, 3, 1, 3),  # padding > kernel: border outputs read only zeros
+    (2, 2, 11, 10, 3, 3, 3, 4, 0),  # stride > kernel: some cells never read
+    (1, 3, 7, 7, 2, 2, 3, (3, 2), (2, 1)),
+    (1, 1, 1, 1, 1, 1, 1, 1, 0),  # a single number
+    # Enough work per image for the packed GEMM path (K*P*Q*C*R*S >= 4096):
+    (2, 30, 8, 8, 10, 3, 3, 1, 1),  # C*R*S = 270: two k-blocks; K = 10: a partial row panel
+    (1, 2, 24, 20, 9, 3, 3, 1, 1),  # P*Q = 480: two column blocks, a partial column tile
+    (2, 3, 17, 15, 6, 3, 2, (2, 1), (1, 0)),  # (h, w) stride and padding through the GEMM
+    (1, 3, 9, 9, 10, 3, 3, 2, 1),  # stride 2 with padding
+    (1, 4, 10, 10, 7, 5, 5, 3, 2),  # stride > 1 with a 5x5 kernel
+    (2, 33, 6, 7, 3, 3, 2, 1, (1, 0)),  # unit strides, C >= 32: dinput as a forward conv
+    (1, 3, 7, 6, 64, 3, 3, 1, 1),  # unit strides, K = 64: dweight read in place
+    (2, 2, 5, 5, 70, 3, 2, 1, (0, 1)),  # K = 70: a partial filter panel in place
+    (2, 3, 8, 7, 20, 3, 3, 1, 0),  # K = 20: the middle gather panel, partially filled
+]
+CONV_BIG = [(4, 8, 16, 16, 8, 3, 3, 1, 1)]  # enough work for the threaded path
+CONV_THREADS = [
+    (64, 1, 28, 28, 8, 3, 3, 1, 0),
+    (16, 8, 13, 13, 16, 3, 3, 1, 0),
+    (8, 16, 20, 20, 32, 3, 3, 1, 1),
+    (6, 5, 17, 15, 7, 3, 3, 2, 1),
+    (1, 32, 32, 32, 32, 3, 3, 1, 1),  # one image: the threads must split something else
+    (3, 2, 6, 6, 4, 3, 3, 1, 0),  # tiny: direct loops
+]
+
+
+def make_conv2d(case, dtype, rng, values):
+    N, C, H, W, K, R, S, stride, padding, *bias = case
+    x = fill(rng, (N, C, H, W), dtype, values)
+    w = fill(rng, (K, C, R, S), dtype, values)
+    b = fill(rng, (K,), dtype, values) if bias in ([], [True]) else None
+    _, _, P, Q = pooled_shape((N, C, H, W), (R, S), stride, padding)
+    dy = fill(rng, (N, K, P, Q), dtype, values)
+    return Sample(x=x, w=w, b=b, stride=stride, padding=padding, dy=dy)
+
+
+# (x_shape, w_shape, b_shape, stride, padding, expected)
+CONV2D_ERRORS = [
+    (
+        (3, 6, 6),
+        (4, 3, 3, 3),
+        (4,),
+        1,
+        0,
+        "[conv2d] input: expected 4 dims (N, C, H, W), got shape (3, 6, 6)",
+    ),
+    (
+        (1, 2, 3, 6, 6),
+        (4, 3, 3, 3),
+        (4,),
+        1,
+        0,
+        "[conv2d] input: expected 4 dims (N, C, H, W), got shape (1, 2, 3, 6, 6)",
+    ),
+    (
+        (2, 3, 6, 6),
+        (3, 3),
+        (4,),
+        1,
+        0,
+        "[conv2d] weight: expected 4 dims (K, C, R, S), got shape (3, 3)",
+    ),
+    (
+        (2, 3, 6, 6),
+        (4, 2, 3, 3),
+        (4,),
+        1,
+        0,
+        "[conv2d] weight: expected 3 input channels (dim 1) to match input (2, 3, 6, 6), "
+        "got shape (4, 2, 3, 3)",
+    ),
+    (
+        (2, 3, 6, 6),
+        (4, 3, 3, 3),
+        (3,),
+        1,
+        0,
+        "[conv2d] bias: expected shape (4,), got shape (3,)",
+    ),
+    (
+        (2, 3, 6, 6),
+        (4, 3, 3, 3),
+        (4, 1),
+        1,
+        0,
+        "[conv2d] bias: expected shape (4,), got shape (4, 1)",
+    ),
+    ((2, 3, 6, 6), (4, 3, 3, 3), (), 1, 0, "[conv2d] bias: expected shape (4,), got shape ()"),
+    (
+        (0, 3, 6, 6),
+        (4, 3, 3, 3),
+        (4,),
+        1,
+        0,
+        "[conv2d] input: expected every dim >= 1, got shape (0, 3, 6, 6)",
+    ),
+    (
+        (2, 0, 6, 6),
+        (4, 0, 3, 3),
+        (4,),
+        1,
+        0,
+        "[conv2d] input: expected every dim >= 1, got shape (2, 0, 6, 6)",
+    ),
+    (
+        (2, 3, 6, 0),
+        (4, 3, 3, 3),
+        (4,),
+        1,
+        0,
+        "[conv2d] input: expected every dim >= 1, got shape (2, 3, 6, 0)",
+    ),
+    (
+        (2, 3, 6, 6),
+        (0, 3, 3, 3),
+        (0,),
+        1,
+        0,
+        "[conv2d] weight: expected every dim >= 1, got shape (0, 3, 3, 3)",
+    ),
+    (
+        (2, 3, 6, 6),
+        (4, 3, 3, 0),
+        (4,),
+        1,
+        0,
+        "[conv2d] weight: expected every dim >= 1, got shape (4, 3, 3, 0)",
+    ),
+    (
+        (2, 3, 2, 6),
+        (4, 3, 3, 3),
+        (4,),
+        1,
+        0,
+        "[conv2d] input: expected padded size (2, 6) >= kernel size (3, 3), "
+        "got input shape (2, 3, 2, 6)",
+    ),
+    (
+        (1, 1, 4, 4),
+        (1, 1, 7, 5),
+        (1,),
+        1,
+        1,
+        "[conv2d] input: expected padded size (6, 6) >= kernel size (7, 5), "
+        "got input shape (1, 1, 4, 4)",
+    ),
+    (
+        (1, 1, 4, 4),
+        (1, 1, 5, 5),
+        (1,),
+        1,
+        (1, 0),
+        "[conv2d] input: expected padded size (6, 4) >= kernel size (5, 5), "
+        "got input shape (1, 1, 4, 4)",
+    ),
+    ((2, 3, 6, 6), (4, 3, 3, 3), (4,), 0, 0, "[conv2d] stride: expected >= 1, got 0"),
+    ((2, 3, 6, 6), (4, 3, 3, 3), (4,), (1, 0), 0, "[conv2d] stride: expected >= 1, got 0"),
+    ((2, 3, 6, 6), (4, 3, 3, 3), (4,), -2, 0, "[conv2d] stride: expected >= 1, got -2"),
+    ((2, 3, 6, 6), (4, 3, 3, 3), (4,), 1, -1, "[conv2d] padding: expected >= 0, got -1"),
+    ((2, 3, 6, 6), (4, 3, 3, 3), (4,), 1, (0, -3), "[conv2d] padding: expected >= 0, got -3"),
+]
+# (x_shape, w_shape, dy_shape, stride, padding, expected regex)
+CONV2D_BACKWARD_ERRORS = [
+    (
+        (2, 3, 6, 6),
+        (4, 3, 3, 3),
+        (2, 4, 3, 4),
+        1,
+        0,
+        r"^\[conv2d_backward\] doutput: expected shape \(2, 4, 4, 4\) \(the forward output's\), "
+        r"got shape \(2, 4, 3, 4\)",
+    ),
+    (
+        (2, 3, 6, 6),
+        (4, 3, 3, 3),
+        (2, 4, 4, 4),
+        2,
+        0,
+        r"^\[conv2d_backward\] doutput: expected shape \(2, 4, 2, 2\)",
+    ),
+    (
+        (2, 3, 6, 6),
+        (4, 3, 3, 3),
+        (4, 4, 4),
+        1,
+        0,
+        r"^\[conv2d_backward\] doutput: expected shape \(2, 4, 4, 4\).*got shape \(4, 4, 4\)",
+    ),
+    # shape checks shared with the forward (one parameter struct, one validation)
+    (
+        (3, 6, 6),
+        (4, 3, 3, 3),
+        (2, 4, 4, 4),
+        1,
+        0,
+        r"^\[conv2d(_backward)?\] input: expected 4 dims \(N, C, H, W\), got shape \(3, 6, 6\)",
+    ),
+    (
+        (2, 3, 6, 6),
+        (4, 2, 3, 3),
+        (2, 4, 4, 4),
+        1,
+        0,
+        r"^\[conv2d(_backward)?\] weight: expected 3 input channels",
+    ),
+    (
+        (2, 3, 6, 6),
+        (4, 3, 3, 3),
+        (2, 4, 4, 4),
+        0,
+        0,
+        r"^\[conv2d(_backward)?\] stride: expected >= 1, got 0",
+    ),
+    (
+        (2, 3, 6, 6),
+        (4, 3, 3, 3),
+        (2, 4, 4, 4),
+        1,
+        -1,
+        r"^\[conv2d(_backward)?\] padding: expected >= 0, got -1",
+    ),
+    (
+        (2, 3, 2, 2),
+        (4, 3, 3, 3),
+        (2, 4, 1, 1),
+        1,
+        0,
+        r"^\[conv2d(_backward)?\] input: expected padded size \(2, 2\) >= kernel size \(3, 3\)",
+    ),
+]
+
+CONV2D = Op(
+    "conv2d",
+    make_conv2d,
+    forward=lambda lib, s: lib.conv2d(s.x, s.w, s.b, s.stride, s.padding),
+    backward=lambda lib, s: lib.conv2d_backward(s.dy, s.x, s.w, s.stride, s.padding),
+    wrt=("x", "w", "b"),
+    forward_args=(Arg("x", "input"), Arg("w", "weight"), Arg("b", "bias", "optional")),
+    backward_args=(Arg("dy", "doutput"), Arg("x", "input"), Arg("w", "weight")),
+    cases=CONV_CASES,
+    big=CONV_BIG,
+    threads=CONV_THREADS,
+    thread_values="ties",
+    errors=[
+        Bad(
+            "conv2d",
+            (np.ones(x), np.ones(w), np.zeros(b)),
+            dict(stride=s, padding=p),
+            ValueError,
+            e,
+        )
+        for x, w, b, s, p, e in CONV2D_ERRORS
+    ]
+    + [
+        Bad("conv2d_backward", (np.ones(dy), np.ones(x), np.ones(w), s, p), {}, ValueError, e, True)
+        for x, w, dy, s, p, e in CONV2D_BACKWARD_ERRORS
+    ],
+)
+
+
+# ---------------------------------------------------------------------------------------
+# max_pool2d, avg_pool2d
+# ---------------------------------------------------------------------------------------
+
+POOL_CASES = [
+    # (N, C, H, W, kernel, stride, padding)
+    (1, 1, 4, 4, 2, None, 0),  # the derivation's pool, default stride = kernel
+    (2, 3, 6, 6, 2, 2, 0),
+    (2, 2, 7, 7, 3, 2, 0),  # overlapping windows, odd size, floored output
+    (2, 2, 9, 8, 3, 2, 1),  # overlapping windows and padding (-inf, or zeros in the divisor)
+    (1, 2, 5, 7, (2, 3), (1, 2), (1, 1)),  # non-square, (h, w) pairs
+    (1, 1, 5, 5, 1, 1, 0),  # 1x1: the identity
+    (3, 1, 6, 5, (3, 2), None, (1, 1)),
+    (1, 1, 5, 5, 5, 1, 2),  # window as large as the input, maximal padding
+    (2, 1, 7, 5, 2, 3, 0),  # stride > kernel: some cells never looked at
+]
+AVG_POOL_CASES = POOL_CASES + [
+    (1, 2, 8, 9, 3, 1, 1),  # unit stride: the contiguous inner loops
+    (2, 2, 9, 9, (5, 4), (1, 2), (2, 1)),
+]
+POOL_BIG = [(2, 16, 24, 24, 3, 2, 1)]  # enough work for the threaded path
+MAX_POOL_THREADS = [
+    (N, C, H, W, *pool)
+    for N, C, H, W in [(64, 8, 26, 26), (8, 64, 33, 31)]
+    for pool in [(2, None, 0), (3, 2, 1), (2, 1, 0)]
+]
+AVG_POOL_THREADS = [(8, 16, 24, 24, 3, 2, 1), (8, 16, 24, 24, 2, None, 0)]
+
+
+def make_max_pool2d(case, dtype, rng, values):
+    N, C, H, W, kernel, stride, padding = case
+    shape = (N, C, H, W)
+    x = distinct(rng, shape, dtype) if values == "smooth" else fill(rng, shape, dtype, values)
+    y, idx = F.max_pool2d(x, kernel, stride, padding)
+    dy = fill(rng, y.shape, dtype, "normal" if values == "smooth" else values)
+    return Sample(x=x, kernel=kernel, stride=stride, padding=padding, idx=idx, dy=dy)
+
+
+def make_avg_pool2d(case, dtype, rng, values):
+    N, C, H, W, kernel, stride, padding = case
+    x = fill(rng, (N, C, H, W), dtype, values)
+    dy = fill(rng, pooled_shape(x.shape, kernel, stride, padding), dtype, values)
+    return Sample(x=x, kernel=kernel, stride=stride, padding=padding, dy=dy)
+
+
+# (x_shape, kernel, stride, padding, expected): the same for both pools' forwards, and for
+# avg_pool2d_backward, which checks x_shape and the parameters the same way
+POOL_ERRORS = [
+    ((4, 4), 2, None, 0, "input: expected 4 dims (N, C, H, W), got shape (4, 4)"),
+    (
+        (1, 1, 1, 4, 4),
+        2,
+        None,
+        0,
+        "input: expected 4 dims (N, C, H, W), got shape (1, 1, 1, 4, 4)",
+    ),
+    # an empty batch is refused, as max_pool2d refuses it
+    ((0, 1, 4, 4), 2, None, 0, "input: expected every dim >= 1, got shape (0, 1, 4, 4)"),
+    ((1, 0, 4, 4), 2, None, 0, "input: expected every dim >= 1, got shape (1, 0, 4, 4)"),
+    ((1, 1, 4, 0), 2, None, 0, "input: expected every dim >= 1, got shape (1, 1, 4, 0)"),
+    ((1, 1, 4, 4), 0, None, 0, "kernel_size: expected >= 1, got 0"),
+    ((1, 1, 4, 4), (2, -1), None, 0, "kernel_size: expected >= 1, got -1"),
+    ((1, 1, 4, 4), 2, 0, 0, "stride: expected >= 1, got 0"),
+    ((1, 1, 4, 4), 2, (0, 1), 0, "stride: expected >= 1, got 0"),
+    ((1, 1, 4, 4), 2, 2, -1, "padding: expected >= 0, got -1"),
+    (
+        (1, 1, 4, 4),
+        2,
+        2,
+        2,
+        "padding: expected at most half the kernel size (2, 2), got (2, 2)",
+    ),
+    (
+        (1, 1, 6, 6),
+        (3, 2),
+        1,
+        (1, 2),
+        "padding: expected at most half the kernel size (3, 2), got (1, 2)",
+    ),
+    (
+        (1, 1, 3, 3),
+        5,
+        None,
+        0,
+        "input: expected padded size (3, 3) >= kernel size (5, 5), got input shape (1, 1, 3, 3)",
+    ),
+    (
+        (1, 1, 3, 8),
+        (6, 2),
+        1,
+        (1, 1),
+        "input: expected padded size (5, 10) >= kernel size (6, 2), got input shape (1, 1, 3, 8)",
+    ),
+    (
+        (1, 1, 6, 6),
+        3,
+        2,
+        2,
+        "padding: expected at most half the kernel size (3, 3), got (2, 2)",
+    ),
+]
+# (dy_shape, idx_shape, x_shape, expected)
+MAX_POOL2D_BACKWARD_ERRORS = [
+    (
+        (1, 1, 2, 2),
+        (1, 1, 2, 1),
+        (1, 1, 4, 4),
+        "[max_pool2d_backward] indices: expected shape (1, 1, 2, 2) (doutput's), got shape (1, 1, 2, 1)",
+    ),
+    (
+        (1, 1, 2, 2),
+        (1, 4),
+        (1, 1, 4, 4),
+        "[max_pool2d_backward] indices: expected shape (1, 1, 2, 2) (doutput's), got shape (1, 4)",
+    ),
+    (
+        (1, 2, 2),
+        (1, 2, 2),
+        (1, 1, 4, 4),
+        "[max_pool2d_backward] doutput: expected 4 dims (N, C, P, Q), got shape (1, 2, 2)",
+    ),
+    (
+        (1, 1, 2, 2),
+        (1, 1, 2, 2),
+        (1, 4, 4),
+        "[max_pool2d_backward] x_shape: expected 4 dims (N, C, H, W), got shape (1, 4, 4)",
+    ),
+    (
+        (1, 1, 2, 2),
+        (1, 1, 2, 2),
+        (1, 1, 0, 4),
+        "[max_pool2d_backward] x_shape: expected every dim >= 1, got shape (1, 1, 0, 4)",
+    ),
+    (
+        (1, 1, 2, 2),
+        (1, 1, 2, 2),
+        (1, 1, -4, 4),
+        "[max_pool2d_backward] x_shape: expected every dim >= 1, got shape (1, 1, -4, 4)",
+    ),
+    (
+        (1, 1, 2, 2),
+        (1, 1, 2, 2),
+        (2, 1, 4, 4),
+        "[max_pool2d_backward] doutput: expected (N, C) = (2, 1) to match x_shape (2, 1, 4, 4), "
+        "got shape (1, 1, 2, 2)",
+    ),
+    (
+        (1, 3, 2, 2),
+        (1, 3, 2, 2),
+        (1, 2, 4, 4),
+        "[max_pool2d_backward] doutput: expected (N, C) = (1, 2) to match x_shape (1, 2, 4, 4), "
+        "got shape (1, 3, 2, 2)",
+    ),
+]
+# (dy_shape, x_shape, kernel, stride, padding, expected)
+AVG_POOL2D_BACKWARD_ERRORS = [
+    (
+        (1, 1, 2, 1),
+        (1, 1, 4, 4),
+        2,
+        None,
+        0,
+        "doutput: expected shape (1, 1, 2, 2) (the forward output's), got shape (1, 1, 2, 1)",
+    ),
+    (
+        (1, 1, 2, 2),
+        (1, 1, 4, 4),
+        2,
+        1,
+        0,
+        "doutput: expected shape (1, 1, 3, 3) (the forward output's), got shape (1, 1, 2, 2)",
+    ),
+    (
+        (2, 1, 2, 2),
+        (1, 1, 4, 4),
+        2,
+        None,
+        0,
+        "doutput: expected shape (1, 1, 2, 2) (the forward output's), got shape (2, 1, 2, 2)",
+    ),
+    (
+        (1, 4),
+        (1, 1, 4, 4),
+        2,
+        None,
+        0,
+        "doutput: expected shape (1, 1, 2, 2) (the forward output's), got shape (1, 4)",
+    ),
+    (
+        (1, 1, 2, 2),
+        (1, 4, 4),
+        2,
+        None,
+        0,
+        "x_shape: expected 4 dims (N, C, H, W), got shape (1, 4, 4)",
+    ),
+    (
+        (1, 1, 2, 2),
+        (1, 1, -4, 4),
+        2,
+        None,
+        0,
+        "x_shape: expected every dim >= 1, got shape (1, 1, -4, 4)",
+    ),
+]
+
+
+def pool_errors(op):
+    return [
+        Bad(op, (np.ones(x), k, s, p), {}, ValueError, f"[{op}] {e}")
+        for x, k, s, p, e in POOL_ERRORS
+    ]
+
+
+MAX_POOL2D = Op(
+    "max_pool2d",
+    make_max_pool2d,
+    forward=lambda lib, s: lib.max_pool2d(s.x, s.kernel, s.stride, s.padding),
+    backward=lambda lib, s: (lib.max_pool2d_backward(s.dy, s.idx, s.x.shape),),
+    wrt=("x",),
+    forward_args=(Arg("x", "input"),),
+    backward_args=(Arg("dy", "doutput"), Arg("idx", "indices", "int")),
+    cases=POOL_CASES,
+    big=POOL_BIG,
+    threads=MAX_POOL_THREADS,
+    thread_values="special",
+    errors=pool_errors("max_pool2d")
+    + [
+        Bad("max_pool2d_backward", (np.ones(dy), np.zeros(i, np.int64), x), {}, ValueError, e)
+        for dy, i, x, e in MAX_POOL2D_BACKWARD_ERRORS
+    ],
+)
+
+AVG_POOL2D = Op(
+    "avg_pool2d",
+    make_avg_pool2d,
+    forward=lambda lib, s: lib.avg_pool2d(s.x, s.kernel, s.stride, s.padding),
+    backward=lambda lib, s: (
+        lib.avg_pool2d_backward(s.dy, s.x.shape, s.kernel, s.stride, s.padding),
+    ),
+    wrt=("x",),
+    forward_args=(Arg("x", "input"),),
+    backward_args=(Arg("dy", "doutput"),),
+    cases=AVG_POOL_CASES,
+    big=POOL_BIG,
+    threads=AVG_POOL_THREADS,
+    errors=pool_errors("avg_pool2d")
+    + [
+        Bad(
+            "avg_pool2d_backward",
+            (np.ones((1, 1, 1, 1)), x, k, s, p),
+            {},
+            ValueError,
+            "[avg_pool2d_backward] "
+            + e.replace("input shape", "x_shape").replace("input", "x_shape"),
+        )
+        for x, k, s, p, e in POOL_ERRORS
+    ]
+    + [
+        Bad(
+            "avg_pool2d_backward",
+            (np.ones(dy), x, k, s, p),
+            {},
+            ValueError,
+            f"[avg_pool2d_backward] {e}",
+        )
+        for dy, x, k, s, p, e in AVG_POOL2D_BACKWARD_ERRORS
+    ],
+)
+
+
+# ---------------------------------------------------------------------------------------
+# relu, sigmoid, tanh, dropout: any shape
+# ---------------------------------------------------------------------------------------
+
+ELEMENTWISE_SHAPES = [(7,), (3, 4), (2, 3, 4, 5), (1, 1, 1, 1), (0, 3), ()]
+ELEMENTWISE_BIG = [(64, 64, 20)]
+ELEMENTWISE_THREADS = [(7, 100_003), (64, 64, 20)]
+
+
+def elementwise(name, saved, scale):
+    """relu (backward from its input z), sigmoid and tanh (backward from their output a)."""
+
+    def make(shape, dtype, rng, values):
+        z = fill(rng, shape, dtype, values, scale)
+        if name == "relu" and values == "normal" and z.size >= 3:
+            z.reshape(-1)[:3] = [0.0, -0.0, np.nan]  # the kink (gradient 0) and NaN
+        dy = fill(rng, shape, dtype, "normal" if values == "smooth" else values)
+        s = Sample(z=z, dy=dy)
+        return s.replace(a=getattr(F, name)(z)) if saved == "a" else s
+
+    def mismatched(saved_shape, dy_shape, shown):
+        message = f"[{name}_backward] {saved}: expected shape {shown} (doutput's), got shape "
+        return Bad(
+            name + "_backward",
+            (np.ones(dy_shape), np.ones(saved_shape)),
+            {},
+            ValueError,
+            message + str(saved_shape),
+        )
+
+    return Op(
+        name,
+        make,
+        forward=lambda lib, s: getattr(lib, name)(s.z),
+        backward=lambda lib, s: (getattr(lib, name + "_backward")(s.dy, s[saved]),),
+        wrt=("z",),
+        forward_args=(Arg("z", "input"),),
+        backward_args=(Arg("dy", "doutput"), Arg(saved, saved)),
+        cases=ELEMENTWISE_SHAPES,
+        big=ELEMENTWISE_BIG,
+        threads=ELEMENTWISE_THREADS,
+        thread_values="special",
+        errors=[mismatched((3, 2), (2, 3), "(2, 3)"), mismatched((2, 3), (6,), "(6,)")],
+    )
+
+
+RELU = elementwise("relu", "z", 1.0)
+SIGMOID = elementwise("sigmoid", "a", 4.0)
+TANH = elementwise("tanh", "a", 3.0)
+
+DROPOUT_PS = [0.1, 0.5, 0.9, 1 / 3]
+DROPOUT_CASES = [
+    (shape, p) for shape in [(7,), (3, 4), (2, 3, 4, 5), (1,), (0, 3), ()] for p in DROPOUT_PS
+] + [((3, 4, 5), 0.0), ((3, 4, 5), 1.0)]
+DROPOUT_BIG = [((64, 64, 20), p) for p in DROPOUT_PS]
+
+
+def make_dropout(case, dtype, rng, values):
+    shape, p = case
+    x = fill(rng, shape, dtype, values)
+    y, mask = F.dropout(x, p, 17)
+    return Sample(x=x, p=p, seed=17, mask=mask, dy=fill(rng, shape, dtype, values))
+
+
+def dropout_oracle(lib, s):
+    """y = x * mask / (1 - p) with the mask the oracle draws from (seed, flat index)."""
+    mask = ref.dropout_mask(np.shape(s.x), s.p, s.seed)
+    return ref.dropout(s.x, mask, s.p), mask
+
+
+DROPOUT = Op(
+    "dropout",
+    make_dropout,
+    forward=lambda lib, s: lib.dropout(s.x, s.p, s.seed),
+    oracle=dropout_oracle,
+    backward=lambda lib, s: (lib.dropout_backward(s.dy, s.mask, s.p),),
+    wrt=("x",),
+    forward_args=(Arg("x", "input"),),
+    backward_args=(Arg("dy", "doutput"), Arg("mask", "mask", "bool")),
+    cases=DROPOUT_CASES,
+    big=DROPOUT_BIG,
+    threads=[((64, 64, 20), 0.3)],
+    errors=[
+        Bad(
+            "dropout_backward",
+            (np.ones(dy), np.ones(mask, bool), 0.5),
+            {},
+            ValueError,
+            f"[dropout_backward] mask: expected shape {dy} (doutput's), got shape {mask}",
+        )
+        for dy, mask in [((2, 3), (3, 2)), ((6,), ())]
+    ],
+)
+
+
+# ---------------------------------------------------------------------------------------
+# linear, flatten
+# ---------------------------------------------------------------------------------------
+
+LINEAR_CASES = [
+    # (x shape, out_features[, bias])
+    ((1, 1), 1),
+    ((5, 4), 3),
+    ((5, 4), 3, False),  # b=None: no bias
+    ((2, 3, 4), 6),  # extra leading dims
+    ((2, 3, 4), 6, False),
+    ((4,), 2),  # a single vector
+    ((8, 17), 1),
+]
+LINEAR_BIG = [((64, 300), 40)]  # enough work for the threaded path
+
+
+def make_linear(case, dtype, rng, values):
+    x_shape, OUT, *bias = case
+    IN = x_shape[-1]
+    return Sample(
+        x=fill(rng, x_shape, dtype, values),
+        w=fill(rng, (OUT, IN), dtype, values),
+        b=fill(rng, (OUT,), dtype, values) if bias in ([], [True]) else None,
+        dy=fill(rng, x_shape[:-1] + (OUT,), dtype, values),
+    )
+
+
+# (x_shape, w_shape, b_shape, expected)
+LINEAR_ERRORS = [
+    (
+        (),
+        (4, 3),
+        (4,),
+        "[linear] input: expected at least 1 dim (*, in_features), got shape ()",
+    ),
+    (
+        (2, 3),
+        (3,),
+        (4,),
+        "[linear] weight: expected 2 dims (out_features, in_features), got shape (3,)",
+    ),
+    (
+        (2, 3),
+        (1, 4, 3),
+        (4,),
+        "[linear] weight: expected 2 dims (out_features, in_features), got shape (1, 4, 3)",
+    ),
+    (
+        (2, 3),
+        (4, 5),
+        (4,),
+        "[linear] weight: expected in_features (dim 1) = 3 to match input (2, 3), got shape (4, 5)",
+    ),
+    (
+        (2, 5, 3),
+        (4, 5),
+        (4,),
+        "[linear] weight: expected in_features (dim 1) = 3 to match input (2, 5, 3), got shape (4, 5)",
+    ),
+    (
+        (2, 3),
+        (3, 4),
+        (4,),
+        "[linear] weight: expected in_features (dim 1) = 3 to match input (2, 3), got shape (3, 4)",
+    ),
+    ((2, 3), (0, 3), (0,), "[linear] weight: expected every dim >= 1, got shape (0, 3)"),
+    ((2, 0), (4, 0), (4,), "[linear] weight: expected every dim >= 1, got shape (4, 0)"),
+    ((2, 3), (4, 3), (3,), "[linear] bias: expected shape (4,), got shape (3,)"),
+    ((2, 3), (4, 3), (1, 4), "[linear] bias: expected shape (4,), got shape (1, 4)"),
+    ((2, 3), (4, 3), (), "[linear] bias: expected shape (4,), got shape ()"),
+]
+# (dy_shape, x_shape, w_shape, expected regex)
+LINEAR_BACKWARD_ERRORS = [
+    (
+        (2, 5),
+        (2, 3),
+        (4, 3),
+        r"^\[linear_backward\] doutput: expected shape \(2, 4\) \(the forward output's\), "
+        r"got shape \(2, 5\)",
+    ),
+    ((3, 4), (2, 3), (4, 3), r"^\[linear_backward\] doutput: expected shape \(2, 4\)"),
+    (
+        (8, 4),
+        (2, 4, 3),
+        (4, 3),
+        r"^\[linear_backward\] doutput: expected shape \(2, 4, 4\) \(the forward output's\), "
+        r"got shape \(8, 4\)",
+    ),
+    (
+        (2, 4),
+        (2, 3),
+        (4, 5),
+        r"^\[linear(_backward)?\] weight: expected in_features \(dim 1\) = 3",
+    ),
+    ((2, 4), (2, 3), (12,), r"^\[linear(_backward)?\] weight: expected 2 dims"),
+]
+
+LINEAR = Op(
+    "linear",
+    make_linear,
+    forward=lambda lib, s: lib.linear(s.x, s.w, s.b),
+    backward=lambda lib, s: lib.linear_backward(s.dy, s.x, s.w),
+    wrt=("x", "w", "b"),
+    forward_args=(Arg("x", "input"), Arg("w", "weight"), Arg("b", "bias", "optional")),
+    backward_args=(Arg("dy", "doutput"), Arg("x", "input"), Arg("w", "weight")),
+    cases=LINEAR_CASES,
+    big=LINEAR_BIG,
+    threads=[((256, 300), 40)],
+    thread_values="ties",
+    errors=[
+        Bad("linear", (np.ones(x), np.ones(w), np.zeros(b)), {}, ValueError, e)
+        for x, w, b, e in LINEAR_ERRORS
+    ]
+    + [
+        Bad("linear_backward", (np.ones(dy), np.ones(x), np.ones(w)), {}, ValueError, e, True)
+        for dy, x, w, e in LINEAR_BACKWARD_ERRORS
+    ],
+)
+
+FLATTEN = Op(
+    "flatten",
+    lambda shape, dtype, rng, values: Sample(
+        x=fill(rng, shape, dtype, values),
+        dy=fill(rng, (shape[0], int(np.prod(shape[1:]))), dtype, values),
+    ),
+    forward=lambda lib, s: lib.flatten(s.x),
+    backward=lambda lib, s: (lib.flatten_backward(s.dy, s.x.shape),),
+    wrt=("x",),
+    forward_args=(Arg("x", "input", "any"),),
+    backward_args=(Arg("dy", "dF", "any"),),
+    cases=[(3, 2, 4, 5), (2, 3, 2, 2), (1, 1, 1, 1), (4, 6), (5,)],
+    big=[(64, 16, 24, 24)],
+    threads=[(64, 16, 24, 24)],
+    errors=[
+        Bad(
+            "flatten_backward",
+            (np.ones((2, 5)), (2, 3, 2)),
+            {},
+            ValueError,
+            "[flatten_backward] dF: expected 12 elements to fill x_shape (2, 3, 2), "
+            "got shape (2, 5)",
+        ),
+    ],
+)
+
+
+# ---------------------------------------------------------------------------------------
+# losses: means, returned as Python floats; the backward gives dL/dinput
+# ---------------------------------------------------------------------------------------
+
+LOSS_SHAPES = [(1, 1), (4, 1), (3, 5), (2, 3, 4)]
+LOSS_THREADS = [(4096, 40)]
+
+
+def make_bce(case, dtype, rng, values):
+    shape, hard = case
+    a = rng.uniform(0.05, 0.95, shape) if values == "smooth" else rng.uniform(0.01, 0.99, shape)
+    y = rng.integers(0, 2, shape) if hard else rng.uniform(0, 1, shape)
+    return Sample(a=a.astype(dtype), y=y.astype(dtype))
+
+
+def make_bce_with_logits(shape, dtype, rng, values):
+    z = fill(rng, shape, dtype, "smooth" if values == "smooth" else "normal", 4.0)
+    return Sample(z=z, y=rng.uniform(0, 1, shape).astype(dtype))
+
+
+def make_cross_entropy(NK, dtype, rng, values):
+    z = fill(rng, NK, dtype, "normal", 3.0)
+    return Sample(z=z, labels=rng.integers(0, NK[1], NK[0]))
+
+
+def binary_loss_errors(op):
+    """Shape errors of the losses whose target has the input's shape."""
+    cases = []
+    for fn in (op, op + "_backward"):
+        for a, y, what in [
+            ((2, 3), (3, 2), "target: expected shape (2, 3) (input's), got shape (3, 2)"),
+            ((6,), (6, 1), "target: expected shape (6,) (input's), got shape (6, 1)"),
+            ((0,), (0,), "input: expected at least one element, got shape (0,)"),
+            ((2, 0), (2, 0), "input: expected at least one element, got shape (2, 0)"),
+        ]:
+            cases.append(Bad(fn, (np.full(a, 0.5), np.ones(y)), {}, ValueError, f"[{fn}] {what}"))
+    return cases
+
+
+def cross_entropy_errors():
+    cases = []
+    z = np.zeros((3, 4))
+    for fn in ("cross_entropy", "cross_entropy_backward"):
+        for labels in (np.zeros(4, np.int64), np.zeros((3, 1), np.int64), 0):
+            shown = np.shape(labels)
+            message = (
+                f"[{fn}] labels: expected shape (3,) (one class index per row of logits), "
+                f"got shape {shown}"
+            )
+            cases.append(Bad(fn, (z, labels), {}, ValueError, message))
+        for logits, labels, what in [
+            ((4,), 1, "logits: expected 2 dims (N, K), got shape (4,)"),
+            ((1, 3, 4), 1, "logits: expected 2 dims (N, K), got shape (1, 3, 4)"),
+            ((0, 4), 0, "logits: expected every dim >= 1, got shape (0, 4)"),
+            ((3, 0), 3, "logits: expected every dim >= 1, got shape (3, 0)"),
+        ]:
+            args = (np.zeros(logits), np.zeros(labels, np.int64))
+            cases.append(Bad(fn, args, {}, ValueError, f"[{fn}] {what}"))
+    return cases
+
+
+BINARY_CROSS_ENTROPY = Op(
+    "binary_cross_entropy",
+    make_bce,
+    forward=lambda lib, s: lib.binary_cross_entropy(s.a, s.y),
+    backward=lambda lib, s: (lib.binary_cross_entropy_backward(s.a, s.y),),
+    wrt=("a",),
+    forward_args=(Arg("a", "input"), Arg("y", "target")),
+    backward_args=(Arg("a", "input"), Arg("y", "target")),
+    cases=[(shape, hard) for shape in LOSS_SHAPES for hard in (False, True)],
+    big=[(shape, True) for shape in LOSS_THREADS],
+    threads=[(shape, True) for shape in LOSS_THREADS],
+    loss=True,
+    errors=binary_loss_errors("binary_cross_entropy"),
+)
+
+BINARY_CROSS_ENTROPY_WITH_LOGITS = Op(
+    "binary_cross_entropy_with_logits",
+    make_bce_with_logits,
+    forward=lambda lib, s: lib.binary_cross_entropy_with_logits(s.z, s.y),
+    backward=lambda lib, s: (lib.binary_cross_entropy_with_logits_backward(s.z, s.y),),
+    wrt=("z",),
+    forward_args=(Arg("z", "input"), Arg("y", "target")),
+    backward_args=(Arg("z", "input"), Arg("y", "target")),
+    cases=LOSS_SHAPES,
+    big=LOSS_THREADS,
+    threads=LOSS_THREADS,
+    loss=True,
+    errors=binary_loss_errors("binary_cross_entropy_with_logits"),
+)
+
+CROSS_ENTROPY = Op(
+    "cross_entropy",
+    make_cross_entropy,
+    forward=lambda lib, s: lib.cross_entropy(s.z, s.labels),
+    backward=lambda lib, s: (lib.cross_entropy_backward(s.z, s.labels),),
+    wrt=("z",),
+    forward_args=(Arg("z", "logits"), Arg("labels", "labels", "int")),
+    backward_args=(Arg("z", "logits"), Arg("labels", "labels", "int")),
+    cases=[(1, 1), (1, 2), (6, 5), (32, 10)],
+    big=LOSS_THREADS,
+    threads=LOSS_THREADS,
+    loss=True,
+    errors=cross_entropy_errors(),
+)
+
+
+OPS = [
+    CONV2D,
+    MAX_POOL2D,
+    AVG_POOL2D,
+    RELU,
+    SIGMOID,
+    TANH,
+    DROPOUT,
+    LINEAR,
+    FLATTEN,
+    BINARY_CROSS_ENTROPY,
+    BINARY_CROSS_ENTROPY_WITH_LOGITS,
+    CROSS_ENTROPY,
+]
+BY_NAME = {op.name: op for op in OPS}
+DTYPES = (F32, F64)
+
+
+def cases(which="cases", dtypes=DTYPES):
+    """pytest parameters (op, case, dtype) over the table: which = "cases", "big" or both."""
+    import pytest
+
+    return [
+        pytest.param(op, case, dtype, id=f"{op.name}-{case}-{np.dtype(dtype).name}")
+        for op in OPS
+        for kind in which.split("+")
+        for case in getattr(op, kind)
+        for dtype in dtypes
+    ]
+
+
+def all_errors():
+    import pytest
+
+    return [pytest.param(bad, id=repr(bad)) for op in OPS for bad in op.errors]

@@ -1,0 +1,103 @@
+"""Kernels against PyTorch itself (the oracle's own torch checks are in test_reference.py):
+avg-pool bit for bit, tanh within its tolerance, dropout's function of its mask through
+torch's autograd and its keep rate against torch's."""
+
+import numpy as np
+import pytest
+from cnnbp import functional as F
+from conftest import DTYPES, KERNEL_TOL, assert_close, assert_same_bits, randn, rng_for
+from ops import AVG_POOL2D, AVG_POOL_CASES, DROPOUT_PS, POOL_BIG
+
+F32, F64 = np.float32, np.float64
+DTYPE_IDS = ["float32", "float64"]
+TOL = KERNEL_TOL
+PS = DROPOUT_PS
+
+
+def avg_pool_data(case, dtype):
+    s = AVG_POOL2D.sample(case, dtype)
+    return s.x, s.dy, s.kernel, s.stride, s.padding
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", AVG_POOL_CASES + POOL_BIG, ids=str)
+def test_avg_pool2d_matches_torch(case, dtype):
+    # Each window is summed in torch's order (row-major) and divided by kh*kw as torch does,
+    # and the backward adds the same shares in the same order: the same bits in both dtypes.
+    torch = pytest.importorskip("torch")
+    x, dy, kernel, stride, padding = avg_pool_data(case, dtype)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = torch.nn.functional.avg_pool2d(xt, kernel, stride, padding)
+    yt.backward(torch.tensor(dy))
+    assert_same_bits(F.avg_pool2d(x, kernel, stride, padding), yt.detach().numpy(), "y")
+    assert_same_bits(
+        F.avg_pool2d_backward(dy, x.shape, kernel, stride, padding), xt.grad.numpy(), "dx"
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_avg_pool2d_matches_torch_on_non_finite_values(dtype):
+    torch = pytest.importorskip("torch")
+    x = np.ones((1, 2, 5, 5), dtype)
+    x[0, 0, 1, 1] = np.nan
+    x[0, 1, 2, 2] = np.inf
+    x[0, 1, 3, 3] = -np.inf
+    for kernel, stride, padding in [(2, None, 0), (3, 2, 1), (3, 1, 1)]:
+        yt = torch.nn.functional.avg_pool2d(torch.tensor(x), kernel, stride, padding)
+        assert_same_bits(F.avg_pool2d(x, kernel, stride, padding), yt.numpy(), f"{kernel}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_tanh_matches_torch(dtype):
+    torch = pytest.importorskip("torch")
+    rng = rng_for("new_ops", "tanh-torch")
+    z = randn(rng, (3, 4, 50), dtype, scale=4.0)
+    z.reshape(-1)[:4] = [0.0, -0.0, 30.0, -30.0]
+    g = randn(rng, z.shape, dtype)
+    zt = torch.tensor(z, requires_grad=True)
+    at = torch.tanh(zt)
+    at.backward(torch.tensor(g))
+    a = F.tanh(z)
+    assert_close(a, at.detach().numpy(), TOL["tanh"][dtype], "tanh")
+    # the backward from torch's own output, and from ours
+    assert_close(
+        F.tanh_backward(g, at.detach().numpy()),
+        zt.grad.numpy(),
+        TOL["tanh_backward"][dtype],
+        "tanh_backward",
+    )
+    assert_close(
+        F.tanh_backward(g, a),
+        zt.grad.numpy(),
+        10 * TOL["tanh_backward"][dtype],
+        "tanh_backward from our a",
+    )
+    np.testing.assert_array_equal(np.signbit(a), np.signbit(at.detach().numpy()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("p", PS, ids=lambda p: f"p={p:.3g}")
+def test_dropout_backward_matches_torch_autograd(p, dtype):
+    # torch's own dropout draws another mask; what must agree is the function of the mask:
+    # y = x * mask / (1 - p) and its gradient, computed by torch's autograd
+    torch = pytest.importorskip("torch")
+    rng = rng_for("new_ops", "dropout-torch", p)
+    x = randn(rng, (4, 3, 10, 10), dtype)
+    g = randn(rng, x.shape, dtype)
+    y, mask = F.dropout(x, p, 21)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = xt * torch.tensor(mask) / (1 - p)
+    yt.backward(torch.tensor(g))
+    assert_same_bits(y, yt.detach().numpy(), "y")
+    np.testing.assert_array_equal(F.dropout_backward(g, mask, p), xt.grad.numpy())
+
+
+def test_dropout_keep_rate_matches_torch():
+    # the same Bernoulli(1 - p): torch's kept fraction and ours within 5 sigma of each other
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    n = 200_000
+    for p in (0.1, 0.5, 0.9):
+        ours = F.dropout(np.ones(n, F32), p, 4)[1].mean()
+        theirs = float((torch.nn.functional.dropout(torch.ones(n), p) != 0).float().mean())
+        assert abs(ours - theirs) < 5 * np.sqrt(2 * p * (1 - p) / n)
