@@ -1,6 +1,7 @@
 // The layer registry and the checking of layer arguments (see cnnbp/registry.hpp).
 #include "cnnbp/registry.hpp"
 
+#include <deque>
 #include <stdexcept>
 
 #include "cnnbp/errors.hpp"
@@ -13,6 +14,12 @@ namespace {
 std::vector<const LayerType*>& registry() {
     static std::vector<const LayerType*> types;
     return types;
+}
+
+// the declarations themselves, at addresses that stay put as more are added
+std::deque<LayerType>& declarations() {
+    static std::deque<LayerType> storage;
+    return storage;
 }
 
 [[noreturn]] void wrong_kind(const std::string& op, const Field& f, const char* expected,
@@ -172,8 +179,9 @@ const LayerType* find_layer_type(const std::string& name) {
 const LayerType& register_layer(LayerType type) {
     if (find_layer_type(type.name))
         throw std::logic_error("[register_layer] " + type.name + " is declared twice");
-    registry().push_back(new LayerType(std::move(type)));  // lives as long as the program
-    return *registry().back();
+    declarations().push_back(std::move(type));
+    registry().push_back(&declarations().back());
+    return declarations().back();
 }
 
 template <typename T>
