@@ -946,6 +946,13 @@ FLATTEN = Op(
     threads=[(64, 16, 24, 24)],
     errors=[
         Bad(
+            "flatten",
+            (np.float64(3.0),),
+            {},
+            ValueError,
+            "[flatten] input: expected at least 1 dim (N, ...), got shape ()",
+        ),
+        Bad(
             "flatten_backward",
             (np.ones((2, 5)), (2, 3, 2)),
             {},

@@ -221,7 +221,28 @@ py::array unary_backward(const char* op, const char* saved_name, const py::handl
     });
 }
 
-// ---- avg_pool2d, tanh, dropout -------------------------------------------------------------
+// An elementwise activation's pair: op(z) -> a, and op_backward(da, saved) -> dz, where
+// saved is what the backward reads ("z", the input, or "a", the output).
+template <void (*ForwardF)(float*, const float*, int64_t),
+          void (*ForwardD)(double*, const double*, int64_t),
+          void (*BackwardF)(float*, const float*, const float*, int64_t),
+          void (*BackwardD)(double*, const double*, const double*, int64_t)>
+void def_activation(py::module_& m, const char* op, const char* saved, const char* forward_doc,
+                    const char* backward_doc) {
+    m.def(
+        op, [op](const py::handle& z) { return unary<ForwardF, ForwardD>(op, z); }, py::arg("z"),
+        forward_doc);
+    const std::string backward = std::string(op) + "_backward";
+    m.def(
+        backward.c_str(),
+        [backward, saved](const py::handle& da, const py::handle& s) {
+            return unary_backward<BackwardF, BackwardD>(backward.c_str(), saved, da, s);
+        },
+        py::arg("da"), py::arg(saved), backward_doc);
+}
+
+// ---- avg_pool2d, dropout
+// ----------------------------------------------------------------------------------------------------------------------------
 
 cnnbp::Pool2dParams pool_params(const char* op, const py::handle& kernel_size,
                                 const py::handle& stride, const py::handle& padding) {
@@ -355,7 +376,7 @@ py::array dropout_backward(const py::handle& dy_obj, const py::handle& mask_obj,
     });
 }
 
-void def_avg_pool2d_tanh_dropout(py::module_& m) {
+void def_avg_pool2d_dropout(py::module_& m) {
     using py::arg;
     m.def("avg_pool2d", &avg_pool2d, arg("x"), arg("kernel_size"), arg("stride") = py::none(),
           arg("padding") = 0,
@@ -365,19 +386,6 @@ void def_avg_pool2d_tanh_dropout(py::module_& m) {
     m.def("avg_pool2d_backward", &avg_pool2d_backward, arg("dy"), arg("x_shape"),
           arg("kernel_size"), arg("stride") = py::none(), arg("padding") = 0,
           "dx (x_shape): each cell gets dy / (window size) from every window covering it.");
-    m.def(
-        "tanh",
-        [](const py::handle& z) {
-            return unary<cnnbp::tanh_forward<float>, cnnbp::tanh_forward<double>>("tanh", z);
-        },
-        arg("z"), "a = tanh(z)");
-    m.def(
-        "tanh_backward",
-        [](const py::handle& da, const py::handle& a) {
-            return unary_backward<cnnbp::tanh_backward<float>, cnnbp::tanh_backward<double>>(
-                "tanh_backward", "a", da, a);
-        },
-        arg("da"), arg("a"), "dz = da * (1 - a * a), from the forward output a");
     m.def("dropout", &dropout, arg("x"), arg("p") = 0.5, arg("seed") = 0,
           "(y, mask) = dropout(x, p, seed): mask (bool, x's shape) keeps each element with "
           "probability 1 - p, drawn from (seed, flat index) by a counter-based hash; "
@@ -617,34 +625,17 @@ PYBIND11_MODULE(_core, m) {
     m.def("max_pool2d_backward", &max_pool2d_backward, arg("dy"), arg("idx"), arg("x_shape"),
           "dx (x_shape) = dy scattered to the positions in idx, zero elsewhere.");
 
-    m.def(
-        "relu",
-        [](const py::handle& z) {
-            return unary<cnnbp::relu_forward<float>, cnnbp::relu_forward<double>>("relu", z);
-        },
-        arg("z"), "a = max(z, 0)");
-    m.def(
-        "relu_backward",
-        [](const py::handle& da, const py::handle& z) {
-            return unary_backward<cnnbp::relu_backward<float>, cnnbp::relu_backward<double>>(
-                "relu_backward", "z", da, z);
-        },
-        arg("da"), arg("z"), "dz = da where z > 0, else 0");
-    m.def(
-        "sigmoid",
-        [](const py::handle& z) {
-            return unary<cnnbp::sigmoid_forward<float>, cnnbp::sigmoid_forward<double>>("sigmoid",
-                                                                                        z);
-        },
-        arg("z"), "a = 1 / (1 + exp(-z))");
-    m.def(
-        "sigmoid_backward",
-        [](const py::handle& da, const py::handle& a) {
-            return unary_backward<cnnbp::sigmoid_backward<float>, cnnbp::sigmoid_backward<double>>(
-                "sigmoid_backward", "a", da, a);
-        },
-        arg("da"), arg("a"), "dz = da * a * (1 - a), from the forward output a");
-    def_avg_pool2d_tanh_dropout(m);
+    def_activation<cnnbp::relu_forward<float>, cnnbp::relu_forward<double>,
+                   cnnbp::relu_backward<float>, cnnbp::relu_backward<double>>(
+        m, "relu", "z", "a = max(z, 0)", "dz = da where z > 0, else 0");
+    def_activation<cnnbp::sigmoid_forward<float>, cnnbp::sigmoid_forward<double>,
+                   cnnbp::sigmoid_backward<float>, cnnbp::sigmoid_backward<double>>(
+        m, "sigmoid", "a", "a = 1 / (1 + exp(-z))",
+        "dz = da * a * (1 - a), from the forward output a");
+    def_activation<cnnbp::tanh_forward<float>, cnnbp::tanh_forward<double>,
+                   cnnbp::tanh_backward<float>, cnnbp::tanh_backward<double>>(
+        m, "tanh", "a", "a = tanh(z)", "dz = da * (1 - a * a), from the forward output a");
+    def_avg_pool2d_dropout(m);
 
     m.def("linear", &linear, arg("x"), arg("w"), arg("b") = py::none(),
           "y (*, out) = x (*, in) . w (out, in)^T + b (out,)");

@@ -69,10 +69,10 @@ def flatten(x):
 
     Flatten has no kernel: it is a reshape (a copy only when x is not C-contiguous).
     """
-    x = np.ascontiguousarray(x)
-    if x.ndim < 1:
+    x = np.asarray(x)
+    if x.ndim < 1:  # checked before the copy, which would make a 0-d array 1-d
         raise ValueError(f"[flatten] input: expected at least 1 dim (N, ...), got shape {x.shape}")
-    return x.reshape(x.shape[0], -1)
+    return np.ascontiguousarray(x).reshape(x.shape[0], -1)
 
 
 def flatten_backward(dF, x_shape):
@@ -88,31 +88,9 @@ def flatten_backward(dF, x_shape):
     return dF.reshape(x_shape)
 
 
-__all__ = [
-    "output_size",
-    "conv2d",
-    "conv2d_backward",
-    "conv2d_workspace_bytes",
-    "max_pool2d",
-    "max_pool2d_backward",
-    "avg_pool2d",
-    "avg_pool2d_backward",
-    "relu",
-    "relu_backward",
-    "sigmoid",
-    "sigmoid_backward",
-    "tanh",
-    "tanh_backward",
-    "dropout",
-    "dropout_backward",
-    "linear",
-    "linear_backward",
-    "flatten",
-    "flatten_backward",
-    "binary_cross_entropy",
-    "binary_cross_entropy_backward",
-    "binary_cross_entropy_with_logits",
-    "binary_cross_entropy_with_logits_backward",
-    "cross_entropy",
-    "cross_entropy_backward",
-]
+# every kernel imported above and every function defined here
+__all__ = sorted(
+    name
+    for name, value in globals().items()
+    if callable(value) and getattr(value, "__module__", "").startswith("cnnbp")
+)
