@@ -88,9 +88,31 @@ def flatten_backward(dF, x_shape):
     return dF.reshape(x_shape)
 
 
-# every kernel imported above and every function defined here
-__all__ = sorted(
-    name
-    for name, value in globals().items()
-    if callable(value) and getattr(value, "__module__", "").startswith("cnnbp")
-)
+__all__ = [
+    "output_size",
+    "conv2d",
+    "conv2d_backward",
+    "conv2d_workspace_bytes",
+    "max_pool2d",
+    "max_pool2d_backward",
+    "avg_pool2d",
+    "avg_pool2d_backward",
+    "relu",
+    "relu_backward",
+    "sigmoid",
+    "sigmoid_backward",
+    "tanh",
+    "tanh_backward",
+    "dropout",
+    "dropout_backward",
+    "linear",
+    "linear_backward",
+    "flatten",
+    "flatten_backward",
+    "binary_cross_entropy",
+    "binary_cross_entropy_backward",
+    "binary_cross_entropy_with_logits",
+    "binary_cross_entropy_with_logits_backward",
+    "cross_entropy",
+    "cross_entropy_backward",
+]
