@@ -412,76 +412,32 @@ CNNBP_REGISTER_LAYER(Dropout, {"Dropout",
                                 {"seed", FieldKind::Seed, nullptr, 0, "", false}},
                                {"mask"}});
 
-template <typename T>
-template <typename Kernel>
-const Tensor<T>& Layer<T>::elementwise_forward(const Tensor<T>& input, Kernel kernel) {
-    input_ = &input;
-    output_.resize(input.shape);
-    kernel(output_.data.data(), input.data.data(), input.size());
-    return output_;
+template <typename T, typename Kind>
+Elementwise<T, Kind>::Elementwise() : Elementwise(arguments_of(Kind::name, {})) {}
+
+template <typename T, typename Kind>
+const Tensor<T>& Elementwise<T, Kind>::forward(const Tensor<T>& input) {
+    this->input_ = &input;
+    this->output_.resize(input.shape);
+    Kind::forward(this->output_.data.data(), input.data.data(), input.size());
+    return this->output_;
 }
 
-template <typename T>
-template <typename Kernel>
-const Tensor<T>& Layer<T>::elementwise_backward(const Tensor<T>& grad_output, const char* op,
-                                                const char* saved_name, const Tensor<T>& saved,
-                                                Kernel kernel) {
-    check_same_shape(op, saved_name, saved.shape, "doutput", grad_output.shape);
-    grad_output_ = &grad_output;
-    grad_input_.resize(saved.shape);
-    kernel(grad_input_.data.data(), grad_output.data.data(), saved.data.data(), saved.size());
-    return grad_input_;
-}
-
-template <typename T>
-ReLU<T>::ReLU() : ReLU(arguments_of("ReLU", {})) {}
-
-template <typename T>
-const Tensor<T>& ReLU<T>::forward(const Tensor<T>& input) {
-    return this->elementwise_forward(input, relu_forward<T>);
-}
-
-template <typename T>
-const Tensor<T>& ReLU<T>::backward(const Tensor<T>& grad_output) {  // dz from the input z
-    const Tensor<T>& input = require_forward(this->input_, "ReLU");
-    return this->elementwise_backward(grad_output, "relu_backward", "z", input, relu_backward<T>);
+template <typename T, typename Kind>
+const Tensor<T>& Elementwise<T, Kind>::backward(const Tensor<T>& grad_output) {
+    const Tensor<T>& input = require_forward(this->input_, Kind::name);
+    const Tensor<T>& saved = Kind::saved[0] == 'z' ? input : this->output_;
+    check_same_shape(Kind::backward_op, Kind::saved, saved.shape, "doutput", grad_output.shape);
+    this->grad_output_ = &grad_output;
+    this->grad_input_.resize(saved.shape);
+    Kind::backward(this->grad_input_.data.data(), grad_output.data.data(), saved.data.data(),
+                   saved.size());
+    return this->grad_input_;
 }
 
 CNNBP_REGISTER_LAYER(ReLU, {"ReLU", "relu", "a = max(z, 0); dz = da where z > 0"});
-
-template <typename T>
-Sigmoid<T>::Sigmoid() : Sigmoid(arguments_of("Sigmoid", {})) {}
-
-template <typename T>
-const Tensor<T>& Sigmoid<T>::forward(const Tensor<T>& input) {
-    return this->elementwise_forward(input, sigmoid_forward<T>);
-}
-
-template <typename T>
-const Tensor<T>& Sigmoid<T>::backward(const Tensor<T>& grad_output) {  // dz from the output a
-    require_forward(this->input_, "Sigmoid");
-    return this->elementwise_backward(grad_output, "sigmoid_backward", "a", this->output_,
-                                      sigmoid_backward<T>);
-}
-
 CNNBP_REGISTER_LAYER(Sigmoid, {"Sigmoid", "sigmoid",
                                "a = 1 / (1 + exp(-z)); dz = da * a * (1 - a), from the output a"});
-
-template <typename T>
-Tanh<T>::Tanh() : Tanh(arguments_of("Tanh", {})) {}
-
-template <typename T>
-const Tensor<T>& Tanh<T>::forward(const Tensor<T>& input) {
-    return this->elementwise_forward(input, tanh_forward<T>);
-}
-
-template <typename T>
-const Tensor<T>& Tanh<T>::backward(const Tensor<T>& grad_output) {  // dz from the output a
-    require_forward(this->input_, "Tanh");
-    return this->elementwise_backward(grad_output, "tanh_backward", "a", this->output_,
-                                      tanh_backward<T>);
-}
-
 CNNBP_REGISTER_LAYER(Tanh,
                      {"Tanh", "tanh", "a = tanh(z); dz = da * (1 - a * a), from the output a"});
 
@@ -826,10 +782,10 @@ double train_step(Sequential<T>& model, const Tensor<T>& input, const Tensor<Tar
     template class Linear<T>;                                                                      \
     template class MaxPool2d<T>;                                                                   \
     template class AvgPool2d<T>;                                                                   \
-    template class Tanh<T>;                                                                        \
+    template class Elementwise<T, TanhKind>;                                                       \
     template class Dropout<T>;                                                                     \
-    template class ReLU<T>;                                                                        \
-    template class Sigmoid<T>;                                                                     \
+    template class Elementwise<T, ReLUKind>;                                                       \
+    template class Elementwise<T, SigmoidKind>;                                                    \
     template class Flatten<T>;                                                                     \
     template class Sequential<T>;                                                                  \
     template class Loss<T>;                                                                        \

@@ -30,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "cnnbp/activation.hpp"
 #include "cnnbp/json.hpp"
 #include "cnnbp/registry.hpp"
 #include "cnnbp/shapes.hpp"
@@ -121,16 +122,6 @@ class Layer {
     }
 
  protected:
-    // An elementwise layer's passes (ReLU, Sigmoid, Tanh): output = kernel(input), and
-    // grad_input = kernel(grad_output, saved), where saved is what the backward reads (the
-    // input or the output), named saved_name in op's shape errors.
-    template <typename Kernel>
-    const Tensor<T>& elementwise_forward(const Tensor<T>& input, Kernel kernel);
-    template <typename Kernel>
-    const Tensor<T>& elementwise_backward(const Tensor<T>& grad_output, const char* op,
-                                          const char* saved_name, const Tensor<T>& saved,
-                                          Kernel kernel);
-
     Layer() = default;
     explicit Layer(Config arguments) : arguments_(std::move(arguments)) {}
     std::optional<Config> arguments_;
@@ -235,35 +226,65 @@ class AvgPool2d : public Pool2d<T> {
     std::string type() const override { return "AvgPool2d"; }
 };
 
-template <typename T>
-class ReLU : public Layer<T> {
+// An elementwise activation: output = Kind::forward(input), and grad_input =
+// Kind::backward(grad_output, saved), where saved is the input z or the output a
+// (Kind::saved names it).
+template <typename T, typename Kind>
+class Elementwise : public Layer<T> {
  public:
-    ReLU();
-    explicit ReLU(const Config& arguments) : Layer<T>(arguments) {}
+    Elementwise();
+    explicit Elementwise(const Config& arguments) : Layer<T>(arguments) {}
     const Tensor<T>& forward(const Tensor<T>& input) override;
     const Tensor<T>& backward(const Tensor<T>& grad_output) override;
-    std::string type() const override { return "ReLU"; }
+    std::string type() const override { return Kind::name; }
+};
+
+struct ReLUKind {  // a = max(z, 0); dz = da where z > 0
+    static constexpr const char* name = "ReLU";
+    static constexpr const char* backward_op = "relu_backward";
+    static constexpr const char* saved = "z";
+    template <typename T>
+    static void forward(T* a, const T* z, int64_t n) {
+        relu_forward(a, z, n);
+    }
+    template <typename T>
+    static void backward(T* dz, const T* da, const T* z, int64_t n) {
+        relu_backward(dz, da, z, n);
+    }
+};
+struct SigmoidKind {  // a = 1 / (1 + exp(-z)); dz = da * a * (1 - a)
+    static constexpr const char* name = "Sigmoid";
+    static constexpr const char* backward_op = "sigmoid_backward";
+    static constexpr const char* saved = "a";
+    template <typename T>
+    static void forward(T* a, const T* z, int64_t n) {
+        sigmoid_forward(a, z, n);
+    }
+    template <typename T>
+    static void backward(T* dz, const T* da, const T* a, int64_t n) {
+        sigmoid_backward(dz, da, a, n);
+    }
+};
+struct TanhKind {  // a = tanh(z); dz = da * (1 - a * a)
+    static constexpr const char* name = "Tanh";
+    static constexpr const char* backward_op = "tanh_backward";
+    static constexpr const char* saved = "a";
+    template <typename T>
+    static void forward(T* a, const T* z, int64_t n) {
+        tanh_forward(a, z, n);
+    }
+    template <typename T>
+    static void backward(T* dz, const T* da, const T* a, int64_t n) {
+        tanh_backward(dz, da, a, n);
+    }
 };
 
 template <typename T>
-class Sigmoid : public Layer<T> {
- public:
-    Sigmoid();
-    explicit Sigmoid(const Config& arguments) : Layer<T>(arguments) {}
-    const Tensor<T>& forward(const Tensor<T>& input) override;
-    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
-    std::string type() const override { return "Sigmoid"; }
-};
-
+using ReLU = Elementwise<T, ReLUKind>;
 template <typename T>
-class Tanh : public Layer<T> {
- public:
-    Tanh();
-    explicit Tanh(const Config& arguments) : Layer<T>(arguments) {}
-    const Tensor<T>& forward(const Tensor<T>& input) override;
-    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
-    std::string type() const override { return "Tanh"; }
-};
+using Sigmoid = Elementwise<T, SigmoidKind>;
+template <typename T>
+using Tanh = Elementwise<T, TanhKind>;
 
 // torch.nn.Dropout: while training, each element is zeroed with probability p and the rest
 // scaled by 1 / (1 - p); in evaluation mode it is the identity. Each training forward draws
