@@ -62,15 +62,13 @@ inline Shape shape_of(const py::array& a) { return Shape(a.shape(), a.shape() + 
 // more than a tiny layer's kernel).
 template <typename T>
 bool is_plain_array(const py::handle& obj) {
-    const auto& api = py::detail::npy_api::get();
-    if (!api.PyArray_Check_(obj.ptr())) return false;
-    const auto* header = py::detail::array_proxy(obj.ptr());
-    constexpr int wanted =
-        py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_ | py::detail::npy_api::NPY_ARRAY_ALIGNED_;
-    if ((header->flags & wanted) != wanted) return false;
-    const auto* descr = py::detail::array_descriptor_proxy(header->descr);
-    return descr->type_num == py::detail::npy_format_descriptor<T>::value &&
-           descr->byteorder != '>';
+    if (!py::array::check_(obj)) return false;
+    const auto arr = py::reinterpret_borrow<py::array>(obj);
+    constexpr int kAligned = 0x0100;  // NumPy's NPY_ARRAY_ALIGNED
+    if (!(arr.flags() & py::array::c_style) || !(arr.flags() & kAligned)) return false;
+    static const int wanted = py::dtype::of<T>().num();
+    const py::dtype dtype = arr.dtype();
+    return dtype.num() == wanted && dtype.byteorder() != '>';
 }
 
 // A copy that cannot be made raises (MemoryError): array_t::ensure would return a null
@@ -82,20 +80,10 @@ py::array_t<T, py::array::c_style> contiguous(const py::array& a) {
     return py::array_t<T, py::array::c_style>(py::reinterpret_borrow<py::object>(a));
 }
 
-// A new uninitialized C-contiguous array, made by NumPy's C API directly (pybind11's
-// constructor goes through vectors of shape and strides first).
+// A new uninitialized C-contiguous array.
 template <typename T>
 py::array_t<T> empty_like_shape(const Shape& shape) {
-    const auto& api = py::detail::npy_api::get();
-    std::array<py::ssize_t, 32> dims{};  // NumPy allows at most 32 (64 since 2.0) dims
-    if (shape.size() > dims.size())
-        return py::array_t<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
-    std::copy(shape.begin(), shape.end(), dims.begin());
-    PyObject* arr = api.PyArray_NewFromDescr_(api.PyArray_Type_, py::dtype::of<T>().release().ptr(),
-                                              static_cast<int>(shape.size()), dims.data(), nullptr,
-                                              nullptr, 0, nullptr);
-    if (!arr) throw py::error_already_set();
-    return py::reinterpret_steal<py::array_t<T>>(arr);
+    return py::array_t<T>(py::array::ShapeContainer(shape.begin(), shape.end()));
 }
 
 // Integer arrays (class labels, pooling indices) as C-contiguous int64.

@@ -119,9 +119,9 @@ template <typename T>
 void fill_input(Tensor<T>& dst, const std::string& op, bool weighted, const py::handle& obj,
                 const char* name = "input") {
     if (is_plain_array<T>(obj)) {  // the common case, read off the header
-        const auto* header = py::detail::array_proxy(obj.ptr());
-        dst.shape.assign(header->dimensions, header->dimensions + header->nd);
-        const T* data = reinterpret_cast<const T*>(header->data);
+        const auto arr = py::reinterpret_borrow<py::array>(obj);
+        dst.shape.assign(arr.shape(), arr.shape() + arr.ndim());
+        const T* data = static_cast<const T*>(arr.data());
         dst.data.assign(data, data + cnnbp::numel(dst.shape));
         return;
     }
