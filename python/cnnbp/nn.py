@@ -226,7 +226,10 @@ class Module:
 class _NativeModule(Module):
     """A built-in layer: a C++ layer object per dtype runs it and holds its trace.
 
-    ``_make(dtype)`` builds the C++ layer; layers with parameters have one fixed dtype."""
+    The C++ objects: ``_impls[dtype]``, made by ``_make(dtype)`` when ``_native_for(dtype)``
+    first asks for it; ``_impl``, the one whose trace shows, chosen by ``_activate(dtype)``;
+    ``_as_layer(dtype)``, what a C++ Sequential holds for this module. Layers with
+    parameters have one fixed dtype."""
 
     _fixed_dtype = None
 
@@ -246,8 +249,10 @@ class _NativeModule(Module):
                 child.train(child.training)
         return impl
 
-    def _activate(self, dtype) -> None:
+    def _activate(self, dtype):
+        """The C++ layer of `dtype`, made the one whose trace shows."""
         self._impl = self._native_for(dtype)
+        return self._impl
 
     def _as_layer(self, dtype):
         # a subclass (or instance) that redefines forward or backward runs them in Python
@@ -264,13 +269,8 @@ class _NativeModule(Module):
             impl.train(bool(mode))
         return super().train(mode)
 
-    def _impl_for_input(self, x):
-        dtype = self._fixed_dtype or dtype_of(x)
-        impl = self._impl = self._native_for(dtype)
-        return impl
-
     def forward(self, x):
-        return self._impl_for_input(x).forward(x)
+        return self._activate(self._fixed_dtype or dtype_of(x)).forward(x)
 
     def backward(self, grad_output):
         if self._impl is None:
@@ -434,20 +434,14 @@ class Sequential(_NativeModule):
             impl.add(layer._as_layer(dtype))
         return impl
 
-    def _impl_for_input(self, x):
-        dtype = self._fixed_dtype or dtype_of(x)
-        impl = self._impls.get(dtype)
-        if impl is None:
-            impl = self._native_for(dtype)
+    def _activate(self, dtype):
+        impl = self._native_for(dtype)
         if impl is not self._impl:  # the layers' traces now come from this dtype's objects
-            self._activate(dtype)
+            self._impl = impl
+            self._step = None
+            for layer in self.layers:
+                layer._activate(dtype)
         return impl
-
-    def _activate(self, dtype) -> None:
-        self._impl = self._native_for(dtype)
-        self._step = None
-        for layer in self.layers:
-            layer._activate(dtype)
 
     def _children(self):
         return self.layers
@@ -487,8 +481,8 @@ class Sequential(_NativeModule):
         return self._first_train_step(x, y, loss_fn, optimizer)
 
     def _first_train_step(self, x, y, loss_fn, optimizer) -> float:
-        impl = self._impl_for_input(x)
         dtype = self._fixed_dtype or dtype_of(x)
+        impl = self._activate(dtype)
         native_optimizer = optimizer._native_for(dtype)
         if native_optimizer is None:  # parameters of both dtypes: the calls one by one
             self.zero_grad()
@@ -496,7 +490,7 @@ class Sequential(_NativeModule):
             self.backward(loss_fn.backward())
             optimizer.step()
             return loss
-        native_loss = loss_fn._impl_for_dtype(dtype)
+        native_loss = loss_fn._activate(dtype)
         step = native("TrainStep", dtype)(impl, native_loss, native_optimizer)
         self._step = (loss_fn, optimizer, getattr(x, "dtype", None), native_loss, step)
         return step(x, y)
@@ -538,7 +532,8 @@ class _Loss:
         self._impls = {}
         self._impl = None
 
-    def _impl_for_dtype(self, dtype):
+    def _activate(self, dtype):
+        """The C++ loss of `dtype`, made the one whose trace shows."""
         impl = self._impls.get(dtype)
         if impl is None:
             impl = self._impls[dtype] = native(self._native_name, dtype)()
@@ -549,7 +544,7 @@ class _Loss:
         return self.forward(input, target)
 
     def forward(self, input, target) -> float:
-        return self._impl_for_dtype(dtype_of(input)).forward(input, target)
+        return self._activate(dtype_of(input)).forward(input, target)
 
     def backward(self, grad_loss: float = 1.0):
         """dL/d input of the last call, scaled by dL/d loss (1 when the loss is the objective)."""
