@@ -569,6 +569,26 @@ int64_t conv2d_workspace_bytes(const py::handle& x_shape, const py::handle& w_sh
                               : cnnbp::conv2d_workspace_bytes<double>(dims, threads);
 }
 
+// A binary loss's pair: op(input, y) -> the mean loss, and op_backward(input, y) -> dL/dinput;
+// the input is probabilities (BCE) or logits (with_logits).
+template <bool probabilities>
+void def_binary_loss(py::module_& m, const char* op, const char* input, const char* doc,
+                     const char* backward_doc) {
+    m.def(
+        op,
+        [op](const py::handle& x, const py::handle& y) {
+            return binary_loss<probabilities>(op, x, y);
+        },
+        py::arg(input), py::arg("y"), doc);
+    const std::string backward = std::string(op) + "_backward";
+    m.def(
+        backward.c_str(),
+        [backward](const py::handle& x, const py::handle& y) {
+            return binary_loss_backward<probabilities>(backward.c_str(), x, y);
+        },
+        py::arg(input), py::arg("y"), backward_doc);
+}
+
 }  // namespace
 
 namespace cnnbp_bindings {
@@ -642,30 +662,12 @@ PYBIND11_MODULE(_core, m) {
     m.def("linear_backward", &linear_backward, arg("dy"), arg("x"), arg("w"),
           "(dx, dw, db) = gradients of linear given dy (*, out)");
 
-    m.def(
-        "binary_cross_entropy",
-        [](const py::handle& a, const py::handle& y) {
-            return binary_loss<true>("binary_cross_entropy", a, y);
-        },
-        arg("a"), arg("y"), "mean binary cross-entropy of probabilities a against targets y");
-    m.def(
-        "binary_cross_entropy_backward",
-        [](const py::handle& a, const py::handle& y) {
-            return binary_loss_backward<true>("binary_cross_entropy_backward", a, y);
-        },
-        arg("a"), arg("y"), "dL/da of the mean binary cross-entropy");
-    m.def(
-        "binary_cross_entropy_with_logits",
-        [](const py::handle& z, const py::handle& y) {
-            return binary_loss<false>("binary_cross_entropy_with_logits", z, y);
-        },
-        arg("z"), arg("y"), "mean binary cross-entropy of sigmoid(z) against y, computed stably");
-    m.def(
-        "binary_cross_entropy_with_logits_backward",
-        [](const py::handle& z, const py::handle& y) {
-            return binary_loss_backward<false>("binary_cross_entropy_with_logits_backward", z, y);
-        },
-        arg("z"), arg("y"), "dL/dz = (sigmoid(z) - y) / count");
+    def_binary_loss<true>(m, "binary_cross_entropy", "a",
+                          "mean binary cross-entropy of probabilities a against targets y",
+                          "dL/da of the mean binary cross-entropy");
+    def_binary_loss<false>(m, "binary_cross_entropy_with_logits", "z",
+                           "mean binary cross-entropy of sigmoid(z) against y, computed stably",
+                           "dL/dz = (sigmoid(z) - y) / count");
     m.def("cross_entropy", &cross_entropy, arg("logits"), arg("labels"),
           "mean softmax cross-entropy of logits (N, K) against class indices labels (N,)");
     m.def("cross_entropy_backward", &cross_entropy_backward, arg("logits"), arg("labels"),

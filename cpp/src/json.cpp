@@ -8,6 +8,8 @@
 #include <cstring>
 #include <stdexcept>
 
+#include "cnnbp/shapes.hpp"
+
 namespace cnnbp::json {
 
 namespace {
@@ -187,19 +189,12 @@ void dump_string(std::string& out, const std::string& s) {
     out += '"';
 }
 
-// the shortest text that reads back as the same double, with a '.' or exponent as Python
-// writes floats (1.0, 0.25, 1e-05)
+// a double as Python's json writes it: the shortest text that reads back the same (1.0,
+// 0.25, 1e-05), NaN and Infinity spelled as Python spells them
 std::string double_text(double d) {
     if (std::isnan(d)) return "NaN";
     if (std::isinf(d)) return d > 0 ? "Infinity" : "-Infinity";
-    char buffer[32];
-    for (int precision = 1; precision <= 17; ++precision) {
-        std::snprintf(buffer, sizeof buffer, "%.*g", precision, d);
-        if (std::strtod(buffer, nullptr) == d) break;
-    }
-    std::string s = buffer;
-    if (s.find_first_of(".en") == std::string::npos) s += ".0";
-    return s;
+    return number_str(d);
 }
 
 void dump_into(std::string& out, const Value& value) {
