@@ -223,6 +223,19 @@ class Module:
         return f"{type(self).__name__}({self.extra_repr()})"
 
 
+def _traced(name, after_run=False):
+    """A property that reads entry `name` of the trace of the C++ object behind `_impl` (a
+    copy; None before a pass, or with after_run, before the object has run)."""
+
+    def read(self):
+        impl = self._impl
+        if impl is None or (after_run and not impl.has_run()):
+            return None
+        return getattr(impl, name)()
+
+    return property(read)
+
+
 class _NativeModule(Module):
     """A built-in layer: a C++ layer object per dtype runs it and holds its trace.
 
@@ -278,14 +291,10 @@ class _NativeModule(Module):
         return self._impl.backward(grad_output)
 
     # the trace of the last pass, read from the C++ layer (copies; None before a pass)
-    def _traced(name):  # noqa: N805 - a helper that builds properties
-        return property(lambda self: getattr(self._impl, name)() if self._impl else None)
-
     input = _traced("input")
     output = _traced("output")
     grad_output = _traced("grad_output")
     grad_input = _traced("grad_input")
-    del _traced
 
 
 class _DeclaredLayer(_NativeModule):
@@ -552,18 +561,10 @@ class _Loss:
             raise RuntimeError(f"[{type(self).__name__}] backward called before forward")
         return self._impl.backward(float(grad_loss))
 
-    def _traced(name):  # noqa: N805 - a helper that builds properties
-        return property(
-            lambda self: (
-                getattr(self._impl, name)() if self._impl and self._impl.has_run() else None
-            )
-        )
-
-    input = _traced("input")
-    target = _traced("target")
-    loss = _traced("value")
-    grad_input = _traced("grad_input")
-    del _traced
+    input = _traced("input", after_run=True)
+    target = _traced("target", after_run=True)
+    loss = _traced("value", after_run=True)
+    grad_input = _traced("grad_input", after_run=True)
 
     def trace(self):
         return OrderedDict(
