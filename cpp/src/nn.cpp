@@ -105,13 +105,16 @@ std::vector<std::pair<std::string, Parameter<T>*>> WeightedLayer<T>::named_param
 }
 
 template <typename T>
-void WeightedLayer<T>::prepare_gradients() {
+template <typename Kernel>
+const Tensor<T>& WeightedLayer<T>::weighted_backward(const Tensor<T>& grad_output, Kernel kernel) {
+    const Tensor<T>& input = *this->input_;
+    this->grad_output_ = &grad_output;
+    this->grad_input_.resize(input.shape);
     dweight_.resize(weight.value.shape);
     if (has_bias_) dbias_.resize(bias.value.shape);
-}
-
-template <typename T>
-const Tensor<T>& WeightedLayer<T>::finish_backward() {
+    kernel(this->grad_input_.data.data(), dweight_.data.data(),
+           has_bias_ ? dbias_.data.data() : nullptr, grad_output.data.data(), input.data.data(),
+           weight.value.data.data());
     accumulate(weight, dweight_);
     if (has_bias_) accumulate(bias, dbias_);
     return this->grad_input_;
@@ -181,15 +184,10 @@ const Tensor<T>& Conv2d<T>::forward(const Tensor<T>& input) {
 
 template <typename T>
 const Tensor<T>& Conv2d<T>::backward(const Tensor<T>& grad_output) {
-    const Tensor<T>& input = require_forward(this->input_, "Conv2d");
+    require_forward(this->input_, "Conv2d");
     conv2d_check_doutput(dims_, grad_output.shape);
-    this->grad_output_ = &grad_output;
-    this->grad_input_.resize(input.shape);
-    this->prepare_gradients();
-    conv2d_backward(this->grad_input_.data.data(), this->dweight_.data.data(),
-                    this->has_bias_ ? this->dbias_.data.data() : nullptr, grad_output.data.data(),
-                    input.data.data(), this->weight.value.data.data(), dims_);
-    return this->finish_backward();
+    return this->weighted_backward(grad_output,
+                                   [&](auto... pointers) { conv2d_backward(pointers..., dims_); });
 }
 
 // ---- Linear ------------------------------------------------------------------------------
@@ -236,15 +234,9 @@ const Tensor<T>& Linear<T>::forward(const Tensor<T>& input) {
 
 template <typename T>
 const Tensor<T>& Linear<T>::backward(const Tensor<T>& grad_output) {
-    const Tensor<T>& input = require_forward(this->input_, "Linear");
-    linear_check_doutput(dims_, input.shape, grad_output.shape);
-    this->grad_output_ = &grad_output;
-    this->grad_input_.resize(input.shape);
-    this->prepare_gradients();
-    linear_backward(this->grad_input_.data.data(), this->dweight_.data.data(),
-                    this->has_bias_ ? this->dbias_.data.data() : nullptr, grad_output.data.data(),
-                    input.data.data(), this->weight.value.data.data(), dims_);
-    return this->finish_backward();
+    linear_check_doutput(dims_, require_forward(this->input_, "Linear").shape, grad_output.shape);
+    return this->weighted_backward(grad_output,
+                                   [&](auto... pointers) { linear_backward(pointers..., dims_); });
 }
 
 // ---- MaxPool2d, activations, Flatten -------------------------------------------------------

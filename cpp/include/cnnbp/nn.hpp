@@ -144,10 +144,11 @@ class WeightedLayer : public Layer<T> {
  protected:
     explicit WeightedLayer(Config arguments)
         : Layer<T>(std::move(arguments)), has_bias_(this->arguments_->boolean("bias")) {}
-    // size the gradient buffers like the parameters
-    void prepare_gradients();
-    // weight.grad (+)= dweight_, bias.grad (+)= dbias_; returns grad_input
-    const Tensor<T>& finish_backward();
+    // The backward after the caller's checks: kernel(dinput, dweight, dbias, doutput, input,
+    // weight) fills the gradient buffers, then weight.grad (+)= dweight, bias.grad (+)= dbias;
+    // returns grad_input.
+    template <typename Kernel>
+    const Tensor<T>& weighted_backward(const Tensor<T>& grad_output, Kernel kernel);
     bool has_bias_;
     Tensor<T> dweight_, dbias_;
 };
