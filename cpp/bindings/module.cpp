@@ -102,16 +102,22 @@ py::tuple conv2d_backward(const py::handle& dy_obj, const py::handle& x_obj,
 
 // ---- max_pool2d --------------------------------------------------------------------------
 
+// A pooling call's window: int-or-pair arguments; stride None means the kernel size (torch).
+cnnbp::Pool2dParams pool_params(const char* op, const py::handle& kernel_size,
+                                const py::handle& stride, const py::handle& padding) {
+    auto k = parse_pair(op, "kernel_size", kernel_size);
+    auto s = stride.is_none() ? k : parse_pair(op, "stride", stride);  // torch: stride = kernel
+    auto p = parse_pair(op, "padding", padding);
+    return cnnbp::Pool2dParams{k[0], k[1], s[0], s[1], p[0], p[1]};
+}
+
 py::tuple max_pool2d(const py::handle& x_obj, const py::handle& kernel_size,
                      const py::handle& stride, const py::handle& padding) {
     const char* op = "max_pool2d";
     py::array x = as_array(op, "input", x_obj);
     const DType dtype = float_dtype(op, "input", x);
-    auto k = parse_pair(op, "kernel_size", kernel_size);
-    auto s = stride.is_none() ? k : parse_pair(op, "stride", stride);  // torch: stride = kernel
-    auto p = parse_pair(op, "padding", padding);
-    const auto dims = cnnbp::pool2d_dims(op, shape_of(x),
-                                         cnnbp::Pool2dParams{k[0], k[1], s[0], s[1], p[0], p[1]});
+    const auto dims =
+        cnnbp::pool2d_dims(op, shape_of(x), pool_params(op, kernel_size, stride, padding));
     return dispatch(dtype, [&](auto tag) -> py::tuple {
         using T = decltype(tag);
         auto xc = contiguous<T>(x);
@@ -241,16 +247,7 @@ void def_activation(py::module_& m, const char* op, const char* saved, const cha
         py::arg("da"), py::arg(saved), backward_doc);
 }
 
-// ---- avg_pool2d, dropout
-// ----------------------------------------------------------------------------------------------------------------------------
-
-cnnbp::Pool2dParams pool_params(const char* op, const py::handle& kernel_size,
-                                const py::handle& stride, const py::handle& padding) {
-    auto k = parse_pair(op, "kernel_size", kernel_size);
-    auto s = stride.is_none() ? k : parse_pair(op, "stride", stride);  // torch: stride = kernel
-    auto p = parse_pair(op, "padding", padding);
-    return cnnbp::Pool2dParams{k[0], k[1], s[0], s[1], p[0], p[1]};
-}
+// ---- avg_pool2d, dropout -------------------------------------------------------------------
 
 py::array avg_pool2d(const py::handle& x_obj, const py::handle& kernel_size,
                      const py::handle& stride, const py::handle& padding) {
