@@ -385,8 +385,9 @@ py::list named_parameters(const py::object& self) {
     return out;
 }
 
+// Parameter, Layer (every declared type through make_layer), PythonLayer
 template <typename T>
-void bind_dtype(py::module_& m) {
+void bind_layers(py::module_& m) {
     using P = Parameter<T>;
     py::class_<P>(m, suffixed<T>("Parameter").c_str())
         .def(py::init([](const py::handle& data) {
@@ -462,6 +463,12 @@ void bind_dtype(py::module_& m) {
     py::class_<PythonLayer<T>, L, std::shared_ptr<PythonLayer<T>>>(
         m, suffixed<T>("PythonLayer").c_str())
         .def(py::init<py::object>());
+}
+
+// Sequential with its model files, and the bound training step
+template <typename T>
+void bind_models(py::module_& m) {
+    using L = Layer<T>;
     py::class_<Sequential<T>, L, std::shared_ptr<Sequential<T>>>(m,
                                                                  suffixed<T>("Sequential").c_str())
         .def(py::init<>())
@@ -499,7 +506,10 @@ void bind_dtype(py::module_& m) {
             return TrainStep<T>{std::move(model), std::move(loss), std::move(optimizer), {}};
         }))
         .def("__call__", &TrainStep<T>::operator());
+}
 
+template <typename T>
+void bind_losses(py::module_& m) {
     using Lo = Loss<T>;
     py::class_<Lo, std::shared_ptr<Lo>>(m, suffixed<T>("Loss").c_str())
         .def("forward", &loss_forward<T>)
@@ -535,7 +545,10 @@ void bind_dtype(py::module_& m) {
     py::class_<CrossEntropyLoss<T>, Lo, std::shared_ptr<CrossEntropyLoss<T>>>(
         m, suffixed<T>("CrossEntropyLoss").c_str())
         .def(py::init<>());
+}
 
+template <typename T>
+void bind_optimizers(py::module_& m) {
     using O = Optimizer<T>;
     using py::arg;
     py::class_<O, std::shared_ptr<O>>(m, suffixed<T>("Optimizer").c_str())
@@ -604,6 +617,14 @@ void bind_dtype(py::module_& m) {
              }),
              py::keep_alive<1, 2>(), arg("params"), arg("lr"), arg("beta1"), arg("beta2"),
              arg("eps"), arg("weight_decay"));
+}
+
+template <typename T>
+void bind_dtype(py::module_& m) {
+    bind_layers<T>(m);
+    bind_losses<T>(m);
+    bind_optimizers<T>(m);
+    bind_models<T>(m);
 }
 
 }  // namespace
