@@ -11,6 +11,12 @@ from cnnbp.gradcheck import numeric_gradient
 DTYPES = (np.float32, np.float64)
 F32, F64 = np.float32, np.float64
 
+
+def _forward_and_backward(op, tol, backward=None):
+    """The tolerances of op and of op_backward: the same unless `backward` is given."""
+    return {op: tol, op + "_backward": dict(tol if backward is None else backward)}
+
+
 # Tolerances against the float64 oracle, per op and dtype (see conftest.assert_close: the
 # bound is tol * (|want| + max|want|)). The oracle is evaluated on exactly the numbers the
 # kernel saw (float32 inputs widened to float64), so the only differences are the kernel's
@@ -19,34 +25,24 @@ F32, F64 = np.float32, np.float64
 # Selections (max-pool values and indices, relu, flatten) move numbers without arithmetic
 # and must be exact.
 KERNEL_TOL = {
-    "conv2d": {F64: 1e-12, F32: 1e-5},
-    "conv2d_backward": {F64: 1e-12, F32: 1e-5},
-    "max_pool2d": {F64: 0, F32: 0},
-    "max_pool2d_backward": {F64: 1e-14, F32: 1e-6},  # overlapping picks add up
-    "relu": {F64: 0, F32: 0},
-    "relu_backward": {F64: 0, F32: 0},
-    "sigmoid": {F64: 1e-14, F32: 1e-6},
-    "sigmoid_backward": {F64: 1e-14, F32: 1e-6},
-    "linear": {F64: 1e-12, F32: 1e-5},
-    "linear_backward": {F64: 1e-12, F32: 1e-5},
-    "flatten": {F64: 0, F32: 0},
-    "flatten_backward": {F64: 0, F32: 0},
-    "binary_cross_entropy": {F64: 1e-12, F32: 1e-6},
-    "binary_cross_entropy_backward": {F64: 1e-12, F32: 1e-6},
-    "binary_cross_entropy_with_logits": {F64: 1e-12, F32: 1e-6},
-    "binary_cross_entropy_with_logits_backward": {F64: 1e-12, F32: 1e-6},
-    "cross_entropy": {F64: 1e-12, F32: 1e-6},
-    "cross_entropy_backward": {F64: 1e-12, F32: 1e-6},
-    # avg_pool2d sums at most kh*kw cells and divides once: a few ulps. float tanh is the
-    # double tanh rounded once (half an ulp), float64 tanh the library's (an ulp or so).
-    # Dropout multiplies by 0 or 1 and divides by 1 - p: exact in float64, where the oracle
-    # does the same operations; in float32 the kernel divides by 1 - p rounded to float32.
-    "avg_pool2d": {F64: 1e-14, F32: 1e-6},
-    "avg_pool2d_backward": {F64: 1e-14, F32: 1e-6},  # overlapping windows add up
-    "tanh": {F64: 1e-14, F32: 1e-6},
-    "tanh_backward": {F64: 1e-14, F32: 1e-6},
-    "dropout": {F64: 0, F32: 1e-6},
-    "dropout_backward": {F64: 0, F32: 1e-6},
+    **_forward_and_backward("conv2d", {F64: 1e-12, F32: 1e-5}),
+    # overlapping picks add up in the backward
+    **_forward_and_backward("max_pool2d", {F64: 0, F32: 0}, backward={F64: 1e-14, F32: 1e-6}),
+    **_forward_and_backward("relu", {F64: 0, F32: 0}),
+    **_forward_and_backward("sigmoid", {F64: 1e-14, F32: 1e-6}),
+    **_forward_and_backward("linear", {F64: 1e-12, F32: 1e-5}),
+    **_forward_and_backward("flatten", {F64: 0, F32: 0}),
+    **_forward_and_backward("binary_cross_entropy", {F64: 1e-12, F32: 1e-6}),
+    **_forward_and_backward("binary_cross_entropy_with_logits", {F64: 1e-12, F32: 1e-6}),
+    **_forward_and_backward("cross_entropy", {F64: 1e-12, F32: 1e-6}),
+    # avg_pool2d sums at most kh*kw cells and divides once: a few ulps (overlapping windows
+    # add up in the backward). float tanh is the double tanh rounded once (half an ulp),
+    # float64 tanh the library's (an ulp or so). Dropout multiplies by 0 or 1 and divides by
+    # 1 - p: exact in float64, where the oracle does the same operations; in float32 the
+    # kernel divides by 1 - p rounded to float32.
+    **_forward_and_backward("avg_pool2d", {F64: 1e-14, F32: 1e-6}),
+    **_forward_and_backward("tanh", {F64: 1e-14, F32: 1e-6}),
+    **_forward_and_backward("dropout", {F64: 0, F32: 1e-6}),
 }
 
 # cnnbp networks against torch, normwise (see assert_close). float64: both sides are exact
