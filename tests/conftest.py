@@ -6,6 +6,7 @@ Import them with ``from conftest import ...`` (pytest puts this directory on sys
 import hashlib
 
 import numpy as np
+from cnnbp import nn
 from cnnbp.gradcheck import numeric_gradient
 
 DTYPES = (np.float32, np.float64)
@@ -50,6 +51,27 @@ KERNEL_TOL = {
 # float32: torch sums with other blockings (oneDNN, BLAS), so differences of a few float32
 # ulps per reduction, amplified a little through the layers.
 NETWORK_TOL = {F64: 1e-9, F32: 1e-4}
+
+
+def layer_dtype(lib, dtype):
+    """The keyword arguments that make a layer's parameters `dtype`: cnnbp.nn layers take
+    dtype=; torch.nn layers are made float32 and converted as a whole by the caller."""
+    return {"dtype": dtype} if lib is nn else {}
+
+
+def seed_network(dtype=F32, lib=nn, channels=1):
+    """The derivation's network, (N, 1, 6, 6) -> conv 3x3 -> ReLU -> max-pool 2x2 -> flatten
+    -> linear -> sigmoid -> (N, 1), with `channels` filters (1: its 15 parameters), made of
+    cnnbp.nn's layers or torch.nn's (see layer_dtype)."""
+    kw = layer_dtype(lib, dtype)
+    return lib.Sequential(
+        lib.Conv2d(1, channels, 3, **kw),
+        lib.ReLU(),
+        lib.MaxPool2d(2),
+        lib.Flatten(),
+        lib.Linear(4 * channels, 1, **kw),
+        lib.Sigmoid(),
+    )
 
 
 def check_array(got, shape, dtype):

@@ -27,7 +27,14 @@ import pytest
 from cnnbp import functional as F
 from cnnbp import nn, optim
 from cnnbp import reference as ref
-from conftest import KERNEL_TOL, assert_close, assert_same_bits, check_array, check_result
+from conftest import (
+    KERNEL_TOL,
+    assert_close,
+    assert_same_bits,
+    check_array,
+    check_result,
+    seed_network,
+)
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from ops import OPS
@@ -1379,14 +1386,7 @@ def test_optimizers_fuzz(
 )
 def test_load_state_dict_fuzz(change, seed, dtype, key):
     rng = np.random.default_rng(seed)
-    model = nn.Sequential(
-        nn.Conv2d(1, 2, 3, dtype=dtype),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(8, 1, dtype=dtype),
-        nn.Sigmoid(),
-    )
+    model = seed_network(dtype, channels=2)
     before = {k: v.copy() for k, v in model.state_dict().items()}
     new = {k: values(rng, v.shape, dtype, "normal") for k, v in before.items()}
     value = new[key]
@@ -1466,9 +1466,7 @@ def test_load_state_dict_fuzz(change, seed, dtype, key):
 @pytest.fixture(scope="module")
 def model_file_bytes(tmp_path_factory):
     nn.manual_seed(3)
-    model = nn.Sequential(
-        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 1), nn.Sigmoid()
-    )
+    model = seed_network(channels=2)
     path = tmp_path_factory.mktemp("model") / "model.npz"
     model.save(path)
     return path.read_bytes()

@@ -20,6 +20,8 @@ from conftest import (
     SGD_CONFIGS,
     assert_close,  # noqa: E402
     check_array,
+    layer_dtype,
+    seed_network,
 )
 
 F32, F64 = np.float32, np.float64
@@ -29,94 +31,54 @@ DTYPE_IDS = ["float32", "float64"]
 
 
 # ---------------------------------------------------------------------------------------
-# the networks, built twice
+# the networks, each written once for cnnbp.nn and torch.nn
 # ---------------------------------------------------------------------------------------
 
 
 def seed_net(lib, dtype):
     """The derivation's 15-parameter network."""
-    if lib is nn:
-        return nn.Sequential(
-            nn.Conv2d(1, 1, 3, dtype=dtype),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(4, 1, dtype=dtype),
-            nn.Sigmoid(),
-        )
-    return tnn.Sequential(
-        tnn.Conv2d(1, 1, 3),
-        tnn.ReLU(),
-        tnn.MaxPool2d(2),
-        tnn.Flatten(),
-        tnn.Linear(4, 1),
-        tnn.Sigmoid(),
-    )
+    return seed_network(dtype, lib)
 
 
 def big_net(lib, dtype):
     """Strides, paddings, overlapping pools, a non-square kernel, two conv layers.
     Input (N, 3, 17, 15) -> (N, 4, 9, 8) -> pool (N, 4, 5, 4) -> (N, 5, 5, 3) -> pool
     (N, 5, 2, 1) -> 10 features -> 7 classes."""
-    if lib is nn:
-        return nn.Sequential(
-            nn.Conv2d(3, 4, 3, stride=2, padding=1, dtype=dtype),
-            nn.ReLU(),
-            nn.MaxPool2d(3, stride=2, padding=1),
-            nn.Conv2d(4, 5, (3, 2), padding=(1, 0), dtype=dtype),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(10, 7, dtype=dtype),
-        )
-    return tnn.Sequential(
-        tnn.Conv2d(3, 4, 3, stride=2, padding=1),
-        tnn.ReLU(),
-        tnn.MaxPool2d(3, stride=2, padding=1),
-        tnn.Conv2d(4, 5, (3, 2), padding=(1, 0)),
-        tnn.ReLU(),
-        tnn.MaxPool2d(2),
-        tnn.Flatten(),
-        tnn.Linear(10, 7),
+    kw = layer_dtype(lib, dtype)
+    return lib.Sequential(
+        lib.Conv2d(3, 4, 3, stride=2, padding=1, **kw),
+        lib.ReLU(),
+        lib.MaxPool2d(3, stride=2, padding=1),
+        lib.Conv2d(4, 5, (3, 2), padding=(1, 0), **kw),
+        lib.ReLU(),
+        lib.MaxPool2d(2),
+        lib.Flatten(),
+        lib.Linear(10, 7, **kw),
     )
 
 
 def logits_net(lib, dtype):
     """Rectangular kernels and strides, a stride-1 pool; two logits per sample.
     Input (N, 2, 7, 9) -> (N, 3, 6, 4) -> pool (N, 3, 5, 3) -> 45 features -> 2."""
-    if lib is nn:
-        return nn.Sequential(
-            nn.Conv2d(2, 3, (2, 3), stride=(1, 2), dtype=dtype),
-            nn.ReLU(),
-            nn.MaxPool2d((2, 2), stride=1),
-            nn.Flatten(),
-            nn.Linear(45, 2, dtype=dtype),
-        )
-    return tnn.Sequential(
-        tnn.Conv2d(2, 3, (2, 3), stride=(1, 2)),
-        tnn.ReLU(),
-        tnn.MaxPool2d((2, 2), stride=1),
-        tnn.Flatten(),
-        tnn.Linear(45, 2),
+    kw = layer_dtype(lib, dtype)
+    return lib.Sequential(
+        lib.Conv2d(2, 3, (2, 3), stride=(1, 2), **kw),
+        lib.ReLU(),
+        lib.MaxPool2d((2, 2), stride=1),
+        lib.Flatten(),
+        lib.Linear(45, 2, **kw),
     )
 
 
 def no_bias_net(lib, dtype):
     """Layers without bias, a sigmoid in the middle."""
-    if lib is nn:
-        return nn.Sequential(
-            nn.Conv2d(2, 3, 3, padding=1, bias=False, dtype=dtype),
-            nn.Sigmoid(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(12, 3, bias=False, dtype=dtype),
-        )
-    return tnn.Sequential(
-        tnn.Conv2d(2, 3, 3, padding=1, bias=False),
-        tnn.Sigmoid(),
-        tnn.MaxPool2d(2),
-        tnn.Flatten(),
-        tnn.Linear(12, 3, bias=False),
+    kw = layer_dtype(lib, dtype)
+    return lib.Sequential(
+        lib.Conv2d(2, 3, 3, padding=1, bias=False, **kw),
+        lib.Sigmoid(),
+        lib.MaxPool2d(2),
+        lib.Flatten(),
+        lib.Linear(12, 3, bias=False, **kw),
     )
 
 
