@@ -74,6 +74,17 @@ def seed_network(dtype=F32, lib=nn, channels=1):
     )
 
 
+def file_model_stem(dtype):
+    """The first layers of the model-file tests' networks (Python's and C++'s loaders):
+    (N, 2, 8, 5) -> conv (3, 2), stride (2, 1), padding (1, 0) -> (N, 3, 4, 4) -> ReLU ->
+    max-pool 2, stride 1 -> (N, 3, 3, 3)."""
+    return [
+        nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0), dtype=dtype),
+        nn.ReLU(),
+        nn.MaxPool2d(2, stride=1),
+    ]
+
+
 def check_array(got, shape, dtype):
     """Type, shape, dtype and layout, checked before any value is compared."""
     assert isinstance(got, np.ndarray), f"expected an ndarray, got {type(got).__name__}"
