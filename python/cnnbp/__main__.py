@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     walk.add_argument("--steps", type=int, default=5, help="SGD steps to take (default 5)")
     walk.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
-    from .train import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, OPTIMIZERS, SCHEDULES
+    from .train import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_MOMENTUM, OPTIMIZERS, SCHEDULES
 
     train = commands.add_parser(
         "train",
@@ -57,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
         + ")",
     )
     train.add_argument(
-        "--momentum", type=_nonnegative_float, default=None, help="SGD momentum (default 0.9)"
+        "--momentum",
+        type=_nonnegative_float,
+        default=None,
+        help=f"SGD momentum (default {DEFAULT_MOMENTUM:g})",
     )
     train.add_argument(
         "--schedule",
@@ -206,12 +209,13 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("train", "evaluate"):
-        if args.command == "train" and args.momentum is not None:
-            from .train import OPTIMIZERS
-
-            if not OPTIMIZERS[args.optimizer].uses_momentum:
-                parser.error(f"argument --momentum: not used by --optimizer {args.optimizer}")
         from . import train
+
+        if args.command == "train":
+            try:
+                train.optimizer_momentum(args.optimizer, args.momentum)
+            except ValueError:
+                parser.error(f"argument --momentum: not used by --optimizer {args.optimizer}")
 
         run = train.run_train if args.command == "train" else train.run_evaluate
         try:

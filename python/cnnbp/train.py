@@ -92,15 +92,28 @@ SCHEDULES = {
 }
 
 
-def make_optimizer(name, params, lr=None, momentum=None, weight_decay=0.0):
-    """The optimizer registered as `name` in OPTIMIZERS; lr and momentum default per name."""
+def _choice(name):
     if name not in OPTIMIZERS:
         raise ValueError(f"[train] optimizer: expected one of {sorted(OPTIMIZERS)}, got {name!r}")
-    choice = OPTIMIZERS[name]
-    if momentum is not None and not choice.uses_momentum:
-        raise ValueError(f"[train] momentum: expected no momentum for {name}, got {momentum}")
+    return OPTIMIZERS[name]
+
+
+def optimizer_momentum(name, momentum=None):
+    """The momentum the optimizer registered as `name` runs with: `momentum`, or
+    DEFAULT_MOMENTUM where it is None; None for an optimizer without momentum, which refuses
+    one (ValueError)."""
+    if not _choice(name).uses_momentum:
+        if momentum is not None:
+            raise ValueError(f"[train] momentum: expected no momentum for {name}, got {momentum}")
+        return None
+    return DEFAULT_MOMENTUM if momentum is None else momentum
+
+
+def make_optimizer(name, params, lr=None, momentum=None, weight_decay=0.0):
+    """The optimizer registered as `name` in OPTIMIZERS; lr and momentum default per name."""
+    choice = _choice(name)
+    momentum = optimizer_momentum(name, momentum)
     lr = choice.default_lr if lr is None else lr
-    momentum = DEFAULT_MOMENTUM if momentum is None else momentum
     return choice.make(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
@@ -584,11 +597,8 @@ def run_train(args) -> int:
         f"      {dataset.x_train.shape[0]} training and {dataset.x_test.shape[0]} test images "
         f"of {'x'.join(map(str, dataset.x_train.shape[1:]))}, {dataset.num_classes} classes"
     )
-    momentum = (
-        f", momentum {DEFAULT_MOMENTUM if args.momentum is None else args.momentum:g}"
-        if OPTIMIZERS[args.optimizer].uses_momentum
-        else ""
-    )
+    momentum = optimizer_momentum(args.optimizer, args.momentum)
+    momentum = "" if momentum is None else f", momentum {momentum:g}"
     schedule = "" if args.schedule == "constant" else f", {args.schedule} schedule"
     say(
         f"training: {epochs} epochs, batch {args.batch_size}, {args.optimizer} lr {lr:g}"
