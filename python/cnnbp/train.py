@@ -565,6 +565,25 @@ def _check_output_path(path, what):
         )
 
 
+def _set_threads(args):
+    if args.threads is not None:
+        from . import set_num_threads
+
+        set_num_threads(args.threads)
+
+
+def _load_data(args, **options):
+    """The dataset the data options of train and evaluate name (__main__._add_data_arguments)."""
+    return load_dataset(
+        mnist=args.mnist,
+        npz=args.npz,
+        binary=args.binary,
+        seed=args.seed,
+        test_fraction=args.test_fraction,
+        **options,
+    )
+
+
 def _print_json(summary):
     print(json.dumps(summary, indent=1))
 
@@ -578,17 +597,8 @@ def run_train(args) -> int:
         _check_output_path(args.plot, "plot")
         if importlib.util.find_spec("matplotlib") is None:  # fail before training, not after
             raise ImportError(f"[train] plot: matplotlib is needed for --plot: {data._EXTRA_HINT}")
-    if args.threads is not None:
-        from . import set_num_threads
-
-        set_num_threads(args.threads)
-    dataset = load_dataset(
-        mnist=args.mnist,
-        npz=args.npz,
-        binary=args.binary,
-        seed=args.seed,
-        test_fraction=args.test_fraction,
-    )
+    _set_threads(args)
+    dataset = _load_data(args)
     epochs = DEFAULT_EPOCHS[dataset.name] if args.epochs is None else args.epochs
     lr = OPTIMIZERS[args.optimizer].default_lr if args.lr is None else args.lr
     say = (lambda *a, **k: None) if args.json else print
@@ -675,21 +685,10 @@ def run_evaluate(args) -> int:
     start = time.perf_counter()
     from .model_file import load
 
-    if args.threads is not None:
-        from . import set_num_threads
-
-        set_num_threads(args.threads)
+    _set_threads(args)
     model = load(args.model)
     dtype = model.parameters()[0].data.dtype if model.parameters() else np.float32
-    dataset = load_dataset(
-        mnist=args.mnist,
-        npz=args.npz,
-        binary=args.binary,
-        seed=args.seed,
-        test_fraction=args.test_fraction,
-        dtype=dtype,
-        need_train=False,
-    )
+    dataset = _load_data(args, dtype=dtype, need_train=False)
     outputs = _output_count(model)
     if outputs == 1 and not dataset.binary:
         if dataset.num_classes > 2:
