@@ -82,22 +82,25 @@ def no_bias_net(lib, dtype):
     )
 
 
+# per network: the input's (C, H, W), its targets (rng, N, dtype) and its loss (the same
+# class name in both libraries)
+DATA = {
+    "seed": ((1, 6, 6), lambda rng, N, dtype: rng.integers(0, 2, (N, 1)).astype(dtype), "BCELoss"),
+    "big": ((3, 17, 15), lambda rng, N, dtype: rng.integers(0, 7, N), "CrossEntropyLoss"),
+    "logits": (
+        (2, 7, 9),
+        lambda rng, N, dtype: rng.uniform(0, 1, (N, 2)).astype(dtype),
+        "BCEWithLogitsLoss",
+    ),
+    "no_bias": ((2, 4, 4), lambda rng, N, dtype: rng.integers(0, 3, N), "CrossEntropyLoss"),
+}
+
+
 def make_data(name, dtype, N, rng):
-    if name == "seed":
-        x = rng.standard_normal((N, 1, 6, 6))
-        y = rng.integers(0, 2, (N, 1)).astype(dtype)
-        return x.astype(dtype), y, nn.BCELoss(), tnn.BCELoss()
-    if name == "big":
-        x = rng.standard_normal((N, 3, 17, 15))
-        return x.astype(dtype), rng.integers(0, 7, N), nn.CrossEntropyLoss(), tnn.CrossEntropyLoss()
-    if name == "logits":
-        x = rng.standard_normal((N, 2, 7, 9))
-        y = rng.uniform(0, 1, (N, 2)).astype(dtype)
-        return x.astype(dtype), y, nn.BCEWithLogitsLoss(), tnn.BCEWithLogitsLoss()
-    if name == "no_bias":
-        x = rng.standard_normal((N, 2, 4, 4))
-        return x.astype(dtype), rng.integers(0, 3, N), nn.CrossEntropyLoss(), tnn.CrossEntropyLoss()
-    raise ValueError(name)
+    """Inputs and targets for network `name`, and its loss in cnnbp and in torch."""
+    shape, targets, loss = DATA[name]
+    x = rng.standard_normal((N, *shape)).astype(dtype)
+    return x, targets(rng, N, dtype), getattr(nn, loss)(), getattr(tnn, loss)()
 
 
 NETS = {"seed": seed_net, "big": big_net, "logits": logits_net, "no_bias": no_bias_net}
@@ -556,22 +559,19 @@ def test_training_steps_follow_torch():
 
 
 def test_default_init_is_within_torchs_kaiming_uniform_bounds():
+    def network(lib):
+        return lib.Sequential(
+            lib.Conv2d(3, 16, 5),
+            lib.Conv2d(16, 8, (3, 2)),
+            lib.Flatten(),
+            lib.Linear(200, 50),
+            lib.Linear(50, 10),
+        )
+
     nn.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 16, 5),
-        nn.Conv2d(16, 8, (3, 2)),
-        nn.Flatten(),
-        nn.Linear(200, 50),
-        nn.Linear(50, 10),
-    )
+    model = network(nn)
     torch.manual_seed(0)
-    tmodel = tnn.Sequential(
-        tnn.Conv2d(3, 16, 5),
-        tnn.Conv2d(16, 8, (3, 2)),
-        tnn.Flatten(),
-        tnn.Linear(200, 50),
-        tnn.Linear(50, 10),
-    )
+    tmodel = network(tnn)
     tparams = dict(tmodel.named_parameters())
     for k, p in model.named_parameters():
         t = tparams[k.replace(".bias", ".weight")]
