@@ -81,92 +81,73 @@ def pool_case(shape):
     return f"max-pool 2x2 fwd+bwd {shape}", ours, theirs, ("GB/s", nbytes / 1e9)
 
 
-def seed_step_case(keep=False):
-    """The training step of the derivation's network as the four calls (keep=True: with the
-    model, batch, loss and optimizer in place of the rate, for one-call timing)."""
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((1, 1, 6, 6), dtype=np.float32)
-    Y = np.ones((1, 1), np.float32)
-    model = nn.Sequential(
-        nn.Conv2d(1, 1, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4, 1), nn.Sigmoid()
-    )
-    loss_fn, opt = nn.BCELoss(), optim.SGD(model.parameters(), lr=0.01)
+def training_step_case(name, network, X, target, loss, keep=False):
+    """One SGD step (lr 0.01) of network(lib) on (X, target) with the loss class named `loss`,
+    lib being cnnbp.nn for ours and torch.nn for theirs (keep=True: with the model, batch,
+    loss and optimizer in place of the rate, for one-call timing)."""
+    model = network(nn)
+    loss_fn, opt = getattr(nn, loss)(), optim.SGD(model.parameters(), lr=0.01)
 
     def ours():
         model.zero_grad()
-        loss_fn(model(X), Y)
+        loss_fn(model(X), target)
         model.backward(loss_fn.backward())
         opt.step()
 
     theirs = None
     if torch is not None:
-        tm = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 1, 3),
-            torch.nn.ReLU(),
-            torch.nn.MaxPool2d(2),
-            torch.nn.Flatten(),
-            torch.nn.Linear(4, 1),
-            torch.nn.Sigmoid(),
-        )
-        tloss, topt = torch.nn.BCELoss(), torch.optim.SGD(tm.parameters(), lr=0.01)
-        tX, tY = torch.tensor(X), torch.tensor(Y)
+        tm = network(torch.nn)
+        tloss, topt = getattr(torch.nn, loss)(), torch.optim.SGD(tm.parameters(), lr=0.01)
+        tX, ttarget = torch.tensor(X), torch.tensor(target)
 
         def theirs():
             topt.zero_grad()
-            tloss(tm(tX), tY).backward()
+            tloss(tm(tX), ttarget).backward()
             topt.step()
 
-    return (
-        "training step, seed network, N=1",
-        ours,
-        theirs,
-        (model, X, Y, loss_fn, opt) if keep else None,
-    )
+    return name, ours, theirs, (model, X, target, loss_fn, opt) if keep else None
+
+
+def seed_step_case(keep=False):
+    """The training step of the derivation's network as the four calls (keep: see
+    training_step_case)."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((1, 1, 6, 6), dtype=np.float32)
+    Y = np.ones((1, 1), np.float32)
+
+    def network(lib):
+        return lib.Sequential(
+            lib.Conv2d(1, 1, 3),
+            lib.ReLU(),
+            lib.MaxPool2d(2),
+            lib.Flatten(),
+            lib.Linear(4, 1),
+            lib.Sigmoid(),
+        )
+
+    return training_step_case("training step, seed network, N=1", network, X, Y, "BCELoss", keep)
 
 
 def small_cnn_case():
     rng = np.random.default_rng(0)
     X = rng.standard_normal((64, 1, 28, 28), dtype=np.float32)
     labels = rng.integers(0, 10, 64)
-    model = nn.Sequential(
-        nn.Conv2d(1, 8, 3),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(400, 10),
-    )
-    loss_fn, opt = nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.01)
 
-    def ours():
-        model.zero_grad()
-        loss_fn(model(X), labels)
-        model.backward(loss_fn.backward())
-        opt.step()
-
-    theirs = None
-    if torch is not None:
-        tm = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 8, 3),
-            torch.nn.ReLU(),
-            torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(8, 16, 3),
-            torch.nn.ReLU(),
-            torch.nn.MaxPool2d(2),
-            torch.nn.Flatten(),
-            torch.nn.Linear(400, 10),
+    def network(lib):
+        return lib.Sequential(
+            lib.Conv2d(1, 8, 3),
+            lib.ReLU(),
+            lib.MaxPool2d(2),
+            lib.Conv2d(8, 16, 3),
+            lib.ReLU(),
+            lib.MaxPool2d(2),
+            lib.Flatten(),
+            lib.Linear(400, 10),
         )
-        tloss, topt = torch.nn.CrossEntropyLoss(), torch.optim.SGD(tm.parameters(), lr=0.01)
-        tX, tlabels = torch.tensor(X), torch.tensor(labels)
 
-        def theirs():
-            topt.zero_grad()
-            tloss(tm(tX), tlabels).backward()
-            topt.step()
-
-    return "training step, small CNN, N=64 28x28", ours, theirs, None
+    return training_step_case(
+        "training step, small CNN, N=64 28x28", network, X, labels, "CrossEntropyLoss"
+    )
 
 
 def tiny_step_rows(rounds):

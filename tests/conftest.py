@@ -6,10 +6,17 @@ Import them with ``from conftest import ...`` (pytest puts this directory on sys
 import hashlib
 
 import numpy as np
+from cnnbp import nn
 from cnnbp.gradcheck import numeric_gradient
 
 DTYPES = (np.float32, np.float64)
 F32, F64 = np.float32, np.float64
+
+
+def _forward_and_backward(op, tol, backward=None):
+    """The tolerances of op and of op_backward: the same unless `backward` is given."""
+    return {op: tol, op + "_backward": dict(tol if backward is None else backward)}
+
 
 # Tolerances against the float64 oracle, per op and dtype (see conftest.assert_close: the
 # bound is tol * (|want| + max|want|)). The oracle is evaluated on exactly the numbers the
@@ -19,34 +26,24 @@ F32, F64 = np.float32, np.float64
 # Selections (max-pool values and indices, relu, flatten) move numbers without arithmetic
 # and must be exact.
 KERNEL_TOL = {
-    "conv2d": {F64: 1e-12, F32: 1e-5},
-    "conv2d_backward": {F64: 1e-12, F32: 1e-5},
-    "max_pool2d": {F64: 0, F32: 0},
-    "max_pool2d_backward": {F64: 1e-14, F32: 1e-6},  # overlapping picks add up
-    "relu": {F64: 0, F32: 0},
-    "relu_backward": {F64: 0, F32: 0},
-    "sigmoid": {F64: 1e-14, F32: 1e-6},
-    "sigmoid_backward": {F64: 1e-14, F32: 1e-6},
-    "linear": {F64: 1e-12, F32: 1e-5},
-    "linear_backward": {F64: 1e-12, F32: 1e-5},
-    "flatten": {F64: 0, F32: 0},
-    "flatten_backward": {F64: 0, F32: 0},
-    "binary_cross_entropy": {F64: 1e-12, F32: 1e-6},
-    "binary_cross_entropy_backward": {F64: 1e-12, F32: 1e-6},
-    "binary_cross_entropy_with_logits": {F64: 1e-12, F32: 1e-6},
-    "binary_cross_entropy_with_logits_backward": {F64: 1e-12, F32: 1e-6},
-    "cross_entropy": {F64: 1e-12, F32: 1e-6},
-    "cross_entropy_backward": {F64: 1e-12, F32: 1e-6},
-    # avg_pool2d sums at most kh*kw cells and divides once: a few ulps. float tanh is the
-    # double tanh rounded once (half an ulp), float64 tanh the library's (an ulp or so).
-    # Dropout multiplies by 0 or 1 and divides by 1 - p: exact in float64, where the oracle
-    # does the same operations; in float32 the kernel divides by 1 - p rounded to float32.
-    "avg_pool2d": {F64: 1e-14, F32: 1e-6},
-    "avg_pool2d_backward": {F64: 1e-14, F32: 1e-6},  # overlapping windows add up
-    "tanh": {F64: 1e-14, F32: 1e-6},
-    "tanh_backward": {F64: 1e-14, F32: 1e-6},
-    "dropout": {F64: 0, F32: 1e-6},
-    "dropout_backward": {F64: 0, F32: 1e-6},
+    **_forward_and_backward("conv2d", {F64: 1e-12, F32: 1e-5}),
+    # overlapping picks add up in the backward
+    **_forward_and_backward("max_pool2d", {F64: 0, F32: 0}, backward={F64: 1e-14, F32: 1e-6}),
+    **_forward_and_backward("relu", {F64: 0, F32: 0}),
+    **_forward_and_backward("sigmoid", {F64: 1e-14, F32: 1e-6}),
+    **_forward_and_backward("linear", {F64: 1e-12, F32: 1e-5}),
+    **_forward_and_backward("flatten", {F64: 0, F32: 0}),
+    **_forward_and_backward("binary_cross_entropy", {F64: 1e-12, F32: 1e-6}),
+    **_forward_and_backward("binary_cross_entropy_with_logits", {F64: 1e-12, F32: 1e-6}),
+    **_forward_and_backward("cross_entropy", {F64: 1e-12, F32: 1e-6}),
+    # avg_pool2d sums at most kh*kw cells and divides once: a few ulps (overlapping windows
+    # add up in the backward). float tanh is the double tanh rounded once (half an ulp),
+    # float64 tanh the library's (an ulp or so). Dropout multiplies by 0 or 1 and divides by
+    # 1 - p: exact in float64, where the oracle does the same operations; in float32 the
+    # kernel divides by 1 - p rounded to float32.
+    **_forward_and_backward("avg_pool2d", {F64: 1e-14, F32: 1e-6}),
+    **_forward_and_backward("tanh", {F64: 1e-14, F32: 1e-6}),
+    **_forward_and_backward("dropout", {F64: 0, F32: 1e-6}),
 }
 
 # cnnbp networks against torch, normwise (see assert_close). float64: both sides are exact
@@ -54,6 +51,38 @@ KERNEL_TOL = {
 # float32: torch sums with other blockings (oneDNN, BLAS), so differences of a few float32
 # ulps per reduction, amplified a little through the layers.
 NETWORK_TOL = {F64: 1e-9, F32: 1e-4}
+
+
+def layer_dtype(lib, dtype):
+    """The keyword arguments that make a layer's parameters `dtype`: cnnbp.nn layers take
+    dtype=; torch.nn layers are made float32 and converted as a whole by the caller."""
+    return {"dtype": dtype} if lib is nn else {}
+
+
+def seed_network(dtype=F32, lib=nn, channels=1):
+    """The derivation's network, (N, 1, 6, 6) -> conv 3x3 -> ReLU -> max-pool 2x2 -> flatten
+    -> linear -> sigmoid -> (N, 1), with `channels` filters (1: its 15 parameters), made of
+    cnnbp.nn's layers or torch.nn's (see layer_dtype)."""
+    kw = layer_dtype(lib, dtype)
+    return lib.Sequential(
+        lib.Conv2d(1, channels, 3, **kw),
+        lib.ReLU(),
+        lib.MaxPool2d(2),
+        lib.Flatten(),
+        lib.Linear(4 * channels, 1, **kw),
+        lib.Sigmoid(),
+    )
+
+
+def file_model_stem(dtype):
+    """The first layers of the model-file tests' networks (Python's and C++'s loaders):
+    (N, 2, 8, 5) -> conv (3, 2), stride (2, 1), padding (1, 0) -> (N, 3, 4, 4) -> ReLU ->
+    max-pool 2, stride 1 -> (N, 3, 3, 3)."""
+    return [
+        nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0), dtype=dtype),
+        nn.ReLU(),
+        nn.MaxPool2d(2, stride=1),
+    ]
 
 
 def check_array(got, shape, dtype):

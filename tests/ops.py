@@ -220,200 +220,74 @@ def make_conv2d(case, dtype, rng, values):
     return Sample(x=x, w=w, b=b, stride=stride, padding=padding, dy=dy)
 
 
-# (x_shape, w_shape, b_shape, stride, padding, expected)
+def conv2d_error(message, x=(2, 3, 6, 6), w=(4, 3, 3, 3), b=(4,), stride=1, padding=0):
+    """conv2d on ones of these shapes, a valid call but for what a row changes, and the
+    message it must raise after "[conv2d] "."""
+    args, kwargs = (np.ones(x), np.ones(w), np.zeros(b)), dict(stride=stride, padding=padding)
+    return Bad("conv2d", args, kwargs, ValueError, "[conv2d] " + message)
+
+
+# fmt: off
 CONV2D_ERRORS = [
-    (
-        (3, 6, 6),
-        (4, 3, 3, 3),
-        (4,),
-        1,
-        0,
-        "[conv2d] input: expected 4 dims (N, C, H, W), got shape (3, 6, 6)",
-    ),
-    (
-        (1, 2, 3, 6, 6),
-        (4, 3, 3, 3),
-        (4,),
-        1,
-        0,
-        "[conv2d] input: expected 4 dims (N, C, H, W), got shape (1, 2, 3, 6, 6)",
-    ),
-    (
-        (2, 3, 6, 6),
-        (3, 3),
-        (4,),
-        1,
-        0,
-        "[conv2d] weight: expected 4 dims (K, C, R, S), got shape (3, 3)",
-    ),
-    (
-        (2, 3, 6, 6),
-        (4, 2, 3, 3),
-        (4,),
-        1,
-        0,
-        "[conv2d] weight: expected 3 input channels (dim 1) to match input (2, 3, 6, 6), "
-        "got shape (4, 2, 3, 3)",
-    ),
-    (
-        (2, 3, 6, 6),
-        (4, 3, 3, 3),
-        (3,),
-        1,
-        0,
-        "[conv2d] bias: expected shape (4,), got shape (3,)",
-    ),
-    (
-        (2, 3, 6, 6),
-        (4, 3, 3, 3),
-        (4, 1),
-        1,
-        0,
-        "[conv2d] bias: expected shape (4,), got shape (4, 1)",
-    ),
-    ((2, 3, 6, 6), (4, 3, 3, 3), (), 1, 0, "[conv2d] bias: expected shape (4,), got shape ()"),
-    (
-        (0, 3, 6, 6),
-        (4, 3, 3, 3),
-        (4,),
-        1,
-        0,
-        "[conv2d] input: expected every dim >= 1, got shape (0, 3, 6, 6)",
-    ),
-    (
-        (2, 0, 6, 6),
-        (4, 0, 3, 3),
-        (4,),
-        1,
-        0,
-        "[conv2d] input: expected every dim >= 1, got shape (2, 0, 6, 6)",
-    ),
-    (
-        (2, 3, 6, 0),
-        (4, 3, 3, 3),
-        (4,),
-        1,
-        0,
-        "[conv2d] input: expected every dim >= 1, got shape (2, 3, 6, 0)",
-    ),
-    (
-        (2, 3, 6, 6),
-        (0, 3, 3, 3),
-        (0,),
-        1,
-        0,
-        "[conv2d] weight: expected every dim >= 1, got shape (0, 3, 3, 3)",
-    ),
-    (
-        (2, 3, 6, 6),
-        (4, 3, 3, 0),
-        (4,),
-        1,
-        0,
-        "[conv2d] weight: expected every dim >= 1, got shape (4, 3, 3, 0)",
-    ),
-    (
-        (2, 3, 2, 6),
-        (4, 3, 3, 3),
-        (4,),
-        1,
-        0,
-        "[conv2d] input: expected padded size (2, 6) >= kernel size (3, 3), "
-        "got input shape (2, 3, 2, 6)",
-    ),
-    (
-        (1, 1, 4, 4),
-        (1, 1, 7, 5),
-        (1,),
-        1,
-        1,
-        "[conv2d] input: expected padded size (6, 6) >= kernel size (7, 5), "
-        "got input shape (1, 1, 4, 4)",
-    ),
-    (
-        (1, 1, 4, 4),
-        (1, 1, 5, 5),
-        (1,),
-        1,
-        (1, 0),
-        "[conv2d] input: expected padded size (6, 4) >= kernel size (5, 5), "
-        "got input shape (1, 1, 4, 4)",
-    ),
-    ((2, 3, 6, 6), (4, 3, 3, 3), (4,), 0, 0, "[conv2d] stride: expected >= 1, got 0"),
-    ((2, 3, 6, 6), (4, 3, 3, 3), (4,), (1, 0), 0, "[conv2d] stride: expected >= 1, got 0"),
-    ((2, 3, 6, 6), (4, 3, 3, 3), (4,), -2, 0, "[conv2d] stride: expected >= 1, got -2"),
-    ((2, 3, 6, 6), (4, 3, 3, 3), (4,), 1, -1, "[conv2d] padding: expected >= 0, got -1"),
-    ((2, 3, 6, 6), (4, 3, 3, 3), (4,), 1, (0, -3), "[conv2d] padding: expected >= 0, got -3"),
+    conv2d_error("input: expected 4 dims (N, C, H, W), got shape (3, 6, 6)", x=(3, 6, 6)),
+    conv2d_error("input: expected 4 dims (N, C, H, W), got shape (1, 2, 3, 6, 6)",
+                 x=(1, 2, 3, 6, 6)),
+    conv2d_error("weight: expected 4 dims (K, C, R, S), got shape (3, 3)", w=(3, 3)),
+    conv2d_error("weight: expected 3 input channels (dim 1) to match input (2, 3, 6, 6), "
+                 "got shape (4, 2, 3, 3)", w=(4, 2, 3, 3)),
+    conv2d_error("bias: expected shape (4,), got shape (3,)", b=(3,)),
+    conv2d_error("bias: expected shape (4,), got shape (4, 1)", b=(4, 1)),
+    conv2d_error("bias: expected shape (4,), got shape ()", b=()),
+    conv2d_error("input: expected every dim >= 1, got shape (0, 3, 6, 6)", x=(0, 3, 6, 6)),
+    conv2d_error("input: expected every dim >= 1, got shape (2, 0, 6, 6)",
+                 x=(2, 0, 6, 6), w=(4, 0, 3, 3)),
+    conv2d_error("input: expected every dim >= 1, got shape (2, 3, 6, 0)", x=(2, 3, 6, 0)),
+    conv2d_error("weight: expected every dim >= 1, got shape (0, 3, 3, 3)", w=(0, 3, 3, 3), b=(0,)),
+    conv2d_error("weight: expected every dim >= 1, got shape (4, 3, 3, 0)", w=(4, 3, 3, 0)),
+    conv2d_error("input: expected padded size (2, 6) >= kernel size (3, 3), "
+                 "got input shape (2, 3, 2, 6)", x=(2, 3, 2, 6)),
+    conv2d_error("input: expected padded size (6, 6) >= kernel size (7, 5), "
+                 "got input shape (1, 1, 4, 4)", x=(1, 1, 4, 4), w=(1, 1, 7, 5), b=(1,), padding=1),
+    conv2d_error("input: expected padded size (6, 4) >= kernel size (5, 5), "
+                 "got input shape (1, 1, 4, 4)",
+                 x=(1, 1, 4, 4), w=(1, 1, 5, 5), b=(1,), padding=(1, 0)),
+    conv2d_error("stride: expected >= 1, got 0", stride=0),
+    conv2d_error("stride: expected >= 1, got 0", stride=(1, 0)),
+    conv2d_error("stride: expected >= 1, got -2", stride=-2),
+    conv2d_error("padding: expected >= 0, got -1", padding=-1),
+    conv2d_error("padding: expected >= 0, got -3", padding=(0, -3)),
 ]
-# (x_shape, w_shape, dy_shape, stride, padding, expected regex)
+# fmt: on
+
+
+def conv2d_backward_error(
+    pattern, x=(2, 3, 6, 6), w=(4, 3, 3, 3), dy=(2, 4, 4, 4), stride=1, padding=0, shared=False
+):
+    """conv2d_backward on ones of these shapes, valid but for what a row changes, and the
+    regex its message must match after "[conv2d_backward] " (or "[conv2d] " too, for the
+    checks it shares with the forward)."""
+    args = (np.ones(dy), np.ones(x), np.ones(w), stride, padding)
+    op = r"^\[conv2d(_backward)?\] " if shared else r"^\[conv2d_backward\] "
+    return Bad("conv2d_backward", args, {}, ValueError, op + pattern, True)
+
+
+# fmt: off
 CONV2D_BACKWARD_ERRORS = [
-    (
-        (2, 3, 6, 6),
-        (4, 3, 3, 3),
-        (2, 4, 3, 4),
-        1,
-        0,
-        r"^\[conv2d_backward\] doutput: expected shape \(2, 4, 4, 4\) \(the forward output's\), "
-        r"got shape \(2, 4, 3, 4\)",
-    ),
-    (
-        (2, 3, 6, 6),
-        (4, 3, 3, 3),
-        (2, 4, 4, 4),
-        2,
-        0,
-        r"^\[conv2d_backward\] doutput: expected shape \(2, 4, 2, 2\)",
-    ),
-    (
-        (2, 3, 6, 6),
-        (4, 3, 3, 3),
-        (4, 4, 4),
-        1,
-        0,
-        r"^\[conv2d_backward\] doutput: expected shape \(2, 4, 4, 4\).*got shape \(4, 4, 4\)",
-    ),
+    conv2d_backward_error(r"doutput: expected shape \(2, 4, 4, 4\) \(the forward output's\), "
+                          r"got shape \(2, 4, 3, 4\)", dy=(2, 4, 3, 4)),
+    conv2d_backward_error(r"doutput: expected shape \(2, 4, 2, 2\)", stride=2),
+    conv2d_backward_error(r"doutput: expected shape \(2, 4, 4, 4\).*got shape \(4, 4, 4\)",
+                          dy=(4, 4, 4)),
     # shape checks shared with the forward (one parameter struct, one validation)
-    (
-        (3, 6, 6),
-        (4, 3, 3, 3),
-        (2, 4, 4, 4),
-        1,
-        0,
-        r"^\[conv2d(_backward)?\] input: expected 4 dims \(N, C, H, W\), got shape \(3, 6, 6\)",
-    ),
-    (
-        (2, 3, 6, 6),
-        (4, 2, 3, 3),
-        (2, 4, 4, 4),
-        1,
-        0,
-        r"^\[conv2d(_backward)?\] weight: expected 3 input channels",
-    ),
-    (
-        (2, 3, 6, 6),
-        (4, 3, 3, 3),
-        (2, 4, 4, 4),
-        0,
-        0,
-        r"^\[conv2d(_backward)?\] stride: expected >= 1, got 0",
-    ),
-    (
-        (2, 3, 6, 6),
-        (4, 3, 3, 3),
-        (2, 4, 4, 4),
-        1,
-        -1,
-        r"^\[conv2d(_backward)?\] padding: expected >= 0, got -1",
-    ),
-    (
-        (2, 3, 2, 2),
-        (4, 3, 3, 3),
-        (2, 4, 1, 1),
-        1,
-        0,
-        r"^\[conv2d(_backward)?\] input: expected padded size \(2, 2\) >= kernel size \(3, 3\)",
-    ),
+    conv2d_backward_error(r"input: expected 4 dims \(N, C, H, W\), got shape \(3, 6, 6\)",
+                          x=(3, 6, 6), shared=True),
+    conv2d_backward_error(r"weight: expected 3 input channels", w=(4, 2, 3, 3), shared=True),
+    conv2d_backward_error(r"stride: expected >= 1, got 0", stride=0, shared=True),
+    conv2d_backward_error(r"padding: expected >= 0, got -1", padding=-1, shared=True),
+    conv2d_backward_error(r"input: expected padded size \(2, 2\) >= kernel size \(3, 3\)",
+                          x=(2, 3, 2, 2), dy=(2, 4, 1, 1), shared=True),
 ]
+# fmt: on
 
 CONV2D = Op(
     "conv2d",
@@ -427,20 +301,7 @@ CONV2D = Op(
     big=CONV_BIG,
     threads=CONV_THREADS,
     thread_values="ties",
-    errors=[
-        Bad(
-            "conv2d",
-            (np.ones(x), np.ones(w), np.zeros(b)),
-            dict(stride=s, padding=p),
-            ValueError,
-            e,
-        )
-        for x, w, b, s, p, e in CONV2D_ERRORS
-    ]
-    + [
-        Bad("conv2d_backward", (np.ones(dy), np.ones(x), np.ones(w), s, p), {}, ValueError, e, True)
-        for x, w, dy, s, p, e in CONV2D_BACKWARD_ERRORS
-    ],
+    errors=CONV2D_ERRORS + CONV2D_BACKWARD_ERRORS,
 )
 
 
@@ -489,166 +350,102 @@ def make_avg_pool2d(case, dtype, rng, values):
     return Sample(x=x, kernel=kernel, stride=stride, padding=padding, dy=dy)
 
 
-# (x_shape, kernel, stride, padding, expected): the same for both pools' forwards, and for
-# avg_pool2d_backward, which checks x_shape and the parameters the same way
+def pool_error(message, x=(1, 1, 4, 4), kernel=2, stride=None, padding=0):
+    """(x_shape, kernel, stride, padding, message): a valid pooling call but for what a row
+    changes, and the message after "[op] "."""
+    return x, kernel, stride, padding, message
+
+
+# the same for both pools' forwards, and for avg_pool2d_backward, which checks x_shape and the
+# parameters the same way
+# fmt: off
 POOL_ERRORS = [
-    ((4, 4), 2, None, 0, "input: expected 4 dims (N, C, H, W), got shape (4, 4)"),
-    (
-        (1, 1, 1, 4, 4),
-        2,
-        None,
-        0,
-        "input: expected 4 dims (N, C, H, W), got shape (1, 1, 1, 4, 4)",
-    ),
+    pool_error("input: expected 4 dims (N, C, H, W), got shape (4, 4)", x=(4, 4)),
+    pool_error("input: expected 4 dims (N, C, H, W), got shape (1, 1, 1, 4, 4)", x=(1, 1, 1, 4, 4)),
     # an empty batch is refused, as max_pool2d refuses it
-    ((0, 1, 4, 4), 2, None, 0, "input: expected every dim >= 1, got shape (0, 1, 4, 4)"),
-    ((1, 0, 4, 4), 2, None, 0, "input: expected every dim >= 1, got shape (1, 0, 4, 4)"),
-    ((1, 1, 4, 0), 2, None, 0, "input: expected every dim >= 1, got shape (1, 1, 4, 0)"),
-    ((1, 1, 4, 4), 0, None, 0, "kernel_size: expected >= 1, got 0"),
-    ((1, 1, 4, 4), (2, -1), None, 0, "kernel_size: expected >= 1, got -1"),
-    ((1, 1, 4, 4), 2, 0, 0, "stride: expected >= 1, got 0"),
-    ((1, 1, 4, 4), 2, (0, 1), 0, "stride: expected >= 1, got 0"),
-    ((1, 1, 4, 4), 2, 2, -1, "padding: expected >= 0, got -1"),
-    (
-        (1, 1, 4, 4),
-        2,
-        2,
-        2,
-        "padding: expected at most half the kernel size (2, 2), got (2, 2)",
-    ),
-    (
-        (1, 1, 6, 6),
-        (3, 2),
-        1,
-        (1, 2),
-        "padding: expected at most half the kernel size (3, 2), got (1, 2)",
-    ),
-    (
-        (1, 1, 3, 3),
-        5,
-        None,
-        0,
-        "input: expected padded size (3, 3) >= kernel size (5, 5), got input shape (1, 1, 3, 3)",
-    ),
-    (
-        (1, 1, 3, 8),
-        (6, 2),
-        1,
-        (1, 1),
-        "input: expected padded size (5, 10) >= kernel size (6, 2), got input shape (1, 1, 3, 8)",
-    ),
-    (
-        (1, 1, 6, 6),
-        3,
-        2,
-        2,
-        "padding: expected at most half the kernel size (3, 3), got (2, 2)",
-    ),
+    pool_error("input: expected every dim >= 1, got shape (0, 1, 4, 4)", x=(0, 1, 4, 4)),
+    pool_error("input: expected every dim >= 1, got shape (1, 0, 4, 4)", x=(1, 0, 4, 4)),
+    pool_error("input: expected every dim >= 1, got shape (1, 1, 4, 0)", x=(1, 1, 4, 0)),
+    pool_error("kernel_size: expected >= 1, got 0", kernel=0),
+    pool_error("kernel_size: expected >= 1, got -1", kernel=(2, -1)),
+    pool_error("stride: expected >= 1, got 0", stride=0),
+    pool_error("stride: expected >= 1, got 0", stride=(0, 1)),
+    pool_error("padding: expected >= 0, got -1", stride=2, padding=-1),
+    pool_error("padding: expected at most half the kernel size (2, 2), got (2, 2)",
+               stride=2, padding=2),
+    pool_error("padding: expected at most half the kernel size (3, 2), got (1, 2)",
+               x=(1, 1, 6, 6), kernel=(3, 2), stride=1, padding=(1, 2)),
+    pool_error("input: expected padded size (3, 3) >= kernel size (5, 5), "
+               "got input shape (1, 1, 3, 3)", x=(1, 1, 3, 3), kernel=5),
+    pool_error("input: expected padded size (5, 10) >= kernel size (6, 2), "
+               "got input shape (1, 1, 3, 8)",
+               x=(1, 1, 3, 8), kernel=(6, 2), stride=1, padding=(1, 1)),
+    pool_error("padding: expected at most half the kernel size (3, 3), got (2, 2)",
+               x=(1, 1, 6, 6), kernel=3, stride=2, padding=2),
 ]
-# (dy_shape, idx_shape, x_shape, expected)
+# fmt: on
+
+
+def max_pool2d_backward_error(message, dy=(1, 1, 2, 2), idx=(1, 1, 2, 2), x=(1, 1, 4, 4)):
+    """max_pool2d_backward on ones, zero indices and x_shape x, valid but for what a row
+    changes, and the message after "[max_pool2d_backward] "."""
+    args = (np.ones(dy), np.zeros(idx, np.int64), x)
+    return Bad("max_pool2d_backward", args, {}, ValueError, "[max_pool2d_backward] " + message)
+
+
+# fmt: off
 MAX_POOL2D_BACKWARD_ERRORS = [
-    (
-        (1, 1, 2, 2),
-        (1, 1, 2, 1),
-        (1, 1, 4, 4),
-        "[max_pool2d_backward] indices: expected shape (1, 1, 2, 2) (doutput's), got shape (1, 1, 2, 1)",
-    ),
-    (
-        (1, 1, 2, 2),
-        (1, 4),
-        (1, 1, 4, 4),
-        "[max_pool2d_backward] indices: expected shape (1, 1, 2, 2) (doutput's), got shape (1, 4)",
-    ),
-    (
-        (1, 2, 2),
-        (1, 2, 2),
-        (1, 1, 4, 4),
-        "[max_pool2d_backward] doutput: expected 4 dims (N, C, P, Q), got shape (1, 2, 2)",
-    ),
-    (
-        (1, 1, 2, 2),
-        (1, 1, 2, 2),
-        (1, 4, 4),
-        "[max_pool2d_backward] x_shape: expected 4 dims (N, C, H, W), got shape (1, 4, 4)",
-    ),
-    (
-        (1, 1, 2, 2),
-        (1, 1, 2, 2),
-        (1, 1, 0, 4),
-        "[max_pool2d_backward] x_shape: expected every dim >= 1, got shape (1, 1, 0, 4)",
-    ),
-    (
-        (1, 1, 2, 2),
-        (1, 1, 2, 2),
-        (1, 1, -4, 4),
-        "[max_pool2d_backward] x_shape: expected every dim >= 1, got shape (1, 1, -4, 4)",
-    ),
-    (
-        (1, 1, 2, 2),
-        (1, 1, 2, 2),
-        (2, 1, 4, 4),
-        "[max_pool2d_backward] doutput: expected (N, C) = (2, 1) to match x_shape (2, 1, 4, 4), "
-        "got shape (1, 1, 2, 2)",
-    ),
-    (
-        (1, 3, 2, 2),
-        (1, 3, 2, 2),
-        (1, 2, 4, 4),
-        "[max_pool2d_backward] doutput: expected (N, C) = (1, 2) to match x_shape (1, 2, 4, 4), "
-        "got shape (1, 3, 2, 2)",
-    ),
+    max_pool2d_backward_error("indices: expected shape (1, 1, 2, 2) (doutput's), "
+                              "got shape (1, 1, 2, 1)", idx=(1, 1, 2, 1)),
+    max_pool2d_backward_error("indices: expected shape (1, 1, 2, 2) (doutput's), got shape (1, 4)",
+                              idx=(1, 4)),
+    max_pool2d_backward_error("doutput: expected 4 dims (N, C, P, Q), got shape (1, 2, 2)",
+                              dy=(1, 2, 2), idx=(1, 2, 2)),
+    max_pool2d_backward_error("x_shape: expected 4 dims (N, C, H, W), got shape (1, 4, 4)",
+                              x=(1, 4, 4)),
+    max_pool2d_backward_error("x_shape: expected every dim >= 1, got shape (1, 1, 0, 4)",
+                              x=(1, 1, 0, 4)),
+    max_pool2d_backward_error("x_shape: expected every dim >= 1, got shape (1, 1, -4, 4)",
+                              x=(1, 1, -4, 4)),
+    max_pool2d_backward_error("doutput: expected (N, C) = (2, 1) to match x_shape (2, 1, 4, 4), "
+                              "got shape (1, 1, 2, 2)", x=(2, 1, 4, 4)),
+    max_pool2d_backward_error("doutput: expected (N, C) = (1, 2) to match x_shape (1, 2, 4, 4), "
+                              "got shape (1, 3, 2, 2)",
+                              dy=(1, 3, 2, 2), idx=(1, 3, 2, 2), x=(1, 2, 4, 4)),
 ]
-# (dy_shape, x_shape, kernel, stride, padding, expected)
+# fmt: on
+
+
+def avg_pool2d_backward_error(
+    message, dy=(1, 1, 2, 2), x=(1, 1, 4, 4), kernel=2, stride=None, padding=0
+):
+    """avg_pool2d_backward on ones, valid but for what a row changes, and the message after
+    "[avg_pool2d_backward] "."""
+    args = (np.ones(dy), x, kernel, stride, padding)
+    return Bad("avg_pool2d_backward", args, {}, ValueError, "[avg_pool2d_backward] " + message)
+
+
+# the forward's checks, on x_shape in place of the input, then the backward's own
+# fmt: off
 AVG_POOL2D_BACKWARD_ERRORS = [
-    (
-        (1, 1, 2, 1),
-        (1, 1, 4, 4),
-        2,
-        None,
-        0,
-        "doutput: expected shape (1, 1, 2, 2) (the forward output's), got shape (1, 1, 2, 1)",
-    ),
-    (
-        (1, 1, 2, 2),
-        (1, 1, 4, 4),
-        2,
-        1,
-        0,
-        "doutput: expected shape (1, 1, 3, 3) (the forward output's), got shape (1, 1, 2, 2)",
-    ),
-    (
-        (2, 1, 2, 2),
-        (1, 1, 4, 4),
-        2,
-        None,
-        0,
-        "doutput: expected shape (1, 1, 2, 2) (the forward output's), got shape (2, 1, 2, 2)",
-    ),
-    (
-        (1, 4),
-        (1, 1, 4, 4),
-        2,
-        None,
-        0,
-        "doutput: expected shape (1, 1, 2, 2) (the forward output's), got shape (1, 4)",
-    ),
-    (
-        (1, 1, 2, 2),
-        (1, 4, 4),
-        2,
-        None,
-        0,
-        "x_shape: expected 4 dims (N, C, H, W), got shape (1, 4, 4)",
-    ),
-    (
-        (1, 1, 2, 2),
-        (1, 1, -4, 4),
-        2,
-        None,
-        0,
-        "x_shape: expected every dim >= 1, got shape (1, 1, -4, 4)",
-    ),
+    avg_pool2d_backward_error(e.replace("input shape", "x_shape").replace("input", "x_shape"),
+                              x=x, kernel=k, stride=s, padding=p, dy=(1, 1, 1, 1))
+    for x, k, s, p, e in POOL_ERRORS
+] + [
+    avg_pool2d_backward_error("doutput: expected shape (1, 1, 2, 2) (the forward output's), "
+                              "got shape (1, 1, 2, 1)", dy=(1, 1, 2, 1)),
+    avg_pool2d_backward_error("doutput: expected shape (1, 1, 3, 3) (the forward output's), "
+                              "got shape (1, 1, 2, 2)", stride=1),
+    avg_pool2d_backward_error("doutput: expected shape (1, 1, 2, 2) (the forward output's), "
+                              "got shape (2, 1, 2, 2)", dy=(2, 1, 2, 2)),
+    avg_pool2d_backward_error("doutput: expected shape (1, 1, 2, 2) (the forward output's), "
+                              "got shape (1, 4)", dy=(1, 4)),
+    avg_pool2d_backward_error("x_shape: expected 4 dims (N, C, H, W), got shape (1, 4, 4)",
+                              x=(1, 4, 4)),
+    avg_pool2d_backward_error("x_shape: expected every dim >= 1, got shape (1, 1, -4, 4)",
+                              x=(1, 1, -4, 4)),
 ]
+# fmt: on
 
 
 def pool_errors(op):
@@ -670,11 +467,7 @@ MAX_POOL2D = Op(
     big=POOL_BIG,
     threads=MAX_POOL_THREADS,
     thread_values="special",
-    errors=pool_errors("max_pool2d")
-    + [
-        Bad("max_pool2d_backward", (np.ones(dy), np.zeros(i, np.int64), x), {}, ValueError, e)
-        for dy, i, x, e in MAX_POOL2D_BACKWARD_ERRORS
-    ],
+    errors=pool_errors("max_pool2d") + MAX_POOL2D_BACKWARD_ERRORS,
 )
 
 AVG_POOL2D = Op(
@@ -690,28 +483,7 @@ AVG_POOL2D = Op(
     cases=AVG_POOL_CASES,
     big=POOL_BIG,
     threads=AVG_POOL_THREADS,
-    errors=pool_errors("avg_pool2d")
-    + [
-        Bad(
-            "avg_pool2d_backward",
-            (np.ones((1, 1, 1, 1)), x, k, s, p),
-            {},
-            ValueError,
-            "[avg_pool2d_backward] "
-            + e.replace("input shape", "x_shape").replace("input", "x_shape"),
-        )
-        for x, k, s, p, e in POOL_ERRORS
-    ]
-    + [
-        Bad(
-            "avg_pool2d_backward",
-            (np.ones(dy), x, k, s, p),
-            {},
-            ValueError,
-            f"[avg_pool2d_backward] {e}",
-        )
-        for dy, x, k, s, p, e in AVG_POOL2D_BACKWARD_ERRORS
-    ],
+    errors=pool_errors("avg_pool2d") + AVG_POOL2D_BACKWARD_ERRORS,
 )
 
 
@@ -838,75 +610,54 @@ def make_linear(case, dtype, rng, values):
     )
 
 
-# (x_shape, w_shape, b_shape, expected)
+def linear_error(message, x=(2, 3), w=(4, 3), b=(4,)):
+    """linear on ones of these shapes, a valid call but for what a row changes, and the
+    message after "[linear] "."""
+    args = (np.ones(x), np.ones(w), np.zeros(b))
+    return Bad("linear", args, {}, ValueError, "[linear] " + message)
+
+
+# fmt: off
 LINEAR_ERRORS = [
-    (
-        (),
-        (4, 3),
-        (4,),
-        "[linear] input: expected at least 1 dim (*, in_features), got shape ()",
-    ),
-    (
-        (2, 3),
-        (3,),
-        (4,),
-        "[linear] weight: expected 2 dims (out_features, in_features), got shape (3,)",
-    ),
-    (
-        (2, 3),
-        (1, 4, 3),
-        (4,),
-        "[linear] weight: expected 2 dims (out_features, in_features), got shape (1, 4, 3)",
-    ),
-    (
-        (2, 3),
-        (4, 5),
-        (4,),
-        "[linear] weight: expected in_features (dim 1) = 3 to match input (2, 3), got shape (4, 5)",
-    ),
-    (
-        (2, 5, 3),
-        (4, 5),
-        (4,),
-        "[linear] weight: expected in_features (dim 1) = 3 to match input (2, 5, 3), got shape (4, 5)",
-    ),
-    (
-        (2, 3),
-        (3, 4),
-        (4,),
-        "[linear] weight: expected in_features (dim 1) = 3 to match input (2, 3), got shape (3, 4)",
-    ),
-    ((2, 3), (0, 3), (0,), "[linear] weight: expected every dim >= 1, got shape (0, 3)"),
-    ((2, 0), (4, 0), (4,), "[linear] weight: expected every dim >= 1, got shape (4, 0)"),
-    ((2, 3), (4, 3), (3,), "[linear] bias: expected shape (4,), got shape (3,)"),
-    ((2, 3), (4, 3), (1, 4), "[linear] bias: expected shape (4,), got shape (1, 4)"),
-    ((2, 3), (4, 3), (), "[linear] bias: expected shape (4,), got shape ()"),
+    linear_error("input: expected at least 1 dim (*, in_features), got shape ()", x=()),
+    linear_error("weight: expected 2 dims (out_features, in_features), got shape (3,)", w=(3,)),
+    linear_error("weight: expected 2 dims (out_features, in_features), got shape (1, 4, 3)",
+                 w=(1, 4, 3)),
+    linear_error("weight: expected in_features (dim 1) = 3 to match input (2, 3), got shape (4, 5)",
+                 w=(4, 5)),
+    linear_error("weight: expected in_features (dim 1) = 3 to match input (2, 5, 3), "
+                 "got shape (4, 5)", x=(2, 5, 3), w=(4, 5)),
+    linear_error("weight: expected in_features (dim 1) = 3 to match input (2, 3), got shape (3, 4)",
+                 w=(3, 4)),
+    linear_error("weight: expected every dim >= 1, got shape (0, 3)", w=(0, 3), b=(0,)),
+    linear_error("weight: expected every dim >= 1, got shape (4, 0)", x=(2, 0), w=(4, 0)),
+    linear_error("bias: expected shape (4,), got shape (3,)", b=(3,)),
+    linear_error("bias: expected shape (4,), got shape (1, 4)", b=(1, 4)),
+    linear_error("bias: expected shape (4,), got shape ()", b=()),
 ]
-# (dy_shape, x_shape, w_shape, expected regex)
+# fmt: on
+
+
+def linear_backward_error(pattern, dy=(2, 4), x=(2, 3), w=(4, 3), shared=False):
+    """linear_backward on ones of these shapes, valid but for what a row changes, and the
+    regex its message must match after "[linear_backward] " (or "[linear] " too, for the
+    checks it shares with the forward)."""
+    args = (np.ones(dy), np.ones(x), np.ones(w))
+    op = r"^\[linear(_backward)?\] " if shared else r"^\[linear_backward\] "
+    return Bad("linear_backward", args, {}, ValueError, op + pattern, True)
+
+
+# fmt: off
 LINEAR_BACKWARD_ERRORS = [
-    (
-        (2, 5),
-        (2, 3),
-        (4, 3),
-        r"^\[linear_backward\] doutput: expected shape \(2, 4\) \(the forward output's\), "
-        r"got shape \(2, 5\)",
-    ),
-    ((3, 4), (2, 3), (4, 3), r"^\[linear_backward\] doutput: expected shape \(2, 4\)"),
-    (
-        (8, 4),
-        (2, 4, 3),
-        (4, 3),
-        r"^\[linear_backward\] doutput: expected shape \(2, 4, 4\) \(the forward output's\), "
-        r"got shape \(8, 4\)",
-    ),
-    (
-        (2, 4),
-        (2, 3),
-        (4, 5),
-        r"^\[linear(_backward)?\] weight: expected in_features \(dim 1\) = 3",
-    ),
-    ((2, 4), (2, 3), (12,), r"^\[linear(_backward)?\] weight: expected 2 dims"),
+    linear_backward_error(r"doutput: expected shape \(2, 4\) \(the forward output's\), "
+                          r"got shape \(2, 5\)", dy=(2, 5)),
+    linear_backward_error(r"doutput: expected shape \(2, 4\)", dy=(3, 4)),
+    linear_backward_error(r"doutput: expected shape \(2, 4, 4\) \(the forward output's\), "
+                          r"got shape \(8, 4\)", dy=(8, 4), x=(2, 4, 3)),
+    linear_backward_error(r"weight: expected in_features \(dim 1\) = 3", w=(4, 5), shared=True),
+    linear_backward_error(r"weight: expected 2 dims", w=(12,), shared=True),
 ]
+# fmt: on
 
 LINEAR = Op(
     "linear",
@@ -920,14 +671,7 @@ LINEAR = Op(
     big=LINEAR_BIG,
     threads=[((256, 300), 40)],
     thread_values="ties",
-    errors=[
-        Bad("linear", (np.ones(x), np.ones(w), np.zeros(b)), {}, ValueError, e)
-        for x, w, b, e in LINEAR_ERRORS
-    ]
-    + [
-        Bad("linear_backward", (np.ones(dy), np.ones(x), np.ones(w)), {}, ValueError, e, True)
-        for dy, x, w, e in LINEAR_BACKWARD_ERRORS
-    ],
+    errors=LINEAR_ERRORS + LINEAR_BACKWARD_ERRORS,
 )
 
 FLATTEN = Op(

@@ -22,6 +22,7 @@ import cnnbp
 import numpy as np
 import pytest
 from cnnbp import nn, walkthrough
+from conftest import file_model_stem
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -136,9 +137,7 @@ def test_example_matches_the_walkthrough(programs, tmp_path, seed, label, lr, st
 def interop_model(dtype):
     nn.manual_seed(8)
     return nn.Sequential(
-        nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0), dtype=dtype),
-        nn.ReLU(),
-        nn.MaxPool2d(2, stride=1),
+        *file_model_stem(dtype),
         nn.Tanh(),
         nn.AvgPool2d(3, stride=1, padding=1),
         nn.Dropout(0.25),

@@ -27,7 +27,14 @@ import pytest
 from cnnbp import functional as F
 from cnnbp import nn, optim
 from cnnbp import reference as ref
-from conftest import KERNEL_TOL, assert_close, assert_same_bits, check_array, check_result
+from conftest import (
+    KERNEL_TOL,
+    assert_close,
+    assert_same_bits,
+    check_array,
+    check_result,
+    seed_network,
+)
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from ops import OPS
@@ -82,6 +89,8 @@ BAD_INT_TYPES = [
 ]
 LAYOUTS = ["c", "c", "fortran", "negative", "strided", "swapped", "readonly", "list"]
 SPECIALS = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e30, -1e30, 1e-40]
+SEEDS = st.integers(0, 2**32 - 1)  # for np.random.default_rng
+KINDS = st.sampled_from(["normal", "ties", "special"])  # of values (see values())
 
 
 # ---------------------------------------------------------------------------------------
@@ -133,6 +142,11 @@ def broadcast_some_axis(x, rng):
         return x
     a = int(rng.choice(axes))
     return np.broadcast_to(np.take(x, [0], axis=a), x.shape)
+
+
+def draw_rng_and_dtype(draw):
+    """The first draws of a case: a generator from a drawn seed, and a dtype."""
+    return np.random.default_rng(draw(SEEDS)), draw(st.sampled_from(DTYPES))
 
 
 def make_array(draw, rng, shape, dtype, kind):
@@ -214,8 +228,8 @@ def test_table_ops_fuzz(op, data):
     draw = data.draw
     case = draw(st.sampled_from(op.cases))
     dtype = draw(st.sampled_from(DTYPES))
-    values = draw(st.sampled_from(["normal", "ties", "special"]))
-    s = op.make(case, dtype, np.random.default_rng(draw(st.integers(0, 2**32 - 1))), values)
+    values = draw(KINDS)
+    s = op.make(case, dtype, np.random.default_rng(draw(SEEDS)), values)
     event(f"{op.name}: {values}")
     for call, args in ((op.forward, op.forward_args), (op.backward, op.backward_args)):
         laid_out = {
@@ -258,9 +272,8 @@ CONV_BREAKS = [
 
 @st.composite
 def conv_cases(draw, brk):
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    dtype = draw(st.sampled_from(DTYPES))
-    kind = draw(st.sampled_from(["normal", "ties", "special"]))
+    rng, dtype = draw_rng_and_dtype(draw)
+    kind = draw(KINDS)
     N, C, K = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
     H, W = draw(st.integers(1, 6)), draw(st.integers(1, 6))
     ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
@@ -475,9 +488,8 @@ POOL_BREAKS = [
 
 @st.composite
 def pool_cases(draw, brk):
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    dtype = draw(st.sampled_from(DTYPES))
-    kind = draw(st.sampled_from(["normal", "ties", "special"]))
+    rng, dtype = draw_rng_and_dtype(draw)
+    kind = draw(KINDS)
     N, C, H, W = (draw(st.integers(1, n)) for n in (2, 3, 7, 7))
     kh, kw = draw(st.integers(1, H + 2)), draw(st.integers(1, W + 2))
     ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
@@ -556,19 +568,28 @@ def pool_case_is_valid(case):
     )
 
 
+def pool_result(op, case):
+    """F.<op>(x, kernel, stride, padding) on a drawn pooling case: its result where the case
+    is valid; else None, the error checked."""
+    out, error = run(getattr(F, op), case["x"], case["kernel"], case["stride"], case["padding"])
+    valid = pool_case_is_valid(case)
+    event(f"break: {case['brk']}, {'valid' if valid else 'refused'}")
+    if not valid:
+        check_error(error, op, case["names"])
+        return None
+    assert error is None, f"{type(error).__name__}: {error}"
+    return out
+
+
 @pytest.mark.parametrize("brk", POOL_BREAKS, ids=str)
 @settings(PER_BREAK, max_examples=25)
 @given(data=st.data())
 def test_max_pool2d_fuzz(brk, data):
     case = data.draw(pool_cases(brk))
-    x, kernel, stride, padding = case["x"], case["kernel"], case["stride"], case["padding"]
-    out, error = run(F.max_pool2d, x, kernel, stride, padding)
-    valid = pool_case_is_valid(case)
-    event(f"break: {case['brk']}, {'valid' if valid else 'refused'}")
-    if not valid:
-        check_error(error, "max_pool2d", case["names"])
+    out = pool_result("max_pool2d", case)
+    if out is None:
         return
-    assert error is None, f"{type(error).__name__}: {error}"
+    x, kernel, stride, padding = case["x"], case["kernel"], case["stride"], case["padding"]
     y, idx = out
     want_y, want_idx = ref.max_pool2d(x, kernel, stride, padding)
     check_array(y, want_y.shape, case["dtype"])
@@ -593,13 +614,10 @@ def test_max_pool2d_fuzz(brk, data):
 @given(data=st.data())
 def test_avg_pool2d_fuzz(brk, data):
     case = data.draw(pool_cases(brk))
-    x, kernel, stride, padding = case["x"], case["kernel"], case["stride"], case["padding"]
-    y, error = run(F.avg_pool2d, x, kernel, stride, padding)
-    valid = pool_case_is_valid(case)
-    if not valid:
-        check_error(error, "avg_pool2d", case["names"])
+    y = pool_result("avg_pool2d", case)
+    if y is None:
         return
-    assert error is None, f"{type(error).__name__}: {error}"
+    x, kernel, stride, padding = case["x"], case["kernel"], case["stride"], case["padding"]
     want = ref.avg_pool2d(x, kernel, stride, padding)
     check_array(y, want.shape, case["dtype"])
     tol = TOL["avg_pool2d"][case["dtype"]]
@@ -614,7 +632,7 @@ def test_avg_pool2d_fuzz(brk, data):
 
 @settings(FUZZ, max_examples=60)
 @given(
-    st.integers(0, 2**32 - 1),
+    SEEDS,
     st.sampled_from(DTYPES),
     shapes,
     st.one_of(
@@ -671,8 +689,7 @@ POOL_BACKWARD_BREAKS = [
 
 @st.composite
 def pool_backward_cases(draw, brk):
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    dtype = draw(st.sampled_from(DTYPES))
+    rng, dtype = draw_rng_and_dtype(draw)
     N, C, H, W = (draw(st.integers(1, n)) for n in (2, 3, 6, 6))
     P, Q = draw(st.integers(0, 4)), draw(st.integers(0, 4))
     idx = rng.integers(0, H * W, (N, C, P, Q))
@@ -759,10 +776,10 @@ def test_max_pool2d_backward_fuzz(brk, data):
 @pytest.mark.parametrize("op", ["relu", "sigmoid", "tanh"])
 @settings(PER_BREAK, max_examples=20)
 @given(
-    st.integers(0, 2**32 - 1),
+    SEEDS,
     st.sampled_from(DTYPES),
     shapes,
-    st.sampled_from(["normal", "ties", "special"]),
+    KINDS,
     st.data(),
 )
 def test_activations_fuzz(op, brk, seed, dtype, shape, kind, data):
@@ -835,13 +852,13 @@ def test_activations_fuzz(op, brk, seed, dtype, shape, kind, data):
 )
 @settings(PER_BREAK, max_examples=25)
 @given(
-    st.integers(0, 2**32 - 1),
+    SEEDS,
     st.sampled_from(DTYPES),
     st.lists(st.integers(0, 3), min_size=0, max_size=3).map(tuple),
     st.integers(1, 7),
     st.integers(1, 6),
     st.booleans(),
-    st.sampled_from(["normal", "ties", "special"]),
+    KINDS,
     st.data(),
 )
 def test_linear_fuzz(brk, seed, dtype, lead, IN, OUT, has_bias, kind, data):
@@ -922,7 +939,7 @@ def test_linear_fuzz(brk, seed, dtype, lead, IN, OUT, has_bias, kind, data):
 @pytest.mark.parametrize("op", ["binary_cross_entropy", "binary_cross_entropy_with_logits"])
 @settings(PER_BREAK, max_examples=20)
 @given(
-    st.integers(0, 2**32 - 1),
+    SEEDS,
     st.sampled_from(DTYPES),
     shapes,
     st.sampled_from(["normal", "extreme", "special", "edges"]),
@@ -985,7 +1002,7 @@ def test_binary_losses_fuzz(op, brk, seed, dtype, shape, kind, data):
 )
 @settings(PER_BREAK, max_examples=20)
 @given(
-    st.integers(0, 2**32 - 1),
+    SEEDS,
     st.sampled_from(DTYPES),
     st.integers(0, 5),
     st.integers(0, 6),
@@ -1184,7 +1201,7 @@ MODEL_OPS = {"conv2d", "Sequential"}
 
 @pytest.mark.parametrize("brk", [None, "channels", "dtype", "rank", "none", "target"], ids=str)
 @settings(PER_BREAK, max_examples=15)
-@given(networks(), st.integers(0, 2**32 - 1), st.integers(1, 3), st.data())
+@given(networks(), SEEDS, st.integers(1, 3), st.data())
 def test_layers_fuzz(brk, net, seed, N, data):
     rng = np.random.default_rng(seed)
     model, dtype = net["model"], net["dtype"]
@@ -1261,7 +1278,7 @@ HYPER = [0.0, 1e-3, 0.1, 0.9, 1.0, -0.1, -1e-12, float("nan")]
 
 @settings(FUZZ, max_examples=80)
 @given(
-    st.integers(0, 2**32 - 1),
+    SEEDS,
     st.sampled_from(DTYPES),
     st.sampled_from(["SGD", "Adam"]),
     st.sampled_from(HYPER),
@@ -1373,20 +1390,13 @@ def test_optimizers_fuzz(
 )
 @settings(PER_BREAK, max_examples=6)
 @given(
-    st.integers(0, 2**32 - 1),
+    SEEDS,
     st.sampled_from(DTYPES),
     st.sampled_from(["0.weight", "0.bias", "4.weight", "4.bias"]),
 )
 def test_load_state_dict_fuzz(change, seed, dtype, key):
     rng = np.random.default_rng(seed)
-    model = nn.Sequential(
-        nn.Conv2d(1, 2, 3, dtype=dtype),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(8, 1, dtype=dtype),
-        nn.Sigmoid(),
-    )
+    model = seed_network(dtype, channels=2)
     before = {k: v.copy() for k, v in model.state_dict().items()}
     new = {k: values(rng, v.shape, dtype, "normal") for k, v in before.items()}
     value = new[key]
@@ -1466,9 +1476,7 @@ def test_load_state_dict_fuzz(change, seed, dtype, key):
 @pytest.fixture(scope="module")
 def model_file_bytes(tmp_path_factory):
     nn.manual_seed(3)
-    model = nn.Sequential(
-        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 1), nn.Sigmoid()
-    )
+    model = seed_network(channels=2)
     path = tmp_path_factory.mktemp("model") / "model.npz"
     model.save(path)
     return path.read_bytes()

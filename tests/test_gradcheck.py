@@ -21,6 +21,18 @@ def small_cnn(dtype=np.float64, seed=1):
     )
 
 
+def conv_relu_logit(in_channels, out_channels, size, seed):
+    """float64 conv 3x3 -> ReLU -> flatten -> linear to one logit, for size x size images,
+    its weights drawn after cnnbp.manual_seed(seed)."""
+    cnnbp.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, dtype=np.float64),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(out_channels * (size - 2) ** 2, 1, dtype=np.float64),
+    )
+
+
 def batch(seed=0):
     rng = np.random.default_rng(seed)
     return rng.standard_normal((3, 2, 8, 8)), np.array([0, 3, 4])
@@ -51,13 +63,7 @@ def test_small_cnn_passes_with_cross_entropy_and_bce_with_logits():
         ("7.weight", (5, 16), 80),
         ("7.bias", (5,), 5),
     ]
-    cnnbp.manual_seed(2)
-    binary = nn.Sequential(
-        nn.Conv2d(2, 2, 3, dtype=np.float64),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(72, 1, dtype=np.float64),
-    )
+    binary = conv_relu_logit(2, 2, 8, seed=2)
     report = cnnbp.gradcheck(binary, x, np.array([[1.0], [0.0], [1.0]]), nn.BCEWithLogitsLoss())
     assert report.passed, report
 
@@ -123,13 +129,7 @@ def test_a_wrong_loss_gradient_fails_every_parameter():
 def test_probes_across_a_relu_kink_are_skipped():
     # zero images and a zero bias put every ReLU input exactly at the kink: moving the bias
     # by +-eps flips the pattern, so that probe is skipped; the weights cannot move it
-    cnnbp.manual_seed(3)
-    model = nn.Sequential(
-        nn.Conv2d(1, 1, 3, dtype=np.float64),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4, 1, dtype=np.float64),
-    )
+    model = conv_relu_logit(1, 1, 4, seed=3)
     model[0].bias.data[:] = 0.0
     x = np.zeros((2, 1, 4, 4))
     report = cnnbp.gradcheck(model, x, np.array([[1.0], [0.0]]), nn.BCEWithLogitsLoss())

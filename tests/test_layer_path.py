@@ -9,7 +9,7 @@ assigned, and in-place changes reach the layers. Flatten works on array-likes as
 import numpy as np
 import pytest
 from cnnbp import nn, optim
-from conftest import DTYPES, SGD_CONFIG_IDS, SGD_CONFIGS
+from conftest import DTYPES, SGD_CONFIG_IDS, SGD_CONFIGS, seed_network
 
 DTYPE_IDS = ["float32", "float64"]
 
@@ -169,9 +169,7 @@ def test_flatten_layer_takes_array_likes():
 
 def test_a_training_step_reuses_nothing_it_should_not():
     # each step's trace holds that step's arrays: outputs are fresh, gradients not aliased
-    model = nn.Sequential(
-        nn.Conv2d(1, 1, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4, 1), nn.Sigmoid()
-    )
+    model = seed_network()
     loss_fn, opt = nn.BCELoss(), optim.SGD(model.parameters(), lr=0.1)
     x = np.random.default_rng(4).standard_normal((1, 1, 6, 6)).astype(np.float32)
     y = np.ones((1, 1), np.float32)

@@ -11,6 +11,7 @@ import cnnbp
 import numpy as np
 import pytest
 from cnnbp import nn, optim
+from conftest import file_model_stem
 
 F32, F64 = np.float32, np.float64
 
@@ -18,9 +19,7 @@ F32, F64 = np.float32, np.float64
 def every_layer_model(dtype):
     nn.manual_seed(5)
     return nn.Sequential(
-        nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0), dtype=dtype),
-        nn.ReLU(),
-        nn.MaxPool2d(2, stride=1),
+        *file_model_stem(dtype),
         nn.Conv2d(3, 2, 1, bias=False, dtype=dtype),
         nn.Flatten(),
         nn.Linear(2 * 3 * 3, 4, dtype=dtype),

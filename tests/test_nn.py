@@ -20,6 +20,8 @@ from conftest import (
     SGD_CONFIGS,
     assert_close,  # noqa: E402
     check_array,
+    layer_dtype,
+    seed_network,
 )
 
 F32, F64 = np.float32, np.float64
@@ -29,113 +31,76 @@ DTYPE_IDS = ["float32", "float64"]
 
 
 # ---------------------------------------------------------------------------------------
-# the networks, built twice
+# the networks, each written once for cnnbp.nn and torch.nn
 # ---------------------------------------------------------------------------------------
 
 
 def seed_net(lib, dtype):
     """The derivation's 15-parameter network."""
-    if lib is nn:
-        return nn.Sequential(
-            nn.Conv2d(1, 1, 3, dtype=dtype),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(4, 1, dtype=dtype),
-            nn.Sigmoid(),
-        )
-    return tnn.Sequential(
-        tnn.Conv2d(1, 1, 3),
-        tnn.ReLU(),
-        tnn.MaxPool2d(2),
-        tnn.Flatten(),
-        tnn.Linear(4, 1),
-        tnn.Sigmoid(),
-    )
+    return seed_network(dtype, lib)
 
 
 def big_net(lib, dtype):
     """Strides, paddings, overlapping pools, a non-square kernel, two conv layers.
     Input (N, 3, 17, 15) -> (N, 4, 9, 8) -> pool (N, 4, 5, 4) -> (N, 5, 5, 3) -> pool
     (N, 5, 2, 1) -> 10 features -> 7 classes."""
-    if lib is nn:
-        return nn.Sequential(
-            nn.Conv2d(3, 4, 3, stride=2, padding=1, dtype=dtype),
-            nn.ReLU(),
-            nn.MaxPool2d(3, stride=2, padding=1),
-            nn.Conv2d(4, 5, (3, 2), padding=(1, 0), dtype=dtype),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(10, 7, dtype=dtype),
-        )
-    return tnn.Sequential(
-        tnn.Conv2d(3, 4, 3, stride=2, padding=1),
-        tnn.ReLU(),
-        tnn.MaxPool2d(3, stride=2, padding=1),
-        tnn.Conv2d(4, 5, (3, 2), padding=(1, 0)),
-        tnn.ReLU(),
-        tnn.MaxPool2d(2),
-        tnn.Flatten(),
-        tnn.Linear(10, 7),
+    kw = layer_dtype(lib, dtype)
+    return lib.Sequential(
+        lib.Conv2d(3, 4, 3, stride=2, padding=1, **kw),
+        lib.ReLU(),
+        lib.MaxPool2d(3, stride=2, padding=1),
+        lib.Conv2d(4, 5, (3, 2), padding=(1, 0), **kw),
+        lib.ReLU(),
+        lib.MaxPool2d(2),
+        lib.Flatten(),
+        lib.Linear(10, 7, **kw),
     )
 
 
 def logits_net(lib, dtype):
     """Rectangular kernels and strides, a stride-1 pool; two logits per sample.
     Input (N, 2, 7, 9) -> (N, 3, 6, 4) -> pool (N, 3, 5, 3) -> 45 features -> 2."""
-    if lib is nn:
-        return nn.Sequential(
-            nn.Conv2d(2, 3, (2, 3), stride=(1, 2), dtype=dtype),
-            nn.ReLU(),
-            nn.MaxPool2d((2, 2), stride=1),
-            nn.Flatten(),
-            nn.Linear(45, 2, dtype=dtype),
-        )
-    return tnn.Sequential(
-        tnn.Conv2d(2, 3, (2, 3), stride=(1, 2)),
-        tnn.ReLU(),
-        tnn.MaxPool2d((2, 2), stride=1),
-        tnn.Flatten(),
-        tnn.Linear(45, 2),
+    kw = layer_dtype(lib, dtype)
+    return lib.Sequential(
+        lib.Conv2d(2, 3, (2, 3), stride=(1, 2), **kw),
+        lib.ReLU(),
+        lib.MaxPool2d((2, 2), stride=1),
+        lib.Flatten(),
+        lib.Linear(45, 2, **kw),
     )
 
 
 def no_bias_net(lib, dtype):
     """Layers without bias, a sigmoid in the middle."""
-    if lib is nn:
-        return nn.Sequential(
-            nn.Conv2d(2, 3, 3, padding=1, bias=False, dtype=dtype),
-            nn.Sigmoid(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(12, 3, bias=False, dtype=dtype),
-        )
-    return tnn.Sequential(
-        tnn.Conv2d(2, 3, 3, padding=1, bias=False),
-        tnn.Sigmoid(),
-        tnn.MaxPool2d(2),
-        tnn.Flatten(),
-        tnn.Linear(12, 3, bias=False),
+    kw = layer_dtype(lib, dtype)
+    return lib.Sequential(
+        lib.Conv2d(2, 3, 3, padding=1, bias=False, **kw),
+        lib.Sigmoid(),
+        lib.MaxPool2d(2),
+        lib.Flatten(),
+        lib.Linear(12, 3, bias=False, **kw),
     )
 
 
+# per network: the input's (C, H, W), its targets (rng, N, dtype) and its loss (the same
+# class name in both libraries)
+DATA = {
+    "seed": ((1, 6, 6), lambda rng, N, dtype: rng.integers(0, 2, (N, 1)).astype(dtype), "BCELoss"),
+    "big": ((3, 17, 15), lambda rng, N, dtype: rng.integers(0, 7, N), "CrossEntropyLoss"),
+    "logits": (
+        (2, 7, 9),
+        lambda rng, N, dtype: rng.uniform(0, 1, (N, 2)).astype(dtype),
+        "BCEWithLogitsLoss",
+    ),
+    "no_bias": ((2, 4, 4), lambda rng, N, dtype: rng.integers(0, 3, N), "CrossEntropyLoss"),
+}
+
+
 def make_data(name, dtype, N, rng):
-    if name == "seed":
-        x = rng.standard_normal((N, 1, 6, 6))
-        y = rng.integers(0, 2, (N, 1)).astype(dtype)
-        return x.astype(dtype), y, nn.BCELoss(), tnn.BCELoss()
-    if name == "big":
-        x = rng.standard_normal((N, 3, 17, 15))
-        return x.astype(dtype), rng.integers(0, 7, N), nn.CrossEntropyLoss(), tnn.CrossEntropyLoss()
-    if name == "logits":
-        x = rng.standard_normal((N, 2, 7, 9))
-        y = rng.uniform(0, 1, (N, 2)).astype(dtype)
-        return x.astype(dtype), y, nn.BCEWithLogitsLoss(), tnn.BCEWithLogitsLoss()
-    if name == "no_bias":
-        x = rng.standard_normal((N, 2, 4, 4))
-        return x.astype(dtype), rng.integers(0, 3, N), nn.CrossEntropyLoss(), tnn.CrossEntropyLoss()
-    raise ValueError(name)
+    """Inputs and targets for network `name`, and its loss in cnnbp and in torch."""
+    shape, targets, loss = DATA[name]
+    x = rng.standard_normal((N, *shape)).astype(dtype)
+    return x, targets(rng, N, dtype), getattr(nn, loss)(), getattr(tnn, loss)()
 
 
 NETS = {"seed": seed_net, "big": big_net, "logits": logits_net, "no_bias": no_bias_net}
@@ -594,22 +559,19 @@ def test_training_steps_follow_torch():
 
 
 def test_default_init_is_within_torchs_kaiming_uniform_bounds():
+    def network(lib):
+        return lib.Sequential(
+            lib.Conv2d(3, 16, 5),
+            lib.Conv2d(16, 8, (3, 2)),
+            lib.Flatten(),
+            lib.Linear(200, 50),
+            lib.Linear(50, 10),
+        )
+
     nn.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 16, 5),
-        nn.Conv2d(16, 8, (3, 2)),
-        nn.Flatten(),
-        nn.Linear(200, 50),
-        nn.Linear(50, 10),
-    )
+    model = network(nn)
     torch.manual_seed(0)
-    tmodel = tnn.Sequential(
-        tnn.Conv2d(3, 16, 5),
-        tnn.Conv2d(16, 8, (3, 2)),
-        tnn.Flatten(),
-        tnn.Linear(200, 50),
-        tnn.Linear(50, 10),
-    )
+    tmodel = network(tnn)
     tparams = dict(tmodel.named_parameters())
     for k, p in model.named_parameters():
         t = tparams[k.replace(".bias", ".weight")]

@@ -27,6 +27,14 @@ def check_array(got, shape, dtype=np.float64):
 
 FD_TOL = dict(rtol=1e-6, atol=1e-8)
 
+
+def check_gradient(grad, objective, x, what=""):
+    """A gradient with respect to x: float64, C-contiguous, x's shape, and within FD_TOL of
+    central differences of objective() at x."""
+    check_array(grad, x.shape)
+    np.testing.assert_allclose(grad, numeric_gradient(objective, x), err_msg=what, **FD_TOL)
+
+
 # ---------------------------------------------------------------------------------------
 # 1. finite differences
 # ---------------------------------------------------------------------------------------
@@ -56,12 +64,8 @@ def test_conv2d_backward_finite_differences(case):
         return float(np.sum(ref.conv2d(x, w, b, stride=stride, padding=padding) * g))
 
     dx, dw, db = ref.conv2d_backward(g, x, w, stride=stride, padding=padding)
-    check_array(dx, x.shape)
-    check_array(dw, w.shape)
-    check_array(db, b.shape)
-    np.testing.assert_allclose(dx, numeric_gradient(objective, x), **FD_TOL)
-    np.testing.assert_allclose(dw, numeric_gradient(objective, w), **FD_TOL)
-    np.testing.assert_allclose(db, numeric_gradient(objective, b), **FD_TOL)
+    for grad, wrt in ((dx, x), (dw, w), (db, b)):
+        check_gradient(grad, objective, wrt)
 
 
 POOL_CASES = [
@@ -87,9 +91,7 @@ def test_max_pool2d_backward_finite_differences(case):
     def objective():
         return float(np.sum(ref.max_pool2d(x, kernel, stride, padding)[0] * g))
 
-    dx = ref.max_pool2d_backward(g, idx, x.shape)
-    check_array(dx, x.shape)
-    np.testing.assert_allclose(dx, numeric_gradient(objective, x), **FD_TOL)
+    check_gradient(ref.max_pool2d_backward(g, idx, x.shape), objective, x)
 
 
 def test_relu_backward_finite_differences():
@@ -97,11 +99,7 @@ def test_relu_backward_finite_differences():
     z = rng.standard_normal((3, 4, 5))
     z = np.where(np.abs(z) < 1e-2, 0.5, z)  # keep away from the kink at 0
     g = rng.standard_normal(z.shape)
-    dz = ref.relu_backward(g, z)
-    check_array(dz, z.shape)
-    np.testing.assert_allclose(
-        dz, numeric_gradient(lambda: float(np.sum(ref.relu(z) * g)), z), **FD_TOL
-    )
+    check_gradient(ref.relu_backward(g, z), lambda: float(np.sum(ref.relu(z) * g)), z)
 
 
 def test_sigmoid_backward_finite_differences():
@@ -109,10 +107,7 @@ def test_sigmoid_backward_finite_differences():
     z = rng.standard_normal((4, 6)) * 3
     g = rng.standard_normal(z.shape)
     dz = ref.sigmoid_backward(g, ref.sigmoid(z))
-    check_array(dz, z.shape)
-    np.testing.assert_allclose(
-        dz, numeric_gradient(lambda: float(np.sum(ref.sigmoid(z) * g)), z), **FD_TOL
-    )
+    check_gradient(dz, lambda: float(np.sum(ref.sigmoid(z) * g)), z)
 
 
 @pytest.mark.parametrize("x_shape", [(5, 4), (2, 3, 4), (4,)])
@@ -130,12 +125,8 @@ def test_linear_backward_finite_differences(x_shape):
         return float(np.sum(ref.linear(x, w, b) * g))
 
     dx, dw, db = ref.linear_backward(g, x, w)
-    check_array(dx, x.shape)
-    check_array(dw, w.shape)
-    check_array(db, b.shape)
-    np.testing.assert_allclose(dx, numeric_gradient(objective, x), **FD_TOL)
-    np.testing.assert_allclose(dw, numeric_gradient(objective, w), **FD_TOL)
-    np.testing.assert_allclose(db, numeric_gradient(objective, b), **FD_TOL)
+    for grad, wrt in ((dx, x), (dw, w), (db, b)):
+        check_gradient(grad, objective, wrt)
 
 
 def test_flatten_backward_finite_differences():
@@ -145,10 +136,7 @@ def test_flatten_backward_finite_differences():
     check_array(F, (2, 12))
     g = rng.standard_normal(F.shape)
     dx = ref.flatten_backward(g, x.shape)
-    check_array(dx, x.shape)
-    np.testing.assert_allclose(
-        dx, numeric_gradient(lambda: float(np.sum(ref.flatten(x) * g)), x), **FD_TOL
-    )
+    check_gradient(dx, lambda: float(np.sum(ref.flatten(x) * g)), x)
 
 
 def test_binary_cross_entropy_backward_finite_differences():
@@ -156,10 +144,7 @@ def test_binary_cross_entropy_backward_finite_differences():
     a = rng.uniform(0.05, 0.95, (4, 3))
     y = rng.uniform(0.0, 1.0, (4, 3))  # soft targets too
     da = ref.binary_cross_entropy_backward(a, y)
-    check_array(da, a.shape)
-    np.testing.assert_allclose(
-        da, numeric_gradient(lambda: ref.binary_cross_entropy(a, y), a), **FD_TOL
-    )
+    check_gradient(da, lambda: ref.binary_cross_entropy(a, y), a)
 
 
 def test_binary_cross_entropy_with_logits_backward_finite_differences():
@@ -168,10 +153,7 @@ def test_binary_cross_entropy_with_logits_backward_finite_differences():
     z = np.where(np.abs(z) < 1e-2, 0.5, z)  # |z| and max(z, 0) have kinks at 0
     y = rng.uniform(0.0, 1.0, z.shape)
     dz = ref.binary_cross_entropy_with_logits_backward(z, y)
-    check_array(dz, z.shape)
-    np.testing.assert_allclose(
-        dz, numeric_gradient(lambda: ref.binary_cross_entropy_with_logits(z, y), z), **FD_TOL
-    )
+    check_gradient(dz, lambda: ref.binary_cross_entropy_with_logits(z, y), z)
 
 
 def test_cross_entropy_backward_finite_differences():
@@ -179,10 +161,7 @@ def test_cross_entropy_backward_finite_differences():
     z = rng.standard_normal((6, 5)) * 3
     labels = rng.integers(0, 5, 6)
     dz = ref.cross_entropy_backward(z, labels)
-    check_array(dz, z.shape)
-    np.testing.assert_allclose(
-        dz, numeric_gradient(lambda: ref.cross_entropy(z, labels), z), **FD_TOL
-    )
+    check_gradient(dz, lambda: ref.cross_entropy(z, labels), z)
 
 
 SEED_KEYS = [
@@ -243,27 +222,15 @@ def test_seed_network_finite_differences(seed, N):
 
     # All 15 parameters and the input, through the loss.
     for name, arr in [("X", X), ("W1", W1), ("B1", B1), ("W2", W2), ("B2", B2)]:
-        np.testing.assert_allclose(
-            out["dL/d" + name], numeric_gradient(loss, arr), err_msg=name, **FD_TOL
-        )
+        check_gradient(out["dL/d" + name], loss, arr, name)
     # Intermediate gradients, by perturbing the forward from that point on.
     A2 = out["A2"].copy()
-    np.testing.assert_allclose(
-        out["dL/dA2"], numeric_gradient(lambda: ref.binary_cross_entropy(A2, Y), A2), **FD_TOL
-    )
+    check_gradient(out["dL/dA2"], lambda: ref.binary_cross_entropy(A2, Y), A2)
     Z2 = out["Z2"].copy()
-    np.testing.assert_allclose(
-        out["dL/dZ2"],
-        numeric_gradient(lambda: ref.binary_cross_entropy(ref.sigmoid(Z2), Y), Z2),
-        **FD_TOL,
-    )
+    check_gradient(out["dL/dZ2"], lambda: ref.binary_cross_entropy(ref.sigmoid(Z2), Y), Z2)
     F = out["F"].copy()
-    np.testing.assert_allclose(
-        out["dL/dF"],
-        numeric_gradient(
-            lambda: ref.binary_cross_entropy(ref.sigmoid(ref.linear(F, W2, B2)), Y), F
-        ),
-        **FD_TOL,
+    check_gradient(
+        out["dL/dF"], lambda: ref.binary_cross_entropy(ref.sigmoid(ref.linear(F, W2, B2)), Y), F
     )
     Z1 = out["Z1"].copy()
 
@@ -272,7 +239,7 @@ def test_seed_network_finite_differences(seed, N):
         Z2 = ref.linear(ref.flatten(P1), W2, B2)
         return ref.binary_cross_entropy(ref.sigmoid(Z2), Y)
 
-    np.testing.assert_allclose(out["dL/dZ1"], numeric_gradient(loss_from_z1, Z1), **FD_TOL)
+    check_gradient(out["dL/dZ1"], loss_from_z1, Z1)
 
 
 def test_seed_network_matches_the_generic_backwards():

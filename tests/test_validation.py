@@ -12,6 +12,7 @@ import pytest
 from cnnbp import functional as F
 from cnnbp import nn, optim
 from cnnbp import reference as ref
+from conftest import seed_network
 from ops import OPS, all_errors
 
 F32, F64 = np.float32, np.float64
@@ -437,19 +438,8 @@ def test_output_size_errors():
 # ---------------------------------------------------------------------------------------
 
 
-def seed_model(dtype=np.float32):
-    return nn.Sequential(
-        nn.Conv2d(1, 1, 3, dtype=dtype),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(4, 1, dtype=dtype),
-        nn.Sigmoid(),
-    )
-
-
 def test_load_state_dict_missing_and_unexpected_keys():
-    model = seed_model()
+    model = seed_network()
     before = model.state_dict()
     good = model.state_dict()
 
@@ -484,7 +474,7 @@ def test_load_state_dict_missing_and_unexpected_keys():
 
 
 def test_load_state_dict_wrong_shape_and_dtype():
-    model = seed_model()
+    model = seed_network()
     before = model.state_dict()
     good = model.state_dict()
 
@@ -513,7 +503,7 @@ def test_load_state_dict_wrong_shape_and_dtype():
     for k, v in before.items():
         np.testing.assert_array_equal(model.state_dict()[k], v)
 
-    model64 = seed_model(np.float64)
+    model64 = seed_network(np.float64)
     with raises(TypeError, "[load_state_dict] 0.weight: expected float64, got float32"):
         model64.load_state_dict(good)
 

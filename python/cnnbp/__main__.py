@@ -22,9 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     walk.add_argument("--label", type=float, default=1.0, help="the target Y in [0, 1] (default 1)")
     walk.add_argument("--lr", type=float, default=0.5, help="SGD learning rate (default 0.5)")
     walk.add_argument("--steps", type=int, default=5, help="SGD steps to take (default 5)")
-    walk.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
-    from .train import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, OPTIMIZERS, SCHEDULES
+    from .train import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_MOMENTUM, OPTIMIZERS, SCHEDULES
 
     train = commands.add_parser(
         "train",
@@ -57,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
         + ")",
     )
     train.add_argument(
-        "--momentum", type=_nonnegative_float, default=None, help="SGD momentum (default 0.9)"
+        "--momentum",
+        type=_nonnegative_float,
+        default=None,
+        help=f"SGD momentum (default {DEFAULT_MOMENTUM:g})",
     )
     train.add_argument(
         "--schedule",
@@ -86,7 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--quiet", action="store_true", help="no progress bar: one line per epoch instead"
     )
-    train.add_argument("--json", action="store_true", help="print a machine-readable summary")
 
     evaluate = commands.add_parser(
         "evaluate",
@@ -97,43 +98,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("model", metavar="MODEL.npz", help="a model file (model.save)")
     _add_data_arguments(evaluate)
-    evaluate.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    # every command's last option
+    for command, output in [
+        (walk, "machine-readable JSON"),
+        (train, "a machine-readable summary"),
+        (evaluate, "a machine-readable summary"),
+    ]:
+        command.add_argument("--json", action="store_true", help=f"print {output}")
     return parser
 
 
-def _positive_int(text):
-    value = _number(int, text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
+def _checked(kind, accept, expected):
+    """An argparse type: the text as an int or float (kind), refused unless accept(value)."""
+
+    def parse(text):
+        value = _number(kind, text)
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    return parse
 
 
-def _positive_float(text):
-    value = _number(float, text)
-    if not (value > 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
-
-
-def _nonnegative_float(text):
-    value = _number(float, text)
-    if not (value >= 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
-
-
-def _fraction(text):
-    value = _number(float, text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text}")
-    return value
-
-
-def _label(text):
-    value = _number(int, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a class label >= 0, got {text}")
-    return value
+_positive_int = _checked(int, lambda v: v >= 1, "an integer >= 1")
+_positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a number > 0")
+_nonnegative_float = _checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
+_fraction = _checked(float, lambda v: 0 < v < 1, "a number between 0 and 1")
+_label = _checked(int, lambda v: v >= 0, "a class label >= 0")
 
 
 def _number(kind, text):
@@ -206,12 +197,13 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("train", "evaluate"):
-        if args.command == "train" and args.momentum is not None:
-            from .train import OPTIMIZERS
-
-            if not OPTIMIZERS[args.optimizer].uses_momentum:
-                parser.error(f"argument --momentum: not used by --optimizer {args.optimizer}")
         from . import train
+
+        if args.command == "train":
+            try:
+                train.optimizer_momentum(args.optimizer, args.momentum)
+            except ValueError:
+                parser.error(f"argument --momentum: not used by --optimizer {args.optimizer}")
 
         run = train.run_train if args.command == "train" else train.run_evaluate
         try:

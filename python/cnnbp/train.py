@@ -92,15 +92,28 @@ SCHEDULES = {
 }
 
 
-def make_optimizer(name, params, lr=None, momentum=None, weight_decay=0.0):
-    """The optimizer registered as `name` in OPTIMIZERS; lr and momentum default per name."""
+def _choice(name):
     if name not in OPTIMIZERS:
         raise ValueError(f"[train] optimizer: expected one of {sorted(OPTIMIZERS)}, got {name!r}")
-    choice = OPTIMIZERS[name]
-    if momentum is not None and not choice.uses_momentum:
-        raise ValueError(f"[train] momentum: expected no momentum for {name}, got {momentum}")
+    return OPTIMIZERS[name]
+
+
+def optimizer_momentum(name, momentum=None):
+    """The momentum the optimizer registered as `name` runs with: `momentum`, or
+    DEFAULT_MOMENTUM where it is None; None for an optimizer without momentum, which refuses
+    one (ValueError)."""
+    if not _choice(name).uses_momentum:
+        if momentum is not None:
+            raise ValueError(f"[train] momentum: expected no momentum for {name}, got {momentum}")
+        return None
+    return DEFAULT_MOMENTUM if momentum is None else momentum
+
+
+def make_optimizer(name, params, lr=None, momentum=None, weight_decay=0.0):
+    """The optimizer registered as `name` in OPTIMIZERS; lr and momentum default per name."""
+    choice = _choice(name)
+    momentum = optimizer_momentum(name, momentum)
     lr = choice.default_lr if lr is None else lr
-    momentum = DEFAULT_MOMENTUM if momentum is None else momentum
     return choice.make(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
@@ -552,6 +565,25 @@ def _check_output_path(path, what):
         )
 
 
+def _set_threads(args):
+    if args.threads is not None:
+        from . import set_num_threads
+
+        set_num_threads(args.threads)
+
+
+def _load_data(args, **options):
+    """The dataset the data options of train and evaluate name (__main__._add_data_arguments)."""
+    return load_dataset(
+        mnist=args.mnist,
+        npz=args.npz,
+        binary=args.binary,
+        seed=args.seed,
+        test_fraction=args.test_fraction,
+        **options,
+    )
+
+
 def _print_json(summary):
     print(json.dumps(summary, indent=1))
 
@@ -565,17 +597,8 @@ def run_train(args) -> int:
         _check_output_path(args.plot, "plot")
         if importlib.util.find_spec("matplotlib") is None:  # fail before training, not after
             raise ImportError(f"[train] plot: matplotlib is needed for --plot: {data._EXTRA_HINT}")
-    if args.threads is not None:
-        from . import set_num_threads
-
-        set_num_threads(args.threads)
-    dataset = load_dataset(
-        mnist=args.mnist,
-        npz=args.npz,
-        binary=args.binary,
-        seed=args.seed,
-        test_fraction=args.test_fraction,
-    )
+    _set_threads(args)
+    dataset = _load_data(args)
     epochs = DEFAULT_EPOCHS[dataset.name] if args.epochs is None else args.epochs
     lr = OPTIMIZERS[args.optimizer].default_lr if args.lr is None else args.lr
     say = (lambda *a, **k: None) if args.json else print
@@ -584,11 +607,8 @@ def run_train(args) -> int:
         f"      {dataset.x_train.shape[0]} training and {dataset.x_test.shape[0]} test images "
         f"of {'x'.join(map(str, dataset.x_train.shape[1:]))}, {dataset.num_classes} classes"
     )
-    momentum = (
-        f", momentum {DEFAULT_MOMENTUM if args.momentum is None else args.momentum:g}"
-        if OPTIMIZERS[args.optimizer].uses_momentum
-        else ""
-    )
+    momentum = optimizer_momentum(args.optimizer, args.momentum)
+    momentum = "" if momentum is None else f", momentum {momentum:g}"
     schedule = "" if args.schedule == "constant" else f", {args.schedule} schedule"
     say(
         f"training: {epochs} epochs, batch {args.batch_size}, {args.optimizer} lr {lr:g}"
@@ -665,21 +685,10 @@ def run_evaluate(args) -> int:
     start = time.perf_counter()
     from .model_file import load
 
-    if args.threads is not None:
-        from . import set_num_threads
-
-        set_num_threads(args.threads)
+    _set_threads(args)
     model = load(args.model)
     dtype = model.parameters()[0].data.dtype if model.parameters() else np.float32
-    dataset = load_dataset(
-        mnist=args.mnist,
-        npz=args.npz,
-        binary=args.binary,
-        seed=args.seed,
-        test_fraction=args.test_fraction,
-        dtype=dtype,
-        need_train=False,
-    )
+    dataset = _load_data(args, dtype=dtype, need_train=False)
     outputs = _output_count(model)
     if outputs == 1 and not dataset.binary:
         if dataset.num_classes > 2:
