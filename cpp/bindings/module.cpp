@@ -39,6 +39,45 @@ struct OptionalBias {
     const Shape* shape_or_null() const { return present ? &shape : nullptr; }
 };
 
+// The passes of a layer with a weight (conv2d, linear), after the op's own checks.
+// forward: y (y_shape) = run(y, x, w, b or null); backward: run(dx, dw, db, dy, x, w), with
+// db of bias_size. `run` gets typed pointers and runs with the GIL released.
+template <typename Run>
+py::array weighted_forward(DType dtype, const py::array& x, const py::array& w,
+                           const OptionalBias& bias, const Shape& y_shape, Run run) {
+    return dispatch(dtype, [&](auto tag) -> py::array {
+        using T = decltype(tag);
+        auto xc = contiguous<T>(x), wc = contiguous<T>(w);
+        py::array_t<T, py::array::c_style> bc;
+        if (bias.present) bc = contiguous<T>(bias.array);
+        auto y = empty_like_shape<T>(y_shape);
+        T* y_ptr = y.mutable_data();
+        const T* b_ptr = bias.present ? bc.data() : nullptr;
+        {  // the GIL is held again before the result is touched
+            py::gil_scoped_release release;
+            run(y_ptr, xc.data(), wc.data(), b_ptr);
+        }
+        return y;
+    });
+}
+
+template <typename Run>
+py::tuple weighted_backward(DType dtype, const py::array& dy, const py::array& x,
+                            const py::array& w, int64_t bias_size, Run run) {
+    return dispatch(dtype, [&](auto tag) -> py::tuple {
+        using T = decltype(tag);
+        auto dyc = contiguous<T>(dy), xc = contiguous<T>(x), wc = contiguous<T>(w);
+        auto dx = empty_like_shape<T>(shape_of(x)), dw = empty_like_shape<T>(shape_of(w));
+        auto db = empty_like_shape<T>({bias_size});
+        T *dx_ptr = dx.mutable_data(), *dw_ptr = dw.mutable_data(), *db_ptr = db.mutable_data();
+        {
+            py::gil_scoped_release release;
+            run(dx_ptr, dw_ptr, db_ptr, dyc.data(), xc.data(), wc.data());
+        }
+        return py::make_tuple(dx, dw, db);
+    });
+}
+
 // ---- conv2d ------------------------------------------------------------------------------
 
 cnnbp::Conv2dParams conv_params(const char* op, const py::handle& stride,
@@ -57,20 +96,8 @@ py::array conv2d(const py::handle& x_obj, const py::handle& w_obj, const py::han
     const OptionalBias bias(op, b_obj, dtype);
     const auto dims = cnnbp::conv2d_dims(shape_of(x), shape_of(w), bias.shape_or_null(),
                                          conv_params(op, stride, padding));
-    return dispatch(dtype, [&](auto tag) -> py::array {
-        using T = decltype(tag);
-        auto xc = contiguous<T>(x), wc = contiguous<T>(w);
-        py::array_t<T, py::array::c_style> bc;
-        if (bias.present) bc = contiguous<T>(bias.array);
-        auto y = empty_like_shape<T>({dims.N, dims.K, dims.P, dims.Q});
-        T* y_ptr = y.mutable_data();
-        const T* b_ptr = bias.present ? bc.data() : nullptr;
-        {  // the GIL is held again before the result is touched
-            py::gil_scoped_release release;
-            cnnbp::conv2d_forward<T>(y_ptr, xc.data(), wc.data(), b_ptr, dims);
-        }
-        return y;
-    });
+    return weighted_forward(dtype, x, w, bias, {dims.N, dims.K, dims.P, dims.Q},
+                            [&](auto... pointers) { cnnbp::conv2d_forward(pointers..., dims); });
 }
 
 py::tuple conv2d_backward(const py::handle& dy_obj, const py::handle& x_obj,
@@ -85,19 +112,8 @@ py::tuple conv2d_backward(const py::handle& dy_obj, const py::handle& x_obj,
     const auto dims =
         cnnbp::conv2d_dims(shape_of(x), shape_of(w), nullptr, conv_params(op, stride, padding), op);
     cnnbp::conv2d_check_doutput(dims, shape_of(dy));
-    return dispatch(dtype, [&](auto tag) -> py::tuple {
-        using T = decltype(tag);
-        auto dyc = contiguous<T>(dy), xc = contiguous<T>(x), wc = contiguous<T>(w);
-        auto dx = empty_like_shape<T>(shape_of(x)), dw = empty_like_shape<T>(shape_of(w));
-        auto db = empty_like_shape<T>({dims.K});
-        T *dx_ptr = dx.mutable_data(), *dw_ptr = dw.mutable_data(), *db_ptr = db.mutable_data();
-        {
-            py::gil_scoped_release release;
-            cnnbp::conv2d_backward<T>(dx_ptr, dw_ptr, db_ptr, dyc.data(), xc.data(), wc.data(),
-                                      dims);
-        }
-        return py::make_tuple(dx, dw, db);
-    });
+    return weighted_backward(dtype, dy, x, w, dims.K,
+                             [&](auto... pointers) { cnnbp::conv2d_backward(pointers..., dims); });
 }
 
 // ---- max_pool2d --------------------------------------------------------------------------
@@ -403,20 +419,8 @@ py::array linear(const py::handle& x_obj, const py::handle& w_obj, const py::han
     const auto dims = cnnbp::linear_dims(x_shape, shape_of(w), bias.shape_or_null());
     Shape y_shape = x_shape;
     y_shape.back() = dims.OUT;
-    return dispatch(dtype, [&](auto tag) -> py::array {
-        using T = decltype(tag);
-        auto xc = contiguous<T>(x), wc = contiguous<T>(w);
-        py::array_t<T, py::array::c_style> bc;
-        if (bias.present) bc = contiguous<T>(bias.array);
-        auto y = empty_like_shape<T>(y_shape);
-        T* y_ptr = y.mutable_data();
-        const T* b_ptr = bias.present ? bc.data() : nullptr;
-        {  // the GIL is held again before the result is touched
-            py::gil_scoped_release release;
-            cnnbp::linear_forward<T>(y_ptr, xc.data(), wc.data(), b_ptr, dims);
-        }
-        return y;
-    });
+    return weighted_forward(dtype, x, w, bias, y_shape,
+                            [&](auto... pointers) { cnnbp::linear_forward(pointers..., dims); });
 }
 
 py::tuple linear_backward(const py::handle& dy_obj, const py::handle& x_obj,
@@ -430,19 +434,8 @@ py::tuple linear_backward(const py::handle& dy_obj, const py::handle& x_obj,
     const Shape x_shape = shape_of(x);
     const auto dims = cnnbp::linear_dims(x_shape, shape_of(w), nullptr, op);
     cnnbp::linear_check_doutput(dims, x_shape, shape_of(dy));
-    return dispatch(dtype, [&](auto tag) -> py::tuple {
-        using T = decltype(tag);
-        auto dyc = contiguous<T>(dy), xc = contiguous<T>(x), wc = contiguous<T>(w);
-        auto dx = empty_like_shape<T>(x_shape), dw = empty_like_shape<T>(shape_of(w));
-        auto db = empty_like_shape<T>({dims.OUT});
-        T *dx_ptr = dx.mutable_data(), *dw_ptr = dw.mutable_data(), *db_ptr = db.mutable_data();
-        {
-            py::gil_scoped_release release;
-            cnnbp::linear_backward<T>(dx_ptr, dw_ptr, db_ptr, dyc.data(), xc.data(), wc.data(),
-                                      dims);
-        }
-        return py::make_tuple(dx, dw, db);
-    });
+    return weighted_backward(dtype, dy, x, w, dims.OUT,
+                             [&](auto... pointers) { cnnbp::linear_backward(pointers..., dims); });
 }
 
 // ---- losses ------------------------------------------------------------------------------
