@@ -249,6 +249,24 @@ Pool2d<T>::Pool2d(const Config& arguments) : Layer<T>(arguments) {
     pool2d_check_params(arguments.type().c_str(), params);
 }
 
+template <typename T>
+Tensor<T>& Pool2d<T>::start_forward(const Tensor<T>& input, const char* op) {
+    dims_ = pool2d_dims(op, input.shape, params);
+    this->input_ = &input;
+    this->output_.resize({dims_.N, dims_.C, dims_.P, dims_.Q});
+    return this->output_;
+}
+
+template <typename T>
+Tensor<T>& Pool2d<T>::start_backward(const Tensor<T>& grad_output, const char* type,
+                                     const char* op) {
+    const Tensor<T>& input = require_forward(this->input_, type);
+    check_same_shape(op, "output", this->output_.shape, "doutput", grad_output.shape);
+    this->grad_output_ = &grad_output;
+    this->grad_input_.resize(input.shape);
+    return this->grad_input_;
+}
+
 // kernel_size, stride (default: the kernel size), padding (at most half the kernel)
 const std::vector<Field> pool2d_fields{{"kernel_size", FieldKind::Pair, nullptr, 1},
                                        {"stride", FieldKind::Pair, nullptr, 1, "kernel_size"},
@@ -278,25 +296,18 @@ std::vector<TraceExtra> MaxPool2d<T>::trace_extras() const {
 
 template <typename T>
 const Tensor<T>& MaxPool2d<T>::forward(const Tensor<T>& input) {
-    this->dims_ = pool2d_dims("max_pool2d", input.shape, this->params);
-    const auto& dims_ = this->dims_;
-    this->input_ = &input;
-    this->output_.resize({dims_.N, dims_.C, dims_.P, dims_.Q});
-    indices.resize(size_t(this->output_.size()));
-    max_pool2d_forward(this->output_.data.data(), indices.data(), input.data.data(), dims_);
-    return this->output_;
+    Tensor<T>& output = this->start_forward(input, "max_pool2d");
+    indices.resize(size_t(output.size()));
+    max_pool2d_forward(output.data.data(), indices.data(), input.data.data(), this->dims_);
+    return output;
 }
 
 template <typename T>
 const Tensor<T>& MaxPool2d<T>::backward(const Tensor<T>& grad_output) {
-    const Tensor<T>& input = require_forward(this->input_, "MaxPool2d");
-    check_same_shape("max_pool2d_backward", "output", this->output_.shape, "doutput",
-                     grad_output.shape);
-    this->grad_output_ = &grad_output;
-    this->grad_input_.resize(input.shape);
-    max_pool2d_backward(this->grad_input_.data.data(), grad_output.data.data(), indices.data(),
+    Tensor<T>& grad_input = this->start_backward(grad_output, "MaxPool2d", "max_pool2d_backward");
+    max_pool2d_backward(grad_input.data.data(), grad_output.data.data(), indices.data(),
                         this->dims_);
-    return this->grad_input_;
+    return grad_input;
 }
 
 CNNBP_REGISTER_LAYER(MaxPool2d, {"MaxPool2d",
@@ -317,23 +328,16 @@ AvgPool2d<T>::AvgPool2d(std::array<int64_t, 2> kernel, std::array<int64_t, 2> st
 
 template <typename T>
 const Tensor<T>& AvgPool2d<T>::forward(const Tensor<T>& input) {
-    this->dims_ = pool2d_dims("avg_pool2d", input.shape, this->params);
-    const auto& dims_ = this->dims_;
-    this->input_ = &input;
-    this->output_.resize({dims_.N, dims_.C, dims_.P, dims_.Q});
-    avg_pool2d_forward(this->output_.data.data(), input.data.data(), dims_);
-    return this->output_;
+    Tensor<T>& output = this->start_forward(input, "avg_pool2d");
+    avg_pool2d_forward(output.data.data(), input.data.data(), this->dims_);
+    return output;
 }
 
 template <typename T>
 const Tensor<T>& AvgPool2d<T>::backward(const Tensor<T>& grad_output) {
-    const Tensor<T>& input = require_forward(this->input_, "AvgPool2d");
-    check_same_shape("avg_pool2d_backward", "output", this->output_.shape, "doutput",
-                     grad_output.shape);
-    this->grad_output_ = &grad_output;
-    this->grad_input_.resize(input.shape);
-    avg_pool2d_backward(this->grad_input_.data.data(), grad_output.data.data(), this->dims_);
-    return this->grad_input_;
+    Tensor<T>& grad_input = this->start_backward(grad_output, "AvgPool2d", "avg_pool2d_backward");
+    avg_pool2d_backward(grad_input.data.data(), grad_output.data.data(), this->dims_);
+    return grad_input;
 }
 
 CNNBP_REGISTER_LAYER(AvgPool2d, {"AvgPool2d", "avg_pool2d",

@@ -194,6 +194,10 @@ class Pool2d : public Layer<T> {
 
  protected:
     explicit Pool2d(const Config& arguments);
+    // the output sized for input (op's checks), to fill
+    Tensor<T>& start_forward(const Tensor<T>& input, const char* op);
+    // grad_output checked against the output, grad_input sized, to fill
+    Tensor<T>& start_backward(const Tensor<T>& grad_output, const char* type, const char* op);
     Pool2dDims dims_{};
 };
 
