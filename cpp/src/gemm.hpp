@@ -115,11 +115,15 @@ struct PackedA {
     int MR = 1;
     std::vector<T> data;
 
+    // values pack() stores for (rows x cols) with MR = mr
+    static int64_t size(int64_t rows, int64_t cols, int mr) {
+        return (rows + mr - 1) / mr * mr * cols;
+    }
     void pack(const T* src, int64_t row_stride, int64_t col_stride, int64_t rows, int64_t cols,
               int mr) {
         M = rows, K = cols, MR = mr, kc = k_block_size(cols);
         M_padded = (rows + mr - 1) / mr * mr;
-        data.assign(size_t(M_padded * K), T(0));
+        data.assign(size_t(size(rows, cols, mr)), T(0));
         for (int64_t k0 = 0; k0 < K; k0 += kc) {
             const int64_t kb = std::min(kc, K - k0);
             for (int64_t i = 0; i < M; ++i) {
