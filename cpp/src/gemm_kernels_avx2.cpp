@@ -4,26 +4,15 @@
 
 namespace cnnbp::detail {
 
-KernelSet<float> kernels_avx2_f32() {
-    return {{6, 16, micro_kernel<float, 8, 6, 2>},
-            {6, 16, tap_kernel<float, 8, 6, 2>},
-            {1, 64, tap_kernel<float, 8, 1, 8>},
-            {2, 4, dot_kernel<float, 8, 2, 4>},
-            {{4, 16, gather_a_kernel<float, 8, 4, 2>},
-             {8, 8, gather_a_kernel<float, 8, 8, 1>},
-             {8, 4, gather_a_kernel<float, 4, 8, 1>}},
-            "avx2"};
-}
+namespace {
+struct Avx2Blocking {  // kernel_set's constants for 16 vector registers
+    static constexpr int MR = 6, NV = 2, NARROW_NV = 8, DOT_MR = 2, DOT_NR = 4;
+    static constexpr int GATHER_MR = 4, GATHER_NV = 2, NARROW_GATHER_MR = 8;
+    static constexpr bool HALF_GATHER = true;
+};
+}  // namespace
 
-KernelSet<double> kernels_avx2_f64() {
-    return {{6, 8, micro_kernel<double, 4, 6, 2>},
-            {6, 8, tap_kernel<double, 4, 6, 2>},
-            {1, 32, tap_kernel<double, 4, 1, 8>},
-            {2, 4, dot_kernel<double, 4, 2, 4>},
-            {{4, 8, gather_a_kernel<double, 4, 4, 2>},
-             {8, 4, gather_a_kernel<double, 4, 8, 1>},
-             {8, 2, gather_a_kernel<double, 2, 8, 1>}},
-            "avx2"};
-}
+KernelSet<float> kernels_avx2_f32() { return kernel_set<float, 32, Avx2Blocking>("avx2"); }
+KernelSet<double> kernels_avx2_f64() { return kernel_set<double, 32, Avx2Blocking>("avx2"); }
 
 }  // namespace cnnbp::detail

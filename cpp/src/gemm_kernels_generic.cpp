@@ -1,28 +1,19 @@
-// Micro-kernels for any CPU: the baseline instruction set only.
+// Micro-kernels for any CPU: the baseline instruction set only (16-byte vectors).
 #include "gemm_microkernel.hpp"
 
 namespace cnnbp::detail {
 
-KernelSet<float> kernels_generic_f32() {
-    return {{4, 8, micro_kernel<float, 4, 4, 2>},
-            {4, 8, tap_kernel<float, 4, 4, 2>},
-            {1, 16, tap_kernel<float, 4, 1, 4>},
-            {2, 2, dot_kernel<float, 4, 2, 2>},
-            {{4, 8, gather_a_kernel<float, 4, 4, 2>},
-             {4, 4, gather_a_kernel<float, 4, 4, 1>},
-             {4, 4, gather_a_kernel<float, 4, 4, 1>}},
-            "generic"};
-}
+namespace {
+struct GenericBlocking {  // kernel_set's constants for 16 vector registers
+    static constexpr int MR = 4, NV = 2, NARROW_NV = 4, DOT_MR = 2, DOT_NR = 2;
+    static constexpr int GATHER_MR = 4, GATHER_NV = 2, NARROW_GATHER_MR = 4;
+    static constexpr bool HALF_GATHER = false;
+};
+}  // namespace
 
+KernelSet<float> kernels_generic_f32() { return kernel_set<float, 16, GenericBlocking>("generic"); }
 KernelSet<double> kernels_generic_f64() {
-    return {{4, 4, micro_kernel<double, 2, 4, 2>},
-            {4, 4, tap_kernel<double, 2, 4, 2>},
-            {1, 8, tap_kernel<double, 2, 1, 4>},
-            {2, 2, dot_kernel<double, 2, 2, 2>},
-            {{4, 4, gather_a_kernel<double, 2, 4, 2>},
-             {4, 2, gather_a_kernel<double, 2, 4, 1>},
-             {4, 2, gather_a_kernel<double, 2, 4, 1>}},
-            "generic"};
+    return kernel_set<double, 16, GenericBlocking>("generic");
 }
 
 }  // namespace cnnbp::detail
