@@ -152,25 +152,37 @@ void dot_kernel(int64_t K, const T* __restrict a, int64_t lda, const T* __restri
 }
 
 // The kernel set of one instruction set: vectors of VectorBytes bytes (W values of T) and
-// the register blocking B, constants counted in rows and vectors (the same for every T):
-//   B::MR x B::NV               the gemm and tap kernels' tile
-//   1 x B::NARROW_NV            tap_narrow's tile
-//   B::DOT_MR x B::DOT_NR       the dot kernel's tile (NR in columns)
-//   B::GATHER_MR x B::GATHER_NV the widest gather tile; then B::NARROW_GATHER_MR rows of one
-//                               vector, and of half a vector when B::HALF_GATHER (else one)
-template <typename T, int VectorBytes, typename B>
+// a register blocking counted in rows and vectors, the same for every T:
+//   MR x NV             the gemm and tap kernels' tile
+//   1 x NARROW_NV       tap_narrow's tile
+//   DOT_MR x DOT_NR     the dot kernel's tile (DOT_NR in columns)
+//   GMR x GNV           the widest gather tile; then NGMR rows of one vector, and NGMR rows
+//                       of half a vector when HALF_GATHER (else of one vector again)
+template <typename T, int VectorBytes, int MR, int NV, int NARROW_NV, int DOT_MR, int DOT_NR,
+          int GMR, int GNV, int NGMR, bool HALF_GATHER>
 cnnbp::detail::KernelSet<T> kernel_set(const char* isa) {
     constexpr int W = VectorBytes / int(sizeof(T));
-    constexpr int W_last = B::HALF_GATHER ? W / 2 : W;
-    constexpr int MR = B::MR, NV = B::NV, GMR = B::GATHER_MR, NGMR = B::NARROW_GATHER_MR;
+    constexpr int W_last = HALF_GATHER ? W / 2 : W;
     return {{MR, W * NV, micro_kernel<T, W, MR, NV>},
             {MR, W * NV, tap_kernel<T, W, MR, NV>},
-            {1, W * B::NARROW_NV, tap_kernel<T, W, 1, B::NARROW_NV>},
-            {B::DOT_MR, B::DOT_NR, dot_kernel<T, W, B::DOT_MR, B::DOT_NR>},
-            {{GMR, W * B::GATHER_NV, gather_a_kernel<T, W, GMR, B::GATHER_NV>},
+            {1, W * NARROW_NV, tap_kernel<T, W, 1, NARROW_NV>},
+            {DOT_MR, DOT_NR, dot_kernel<T, W, DOT_MR, DOT_NR>},
+            {{GMR, W * GNV, gather_a_kernel<T, W, GMR, GNV>},
              {NGMR, W, gather_a_kernel<T, W, NGMR, 1>},
              {NGMR, W_last, gather_a_kernel<T, W_last, NGMR, 1>}},
             isa};
 }
 
 }  // namespace
+
+// Defines kernels_<isa>_f32() and kernels_<isa>_f64() (chosen from in gemm.cpp), compiled
+// with the including file's flags: kernel_set<T, vector_bytes, blocking...>.
+#define CNNBP_KERNEL_SETS(isa, vector_bytes, ...)                   \
+    namespace cnnbp::detail {                                       \
+    KernelSet<float> kernels_##isa##_f32() {                        \
+        return kernel_set<float, vector_bytes, __VA_ARGS__>(#isa);  \
+    }                                                               \
+    KernelSet<double> kernels_##isa##_f64() {                       \
+        return kernel_set<double, vector_bytes, __VA_ARGS__>(#isa); \
+    }                                                               \
+    }
