@@ -27,7 +27,6 @@
 #include <optional>
 #include <vector>
 
-#include "cnnbp/threads.hpp"
 #include "gemm.hpp"
 #include "parallel.hpp"
 
@@ -57,17 +56,21 @@ bool split_batch(const Conv2dDims& d) {
     return d.N * d.K * d.P * d.Q * d.C * d.R * d.S >= kMinConvParallelWork;
 }
 
-// Scratch memory of one part of the convolution: `shared` values of T allocated once per
-// call, `per_thread` values by each of `threads` threads, and `offsets` int64_t tap offsets.
+// Scratch memory of one path: `shared` values of T allocated once per call, `per_thread`
+// values by each thread that runs it (at most `max_threads`: the images or the chunks of
+// the batch split among threads), and `offsets` int64_t tap offsets.
 struct Buffers {
-    int64_t shared = 0, per_thread = 0, threads = 0, offsets = 0;
+    int64_t shared = 0, per_thread = 0, max_threads = 1, offsets = 0;
 
     template <typename T>
-    int64_t bytes() const {
-        return int64_t(sizeof(T)) * (shared + threads * per_thread) +
+    int64_t bytes(int64_t threads) const {
+        const int64_t workers = std::max<int64_t>(1, std::min(threads, max_threads));
+        return int64_t(sizeof(T)) * (shared + workers * per_thread) +
                int64_t(sizeof(int64_t)) * offsets;
     }
 };
+
+Buffers no_buffers(const Conv2dDims&) { return {}; }  // the direct loops
 
 // ---- direct loops (tiny problems) ----------------------------------------------------------
 
@@ -367,10 +370,9 @@ void forward_gemm(T* output, const T* input, const T* weight, const T* bias, con
 }
 
 template <typename T>
-Buffers forward_gemm_buffers(const Conv2dDims& d, int64_t threads) {
+Buffers forward_gemm_buffers(const Conv2dDims& d) {
     const auto& uk = detail::kernels_for_cpu<T>().gemm;
-    return {detail::PackedA<T>::size(d.K, d.C * d.R * d.S, uk.MR), detail::b_buffer_size(uk),
-            threads};
+    return {detail::PackedA<T>::size(d.K, d.C * d.R * d.S, uk.MR), detail::b_buffer_size(uk), d.N};
 }
 
 // output = bias + weight . col for unit strides, without im2col: each image is copied once
@@ -418,11 +420,11 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
 }
 
 template <typename T>
-Buffers forward_padded_buffers(const Conv2dDims& d, int64_t threads) {
+Buffers forward_padded_buffers(const Conv2dDims& d) {
     const auto& uk = detail::kernels_for_cpu<T>().tap_for(d.K);
     const PaddedGrid g = padded_grid(d, uk.NR);
     const int64_t CRS = d.C * d.R * d.S;
-    return {detail::PackedA<T>::size(d.K, CRS, uk.MR), g.stack + d.K * g.grid_padded, threads, CRS};
+    return {detail::PackedA<T>::size(d.K, CRS, uk.MR), g.stack + d.K * g.grid_padded, d.N, CRS};
 }
 
 // ---- dinput --------------------------------------------------------------------------------
@@ -452,8 +454,8 @@ void dinput_as_forward(T* dinput, const T* doutput, const T* weight, const Conv2
 }
 
 template <typename T>
-Buffers dinput_as_forward_buffers(const Conv2dDims& d, int64_t threads) {
-    Buffers b = forward_padded_buffers<T>(as_forward_dims(d), threads);
+Buffers dinput_as_forward_buffers(const Conv2dDims& d) {
+    Buffers b = forward_padded_buffers<T>(as_forward_dims(d));
     b.shared += d.K * d.C * d.R * d.S;  // the flipped weight
     return b;
 }
@@ -488,11 +490,11 @@ void dinput_gemm_col2im(T* dinput, const T* doutput, const T* weight, const Conv
 }
 
 template <typename T>
-Buffers dinput_gemm_col2im_buffers(const Conv2dDims& d, int64_t threads) {
+Buffers dinput_gemm_col2im_buffers(const Conv2dDims& d) {
     const auto& uk = detail::kernels_for_cpu<T>().gemm;
     const int64_t CRS = d.C * d.R * d.S;
     return {detail::PackedA<T>::size(CRS, d.K, uk.MR),
-            detail::b_buffer_size(uk) + CRS * std::min(detail::kNC, d.P * d.Q), threads};
+            detail::b_buffer_size(uk) + CRS * std::min(detail::kNC, d.P * d.Q), d.N};
 }
 
 // ---- dweight and dbias ---------------------------------------------------------------------
@@ -501,11 +503,18 @@ Buffers dinput_gemm_col2im_buffers(const Conv2dDims& d, int64_t threads) {
 // the order of the sums depends on N only, never on the number of threads.
 int64_t reduction_chunks(int64_t N) { return std::min<int64_t>(N, 8); }
 
-// out (rows x cols) = the sum of `chunks` partials in chunk order; each partial is
-// (cols x rows), the transpose of out, chunk after chunk.
+// out (rows x cols) = the sum of `chunks` partials in chunk order, stored chunk after chunk,
+// each (rows x cols) or, when `transposed`, (cols x rows).
 template <typename T>
-void add_partials(T* out, const T* partials, int64_t chunks, int64_t rows, int64_t cols) {
+void add_partials(T* out, const T* partials, int64_t chunks, int64_t rows, int64_t cols,
+                  bool transposed) {
     const int64_t size = rows * cols;
+    if (!transposed) {
+        std::copy(partials, partials + size, out);
+        for (int64_t chunk = 1; chunk < chunks; ++chunk)
+            for (int64_t i = 0; i < size; ++i) out[i] += partials[chunk * size + i];
+        return;
+    }
     for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < cols; ++c) {
             T sum = partials[c * rows + r];
@@ -543,16 +552,14 @@ void sum_over_chunks(T* dweight, T* dbias, const T* doutput, const Conv2dDims& d
             }
         }
     });
-    if (dweight)
-        add_partials(dweight, partial_w.data(), chunks, transposed ? d.K : 1,
-                     transposed ? CRS : KCRS);
-    if (dbias) add_partials(dbias, partial_b.data(), chunks, 1, d.K);
+    if (dweight) add_partials(dweight, partial_w.data(), chunks, d.K, CRS, transposed);
+    if (dbias) add_partials(dbias, partial_b.data(), chunks, 1, d.K, false);
 }
 
 // The partial sums of sum_over_chunks, with `per_thread` values of each worker's buffers.
-Buffers chunk_buffers(const Conv2dDims& d, int64_t threads, int64_t per_thread, int64_t offsets) {
+Buffers chunk_buffers(const Conv2dDims& d, int64_t per_thread, int64_t offsets) {
     const int64_t chunks = reduction_chunks(d.N);
-    return {chunks * d.K * (d.C * d.R * d.S + 1), per_thread, std::min(threads, chunks), offsets};
+    return {chunks * d.K * (d.C * d.R * d.S + 1), per_thread, chunks, offsets};
 }
 
 // doutput_n^T on the padded-width grid for the gather kernel: panel jp holds filters
@@ -621,11 +628,11 @@ void dweight_padded(T* dweight, T* dbias, const T* doutput, const T* input, cons
 }
 
 template <typename T>
-Buffers dweight_padded_buffers(const Conv2dDims& d, int64_t threads) {
+Buffers dweight_padded_buffers(const Conv2dDims& d) {
     const auto& gk = detail::kernels_for_cpu<T>().gather_for(d.K);
     const PaddedGrid g = padded_grid(d, 1);
     const int64_t panels = (d.K + gk.NR - 1) / gk.NR;
-    return chunk_buffers(d, threads, g.stack + panels * g.grid * gk.NR, d.C * d.R * d.S);
+    return chunk_buffers(d, g.stack + panels * g.grid * gk.NR, d.C * d.R * d.S);
 }
 
 // Row stride of dweight_gemm_dot's pixel blocks: a whole chunk's pixels when they are fewer
@@ -675,49 +682,54 @@ void dweight_gemm_dot(T* dweight, T* dbias, const T* doutput, const T* input, co
     });
 }
 
-Buffers dweight_gemm_dot_buffers(const Conv2dDims& d, int64_t threads) {
-    return chunk_buffers(d, threads, (d.C * d.R * d.S + d.K) * pixel_block(d), 0);
+Buffers dweight_gemm_dot_buffers(const Conv2dDims& d) {
+    return chunk_buffers(d, (d.C * d.R * d.S + d.K) * pixel_block(d), 0);
 }
 
 // ---- the plan ------------------------------------------------------------------------------
 
-// The paths of one convolution, as the functions that run them, and the scratch memory of
-// each (none for the direct loops).
-template <typename T>
-struct Conv2dPlan {
-    void (*forward)(T* output, const T* input, const T* weight, const T* bias,
-                    const Conv2dDims& d) = forward_direct<T>;
-    void (*dinput)(T* dinput, const T* doutput, const T* weight,
-                   const Conv2dDims& d) = dinput_direct<T>;
-    void (*dweight)(T* dweight, T* dbias, const T* doutput, const T* input,
-                    const Conv2dDims& d) = dweight_direct<T>;  // dweight and dbias
-    Buffers forward_buffers, dinput_buffers, dweight_buffers;
+// One path: the function that runs it and the sizes of its scratch memory for given dims.
+template <typename Run>
+struct Path {
+    Run* run;
+    Buffers (*buffers)(const Conv2dDims& d);
 };
 
-// The one place that chooses the paths for dims `d` run on `threads` threads.
+// The paths of one convolution: forward, dinput, and dweight with dbias.
 template <typename T>
-Conv2dPlan<T> make_plan(const Conv2dDims& d, int64_t threads) {
-    Conv2dPlan<T> plan;
-    if (d.K * d.P * d.Q * d.C * d.R * d.S < kMinGemmWork) return plan;  // tiny: direct loops
+struct Conv2dPlan {
+    Path<void(T* output, const T* input, const T* weight, const T* bias, const Conv2dDims& d)>
+        forward;
+    Path<void(T* dinput, const T* doutput, const T* weight, const Conv2dDims& d)> dinput;
+    Path<void(T* dweight, T* dbias, const T* doutput, const T* input, const Conv2dDims& d)> dweight;
+};
+
+// The one place that chooses the paths, by the dims alone (the thread count changes only
+// how many threads' buffers are allocated, Buffers::bytes).
+template <typename T>
+Conv2dPlan<T> make_plan(const Conv2dDims& d) {
+    using Plan = Conv2dPlan<T>;
+    if (d.K * d.P * d.Q * d.C * d.R * d.S < kMinGemmWork)  // tiny: direct loops
+        return {{forward_direct<T>, no_buffers},
+                {dinput_direct<T>, no_buffers},
+                {dweight_direct<T>, no_buffers}};
+    Plan plan;
     const auto& p = d.params;
     const bool unit = p.stride_h == 1 && p.stride_w == 1;
-    const int64_t workers = std::max<int64_t>(1, std::min(threads, d.N));
-    plan.forward = unit ? forward_padded<T> : forward_gemm<T>;
-    plan.forward_buffers =
-        unit ? forward_padded_buffers<T>(d, workers) : forward_gemm_buffers<T>(d, workers);
+    plan.forward = unit ? decltype(Plan::forward){forward_padded<T>, forward_padded_buffers<T>}
+                        : decltype(Plan::forward){forward_gemm<T>, forward_gemm_buffers<T>};
     // dinput as a forward needs padding below the kernel size. It reads doutput in place
     // instead of adding C*R*S rows back through col2im: faster for every channel count
     // measured (1 to 64).
-    const bool as_forward = unit && p.pad_h < d.R && p.pad_w < d.S;
-    plan.dinput = as_forward ? dinput_as_forward<T> : dinput_gemm_col2im<T>;
-    plan.dinput_buffers = as_forward ? dinput_as_forward_buffers<T>(d, workers)
-                                     : dinput_gemm_col2im_buffers<T>(d, workers);
+    plan.dinput =
+        unit && p.pad_h < d.R && p.pad_w < d.S
+            ? decltype(Plan::dinput){dinput_as_forward<T>, dinput_as_forward_buffers<T>}
+            : decltype(Plan::dinput){dinput_gemm_col2im<T>, dinput_gemm_col2im_buffers<T>};
     // dweight in place: below the narrowest gather panel of filters the dot-product path is
     // faster (measured), and it serves every strided convolution.
-    const bool in_place = unit && d.K > detail::kernels_for_cpu<T>().gather[2].NR;
-    plan.dweight = in_place ? dweight_padded<T> : dweight_gemm_dot<T>;
-    plan.dweight_buffers =
-        in_place ? dweight_padded_buffers<T>(d, threads) : dweight_gemm_dot_buffers(d, threads);
+    plan.dweight = unit && d.K > detail::kernels_for_cpu<T>().gather[2].NR
+                       ? decltype(Plan::dweight){dweight_padded<T>, dweight_padded_buffers<T>}
+                       : decltype(Plan::dweight){dweight_gemm_dot<T>, dweight_gemm_dot_buffers};
     return plan;
 }
 
@@ -726,23 +738,23 @@ Conv2dPlan<T> make_plan(const Conv2dDims& d, int64_t threads) {
 template <typename T>
 void conv2d_forward(T* output, const T* input, const T* weight, const T* bias,
                     const Conv2dDims& d) {
-    make_plan<T>(d, get_num_threads()).forward(output, input, weight, bias, d);
+    make_plan<T>(d).forward.run(output, input, weight, bias, d);
 }
 
 template <typename T>
 void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T* input,
                      const T* weight, const Conv2dDims& d) {
-    const Conv2dPlan<T> plan = make_plan<T>(d, get_num_threads());
-    if (dinput) plan.dinput(dinput, doutput, weight, d);
-    if (dweight || dbias) plan.dweight(dweight, dbias, doutput, input, d);
+    const Conv2dPlan<T> plan = make_plan<T>(d);
+    if (dinput) plan.dinput.run(dinput, doutput, weight, d);
+    if (dweight || dbias) plan.dweight.run(dweight, dbias, doutput, input, d);
 }
 
 template <typename T>
 int64_t conv2d_workspace_bytes(const Conv2dDims& d, int64_t threads) {
-    const Conv2dPlan<T> plan = make_plan<T>(d, threads);
-    return std::max({plan.forward_buffers.template bytes<T>(),
-                     plan.dinput_buffers.template bytes<T>(),
-                     plan.dweight_buffers.template bytes<T>()});
+    const Conv2dPlan<T> plan = make_plan<T>(d);
+    return std::max({plan.forward.buffers(d).template bytes<T>(threads),
+                     plan.dinput.buffers(d).template bytes<T>(threads),
+                     plan.dweight.buffers(d).template bytes<T>(threads)});
 }
 
 #define CNNBP_INSTANTIATE(T)                                                              \
