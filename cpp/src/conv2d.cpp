@@ -375,6 +375,20 @@ Buffers forward_gemm_buffers(const Conv2dDims& d) {
     return {detail::PackedA<T>::size(d.K, d.C * d.R * d.S, uk.MR), detail::b_buffer_size(uk), d.N};
 }
 
+// out (K, P, Q) = bias + the output grid (K, grid_padded) without its margin columns.
+template <typename T>
+void crop_grid(T* __restrict out, const T* __restrict grid_out, const T* bias, const Conv2dDims& d,
+               int64_t grid_padded, int64_t Wp) {
+    for (int64_t k = 0; k < d.K; ++k) {
+        const T b = bias ? bias[k] : T(0);
+        for (int64_t op = 0; op < d.P; ++op) {
+            const T* from = grid_out + k * grid_padded + op * Wp;
+            T* to = out + (k * d.P + op) * d.Q;
+            for (int64_t oq = 0; oq < d.Q; ++oq) to[oq] = b + from[oq];
+        }
+    }
+}
+
 // output = bias + weight . col for unit strides, without im2col: each image is copied once
 // into its padded stack, whose taps the tap kernel reads in place along the grid (one B row
 // of the GEMM per tap); the grid's margin columns are computed, then dropped.
@@ -406,15 +420,7 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
                     }
                 }
             }
-            T* out = output + n * d.K * PQ;  // output_n (K, P, Q): the grid without its margin
-            for (int64_t k = 0; k < d.K; ++k) {
-                const T b = bias ? bias[k] : T(0);
-                for (int64_t op = 0; op < d.P; ++op) {
-                    const T* from = grid_out.data() + k * g.grid_padded + op * g.Wp;
-                    T* to = out + k * PQ + op * d.Q;
-                    for (int64_t oq = 0; oq < d.Q; ++oq) to[oq] = b + from[oq];
-                }
-            }
+            crop_grid(output + n * d.K * PQ, grid_out.data(), bias, d, g.grid_padded, g.Wp);
         }
     });
 }
