@@ -30,39 +30,29 @@ class Scratch {
     std::unique_ptr<T[]> data_;
 };
 
-// The micro-kernels (gemm_microkernel.hpp), each computing an MR x NR tile of C.
+// The micro-kernels (gemm_microkernel.hpp), each computing an MR x NR tile of C by `run`.
+template <typename Run>
+struct Kernel {
+    int MR, NR;
+    Run* run;
+};
 
 // C (+)= packed A panel . packed B panel.
 template <typename T>
-struct MicroKernel {
-    int MR, NR;
-    void (*run)(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool accumulate, int m,
-                int n);
-};
-
+using MicroKernel = Kernel<void(int64_t kc, const T* a, const T* b, T* c, int64_t ldc,
+                                bool accumulate, int m, int n)>;
 // C (+)= packed A panel . B, row k of B read in place at in + offsets[k] (tap_kernel).
 template <typename T>
-struct TapKernel {
-    int MR, NR;
-    void (*run)(int64_t kc, const T* a, const int64_t* offsets, const T* in, T* c, int64_t ldc,
-                bool accumulate, int m, int n);
-};
-
+using TapKernel = Kernel<void(int64_t kc, const T* a, const int64_t* offsets, const T* in, T* c,
+                              int64_t ldc, bool accumulate, int m, int n)>;
 // C += A . B^T with A rows and B rows both contiguous along k (dot_kernel).
 template <typename T>
-struct DotKernel {
-    int MR, NR;
-    void (*run)(int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
-                int m, int n);
-};
-
+using DotKernel = Kernel<void(int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+                              int64_t ldc, int m, int n)>;
 // C (+)= A . packed B panel, row i of A read in place at in + a_offsets[i] (gather_a_kernel).
 template <typename T>
-struct GatherKernel {
-    int MR, NR;
-    void (*run)(int64_t kc, const T* in, const int64_t* a_offsets, const T* b, T* c, int64_t ldc,
-                bool accumulate, int m, int n);
-};
+using GatherKernel = Kernel<void(int64_t kc, const T* in, const int64_t* a_offsets, const T* b,
+                                 T* c, int64_t ldc, bool accumulate, int m, int n)>;
 
 // Every kernel of one instruction set; shapes vary so that small matrices waste little.
 template <typename T>
@@ -115,11 +105,15 @@ struct PackedA {
     int MR = 1;
     std::vector<T> data;
 
+    // values pack() stores for (rows x cols) with MR = mr
+    static int64_t size(int64_t rows, int64_t cols, int mr) {
+        return (rows + mr - 1) / mr * mr * cols;
+    }
     void pack(const T* src, int64_t row_stride, int64_t col_stride, int64_t rows, int64_t cols,
               int mr) {
         M = rows, K = cols, MR = mr, kc = k_block_size(cols);
         M_padded = (rows + mr - 1) / mr * mr;
-        data.assign(size_t(M_padded * K), T(0));
+        data.assign(size_t(size(rows, cols, mr)), T(0));
         for (int64_t k0 = 0; k0 < K; k0 += kc) {
             const int64_t kb = std::min(kc, K - k0);
             for (int64_t i = 0; i < M; ++i) {

@@ -2,28 +2,6 @@
 // after the CPU reported both.
 #include "gemm_microkernel.hpp"
 
-namespace cnnbp::detail {
-
-KernelSet<float> kernels_avx2_f32() {
-    return {{6, 16, micro_kernel<float, 8, 6, 2>},
-            {6, 16, tap_kernel<float, 8, 6, 2>},
-            {1, 64, tap_kernel<float, 8, 1, 8>},
-            {2, 4, dot_kernel<float, 8, 2, 4>},
-            {{4, 16, gather_a_kernel<float, 8, 4, 2>},
-             {8, 8, gather_a_kernel<float, 8, 8, 1>},
-             {8, 4, gather_a_kernel<float, 4, 8, 1>}},
-            "avx2"};
-}
-
-KernelSet<double> kernels_avx2_f64() {
-    return {{6, 8, micro_kernel<double, 4, 6, 2>},
-            {6, 8, tap_kernel<double, 4, 6, 2>},
-            {1, 32, tap_kernel<double, 4, 1, 8>},
-            {2, 4, dot_kernel<double, 4, 2, 4>},
-            {{4, 8, gather_a_kernel<double, 4, 4, 2>},
-             {8, 4, gather_a_kernel<double, 4, 8, 1>},
-             {8, 2, gather_a_kernel<double, 2, 8, 1>}},
-            "avx2"};
-}
-
-}  // namespace cnnbp::detail
+// 16 vector registers of 32 bytes: kernel_set's MR 6, NV 2, NARROW_NV 8, DOT_MR 2, DOT_NR 4, GMR 4,
+// GNV 2, NGMR 8, HALF_GATHER true
+CNNBP_KERNEL_SETS(avx2, 32, 6, 2, 8, 2, 4, 4, 2, 8, true)

@@ -43,29 +43,42 @@ inline void store_tile(const V (&acc)[MR][NV], T* __restrict c, int64_t ldc, boo
             c[i * ldc + j] = accumulate ? c[i * ldc + j] + tile[i * NR + j] : tile[i * NR + j];
 }
 
-template <typename T, int W, int MR, int NV>
-void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* __restrict c,
-                  int64_t ldc, bool accumulate, int m, int n) {
+// The loop every tile kernel below runs: acc[i] = sum_k a(k, i) * (B row k), in order of k,
+// where a(k, i) is A's value in row i at step k and B row k is the NR = W * NV contiguous
+// values at b_row(k); then the tile is stored (store_tile).
+template <typename T, int W, int MR, int NV, typename AValue, typename BRow>
+__attribute__((always_inline)) inline void accumulate_tile(int64_t kc, AValue a, BRow b_row,
+                                                           T* __restrict c, int64_t ldc,
+                                                           bool accumulate, int m, int n) {
     typedef T V __attribute__((vector_size(W * sizeof(T))));
     typedef T VU __attribute__((vector_size(W * sizeof(T)), aligned(sizeof(T)), may_alias));
-    constexpr int NR = W * NV;
     V acc[MR][NV];
 #pragma GCC unroll 32
     for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 8
         for (int j = 0; j < NV; ++j) acc[i][j] = V{};
     for (int64_t k = 0; k < kc; ++k) {
+        const T* b = b_row(k);
         V bv[NV];
 #pragma GCC unroll 8
-        for (int j = 0; j < NV; ++j) bv[j] = *reinterpret_cast<const VU*>(b + k * NR + j * W);
+        for (int j = 0; j < NV; ++j) bv[j] = *reinterpret_cast<const VU*>(b + j * W);
 #pragma GCC unroll 32
         for (int i = 0; i < MR; ++i) {
-            const T av = a[k * MR + i];
+            const T av = a(k, i);
 #pragma GCC unroll 8
             for (int j = 0; j < NV; ++j) acc[i][j] += av * bv[j];
         }
     }
     store_tile<T, W, MR, NV>(acc, c, ldc, accumulate, m, n);
+}
+
+// A and B both packed: a(k, i) = a[k * MR + i], B row k at b + k * NR.
+template <typename T, int W, int MR, int NV>
+void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* __restrict c,
+                  int64_t ldc, bool accumulate, int m, int n) {
+    accumulate_tile<T, W, MR, NV>(
+        kc, [a](int64_t k, int i) { return a[k * MR + i]; },
+        [b](int64_t k) { return b + k * (W * NV); }, c, ldc, accumulate, m, n);
 }
 
 // The same tile with B read straight from an image instead of a packed panel: row k of B
@@ -76,26 +89,9 @@ template <typename T, int W, int MR, int NV>
 void tap_kernel(int64_t kc, const T* __restrict a, const int64_t* __restrict offsets,
                 const T* __restrict in, T* __restrict c, int64_t ldc, bool accumulate, int m,
                 int n) {
-    typedef T V __attribute__((vector_size(W * sizeof(T))));
-    typedef T VU __attribute__((vector_size(W * sizeof(T)), aligned(sizeof(T)), may_alias));
-    V acc[MR][NV];
-#pragma GCC unroll 32
-    for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 8
-        for (int j = 0; j < NV; ++j) acc[i][j] = V{};
-    for (int64_t k = 0; k < kc; ++k) {
-        const T* b = in + offsets[k];
-        V bv[NV];
-#pragma GCC unroll 8
-        for (int j = 0; j < NV; ++j) bv[j] = *reinterpret_cast<const VU*>(b + j * W);
-#pragma GCC unroll 32
-        for (int i = 0; i < MR; ++i) {
-            const T av = a[k * MR + i];
-#pragma GCC unroll 8
-            for (int j = 0; j < NV; ++j) acc[i][j] += av * bv[j];
-        }
-    }
-    store_tile<T, W, MR, NV>(acc, c, ldc, accumulate, m, n);
+    accumulate_tile<T, W, MR, NV>(
+        kc, [a](int64_t k, int i) { return a[k * MR + i]; },
+        [in, offsets](int64_t k) { return in + offsets[k]; }, c, ldc, accumulate, m, n);
 }
 
 // The tile with A read in place instead: row i of A starts at in + a_offsets[i] and runs
@@ -105,29 +101,12 @@ template <typename T, int W, int MR, int NV>
 void gather_a_kernel(int64_t kc, const T* __restrict in, const int64_t* __restrict a_offsets,
                      const T* __restrict b, T* __restrict c, int64_t ldc, bool accumulate, int m,
                      int n) {
-    typedef T V __attribute__((vector_size(W * sizeof(T))));
-    typedef T VU __attribute__((vector_size(W * sizeof(T)), aligned(sizeof(T)), may_alias));
-    constexpr int NR = W * NV;
     const T* a_row[MR];
 #pragma GCC unroll 32
     for (int i = 0; i < MR; ++i) a_row[i] = in + a_offsets[i < m ? i : m - 1];
-    V acc[MR][NV];
-#pragma GCC unroll 32
-    for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 8
-        for (int j = 0; j < NV; ++j) acc[i][j] = V{};
-    for (int64_t k = 0; k < kc; ++k) {
-        V bv[NV];
-#pragma GCC unroll 8
-        for (int j = 0; j < NV; ++j) bv[j] = *reinterpret_cast<const VU*>(b + k * NR + j * W);
-#pragma GCC unroll 32
-        for (int i = 0; i < MR; ++i) {
-            const T av = a_row[i][k];
-#pragma GCC unroll 8
-            for (int j = 0; j < NV; ++j) acc[i][j] += av * bv[j];
-        }
-    }
-    store_tile<T, W, MR, NV>(acc, c, ldc, accumulate, m, n);
+    accumulate_tile<T, W, MR, NV>(
+        kc, [&a_row](int64_t k, int i) { return a_row[i][k]; },
+        [b](int64_t k) { return b + k * (W * NV); }, c, ldc, accumulate, m, n);
 }
 
 // The dot-product form, for products whose operands both run along k in memory:
@@ -172,4 +151,38 @@ void dot_kernel(int64_t K, const T* __restrict a, int64_t lda, const T* __restri
         }
 }
 
+// The kernel set of one instruction set: vectors of VectorBytes bytes (W values of T) and
+// a register blocking counted in rows and vectors, the same for every T:
+//   MR x NV             the gemm and tap kernels' tile
+//   1 x NARROW_NV       tap_narrow's tile
+//   DOT_MR x DOT_NR     the dot kernel's tile (DOT_NR in columns)
+//   GMR x GNV           the widest gather tile; then NGMR rows of one vector, and NGMR rows
+//                       of half a vector when HALF_GATHER (else of one vector again)
+template <typename T, int VectorBytes, int MR, int NV, int NARROW_NV, int DOT_MR, int DOT_NR,
+          int GMR, int GNV, int NGMR, bool HALF_GATHER>
+cnnbp::detail::KernelSet<T> kernel_set(const char* isa) {
+    constexpr int W = VectorBytes / int(sizeof(T));
+    constexpr int W_last = HALF_GATHER ? W / 2 : W;
+    return {{MR, W * NV, micro_kernel<T, W, MR, NV>},
+            {MR, W * NV, tap_kernel<T, W, MR, NV>},
+            {1, W * NARROW_NV, tap_kernel<T, W, 1, NARROW_NV>},
+            {DOT_MR, DOT_NR, dot_kernel<T, W, DOT_MR, DOT_NR>},
+            {{GMR, W * GNV, gather_a_kernel<T, W, GMR, GNV>},
+             {NGMR, W, gather_a_kernel<T, W, NGMR, 1>},
+             {NGMR, W_last, gather_a_kernel<T, W_last, NGMR, 1>}},
+            isa};
+}
+
 }  // namespace
+
+// Defines kernels_<isa>_f32() and kernels_<isa>_f64() (chosen from in gemm.cpp), compiled
+// with the including file's flags: kernel_set<T, vector_bytes, blocking...>.
+#define CNNBP_KERNEL_SETS(isa, vector_bytes, ...)                   \
+    namespace cnnbp::detail {                                       \
+    KernelSet<float> kernels_##isa##_f32() {                        \
+        return kernel_set<float, vector_bytes, __VA_ARGS__>(#isa);  \
+    }                                                               \
+    KernelSet<double> kernels_##isa##_f64() {                       \
+        return kernel_set<double, vector_bytes, __VA_ARGS__>(#isa); \
+    }                                                               \
+    }

@@ -21,38 +21,35 @@ void linear_forward(T* output, const T* input, const T* weight, const T* bias,
     });
 }
 
+namespace {
+
+// out (rows x IN), row r = sum_j g[r * g_row + j * g_col] * src (terms x IN) row j, summed
+// in order of j; rows are split among threads.
+template <typename T>
+void sum_scaled_rows(T* out, int64_t rows, const T* g, int64_t g_row, int64_t g_col, const T* src,
+                     int64_t terms, int64_t IN) {
+    detail::parallel_for(rows, rows * terms * IN, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+            T* o = out + r * IN;
+            for (int64_t i = 0; i < IN; ++i) o[i] = T(0);
+            for (int64_t j = 0; j < terms; ++j) {
+                const T gj = g[r * g_row + j * g_col];
+                const T* s = src + j * IN;
+                for (int64_t i = 0; i < IN; ++i) o[i] += gj * s[i];
+            }
+        }
+    });
+}
+
+}  // namespace
+
 template <typename T>
 void linear_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T* input,
                      const T* weight, const LinearDims& d) {
-    const int64_t work = d.M * d.OUT * d.IN;
     // dinput = doutput . weight: row m of dinput gathers doutput[m, o] * weight[o, :]
-    if (dinput) {
-        detail::parallel_for(d.M, work, [&](int64_t begin, int64_t end) {
-            for (int64_t m = begin; m < end; ++m) {
-                T* dx = dinput + m * d.IN;
-                for (int64_t i = 0; i < d.IN; ++i) dx[i] = T(0);
-                for (int64_t o = 0; o < d.OUT; ++o) {
-                    const T g = doutput[m * d.OUT + o];
-                    const T* w = weight + o * d.IN;
-                    for (int64_t i = 0; i < d.IN; ++i) dx[i] += g * w[i];
-                }
-            }
-        });
-    }
+    if (dinput) sum_scaled_rows(dinput, d.M, doutput, d.OUT, 1, weight, d.OUT, d.IN);
     // dweight = doutput^T . input: row o of dweight sums doutput[m, o] * input[m, :] over m
-    if (dweight) {
-        detail::parallel_for(d.OUT, work, [&](int64_t begin, int64_t end) {
-            for (int64_t o = begin; o < end; ++o) {
-                T* dw = dweight + o * d.IN;
-                for (int64_t i = 0; i < d.IN; ++i) dw[i] = T(0);
-                for (int64_t m = 0; m < d.M; ++m) {
-                    const T g = doutput[m * d.OUT + o];
-                    const T* x = input + m * d.IN;
-                    for (int64_t i = 0; i < d.IN; ++i) dw[i] += g * x[i];
-                }
-            }
-        });
-    }
+    if (dweight) sum_scaled_rows(dweight, d.OUT, doutput, 1, d.OUT, input, d.M, d.IN);
     if (dbias) {
         for (int64_t o = 0; o < d.OUT; ++o) dbias[o] = T(0);
         for (int64_t m = 0; m < d.M; ++m)
