@@ -33,6 +33,8 @@ from typing import Callable
 
 import numpy as np
 
+import cnnbp  # the package's API, as a user calls it (cnnbp.load)
+
 from . import data, nn, optim
 
 CONV_CHANNELS = (32, 64)  # output channels of the two convolutions
@@ -683,10 +685,8 @@ def run_train(args) -> int:
 def run_evaluate(args) -> int:
     """`cnnbp evaluate MODEL`: the report of a saved model on the test split."""
     start = time.perf_counter()
-    from .model_file import load
-
     _set_threads(args)
-    model = load(args.model)
+    model = cnnbp.load(args.model)
     dtype = model.parameters()[0].data.dtype if model.parameters() else np.float32
     dataset = _load_data(args, dtype=dtype, need_train=False)
     outputs = _output_count(model)
