@@ -118,22 +118,71 @@ py::tuple conv2d_backward(const py::handle& dy_obj, const py::handle& x_obj,
 
 // ---- max_pool2d --------------------------------------------------------------------------
 
-// A pooling call's window: int-or-pair arguments; stride None means the kernel size (torch).
+// True or False (a NumPy bool too); torch's bool arguments take nothing else.
+bool parse_bool(const char* op, const char* name, const py::handle& obj) {
+    if (obj.ptr() == Py_True) return true;
+    if (obj.ptr() == Py_False) return false;
+    if (py::isinstance(obj, py::module_::import("numpy").attr("bool_"))) return py::cast<bool>(obj);
+    throw py::type_error(std::string("[") + op + "] " + name + ": expected True or False, got " +
+                         std::string(py::repr(obj)));
+}
+
+// The options of a pooling call beyond its window, each the default where an op has none
+// (max_pool2d: no count_include_pad or divisor_override; avg_pool2d: no dilation).
+struct PoolOptions {
+    py::handle dilation = py::none();
+    py::handle ceil_mode = py::none();
+    py::handle count_include_pad = py::none();
+    py::handle divisor_override = py::none();
+};
+
+// A pooling call's arguments, parsed once for forward and backward: int-or-pair window
+// arguments (stride None means the kernel size, as torch), bools, an optional int divisor.
+// The values are checked by pool2d_dims.
 cnnbp::Pool2dParams pool_params(const char* op, const py::handle& kernel_size,
-                                const py::handle& stride, const py::handle& padding) {
+                                const py::handle& stride, const py::handle& padding,
+                                const PoolOptions& options = {}) {
     auto k = parse_pair(op, "kernel_size", kernel_size);
     auto s = stride.is_none() ? k : parse_pair(op, "stride", stride);  // torch: stride = kernel
     auto p = parse_pair(op, "padding", padding);
-    return cnnbp::Pool2dParams{k[0], k[1], s[0], s[1], p[0], p[1]};
+    cnnbp::Pool2dParams params{};
+    params.kernel_h = k[0];
+    params.kernel_w = k[1];
+    params.stride_h = s[0];
+    params.stride_w = s[1];
+    params.pad_h = p[0];
+    params.pad_w = p[1];
+    if (!options.dilation.is_none()) {
+        const auto d = parse_pair(op, "dilation", options.dilation);
+        params.dilation_h = d[0];
+        params.dilation_w = d[1];
+    }
+    if (!options.ceil_mode.is_none())
+        params.ceil_mode = parse_bool(op, "ceil_mode", options.ceil_mode);
+    if (!options.count_include_pad.is_none())
+        params.count_include_pad = parse_bool(op, "count_include_pad", options.count_include_pad);
+    if (!options.divisor_override.is_none()) {
+        const py::handle& v = options.divisor_override;
+        if (py::isinstance<py::bool_>(v) || !PyIndex_Check(v.ptr()))
+            throw py::type_error(std::string("[") + op +
+                                 "] divisor_override: expected an int or None, got " +
+                                 std::string(py::repr(v)));
+        params.divisor_override = parse_int(op, "divisor_override", v);
+    }
+    return params;
 }
 
 py::tuple max_pool2d(const py::handle& x_obj, const py::handle& kernel_size,
-                     const py::handle& stride, const py::handle& padding) {
+                     const py::handle& stride, const py::handle& padding,
+                     const py::handle& dilation, const py::handle& ceil_mode) {
     const char* op = "max_pool2d";
     py::array x = as_array(op, "input", x_obj);
     const DType dtype = float_dtype(op, "input", x);
+    PoolOptions options;
+    options.dilation = dilation;
+    options.ceil_mode = ceil_mode;
     const auto dims =
-        cnnbp::pool2d_dims(op, shape_of(x), pool_params(op, kernel_size, stride, padding));
+        cnnbp::pool2d_dims(op, shape_of(x), pool_params(op, kernel_size, stride, padding, options));
     return dispatch(dtype, [&](auto tag) -> py::tuple {
         using T = decltype(tag);
         auto xc = contiguous<T>(x);
@@ -265,13 +314,27 @@ void def_activation(py::module_& m, const char* op, const char* saved, const cha
 
 // ---- avg_pool2d, dropout -------------------------------------------------------------------
 
+// avg_pool2d's options beyond its window.
+PoolOptions avg_pool_options(const py::handle& ceil_mode, const py::handle& count_include_pad,
+                             const py::handle& divisor_override) {
+    PoolOptions options;
+    options.ceil_mode = ceil_mode;
+    options.count_include_pad = count_include_pad;
+    options.divisor_override = divisor_override;
+    return options;
+}
+
 py::array avg_pool2d(const py::handle& x_obj, const py::handle& kernel_size,
-                     const py::handle& stride, const py::handle& padding) {
+                     const py::handle& stride, const py::handle& padding,
+                     const py::handle& ceil_mode, const py::handle& count_include_pad,
+                     const py::handle& divisor_override) {
     const char* op = "avg_pool2d";
     py::array x = as_array(op, "input", x_obj);
     const DType dtype = float_dtype(op, "input", x);
-    const auto dims =
-        cnnbp::pool2d_dims(op, shape_of(x), pool_params(op, kernel_size, stride, padding));
+    const auto dims = cnnbp::pool2d_dims(
+        op, shape_of(x),
+        pool_params(op, kernel_size, stride, padding,
+                    avg_pool_options(ceil_mode, count_include_pad, divisor_override)));
     return dispatch(dtype, [&](auto tag) -> py::array {
         using T = decltype(tag);
         auto xc = contiguous<T>(x);
@@ -287,13 +350,17 @@ py::array avg_pool2d(const py::handle& x_obj, const py::handle& kernel_size,
 
 py::array avg_pool2d_backward(const py::handle& dy_obj, const py::handle& x_shape_obj,
                               const py::handle& kernel_size, const py::handle& stride,
-                              const py::handle& padding) {
+                              const py::handle& padding, const py::handle& ceil_mode,
+                              const py::handle& count_include_pad,
+                              const py::handle& divisor_override) {
     const char* op = "avg_pool2d_backward";
     const Shape x_shape = parse_shape(op, "x_shape", x_shape_obj);
     py::array dy = as_array(op, "doutput", dy_obj);
     const DType dtype = float_dtype(op, "doutput", dy);
     const auto dims = cnnbp::avg_pool2d_backward_dims(
-        shape_of(dy), x_shape, pool_params(op, kernel_size, stride, padding));
+        shape_of(dy), x_shape,
+        pool_params(op, kernel_size, stride, padding,
+                    avg_pool_options(ceil_mode, count_include_pad, divisor_override)));
     return dispatch(dtype, [&](auto tag) -> py::array {
         using T = decltype(tag);
         auto dyc = contiguous<T>(dy);
@@ -392,13 +459,16 @@ py::array dropout_backward(const py::handle& dy_obj, const py::handle& mask_obj,
 void def_avg_pool2d_dropout(py::module_& m) {
     using py::arg;
     m.def("avg_pool2d", &avg_pool2d, arg("x"), arg("kernel_size"), arg("stride") = py::none(),
-          arg("padding") = 0,
-          "y (N, C, P, Q) = avg_pool2d(x (N, C, H, W), ...): the mean of each window, padding "
-          "counted as zeros in the full-window divisor; floored output size (torch's "
-          "count_include_pad=True, ceil_mode=False).");
+          arg("padding") = 0, arg("ceil_mode") = false, arg("count_include_pad") = true,
+          arg("divisor_override") = py::none(),
+          "y (N, C, P, Q) = avg_pool2d(x (N, C, H, W), ...): the sum of each window over its "
+          "divisor, as torch: divisor_override, else the window's cells inside the padded input "
+          "(count_include_pad) or inside the input.");
     m.def("avg_pool2d_backward", &avg_pool2d_backward, arg("dy"), arg("x_shape"),
           arg("kernel_size"), arg("stride") = py::none(), arg("padding") = 0,
-          "dx (x_shape): each cell gets dy / (window size) from every window covering it.");
+          arg("ceil_mode") = false, arg("count_include_pad") = true,
+          arg("divisor_override") = py::none(),
+          "dx (x_shape): each cell gets dy / divisor from every window covering it.");
     m.def("dropout", &dropout, arg("x"), arg("p") = 0.5, arg("seed") = 0,
           "(y, mask) = dropout(x, p, seed): mask (bool, x's shape) keeps each element with "
           "probability 1 - p, drawn from (seed, flat index) by a counter-based hash; "
@@ -611,14 +681,18 @@ PYBIND11_MODULE(_core, m) {
     m.def(
         "output_size",
         [](const py::handle& in, const py::handle& kernel, const py::handle& stride,
-           const py::handle& padding) {
+           const py::handle& padding, const py::handle& dilation, const py::handle& ceil_mode) {
             const char* op = "output_size";
-            return cnnbp::output_size(parse_int(op, "in_size", in), parse_int(op, "kernel", kernel),
-                                      parse_int(op, "stride", stride),
-                                      parse_int(op, "padding", padding));
+            return cnnbp::output_size(
+                parse_int(op, "in_size", in), parse_int(op, "kernel", kernel),
+                parse_int(op, "stride", stride), parse_int(op, "padding", padding),
+                parse_int(op, "dilation", dilation), parse_bool(op, "ceil_mode", ceil_mode));
         },
-        arg("in_size"), arg("kernel"), arg("stride") = 1, arg("padding") = 0,
-        "Output length of a sliding window: floor((in + 2*padding - kernel) / stride) + 1.");
+        arg("in_size"), arg("kernel"), arg("stride") = 1, arg("padding") = 0, arg("dilation") = 1,
+        arg("ceil_mode") = false,
+        "Output length of a sliding window, torch's rule: floor (or ceil, with ceil_mode) of "
+        "(in + 2*padding - dilation*(kernel-1) - 1) / stride, plus 1; in ceil_mode a last "
+        "window starting in the right padding is dropped.");
 
     m.def("conv2d", &conv2d, arg("x"), arg("w"), arg("b") = py::none(), arg("stride") = 1,
           arg("padding") = 0,
@@ -629,8 +703,9 @@ PYBIND11_MODULE(_core, m) {
           "(dx, dw, db) = gradients of conv2d given dy (N, K, P, Q); db = dy summed over N, P, Q.");
 
     m.def("max_pool2d", &max_pool2d, arg("x"), arg("kernel_size"), arg("stride") = py::none(),
-          arg("padding") = 0,
-          "(y, idx) = max_pool2d(x (N, C, H, W), ...): -inf padding, floored output size; idx "
+          arg("padding") = 0, arg("dilation") = 1, arg("ceil_mode") = false,
+          "(y, idx) = max_pool2d(x (N, C, H, W), ...): -inf padding, window taps dilation "
+          "apart, output size floored (or ceil_mode, as torch); idx "
           "int64 holds the flat position h*W+w of each maximum within its input plane.");
     m.def("max_pool2d_backward", &max_pool2d_backward, arg("dy"), arg("idx"), arg("x_shape"),
           "dx (x_shape) = dy scattered to the positions in idx, zero elsewhere.");

@@ -28,34 +28,54 @@ inline bool takes(T value, T best) {
     return value > best || std::isnan(value);
 }
 
-// Any window size, stride and padding; windows clipped to the plane, padding is -inf.
+// The window of output (op, oq): its taps (h0 + i * dilation_h, w0 + j * dilation_w) inside
+// the plane, padding is -inf and never wins. As torch: the window ends at start + (kernel -
+// 1) * dilation + 1 clipped to the plane, the start steps by dilation until it is inside.
+template <typename T>
+inline void max_pool_window(T* out, int64_t* idx, const T* in, const Pool2dDims& d, int64_t op,
+                            int64_t oq) {
+    const auto& p = d.params;
+    const int64_t h_start = op * p.stride_h - p.pad_h, w_start = oq * p.stride_w - p.pad_w;
+    const int64_t h1 = std::min(h_start + (p.kernel_h - 1) * p.dilation_h + 1, d.H);
+    const int64_t w1 = std::min(w_start + (p.kernel_w - 1) * p.dilation_w + 1, d.W);
+    // the first tap at or after 0 (pool2d_dims checked that it lies inside the plane)
+    const int64_t h0 = h_start >= 0
+                           ? h_start
+                           : h_start + (-h_start + p.dilation_h - 1) / p.dilation_h * p.dilation_h;
+    const int64_t w0 = w_start >= 0
+                           ? w_start
+                           : w_start + (-w_start + p.dilation_w - 1) / p.dilation_w * p.dilation_w;
+    // An all -inf window reports its first in-bounds cell.
+    int64_t best_index = h0 * d.W + w0;
+    T best = -std::numeric_limits<T>::infinity();
+    for (int64_t h = h0; h < h1; h += p.dilation_h)
+        for (int64_t w = w0; w < w1; w += p.dilation_w) {
+            const T value = in[h * d.W + w];
+            if (takes(value, best)) {
+                best = value;
+                best_index = h * d.W + w;
+            }
+        }
+    out[op * d.Q + oq] = best;
+    idx[op * d.Q + oq] = best_index;
+}
+
+// Any window size, stride, padding, dilation and rounding of the output size.
 template <typename T>
 void max_pool_plane(T* out, int64_t* idx, const T* in, const Pool2dDims& d) {
-    const auto& p = d.params;
-    for (int64_t op = 0; op < d.P; ++op) {
-        // window rows [h0, h1) clipped to the plane: padding is -inf and never wins
-        const int64_t h_start = op * p.stride_h - p.pad_h;
-        const int64_t h0 = std::max<int64_t>(h_start, 0);
-        const int64_t h1 = std::min(h_start + p.kernel_h, d.H);
-        for (int64_t oq = 0; oq < d.Q; ++oq) {
-            const int64_t w_start = oq * p.stride_w - p.pad_w;
-            const int64_t w0 = std::max<int64_t>(w_start, 0);
-            const int64_t w1 = std::min(w_start + p.kernel_w, d.W);
-            // An all -inf window reports its first in-bounds cell.
-            int64_t best_index = h0 * d.W + w0;
-            T best = -std::numeric_limits<T>::infinity();
-            for (int64_t h = h0; h < h1; ++h)
-                for (int64_t w = w0; w < w1; ++w) {
-                    const T value = in[h * d.W + w];
-                    if (takes(value, best)) {
-                        best = value;
-                        best_index = h * d.W + w;
-                    }
-                }
-            out[op * d.Q + oq] = best;
-            idx[op * d.Q + oq] = best_index;
-        }
-    }
+    for (int64_t op = 0; op < d.P; ++op)
+        for (int64_t oq = 0; oq < d.Q; ++oq) max_pool_window(out, idx, in, d, op, oq);
+}
+
+// The windows of output rows [0, P) and columns [0, Q) outside the first P0 rows and Q0
+// columns: the last, partial windows of a ceil_mode pool whose other windows a 2x2 kernel
+// computed.
+template <typename T>
+void max_pool_edges(T* out, int64_t* idx, const T* in, const Pool2dDims& d, int64_t P0,
+                    int64_t Q0) {
+    for (int64_t op = 0; op < d.P; ++op)
+        for (int64_t oq = op < P0 ? Q0 : 0; oq < d.Q; ++oq)
+            max_pool_window(out, idx, in, d, op, oq);
 }
 
 }  // namespace
@@ -94,14 +114,16 @@ void pool2x2_run(T* __restrict out, int32_t* __restrict offset, const T* __restr
 }
 
 template <typename T>
-void max_pool2x2_plane(T* out, int64_t* idx, const T* in, int64_t W, int64_t P, int64_t Q) {
+void max_pool2x2_plane(T* out, int64_t* idx, const T* in, int64_t W, int64_t P, int64_t Q,
+                       int64_t out_stride) {
     int32_t offset[kRun];
     for (int64_t p = 0; p < P; ++p)
         for (int64_t q0 = 0; q0 < Q; q0 += kRun) {
             const int64_t n = std::min(kRun, Q - q0);
             const T* row0 = in + 2 * p * W + 2 * q0;
-            pool2x2_run(out + p * Q + q0, offset, row0, row0 + W, n, static_cast<int32_t>(W));
-            int64_t* __restrict to = idx + p * Q + q0;
+            pool2x2_run(out + p * out_stride + q0, offset, row0, row0 + W, n,
+                        static_cast<int32_t>(W));
+            int64_t* __restrict to = idx + p * out_stride + q0;
             const int64_t first = 2 * p * W + 2 * q0;  // the run's first window's first cell
             for (int64_t q = 0; q < n; ++q) to[q] = first + 2 * q + offset[q];
         }
@@ -165,8 +187,9 @@ bool max_unpool2x2_plane(T* din, const T* dout, const int64_t* idx, int64_t H, i
     return true;
 }
 
-template void max_pool2x2_plane<float>(float*, int64_t*, const float*, int64_t, int64_t, int64_t);
-template void max_pool2x2_plane<double>(double*, int64_t*, const double*, int64_t, int64_t,
+template void max_pool2x2_plane<float>(float*, int64_t*, const float*, int64_t, int64_t, int64_t,
+                                       int64_t);
+template void max_pool2x2_plane<double>(double*, int64_t*, const double*, int64_t, int64_t, int64_t,
                                         int64_t);
 template bool max_unpool2x2_plane<float>(float*, const float*, const int64_t*, int64_t, int64_t,
                                          int64_t, int64_t);
@@ -193,9 +216,15 @@ template <typename T>
 void max_pool2d_forward(T* output, int64_t* indices, const T* input, const Pool2dDims& d) {
     const auto& p = d.params;
     const int64_t PQ = d.P * d.Q, HW = d.H * d.W;
-    // the 2x2 kernels keep window offsets in 32 bits: wider planes take the general kernel
+    // 2x2 / stride 2 windows without padding or dilation: the 2x2 kernels compute the whole
+    // windows (P0 x Q0 of them); a ceil_mode pool of an odd size adds a last row or column
+    // of partial windows, which the general kernel computes. The 2x2 kernels keep window
+    // offsets in 32 bits: wider planes take the general kernel.
     const bool is2x2 = p.kernel_h == 2 && p.kernel_w == 2 && p.stride_h == 2 && p.stride_w == 2 &&
-                       p.pad_h == 0 && p.pad_w == 0 && d.W < detail::kMaxSimdWidth;
+                       p.pad_h == 0 && p.pad_w == 0 && p.dilation_h == 1 && p.dilation_w == 1 &&
+                       d.W < detail::kMaxSimdWidth;
+    const int64_t P0 = d.H / 2, Q0 = d.W / 2;
+    const bool edges = d.P > P0 || d.Q > Q0;
     // float 2x2 pools run the AVX-512 plane kernel when the CPU has one
     [[maybe_unused]] detail::Pool2x2Forward simd = nullptr;
     if constexpr (std::is_same_v<T, float>)
@@ -206,15 +235,18 @@ void max_pool2d_forward(T* output, int64_t* indices, const T* input, const Pool2
             const T* in = input + nc * HW;  // (H, W) plane of input[n, c]
             T* out = output + nc * PQ;
             int64_t* idx = indices + nc * PQ;
+            if (!is2x2) {
+                max_pool_plane(out, idx, in, d);
+                continue;
+            }
+            bool done = false;
             if constexpr (std::is_same_v<T, float>)
                 if (simd) {
-                    simd(out, idx, in, d.W, d.P, d.Q);
-                    continue;
+                    simd(out, idx, in, d.W, P0, Q0, d.Q);
+                    done = true;
                 }
-            if (is2x2)
-                detail::max_pool2x2_plane(out, idx, in, d.W, d.P, d.Q);
-            else
-                max_pool_plane(out, idx, in, d);
+            if (!done) detail::max_pool2x2_plane(out, idx, in, d.W, P0, Q0, d.Q);
+            if (edges) max_pool_edges(out, idx, in, d, P0, Q0);
         }
     });
 }
@@ -287,10 +319,34 @@ inline void add_to_strided(T* __restrict dst, const T* __restrict g, int64_t n, 
         for (int64_t i = 0; i < n; ++i) dst[i * stride] += g[i];
 }
 
+// The divisor of each window of output row op, torch's rule: divisor_override when given;
+// else with count_include_pad the window's cells inside the padded input (a ceil_mode
+// window hanging past the right padding counts only up to it), without it the window's
+// cells inside the input.
 template <typename T>
-void avg_pool_plane(T* out, const T* in, const Pool2dDims& d) {
+void row_divisors(T* divisor, int64_t op, const Pool2dDims& d) {
     const auto& p = d.params;
-    const T divisor = T(p.kernel_h * p.kernel_w);  // count_include_pad: the whole window
+    if (p.divisor_override) {
+        std::fill(divisor, divisor + d.Q, T(*p.divisor_override));
+        return;
+    }
+    const int64_t h_start = op * p.stride_h - p.pad_h;
+    const int64_t rows = p.count_include_pad
+                             ? std::min(h_start + p.kernel_h, d.H + p.pad_h) - h_start
+                             : std::min(h_start + p.kernel_h, d.H) - std::max<int64_t>(h_start, 0);
+    for (int64_t q = 0; q < d.Q; ++q) {
+        const int64_t w_start = q * p.stride_w - p.pad_w;
+        const int64_t columns =
+            p.count_include_pad
+                ? std::min(w_start + p.kernel_w, d.W + p.pad_w) - w_start
+                : std::min(w_start + p.kernel_w, d.W) - std::max<int64_t>(w_start, 0);
+        divisor[q] = T(rows * columns);
+    }
+}
+
+template <typename T>
+void avg_pool_plane(T* out, const T* in, T* divisor, const Pool2dDims& d) {
+    const auto& p = d.params;
     for (int64_t op = 0; op < d.P; ++op) {
         T* row_out = out + op * d.Q;
         std::fill(row_out, row_out + d.Q, T(0));
@@ -308,22 +364,23 @@ void avg_pool_plane(T* out, const T* in, const Pool2dDims& d) {
                 if (lo < hi)
                     add_from_strided(row_out + lo, in + (h * d.W + w_first), hi - lo, p.stride_w);
             }
-        for (int64_t q = 0; q < d.Q; ++q) row_out[q] /= divisor;
+        row_divisors(divisor, op, d);
+        for (int64_t q = 0; q < d.Q; ++q) row_out[q] /= divisor[q];
     }
 }
 
-// Inverts `row_out[q] = sum(window) / divisor`: every cell of the window receives
-// g = doutput / divisor. Torch scatters g window by window in row-major order of (p, q); here
-// window rows are visited by p, and the columns s from last to first, so that within an
-// output row every cell still receives its windows' g in increasing q: the same additions
-// in the same order, so the same bits.
+// Inverts `row_out[q] = sum(window) / divisor[q]`: every cell of the window inside the plane
+// receives g = doutput / divisor[q]. Torch scatters g window by window in row-major order of
+// (p, q); here window rows are visited by p, and the columns s from last to first, so that
+// within an output row every cell still receives its windows' g in increasing q: the same
+// additions in the same order, so the same bits.
 template <typename T>
 void avg_unpool_plane(T* din, const T* dout, T* g, const Pool2dDims& d) {
     const auto& p = d.params;
-    const T divisor = T(p.kernel_h * p.kernel_w);
     std::fill(din, din + d.H * d.W, T(0));
     for (int64_t op = 0; op < d.P; ++op) {
-        for (int64_t q = 0; q < d.Q; ++q) g[q] = dout[op * d.Q + q] / divisor;
+        row_divisors(g, op, d);
+        for (int64_t q = 0; q < d.Q; ++q) g[q] = dout[op * d.Q + q] / g[q];
         const int64_t h_start = op * p.stride_h - p.pad_h;
         const int64_t h0 = std::max<int64_t>(h_start, 0);
         const int64_t h1 = std::min(h_start + p.kernel_h, d.H);
@@ -344,8 +401,9 @@ void avg_pool2d_forward(T* output, const T* input, const Pool2dDims& d) {
     const int64_t PQ = d.P * d.Q, HW = d.H * d.W;
     const int64_t work = d.N * d.C * PQ * d.params.kernel_h * d.params.kernel_w;
     detail::parallel_for(d.N * d.C, work, [&](int64_t begin, int64_t end) {
+        std::vector<T> divisor(d.Q);  // one output row's divisors
         for (int64_t nc = begin; nc < end; ++nc)
-            avg_pool_plane(output + nc * PQ, input + nc * HW, d);
+            avg_pool_plane(output + nc * PQ, input + nc * HW, divisor.data(), d);
     });
 }
 
@@ -354,7 +412,7 @@ void avg_pool2d_backward(T* dinput, const T* doutput, const Pool2dDims& d) {
     const int64_t PQ = d.P * d.Q, HW = d.H * d.W;
     const int64_t work = d.N * d.C * (PQ * d.params.kernel_h * d.params.kernel_w + HW);
     detail::parallel_for(d.N * d.C, work, [&](int64_t begin, int64_t end) {
-        std::vector<T> g(d.Q);  // one output row divided by the window size
+        std::vector<T> g(d.Q);  // one output row divided by its divisors
         for (int64_t nc = begin; nc < end; ++nc)
             avg_unpool_plane(dinput + nc * HW, doutput + nc * PQ, g.data(), d);
     });

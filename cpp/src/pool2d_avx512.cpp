@@ -49,7 +49,7 @@ inline __mmask16 takes(__m512 value, __m512 best) {
 }  // namespace
 
 void max_pool2x2_plane_avx512(float* output, int64_t* indices, const float* input, int64_t W,
-                              int64_t P, int64_t Q) {
+                              int64_t P, int64_t Q, int64_t out_stride) {
     // Even and odd columns of 32 consecutive inputs: the left and right cells of 16 windows.
     const __m512i even =
         _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -63,8 +63,8 @@ void max_pool2x2_plane_avx512(float* output, int64_t* indices, const float* inpu
     for (int64_t p = 0; p < P; ++p) {
         const float* row0 = input + 2 * p * W;
         const float* row1 = row0 + W;
-        float* out = output + p * Q;
-        int64_t* idx = indices + p * Q;
+        float* out = output + p * out_stride;
+        int64_t* idx = indices + p * out_stride;
         for (int64_t q = 0; q < Q; q += 16) {
             const StepMasks m = step_masks(Q - q);
             const __m512 a0 = _mm512_maskz_loadu_ps(m.in_lo, row0 + 2 * q);

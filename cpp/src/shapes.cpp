@@ -151,15 +151,25 @@ int64_t checked_numel(const char* op, const char* name, const Shape& shape, int6
     return count;
 }
 
-int64_t output_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding) {
+int64_t output_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation,
+                    bool ceil_mode) {
     check_window("output_size", "in_size", in, 0);
     check_window("output_size", "kernel", kernel, 1);
     check_window("output_size", "stride", stride, 1);
     check_window("output_size", "padding", padding, 0);
-    const int64_t span =
-        padded_extent("output_size", in, padding) - kernel;  // >= 1 - 2^63: no overflow
+    check_window("output_size", "dilation", dilation, 1);
+    // the window's extent dilation * (kernel - 1) + 1; one beyond any padded size (at most
+    // kMaxElements) saturates, which keeps every sum below exact and overflow-free
+    const int64_t taps = checked_product({dilation, kernel - 1}, kMaxElements);
+    const int64_t extent = taps < 0 ? std::numeric_limits<int64_t>::max() : taps + 1;
+    const int64_t padded = padded_extent("output_size", in, padding);
+    // >= 1 - 2^63, and adding stride - 1 <= 2^63 - 2 keeps it below padded: no overflow
+    const int64_t span = padded - extent + (ceil_mode ? stride - 1 : 0);
     // floor division, also for a negative span (window larger than the padded input)
     const int64_t steps = span >= 0 ? span / stride : -(-(span + 1) / stride) - 1;
+    // ceil mode: the last window must start inside the input or the left padding (steps
+    // * stride <= span here, so the product does not overflow)
+    if (ceil_mode && steps > 0 && steps * stride >= in + padding) return steps;
     return steps + 1;
 }
 
@@ -242,10 +252,49 @@ void pool2d_check_params(const char* op, const Pool2dParams& p) {
     check_window(op, "kernel_size", std::min(p.kernel_h, p.kernel_w), 1);
     check_window(op, "stride", std::min(p.stride_h, p.stride_w), 1);
     check_window(op, "padding", std::min(p.pad_h, p.pad_w), 0);
+    check_window(op, "dilation", std::min(p.dilation_h, p.dilation_w), 1);
     if (p.pad_h > p.kernel_h / 2 || p.pad_w > p.kernel_w / 2)  // 2 * pad could overflow
         fail(op, "padding: expected at most half the kernel size (" + std::to_string(p.kernel_h) +
                      ", " + std::to_string(p.kernel_w) + "), got (" + std::to_string(p.pad_h) +
                      ", " + std::to_string(p.pad_w) + ")");
+    // (a dilated kernel's extent; an undilated kernel larger than the input fails below)
+    if ((p.dilation_h > 1 &&
+         checked_product({p.dilation_h, p.kernel_h - 1}, kMaxElements - 1) < 0) ||
+        (p.dilation_w > 1 && checked_product({p.dilation_w, p.kernel_w - 1}, kMaxElements - 1) < 0))
+        fail(op,
+             "dilation: expected a dilated kernel size (dilation * (kernel_size - 1) + 1) "
+             "of at most " +
+                 limit_str(kMaxElements) + ", got kernel_size (" + std::to_string(p.kernel_h) +
+                 ", " + std::to_string(p.kernel_w) + ") and dilation (" +
+                 std::to_string(p.dilation_h) + ", " + std::to_string(p.dilation_w) + ")");
+    if (p.divisor_override && *p.divisor_override == 0)
+        fail(op, "divisor_override: expected a nonzero int or None, got 0");
+}
+
+// Every window must have a tap inside the input: with dilation, one that starts in the left
+// padding can step over a short input altogether (taps -1 and 3 of a 3-row input), where
+// torch reports -inf at an index outside the plane. Windows starting at h >= 0 start inside
+// the input (output_size keeps every start below in + padding); one starting at h < 0 first
+// meets the input at h + ceil(-h / dilation) * dilation, which must be < in (its tap number
+// ceil(-h / dilation) <= padding <= kernel / 2 is always a tap of the window).
+static void check_windows_reach_input(const char* op, const char* input_name, const Shape& input,
+                                      const char* axis, int64_t in, int64_t out, int64_t kernel,
+                                      int64_t stride, int64_t pad, int64_t dilation) {
+    if (dilation <= in) return;  // the first tap at or after 0 lies below dilation <= in
+    for (int64_t o = 0; o < out && o < (pad + stride - 1) / stride; ++o) {
+        const int64_t start = o * stride - pad;  // < 0
+        const int64_t first = start + (-start + dilation - 1) / dilation * dilation;
+        if (first >= in)
+            fail(op, std::string(input_name) +
+                         ": expected every window to have a cell inside the " +
+                         "input, got the window of output " + axis + " " + std::to_string(o) +
+                         " with taps " + std::to_string(start) + ", " +
+                         std::to_string(start + dilation) + ", ... (kernel_size " +
+                         std::to_string(kernel) + ", dilation " + std::to_string(dilation) +
+                         ", padding " + std::to_string(pad) + ") missing its " +
+                         std::to_string(in) + " " + axis + "s, " + input_name +
+                         (std::string(input_name) == "input" ? " shape " : " ") + shape_str(input));
+    }
 }
 
 Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& p,
@@ -257,13 +306,27 @@ Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& p
     Pool2dDims d{input[0], input[1], input[2], input[3], 0, 0, p};
     const int64_t Hp = padded_extent(op, d.H, p.pad_h);
     const int64_t Wp = padded_extent(op, d.W, p.pad_w);
-    d.P = output_size(d.H, p.kernel_h, p.stride_h, p.pad_h);
-    d.Q = output_size(d.W, p.kernel_w, p.stride_w, p.pad_w);
-    if (d.P < 1 || d.Q < 1)
+    d.P = output_size(d.H, p.kernel_h, p.stride_h, p.pad_h, p.dilation_h, p.ceil_mode);
+    d.Q = output_size(d.W, p.kernel_w, p.stride_w, p.pad_w, p.dilation_w, p.ceil_mode);
+    if (d.P < 1 || d.Q < 1) {
+        // the dilated extent (at most kMaxElements by pool2d_check_params); ceil mode also
+        // fits a window that hangs up to stride - 1 cells past the padding
+        const bool dilated = p.dilation_h != 1 || p.dilation_w != 1;
+        const int64_t eh = p.dilation_h * (p.kernel_h - 1) + 1,
+                      ew = p.dilation_w * (p.kernel_w - 1) + 1;
         fail(op, std::string(input_name) + ": expected padded size (" + std::to_string(Hp) + ", " +
-                     std::to_string(Wp) + ") >= kernel size (" + std::to_string(p.kernel_h) + ", " +
-                     std::to_string(p.kernel_w) + "), got " + input_name +
+                     std::to_string(Wp) + ")" +
+                     (p.ceil_mode ? " + stride - 1 (" + std::to_string(Hp + p.stride_h - 1) + ", " +
+                                        std::to_string(Wp + p.stride_w - 1) + ")"
+                                  : std::string()) +
+                     " >= " + (dilated ? "dilated " : "") + "kernel size (" + std::to_string(eh) +
+                     ", " + std::to_string(ew) + "), got " + input_name +
                      (std::string(input_name) == "input" ? " shape " : " ") + shape_str(input));
+    }
+    check_windows_reach_input(op, input_name, input, "row", d.H, d.P, p.kernel_h, p.stride_h,
+                              p.pad_h, p.dilation_h);
+    check_windows_reach_input(op, input_name, input, "column", d.W, d.Q, p.kernel_w, p.stride_w,
+                              p.pad_w, p.dilation_w);
     if (checked_product({d.N, d.C, d.P, d.Q}, kMaxElements) < 0)
         fail(op, "output: expected at most " + limit_str(kMaxElements) + " elements, got shape " +
                      shape_str({d.N, d.C, d.P, d.Q}) + " from " + input_name + " " +

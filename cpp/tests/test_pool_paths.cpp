@@ -90,13 +90,13 @@ void check_forward_paths(unsigned seed) {
         check("max_pool2d_forward");
         for (int64_t n = 0; n < planes; ++n)
             detail::max_pool2x2_plane(y.data() + n * P * Q, idx.data() + n * P * Q,
-                                      x.data() + n * H * W, W, P, Q);
+                                      x.data() + n * H * W, W, P, Q, Q);
         check("portable plane kernel");
         if constexpr (std::is_same_v<T, float>)
             if (auto avx512 = detail::max_pool2x2_plane_avx512_if_supported()) {
                 for (int64_t n = 0; n < planes; ++n)
                     avx512(y.data() + n * P * Q, idx.data() + n * P * Q, x.data() + n * H * W, W, P,
-                           Q);
+                           Q, Q);
                 check("AVX-512 plane kernel");
             }
     }

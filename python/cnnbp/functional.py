@@ -7,10 +7,12 @@ with a message that starts with the op's name, e.g. ``[conv2d] weight: expected 
 
     y            = conv2d(x, w, b=None, stride=1, padding=0)     # x (N,C,H,W) w (K,C,R,S) b (K,)
     dx, dw, db   = conv2d_backward(dy, x, w, stride=1, padding=0)
-    y, idx       = max_pool2d(x, kernel_size, stride=None, padding=0)   # idx: flat h*W+w
+    y, idx       = max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1,
+                              ceil_mode=False)                   # idx: flat h*W+w
     dx           = max_pool2d_backward(dy, idx, x_shape)
-    y            = avg_pool2d(x, kernel_size, stride=None, padding=0)   # zeros padding, counted
-    dx           = avg_pool2d_backward(dy, x_shape, kernel_size, stride=None, padding=0)
+    y            = avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False,
+                              count_include_pad=True, divisor_override=None)
+    dx           = avg_pool2d_backward(dy, x_shape, kernel_size, ...the same options...)
     a = relu(z);    dz = relu_backward(da, z)
     a = sigmoid(z); dz = sigmoid_backward(da, a)
     a = tanh(z);    dz = tanh_backward(da, a)
@@ -23,10 +25,13 @@ with a message that starts with the op's name, e.g. ``[conv2d] weight: expected 
     loss = cross_entropy(logits, labels);          dz = cross_entropy_backward(logits, labels)
 
 Losses are means over the batch, like torch's default reduction='mean'.
-avg_pool2d is torch's with count_include_pad=True, ceil_mode=False (the defaults): the
-divisor is always kernel_h * kernel_w. dropout's mask is a function of (seed, flat index)
-only (cnnbp.reference.dropout_mask writes the hash out in NumPy): the same for any thread
-count and on every run; p must lie in [0, 1], p == 0 is the identity and p == 1 gives x * 0.
+The pools have torch's options and semantics: ceil_mode rounds the output size up (a last
+window may hang past the padding, never start in it); avg_pool2d divides by divisor_override
+when given, else by the window's cells inside the padded input (count_include_pad=True) or
+inside the input; output_size(in_size, kernel, stride, padding, dilation, ceil_mode) is the
+rule both use. dropout's mask is a function of (seed, flat index) only
+(cnnbp.reference.dropout_mask writes the hash out in NumPy): the same for any thread count
+and on every run; p must lie in [0, 1], p == 0 is the identity and p == 1 gives x * 0.
 ``conv2d_workspace_bytes(x_shape, w_shape, stride, padding, dtype)`` reports the scratch
 memory a convolution allocates: a few images' worth per thread, never the whole batch.
 stride, padding and kernel_size take an int or an (h, w) pair.

@@ -79,14 +79,24 @@ def _pair(v):
     return int(h), int(w)
 
 
-def output_size(in_size, kernel, stride=1, padding=0):
-    """The number of window positions along one axis: floor((H + 2p - k) / s) + 1.
+def output_size(in_size, kernel, stride=1, padding=0, dilation=1, ceil_mode=False):
+    """The number of window positions along one axis, torch's rule.
 
-    The padded axis holds H + 2p cells; a window of k cells starts at 0, s, 2s, ... and must
-    end inside it, so the last start is at most H + 2p - k. The floor drops a last partial
-    window, as torch does with ceil_mode=False.
+    The padded axis holds H + 2p cells; a window's taps lie d apart, so it spans
+    e = d * (k - 1) + 1 cells. Windows start at 0, s, 2s, ... and the last start is at most
+    H + 2p - e, which gives floor((H + 2p - e) / s) + 1 positions: the floor drops a last
+    partial window, as torch does with ceil_mode=False. With ceil_mode=True the division
+    rounds up, keeping a last window that hangs past the padding, except one that would
+    start in the right padding: torch drops it (if (out - 1) * s >= H + p: out -= 1).
     """
-    return (in_size + 2 * padding - kernel) // stride + 1
+    extent = dilation * (kernel - 1) + 1
+    span = in_size + 2 * padding - extent
+    if not ceil_mode:
+        return span // stride + 1
+    out = -(-span // stride) + 1  # ceil division
+    if (out - 1) * stride >= in_size + padding:
+        out -= 1
+    return out
 
 
 def _padded(x, ph, pw):
@@ -94,12 +104,17 @@ def _padded(x, ph, pw):
     return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
 
 
-def _windows(H, W, kh, kw, stride, padding):
+def _windows(H, W, kh, kw, stride, padding, dilation=1, ceil_mode=False):
     """Where a kh x kw window slides over an H x W plane: the strides (sh, sw), the
     paddings (ph, pw) and the number of positions (P, Q)."""
     sh, sw = _pair(stride)
     ph, pw = _pair(padding)
-    return (sh, sw), (ph, pw), (output_size(H, kh, sh, ph), output_size(W, kw, sw, pw))
+    dh, dw = _pair(dilation)
+    return (
+        (sh, sw),
+        (ph, pw),
+        (output_size(H, kh, sh, ph, dh, ceil_mode), output_size(W, kw, sw, pw, dw, ceil_mode)),
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,21 +187,23 @@ def conv2d_backward(dy, x, w, stride=1, padding=0):
 # ---------------------------------------------------------------------------------------
 
 
-def max_pool2d(x, kernel_size, stride=None, padding=0):
+def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
     """Returns (y, idx): the max of each window and its flat index h*W + w in the plane.
 
-    Padding counts as -inf, so a padded cell is never chosen; only in-bounds cells are
-    scanned. The scan goes in row-major order starting from the first in-bounds cell
-    with maxval = -inf, and takes a cell when `val > maxval or isnan(val)`: on a tie the
-    first index stays, a NaN is always taken (so NaN propagates and the last NaN of the
-    window wins), and a window of -inf values reports -inf at its first in-bounds cell.
+    A window's taps lie `dilation` apart: rows h0, h0 + dh, ..., h0 + (kh - 1) * dh. Padding
+    counts as -inf, so a padded cell is never chosen; only in-bounds taps are scanned (with
+    ceil_mode the last window may hang past the padding: those taps are skipped too). The
+    scan goes in row-major order starting from the first in-bounds tap with maxval = -inf,
+    and takes a cell when `val > maxval or isnan(val)`: on a tie the first index stays, a
+    NaN is always taken (so NaN propagates and the last NaN of the window wins), and a
+    window of -inf values reports -inf at its first in-bounds tap.
     """
     x = _f64(x)  # x (N, C, H, W)
     kh, kw = _pair(kernel_size)
+    dh, dw = _pair(dilation)
     N, C, H, W = x.shape
-    # the output size is floored, like torch with ceil_mode=False
     (sh, sw), (ph, pw), (P, Q) = _windows(
-        H, W, kh, kw, kernel_size if stride is None else stride, padding
+        H, W, kh, kw, kernel_size if stride is None else stride, padding, dilation, ceil_mode
     )
 
     y = np.empty((N, C, P, Q))  # y (N, C, P, Q)
@@ -196,14 +213,14 @@ def max_pool2d(x, kernel_size, stride=None, padding=0):
             plane = x[n, c]  # plane (H, W)
             for p in range(P):
                 for q in range(Q):
-                    # The window in input coordinates, clipped to the in-bounds cells.
+                    # The window's taps in input coordinates, the in-bounds ones only.
                     h0, w0 = p * sh - ph, q * sw - pw
-                    h_lo, h_hi = max(h0, 0), min(h0 + kh, H)
-                    w_lo, w_hi = max(w0, 0), min(w0 + kw, W)
-                    maxindex = h_lo * W + w_lo
+                    rows = [h0 + i * dh for i in range(kh) if 0 <= h0 + i * dh < H]
+                    cols = [w0 + j * dw for j in range(kw) if 0 <= w0 + j * dw < W]
+                    maxindex = rows[0] * W + cols[0]
                     maxval = -np.inf
-                    for h in range(h_lo, h_hi):
-                        for w in range(w_lo, w_hi):
+                    for h in rows:
+                        for w in cols:
                             val = plane[h, w]
                             if val > maxval or np.isnan(val):
                                 maxval = val
@@ -236,40 +253,78 @@ def max_pool2d_backward(dy, idx, x_shape):
 
 
 # ---------------------------------------------------------------------------------------
-# avg_pool2d: PyTorch's defaults, count_include_pad=True and ceil_mode=False
+# avg_pool2d: PyTorch CPU semantics, every option
 # ---------------------------------------------------------------------------------------
 
 
-def avg_pool2d(x, kernel_size, stride=None, padding=0):
-    """y[n, c, p, q] = mean of the kh x kw window of xpad at (p*sh, q*sw).
+def _avg_divisor(p, q, H, W, kh, kw, sh, sw, ph, pw, count_include_pad, divisor_override):
+    """What torch divides window (p, q)'s sum by.
 
-    Padding is zeros and counts in the divisor: every window divides by kh * kw, even where
-    it hangs over the border (torch's count_include_pad=True). The output size is floored.
+    divisor_override when given. Otherwise torch first clips the window to the padded input
+    (hend = min(hstart + kh, H + ph)), counts its cells as pool_size, then clips it to the
+    input; count_include_pad=True divides by pool_size (the whole window, except a ceil_mode
+    window hanging past the right padding), False by the cells inside the input.
+    """
+    if divisor_override is not None:
+        return divisor_override
+    h0, w0 = p * sh - ph, q * sw - pw
+    h1, w1 = min(h0 + kh, H + ph), min(w0 + kw, W + pw)
+    if count_include_pad:
+        return (h1 - h0) * (w1 - w0)
+    return (min(h1, H) - max(h0, 0)) * (min(w1, W) - max(w0, 0))
+
+
+def avg_pool2d(
+    x,
+    kernel_size,
+    stride=None,
+    padding=0,
+    ceil_mode=False,
+    count_include_pad=True,
+    divisor_override=None,
+):
+    """y[n, c, p, q] = sum of the kh x kw window of xpad at (p*sh, q*sw) / divisor.
+
+    Padding is zeros; the divisor is _avg_divisor's (torch's rule). With ceil_mode a last
+    window may hang past the padded input: the cells beyond it add nothing.
     """
     x = _f64(x)  # x (N, C, H, W)
     kh, kw = _pair(kernel_size)
     N, C, H, W = x.shape
     (sh, sw), (ph, pw), (P, Q) = _windows(
-        H, W, kh, kw, kernel_size if stride is None else stride, padding
+        H, W, kh, kw, kernel_size if stride is None else stride, padding, 1, ceil_mode
     )
 
     xpad = _padded(x, ph, pw)  # xpad (N, C, H+2ph, W+2pw)
     y = np.empty((N, C, P, Q))  # y (N, C, P, Q)
     for p in range(P):
         for q in range(Q):
-            window = xpad[:, :, p * sh : p * sh + kh, q * sw : q * sw + kw]  # (N, C, kh, kw)
-            y[:, :, p, q] = window.sum(axis=(2, 3)) / (kh * kw)
+            window = xpad[:, :, p * sh : p * sh + kh, q * sw : q * sw + kw]  # (N, C, <=kh, <=kw)
+            divisor = _avg_divisor(
+                p, q, H, W, kh, kw, sh, sw, ph, pw, count_include_pad, divisor_override
+            )
+            y[:, :, p, q] = window.sum(axis=(2, 3)) / divisor
     return _out(y)
 
 
-def avg_pool2d_backward(dy, x_shape, kernel_size, stride=None, padding=0):
+def avg_pool2d_backward(
+    dy,
+    x_shape,
+    kernel_size,
+    stride=None,
+    padding=0,
+    ceil_mode=False,
+    count_include_pad=True,
+    divisor_override=None,
+):
     """Gradient of avg_pool2d with respect to its input x.
 
     Inverts:
-        y[:, :, p, q] = window.sum(axis=(2, 3)) / (kh * kw)
-    so every cell of the window receives dy[n, c, p, q] / (kh * kw). Overlapping windows
-    (stride < kernel) share cells, so the contributions are added; the padding's share is
-    dropped, and cells that no window covers get 0.
+        y[:, :, p, q] = window.sum(axis=(2, 3)) / divisor
+    so every cell of the window receives dy[n, c, p, q] / divisor. Overlapping windows
+    (stride < kernel) share cells, so the contributions are added; the padding's share (and
+    what a ceil_mode window holds beyond the padding) is dropped, and cells that no window
+    covers get 0.
     """
     dy = _f64(dy)  # dy (N, C, P, Q)
     kh, kw = _pair(kernel_size)
@@ -278,10 +333,16 @@ def avg_pool2d_backward(dy, x_shape, kernel_size, stride=None, padding=0):
     N, C, H, W = (int(d) for d in x_shape)
     _, _, P, Q = dy.shape
 
-    dxpad = np.zeros((N, C, H + 2 * ph, W + 2 * pw))  # dxpad (N, C, H+2ph, W+2pw)
+    # the padded input, with room for ceil_mode windows that hang past it (sliced off)
+    Hp = max(H + 2 * ph, (P - 1) * sh + kh)
+    Wp = max(W + 2 * pw, (Q - 1) * sw + kw)
+    dxpad = np.zeros((N, C, Hp, Wp))  # dxpad (N, C, Hp, Wp)
     for p in range(P):
         for q in range(Q):
-            share = dy[:, :, p, q] / (kh * kw)  # share (N, C)
+            divisor = _avg_divisor(
+                p, q, H, W, kh, kw, sh, sw, ph, pw, count_include_pad, divisor_override
+            )
+            share = dy[:, :, p, q] / divisor  # share (N, C)
             dxpad[:, :, p * sh : p * sh + kh, q * sw : q * sw + kw] += share[:, :, None, None]
     return _out(dxpad[:, :, ph : ph + H, pw : pw + W])  # dx (N, C, H, W)
 

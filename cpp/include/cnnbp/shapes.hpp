@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -43,12 +44,17 @@ int64_t checked_product(std::initializer_list<int64_t> factors, int64_t limit);
 int64_t checked_numel(const char* op, const char* name, const Shape& shape,
                       int64_t limit = kMaxElements);
 
-// Output length of a sliding window along one axis:
-//   floor((in + 2 * padding - kernel) / stride) + 1
+// Output length of a sliding window along one axis, torch's rule: with the window's extent
+// e = dilation * (kernel - 1) + 1,
+//   floor((in + 2 * padding - e) / stride) + 1            (ceil_mode false)
+//   ceil((in + 2 * padding - e) / stride) + 1             (ceil_mode true)
+// and in ceil mode a last window that would start in the right padding is dropped
+// (torch: if (out - 1) * stride >= in + padding then out -= 1).
 // Shared by every kernel, layer and the NumPy oracle. Throws when in < 0, kernel < 1,
-// stride < 1, padding < 0 or in + 2 * padding > kMaxElements; the result may be < 1
-// (callers reject that with their own op-prefixed message).
-int64_t output_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding);
+// stride < 1, padding < 0, dilation < 1 or in + 2 * padding > kMaxElements; the result may
+// be < 1 (callers reject that with their own op-prefixed message).
+int64_t output_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding,
+                    int64_t dilation = 1, bool ceil_mode = false);
 
 // ---- conv2d ------------------------------------------------------------------------------
 struct Conv2dParams {
@@ -75,6 +81,10 @@ struct Pool2dParams {
     int64_t kernel_h, kernel_w;
     int64_t stride_h, stride_w;  // torch's default stride is the kernel size
     int64_t pad_h = 0, pad_w = 0;
+    int64_t dilation_h = 1, dilation_w = 1;   // max_pool2d only: window taps dilation apart
+    bool ceil_mode = false;                   // output size rounded up (see output_size)
+    bool count_include_pad = true;            // avg_pool2d only: padding counts in the divisor
+    std::optional<int64_t> divisor_override;  // avg_pool2d only: a nonzero divisor
 };
 
 struct Pool2dDims {
@@ -85,8 +95,10 @@ struct Pool2dDims {
 
 // `op` names the caller in messages ("max_pool2d"), `input_name` the input's shape in them
 // ("x_shape" where a backward is given the shape rather than the array). Matches torch:
-// padding at most half the kernel, output size floored.
-// kernel_size >= 1, stride >= 1, 0 <= padding <= kernel_size / 2 (torch's rule)
+// padding at most half the kernel, output size by output_size (floored or ceil_mode).
+// kernel_size >= 1, stride >= 1, dilation >= 1, 0 <= padding <= kernel_size / 2 (torch's
+// rule, with the kernel size itself, not the dilated extent), divisor_override != 0, and
+// the dilated extent dilation * (kernel_size - 1) + 1 at most kMaxElements.
 void pool2d_check_params(const char* op, const Pool2dParams& params);
 
 Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& params,
