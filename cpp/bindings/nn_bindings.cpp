@@ -652,8 +652,8 @@ void bind_nn(py::module_& m) {
             for (const Field& f : t->fields)
                 fields.append(py::dict(
                     py::arg("name") = f.name, py::arg("default") = to_python(f.default_value),
-                    py::arg("required") = f.default_value.is_null() && f.default_from.empty() &&
-                                          f.kind != FieldKind::Seed,
+                    py::arg("required") =
+                        f.default_value.is_null() && f.default_from.empty() && !takes_null(f.kind),
                     py::arg("saved") = f.saved));
             out.append(py::dict(py::arg("name") = t->name, py::arg("doc") = t->doc,
                                 py::arg("op") = t->op, py::arg("fields") = fields,

@@ -245,7 +245,25 @@ template <typename T>
 Pool2d<T>::Pool2d(const Config& arguments) : Layer<T>(arguments) {
     const auto kernel = arguments.pair("kernel_size"), stride = arguments.pair("stride"),
                padding = arguments.pair("padding");
-    params = {kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1]};
+    params = Pool2dParams{};
+    params.kernel_h = kernel[0];
+    params.kernel_w = kernel[1];
+    params.stride_h = stride[0];
+    params.stride_w = stride[1];
+    params.pad_h = padding[0];
+    params.pad_w = padding[1];
+    // the options each pool declares (MaxPool2d: dilation; AvgPool2d: count_include_pad,
+    // divisor_override); the others keep the struct's defaults
+    if (arguments.has("dilation")) {
+        const auto dilation = arguments.pair("dilation");
+        params.dilation_h = dilation[0];
+        params.dilation_w = dilation[1];
+    }
+    params.ceil_mode = arguments.boolean("ceil_mode");
+    if (arguments.has("count_include_pad"))
+        params.count_include_pad = arguments.boolean("count_include_pad");
+    if (arguments.has("divisor_override"))
+        params.divisor_override = arguments.optional_integer("divisor_override");
     pool2d_check_params(arguments.type().c_str(), params);
 }
 
@@ -267,10 +285,23 @@ Tensor<T>& Pool2d<T>::start_backward(const Tensor<T>& grad_output, const char* t
     return this->grad_input_;
 }
 
-// kernel_size, stride (default: the kernel size), padding (at most half the kernel)
-const std::vector<Field> pool2d_fields{{"kernel_size", FieldKind::Pair, nullptr, 1},
-                                       {"stride", FieldKind::Pair, nullptr, 1, "kernel_size"},
-                                       {"padding", FieldKind::Pair, 0, 0}};
+// torch.nn.MaxPool2d's arguments: kernel_size, stride (default: the kernel size), padding
+// (at most half the kernel), dilation, ceil_mode. A model file written before dilation and
+// ceil_mode existed reads them as their defaults.
+const std::vector<Field> max_pool2d_fields{{"kernel_size", FieldKind::Pair, nullptr, 1},
+                                           {"stride", FieldKind::Pair, nullptr, 1, "kernel_size"},
+                                           {"padding", FieldKind::Pair, 0, 0},
+                                           {"dilation", FieldKind::Pair, 1, 1},
+                                           {"ceil_mode", FieldKind::Bool, false}};
+
+// torch.nn.AvgPool2d's: kernel_size, stride, padding, ceil_mode, count_include_pad,
+// divisor_override (None or a nonzero int)
+const std::vector<Field> avg_pool2d_fields{{"kernel_size", FieldKind::Pair, nullptr, 1},
+                                           {"stride", FieldKind::Pair, nullptr, 1, "kernel_size"},
+                                           {"padding", FieldKind::Pair, 0, 0},
+                                           {"ceil_mode", FieldKind::Bool, false},
+                                           {"count_include_pad", FieldKind::Bool, true},
+                                           {"divisor_override", FieldKind::OptionalInt}};
 
 // the positional arguments of a pool layer from C++'s (stride 0: the kernel size)
 json::Array pool2d_arguments(std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
@@ -314,7 +345,7 @@ CNNBP_REGISTER_LAYER(MaxPool2d, {"MaxPool2d",
                                  "max_pool2d",
                                  "y, argmax = max over each kernel_size window; backward routes "
                                  "dL/dy to the argmax",
-                                 pool2d_fields,
+                                 max_pool2d_fields,
                                  {"indices"}});
 
 template <typename T>
@@ -341,9 +372,10 @@ const Tensor<T>& AvgPool2d<T>::backward(const Tensor<T>& grad_output) {
 }
 
 CNNBP_REGISTER_LAYER(AvgPool2d, {"AvgPool2d", "avg_pool2d",
-                                 "y = the mean over each kernel_size window, padding counted as "
-                                 "zeros (count_include_pad); backward spreads dL/dy evenly",
-                                 pool2d_fields});
+                                 "y = the mean over each kernel_size window (the divisor: "
+                                 "divisor_override, else the window's cells, padding included "
+                                 "with count_include_pad); backward spreads dL/dy evenly",
+                                 avg_pool2d_fields});
 
 template <typename T>
 Dropout<T>::Dropout(double p) : Dropout(arguments_of("Dropout", {p})) {}

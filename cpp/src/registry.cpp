@@ -88,6 +88,14 @@ json::Value checked(const std::string& op, const Field& f, const json::Value& v)
             check_minimum(op, f, i);
             return i;
         }
+        case FieldKind::OptionalInt: {
+            if (v.is_null()) return nullptr;
+            const int64_t i = integer_of(op, f, v, "an int or None");
+            if (i == 0)
+                throw std::invalid_argument("[" + op + "] " + f.name +
+                                            ": expected a nonzero int or None, got 0");
+            return i;
+        }
     }
     return v;
 }
@@ -116,6 +124,14 @@ std::optional<uint64_t> Config::seed(const std::string& name) const {
     if (v.is_null()) return std::nullopt;
     return uint64_t(*v.get<int64_t>());
 }
+
+std::optional<int64_t> Config::optional_integer(const std::string& name) const {
+    const json::Value& v = at(name);
+    if (v.is_null()) return std::nullopt;
+    return *v.get<int64_t>();
+}
+
+bool Config::has(const std::string& name) const { return json::find(values_, name) != nullptr; }
 
 void Config::set(const std::string& name, json::Value value) {
     for (auto& [key, v] : values_)
@@ -151,7 +167,7 @@ Config LayerType::parse(const json::Array& positional, const json::Object& named
                 values.emplace_back(f.name, *json::find(values, f.default_from));
                 continue;
             }
-            if (f.default_value.is_null() && f.kind != FieldKind::Seed)
+            if (f.default_value.is_null() && !takes_null(f.kind))
                 throw argument_type_error("[" + name + "] missing the argument '" + f.name + "'");
             v = &f.default_value;
         }

@@ -342,7 +342,7 @@ TEST_CASE("nn: layers are made by name from the registry, and report their argum
     auto pool = make_layer<float>("MaxPool2d", {3}, {});
     CHECK(json::dump(pool->config()) ==
           "{\"type\": \"MaxPool2d\", \"kernel_size\": [3, 3], \"stride\": [3, 3], \"padding\": "
-          "[0, 0]}");
+          "[0, 0], \"dilation\": [1, 1], \"ceil_mode\": false}");
     CHECK_THROWS(make_layer<float>("Conv2d", {1, 1, 2.5}, {}),
                  "[Conv2d] kernel_size: expected an int or a pair of ints, got 2.5");
     CHECK_THROWS(make_layer<float>("Conv2d", {0, 1, 3}, {}),

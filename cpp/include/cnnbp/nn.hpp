@@ -201,6 +201,8 @@ class Pool2d : public Layer<T> {
     Pool2dDims dims_{};
 };
 
+// torch.nn.MaxPool2d, every option; the positional constructors take torch's defaults
+// (dilation 1, floored output size): make_layer("MaxPool2d", ...) or a Config sets the others
 template <typename T>
 class MaxPool2d : public Pool2d<T> {
  public:
@@ -217,7 +219,9 @@ class MaxPool2d : public Pool2d<T> {
     std::vector<int64_t> indices;  // argmax of the last forward, flat h*W+w per plane
 };
 
-// torch.nn.AvgPool2d (count_include_pad, floored output size)
+// torch.nn.AvgPool2d, every option; the positional constructors take torch's defaults
+// (count_include_pad, floored output size, no divisor_override): make_layer("AvgPool2d", ...)
+// or a Config sets the others
 template <typename T>
 class AvgPool2d : public Pool2d<T> {
  public:

@@ -25,7 +25,14 @@ enum class FieldKind {
     Bool,         // true or false
     Probability,  // a number in [0, 1]
     Seed,         // an integer in [0, 2^63), or null: drawn from manual_seed's generator
+    OptionalInt,  // a nonzero integer, or null (AvgPool2d's divisor_override)
 };
+
+// Whether null is a value of the kind (Seed, OptionalInt): a null default is then a default,
+// not a required argument.
+inline bool takes_null(FieldKind kind) {
+    return kind == FieldKind::Seed || kind == FieldKind::OptionalInt;
+}
 
 // One argument of a layer's constructor (Python's and C++'s), in order.
 struct Field {
@@ -50,6 +57,8 @@ class Config {
     bool boolean(const std::string& name) const;
     double number(const std::string& name) const;
     std::optional<uint64_t> seed(const std::string& name) const;
+    std::optional<int64_t> optional_integer(const std::string& name) const;
+    bool has(const std::string& name) const;
     void set(const std::string& name, json::Value value);
 
  private:
