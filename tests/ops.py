@@ -325,29 +325,65 @@ AVG_POOL_CASES = POOL_CASES + [
     (1, 2, 8, 9, 3, 1, 1),  # unit stride: the contiguous inner loops
     (2, 2, 9, 9, (5, 4), (1, 2), (2, 1)),
 ]
+# (N, C, H, W, kernel, stride, padding, options): torch's options beyond the window
+MAX_POOL_OPTION_CASES = [
+    (2, 2, 9, 9, 3, 2, 1, dict(dilation=2)),  # taps 2 apart, the first window from the padding
+    (1, 2, 7, 8, (3, 2), (2, 1), (1, 1), dict(dilation=(2, 3))),
+    (2, 2, 7, 7, 2, 2, 0, dict(ceil_mode=True)),  # the 2x2 kernels, a last partial row/column
+    (2, 2, 6, 6, 2, 2, 0, dict(ceil_mode=True)),  # even: ceil_mode changes nothing
+    (1, 2, 5, 5, 2, 2, 1, dict(ceil_mode=True)),  # a 4th window would start in the padding
+    (2, 1, 5, 6, 3, 2, 1, dict(dilation=2, ceil_mode=True)),
+    (1, 1, 3, 10, 2, 3, 0, dict(ceil_mode=True)),  # odd shapes: windows hang past the input
+    (1, 1, 4, 5, 2, 1, 1, dict(dilation=4)),  # dilation as large as the input
+]
+AVG_POOL_OPTION_CASES = [
+    (2, 2, 6, 6, 3, 2, 1, dict(ceil_mode=True)),  # a last window hangs past the padding
+    (2, 1, 5, 5, 2, 2, 1, dict(ceil_mode=True)),  # a 4th window would start in the padding
+    (1, 2, 6, 7, 3, 2, 1, dict(count_include_pad=False)),
+    (1, 2, 6, 7, 3, 2, 1, dict(ceil_mode=True, count_include_pad=False)),
+    (1, 2, 7, 5, (3, 2), (2, 1), (1, 0), dict(divisor_override=5)),
+    (1, 1, 5, 8, 3, 3, 1, dict(ceil_mode=True, count_include_pad=False, divisor_override=-3)),
+    (2, 2, 7, 9, (2, 4), (3, 2), (1, 2), dict(ceil_mode=True)),  # odd shapes, (h, w) pairs
+]
 POOL_BIG = [(2, 16, 24, 24, 3, 2, 1)]  # enough work for the threaded path
 MAX_POOL_THREADS = [
     (N, C, H, W, *pool)
     for N, C, H, W in [(64, 8, 26, 26), (8, 64, 33, 31)]
     for pool in [(2, None, 0), (3, 2, 1), (2, 1, 0)]
 ]
-AVG_POOL_THREADS = [(8, 16, 24, 24, 3, 2, 1), (8, 16, 24, 24, 2, None, 0)]
+MAX_POOL_THREADS += [
+    (64, 8, 25, 27, 2, None, 0, dict(ceil_mode=True)),
+    (8, 64, 33, 31, 3, 2, 1, dict(dilation=2, ceil_mode=True)),
+]
+AVG_POOL_THREADS = [
+    (8, 16, 24, 24, 3, 2, 1),
+    (8, 16, 24, 24, 2, None, 0),
+    (8, 16, 25, 23, 3, 2, 1, dict(ceil_mode=True, count_include_pad=False)),
+    (8, 16, 24, 24, 3, 2, 1, dict(divisor_override=7)),
+]
+
+
+def pool_case(case):
+    """(N, C, H, W), kernel, stride, padding and the options of a pooling case."""
+    N, C, H, W, kernel, stride, padding, *options = case
+    return (N, C, H, W), kernel, stride, padding, (options[0] if options else {})
 
 
 def make_max_pool2d(case, dtype, rng, values):
-    N, C, H, W, kernel, stride, padding = case
-    shape = (N, C, H, W)
+    shape, kernel, stride, padding, options = pool_case(case)
     x = distinct(rng, shape, dtype) if values == "smooth" else fill(rng, shape, dtype, values)
-    y, idx = F.max_pool2d(x, kernel, stride, padding)
+    y, idx = F.max_pool2d(x, kernel, stride, padding, **options)
     dy = fill(rng, y.shape, dtype, "normal" if values == "smooth" else values)
-    return Sample(x=x, kernel=kernel, stride=stride, padding=padding, idx=idx, dy=dy)
+    return Sample(
+        x=x, kernel=kernel, stride=stride, padding=padding, options=options, idx=idx, dy=dy
+    )
 
 
 def make_avg_pool2d(case, dtype, rng, values):
-    N, C, H, W, kernel, stride, padding = case
-    x = fill(rng, (N, C, H, W), dtype, values)
-    dy = fill(rng, pooled_shape(x.shape, kernel, stride, padding), dtype, values)
-    return Sample(x=x, kernel=kernel, stride=stride, padding=padding, dy=dy)
+    shape, kernel, stride, padding, options = pool_case(case)
+    x = fill(rng, shape, dtype, values)
+    dy = fill(rng, F.avg_pool2d(x, kernel, stride, padding, **options).shape, dtype, values)
+    return Sample(x=x, kernel=kernel, stride=stride, padding=padding, options=options, dy=dy)
 
 
 def pool_error(message, x=(1, 1, 4, 4), kernel=2, stride=None, padding=0):
@@ -455,35 +491,100 @@ def pool_errors(op):
     ]
 
 
+# torch's options: ceil_mode for both pools, dilation for max_pool2d
+# fmt: off
+MAX_POOL2D_OPTION_ERRORS = [
+    Bad("max_pool2d", (np.ones((1, 1, 4, 4)), 3, 1), dict(dilation=2), ValueError,
+        "[max_pool2d] input: expected padded size (4, 4) >= dilated kernel size (5, 5), "
+        "got input shape (1, 1, 4, 4)"),
+    Bad("max_pool2d", (np.ones((1, 1, 3, 3)), 5, 2), dict(ceil_mode=True), ValueError,
+        "[max_pool2d] input: expected padded size (3, 3) + stride - 1 (4, 4) >= kernel size "
+        "(5, 5), got input shape (1, 1, 3, 3)"),
+    Bad("max_pool2d", (np.ones((1, 1, 4, 4)), 2), dict(dilation=0), ValueError,
+        "[max_pool2d] dilation: expected >= 1, got 0"),
+    Bad("max_pool2d", (np.ones((1, 1, 4, 4)), 2), dict(dilation=(1, -2)), ValueError,
+        "[max_pool2d] dilation: expected >= 1, got -2"),
+    Bad("max_pool2d", (np.ones((1, 1, 4, 4)), 3, 1, 2), dict(dilation=2), ValueError,
+        "[max_pool2d] padding: expected at most half the kernel size (3, 3), got (2, 2)"),
+    Bad("max_pool2d", (np.ones((1, 1, 4, 4)), 3), dict(dilation=2**47), ValueError,
+        "[max_pool2d] dilation: expected a dilated kernel size (dilation * (kernel_size - 1) "
+        "+ 1) of at most 2^48, got kernel_size (3, 3) and dilation (140737488355328, "
+        "140737488355328)"),
+    # taps -1 and 3 of a 3-row input: torch reports -inf at an index outside the plane
+    Bad("max_pool2d", (np.ones((1, 1, 3, 5)), 2, 1, 1), dict(dilation=(4, 1)), ValueError,
+        "[max_pool2d] input: expected every window to have a cell inside the input, got the "
+        "window of output row 0 with taps -1, 3, ... (kernel_size 2, dilation 4, padding 1) "
+        "missing its 3 rows, input shape (1, 1, 3, 5)"),
+    Bad("max_pool2d", (np.ones((1, 1, 4, 4)), 2), dict(ceil_mode=1), TypeError,
+        "[max_pool2d] ceil_mode: expected True or False, got 1"),
+    Bad("max_pool2d", (np.ones((1, 1, 4, 4)), 2), dict(dilation=1.5), TypeError,
+        "[max_pool2d] dilation: expected an int or a pair of ints, got 1.5"),
+]
+# fmt: on
+
+
+def avg_pool2d_option_errors(op):
+    """avg_pool2d's option errors, for the forward (on ones) or the backward (x_shape)."""
+    backward = op == "avg_pool2d_backward"
+    name = "x_shape" if backward else "input"
+
+    def bad(x, args, kwargs, exception, message):
+        first = (np.ones((1, 1, 1, 1)), x) if backward else (np.ones(x),)
+        return Bad(op, first + args, kwargs, exception, f"[{op}] {message}")
+
+    # fmt: off
+    return [
+        bad((1, 1, 4, 4), (2,), dict(divisor_override=0), ValueError,
+            "divisor_override: expected a nonzero int or None, got 0"),
+        bad((1, 1, 4, 4), (2,), dict(divisor_override=1.5), TypeError,
+            "divisor_override: expected an int or None, got 1.5"),
+        bad((1, 1, 4, 4), (2,), dict(divisor_override=True), TypeError,
+            "divisor_override: expected an int or None, got True"),
+        bad((1, 1, 4, 4), (2,), dict(count_include_pad=0), TypeError,
+            "count_include_pad: expected True or False, got 0"),
+        bad((1, 1, 4, 4), (2,), dict(ceil_mode="yes"), TypeError,
+            "ceil_mode: expected True or False, got 'yes'"),
+        bad((1, 1, 3, 3), (5, 2), dict(ceil_mode=True), ValueError,
+            f"{name}: expected padded size (3, 3) + stride - 1 (4, 4) >= kernel size (5, 5), "
+            f"got {name}{' ' if backward else ' shape '}(1, 1, 3, 3)"),
+        bad((1, 1, 4, 4), (2, 2, 2), dict(ceil_mode=True), ValueError,
+            "padding: expected at most half the kernel size (2, 2), got (2, 2)"),
+    ]
+    # fmt: on
+
+
 MAX_POOL2D = Op(
     "max_pool2d",
     make_max_pool2d,
-    forward=lambda lib, s: lib.max_pool2d(s.x, s.kernel, s.stride, s.padding),
+    forward=lambda lib, s: lib.max_pool2d(s.x, s.kernel, s.stride, s.padding, **s.options),
     backward=lambda lib, s: (lib.max_pool2d_backward(s.dy, s.idx, s.x.shape),),
     wrt=("x",),
     forward_args=(Arg("x", "input"),),
     backward_args=(Arg("dy", "doutput"), Arg("idx", "indices", "int")),
-    cases=POOL_CASES,
+    cases=POOL_CASES + MAX_POOL_OPTION_CASES,
     big=POOL_BIG,
     threads=MAX_POOL_THREADS,
     thread_values="special",
-    errors=pool_errors("max_pool2d") + MAX_POOL2D_BACKWARD_ERRORS,
+    errors=pool_errors("max_pool2d") + MAX_POOL2D_OPTION_ERRORS + MAX_POOL2D_BACKWARD_ERRORS,
 )
 
 AVG_POOL2D = Op(
     "avg_pool2d",
     make_avg_pool2d,
-    forward=lambda lib, s: lib.avg_pool2d(s.x, s.kernel, s.stride, s.padding),
+    forward=lambda lib, s: lib.avg_pool2d(s.x, s.kernel, s.stride, s.padding, **s.options),
     backward=lambda lib, s: (
-        lib.avg_pool2d_backward(s.dy, s.x.shape, s.kernel, s.stride, s.padding),
+        lib.avg_pool2d_backward(s.dy, s.x.shape, s.kernel, s.stride, s.padding, **s.options),
     ),
     wrt=("x",),
     forward_args=(Arg("x", "input"),),
     backward_args=(Arg("dy", "doutput"),),
-    cases=AVG_POOL_CASES,
+    cases=AVG_POOL_CASES + AVG_POOL_OPTION_CASES,
     big=POOL_BIG,
     threads=AVG_POOL_THREADS,
-    errors=pool_errors("avg_pool2d") + AVG_POOL2D_BACKWARD_ERRORS,
+    errors=pool_errors("avg_pool2d")
+    + avg_pool2d_option_errors("avg_pool2d")
+    + AVG_POOL2D_BACKWARD_ERRORS
+    + avg_pool2d_option_errors("avg_pool2d_backward"),
 )
 
 

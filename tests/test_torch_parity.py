@@ -2,6 +2,8 @@
 avg-pool bit for bit, tanh within its tolerance, dropout's function of its mask through
 torch's autograd and its keep rate against torch's."""
 
+import itertools
+
 import numpy as np
 import pytest
 from cnnbp import functional as F
@@ -101,3 +103,121 @@ def test_dropout_keep_rate_matches_torch():
         ours = F.dropout(np.ones(n, F32), p, 4)[1].mean()
         theirs = float((torch.nn.functional.dropout(torch.ones(n), p) != 0).float().mean())
         assert abs(ours - theirs) < 5 * np.sqrt(2 * p * (1 - p) / n)
+
+
+# ---------------------------------------------------------------------------------------
+# every option of the pools, against torch: the same sizes, the same refusals, the same bits
+# ---------------------------------------------------------------------------------------
+
+POOL_SHAPES = [(2, 2, 7, 6), (1, 2, 5, 9), (1, 1, 4, 4)]
+POOL_WINDOWS = [
+    (kernel, stride, padding)
+    for kernel in (1, 2, 3, (2, 3))
+    for stride in (None, 1, 2, 3)
+    for padding in (0, 1, (1, 0))
+]
+
+
+def torch_or_none(call):
+    """torch's result, or None where torch refuses the arguments."""
+    try:
+        return call()
+    except RuntimeError:
+        return None
+
+
+def pool_values(shape, dtype, key):
+    """Ties (multiples of 0.5), NaN, -inf and -0 in a small plane: tied maxima, NaN windows."""
+    rng = rng_for("pool-options", shape, np.dtype(dtype).name, key)
+    x = (rng.integers(-2, 3, shape) * 0.5).astype(dtype)
+    flat = x.reshape(-1)
+    flat[rng.integers(0, flat.size, 2)] = np.nan
+    flat[rng.integers(0, flat.size, 2)] = -np.inf
+    flat[rng.integers(0, flat.size, 2)] = -0.0
+    return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", POOL_SHAPES, ids=str)
+def test_max_pool2d_options_match_torch(shape, dtype):
+    # every window, dilation and rounding: torch's output size, values, indices (ties and
+    # NaN with dilation included) and gradient, bit for bit; torch's refusals are ours
+    torch = pytest.importorskip("torch")
+    x = pool_values(shape, dtype, "max")
+    compared = 0
+    for (kernel, stride, padding), dilation, ceil_mode in itertools.product(
+        POOL_WINDOWS, (1, 2, 3, (1, 2)), (False, True)
+    ):
+        options = dict(dilation=dilation, ceil_mode=ceil_mode)
+        what = f"kernel {kernel} stride {stride} padding {padding} {options}"
+        xt = torch.tensor(x, requires_grad=True)
+        want = torch_or_none(
+            lambda: torch.nn.functional.max_pool2d(
+                xt, kernel, stride, padding, return_indices=True, **options
+            )
+        )
+        plane = shape[2] * shape[3]
+        if want is None or int(want[1].max()) >= plane:
+            # torch refuses, or reports an index outside the plane (a window of dilated taps
+            # that all miss the input): both are errors here
+            with pytest.raises(ValueError, match=r"^\[max_pool2d\] (input|padding): expected"):
+                F.max_pool2d(x, kernel, stride, padding, **options)
+            continue
+        y, idx = F.max_pool2d(x, kernel, stride, padding, **options)
+        assert_same_bits(y, want[0].detach().numpy(), what)
+        np.testing.assert_array_equal(idx, want[1].numpy(), what)
+        dy = pool_values(y.shape, dtype, "dy")
+        dy[np.isnan(dy) | np.isinf(dy)] = 1.0
+        want[0].backward(torch.tensor(dy))
+        assert_same_bits(F.max_pool2d_backward(dy, idx, x.shape), xt.grad.numpy(), what)
+        compared += 1
+    assert compared > 100
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", POOL_SHAPES, ids=str)
+def test_avg_pool2d_options_match_torch(shape, dtype):
+    # every window, rounding, count_include_pad and divisor_override: torch's sizes, values
+    # and gradients bit for bit (ceil_mode windows hanging past the padding included)
+    torch = pytest.importorskip("torch")
+    rng = rng_for("avg-pool-options", shape, np.dtype(dtype).name)
+    x = randn(rng, shape, dtype)
+    compared = 0
+    for (kernel, stride, padding), ceil_mode, count_include_pad, divisor in itertools.product(
+        POOL_WINDOWS, (False, True), (True, False), (None, 1, 3, -2)
+    ):
+        options = dict(
+            ceil_mode=ceil_mode, count_include_pad=count_include_pad, divisor_override=divisor
+        )
+        what = f"kernel {kernel} stride {stride} padding {padding} {options}"
+        xt = torch.tensor(x, requires_grad=True)
+        want = torch_or_none(
+            lambda: torch.nn.functional.avg_pool2d(xt, kernel, stride, padding, **options)
+        )
+        if want is None:
+            with pytest.raises(ValueError, match=r"^\[avg_pool2d\] (input|padding): expected"):
+                F.avg_pool2d(x, kernel, stride, padding, **options)
+            continue
+        y = F.avg_pool2d(x, kernel, stride, padding, **options)
+        assert_same_bits(y, want.detach().numpy(), what)
+        dy = randn(rng, y.shape, dtype)
+        want.backward(torch.tensor(dy))
+        dx = F.avg_pool2d_backward(dy, x.shape, kernel, stride, padding, **options)
+        assert_same_bits(dx, xt.grad.numpy(), what)
+        compared += 1
+    assert compared > 100
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_pool_option_refusals_match_torch(dtype):
+    # the options torch refuses outright: dilation 0, divisor_override 0
+    torch = pytest.importorskip("torch")
+    x = np.ones((1, 1, 4, 4), dtype)
+    with pytest.raises(RuntimeError):
+        torch.nn.functional.max_pool2d(torch.tensor(x), 2, dilation=0)
+    with pytest.raises(ValueError, match=r"^\[max_pool2d\] dilation: expected >= 1, got 0"):
+        F.max_pool2d(x, 2, dilation=0)
+    with pytest.raises(RuntimeError):
+        torch.nn.functional.avg_pool2d(torch.tensor(x), 2, divisor_override=0)
+    with pytest.raises(ValueError, match=r"^\[avg_pool2d\] divisor_override: expected a nonzero"):
+        F.avg_pool2d(x, 2, divisor_override=0)
