@@ -19,8 +19,14 @@ LAYERS = {
         (2, 2, 7, 6),
     ),
     "Linear": (dict(in_features=5, out_features=3), (4, 5)),
-    "MaxPool2d": (dict(kernel_size=3, stride=2, padding=1), (2, 2, 7, 6)),
-    "AvgPool2d": (dict(kernel_size=(2, 3), stride=1, padding=(1, 1)), (2, 2, 5, 6)),
+    "MaxPool2d": (
+        dict(kernel_size=3, stride=2, padding=1, dilation=(2, 1), ceil_mode=True),
+        (2, 2, 7, 6),
+    ),
+    "AvgPool2d": (
+        dict(kernel_size=(2, 3), stride=2, padding=(1, 1), ceil_mode=True, count_include_pad=False),
+        (2, 2, 5, 6),
+    ),
     "Dropout": (dict(p=0.3, seed=5), (2, 3, 4, 4)),
     "ReLU": ({}, (2, 3, 4, 4)),
     "Sigmoid": ({}, (2, 3, 4, 4)),
@@ -136,3 +142,71 @@ def test_the_trace_shows_the_pass(name):
         assert trace[extra] is not None and trace[extra].shape == y.shape
     for p_name, p in layer.named_parameters():
         np.testing.assert_array_equal(trace[p_name + ".grad"], p.grad)
+
+
+# the pools' options beyond LAYERS' entries: each layer computes its functional op
+POOL_OPTIONS = [
+    ("MaxPool2d", dict(kernel_size=2, ceil_mode=True), (2, 3, 7, 5)),
+    ("MaxPool2d", dict(kernel_size=(3, 2), stride=(2, 1), padding=1, dilation=2), (1, 2, 9, 6)),
+    ("AvgPool2d", dict(kernel_size=3, stride=2, padding=1, ceil_mode=True), (2, 2, 6, 6)),
+    ("AvgPool2d", dict(kernel_size=2, stride=1, divisor_override=3), (1, 2, 4, 5)),
+    ("AvgPool2d", dict(kernel_size=3, padding=1, count_include_pad=False), (1, 1, 7, 7)),
+]
+
+
+@pytest.mark.parametrize("name, arguments, shape", POOL_OPTIONS, ids=str)
+def test_pool_layers_compute_their_functional_op(name, arguments, shape):
+    from cnnbp import functional as F
+
+    layer = getattr(nn, name)(**arguments)
+    x = np.random.default_rng(4).standard_normal(shape)
+    y = layer(x)
+    dy = np.random.default_rng(5).standard_normal(y.shape)
+    dx = layer.backward(dy)
+    if name == "MaxPool2d":
+        want_y, idx = F.max_pool2d(x, **arguments)
+        want_dx = F.max_pool2d_backward(dy, idx, shape)
+    else:
+        want_y = F.avg_pool2d(x, **arguments)
+        want_dx = F.avg_pool2d_backward(dy, shape, **arguments)
+    np.testing.assert_array_equal(y, want_y)
+    np.testing.assert_array_equal(dx, want_dx)
+
+
+def test_pool_layer_defaults_come_from_the_declaration():
+    assert str(nn.MaxPool2d.__signature__) == (
+        "(kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False)"
+    )
+    assert str(nn.AvgPool2d.__signature__) == (
+        "(kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, "
+        "divisor_override=None)"
+    )
+    assert nn.AvgPool2d(2).config()["divisor_override"] is None
+    with pytest.raises(ValueError, match=r"^\[AvgPool2d\] divisor_override: expected a nonzero"):
+        nn.AvgPool2d(2, divisor_override=0)
+    with pytest.raises(TypeError, match=r"^\[AvgPool2d\] divisor_override: expected an int or"):
+        nn.AvgPool2d(2, divisor_override=2.5)
+    with pytest.raises(ValueError, match=r"^\[MaxPool2d\] dilation: expected >= 1, got 0"):
+        nn.MaxPool2d(2, dilation=0)
+
+
+def test_model_file_entries_without_the_pool_options_take_the_defaults(tmp_path):
+    # a file written before dilation, ceil_mode, count_include_pad and divisor_override
+    # existed: its pool entries lack them (tests/data's v1 files are such files too)
+    import json
+
+    model = nn.Sequential(nn.MaxPool2d(2), nn.AvgPool2d(3, 1, 1))
+    model.save(tmp_path / "new.npz")
+    with np.load(tmp_path / "new.npz") as f:
+        arrays = dict(f)
+    architecture = json.loads(arrays["architecture"].tobytes())
+    options = ("dilation", "ceil_mode", "count_include_pad", "divisor_override")
+    for entry in architecture["layers"]:
+        for option in options:
+            entry.pop(option, None)
+    text = json.dumps(architecture).encode()
+    arrays["architecture"] = np.frombuffer(text, np.uint8)
+    np.savez(tmp_path / "old.npz", **arrays)
+    loaded = cnnbp.load(tmp_path / "old.npz")
+    assert loaded[0].config() == model[0].config()
+    assert loaded[1].config() == model[1].config()
