@@ -8,6 +8,7 @@
 #include <cstring>
 #include <functional>
 #include <iostream>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -174,6 +175,48 @@ inline const std::vector<PoolCase>& pool_cases() {
         {{1, 1, 5, 5}, {5, 5, 1, 1, 2, 2}},  {{2, 1, 7, 5}, {2, 2, 3, 3, 0, 0}},
         {{1, 2, 8, 9}, {3, 3, 1, 1, 1, 1}},  {{2, 2, 9, 9}, {5, 4, 1, 2, 2, 1}},
         {{1, 1, 6, 13}, {1, 4, 1, 3, 0, 2}}, {{3, 2, 11, 10}, {4, 3, 3, 1, 2, 1}},
+    };
+    return cases;
+}
+
+// params with torch's options beyond the window
+inline cnnbp::Pool2dParams with_options(cnnbp::Pool2dParams p, int64_t dilation, bool ceil_mode,
+                                        bool count_include_pad = true,
+                                        std::optional<int64_t> divisor_override = {}) {
+    p.dilation_h = p.dilation_w = dilation;
+    p.ceil_mode = ceil_mode;
+    p.count_include_pad = count_include_pad;
+    p.divisor_override = divisor_override;
+    return p;
+}
+
+// avg_pool2d's options: ceil_mode windows hanging past the padding or dropped for starting
+// in it, count_include_pad false, divisor_override (negative too), odd shapes
+inline const std::vector<PoolCase>& avg_pool_option_cases() {
+    static const std::vector<PoolCase> cases = {
+        {{2, 2, 6, 6}, with_options({3, 3, 2, 2, 1, 1}, 1, true)},
+        {{2, 1, 5, 5}, with_options({2, 2, 2, 2, 1, 1}, 1, true)},
+        {{1, 2, 6, 7}, with_options({3, 3, 2, 2, 1, 1}, 1, false, false)},
+        {{1, 2, 6, 7}, with_options({3, 3, 2, 2, 1, 1}, 1, true, false)},
+        {{1, 2, 7, 5}, with_options({3, 2, 2, 1, 1, 0}, 1, false, true, 5)},
+        {{1, 1, 5, 8}, with_options({3, 3, 3, 3, 1, 1}, 1, true, false, -3)},
+        {{2, 2, 7, 9}, with_options({2, 4, 3, 2, 1, 2}, 1, true)},
+        {{8, 16, 25, 23}, with_options({3, 3, 2, 2, 1, 1}, 1, true, false)},  // threads
+    };
+    return cases;
+}
+
+// max_pool2d's options: dilation, ceil_mode (the 2x2 kernels with a partial last row and
+// column among them), both
+inline const std::vector<PoolCase>& max_pool_option_cases() {
+    static const std::vector<PoolCase> cases = {
+        {{2, 2, 9, 9}, with_options({3, 3, 2, 2, 1, 1}, 2, false)},
+        {{2, 2, 7, 7}, with_options({2, 2, 2, 2, 0, 0}, 1, true)},
+        {{1, 2, 5, 5}, with_options({2, 2, 2, 2, 1, 1}, 1, true)},
+        {{2, 1, 5, 6}, with_options({3, 3, 2, 2, 1, 1}, 2, true)},
+        {{1, 1, 3, 10}, with_options({2, 2, 3, 3, 0, 0}, 1, true)},
+        {{1, 2, 4, 5}, with_options({2, 2, 1, 1, 1, 1}, 4, false)},
+        {{8, 16, 25, 27}, with_options({2, 2, 2, 2, 0, 0}, 1, true)},  // threads
     };
     return cases;
 }

@@ -177,11 +177,13 @@ const PoolCase kPoolShapes[] = {
 
 TEST_CASE("max_pool2d guards: outputs written exactly, on every path") {
     in_float_and_double(kPoolShapes, 300, max_pool2d_guarded);
+    in_float_and_double(cnnbp_test::max_pool_option_cases(), 700, max_pool2d_guarded);
 }
 
 TEST_CASE("avg_pool2d guards: outputs written exactly, on every path") {
     in_float_and_double(kPoolShapes, 400, avg_pool2d_guarded);
     in_float_and_double(cnnbp_test::pool_cases(), 600, avg_pool2d_guarded);
+    in_float_and_double(cnnbp_test::avg_pool_option_cases(), 800, avg_pool2d_guarded);
 }
 
 // Element counts for the elementwise kernels: empty, vector tails, above the threads'

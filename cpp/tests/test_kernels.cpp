@@ -252,9 +252,68 @@ TEST_CASE("avg_pool2d backward adds overlapping windows, zero where no window re
     CHECK_CLOSE(dgap.data(), (V{0.25, 0.25, 0, 0.25, 0.25, 0.25, 0.25, 0, 0.25, 0.25}), 0, 0);
 }
 
+TEST_CASE("max_pool2d dilation and ceil_mode: taps apart, partial last windows") {
+    const V x{1, 2, 3, 4, 5, 6, 7, 8, 9};  // a 3x3 plane
+    // ceil_mode 2x2 / stride 2: a last row and column of windows hanging past the input
+    const auto ceil = pool2d_dims("max_pool2d", {1, 1, 3, 3},
+                                  cnnbp_test::with_options({2, 2, 2, 2, 0, 0}, 1, true));
+    CHECK(ceil.P == 2 && ceil.Q == 2);
+    V y(4);
+    std::vector<int64_t> idx(4);
+    max_pool2d_forward(y.data(), idx.data(), x.data(), ceil);
+    CHECK_CLOSE(y.data(), (V{5, 6, 8, 9}), 0, 0);
+    CHECK((idx == std::vector<int64_t>{4, 5, 7, 8}));
+    // 2x2 taps 2 apart: the corners (0, 0), (0, 2), (2, 0), (2, 2)
+    const auto dilated = pool2d_dims("max_pool2d", {1, 1, 3, 3},
+                                     cnnbp_test::with_options({2, 2, 1, 1, 0, 0}, 2, false));
+    CHECK(dilated.P == 1 && dilated.Q == 1);
+    const V corners{1, 20, 3, 40, 50, 60, 7, 80, 9};  // the middle cells larger, never seen
+    max_pool2d_forward(y.data(), idx.data(), corners.data(), dilated);
+    CHECK(y[0] == 9 && idx[0] == 8);
+    // torch drops a ceil_mode window that would start in the right padding: 5 rows, kernel
+    // 2, stride 2, padding 1 give 3 windows, not 4
+    const auto dropped = pool2d_dims("max_pool2d", {1, 1, 5, 5},
+                                     cnnbp_test::with_options({2, 2, 2, 2, 1, 1}, 1, true));
+    CHECK(dropped.P == 3 && dropped.Q == 3);
+}
+
+TEST_CASE("avg_pool2d ceil_mode, count_include_pad and divisor_override: torch's divisors") {
+    const V x{1, 2, 3, 4, 5, 6, 7, 8, 9};  // a 3x3 plane
+    V y(4);
+    // ceil_mode 2x2 / stride 2: the last windows count only the cells up to the padded
+    // input's end (no padding here: the input's)
+    const auto ceil = pool2d_dims("avg_pool2d", {1, 1, 3, 3},
+                                  cnnbp_test::with_options({2, 2, 2, 2, 0, 0}, 1, true));
+    avg_pool2d_forward(y.data(), x.data(), ceil);
+    CHECK_CLOSE(y.data(), (V{3, 4.5, 7.5, 9}), 0, 0);
+    // padding 1, kernel 3, stride 2, count_include_pad: window (0, 0) holds 4 cells of the
+    // input in 9; without count_include_pad it divides by 4
+    const auto padded = pool2d_dims("avg_pool2d", {1, 1, 3, 3},
+                                    cnnbp_test::with_options({3, 3, 2, 2, 1, 1}, 1, false));
+    avg_pool2d_forward(y.data(), x.data(), padded);
+    CHECK_CLOSE(y[0], 12.0 / 9, 1e-15, 0);
+    const auto in_input = pool2d_dims(
+        "avg_pool2d", {1, 1, 3, 3}, cnnbp_test::with_options({3, 3, 2, 2, 1, 1}, 1, false, false));
+    avg_pool2d_forward(y.data(), x.data(), in_input);
+    CHECK_CLOSE(y.data(), (V{3, 4, 6, 7}), 1e-15, 0);
+    // divisor_override replaces the divisor, in the backward too
+    const auto override =
+        pool2d_dims("avg_pool2d", {1, 1, 3, 3},
+                    cnnbp_test::with_options({2, 2, 1, 1, 0, 0}, 1, false, true, -2));
+    avg_pool2d_forward(y.data(), x.data(), override);
+    CHECK_CLOSE(y.data(), (V{-6, -8, -12, -14}), 0, 0);
+    V dx(9);
+    const V ones{1, 1, 1, 1};
+    avg_pool2d_backward(dx.data(), ones.data(), override);
+    CHECK_CLOSE(dx.data(), (V{-0.5, -1, -0.5, -1, -2, -1, -0.5, -1, -0.5}), 0, 0);
+}
+
 TEST_CASE("avg_pool2d backward: finite differences") {
     unsigned seed = 1;
-    for (const auto& c : cnnbp_test::pool_cases()) {
+    auto cases = cnnbp_test::pool_cases();
+    for (const auto& c : cnnbp_test::avg_pool_option_cases())
+        if (numel(c.x) <= 1000) cases.push_back(c);  // the small ones: differences of sums
+    for (const auto& c : cases) {
         const auto d = pool2d_dims("avg_pool2d", c.x, c.params);
         const V x = random_values(numel(c.x), seed++);
         check_finite_differences(

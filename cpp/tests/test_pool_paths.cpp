@@ -3,6 +3,8 @@
 // and sizes that leave a remainder row, column or partial vector step; avg_pool2d's
 // reordered loops against torch's window-by-window ones, and its results for one and two
 // threads.
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -165,8 +167,19 @@ void check_backward_paths(unsigned seed) {
 }
 
 // torch's avg-pool loops, written plainly: each window summed in row-major order over its
-// in-bounds cells and divided by kh * kw; the backward scatters dy / (kh * kw) window by
-// window.
+// in-bounds cells and divided by torch's divisor (divisor_override; else the window clipped
+// to the padded input with count_include_pad, to the input without); the backward scatters
+// dy / divisor window by window.
+int64_t plain_divisor(const Pool2dDims& d, int64_t h0, int64_t w0) {
+    const auto& p = d.params;
+    if (p.divisor_override) return *p.divisor_override;
+    const int64_t h1 = std::min(h0 + p.kernel_h, d.H + p.pad_h),
+                  w1 = std::min(w0 + p.kernel_w, d.W + p.pad_w);
+    if (p.count_include_pad) return (h1 - h0) * (w1 - w0);
+    return (std::min(h1, d.H) - std::max<int64_t>(h0, 0)) *
+           (std::min(w1, d.W) - std::max<int64_t>(w0, 0));
+}
+
 template <typename T>
 void plain_avg_pool(std::vector<T>& y, const std::vector<T>& x, const Pool2dDims& d) {
     const auto& p = d.params;
@@ -179,7 +192,7 @@ void plain_avg_pool(std::vector<T>& y, const std::vector<T>& x, const Pool2dDims
                     for (int64_t w = w0; w < w0 + p.kernel_w; ++w)
                         if (h >= 0 && h < d.H && w >= 0 && w < d.W)
                             sum += x[(nc * d.H + h) * d.W + w];
-                y[(nc * d.P + op) * d.Q + oq] = sum / T(p.kernel_h * p.kernel_w);
+                y[(nc * d.P + op) * d.Q + oq] = sum / T(plain_divisor(d, h0, w0));
             }
 }
 
@@ -191,11 +204,39 @@ void plain_avg_unpool(std::vector<T>& dx, const std::vector<T>& dy, const Pool2d
         for (int64_t op = 0; op < d.P; ++op)
             for (int64_t oq = 0; oq < d.Q; ++oq) {
                 const int64_t h0 = op * p.stride_h - p.pad_h, w0 = oq * p.stride_w - p.pad_w;
-                const T g = dy[(nc * d.P + op) * d.Q + oq] / T(p.kernel_h * p.kernel_w);
+                const T g = dy[(nc * d.P + op) * d.Q + oq] / T(plain_divisor(d, h0, w0));
                 for (int64_t h = h0; h < h0 + p.kernel_h; ++h)
                     for (int64_t w = w0; w < w0 + p.kernel_w; ++w)
                         if (h >= 0 && h < d.H && w >= 0 && w < d.W)
                             dx[(nc * d.H + h) * d.W + w] += g;
+            }
+}
+
+// torch's max-pool loop, written plainly: the taps of each window dilation apart, the
+// in-bounds ones in row-major order, `value > best || isnan(value)`.
+template <typename T>
+void plain_max_pool(std::vector<T>& y, std::vector<int64_t>& idx, const std::vector<T>& x,
+                    const Pool2dDims& d) {
+    const auto& p = d.params;
+    for (int64_t nc = 0; nc < d.N * d.C; ++nc)
+        for (int64_t op = 0; op < d.P; ++op)
+            for (int64_t oq = 0; oq < d.Q; ++oq) {
+                const int64_t h0 = op * p.stride_h - p.pad_h, w0 = oq * p.stride_w - p.pad_w;
+                T best = -std::numeric_limits<T>::infinity();
+                int64_t at = -1;
+                for (int64_t i = 0; i < p.kernel_h; ++i)
+                    for (int64_t j = 0; j < p.kernel_w; ++j) {
+                        const int64_t h = h0 + i * p.dilation_h, w = w0 + j * p.dilation_w;
+                        if (h < 0 || h >= d.H || w < 0 || w >= d.W) continue;
+                        const T value = x[(nc * d.H + h) * d.W + w];
+                        if (at < 0) at = h * d.W + w;  // the first in-bounds tap
+                        if (value > best || std::isnan(value)) {
+                            best = value;
+                            at = h * d.W + w;
+                        }
+                    }
+                y[(nc * d.P + op) * d.Q + oq] = best;
+                idx[(nc * d.P + op) * d.Q + oq] = at;
             }
 }
 
@@ -217,11 +258,54 @@ TEST_CASE("max_pool2d 2x2 backward writes the scatter's bits or declines (double
     check_backward_paths<double>(4);
 }
 
+TEST_CASE("max_pool2d ceil_mode: the 2x2 kernels and the partial windows match the rule") {
+    // a ceil_mode 2x2 pool of an odd size: the 2x2 kernels for the whole windows, the general
+    // kernel for the last row and column, the same bits and indices as the plain loop
+    unsigned seed = 50;
+    for (auto [H, W] : kSizes) {
+        auto check = [&](auto tag) {
+            using T = decltype(tag);
+            const auto d = pool2d_dims("max_pool2d", {3, 1, H, W},
+                                       cnnbp_test::with_options({2, 2, 2, 2, 0, 0}, 1, true));
+            CHECK(d.P == (H + 1) / 2 && d.Q == (W + 1) / 2);
+            const auto x = tricky_values<T>(size_t(3 * H * W), seed++);
+            std::vector<T> y(size_t(3 * d.P * d.Q)), want_y(y.size());
+            std::vector<int64_t> idx(y.size()), want_idx(y.size());
+            max_pool2d_forward(y.data(), idx.data(), x.data(), d);
+            plain_max_pool(want_y, want_idx, x, d);
+            CHECK(same_bits(y, want_y) && idx == want_idx);
+        };
+        check(float{});
+        check(double{});
+    }
+}
+
+TEST_CASE("max_pool2d with dilation and ceil_mode equals torch's loop bit for bit") {
+    unsigned seed = 150;
+    for (const auto& c : cnnbp_test::max_pool_option_cases()) {
+        const auto d = pool2d_dims("max_pool2d", c.x, c.params);
+        auto check = [&](auto tag) {
+            using T = decltype(tag);
+            const auto x = tricky_values<T>(size_t(numel(c.x)), seed++);
+            std::vector<T> y(size_t(d.N * d.C * d.P * d.Q)), want_y(y.size());
+            std::vector<int64_t> idx(y.size()), want_idx(y.size());
+            max_pool2d_forward(y.data(), idx.data(), x.data(), d);
+            plain_max_pool(want_y, want_idx, x, d);
+            CHECK(same_bits(y, want_y) && idx == want_idx);
+        };
+        check(float{});
+        check(double{});
+    }
+}
+
 TEST_CASE("avg_pool2d equals torch's window-by-window loops bit for bit") {
     // the kernels reorder the loops for vectorization but keep each element's additions in
-    // torch's order: the same bits as the plain loops, in float and double
+    // torch's order: the same bits as the plain loops, in float and double, for every option
     unsigned seed = 100;
-    for (const auto& c : cnnbp_test::pool_cases()) {
+    auto cases = cnnbp_test::pool_cases();
+    const auto& options = cnnbp_test::avg_pool_option_cases();
+    cases.insert(cases.end(), options.begin(), options.end());
+    for (const auto& c : cases) {
         const auto d = pool2d_dims("avg_pool2d", c.x, c.params);
         const auto x64 = random_values(numel(c.x), seed++);
         const auto dy64 = random_values(d.N * d.C * d.P * d.Q, seed++);

@@ -18,6 +18,22 @@ TEST_CASE("validation: output_size") {
     CHECK_THROWS(output_size(5, 3, 1, -1), "[output_size] padding: expected >= 0, got -1");
 }
 
+TEST_CASE("validation: output_size with dilation and ceil_mode, torch's rule") {
+    CHECK(output_size(9, 3, 2, 1, 2) == 4);         // extent 5: floor((11 - 5) / 2) + 1
+    CHECK(output_size(4, 3, 1, 0, 2) < 1);          // extent 5 > 4
+    CHECK(output_size(7, 2, 2, 0, 1, true) == 4);   // ceil(5 / 2) + 1
+    CHECK(output_size(7, 2, 2, 0, 1, false) == 3);  // floor
+    CHECK(output_size(6, 2, 2, 0, 1, true) == 3);   // exact: ceil_mode changes nothing
+    CHECK(output_size(5, 2, 2, 1, 1, true) == 3);   // a 4th window would start at 6 >= 5 + 1
+    CHECK(output_size(3, 4, 2, 0, 1, true) == 1);   // ceil fits a window 1 past the input
+    CHECK(output_size(3, 5, 2, 0, 1, true) < 1);    // but not 2
+    CHECK(output_size(3, 3, 2, 1, 2, true) == 1);
+    CHECK_THROWS(output_size(5, 3, 1, 0, 0), "[output_size] dilation: expected >= 1, got 0");
+    const int64_t max = std::numeric_limits<int64_t>::max();
+    CHECK(output_size(5, 3, 1, 0, max) < 1);  // a saturated extent, no overflow
+    CHECK(output_size(5, 3, max, 0, max, true) < 2);
+}
+
 TEST_CASE("validation: conv2d shapes and parameters") {
     CHECK_THROWS(conv2d_dims({1, 1, 6, 6}, {3, 3}, nullptr, {}),
                  "[conv2d] weight: expected 4 dims (K, C, R, S), got shape (3, 3)");
@@ -54,6 +70,36 @@ TEST_CASE("validation: pool2d and indices") {
         "indices: expected values in [0, 16) (flat positions in an H*W input plane), got 16");
     const std::vector<int64_t> negative{-1};
     CHECK_THROWS(check_pool_indices(negative.data(), 1, 16), "got -1");
+}
+
+TEST_CASE("validation: pool2d options") {
+    using cnnbp_test::with_options;
+    CHECK_THROWS(
+        pool2d_dims("max_pool2d", {1, 1, 4, 4}, with_options({2, 2, 2, 2, 0, 0}, 0, false)),
+        "[max_pool2d] dilation: expected >= 1, got 0");
+    CHECK_THROWS(
+        pool2d_dims("max_pool2d", {1, 1, 4, 4}, with_options({3, 3, 1, 1, 0, 0}, 2, false)),
+        "[max_pool2d] input: expected padded size (4, 4) >= dilated kernel size (5, 5), "
+        "got input shape (1, 1, 4, 4)");
+    CHECK_THROWS(pool2d_dims("max_pool2d", {1, 1, 3, 3}, with_options({5, 5, 2, 2, 0, 0}, 1, true)),
+                 "[max_pool2d] input: expected padded size (3, 3) + stride - 1 (4, 4) >= kernel "
+                 "size (5, 5)");
+    CHECK_THROWS(
+        pool2d_dims("max_pool2d", {1, 1, 3, 5}, with_options({2, 2, 1, 1, 1, 1}, 4, false)),
+        "[max_pool2d] input: expected every window to have a cell inside the input, got "
+        "the window of output row 0 with taps -1, 3, ...");
+    CHECK_THROWS(pool2d_dims("max_pool2d", {1, 1, 4, 4},
+                             with_options({3, 3, 1, 1, 0, 0}, int64_t(1) << 47, false)),
+                 "[max_pool2d] dilation: expected a dilated kernel size");
+    CHECK_THROWS(pool2d_dims("avg_pool2d", {1, 1, 4, 4},
+                             with_options({2, 2, 2, 2, 0, 0}, 1, false, true, 0)),
+                 "[avg_pool2d] divisor_override: expected a nonzero int or None, got 0");
+    CHECK_THROWS(avg_pool2d_backward_dims({1, 1, 2, 2}, {1, 1, 3, 3},
+                                          with_options({2, 2, 2, 2, 0, 0}, 1, false)),
+                 "[avg_pool2d_backward] doutput: expected shape (1, 1, 1, 1)");
+    const auto ceil = avg_pool2d_backward_dims({1, 1, 2, 2}, {1, 1, 3, 3},
+                                               with_options({2, 2, 2, 2, 0, 0}, 1, true));
+    CHECK(ceil.P == 2 && ceil.Q == 2 && ceil.params.ceil_mode);
 }
 
 TEST_CASE("validation: avg_pool2d shapes and parameters") {
