@@ -5,6 +5,8 @@
 3. forward and backward against PyTorch in float64, when torch is installed.
 """
 
+import itertools
+
 import numpy as np
 import pytest
 from cnnbp import reference as ref
@@ -688,6 +690,14 @@ def test_output_size_floors():
     assert ref.output_size(2, 5, 1, 0) == -2  # a window larger than the input: < 1
 
 
+def test_output_size_dilation_and_ceil_mode():
+    assert ref.output_size(9, 3, 2, 1, dilation=2) == 4  # extent 5: floor((11 - 5) / 2) + 1
+    assert ref.output_size(7, 2, 2, ceil_mode=True) == 4  # ceil(5 / 2) + 1
+    assert ref.output_size(6, 2, 2, ceil_mode=True) == 3  # exact: the same as floored
+    assert ref.output_size(5, 2, 2, 1, ceil_mode=True) == 3  # a 4th would start at 6 >= 5 + 1
+    assert ref.output_size(3, 4, 2, ceil_mode=True) == 1  # hangs 1 past the input
+
+
 def test_output_size_equals_the_kernels_helper():
     from cnnbp import functional as F
 
@@ -697,6 +707,33 @@ def test_output_size_equals_the_kernels_helper():
                 for padding in range(0, 3):
                     args = (in_size, kernel, stride, padding)
                     assert ref.output_size(*args) == F.output_size(*args), args
+                    for dilation in (1, 2, 3):
+                        for ceil_mode in (False, True):
+                            more = args + (dilation, ceil_mode)
+                            assert ref.output_size(*more) == F.output_size(*more), more
+
+
+def test_output_size_matches_torch():
+    torch = pytest.importorskip("torch")
+    for in_size, kernel, stride, padding, dilation, ceil_mode in itertools.product(
+        range(1, 8), range(1, 5), range(1, 4), range(0, 3), (1, 2, 3), (False, True)
+    ):
+        if padding > kernel // 2:
+            continue
+        want = None
+        try:
+            want = torch.nn.functional.max_pool2d(
+                torch.zeros(1, 1, in_size, 1),
+                (kernel, 1),
+                (stride, 1),
+                (padding, 0),
+                (dilation, 1),
+                ceil_mode,
+            ).shape[2]
+        except RuntimeError:
+            pass
+        got = ref.output_size(in_size, kernel, stride, padding, dilation, ceil_mode)
+        assert (got if got >= 1 else None) == want, (in_size, kernel, stride, padding, dilation)
 
 
 LOAD_BY_PATH = """

@@ -169,7 +169,7 @@ int64_t output_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding,
     const int64_t steps = span >= 0 ? span / stride : -(-(span + 1) / stride) - 1;
     // ceil mode: the last window must start inside the input or the left padding (steps
     // * stride <= span here, so the product does not overflow)
-    if (ceil_mode && steps > 0 && steps * stride >= in + padding) return steps;
+    if (ceil_mode && steps >= 0 && steps * stride >= in + padding) return steps;
     return steps + 1;
 }
 

@@ -28,6 +28,7 @@ TEST_CASE("validation: output_size with dilation and ceil_mode, torch's rule") {
     CHECK(output_size(3, 4, 2, 0, 1, true) == 1);   // ceil fits a window 1 past the input
     CHECK(output_size(3, 5, 2, 0, 1, true) < 1);    // but not 2
     CHECK(output_size(3, 3, 2, 1, 2, true) == 1);
+    CHECK(output_size(0, 1, 2, 0, 1, true) == 0);  // torch drops a window starting at 0 >= 0
     CHECK_THROWS(output_size(5, 3, 1, 0, 0), "[output_size] dilation: expected >= 1, got 0");
     const int64_t max = std::numeric_limits<int64_t>::max();
     CHECK(output_size(5, 3, 1, 0, max) < 1);  // a saturated extent, no overflow
