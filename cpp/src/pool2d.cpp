@@ -67,17 +67,6 @@ void max_pool_plane(T* out, int64_t* idx, const T* in, const Pool2dDims& d) {
         for (int64_t oq = 0; oq < d.Q; ++oq) max_pool_window(out, idx, in, d, op, oq);
 }
 
-// The windows of output rows [0, P) and columns [0, Q) outside the first P0 rows and Q0
-// columns: the last, partial windows of a ceil_mode pool whose other windows a 2x2 kernel
-// computed.
-template <typename T>
-void max_pool_edges(T* out, int64_t* idx, const T* in, const Pool2dDims& d, int64_t P0,
-                    int64_t Q0) {
-    for (int64_t op = 0; op < d.P; ++op)
-        for (int64_t oq = op < P0 ? Q0 : 0; oq < d.Q; ++oq)
-            max_pool_window(out, idx, in, d, op, oq);
-}
-
 }  // namespace
 
 namespace detail {
@@ -127,6 +116,54 @@ void max_pool2x2_plane(T* out, int64_t* idx, const T* in, int64_t W, int64_t P, 
             const int64_t first = 2 * p * W + 2 * q0;  // the run's first window's first cell
             for (int64_t q = 0; q < n; ++q) to[q] = first + 2 * q + offset[q];
         }
+}
+
+// n windows of two cells, a[i * stride] then b[i * stride]: the best value and whether the
+// second cell won, by the rule of takes(), in a loop the compiler vectorizes (a branch per
+// window would cost more than the window).
+template <typename T>
+void pick2_run(T* __restrict best, int32_t* __restrict second, const T* __restrict a,
+               const T* __restrict b, int64_t n, int64_t stride) {
+    for (int64_t i = 0; i < n; ++i) {
+        const T x = a[i * stride], y = b[i * stride];
+        const bool t = (y > x) | (y != y);
+        best[i] = t ? y : x;
+        second[i] = t;
+    }
+}
+
+// The partial windows of a ceil_mode 2x2 / stride 2 pool of an odd size, which the plane
+// kernels leave (P0 = H / 2, Q0 = W / 2 whole windows, output rows Q apart): with W odd the
+// last column's windows hold cells (2p, W-1) and (2p+1, W-1), with H odd the last row's
+// hold (H-1, 2q) and (H-1, 2q+1), with both the corner holds (H-1, W-1) alone.
+template <typename T>
+void max_pool2x2_edges(T* out, int64_t* idx, const T* in, int64_t H, int64_t W, int64_t P,
+                       int64_t Q) {
+    const int64_t P0 = H / 2, Q0 = W / 2;
+    T best[kRun];
+    int32_t second[kRun];
+    if (Q > Q0)  // the last column: cells 2W apart
+        for (int64_t p0 = 0; p0 < P0; p0 += kRun) {
+            const int64_t n = std::min(kRun, P0 - p0);
+            const int64_t first = 2 * p0 * W + W - 1;
+            pick2_run(best, second, in + first, in + first + W, n, 2 * W);
+            for (int64_t i = 0; i < n; ++i) {
+                out[(p0 + i) * Q + Q0] = best[i];
+                idx[(p0 + i) * Q + Q0] = first + 2 * i * W + second[i] * W;
+            }
+        }
+    if (P > P0) {  // the last row: cells side by side
+        const int64_t row = (H - 1) * W;
+        for (int64_t q0 = 0; q0 < Q0; q0 += kRun) {
+            const int64_t n = std::min(kRun, Q0 - q0);
+            pick2_run(out + P0 * Q + q0, second, in + row + 2 * q0, in + row + 2 * q0 + 1, n, 2);
+            for (int64_t i = 0; i < n; ++i) idx[P0 * Q + q0 + i] = row + 2 * (q0 + i) + second[i];
+        }
+        if (Q > Q0) {  // the corner
+            out[P0 * Q + Q0] = in[row + W - 1];
+            idx[P0 * Q + Q0] = row + W - 1;
+        }
+    }
 }
 
 // For a run of indices: the offset from their window's first cell, or -1 when it is not
@@ -218,7 +255,7 @@ void max_pool2d_forward(T* output, int64_t* indices, const T* input, const Pool2
     const int64_t PQ = d.P * d.Q, HW = d.H * d.W;
     // 2x2 / stride 2 windows without padding or dilation: the 2x2 kernels compute the whole
     // windows (P0 x Q0 of them); a ceil_mode pool of an odd size adds a last row or column
-    // of partial windows, which the general kernel computes. The 2x2 kernels keep window
+    // of partial windows, which max_pool2x2_edges computes. The 2x2 kernels keep window
     // offsets in 32 bits: wider planes take the general kernel.
     const bool is2x2 = p.kernel_h == 2 && p.kernel_w == 2 && p.stride_h == 2 && p.stride_w == 2 &&
                        p.pad_h == 0 && p.pad_w == 0 && p.dilation_h == 1 && p.dilation_w == 1 &&
@@ -246,7 +283,7 @@ void max_pool2d_forward(T* output, int64_t* indices, const T* input, const Pool2
                     done = true;
                 }
             if (!done) detail::max_pool2x2_plane(out, idx, in, d.W, P0, Q0, d.Q);
-            if (edges) max_pool_edges(out, idx, in, d, P0, Q0);
+            if (edges) detail::max_pool2x2_edges(out, idx, in, d.H, d.W, d.P, d.Q);
         }
     });
 }
