@@ -145,13 +145,7 @@ cnnbp::Pool2dParams pool_params(const char* op, const py::handle& kernel_size,
     auto k = parse_pair(op, "kernel_size", kernel_size);
     auto s = stride.is_none() ? k : parse_pair(op, "stride", stride);  // torch: stride = kernel
     auto p = parse_pair(op, "padding", padding);
-    cnnbp::Pool2dParams params{};
-    params.kernel_h = k[0];
-    params.kernel_w = k[1];
-    params.stride_h = s[0];
-    params.stride_w = s[1];
-    params.pad_h = p[0];
-    params.pad_w = p[1];
+    cnnbp::Pool2dParams params = cnnbp::pool2d_window(k, s, p);
     if (!options.dilation.is_none()) {
         const auto d = parse_pair(op, "dilation", options.dilation);
         params.dilation_h = d[0];

@@ -243,15 +243,8 @@ const Tensor<T>& Linear<T>::backward(const Tensor<T>& grad_output) {
 
 template <typename T>
 Pool2d<T>::Pool2d(const Config& arguments) : Layer<T>(arguments) {
-    const auto kernel = arguments.pair("kernel_size"), stride = arguments.pair("stride"),
-               padding = arguments.pair("padding");
-    params = Pool2dParams{};
-    params.kernel_h = kernel[0];
-    params.kernel_w = kernel[1];
-    params.stride_h = stride[0];
-    params.stride_w = stride[1];
-    params.pad_h = padding[0];
-    params.pad_w = padding[1];
+    params = pool2d_window(arguments.pair("kernel_size"), arguments.pair("stride"),
+                           arguments.pair("padding"));
     // the options each pool declares (MaxPool2d: dilation; AvgPool2d: count_include_pad,
     // divisor_override); the others keep the struct's defaults
     if (arguments.has("dilation")) {

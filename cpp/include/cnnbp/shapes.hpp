@@ -7,6 +7,7 @@
 // P/Q output height/width, R/S filter height/width.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
@@ -86,6 +87,19 @@ struct Pool2dParams {
     bool count_include_pad = true;            // avg_pool2d only: padding counts in the divisor
     std::optional<int64_t> divisor_override;  // avg_pool2d only: a nonzero divisor
 };
+
+// The window's params from (h, w) pairs, every option at its default.
+inline Pool2dParams pool2d_window(std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
+                                  std::array<int64_t, 2> padding) {
+    Pool2dParams params{};
+    params.kernel_h = kernel[0];
+    params.kernel_w = kernel[1];
+    params.stride_h = stride[0];
+    params.stride_w = stride[1];
+    params.pad_h = padding[0];
+    params.pad_w = padding[1];
+    return params;
+}
 
 struct Pool2dDims {
     int64_t N, C, H, W;  // input (N, C, H, W)
