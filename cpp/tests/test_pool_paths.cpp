@@ -258,25 +258,27 @@ TEST_CASE("max_pool2d 2x2 backward writes the scatter's bits or declines (double
     check_backward_paths<double>(4);
 }
 
+// max_pool2d_forward against the plain loop on tricky values, bit for bit, indices too
+template <typename T>
+void check_max_pool_rule(const Pool2dDims& d, unsigned seed) {
+    const auto x = tricky_values<T>(size_t(d.N * d.C * d.H * d.W), seed);
+    std::vector<T> y(size_t(d.N * d.C * d.P * d.Q)), want_y(y.size());
+    std::vector<int64_t> idx(y.size()), want_idx(y.size());
+    max_pool2d_forward(y.data(), idx.data(), x.data(), d);
+    plain_max_pool(want_y, want_idx, x, d);
+    CHECK(same_bits(y, want_y) && idx == want_idx);
+}
+
 TEST_CASE("max_pool2d ceil_mode: the 2x2 kernels and the partial windows match the rule") {
-    // a ceil_mode 2x2 pool of an odd size: the 2x2 kernels for the whole windows, the general
-    // kernel for the last row and column, the same bits and indices as the plain loop
+    // a ceil_mode 2x2 pool of an odd size: the 2x2 kernels for the whole windows, the edge
+    // loops for the last row and column, the same bits and indices as the plain loop
     unsigned seed = 50;
     for (auto [H, W] : kSizes) {
-        auto check = [&](auto tag) {
-            using T = decltype(tag);
-            const auto d = pool2d_dims("max_pool2d", {3, 1, H, W},
-                                       cnnbp_test::with_options({2, 2, 2, 2, 0, 0}, 1, true));
-            CHECK(d.P == (H + 1) / 2 && d.Q == (W + 1) / 2);
-            const auto x = tricky_values<T>(size_t(3 * H * W), seed++);
-            std::vector<T> y(size_t(3 * d.P * d.Q)), want_y(y.size());
-            std::vector<int64_t> idx(y.size()), want_idx(y.size());
-            max_pool2d_forward(y.data(), idx.data(), x.data(), d);
-            plain_max_pool(want_y, want_idx, x, d);
-            CHECK(same_bits(y, want_y) && idx == want_idx);
-        };
-        check(float{});
-        check(double{});
+        const auto d = pool2d_dims("max_pool2d", {3, 1, H, W},
+                                   cnnbp_test::with_options({2, 2, 2, 2, 0, 0}, 1, true));
+        CHECK(d.P == (H + 1) / 2 && d.Q == (W + 1) / 2);
+        check_max_pool_rule<float>(d, seed++);
+        check_max_pool_rule<double>(d, seed++);
     }
 }
 
@@ -284,17 +286,8 @@ TEST_CASE("max_pool2d with dilation and ceil_mode equals torch's loop bit for bi
     unsigned seed = 150;
     for (const auto& c : cnnbp_test::max_pool_option_cases()) {
         const auto d = pool2d_dims("max_pool2d", c.x, c.params);
-        auto check = [&](auto tag) {
-            using T = decltype(tag);
-            const auto x = tricky_values<T>(size_t(numel(c.x)), seed++);
-            std::vector<T> y(size_t(d.N * d.C * d.P * d.Q)), want_y(y.size());
-            std::vector<int64_t> idx(y.size()), want_idx(y.size());
-            max_pool2d_forward(y.data(), idx.data(), x.data(), d);
-            plain_max_pool(want_y, want_idx, x, d);
-            CHECK(same_bits(y, want_y) && idx == want_idx);
-        };
-        check(float{});
-        check(double{});
+        check_max_pool_rule<float>(d, seed++);
+        check_max_pool_rule<double>(d, seed++);
     }
 }
 
