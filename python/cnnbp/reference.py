@@ -274,15 +274,8 @@ def _avg_divisor(p, q, H, W, kh, kw, sh, sw, ph, pw, count_include_pad, divisor_
     return (min(h1, H) - max(h0, 0)) * (min(w1, W) - max(w0, 0))
 
 
-def avg_pool2d(
-    x,
-    kernel_size,
-    stride=None,
-    padding=0,
-    ceil_mode=False,
-    count_include_pad=True,
-    divisor_override=None,
-):
+def avg_pool2d(x, kernel_size, stride=None, padding=0,
+               ceil_mode=False, count_include_pad=True, divisor_override=None):  # fmt: skip
     """y[n, c, p, q] = sum of the kh x kw window of xpad at (p*sh, q*sw) / divisor.
 
     Padding is zeros; the divisor is _avg_divisor's (torch's rule). With ceil_mode a last
@@ -307,16 +300,8 @@ def avg_pool2d(
     return _out(y)
 
 
-def avg_pool2d_backward(
-    dy,
-    x_shape,
-    kernel_size,
-    stride=None,
-    padding=0,
-    ceil_mode=False,
-    count_include_pad=True,
-    divisor_override=None,
-):
+def avg_pool2d_backward(dy, x_shape, kernel_size, stride=None, padding=0,
+                        ceil_mode=False, count_include_pad=True, divisor_override=None):  # fmt: skip
     """Gradient of avg_pool2d with respect to its input x.
 
     Inverts:
