@@ -658,7 +658,8 @@ CrossEntropyArgs cross_entropy_args(const char* op, const py::handle& z_obj,
     args.logits = z;
     args.dtype = dtype;
     py::array target = as_array(op, "labels", target_obj);
-    const bool probabilities = target.dtype().kind() == 'f';
+    // floats of the logits' shape are class probabilities; any other target is class indices
+    const bool probabilities = target.dtype().kind() == 'f' && shape_of(target) == shape_of(z);
     if (probabilities) {
         check_dtype(op, "target", target, dtype);
         args.target_values = target;

@@ -31,9 +31,10 @@ template <typename T>
 double binary_cross_entropy_with_logits_forward(const T* z, const T* y, int64_t count) {
     double sum = 0;
     for (int64_t i = 0; i < count; ++i)
-        // log(1 + exp(-|z|)) never overflows; max(z, 0) - z*y restores the sign
-        sum +=
-            double(std::max(z[i], T(0)) - z[i] * y[i] + T(std::log1p(std::exp(-std::abs(z[i])))));
+        // torch's (1 - y) z - log sigmoid(z), with -log sigmoid(z) = log(1 + exp(-z)) written
+        // as log(1 + exp(-|z|)) + max(-z, 0): never overflows
+        sum += double((T(1) - y[i]) * z[i] + T(std::log1p(std::exp(-std::abs(z[i])))) +
+                      std::max(-z[i], T(0)));
     return sum / double(count);
 }
 
@@ -158,10 +159,11 @@ void binary_cross_entropy_with_logits_backward(T* dz, const T* z, const T* y, co
                                                double grad) {
     const GradOfLoss<T> g(grad_output, grad, double(count), reduction);
     for (int64_t i = 0; i < count; ++i) {
-        // d softplus(-z) / dz = -sigmoid(-z)
-        const T sigmoid_neg = T(1) / (T(1) + std::exp(z[i]));
-        const T log_weight = pos_weight ? T(1) + (pos_weight[i] - T(1)) * y[i] : T(1);
-        T d = (T(1) - y[i]) - log_weight * sigmoid_neg;
+        // (1 - y) - log_weight * sigmoid(-z), written as torch does:
+        // (1 + (p - 1) y) sigmoid(z) - p y
+        const T sigmoid = T(1) / (T(1) + std::exp(-z[i]));
+        T d = pos_weight ? (T(1) + (pos_weight[i] - T(1)) * y[i]) * sigmoid - pos_weight[i] * y[i]
+                         : sigmoid - y[i];
         if (weight) d *= weight[i];
         dz[i] = T(g[i]) * d;
     }

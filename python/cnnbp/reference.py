@@ -561,7 +561,8 @@ def binary_cross_entropy_with_logits_backward(
 
     Inverts:
         l = w * ((1 - y) z + log_weight * log(1 + exp(-z)))
-    d log(1 + exp(-z))/dz = -sigmoid(-z), so dl/dz = w * ((1 - y) - log_weight sigmoid(-z)),
+    d log(1 + exp(-z))/dz = -sigmoid(-z) = sigmoid(z) - 1, so
+    dl/dz = w * ((1 - y) + log_weight (sigmoid(z) - 1)) = w * (log_weight sigmoid(z) - p y),
     which is sigmoid(z) - y when w = p = 1; times dL/dl (1/numel for the mean).
     """
     z = _f64(z)
@@ -570,7 +571,7 @@ def binary_cross_entropy_with_logits_backward(
     p = _weight_like(pos_weight, z.shape)
     log_weight = 1.0 + (p - 1.0) * y
     g = _grad_of_loss(grad_output, reduction, z.shape)
-    return _out(g * w * ((1.0 - y) - log_weight * sigmoid(-z)))
+    return _out(g * w * (log_weight * sigmoid(z) - p * y))
 
 
 def _cross_entropy_parts(logits, target, weight, ignore_index, label_smoothing):

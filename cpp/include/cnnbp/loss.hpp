@@ -24,8 +24,8 @@ double binary_cross_entropy_forward(const T* a, const T* y, int64_t count);
 template <typename T>
 void binary_cross_entropy_backward(T* da, const T* a, const T* y, int64_t count);
 
-// Binary cross-entropy on logits z, computed stably:
-//   L = mean( max(z, 0) - z * y + log(1 + exp(-|z|)) )
+// Binary cross-entropy on logits z, computed stably (torch's (1 - y) z - log sigmoid(z)):
+//   L = mean( (1 - y) z + log(1 + exp(-|z|)) + max(-z, 0) )
 template <typename T>
 double binary_cross_entropy_with_logits_forward(const T* z, const T* y, int64_t count);
 // dz = (sigmoid(z) - y) / count   -- the derivation's dL/dZ2 = A2 - Y
@@ -60,7 +60,7 @@ template <typename T>
 double binary_cross_entropy_with_logits_forward(T* losses, const T* z, const T* y, const T* weight,
                                                 const T* pos_weight, int64_t count,
                                                 Reduction reduction);
-// dz_i = g_i * weight_i * ((1 - y) - (1 + (p - 1) y) * sigmoid(-z))
+// dz_i = g_i * weight_i * ((1 + (p - 1) y) * sigmoid(z) - p y)
 template <typename T>
 void binary_cross_entropy_with_logits_backward(T* dz, const T* z, const T* y, const T* weight,
                                                const T* pos_weight, int64_t count,
