@@ -587,7 +587,7 @@ def _cross_entropy_parts(logits, target, weight, ignore_index, label_smoothing):
     zs = z - z.max(axis=1, keepdims=True)  # stable: exp(zs) <= 1
     log_p = zs - np.log(np.exp(zs).sum(axis=1, keepdims=True))  # log_softmax (M, K)
     target = np.asarray(target)
-    if target.dtype.kind == "f":  # class probabilities of logits' shape
+    if target.dtype.kind == "f" and target.shape == np.shape(logits):  # class probabilities
         probabilities = np.moveaxis(_f64(target), 1, -1).reshape(-1, K)
         t = (1.0 - eps) * probabilities + eps / K
         counted = np.ones(len(z), dtype=bool)
