@@ -440,14 +440,8 @@ py::tuple linear_backward(const py::handle& dy_obj, const py::handle& x_obj,
 
 // ---- losses ------------------------------------------------------------------------------
 
-// The options every loss shares: reduction (a str) and the optional weight arrays.
-cnnbp::Reduction reduction_arg(const char* op, const py::handle& obj) {
-    if (!py::isinstance<py::str>(obj))
-        throw std::invalid_argument(std::string("[") + op +
-                                    "] reduction: expected 'mean', 'sum' or 'none', got " +
-                                    std::string(py::repr(obj)));
-    return cnnbp::parse_reduction(op, obj.cast<std::string>());
-}
+// The options every loss shares: reduction (arrays.hpp's reduction_arg) and optional
+// weight arrays.
 
 // An optional array of the call's dtype: None, or the array.
 py::object optional_array(const char* op, const char* name, const py::handle& obj, DType dtype) {

@@ -577,14 +577,6 @@ std::optional<Tensor<double>> loss_weight(const char* op, const char* name, cons
                           std::vector<double>(values.data(), values.data() + values.size()));
 }
 
-cnnbp::Reduction loss_reduction(const char* op, const py::handle& obj) {
-    if (!py::isinstance<py::str>(obj))
-        throw std::invalid_argument(std::string("[") + op +
-                                    "] reduction: expected 'mean', 'sum' or 'none', got " +
-                                    std::string(py::repr(obj)));
-    return cnnbp::parse_reduction(op, obj.cast<std::string>());
-}
-
 template <typename T>
 void bind_losses(py::module_& m) {
     using Lo = Loss<T>;
@@ -613,7 +605,7 @@ void bind_losses(py::module_& m) {
                  const char* op = "BCELoss";
                  return std::make_shared<BCELoss<T>>(BCELossOptions()
                                                          .weight(loss_weight(op, "weight", weight))
-                                                         .reduction(loss_reduction(op, reduction)));
+                                                         .reduction(reduction_arg(op, reduction)));
              }),
              arg("weight") = py::none(), arg("reduction") = "mean");
     py::class_<BCEWithLogitsLoss<T>, Lo, std::shared_ptr<BCEWithLogitsLoss<T>>>(
@@ -625,7 +617,7 @@ void bind_losses(py::module_& m) {
                      BCEWithLogitsLossOptions()
                          .weight(loss_weight(op, "weight", weight))
                          .pos_weight(loss_weight(op, "pos_weight", pos_weight))
-                         .reduction(loss_reduction(op, reduction)));
+                         .reduction(reduction_arg(op, reduction)));
              }),
              arg("weight") = py::none(), arg("reduction") = "mean", arg("pos_weight") = py::none());
     py::class_<CrossEntropyLoss<T>, Lo, std::shared_ptr<CrossEntropyLoss<T>>>(
@@ -637,7 +629,7 @@ void bind_losses(py::module_& m) {
                      CrossEntropyLossOptions()
                          .weight(loss_weight(op, "weight", weight))
                          .ignore_index(ignore_index)
-                         .reduction(loss_reduction(op, reduction))
+                         .reduction(reduction_arg(op, reduction))
                          .label_smoothing(label_smoothing));
              }),
              arg("weight") = py::none(), arg("ignore_index") = -100, arg("reduction") = "mean",
