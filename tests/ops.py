@@ -918,6 +918,16 @@ def cross_entropy_errors():
                 f"[{fn}] labels: expected class indices in [0, 4), got -100 at position 1",
             )
         )
+        cases.append(
+            Bad(
+                fn,
+                (z, np.full((3, 4), 0.25)),
+                {"ignore_index": 0},
+                ValueError,
+                f"[{fn}] ignore_index: expected -100 (none) with class probabilities as the "
+                "target, got 0",
+            )
+        )
         # probabilities: floats of the logits' shape and dtype
         cases.append(
             Bad(

@@ -663,6 +663,7 @@ CrossEntropyArgs cross_entropy_args(const char* op, const py::handle& z_obj,
     args.dims = cnnbp::cross_entropy_dims(op, shape_of(z), shape_of(target), probabilities);
     args.params = cnnbp::cross_entropy_params(op, reduction_arg(op, reduction), ignore_index,
                                               label_smoothing);
+    cnnbp::check_ignore_index(op, args.dims, args.params);
     args.weight = optional_array(op, "weight", weight_obj, dtype);
     if (!args.weight.is_none())
         cnnbp::check_class_weight(op, args.dims, shape_of(as_given(args.weight)));

@@ -768,6 +768,7 @@ double CrossEntropyLoss<T>::forward(const Tensor<T>& input, const Tensor<T>& tar
                                     shape_str(input.shape) + ", got floats of shape " +
                                     shape_str(target.shape));
     dims_ = cross_entropy_dims(this->op(), input.shape, target.shape, true);
+    check_ignore_index(this->op(), dims_, params_);
     if (weight_) check_class_weight(this->op(), dims_, weight_->shape);
     this->keep(input);
     this->keep_target(target);

@@ -503,6 +503,13 @@ CrossEntropyDims cross_entropy_dims(const char* op, const Shape& logits, const S
     return d;
 }
 
+void check_ignore_index(const char* op, const CrossEntropyDims& dims,
+                        const CrossEntropyParams& params) {
+    if (dims.probabilities && params.ignore_index != -100)
+        fail(op, "ignore_index: expected -100 (none) with class probabilities as the target, got " +
+                     std::to_string(params.ignore_index));
+}
+
 void check_class_weight(const char* op, const CrossEntropyDims& dims, const Shape& weight) {
     if (weight.size() != 1 || weight[0] != dims.K)
         fail(op, "weight: expected shape (" + std::to_string(dims.K) +

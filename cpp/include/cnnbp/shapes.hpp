@@ -175,6 +175,9 @@ struct CrossEntropyDims {
 // probabilities) a target of logits' shape.
 CrossEntropyDims cross_entropy_dims(const char* op, const Shape& logits, const Shape& labels,
                                     bool probabilities = false);
+// torch refuses an ignore_index other than the default -100 with class probabilities.
+void check_ignore_index(const char* op, const CrossEntropyDims& dims,
+                        const CrossEntropyParams& params);
 // weight: (K,), one per class
 void check_class_weight(const char* op, const CrossEntropyDims& dims, const Shape& weight);
 // Labels are class indices in [0, K), or ignore_index.
