@@ -30,11 +30,14 @@ void binary_cross_entropy_backward(T* da, const T* a, const T* y, int64_t count)
 template <typename T>
 double binary_cross_entropy_with_logits_forward(const T* z, const T* y, int64_t count) {
     double sum = 0;
-    for (int64_t i = 0; i < count; ++i)
-        // torch's (1 - y) z - log sigmoid(z), with -log sigmoid(z) = log(1 + exp(-z)) written
-        // as log(1 + exp(-|z|)) + max(-z, 0): never overflows
-        sum += double((T(1) - y[i]) * z[i] + T(std::log1p(std::exp(-std::abs(z[i])))) +
-                      std::max(-z[i], T(0)));
+    for (int64_t i = 0; i < count; ++i) {
+        // torch's (1 - y) z - log sigmoid(z) = (1 - y) z + log(1 + exp(-|z|)) + max(-z, 0),
+        // which never overflows, is max(z, 0) - z y + log(1 + exp(-|z|)) for finite z (the
+        // faster form here); at z = +-inf torch's form gives inf where this one gives nan
+        T loss = std::max(z[i], T(0)) - z[i] * y[i] + T(std::log1p(std::exp(-std::abs(z[i]))));
+        if (std::isinf(z[i])) loss = (T(1) - y[i]) * z[i] + std::max(-z[i], T(0));
+        sum += double(loss);
+    }
     return sum / double(count);
 }
 
