@@ -257,3 +257,20 @@ def test_cross_entropy_on_every_label_ignored_is_torchs():
     assert np.isnan(torch.nn.functional.cross_entropy(torch.tensor(z), torch.tensor(labels)).item())
     assert F.cross_entropy(z, labels, reduction="sum") == 0.0
     np.testing.assert_array_equal(F.cross_entropy_backward(z, labels), np.zeros((3, 4)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("pos_weight", [None, 2.0], ids=["plain", "pos_weight"])
+def test_binary_cross_entropy_with_logits_at_infinite_logits_is_torchs(pos_weight, dtype):
+    # torch computes (1 - y) z - log sigmoid(z): inf for z = +inf and y < 1, nan for y = 1
+    torch = pytest.importorskip("torch")
+    z = np.array([np.inf, np.inf, np.inf, -np.inf, -np.inf, -np.inf, 0.0], dtype)
+    y = np.array([0.0, 0.3, 1.0, 0.0, 0.3, 1.0, 0.5], dtype)
+    pw = None if pos_weight is None else np.full(7, pos_weight, dtype)
+    tpw = None if pw is None else torch.tensor(pw)
+    for reduction in REDUCTIONS:
+        want = torch.nn.functional.binary_cross_entropy_with_logits(
+            torch.tensor(z), torch.tensor(y), pos_weight=tpw, reduction=reduction
+        )
+        got = F.binary_cross_entropy_with_logits(z, y, pos_weight=pw, reduction=reduction)
+        np.testing.assert_array_equal(got, want.numpy(), err_msg=reduction)
