@@ -160,7 +160,7 @@ class Op:
     def objective(self, s):
         """The scalar whose gradient backward gives: the loss, or sum(output * dy)."""
         out = self.forward(F, s)
-        if self.loss:
+        if self.loss and s.get("dy") is None:  # a reduced loss, dL/d(loss) = 1
             return out
         return float(np.sum(np.asarray(out[0] if isinstance(out, tuple) else out) * s.dy))
 
@@ -810,32 +810,144 @@ FLATTEN = Op(
 
 
 # ---------------------------------------------------------------------------------------
-# losses: means, returned as Python floats; the backward gives dL/dinput
+# losses: torch's options; a reduced loss is a Python float, reduction='none' an array.
+# A sample's dy is the backward's grad_output: None (1) for most reduced cases, a number
+# for some, an array of the loss's shape for 'none'.
 # ---------------------------------------------------------------------------------------
 
 LOSS_SHAPES = [(1, 1), (4, 1), (3, 5), (2, 3, 4)]
 LOSS_THREADS = [(4096, 40)]
+# (shape, weight's shape or None, reduction), beyond torch's defaults
+LOSS_OPTIONS = [
+    ((3, 5), (5,), "mean"),  # one weight per class (the last dim)
+    ((3, 5), (3, 1), "sum"),  # one per row
+    ((2, 3, 4), (2, 3, 4), "mean"),  # one per element
+    ((2, 3, 4), None, "none"),
+    ((2, 3, 4), (3, 1), "none"),
+    ((4, 1), None, "sum"),
+]
+
+
+def loss_options(rng, dtype, shape, weight_shape, reduction, loss_shape=None):
+    """The weight (or None), the reduction and dy (grad_output) of a loss sample."""
+    w = None if weight_shape is None else rng.uniform(0.2, 2.0, weight_shape).astype(dtype)
+    if reduction == "none":
+        dy = rng.standard_normal(shape if loss_shape is None else loss_shape).astype(dtype)
+    else:
+        dy = 0.75 if reduction == "sum" else None
+    return dict(w=w, reduction=reduction, dy=dy)
 
 
 def make_bce(case, dtype, rng, values):
-    shape, hard = case
+    shape, hard, weight_shape, reduction = case
     a = rng.uniform(0.05, 0.95, shape) if values == "smooth" else rng.uniform(0.01, 0.99, shape)
     y = rng.integers(0, 2, shape) if hard else rng.uniform(0, 1, shape)
-    return Sample(a=a.astype(dtype), y=y.astype(dtype))
+    options = loss_options(rng, dtype, shape, weight_shape, reduction)
+    return Sample(a=a.astype(dtype), y=y.astype(dtype), **options)
 
 
-def make_bce_with_logits(shape, dtype, rng, values):
+def make_bce_with_logits(case, dtype, rng, values):
+    shape, weight_shape, pos_weight_shape, reduction = case
     z = fill(rng, shape, dtype, "smooth" if values == "smooth" else "normal", 4.0)
-    return Sample(z=z, y=rng.uniform(0, 1, shape).astype(dtype))
+    options = loss_options(rng, dtype, shape, weight_shape, reduction)
+    pw = None
+    if pos_weight_shape is not None:
+        pw = rng.uniform(0.2, 3.0, pos_weight_shape).astype(dtype)
+    return Sample(z=z, y=rng.uniform(0, 1, shape).astype(dtype), pw=pw, **options)
 
 
-def make_cross_entropy(NK, dtype, rng, values):
-    z = fill(rng, NK, dtype, "normal", 3.0)
-    return Sample(z=z, labels=rng.integers(0, NK[1], NK[0]))
+# (logits' shape, target, weighted, reduction, label_smoothing, ignore_index): target is
+# "index" (class indices), "some" (every other one ignore_index), "all" (every one) or
+# "probs" (class probabilities)
+CROSS_ENTROPY_OPTIONS = [
+    ((6, 5), "index", True, "mean", 0.0, -100),
+    ((6, 5), "index", False, "sum", 0.0, -100),
+    ((6, 5), "index", True, "none", 0.0, -100),
+    ((6, 5), "some", True, "mean", 0.0, -100),
+    ((6, 5), "some", False, "mean", 0.0, 2),  # a class index as ignore_index
+    ((6, 5), "all", False, "sum", 0.0, -100),
+    ((6, 5), "all", True, "none", 0.1, -100),
+    ((6, 5), "index", False, "mean", 0.1, -100),
+    ((6, 5), "some", True, "mean", 0.3, -100),  # smoothing with weights and ignored labels
+    ((6, 5), "probs", False, "mean", 0.0, -100),
+    ((6, 5), "probs", True, "sum", 0.2, -100),
+    ((2, 3, 4), "index", False, "mean", 0.0, -100),  # spatial: (N, K, d1)
+    ((2, 3, 4, 2), "some", True, "none", 0.2, -100),  # (N, K, d1, d2)
+    ((2, 3, 4, 2), "index", True, "mean", 0.1, -100),
+    ((2, 4, 3), "probs", True, "none", 0.1, -100),
+    ((1, 1), "index", True, "sum", 0.5, -100),
+]
 
 
-def binary_loss_errors(op):
-    """Shape errors of the losses whose target has the input's shape."""
+def make_cross_entropy(case, dtype, rng, values):
+    if len(case) == 2:  # (N, K) with torch's defaults
+        case = (case, "index", False, "mean", 0.0, -100)
+    shape, target, weighted, reduction, label_smoothing, ignore_index = case
+    z = fill(rng, shape, dtype, "normal", 3.0)
+    K, loss_shape = shape[1], shape[:1] + shape[2:]
+    if target == "probs":
+        labels = rng.uniform(0, 1, shape)
+        labels = (labels / labels.sum(axis=1, keepdims=True)).astype(dtype)
+    else:
+        labels = rng.integers(0, K, loss_shape)
+        if target == "some":
+            labels.reshape(-1)[::2] = ignore_index
+        elif target == "all":
+            labels[...] = ignore_index
+    options = loss_options(rng, dtype, shape, (K,) if weighted else None, reduction, loss_shape)
+    return Sample(
+        z=z,
+        labels=labels,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        **options,
+    )
+
+
+def loss_option_errors(op, pos_weight=False):
+    """The options' errors: reduction, weight (and pos_weight) shapes, grad_output."""
+    z = np.full((3, 5), 0.5)
+    weights = [("weight", "w")] + ([("pos_weight", "pw")] if pos_weight else [])
+    cases = []
+    for fn in (op, op + "_backward"):
+        for reduction, shown in (("avg", "'avg'"), ("Mean", "'Mean'"), (None, "None"), (1, "1")):
+            what = f"reduction: expected 'mean', 'sum' or 'none', got {shown}"
+            cases.append(Bad(fn, (z, z), {"reduction": reduction}, ValueError, f"[{fn}] {what}"))
+        for name, _ in weights:
+            for shape in ((3,), (2, 5), (1, 3, 5), (5, 3)):
+                what = (
+                    f"{name}: expected a shape that broadcasts to (3, 5) (input's), "
+                    f"got shape {shape}"
+                )
+                cases.append(Bad(fn, (z, z), {name: np.ones(shape)}, ValueError, f"[{fn}] {what}"))
+            message = f"[{fn}] {name}: expected float64 like the first array argument, got float32"
+            cases.append(Bad(fn, (z, z), {name: np.ones(5, np.float32)}, TypeError, message))
+    fn = op + "_backward"
+    for kwargs, what in [
+        (
+            {"reduction": "none"},
+            "grad_output: expected an array of shape (3, 5) (the loss's, reduction='none'), "
+            "got None",
+        ),
+        (
+            {"reduction": "none", "grad_output": np.ones(5)},
+            "grad_output: expected shape (3, 5) (the loss's), got shape (5,)",
+        ),
+        (
+            {"grad_output": np.ones(3)},
+            "grad_output: expected a number (the loss is reduced), got shape (3,)",
+        ),
+        (
+            {"reduction": "sum", "grad_output": "1"},
+            "grad_output: expected a number (the loss is reduced), got '1'",
+        ),
+    ]:
+        cases.append(Bad(fn, (z, z), kwargs, ValueError, f"[{fn}] {what}"))
+    return cases
+
+
+def binary_loss_errors(op, pos_weight=False):
+    """Shape errors of the losses whose target has the input's shape, and their options'."""
     cases = []
     for fn in (op, op + "_backward"):
         for a, y, what in [
@@ -845,7 +957,7 @@ def binary_loss_errors(op):
             ((2, 0), (2, 0), "input: expected at least one element, got shape (2, 0)"),
         ]:
             cases.append(Bad(fn, (np.full(a, 0.5), np.ones(y)), {}, ValueError, f"[{fn}] {what}"))
-    return cases
+    return cases + loss_option_errors(op, pos_weight)
 
 
 def cross_entropy_errors():
@@ -860,27 +972,117 @@ def cross_entropy_errors():
             )
             cases.append(Bad(fn, (z, labels), {}, ValueError, message))
         for logits, labels, what in [
-            ((4,), 1, "logits: expected 2 dims (N, K), got shape (4,)"),
-            ((1, 3, 4), 1, "logits: expected 2 dims (N, K), got shape (1, 3, 4)"),
+            ((4,), 1, "logits: expected 2 dims (N, K) or more (N, K, d1, ...), got shape (4,)"),
+            ((), 1, "logits: expected 2 dims (N, K) or more (N, K, d1, ...), got shape ()"),
             ((0, 4), 0, "logits: expected every dim >= 1, got shape (0, 4)"),
             ((3, 0), 3, "logits: expected every dim >= 1, got shape (3, 0)"),
+            ((2, 3, 0), (2, 0), "logits: expected every dim >= 1, got shape (2, 3, 0)"),
+            (
+                (1, 3, 4),
+                1,
+                "labels: expected shape (1, 4) (logits' without the class dim), got shape (1,)",
+            ),
+            (
+                (2, 3, 4, 5),
+                (2, 5, 4),
+                "labels: expected shape (2, 4, 5) (logits' without the class dim), "
+                "got shape (2, 5, 4)",
+            ),
         ]:
             args = (np.zeros(logits), np.zeros(labels, np.int64))
             cases.append(Bad(fn, args, {}, ValueError, f"[{fn}] {what}"))
+        labels = np.array([0, 1, 3])
+        for kwargs, what in [
+            (
+                {"weight": np.ones(3)},
+                "weight: expected shape (4,) (one weight per class), got shape (3,)",
+            ),
+            (
+                {"weight": np.ones((1, 4))},
+                "weight: expected shape (4,) (one weight per class), got shape (1, 4)",
+            ),
+            ({"label_smoothing": 1.5}, "label_smoothing: expected a number in [0, 1], got 1.5"),
+            ({"label_smoothing": -0.1}, "label_smoothing: expected a number in [0, 1], got -0.1"),
+            ({"label_smoothing": np.nan}, "label_smoothing: expected a number in [0, 1], got nan"),
+            ({"reduction": "avg"}, "reduction: expected 'mean', 'sum' or 'none', got 'avg'"),
+            ({"ignore_index": 1}, "labels: expected class indices in [0, 4), got 4 at position 2"),
+        ]:
+            bad_labels = np.array([0, 1, 4]) if "ignore_index" in kwargs else labels
+            cases.append(Bad(fn, (z, bad_labels), kwargs, ValueError, f"[{fn}] {what}"))
+        # ignore_index moved to a class: the default's -100 is then out of range
+        cases.append(
+            Bad(
+                fn,
+                (z, np.array([0, -100, 1])),
+                {"ignore_index": 0},
+                ValueError,
+                f"[{fn}] labels: expected class indices in [0, 4), got -100 at position 1",
+            )
+        )
+        cases.append(
+            Bad(
+                fn,
+                (z, np.full((3, 4), 0.25)),
+                {"ignore_index": 0},
+                ValueError,
+                f"[{fn}] ignore_index: expected -100 (none) with class probabilities as the "
+                "target, got 0",
+            )
+        )
+        # probabilities: floats of the logits' shape and dtype
+        cases.append(
+            Bad(
+                fn,
+                (z, np.full((3, 4), 0.25, np.float32)),
+                {},
+                TypeError,
+                f"[{fn}] target: expected float64 like the first array argument, got float32",
+            )
+        )
+        cases.append(
+            Bad(
+                fn,
+                (z, np.full((3, 2), 0.25)),
+                {},
+                TypeError,
+                f"[{fn}] labels: expected an integer array, got float64",
+            )
+        )
+    fn = "cross_entropy_backward"
+    for kwargs, what in [
+        (
+            {"reduction": "none"},
+            "grad_output: expected an array of shape (3,) (the loss's, reduction='none'), got None",
+        ),
+        (
+            {"reduction": "none", "grad_output": np.ones((3, 4))},
+            "grad_output: expected shape (3,) (the loss's), got shape (3, 4)",
+        ),
+        (
+            {"grad_output": np.ones(3)},
+            "grad_output: expected a number (the loss is reduced), got shape (3,)",
+        ),
+    ]:
+        cases.append(Bad(fn, (z, np.array([0, 1, 3])), kwargs, ValueError, f"[{fn}] {what}"))
     return cases
 
 
 BINARY_CROSS_ENTROPY = Op(
     "binary_cross_entropy",
     make_bce,
-    forward=lambda lib, s: lib.binary_cross_entropy(s.a, s.y),
-    backward=lambda lib, s: (lib.binary_cross_entropy_backward(s.a, s.y),),
+    forward=lambda lib, s: lib.binary_cross_entropy(s.a, s.y, s.w, s.reduction),
+    backward=lambda lib, s: (lib.binary_cross_entropy_backward(s.a, s.y, s.w, s.reduction, s.dy),),
     wrt=("a",),
-    forward_args=(Arg("a", "input"), Arg("y", "target")),
-    backward_args=(Arg("a", "input"), Arg("y", "target")),
-    cases=[(shape, hard) for shape in LOSS_SHAPES for hard in (False, True)],
-    big=[(shape, True) for shape in LOSS_THREADS],
-    threads=[(shape, True) for shape in LOSS_THREADS],
+    forward_args=(Arg("a", "input"), Arg("y", "target"), Arg("w", "weight", "optional")),
+    backward_args=(Arg("a", "input"), Arg("y", "target"), Arg("w", "weight", "optional")),
+    # cases[1] (the validation and array-contract tests' case) has every array argument
+    cases=[((1, 1), False, None, "mean"), ((3, 5), True, (5,), "mean")]
+    + [(shape, hard, None, "mean") for shape in LOSS_SHAPES for hard in (False, True)]
+    + [(shape, hard, w, r) for shape, w, r in LOSS_OPTIONS for hard in (False, True)],
+    big=[(shape, True, None, "mean") for shape in LOSS_THREADS]
+    + [(shape, True, (40,), "none") for shape in LOSS_THREADS],
+    threads=[(shape, True, None, "mean") for shape in LOSS_THREADS]
+    + [(shape, False, (1, 40), "sum") for shape in LOSS_THREADS],
     loss=True,
     errors=binary_loss_errors("binary_cross_entropy"),
 )
@@ -888,29 +1090,67 @@ BINARY_CROSS_ENTROPY = Op(
 BINARY_CROSS_ENTROPY_WITH_LOGITS = Op(
     "binary_cross_entropy_with_logits",
     make_bce_with_logits,
-    forward=lambda lib, s: lib.binary_cross_entropy_with_logits(s.z, s.y),
-    backward=lambda lib, s: (lib.binary_cross_entropy_with_logits_backward(s.z, s.y),),
+    forward=lambda lib, s: lib.binary_cross_entropy_with_logits(s.z, s.y, s.w, s.pw, s.reduction),
+    backward=lambda lib, s: (
+        lib.binary_cross_entropy_with_logits_backward(s.z, s.y, s.w, s.pw, s.reduction, s.dy),
+    ),
     wrt=("z",),
-    forward_args=(Arg("z", "input"), Arg("y", "target")),
-    backward_args=(Arg("z", "input"), Arg("y", "target")),
-    cases=LOSS_SHAPES,
-    big=LOSS_THREADS,
-    threads=LOSS_THREADS,
+    forward_args=(
+        Arg("z", "input"),
+        Arg("y", "target"),
+        Arg("w", "weight", "optional"),
+        Arg("pw", "pos_weight", "optional"),
+    ),
+    backward_args=(
+        Arg("z", "input"),
+        Arg("y", "target"),
+        Arg("w", "weight", "optional"),
+        Arg("pw", "pos_weight", "optional"),
+    ),
+    cases=[((1, 1), None, None, "mean"), ((3, 5), (3, 1), (5,), "mean")]
+    + [(shape, None, None, "mean") for shape in LOSS_SHAPES]
+    + [(shape, w, None, r) for shape, w, r in LOSS_OPTIONS]
+    + [
+        ((3, 5), None, (5,), "mean"),  # pos_weight along the last dim (the classes)
+        ((3, 5), (3, 1), (5,), "sum"),
+        ((2, 3, 4), None, (4,), "none"),
+        ((2, 3, 4), (4,), (3, 4), "mean"),
+        ((4, 1), None, (1,), "mean"),
+    ],
+    big=[(shape, None, None, "mean") for shape in LOSS_THREADS]
+    + [(shape, None, (40,), "none") for shape in LOSS_THREADS],
+    threads=[(shape, None, None, "mean") for shape in LOSS_THREADS]
+    + [(shape, (40,), (40,), "sum") for shape in LOSS_THREADS],
     loss=True,
-    errors=binary_loss_errors("binary_cross_entropy_with_logits"),
+    errors=binary_loss_errors("binary_cross_entropy_with_logits", pos_weight=True),
 )
 
 CROSS_ENTROPY = Op(
     "cross_entropy",
     make_cross_entropy,
-    forward=lambda lib, s: lib.cross_entropy(s.z, s.labels),
-    backward=lambda lib, s: (lib.cross_entropy_backward(s.z, s.labels),),
+    forward=lambda lib, s: lib.cross_entropy(
+        s.z, s.labels, s.w, s.ignore_index, s.reduction, s.label_smoothing
+    ),
+    backward=lambda lib, s: (
+        lib.cross_entropy_backward(
+            s.z, s.labels, s.w, s.ignore_index, s.reduction, s.label_smoothing, s.dy
+        ),
+    ),
     wrt=("z",),
-    forward_args=(Arg("z", "logits"), Arg("labels", "labels", "int")),
-    backward_args=(Arg("z", "logits"), Arg("labels", "labels", "int")),
-    cases=[(1, 1), (1, 2), (6, 5), (32, 10)],
-    big=LOSS_THREADS,
-    threads=LOSS_THREADS,
+    forward_args=(
+        Arg("z", "logits"),
+        Arg("labels", "labels", "int"),
+        Arg("w", "weight", "optional"),
+    ),
+    backward_args=(
+        Arg("z", "logits"),
+        Arg("labels", "labels", "int"),
+        Arg("w", "weight", "optional"),
+    ),
+    cases=[(1, 1), ((6, 5), "index", True, "mean", 0.0, -100), (1, 2), (6, 5), (32, 10)]
+    + CROSS_ENTROPY_OPTIONS,
+    big=LOSS_THREADS + [((64, 10, 8, 8), "some", True, "none", 0.1, -100)],
+    threads=LOSS_THREADS + [((64, 10, 8, 8), "probs", True, "mean", 0.1, -100)],
     loss=True,
     errors=cross_entropy_errors(),
 )

@@ -3,6 +3,7 @@ avg-pool bit for bit, tanh within its tolerance, dropout's function of its mask 
 torch's autograd and its keep rate against torch's."""
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -221,3 +222,174 @@ def test_pool_option_refusals_match_torch(dtype):
         torch.nn.functional.avg_pool2d(torch.tensor(x), 2, divisor_override=0)
     with pytest.raises(ValueError, match=r"^\[avg_pool2d\] divisor_override: expected a nonzero"):
         F.avg_pool2d(x, 2, divisor_override=0)
+
+
+# ---------------------------------------------------------------------------------------
+# losses: every option of torch's, every combination, forward and backward
+# ---------------------------------------------------------------------------------------
+
+# Against torch computing in the same dtype: float32 sums differ in their rounding (ours
+# are accumulated in double), so float32 is held to a few float32 ulps of the loss.
+LOSS_PARITY_TOL = {F64: 1e-12, F32: 1e-5}
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def loss_parity(torch, ours, ours_backward, theirs, input, args, kwargs, reduction, dtype):
+    """Our forward and backward against torch's forward and autograd, with a random
+    grad_output for reduction='none' and 0.5 for the reduced losses."""
+    it = torch.tensor(input, requires_grad=True)
+    targs = [None if a is None else torch.tensor(a) for a in args]
+    tkw = {k: (torch.tensor(v) if isinstance(v, np.ndarray) else v) for k, v in kwargs.items()}
+    out = theirs(it, *targs, reduction=reduction, **tkw)
+    if reduction == "none":
+        grad_output = rng_for("loss parity", str(out.shape)).standard_normal(out.shape)
+        grad_output = grad_output.astype(dtype)
+    else:
+        grad_output = 0.5
+    out.backward(torch.tensor(grad_output, dtype=out.dtype))
+    got = ours(input, *args, reduction=reduction, **kwargs)
+    if reduction == "none":
+        assert isinstance(got, np.ndarray) and got.dtype == dtype
+    else:
+        assert isinstance(got, float)
+    tol = LOSS_PARITY_TOL[dtype]
+    assert_close(got, out.detach().numpy(), tol, "loss")
+    grad = ours_backward(input, *args, reduction=reduction, grad_output=grad_output, **kwargs)
+    assert grad.dtype == dtype
+    assert_close(grad, it.grad.numpy(), tol, "grad")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weight_shape", [None, (5,), (4, 1), (4, 5), (1, 1)], ids=str)
+def test_binary_cross_entropy_options_match_torch(weight_shape, reduction, dtype):
+    torch = pytest.importorskip("torch")
+    rng = rng_for("bce parity", str(weight_shape), reduction)
+    a = rng.uniform(0.02, 0.98, (4, 5)).astype(dtype)
+    y = rng.uniform(0, 1, (4, 5)).astype(dtype)
+    w = None if weight_shape is None else rng.uniform(0.1, 2, weight_shape).astype(dtype)
+    loss_parity(
+        torch,
+        F.binary_cross_entropy,
+        F.binary_cross_entropy_backward,
+        torch.nn.functional.binary_cross_entropy,
+        a,
+        (y, w),
+        {},
+        reduction,
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("pos_weight_shape", [None, (5,), (1, 5), (3, 1, 5), (1,)], ids=str)
+@pytest.mark.parametrize("weight_shape", [None, (5,), (3, 4, 1)], ids=str)
+def test_binary_cross_entropy_with_logits_options_match_torch(
+    weight_shape, pos_weight_shape, reduction, dtype
+):
+    # pos_weight broadcasts along the last dim (the classes), as torch's
+    torch = pytest.importorskip("torch")
+    rng = rng_for("bce logits parity", str(weight_shape), str(pos_weight_shape), reduction)
+    z = (rng.standard_normal((3, 4, 5)) * 4).astype(dtype)
+    y = rng.choice([0.0, 1.0, 0.3], (3, 4, 5)).astype(dtype)
+    w = None if weight_shape is None else rng.uniform(0.1, 2, weight_shape).astype(dtype)
+    kwargs = {}
+    if pos_weight_shape is not None:
+        kwargs["pos_weight"] = rng.uniform(0.1, 4, pos_weight_shape).astype(dtype)
+    loss_parity(
+        torch,
+        F.binary_cross_entropy_with_logits,
+        F.binary_cross_entropy_with_logits_backward,
+        torch.nn.functional.binary_cross_entropy_with_logits,
+        z,
+        (y, w),
+        kwargs,
+        reduction,
+        dtype,
+    )
+
+
+def cross_entropy_target(rng, shape, kind, ignore_index, dtype):
+    """Class indices ("index"; "some" with every third one ignore_index; "all" with every
+    one) or class probabilities ("probs") for logits of `shape`."""
+    if kind == "probs":
+        p = rng.uniform(0, 1, shape)
+        return (p / p.sum(axis=1, keepdims=True)).astype(dtype)
+    labels = rng.integers(0, shape[1], shape[:1] + shape[2:])
+    if kind == "some":
+        labels.reshape(-1)[::3] = ignore_index
+    elif kind == "all":
+        labels[...] = ignore_index
+    return labels
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2, 1.0])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("kind", ["index", "some", "all", "probs"])
+@pytest.mark.parametrize("shape", [(6, 4), (1, 1), (2, 3, 5), (2, 4, 3, 2)], ids=str)
+@pytest.mark.parametrize("ignore_index", [-100, 1])
+def test_cross_entropy_options_match_torch(
+    ignore_index, shape, kind, weighted, label_smoothing, reduction, dtype
+):
+    # spatial targets, probabilities, ignore_index on some and on every label (nan for the
+    # mean, 0 for the sum, as torch), label smoothing with weights
+    torch = pytest.importorskip("torch")
+    key = (str(shape), kind, str(weighted), str(label_smoothing), reduction, str(ignore_index))
+    rng = rng_for("cross entropy parity", *key)
+    z = (rng.standard_normal(shape) * 3).astype(dtype)
+    target = cross_entropy_target(rng, shape, kind, ignore_index, dtype)
+    w = rng.uniform(0.1, 2, shape[1]).astype(dtype) if weighted else None
+    kwargs = dict(ignore_index=ignore_index, label_smoothing=label_smoothing)
+    if kind == "probs" and ignore_index != -100:  # refused by both
+        with pytest.raises(RuntimeError, match="ignore_index is not supported"):
+            torch.nn.functional.cross_entropy(torch.tensor(z), torch.tensor(target), **kwargs)
+        for fn in ("cross_entropy", "cross_entropy_backward"):
+            with pytest.raises(
+                ValueError,
+                match=re.escape(
+                    f"[{fn}] ignore_index: expected -100 (none) with class probabilities as "
+                    "the target, got 1"
+                ),
+            ):
+                getattr(F, fn)(z, target, w, **kwargs)
+        return
+    loss_parity(
+        torch,
+        F.cross_entropy,
+        F.cross_entropy_backward,
+        torch.nn.functional.cross_entropy,
+        z,
+        (target, w),
+        kwargs,
+        reduction,
+        dtype,
+    )
+
+
+def test_cross_entropy_on_every_label_ignored_is_torchs():
+    torch = pytest.importorskip("torch")
+    z, labels = np.zeros((3, 4)), np.full(3, -100)
+    assert np.isnan(F.cross_entropy(z, labels))
+    assert np.isnan(torch.nn.functional.cross_entropy(torch.tensor(z), torch.tensor(labels)).item())
+    assert F.cross_entropy(z, labels, reduction="sum") == 0.0
+    np.testing.assert_array_equal(F.cross_entropy_backward(z, labels), np.zeros((3, 4)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("pos_weight", [None, 2.0], ids=["plain", "pos_weight"])
+def test_binary_cross_entropy_with_logits_at_infinite_logits_is_torchs(pos_weight, dtype):
+    # torch computes (1 - y) z - log sigmoid(z): inf for z = +inf and y < 1, nan for y = 1
+    torch = pytest.importorskip("torch")
+    z = np.array([np.inf, np.inf, np.inf, -np.inf, -np.inf, -np.inf, 0.0], dtype)
+    y = np.array([0.0, 0.3, 1.0, 0.0, 0.3, 1.0, 0.5], dtype)
+    pw = None if pos_weight is None else np.full(7, pos_weight, dtype)
+    tpw = None if pw is None else torch.tensor(pw)
+    for reduction in REDUCTIONS:
+        want = torch.nn.functional.binary_cross_entropy_with_logits(
+            torch.tensor(z), torch.tensor(y), pos_weight=tpw, reduction=reduction
+        )
+        got = F.binary_cross_entropy_with_logits(z, y, pos_weight=pw, reduction=reduction)
+        np.testing.assert_array_equal(got, want.numpy(), err_msg=reduction)

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <array>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -98,6 +99,16 @@ inline py::array_t<int64_t, py::array::c_style> as_int64(const char* op, const c
         return py::reinterpret_borrow<py::array_t<int64_t, py::array::c_style>>(arr);
     // the converting constructor raises where ensure() would return a null array
     return py::array_t<int64_t, py::array::c_style | py::array::forcecast>(arr);
+}
+
+// A loss's reduction: the str "mean", "sum" or "none"; anything else a ValueError
+// "[op] reduction: expected 'mean', 'sum' or 'none', got <repr>".
+inline cnnbp::Reduction reduction_arg(const char* op, const py::handle& obj) {
+    if (!py::isinstance<py::str>(obj))
+        throw std::invalid_argument(std::string("[") + op +
+                                    "] reduction: expected 'mean', 'sum' or 'none', got " +
+                                    std::string(py::repr(obj)));
+    return cnnbp::parse_reduction(op, obj.cast<std::string>());
 }
 
 // A plain Python int that fits int64 without the generic PyNumber_Index round trip, which

@@ -504,98 +504,317 @@ py::tuple linear_backward(const py::handle& dy_obj, const py::handle& x_obj,
 
 // ---- losses ------------------------------------------------------------------------------
 
+// The options every loss shares: reduction (arrays.hpp's reduction_arg) and optional
+// weight arrays.
+
+// An optional array of the call's dtype: None, or the array.
+py::object optional_array(const char* op, const char* name, const py::handle& obj, DType dtype) {
+    if (obj.is_none()) return py::none();
+    py::array array = as_array(op, name, obj);
+    check_dtype(op, name, array, dtype);
+    return std::move(array);
+}
+
+py::array as_given(const py::object& obj) { return py::reinterpret_borrow<py::array>(obj); }
+
+// dL/d(loss) for a backward: a number (1 when None) for a reduced loss; an array of the
+// loss's shape for reduction 'none'.
+template <typename T>
+struct GradOutput {
+    double grad = 1.0;
+    bool per_element = false;
+    py::array_t<T, py::array::c_style> values;
+    const T* data() const { return per_element ? values.data() : nullptr; }
+};
+
+template <typename T>
+GradOutput<T> grad_output_arg(const char* op, const py::handle& obj, cnnbp::Reduction reduction,
+                              const cnnbp::Shape& loss_shape) {
+    GradOutput<T> out;
+    if (reduction == cnnbp::Reduction::None) {
+        if (obj.is_none())
+            throw std::invalid_argument(
+                std::string("[") + op + "] grad_output: expected an array of shape " +
+                cnnbp::shape_str(loss_shape) + " (the loss's, reduction='none'), got None");
+        py::array array = as_array(op, "grad_output", obj);
+        check_dtype(op, "grad_output", array, std::is_same_v<T, float> ? DType::f32 : DType::f64);
+        cnnbp::check_same_shape(op, "the loss", loss_shape, "grad_output", shape_of(array));
+        out.values = contiguous<T>(array);
+        out.per_element = true;
+        return out;
+    }
+    if (obj.is_none()) return out;
+    if (py::isinstance<py::array>(obj) && py::reinterpret_borrow<py::array>(obj).ndim() != 0)
+        throw std::invalid_argument(
+            std::string("[") + op +
+            "] grad_output: expected a number (the loss is reduced), got shape " +
+            cnnbp::shape_str(shape_of(py::reinterpret_borrow<py::array>(obj))));
+    const double value = PyFloat_AsDouble(obj.ptr());
+    if (value == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        throw std::invalid_argument(std::string("[") + op +
+                                    "] grad_output: expected a number (the loss is reduced), got " +
+                                    std::string(py::repr(obj)));
+    }
+    out.grad = value;
+    return out;
+}
+
+// A weight of the binary losses, expanded to the input's shape (empty when None).
+template <typename T>
+std::vector<T> expanded(const char* op, const char* name, const py::object& weight,
+                        const cnnbp::Shape& shape) {
+    if (weight.is_none()) return {};
+    cnnbp::check_expandable(op, name, shape_of(as_given(weight)), shape);
+    auto wc = contiguous<T>(as_given(weight));
+    std::vector<T> out(size_t(cnnbp::numel(shape)));
+    cnnbp::expand_to(out.data(), shape, wc.data(), shape_of(as_given(weight)));
+    return out;
+}
+
+template <typename T>
+const T* data_or_null(const std::vector<T>& v) {
+    return v.empty() ? nullptr : v.data();
+}
+
 // BCE and BCE-with-logits share shapes and dtype rules: prediction and target alike.
 struct BinaryLossArgs {
     py::array prediction, target;
+    py::object weight, pos_weight;  // None or an array
     DType dtype;
+    cnnbp::Reduction reduction;
+    // torch's defaults: the fast kernels
+    bool plain() const {
+        return weight.is_none() && pos_weight.is_none() && reduction == cnnbp::Reduction::Mean;
+    }
 };
 
-BinaryLossArgs binary_loss_args(const char* op, const py::handle& p_obj, const py::handle& y_obj) {
+BinaryLossArgs binary_loss_args(const char* op, const py::handle& p_obj, const py::handle& y_obj,
+                                const py::handle& weight, const py::handle& pos_weight,
+                                const py::handle& reduction) {
     py::array p = as_array(op, "input", p_obj), y = as_array(op, "target", y_obj);
     const DType dtype = float_dtype(op, "input", p);
     check_dtype(op, "target", y, dtype);
     cnnbp::check_bce_shapes(op, shape_of(p), shape_of(y));
-    return {p, y, dtype};
+    BinaryLossArgs args{p,
+                        y,
+                        optional_array(op, "weight", weight, dtype),
+                        optional_array(op, "pos_weight", pos_weight, dtype),
+                        dtype,
+                        reduction_arg(op, reduction)};
+    const auto shape = shape_of(p);
+    if (!args.weight.is_none())
+        cnnbp::check_expandable(op, "weight", shape_of(as_given(args.weight)), shape);
+    if (!args.pos_weight.is_none())
+        cnnbp::check_expandable(op, "pos_weight", shape_of(as_given(args.pos_weight)), shape);
+    return args;
 }
 
 template <bool kProbabilities>
-double binary_loss(const char* op, const py::handle& p_obj, const py::handle& y_obj) {
-    auto args = binary_loss_args(op, p_obj, y_obj);
-    return dispatch(args.dtype, [&](auto tag) -> double {
+py::object binary_loss(const char* op, const py::handle& p_obj, const py::handle& y_obj,
+                       const py::handle& weight_obj, const py::handle& pos_weight_obj,
+                       const py::handle& reduction_obj) {
+    auto args = binary_loss_args(op, p_obj, y_obj, weight_obj, pos_weight_obj, reduction_obj);
+    return dispatch(args.dtype, [&](auto tag) -> py::object {
         using T = decltype(tag);
         auto pc = contiguous<T>(args.prediction), yc = contiguous<T>(args.target);
         if constexpr (kProbabilities) cnnbp::check_probabilities<T>(op, pc.data(), pc.size());
         const T *p_ptr = pc.data(), *y_ptr = yc.data();
         const int64_t count = pc.size();
-        py::gil_scoped_release release;
-        if constexpr (kProbabilities)
-            return cnnbp::binary_cross_entropy_forward<T>(p_ptr, y_ptr, count);
-        else
-            return cnnbp::binary_cross_entropy_with_logits_forward<T>(p_ptr, y_ptr, count);
+        if (args.plain()) {
+            double value;
+            {  // the GIL is held again before the result is made
+                py::gil_scoped_release release;
+                if constexpr (kProbabilities)
+                    value = cnnbp::binary_cross_entropy_forward<T>(p_ptr, y_ptr, count);
+                else
+                    value = cnnbp::binary_cross_entropy_with_logits_forward<T>(p_ptr, y_ptr, count);
+            }
+            return py::float_(value);
+        }
+        const auto shape = shape_of(args.prediction);
+        const auto weight = expanded<T>(op, "weight", args.weight, shape);
+        const auto pos_weight = expanded<T>(op, "pos_weight", args.pos_weight, shape);
+        const bool none = args.reduction == cnnbp::Reduction::None;
+        py::array_t<T> losses = none ? empty_like_shape<T>(shape) : py::array_t<T>();
+        T* l_ptr = none ? losses.mutable_data() : nullptr;
+        double value;
+        {
+            py::gil_scoped_release release;
+            if constexpr (kProbabilities)
+                value = cnnbp::binary_cross_entropy_forward<T>(
+                    l_ptr, p_ptr, y_ptr, data_or_null(weight), count, args.reduction);
+            else
+                value = cnnbp::binary_cross_entropy_with_logits_forward<T>(
+                    l_ptr, p_ptr, y_ptr, data_or_null(weight), data_or_null(pos_weight), count,
+                    args.reduction);
+        }
+        if (none) return std::move(losses);
+        return py::float_(value);
     });
 }
 
 template <bool kProbabilities>
-py::array binary_loss_backward(const char* op, const py::handle& p_obj, const py::handle& y_obj) {
-    auto args = binary_loss_args(op, p_obj, y_obj);
+py::array binary_loss_backward(const char* op, const py::handle& p_obj, const py::handle& y_obj,
+                               const py::handle& weight_obj, const py::handle& pos_weight_obj,
+                               const py::handle& reduction_obj, const py::handle& grad_obj) {
+    auto args = binary_loss_args(op, p_obj, y_obj, weight_obj, pos_weight_obj, reduction_obj);
     return dispatch(args.dtype, [&](auto tag) -> py::array {
         using T = decltype(tag);
+        const auto shape = shape_of(args.prediction);
+        const auto g = grad_output_arg<T>(op, grad_obj, args.reduction, shape);
         auto pc = contiguous<T>(args.prediction), yc = contiguous<T>(args.target);
         if constexpr (kProbabilities) cnnbp::check_probabilities<T>(op, pc.data(), pc.size());
-        auto grad = empty_like_shape<T>(shape_of(args.prediction));
+        auto grad = empty_like_shape<T>(shape);
         T* g_ptr = grad.mutable_data();
+        const auto weight = expanded<T>(op, "weight", args.weight, shape);
+        const auto pos_weight = expanded<T>(op, "pos_weight", args.pos_weight, shape);
         {  // the GIL is held again before the result is touched
             py::gil_scoped_release release;
-            if constexpr (kProbabilities)
-                cnnbp::binary_cross_entropy_backward<T>(g_ptr, pc.data(), yc.data(), pc.size());
-            else
-                cnnbp::binary_cross_entropy_with_logits_backward<T>(g_ptr, pc.data(), yc.data(),
-                                                                    pc.size());
+            if (args.plain() && g.grad == 1.0) {
+                if constexpr (kProbabilities)
+                    cnnbp::binary_cross_entropy_backward<T>(g_ptr, pc.data(), yc.data(), pc.size());
+                else
+                    cnnbp::binary_cross_entropy_with_logits_backward<T>(g_ptr, pc.data(), yc.data(),
+                                                                        pc.size());
+            } else if constexpr (kProbabilities) {
+                cnnbp::binary_cross_entropy_backward<T>(g_ptr, pc.data(), yc.data(),
+                                                        data_or_null(weight), pc.size(),
+                                                        args.reduction, g.data(), g.grad);
+            } else {
+                cnnbp::binary_cross_entropy_with_logits_backward<T>(
+                    g_ptr, pc.data(), yc.data(), data_or_null(weight), data_or_null(pos_weight),
+                    pc.size(), args.reduction, g.data(), g.grad);
+            }
         }
         return grad;
     });
 }
 
+// Cross-entropy: class indices (an integer array) or class probabilities (floats of the
+// logits' shape and dtype) as the target.
 struct CrossEntropyArgs {
-    py::array logits;
+    py::array logits, target_values;
+    py::object weight;  // None or (K,)
     py::array_t<int64_t, py::array::c_style> labels;
     DType dtype;
     cnnbp::CrossEntropyDims dims;
+    cnnbp::CrossEntropyParams params;
+    bool plain() const {  // torch's defaults on (N, K): the fast kernels
+        return weight.is_none() && !dims.probabilities && dims.S == 1 && logits.ndim() == 2 &&
+               params.reduction == cnnbp::Reduction::Mean && params.label_smoothing == 0.0;
+    }
 };
 
 CrossEntropyArgs cross_entropy_args(const char* op, const py::handle& z_obj,
-                                    const py::handle& labels_obj) {
+                                    const py::handle& target_obj, const py::handle& weight_obj,
+                                    int64_t ignore_index, const py::handle& reduction,
+                                    double label_smoothing) {
     py::array z = as_array(op, "logits", z_obj);
     const DType dtype = float_dtype(op, "logits", z);
-    auto labels = as_int64(op, "labels", labels_obj);
-    const auto dims = cnnbp::cross_entropy_dims(op, shape_of(z), shape_of(labels));
-    cnnbp::check_labels(op, labels.data(), dims.N, dims.K);
-    return {z, labels, dtype, dims};
+    CrossEntropyArgs args;
+    args.logits = z;
+    args.dtype = dtype;
+    py::array target = as_array(op, "labels", target_obj);
+    // floats of the logits' shape are class probabilities; any other target is class indices
+    const bool probabilities = target.dtype().kind() == 'f' && shape_of(target) == shape_of(z);
+    if (probabilities) {
+        check_dtype(op, "target", target, dtype);
+        args.target_values = target;
+    } else {
+        args.labels = as_int64(op, "labels", target_obj);
+    }
+    args.dims = cnnbp::cross_entropy_dims(op, shape_of(z), shape_of(target), probabilities);
+    args.params = cnnbp::cross_entropy_params(op, reduction_arg(op, reduction), ignore_index,
+                                              label_smoothing);
+    cnnbp::check_ignore_index(op, args.dims, args.params);
+    args.weight = optional_array(op, "weight", weight_obj, dtype);
+    if (!args.weight.is_none())
+        cnnbp::check_class_weight(op, args.dims, shape_of(as_given(args.weight)));
+    if (!probabilities)
+        cnnbp::check_labels(op, args.labels.data(), args.dims.N * args.dims.S, args.dims.K,
+                            ignore_index);
+    return args;
 }
 
-double cross_entropy(const py::handle& z_obj, const py::handle& labels_obj) {
-    auto args = cross_entropy_args("cross_entropy", z_obj, labels_obj);
-    return dispatch(args.dtype, [&](auto tag) -> double {
+// true when some label is ignore_index (the fast kernels count every label)
+bool any_ignored(const CrossEntropyArgs& args) {
+    const int64_t* labels = args.labels.data();
+    return std::find(labels, labels + args.labels.size(), args.params.ignore_index) !=
+           labels + args.labels.size();
+}
+
+py::object cross_entropy(const py::handle& z_obj, const py::handle& target_obj,
+                         const py::handle& weight_obj, int64_t ignore_index,
+                         const py::handle& reduction, double label_smoothing) {
+    auto args = cross_entropy_args("cross_entropy", z_obj, target_obj, weight_obj, ignore_index,
+                                   reduction, label_smoothing);
+    return dispatch(args.dtype, [&](auto tag) -> py::object {
         using T = decltype(tag);
         auto zc = contiguous<T>(args.logits);
         const T* z_ptr = zc.data();
-        const int64_t* labels_ptr = args.labels.data();
-        py::gil_scoped_release release;
-        return cnnbp::cross_entropy_forward<T>(z_ptr, labels_ptr, args.dims.N, args.dims.K);
+        if (args.plain() && !any_ignored(args)) {
+            const int64_t* labels_ptr = args.labels.data();
+            double value;
+            {  // the GIL is held again before the result is made
+                py::gil_scoped_release release;
+                value =
+                    cnnbp::cross_entropy_forward<T>(z_ptr, labels_ptr, args.dims.N, args.dims.K);
+            }
+            return py::float_(value);
+        }
+        py::array_t<T, py::array::c_style> target, weight;
+        if (args.dims.probabilities) target = contiguous<T>(args.target_values);
+        if (!args.weight.is_none()) weight = contiguous<T>(as_given(args.weight));
+        const bool none = args.params.reduction == cnnbp::Reduction::None;
+        py::array_t<T> losses =
+            none ? empty_like_shape<T>(cnnbp::cross_entropy_loss_shape(shape_of(args.logits)))
+                 : py::array_t<T>();
+        T* l_ptr = none ? losses.mutable_data() : nullptr;
+        const int64_t* labels_ptr = args.dims.probabilities ? nullptr : args.labels.data();
+        const T* t_ptr = args.dims.probabilities ? target.data() : nullptr;
+        const T* w_ptr = args.weight.is_none() ? nullptr : weight.data();
+        double value;
+        {
+            py::gil_scoped_release release;
+            value = cnnbp::cross_entropy_forward<T>(l_ptr, z_ptr, labels_ptr, t_ptr, w_ptr,
+                                                    args.dims, args.params);
+        }
+        if (none) return std::move(losses);
+        return py::float_(value);
     });
 }
 
-py::array cross_entropy_backward(const py::handle& z_obj, const py::handle& labels_obj) {
-    auto args = cross_entropy_args("cross_entropy_backward", z_obj, labels_obj);
+py::array cross_entropy_backward(const py::handle& z_obj, const py::handle& target_obj,
+                                 const py::handle& weight_obj, int64_t ignore_index,
+                                 const py::handle& reduction, double label_smoothing,
+                                 const py::handle& grad_obj) {
+    const char* op = "cross_entropy_backward";
+    auto args = cross_entropy_args(op, z_obj, target_obj, weight_obj, ignore_index, reduction,
+                                   label_smoothing);
     return dispatch(args.dtype, [&](auto tag) -> py::array {
         using T = decltype(tag);
+        const auto g = grad_output_arg<T>(op, grad_obj, args.params.reduction,
+                                          cnnbp::cross_entropy_loss_shape(shape_of(args.logits)));
         auto zc = contiguous<T>(args.logits);
-        auto dz = empty_like_shape<T>({args.dims.N, args.dims.K});
+        auto dz = empty_like_shape<T>(shape_of(args.logits));
         T* dz_ptr = dz.mutable_data();
-        {  // the GIL is held again before the result is touched
+        if (args.plain() && g.grad == 1.0 && !any_ignored(args)) {
             py::gil_scoped_release release;
             cnnbp::cross_entropy_backward<T>(dz_ptr, zc.data(), args.labels.data(), args.dims.N,
                                              args.dims.K);
+            return dz;
+        }
+        py::array_t<T, py::array::c_style> target, weight;
+        if (args.dims.probabilities) target = contiguous<T>(args.target_values);
+        if (!args.weight.is_none()) weight = contiguous<T>(as_given(args.weight));
+        const int64_t* labels_ptr = args.dims.probabilities ? nullptr : args.labels.data();
+        const T* t_ptr = args.dims.probabilities ? target.data() : nullptr;
+        const T* w_ptr = args.weight.is_none() ? nullptr : weight.data();
+        {  // the GIL is held again before the result is touched
+            py::gil_scoped_release release;
+            cnnbp::cross_entropy_backward<T>(dz_ptr, zc.data(), labels_ptr, t_ptr, w_ptr, args.dims,
+                                             args.params, g.data(), g.grad);
         }
         return dz;
     });
@@ -623,24 +842,51 @@ int64_t conv2d_workspace_bytes(const py::handle& x_shape, const py::handle& w_sh
                               : cnnbp::conv2d_workspace_bytes<double>(dims, threads);
 }
 
-// A binary loss's pair: op(input, y) -> the mean loss, and op_backward(input, y) -> dL/dinput;
-// the input is probabilities (BCE) or logits (with_logits).
+// A binary loss's pair: op(input, y, weight, [pos_weight,] reduction) -> the loss (a float,
+// or an array for reduction='none'), and op_backward(..., grad_output) -> dL/dinput; the
+// input is probabilities (BCE) or logits (with_logits, which alone has pos_weight).
 template <bool probabilities>
 void def_binary_loss(py::module_& m, const char* op, const char* input, const char* doc,
                      const char* backward_doc) {
-    m.def(
-        op,
-        [op](const py::handle& x, const py::handle& y) {
-            return binary_loss<probabilities>(op, x, y);
-        },
-        py::arg(input), py::arg("y"), doc);
+    using py::arg;
     const std::string backward = std::string(op) + "_backward";
-    m.def(
-        backward.c_str(),
-        [backward](const py::handle& x, const py::handle& y) {
-            return binary_loss_backward<probabilities>(backward.c_str(), x, y);
-        },
-        py::arg(input), py::arg("y"), backward_doc);
+    if constexpr (probabilities) {
+        m.def(
+            op,
+            [op](const py::handle& x, const py::handle& y, const py::handle& weight,
+                 const py::handle& reduction) {
+                return binary_loss<true>(op, x, y, weight, py::none(), reduction);
+            },
+            arg(input), arg("y"), arg("weight") = py::none(), arg("reduction") = "mean", doc);
+        m.def(
+            backward.c_str(),
+            [backward](const py::handle& x, const py::handle& y, const py::handle& weight,
+                       const py::handle& reduction, const py::handle& grad_output) {
+                return binary_loss_backward<true>(backward.c_str(), x, y, weight, py::none(),
+                                                  reduction, grad_output);
+            },
+            arg(input), arg("y"), arg("weight") = py::none(), arg("reduction") = "mean",
+            arg("grad_output") = py::none(), backward_doc);
+    } else {
+        m.def(
+            op,
+            [op](const py::handle& x, const py::handle& y, const py::handle& weight,
+                 const py::handle& pos_weight, const py::handle& reduction) {
+                return binary_loss<false>(op, x, y, weight, pos_weight, reduction);
+            },
+            arg(input), arg("y"), arg("weight") = py::none(), arg("pos_weight") = py::none(),
+            arg("reduction") = "mean", doc);
+        m.def(
+            backward.c_str(),
+            [backward](const py::handle& x, const py::handle& y, const py::handle& weight,
+                       const py::handle& pos_weight, const py::handle& reduction,
+                       const py::handle& grad_output) {
+                return binary_loss_backward<false>(backward.c_str(), x, y, weight, pos_weight,
+                                                   reduction, grad_output);
+            },
+            arg(input), arg("y"), arg("weight") = py::none(), arg("pos_weight") = py::none(),
+            arg("reduction") = "mean", arg("grad_output") = py::none(), backward_doc);
+    }
 }
 
 }  // namespace
@@ -722,15 +968,21 @@ PYBIND11_MODULE(_core, m) {
           "(dx, dw, db) = gradients of linear given dy (*, out)");
 
     def_binary_loss<true>(m, "binary_cross_entropy", "a",
-                          "mean binary cross-entropy of probabilities a against targets y",
-                          "dL/da of the mean binary cross-entropy");
+                          "binary cross-entropy of probabilities a against targets y "
+                          "(torch's weight and reduction)",
+                          "dL/da of binary_cross_entropy, times grad_output");
     def_binary_loss<false>(m, "binary_cross_entropy_with_logits", "z",
-                           "mean binary cross-entropy of sigmoid(z) against y, computed stably",
-                           "dL/dz = (sigmoid(z) - y) / count");
-    m.def("cross_entropy", &cross_entropy, arg("logits"), arg("labels"),
-          "mean softmax cross-entropy of logits (N, K) against class indices labels (N,)");
-    m.def("cross_entropy_backward", &cross_entropy_backward, arg("logits"), arg("labels"),
-          "dL/dlogits = (softmax(logits) - onehot(labels)) / N");
+                           "binary cross-entropy of sigmoid(z) against y, computed stably "
+                           "(torch's weight, pos_weight and reduction)",
+                           "dL/dz of binary_cross_entropy_with_logits, times grad_output");
+    m.def("cross_entropy", &cross_entropy, arg("logits"), arg("target"), arg("weight") = py::none(),
+          arg("ignore_index") = -100, arg("reduction") = "mean", arg("label_smoothing") = 0.0,
+          "softmax cross-entropy of logits (N, K[, d1, ...]) against class indices (N[, d1, "
+          "...]) or class probabilities of the logits' shape (torch's options)");
+    m.def("cross_entropy_backward", &cross_entropy_backward, arg("logits"), arg("target"),
+          arg("weight") = py::none(), arg("ignore_index") = -100, arg("reduction") = "mean",
+          arg("label_smoothing") = 0.0, arg("grad_output") = py::none(),
+          "dL/dlogits of cross_entropy, times grad_output");
 
     cnnbp_bindings::bind_nn(m);  // the model objects that cnnbp.nn and cnnbp.optim wrap
 }

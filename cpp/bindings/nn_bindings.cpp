@@ -284,33 +284,86 @@ class PythonLayer : public Layer<T> {
 };
 
 // A loss's target: probabilities of the input's dtype for the BCE losses, class indices
-// (int64) for cross-entropy, checked as the functional API checks them.
+// (int64) or class probabilities (floats) for cross-entropy, checked as the functional API
+// checks them.
 template <typename T>
 struct Target {
     Tensor<T> values;
     Tensor<int64_t> labels;
+    bool is_labels = false;
 
-    void fill(Loss<T>& loss, const py::handle& obj) {
-        if (!loss.takes_class_indices()) return fill_like_first(values, loss.op(), "target", obj);
+    // input_shape: the loss's input when known (a train step's is not, before its forward)
+    void fill(Loss<T>& loss, const py::handle& obj, const Shape* input_shape = nullptr) {
+        is_labels = loss.takes_class_indices();
+        if (is_labels && py::isinstance<py::array>(obj)) {
+            // cross-entropy's class probabilities: floats of the input's shape (as
+            // F.cross_entropy), or of at least 2 dims when that is not known yet
+            auto array = py::reinterpret_borrow<py::array>(obj);
+            if (array.dtype().kind() == 'f')
+                is_labels = input_shape ? shape_of(array) != *input_shape : array.ndim() < 2;
+        }
+        if (!is_labels) return fill_like_first(values, loss.op(), "target", obj);
         auto array = as_int64(loss.op(), "labels", obj);
         labels.shape = shape_of(array);
         labels.data.assign(array.data(), array.data() + array.size());
     }
     double forward(Loss<T>& loss, const Tensor<T>& input) {
-        if (loss.takes_class_indices()) return loss.forward(input, labels);
+        if (is_labels) return loss.forward(input, labels);
         return loss.forward(input, values);
     }
 };
 
+// The reduced loss as a float, or for reduction 'none' the per-element losses (a copy).
 template <typename T>
-double loss_forward(Loss<T>& loss, const py::handle& input, const py::handle& target) {
+py::object loss_value(const Loss<T>& loss) {
+    if (loss.reduction() == cnnbp::Reduction::None) return to_numpy(loss.losses());
+    return py::float_(loss.value());
+}
+
+template <typename T>
+py::object loss_forward(Loss<T>& loss, const py::handle& input, const py::handle& target) {
     Busy busy(&loss, loss.type());
     static thread_local Tensor<T> input_copy;  // the loss keeps its own copies
     static thread_local Target<T> target_copy;
     fill_like_first(input_copy, loss.op(), "input", input);
-    target_copy.fill(loss, target);
-    py::gil_scoped_release release;
-    return target_copy.forward(loss, input_copy);
+    target_copy.fill(loss, target, &input_copy.shape);
+    {
+        py::gil_scoped_release release;
+        target_copy.forward(loss, input_copy);
+    }
+    return loss_value(loss);
+}
+
+// dL/d input of the loss's last call: grad_output None (1) or a number for a reduced loss,
+// an array of the losses' shape for reduction 'none'.
+template <typename T>
+py::array loss_backward(Loss<T>& loss, const py::handle& grad_output) {
+    Busy busy(&loss, loss.type());
+    const Tensor<T>* grad;
+    const bool none = loss.reduction() == cnnbp::Reduction::None;
+    if (grad_output.is_none() && !none) {
+        py::gil_scoped_release release;
+        grad = &loss.backward(1.0);
+    } else if (!none && !py::isinstance<py::array>(grad_output)) {
+        const double value = PyFloat_AsDouble(grad_output.ptr());
+        if (value == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            throw std::invalid_argument(std::string("[") + loss.op() +
+                                        "_backward] grad_output: expected a number (the loss "
+                                        "is reduced), got " +
+                                        std::string(py::repr(grad_output)));
+        }
+        py::gil_scoped_release release;
+        grad = &loss.backward(value);
+    } else {
+        if (grad_output.is_none()) return to_numpy(loss.backward(1.0));  // refused: 'none'
+        static thread_local Tensor<T> g;
+        const std::string op = std::string(loss.op()) + "_backward";
+        fill_like_first(g, op, "grad_output", grad_output);
+        py::gil_scoped_release release;
+        grad = &loss.backward(g);
+    }
+    return to_numpy(*grad);
 }
 
 // Steps on inputs smaller than this keep the GIL: releasing it costs more than they do.
@@ -326,6 +379,11 @@ struct TrainStep {
     Target<T> target;  // the loss keeps its own copy; this is the conversion's storage
 
     double operator()(const py::handle& x, const py::handle& y) {
+        if (loss->reduction() == cnnbp::Reduction::None)  // before anything is touched
+            throw std::invalid_argument(
+                "[train_step] loss: expected reduction 'mean' or 'sum' "
+                "(a scalar loss to step on), got " +
+                loss->type() + " with reduction 'none'");
         // checked before anything is touched
         Busy busy_model(model.get(), "Sequential", false),
             busy_loss(loss.get(), loss->type(), false),
@@ -336,7 +394,7 @@ struct TrainStep {
         if (release) busy_model.mark(), busy_loss.mark(), busy_optimizer.mark();
         std::optional<py::gil_scoped_release> released;
         if (release) released.emplace();
-        if (loss->takes_class_indices())
+        if (target.is_labels)
             return train_step(*model, model->kept_input(), target.labels, *loss, *optimizer);
         return train_step(*model, model->kept_input(), target.values, *loss, *optimizer);
     }
@@ -508,43 +566,74 @@ void bind_models(py::module_& m) {
         .def("__call__", &TrainStep<T>::operator());
 }
 
+// A loss option's weight: None, or any float array (converted to double, then to the
+// loss's dtype once).
+std::optional<Tensor<double>> loss_weight(const char* op, const char* name, const py::handle& obj) {
+    if (obj.is_none()) return std::nullopt;
+    py::array array = as_array(op, name, obj);
+    float_dtype(op, name, array);
+    auto values = py::array_t<double, py::array::c_style | py::array::forcecast>(array);
+    return Tensor<double>(shape_of(values),
+                          std::vector<double>(values.data(), values.data() + values.size()));
+}
+
 template <typename T>
 void bind_losses(py::module_& m) {
     using Lo = Loss<T>;
     py::class_<Lo, std::shared_ptr<Lo>>(m, suffixed<T>("Loss").c_str())
         .def("forward", &loss_forward<T>)
-        .def("backward",
-             [](Lo& loss, double grad_loss) {
-                 const Tensor<T>* grad;
-                 {
-                     py::gil_scoped_release release;
-                     grad = &loss.backward(grad_loss);
-                 }
-                 return to_numpy(*grad);
-             })
+        .def("backward", &loss_backward<T>, py::arg("grad_output") = py::none())
         .def("has_run", &Lo::has_run)
         .def("input", [](Lo& l) { return to_numpy_or_none(l.has_run() ? &l.input() : nullptr); })
         .def("target",
              [](Lo& l) -> py::object {
                  if (!l.has_run()) return py::none();
-                 if (l.takes_class_indices()) {
+                 if (l.target_is_labels()) {
                      auto out = empty_like_shape<int64_t>(l.labels().shape);
                      std::copy(l.labels().data.begin(), l.labels().data.end(), out.mutable_data());
                      return std::move(out);
                  }
                  return to_numpy(l.target());
              })
-        .def("value", &Lo::value)
+        .def("value", [](Lo& l) { return loss_value(l); })
+        .def("reduction", [](Lo& l) { return std::string(cnnbp::reduction_str(l.reduction())); })
         .def("grad_input", [](Lo& l) { return to_numpy_or_none(&l.grad_input()); })
         .def("type", &Lo::type);
+    using py::arg;
     py::class_<BCELoss<T>, Lo, std::shared_ptr<BCELoss<T>>>(m, suffixed<T>("BCELoss").c_str())
-        .def(py::init<>());
+        .def(py::init([](const py::handle& weight, const py::handle& reduction) {
+                 const char* op = "BCELoss";
+                 return std::make_shared<BCELoss<T>>(BCELossOptions()
+                                                         .weight(loss_weight(op, "weight", weight))
+                                                         .reduction(reduction_arg(op, reduction)));
+             }),
+             arg("weight") = py::none(), arg("reduction") = "mean");
     py::class_<BCEWithLogitsLoss<T>, Lo, std::shared_ptr<BCEWithLogitsLoss<T>>>(
         m, suffixed<T>("BCEWithLogitsLoss").c_str())
-        .def(py::init<>());
+        .def(py::init([](const py::handle& weight, const py::handle& reduction,
+                         const py::handle& pos_weight) {
+                 const char* op = "BCEWithLogitsLoss";
+                 return std::make_shared<BCEWithLogitsLoss<T>>(
+                     BCEWithLogitsLossOptions()
+                         .weight(loss_weight(op, "weight", weight))
+                         .pos_weight(loss_weight(op, "pos_weight", pos_weight))
+                         .reduction(reduction_arg(op, reduction)));
+             }),
+             arg("weight") = py::none(), arg("reduction") = "mean", arg("pos_weight") = py::none());
     py::class_<CrossEntropyLoss<T>, Lo, std::shared_ptr<CrossEntropyLoss<T>>>(
         m, suffixed<T>("CrossEntropyLoss").c_str())
-        .def(py::init<>());
+        .def(py::init([](const py::handle& weight, int64_t ignore_index,
+                         const py::handle& reduction, double label_smoothing) {
+                 const char* op = "CrossEntropyLoss";
+                 return std::make_shared<CrossEntropyLoss<T>>(
+                     CrossEntropyLossOptions()
+                         .weight(loss_weight(op, "weight", weight))
+                         .ignore_index(ignore_index)
+                         .reduction(reduction_arg(op, reduction))
+                         .label_smoothing(label_smoothing));
+             }),
+             arg("weight") = py::none(), arg("ignore_index") = -100, arg("reduction") = "mean",
+             arg("label_smoothing") = 0.0);
 }
 
 template <typename T>

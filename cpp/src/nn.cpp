@@ -598,10 +598,29 @@ double Loss<T>::forward(const Tensor<T>&, const Tensor<int64_t>&) {
 template <typename T>
 const Tensor<T>& Loss<T>::backward(double grad_loss) {
     if (!has_run_) throw std::logic_error("[" + type() + "] backward called before forward");
+    if (reduction() == Reduction::None)
+        throw std::invalid_argument(
+            std::string("[") + op() + "_backward] grad_output: expected an array of shape " +
+            shape_str(losses_.shape) + " (the loss's, reduction='none'), got a number");
     grad_input_.resize(input_.shape);
-    gradient();
-    if (grad_loss != 1.0)
-        for (T& g : grad_input_.data) g *= T(grad_loss);
+    gradient(nullptr, grad_loss);
+    return grad_input_;
+}
+
+template <typename T>
+const Tensor<T>& Loss<T>::backward(const Tensor<T>& grad_output) {
+    if (!has_run_) throw std::logic_error("[" + type() + "] backward called before forward");
+    const std::string name = std::string(op()) + "_backward";
+    if (reduction() != Reduction::None) {
+        if (!grad_output.shape.empty())
+            throw std::invalid_argument(
+                "[" + name + "] grad_output: expected a number (the loss is reduced), got shape " +
+                shape_str(grad_output.shape));
+        return backward(double(grad_output.data[0]));
+    }
+    check_same_shape(name.c_str(), "the loss", losses_.shape, "grad_output", grad_output.shape);
+    grad_input_.resize(input_.shape);
+    gradient(grad_output.data.data(), 1.0);
     return grad_input_;
 }
 
@@ -612,59 +631,193 @@ void Loss<T>::keep(const Tensor<T>& input) {
 }
 
 template <typename T>
+void Loss<T>::keep_target(const Tensor<T>& target) {
+    target_.shape = target.shape;
+    target_.data.assign(target.data.begin(), target.data.end());
+}
+
+template <typename T>
+T* Loss<T>::losses_for(const Shape& shape) {
+    if (reduction() != Reduction::None) {
+        losses_ = Tensor<T>();
+        return nullptr;
+    }
+    losses_.resize(shape);
+    return losses_.data.data();
+}
+
+namespace {
+// An option's weight in T, or nothing.
+template <typename T>
+std::optional<Tensor<T>> weight_in(const std::optional<Tensor<double>>& weight) {
+    if (!weight) return std::nullopt;
+    return Tensor<T>(weight->shape, std::vector<T>(weight->data.begin(), weight->data.end()));
+}
+
+// `weight` expanded to `shape` in `out`; nullptr when there is no weight
+template <typename T>
+const T* expand_weight(const char* op, const char* name, const std::optional<Tensor<T>>& weight,
+                       const Shape& shape, Tensor<T>& out) {
+    if (!weight) return nullptr;
+    check_expandable(op, name, weight->shape, shape);
+    out.resize(shape);
+    expand_to(out.data.data(), shape, weight->data.data(), weight->shape);
+    return out.data.data();
+}
+
+template <typename T>
+const T* data_of(const std::optional<Tensor<T>>& t, const Tensor<T>& expanded) {
+    return t ? expanded.data.data() : nullptr;
+}
+}  // namespace
+
+template <typename T>
+BCELoss<T>::BCELoss(const BCELossOptions& options)
+    : weight_(weight_in<T>(options.weight())), reduction_(options.reduction()) {}
+
+template <typename T>
 double BCELoss<T>::forward(const Tensor<T>& input, const Tensor<T>& target) {
     check_bce_shapes(this->op(), input.shape, target.shape);
     check_probabilities(this->op(), input.data.data(), input.size());
+    const T* weight = expand_weight(this->op(), "weight", weight_, input.shape, expanded_weight_);
     this->keep(input);
-    this->target_.shape = target.shape;
-    this->target_.data.assign(target.data.begin(), target.data.end());
-    this->value_ =
-        binary_cross_entropy_forward(input.data.data(), target.data.data(), input.size());
+    this->keep_target(target);
+    if (!weight && reduction_ == Reduction::Mean) {
+        this->value_ =
+            binary_cross_entropy_forward(input.data.data(), target.data.data(), input.size());
+        this->losses_ = Tensor<T>();
+    } else {
+        T* losses = this->losses_for(input.shape);
+        this->value_ = binary_cross_entropy_forward(losses, input.data.data(), target.data.data(),
+                                                    weight, input.size(), reduction_);
+    }
     this->has_run_ = true;
     return this->value_;
 }
 
 template <typename T>
-void BCELoss<T>::gradient() {
-    binary_cross_entropy_backward(this->grad_input_.data.data(), this->input_.data.data(),
-                                  this->target_.data.data(), this->input_.size());
+void BCELoss<T>::gradient(const T* grad_output, double grad) {
+    T* dinput = this->grad_input_.data.data();
+    const T *a = this->input_.data.data(), *y = this->target_.data.data();
+    if (!weight_ && reduction_ == Reduction::Mean && grad == 1.0)
+        return binary_cross_entropy_backward(dinput, a, y, this->input_.size());
+    binary_cross_entropy_backward(dinput, a, y, data_of(weight_, expanded_weight_),
+                                  this->input_.size(), reduction_, grad_output, grad);
 }
+
+template <typename T>
+BCEWithLogitsLoss<T>::BCEWithLogitsLoss(const BCEWithLogitsLossOptions& options)
+    : weight_(weight_in<T>(options.weight())),
+      pos_weight_(weight_in<T>(options.pos_weight())),
+      reduction_(options.reduction()) {}
 
 template <typename T>
 double BCEWithLogitsLoss<T>::forward(const Tensor<T>& input, const Tensor<T>& target) {
     check_bce_shapes(this->op(), input.shape, target.shape);
+    const T* weight = expand_weight(this->op(), "weight", weight_, input.shape, expanded_weight_);
+    const T* pos_weight =
+        expand_weight(this->op(), "pos_weight", pos_weight_, input.shape, expanded_pos_weight_);
     this->keep(input);
-    this->target_.shape = target.shape;
-    this->target_.data.assign(target.data.begin(), target.data.end());
-    this->value_ = binary_cross_entropy_with_logits_forward(input.data.data(), target.data.data(),
-                                                            input.size());
+    this->keep_target(target);
+    if (!weight && !pos_weight && reduction_ == Reduction::Mean) {
+        this->value_ = binary_cross_entropy_with_logits_forward(input.data.data(),
+                                                                target.data.data(), input.size());
+        this->losses_ = Tensor<T>();
+    } else {
+        T* losses = this->losses_for(input.shape);
+        this->value_ =
+            binary_cross_entropy_with_logits_forward(losses, input.data.data(), target.data.data(),
+                                                     weight, pos_weight, input.size(), reduction_);
+    }
     this->has_run_ = true;
     return this->value_;
 }
 
 template <typename T>
-void BCEWithLogitsLoss<T>::gradient() {
-    binary_cross_entropy_with_logits_backward(this->grad_input_.data.data(),
-                                              this->input_.data.data(), this->target_.data.data(),
-                                              this->input_.size());
+void BCEWithLogitsLoss<T>::gradient(const T* grad_output, double grad) {
+    T* dinput = this->grad_input_.data.data();
+    const T *z = this->input_.data.data(), *y = this->target_.data.data();
+    if (!weight_ && !pos_weight_ && reduction_ == Reduction::Mean && grad == 1.0)
+        return binary_cross_entropy_with_logits_backward(dinput, z, y, this->input_.size());
+    binary_cross_entropy_with_logits_backward(dinput, z, y, data_of(weight_, expanded_weight_),
+                                              data_of(pos_weight_, expanded_pos_weight_),
+                                              this->input_.size(), reduction_, grad_output, grad);
+}
+
+template <typename T>
+CrossEntropyLoss<T>::CrossEntropyLoss(const CrossEntropyLossOptions& options)
+    : weight_(weight_in<T>(options.weight())),
+      params_(cross_entropy_params("CrossEntropyLoss", options.reduction(), options.ignore_index(),
+                                   options.label_smoothing())) {
+    if (weight_ && weight_->shape.size() != 1)
+        throw std::invalid_argument(
+            "[CrossEntropyLoss] weight: expected 1 dim (one weight per "
+            "class), got shape " +
+            shape_str(weight_->shape));
 }
 
 template <typename T>
 double CrossEntropyLoss<T>::forward(const Tensor<T>& input, const Tensor<int64_t>& target) {
-    const auto d = cross_entropy_dims(this->op(), input.shape, target.shape);
-    check_labels(this->op(), target.data.data(), d.N, d.K);
+    dims_ = cross_entropy_dims(this->op(), input.shape, target.shape);
+    if (weight_) check_class_weight(this->op(), dims_, weight_->shape);
+    check_labels(this->op(), target.data.data(), target.size(), dims_.K, params_.ignore_index);
     this->keep(input);
     this->labels_.shape = target.shape;
     this->labels_.data.assign(target.data.begin(), target.data.end());
-    this->value_ = cross_entropy_forward(input.data.data(), target.data.data(), d.N, d.K);
+    this->target_ = Tensor<T>();
+    this->target_is_labels_ = true;
+    plain_ = !weight_ && input.shape.size() == 2 && params_.reduction == Reduction::Mean &&
+             params_.label_smoothing == 0.0 &&
+             std::find(target.data.begin(), target.data.end(), params_.ignore_index) ==
+                 target.data.end();
+    if (plain_) {
+        this->value_ =
+            cross_entropy_forward(input.data.data(), target.data.data(), dims_.N, dims_.K);
+        this->losses_ = Tensor<T>();
+    } else {
+        T* losses = this->losses_for(cross_entropy_loss_shape(input.shape));
+        this->value_ = cross_entropy_forward(
+            losses, input.data.data(), target.data.data(), static_cast<const T*>(nullptr),
+            weight_ ? weight_->data.data() : nullptr, dims_, params_);
+    }
     this->has_run_ = true;
     return this->value_;
 }
 
 template <typename T>
-void CrossEntropyLoss<T>::gradient() {
-    cross_entropy_backward(this->grad_input_.data.data(), this->input_.data.data(),
-                           this->labels_.data.data(), this->input_.shape[0], this->input_.shape[1]);
+double CrossEntropyLoss<T>::forward(const Tensor<T>& input, const Tensor<T>& target) {
+    if (target.shape != input.shape)
+        throw std::invalid_argument(std::string("[") + this->op() +
+                                    "] target: expected class indices (int64), or probabilities "
+                                    "of the logits' shape " +
+                                    shape_str(input.shape) + ", got floats of shape " +
+                                    shape_str(target.shape));
+    dims_ = cross_entropy_dims(this->op(), input.shape, target.shape, true);
+    check_ignore_index(this->op(), dims_, params_);
+    if (weight_) check_class_weight(this->op(), dims_, weight_->shape);
+    this->keep(input);
+    this->keep_target(target);
+    this->labels_ = Tensor<int64_t>();
+    this->target_is_labels_ = false;
+    plain_ = false;
+    T* losses = this->losses_for(cross_entropy_loss_shape(input.shape));
+    this->value_ = cross_entropy_forward(losses, input.data.data(),
+                                         static_cast<const int64_t*>(nullptr), target.data.data(),
+                                         weight_ ? weight_->data.data() : nullptr, dims_, params_);
+    this->has_run_ = true;
+    return this->value_;
+}
+
+template <typename T>
+void CrossEntropyLoss<T>::gradient(const T* grad_output, double grad) {
+    T* dinput = this->grad_input_.data.data();
+    const T* logits = this->input_.data.data();
+    if (plain_ && grad == 1.0)
+        return cross_entropy_backward(dinput, logits, this->labels_.data.data(), dims_.N, dims_.K);
+    cross_entropy_backward(
+        dinput, logits, this->target_is_labels_ ? this->labels_.data.data() : nullptr,
+        this->target_is_labels_ ? nullptr : this->target_.data.data(),
+        weight_ ? weight_->data.data() : nullptr, dims_, params_, grad_output, grad);
 }
 
 // ---- optimizers ----------------------------------------------------------------------------
@@ -787,6 +940,11 @@ void Adam<T>::step() {
 template <typename T, typename Target>
 double train_step(Sequential<T>& model, const Tensor<T>& input, const Tensor<Target>& target,
                   Loss<T>& loss, Optimizer<T>& optimizer) {
+    if (loss.reduction() == Reduction::None)
+        throw std::invalid_argument(
+            "[train_step] loss: expected reduction 'mean' or 'sum' (a "
+            "scalar loss to step on), got " +
+            loss.type() + " with reduction 'none'");
     model.zero_grad();
     const double value = loss.forward(model.forward(input), target);
     model.backward(loss.backward());

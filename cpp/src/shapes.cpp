@@ -489,21 +489,121 @@ void check_probabilities(const char* op, const T* a, int64_t count) {
 template void check_probabilities<float>(const char*, const float*, int64_t);
 template void check_probabilities<double>(const char*, const double*, int64_t);
 
-CrossEntropyDims cross_entropy_dims(const char* op, const Shape& logits, const Shape& labels) {
-    check_rank(op, "logits", logits, 2, "(N, K)");
-    check_nonempty(op, "logits", logits);
-    checked_numel(op, "logits", logits);
-    if (labels.size() != 1 || labels[0] != logits[0])
-        fail(op, "labels: expected shape (" + std::to_string(logits[0]) +
-                     ",) (one class index per row of logits), got shape " + shape_str(labels));
-    return CrossEntropyDims{logits[0], logits[1]};
+Reduction parse_reduction(const char* op, const std::string& text) {
+    if (text == "mean") return Reduction::Mean;
+    if (text == "sum") return Reduction::Sum;
+    if (text == "none") return Reduction::None;
+    fail(op, "reduction: expected 'mean', 'sum' or 'none', got '" + text + "'");
 }
 
-void check_labels(const char* op, const int64_t* labels, int64_t N, int64_t K) {
-    for (int64_t n = 0; n < N; ++n)
-        if (labels[n] < 0 || labels[n] >= K)
+const char* reduction_str(Reduction reduction) {
+    switch (reduction) {
+        case Reduction::None:
+            return "none";
+        case Reduction::Sum:
+            return "sum";
+        default:
+            return "mean";
+    }
+}
+
+void check_expandable(const char* op, const char* name, const Shape& weight, const Shape& input) {
+    bool ok = weight.size() <= input.size();
+    for (size_t i = 0; ok && i < weight.size(); ++i) {
+        const int64_t w = weight[weight.size() - 1 - i], x = input[input.size() - 1 - i];
+        ok = w == 1 || w == x;
+    }
+    if (!ok)
+        fail(op, std::string(name) + ": expected a shape that broadcasts to " + shape_str(input) +
+                     " (input's), got shape " + shape_str(weight));
+}
+
+template <typename T>
+void expand_to(T* dst, const Shape& shape, const T* src, const Shape& src_shape) {
+    // strides of src seen with shape's rank: 0 along a broadcast (size-1 or missing) dim
+    const size_t rank = shape.size(), lead = rank - src_shape.size();
+    std::vector<int64_t> stride(rank, 0);
+    int64_t step = 1;
+    for (size_t i = rank; i-- > lead;) {
+        const int64_t d = src_shape[i - lead];
+        stride[i] = d == 1 ? 0 : step;
+        step *= d;
+    }
+    const int64_t count = numel(shape);
+    std::vector<int64_t> index(rank, 0);
+    int64_t offset = 0;
+    for (int64_t i = 0; i < count; ++i) {
+        dst[i] = src[offset];
+        for (size_t k = rank; k-- > 0;) {  // the next index, row-major
+            offset += stride[k];
+            if (++index[k] < shape[k]) break;
+            offset -= stride[k] * index[k];
+            index[k] = 0;
+        }
+    }
+}
+template void expand_to<float>(float*, const Shape&, const float*, const Shape&);
+template void expand_to<double>(double*, const Shape&, const double*, const Shape&);
+
+CrossEntropyParams cross_entropy_params(const char* op, Reduction reduction, int64_t ignore_index,
+                                        double label_smoothing) {
+    if (!(label_smoothing >= 0.0 && label_smoothing <= 1.0))  // written so that NaN fails too
+        fail(op,
+             "label_smoothing: expected a number in [0, 1], got " + number_str(label_smoothing));
+    return CrossEntropyParams{reduction, ignore_index, label_smoothing};
+}
+
+CrossEntropyDims cross_entropy_dims(const char* op, const Shape& logits, const Shape& labels,
+                                    bool probabilities) {
+    if (logits.size() < 2)
+        fail(op, "logits: expected 2 dims (N, K) or more (N, K, d1, ...), got shape " +
+                     shape_str(logits));
+    check_nonempty(op, "logits", logits);
+    checked_numel(op, "logits", logits);
+    CrossEntropyDims d{logits[0], logits[1], 1, probabilities};
+    for (size_t i = 2; i < logits.size(); ++i) d.S *= logits[i];
+    if (probabilities) {
+        if (labels != logits)
+            fail(op, "target: expected shape " + shape_str(logits) +
+                         " (logits', class probabilities), got shape " + shape_str(labels));
+        return d;
+    }
+    const Shape expected = cross_entropy_loss_shape(logits);
+    if (labels != expected) {
+        if (logits.size() == 2)
+            fail(op, "labels: expected shape (" + std::to_string(logits[0]) +
+                         ",) (one class index per row of logits), got shape " + shape_str(labels));
+        fail(op, "labels: expected shape " + shape_str(expected) +
+                     " (logits' without the class dim), got shape " + shape_str(labels));
+    }
+    return d;
+}
+
+void check_ignore_index(const char* op, const CrossEntropyDims& dims,
+                        const CrossEntropyParams& params) {
+    if (dims.probabilities && params.ignore_index != -100)
+        fail(op, "ignore_index: expected -100 (none) with class probabilities as the target, got " +
+                     std::to_string(params.ignore_index));
+}
+
+void check_class_weight(const char* op, const CrossEntropyDims& dims, const Shape& weight) {
+    if (weight.size() != 1 || weight[0] != dims.K)
+        fail(op, "weight: expected shape (" + std::to_string(dims.K) +
+                     ",) (one weight per class), got shape " + shape_str(weight));
+}
+
+void check_labels(const char* op, const int64_t* labels, int64_t count, int64_t K,
+                  int64_t ignore_index) {
+    for (int64_t n = 0; n < count; ++n)
+        if ((labels[n] < 0 || labels[n] >= K) && labels[n] != ignore_index)
             fail(op, "labels: expected class indices in [0, " + std::to_string(K) + "), got " +
                          std::to_string(labels[n]) + " at position " + std::to_string(n));
+}
+
+Shape cross_entropy_loss_shape(const Shape& logits) {
+    Shape shape = logits;
+    if (shape.size() >= 2) shape.erase(shape.begin() + 1);
+    return shape;
 }
 
 }  // namespace cnnbp

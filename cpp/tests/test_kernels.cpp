@@ -517,3 +517,71 @@ TEST_CASE("loss cross-entropy: value and gradient, stable") {
     cross_entropy_backward(dz.data(), logits.data(), labels.data(), 2, 2);
     CHECK_CLOSE(dz.data(), (V{-0.25, 0.25, 0.5, -0.5}), 0, 1e-15);
 }
+
+TEST_CASE("loss options: reductions, weights, pos_weight") {
+    double* no_losses = nullptr;  // the reduced losses write no per-element values
+    const double* no_weight = nullptr;
+    const V a{0.25, 0.5, 0.75, 0.5}, y{1, 0, 1, 1}, w{2, 1, 0.5, 3};
+    V none(4);
+    CHECK(binary_cross_entropy_forward(none.data(), a.data(), y.data(), w.data(), 4,
+                                       Reduction::None) == 0.0);
+    const V expected{-2 * std::log(0.25), -std::log(0.5), -0.5 * std::log(0.75),
+                     -3 * std::log(0.5)};
+    CHECK_CLOSE(none.data(), expected, 0, 1e-15);
+    const double sum = expected[0] + expected[1] + expected[2] + expected[3];
+    const double got_sum =
+        binary_cross_entropy_forward(no_losses, a.data(), y.data(), w.data(), 4, Reduction::Sum);
+    CHECK_CLOSE(&got_sum, (V{sum}), 0, 1e-15);
+    const double got_mean =
+        binary_cross_entropy_forward(no_losses, a.data(), y.data(), w.data(), 4, Reduction::Mean);
+    CHECK_CLOSE(&got_mean, (V{sum / 4}), 0, 1e-15);
+    // the gradient of 'none' given grad_output equals the weighted elementwise formula
+    const V g{1, -2, 0.5, 3};
+    V da(4), want(4);
+    binary_cross_entropy_backward(da.data(), a.data(), y.data(), w.data(), 4, Reduction::None,
+                                  g.data(), 1.0);
+    for (int i = 0; i < 4; ++i) want[i] = g[i] * w[i] * (a[i] - y[i]) / (a[i] * (1 - a[i]));
+    CHECK_CLOSE(da.data(), want, 0, 1e-15);
+    // pos_weight p weighs the positive term: y = 1 costs p * log(1 + exp(-z))
+    const V z{0.5}, one{1}, p{3};
+    const double positive = binary_cross_entropy_with_logits_forward(
+        no_losses, z.data(), one.data(), no_weight, p.data(), 1, Reduction::Mean);
+    CHECK_CLOSE(&positive, (V{3 * std::log1p(std::exp(-0.5))}), 0, 1e-15);
+}
+
+TEST_CASE("loss options: cross-entropy weights, ignore_index, smoothing, spatial targets") {
+    double* no_losses = nullptr;
+    const double* no_target = nullptr;
+    // logits (N=1, K=2, S=2): position 0 has logits (0, 0), position 1 (1000, 0)
+    const V logits{0, 1000, 0, 0}, weight{2, 0.5};
+    const std::vector<int64_t> labels{1, -100};
+    const CrossEntropyDims dims{1, 2, 2, false};
+    CrossEntropyParams params;
+    // position 1 is ignored: the mean divides by weight[1] only
+    const double mean = cross_entropy_forward(no_losses, logits.data(), labels.data(), no_target,
+                                              weight.data(), dims, params);
+    CHECK_CLOSE(&mean, (V{std::log(2.0)}), 0, 1e-15);
+    // every label ignored: nan for the mean, 0 for the sum, as torch
+    const std::vector<int64_t> ignored{-100, -100};
+    CHECK(std::isnan(cross_entropy_forward(no_losses, logits.data(), ignored.data(), no_target,
+                                           weight.data(), dims, params)));
+    params.reduction = Reduction::Sum;
+    CHECK(cross_entropy_forward(no_losses, logits.data(), ignored.data(), no_target, weight.data(),
+                                dims, params) == 0.0);
+    // label smoothing eps: the target is (1 - eps) onehot + eps / K; at equal logits every
+    // class costs log 2, so the loss is (w_label (1 - eps) + eps / K * sum(w)) log 2
+    params.label_smoothing = 0.2;
+    params.reduction = Reduction::None;
+    V losses(2);
+    cross_entropy_forward(losses.data(), logits.data(), labels.data(), no_target, weight.data(),
+                          dims, params);
+    CHECK_CLOSE(losses.data(), (V{(0.5 * 0.8 + 0.1 * 2.5) * std::log(2.0), 0}), 0, 1e-15);
+    // probabilities of the logits' shape: the uniform target costs log 2 at equal logits and
+    // (log(1 + e^-1000) + (1000 + log(1 + e^-1000))) / 2 = 500 at (1000, 0)
+    const V probabilities{0.5, 0.5, 0.5, 0.5};
+    const CrossEntropyDims prob_dims{1, 2, 2, true};
+    const double uniform =
+        cross_entropy_forward(no_losses, logits.data(), nullptr, probabilities.data(), no_target,
+                              prob_dims, CrossEntropyParams{});
+    CHECK_CLOSE(&uniform, (V{(std::log(2.0) + 500) / 2}), 0, 1e-15);
+}

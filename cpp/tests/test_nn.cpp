@@ -361,3 +361,77 @@ TEST_CASE("nn: layers are made by name from the registry, and report their argum
     CHECK_THROWS(ce.forward(Tensor<double>({2, 3}), Tensor<double>({2})),
                  "[cross_entropy] target: expected class indices (int64)");
 }
+
+TEST_CASE("nn: loss options, libtorch-style; gradients against finite differences") {
+    manual_seed(2);
+    Sequential<double> model;
+    model.add(std::make_shared<Conv2d<double>>(2, 3, 3, 1, 1));  // logits (N, 3, H, W)
+    const Tensor<double> x({2, 2, 4, 3}, values(48, 12));
+    // spatial class indices, one ignored (-100 by default)
+    std::vector<int64_t> label_values(24);
+    for (size_t i = 0; i < label_values.size(); ++i) label_values[i] = int64_t(i % 3);
+    label_values[5] = -100;
+    const Tensor<int64_t> labels({2, 4, 3}, label_values);
+    CrossEntropyLoss<double> ce(CrossEntropyLossOptions()
+                                    .weight(Tensor<double>({3}, V{0.5, 2.0, 1.0}))
+                                    .label_smoothing(0.1)
+                                    .reduction(Reduction::Sum));
+    CHECK(ce.reduction() == Reduction::Sum);
+    auto objective = [&] { return ce.forward(model.forward(x), labels); };
+    objective();
+    model.backward(ce.backward(0.5));  // dL/d(loss) = 0.5: the objective's half
+    for (auto* p : model.parameters())
+        for (double& g : p->grad.data) g *= 2;
+    check_against_differences(model, objective);
+
+    // reduction 'none': forward gives 0 and losses() per element; backward takes their grad
+    CrossEntropyLoss<double> none(
+        CrossEntropyLossOptions().ignore_index(1).reduction(Reduction::None));
+    // (with ignore_index 1 the default's -100 is no label: refused, as torch)
+    CHECK_THROWS(none.forward(model.forward(x), labels),
+                 "[cross_entropy] labels: expected class indices in [0, 3), got -100");
+    label_values[5] = 2;
+    const Tensor<int64_t> labels_1({2, 4, 3}, label_values);
+    CHECK(none.forward(model.forward(x), labels_1) == 0.0);
+    CHECK(none.losses().shape == (Shape{2, 4, 3}));
+    CHECK(none.losses().data[1] == 0.0);  // label 1 is ignored here
+    CHECK_THROWS(none.backward(), "[cross_entropy_backward] grad_output: expected an array");
+    const Tensor<double> g({2, 4, 3}, values(24, 13));
+    auto weighted = [&] {
+        none.forward(model.forward(x), labels_1);
+        double sum = 0;
+        for (size_t i = 0; i < g.data.size(); ++i) sum += g.data[i] * none.losses().data[i];
+        return sum;
+    };
+    model.zero_grad();
+    weighted();
+    model.backward(none.backward(g));
+    check_against_differences(model, weighted);
+    CHECK_THROWS(none.backward(Tensor<double>({3})),
+                 "[cross_entropy_backward] grad_output: expected shape (2, 4, 3)");
+
+    // train_step refuses a loss that is not a scalar
+    SGD<double> sgd(model.parameters(), 0.1);
+    CHECK_THROWS(train_step(model, x, labels_1, none, sgd),
+                 "[train_step] loss: expected reduction 'mean' or 'sum'");
+}
+
+TEST_CASE("nn: BCE losses with weight and pos_weight against finite differences") {
+    Sequential<double> model;
+    model.add(std::make_shared<Linear<double>>(3, 4));
+    const Tensor<double> x({5, 3}, values(15, 14));
+    Tensor<double> y({5, 4});
+    for (size_t i = 0; i < y.data.size(); ++i) y.data[i] = double(i % 3) / 2;
+    BCEWithLogitsLoss<double> loss(BCEWithLogitsLossOptions()
+                                       .weight(Tensor<double>({5, 1}, V{1, 2, 0.5, 1, 3}))
+                                       .pos_weight(Tensor<double>({4}, V{0.5, 1, 2, 4})));
+    auto objective = [&] { return loss.forward(model.forward(x), y); };
+    objective();
+    model.backward(loss.backward());
+    check_against_differences(model, objective);
+    CHECK_THROWS(BCELoss<double>(BCELossOptions().weight(Tensor<double>({3}, V{1, 1, 1})))
+                     .forward(Tensor<double>({5, 4}, 0.5), y),
+                 "[binary_cross_entropy] weight: expected a shape that broadcasts to (5, 4)");
+    CHECK_THROWS(CrossEntropyLoss<double>(CrossEntropyLossOptions().label_smoothing(-1)),
+                 "[CrossEntropyLoss] label_smoothing: expected a number in [0, 1], got -1.0");
+}

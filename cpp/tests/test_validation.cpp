@@ -149,6 +149,43 @@ TEST_CASE("validation: linear and losses") {
                  "labels: expected class indices in [0, 3), got 3");
 }
 
+TEST_CASE("validation: loss options") {
+    CHECK(parse_reduction("cross_entropy", "sum") == Reduction::Sum);
+    CHECK_THROWS(parse_reduction("binary_cross_entropy", "avg"),
+                 "[binary_cross_entropy] reduction: expected 'mean', 'sum' or 'none', got 'avg'");
+    CHECK_THROWS(check_expandable("binary_cross_entropy", "weight", {2}, {3, 4}),
+                 "[binary_cross_entropy] weight: expected a shape that broadcasts to (3, 4) "
+                 "(input's), got shape (2,)");
+    CHECK_THROWS(check_expandable("binary_cross_entropy", "weight", {1, 3, 4}, {3, 4}),
+                 "got shape (1, 3, 4)");
+    check_expandable("binary_cross_entropy", "weight", {3, 1}, {3, 4});  // broadcasts
+    CHECK_THROWS(cross_entropy_params("cross_entropy", Reduction::Mean, -100, 1.5),
+                 "[cross_entropy] label_smoothing: expected a number in [0, 1], got 1.5");
+    CHECK_THROWS(cross_entropy_dims("cross_entropy", {2, 3, 4}, {2, 3}),
+                 "[cross_entropy] labels: expected shape (2, 4) (logits' without the class dim)");
+    CHECK_THROWS(cross_entropy_dims("cross_entropy", {2, 3, 4}, {2, 3}, true),
+                 "[cross_entropy] target: expected shape (2, 3, 4) (logits', class probabilities)");
+    const auto dims = cross_entropy_dims("cross_entropy", {2, 3, 4, 5}, {2, 4, 5});
+    CHECK(dims.N == 2 && dims.K == 3 && dims.S == 20 && !dims.probabilities);
+    CHECK_THROWS(check_class_weight("cross_entropy", dims, {4}),
+                 "[cross_entropy] weight: expected shape (3,) (one weight per class)");
+    const auto prob_dims = cross_entropy_dims("cross_entropy", {2, 3}, {2, 3}, true);
+    CHECK_THROWS(
+        check_ignore_index("cross_entropy", prob_dims, CrossEntropyParams{Reduction::Mean, 0, 0}),
+        "ignore_index: expected -100 (none) with class probabilities");
+    const int64_t labels[] = {0, -100, 2};
+    check_labels("cross_entropy", labels, 3, 3);  // -100: the default ignore_index
+    CHECK_THROWS(check_labels("cross_entropy", labels, 3, 3, 2),
+                 "labels: expected class indices in [0, 3), got -100 at position 1");
+    double expanded[6];
+    const double row[] = {1, 2, 3};
+    expand_to(expanded, {2, 3}, row, {3});
+    CHECK_CLOSE(expanded, (std::vector<double>{1, 2, 3, 1, 2, 3}), 0, 0);
+    const double column[] = {4, 5};
+    expand_to(expanded, {2, 3}, column, {2, 1});
+    CHECK_CLOSE(expanded, (std::vector<double>{4, 4, 4, 5, 5, 5}), 0, 0);
+}
+
 TEST_CASE("validation: thread count") {
     CHECK_THROWS(set_num_threads(0), "[set_num_threads] n: expected >= 1, got 0");
     CHECK_THROWS(set_num_threads(int64_t(1) << 31),

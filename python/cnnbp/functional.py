@@ -20,11 +20,21 @@ with a message that starts with the op's name, e.g. ``[conv2d] weight: expected 
     dx           = dropout_backward(dy, mask, p)                 # y = x * mask / (1 - p)
     y = linear(x, w, b=None)                                     # w (out, in): y = x w^T + b
     dx, dw, db   = linear_backward(dy, x, w)
-    loss = binary_cross_entropy(a, y);             da = binary_cross_entropy_backward(a, y)
-    loss = binary_cross_entropy_with_logits(z, y); dz = binary_cross_entropy_with_logits_backward(z, y)
-    loss = cross_entropy(logits, labels);          dz = cross_entropy_backward(logits, labels)
+    loss = binary_cross_entropy(a, y, weight=None, reduction='mean')
+    da   = binary_cross_entropy_backward(a, y, weight=None, reduction='mean', grad_output=None)
+    loss = binary_cross_entropy_with_logits(z, y, weight=None, pos_weight=None, reduction='mean')
+    dz   = binary_cross_entropy_with_logits_backward(z, y, ..., grad_output=None)
+    loss = cross_entropy(logits, target, weight=None, ignore_index=-100, reduction='mean',
+                         label_smoothing=0.0)
+    dz   = cross_entropy_backward(logits, target, ..., grad_output=None)
 
-Losses are means over the batch, like torch's default reduction='mean'.
+Losses have torch's options and semantics: reduction 'mean' (the default) or 'sum' gives a
+float, 'none' the array of per-element losses; a backward takes the forward's arguments and
+grad_output = dL/d(loss) (1 when None for a reduced loss, an array of the loss's shape for
+'none'). weight and pos_weight broadcast to the input's shape (pos_weight along the last
+dim, the classes); cross_entropy takes logits (N, K) or (N, K, d1, ...) with class indices
+(N,) / (N, d1, ...) (an integer array; ignore_index counts for nothing) or class
+probabilities of the logits' shape (floats), weight (K,), and label_smoothing in [0, 1].
 The pools have torch's options and semantics: ceil_mode rounds the output size up (a last
 window may hang past the padding, never start in it); avg_pool2d divides by divisor_override
 when given, else by the window's cells inside the padded input (count_include_pad=True) or

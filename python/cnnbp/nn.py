@@ -477,7 +477,13 @@ class Sequential(_NativeModule):
 
     def train_step(self, x, y, loss_fn, optimizer) -> float:
         """One training step: zero_grad, forward, loss, backward, optimizer.step(); returns
-        the loss. The same as the four calls written out, in one call into C++."""
+        the loss. The same as the four calls written out, in one call into C++. The loss
+        must be reduced ('mean' or 'sum'): as torch's backward(), a step needs a scalar."""
+        if getattr(loss_fn, "reduction", "mean") == "none":
+            raise ValueError(
+                "[train_step] loss: expected reduction 'mean' or 'sum' (a scalar loss to step "
+                f"on), got {type(loss_fn).__name__} with reduction 'none'"
+            )
         cached = self._step
         if (
             cached is not None
@@ -535,31 +541,42 @@ class Sequential(_NativeModule):
 
 class _Loss:
     """A loss remembers its arguments so that ``backward()`` needs none. A C++ loss object
-    per dtype computes it and keeps the trace."""
+    per dtype computes it and keeps the trace. The options are torch's, checked once, when
+    the loss is built; with reduction='none' a call returns the per-element losses (an
+    array) and ``backward`` takes dL/d(loss) of their shape."""
 
-    def __init__(self):
+    def __init__(self, **options):
+        self._options = options
         self._impls = {}
         self._impl = None
+        self._activate(np.dtype(np.float32))  # the options are checked here, once
+        self._impl = None
+
+    @property
+    def reduction(self) -> str:
+        return self._options["reduction"]
 
     def _activate(self, dtype):
         """The C++ loss of `dtype`, made the one whose trace shows."""
         impl = self._impls.get(dtype)
         if impl is None:
-            impl = self._impls[dtype] = native(self._native_name, dtype)()
+            impl = self._impls[dtype] = native(self._native_name, dtype)(**self._options)
         self._impl = impl
         return impl
 
-    def __call__(self, input, target) -> float:
+    def __call__(self, input, target):
         return self.forward(input, target)
 
-    def forward(self, input, target) -> float:
+    def forward(self, input, target):
+        """The loss: a float for reduction 'mean' or 'sum', an array for 'none'."""
         return self._activate(dtype_of(input)).forward(input, target)
 
-    def backward(self, grad_loss: float = 1.0):
-        """dL/d input of the last call, scaled by dL/d loss (1 when the loss is the objective)."""
+    def backward(self, grad_output=None):
+        """dL/d input of the last call, given dL/d(loss): None (1, the loss is the objective)
+        or a number for a reduced loss, an array of the loss's shape for reduction='none'."""
         if self._impl is None or not self._impl.has_run():
             raise RuntimeError(f"[{type(self).__name__}] backward called before forward")
-        return self._impl.backward(float(grad_loss))
+        return self._impl.backward(grad_output)
 
     input = _traced("input", after_run=True)
     target = _traced("target", after_run=True)
@@ -576,21 +593,40 @@ class _Loss:
 
 
 class BCELoss(_Loss):
-    """Mean binary cross-entropy of probabilities (torch.nn.BCELoss)."""
+    """Binary cross-entropy of probabilities (torch.nn.BCELoss): weight broadcasts to the
+    input's shape; reduction 'mean', 'sum' or 'none'."""
 
     _native_name = "BCELoss"  # subclasses keep the C++ loss of their base
 
+    def __init__(self, weight=None, reduction="mean"):
+        super().__init__(weight=weight, reduction=reduction)
+
 
 class BCEWithLogitsLoss(_Loss):
-    """Mean binary cross-entropy of sigmoid(logits), computed stably (torch.nn.BCEWithLogitsLoss)."""
+    """Binary cross-entropy of sigmoid(logits), computed stably (torch.nn.BCEWithLogitsLoss):
+    weight broadcasts to the input's shape, pos_weight (the positive term's weight) along
+    the last dim, the classes."""
 
     _native_name = "BCEWithLogitsLoss"
 
+    def __init__(self, weight=None, reduction="mean", pos_weight=None):
+        super().__init__(weight=weight, reduction=reduction, pos_weight=pos_weight)
+
 
 class CrossEntropyLoss(_Loss):
-    """Mean softmax cross-entropy of logits (N, K) against class indices (N,)."""
+    """Softmax cross-entropy of logits (N, K) or (N, K, d1, ...) against class indices
+    (N,) / (N, d1, ...) or class probabilities of the logits' shape
+    (torch.nn.CrossEntropyLoss): weight (K,), ignore_index, reduction, label_smoothing."""
 
     _native_name = "CrossEntropyLoss"
+
+    def __init__(self, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+        super().__init__(
+            weight=weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+        )
 
 
 __all__ = [

@@ -507,22 +507,56 @@ def flatten_backward(dF, x_shape):
 
 
 # ---------------------------------------------------------------------------------------
-# losses: means over all elements (BCE) or over the batch (cross-entropy), like torch's
-# reduction='mean'; each returns a python float
+# losses, with torch's options: each computes the per-element losses l (torch's
+# reduction='none'), then reduces them: 'mean' (the default) and 'sum' give a python float.
+# A backward returns dL/dinput for dL/d(loss) = grad_output (1 for a reduced loss, an
+# array of the loss's shape for 'none').
 # ---------------------------------------------------------------------------------------
 
+REDUCTIONS = ("mean", "sum", "none")
 
-def binary_cross_entropy(a, y):
-    """L = mean(-(y * log a + (1 - y) * log(1 - a))), each log clamped at -100 as torch does.
+
+def _reduce(losses, reduction, divisor=None):
+    """torch's reduction of the per-element losses; 'mean' divides by divisor (their count)."""
+    if reduction == "none":
+        return _out(losses)
+    total = float(np.sum(losses))
+    if reduction == "sum":
+        return total
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0 = nan, as torch
+        return float(np.float64(total) / (losses.size if divisor is None else divisor))
+
+
+def _grad_of_loss(grad_output, reduction, shape, divisor=None):
+    """dL/d l per element: grad_output (an array for 'none', else a number, 1 by default),
+    over the mean's divisor."""
+    if reduction == "none":
+        return _f64(grad_output)
+    g = 1.0 if grad_output is None else float(grad_output)
+    if reduction == "mean":
+        n = np.prod(shape) if divisor is None else divisor
+        with np.errstate(divide="ignore"):
+            g = np.float64(g) / n
+    return np.full(shape, g)
+
+
+def _weight_like(weight, shape):
+    """A weight broadcast to shape (torch's expand), or ones."""
+    return np.ones(shape) if weight is None else np.broadcast_to(_f64(weight), shape)
+
+
+def binary_cross_entropy(a, y, weight=None, reduction="mean"):
+    """l = -weight * (y * log a + (1 - y) * log(1 - a)), each log clamped at -100 as torch does.
 
     The clamp keeps a = 0 or a = 1 finite: a = 0 with y = 1 costs 100, not inf.
     """
     a = _f64(a)  # a: probabilities in [0, 1]
     y = _f64(y)  # y: targets, same shape as a
+    w = _weight_like(weight, a.shape)  # weight: broadcast to a's shape
     with np.errstate(divide="ignore"):  # log(0) = -inf, clamped just below
         log_a = np.maximum(np.log(a), -100.0)
         log_1ma = np.maximum(np.log1p(-a), -100.0)
-    return float(np.mean(-(y * log_a + (1.0 - y) * log_1ma)))
+    return _reduce(-w * (y * log_a + (1.0 - y) * log_1ma), reduction)
 
 
 # torch declares this clamp as a C++ `float` (constexpr float EPSILON = 1e-12), so in
@@ -531,72 +565,137 @@ def binary_cross_entropy(a, y):
 BCE_EPSILON = float(np.float32(1e-12))
 
 
-def binary_cross_entropy_backward(a, y):
+def binary_cross_entropy_backward(a, y, weight=None, reduction="mean", grad_output=None):
     """dL/da of binary_cross_entropy.
 
     Inverts:
-        return float(np.mean(-(y * log_a + (1.0 - y) * log_1ma)))
+        l = -w * (y * log_a + (1.0 - y) * log_1ma)
     with log_a = log a and log_1ma = log(1 - a) (unclamped in the interior):
-    d/da = -y/a + (1 - y)/(1 - a) = (a - y) / (a (1 - a)), divided by numel for the mean.
-    Like torch, the denominator is kept at least BCE_EPSILON (~1e-12) so a = 0 or 1
-    stays finite.
+    dl/da = w * (-y/a + (1 - y)/(1 - a)) = w * (a - y) / (a (1 - a)), times dL/dl (1/numel
+    for the mean). Like torch, the denominator is kept at least BCE_EPSILON (~1e-12) so
+    a = 0 or 1 stays finite.
     """
     a = _f64(a)
     y = _f64(y)
-    return _out((a - y) / np.maximum(a * (1.0 - a), BCE_EPSILON) / a.size)
+    w = _weight_like(weight, a.shape)
+    g = _grad_of_loss(grad_output, reduction, a.shape)
+    return _out(g * w * (a - y) / np.maximum(a * (1.0 - a), BCE_EPSILON))
 
 
-def binary_cross_entropy_with_logits(z, y):
+def binary_cross_entropy_with_logits(z, y, weight=None, pos_weight=None, reduction="mean"):
     """BCE of sigmoid(z), computed from the logits z without forming sigmoid(z).
 
-    -(y log s(z) + (1 - y) log(1 - s(z))) = max(z, 0) - z y + log(1 + exp(-|z|)),
-    and exp(-|z|) <= 1 never overflows.
+    torch's form, with pos_weight p weighting the positive term (broadcast along the last
+    dim, the classes):
+        l = w * ((1 - y) z + (1 + (p - 1) y) * log(1 + exp(-z)))
+    and log(1 + exp(-z)) = log(1 + exp(-|z|)) + max(-z, 0), where exp(-|z|) <= 1 never
+    overflows. With p = 1 it is max(z, 0) - z y + log(1 + exp(-|z|)).
     """
     z = _f64(z)  # z: logits
     y = _f64(y)  # y: targets, same shape as z
-    return float(np.mean(np.maximum(z, 0.0) - z * y + np.log1p(np.exp(-np.abs(z)))))
+    w = _weight_like(weight, z.shape)
+    p = _weight_like(pos_weight, z.shape)
+    log_weight = 1.0 + (p - 1.0) * y
+    softplus_neg_z = np.log1p(np.exp(-np.abs(z))) + np.maximum(-z, 0.0)  # log(1 + exp(-z))
+    return _reduce(w * ((1.0 - y) * z + log_weight * softplus_neg_z), reduction)
 
 
-def binary_cross_entropy_with_logits_backward(z, y):
+def binary_cross_entropy_with_logits_backward(
+    z, y, weight=None, pos_weight=None, reduction="mean", grad_output=None
+):
     """dL/dz of binary_cross_entropy_with_logits.
 
     Inverts:
-        return float(np.mean(np.maximum(z, 0.0) - z * y + np.log1p(np.exp(-np.abs(z)))))
-    whose derivative per element is sigmoid(z) - y, divided by numel for the mean.
+        l = w * ((1 - y) z + log_weight * log(1 + exp(-z)))
+    d log(1 + exp(-z))/dz = -sigmoid(-z) = sigmoid(z) - 1, so
+    dl/dz = w * ((1 - y) + log_weight (sigmoid(z) - 1)) = w * (log_weight sigmoid(z) - p y),
+    which is sigmoid(z) - y when w = p = 1; times dL/dl (1/numel for the mean).
     """
     z = _f64(z)
     y = _f64(y)
-    return _out((sigmoid(z) - y) / z.size)
+    w = _weight_like(weight, z.shape)
+    p = _weight_like(pos_weight, z.shape)
+    log_weight = 1.0 + (p - 1.0) * y
+    g = _grad_of_loss(grad_output, reduction, z.shape)
+    return _out(g * w * (log_weight * sigmoid(z) - p * y))
 
 
-def cross_entropy(logits, labels):
-    """L = mean over n of (logsumexp(z_n) - z_n[label_n]) for logits z (N, K)."""
-    z = _f64(logits)  # z (N, K)
-    labels = np.asarray(labels, dtype=np.int64)  # labels (N,), ints in [0, K)
-    N = z.shape[0]
-    # Subtracting the row max leaves logsumexp(z) - z[label] unchanged and keeps exp <= 1.
-    zs = z - z.max(axis=1, keepdims=True)  # zs (N, K)
-    logsumexp = np.log(np.exp(zs).sum(axis=1))  # (N,)
-    return float(np.mean(logsumexp - zs[np.arange(N), labels]))
+def _cross_entropy_parts(logits, target, weight, ignore_index, label_smoothing):
+    """The pieces torch's cross_entropy combines, with the classes moved last:
+    log_p (M, K) = log_softmax of each position's logits (M = N * d1 * ...), the mixed
+    targets t (M, K) = (1 - eps) onehot(label) or probabilities + eps / K, w (K,), the
+    mask of counted positions (M,) and the mean's divisor."""
+    z = np.moveaxis(_f64(logits), 1, -1)  # (N, d1, ..., K)
+    K = z.shape[-1]
+    z = z.reshape(-1, K)  # z (M, K)
+    w = np.ones(K) if weight is None else _f64(weight)  # w (K,): one per class
+    eps = float(label_smoothing)
+    zs = z - z.max(axis=1, keepdims=True)  # stable: exp(zs) <= 1
+    log_p = zs - np.log(np.exp(zs).sum(axis=1, keepdims=True))  # log_softmax (M, K)
+    target = np.asarray(target)
+    if target.dtype.kind == "f" and target.shape == np.shape(logits):  # class probabilities
+        probabilities = np.moveaxis(_f64(target), 1, -1).reshape(-1, K)
+        t = (1.0 - eps) * probabilities + eps / K
+        counted = np.ones(len(z), dtype=bool)
+        divisor = float(len(z))  # torch: the number of positions, weights or not
+    else:  # class indices (N, d1, ...); ignore_index counts for nothing
+        labels = target.astype(np.int64).reshape(-1)  # (M,)
+        counted = labels != ignore_index
+        onehot = np.zeros_like(z)
+        onehot[np.flatnonzero(counted), labels[counted]] = 1.0
+        t = (1.0 - eps) * onehot + eps / K
+        divisor = float(w[labels[counted]].sum())  # torch: the counted targets' weights
+    return log_p, t, w, counted, divisor
 
 
-def cross_entropy_backward(logits, labels):
-    """dL/dz of cross_entropy.
+def cross_entropy(
+    logits, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0
+):
+    """Softmax cross-entropy of logits (N, K) or (N, K, d1, ...) against class indices
+    (N,) / (N, d1, ...) or class probabilities of the logits' shape, as torch:
+
+        l = -sum_c w_c t_c log p_c     (0 where label == ignore_index)
+
+    with t the one-hot label or the probabilities, mixed with the uniform 1/K by
+    label_smoothing eps: t = (1 - eps) t + eps / K (for labels torch writes this as
+    (1 - eps) nll + eps / K * smooth_loss, the same sum). 'mean' divides by the counted
+    labels' weights (nan when every label is ignored), or by N * d1 * ... for probabilities.
+    """
+    log_p, t, w, counted, divisor = _cross_entropy_parts(
+        logits, target, weight, ignore_index, label_smoothing
+    )
+    losses = np.where(counted, -(w * t * np.where(t > 0, log_p, 0.0)).sum(axis=1), 0.0)
+    shape = np.shape(logits)[:1] + np.shape(logits)[2:]
+    return _reduce(losses.reshape(shape), reduction, divisor)
+
+
+def cross_entropy_backward(
+    logits,
+    target,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    grad_output=None,
+):
+    """dL/dlogits of cross_entropy.
 
     Inverts:
-        return float(np.mean(logsumexp - zs[np.arange(N), labels]))
-    with zs = z - rowmax (the shift has zero net gradient);
-    d logsumexp(z_n)/dz_n = softmax(z_n) and d z_n[label_n]/dz_n = onehot(label_n);
-    the mean divides by N.
+        l = -(w * t * log_p).sum(axis=1)
+    with d log p_c / dz_k = [c == k] - p_k: dl/dz_k = p_k sum_c w_c t_c - w_k t_k, zero
+    where the label is ignored; times dL/dl (over the divisor for the mean).
     """
-    z = _f64(logits)  # z (N, K)
-    labels = np.asarray(labels, dtype=np.int64)  # labels (N,)
-    N = z.shape[0]
-    e = np.exp(z - z.max(axis=1, keepdims=True))  # stable, as in the forward
-    softmax = e / e.sum(axis=1, keepdims=True)  # softmax (N, K)
-    onehot = np.zeros_like(z)  # onehot (N, K)
-    onehot[np.arange(N), labels] = 1.0
-    return _out((softmax - onehot) / N)
+    log_p, t, w, counted, divisor = _cross_entropy_parts(
+        logits, target, weight, ignore_index, label_smoothing
+    )
+    p = np.exp(log_p)  # softmax (M, K)
+    dl = p * (w * t).sum(axis=1, keepdims=True) - w * t  # (M, K)
+    shape = np.shape(logits)[:1] + np.shape(logits)[2:]
+    g = _grad_of_loss(grad_output, reduction, shape, divisor).reshape(-1, 1)
+    with np.errstate(invalid="ignore"):  # inf * 0 at ignored positions, dropped
+        dz = np.where(counted[:, None], g * dl, 0.0)  # (M, K), classes last
+    moved = np.shape(logits)[:1] + np.shape(logits)[2:] + np.shape(logits)[1:2]
+    return _out(np.moveaxis(dz.reshape(moved), -1, 1))
 
 
 # ---------------------------------------------------------------------------------------

@@ -364,39 +364,95 @@ class Sequential : public Layer<T> {
     std::vector<Parameter<T>*> parameters_;  // every layer's, in order; kept by add()
 };
 
-// Losses: the mean over the batch; backward() returns dL/d input of the last call. A loss
-// keeps copies of its arguments (they are small), so its trace outlives them.
+// ---- losses --------------------------------------------------------------------------------
+// Options of the losses, named as torch's and set libtorch-style:
+//   CrossEntropyLoss<float> ce(CrossEntropyLossOptions().ignore_index(0).label_smoothing(0.1));
+//   BCEWithLogitsLoss<double> bce(BCEWithLogitsLossOptions().pos_weight(Tensor<double>({3},
+//                                 {1.0, 2.0, 0.5})).reduction(Reduction::Sum));
+// Weights are given in double and converted to the loss's T once, when it is built.
+#define CNNBP_LOSS_OPTION(Options, Type, name, ...) \
+ public:                                            \
+    Options& name(Type value) {                     \
+        name##_ = std::move(value);                 \
+        return *this;                               \
+    }                                               \
+    const Type& name() const { return name##_; }    \
+                                                    \
+ private:                                           \
+    Type name##_ __VA_ARGS__;
+
+struct BCELossOptions {
+    // broadcast to the input's shape (torch's expand)
+    CNNBP_LOSS_OPTION(BCELossOptions, std::optional<Tensor<double>>, weight)
+    CNNBP_LOSS_OPTION(BCELossOptions, Reduction, reduction, = Reduction::Mean)
+};
+
+struct BCEWithLogitsLossOptions {
+    CNNBP_LOSS_OPTION(BCEWithLogitsLossOptions, std::optional<Tensor<double>>, weight)
+    // the positive term's weight, broadcast to the input's shape (along the last dim, the
+    // classes)
+    CNNBP_LOSS_OPTION(BCEWithLogitsLossOptions, std::optional<Tensor<double>>, pos_weight)
+    CNNBP_LOSS_OPTION(BCEWithLogitsLossOptions, Reduction, reduction, = Reduction::Mean)
+};
+
+struct CrossEntropyLossOptions {
+    CNNBP_LOSS_OPTION(CrossEntropyLossOptions, std::optional<Tensor<double>>, weight)  // (K,)
+    CNNBP_LOSS_OPTION(CrossEntropyLossOptions, int64_t, ignore_index, = -100)
+    CNNBP_LOSS_OPTION(CrossEntropyLossOptions, Reduction, reduction, = Reduction::Mean)
+    CNNBP_LOSS_OPTION(CrossEntropyLossOptions, double, label_smoothing, = 0.0)  // in [0, 1]
+};
+#undef CNNBP_LOSS_OPTION
+
+// A loss: forward() returns the reduced loss ('mean' or 'sum'), or 0 for reduction 'none',
+// whose per-element losses are losses(); backward() returns dL/d input of the last call
+// given dL/d(loss): a number for a reduced loss, a tensor of losses()' shape for 'none'.
+// A loss keeps copies of its arguments (they are small), so its trace outlives them.
 template <typename T>
 class Loss {
  public:
     virtual ~Loss() = default;
-    // BCE losses: a target of the input's shape and dtype
+    // BCE losses: a target of the input's shape and dtype; CrossEntropyLoss: class
+    // probabilities of the input's shape
     virtual double forward(const Tensor<T>& input, const Tensor<T>& target);
     // CrossEntropyLoss: a target of class indices
     virtual double forward(const Tensor<T>& input, const Tensor<int64_t>& target);
+    // whether the loss takes class indices (it may take probabilities too)
     virtual bool takes_class_indices() const { return false; }
     // dL/d input of the last forward, times grad_loss (dL/d loss: 1 when the loss is the
-    // objective)
+    // objective); for a reduced loss only
     const Tensor<T>& backward(double grad_loss = 1.0);
+    // the same for reduction 'none': grad_output has losses()' shape (a shape () tensor is
+    // a number, for a reduced loss)
+    const Tensor<T>& backward(const Tensor<T>& grad_output);
     virtual std::string type() const = 0;
     // the kernel the loss's error messages name ("binary_cross_entropy", ...)
     virtual const char* op() const = 0;
+    virtual Reduction reduction() const = 0;
 
     // the trace of the last forward and backward; has_run() is false before the first
     bool has_run() const { return has_run_; }
     const Tensor<T>& input() const { return input_; }
-    const Tensor<T>& target() const { return target_; }        // BCE losses
-    const Tensor<int64_t>& labels() const { return labels_; }  // CrossEntropyLoss
-    double value() const { return value_; }
+    // BCE losses, and CrossEntropyLoss given probabilities
+    const Tensor<T>& target() const { return target_; }
+    // CrossEntropyLoss given class indices
+    const Tensor<int64_t>& labels() const { return labels_; }
+    bool target_is_labels() const { return target_is_labels_; }
+    double value() const { return value_; }              // the reduced loss, 0 for 'none'
+    const Tensor<T>& losses() const { return losses_; }  // reduction 'none' only
     const Tensor<T>& grad_input() const { return grad_input_; }
 
  protected:
-    // grad_input_ = dL/d input_ of the last forward (grad_input_ has input_'s shape)
-    virtual void gradient() = 0;
+    // grad_input_ = dL/d input_ of the last forward (grad_input_ has input_'s shape), given
+    // dL/d(loss): grad_output (losses_' shape) for 'none', else the number grad
+    virtual void gradient(const T* grad_output, double grad) = 0;
     // keeps a copy of input; throws if `input` is the loss's own storage
     void keep(const Tensor<T>& input);
-    Tensor<T> input_, target_, grad_input_;
+    void keep_target(const Tensor<T>& target);
+    // losses_ sized for 'none' (else emptied); returns its storage or nullptr
+    T* losses_for(const Shape& shape);
+    Tensor<T> input_, target_, grad_input_, losses_;
     Tensor<int64_t> labels_;
+    bool target_is_labels_ = false;
     double value_ = 0.0;
     bool has_run_ = false;
 };
@@ -404,38 +460,62 @@ class Loss {
 template <typename T>
 class BCELoss : public Loss<T> {  // input: probabilities in [0, 1]
  public:
+    explicit BCELoss(const BCELossOptions& options = {});
     using Loss<T>::forward;
     double forward(const Tensor<T>& input, const Tensor<T>& target) override;
     std::string type() const override { return "BCELoss"; }
     const char* op() const override { return "binary_cross_entropy"; }
+    Reduction reduction() const override { return reduction_; }
 
  protected:
-    void gradient() override;
+    void gradient(const T* grad_output, double grad) override;
+
+ private:
+    std::optional<Tensor<T>> weight_;
+    Tensor<T> expanded_weight_;  // weight_ at the last input's shape
+    Reduction reduction_;
 };
 
 template <typename T>
 class BCEWithLogitsLoss : public Loss<T> {  // input: logits
  public:
+    explicit BCEWithLogitsLoss(const BCEWithLogitsLossOptions& options = {});
     using Loss<T>::forward;
     double forward(const Tensor<T>& input, const Tensor<T>& target) override;
     std::string type() const override { return "BCEWithLogitsLoss"; }
     const char* op() const override { return "binary_cross_entropy_with_logits"; }
+    Reduction reduction() const override { return reduction_; }
 
  protected:
-    void gradient() override;
+    void gradient(const T* grad_output, double grad) override;
+
+ private:
+    std::optional<Tensor<T>> weight_, pos_weight_;
+    Tensor<T> expanded_weight_, expanded_pos_weight_;  // at the last input's shape
+    Reduction reduction_;
 };
 
+// input (N, K) or (N, K, d1, ...) logits; target (N,) / (N, d1, ...) class indices or class
+// probabilities of the input's shape
 template <typename T>
-class CrossEntropyLoss : public Loss<T> {  // input (N, K) logits, target (N,) class indices
+class CrossEntropyLoss : public Loss<T> {
  public:
-    using Loss<T>::forward;
+    explicit CrossEntropyLoss(const CrossEntropyLossOptions& options = {});
+    double forward(const Tensor<T>& input, const Tensor<T>& target) override;
     double forward(const Tensor<T>& input, const Tensor<int64_t>& target) override;
     bool takes_class_indices() const override { return true; }
     std::string type() const override { return "CrossEntropyLoss"; }
     const char* op() const override { return "cross_entropy"; }
+    Reduction reduction() const override { return params_.reduction; }
 
  protected:
-    void gradient() override;
+    void gradient(const T* grad_output, double grad) override;
+
+ private:
+    std::optional<Tensor<T>> weight_;
+    CrossEntropyParams params_;
+    CrossEntropyDims dims_{};
+    bool plain_ = true;  // torch's defaults on (N, K) and no label ignored: the fast kernels
 };
 
 // An optimizer updates the parameters it was given; they must outlive it.
@@ -513,7 +593,9 @@ class AdamW : public Adam<T> {
 };
 
 // zero_grad, forward, loss, backward, optimizer step: returns the loss. The target is a
-// tensor of T for the BCE losses and of class indices (int64) for CrossEntropyLoss.
+// tensor of T for the BCE losses and of class indices (int64) or probabilities (T) for
+// CrossEntropyLoss. A loss of reduction 'none' is refused (its backward needs a gradient
+// per element, as torch's backward() needs a scalar).
 template <typename T, typename Target>
 double train_step(Sequential<T>& model, const Tensor<T>& input, const Tensor<Target>& target,
                   Loss<T>& loss, Optimizer<T>& optimizer);

@@ -161,17 +161,55 @@ LinearDims linear_dims(const Shape& input, const Shape& weight, const Shape* bia
                        const char* op = "linear");
 void linear_check_doutput(const LinearDims& dims, const Shape& input, const Shape& doutput);
 
+// ---- losses --------------------------------------------------------------------------------
+// torch's reduction: the per-element losses ('none'), their sum, or their mean (the
+// default; cross-entropy's mean divides by the weights of the counted targets).
+enum class Reduction { None, Mean, Sum };
+// "mean", "sum" or "none"; anything else "[op] reduction: expected 'mean', 'sum' or 'none',
+// got 'text'"
+Reduction parse_reduction(const char* op, const std::string& text);
+// the reduction's name, as parse_reduction reads it
+const char* reduction_str(Reduction reduction);
+
 // Binary cross-entropy (both forms): prediction and target of the same non-empty shape.
 void check_bce_shapes(const char* op, const Shape& prediction, const Shape& target);
 // torch refuses probabilities outside [0, 1] (NaN included) for binary_cross_entropy.
 template <typename T>
 void check_probabilities(const char* op, const T* a, int64_t count);
+// A weight (or pos_weight) of the binary losses broadcasts to the input's shape, as torch's
+// expand: at most as many dims, each trailing dim 1 or the input's.
+void check_expandable(const char* op, const char* name, const Shape& weight, const Shape& input);
+// dst (numel(shape) values) = src of shape src_shape broadcast to shape (check_expandable)
+template <typename T>
+void expand_to(T* dst, const Shape& shape, const T* src, const Shape& src_shape);
+
+struct CrossEntropyParams {
+    Reduction reduction = Reduction::Mean;
+    int64_t ignore_index = -100;   // class-index targets equal to it count for nothing
+    double label_smoothing = 0.0;  // in [0, 1]: targets mixed with the uniform 1 / K
+};
+// label_smoothing in [0, 1] (NaN refused), as torch.
+CrossEntropyParams cross_entropy_params(const char* op, Reduction reduction, int64_t ignore_index,
+                                        double label_smoothing);
 
 struct CrossEntropyDims {
-    int64_t N, K;  // logits (N, K), labels (N,)
+    int64_t N, K;                // logits (N, K, d1, ...), labels (N, d1, ...)
+    int64_t S = 1;               // d1 * d2 * ...: the positions of each sample (1 without d's)
+    bool probabilities = false;  // the target: class probabilities of logits' shape
 };
-CrossEntropyDims cross_entropy_dims(const char* op, const Shape& logits, const Shape& labels);
-// Labels are class indices in [0, K).
-void check_labels(const char* op, const int64_t* labels, int64_t N, int64_t K);
+// logits (N, K) or (N, K, d1, ...); labels (N,) / (N, d1, ...) of class indices, or (with
+// probabilities) a target of logits' shape.
+CrossEntropyDims cross_entropy_dims(const char* op, const Shape& logits, const Shape& labels,
+                                    bool probabilities = false);
+// torch refuses an ignore_index other than the default -100 with class probabilities.
+void check_ignore_index(const char* op, const CrossEntropyDims& dims,
+                        const CrossEntropyParams& params);
+// weight: (K,), one per class
+void check_class_weight(const char* op, const CrossEntropyDims& dims, const Shape& weight);
+// Labels are class indices in [0, K), or ignore_index.
+void check_labels(const char* op, const int64_t* labels, int64_t count, int64_t K,
+                  int64_t ignore_index = -100);
+// the shape of the per-position losses of reduction 'none': logits' without dim 1
+Shape cross_entropy_loss_shape(const Shape& logits);
 
 }  // namespace cnnbp
