@@ -800,9 +800,13 @@ py::array cross_entropy_backward(const py::handle& z_obj, const py::handle& targ
         auto dz = empty_like_shape<T>(shape_of(args.logits));
         T* dz_ptr = dz.mutable_data();
         if (args.plain() && g.grad == 1.0 && !any_ignored(args)) {
-            py::gil_scoped_release release;
-            cnnbp::cross_entropy_backward<T>(dz_ptr, zc.data(), args.labels.data(), args.dims.N,
-                                             args.dims.K);
+            const T* z_ptr = zc.data();
+            const int64_t* labels_ptr = args.labels.data();
+            {  // the GIL is held again before the result is returned (a new reference)
+                py::gil_scoped_release release;
+                cnnbp::cross_entropy_backward<T>(dz_ptr, z_ptr, labels_ptr, args.dims.N,
+                                                 args.dims.K);
+            }
             return dz;
         }
         py::array_t<T, py::array::c_style> target, weight;

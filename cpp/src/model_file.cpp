@@ -37,8 +37,7 @@ json::Value json_entry(const npz::Array& array, const std::string& where) {
     return json::parse(std::string(reinterpret_cast<const char*>(array.data), array.bytes), where);
 }
 
-const json::Value& member(const json::Object& object, const std::string& key,
-                          const std::string& where) {
+const json::Value& member(const json::Object& object, const std::string& key) {
     const json::Value* v = json::find(object, key);
     static const json::Value null;
     return v ? *v : null;
@@ -61,18 +60,18 @@ Contents read_contents(const std::string& path) {
     json::Value arch = json_entry(it->second, "architecture");
     const json::Object* object = arch.get<json::Object>();
     if (!object) refuse("architecture: expected a JSON object, got " + json::describe(arch));
-    const std::string* format = member(*object, "format", "architecture").get<std::string>();
+    const std::string* format = member(*object, "format").get<std::string>();
     if (!format || *format != kFormat)
         refuse(std::string("architecture: expected format \"") + kFormat + "\"");
-    const json::Value& version = member(*object, "version", "architecture");
+    const json::Value& version = member(*object, "version");
     if (!version.get<int64_t>() || *version.get<int64_t>() != kVersion)
         refuse("architecture: expected version " + std::to_string(kVersion) + ", got " +
                json::describe(version));
-    const std::string* dtype = member(*object, "dtype", "architecture").get<std::string>();
+    const std::string* dtype = member(*object, "dtype").get<std::string>();
     if (!dtype || (*dtype != "float32" && *dtype != "float64"))
         refuse("architecture: expected dtype \"float32\" or \"float64\", got " +
-               json::describe(member(*object, "dtype", "architecture")));
-    if (!member(*object, "layers", "architecture").get<json::Array>())
+               json::describe(member(*object, "dtype")));
+    if (!member(*object, "layers").get<json::Array>())
         refuse("architecture: expected a list \"layers\"");
     c.dtype = *dtype;
     c.architecture = *object;
@@ -92,8 +91,7 @@ Sequential<T> build_model(const Contents& c) {
     for (size_t i = 0; i < layers.size(); ++i) {
         const std::string where = "architecture: layer " + std::to_string(i);
         const json::Object* entry = layers[i].get<json::Object>();
-        const std::string* type =
-            entry ? member(*entry, "type", where).get<std::string>() : nullptr;
+        const std::string* type = entry ? member(*entry, "type").get<std::string>() : nullptr;
         if (!type) refuse(where + ": expected an object with a string \"type\"");
         const LayerType* declared = find_layer_type(*type);
         if (!declared)
@@ -180,17 +178,16 @@ double number_of(const json::Value& v, const std::string& name) {
 template <typename T>
 std::shared_ptr<Optimizer<T>> build_optimizer(const json::Object& settings,
                                               std::vector<Parameter<T>*> params) {
-    const std::string* type = member(settings, "type", "optimizer").get<std::string>();
+    const std::string* type = member(settings, "type").get<std::string>();
     if (!type || optimizer_schema(*type).empty())
         refuse("optimizer: expected type SGD, Adam or AdamW, got " +
-               json::describe(member(settings, "type", "optimizer")));
-    const json::Value& version = member(settings, "version", "optimizer");
+               json::describe(member(settings, "type")));
+    const json::Value& version = member(settings, "version");
     if (!version.is_null() &&
         !(version.get<int64_t>() && *version.get<int64_t>() == kOptimizerVersion))
         refuse("optimizer: expected version " + std::to_string(kOptimizerVersion) + ", got " +
                json::describe(version));
-    const json::Object* hyper =
-        member(settings, "hyperparameters", "optimizer").get<json::Object>();
+    const json::Object* hyper = member(settings, "hyperparameters").get<json::Object>();
     std::set<std::string> keys,
         wanted(optimizer_schema(*type).begin(), optimizer_schema(*type).end());
     if (hyper)
@@ -199,10 +196,10 @@ std::shared_ptr<Optimizer<T>> build_optimizer(const json::Object& settings,
         std::string names;
         for (const auto& k : wanted) names += (names.empty() ? "" : ", ") + k;
         refuse("optimizer: expected hyperparameters " + names + ", got " +
-               json::describe(member(settings, "hyperparameters", "optimizer")));
+               json::describe(member(settings, "hyperparameters")));
     }
     auto get = [&](const char* key) { return number_of(*json::find(*hyper, key), key); };
-    const double lr = number_of(member(settings, "lr", "optimizer"), "lr");
+    const double lr = number_of(member(settings, "lr"), "lr");
     if (*type == "SGD") {
         const bool* nesterov = json::find(*hyper, "nesterov")->get<bool>();
         if (!nesterov) refuse("optimizer: nesterov: expected true or false");
@@ -253,7 +250,7 @@ std::shared_ptr<Optimizer<T>> load_optimizer(const Contents& c, Sequential<T>& m
         if (what.rfind("[load]", 0) == 0) throw;
         refuse("optimizer: " + what);
     }
-    const json::Array* steps = member(*settings, "steps", "optimizer").get<json::Array>();
+    const json::Array* steps = member(*settings, "steps").get<json::Array>();
     if (!steps || steps->size() != params.size())
         refuse("optimizer: expected one step count per parameter (" +
                std::to_string(params.size()) + ")");

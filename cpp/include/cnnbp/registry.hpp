@@ -36,12 +36,20 @@ inline bool takes_null(FieldKind kind) {
 
 // One argument of a layer's constructor (Python's and C++'s), in order.
 struct Field {
+    Field(std::string name, FieldKind kind, json::Value default_value = nullptr,
+          int64_t minimum = 0, std::string default_from = "", bool saved = true)
+        : name(std::move(name)),
+          kind(kind),
+          default_value(std::move(default_value)),
+          minimum(minimum),
+          default_from(std::move(default_from)),
+          saved(saved) {}
     std::string name;
     FieldKind kind;
-    json::Value default_value = nullptr;  // null with no default_from: a required argument
-    int64_t minimum = 0;                  // Int and Pair
-    std::string default_from;  // a missing or null value takes this field's (pool stride)
-    bool saved = true;         // false: not part of the architecture (Dropout's seed)
+    json::Value default_value;  // null with no default_from: a required argument
+    int64_t minimum;            // Int and Pair
+    std::string default_from;   // a missing or null value takes this field's (pool stride)
+    bool saved;                 // false: not part of the architecture (Dropout's seed)
 };
 
 // A layer's arguments after checking: every field, in the declaration's order, normalized
@@ -68,6 +76,15 @@ class Config {
 };
 
 struct LayerType {
+    LayerType(std::string name, std::string op, std::string doc, std::vector<Field> fields = {},
+              std::vector<std::string> trace_extras = {},
+              int64_t (*parameter_count)(const Config&) = nullptr)
+        : name(std::move(name)),
+          op(std::move(op)),
+          doc(std::move(doc)),
+          fields(std::move(fields)),
+          trace_extras(std::move(trace_extras)),
+          parameter_count(parameter_count) {}
     std::string name;  // "Conv2d": the C++ class, the Python class and the model file's type
     std::string op;    // the kernel its errors name, as the functional API's: "conv2d"
     std::string doc;   // one line: what the layer computes, with shapes
