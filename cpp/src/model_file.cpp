@@ -331,11 +331,11 @@ void save(Sequential<T>& model, const std::string& path, const Optimizer<T>* opt
             const std::string prefix = "optimizer." + std::to_string(i) + ".";
             if (auto* sgd = dynamic_cast<const SGD<T>*>(optimizer)) {
                 steps.push_back(nullptr);
-                const auto& buffer = const_cast<SGD<T>*>(sgd)->momentum_buffers()[i];
+                const auto& buffer = sgd->momentum_buffers()[i];
                 if (!buffer.empty())
                     add(prefix + "momentum_buffer", params[i]->value.shape, buffer.data());
             } else if (auto* adam = dynamic_cast<const Adam<T>*>(optimizer)) {
-                auto& a = const_cast<Adam<T>&>(*adam);
+                const Adam<T>& a = *adam;
                 if (a.steps()[i] == 0) {
                     steps.push_back(nullptr);
                     continue;

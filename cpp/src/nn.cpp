@@ -105,6 +105,13 @@ std::vector<std::pair<std::string, Parameter<T>*>> WeightedLayer<T>::named_param
 }
 
 template <typename T>
+void WeightedLayer<T>::init_parameters(const Shape& weight_shape, int64_t fan_in) {
+    numel(weight_shape);
+    weight.value = kaiming_uniform<T>(weight_shape, fan_in);
+    if (has_bias_) bias.value = kaiming_uniform<T>({weight_shape[0]}, fan_in);
+}
+
+template <typename T>
 template <typename Kernel>
 const Tensor<T>& WeightedLayer<T>::weighted_backward(const Tensor<T>& grad_output, Kernel kernel) {
     const Tensor<T>& input = *this->input_;
@@ -141,14 +148,12 @@ Conv2d<T>::Conv2d(const Config& arguments) : WeightedLayer<T>(arguments) {
     params = {stride[0], stride[1], padding[0], padding[1]};
     const Shape shape{out_channels, in_channels, kernel[0], kernel[1]};
     numel(shape);  // the weight's size is checked before fan_in multiplies its dims
-    const int64_t fan_in = in_channels * kernel[0] * kernel[1];
-    this->weight.value = kaiming_uniform<T>(shape, fan_in);
-    if (this->has_bias_) this->bias.value = kaiming_uniform<T>({out_channels}, fan_in);
+    this->init_parameters(shape, in_channels * kernel[0] * kernel[1]);
 }
 
 // the weight (K, C, R, S) and the bias (K,)
-int64_t weighted_layer_parameters(int64_t out, std::initializer_list<int64_t> per_output,
-                                  bool bias) {
+static int64_t weighted_layer_parameters(int64_t out, std::initializer_list<int64_t> per_output,
+                                         bool bias) {
     int64_t count = out;
     for (int64_t d : per_output) count = checked_product({count, d}, kMaxElements);
     return count + (bias ? out : 0);
@@ -200,10 +205,7 @@ template <typename T>
 Linear<T>::Linear(const Config& arguments) : WeightedLayer<T>(arguments) {
     const int64_t in_features = arguments.integer("in_features"),
                   out_features = arguments.integer("out_features");
-    const Shape shape{out_features, in_features};
-    numel(shape);
-    this->weight.value = kaiming_uniform<T>(shape, in_features);
-    if (this->has_bias_) this->bias.value = kaiming_uniform<T>({out_features}, in_features);
+    this->init_parameters({out_features, in_features}, in_features);
 }
 
 CNNBP_REGISTER_LAYER(Linear, {"Linear",
@@ -278,27 +280,31 @@ Tensor<T>& Pool2d<T>::start_backward(const Tensor<T>& grad_output, const char* t
     return this->grad_input_;
 }
 
+// The window every pool declares first, then its own options.
+static std::vector<Field> pool2d_fields(std::initializer_list<Field> options) {
+    std::vector<Field> fields{{"kernel_size", FieldKind::Pair, nullptr, 1},
+                              {"stride", FieldKind::Pair, nullptr, 1, "kernel_size"},
+                              {"padding", FieldKind::Pair, 0, 0}};
+    fields.insert(fields.end(), options);
+    return fields;
+}
+
 // torch.nn.MaxPool2d's arguments: kernel_size, stride (default: the kernel size), padding
 // (at most half the kernel), dilation, ceil_mode. A model file written before dilation and
 // ceil_mode existed reads them as their defaults.
-const std::vector<Field> max_pool2d_fields{{"kernel_size", FieldKind::Pair, nullptr, 1},
-                                           {"stride", FieldKind::Pair, nullptr, 1, "kernel_size"},
-                                           {"padding", FieldKind::Pair, 0, 0},
-                                           {"dilation", FieldKind::Pair, 1, 1},
-                                           {"ceil_mode", FieldKind::Bool, false}};
+const std::vector<Field> max_pool2d_fields =
+    pool2d_fields({{"dilation", FieldKind::Pair, 1, 1}, {"ceil_mode", FieldKind::Bool, false}});
 
 // torch.nn.AvgPool2d's: kernel_size, stride, padding, ceil_mode, count_include_pad,
 // divisor_override (None or a nonzero int)
-const std::vector<Field> avg_pool2d_fields{{"kernel_size", FieldKind::Pair, nullptr, 1},
-                                           {"stride", FieldKind::Pair, nullptr, 1, "kernel_size"},
-                                           {"padding", FieldKind::Pair, 0, 0},
-                                           {"ceil_mode", FieldKind::Bool, false},
-                                           {"count_include_pad", FieldKind::Bool, true},
-                                           {"divisor_override", FieldKind::OptionalInt}};
+const std::vector<Field> avg_pool2d_fields =
+    pool2d_fields({{"ceil_mode", FieldKind::Bool, false},
+                   {"count_include_pad", FieldKind::Bool, true},
+                   {"divisor_override", FieldKind::OptionalInt}});
 
 // the positional arguments of a pool layer from C++'s (stride 0: the kernel size)
-json::Array pool2d_arguments(std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
-                             std::array<int64_t, 2> padding) {
+static json::Array pool2d_arguments(std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
+                                    std::array<int64_t, 2> padding) {
     return {pair_value(kernel), stride[0] || stride[1] ? json::Value(pair_value(stride)) : nullptr,
             pair_value(padding)};
 }

@@ -305,49 +305,36 @@ class _DeclaredLayer(_NativeModule):
 
     def __init__(self, *args, **kwargs):
         super().__init__()
-        declaration = self._declaration
         given = self.__signature__.bind(*args, **kwargs)
         given.apply_defaults()
         arguments = dict(given.arguments)
-        dtype = arguments.pop("dtype", None)
-        if declaration["has_parameters"]:
-            dtype = self._fixed_dtype = check_dtype(dtype)
-        impl = native("make_layer", dtype or np.float32)(declaration["name"], arguments)
-        self._adopt(impl, arguments)
-        if declaration["has_parameters"]:
-            self._impl = self._impls[dtype] = impl
+        has_parameters = self._declaration["has_parameters"]
+        dtype = check_dtype(arguments.pop("dtype")) if has_parameters else np.dtype(np.float32)
+        impl = native("make_layer", dtype)(self._declaration["name"], arguments)
+        self._adopt(impl, dtype, arguments)
 
-    def _adopt(self, impl, given):
-        """Take the C++ layer's arguments (all, normalized: a drawn seed too) and show the
-        given ones as attributes."""
+    def _adopt(self, impl, dtype, shown):
+        """Run as the C++ layer `impl` of `dtype`: take its arguments (all, normalized: a
+        drawn seed too), show `shown` as attributes, and wrap its parameters."""
         self._arguments = impl.arguments()
-        if not self._declaration["has_parameters"]:
-            self._impls[self._dtype_of_impl(impl)] = impl
-        for name, value in given.items():
+        self._impls[dtype] = impl
+        for name, value in shown.items():
             setattr(self, name, value)
-        params = dict(impl.named_parameters())
         if self._declaration["has_parameters"]:
+            self._fixed_dtype = dtype
+            self._impl = impl  # a layer with parameters has one dtype: its trace is this one's
+            params = dict(impl.named_parameters())
             self.weight = Parameter(None, _impl=params["weight"])
             self.bias = Parameter(None, _impl=params["bias"]) if "bias" in params else None
-
-    @staticmethod
-    def _dtype_of_impl(impl):
-        return np.dtype(np.float32 if type(impl).__name__.endswith("32") else np.float64)
 
     @classmethod
     def _from_native(cls, impl):
         """The Python layer around a C++ layer built elsewhere (a loaded model file)."""
         layer = cls.__new__(cls)
         _NativeModule.__init__(layer)
-        arguments = impl.arguments()
-        shown = {
-            name: tuple(value) if isinstance(value, list) else value
-            for name, value in arguments.items()
-        }
-        if cls._declaration["has_parameters"]:
-            layer._fixed_dtype = cls._dtype_of_impl(impl)
-            layer._impl = layer._impls[layer._fixed_dtype] = impl
-        layer._adopt(impl, shown)
+        arguments = {name: _shown(value) for name, value in impl.arguments().items()}
+        dtype = np.dtype(np.float32 if type(impl).__name__.endswith("32") else np.float64)
+        layer._adopt(impl, dtype, arguments)
         return layer
 
     def _make(self, dtype):
@@ -364,12 +351,16 @@ class _DeclaredLayer(_NativeModule):
         return out
 
     def extra_repr(self):
-        shown = self._arguments
         return ", ".join(
-            f"{field['name']}={tuple(shown[field['name']]) if isinstance(shown[field['name']], list) else shown[field['name']]!r}"
+            f"{field['name']}={_shown(self._arguments[field['name']])!r}"
             for field in self._declaration["fields"]
             if field["saved"]
         )
+
+
+def _shown(value):
+    """An argument as Python shows it: pairs as tuples."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _trace_extra(name):

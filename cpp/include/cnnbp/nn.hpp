@@ -144,6 +144,9 @@ class WeightedLayer : public Layer<T> {
  protected:
     explicit WeightedLayer(Config arguments)
         : Layer<T>(std::move(arguments)), has_bias_(this->arguments_->boolean("bias")) {}
+    // weight (weight_shape) and bias (weight_shape[0],) drawn Kaiming-uniform over fan_in;
+    // the weight's size is checked before anything is drawn
+    void init_parameters(const Shape& weight_shape, int64_t fan_in);
     // The backward after the caller's checks: kernel(dinput, dweight, dbias, doutput, input,
     // weight) fills the gradient buffers, then weight.grad (+)= dweight, bias.grad (+)= dbias;
     // returns grad_input.
@@ -553,6 +556,7 @@ class SGD : public Optimizer<T> {
     json::Object settings() const override;
     // per parameter: its momentum buffer, empty until its first step with momentum
     std::vector<std::vector<T>>& momentum_buffers() { return buffers_; }
+    const std::vector<std::vector<T>>& momentum_buffers() const { return buffers_; }
 
  private:
     double momentum_, weight_decay_, dampening_;
@@ -572,6 +576,9 @@ class Adam : public Optimizer<T> {
     std::vector<int64_t>& steps() { return steps_; }
     std::vector<std::vector<T>>& first_moments() { return first_; }
     std::vector<std::vector<T>>& second_moments() { return second_; }
+    const std::vector<int64_t>& steps() const { return steps_; }
+    const std::vector<std::vector<T>>& first_moments() const { return first_; }
+    const std::vector<std::vector<T>>& second_moments() const { return second_; }
 
  protected:
     Adam(const char* name, std::vector<Parameter<T>*> params, double lr, double beta1, double beta2,
