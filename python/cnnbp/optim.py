@@ -215,12 +215,9 @@ class AdamW(Adam):
 def _from_native(impl, params):
     """The Python optimizer around a C++ one over `params` (a loaded model file's)."""
     cls = {"SGD": SGD, "Adam": Adam, "AdamW": AdamW}[impl.type()]
-    settings = impl.settings()
-    if "betas" in settings:
-        settings["betas"] = tuple(settings["betas"])
     opt = cls.__new__(cls)
     _Optimizer._adopt(opt, params, impl)
-    cls._show(opt, **settings)
+    cls._show(opt, **impl.settings())
     return opt
 
 
