@@ -6,6 +6,7 @@
 """
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -66,6 +67,63 @@ def test_conv2d_backward_finite_differences(case):
         return float(np.sum(ref.conv2d(x, w, b, stride=stride, padding=padding) * g))
 
     dx, dw, db = ref.conv2d_backward(g, x, w, stride=stride, padding=padding)
+    for grad, wrt in ((dx, x), (dw, w), (db, b)):
+        check_gradient(grad, objective, wrt)
+
+
+# torch's other conv2d options. 'same' pads total = dilation * (kernel - 1) per axis, top =
+# total // 2 and bottom = total - top: an odd total needs an even kernel and an odd dilation.
+CONV_OPTION_CASES = [
+    # (N, C, H, W, K, R, S, stride, padding, dilation, groups)
+    (2, 2, 7, 7, 3, 3, 3, 1, 0, 2, 1),  # dilation 2
+    (1, 2, 9, 8, 2, 3, 2, 1, 1, 3, 1),  # dilation 3, padded
+    (2, 2, 8, 9, 2, 3, 3, 1, (1, 2), (2, 1), 1),  # dilation pair
+    (1, 2, 6, 9, 2, 2, 3, 1, 0, (1, 3), 1),  # dilation pair, the other way
+    (1, 3, 9, 9, 2, 3, 3, 2, 1, 2, 1),  # dilation with stride 2
+    (2, 2, 10, 9, 3, 2, 3, (2, 3), (0, 2), (3, 2), 1),  # stride and dilation pairs
+    (2, 4, 6, 6, 6, 3, 3, 1, 1, 1, 2),  # groups 2
+    (1, 6, 7, 6, 3, 3, 2, 2, 1, 1, 3),  # groups 3, strided
+    (2, 3, 6, 6, 3, 3, 3, 1, 1, 1, 3),  # depthwise: groups == C == K
+    (1, 3, 7, 7, 6, 3, 3, 2, 1, 2, 3),  # depthwise, K == 2C, dilated and strided
+    (2, 2, 5, 6, 3, 3, 3, 1, "same", 1, 1),  # 'same', odd kernel: total 2, even
+    (1, 2, 5, 6, 2, 2, 2, 1, "same", 1, 1),  # 'same', kernel 2: total 1, extra bottom/right
+    (1, 2, 6, 5, 2, 4, 4, 1, "same", 1, 1),  # 'same', kernel 4: total 3
+    (1, 2, 7, 7, 2, 2, 4, 1, "same", 2, 1),  # 'same', dilation 2: totals 2 and 6, even
+    (1, 2, 7, 8, 2, 3, 2, (1, 1), "same", (2, 3), 1),  # totals 4 and 3: even and odd
+    (1, 2, 6, 6, 2, 2, 2, 1, "same", 3, 1),  # dilation 3, kernel 2: total 3, odd
+    (1, 4, 6, 7, 4, 2, 3, 1, "same", (3, 1), 2),  # 'same' with groups: totals 3 and 2
+    (1, 2, 3, 3, 2, 3, 3, 1, "same", 2, 1),  # 'same' with a window wider than the input
+    (2, 2, 6, 7, 3, 3, 2, 1, "valid", 1, 1),  # 'valid' is padding 0
+    (1, 2, 7, 8, 2, 2, 3, 2, "valid", 2, 1),  # 'valid', strided and dilated
+    (2, 3, 7, 6, 2, 3, 2, (1, 3), (2, 0), 1, 1),  # asymmetric stride and padding pairs
+    (1, 2, 8, 7, 3, 2, 3, (3, 2), (0, 1), 1, 1),
+    (2, 3, 4, 5, 4, 1, 1, 1, 0, 1, 1),  # 1x1 kernel
+    (1, 4, 5, 5, 4, 1, 1, 2, 1, 1, 2),  # 1x1 kernel, strided, padded, grouped
+    (1, 2, 4, 5, 2, 1, 1, 1, "same", 3, 1),  # 1x1 'same': no padding whatever the dilation
+]
+
+
+def conv_option_sample(case, seed):
+    """x, w, b and the keyword options of a CONV_OPTION_CASES case."""
+    N, C, H, W, K, R, S, stride, padding, dilation, groups = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, C, H, W))
+    w = rng.standard_normal((K, C // groups, R, S))
+    b = rng.standard_normal(K)
+    options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return rng, x, w, b, options
+
+
+@pytest.mark.parametrize("case", CONV_OPTION_CASES, ids=str)
+def test_conv2d_options_backward_finite_differences(case):
+    rng, x, w, b, options = conv_option_sample(case, 1600 + CONV_OPTION_CASES.index(case))
+    y = ref.conv2d(x, w, b, **options)
+    g = rng.standard_normal(y.shape)
+
+    def objective():
+        return float(np.sum(ref.conv2d(x, w, b, **options) * g))
+
+    dx, dw, db = ref.conv2d_backward(g, x, w, **options)
     for grad, wrt in ((dx, x), (dw, w), (db, b)):
         check_gradient(grad, objective, wrt)
 
@@ -310,6 +368,113 @@ def test_conv2d_channels_sum():
     np.testing.assert_array_equal(y.reshape(-1), [13.0, -12.0])
 
 
+def test_conv2d_dilation_known_answer():
+    # x[h, w] = 5h + w; a 2x2 filter of ones with dilation 2 reads x[p, q], x[p, q + 2],
+    # x[p + 2, q] and x[p + 2, q + 2]: 4 (5p + q) + 24.
+    x = np.arange(25.0).reshape(1, 1, 5, 5)
+    y = ref.conv2d(x, np.ones((1, 1, 2, 2)), dilation=2)
+    check_array(y, (1, 1, 3, 3))
+    np.testing.assert_array_equal(y[0, 0], [[24, 28, 32], [44, 48, 52], [64, 68, 72]])
+    # Each tap sends dy to the cell it read: the four corners of each window, 2 apart.
+    dx, dw, _ = ref.conv2d_backward(np.ones((1, 1, 3, 3)), x, np.ones((1, 1, 2, 2)), dilation=2)
+    counts = [[1, 1, 2, 1, 1], [1, 1, 2, 1, 1], [2, 2, 4, 2, 2], [1, 1, 2, 1, 1], [1, 1, 2, 1, 1]]
+    np.testing.assert_array_equal(dx[0, 0], counts)
+    # dw[r, s] sums the 3x3 block of cells tap (r, s) read, which starts at (2r, 2s).
+    np.testing.assert_array_equal(dw[0, 0], [[54.0, 72.0], [144.0, 162.0]])
+
+
+def test_conv2d_groups_keep_channels_apart():
+    # groups=2: filter 0 sees input channel 0 only, filter 1 channel 1 only.
+    x = np.stack([np.ones((2, 2)), 2 * np.ones((2, 2))])[None]  # (1, 2, 2, 2)
+    w = np.array([1.0, 10.0]).reshape(2, 1, 1, 1)  # (K, C/groups, R, S) = (2, 1, 1, 1)
+    y = ref.conv2d(x, w, groups=2)
+    check_array(y, (1, 2, 2, 2))
+    np.testing.assert_array_equal(y[0, 0], np.ones((2, 2)))
+    np.testing.assert_array_equal(y[0, 1], 20 * np.ones((2, 2)))
+    dx, dw, db = ref.conv2d_backward(np.ones((1, 2, 2, 2)), x, w, groups=2)
+    check_array(dw, (2, 1, 1, 1))
+    np.testing.assert_array_equal(dx[0, 0], np.ones((2, 2)))  # only filter 0's weight
+    np.testing.assert_array_equal(dx[0, 1], 10 * np.ones((2, 2)))  # only filter 1's
+    np.testing.assert_array_equal(dw.reshape(-1), [4.0, 8.0])  # each its own channel's sum
+    np.testing.assert_array_equal(db, [4.0, 4.0])
+
+
+def test_conv2d_same_puts_the_odd_padding_cell_at_the_bottom_right():
+    # A 2x2 filter needs one cell of padding per axis: none above/left, one below/right.
+    x = np.arange(9.0).reshape(1, 1, 3, 3)  # [[0 1 2] [3 4 5] [6 7 8]]
+    y = ref.conv2d(x, np.ones((1, 1, 2, 2)), padding="same")
+    check_array(y, (1, 1, 3, 3))
+    # y[p, q] sums x[p : p + 2, q : q + 2]; the last row and column read the zeros below/right.
+    np.testing.assert_array_equal(y[0, 0], [[8, 12, 7], [20, 24, 13], [13, 15, 8]])
+    # An odd filter pads evenly: 'same' with 3x3 is padding 1.
+    w = np.arange(9.0).reshape(1, 1, 3, 3)
+    np.testing.assert_array_equal(ref.conv2d(x, w, padding="same"), ref.conv2d(x, w, padding=1))
+    # Dilation 2 with a 2x2 filter: total 2, one on each side, like padding 1.
+    np.testing.assert_array_equal(
+        ref.conv2d(x, w[:, :, :2, :2], padding="same", dilation=2),
+        ref.conv2d(x, w[:, :, :2, :2], padding=1, dilation=2),
+    )
+    # 'valid' is no padding.
+    np.testing.assert_array_equal(ref.conv2d(x, w, padding="valid"), ref.conv2d(x, w))
+
+
+def test_conv2d_refuses_same_with_a_stride_unknown_strings_and_bad_groups():
+    x, w = np.zeros((1, 4, 5, 5)), np.zeros((2, 4, 3, 3))
+    strided = "[conv2d] padding: expected stride 1 with padding='same', got stride (2, 1)"
+    with pytest.raises(ValueError, match=re.escape(strided)):
+        ref.conv2d(x, w, stride=(2, 1), padding="same")
+    with pytest.raises(ValueError, match=re.escape(strided)):
+        ref.conv2d_backward(np.zeros((1, 2, 3, 5)), x, w, stride=(2, 1), padding="same")
+    with pytest.raises(ValueError, match=re.escape("got stride (2, 2)")):
+        ref.conv2d(x, w, stride=2, padding="same")
+    with pytest.raises(ValueError, match=re.escape("[conv2d] padding: expected an int, a pair")):
+        ref.conv2d(x, w, padding="Same")  # torch's strings are lower case, exactly
+    with pytest.raises(ValueError, match=re.escape("[conv2d] groups: expected a divisor")):
+        ref.conv2d(x, np.zeros((2, 1, 3, 3)), groups=3)  # divides neither C = 4 nor K = 2
+    with pytest.raises(ValueError, match=re.escape("[conv2d] groups: expected a divisor")):
+        ref.conv2d(x, np.zeros((2, 1, 3, 3)), groups=4)  # divides C = 4 but not K = 2
+
+
+def conv2d_as_before(x, w, b, stride, padding, dy):
+    """The oracle's conv2d and conv2d_backward as written before dilation, groups and
+    string paddings: (y, dx, dw, db)."""
+    N, C, H, W = x.shape
+    K, _, R, S = w.shape
+    (sh, sw), (ph, pw) = ref._pair(stride), ref._pair(padding)
+    P, Q = ref.output_size(H, R, sh, ph), ref.output_size(W, S, sw, pw)
+    xpad = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    y, dxpad, dw = np.zeros((N, K, P, Q)), np.zeros_like(xpad), np.zeros_like(w)
+    for p in range(P):
+        for q in range(Q):
+            window = xpad[:, :, p * sh : p * sh + R, q * sw : q * sw + S]
+            y[:, :, p, q] = np.einsum("ncrs,kcrs->nk", window, w)
+            dw += np.einsum("nk,ncrs->kcrs", dy[:, :, p, q], window)
+            dxpad[:, :, p * sh : p * sh + R, q * sw : q * sw + S] += np.einsum(
+                "nk,kcrs->ncrs", dy[:, :, p, q], w
+            )
+    y += b.reshape(1, K, 1, 1)
+    return y, dxpad[:, :, ph : ph + H, pw : pw + W], dw, dy.sum(axis=(0, 2, 3))
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv2d_defaults_give_the_results_of_before(case):
+    N, C, H, W, K, R, S, stride, padding = case
+    rng = np.random.default_rng(1700 + CONV_CASES.index(case))
+    x = rng.standard_normal((N, C, H, W))
+    w = rng.standard_normal((K, C, R, S))
+    b = rng.standard_normal(K)
+    y = ref.conv2d(x, w, b, stride, padding)  # the old signature, positionally
+    dy = rng.standard_normal(y.shape)
+    before = conv2d_as_before(x, w, b, stride, padding, dy)
+    # dilation 1, groups 1 and an int or pair padding compute exactly what they did before.
+    np.testing.assert_array_equal(y, before[0])
+    np.testing.assert_array_equal(ref.conv2d(x, w, b, stride, padding, 1, 1), before[0])
+    for got, want in zip(ref.conv2d_backward(dy, x, w, stride, padding), before[1:]):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(ref.conv2d_backward(dy, x, w, stride, padding, 1, 1), before[1:]):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_max_pool2d_known_answer_and_default_stride():
     x = np.array(
         [[1.0, 2.0, 5.0, 0.0], [4.0, 3.0, 1.0, 1.0], [0.0, 0.0, 9.0, 8.0], [7.0, 0.0, 8.0, 9.0]]
@@ -524,6 +689,51 @@ def test_conv2d_matches_torch(case, bias):
     np.testing.assert_allclose(dw, wt.grad.numpy(), **TORCH_TOL)
     if bias:
         np.testing.assert_allclose(db, bt.grad.numpy(), **TORCH_TOL)
+
+
+# torch warns that 'same' with an even kernel and an odd dilation pads a copy of the input
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("case", CONV_OPTION_CASES, ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv2d_options_match_torch(case, bias):
+    torch = pytest.importorskip("torch")
+    rng, x, w, b, options = conv_option_sample(case, 1800 + CONV_OPTION_CASES.index(case))
+    b = b if bias else None
+    y = ref.conv2d(x, w, b, **options)
+    xt, wt = _t(x), _t(w)
+    bt = _t(b) if bias else None
+    yt = torch.nn.functional.conv2d(xt, wt, bt, **options)
+    check_array(y, yt.shape)
+    np.testing.assert_allclose(y, yt.detach().numpy(), **TORCH_TOL)
+
+    g = rng.standard_normal(y.shape)
+    yt.backward(torch.tensor(g))
+    dx, dw, db = ref.conv2d_backward(g, x, w, **options)
+    check_array(dx, x.shape)
+    check_array(dw, w.shape)
+    check_array(db, (w.shape[0],))
+    np.testing.assert_allclose(dx, xt.grad.numpy(), **TORCH_TOL)
+    np.testing.assert_allclose(dw, wt.grad.numpy(), **TORCH_TOL)
+    if bias:
+        np.testing.assert_allclose(db, bt.grad.numpy(), **TORCH_TOL)
+
+
+def test_conv2d_refuses_what_torch_refuses():
+    torch = pytest.importorskip("torch")
+    x, w = np.zeros((1, 4, 5, 5)), np.zeros((2, 4, 3, 3))
+    for options in (
+        dict(stride=(2, 1), padding="same"),
+        dict(stride=2, padding="same"),
+        dict(padding="Same"),
+        dict(padding="full"),
+    ):
+        with pytest.raises(RuntimeError):
+            torch.nn.functional.conv2d(torch.tensor(x), torch.tensor(w), **options)
+        with pytest.raises(ValueError, match=re.escape("[conv2d] padding: ")):
+            ref.conv2d(x, w, **options)
+    # 'same' with stride 1 given as a pair is fine in both
+    y = torch.nn.functional.conv2d(torch.tensor(x), torch.tensor(w), stride=(1, 1), padding="same")
+    assert ref.conv2d(x, w, stride=(1, 1), padding="same").shape == tuple(y.shape)
 
 
 def _torch_pool_check(x, kernel, stride, padding, rng):

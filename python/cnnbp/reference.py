@@ -9,10 +9,10 @@ is meant to be read beside the derivation in the design notes:
 Everything here is plain NumPy in float64, written for reading rather than speed:
 explicit loops over output positions, one short comment per step, shapes next to the
 arrays. Each backward sits right after its forward and quotes the forward line it
-inverts. The semantics follow PyTorch (zero-padded cross-correlation, max-pool that
-pads with -inf, picks the first index on a tie and propagates NaN, BCE that clamps its
-logs at -100, stable BCE-with-logits and cross-entropy, losses averaged like torch's
-reduction='mean').
+inverts. The semantics follow PyTorch (zero-padded cross-correlation with torch's
+stride, padding ('same' included), dilation and groups, max-pool that pads with -inf,
+picks the first index on a tie and propagates NaN, BCE that clamps its logs at -100,
+stable BCE-with-logits and cross-entropy, losses averaged like torch's reduction='mean').
 
 The oracle checks nothing beyond what it needs: it is a reference, not the user-facing
 API (that is `cnnbp.functional`, whose validation lives in C++). It imports NumPy and
@@ -100,8 +100,11 @@ def output_size(in_size, kernel, stride=1, padding=0, dilation=1, ceil_mode=Fals
 
 
 def _padded(x, ph, pw):
-    """x (N, C, H, W) with ph rows of zeros above and below, pw columns left and right."""
-    return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    """x (N, C, H, W) with ph rows of zeros above and below, pw columns left and right.
+
+    ph and pw may also be (before, after) pairs, for uneven padding (conv2d's 'same').
+    """
+    return np.pad(x, ((0, 0), (0, 0), _pair(ph), _pair(pw)))
 
 
 def _windows(H, W, kh, kw, stride, padding, dilation=1, ceil_mode=False):
@@ -118,65 +121,149 @@ def _windows(H, W, kh, kw, stride, padding, dilation=1, ceil_mode=False):
 
 
 # ---------------------------------------------------------------------------------------
-# conv2d: zero padding, cross-correlation (no filter flip), like torch's conv2d
+# conv2d: zero padding, cross-correlation (no filter flip), like torch's conv2d, with
+# every option: stride, padding (int, pair, 'valid', 'same'), dilation and groups
 # ---------------------------------------------------------------------------------------
 
 
-def conv2d(x, w, b=None, stride=1, padding=0):
-    """y[n, k, p, q] = b[k] + sum_{c, r, s} xpad[n, c, p*sh + r, q*sw + s] * w[k, c, r, s]."""
+def _conv_padding(padding, kernel, stride, dilation):
+    """conv2d's padding as ((top, bottom), (left, right)), torch's rule.
+
+    An int or an (h, w) pair pads both sides of an axis alike; 'valid' is no padding.
+    'same' keeps the output the size of the input: a window spans d * (k - 1) + 1 cells, so
+    an axis needs total = d * (k - 1) cells of padding, top = total // 2 before it and
+    bottom = total - top after it (an odd total puts the extra cell at the bottom/right, as
+    torch does). Only with stride 1: torch refuses 'same' for a strided convolution.
+    """
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0), (0, 0)
+        if padding != "same":
+            raise ValueError(
+                f"[conv2d] padding: expected an int, a pair, 'valid' or 'same', got '{padding}'"
+            )
+        if stride != (1, 1):
+            raise ValueError(
+                f"[conv2d] padding: expected stride 1 with padding='same', got stride {stride}"
+            )
+        (R, S), (dil_h, dil_w) = kernel, dilation
+        total_h, total_w = dil_h * (R - 1), dil_w * (S - 1)
+        return (total_h // 2, total_h - total_h // 2), (total_w // 2, total_w - total_w // 2)
+    ph, pw = _pair(padding)
+    return (ph, ph), (pw, pw)
+
+
+def _conv_geometry(x_shape, w_shape, stride, padding, dilation):
+    """conv2d's arguments, parsed once for forward and backward: the strides (sh, sw), the
+    dilations (dil_h, dil_w), the paddings ((top, bottom), (left, right)) and the output
+    size (P, Q).
+
+    The padded plane holds H + top + bottom rows; windows of extent dil_h * (R - 1) + 1
+    start at rows 0, sh, 2 sh, ..., so output_size counts them there, with no further padding.
+    """
+    _, _, H, W = x_shape
+    _, _, R, S = w_shape
+    sh, sw = _pair(stride)
+    dil_h, dil_w = _pair(dilation)
+    (top, bottom), (left, right) = _conv_padding(padding, (R, S), (sh, sw), (dil_h, dil_w))
+    P = output_size(H + top + bottom, R, sh, 0, dil_h)
+    Q = output_size(W + left + right, S, sw, 0, dil_w)
+    return (sh, sw), (dil_h, dil_w), ((top, bottom), (left, right)), (P, Q)
+
+
+def _conv_groups(C, K, groups):
+    """The channels of each group, as (input channels, filters) slices: group g convolves
+    input channels g*Cg ... (g+1)*Cg - 1 with filters g*Kg ... (g+1)*Kg - 1 (Cg = C / groups,
+    Kg = K / groups), so output channel k reads the input channels of group k // Kg."""
+    if groups < 1 or C % groups or K % groups:
+        raise ValueError(
+            f"[conv2d] groups: expected a divisor of C = {C} and K = {K}, got {groups}"
+        )
+    Cg, Kg = C // groups, K // groups
+    return [(slice(g * Cg, (g + 1) * Cg), slice(g * Kg, (g + 1) * Kg)) for g in range(groups)]
+
+
+def _taps(p, stride, kernel, dilation):
+    """The padded plane's rows (or columns) that output row p's filter taps read,
+    p*s, p*s + d, ..., p*s + (k - 1)*d, as a slice."""
+    first = p * stride
+    return slice(first, first + dilation * (kernel - 1) + 1, dilation)
+
+
+def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    """Cross-correlation of x with the filters w, plus b:
+
+        y[n, k, p, q] = b[k] + sum_{c, r, s} xpad[n, c, p*sh + r*dil_h, q*sw + s*dil_w]
+                                             * w[k, c, r, s]
+
+    with c over the C/groups input channels of k's group (_conv_groups) and xpad the input
+    with top/bottom rows and left/right columns of zeros (_conv_padding): tap (r, s) reads
+    input row p*sh - top + r*dil_h, column q*sw - left + s*dil_w.
+    """
     x = _f64(x)  # x (N, C, H, W)
-    w = _f64(w)  # w (K, C, R, S)
+    w = _f64(w)  # w (K, C/groups, R, S)
     N, C, H, W = x.shape
     K, _, R, S = w.shape
-    (sh, sw), (ph, pw), (P, Q) = _windows(H, W, R, S, stride, padding)
+    (sh, sw), (dil_h, dil_w), ((top, bottom), (left, right)), (P, Q) = _conv_geometry(
+        x.shape, w.shape, stride, padding, dilation
+    )
 
-    # Zero padding: the window may hang over the border by ph rows / pw columns.
-    xpad = _padded(x, ph, pw)  # xpad (N, C, H+2ph, W+2pw)
+    # Zero padding: the window may hang over the border ('same': one more at the bottom/right).
+    xpad = _padded(x, (top, bottom), (left, right))  # xpad (N, C, H+top+bottom, W+left+right)
 
     y = np.zeros((N, K, P, Q))  # y (N, K, P, Q)
-    for p in range(P):
-        for q in range(Q):
-            window = xpad[:, :, p * sh : p * sh + R, q * sw : q * sw + S]  # (N, C, R, S)
-            # One dot product per (sample, filter) over the whole window.
-            y[:, :, p, q] = np.einsum("ncrs,kcrs->nk", window, w)
+    for cs, ks in _conv_groups(C, K, groups):  # cs: the group's input channels, ks: its filters
+        wg = w[ks]  # wg (K/groups, C/groups, R, S)
+        for p in range(P):
+            for q in range(Q):
+                rows, cols = _taps(p, sh, R, dil_h), _taps(q, sw, S, dil_w)
+                window = xpad[:, cs, rows, cols]  # (N, C/groups, R, S): the taps, dil apart
+                # One dot product per (sample, filter) over the whole window.
+                y[:, ks, p, q] = np.einsum("ncrs,kcrs->nk", window, wg)
     if b is not None:
         y += _f64(b).reshape(1, K, 1, 1)  # b (K,) broadcast over N, P, Q
     return _out(y)
 
 
-def conv2d_backward(dy, x, w, stride=1, padding=0):
+def conv2d_backward(dy, x, w, stride=1, padding=0, dilation=1, groups=1):
     """Gradients of conv2d; returns (dx, dw, db).
 
-    Inverts, for every output position (p, q), the forward lines
-        y[:, :, p, q] = np.einsum("ncrs,kcrs->nk", window, w)
+    Inverts, for every group and output position (p, q), the forward lines
+        y[:, ks, p, q] = np.einsum("ncrs,kcrs->nk", window, wg)
         y += _f64(b).reshape(1, K, 1, 1)
-    so each term window[n, c, r, s] * w[k, c, r, s] sends
-        dy[n, k, p, q] * w[k, c, r, s]       to the input cell it read,
+    so each term window[n, c, r, s] * wg[k, c, r, s] sends
+        dy[n, k, p, q] * wg[k, c, r, s]      to the input cell it read,
         dy[n, k, p, q] * window[n, c, r, s]  to the weight it used.
+    The cell read is xpad[n, c, p*sh + r*dil_h, q*sw + s*dil_w], c in k's group: a filter
+    never reads another group's channels, so it sends them nothing.
     Summing these over (p, q) makes dw the valid cross-correlation of x with dy and dx
-    the full convolution of dy with w (rotated 180 degrees), written out as loops.
+    the full convolution of dy with w (rotated 180 degrees), each within a group, with the
+    filter's taps dil apart and the windows' starts s apart, written out as loops.
     """
     dy = _f64(dy)  # dy (N, K, P, Q)
     x = _f64(x)  # x (N, C, H, W)
-    w = _f64(w)  # w (K, C, R, S)
+    w = _f64(w)  # w (K, C/groups, R, S)
     N, C, H, W = x.shape
     K, _, R, S = w.shape
-    (sh, sw), (ph, pw), (P, Q) = _windows(H, W, R, S, stride, padding)
+    (sh, sw), (dil_h, dil_w), ((top, bottom), (left, right)), (P, Q) = _conv_geometry(
+        x.shape, w.shape, stride, padding, dilation
+    )
 
-    xpad = _padded(x, ph, pw)  # xpad (N, C, H+2ph, W+2pw)
-    dxpad = np.zeros_like(xpad)  # dxpad (N, C, H+2ph, W+2pw)
-    dw = np.zeros_like(w)  # dw (K, C, R, S)
-    for p in range(P):
-        for q in range(Q):
-            window = xpad[:, :, p * sh : p * sh + R, q * sw : q * sw + S]  # (N, C, R, S)
-            g = dy[:, :, p, q]  # g (N, K)
-            dw += np.einsum("nk,ncrs->kcrs", g, window)
-            # Overlapping windows (stride < filter) read the same cell: add, never assign.
-            dxpad[:, :, p * sh : p * sh + R, q * sw : q * sw + S] += np.einsum(
-                "nk,kcrs->ncrs", g, w
-            )
+    xpad = _padded(x, (top, bottom), (left, right))  # xpad (N, C, H+top+bottom, W+left+right)
+    dxpad = np.zeros_like(xpad)  # dxpad (N, C, H+top+bottom, W+left+right)
+    dw = np.zeros_like(w)  # dw (K, C/groups, R, S)
+    for cs, ks in _conv_groups(C, K, groups):  # cs: the group's input channels, ks: its filters
+        wg = w[ks]  # wg (K/groups, C/groups, R, S)
+        for p in range(P):
+            for q in range(Q):
+                rows, cols = _taps(p, sh, R, dil_h), _taps(q, sw, S, dil_w)
+                window = xpad[:, cs, rows, cols]  # (N, C/groups, R, S)
+                g = dy[:, ks, p, q]  # g (N, K/groups)
+                dw[ks] += np.einsum("nk,ncrs->kcrs", g, window)
+                # Overlapping windows (stride < extent) read the same cell: add, never assign.
+                dxpad[:, cs, rows, cols] += np.einsum("nk,kcrs->ncrs", g, wg)
     # The padding was constant zeros, not an input: drop its gradient.
-    dx = dxpad[:, :, ph : ph + H, pw : pw + W]  # dx (N, C, H, W)
+    dx = dxpad[:, :, top : top + H, left : left + W]  # dx (N, C, H, W)
     # y += b[k] for every (n, p, q), so db[k] sums dy over those.
     db = dy.sum(axis=(0, 2, 3))  # db (K,)
     return _out(dx), _out(dw), _out(db)
