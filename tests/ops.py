@@ -173,7 +173,8 @@ class Op:
 # ---------------------------------------------------------------------------------------
 
 CONV_CASES = [
-    # (N, C, H, W, K, R, S, stride, padding[, bias])
+    # (N, C, H, W, K, R, S, stride, padding[, bias][, {dilation, groups}]); K and C are the
+    # whole layer's channels (the weight is (K, C / groups, R, S))
     (1, 1, 5, 5, 1, 3, 3, 1, 0),  # the smallest: one sample, one channel
     (3, 4, 7, 6, 5, 3, 3, 1, 1),  # batch, several channels, padding, W != H
     (3, 4, 7, 6, 5, 3, 3, 1, 1, False),  # b=None: no bias
@@ -198,8 +199,33 @@ CONV_CASES = [
     (1, 3, 7, 6, 64, 3, 3, 1, 1),  # unit strides, K = 64: dweight read in place
     (2, 2, 5, 5, 70, 3, 2, 1, (0, 1)),  # K = 70: a partial filter panel in place
     (2, 3, 8, 7, 20, 3, 3, 1, 0),  # K = 20: the middle gather panel, partially filled
+    # torch's other options: dilation, groups, 'same' / 'valid' padding, an empty batch
+    (2, 3, 9, 8, 4, 3, 3, 1, 1, {"dilation": 2}),  # tiny: direct loops
+    (2, 4, 11, 10, 6, 3, 2, 2, (2, 1), {"dilation": (2, 3)}),  # dilation with stride
+    (2, 8, 12, 12, 16, 3, 3, 1, 2, {"dilation": 2}),  # unit strides, in place
+    (1, 8, 14, 13, 8, 3, 3, 2, 2, {"dilation": 2}),  # strided: GEMM and col2im
+    (2, 6, 9, 9, 9, 3, 3, 1, 1, {"groups": 3}),
+    (2, 8, 12, 12, 16, 3, 3, 1, 1, {"groups": 2}),  # groups through the in-place paths
+    (2, 8, 12, 11, 16, 3, 3, 2, 1, {"groups": 4}),  # and the strided ones
+    (2, 8, 12, 12, 16, 3, 3, 1, 2, False, {"groups": 2, "dilation": 2}),
+    (2, 6, 9, 8, 6, 3, 3, 1, 1, {"groups": 6}),  # depthwise
+    (2, 6, 9, 8, 12, 3, 3, 1, 1, {"groups": 6}),  # depthwise, two filters per channel
+    (2, 4, 11, 9, 4, 3, 3, 2, 1, {"groups": 4}),  # depthwise with stride
+    (2, 4, 9, 41, 8, 3, 3, (1, 2), 1, {"groups": 4}),  # strided depthwise, long rows
+    (2, 4, 9, 12, 4, 3, 3, 1, 3, {"groups": 4}),  # depthwise, padding >= the kernel
+    (1, 4, 12, 12, 4, 5, 5, 1, "same", {"groups": 4, "dilation": 2}),
+    (2, 3, 7, 8, 4, 3, 3, 1, "same"),
+    (2, 3, 7, 8, 4, 4, 2, 1, "same"),  # even kernels: one more zero at the bottom/right
+    (2, 8, 10, 9, 16, 2, 4, 1, "same", {"dilation": (3, 1)}),  # odd totals, in place
+    (2, 3, 7, 8, 4, 3, 3, 2, "valid"),
+    (0, 3, 7, 8, 4, 3, 3, 1, 1),  # an empty batch: an empty output, zero gradients
+    (0, 8, 12, 12, 16, 3, 3, 1, 1, {"groups": 8}),
 ]
-CONV_BIG = [(4, 8, 16, 16, 8, 3, 3, 1, 1)]  # enough work for the threaded path
+CONV_BIG = [  # enough work for the threaded paths
+    (4, 8, 16, 16, 8, 3, 3, 1, 1),
+    (4, 16, 16, 16, 16, 3, 3, 1, 1, {"groups": 16}),
+    (4, 8, 16, 16, 16, 3, 3, 1, 2, {"groups": 2, "dilation": 2}),
+]
 CONV_THREADS = [
     (64, 1, 28, 28, 8, 3, 3, 1, 0),
     (16, 8, 13, 13, 16, 3, 3, 1, 0),
@@ -207,23 +233,33 @@ CONV_THREADS = [
     (6, 5, 17, 15, 7, 3, 3, 2, 1),
     (1, 32, 32, 32, 32, 3, 3, 1, 1),  # one image: the threads must split something else
     (3, 2, 6, 6, 4, 3, 3, 1, 0),  # tiny: direct loops
+    (8, 32, 20, 20, 32, 3, 3, 1, 1, {"groups": 32}),  # depthwise: planes and filters split
+    (8, 16, 20, 20, 32, 3, 3, 1, 2, {"groups": 4, "dilation": 2}),
+    (9, 16, 20, 20, 32, 3, 3, 2, 1, {"groups": 2}),  # strided, groups: chunks by group
 ]
 
 
 def make_conv2d(case, dtype, rng, values):
-    N, C, H, W, K, R, S, stride, padding, *bias = case
+    N, C, H, W, K, R, S, stride, padding, *rest = case
+    options = rest.pop() if rest and isinstance(rest[-1], dict) else {}
+    dilation, groups = options.get("dilation", 1), options.get("groups", 1)
     x = fill(rng, (N, C, H, W), dtype, values)
-    w = fill(rng, (K, C, R, S), dtype, values)
-    b = fill(rng, (K,), dtype, values) if bias in ([], [True]) else None
-    _, _, P, Q = pooled_shape((N, C, H, W), (R, S), stride, padding)
+    w = fill(rng, (K, C // groups, R, S), dtype, values)
+    b = fill(rng, (K,), dtype, values) if rest in ([], [True]) else None
+    P, Q = ref._conv_geometry(x.shape, w.shape, stride, padding, dilation)[3]
     dy = fill(rng, (N, K, P, Q), dtype, values)
-    return Sample(x=x, w=w, b=b, stride=stride, padding=padding, dy=dy)
+    return Sample(
+        x=x, w=w, b=b, stride=stride, padding=padding, dilation=dilation, groups=groups, dy=dy
+    )
 
 
-def conv2d_error(message, x=(2, 3, 6, 6), w=(4, 3, 3, 3), b=(4,), stride=1, padding=0):
+def conv2d_error(
+    message, x=(2, 3, 6, 6), w=(4, 3, 3, 3), b=(4,), stride=1, padding=0, dilation=1, groups=1
+):
     """conv2d on ones of these shapes, a valid call but for what a row changes, and the
     message it must raise after "[conv2d] "."""
-    args, kwargs = (np.ones(x), np.ones(w), np.zeros(b)), dict(stride=stride, padding=padding)
+    args = (np.ones(x), np.ones(w), np.zeros(b))
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     return Bad("conv2d", args, kwargs, ValueError, "[conv2d] " + message)
 
 
@@ -232,16 +268,16 @@ CONV2D_ERRORS = [
     conv2d_error("input: expected 4 dims (N, C, H, W), got shape (3, 6, 6)", x=(3, 6, 6)),
     conv2d_error("input: expected 4 dims (N, C, H, W), got shape (1, 2, 3, 6, 6)",
                  x=(1, 2, 3, 6, 6)),
-    conv2d_error("weight: expected 4 dims (K, C, R, S), got shape (3, 3)", w=(3, 3)),
+    conv2d_error("weight: expected 4 dims (K, C / groups, R, S), got shape (3, 3)", w=(3, 3)),
     conv2d_error("weight: expected 3 input channels (dim 1) to match input (2, 3, 6, 6), "
                  "got shape (4, 2, 3, 3)", w=(4, 2, 3, 3)),
     conv2d_error("bias: expected shape (4,), got shape (3,)", b=(3,)),
     conv2d_error("bias: expected shape (4,), got shape (4, 1)", b=(4, 1)),
     conv2d_error("bias: expected shape (4,), got shape ()", b=()),
-    conv2d_error("input: expected every dim >= 1, got shape (0, 3, 6, 6)", x=(0, 3, 6, 6)),
-    conv2d_error("input: expected every dim >= 1, got shape (2, 0, 6, 6)",
+    conv2d_error("input: expected every dim but the batch >= 1, got shape (2, 0, 6, 6)",
                  x=(2, 0, 6, 6), w=(4, 0, 3, 3)),
-    conv2d_error("input: expected every dim >= 1, got shape (2, 3, 6, 0)", x=(2, 3, 6, 0)),
+    conv2d_error("input: expected every dim but the batch >= 1, got shape (2, 3, 6, 0)",
+                 x=(2, 3, 6, 0)),
     conv2d_error("weight: expected every dim >= 1, got shape (0, 3, 3, 3)", w=(0, 3, 3, 3), b=(0,)),
     conv2d_error("weight: expected every dim >= 1, got shape (4, 3, 3, 0)", w=(4, 3, 3, 0)),
     conv2d_error("input: expected padded size (2, 6) >= kernel size (3, 3), "
@@ -256,6 +292,23 @@ CONV2D_ERRORS = [
     conv2d_error("stride: expected >= 1, got -2", stride=-2),
     conv2d_error("padding: expected >= 0, got -1", padding=-1),
     conv2d_error("padding: expected >= 0, got -3", padding=(0, -3)),
+    conv2d_error("padding: expected 'same', 'valid', an int or a pair of ints, got 'full'",
+                 padding="full"),
+    conv2d_error("padding: expected stride 1 with padding='same' (torch's rule), got stride (2, 2)",
+                 padding="same", stride=2),
+    conv2d_error("dilation: expected >= 1, got 0", dilation=0),
+    conv2d_error("dilation: expected >= 1, got -1", dilation=(1, -1)),
+    conv2d_error("input: expected padded size (6, 6) >= dilated kernel size (7, 7), "
+                 "got input shape (2, 3, 6, 6)", dilation=3),
+    conv2d_error("input: expected padded size (6, 8) >= dilated kernel size (7, 3), "
+                 "got input shape (2, 3, 6, 6)", dilation=(3, 1), padding=(0, 1)),
+    conv2d_error("groups: expected >= 1, got 0", groups=0),
+    conv2d_error("groups: expected a divisor of the input channels 3 (input (2, 3, 6, 6)), got 2",
+                 groups=2, w=(4, 1, 3, 3)),
+    conv2d_error("weight: expected out channels (dim 0) divisible by groups 3, "
+                 "got shape (4, 1, 3, 3)", groups=3, w=(4, 1, 3, 3)),
+    conv2d_error("weight: expected 1 input channels (dim 1) to match input (2, 3, 6, 6) "
+                 "and groups 3, got shape (6, 3, 3, 3)", groups=3, w=(6, 3, 3, 3), b=(6,)),
 ]
 # fmt: on
 
@@ -292,8 +345,10 @@ CONV2D_BACKWARD_ERRORS = [
 CONV2D = Op(
     "conv2d",
     make_conv2d,
-    forward=lambda lib, s: lib.conv2d(s.x, s.w, s.b, s.stride, s.padding),
-    backward=lambda lib, s: lib.conv2d_backward(s.dy, s.x, s.w, s.stride, s.padding),
+    forward=lambda lib, s: lib.conv2d(s.x, s.w, s.b, s.stride, s.padding, s.dilation, s.groups),
+    backward=lambda lib, s: lib.conv2d_backward(
+        s.dy, s.x, s.w, s.stride, s.padding, s.dilation, s.groups
+    ),
     wrt=("x", "w", "b"),
     forward_args=(Arg("x", "input"), Arg("w", "weight"), Arg("b", "bias", "optional")),
     backward_args=(Arg("dy", "doutput"), Arg("x", "input"), Arg("w", "weight")),

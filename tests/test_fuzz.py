@@ -267,6 +267,8 @@ CONV_BREAKS = [
     "huge view",
     "dy shape",
     "dy dtype",
+    "dilation",
+    "groups",
 ]
 
 
@@ -274,21 +276,36 @@ CONV_BREAKS = [
 def conv_cases(draw, brk):
     rng, dtype = draw_rng_and_dtype(draw)
     kind = draw(KINDS)
-    N, C, K = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    # N = 0 is an empty batch, which works as in torch
+    N, C, K = draw(st.integers(0, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
     H, W = draw(st.integers(1, 6)), draw(st.integers(1, 6))
     ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
-    R, S = draw(st.integers(1, H + 2 * ph)), draw(st.integers(1, W + 2 * pw))
+    groups = draw(st.sampled_from([g for g in (1, 2, 3) if C % g == 0 and K % g == 0]))
+    dilation = draw(st.sampled_from([1, 1, 2, (1, 3), [2, 1]]))
+    dh, dw = pair_of(dilation)
+    # kernels whose dilated extent fits the padded input
+    R, S = (
+        draw(st.integers(1, (H + 2 * ph - 1) // dh + 1)),
+        draw(st.integers(1, (W + 2 * pw - 1) // dw + 1)),
+    )
     stride = draw(st.sampled_from([1, 2, 3, (1, 2), (3, 1), [2, 2], np.int64(2)]))
-    padding = draw(st.sampled_from([(ph, pw), [ph, pw]] + ([ph] if ph == pw else [])))
+    paddings = [(ph, pw), [ph, pw]] + ([ph] if ph == pw else [])
+    if pair_of(stride) == (1, 1):
+        paddings.append("same")  # torch's 'same' takes stride 1 only
+    if dh * (R - 1) < H and dw * (S - 1) < W:
+        paddings.append("valid")
+    padding = draw(st.sampled_from(paddings))
     has_bias = draw(st.booleans())
     case = dict(
         dtype=dtype,
         kind=kind,
         stride=stride,
         padding=padding,
+        dilation=dilation,
+        groups=groups,
         brk=brk,
         x_shape=(N, C, H, W),
-        w_shape=(K, C, R, S),
+        w_shape=(K, C // groups, R, S),
         names=set(),
         types=(),
         memory=False,
@@ -319,13 +336,13 @@ def conv_cases(draw, brk):
         which = draw(st.sampled_from(["x", "w"]))
         key = which + "_shape"
         shape = list(case[key])
-        shape[draw(st.integers(0, 3))] = 0
+        shape[draw(st.integers(0 if which == "w" else 1, 3))] = 0  # x: N = 0 is allowed
         case[key] = tuple(shape)
         if which == "w" or shape[1] == 0:
             case["w_shape"] = tuple(shape) if which == "w" else (K, 0, R, S)
         case.update(names={"input", "weight", "bias"}, types=(ValueError,))
     elif brk == "channels":
-        case["w_shape"] = (K, C + 1, R, S)
+        case["w_shape"] = (K, C // groups + 1, R, S)
         case.update(names={"weight"}, types=(ValueError,))
     elif brk == "bias shape":
         has_bias = "bad"
@@ -343,9 +360,16 @@ def conv_cases(draw, brk):
         )
         case["padding"] = draw(st.sampled_from([bad, (0, bad), [bad, 0]]))
         case.update(names={"padding", "input", "output"}, may_work=True)
-    elif brk == "window":
-        case["w_shape"] = (K, C, H + 2 * ph + 1, S)
-        case.update(names={"input"}, types=(ValueError,))
+    elif brk == "window":  # a dilated extent beyond the padded input
+        case["w_shape"] = (K, C // groups, (H + 2 * ph) // dh + 2, S)
+        case.update(padding=(ph, pw), names={"input"}, types=(ValueError,))
+    elif brk == "dilation":
+        bad = draw(bad_int())
+        case["dilation"] = draw(st.sampled_from([bad, (1, bad), [bad, 1]]))
+        case.update(names={"dilation", "input", "output"}, may_work=True)
+    elif brk == "groups":
+        bad = draw(st.sampled_from(HUGE_INTS + BAD_INT_TYPES + [0, -1, C + 1, (1, 1)]))
+        case.update(groups=bad, names={"groups", "weight"})
     elif brk == "none":
         case.update(
             none=draw(st.sampled_from(["x", "w"])), names={"input", "weight"}, types=(TypeError,)
@@ -409,25 +433,39 @@ def conv_dy(case, y_shape):
 def test_conv2d_fuzz(brk, data):
     case = data.draw(conv_cases(brk))
     x, w, b, stride, padding = case["x"], case["w"], case["b"], case["stride"], case["padding"]
-    y, error = run(F.conv2d, x, w, b, stride, padding)
+    options = (case["dilation"], case["groups"])
+    y, error = run(F.conv2d, x, w, b, stride, padding, *options)
     valid = case["brk"] in (None, "dy shape", "dy dtype") or (
         case["brk"] == "b dtype" and b is None
     )
     if case.get("may_work"):
-        valid = pair_is_valid(stride, 1) and pair_is_valid(padding, 0)
+        same = padding == "same"
+        valid = (
+            pair_is_valid(stride, 1)
+            and (same or pair_is_valid(padding, 0))
+            and pair_is_valid(case["dilation"], 1)
+        )
         if valid:  # a parameter from the bad list that is fine (stride 2^62) or too large
-            (sh, sw), (ph, pw) = pair_of(stride), pair_of(padding)
+            (sh, sw), (dh, dw) = pair_of(stride), pair_of(case["dilation"])
             N, C, H, W = case["x_shape"]
             K, _, R, S = case["w_shape"]
-            if H + 2 * ph > 2**48 or W + 2 * pw > 2**48:
+            if same:
+                ph, pw = dh * (R - 1), dw * (S - 1)  # the total (top + bottom) paddings
+                valid = (sh, sw) == (1, 1)
+            else:
+                ph, pw = pair_of(padding)
+                ph, pw = 2 * ph, 2 * pw
+            if H + ph > 2**48 or W + pw > 2**48:
                 valid = False
+            if dh * (R - 1) + 1 > H + ph or dw * (S - 1) + 1 > W + pw:
+                valid = False  # the dilated kernel does not fit
     event(f"break: {case['brk']}, {'valid' if valid else 'refused'}, {case['kind']}")
     if not valid:
         types = case["types"] or (ValueError, TypeError)
         check_error(error, "conv2d", case["names"], types)
         if case["brk"] not in ("dy shape", "dy dtype", "bias shape", "b dtype"):  # no bias there
             dy = np.zeros((1, 1, 1, 1), case["dtype"])
-            _, error = run(F.conv2d_backward, dy, x, w, stride, padding)
+            _, error = run(F.conv2d_backward, dy, x, w, stride, padding, *options)
             check_error(
                 error, "conv2d_backward", case["names"] | {"doutput"}, (ValueError, TypeError)
             )
@@ -435,9 +473,8 @@ def test_conv2d_fuzz(brk, data):
     assert error is None, f"{type(error).__name__}: {error}"
     dtype = case["dtype"]
     N, C, H, W = case["x_shape"]
-    K, _, R, S = case["w_shape"]
-    (sh, sw), (ph, pw) = pair_of(stride), pair_of(padding)
-    P, Q = (H + 2 * ph - R) // sh + 1, (W + 2 * pw - S) // sw + 1
+    K, Cg, R, S = case["w_shape"]
+    P, Q = ref._conv_geometry((N, C, H, W), (K, Cg, R, S), stride, padding, case["dilation"])[3]
     check_array(y, (N, K, P, Q), dtype)
     # the same bits as on C-contiguous copies: layout never changes a result
     assert_same_bits(
@@ -448,22 +485,23 @@ def test_conv2d_fuzz(brk, data):
             contiguous(None if b is None else np.asarray(b, dtype)),
             stride,
             padding,
+            *options,
         ),
     )
     dy = conv_dy(case, y.shape)
-    grads, error = run(F.conv2d_backward, dy, x, w, stride, padding)
+    grads, error = run(F.conv2d_backward, dy, x, w, stride, padding, *options)
     if case["brk"] in ("dy shape", "dy dtype"):
         check_error(error, "conv2d_backward", case["names"], case["types"])
         return
     assert error is None, f"{type(error).__name__}: {error}"
-    for g, shape in zip(grads, [(N, C, H, W), (K, C, R, S), (K,)]):
+    for g, shape in zip(grads, [(N, C, H, W), (K, Cg, R, S), (K,)]):
         check_array(g, shape, dtype)
     if case["kind"] == "special":
         return  # inf * 0 and NaN: the paths may differ in which padded zeros they multiply
     tol = TOL["conv2d"][dtype]
-    assert_close(y, ref.conv2d(x, w, b, stride, padding), tol, "conv2d")
+    assert_close(y, ref.conv2d(x, w, b, stride, padding, *options), tol, "conv2d")
     for got, want, name in zip(
-        grads, ref.conv2d_backward(dy, x, w, stride, padding), ["dx", "dw", "db"]
+        grads, ref.conv2d_backward(dy, x, w, stride, padding, *options), ["dx", "dw", "db"]
     ):
         assert_close(got, want, tol, name)
 

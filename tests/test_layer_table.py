@@ -15,8 +15,16 @@ from cnnbp.gradcheck import numeric_gradient
 # type -> (constructor arguments, input shape); options away from the defaults
 LAYERS = {
     "Conv2d": (
-        dict(in_channels=2, out_channels=3, kernel_size=(3, 2), stride=(2, 1), padding=1),
-        (2, 2, 7, 6),
+        dict(
+            in_channels=4,
+            out_channels=6,
+            kernel_size=(3, 2),
+            stride=(2, 1),
+            padding=1,
+            dilation=(2, 1),
+            groups=2,
+        ),
+        (2, 4, 7, 6),
     ),
     "Linear": (dict(in_features=5, out_features=3), (4, 5)),
     "MaxPool2d": (

@@ -560,9 +560,11 @@ def test_optimizers_saved_by_format_1_resume_exactly(name):
 def test_unknown_fields_in_a_layer_entry_are_refused(tmp_path):
     good = saved_arrays(tmp_path)
     arch = architecture_of(good)
-    arch["layers"][0]["dilation"] = [1, 1]
+    arch["layers"][0]["padding_mode"] = "zeros"
     write_npz(tmp_path / "extra.npz", with_architecture(good, arch))
-    refuses(tmp_path / "extra.npz", 'layer 0: expected the fields of Conv2d, got also "dilation"')
+    refuses(
+        tmp_path / "extra.npz", 'layer 0: expected the fields of Conv2d, got also "padding_mode"'
+    )
 
 
 def test_the_same_seed_gives_the_same_weights():

@@ -393,3 +393,81 @@ def test_binary_cross_entropy_with_logits_at_infinite_logits_is_torchs(pos_weigh
         )
         got = F.binary_cross_entropy_with_logits(z, y, pos_weight=pw, reduction=reduction)
         np.testing.assert_array_equal(got, want.numpy(), err_msg=reduction)
+
+
+# conv2d's options: (N, C, H, W, K, R, S, stride, padding, dilation, groups)
+CONV_OPTION_CASES = [
+    (2, 3, 9, 8, 4, 3, 3, 1, 1, 2, 1),
+    (2, 4, 10, 9, 6, 3, 2, 1, 1, (2, 3), 2),
+    (3, 6, 12, 12, 6, 3, 3, 1, 1, 1, 6),  # depthwise
+    (3, 6, 12, 12, 12, 3, 3, 2, 1, 1, 6),  # depthwise, two filters per channel, strided
+    (2, 6, 11, 13, 9, 3, 3, 2, 2, 2, 3),
+    (2, 4, 10, 10, 8, 2, 2, 1, "same", 1, 2),  # an even kernel: one more zero after
+    (2, 4, 10, 10, 8, 4, 3, 1, "same", (1, 3), 4),
+    (2, 4, 10, 10, 8, 3, 3, (2, 1), "valid", 1, 1),
+    (4, 16, 20, 20, 32, 3, 3, 1, 2, 2, 1),  # the in-place paths
+    (4, 16, 20, 20, 32, 3, 3, 2, 2, 2, 4),  # the strided ones
+    (4, 16, 20, 20, 16, 3, 3, 1, 1, 1, 16),
+    (2, 12, 16, 16, 24, 3, 3, 1, "same", 2, 3),
+    (0, 4, 10, 10, 8, 3, 3, 1, 1, 1, 2),  # an empty batch
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", CONV_OPTION_CASES, ids=str)
+def test_conv2d_options_match_torch(case, dtype):
+    torch = pytest.importorskip("torch")
+    N, C, H, W, K, R, S, stride, padding, dilation, groups = case
+    rng = rng_for(case, dtype)
+    x, w = randn(rng, (N, C, H, W), dtype), randn(rng, (K, C // groups, R, S), dtype)
+    b = randn(rng, (K,), dtype)
+    options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    xt, wt, bt = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    yt = torch.nn.functional.conv2d(xt, wt, bt, **options)
+    dy = randn(rng, tuple(yt.shape), dtype)
+    yt.backward(torch.tensor(dy))
+    y = F.conv2d(x, w, b, **options)
+    grads = F.conv2d_backward(dy, x, w, **options)
+    assert_close(y, yt.detach().numpy(), TOL["conv2d"][dtype], "y")
+    for got, want, name in zip(grads, (xt.grad, wt.grad, bt.grad), ("dx", "dw", "db")):
+        assert_close(got, want.numpy(), TOL["conv2d_backward"][dtype], name)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+def test_conv2d_layer_with_options_matches_torchs_layer():
+    torch = pytest.importorskip("torch")
+    from cnnbp import nn
+
+    options = dict(stride=1, padding="same", dilation=(2, 1), groups=2, bias=True)
+    theirs = torch.nn.Conv2d(4, 6, (3, 2), **options).double()
+    ours = nn.Conv2d(4, 6, (3, 2), **options, dtype=np.float64)
+    ours.load_state_dict({k: v.detach().numpy() for k, v in theirs.state_dict().items()})
+    x = randn(np.random.default_rng(3), (2, 4, 7, 6), F64)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = theirs(xt)
+    yt.sum().backward()
+    y = ours(x)
+    dx = ours.backward(np.ones_like(y))
+    assert_close(y, yt.detach().numpy(), 1e-12, "y")
+    assert_close(dx, xt.grad.numpy(), 1e-12, "dx")
+    assert_close(ours.weight.grad, theirs.weight.grad.numpy(), 1e-12, "dweight")
+
+
+def test_conv2d_option_refusals_match_torch():
+    torch = pytest.importorskip("torch")
+    x, w = np.ones((1, 4, 6, 6)), np.ones((4, 2, 3, 3))
+    for options in [
+        dict(groups=3, w=(4, 1, 3, 3)),  # C not a multiple of groups
+        dict(groups=2, w=(3, 2, 3, 3)),  # K not a multiple of groups
+        dict(padding="same", stride=2),
+        dict(padding="full"),
+        dict(dilation=3),  # the dilated kernel is larger than the input
+        dict(dilation=0),
+    ]:
+        weight = np.ones(options.pop("w")) if "w" in options else w
+        options.setdefault("groups", 2)
+        with pytest.raises((RuntimeError, ValueError)):
+            torch.nn.functional.conv2d(torch.tensor(x), torch.tensor(weight), **options)
+        with pytest.raises(ValueError, match=r"^\[conv2d\] "):
+            F.conv2d(x, weight, **options)

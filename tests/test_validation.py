@@ -142,6 +142,8 @@ BAD_PAIRS = [
 @pytest.mark.parametrize("bad", BAD_PAIRS, ids=repr)
 @pytest.mark.parametrize("name", ["stride", "padding"])
 def test_conv2d_stride_and_padding_of_wrong_type(name, bad):
+    if name == "padding" and isinstance(bad, str):
+        return  # padding may be a string: 'same' and 'valid' (others are ValueErrors)
     x, w, b = conv_args()
     expected = msg(f"[conv2d] {name}: expected an int or a pair of ints, got ")
     with pytest.raises(TypeError, match=expected):

@@ -80,37 +80,57 @@ py::tuple weighted_backward(DType dtype, const py::array& dy, const py::array& x
 
 // ---- conv2d ------------------------------------------------------------------------------
 
-cnnbp::Conv2dParams conv_params(const char* op, const py::handle& stride,
-                                const py::handle& padding) {
-    auto s = parse_pair(op, "stride", stride);
-    auto p = parse_pair(op, "padding", padding);
-    return cnnbp::Conv2dParams{s[0], s[1], p[0], p[1]};
+// torch's conv2d arguments: stride and dilation an int or a pair, padding that or 'same' /
+// 'valid', groups an int.
+cnnbp::Conv2dParams conv_params(const char* op, const py::handle& stride, const py::handle& padding,
+                                const py::handle& dilation, const py::handle& groups) {
+    cnnbp::Conv2dParams params;
+    const auto s = parse_pair(op, "stride", stride);
+    params.stride_h = s[0], params.stride_w = s[1];
+    if (py::isinstance<py::str>(padding)) {
+        const auto mode = py::cast<std::string>(padding);
+        if (mode != "same" && mode != "valid")
+            throw py::value_error(std::string("[") + op +
+                                  "] padding: expected 'same', 'valid', an int or a pair of ints, "
+                                  "got " +
+                                  std::string(py::repr(padding)));
+        params.same_padding = mode == "same";
+    } else {
+        const auto p = parse_pair(op, "padding", padding);
+        params.pad_h = p[0], params.pad_w = p[1];
+    }
+    const auto d = parse_pair(op, "dilation", dilation);
+    params.dilation_h = d[0], params.dilation_w = d[1];
+    params.groups = parse_int(op, "groups", groups);
+    return params;
 }
 
 py::array conv2d(const py::handle& x_obj, const py::handle& w_obj, const py::handle& b_obj,
-                 const py::handle& stride, const py::handle& padding) {
+                 const py::handle& stride, const py::handle& padding, const py::handle& dilation,
+                 const py::handle& groups) {
     const char* op = "conv2d";
     py::array x = as_array(op, "input", x_obj), w = as_array(op, "weight", w_obj);
     const DType dtype = float_dtype(op, "input", x);
     check_dtype(op, "weight", w, dtype);
     const OptionalBias bias(op, b_obj, dtype);
     const auto dims = cnnbp::conv2d_dims(shape_of(x), shape_of(w), bias.shape_or_null(),
-                                         conv_params(op, stride, padding));
+                                         conv_params(op, stride, padding, dilation, groups));
     return weighted_forward(dtype, x, w, bias, {dims.N, dims.K, dims.P, dims.Q},
                             [&](auto... pointers) { cnnbp::conv2d_forward(pointers..., dims); });
 }
 
 py::tuple conv2d_backward(const py::handle& dy_obj, const py::handle& x_obj,
                           const py::handle& w_obj, const py::handle& stride,
-                          const py::handle& padding) {
+                          const py::handle& padding, const py::handle& dilation,
+                          const py::handle& groups) {
     const char* op = "conv2d_backward";
     py::array dy = as_array(op, "doutput", dy_obj), x = as_array(op, "input", x_obj),
               w = as_array(op, "weight", w_obj);
     const DType dtype = float_dtype(op, "doutput", dy);
     check_dtype(op, "input", x, dtype);
     check_dtype(op, "weight", w, dtype);
-    const auto dims =
-        cnnbp::conv2d_dims(shape_of(x), shape_of(w), nullptr, conv_params(op, stride, padding), op);
+    const auto dims = cnnbp::conv2d_dims(shape_of(x), shape_of(w), nullptr,
+                                         conv_params(op, stride, padding, dilation, groups), op);
     cnnbp::conv2d_check_doutput(dims, shape_of(dy));
     return weighted_backward(dtype, dy, x, w, dims.K,
                              [&](auto... pointers) { cnnbp::conv2d_backward(pointers..., dims); });
@@ -826,11 +846,12 @@ py::array cross_entropy_backward(const py::handle& z_obj, const py::handle& targ
 
 int64_t conv2d_workspace_bytes(const py::handle& x_shape, const py::handle& w_shape,
                                const py::handle& stride, const py::handle& padding,
-                               const py::handle& dtype) {
+                               const py::handle& dtype, const py::handle& dilation,
+                               const py::handle& groups) {
     const char* op = "conv2d_workspace_bytes";
     const auto dims =
         cnnbp::conv2d_dims(parse_shape(op, "x_shape", x_shape), parse_shape(op, "w_shape", w_shape),
-                           nullptr, conv_params(op, stride, padding), op);
+                           nullptr, conv_params(op, stride, padding, dilation, groups), op);
     py::dtype dt;
     try {
         dt = py::dtype::from_args(py::reinterpret_borrow<py::object>(dtype));
@@ -918,7 +939,8 @@ PYBIND11_MODULE(_core, m) {
     m.def("_micro_kernel_gflops", &cnnbp::micro_kernel_gflops, arg("seconds") = 0.2,
           "GFLOP/s of the float GEMM micro-kernel on one thread, data in L1 (for benchmarks).");
     m.def("conv2d_workspace_bytes", &conv2d_workspace_bytes, arg("x_shape"), arg("w_shape"),
-          arg("stride") = 1, arg("padding") = 0, arg("dtype") = "float32",
+          arg("stride") = 1, arg("padding") = 0, arg("dtype") = "float32", arg("dilation") = 1,
+          arg("groups") = 1,
           "Bytes of scratch memory conv2d / conv2d_backward allocate for these shapes with the "
           "current thread count (0 for the direct loops of tiny problems).");
 
@@ -939,11 +961,12 @@ PYBIND11_MODULE(_core, m) {
         "window starting in the right padding is dropped.");
 
     m.def("conv2d", &conv2d, arg("x"), arg("w"), arg("b") = py::none(), arg("stride") = 1,
-          arg("padding") = 0,
-          "y (N, K, P, Q) = conv2d(x (N, C, H, W), w (K, C, R, S), b (K,) or None): "
-          "cross-correlation with zero padding, as torch.nn.functional.conv2d.");
+          arg("padding") = 0, arg("dilation") = 1, arg("groups") = 1,
+          "y (N, K, P, Q) = conv2d(x (N, C, H, W), w (K, C/groups, R, S), b (K,) or None): "
+          "cross-correlation with zero padding (an int, a pair, 'valid' or 'same'), dilation "
+          "and groups, as torch.nn.functional.conv2d.");
     m.def("conv2d_backward", &conv2d_backward, arg("dy"), arg("x"), arg("w"), arg("stride") = 1,
-          arg("padding") = 0,
+          arg("padding") = 0, arg("dilation") = 1, arg("groups") = 1,
           "(dx, dw, db) = gradients of conv2d given dy (N, K, P, Q); db = dy summed over N, P, Q.");
 
     m.def("max_pool2d", &max_pool2d, arg("x"), arg("kernel_size"), arg("stride") = py::none(),

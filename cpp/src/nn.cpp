@@ -42,8 +42,6 @@ Config arguments_of(const char* type, json::Array positional) {
     return find_layer_type(type)->parse(positional, {});
 }
 
-json::Array pair_value(std::array<int64_t, 2> pair) { return {pair[0], pair[1]}; }
-
 // grad (+)= delta: the first backward sets the gradient, later ones add to it.
 template <typename T>
 void accumulate(Parameter<T>& p, const Tensor<T>& delta) {
@@ -128,27 +126,54 @@ const Tensor<T>& WeightedLayer<T>::weighted_backward(const Tensor<T>& grad_outpu
 }
 
 template <typename T>
-Conv2d<T>::Conv2d(int64_t in_channels, int64_t out_channels, int64_t kernel_size, int64_t stride,
-                  int64_t padding, bool bias)
-    : Conv2d(in_channels, out_channels, {kernel_size, kernel_size}, {stride, stride},
-             {padding, padding}, bias) {}
+Conv2d<T>::Conv2d(int64_t in_channels, int64_t out_channels, int64_t kernel_size)
+    : Conv2d(Conv2dOptions(in_channels, out_channels, kernel_size)) {}
 
 template <typename T>
-Conv2d<T>::Conv2d(int64_t in_channels, int64_t out_channels, std::array<int64_t, 2> kernel,
-                  std::array<int64_t, 2> stride, std::array<int64_t, 2> padding, bool bias)
-    : Conv2d(arguments_of("Conv2d", {in_channels, out_channels, pair_value(kernel),
-                                     pair_value(stride), pair_value(padding), bias})) {}
+Conv2d<T>::Conv2d(int64_t in_channels, int64_t out_channels, std::array<int64_t, 2> kernel_size)
+    : Conv2d(Conv2dOptions(in_channels, out_channels, kernel_size)) {}
+
+template <typename T>
+Conv2d<T>::Conv2d(const Conv2dOptions& options)
+    : Conv2d(find_layer_type("Conv2d")->parse({}, options.arguments())) {}
+
+// The layer's Conv2dParams from its arguments, checked as torch's constructor checks them:
+// channels divisible by groups, 'same' only with stride 1.
+static Conv2dParams conv2d_params(const Config& arguments) {
+    const auto stride = arguments.pair("stride"), dilation = arguments.pair("dilation");
+    const int64_t in_channels = arguments.integer("in_channels"),
+                  out_channels = arguments.integer("out_channels"),
+                  groups = arguments.integer("groups");
+    Conv2dParams params;
+    params.stride_h = stride[0], params.stride_w = stride[1];
+    params.dilation_h = dilation[0], params.dilation_w = dilation[1];
+    params.groups = groups;
+    const std::string mode = arguments.padding_mode("padding");
+    if (mode.empty()) {
+        const auto padding = arguments.pair("padding");
+        params.pad_h = padding[0], params.pad_w = padding[1];
+    }
+    params.same_padding = mode == "same";
+    if (in_channels % groups != 0 || out_channels % groups != 0)
+        throw std::invalid_argument("[Conv2d] groups: expected a divisor of in_channels " +
+                                    std::to_string(in_channels) + " and out_channels " +
+                                    std::to_string(out_channels) + ", got " +
+                                    std::to_string(groups));
+    if (params.same_padding && (stride[0] != 1 || stride[1] != 1))
+        throw std::invalid_argument(
+            "[Conv2d] padding: expected stride 1 with padding='same' (torch's rule), got stride (" +
+            std::to_string(stride[0]) + ", " + std::to_string(stride[1]) + ")");
+    return params;
+}
 
 template <typename T>
 Conv2d<T>::Conv2d(const Config& arguments) : WeightedLayer<T>(arguments) {
-    const auto kernel = arguments.pair("kernel_size"), stride = arguments.pair("stride"),
-               padding = arguments.pair("padding");
-    const int64_t in_channels = arguments.integer("in_channels"),
-                  out_channels = arguments.integer("out_channels");
-    params = {stride[0], stride[1], padding[0], padding[1]};
-    const Shape shape{out_channels, in_channels, kernel[0], kernel[1]};
+    const auto kernel = arguments.pair("kernel_size");
+    params = conv2d_params(arguments);
+    const int64_t in_per_group = arguments.integer("in_channels") / params.groups;
+    const Shape shape{arguments.integer("out_channels"), in_per_group, kernel[0], kernel[1]};
     numel(shape);  // the weight's size is checked before fan_in multiplies its dims
-    this->init_parameters(shape, in_channels * kernel[0] * kernel[1]);
+    this->init_parameters(shape, in_per_group * kernel[0] * kernel[1]);
 }
 
 // the weight (K, C, R, S) and the bias (K,)
@@ -162,19 +187,23 @@ static int64_t weighted_layer_parameters(int64_t out, std::initializer_list<int6
 CNNBP_REGISTER_LAYER(Conv2d,
                      {"Conv2d",
                       "conv2d",
-                      "y (N, K, P, Q) = conv2d(x (N, C, H, W), weight (K, C, R, S)) + bias (K,)",
+                      "y (N, K, P, Q) = conv2d(x (N, C, H, W), weight (K, C / groups, R, S)) + "
+                      "bias (K,)",
                       {{"in_channels", FieldKind::Int, nullptr, 1},
                        {"out_channels", FieldKind::Int, nullptr, 1},
                        {"kernel_size", FieldKind::Pair, nullptr, 1},
                        {"stride", FieldKind::Pair, 1, 1},
-                       {"padding", FieldKind::Pair, 0, 0},
+                       {"padding", FieldKind::Padding, 0, 0},
+                       {"dilation", FieldKind::Pair, 1, 1},
+                       {"groups", FieldKind::Int, 1, 1},
                        {"bias", FieldKind::Bool, true}},
                       {},
                       [](const Config& c) {
                           const auto k = c.pair("kernel_size");
-                          return weighted_layer_parameters(c.integer("out_channels"),
-                                                           {c.integer("in_channels"), k[0], k[1]},
-                                                           c.boolean("bias"));
+                          return weighted_layer_parameters(
+                              c.integer("out_channels"),
+                              {c.integer("in_channels") / c.integer("groups"), k[0], k[1]},
+                              c.boolean("bias"));
                       }});
 template <typename T>
 const Tensor<T>& Conv2d<T>::forward(const Tensor<T>& input) {
@@ -302,21 +331,9 @@ const std::vector<Field> avg_pool2d_fields =
                    {"count_include_pad", FieldKind::Bool, true},
                    {"divisor_override", FieldKind::OptionalInt}});
 
-// the positional arguments of a pool layer from C++'s (stride 0: the kernel size)
-static json::Array pool2d_arguments(std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
-                                    std::array<int64_t, 2> padding) {
-    return {pair_value(kernel), stride[0] || stride[1] ? json::Value(pair_value(stride)) : nullptr,
-            pair_value(padding)};
-}
-
 template <typename T>
-MaxPool2d<T>::MaxPool2d(int64_t kernel_size, int64_t stride, int64_t padding)
-    : MaxPool2d({kernel_size, kernel_size}, {stride, stride}, {padding, padding}) {}
-
-template <typename T>
-MaxPool2d<T>::MaxPool2d(std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
-                        std::array<int64_t, 2> padding)
-    : MaxPool2d(arguments_of("MaxPool2d", pool2d_arguments(kernel, stride, padding))) {}
+MaxPool2d<T>::MaxPool2d(const MaxPool2dOptions& options)
+    : MaxPool2d(find_layer_type("MaxPool2d")->parse({}, options.arguments())) {}
 
 template <typename T>
 std::vector<TraceExtra> MaxPool2d<T>::trace_extras() const {
@@ -348,13 +365,8 @@ CNNBP_REGISTER_LAYER(MaxPool2d, {"MaxPool2d",
                                  {"indices"}});
 
 template <typename T>
-AvgPool2d<T>::AvgPool2d(int64_t kernel_size, int64_t stride, int64_t padding)
-    : AvgPool2d({kernel_size, kernel_size}, {stride, stride}, {padding, padding}) {}
-
-template <typename T>
-AvgPool2d<T>::AvgPool2d(std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
-                        std::array<int64_t, 2> padding)
-    : AvgPool2d(arguments_of("AvgPool2d", pool2d_arguments(kernel, stride, padding))) {}
+AvgPool2d<T>::AvgPool2d(const AvgPool2dOptions& options)
+    : AvgPool2d(find_layer_type("AvgPool2d")->parse({}, options.arguments())) {}
 
 template <typename T>
 const Tensor<T>& AvgPool2d<T>::forward(const Tensor<T>& input) {

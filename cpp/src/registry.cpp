@@ -52,8 +52,20 @@ json::Value checked(const std::string& op, const Field& f, const json::Value& v)
             check_minimum(op, f, i);
             return i;
         }
+        case FieldKind::Padding:
+            if (const std::string* text = v.get<std::string>()) {
+                if (*text != "same" && *text != "valid")
+                    throw std::invalid_argument("[" + op + "] " + f.name +
+                                                ": expected 'same', 'valid', an int or a pair of "
+                                                "ints, got " +
+                                                json::describe(v));
+                return v;
+            }
+            [[fallthrough]];
         case FieldKind::Pair: {
-            const char* expected = "an int or a pair of ints";
+            const char* expected = f.kind == FieldKind::Padding
+                                       ? "'same', 'valid', an int or a pair of ints"
+                                       : "an int or a pair of ints";
             json::Array pair;
             if (const json::Array* a = v.get<json::Array>()) {
                 if (a->size() != 2) wrong_kind(op, f, expected, v);
@@ -129,6 +141,11 @@ std::optional<int64_t> Config::optional_integer(const std::string& name) const {
     const json::Value& v = at(name);
     if (v.is_null()) return std::nullopt;
     return *v.get<int64_t>();
+}
+
+std::string Config::padding_mode(const std::string& name) const {
+    const std::string* text = at(name).get<std::string>();
+    return text ? *text : std::string();
 }
 
 bool Config::has(const std::string& name) const { return json::find(values_, name) != nullptr; }

@@ -84,11 +84,17 @@ void check_rank(const char* op, const char* name, const Shape& shape, size_t ran
                      ", got shape " + shape_str(shape));
 }
 
-void check_nonempty(const char* op, const char* name, const Shape& shape) {
-    for (int64_t d : shape)
+// Every dim of `dims` >= 1; the message shows `shape` (the whole shape when dims is a part).
+void check_nonempty(const char* op, const char* name, const Shape& dims, const Shape& shape) {
+    for (int64_t d : dims)
         if (d < 1)
-            fail(op,
-                 std::string(name) + ": expected every dim >= 1, got shape " + shape_str(shape));
+            fail(op, std::string(name) + ": expected every dim" +
+                         (dims.size() < shape.size() ? " but the batch" : "") +
+                         " >= 1, got shape " + shape_str(shape));
+}
+
+void check_nonempty(const char* op, const char* name, const Shape& shape) {
+    check_nonempty(op, name, shape, shape);
 }
 
 // The shortest %g text that reads back as v ("1.5", "0.1", "-2", "nan", "inf"), so that a
@@ -184,53 +190,101 @@ void check_num_threads(int64_t n) {
 
 // ---- conv2d ------------------------------------------------------------------------------
 
+namespace {
+
+// dilation * (kernel - 1) + 1 for kernel, dilation >= 1, or throws beyond kMaxElements.
+int64_t dilated_extent(const char* op, int64_t kernel, int64_t dilation) {
+    const int64_t taps = checked_product({dilation, kernel - 1}, kMaxElements - 1);
+    if (taps < 0)
+        fail(op,
+             "dilation: expected a dilated kernel size (dilation * (kernel_size - 1) + 1) of "
+             "at most " +
+                 limit_str(kMaxElements) + ", got " + std::to_string(dilation) + " * (" +
+                 std::to_string(kernel) + " - 1) + 1");
+    return taps + 1;
+}
+
+std::string pair_str(int64_t h, int64_t w) {
+    return "(" + std::to_string(h) + ", " + std::to_string(w) + ")";
+}
+
+}  // namespace
+
 Conv2dDims conv2d_dims(const Shape& input, const Shape& weight, const Shape* bias,
                        const Conv2dParams& params, const char* op) {
     check_rank(op, "input", input, 4, "(N, C, H, W)");
-    check_rank(op, "weight", weight, 4, "(K, C, R, S)");
-    check_nonempty(op, "input", input);
+    check_rank(op, "weight", weight, 4, "(K, C / groups, R, S)");
+    // an empty batch is allowed (torch's): every other dim must be >= 1
+    checked_numel(op, "input", input);
+    check_nonempty(op, "input", {input[1], input[2], input[3]}, input);
     check_nonempty(op, "weight", weight);
     check_window(op, "stride", std::min(params.stride_h, params.stride_w), 1);
-    check_window(op, "padding", std::min(params.pad_h, params.pad_w), 0);
+    if (!params.same_padding) check_window(op, "padding", std::min(params.pad_h, params.pad_w), 0);
+    check_window(op, "dilation", std::min(params.dilation_h, params.dilation_w), 1);
+    check_window(op, "groups", params.groups, 1);
+    if (params.same_padding && (params.stride_h != 1 || params.stride_w != 1))
+        fail(op, "padding: expected stride 1 with padding='same' (torch's rule), got stride " +
+                     pair_str(params.stride_h, params.stride_w));
+    const int64_t G = params.groups;
     Conv2dDims d{input[0],  input[1],  input[2], input[3], weight[0],
                  weight[2], weight[3], 0,        0,        params};
-    if (weight[1] != d.C)
-        fail(op, "weight: expected " + std::to_string(d.C) +
-                     " input channels (dim 1) to match input " + shape_str(input) + ", got shape " +
+    if (d.C % G != 0)
+        fail(op, "groups: expected a divisor of the input channels " + std::to_string(d.C) +
+                     " (input " + shape_str(input) + "), got " + std::to_string(G));
+    if (d.K % G != 0)
+        fail(op, "weight: expected out channels (dim 0) divisible by groups " + std::to_string(G) +
+                     ", got shape " + shape_str(weight));
+    if (weight[1] != d.C / G)
+        fail(op, "weight: expected " + std::to_string(d.C / G) +
+                     " input channels (dim 1) to match input " + shape_str(input) +
+                     (G > 1 ? " and groups " + std::to_string(G) : std::string()) + ", got shape " +
                      shape_str(weight));
     if (bias && (bias->size() != 1 || (*bias)[0] != d.K))
         fail(op,
              "bias: expected shape (" + std::to_string(d.K) + ",), got shape " + shape_str(*bias));
-    checked_numel(op, "input", input);
     checked_numel(op, "weight", weight);
-    const int64_t Hp = padded_extent(op, d.H, params.pad_h);
-    const int64_t Wp = padded_extent(op, d.W, params.pad_w);
-    d.P = output_size(d.H, d.R, params.stride_h, params.pad_h);
-    d.Q = output_size(d.W, d.S, params.stride_w, params.pad_w);
-    if (d.P < 1 || d.Q < 1)
-        fail(op, "input: expected padded size (" + std::to_string(Hp) + ", " + std::to_string(Wp) +
-                     ") >= kernel size (" + std::to_string(d.R) + ", " + std::to_string(d.S) +
-                     "), got input shape " + shape_str(input));
+    const int64_t extent_h = dilated_extent(op, d.R, params.dilation_h);
+    const int64_t extent_w = dilated_extent(op, d.S, params.dilation_w);
+    if (params.same_padding) {
+        d.params.pad_h = (extent_h - 1) / 2;
+        d.params.pad_w = (extent_w - 1) / 2;
+        d.pad_bottom = extent_h - 1 - d.params.pad_h;
+        d.pad_right = extent_w - 1 - d.params.pad_w;
+    } else {
+        d.pad_bottom = params.pad_h;
+        d.pad_right = params.pad_w;
+    }
+    const auto& p = d.params;
+    // the padded extents, each at most 2^48 + 2^49: no overflow
+    const int64_t Hp = padded_extent(op, d.H, std::max(p.pad_h, d.pad_bottom));
+    const int64_t Wp = padded_extent(op, d.W, std::max(p.pad_w, d.pad_right));
+    if (d.H + p.pad_h + d.pad_bottom < extent_h || d.W + p.pad_w + d.pad_right < extent_w)
+        fail(op, "input: expected padded size " +
+                     pair_str(d.H + p.pad_h + d.pad_bottom, d.W + p.pad_w + d.pad_right) +
+                     " >= " + (params.dilation_h > 1 || params.dilation_w > 1 ? "dilated " : "") +
+                     "kernel size " + pair_str(extent_h, extent_w) + ", got input shape " +
+                     shape_str(input));
+    d.P = (d.H + p.pad_h + d.pad_bottom - extent_h) / p.stride_h + 1;
+    d.Q = (d.W + p.pad_w + d.pad_right - extent_w) / p.stride_w + 1;
     if (checked_product({d.N, d.K, d.P, d.Q}, kMaxElements) < 0)
         fail(op, "output: expected at most " + limit_str(kMaxElements) + " elements, got shape " +
                      shape_str({d.N, d.K, d.P, d.Q}) + " from input " + shape_str(input) +
-                     ", weight " + shape_str(weight) + ", stride (" +
-                     std::to_string(params.stride_h) + ", " + std::to_string(params.stride_w) +
-                     ") and padding (" + std::to_string(params.pad_h) + ", " +
-                     std::to_string(params.pad_w) + ")");
+                     ", weight " + shape_str(weight) + ", stride " +
+                     pair_str(p.stride_h, p.stride_w) + " and padding " +
+                     pair_str(p.pad_h, p.pad_w));
     // The kernels' workspace: padded plane stacks of the input (forward, dweight) and of
-    // doutput (dinput), a few images' worth per thread; R <= Hp and S <= Wp here.
-    if (checked_product({d.N, std::max(d.C, d.K), Hp + d.R, Wp + d.S}, kMaxWork) < 0)
+    // doutput (dinput), a few images' worth per thread; the extents are <= Hp and Wp here.
+    if (checked_product({d.N, std::max(d.C, d.K), Hp + extent_h, Wp + extent_w}, kMaxWork) < 0)
         fail(op, "padding: expected padded planes of at most " + limit_str(kMaxWork) +
                      " elements in all (N * max(C, K) * (H + 2 * pad_h + R) * (W + 2 * pad_w + "
                      "S)), got input shape " +
-                     shape_str(input) + ", weight shape " + shape_str(weight) + " and padding (" +
-                     std::to_string(params.pad_h) + ", " + std::to_string(params.pad_w) + ")");
-    if (checked_product({d.N, d.K, d.P, d.Q, d.C, d.R, d.S}, kMaxWork) < 0)
+                     shape_str(input) + ", weight shape " + shape_str(weight) + " and padding " +
+                     pair_str(p.pad_h, p.pad_w));
+    if (checked_product({d.N, d.K, d.P, d.Q, d.C / G, d.R, d.S}, kMaxWork) < 0)
         fail(op, "input: expected at most " + limit_str(kMaxWork) +
-                     " multiply-adds (N * K * P * Q * C * R * S), got input shape " +
+                     " multiply-adds (N * K * P * Q * C / groups * R * S), got input shape " +
                      shape_str(input) + ", weight shape " + shape_str(weight) +
-                     " and output size (" + std::to_string(d.P) + ", " + std::to_string(d.Q) + ")");
+                     " and output size " + pair_str(d.P, d.Q));
     return d;
 }
 

@@ -157,6 +157,17 @@ TEST_CASE("conv2d guards: outputs written exactly, on every path") {
         {{1, 3, 8, 8}, {5, 3, 8, 8}, {1, 1, 0, 0}},       // kernel as large as the input
         {{2, 4, 13, 7}, {6, 4, 5, 1}, {3, 1, 2, 0}},      // tall filter, large stride
         {{9, 16, 16, 16}, {32, 16, 3, 3}, {1, 1, 1, 1}},  // above the threads' threshold
+        // dilation, groups, 'same' (stride_h, stride_w, pad_h, pad_w, dh, dw, groups, same)
+        {{2, 3, 9, 8}, {2, 3, 3, 2}, {1, 1, 2, 1, 2, 3, 1, false}},       // tiny, dilated
+        {{2, 8, 12, 12}, {16, 4, 3, 3}, {1, 1, 2, 2, 2, 2, 2, false}},    // in place, grouped
+        {{2, 8, 12, 11}, {16, 2, 3, 3}, {2, 1, 1, 1, 2, 1, 4, false}},    // strided, grouped
+        {{2, 6, 9, 8}, {12, 1, 3, 3}, {1, 1, 1, 1, 1, 1, 6, false}},      // depthwise
+        {{9, 32, 16, 16}, {32, 1, 3, 3}, {2, 2, 1, 1, 1, 1, 32, false}},  // depthwise, threads
+        {{2, 4, 9, 41},
+         {4, 1, 3, 3},
+         {1, 2, 1, 1, 1, 2, 4, false}},  // depthwise, long strided rows
+        {{2, 8, 10, 9}, {16, 8, 2, 4}, {1, 1, 0, 0, 3, 1, 1, true}},   // 'same', odd totals
+        {{0, 8, 10, 9}, {16, 8, 3, 3}, {1, 1, 1, 1, 1, 1, 1, false}},  // an empty batch
     };
     in_float_and_double(cases, 100, conv2d_guarded);
 }

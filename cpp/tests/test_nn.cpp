@@ -124,9 +124,9 @@ TEST_CASE("nn: the trace links the layers; gradients accumulate until zero_grad"
 
 TEST_CASE("nn: parameter gradients of a strided model against finite differences") {
     Sequential<double> model;
-    model.add(std::make_unique<Conv2d<double>>(2, 3, 3, 2, 1))
+    model.add(std::make_unique<Conv2d<double>>(Conv2dOptions(2, 3, 3).stride(2).padding(1)))
         .add(std::make_unique<ReLU<double>>())
-        .add(std::make_unique<MaxPool2d<double>>(2, 1))
+        .add(std::make_unique<MaxPool2d<double>>(MaxPool2dOptions(2).stride(1)))
         .add(std::make_unique<Flatten<double>>())
         .add(std::make_unique<Linear<double>>(3 * 3 * 3, 4));
     const Tensor<double> x({2, 2, 7, 7}, values(196, 7));
@@ -138,13 +138,51 @@ TEST_CASE("nn: parameter gradients of a strided model against finite differences
     check_against_differences(model, objective);
 }
 
+TEST_CASE("nn: convolution options by name; gradients against finite differences") {
+    manual_seed(4);
+    Sequential<double> model;
+    // 'same' with an even kernel (one more zero at the bottom), then dilated grouped and
+    // depthwise convolutions
+    model.add(std::make_unique<Conv2d<double>>(Conv2dOptions(2, 4, {2, 3}).padding(Padding::Same)))
+        .add(std::make_unique<Conv2d<double>>(
+            Conv2dOptions(4, 6, 3).dilation({2, 1}).groups(2).padding(1).bias(false)))
+        .add(std::make_unique<Tanh<double>>())
+        .add(std::make_unique<Conv2d<double>>(Conv2dOptions(6, 6, 3).groups(6).stride(2)))
+        .add(std::make_unique<MaxPool2d<double>>(MaxPool2dOptions(2).ceil_mode(true)))
+        .add(std::make_unique<Flatten<double>>())
+        .add(std::make_unique<Linear<double>>(6, 3));
+    const Tensor<double> x({2, 2, 7, 6}, values(168, 5));
+    CHECK(model.forward(x).shape == Shape({2, 3}));
+    const auto& grouped = dynamic_cast<Conv2d<double>&>(model[1]);
+    CHECK(grouped.weight.value.shape == Shape({6, 2, 3, 3}));
+    const Tensor<int64_t> labels({2}, {0, 2});
+    CrossEntropyLoss<double> loss;
+    auto objective = [&] { return loss.forward(model.forward(x), labels); };
+    objective();
+    model.backward(loss.backward());
+    check_against_differences(model, objective);
+    // torch's constructor checks, with the registry's messages
+    CHECK_THROWS(Conv2d<double>(Conv2dOptions(4, 6, 3).groups(4)),
+                 "[Conv2d] groups: expected a divisor of in_channels 4 and out_channels 6, got 4");
+    CHECK_THROWS(Conv2d<double>(Conv2dOptions(4, 6, 3).stride(2).padding(Padding::Same)),
+                 "[Conv2d] padding: expected stride 1 with padding='same' (torch's rule), got "
+                 "stride (2, 2)");
+    CHECK_THROWS(Conv2d<double>(Conv2dOptions(4, 6, 3).dilation(0)),
+                 "[Conv2d] dilation: expected >= 1, got 0");
+    CHECK_THROWS(make_layer<double>("Conv2d", {1, 1, 3}, {{"padding", "full"}}),
+                 "[Conv2d] padding: expected 'same', 'valid', an int or a pair of ints, got "
+                 "'full'");
+    Conv2d<float> valid(Conv2dOptions(1, 1, 3).padding(Padding::Valid));
+    CHECK(json::dump(valid.config()).find("\"padding\": \"valid\"") != std::string::npos);
+}
+
 TEST_CASE("nn: Tanh, AvgPool2d and Dropout layers; gradients against finite differences") {
     manual_seed(5);
     Sequential<double> model;
     auto dropout = std::make_shared<Dropout<double>>(0.25, 9);
-    model.add(std::make_shared<Conv2d<double>>(2, 3, 3, 1, 1))
+    model.add(std::make_shared<Conv2d<double>>(Conv2dOptions(2, 3, 3).padding(1)))
         .add(std::make_shared<Tanh<double>>())
-        .add(std::make_shared<AvgPool2d<double>>(3, 2, 1))
+        .add(std::make_shared<AvgPool2d<double>>(AvgPool2dOptions(3).stride(2).padding(1)))
         .add(dropout)
         .add(std::make_shared<Flatten<double>>())
         .add(std::make_shared<Linear<double>>(3 * 3 * 3, 4));
@@ -287,9 +325,8 @@ TEST_CASE("nn: model files round-trip and refuse damaged files") {
     manual_seed(11);
     Sequential<double> model;
     model
-        .add(std::make_unique<Conv2d<double>>(2, 3, std::array<int64_t, 2>{3, 2},
-                                              std::array<int64_t, 2>{2, 1},
-                                              std::array<int64_t, 2>{1, 0}, true))
+        .add(std::make_unique<Conv2d<double>>(
+            Conv2dOptions(2, 3, {3, 2}).stride({2, 1}).padding({1, 0}).bias(true)))
         .add(std::make_unique<ReLU<double>>())
         .add(std::make_unique<MaxPool2d<double>>(2))
         .add(std::make_unique<Flatten<double>>())
@@ -333,12 +370,13 @@ TEST_CASE("nn: layers are made by name from the registry, and report their argum
     manual_seed(3);
     auto by_name = make_layer<double>("Conv2d", {2, 3, json::Array{3, 2}}, {{"padding", 1}});
     manual_seed(3);
-    Conv2d<double> direct(2, 3, {3, 2}, {1, 1}, {1, 1});
+    Conv2d<double> direct(Conv2dOptions(2, 3, {3, 2}).padding(1));
     auto& made = dynamic_cast<Conv2d<double>&>(*by_name);
     CHECK(made.weight.value.data == direct.weight.value.data);  // one generator, same draws
     CHECK(json::dump(made.config()) ==
           "{\"type\": \"Conv2d\", \"in_channels\": 2, \"out_channels\": 3, \"kernel_size\": [3, "
-          "2], \"stride\": [1, 1], \"padding\": [1, 1], \"bias\": true}");
+          "2], \"stride\": [1, 1], \"padding\": [1, 1], \"dilation\": [1, 1], \"groups\": 1, "
+          "\"bias\": true}");
     auto pool = make_layer<float>("MaxPool2d", {3}, {});
     CHECK(json::dump(pool->config()) ==
           "{\"type\": \"MaxPool2d\", \"kernel_size\": [3, 3], \"stride\": [3, 3], \"padding\": "
@@ -365,7 +403,7 @@ TEST_CASE("nn: layers are made by name from the registry, and report their argum
 TEST_CASE("nn: loss options, libtorch-style; gradients against finite differences") {
     manual_seed(2);
     Sequential<double> model;
-    model.add(std::make_shared<Conv2d<double>>(2, 3, 3, 1, 1));  // logits (N, 3, H, W)
+    model.add(std::make_shared<Conv2d<double>>(Conv2dOptions(2, 3, 3).padding(1)));  // (N, 3, H, W)
     const Tensor<double> x({2, 2, 4, 3}, values(48, 12));
     // spatial class indices, one ignored (-100 by default)
     std::vector<int64_t> label_values(24);

@@ -37,7 +37,7 @@ TEST_CASE("validation: output_size with dilation and ceil_mode, torch's rule") {
 
 TEST_CASE("validation: conv2d shapes and parameters") {
     CHECK_THROWS(conv2d_dims({1, 1, 6, 6}, {3, 3}, nullptr, {}),
-                 "[conv2d] weight: expected 4 dims (K, C, R, S), got shape (3, 3)");
+                 "[conv2d] weight: expected 4 dims (K, C / groups, R, S), got shape (3, 3)");
     CHECK_THROWS(conv2d_dims({1, 6, 6}, {1, 1, 3, 3}, nullptr, {}),
                  "[conv2d] input: expected 4 dims (N, C, H, W), got shape (1, 6, 6)");
     CHECK_THROWS(conv2d_dims({1, 2, 6, 6}, {1, 3, 3, 3}, nullptr, {}),
@@ -49,8 +49,41 @@ TEST_CASE("validation: conv2d shapes and parameters") {
                  "[conv2d] input: expected padded size (2, 2) >= kernel size (3, 3)");
     CHECK_THROWS(conv2d_dims({1, 1, 6, 6}, {1, 1, 3, 3}, nullptr, {0, 1, 0, 0}),
                  "[conv2d] stride: expected >= 1, got 0");
-    CHECK_THROWS(conv2d_dims({0, 1, 6, 6}, {1, 1, 3, 3}, nullptr, {}),
-                 "[conv2d] input: expected every dim >= 1");
+    CHECK_THROWS(conv2d_dims({1, 0, 6, 6}, {1, 1, 3, 3}, nullptr, {}),
+                 "[conv2d] input: expected every dim but the batch >= 1, got shape (1, 0, 6, 6)");
+    CHECK(conv2d_dims({0, 1, 6, 6}, {1, 1, 3, 3}, nullptr, {}).P == 4);  // an empty batch
+    Conv2dParams groups;
+    groups.groups = 4;
+    CHECK_THROWS(
+        conv2d_dims({1, 6, 6, 6}, {4, 1, 3, 3}, nullptr, groups),
+        "[conv2d] groups: expected a divisor of the input channels 6 (input (1, 6, 6, 6)), "
+        "got 4");
+    CHECK_THROWS(conv2d_dims({1, 8, 6, 6}, {6, 2, 3, 3}, nullptr, groups),
+                 "[conv2d] weight: expected out channels (dim 0) divisible by groups 4, got shape "
+                 "(6, 2, 3, 3)");
+    CHECK_THROWS(conv2d_dims({1, 8, 6, 6}, {8, 8, 3, 3}, nullptr, groups),
+                 "[conv2d] weight: expected 2 input channels (dim 1) to match input (1, 8, 6, 6) "
+                 "and groups 4, got shape (8, 8, 3, 3)");
+    groups.groups = 0;
+    CHECK_THROWS(conv2d_dims({1, 8, 6, 6}, {8, 8, 3, 3}, nullptr, groups),
+                 "[conv2d] groups: expected >= 1, got 0");
+    Conv2dParams dilated;
+    dilated.dilation_h = 3;
+    CHECK_THROWS(conv2d_dims({1, 1, 6, 6}, {1, 1, 3, 3}, nullptr, dilated),
+                 "[conv2d] input: expected padded size (6, 6) >= dilated kernel size (7, 3)");
+    dilated.dilation_w = 0;
+    CHECK_THROWS(conv2d_dims({1, 1, 6, 6}, {1, 1, 3, 3}, nullptr, dilated),
+                 "[conv2d] dilation: expected >= 1, got 0");
+    Conv2dParams same;
+    same.same_padding = true;
+    same.dilation_w = 3;
+    const auto s = conv2d_dims({1, 1, 5, 6}, {1, 1, 4, 2}, nullptr, same);  // torch's split
+    CHECK(s.P == 5 && s.Q == 6 && s.params.pad_h == 1 && s.pad_bottom == 2 && s.params.pad_w == 1 &&
+          s.pad_right == 2);
+    same.stride_w = 2;
+    CHECK_THROWS(conv2d_dims({1, 1, 6, 6}, {1, 1, 3, 3}, nullptr, same),
+                 "[conv2d] padding: expected stride 1 with padding='same' (torch's rule), got "
+                 "stride (1, 2)");
     const auto d = conv2d_dims({2, 1, 6, 6}, {4, 1, 3, 3}, nullptr, {});
     CHECK_THROWS(conv2d_check_doutput(d, {2, 4, 4, 3}),
                  "[conv2d_backward] doutput: expected shape (2, 4, 4, 4)");

@@ -17,6 +17,8 @@
 //
 //   cnnbp::nn::Sequential<double> model;
 //   model.add(std::make_unique<cnnbp::nn::Conv2d<double>>(1, 1, 3)) ... ;
+//   model.add(std::make_unique<cnnbp::nn::Conv2d<double>>(
+//       cnnbp::nn::Conv2dOptions(1, 6, 5).padding(2).groups(1)));  // options by name
 //   cnnbp::nn::BCELoss<double> loss;  cnnbp::nn::SGD<double> sgd(model.parameters(), 0.1);
 //   double L = cnnbp::nn::train_step(model, x, y, loss, sgd);
 #pragma once
@@ -156,15 +158,96 @@ class WeightedLayer : public Layer<T> {
     Tensor<T> dweight_, dbias_;
 };
 
+// A layer's arguments by name, libtorch-style: the required ones in the constructor, every
+// option by a setter that returns the options, e.g.
+//   Conv2d<float>(Conv2dOptions(1, 6, 5).padding(2).dilation(2))
+// The values are checked when the layer is built, by its declaration (the same messages as
+// make_layer's and Python's).
+template <typename Self>
+class LayerOptions {
+ public:
+    const json::Object& arguments() const { return arguments_; }
+
+ protected:
+    Self& set(const std::string& name, json::Value value) {
+        for (auto& [key, v] : arguments_)
+            if (key == name) {
+                v = std::move(value);
+                return static_cast<Self&>(*this);
+            }
+        arguments_.emplace_back(name, std::move(value));
+        return static_cast<Self&>(*this);
+    }
+    static json::Value pair(std::array<int64_t, 2> hw) { return json::Array{hw[0], hw[1]}; }
+    json::Object arguments_;
+};
+
+// Conv2d's padding by name: Padding::Same keeps the output size (stride 1), Padding::Valid
+// is no padding (torch's padding='same' / 'valid').
+enum class Padding { Same, Valid };
+
+class Conv2dOptions : public LayerOptions<Conv2dOptions> {
+ public:
+    Conv2dOptions(int64_t in_channels, int64_t out_channels, int64_t kernel_size)
+        : Conv2dOptions(in_channels, out_channels, {kernel_size, kernel_size}) {}
+    Conv2dOptions(int64_t in_channels, int64_t out_channels, std::array<int64_t, 2> kernel_size) {
+        set("in_channels", in_channels).set("out_channels", out_channels);
+        set("kernel_size", pair(kernel_size));
+    }
+    Conv2dOptions& stride(int64_t s) { return set("stride", s); }
+    Conv2dOptions& stride(std::array<int64_t, 2> hw) { return set("stride", pair(hw)); }
+    Conv2dOptions& padding(int64_t p) { return set("padding", p); }
+    Conv2dOptions& padding(std::array<int64_t, 2> hw) { return set("padding", pair(hw)); }
+    Conv2dOptions& padding(Padding mode) {
+        return set("padding", mode == Padding::Same ? "same" : "valid");
+    }
+    Conv2dOptions& dilation(int64_t d) { return set("dilation", d); }
+    Conv2dOptions& dilation(std::array<int64_t, 2> hw) { return set("dilation", pair(hw)); }
+    Conv2dOptions& groups(int64_t g) { return set("groups", g); }
+    Conv2dOptions& bias(bool b) { return set("bias", b); }
+};
+
+// The pools' options; stride defaults to the kernel size (torch's).
+class MaxPool2dOptions : public LayerOptions<MaxPool2dOptions> {
+ public:
+    explicit MaxPool2dOptions(int64_t kernel_size) : MaxPool2dOptions({kernel_size, kernel_size}) {}
+    explicit MaxPool2dOptions(std::array<int64_t, 2> kernel_size) {
+        set("kernel_size", pair(kernel_size));
+    }
+    MaxPool2dOptions& stride(int64_t s) { return set("stride", s); }
+    MaxPool2dOptions& stride(std::array<int64_t, 2> hw) { return set("stride", pair(hw)); }
+    MaxPool2dOptions& padding(int64_t p) { return set("padding", p); }
+    MaxPool2dOptions& padding(std::array<int64_t, 2> hw) { return set("padding", pair(hw)); }
+    MaxPool2dOptions& dilation(int64_t d) { return set("dilation", d); }
+    MaxPool2dOptions& dilation(std::array<int64_t, 2> hw) { return set("dilation", pair(hw)); }
+    MaxPool2dOptions& ceil_mode(bool c) { return set("ceil_mode", c); }
+};
+
+class AvgPool2dOptions : public LayerOptions<AvgPool2dOptions> {
+ public:
+    explicit AvgPool2dOptions(int64_t kernel_size) : AvgPool2dOptions({kernel_size, kernel_size}) {}
+    explicit AvgPool2dOptions(std::array<int64_t, 2> kernel_size) {
+        set("kernel_size", pair(kernel_size));
+    }
+    AvgPool2dOptions& stride(int64_t s) { return set("stride", s); }
+    AvgPool2dOptions& stride(std::array<int64_t, 2> hw) { return set("stride", pair(hw)); }
+    AvgPool2dOptions& padding(int64_t p) { return set("padding", p); }
+    AvgPool2dOptions& padding(std::array<int64_t, 2> hw) { return set("padding", pair(hw)); }
+    AvgPool2dOptions& ceil_mode(bool c) { return set("ceil_mode", c); }
+    AvgPool2dOptions& count_include_pad(bool c) { return set("count_include_pad", c); }
+    AvgPool2dOptions& divisor_override(int64_t d) { return set("divisor_override", d); }
+};
+
 template <typename T>
 class Conv2d : public WeightedLayer<T> {
  public:
-    // weight (out_channels, in_channels, k, k), bias (out_channels,)
-    Conv2d(int64_t in_channels, int64_t out_channels, int64_t kernel_size, int64_t stride = 1,
-           int64_t padding = 0, bool bias = true);
-    // (h, w) pairs: weight (out_channels, in_channels, kernel[0], kernel[1])
-    Conv2d(int64_t in_channels, int64_t out_channels, std::array<int64_t, 2> kernel,
-           std::array<int64_t, 2> stride, std::array<int64_t, 2> padding, bool bias = true);
+    // weight (out_channels, in_channels, k, k) or (out_channels, in_channels, kernel[0],
+    // kernel[1]), bias (out_channels,); every other option at torch's default
+    Conv2d(int64_t in_channels, int64_t out_channels, int64_t kernel_size);
+    Conv2d(int64_t in_channels, int64_t out_channels, std::array<int64_t, 2> kernel_size);
+    // stride, padding (pairs, Padding::Same or Valid), dilation, groups (weight
+    // (out_channels, in_channels / groups, ...)), bias, by name
+    explicit Conv2d(const Conv2dOptions& options);
     explicit Conv2d(const Config& arguments);
     const Tensor<T>& forward(const Tensor<T>& input) override;
     const Tensor<T>& backward(const Tensor<T>& grad_output) override;
@@ -209,11 +292,9 @@ class Pool2d : public Layer<T> {
 template <typename T>
 class MaxPool2d : public Pool2d<T> {
  public:
-    // stride 0 means stride = kernel_size (torch's default)
-    explicit MaxPool2d(int64_t kernel_size, int64_t stride = 0, int64_t padding = 0);
-    // (h, w) pairs
-    MaxPool2d(std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
-              std::array<int64_t, 2> padding);
+    // stride = kernel_size, no padding (torch's defaults)
+    explicit MaxPool2d(int64_t kernel_size) : MaxPool2d(MaxPool2dOptions(kernel_size)) {}
+    explicit MaxPool2d(const MaxPool2dOptions& options);
     explicit MaxPool2d(const Config& arguments) : Pool2d<T>(arguments) {}
     const Tensor<T>& forward(const Tensor<T>& input) override;
     const Tensor<T>& backward(const Tensor<T>& grad_output) override;
@@ -228,10 +309,9 @@ class MaxPool2d : public Pool2d<T> {
 template <typename T>
 class AvgPool2d : public Pool2d<T> {
  public:
-    // stride 0 means stride = kernel_size (torch's default)
-    explicit AvgPool2d(int64_t kernel_size, int64_t stride = 0, int64_t padding = 0);
-    AvgPool2d(std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
-              std::array<int64_t, 2> padding);
+    // stride = kernel_size, no padding (torch's defaults)
+    explicit AvgPool2d(int64_t kernel_size) : AvgPool2d(AvgPool2dOptions(kernel_size)) {}
+    explicit AvgPool2d(const AvgPool2dOptions& options);
     explicit AvgPool2d(const Config& arguments) : Pool2d<T>(arguments) {}
     const Tensor<T>& forward(const Tensor<T>& input) override;
     const Tensor<T>& backward(const Tensor<T>& grad_output) override;

@@ -26,6 +26,7 @@ enum class FieldKind {
     Probability,  // a number in [0, 1]
     Seed,         // an integer in [0, 2^63), or null: drawn from manual_seed's generator
     OptionalInt,  // a nonzero integer, or null (AvgPool2d's divisor_override)
+    Padding,      // a Pair, or the text "same" or "valid" (Conv2d's padding, as torch's)
 };
 
 // Whether null is a value of the kind (Seed, OptionalInt): a null default is then a default,
@@ -66,6 +67,8 @@ class Config {
     double number(const std::string& name) const;
     std::optional<uint64_t> seed(const std::string& name) const;
     std::optional<int64_t> optional_integer(const std::string& name) const;
+    // a Padding field: "same", "valid" or "" for a pair (then read by pair())
+    std::string padding_mode(const std::string& name) const;
     bool has(const std::string& name) const;
     void set(const std::string& name, json::Value value);
 

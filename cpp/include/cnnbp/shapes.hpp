@@ -60,18 +60,30 @@ int64_t output_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding,
 // ---- conv2d ------------------------------------------------------------------------------
 struct Conv2dParams {
     int64_t stride_h = 1, stride_w = 1;
-    int64_t pad_h = 0, pad_w = 0;
+    int64_t pad_h = 0, pad_w = 0;  // zeros on both sides of each axis (ignored when same_padding)
+    int64_t dilation_h = 1, dilation_w = 1;  // filter taps dilation apart
+    int64_t groups = 1;         // C and K split into groups; group g's filters read its channels
+    bool same_padding = false;  // torch's padding='same' (stride 1): output size = input size
 };
 
 struct Conv2dDims {
     int64_t N, C, H, W;  // input (N, C, H, W)
-    int64_t K, R, S;     // weight (K, C, R, S)
+    int64_t K, R, S;     // weight (K, C / groups, R, S)
     int64_t P, Q;        // output (N, K, P, Q)
+    // As given, except that padding='same' is resolved: pad_h / pad_w are the top / left
+    // padding, and pad_bottom / pad_right (below) the bottom / right one.
     Conv2dParams params;
+    // torch's 'same': total dilation * (kernel - 1) per axis, top = total / 2, bottom the rest
+    // (one more when the total is odd); equal to pad_h / pad_w otherwise.
+    int64_t pad_bottom = 0, pad_right = 0;
 };
 
-// input (N, C, H, W), weight (K, C, R, S), bias (K,) or nullptr when there is none.
-// `op` names the caller in messages (conv2d_backward validates the same way).
+// input (N, C, H, W), weight (K, C / groups, R, S), bias (K,) or nullptr when there is none.
+// N may be 0 (an empty batch: empty output, zero parameter gradients). stride, dilation and
+// groups >= 1, padding >= 0, C and K multiples of groups, the dilated kernel
+// dilation * (kernel - 1) + 1 no larger than the padded input, and same_padding only with
+// stride 1 (torch's rules). `op` names the caller in messages (conv2d_backward validates the
+// same way).
 Conv2dDims conv2d_dims(const Shape& input, const Shape& weight, const Shape* bias,
                        const Conv2dParams& params, const char* op = "conv2d");
 // doutput must be (N, K, P, Q) for the dims of the forward call.
