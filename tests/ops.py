@@ -265,9 +265,12 @@ def conv2d_error(
 
 # fmt: off
 CONV2D_ERRORS = [
-    conv2d_error("input: expected 4 dims (N, C, H, W), got shape (3, 6, 6)", x=(3, 6, 6)),
-    conv2d_error("input: expected 4 dims (N, C, H, W), got shape (1, 2, 3, 6, 6)",
-                 x=(1, 2, 3, 6, 6)),
+    conv2d_error("input: expected 3 dims (C, H, W) or 4 dims (N, C, H, W), got shape (6, 6)",
+                 x=(6, 6)),
+    conv2d_error("input: expected 3 dims (C, H, W) or 4 dims (N, C, H, W), got shape "
+                 "(1, 2, 3, 6, 6)", x=(1, 2, 3, 6, 6)),
+    conv2d_error("weight: expected 2 input channels (dim 1) to match input (2, 6, 6), got shape "
+                 "(4, 3, 3, 3)", x=(2, 6, 6)),  # unbatched
     conv2d_error("weight: expected 4 dims (K, C / groups, R, S), got shape (3, 3)", w=(3, 3)),
     conv2d_error("weight: expected 3 input channels (dim 1) to match input (2, 3, 6, 6), "
                  "got shape (4, 2, 3, 3)", w=(4, 2, 3, 3)),
@@ -332,8 +335,10 @@ CONV2D_BACKWARD_ERRORS = [
     conv2d_backward_error(r"doutput: expected shape \(2, 4, 4, 4\).*got shape \(4, 4, 4\)",
                           dy=(4, 4, 4)),
     # shape checks shared with the forward (one parameter struct, one validation)
-    conv2d_backward_error(r"input: expected 4 dims \(N, C, H, W\), got shape \(3, 6, 6\)",
-                          x=(3, 6, 6), shared=True),
+    conv2d_backward_error(r"input: expected 3 dims \(C, H, W\) or 4 dims \(N, C, H, W\), got "
+                          r"shape \(6, 6\)", x=(6, 6), shared=True),
+    conv2d_backward_error(r"doutput: expected shape \(4, 4, 4\) \(the forward output's\), "
+                          r"got shape \(1, 4, 4, 4\)", x=(3, 6, 6), dy=(1, 4, 4, 4)),
     conv2d_backward_error(r"weight: expected 3 input channels", w=(4, 2, 3, 3), shared=True),
     conv2d_backward_error(r"stride: expected >= 1, got 0", stride=0, shared=True),
     conv2d_backward_error(r"padding: expected >= 0, got -1", padding=-1, shared=True),
@@ -451,12 +456,16 @@ def pool_error(message, x=(1, 1, 4, 4), kernel=2, stride=None, padding=0):
 # parameters the same way
 # fmt: off
 POOL_ERRORS = [
-    pool_error("input: expected 4 dims (N, C, H, W), got shape (4, 4)", x=(4, 4)),
-    pool_error("input: expected 4 dims (N, C, H, W), got shape (1, 1, 1, 4, 4)", x=(1, 1, 1, 4, 4)),
-    # an empty batch is refused, as max_pool2d refuses it
-    pool_error("input: expected every dim >= 1, got shape (0, 1, 4, 4)", x=(0, 1, 4, 4)),
-    pool_error("input: expected every dim >= 1, got shape (1, 0, 4, 4)", x=(1, 0, 4, 4)),
-    pool_error("input: expected every dim >= 1, got shape (1, 1, 4, 0)", x=(1, 1, 4, 0)),
+    pool_error("input: expected 3 dims (C, H, W) or 4 dims (N, C, H, W), got shape (4, 4)",
+               x=(4, 4)),
+    pool_error("input: expected 3 dims (C, H, W) or 4 dims (N, C, H, W), got shape "
+               "(1, 1, 1, 4, 4)", x=(1, 1, 1, 4, 4)),
+    # an empty batch works (torch's), an empty plane or channel dim does not
+    pool_error("input: expected every dim but the batch >= 1, got shape (1, 0, 4, 4)",
+               x=(1, 0, 4, 4)),
+    pool_error("input: expected every dim but the batch >= 1, got shape (1, 1, 4, 0)",
+               x=(1, 1, 4, 0)),
+    pool_error("input: expected every dim >= 1, got shape (1, 0, 4)", x=(1, 0, 4)),  # unbatched
     pool_error("kernel_size: expected >= 1, got 0", kernel=0),
     pool_error("kernel_size: expected >= 1, got -1", kernel=(2, -1)),
     pool_error("stride: expected >= 1, got 0", stride=0),
@@ -490,14 +499,18 @@ MAX_POOL2D_BACKWARD_ERRORS = [
                               "got shape (1, 1, 2, 1)", idx=(1, 1, 2, 1)),
     max_pool2d_backward_error("indices: expected shape (1, 1, 2, 2) (doutput's), got shape (1, 4)",
                               idx=(1, 4)),
-    max_pool2d_backward_error("doutput: expected 4 dims (N, C, P, Q), got shape (1, 2, 2)",
-                              dy=(1, 2, 2), idx=(1, 2, 2)),
-    max_pool2d_backward_error("x_shape: expected 4 dims (N, C, H, W), got shape (1, 4, 4)",
-                              x=(1, 4, 4)),
-    max_pool2d_backward_error("x_shape: expected every dim >= 1, got shape (1, 1, 0, 4)",
-                              x=(1, 1, 0, 4)),
-    max_pool2d_backward_error("x_shape: expected every dim >= 1, got shape (1, 1, -4, 4)",
+    max_pool2d_backward_error("doutput: expected 4 dims (N, C, P, Q) as x_shape (1, 1, 4, 4), "
+                              "got shape (1, 2, 2)", dy=(1, 2, 2), idx=(1, 2, 2)),
+    max_pool2d_backward_error("doutput: expected 3 dims (C, P, Q) as x_shape (1, 4, 4), "
+                              "got shape (1, 1, 2, 2)", x=(1, 4, 4)),
+    max_pool2d_backward_error("x_shape: expected 3 dims (C, H, W) or 4 dims (N, C, H, W), "
+                              "got shape (4, 4)", x=(4, 4)),
+    max_pool2d_backward_error("x_shape: expected every dim but the batch >= 1, got shape "
+                              "(1, 1, 0, 4)", x=(1, 1, 0, 4)),
+    max_pool2d_backward_error("x_shape: expected every dim >= 0, got shape (1, 1, -4, 4)",
                               x=(1, 1, -4, 4)),
+    max_pool2d_backward_error("doutput: expected C = (2) to match x_shape (2, 4, 4), "
+                              "got shape (1, 2, 2)", dy=(1, 2, 2), idx=(1, 2, 2), x=(2, 4, 4)),
     max_pool2d_backward_error("doutput: expected (N, C) = (2, 1) to match x_shape (2, 1, 4, 4), "
                               "got shape (1, 1, 2, 2)", x=(2, 1, 4, 4)),
     max_pool2d_backward_error("doutput: expected (N, C) = (1, 2) to match x_shape (1, 2, 4, 4), "
@@ -531,9 +544,9 @@ AVG_POOL2D_BACKWARD_ERRORS = [
                               "got shape (2, 1, 2, 2)", dy=(2, 1, 2, 2)),
     avg_pool2d_backward_error("doutput: expected shape (1, 1, 2, 2) (the forward output's), "
                               "got shape (1, 4)", dy=(1, 4)),
-    avg_pool2d_backward_error("x_shape: expected 4 dims (N, C, H, W), got shape (1, 4, 4)",
-                              x=(1, 4, 4)),
-    avg_pool2d_backward_error("x_shape: expected every dim >= 1, got shape (1, 1, -4, 4)",
+    avg_pool2d_backward_error("doutput: expected shape (1, 2, 2) (the forward output's), "
+                              "got shape (1, 1, 2, 2)", x=(1, 4, 4)),
+    avg_pool2d_backward_error("x_shape: expected every dim >= 0, got shape (1, 1, -4, 4)",
                               x=(1, 1, -4, 4)),
 ]
 # fmt: on
@@ -1008,8 +1021,6 @@ def binary_loss_errors(op, pos_weight=False):
         for a, y, what in [
             ((2, 3), (3, 2), "target: expected shape (2, 3) (input's), got shape (3, 2)"),
             ((6,), (6, 1), "target: expected shape (6,) (input's), got shape (6, 1)"),
-            ((0,), (0,), "input: expected at least one element, got shape (0,)"),
-            ((2, 0), (2, 0), "input: expected at least one element, got shape (2, 0)"),
         ]:
             cases.append(Bad(fn, (np.full(a, 0.5), np.ones(y)), {}, ValueError, f"[{fn}] {what}"))
     return cases + loss_option_errors(op, pos_weight)
@@ -1027,11 +1038,25 @@ def cross_entropy_errors():
             )
             cases.append(Bad(fn, (z, labels), {}, ValueError, message))
         for logits, labels, what in [
-            ((4,), 1, "logits: expected 2 dims (N, K) or more (N, K, d1, ...), got shape (4,)"),
-            ((), 1, "logits: expected 2 dims (N, K) or more (N, K, d1, ...), got shape ()"),
-            ((0, 4), 0, "logits: expected every dim >= 1, got shape (0, 4)"),
-            ((3, 0), 3, "logits: expected every dim >= 1, got shape (3, 0)"),
-            ((2, 3, 0), (2, 0), "logits: expected every dim >= 1, got shape (2, 3, 0)"),
+            (
+                (4,),
+                (1,),
+                "labels: expected shape () (one class index for unbatched logits (4,)), got "
+                "shape (1,)",
+            ),
+            (
+                (),
+                1,
+                "logits: expected 1 dim (K,) (unbatched), 2 dims (N, K) or more (N, K, d1, ...), "
+                "got shape ()",
+            ),
+            ((3, 0), 3, "logits: expected every dim but the batch >= 1, got shape (3, 0)"),
+            (
+                (2, 3, 0),
+                (2, 0),
+                "logits: expected every dim but the batch >= 1, got shape (2, 3, 0)",
+            ),
+            ((0,), (), "logits: expected every dim >= 1, got shape (0,)"),  # unbatched
             (
                 (1, 3, 4),
                 1,

@@ -327,7 +327,8 @@ def conv_cases(draw, brk):
         dy_dtype = draw(st.sampled_from(BAD_DTYPES))
         case.update(names={"doutput"}, types=(TypeError,), forward_ok=True)
     elif brk == "x rank":
-        case["x_shape"] = draw(st.sampled_from([(N, C, H), (N, C, H, W, 1), (), (N * C * H * W,)]))
+        # (C, H, W) is an unbatched input, not a wrong rank
+        case["x_shape"] = draw(st.sampled_from([(H, W), (N, C, H, W, 1), (), (N * C * H * W,)]))
         case.update(names={"input"}, types=(ValueError,))
     elif brk == "w rank":
         case["w_shape"] = draw(st.sampled_from([(K, C, R), (K, C, R, S, 1), (K,)]))
@@ -542,10 +543,11 @@ def pool_cases(draw, brk):
     if brk == "dtype":
         x_dtype, names = draw(st.sampled_from(BAD_DTYPES)), {"input"}
     elif brk == "rank":
-        shape, names = draw(st.sampled_from([(N, C, H), (N, C, H, W, 1), ()])), {"input"}
+        # (C, H, W) is an unbatched input, not a wrong rank
+        shape, names = draw(st.sampled_from([(H, W), (N, C, H, W, 1), ()])), {"input"}
     elif brk == "zero dim":
         shape = list(shape)
-        shape[draw(st.integers(0, 3))] = 0
+        shape[draw(st.integers(1, 3))] = 0  # N = 0 is an empty batch
         shape, names = tuple(shape), {"input"}
     elif brk in ("kernel", "stride", "padding"):
         bad = draw(bad_int())
@@ -1010,8 +1012,6 @@ def test_binary_losses_fuzz(op, brk, seed, dtype, shape, kind, data):
         y, names = np.zeros(shape + (2,), dtype), ({"target"}, (ValueError,))
     elif brk == "none":
         p, names = None, ({"input"}, (TypeError,))
-    elif p.size == 0:
-        names = ({"input"}, (ValueError,))  # a mean of nothing
     probabilities_ok = (
         p is None or op != "binary_cross_entropy" or bool(np.all((p >= 0) & (p <= 1)))
     )
@@ -1057,8 +1057,10 @@ def test_cross_entropy_fuzz(brk, seed, dtype, N, K, kind, label_type, data):
     z = z.astype(dtype)
     labels = rng.integers(0, max(K, 1), N)
     names = None
-    if N == 0 or K == 0:  # (an empty list of labels is float64: a TypeError)
+    if K == 0:  # (an empty list of labels is float64: a TypeError)
         names = ({"logits", "labels"}, (ValueError, TypeError))
+    elif N == 0 and label_type is list:
+        names = ({"labels"}, (TypeError,))  # [] becomes float64
     if brk == "label range" and N:
         labels[draw(st.integers(0, N - 1))] = draw(st.sampled_from([-1, K, K + 1, 2**40, -(2**63)]))
         label_type, names = np.int64, ({"labels", "logits"}, (ValueError,))
@@ -1068,8 +1070,8 @@ def test_cross_entropy_fuzz(brk, seed, dtype, N, K, kind, label_type, data):
     elif brk == "label shape":
         labels = np.zeros(draw(st.sampled_from([(N + 1,), (N, 1), ()])), np.int64)
         names = ({"labels", "logits"}, (ValueError, TypeError))  # [] as a list is float64
-    elif brk == "logits rank":
-        z = z.reshape(-1)
+    elif brk == "logits rank":  # (K,) is unbatched: a 0-d array is no logits
+        z = np.asarray(z.reshape(-1)[0] if z.size else dtype(0))
         names = ({"logits"}, (ValueError,))
     elif brk == "logits dtype":
         z = z.astype(draw(st.sampled_from(BAD_DTYPES)))
@@ -1259,8 +1261,8 @@ def test_layers_fuzz(brk, net, seed, N, data):
         _, error = run(model, np.asarray(x).astype(bad))
         check_error(error, MODEL_OPS, {"input", "weight"}, (TypeError,))
         return
-    if brk == "rank":
-        _, error = run(model, np.asarray(x)[0])
+    if brk == "rank":  # (C, H, W) is unbatched: (H, W) is no input
+        _, error = run(model, np.asarray(x)[0, 0])
         check_error(error, MODEL_OPS, {"input"}, (ValueError,))
         return
     if brk == "none":

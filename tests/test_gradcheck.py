@@ -68,6 +68,23 @@ def test_small_cnn_passes_with_cross_entropy_and_bce_with_logits():
     assert report.passed, report
 
 
+def test_every_convolution_and_pool_option_passes():
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, (2, 3), padding="same", dilation=(1, 2), groups=2),
+        nn.Tanh(),
+        nn.Conv2d(4, 4, 3, stride=2, groups=4),  # depthwise
+        nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 2, 3),
+    )
+    x = np.random.default_rng(0).standard_normal((3, 2, 9, 9)).astype(np.float32)
+    report = cnnbp.gradcheck(
+        model, x, np.array([0, 2, 1]), nn.CrossEntropyLoss(label_smoothing=0.1)
+    )
+    assert report.passed, report
+    assert [c.shape for c in report][:3] == [(4, 1, 2, 3), (4,), (4, 1, 3, 3)]
+
+
 def test_float32_model_is_checked_on_a_float64_copy_and_left_alone():
     model = small_cnn(dtype=np.float32)
     before = {k: v.copy() for k, v in model.state_dict().items()}

@@ -534,7 +534,10 @@ def test_layers_refuse_inputs_of_the_other_dtype():
         lin(np.ones((2, 3), np.float32))
     with raises(ValueError, "[conv2d] weight: expected 1 input channels (dim 1)"):
         nn.Conv2d(2, 2, 3)(np.ones((1, 1, 5, 5), np.float32))
-    with raises(ValueError, "[max_pool2d] input: expected 4 dims (N, C, H, W), got shape (5, 5)"):
+    with raises(
+        ValueError,
+        "[max_pool2d] input: expected 3 dims (C, H, W) or 4 dims (N, C, H, W), got shape (5, 5)",
+    ):
         nn.MaxPool2d(2)(np.ones((5, 5)))
 
 

@@ -115,7 +115,7 @@ py::array conv2d(const py::handle& x_obj, const py::handle& w_obj, const py::han
     const OptionalBias bias(op, b_obj, dtype);
     const auto dims = cnnbp::conv2d_dims(shape_of(x), shape_of(w), bias.shape_or_null(),
                                          conv_params(op, stride, padding, dilation, groups));
-    return weighted_forward(dtype, x, w, bias, {dims.N, dims.K, dims.P, dims.Q},
+    return weighted_forward(dtype, x, w, bias, cnnbp::conv2d_output_shape(dims),
                             [&](auto... pointers) { cnnbp::conv2d_forward(pointers..., dims); });
 }
 
@@ -200,8 +200,8 @@ py::tuple max_pool2d(const py::handle& x_obj, const py::handle& kernel_size,
     return dispatch(dtype, [&](auto tag) -> py::tuple {
         using T = decltype(tag);
         auto xc = contiguous<T>(x);
-        auto y = empty_like_shape<T>({dims.N, dims.C, dims.P, dims.Q});
-        auto idx = empty_like_shape<int64_t>({dims.N, dims.C, dims.P, dims.Q});
+        auto y = empty_like_shape<T>(cnnbp::pool2d_output_shape(dims));
+        auto idx = empty_like_shape<int64_t>(cnnbp::pool2d_output_shape(dims));
         T* y_ptr = y.mutable_data();
         int64_t* idx_ptr = idx.mutable_data();
         {
@@ -352,7 +352,7 @@ py::array avg_pool2d(const py::handle& x_obj, const py::handle& kernel_size,
     return dispatch(dtype, [&](auto tag) -> py::array {
         using T = decltype(tag);
         auto xc = contiguous<T>(x);
-        auto y = empty_like_shape<T>({dims.N, dims.C, dims.P, dims.Q});
+        auto y = empty_like_shape<T>(cnnbp::pool2d_output_shape(dims));
         T* y_ptr = y.mutable_data();
         {  // the GIL is held again before the result is touched
             py::gil_scoped_release release;

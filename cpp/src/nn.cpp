@@ -210,7 +210,7 @@ const Tensor<T>& Conv2d<T>::forward(const Tensor<T>& input) {
     dims_ = conv2d_dims(input.shape, this->weight.value.shape,
                         this->has_bias_ ? &this->bias.value.shape : nullptr, params);
     this->input_ = &input;
-    this->output_.resize({dims_.N, dims_.K, dims_.P, dims_.Q});
+    this->output_.resize(conv2d_output_shape(dims_));
     conv2d_forward(this->output_.data.data(), input.data.data(), this->weight.value.data.data(),
                    this->has_bias_ ? this->bias.value.data.data() : nullptr, dims_);
     return this->output_;
@@ -295,7 +295,7 @@ template <typename T>
 Tensor<T>& Pool2d<T>::start_forward(const Tensor<T>& input, const char* op) {
     dims_ = pool2d_dims(op, input.shape, params);
     this->input_ = &input;
-    this->output_.resize({dims_.N, dims_.C, dims_.P, dims_.Q});
+    this->output_.resize(pool2d_output_shape(dims_));
     return this->output_;
 }
 
@@ -490,8 +490,9 @@ const Tensor<T>& Flatten<T>::forward(const Tensor<T>& input) {
             "[flatten] input: expected at least 1 dim (N, ...), got shape " +
             shape_str(input.shape));
     this->input_ = &input;
-    const int64_t n = input.shape[0];
-    this->output_.shape = {n, n ? input.size() / n : 0};
+    // (N, the product of the other dims), also for an empty batch
+    this->output_.shape = {input.shape[0],
+                           numel(Shape(input.shape.begin() + 1, input.shape.end()))};
     this->output_.data = input.data;  // the trace owns its own copy
     return this->output_;
 }

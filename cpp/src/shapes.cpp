@@ -97,6 +97,18 @@ void check_nonempty(const char* op, const char* name, const Shape& shape) {
     check_nonempty(op, name, shape, shape);
 }
 
+// A (C, H, W) or (N, C, H, W) shape as (N, C, H, W), with N = 1 for the unbatched form
+// (torch's rule for 2-d convolution and pooling): `batched` tells which it was.
+Shape as_batched(const char* op, const char* name, const Shape& shape, bool& batched) {
+    if (shape.size() != 3 && shape.size() != 4)
+        fail(op, std::string(name) +
+                     ": expected 3 dims (C, H, W) or 4 dims (N, C, H, W), got shape " +
+                     shape_str(shape));
+    batched = shape.size() == 4;
+    if (batched) return shape;
+    return {1, shape[0], shape[1], shape[2]};
+}
+
 // The shortest %g text that reads back as v ("1.5", "0.1", "-2", "nan", "inf"), so that a
 // value in a message looks as the user wrote it.
 std::string shortest_str(double v) {
@@ -210,13 +222,14 @@ std::string pair_str(int64_t h, int64_t w) {
 
 }  // namespace
 
-Conv2dDims conv2d_dims(const Shape& input, const Shape& weight, const Shape* bias,
+Conv2dDims conv2d_dims(const Shape& given_input, const Shape& weight, const Shape* bias,
                        const Conv2dParams& params, const char* op) {
-    check_rank(op, "input", input, 4, "(N, C, H, W)");
+    bool batched;
+    const Shape input = as_batched(op, "input", given_input, batched);
     check_rank(op, "weight", weight, 4, "(K, C / groups, R, S)");
     // an empty batch is allowed (torch's): every other dim must be >= 1
-    checked_numel(op, "input", input);
-    check_nonempty(op, "input", {input[1], input[2], input[3]}, input);
+    checked_numel(op, "input", given_input);
+    check_nonempty(op, "input", {input[1], input[2], input[3]}, given_input);
     check_nonempty(op, "weight", weight);
     check_window(op, "stride", std::min(params.stride_h, params.stride_w), 1);
     if (!params.same_padding) check_window(op, "padding", std::min(params.pad_h, params.pad_w), 0);
@@ -230,13 +243,13 @@ Conv2dDims conv2d_dims(const Shape& input, const Shape& weight, const Shape* bia
                  weight[2], weight[3], 0,        0,        params};
     if (d.C % G != 0)
         fail(op, "groups: expected a divisor of the input channels " + std::to_string(d.C) +
-                     " (input " + shape_str(input) + "), got " + std::to_string(G));
+                     " (input " + shape_str(given_input) + "), got " + std::to_string(G));
     if (d.K % G != 0)
         fail(op, "weight: expected out channels (dim 0) divisible by groups " + std::to_string(G) +
                      ", got shape " + shape_str(weight));
     if (weight[1] != d.C / G)
         fail(op, "weight: expected " + std::to_string(d.C / G) +
-                     " input channels (dim 1) to match input " + shape_str(input) +
+                     " input channels (dim 1) to match input " + shape_str(given_input) +
                      (G > 1 ? " and groups " + std::to_string(G) : std::string()) + ", got shape " +
                      shape_str(weight));
     if (bias && (bias->size() != 1 || (*bias)[0] != d.K))
@@ -263,12 +276,12 @@ Conv2dDims conv2d_dims(const Shape& input, const Shape& weight, const Shape* bia
                      pair_str(d.H + p.pad_h + d.pad_bottom, d.W + p.pad_w + d.pad_right) +
                      " >= " + (params.dilation_h > 1 || params.dilation_w > 1 ? "dilated " : "") +
                      "kernel size " + pair_str(extent_h, extent_w) + ", got input shape " +
-                     shape_str(input));
+                     shape_str(given_input));
     d.P = (d.H + p.pad_h + d.pad_bottom - extent_h) / p.stride_h + 1;
     d.Q = (d.W + p.pad_w + d.pad_right - extent_w) / p.stride_w + 1;
     if (checked_product({d.N, d.K, d.P, d.Q}, kMaxElements) < 0)
         fail(op, "output: expected at most " + limit_str(kMaxElements) + " elements, got shape " +
-                     shape_str({d.N, d.K, d.P, d.Q}) + " from input " + shape_str(input) +
+                     shape_str({d.N, d.K, d.P, d.Q}) + " from input " + shape_str(given_input) +
                      ", weight " + shape_str(weight) + ", stride " +
                      pair_str(p.stride_h, p.stride_w) + " and padding " +
                      pair_str(p.pad_h, p.pad_w));
@@ -278,23 +291,29 @@ Conv2dDims conv2d_dims(const Shape& input, const Shape& weight, const Shape* bia
         fail(op, "padding: expected padded planes of at most " + limit_str(kMaxWork) +
                      " elements in all (N * max(C, K) * (H + 2 * pad_h + R) * (W + 2 * pad_w + "
                      "S)), got input shape " +
-                     shape_str(input) + ", weight shape " + shape_str(weight) + " and padding " +
-                     pair_str(p.pad_h, p.pad_w));
+                     shape_str(given_input) + ", weight shape " + shape_str(weight) +
+                     " and padding " + pair_str(p.pad_h, p.pad_w));
     if (checked_product({d.N, d.K, d.P, d.Q, d.C / G, d.R, d.S}, kMaxWork) < 0)
         fail(op, "input: expected at most " + limit_str(kMaxWork) +
                      " multiply-adds (N * K * P * Q * C / groups * R * S), got input shape " +
-                     shape_str(input) + ", weight shape " + shape_str(weight) +
+                     shape_str(given_input) + ", weight shape " + shape_str(weight) +
                      " and output size " + pair_str(d.P, d.Q));
+    d.batched = batched;
     return d;
+}
+
+Shape conv2d_output_shape(const Conv2dDims& d) {
+    if (d.batched) return {d.N, d.K, d.P, d.Q};
+    return {d.K, d.P, d.Q};
 }
 
 void conv2d_check_doutput(const Conv2dDims& d, const Shape& doutput) {
     // compared in place: this runs on every backward, where allocating costs more than a
     // tiny layer's kernel
-    if (doutput.size() == 4 && doutput[0] == d.N && doutput[1] == d.K && doutput[2] == d.P &&
-        doutput[3] == d.Q)
+    if (d.batched && doutput.size() == 4 && doutput[0] == d.N && doutput[1] == d.K &&
+        doutput[2] == d.P && doutput[3] == d.Q)
         return;
-    const Shape expected{d.N, d.K, d.P, d.Q};
+    const Shape expected = conv2d_output_shape(d);
     if (doutput != expected)
         fail("conv2d_backward", "doutput: expected shape " + shape_str(expected) +
                                     " (the forward output's), got shape " + shape_str(doutput));
@@ -351,10 +370,13 @@ static void check_windows_reach_input(const char* op, const char* input_name, co
     }
 }
 
-Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& p,
+Pool2dDims pool2d_dims(const char* op, const Shape& given_input, const Pool2dParams& p,
                        const char* input_name) {
-    check_rank(op, input_name, input, 4, "(N, C, H, W)");
-    check_nonempty(op, input_name, input);
+    bool batched;
+    const Shape input = as_batched(op, input_name, given_input, batched);
+    // an empty batch is allowed (torch's): every other dim must be >= 1
+    checked_numel(op, input_name, given_input);
+    check_nonempty(op, input_name, {input[1], input[2], input[3]}, given_input);
     pool2d_check_params(op, p);
     checked_numel(op, input_name, input);
     Pool2dDims d{input[0], input[1], input[2], input[3], 0, 0, p};
@@ -375,47 +397,62 @@ Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& p
                                   : std::string()) +
                      " >= " + (dilated ? "dilated " : "") + "kernel size (" + std::to_string(eh) +
                      ", " + std::to_string(ew) + "), got " + input_name +
-                     (std::string(input_name) == "input" ? " shape " : " ") + shape_str(input));
+                     (std::string(input_name) == "input" ? " shape " : " ") +
+                     shape_str(given_input));
     }
-    check_windows_reach_input(op, input_name, input, "row", d.H, d.P, p.kernel_h, p.stride_h,
+    check_windows_reach_input(op, input_name, given_input, "row", d.H, d.P, p.kernel_h, p.stride_h,
                               p.pad_h, p.dilation_h);
-    check_windows_reach_input(op, input_name, input, "column", d.W, d.Q, p.kernel_w, p.stride_w,
-                              p.pad_w, p.dilation_w);
+    check_windows_reach_input(op, input_name, given_input, "column", d.W, d.Q, p.kernel_w,
+                              p.stride_w, p.pad_w, p.dilation_w);
     if (checked_product({d.N, d.C, d.P, d.Q}, kMaxElements) < 0)
         fail(op, "output: expected at most " + limit_str(kMaxElements) + " elements, got shape " +
                      shape_str({d.N, d.C, d.P, d.Q}) + " from " + input_name + " " +
-                     shape_str(input) + ", kernel_size (" + std::to_string(p.kernel_h) + ", " +
-                     std::to_string(p.kernel_w) + "), stride (" + std::to_string(p.stride_h) +
-                     ", " + std::to_string(p.stride_w) + ") and padding (" +
-                     std::to_string(p.pad_h) + ", " + std::to_string(p.pad_w) + ")");
+                     shape_str(given_input) + ", kernel_size (" + std::to_string(p.kernel_h) +
+                     ", " + std::to_string(p.kernel_w) + "), stride (" +
+                     std::to_string(p.stride_h) + ", " + std::to_string(p.stride_w) +
+                     ") and padding (" + std::to_string(p.pad_h) + ", " + std::to_string(p.pad_w) +
+                     ")");
     // kernel <= padded size here, so kernel_h * kernel_w <= Hp * Wp
     if (checked_product({d.N, d.C, d.P, d.Q, p.kernel_h, p.kernel_w}, kMaxWork) < 0)
         fail(op, "kernel_size: expected at most " + limit_str(kMaxWork) +
                      " window cells in all (N * C * P * Q * kernel_h * kernel_w), got " +
-                     input_name + " " + shape_str(input) + ", kernel_size (" +
+                     input_name + " " + shape_str(given_input) + ", kernel_size (" +
                      std::to_string(p.kernel_h) + ", " + std::to_string(p.kernel_w) +
                      ") and output size (" + std::to_string(d.P) + ", " + std::to_string(d.Q) +
                      ")");
+    d.batched = batched;
     return d;
+}
+
+Shape pool2d_output_shape(const Pool2dDims& d) {
+    if (d.batched) return {d.N, d.C, d.P, d.Q};
+    return {d.C, d.P, d.Q};
 }
 
 Pool2dDims max_pool2d_backward_dims(const Shape& doutput, const Shape& indices,
                                     const Shape& input_shape) {
     const char* op = "max_pool2d_backward";
-    check_rank(op, "doutput", doutput, 4, "(N, C, P, Q)");
-    check_rank(op, "x_shape", input_shape, 4, "(N, C, H, W)");
-    check_nonempty(op, "x_shape", input_shape);
+    bool batched;
+    const Shape x = as_batched(op, "x_shape", input_shape, batched);
+    if (doutput.size() != input_shape.size())
+        fail(op, "doutput: expected " + std::to_string(input_shape.size()) + " dims " +
+                     (batched ? "(N, C, P, Q)" : "(C, P, Q)") + " as x_shape " +
+                     shape_str(input_shape) + ", got shape " + shape_str(doutput));
     checked_numel(op, "x_shape", input_shape);
+    check_nonempty(op, "x_shape", {x[1], x[2], x[3]}, input_shape);
     checked_numel(op, "doutput", doutput);
     if (indices != doutput)
         fail(op, "indices: expected shape " + shape_str(doutput) + " (doutput's), got shape " +
                      shape_str(indices));
-    if (doutput[0] != input_shape[0] || doutput[1] != input_shape[1])
-        fail(op, "doutput: expected (N, C) = (" + std::to_string(input_shape[0]) + ", " +
-                     std::to_string(input_shape[1]) + ") to match x_shape " +
-                     shape_str(input_shape) + ", got shape " + shape_str(doutput));
-    return Pool2dDims{input_shape[0], input_shape[1], input_shape[2], input_shape[3],
-                      doutput[2],     doutput[3],     Pool2dParams{}};
+    const Shape dy = batched ? doutput : Shape{1, doutput[0], doutput[1], doutput[2]};
+    if (dy[0] != x[0] || dy[1] != x[1])
+        fail(op, (batched ? "doutput: expected (N, C) = (" + std::to_string(x[0]) + ", "
+                          : std::string("doutput: expected C = (")) +
+                     std::to_string(x[1]) + ") to match x_shape " + shape_str(input_shape) +
+                     ", got shape " + shape_str(doutput));
+    Pool2dDims d{x[0], x[1], x[2], x[3], dy[2], dy[3], Pool2dParams{}};
+    d.batched = batched;
+    return d;
 }
 
 void check_pool_indices(const int64_t* indices, int64_t count, int64_t plane_size) {
@@ -461,7 +498,7 @@ Pool2dDims avg_pool2d_backward_dims(const Shape& doutput, const Shape& input_sha
                                     const Pool2dParams& params) {
     const char* op = "avg_pool2d_backward";
     const Pool2dDims d = pool2d_dims(op, input_shape, params, "x_shape");
-    const Shape expected{d.N, d.C, d.P, d.Q};
+    const Shape expected = pool2d_output_shape(d);
     if (doutput != expected)
         fail(op, "doutput: expected shape " + shape_str(expected) +
                      " (the forward output's), got shape " + shape_str(doutput));
@@ -529,8 +566,7 @@ void linear_check_doutput(const LinearDims& d, const Shape& input, const Shape& 
 
 void check_bce_shapes(const char* op, const Shape& prediction, const Shape& target) {
     check_same_shape(op, "input", prediction, "target", target);
-    if (checked_numel(op, "input", prediction) < 1)
-        fail(op, "input: expected at least one element, got shape " + shape_str(prediction));
+    checked_numel(op, "input", prediction);  // may be empty: a mean of nothing is NaN (torch's)
 }
 
 template <typename T>
@@ -609,13 +645,16 @@ CrossEntropyParams cross_entropy_params(const char* op, Reduction reduction, int
 
 CrossEntropyDims cross_entropy_dims(const char* op, const Shape& logits, const Shape& labels,
                                     bool probabilities) {
-    if (logits.size() < 2)
-        fail(op, "logits: expected 2 dims (N, K) or more (N, K, d1, ...), got shape " +
-                     shape_str(logits));
-    check_nonempty(op, "logits", logits);
+    if (logits.empty())
+        fail(op,
+             "logits: expected 1 dim (K,) (unbatched), 2 dims (N, K) or more (N, K, d1, ...), "
+             "got shape ()");
+    // unbatched logits (K,) are one row of (1, K); an empty batch (N = 0) is allowed
+    const Shape rows = logits.size() == 1 ? Shape{1, logits[0]} : logits;
     checked_numel(op, "logits", logits);
-    CrossEntropyDims d{logits[0], logits[1], 1, probabilities};
-    for (size_t i = 2; i < logits.size(); ++i) d.S *= logits[i];
+    check_nonempty(op, "logits", Shape(rows.begin() + 1, rows.end()), logits);
+    CrossEntropyDims d{rows[0], rows[1], 1, probabilities};
+    for (size_t i = 2; i < rows.size(); ++i) d.S *= rows[i];
     if (probabilities) {
         if (labels != logits)
             fail(op, "target: expected shape " + shape_str(logits) +
@@ -624,6 +663,9 @@ CrossEntropyDims cross_entropy_dims(const char* op, const Shape& logits, const S
     }
     const Shape expected = cross_entropy_loss_shape(logits);
     if (labels != expected) {
+        if (logits.size() == 1)
+            fail(op, "labels: expected shape () (one class index for unbatched logits " +
+                         shape_str(logits) + "), got shape " + shape_str(labels));
         if (logits.size() == 2)
             fail(op, "labels: expected shape (" + std::to_string(logits[0]) +
                          ",) (one class index per row of logits), got shape " + shape_str(labels));
@@ -657,6 +699,7 @@ void check_labels(const char* op, const int64_t* labels, int64_t count, int64_t 
 Shape cross_entropy_loss_shape(const Shape& logits) {
     Shape shape = logits;
     if (shape.size() >= 2) shape.erase(shape.begin() + 1);
+    if (shape.size() == 1 && logits.size() == 1) shape.clear();  // unbatched (K,): a scalar
     return shape;
 }
 

@@ -172,6 +172,19 @@ TEST_CASE("nn: convolution options by name; gradients against finite differences
     CHECK_THROWS(make_layer<double>("Conv2d", {1, 1, 3}, {{"padding", "full"}}),
                  "[Conv2d] padding: expected 'same', 'valid', an int or a pair of ints, got "
                  "'full'");
+    // an unbatched (C, H, W) input and an empty batch, as torch takes them
+    Conv2d<double> conv(Conv2dOptions(2, 4, 3).groups(2).padding(1));
+    const Tensor<double> image({2, 5, 4}, values(40, 6));
+    const Tensor<double> batch({1, 2, 5, 4}, values(40, 6));
+    const V unbatched = conv.forward(image).data;
+    CHECK(conv.output().shape == Shape({4, 5, 4}));
+    CHECK(conv.backward(Tensor<double>({4, 5, 4}, V(80, 1.0))).shape == Shape({2, 5, 4}));
+    CHECK(conv.forward(batch).data == unbatched);
+    const Tensor<double> empty({0, 2, 5, 4}, {});
+    CHECK(conv.forward(empty).shape == Shape({0, 4, 5, 4}));
+    for (auto& [name, p] : conv.named_parameters()) p->clear_grad();
+    conv.backward(Tensor<double>({0, 4, 5, 4}, {}));
+    CHECK(conv.weight.grad.data == V(conv.weight.value.data.size(), 0.0));
     Conv2d<float> valid(Conv2dOptions(1, 1, 3).padding(Padding::Valid));
     CHECK(json::dump(valid.config()).find("\"padding\": \"valid\"") != std::string::npos);
 }

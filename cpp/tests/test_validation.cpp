@@ -38,8 +38,14 @@ TEST_CASE("validation: output_size with dilation and ceil_mode, torch's rule") {
 TEST_CASE("validation: conv2d shapes and parameters") {
     CHECK_THROWS(conv2d_dims({1, 1, 6, 6}, {3, 3}, nullptr, {}),
                  "[conv2d] weight: expected 4 dims (K, C / groups, R, S), got shape (3, 3)");
-    CHECK_THROWS(conv2d_dims({1, 6, 6}, {1, 1, 3, 3}, nullptr, {}),
-                 "[conv2d] input: expected 4 dims (N, C, H, W), got shape (1, 6, 6)");
+    CHECK_THROWS(conv2d_dims({6, 6}, {1, 1, 3, 3}, nullptr, {}),
+                 "[conv2d] input: expected 3 dims (C, H, W) or 4 dims (N, C, H, W), got shape "
+                 "(6, 6)");
+    const auto unbatched = conv2d_dims({1, 6, 6}, {2, 1, 3, 3}, nullptr, {});
+    CHECK(!unbatched.batched && unbatched.N == 1 &&
+          conv2d_output_shape(unbatched) == Shape({2, 4, 4}));
+    CHECK_THROWS(conv2d_check_doutput(unbatched, {1, 2, 4, 4}),
+                 "[conv2d_backward] doutput: expected shape (2, 4, 4)");
     CHECK_THROWS(conv2d_dims({1, 2, 6, 6}, {1, 3, 3, 3}, nullptr, {}),
                  "[conv2d] weight: expected 2 input channels");
     Shape bias{2};
@@ -139,11 +145,16 @@ TEST_CASE("validation: pool2d options") {
 TEST_CASE("validation: avg_pool2d shapes and parameters") {
     CHECK_THROWS(pool2d_dims("avg_pool2d", {1, 1, 4, 4}, {2, 2, 2, 2, 2, 0}),
                  "[avg_pool2d] padding: expected at most half the kernel size (2, 2), got (2, 0)");
-    CHECK_THROWS(pool2d_dims("avg_pool2d", {0, 1, 4, 4}, {2, 2, 2, 2, 0, 0}),
-                 "[avg_pool2d] input: expected every dim >= 1, got shape (0, 1, 4, 4)");
-    CHECK_THROWS(
-        avg_pool2d_backward_dims({1, 1, 2, 2}, {1, 4, 4}, {2, 2, 2, 2, 0, 0}),
-        "[avg_pool2d_backward] x_shape: expected 4 dims (N, C, H, W), got shape (1, 4, 4)");
+    CHECK_THROWS(pool2d_dims("avg_pool2d", {1, 0, 4, 4}, {2, 2, 2, 2, 0, 0}),
+                 "[avg_pool2d] input: expected every dim but the batch >= 1, got shape (1, 0, 4, "
+                 "4)");
+    CHECK(pool2d_output_shape(pool2d_dims("avg_pool2d", {0, 1, 4, 4}, {2, 2, 2, 2, 0, 0})) ==
+          Shape({0, 1, 2, 2}));  // an empty batch
+    CHECK(pool2d_output_shape(pool2d_dims("avg_pool2d", {3, 4, 4}, {2, 2, 2, 2, 0, 0})) ==
+          Shape({3, 2, 2}));  // unbatched
+    CHECK_THROWS(avg_pool2d_backward_dims({1, 1, 2, 2}, {1, 4, 4}, {2, 2, 2, 2, 0, 0}),
+                 "[avg_pool2d_backward] doutput: expected shape (1, 2, 2) (the forward "
+                 "output's), got shape (1, 1, 2, 2)");
     CHECK_THROWS(avg_pool2d_backward_dims({1, 1, 2, 2}, {1, 1, 3, 3}, {5, 5, 1, 1, 0, 0}),
                  "[avg_pool2d_backward] x_shape: expected padded size (3, 3) >= kernel size "
                  "(5, 5), got x_shape (1, 1, 3, 3)");

@@ -87,7 +87,8 @@ def flatten(x):
     x = np.asarray(x)
     if x.ndim < 1:  # checked before the copy, which would make a 0-d array 1-d
         raise ValueError(f"[flatten] input: expected at least 1 dim (N, ...), got shape {x.shape}")
-    return np.ascontiguousarray(x).reshape(x.shape[0], -1)
+    # the features counted, not inferred: -1 cannot be inferred for an empty batch
+    return np.ascontiguousarray(x).reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
 def flatten_backward(dF, x_shape):

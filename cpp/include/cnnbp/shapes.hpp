@@ -76,17 +76,21 @@ struct Conv2dDims {
     // torch's 'same': total dilation * (kernel - 1) per axis, top = total / 2, bottom the rest
     // (one more when the total is odd); equal to pad_h / pad_w otherwise.
     int64_t pad_bottom = 0, pad_right = 0;
+    bool batched = true;  // false for an unbatched (C, H, W) input: N = 1, output (K, P, Q)
 };
 
-// input (N, C, H, W), weight (K, C / groups, R, S), bias (K,) or nullptr when there is none.
-// N may be 0 (an empty batch: empty output, zero parameter gradients). stride, dilation and
+// input (N, C, H, W) or unbatched (C, H, W), weight (K, C / groups, R, S), bias (K,) or
+// nullptr when there is none. N may be 0 (an empty batch: empty output, zero parameter
+// gradients). stride, dilation and
 // groups >= 1, padding >= 0, C and K multiples of groups, the dilated kernel
 // dilation * (kernel - 1) + 1 no larger than the padded input, and same_padding only with
 // stride 1 (torch's rules). `op` names the caller in messages (conv2d_backward validates the
 // same way).
 Conv2dDims conv2d_dims(const Shape& input, const Shape& weight, const Shape* bias,
                        const Conv2dParams& params, const char* op = "conv2d");
-// doutput must be (N, K, P, Q) for the dims of the forward call.
+// The output's shape: (N, K, P, Q), or (K, P, Q) for an unbatched input.
+Shape conv2d_output_shape(const Conv2dDims& dims);
+// doutput must be the output's shape for the dims of the forward call.
 void conv2d_check_doutput(const Conv2dDims& dims, const Shape& doutput);
 
 // ---- pool2d ------------------------------------------------------------------------------
@@ -117,8 +121,13 @@ struct Pool2dDims {
     int64_t N, C, H, W;  // input (N, C, H, W)
     int64_t P, Q;        // output (N, C, P, Q)
     Pool2dParams params;
+    bool batched = true;  // false for an unbatched (C, H, W) input: N = 1, output (C, P, Q)
 };
 
+// The output's shape: (N, C, P, Q), or (C, P, Q) for an unbatched input.
+Shape pool2d_output_shape(const Pool2dDims& dims);
+
+// input (N, C, H, W) or unbatched (C, H, W); N may be 0 (an empty batch).
 // `op` names the caller in messages ("max_pool2d"), `input_name` the input's shape in them
 // ("x_shape" where a backward is given the shape rather than the array). Matches torch:
 // padding at most half the kernel, output size by output_size (floored or ceil_mode).
@@ -130,7 +139,8 @@ void pool2d_check_params(const char* op, const Pool2dParams& params);
 Pool2dDims pool2d_dims(const char* op, const Shape& input, const Pool2dParams& params,
                        const char* input_name = "input");
 
-// max_pool2d_backward: doutput and indices (N, C, P, Q), x_shape (N, C, H, W).
+// max_pool2d_backward: doutput and indices (N, C, P, Q), x_shape (N, C, H, W) (or all three
+// unbatched: (C, P, Q), (C, H, W)).
 // Returns the dims (params unset) after checking shapes; the index values are checked
 // separately by check_pool_indices because that reads data.
 Pool2dDims max_pool2d_backward_dims(const Shape& doutput, const Shape& indices,
@@ -183,7 +193,7 @@ Reduction parse_reduction(const char* op, const std::string& text);
 // the reduction's name, as parse_reduction reads it
 const char* reduction_str(Reduction reduction);
 
-// Binary cross-entropy (both forms): prediction and target of the same non-empty shape.
+// Binary cross-entropy (both forms): prediction and target of the same shape (empty allowed).
 void check_bce_shapes(const char* op, const Shape& prediction, const Shape& target);
 // torch refuses probabilities outside [0, 1] (NaN included) for binary_cross_entropy.
 template <typename T>
@@ -209,8 +219,8 @@ struct CrossEntropyDims {
     int64_t S = 1;               // d1 * d2 * ...: the positions of each sample (1 without d's)
     bool probabilities = false;  // the target: class probabilities of logits' shape
 };
-// logits (N, K) or (N, K, d1, ...); labels (N,) / (N, d1, ...) of class indices, or (with
-// probabilities) a target of logits' shape.
+// logits (N, K) or (N, K, d1, ...), N >= 0, or unbatched (K,) (as N = 1); labels (N,) /
+// (N, d1, ...) / () of class indices, or (with probabilities) a target of logits' shape.
 CrossEntropyDims cross_entropy_dims(const char* op, const Shape& logits, const Shape& labels,
                                     bool probabilities = false);
 // torch refuses an ignore_index other than the default -100 with class probabilities.
@@ -221,7 +231,8 @@ void check_class_weight(const char* op, const CrossEntropyDims& dims, const Shap
 // Labels are class indices in [0, K), or ignore_index.
 void check_labels(const char* op, const int64_t* labels, int64_t count, int64_t K,
                   int64_t ignore_index = -100);
-// the shape of the per-position losses of reduction 'none': logits' without dim 1
+// the shape of the per-position losses of reduction 'none': logits' without dim 1 (a scalar
+// () for unbatched logits (K,))
 Shape cross_entropy_loss_shape(const Shape& logits);
 
 }  // namespace cnnbp
