@@ -5,8 +5,9 @@ C-contiguous arrays. Backward functions return gradients, they never accumulate.
 Bad input raises ValueError (shapes, sizes, parameters) or TypeError (dtypes, types),
 with a message that starts with the op's name, e.g. ``[conv2d] weight: expected ...``.
 
-    y            = conv2d(x, w, b=None, stride=1, padding=0)     # x (N,C,H,W) w (K,C,R,S) b (K,)
-    dx, dw, db   = conv2d_backward(dy, x, w, stride=1, padding=0)
+    y            = conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1)
+                                            # x (N,C,H,W) w (K,C/groups,R,S) b (K,)
+    dx, dw, db   = conv2d_backward(dy, x, w, stride=1, padding=0, dilation=1, groups=1)
     y, idx       = max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1,
                               ceil_mode=False)                   # idx: flat h*W+w
     dx           = max_pool2d_backward(dy, idx, x_shape)
@@ -35,6 +36,12 @@ grad_output = dL/d(loss) (1 when None for a reduced loss, an array of the loss's
 dim, the classes); cross_entropy takes logits (N, K) or (N, K, d1, ...) with class indices
 (N,) / (N, d1, ...) (an integer array; ignore_index counts for nothing) or class
 probabilities of the logits' shape (floats), weight (K,), and label_smoothing in [0, 1].
+conv2d has torch's options and semantics: padding an int, a pair, 'valid' (none) or 'same'
+(stride 1; the output keeps the input's size, an odd total padding's extra zero going below
+and to the right), taps dilation apart, and groups splitting C and K (groups == C is the
+depthwise convolution). Every op on (N, C, H, W) also takes an unbatched (C, H, W) input
+and returns an unbatched output, and cross_entropy unbatched logits (K,); an empty batch
+(N = 0) gives empty outputs and zero weight gradients (a mean loss of nothing is NaN).
 The pools have torch's options and semantics: ceil_mode rounds the output size up (a last
 window may hang past the padding, never start in it); avg_pool2d divides by divisor_override
 when given, else by the window's cells inside the padded input (count_include_pad=True) or
@@ -42,9 +49,10 @@ inside the input; output_size(in_size, kernel, stride, padding, dilation, ceil_m
 rule both use. dropout's mask is a function of (seed, flat index) only
 (cnnbp.reference.dropout_mask writes the hash out in NumPy): the same for any thread count
 and on every run; p must lie in [0, 1], p == 0 is the identity and p == 1 gives x * 0.
-``conv2d_workspace_bytes(x_shape, w_shape, stride, padding, dtype)`` reports the scratch
-memory a convolution allocates: a few images' worth per thread, never the whole batch.
-stride, padding and kernel_size take an int or an (h, w) pair.
+``conv2d_workspace_bytes(x_shape, w_shape, stride, padding, dtype, dilation, groups)``
+reports the scratch memory a convolution allocates: a few images' worth per thread, never
+the whole batch.
+stride, padding, dilation and kernel_size take an int or an (h, w) pair.
 """
 
 import math
