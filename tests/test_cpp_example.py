@@ -273,12 +273,19 @@ def random_layers(rng):
             ]
         )
         if kind == "Conv2d":
+            groups = int(rng.choice([1, 1, 2, 3]))
+            stride = pair(1, 3)
             entry = dict(
-                in_channels=int(rng.integers(1, 4)),
-                out_channels=int(rng.integers(1, 4)),
+                in_channels=groups * int(rng.integers(1, 3)),
+                out_channels=groups * int(rng.integers(1, 3)),
                 kernel_size=pair(1, 4),
-                stride=pair(1, 3),
-                padding=pair(0, 3),
+                stride=stride,
+                # torch's 'same' takes stride 1 only
+                padding=str(rng.choice(["same", "valid"]))
+                if stride == 1 and rng.random() < 0.3
+                else pair(0, 3),
+                dilation=pair(1, 3),
+                groups=groups,
                 bias=bool(rng.random() < 0.5),
             )
         elif kind == "Linear":
