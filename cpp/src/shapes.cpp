@@ -84,29 +84,32 @@ void check_rank(const char* op, const char* name, const Shape& shape, size_t ran
                      ", got shape " + shape_str(shape));
 }
 
-// Every dim of `dims` >= 1; the message shows `shape` (the whole shape when dims is a part).
-void check_nonempty(const char* op, const char* name, const Shape& dims, const Shape& shape) {
-    for (int64_t d : dims)
-        if (d < 1)
-            fail(op, std::string(name) + ": expected every dim" +
-                         (dims.size() < shape.size() ? " but the batch" : "") +
+// Every dim of `shape` from `first` on >= 1 (first 1: all but the batch). Allocates only
+// to fail: it runs on every layer call.
+void check_nonempty(const char* op, const char* name, const Shape& shape, size_t first = 0) {
+    for (size_t i = first; i < shape.size(); ++i)
+        if (shape[i] < 1)
+            fail(op, std::string(name) + ": expected every dim" + (first ? " but the batch" : "") +
                          " >= 1, got shape " + shape_str(shape));
 }
 
-void check_nonempty(const char* op, const char* name, const Shape& shape) {
-    check_nonempty(op, name, shape, shape);
-}
-
-// A (C, H, W) or (N, C, H, W) shape as (N, C, H, W), with N = 1 for the unbatched form
-// (torch's rule for 2-d convolution and pooling): `batched` tells which it was.
-Shape as_batched(const char* op, const char* name, const Shape& shape, bool& batched) {
+// The (N, C, H, W) of a (C, H, W) or (N, C, H, W) shape, N = 1 for the unbatched form
+// (torch's rule for 2-d convolution and pooling), after checking the rank and that every
+// dim but the batch is >= 1.
+struct BatchForm {
+    int64_t N, C, H, W;
+    bool batched;
+};
+BatchForm batch_form(const char* op, const char* name, const Shape& shape) {
     if (shape.size() != 3 && shape.size() != 4)
         fail(op, std::string(name) +
                      ": expected 3 dims (C, H, W) or 4 dims (N, C, H, W), got shape " +
                      shape_str(shape));
-    batched = shape.size() == 4;
-    if (batched) return shape;
-    return {1, shape[0], shape[1], shape[2]};
+    checked_numel(op, name, shape);  // no negative dim, no more than kMaxElements
+    const bool batched = shape.size() == 4;
+    check_nonempty(op, name, shape, batched ? 1 : 0);  // an empty batch is allowed (torch's)
+    const size_t c = batched ? 1 : 0;
+    return {batched ? shape[0] : 1, shape[c], shape[c + 1], shape[c + 2], batched};
 }
 
 // The shortest %g text that reads back as v ("1.5", "0.1", "-2", "nan", "inf"), so that a
@@ -224,12 +227,8 @@ std::string pair_str(int64_t h, int64_t w) {
 
 Conv2dDims conv2d_dims(const Shape& given_input, const Shape& weight, const Shape* bias,
                        const Conv2dParams& params, const char* op) {
-    bool batched;
-    const Shape input = as_batched(op, "input", given_input, batched);
+    const BatchForm input = batch_form(op, "input", given_input);
     check_rank(op, "weight", weight, 4, "(K, C / groups, R, S)");
-    // an empty batch is allowed (torch's): every other dim must be >= 1
-    checked_numel(op, "input", given_input);
-    check_nonempty(op, "input", {input[1], input[2], input[3]}, given_input);
     check_nonempty(op, "weight", weight);
     check_window(op, "stride", std::min(params.stride_h, params.stride_w), 1);
     if (!params.same_padding) check_window(op, "padding", std::min(params.pad_h, params.pad_w), 0);
@@ -239,8 +238,7 @@ Conv2dDims conv2d_dims(const Shape& given_input, const Shape& weight, const Shap
         fail(op, "padding: expected stride 1 with padding='same' (torch's rule), got stride " +
                      pair_str(params.stride_h, params.stride_w));
     const int64_t G = params.groups;
-    Conv2dDims d{input[0],  input[1],  input[2], input[3], weight[0],
-                 weight[2], weight[3], 0,        0,        params};
+    Conv2dDims d{input.N, input.C, input.H, input.W, weight[0], weight[2], weight[3], 0, 0, params};
     if (d.C % G != 0)
         fail(op, "groups: expected a divisor of the input channels " + std::to_string(d.C) +
                      " (input " + shape_str(given_input) + "), got " + std::to_string(G));
@@ -298,7 +296,7 @@ Conv2dDims conv2d_dims(const Shape& given_input, const Shape& weight, const Shap
                      " multiply-adds (N * K * P * Q * C / groups * R * S), got input shape " +
                      shape_str(given_input) + ", weight shape " + shape_str(weight) +
                      " and output size " + pair_str(d.P, d.Q));
-    d.batched = batched;
+    d.batched = input.batched;
     return d;
 }
 
@@ -372,14 +370,9 @@ static void check_windows_reach_input(const char* op, const char* input_name, co
 
 Pool2dDims pool2d_dims(const char* op, const Shape& given_input, const Pool2dParams& p,
                        const char* input_name) {
-    bool batched;
-    const Shape input = as_batched(op, input_name, given_input, batched);
-    // an empty batch is allowed (torch's): every other dim must be >= 1
-    checked_numel(op, input_name, given_input);
-    check_nonempty(op, input_name, {input[1], input[2], input[3]}, given_input);
+    const BatchForm input = batch_form(op, input_name, given_input);
     pool2d_check_params(op, p);
-    checked_numel(op, input_name, input);
-    Pool2dDims d{input[0], input[1], input[2], input[3], 0, 0, p};
+    Pool2dDims d{input.N, input.C, input.H, input.W, 0, 0, p};
     const int64_t Hp = padded_extent(op, d.H, p.pad_h);
     const int64_t Wp = padded_extent(op, d.W, p.pad_w);
     d.P = output_size(d.H, p.kernel_h, p.stride_h, p.pad_h, p.dilation_h, p.ceil_mode);
@@ -420,7 +413,7 @@ Pool2dDims pool2d_dims(const char* op, const Shape& given_input, const Pool2dPar
                      std::to_string(p.kernel_h) + ", " + std::to_string(p.kernel_w) +
                      ") and output size (" + std::to_string(d.P) + ", " + std::to_string(d.Q) +
                      ")");
-    d.batched = batched;
+    d.batched = input.batched;
     return d;
 }
 
@@ -432,25 +425,23 @@ Shape pool2d_output_shape(const Pool2dDims& d) {
 Pool2dDims max_pool2d_backward_dims(const Shape& doutput, const Shape& indices,
                                     const Shape& input_shape) {
     const char* op = "max_pool2d_backward";
-    bool batched;
-    const Shape x = as_batched(op, "x_shape", input_shape, batched);
+    const BatchForm x = batch_form(op, "x_shape", input_shape);
+    const bool batched = x.batched;
     if (doutput.size() != input_shape.size())
         fail(op, "doutput: expected " + std::to_string(input_shape.size()) + " dims " +
                      (batched ? "(N, C, P, Q)" : "(C, P, Q)") + " as x_shape " +
                      shape_str(input_shape) + ", got shape " + shape_str(doutput));
-    checked_numel(op, "x_shape", input_shape);
-    check_nonempty(op, "x_shape", {x[1], x[2], x[3]}, input_shape);
     checked_numel(op, "doutput", doutput);
     if (indices != doutput)
         fail(op, "indices: expected shape " + shape_str(doutput) + " (doutput's), got shape " +
                      shape_str(indices));
-    const Shape dy = batched ? doutput : Shape{1, doutput[0], doutput[1], doutput[2]};
-    if (dy[0] != x[0] || dy[1] != x[1])
-        fail(op, (batched ? "doutput: expected (N, C) = (" + std::to_string(x[0]) + ", "
+    const size_t c = batched ? 1 : 0;  // doutput's channel dim
+    if ((batched && doutput[0] != x.N) || doutput[c] != x.C)
+        fail(op, (batched ? "doutput: expected (N, C) = (" + std::to_string(x.N) + ", "
                           : std::string("doutput: expected C = (")) +
-                     std::to_string(x[1]) + ") to match x_shape " + shape_str(input_shape) +
+                     std::to_string(x.C) + ") to match x_shape " + shape_str(input_shape) +
                      ", got shape " + shape_str(doutput));
-    Pool2dDims d{x[0], x[1], x[2], x[3], dy[2], dy[3], Pool2dParams{}};
+    Pool2dDims d{x.N, x.C, x.H, x.W, doutput[c + 1], doutput[c + 2], Pool2dParams{}};
     d.batched = batched;
     return d;
 }
@@ -650,11 +641,11 @@ CrossEntropyDims cross_entropy_dims(const char* op, const Shape& logits, const S
              "logits: expected 1 dim (K,) (unbatched), 2 dims (N, K) or more (N, K, d1, ...), "
              "got shape ()");
     // unbatched logits (K,) are one row of (1, K); an empty batch (N = 0) is allowed
-    const Shape rows = logits.size() == 1 ? Shape{1, logits[0]} : logits;
+    const bool unbatched = logits.size() == 1;
     checked_numel(op, "logits", logits);
-    check_nonempty(op, "logits", Shape(rows.begin() + 1, rows.end()), logits);
-    CrossEntropyDims d{rows[0], rows[1], 1, probabilities};
-    for (size_t i = 2; i < rows.size(); ++i) d.S *= rows[i];
+    check_nonempty(op, "logits", logits, unbatched ? 0 : 1);
+    CrossEntropyDims d{unbatched ? 1 : logits[0], logits[unbatched ? 0 : 1], 1, probabilities};
+    for (size_t i = 2; i < logits.size(); ++i) d.S *= logits[i];
     if (probabilities) {
         if (labels != logits)
             fail(op, "target: expected shape " + shape_str(logits) +
