@@ -44,6 +44,12 @@ KERNEL_TOL = {
     **_forward_and_backward("avg_pool2d", {F64: 1e-14, F32: 1e-6}),
     **_forward_and_backward("tanh", {F64: 1e-14, F32: 1e-6}),
     **_forward_and_backward("dropout", {F64: 0, F32: 1e-6}),
+    # leaky_relu multiplies once by the slope (float32: the slope rounded to float32 first,
+    # as torch); gelu and silu run in float64 with the library's erf, exp and tanh and round
+    # float32 once: an ulp or so of float64, half an ulp of float32.
+    **_forward_and_backward("leaky_relu", {F64: 0, F32: 1e-6}),
+    **_forward_and_backward("gelu", {F64: 1e-14, F32: 1e-6}),
+    **_forward_and_backward("silu", {F64: 1e-14, F32: 1e-6}),
 }
 
 # cnnbp networks against torch, normwise (see assert_close). float64: both sides are exact

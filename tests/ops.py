@@ -657,7 +657,7 @@ AVG_POOL2D = Op(
 
 
 # ---------------------------------------------------------------------------------------
-# relu, sigmoid, tanh, dropout: any shape
+# relu, sigmoid, tanh, leaky_relu, gelu, silu, dropout: any shape
 # ---------------------------------------------------------------------------------------
 
 ELEMENTWISE_SHAPES = [(7,), (3, 4), (2, 3, 4, 5), (1, 1, 1, 1), (0, 3), ()]
@@ -666,7 +666,8 @@ ELEMENTWISE_THREADS = [(7, 100_003), (64, 64, 20)]
 
 
 def elementwise(name, saved, scale):
-    """relu (backward from its input z), sigmoid and tanh (backward from their output a)."""
+    """relu and silu (backward from their input z), sigmoid and tanh (backward from their
+    output a)."""
 
     def make(shape, dtype, rng, values):
         z = fill(rng, shape, dtype, values, scale)
@@ -705,6 +706,91 @@ def elementwise(name, saved, scale):
 RELU = elementwise("relu", "z", 1.0)
 SIGMOID = elementwise("sigmoid", "a", 4.0)
 TANH = elementwise("tanh", "a", 3.0)
+
+
+def elementwise_with_option(name, option, values, scale, errors):
+    """leaky_relu (negative_slope) and gelu (approximate): activations with an option, the
+    backward from the input z. A case is (shape, option value)."""
+
+    def make(case, dtype, rng, values_kind):
+        shape, value = case
+        z = fill(rng, shape, dtype, values_kind, scale)
+        if values_kind == "normal" and z.size >= 3:
+            z.reshape(-1)[:3] = [0.0, -0.0, np.nan]  # the kink, the sign of zero, NaN
+        dy = fill(rng, shape, dtype, "normal" if values_kind == "smooth" else values_kind)
+        return Sample(z=z, dy=dy, **{option: value})
+
+    def mismatched(z_shape, dy_shape, shown):
+        message = f"[{name}_backward] z: expected shape {shown} (doutput's), got shape "
+        return Bad(
+            name + "_backward",
+            (np.ones(dy_shape), np.ones(z_shape)),
+            {},
+            ValueError,
+            message + str(z_shape),
+        )
+
+    return Op(
+        name,
+        make,
+        forward=lambda lib, s: getattr(lib, name)(s.z, s[option]),
+        backward=lambda lib, s: (getattr(lib, name + "_backward")(s.dy, s.z, s[option]),),
+        wrt=("z",),
+        forward_args=(Arg("z", "input"),),
+        backward_args=(Arg("dy", "doutput"), Arg("z", "z")),
+        cases=[(shape, v) for shape in ELEMENTWISE_SHAPES for v in values[:1]]
+        + [((3, 4, 5), v) for v in values[1:]],
+        big=[(shape, v) for shape in ELEMENTWISE_BIG for v in values],
+        threads=[(shape, v) for shape in ELEMENTWISE_THREADS for v in values],
+        thread_values="special",
+        errors=[mismatched((3, 2), (2, 3), "(2, 3)"), mismatched((2, 3), (6,), "(6,)")] + errors,
+    )
+
+
+def option_errors(name, option, bad_values):
+    """The option refused by the forward and the backward alike: (value, exception, text)."""
+    z = np.ones((2, 3))
+    return [
+        Bad(fn, args, {option: value}, exception, f"[{fn}] {option}: {text}")
+        for fn, args in ((name, (z,)), (name + "_backward", (z, z)))
+        for value, exception, text in bad_values
+    ]
+
+
+LEAKY_RELU = elementwise_with_option(
+    "leaky_relu",
+    "negative_slope",
+    [0.01, 0.2, -0.5, 0.0, 1.5, 3],  # torch's default first; any finite number
+    1.0,
+    option_errors(
+        "leaky_relu",
+        "negative_slope",
+        [
+            (np.inf, ValueError, "expected a finite float, got inf"),
+            (np.nan, ValueError, "expected a finite float, got nan"),
+            ("0.1", TypeError, "expected a float, got '0.1'"),
+            (None, TypeError, "expected a float, got None"),
+        ],
+    ),
+)
+GELU = elementwise_with_option(
+    "gelu",
+    "approximate",
+    ["none", "tanh"],
+    3.0,
+    option_errors(
+        "gelu",
+        "approximate",
+        [
+            ("x", ValueError, "expected 'none' or 'tanh', got 'x'"),
+            ("Tanh", ValueError, "expected 'none' or 'tanh', got 'Tanh'"),
+            (None, TypeError, "expected 'none' or 'tanh', got None"),
+            (1, TypeError, "expected 'none' or 'tanh', got 1"),
+        ],
+    ),
+)
+SILU = elementwise("silu", "z", 4.0)
+
 
 DROPOUT_PS = [0.1, 0.5, 0.9, 1 / 3]
 DROPOUT_CASES = [
@@ -1243,6 +1329,9 @@ OPS = [
     RELU,
     SIGMOID,
     TANH,
+    LEAKY_RELU,
+    GELU,
+    SILU,
     DROPOUT,
     LINEAR,
     FLATTEN,

@@ -39,6 +39,10 @@ LAYERS = {
     "ReLU": ({}, (2, 3, 4, 4)),
     "Sigmoid": ({}, (2, 3, 4, 4)),
     "Tanh": ({}, (2, 3, 4, 4)),
+    "LeakyReLU": (dict(negative_slope=0.2), (2, 3, 4, 4)),
+    "GELU": (dict(approximate="tanh"), (2, 3, 4, 4)),
+    "SiLU": ({}, (2, 3, 4, 4)),
+    "Identity": ({}, (2, 3, 4, 4)),
     "Flatten": ({}, (2, 3, 4, 4)),
 }
 
@@ -218,3 +222,71 @@ def test_model_file_entries_without_the_pool_options_take_the_defaults(tmp_path)
     loaded = cnnbp.load(tmp_path / "old.npz")
     assert loaded[0].config() == model[0].config()
     assert loaded[1].config() == model[1].config()
+
+
+# the activations' options: each layer computes its functional op (Identity: the input)
+ACTIVATIONS = [
+    ("LeakyReLU", {}, "leaky_relu", {}),
+    ("LeakyReLU", dict(negative_slope=-0.75), "leaky_relu", dict(negative_slope=-0.75)),
+    ("LeakyReLU", dict(negative_slope=2), "leaky_relu", dict(negative_slope=2)),
+    ("GELU", {}, "gelu", {}),
+    ("GELU", dict(approximate="tanh"), "gelu", dict(approximate="tanh")),
+    ("SiLU", {}, "silu", {}),
+    ("Identity", {}, None, {}),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("name, arguments, fn, options", ACTIVATIONS, ids=str)
+def test_activation_layers_compute_their_functional_op(name, arguments, fn, options, dtype):
+    from cnnbp import functional as F
+
+    layer = getattr(nn, name)(**arguments)
+    x = (np.random.default_rng(4).standard_normal((2, 3, 5)) * 3).astype(dtype)
+    x.reshape(-1)[:3] = [0.0, -0.0, np.nan]
+    y = layer(x)
+    dy = np.random.default_rng(5).standard_normal(y.shape).astype(dtype)
+    dx = layer.backward(dy)
+    assert y.dtype == dx.dtype == dtype
+    if fn is None:  # Identity
+        np.testing.assert_array_equal(y, x)
+        np.testing.assert_array_equal(dx, dy)
+        return
+    np.testing.assert_array_equal(y, getattr(F, fn)(x, **options))
+    np.testing.assert_array_equal(dx, getattr(F, fn + "_backward")(dy, x, **options))
+
+
+def test_activation_layer_defaults_and_refusals_come_from_the_declaration():
+    assert str(nn.LeakyReLU.__signature__) == "(negative_slope=0.01)"
+    assert str(nn.GELU.__signature__) == "(approximate='none')"
+    assert str(nn.SiLU.__signature__) == "()" and str(nn.Identity.__signature__) == "()"
+    assert nn.LeakyReLU().config() == {"type": "LeakyReLU", "negative_slope": 0.01}
+    assert nn.LeakyReLU(1).config()["negative_slope"] == 1.0  # an int is a number
+    assert nn.GELU().config() == {"type": "GELU", "approximate": "none"}
+    with pytest.raises(
+        ValueError, match=r"^\[GELU\] approximate: expected 'none' or 'tanh', got 'x'$"
+    ):
+        nn.GELU("x")
+    with pytest.raises(
+        TypeError, match=r"^\[GELU\] approximate: expected 'none' or 'tanh', got 1$"
+    ):
+        nn.GELU(approximate=1)
+    for bad, shown in ((float("inf"), "inf"), (float("-inf"), "-inf"), (float("nan"), "nan")):
+        with pytest.raises(
+            ValueError,
+            match=rf"^\[LeakyReLU\] negative_slope: expected a finite float, got {shown}$",
+        ):
+            nn.LeakyReLU(bad)
+    with pytest.raises(TypeError, match=r"^\[LeakyReLU\] negative_slope: expected a finite float"):
+        nn.LeakyReLU("0.1")
+    with pytest.raises(TypeError):
+        nn.Identity(3)  # no arguments, unlike torch's, which ignores any
+
+
+def test_model_files_keep_the_activation_options(tmp_path):
+    model = nn.Sequential(nn.LeakyReLU(-0.3), nn.GELU("tanh"), nn.SiLU(), nn.Identity())
+    model.save(tmp_path / "m.npz")
+    loaded = cnnbp.load(tmp_path / "m.npz")
+    assert [layer.config() for layer in loaded] == [layer.config() for layer in model]
+    x = np.random.default_rng(6).standard_normal((3, 7))
+    np.testing.assert_array_equal(loaded(x), model(x))

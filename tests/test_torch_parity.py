@@ -471,3 +471,90 @@ def test_conv2d_option_refusals_match_torch():
             torch.nn.functional.conv2d(torch.tensor(x), torch.tensor(weight), **options)
         with pytest.raises(ValueError, match=r"^\[conv2d\] "):
             F.conv2d(x, weight, **options)
+
+
+# the activations with torch's names: (ours, torch's, options); backward from the input z
+ACTIVATIONS = [
+    ("leaky_relu", "leaky_relu", {}),
+    ("leaky_relu", "leaky_relu", dict(negative_slope=0.2)),
+    ("leaky_relu", "leaky_relu", dict(negative_slope=-1.5)),
+    ("leaky_relu", "leaky_relu", dict(negative_slope=0.0)),
+    ("gelu", "gelu", {}),
+    ("gelu", "gelu", dict(approximate="none")),
+    ("gelu", "gelu", dict(approximate="tanh")),
+    ("silu", "silu", {}),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name, theirs, options", ACTIVATIONS, ids=str)
+def test_activations_match_torch(name, theirs, options, dtype):
+    # leaky_relu is the same operations as torch's: the same bits. gelu and silu run in
+    # float64 (float32 rounded once), torch's float32 in float32: within the op's tolerance.
+    torch = pytest.importorskip("torch")
+    rng = rng_for("activations-torch", name, str(options), np.dtype(dtype).name)
+    z = randn(rng, (3, 4, 50), dtype, scale=4.0)
+    z.reshape(-1)[:8] = [0.0, -0.0, 30.0, -30.0, 1e-30, -1e-30, 9.0, -9.0]
+    g = randn(rng, z.shape, dtype)
+    zt = torch.tensor(z, requires_grad=True)
+    at = getattr(torch.nn.functional, theirs)(zt, **options)
+    at.backward(torch.tensor(g))
+    a = getattr(F, name)(z, **options)
+    dz = getattr(F, name + "_backward")(g, z, **options)
+    assert a.dtype == dz.dtype == dtype
+    if name == "leaky_relu":
+        assert_same_bits(a, at.detach().numpy(), name)
+        assert_same_bits(dz, zt.grad.numpy(), name + "_backward")
+        return
+    assert_close(a, at.detach().numpy(), TOL[name][dtype], name)
+    assert_close(dz, zt.grad.numpy(), TOL[name + "_backward"][dtype], name + "_backward")
+    np.testing.assert_array_equal(np.signbit(a), np.signbit(at.detach().numpy()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name, theirs, options", ACTIVATIONS, ids=str)
+def test_activations_on_non_finite_values_are_torchs(name, theirs, options, dtype):
+    # NaN stays NaN; the infinities and huge values give what torch's formulas give in
+    # float64 (gelu(-inf) and silu(-inf) are NaN: -inf * 0), in both dtypes: our float32 is
+    # computed in float64. (torch's float32 kernels differ only there: NaN for gelu(+inf),
+    # from its vectorized erf, and for the tanh form's gradient at |z| >~ 1e13, where z^2
+    # overflows float32.)
+    torch = pytest.importorskip("torch")
+    z = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e30, -1e30], dtype)
+    g = np.ones_like(z)
+    # (leaky_relu: torch's own dtype, whose operations ours are)
+    zt = torch.tensor(z if name == "leaky_relu" else z.astype(np.float64), requires_grad=True)
+    at = getattr(torch.nn.functional, theirs)(zt, **options)
+    at.backward(torch.tensor(g))
+    a = getattr(F, name)(z, **options)
+    dz = getattr(F, name + "_backward")(g, z, **options)
+    assert_same_bits(a, at.detach().numpy().astype(dtype), name)
+    assert_same_bits(dz, zt.grad.numpy().astype(dtype), name + "_backward")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [
+        (lambda nn: nn.LeakyReLU(0.3), lambda tnn: tnn.LeakyReLU(0.3)),
+        (lambda nn: nn.GELU("tanh"), lambda tnn: tnn.GELU("tanh")),
+        (lambda nn: nn.GELU(), lambda tnn: tnn.GELU()),
+        (lambda nn: nn.SiLU(), lambda tnn: tnn.SiLU()),
+        (lambda nn: nn.Identity(), lambda tnn: tnn.Identity()),
+    ],
+    ids=["LeakyReLU", "GELU-tanh", "GELU", "SiLU", "Identity"],
+)
+def test_activation_layers_match_torch(ours, theirs, dtype):
+    torch = pytest.importorskip("torch")
+    from cnnbp import nn
+
+    rng = rng_for("activation-layers-torch", np.dtype(dtype).name)
+    x = randn(rng, (2, 3, 4, 5), dtype, scale=3.0)
+    g = randn(rng, x.shape, dtype)
+    layer, tlayer = ours(nn), theirs(torch.nn)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = tlayer(xt)
+    yt.backward(torch.tensor(g))
+    tol = 1e-6 if dtype == F32 else 1e-14
+    assert_close(layer(x), yt.detach().numpy(), tol, "forward")
+    assert_close(layer.backward(g), xt.grad.numpy(), tol, "backward")

@@ -259,9 +259,9 @@ py::array max_pool2d_backward(const py::handle& dy_obj, const py::handle& idx_ob
 
 // ---- activations -------------------------------------------------------------------------
 
-template <void (*KernelF)(float*, const float*, int64_t),
-          void (*KernelD)(double*, const double*, int64_t)>
-py::array unary(const char* op, const py::handle& z_obj) {
+// a = kernel(z): `kernel(T* a, const T* z, int64_t count)` for T float or double.
+template <typename Kernel>
+py::array unary(const char* op, const py::handle& z_obj, Kernel kernel) {
     py::array z = as_array(op, "input", z_obj);
     const DType dtype = float_dtype(op, "input", z);
     cnnbp::checked_numel(op, "input", shape_of(z));  // a broadcast view may be too large to copy
@@ -272,19 +272,16 @@ py::array unary(const char* op, const py::handle& z_obj) {
         T* a_ptr = a.mutable_data();
         {  // the GIL is held again before the result is touched
             py::gil_scoped_release release;
-            if constexpr (std::is_same_v<T, float>)
-                KernelF(a_ptr, zc.data(), zc.size());
-            else
-                KernelD(a_ptr, zc.data(), zc.size());
+            kernel(a_ptr, zc.data(), zc.size());
         }
         return a;
     });
 }
 
-template <void (*KernelF)(float*, const float*, const float*, int64_t),
-          void (*KernelD)(double*, const double*, const double*, int64_t)>
+// dz = kernel(da, saved): `kernel(T* dz, const T* da, const T* saved, int64_t count)`.
+template <typename Kernel>
 py::array unary_backward(const char* op, const char* saved_name, const py::handle& da_obj,
-                         const py::handle& saved_obj) {
+                         const py::handle& saved_obj, Kernel kernel) {
     py::array da = as_array(op, "doutput", da_obj), saved = as_array(op, saved_name, saved_obj);
     const DType dtype = float_dtype(op, "doutput", da);
     check_dtype(op, saved_name, saved, dtype);
@@ -297,10 +294,7 @@ py::array unary_backward(const char* op, const char* saved_name, const py::handl
         T* dz_ptr = dz.mutable_data();
         {  // the GIL is held again before the result is touched
             py::gil_scoped_release release;
-            if constexpr (std::is_same_v<T, float>)
-                KernelF(dz_ptr, dac.data(), sc.data(), dac.size());
-            else
-                KernelD(dz_ptr, dac.data(), sc.data(), dac.size());
+            kernel(dz_ptr, dac.data(), sc.data(), dac.size());
         }
         return dz;
     });
@@ -315,15 +309,93 @@ template <void (*ForwardF)(float*, const float*, int64_t),
 void def_activation(py::module_& m, const char* op, const char* saved, const char* forward_doc,
                     const char* backward_doc) {
     m.def(
-        op, [op](const py::handle& z) { return unary<ForwardF, ForwardD>(op, z); }, py::arg("z"),
-        forward_doc);
+        op,
+        [op](const py::handle& z) {
+            return unary(op, z, [](auto* a, const auto* zp, int64_t n) {
+                if constexpr (std::is_same_v<std::decay_t<decltype(*a)>, float>)
+                    ForwardF(a, zp, n);
+                else
+                    ForwardD(a, zp, n);
+            });
+        },
+        py::arg("z"), forward_doc);
     const std::string backward = std::string(op) + "_backward";
     m.def(
         backward.c_str(),
         [backward, saved](const py::handle& da, const py::handle& s) {
-            return unary_backward<BackwardF, BackwardD>(backward.c_str(), saved, da, s);
+            return unary_backward(
+                backward.c_str(), saved, da, s,
+                [](auto* dz, const auto* dap, const auto* sp, int64_t n) {
+                    if constexpr (std::is_same_v<std::decay_t<decltype(*dz)>, float>)
+                        BackwardF(dz, dap, sp, n);
+                    else
+                        BackwardD(dz, dap, sp, n);
+                });
         },
         py::arg("da"), py::arg(saved), backward_doc);
+}
+
+// leaky_relu's negative_slope: a float (TypeError otherwise), finite (ValueError otherwise).
+double negative_slope_arg(const char* op, const py::handle& obj);
+
+// gelu's approximate: the str 'none' or 'tanh' (another str: ValueError; not a str: TypeError).
+cnnbp::GeluApproximate approximate_arg(const char* op, const py::handle& obj) {
+    if (!py::isinstance<py::str>(obj))
+        throw py::type_error(std::string("[") + op +
+                             "] approximate: expected 'none' or 'tanh', got " +
+                             std::string(py::repr(obj)));
+    return cnnbp::parse_gelu_approximate(op, obj.cast<std::string>());
+}
+
+// The activations with options: leaky_relu(z, negative_slope) and gelu(z, approximate), their
+// backward from the input z.
+void def_activations_with_options(py::module_& m) {
+    using py::arg;
+    m.def(
+        "leaky_relu",
+        [](const py::handle& z, const py::handle& slope_obj) {
+            const double slope = negative_slope_arg("leaky_relu", slope_obj);
+            return unary("leaky_relu", z, [slope](auto* a, const auto* zp, int64_t n) {
+                cnnbp::leaky_relu_forward(a, zp, n, slope);
+            });
+        },
+        arg("z"), arg("negative_slope") = 0.01, "a = z where z > 0, else z * negative_slope");
+    m.def(
+        "leaky_relu_backward",
+        [](const py::handle& da, const py::handle& z, const py::handle& slope_obj) {
+            const char* op = "leaky_relu_backward";
+            const double slope = negative_slope_arg(op, slope_obj);
+            return unary_backward(op, "z", da, z,
+                                  [slope](auto* dz, const auto* dap, const auto* zp, int64_t n) {
+                                      cnnbp::leaky_relu_backward(dz, dap, zp, n, slope);
+                                  });
+        },
+        arg("da"), arg("z"), arg("negative_slope") = 0.01,
+        "dz = da where z > 0, else da * negative_slope");
+    m.def(
+        "gelu",
+        [](const py::handle& z, const py::handle& approximate_obj) {
+            const auto approximate = approximate_arg("gelu", approximate_obj);
+            return unary("gelu", z, [approximate](auto* a, const auto* zp, int64_t n) {
+                cnnbp::gelu_forward(a, zp, n, approximate);
+            });
+        },
+        arg("z"), arg("approximate") = "none",
+        "a = z * Phi(z): 'none', z * 0.5 * (1 + erf(z / sqrt(2))); 'tanh', 0.5 * z * (1 + "
+        "tanh(sqrt(2 / pi) * (z + 0.044715 * z^3))), as torch.nn.functional.gelu");
+    m.def(
+        "gelu_backward",
+        [](const py::handle& da, const py::handle& z, const py::handle& approximate_obj) {
+            const char* op = "gelu_backward";
+            const auto approximate = approximate_arg(op, approximate_obj);
+            return unary_backward(
+                op, "z", da, z,
+                [approximate](auto* dz, const auto* dap, const auto* zp, int64_t n) {
+                    cnnbp::gelu_backward(dz, dap, zp, n, approximate);
+                });
+        },
+        arg("da"), arg("z"), arg("approximate") = "none",
+        "dz = da * d(gelu)/dz, from the forward input z (torch's gelu_backward formulas)");
 }
 
 // ---- avg_pool2d, dropout -------------------------------------------------------------------
@@ -400,6 +472,10 @@ double parse_float(const char* op, const char* name, const py::handle& obj) {
     }
     throw py::type_error(std::string("[") + op + "] " + name + ": expected a float, got " +
                          std::string(py::repr(obj)));
+}
+
+double negative_slope_arg(const char* op, const py::handle& obj) {
+    return cnnbp::leaky_relu_slope(op, parse_float(op, "negative_slope", obj));
 }
 
 // A Python int (or NumPy integer) in [0, 2^64): the C++ seed is a uint64_t.
@@ -987,6 +1063,11 @@ PYBIND11_MODULE(_core, m) {
     def_activation<cnnbp::tanh_forward<float>, cnnbp::tanh_forward<double>,
                    cnnbp::tanh_backward<float>, cnnbp::tanh_backward<double>>(
         m, "tanh", "a", "a = tanh(z)", "dz = da * (1 - a * a), from the forward output a");
+    def_activation<cnnbp::silu_forward<float>, cnnbp::silu_forward<double>,
+                   cnnbp::silu_backward<float>, cnnbp::silu_backward<double>>(
+        m, "silu", "z", "a = z * sigmoid(z) = z / (1 + exp(-z))",
+        "dz = da * s * (1 + z * (1 - s)), s = sigmoid(z), from the forward input z");
+    def_activations_with_options(m);
     def_avg_pool2d_dropout(m);
 
     m.def("linear", &linear, arg("x"), arg("w"), arg("b") = py::none(),

@@ -1,4 +1,5 @@
-// ReLU, sigmoid and tanh, forward and backward, elementwise over `count` values.
+// ReLU, leaky ReLU, GELU, SiLU, sigmoid and tanh, forward and backward, elementwise over
+// `count` values.
 //
 // The loops are branch-free so that the compiler vectorizes them for the baseline
 // instruction set, and run on several threads above the parallel threshold (each element
@@ -98,12 +99,123 @@ void tanh_backward(T* dz, const T* da, const T* a, int64_t count) {
     });
 }
 
-#define CNNBP_INSTANTIATE(T)                                            \
-    template void relu_forward<T>(T*, const T*, int64_t);               \
-    template void relu_backward<T>(T*, const T*, const T*, int64_t);    \
-    template void sigmoid_backward<T>(T*, const T*, const T*, int64_t); \
-    template void tanh_forward<T>(T*, const T*, int64_t);               \
-    template void tanh_backward<T>(T*, const T*, const T*, int64_t);
+namespace {
+// The work of one GELU or SiLU, library calls per element, in multiply-adds.
+constexpr int64_t kGeluWork = 40;
+constexpr int64_t kSiluWork = 24;
+constexpr double kSqrt1_2 = 0.70710678118654752440;      // 1 / sqrt(2)
+constexpr double kSqrt2OverPi = 0.79788456080286535588;  // sqrt(2 / pi)
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;   // 1 / sqrt(2 pi)
+constexpr double kKappa = 0.044715;                      // the tanh form's cubic term
+}  // namespace
+
+// The slope is rounded to T once, as torch's kernel does; both sides are computed and one
+// selected, so that the loop vectorizes.
+template <typename T>
+void leaky_relu_forward(T* a, const T* z, int64_t count, double negative_slope) {
+    const T slope = T(negative_slope);
+    detail::parallel_for(count, count, [=](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const T scaled = z[i] * slope;
+            a[i] = z[i] > T(0) ? z[i] : scaled;
+        }
+    });
+}
+
+template <typename T>
+void leaky_relu_backward(T* dz, const T* da, const T* z, int64_t count, double negative_slope) {
+    const T slope = T(negative_slope);
+    detail::parallel_for(count, count, [=](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const T g = da[i], scaled = da[i] * slope;
+            dz[i] = z[i] > T(0) ? g : scaled;
+        }
+    });
+}
+
+// torch's formulas, in double: float is rounded once at the end, so that it is within about
+// half an ulp of the exact value (torch's float kernels are within a few ulps).
+template <typename T>
+void gelu_forward(T* a, const T* z, int64_t count, GeluApproximate approximate) {
+    if (approximate == GeluApproximate::Tanh) {
+        detail::parallel_for(count, count * kGeluWork, [=](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i) {
+                const double x = z[i];
+                const double inner = kSqrt2OverPi * (x + kKappa * (x * x * x));
+                a[i] = T(0.5 * x * (1.0 + std::tanh(inner)));
+            }
+        });
+        return;
+    }
+    detail::parallel_for(count, count * kGeluWork, [=](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const double x = z[i];
+            a[i] = T(x * 0.5 * (1.0 + std::erf(x * kSqrt1_2)));
+        }
+    });
+}
+
+template <typename T>
+void gelu_backward(T* dz, const T* da, const T* z, int64_t count, GeluApproximate approximate) {
+    if (approximate == GeluApproximate::Tanh) {
+        // inverts `a = 0.5 * x * (1 + tanh(inner))`: the product rule on 0.5 x and 1 + tanh
+        detail::parallel_for(count, count * kGeluWork, [=](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i) {
+                const double x = z[i], x_sq = x * x;
+                const double t = std::tanh(kSqrt2OverPi * (x + kKappa * (x_sq * x)));
+                const double left_derivative = 0.5 * (1.0 + t);
+                const double right_derivative =
+                    0.5 * x * (1.0 - t * t) * kSqrt2OverPi * (1.0 + 3.0 * kKappa * x_sq);
+                dz[i] = T(double(da[i]) * (left_derivative + right_derivative));
+            }
+        });
+        return;
+    }
+    // inverts `a = x * 0.5 * (1 + erf(x / sqrt(2)))`: d/dx [x Phi(x)] = Phi(x) + x phi(x)
+    detail::parallel_for(count, count * kGeluWork, [=](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const double x = z[i];
+            const double cdf = 0.5 * (1.0 + std::erf(x * kSqrt1_2));
+            const double pdf = kInvSqrt2Pi * std::exp(-0.5 * (x * x));
+            dz[i] = T(double(da[i]) * (cdf + x * pdf));
+        }
+    });
+}
+
+// exp(-z) overflows to inf for z < -709: a = z / inf = -0, as torch's formula gives.
+template <typename T>
+void silu_forward(T* a, const T* z, int64_t count) {
+    detail::parallel_for(count, count * kSiluWork, [=](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const double x = z[i];
+            a[i] = T(x / (1.0 + std::exp(-x)));
+        }
+    });
+}
+
+template <typename T>
+void silu_backward(T* dz, const T* da, const T* z, int64_t count) {
+    detail::parallel_for(count, count * kSiluWork, [=](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const double x = z[i];
+            const double s = 1.0 / (1.0 + std::exp(-x));
+            dz[i] = T(double(da[i]) * s * (1.0 + x * (1.0 - s)));
+        }
+    });
+}
+
+#define CNNBP_INSTANTIATE(T)                                                          \
+    template void relu_forward<T>(T*, const T*, int64_t);                             \
+    template void relu_backward<T>(T*, const T*, const T*, int64_t);                  \
+    template void sigmoid_backward<T>(T*, const T*, const T*, int64_t);               \
+    template void tanh_forward<T>(T*, const T*, int64_t);                             \
+    template void tanh_backward<T>(T*, const T*, const T*, int64_t);                  \
+    template void leaky_relu_forward<T>(T*, const T*, int64_t, double);               \
+    template void leaky_relu_backward<T>(T*, const T*, const T*, int64_t, double);    \
+    template void gelu_forward<T>(T*, const T*, int64_t, GeluApproximate);            \
+    template void gelu_backward<T>(T*, const T*, const T*, int64_t, GeluApproximate); \
+    template void silu_forward<T>(T*, const T*, int64_t);                             \
+    template void silu_backward<T>(T*, const T*, const T*, int64_t);
 CNNBP_INSTANTIATE(float)
 CNNBP_INSTANTIATE(double)
 

@@ -458,7 +458,7 @@ template <typename T, typename Kind>
 const Tensor<T>& Elementwise<T, Kind>::forward(const Tensor<T>& input) {
     this->input_ = &input;
     this->output_.resize(input.shape);
-    Kind::forward(this->output_.data.data(), input.data.data(), input.size());
+    Kind::forward(this->output_.data.data(), input.data.data(), input.size(), params_);
     return this->output_;
 }
 
@@ -470,7 +470,7 @@ const Tensor<T>& Elementwise<T, Kind>::backward(const Tensor<T>& grad_output) {
     this->grad_output_ = &grad_output;
     this->grad_input_.resize(saved.shape);
     Kind::backward(this->grad_input_.data.data(), grad_output.data.data(), saved.data.data(),
-                   saved.size());
+                   saved.size(), params_);
     return this->grad_input_;
 }
 
@@ -479,6 +479,38 @@ CNNBP_REGISTER_LAYER(Sigmoid, {"Sigmoid", "sigmoid",
                                "a = 1 / (1 + exp(-z)); dz = da * a * (1 - a), from the output a"});
 CNNBP_REGISTER_LAYER(Tanh,
                      {"Tanh", "tanh", "a = tanh(z); dz = da * (1 - a * a), from the output a"});
+
+LeakyReLUKind::Params LeakyReLUKind::params(const Config& arguments) {
+    return {leaky_relu_slope("LeakyReLU", arguments.number("negative_slope"))};
+}
+
+template <typename T>
+LeakyReLU<T>::LeakyReLU(double negative_slope)
+    : LeakyReLU(arguments_of("LeakyReLU", {negative_slope})) {}
+
+CNNBP_REGISTER_LAYER(LeakyReLU, {"LeakyReLU",
+                                 "leaky_relu",
+                                 "a = z where z > 0, else z * negative_slope; dz = da, or da * "
+                                 "negative_slope where z <= 0",
+                                 {{"negative_slope", FieldKind::Number, 0.01}}});
+
+GELUKind::Params GELUKind::params(const Config& arguments) {
+    return {parse_gelu_approximate("GELU", arguments.text("approximate"))};
+}
+
+template <typename T>
+GELU<T>::GELU(const std::string& approximate) : GELU(arguments_of("GELU", {approximate})) {}
+
+CNNBP_REGISTER_LAYER(GELU, {"GELU",
+                            "gelu",
+                            "a = z * Phi(z), Phi the standard normal CDF (approximate='none': "
+                            "by erf; 'tanh': torch's tanh approximation); dz from the input z",
+                            {Field::choice("approximate", {"none", "tanh"}, "none")}});
+
+CNNBP_REGISTER_LAYER(SiLU, {"SiLU", "silu",
+                            "a = z * sigmoid(z); dz = da * s * (1 + z * (1 - s)), s = sigmoid(z)"});
+
+CNNBP_REGISTER_LAYER(Identity, {"Identity", "identity", "a = z; dz = da"});
 
 template <typename T>
 Flatten<T>::Flatten() : Flatten(arguments_of("Flatten", {})) {}
@@ -984,6 +1016,12 @@ double train_step(Sequential<T>& model, const Tensor<T>& input, const Tensor<Tar
     template class Dropout<T>;                                                                     \
     template class Elementwise<T, ReLUKind>;                                                       \
     template class Elementwise<T, SigmoidKind>;                                                    \
+    template class Elementwise<T, LeakyReLUKind>;                                                  \
+    template class LeakyReLU<T>;                                                                   \
+    template class Elementwise<T, GELUKind>;                                                       \
+    template class GELU<T>;                                                                        \
+    template class Elementwise<T, SiLUKind>;                                                       \
+    template class Elementwise<T, IdentityKind>;                                                   \
     template class Flatten<T>;                                                                     \
     template class Sequential<T>;                                                                  \
     template class Loss<T>;                                                                        \

@@ -1,6 +1,7 @@
 // The layer registry and the checking of layer arguments (see cnnbp/registry.hpp).
 #include "cnnbp/registry.hpp"
 
+#include <cmath>
 #include <deque>
 #include <stdexcept>
 
@@ -94,6 +95,34 @@ json::Value checked(const std::string& op, const Field& f, const json::Value& v)
                                             ", got " + json::describe(v));
             return p;
         }
+        case FieldKind::Number: {
+            const char* expected = "a finite float";
+            double x;
+            if (const int64_t* i = v.get<int64_t>())
+                x = double(*i);
+            else if (const double* d = v.get<double>())
+                x = *d;
+            else
+                wrong_kind(op, f, expected, v);
+            if (!std::isfinite(x))
+                throw std::invalid_argument("[" + op + "] " + f.name + ": expected " + expected +
+                                            ", got " + json::describe(v));
+            return x;
+        }
+        case FieldKind::Choice: {
+            std::string expected;  // "'none' or 'tanh'", "'a', 'b' or 'c'"
+            for (size_t i = 0; i < f.choices.size(); ++i)
+                expected += (i == 0                      ? ""
+                             : i + 1 == f.choices.size() ? " or "
+                                                         : ", ") +
+                            ("'" + f.choices[i] + "'");
+            const std::string* text = v.get<std::string>();
+            if (!text) wrong_kind(op, f, expected.c_str(), v);
+            for (const std::string& c : f.choices)
+                if (*text == c) return v;
+            throw std::invalid_argument("[" + op + "] " + f.name + ": expected " + expected +
+                                        ", got " + json::describe(v));
+        }
         case FieldKind::Seed: {
             if (v.is_null()) return nullptr;
             const int64_t i = integer_of(op, f, v, "an int or None");
@@ -130,6 +159,10 @@ std::array<int64_t, 2> Config::pair(const std::string& name) const {
 bool Config::boolean(const std::string& name) const { return *at(name).get<bool>(); }
 
 double Config::number(const std::string& name) const { return *at(name).get<double>(); }
+
+const std::string& Config::text(const std::string& name) const {
+    return *at(name).get<std::string>();
+}
 
 std::optional<uint64_t> Config::seed(const std::string& name) const {
     const json::Value& v = at(name);

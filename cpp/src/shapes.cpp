@@ -496,6 +496,24 @@ Pool2dDims avg_pool2d_backward_dims(const Shape& doutput, const Shape& input_sha
     return d;
 }
 
+// ---- leaky_relu, gelu ----------------------------------------------------------------------
+
+double leaky_relu_slope(const char* op, double negative_slope) {
+    if (!std::isfinite(negative_slope))
+        fail(op, "negative_slope: expected a finite float, got " + shortest_str(negative_slope));
+    return negative_slope;
+}
+
+GeluApproximate parse_gelu_approximate(const char* op, const std::string& text) {
+    if (text == "none") return GeluApproximate::None;
+    if (text == "tanh") return GeluApproximate::Tanh;
+    fail(op, "approximate: expected 'none' or 'tanh', got '" + text + "'");
+}
+
+const char* gelu_approximate_str(GeluApproximate approximate) {
+    return approximate == GeluApproximate::Tanh ? "tanh" : "none";
+}
+
 // ---- dropout -------------------------------------------------------------------------------
 
 DropoutParams dropout_params(const char* op, double p, uint64_t seed) {

@@ -1,5 +1,6 @@
 // Kernels against small hand-computed answers and against central finite differences, and
 // the elementwise kernels' results for one and two threads.
+#include <cmath>
 #include <limits>
 #include <random>
 
@@ -375,6 +376,92 @@ TEST_CASE("activation tanh backward: finite differences") {
             tanh_forward(a.data(), in, n);
             tanh_backward(dz, g, a.data(), n);
         });
+}
+
+TEST_CASE("activation leaky_relu: the slope below zero, NaN kept, the slope's side at z = 0") {
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    const V z{-2, 0, 3, nan, -0.5}, da{1, 1, 1, 1, 4};
+    V a(5), dz(5);
+    leaky_relu_forward(a.data(), z.data(), 5, 0.25);
+    CHECK(a[0] == -0.5 && a[1] == 0 && a[2] == 3 && std::isnan(a[3]) && a[4] == -0.125);
+    leaky_relu_backward(dz.data(), da.data(), z.data(), 5, 0.25);
+    CHECK_CLOSE(dz.data(), (V{0.25, 0.25, 1, 0.25, 1}), 0, 0);
+    leaky_relu_forward(a.data(), z.data(), 5, -1.5);  // any finite slope
+    CHECK(a[0] == 3 && a[4] == 0.75);
+    // float: the slope rounded to float once, then one float product (torch's operations)
+    const std::vector<float> zf{-3.0f};
+    std::vector<float> af(1);
+    leaky_relu_forward(af.data(), zf.data(), 1, 0.1);
+    CHECK(af[0] == -3.0f * 0.1f);
+    CHECK_THROWS(leaky_relu_slope("leaky_relu", std::numeric_limits<double>::infinity()),
+                 "[leaky_relu] negative_slope: expected a finite float, got inf");
+    CHECK(leaky_relu_slope("leaky_relu", -2.5) == -2.5);
+}
+
+TEST_CASE("activation gelu: the erf form and torch's tanh approximation, known values") {
+    const double inf = std::numeric_limits<double>::infinity();
+    const V z{0, 1, -1, 3, 40, -40, inf};
+    V a(z.size()), dz(z.size());
+    gelu_forward(a.data(), z.data(), int64_t(z.size()), GeluApproximate::None);
+    // Phi(1) = 0.841344746068543, Phi(3) = 0.998650101968370
+    CHECK_CLOSE(a.data(), (V{0, 0.841344746068543, -0.158655253931457, 2.99595030590511, 40, 0}), 0,
+                1e-14);
+    CHECK(a[6] == inf);
+    gelu_forward(a.data(), z.data(), int64_t(z.size()), GeluApproximate::Tanh);
+    const double t1 = std::tanh(std::sqrt(2 / M_PI) * 1.044715);
+    CHECK_CLOSE(a.data(), (V{0, 0.5 * (1 + t1), -0.5 * (1 - t1)}), 0, 1e-15);
+    CHECK(a[4] == 40 && a[5] == 0 && a[6] == inf);
+    const V da(z.size(), 1.0);
+    gelu_backward(dz.data(), da.data(), z.data(), 3, GeluApproximate::None);
+    const double pdf1 = std::exp(-0.5) / std::sqrt(2 * M_PI);  // Phi(z) + z phi(z)
+    CHECK_CLOSE(dz.data(), (V{0.5, 0.841344746068543 + pdf1, 0.158655253931457 - pdf1}), 0, 1e-14);
+    CHECK(parse_gelu_approximate("gelu", "tanh") == GeluApproximate::Tanh);
+    CHECK(std::string(gelu_approximate_str(GeluApproximate::None)) == "none");
+    CHECK_THROWS(parse_gelu_approximate("gelu", "x"),
+                 "[gelu] approximate: expected 'none' or 'tanh', got 'x'");
+}
+
+TEST_CASE("activation gelu and silu backward: finite differences; float within half an ulp") {
+    V z = random_values(40, 21);
+    for (auto& v : z) v *= 3;
+    const auto n = int64_t(z.size());
+    for (const auto approximate : {GeluApproximate::None, GeluApproximate::Tanh})
+        check_finite_differences(
+            z, random_values(z.size(), 22),
+            [&](double* a, const double* in) { gelu_forward(a, in, n, approximate); },
+            [&](double* dz, const double* g, const double* in) {
+                gelu_backward(dz, g, in, n, approximate);
+            });
+    check_finite_differences(
+        z, random_values(z.size(), 23),
+        [&](double* a, const double* in) { silu_forward(a, in, n); },
+        [&](double* dz, const double* g, const double* in) { silu_backward(dz, g, in, n); });
+
+    const std::vector<float> zf{0.25f, -2.5f, 7.0f, -100.0f};
+    std::vector<float> af(4);
+    silu_forward(af.data(), zf.data(), 4);
+    V want(4);
+    for (size_t i = 0; i < 4; ++i) want[i] = zf[i] / (1 + std::exp(-double(zf[i])));
+    CHECK_CLOSE(af.data(), want, 1e-45, 6e-8);
+    gelu_forward(af.data(), zf.data(), 4, GeluApproximate::None);
+    for (size_t i = 0; i < 4; ++i) want[i] = zf[i] * 0.5 * std::erfc(-zf[i] / std::sqrt(2.0));
+    CHECK_CLOSE(af.data(), want, 1e-45, 6e-8);
+}
+
+TEST_CASE("activation leaky_relu, gelu and silu results do not depend on the thread count") {
+    const int64_t n = 200003;
+    const V z = random_values(size_t(n), 31), da = random_values(size_t(n), 32);
+    CHECK_THREAD_COUNT_INDEPENDENT([&]() {
+        V a(n), dz(n), g(n), dg(n), s(n), ds(n);
+        leaky_relu_forward(a.data(), z.data(), n, 0.2);
+        leaky_relu_backward(dz.data(), da.data(), z.data(), n, 0.2);
+        gelu_forward(g.data(), z.data(), n, GeluApproximate::Tanh);
+        gelu_backward(dg.data(), da.data(), z.data(), n, GeluApproximate::None);
+        silu_forward(s.data(), z.data(), n);
+        silu_backward(ds.data(), da.data(), z.data(), n);
+        return std::vector<std::string>{bytes_of(a),  bytes_of(dz), bytes_of(g),
+                                        bytes_of(dg), bytes_of(s),  bytes_of(ds)};
+    });
 }
 
 // ---- dropout -------------------------------------------------------------------------------

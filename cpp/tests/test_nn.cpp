@@ -413,6 +413,67 @@ TEST_CASE("nn: layers are made by name from the registry, and report their argum
                  "[cross_entropy] target: expected class indices (int64)");
 }
 
+TEST_CASE("nn: LeakyReLU, GELU, SiLU and Identity by class and by name; model files keep them") {
+    const Tensor<double> x({2, 3, 4}, values(24, 41)), g({2, 3, 4}, values(24, 42));
+    const auto n = x.size();
+    V want(static_cast<size_t>(n)), dwant(static_cast<size_t>(n));
+
+    LeakyReLU<double> leaky(-0.3);
+    CHECK(leaky.negative_slope() == -0.3);
+    leaky_relu_forward(want.data(), x.data.data(), n, -0.3);
+    CHECK_CLOSE(leaky.forward(x).data.data(), want, 0, 0);
+    leaky_relu_backward(dwant.data(), g.data.data(), x.data.data(), n, -0.3);
+    CHECK_CLOSE(leaky.backward(g).data.data(), dwant, 0, 0);
+    CHECK(json::dump(leaky.config()) == "{\"type\": \"LeakyReLU\", \"negative_slope\": -0.3}");
+    CHECK(LeakyReLU<float>().negative_slope() == 0.01);
+
+    GELU<double> gelu("tanh");
+    CHECK(gelu.approximate() == GeluApproximate::Tanh);
+    gelu_forward(want.data(), x.data.data(), n, GeluApproximate::Tanh);
+    CHECK_CLOSE(gelu.forward(x).data.data(), want, 0, 0);
+    gelu_backward(dwant.data(), g.data.data(), x.data.data(), n, GeluApproximate::Tanh);
+    CHECK_CLOSE(gelu.backward(g).data.data(), dwant, 0, 0);
+    CHECK(json::dump(GELU<float>().config()) == "{\"type\": \"GELU\", \"approximate\": \"none\"}");
+
+    SiLU<double> silu;
+    silu_forward(want.data(), x.data.data(), n);
+    CHECK_CLOSE(silu.forward(x).data.data(), want, 0, 0);
+    silu_backward(dwant.data(), g.data.data(), x.data.data(), n);
+    CHECK_CLOSE(silu.backward(g).data.data(), dwant, 0, 0);
+
+    Identity<double> identity;
+    CHECK_CLOSE(identity.forward(x).data.data(), x.data, 0, 0);
+    CHECK_CLOSE(identity.backward(g).data.data(), g.data, 0, 0);
+    CHECK(json::dump(identity.config()) == "{\"type\": \"Identity\"}");
+
+    auto made = make_layer<double>("LeakyReLU", {}, {{"negative_slope", 2}});
+    CHECK(dynamic_cast<LeakyReLU<double>&>(*made).negative_slope() == 2.0);
+    CHECK(dynamic_cast<GELU<float>&>(*make_layer<float>("GELU", {"tanh"}, {})).approximate() ==
+          GeluApproximate::Tanh);
+    CHECK(make_layer<float>("SiLU", {}, {})->type() == "SiLU");
+    CHECK_THROWS(make_layer<float>("GELU", {"x"}, {}),
+                 "[GELU] approximate: expected 'none' or 'tanh', got 'x'");
+    CHECK_THROWS(GELU<double>("Tanh"), "[GELU] approximate: expected 'none' or 'tanh', got 'Tanh'");
+    CHECK_THROWS(LeakyReLU<double>(std::numeric_limits<double>::quiet_NaN()),
+                 "[LeakyReLU] negative_slope: expected a finite float, got nan");
+    CHECK_THROWS(make_layer<float>("Identity", {1}, {}), "[Identity] expected at most 0 arguments");
+
+    Sequential<double> model;
+    model.add(std::make_unique<LeakyReLU<double>>(0.5))
+        .add(std::make_unique<GELU<double>>("tanh"))
+        .add(std::make_unique<SiLU<double>>())
+        .add(std::make_unique<Identity<double>>());
+    const V expected = model.forward(x).data;
+    const std::string path = "cnnbp_test_activations.npz";
+    save(model, path);
+    auto loaded = load<double>(path);
+    std::remove(path.c_str());
+    CHECK(loaded.size() == 4);
+    CHECK_CLOSE(loaded.forward(x).data.data(), expected, 0, 0);
+    CHECK(json::dump(loaded[1].config()) == "{\"type\": \"GELU\", \"approximate\": \"tanh\"}");
+    CHECK(json::dump(loaded[0].config()) == "{\"type\": \"LeakyReLU\", \"negative_slope\": 0.5}");
+}
+
 TEST_CASE("nn: loss options, libtorch-style; gradients against finite differences") {
     manual_seed(2);
     Sequential<double> model;

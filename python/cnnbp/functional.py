@@ -17,6 +17,9 @@ with a message that starts with the op's name, e.g. ``[conv2d] weight: expected 
     a = relu(z);    dz = relu_backward(da, z)
     a = sigmoid(z); dz = sigmoid_backward(da, a)
     a = tanh(z);    dz = tanh_backward(da, a)
+    a = leaky_relu(z, negative_slope=0.01);  dz = leaky_relu_backward(da, z, negative_slope=0.01)
+    a = gelu(z, approximate='none');         dz = gelu_backward(da, z, approximate='none')
+    a = silu(z);    dz = silu_backward(da, z)                    # z * sigmoid(z)
     y, mask      = dropout(x, p=0.5, seed=0)                     # mask bool: True = kept
     dx           = dropout_backward(dy, mask, p)                 # y = x * mask / (1 - p)
     y = linear(x, w, b=None)                                     # w (out, in): y = x w^T + b
@@ -53,6 +56,10 @@ and on every run; p must lie in [0, 1], p == 0 is the identity and p == 1 gives 
 reports the scratch memory a convolution allocates: a few images' worth per thread, never
 the whole batch.
 stride, padding, dilation and kernel_size take an int or an (h, w) pair.
+The activations have torch's names, defaults and formulas: leaky_relu takes any finite
+negative_slope; gelu's approximate is 'none' (z * 0.5 * (1 + erf(z / sqrt(2)))) or 'tanh'
+(torch's tanh approximation); leaky_relu, gelu and silu compute their backward from the
+input z, sigmoid and tanh from the output a.
 """
 
 import math
@@ -73,6 +80,10 @@ from ._core import (
     cross_entropy_backward,
     dropout,
     dropout_backward,
+    gelu,
+    gelu_backward,
+    leaky_relu,
+    leaky_relu_backward,
     linear,
     linear_backward,
     max_pool2d,
@@ -82,6 +93,8 @@ from ._core import (
     relu_backward,
     sigmoid,
     sigmoid_backward,
+    silu,
+    silu_backward,
     tanh,
     tanh_backward,
 )
@@ -127,6 +140,12 @@ __all__ = [
     "sigmoid_backward",
     "tanh",
     "tanh_backward",
+    "leaky_relu",
+    "leaky_relu_backward",
+    "gelu",
+    "gelu_backward",
+    "silu",
+    "silu_backward",
     "dropout",
     "dropout_backward",
     "linear",

@@ -16,7 +16,8 @@ stable BCE-with-logits and cross-entropy, losses averaged like torch's reduction
 
 The oracle checks nothing beyond what it needs: it is a reference, not the user-facing
 API (that is `cnnbp.functional`, whose validation lives in C++). It imports NumPy and
-nothing else, not even the rest of cnnbp: it can be read, and run, without a build.
+the standard library's math (for erf) and nothing else, not even the rest of cnnbp: it can
+be read, and run, without a build.
 
 At the end, the optimizers' updates (SGD, Adam, AdamW) for one parameter, written beside
 torch.optim's update rules, as the reference for cnnbp.optim.
@@ -24,6 +25,8 @@ torch.optim's update rules, as the reference for cnnbp.optim.
 Dimension letters: N batch, C in-channels, K out-channels, H/W input height/width,
 P/Q output height/width, R/S filter height/width.
 """
+
+import math
 
 import numpy as np
 
@@ -41,6 +44,12 @@ __all__ = [
     "sigmoid_backward",
     "tanh",
     "tanh_backward",
+    "leaky_relu",
+    "leaky_relu_backward",
+    "gelu",
+    "gelu_backward",
+    "silu",
+    "silu_backward",
     "dropout_mask",
     "dropout",
     "dropout_backward",
@@ -479,6 +488,107 @@ def tanh_backward(da, a):
     da = _f64(da)
     a = _f64(a)
     return _out(da * ((1.0 - a) * (1.0 + a)))
+
+
+def leaky_relu(z, negative_slope=0.01):
+    """a = z where z > 0, else negative_slope * z; NaN stays NaN (both sides are NaN)."""
+    z = _f64(z)
+    return _out(np.where(z > 0, z, z * negative_slope))
+
+
+def leaky_relu_backward(da, z, negative_slope=0.01):
+    """Gradient of leaky_relu with respect to z.
+
+    Inverts:
+        return _out(np.where(z > 0, z, z * negative_slope))
+    slope 1 where z > 0 and negative_slope where z <= 0 (at z = 0 the slope's side, as in
+    torch's leaky_relu_backward `da if z > 0 else da * negative_slope`).
+    """
+    da = _f64(da)
+    z = _f64(z)
+    return _out(np.where(z > 0, da, da * negative_slope))
+
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])  # NumPy has no erf; math's, per element
+
+
+def _normal_cdf(z):
+    """Phi(z) = P(X <= z) for X ~ N(0, 1) = (1 + erf(z / sqrt(2))) / 2."""
+    return 0.5 * (1.0 + _erf(z / math.sqrt(2.0)))
+
+
+def _normal_pdf(z):
+    """phi(z) = exp(-z^2 / 2) / sqrt(2 pi), the derivative of Phi."""
+    return np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+
+
+_GELU_KAPPA = 0.044715  # the cubic term of the tanh approximation
+
+
+def _gelu_tanh_inner(z):
+    """u = sqrt(2 / pi) * (z + 0.044715 z^3): tanh(u) approximates erf(z / sqrt(2))."""
+    return math.sqrt(2.0 / math.pi) * (z + _GELU_KAPPA * z**3)
+
+
+def _check_approximate(approximate):
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate: expected 'none' or 'tanh', got {approximate!r}")
+
+
+def gelu(z, approximate="none"):
+    """a = z * Phi(z) (approximate='none'), or torch's tanh approximation of it:
+
+    approximate='tanh':  a = 0.5 * z * (1 + tanh(sqrt(2 / pi) * (z + 0.044715 z^3)))
+    """
+    _check_approximate(approximate)
+    z = _f64(z)
+    with np.errstate(over="ignore", invalid="ignore"):  # z^3 -> inf, inf * 0 -> NaN: torch's
+        if approximate == "tanh":
+            return _out(0.5 * z * (1.0 + np.tanh(_gelu_tanh_inner(z))))
+        return _out(z * _normal_cdf(z))
+
+
+def gelu_backward(da, z, approximate="none"):
+    """Gradient of gelu with respect to z, from the forward INPUT z.
+
+    Inverts:
+        return _out(z * _normal_cdf(z))
+    by the product rule: d(z Phi(z))/dz = Phi(z) + z phi(z). For approximate='tanh',
+        a = 0.5 z (1 + t), t = tanh(u), u = sqrt(2 / pi) (z + 0.044715 z^3):
+        da/dz = 0.5 (1 + t) + 0.5 z (1 - t^2) du/dz,  du/dz = sqrt(2 / pi) (1 + 3 * 0.044715 z^2)
+    (torch's gelu_backward formulas).
+    """
+    _check_approximate(approximate)
+    da = _f64(da)
+    z = _f64(z)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if approximate == "tanh":
+            t = np.tanh(_gelu_tanh_inner(z))
+            du_dz = math.sqrt(2.0 / math.pi) * (1.0 + 3.0 * _GELU_KAPPA * z * z)
+            return _out(da * (0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du_dz))
+        return _out(da * (_normal_cdf(z) + z * _normal_pdf(z)))
+
+
+def silu(z):
+    """a = z * sigmoid(z) = z / (1 + exp(-z)) (also called swish)."""
+    z = _f64(z)
+    with np.errstate(over="ignore", invalid="ignore"):  # exp(-z) -> inf: a = z / inf = -0
+        return _out(z / (1.0 + np.exp(-z)))
+
+
+def silu_backward(da, z):
+    """Gradient of silu with respect to z, from the forward INPUT z.
+
+    Inverts:
+        return _out(z / (1.0 + np.exp(-z)))
+    by the product rule with s = sigmoid(z), ds/dz = s (1 - s):
+        da/dz = s + z s (1 - s) = s (1 + z (1 - s))   (torch's silu_backward).
+    """
+    da = _f64(da)
+    z = _f64(z)
+    with np.errstate(over="ignore", invalid="ignore"):
+        s = 1.0 / (1.0 + np.exp(-z))
+        return _out(da * s * (1.0 + z * (1.0 - s)))
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,8 +1,13 @@
 // cnnbp/activation.hpp -- elementwise activations, forward and backward. `count` elements,
 // any shape. Outputs are overwritten; an output may alias its input of the same role.
+// Names, defaults and formulas are torch's (torch.nn.functional.relu, leaky_relu, gelu, silu,
+// sigmoid, tanh); options are checked by shapes.hpp (leaky_relu_slope,
+// parse_gelu_approximate) before a kernel runs.
 #pragma once
 
 #include <cstdint>
+
+#include "cnnbp/shapes.hpp"
 
 namespace cnnbp {
 
@@ -28,5 +33,34 @@ void tanh_forward(T* a, const T* z, int64_t count);
 // tanh_backward; computed as da * ((1 - a) * (1 + a)), which does not cancel near a = +-1.
 template <typename T>
 void tanh_backward(T* dz, const T* da, const T* a, int64_t count);
+
+// a = z > 0 ? z : z * negative_slope (the slope rounded to T once); NaN stays NaN.
+template <typename T>
+void leaky_relu_forward(T* a, const T* z, int64_t count, double negative_slope);
+// dz = z > 0 ? da : da * negative_slope   -- inverts `a = z > 0 ? z : z * negative_slope`;
+// torch's leaky_relu_backward (the slope's side at z = 0).
+template <typename T>
+void leaky_relu_backward(T* dz, const T* da, const T* z, int64_t count, double negative_slope);
+
+// a = z * Phi(z), Phi the standard normal CDF, as torch's gelu:
+//   'none': a = z * 0.5 * (1 + erf(z / sqrt(2)))
+//   'tanh': a = 0.5 * z * (1 + tanh(sqrt(2 / pi) * (z + 0.044715 * z^3)))
+// computed in double (float: rounded once); NaN stays NaN.
+template <typename T>
+void gelu_forward(T* a, const T* z, int64_t count, GeluApproximate approximate);
+// dz = da * d/dz of the forward above, from the input z, as torch's gelu_backward:
+//   'none': dz = da * (Phi(z) + z * exp(-z^2 / 2) / sqrt(2 pi))
+//   'tanh': with t = tanh(u), u = sqrt(2 / pi) * (z + 0.044715 z^3),
+//           dz = da * (0.5 (1 + t) + 0.5 z (1 - t^2) sqrt(2 / pi) (1 + 3 * 0.044715 z^2))
+template <typename T>
+void gelu_backward(T* dz, const T* da, const T* z, int64_t count, GeluApproximate approximate);
+
+// a = z * sigmoid(z) = z / (1 + exp(-z)), computed in double (float: rounded once).
+template <typename T>
+void silu_forward(T* a, const T* z, int64_t count);
+// dz = da * s * (1 + z * (1 - s)), s = sigmoid(z)   -- inverts `a = z / (1 + exp(-z))` from
+// the input z, as torch's silu_backward.
+template <typename T>
+void silu_backward(T* dz, const T* da, const T* z, int64_t count);
 
 }  // namespace cnnbp

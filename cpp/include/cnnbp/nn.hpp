@@ -23,6 +23,7 @@
 //   double L = cnnbp::nn::train_step(model, x, y, loss, sgd);
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <initializer_list>
@@ -320,63 +321,158 @@ class AvgPool2d : public Pool2d<T> {
 
 // An elementwise activation: output = Kind::forward(input), and grad_input =
 // Kind::backward(grad_output, saved), where saved is the input z or the output a
-// (Kind::saved names it).
+// (Kind::saved names it). A kind's options (LeakyReLU's negative_slope, GELU's approximate)
+// are its Params, read once from the checked arguments by Kind::params.
 template <typename T, typename Kind>
 class Elementwise : public Layer<T> {
  public:
     Elementwise();
-    explicit Elementwise(const Config& arguments) : Layer<T>(arguments) {}
+    explicit Elementwise(const Config& arguments)
+        : Layer<T>(arguments), params_(Kind::params(arguments)) {}
     const Tensor<T>& forward(const Tensor<T>& input) override;
     const Tensor<T>& backward(const Tensor<T>& grad_output) override;
     std::string type() const override { return Kind::name; }
+    const typename Kind::Params& params() const { return params_; }
+
+ private:
+    typename Kind::Params params_;
 };
 
-struct ReLUKind {  // a = max(z, 0); dz = da where z > 0
+// A kind without options.
+struct PlainKind {
+    struct Params {};
+    static Params params(const Config&) { return {}; }
+};
+
+struct ReLUKind : PlainKind {  // a = max(z, 0); dz = da where z > 0
     static constexpr const char* name = "ReLU";
     static constexpr const char* backward_op = "relu_backward";
     static constexpr const char* saved = "z";
     template <typename T>
-    static void forward(T* a, const T* z, int64_t n) {
+    static void forward(T* a, const T* z, int64_t n, const Params&) {
         relu_forward(a, z, n);
     }
     template <typename T>
-    static void backward(T* dz, const T* da, const T* z, int64_t n) {
+    static void backward(T* dz, const T* da, const T* z, int64_t n, const Params&) {
         relu_backward(dz, da, z, n);
     }
 };
-struct SigmoidKind {  // a = 1 / (1 + exp(-z)); dz = da * a * (1 - a)
+// a = z > 0 ? z : z * negative_slope; dz = da, or da * negative_slope where z <= 0
+struct LeakyReLUKind {
+    static constexpr const char* name = "LeakyReLU";
+    static constexpr const char* backward_op = "leaky_relu_backward";
+    static constexpr const char* saved = "z";
+    struct Params {
+        double negative_slope = 0.01;
+    };
+    static Params params(const Config& arguments);
+    template <typename T>
+    static void forward(T* a, const T* z, int64_t n, const Params& p) {
+        leaky_relu_forward(a, z, n, p.negative_slope);
+    }
+    template <typename T>
+    static void backward(T* dz, const T* da, const T* z, int64_t n, const Params& p) {
+        leaky_relu_backward(dz, da, z, n, p.negative_slope);
+    }
+};
+struct GELUKind {  // a = z * Phi(z) (or its tanh approximation); dz from z
+    static constexpr const char* name = "GELU";
+    static constexpr const char* backward_op = "gelu_backward";
+    static constexpr const char* saved = "z";
+    struct Params {
+        GeluApproximate approximate = GeluApproximate::None;
+    };
+    static Params params(const Config& arguments);
+    template <typename T>
+    static void forward(T* a, const T* z, int64_t n, const Params& p) {
+        gelu_forward(a, z, n, p.approximate);
+    }
+    template <typename T>
+    static void backward(T* dz, const T* da, const T* z, int64_t n, const Params& p) {
+        gelu_backward(dz, da, z, n, p.approximate);
+    }
+};
+struct SiLUKind : PlainKind {  // a = z * sigmoid(z); dz = da * s * (1 + z * (1 - s)) from z
+    static constexpr const char* name = "SiLU";
+    static constexpr const char* backward_op = "silu_backward";
+    static constexpr const char* saved = "z";
+    template <typename T>
+    static void forward(T* a, const T* z, int64_t n, const Params&) {
+        silu_forward(a, z, n);
+    }
+    template <typename T>
+    static void backward(T* dz, const T* da, const T* z, int64_t n, const Params&) {
+        silu_backward(dz, da, z, n);
+    }
+};
+struct SigmoidKind : PlainKind {  // a = 1 / (1 + exp(-z)); dz = da * a * (1 - a)
     static constexpr const char* name = "Sigmoid";
     static constexpr const char* backward_op = "sigmoid_backward";
     static constexpr const char* saved = "a";
     template <typename T>
-    static void forward(T* a, const T* z, int64_t n) {
+    static void forward(T* a, const T* z, int64_t n, const Params&) {
         sigmoid_forward(a, z, n);
     }
     template <typename T>
-    static void backward(T* dz, const T* da, const T* a, int64_t n) {
+    static void backward(T* dz, const T* da, const T* a, int64_t n, const Params&) {
         sigmoid_backward(dz, da, a, n);
     }
 };
-struct TanhKind {  // a = tanh(z); dz = da * (1 - a * a)
+struct TanhKind : PlainKind {  // a = tanh(z); dz = da * (1 - a * a)
     static constexpr const char* name = "Tanh";
     static constexpr const char* backward_op = "tanh_backward";
     static constexpr const char* saved = "a";
     template <typename T>
-    static void forward(T* a, const T* z, int64_t n) {
+    static void forward(T* a, const T* z, int64_t n, const Params&) {
         tanh_forward(a, z, n);
     }
     template <typename T>
-    static void backward(T* dz, const T* da, const T* a, int64_t n) {
+    static void backward(T* dz, const T* da, const T* a, int64_t n, const Params&) {
         tanh_backward(dz, da, a, n);
+    }
+};
+struct IdentityKind : PlainKind {  // a = z; dz = da (torch.nn.Identity, without arguments)
+    static constexpr const char* name = "Identity";
+    static constexpr const char* backward_op = "identity_backward";
+    static constexpr const char* saved = "z";
+    template <typename T>
+    static void forward(T* a, const T* z, int64_t n, const Params&) {
+        std::copy(z, z + n, a);
+    }
+    template <typename T>
+    static void backward(T* dz, const T* da, const T*, int64_t n, const Params&) {
+        std::copy(da, da + n, dz);
     }
 };
 
 template <typename T>
 using ReLU = Elementwise<T, ReLUKind>;
 template <typename T>
+using SiLU = Elementwise<T, SiLUKind>;
+template <typename T>
 using Sigmoid = Elementwise<T, SigmoidKind>;
 template <typename T>
 using Tanh = Elementwise<T, TanhKind>;
+template <typename T>
+using Identity = Elementwise<T, IdentityKind>;
+
+// torch.nn.LeakyReLU(negative_slope=0.01): any finite slope.
+template <typename T>
+class LeakyReLU : public Elementwise<T, LeakyReLUKind> {
+ public:
+    explicit LeakyReLU(double negative_slope = 0.01);
+    explicit LeakyReLU(const Config& arguments) : Elementwise<T, LeakyReLUKind>(arguments) {}
+    double negative_slope() const { return this->params().negative_slope; }
+};
+
+// torch.nn.GELU(approximate='none'): 'none' (the erf form) or 'tanh'.
+template <typename T>
+class GELU : public Elementwise<T, GELUKind> {
+ public:
+    explicit GELU(const std::string& approximate = "none");
+    explicit GELU(const Config& arguments) : Elementwise<T, GELUKind>(arguments) {}
+    GeluApproximate approximate() const { return this->params().approximate; }
+};
 
 // torch.nn.Dropout: while training, each element is zeroed with probability p and the rest
 // scaled by 1 / (1 - p); in evaluation mode it is the identity. Each training forward draws

@@ -27,6 +27,8 @@ enum class FieldKind {
     Seed,         // an integer in [0, 2^63), or null: drawn from manual_seed's generator
     OptionalInt,  // a nonzero integer, or null (AvgPool2d's divisor_override)
     Padding,      // a Pair, or the text "same" or "valid" (Conv2d's padding, as torch's)
+    Number,       // a finite number, int or float, kept as a double (LeakyReLU's negative_slope)
+    Choice,       // one of the texts in Field::choices (GELU's approximate: 'none' or 'tanh')
 };
 
 // Whether null is a value of the kind (Seed, OptionalInt): a null default is then a default,
@@ -45,12 +47,20 @@ struct Field {
           minimum(minimum),
           default_from(std::move(default_from)),
           saved(saved) {}
+    // A Choice field: one of `choices`, `default_value` when not given.
+    static Field choice(std::string name, std::vector<std::string> choices,
+                        std::string default_value) {
+        Field f(std::move(name), FieldKind::Choice, std::move(default_value));
+        f.choices = std::move(choices);
+        return f;
+    }
     std::string name;
     FieldKind kind;
-    json::Value default_value;  // null with no default_from: a required argument
-    int64_t minimum;            // Int and Pair
-    std::string default_from;   // a missing or null value takes this field's (pool stride)
-    bool saved;                 // false: not part of the architecture (Dropout's seed)
+    json::Value default_value;         // null with no default_from: a required argument
+    int64_t minimum;                   // Int and Pair
+    std::string default_from;          // a missing or null value takes this field's (pool stride)
+    bool saved;                        // false: not part of the architecture (Dropout's seed)
+    std::vector<std::string> choices;  // Choice: the texts it takes
 };
 
 // A layer's arguments after checking: every field, in the declaration's order, normalized
@@ -65,6 +75,7 @@ class Config {
     std::array<int64_t, 2> pair(const std::string& name) const;
     bool boolean(const std::string& name) const;
     double number(const std::string& name) const;
+    const std::string& text(const std::string& name) const;  // a Choice field
     std::optional<uint64_t> seed(const std::string& name) const;
     std::optional<int64_t> optional_integer(const std::string& name) const;
     // a Padding field: "same", "valid" or "" for a pair (then read by pair())

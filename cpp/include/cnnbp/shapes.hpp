@@ -165,6 +165,16 @@ void check_num_threads(int64_t n);
 void check_same_shape(const char* op, const char* name_a, const Shape& a, const char* name_b,
                       const Shape& b);
 
+// ---- leaky_relu, gelu ----------------------------------------------------------------------
+// leaky_relu's negative_slope: any finite number (a model file, JSON, has no inf or NaN).
+double leaky_relu_slope(const char* op, double negative_slope);
+
+// gelu's approximate, as torch: 'none' (the exact erf form) or 'tanh'.
+enum class GeluApproximate { None, Tanh };
+// "none" or "tanh"; anything else "[op] approximate: expected 'none' or 'tanh', got '...'".
+GeluApproximate parse_gelu_approximate(const char* op, const std::string& text);
+const char* gelu_approximate_str(GeluApproximate approximate);
+
 // ---- dropout -------------------------------------------------------------------------------
 struct DropoutParams {
     double p = 0.5;     // probability of dropping an element
