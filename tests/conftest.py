@@ -42,6 +42,9 @@ KERNEL_TOL = {
     # 1 - p: exact in float64, where the oracle does the same operations; in float32 the
     # kernel divides by 1 - p rounded to float32.
     **_forward_and_backward("avg_pool2d", {F64: 1e-14, F32: 1e-6}),
+    # adaptive_avg_pool2d: the same sums and divisions (torch's), the global pool's sums in
+    # double
+    **_forward_and_backward("adaptive_avg_pool2d", {F64: 1e-14, F32: 1e-6}),
     **_forward_and_backward("tanh", {F64: 1e-14, F32: 1e-6}),
     **_forward_and_backward("dropout", {F64: 0, F32: 1e-6}),
     # leaky_relu multiplies once by the slope (float32: the slope rounded to float32 first,

@@ -657,6 +657,120 @@ AVG_POOL2D = Op(
 
 
 # ---------------------------------------------------------------------------------------
+# adaptive_avg_pool2d
+# ---------------------------------------------------------------------------------------
+
+# (x shape, output_size): torch's windows floor(i*L/O) to ceil((i+1)*L/O)
+ADAPTIVE_POOL_CASES = [
+    ((1, 1, 4, 4), 1),  # the global pool: a plain sum per plane
+    ((2, 3, 7, 9), (3, 5)),  # windows of unequal sizes that share a cell
+    ((2, 2, 7, 9), (None, 2)),  # None keeps the input's height
+    ((1, 2, 4, 3), (7, 5)),  # output larger than the input: windows repeat cells
+    ((2, 2, 6, 6), 2),  # windows that tile the input: avg_pool2d's
+    ((1, 3, 5, 7), (1, 4)),  # one output row, not the global pool
+    ((2, 1, 5, 5), (None, None)),  # the identity
+    ((1, 2, 10, 1), (3, None)),
+    ((3, 5, 6), (4, 2)),  # unbatched
+    ((0, 2, 5, 5), 3),  # an empty batch
+]
+ADAPTIVE_POOL_BIG = [((2, 16, 24, 24), (5, 7)), ((4, 64, 24, 24), 1)]  # the threaded paths
+ADAPTIVE_POOL_THREADS = [
+    ((8, 16, 24, 24), (5, 7)),
+    ((8, 16, 24, 24), 1),
+    ((8, 16, 13, 11), (17, 4)),
+]
+
+
+def make_adaptive_avg_pool2d(case, dtype, rng, values):
+    shape, output_size = case
+    x = fill(rng, shape, dtype, values)
+    dy = fill(rng, F.adaptive_avg_pool2d(x, output_size).shape, dtype, values)
+    return Sample(x=x, output_size=output_size, dy=dy)
+
+
+def adaptive_avg_pool2d_errors():
+    """The forward's and the backward's refusals (the backward checks x_shape and output_size
+    as the forward checks the input)."""
+    out = []
+    for op in ("adaptive_avg_pool2d", "adaptive_avg_pool2d_backward"):
+        backward = op.endswith("_backward")
+        name = "x_shape" if backward else "input"
+        shape_ = "" if backward else " shape"
+
+        def bad(x, output_size, exception, message, op=op, backward=backward):
+            args = (np.ones((1, 1, 1, 1)), x) if backward else (np.ones(x),)
+            return Bad(op, args + (output_size,), {}, exception, f"[{op}] {message}")
+
+        # fmt: off
+        out += [
+            bad((4, 4), 2, ValueError,
+                f"{name}: expected 3 dims (C, H, W) or 4 dims (N, C, H, W), got shape (4, 4)"),
+            bad((1, 0, 4, 4), 2, ValueError,
+                f"{name}: expected every dim but the batch >= 1, got shape (1, 0, 4, 4)"),
+            bad((1, 4, 0), 2, ValueError,
+                f"{name}: expected every dim >= 1, got shape (1, 4, 0)"),
+            bad((1, 1, 4, 4), 0, ValueError,
+                "output_size: expected sizes >= 1 or None, got (0, 0)"),
+            bad((1, 1, 4, 4), (2, -1), ValueError,
+                "output_size: expected sizes >= 1 or None, got (2, -1)"),
+            bad((1, 1, 4, 4), (None, 0), ValueError,
+                "output_size: expected sizes >= 1 or None, got (None, 0)"),
+            bad((1, 1, 4, 4), (2**61, 1), ValueError,
+                "output_size: expected output size * input size at most 2^62 along each axis, "
+                f"got output_size (2305843009213693952, 1) for {name}{shape_} (1, 1, 4, 4)"),
+            bad((1, 1, 4, 4), 2**40, ValueError,
+                "output: expected at most 2^48 elements, got shape (1, 1, 1099511627776, "
+                f"1099511627776) from {name}{shape_} (1, 1, 4, 4) and output_size "
+                "(1099511627776, 1099511627776)"),
+            bad((1, 1, 4, 4), 2**63, ValueError, "output_size: expected a 64-bit integer"),
+        ]
+        for output_size in (2.5, None, (1, 2, 3), (True, 2), "ab", (1.5, None), [2]):
+            out.append(bad((1, 1, 4, 4), output_size, TypeError,
+                           "output_size: expected an int, or a pair of ints or None, got "
+                           + repr(output_size)))
+        # fmt: on
+    # the backward's own: doutput must be the forward output's shape
+
+    def bad_dy(dy, x, output_size, message):
+        return Bad(
+            "adaptive_avg_pool2d_backward",
+            (np.ones(dy), x, output_size),
+            {},
+            ValueError,
+            "[adaptive_avg_pool2d_backward] " + message,
+        )
+
+    # fmt: off
+    out += [
+        bad_dy((1, 1, 2, 1), (1, 1, 4, 4), 2, "doutput: expected shape (1, 1, 2, 2) "
+               "(the forward output's), got shape (1, 1, 2, 1)"),
+        bad_dy((1, 1, 4, 2), (1, 1, 4, 4), (None, 3), "doutput: expected shape (1, 1, 4, 3) "
+               "(the forward output's), got shape (1, 1, 4, 2)"),
+        bad_dy((1, 1, 2, 2), (1, 4, 4), 2, "doutput: expected shape (1, 2, 2) "
+               "(the forward output's), got shape (1, 1, 2, 2)"),
+        bad_dy((1, 1, 2, 2), (1, 1, -4, 4), 2,
+               "x_shape: expected every dim >= 0, got shape (1, 1, -4, 4)"),
+    ]
+    # fmt: on
+    return out
+
+
+ADAPTIVE_AVG_POOL2D = Op(
+    "adaptive_avg_pool2d",
+    make_adaptive_avg_pool2d,
+    forward=lambda lib, s: lib.adaptive_avg_pool2d(s.x, s.output_size),
+    backward=lambda lib, s: (lib.adaptive_avg_pool2d_backward(s.dy, s.x.shape, s.output_size),),
+    wrt=("x",),
+    forward_args=(Arg("x", "input"),),
+    backward_args=(Arg("dy", "doutput"),),
+    cases=ADAPTIVE_POOL_CASES,
+    big=ADAPTIVE_POOL_BIG,
+    threads=ADAPTIVE_POOL_THREADS,
+    errors=adaptive_avg_pool2d_errors(),
+)
+
+
+# ---------------------------------------------------------------------------------------
 # relu, sigmoid, tanh, leaky_relu, gelu, silu, dropout: any shape
 # ---------------------------------------------------------------------------------------
 
@@ -1326,6 +1440,7 @@ OPS = [
     CONV2D,
     MAX_POOL2D,
     AVG_POOL2D,
+    ADAPTIVE_AVG_POOL2D,
     RELU,
     SIGMOID,
     TANH,

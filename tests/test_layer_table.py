@@ -35,6 +35,8 @@ LAYERS = {
         dict(kernel_size=(2, 3), stride=2, padding=(1, 1), ceil_mode=True, count_include_pad=False),
         (2, 2, 5, 6),
     ),
+    # None keeps the input's height; the width grows (windows repeat cells)
+    "AdaptiveAvgPool2d": (dict(output_size=(None, 4)), (2, 2, 7, 3)),
     "Dropout": (dict(p=0.3, seed=5), (2, 3, 4, 4)),
     "ReLU": ({}, (2, 3, 4, 4)),
     "Sigmoid": ({}, (2, 3, 4, 4)),
@@ -163,6 +165,9 @@ POOL_OPTIONS = [
     ("AvgPool2d", dict(kernel_size=3, stride=2, padding=1, ceil_mode=True), (2, 2, 6, 6)),
     ("AvgPool2d", dict(kernel_size=2, stride=1, divisor_override=3), (1, 2, 4, 5)),
     ("AvgPool2d", dict(kernel_size=3, padding=1, count_include_pad=False), (1, 1, 7, 7)),
+    ("AdaptiveAvgPool2d", dict(output_size=1), (2, 3, 5, 6)),
+    ("AdaptiveAvgPool2d", dict(output_size=(3, 5)), (2, 2, 7, 9)),
+    ("AdaptiveAvgPool2d", dict(output_size=[2, None]), (3, 7, 4)),
 ]
 
 
@@ -178,6 +183,9 @@ def test_pool_layers_compute_their_functional_op(name, arguments, shape):
     if name == "MaxPool2d":
         want_y, idx = F.max_pool2d(x, **arguments)
         want_dx = F.max_pool2d_backward(dy, idx, shape)
+    elif name == "AdaptiveAvgPool2d":
+        want_y = F.adaptive_avg_pool2d(x, **arguments)
+        want_dx = F.adaptive_avg_pool2d_backward(dy, shape, **arguments)
     else:
         want_y = F.avg_pool2d(x, **arguments)
         want_dx = F.avg_pool2d_backward(dy, shape, **arguments)
@@ -200,6 +208,27 @@ def test_pool_layer_defaults_come_from_the_declaration():
         nn.AvgPool2d(2, divisor_override=2.5)
     with pytest.raises(ValueError, match=r"^\[MaxPool2d\] dilation: expected >= 1, got 0"):
         nn.MaxPool2d(2, dilation=0)
+
+
+def test_adaptive_pool_layer_takes_torchs_output_sizes():
+    assert str(nn.AdaptiveAvgPool2d.__signature__) == "(output_size)"
+    # an int, a pair, None elements: kept as [h, w] in the model file's entry
+    assert nn.AdaptiveAvgPool2d(3).config() == {"type": "AdaptiveAvgPool2d", "output_size": [3, 3]}
+    assert nn.AdaptiveAvgPool2d((None, 2)).config()["output_size"] == [None, 2]
+    assert nn.AdaptiveAvgPool2d(output_size=[4, None]).config()["output_size"] == [4, None]
+    assert nn.AdaptiveAvgPool2d(np.int64(2)).config()["output_size"] == [2, 2]
+    message = r"^\[AdaptiveAvgPool2d\] output_size: expected an int, or a pair of ints or None"
+    for bad in (None, 2.5, (1, 2, 3), (True, 1), "2"):
+        with pytest.raises(TypeError, match=message):
+            nn.AdaptiveAvgPool2d(bad)
+    for bad in (0, (2, 0), (None, -1)):
+        with pytest.raises(ValueError, match=r"^\[AdaptiveAvgPool2d\] output_size: expected >= 1"):
+            nn.AdaptiveAvgPool2d(bad)
+    with pytest.raises(TypeError, match="output_size"):  # required, as torch's
+        nn.AdaptiveAvgPool2d()
+    # the input's checks are the functional op's
+    with pytest.raises(ValueError, match=r"^\[adaptive_avg_pool2d\] input: expected 3 dims"):
+        nn.AdaptiveAvgPool2d(2)(np.ones((4, 4)))
 
 
 def test_model_file_entries_without_the_pool_options_take_the_defaults(tmp_path):

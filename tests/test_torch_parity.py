@@ -1,5 +1,5 @@
 """Kernels against PyTorch itself (the oracle's own torch checks are in test_reference.py):
-avg-pool bit for bit, tanh within its tolerance, dropout's function of its mask through
+avg-pool and adaptive avg-pool bit for bit, tanh within its tolerance, dropout's function of its mask through
 torch's autograd and its keep rate against torch's."""
 
 import itertools
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from cnnbp import functional as F
 from conftest import DTYPES, KERNEL_TOL, assert_close, assert_same_bits, randn, rng_for
-from ops import AVG_POOL2D, AVG_POOL_CASES, DROPOUT_PS, POOL_BIG
+from ops import ADAPTIVE_AVG_POOL2D, AVG_POOL2D, AVG_POOL_CASES, DROPOUT_PS, POOL_BIG
 
 F32, F64 = np.float32, np.float64
 DTYPE_IDS = ["float32", "float64"]
@@ -48,6 +48,86 @@ def test_avg_pool2d_matches_torch_on_non_finite_values(dtype):
     for kernel, stride, padding in [(2, None, 0), (3, 2, 1), (3, 1, 1)]:
         yt = torch.nn.functional.avg_pool2d(torch.tensor(x), kernel, stride, padding)
         assert_same_bits(F.avg_pool2d(x, kernel, stride, padding), yt.numpy(), f"{kernel}")
+
+
+# (x shape, output_size): the global pool, unequal windows, None, output larger than the
+# input, unbatched inputs, an empty batch, and the threaded paths
+ADAPTIVE_TORCH_CASES = [
+    ((2, 3, 7, 9), 1),
+    ((2, 3, 7, 9), (1, 1)),
+    ((3, 7, 9), 1),
+    ((2, 3, 7, 9), (3, 5)),
+    ((2, 3, 7, 9), (None, 2)),
+    ((2, 3, 7, 9), (4, None)),
+    ((2, 3, 7, 9), (None, None)),
+    ((1, 2, 4, 3), (7, 5)),
+    ((1, 2, 3, 2), (10, 9)),
+    ((2, 2, 5, 11), (5, 3)),
+    ((2, 2, 8, 8), 4),
+    ((3, 7, 9), (3, 5)),
+    ((2, 5, 6), (None, 8)),
+    ((0, 3, 5, 5), 2),
+    ((2, 16, 24, 24), (5, 7)),
+    ((4, 64, 24, 24), 1),
+]
+
+
+def is_global(x_shape, output_size):
+    """Whether the output is 1 x 1, where torch computes a mean."""
+    P, Q = (output_size, output_size) if isinstance(output_size, int) else output_size
+    return (x_shape[-2] if P is None else P, x_shape[-1] if Q is None else Q) == (1, 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", ADAPTIVE_TORCH_CASES, ids=str)
+def test_adaptive_avg_pool2d_matches_torch(case, dtype):
+    # torch's CPU kernel sums each window in row-major order in the input's dtype and divides
+    # by kh, then kw; the backward adds dy / kh / kw window by window in row-major order: the
+    # same arithmetic here, so the same bits. The global pool is torch's mean, whose sum is
+    # blocked differently (ours runs in double): within the tolerance forward, and the
+    # backward's dy / (H * W) is the same bits.
+    torch = pytest.importorskip("torch")
+    x_shape, output_size = case
+    s = ADAPTIVE_AVG_POOL2D.sample(case, dtype)
+    xt = torch.tensor(s.x, requires_grad=True)
+    yt = torch.nn.functional.adaptive_avg_pool2d(xt, output_size)
+    yt.backward(torch.tensor(s.dy))
+    y = F.adaptive_avg_pool2d(s.x, output_size)
+    dx = F.adaptive_avg_pool2d_backward(s.dy, s.x.shape, output_size)
+    assert y.shape == tuple(yt.shape) and y.dtype == dtype and dx.shape == s.x.shape
+    if is_global(x_shape, output_size):
+        assert_close(y, yt.detach().numpy(), TOL["adaptive_avg_pool2d"][dtype], "y")
+    else:
+        assert_same_bits(y, yt.detach().numpy(), "y")
+    assert_same_bits(dx, xt.grad.numpy(), "dx")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_adaptive_avg_pool2d_matches_torch_on_non_finite_values(dtype):
+    torch = pytest.importorskip("torch")
+    x = np.ones((1, 2, 5, 6), dtype)
+    x[0, 0, 1, 1] = np.nan
+    x[0, 1, 2, 2] = np.inf
+    x[0, 1, 3, 4] = -np.inf
+    for output_size in (1, (2, 3), (None, 4), (7, 8)):
+        yt = torch.nn.functional.adaptive_avg_pool2d(torch.tensor(x), output_size)
+        assert_same_bits(F.adaptive_avg_pool2d(x, output_size), yt.numpy(), f"{output_size}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("output_size", [1, (3, 5), (None, 2), (9, 4)], ids=str)
+def test_adaptive_avg_pool2d_layer_matches_torchs_layer(output_size, dtype):
+    torch = pytest.importorskip("torch")
+    from cnnbp import nn
+
+    x = randn(rng_for("adaptive-layer", str(output_size)), (2, 3, 7, 6), dtype)
+    ours, theirs = nn.AdaptiveAvgPool2d(output_size), torch.nn.AdaptiveAvgPool2d(output_size)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = theirs(xt)
+    dy = randn(rng_for("adaptive-layer-dy", str(output_size)), tuple(yt.shape), dtype)
+    yt.backward(torch.tensor(dy))
+    assert_close(ours(x), yt.detach().numpy(), TOL["adaptive_avg_pool2d"][dtype], "y")
+    assert_same_bits(ours.backward(dy), xt.grad.numpy(), "dx")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -460,6 +460,91 @@ py::array avg_pool2d_backward(const py::handle& dy_obj, const py::handle& x_shap
     });
 }
 
+// ---- adaptive_avg_pool2d -------------------------------------------------------------------
+
+// torch's output_size: an int, or a pair whose elements are ints or None (the input's size
+// along that axis). The sizes are checked by adaptive_pool2d_dims.
+cnnbp::AdaptiveOutputSize parse_output_size(const char* op, const py::handle& obj) {
+    auto fail = [&]() -> py::type_error {
+        return py::type_error(std::string("[") + op +
+                              "] output_size: expected an int, or a pair of ints or None, got " +
+                              std::string(py::repr(obj)));
+    };
+    auto element = [&](const py::handle& v) -> std::optional<int64_t> {
+        int64_t fast;
+        if (exact_int(v, fast)) return fast;
+        if (py::isinstance<py::bool_>(v) || !PyIndex_Check(v.ptr())) throw fail();
+        return index_value(op, "output_size", v);
+    };
+    if (PyIndex_Check(obj.ptr())) {  // ints, numpy integers, 0-d integer arrays
+        const auto v = element(obj);
+        return {v, v};
+    }
+    if (py::isinstance<py::sequence>(obj) && !py::isinstance<py::str>(obj)) {
+        py::sequence seq = py::reinterpret_borrow<py::sequence>(obj);
+        if (seq.size() != 2) throw fail();
+        cnnbp::AdaptiveOutputSize out;
+        for (size_t i = 0; i < 2; ++i) {
+            const py::object v = seq[i];
+            if (!v.is_none()) out[i] = element(v);
+        }
+        return out;
+    }
+    throw fail();
+}
+
+py::array adaptive_avg_pool2d(const py::handle& x_obj, const py::handle& output_size) {
+    const char* op = "adaptive_avg_pool2d";
+    py::array x = as_array(op, "input", x_obj);
+    const DType dtype = float_dtype(op, "input", x);
+    const auto dims =
+        cnnbp::adaptive_pool2d_dims(op, shape_of(x), parse_output_size(op, output_size));
+    return dispatch(dtype, [&](auto tag) -> py::array {
+        using T = decltype(tag);
+        auto xc = contiguous<T>(x);
+        auto y = empty_like_shape<T>(cnnbp::adaptive_pool2d_output_shape(dims));
+        T* y_ptr = y.mutable_data();
+        {  // the GIL is held again before the result is touched
+            py::gil_scoped_release release;
+            cnnbp::adaptive_avg_pool2d_forward<T>(y_ptr, xc.data(), dims);
+        }
+        return y;
+    });
+}
+
+py::array adaptive_avg_pool2d_backward(const py::handle& dy_obj, const py::handle& x_shape_obj,
+                                       const py::handle& output_size) {
+    const char* op = "adaptive_avg_pool2d_backward";
+    const Shape x_shape = parse_shape(op, "x_shape", x_shape_obj);
+    py::array dy = as_array(op, "doutput", dy_obj);
+    const DType dtype = float_dtype(op, "doutput", dy);
+    const auto dims = cnnbp::adaptive_avg_pool2d_backward_dims(shape_of(dy), x_shape,
+                                                               parse_output_size(op, output_size));
+    return dispatch(dtype, [&](auto tag) -> py::array {
+        using T = decltype(tag);
+        auto dyc = contiguous<T>(dy);
+        auto dx = empty_like_shape<T>(x_shape);
+        T* dx_ptr = dx.mutable_data();
+        {  // the GIL is held again before the result is touched
+            py::gil_scoped_release release;
+            cnnbp::adaptive_avg_pool2d_backward<T>(dx_ptr, dyc.data(), dims);
+        }
+        return dx;
+    });
+}
+
+void def_adaptive_avg_pool2d(py::module_& m) {
+    using py::arg;
+    m.def("adaptive_avg_pool2d", &adaptive_avg_pool2d, arg("x"), arg("output_size"),
+          "y (N, C, P, Q) = adaptive_avg_pool2d(x (N, C, H, W), output_size (P, Q)): output cell "
+          "(p, q) is the mean of input rows floor(p*H/P) to ceil((p+1)*H/P) and columns "
+          "floor(q*W/Q) to ceil((q+1)*W/Q), as torch; output_size an int or an (h, w) pair "
+          "whose None elements keep the input's size.");
+    m.def("adaptive_avg_pool2d_backward", &adaptive_avg_pool2d_backward, arg("dy"), arg("x_shape"),
+          arg("output_size"),
+          "dx (x_shape): each cell gets dy / window size from every window covering it.");
+}
+
 // A real number (Python or NumPy float or int, not a bool); its range is the validation's.
 double parse_float(const char* op, const char* name, const py::handle& obj) {
     PyObject* o = obj.ptr();
@@ -1069,6 +1154,7 @@ PYBIND11_MODULE(_core, m) {
         "dz = da * s * (1 + z * (1 - s)), s = sigmoid(z), from the forward input z");
     def_activations_with_options(m);
     def_avg_pool2d_dropout(m);
+    def_adaptive_avg_pool2d(m);
 
     m.def("linear", &linear, arg("x"), arg("w"), arg("b") = py::none(),
           "y (*, out) = x (*, in) . w (out, in)^T + b (out,)");

@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "cnnbp/activation.hpp"
+#include "cnnbp/adaptive_pool2d.hpp"
 #include "cnnbp/conv2d.hpp"
 #include "cnnbp/dropout.hpp"
 #include "cnnbp/errors.hpp"
@@ -387,6 +388,62 @@ CNNBP_REGISTER_LAYER(AvgPool2d, {"AvgPool2d", "avg_pool2d",
                                  "divisor_override, else the window's cells, padding included "
                                  "with count_include_pad); backward spreads dL/dy evenly",
                                  avg_pool2d_fields});
+
+// ---- AdaptiveAvgPool2d ---------------------------------------------------------------------
+
+namespace {
+
+json::Value optional_size(const std::optional<int64_t>& v) {
+    return v ? json::Value(*v) : json::Value(nullptr);
+}
+
+}  // namespace
+
+template <typename T>
+AdaptiveAvgPool2d<T>::AdaptiveAvgPool2d(int64_t output_size)
+    : AdaptiveAvgPool2d(arguments_of("AdaptiveAvgPool2d", {output_size})) {}
+
+template <typename T>
+AdaptiveAvgPool2d<T>::AdaptiveAvgPool2d(AdaptiveOutputSize output_size)
+    : AdaptiveAvgPool2d(arguments_of(
+          "AdaptiveAvgPool2d",
+          {json::Array{optional_size(output_size[0]), optional_size(output_size[1])}})) {}
+
+template <typename T>
+AdaptiveAvgPool2d<T>::AdaptiveAvgPool2d(const Config& arguments)
+    : Layer<T>(arguments), output_size_(arguments.optional_pair("output_size")) {
+    adaptive_pool2d_check_output_size(arguments.type().c_str(), output_size_);
+}
+
+template <typename T>
+const Tensor<T>& AdaptiveAvgPool2d<T>::forward(const Tensor<T>& input) {
+    dims_ = adaptive_pool2d_dims("adaptive_avg_pool2d", input.shape, output_size_);
+    this->input_ = &input;
+    this->output_.resize(adaptive_pool2d_output_shape(dims_));
+    adaptive_avg_pool2d_forward(this->output_.data.data(), input.data.data(), dims_);
+    return this->output_;
+}
+
+template <typename T>
+const Tensor<T>& AdaptiveAvgPool2d<T>::backward(const Tensor<T>& grad_output) {
+    const Tensor<T>& input = require_forward(this->input_, "AdaptiveAvgPool2d");
+    check_same_shape("adaptive_avg_pool2d_backward", "output", this->output_.shape, "doutput",
+                     grad_output.shape);
+    this->grad_output_ = &grad_output;
+    this->grad_input_.resize(input.shape);
+    adaptive_avg_pool2d_backward(this->grad_input_.data.data(), grad_output.data.data(), dims_);
+    return this->grad_input_;
+}
+
+// torch.nn.AdaptiveAvgPool2d's one argument: output_size, an int or an (h, w) pair whose
+// elements may be None (the input's size along that axis)
+CNNBP_REGISTER_LAYER(AdaptiveAvgPool2d,
+                     {"AdaptiveAvgPool2d",
+                      "adaptive_avg_pool2d",
+                      "y (N, C, *output_size) = the mean over each adaptive window (torch's "
+                      "rule: cells floor(i*L/O) to ceil((i+1)*L/O)); backward spreads dL/dy "
+                      "evenly",
+                      {{"output_size", FieldKind::OptionalPair, nullptr, 1}}});
 
 template <typename T>
 Dropout<T>::Dropout(double p) : Dropout(arguments_of("Dropout", {p})) {}
@@ -1012,6 +1069,7 @@ double train_step(Sequential<T>& model, const Tensor<T>& input, const Tensor<Tar
     template class Linear<T>;                                                                      \
     template class MaxPool2d<T>;                                                                   \
     template class AvgPool2d<T>;                                                                   \
+    template class AdaptiveAvgPool2d<T>;                                                           \
     template class Elementwise<T, TanhKind>;                                                       \
     template class Dropout<T>;                                                                     \
     template class Elementwise<T, ReLUKind>;                                                       \

@@ -78,6 +78,23 @@ json::Value checked(const std::string& op, const Field& f, const json::Value& v)
             for (const auto& x : pair) check_minimum(op, f, *x.get<int64_t>());
             return pair;
         }
+        case FieldKind::OptionalPair: {
+            const char* expected = "an int, or a pair of ints or None";
+            // an element: an int >= minimum, or null
+            auto element = [&](const json::Value& e) -> json::Value {
+                if (e.is_null()) return nullptr;
+                const int64_t i = integer_of(op, f, e, expected);
+                check_minimum(op, f, i);
+                return i;
+            };
+            if (const json::Array* a = v.get<json::Array>()) {
+                if (a->size() != 2) wrong_kind(op, f, expected, v);
+                return json::Array{element((*a)[0]), element((*a)[1])};
+            }
+            if (v.is_null()) wrong_kind(op, f, expected, v);
+            const json::Value i = element(v);
+            return json::Array{i, i};
+        }
         case FieldKind::Bool:
             if (!v.get<bool>()) wrong_kind(op, f, "True or False", v);
             return v;
@@ -174,6 +191,14 @@ std::optional<int64_t> Config::optional_integer(const std::string& name) const {
     const json::Value& v = at(name);
     if (v.is_null()) return std::nullopt;
     return *v.get<int64_t>();
+}
+
+std::array<std::optional<int64_t>, 2> Config::optional_pair(const std::string& name) const {
+    const json::Array& a = *at(name).get<json::Array>();
+    std::array<std::optional<int64_t>, 2> out;
+    for (size_t i = 0; i < 2; ++i)
+        if (!a[i].is_null()) out[i] = *a[i].get<int64_t>();
+    return out;
 }
 
 std::string Config::padding_mode(const std::string& name) const {

@@ -496,6 +496,75 @@ Pool2dDims avg_pool2d_backward_dims(const Shape& doutput, const Shape& input_sha
     return d;
 }
 
+// ---- adaptive_avg_pool2d -------------------------------------------------------------------
+
+namespace {
+
+std::string output_size_str(const AdaptiveOutputSize& s) {
+    auto one = [](const std::optional<int64_t>& v) { return v ? std::to_string(*v) : "None"; };
+    return "(" + one(s[0]) + ", " + one(s[1]) + ")";
+}
+
+}  // namespace
+
+void adaptive_pool2d_check_output_size(const char* op, const AdaptiveOutputSize& output_size) {
+    for (const auto& v : output_size)
+        if (v && *v < 1)
+            fail(op,
+                 "output_size: expected sizes >= 1 or None, got " + output_size_str(output_size));
+}
+
+AdaptivePool2dDims adaptive_pool2d_dims(const char* op, const Shape& given_input,
+                                        const AdaptiveOutputSize& output_size,
+                                        const char* input_name) {
+    const BatchForm input = batch_form(op, input_name, given_input);
+    adaptive_pool2d_check_output_size(op, output_size);
+    AdaptivePool2dDims d{input.N,
+                         input.C,
+                         input.H,
+                         input.W,
+                         output_size[0].value_or(input.H),
+                         output_size[1].value_or(input.W),
+                         input.batched};
+    // "input shape (1, 2, 3, 4)" or "x_shape (1, 2, 3, 4)", as the pools' messages name it
+    const std::string given = std::string(input_name) +
+                              (std::string(input_name) == "input" ? " shape " : " ") +
+                              shape_str(given_input);
+    // the window bounds compute o * in for o <= out: out * in must fit in int64
+    const int64_t limit = int64_t(1) << 62;
+    if (checked_product({d.P, d.H}, limit) < 0 || checked_product({d.Q, d.W}, limit) < 0)
+        fail(op, "output_size: expected output size * input size at most " + limit_str(limit) +
+                     " along each axis, got output_size " + output_size_str(output_size) + " for " +
+                     given);
+    if (checked_product({d.N, d.C, d.P, d.Q}, kMaxElements) < 0)
+        fail(op, "output: expected at most " + limit_str(kMaxElements) + " elements, got shape " +
+                     shape_str({d.N, d.C, d.P, d.Q}) + " from " + given + " and output_size " +
+                     output_size_str(output_size));
+    // the windows of an axis hold at most in + 2 * out cells in all (neighbours share at most
+    // one cell when out <= in, windows hold one or two cells when out > in)
+    if (checked_product({d.N, d.C, d.H + 2 * d.P, d.W + 2 * d.Q}, kMaxWork) < 0)
+        fail(op, "output_size: expected at most " + limit_str(kMaxWork) +
+                     " window cells in all, got " + given + " and output_size " +
+                     output_size_str(output_size));
+    return d;
+}
+
+Shape adaptive_pool2d_output_shape(const AdaptivePool2dDims& d) {
+    if (d.batched) return {d.N, d.C, d.P, d.Q};
+    return {d.C, d.P, d.Q};
+}
+
+AdaptivePool2dDims adaptive_avg_pool2d_backward_dims(const Shape& doutput, const Shape& input_shape,
+                                                     const AdaptiveOutputSize& output_size) {
+    const char* op = "adaptive_avg_pool2d_backward";
+    const AdaptivePool2dDims d = adaptive_pool2d_dims(op, input_shape, output_size, "x_shape");
+    const Shape expected = adaptive_pool2d_output_shape(d);
+    if (doutput != expected)
+        fail(op, "doutput: expected shape " + shape_str(expected) +
+                     " (the forward output's), got shape " + shape_str(doutput));
+    return d;
+}
+
 // ---- leaky_relu, gelu ----------------------------------------------------------------------
 
 double leaky_relu_slope(const char* op, double negative_slope) {

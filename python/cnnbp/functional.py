@@ -14,6 +14,8 @@ with a message that starts with the op's name, e.g. ``[conv2d] weight: expected 
     y            = avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False,
                               count_include_pad=True, divisor_override=None)
     dx           = avg_pool2d_backward(dy, x_shape, kernel_size, ...the same options...)
+    y            = adaptive_avg_pool2d(x, output_size)   # output_size: int or (h, w), None = keep
+    dx           = adaptive_avg_pool2d_backward(dy, x_shape, output_size)
     a = relu(z);    dz = relu_backward(da, z)
     a = sigmoid(z); dz = sigmoid_backward(da, a)
     a = tanh(z);    dz = tanh_backward(da, a)
@@ -49,7 +51,10 @@ The pools have torch's options and semantics: ceil_mode rounds the output size u
 window may hang past the padding, never start in it); avg_pool2d divides by divisor_override
 when given, else by the window's cells inside the padded input (count_include_pad=True) or
 inside the input; output_size(in_size, kernel, stride, padding, dilation, ceil_mode) is the
-rule both use. dropout's mask is a function of (seed, flat index) only
+rule both use. adaptive_avg_pool2d gives every input size the output (P, Q) = output_size (an
+int, or an (h, w) pair whose None elements keep the input's size), output cell i of an axis
+of input length L and output length O averaging input cells floor(i*L/O) to ceil((i+1)*L/O)
+(torch's windows; with O > L they repeat cells). dropout's mask is a function of (seed, flat index) only
 (cnnbp.reference.dropout_mask writes the hash out in NumPy): the same for any thread count
 and on every run; p must lie in [0, 1], p == 0 is the identity and p == 1 gives x * 0.
 ``conv2d_workspace_bytes(x_shape, w_shape, stride, padding, dtype, dilation, groups)``
@@ -67,6 +72,8 @@ import math
 import numpy as np
 
 from ._core import (
+    adaptive_avg_pool2d,
+    adaptive_avg_pool2d_backward,
     avg_pool2d,
     avg_pool2d_backward,
     binary_cross_entropy,
@@ -134,6 +141,8 @@ __all__ = [
     "max_pool2d_backward",
     "avg_pool2d",
     "avg_pool2d_backward",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool2d_backward",
     "relu",
     "relu_backward",
     "sigmoid",

@@ -38,6 +38,8 @@ __all__ = [
     "max_pool2d_backward",
     "avg_pool2d",
     "avg_pool2d_backward",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool2d_backward",
     "relu",
     "relu_backward",
     "sigmoid",
@@ -426,6 +428,71 @@ def avg_pool2d_backward(dy, x_shape, kernel_size, stride=None, padding=0,
             share = dy[:, :, p, q] / divisor  # share (N, C)
             dxpad[:, :, p * sh : p * sh + kh, q * sw : q * sw + kw] += share[:, :, None, None]
     return _out(dxpad[:, :, ph : ph + H, pw : pw + W])  # dx (N, C, H, W)
+
+
+# ---------------------------------------------------------------------------------------
+# adaptive_avg_pool2d: torch's windows
+# ---------------------------------------------------------------------------------------
+
+
+def _adaptive_windows(size_in, size_out):
+    """The input cells [start, end) that each of the size_out output cells of an axis averages.
+
+    torch's rule, with L = size_in and O = size_out: output cell i covers floor(i*L/O) to
+    ceil((i+1)*L/O). Together the windows cover the axis; neighbours may share a cell, and
+    with O > L cells repeat.
+    """
+    L, O = size_in, size_out  # noqa: E741 (the rule's letters)
+    return [(i * L // O, -(-(i + 1) * L // O)) for i in range(O)]  # -(-a // b) = ceil(a / b)
+
+
+def _adaptive_output_size(output_size, H, W):
+    """(P, Q) from an int or an (h, w) pair; a None element keeps the input's size."""
+    P, Q = (output_size, output_size) if np.isscalar(output_size) else output_size
+    return (H if P is None else int(P)), (W if Q is None else int(Q))
+
+
+def adaptive_avg_pool2d(x, output_size):
+    """y[n, c, p, q] = mean of x[n, c, rows of window p, columns of window q].
+
+    The windows are _adaptive_windows's (torch's rule), so any input size gives the output
+    size (P, Q); y (N, C, P, Q), or (C, P, Q) for an unbatched x (C, H, W).
+    """
+    x = _f64(x)
+    unbatched = x.ndim == 3
+    if unbatched:
+        x = x[None]  # (1, C, H, W)
+    N, C, H, W = x.shape
+    P, Q = _adaptive_output_size(output_size, H, W)
+
+    y = np.empty((N, C, P, Q))  # y (N, C, P, Q)
+    for p, (h0, h1) in enumerate(_adaptive_windows(H, P)):
+        for q, (w0, w1) in enumerate(_adaptive_windows(W, Q)):
+            y[:, :, p, q] = x[:, :, h0:h1, w0:w1].mean(axis=(2, 3))
+    return _out(y[0] if unbatched else y)
+
+
+def adaptive_avg_pool2d_backward(dy, x_shape, output_size):
+    """Gradient of adaptive_avg_pool2d with respect to its input x.
+
+    Inverts:
+        y[:, :, p, q] = x[:, :, h0:h1, w0:w1].mean(axis=(2, 3))
+    so every cell of window (p, q) receives dy[n, c, p, q] / ((h1 - h0) * (w1 - w0)); cells
+    that several windows share add their shares.
+    """
+    dy = _f64(dy)
+    unbatched = len(x_shape) == 3
+    if unbatched:
+        dy, x_shape = dy[None], (1, *x_shape)
+    N, C, H, W = (int(d) for d in x_shape)
+    P, Q = _adaptive_output_size(output_size, H, W)
+
+    dx = np.zeros((N, C, H, W))  # dx (N, C, H, W)
+    for p, (h0, h1) in enumerate(_adaptive_windows(H, P)):
+        for q, (w0, w1) in enumerate(_adaptive_windows(W, Q)):
+            share = dy[:, :, p, q] / ((h1 - h0) * (w1 - w0))  # share (N, C)
+            dx[:, :, h0:h1, w0:w1] += share[:, :, None, None]
+    return _out(dx[0] if unbatched else dx)
 
 
 # ---------------------------------------------------------------------------------------

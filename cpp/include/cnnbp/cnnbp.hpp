@@ -2,6 +2,7 @@
 #pragma once
 
 #include "cnnbp/activation.hpp"
+#include "cnnbp/adaptive_pool2d.hpp"
 #include "cnnbp/conv2d.hpp"
 #include "cnnbp/dropout.hpp"
 #include "cnnbp/errors.hpp"

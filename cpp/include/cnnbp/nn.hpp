@@ -319,6 +319,25 @@ class AvgPool2d : public Pool2d<T> {
     std::string type() const override { return "AvgPool2d"; }
 };
 
+// torch.nn.AdaptiveAvgPool2d(output_size): output (N, C, P, Q) of the given size whatever the
+// input's, each cell the mean of its window (torch's rule, adaptive_pool2d.hpp); an element of
+// output_size that is nullopt (torch's None) keeps the input's size along that axis.
+template <typename T>
+class AdaptiveAvgPool2d : public Layer<T> {
+ public:
+    explicit AdaptiveAvgPool2d(int64_t output_size);
+    explicit AdaptiveAvgPool2d(AdaptiveOutputSize output_size);
+    explicit AdaptiveAvgPool2d(const Config& arguments);
+    const Tensor<T>& forward(const Tensor<T>& input) override;
+    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+    std::string type() const override { return "AdaptiveAvgPool2d"; }
+    const AdaptiveOutputSize& output_size() const { return output_size_; }
+
+ private:
+    AdaptiveOutputSize output_size_;
+    AdaptivePool2dDims dims_{};
+};
+
 // An elementwise activation: output = Kind::forward(input), and grad_input =
 // Kind::backward(grad_output, saved), where saved is the input z or the output a
 // (Kind::saved names it). A kind's options (LeakyReLU's negative_slope, GELU's approximate)

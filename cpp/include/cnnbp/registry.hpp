@@ -29,6 +29,9 @@ enum class FieldKind {
     Padding,      // a Pair, or the text "same" or "valid" (Conv2d's padding, as torch's)
     Number,       // a finite number, int or float, kept as a double (LeakyReLU's negative_slope)
     Choice,       // one of the texts in Field::choices (GELU's approximate: 'none' or 'tanh')
+    // an integer or a pair [h, w] whose elements are integers >= minimum or null, kept as
+    // [h, w]; not null itself (AdaptiveAvgPool2d's output_size: null keeps the input's size)
+    OptionalPair,
 };
 
 // Whether null is a value of the kind (Seed, OptionalInt): a null default is then a default,
@@ -57,7 +60,7 @@ struct Field {
     std::string name;
     FieldKind kind;
     json::Value default_value;         // null with no default_from: a required argument
-    int64_t minimum;                   // Int and Pair
+    int64_t minimum;                   // Int, Pair and OptionalPair
     std::string default_from;          // a missing or null value takes this field's (pool stride)
     bool saved;                        // false: not part of the architecture (Dropout's seed)
     std::vector<std::string> choices;  // Choice: the texts it takes
@@ -78,6 +81,8 @@ class Config {
     const std::string& text(const std::string& name) const;  // a Choice field
     std::optional<uint64_t> seed(const std::string& name) const;
     std::optional<int64_t> optional_integer(const std::string& name) const;
+    // an OptionalPair field: [h, w], each nullopt for null
+    std::array<std::optional<int64_t>, 2> optional_pair(const std::string& name) const;
     // a Padding field: "same", "valid" or "" for a pair (then read by pair())
     std::string padding_mode(const std::string& name) const;
     bool has(const std::string& name) const;

@@ -154,6 +154,42 @@ void check_pool_indices(const int64_t* indices, int64_t count, int64_t plane_siz
 Pool2dDims avg_pool2d_backward_dims(const Shape& doutput, const Shape& input_shape,
                                     const Pool2dParams& params);
 
+// ---- adaptive_avg_pool2d -------------------------------------------------------------------
+// torch's output_size: per axis (h, w) a size >= 1, or nullopt (torch's None): the input's size
+// along that axis.
+using AdaptiveOutputSize = std::array<std::optional<int64_t>, 2>;
+
+struct AdaptivePool2dDims {
+    int64_t N, C, H, W;   // input (N, C, H, W)
+    int64_t P, Q;         // output (N, C, P, Q)
+    bool batched = true;  // false for an unbatched (C, H, W) input: N = 1, output (C, P, Q)
+};
+
+// The window of output cell o along an axis of input length `in` and output length `out`,
+// torch's rule: input cells [adaptive_start, adaptive_end) = [floor(o * in / out),
+// ceil((o + 1) * in / out)). Every window holds at least one cell; with out > in neighbouring
+// windows share cells. adaptive_pool2d_dims keeps out * in within int64.
+inline int64_t adaptive_start(int64_t o, int64_t in, int64_t out) { return o * in / out; }
+inline int64_t adaptive_end(int64_t o, int64_t in, int64_t out) {
+    return ((o + 1) * in + out - 1) / out;
+}
+
+// Each given size >= 1 ("[op] output_size: expected sizes >= 1 or None, got (0, 2)").
+void adaptive_pool2d_check_output_size(const char* op, const AdaptiveOutputSize& output_size);
+
+// input (N, C, H, W) or unbatched (C, H, W), N may be 0; output (P, Q) = output_size with
+// None taken from (H, W). `input_name` names the input in messages ("x_shape" for the
+// backward).
+AdaptivePool2dDims adaptive_pool2d_dims(const char* op, const Shape& input,
+                                        const AdaptiveOutputSize& output_size,
+                                        const char* input_name = "input");
+// The output's shape: (N, C, P, Q), or (C, P, Q) for an unbatched input.
+Shape adaptive_pool2d_output_shape(const AdaptivePool2dDims& dims);
+// adaptive_avg_pool2d_backward: x_shape and output_size checked as the forward checks them;
+// doutput must then be the forward output's shape.
+AdaptivePool2dDims adaptive_avg_pool2d_backward_dims(const Shape& doutput, const Shape& input_shape,
+                                                     const AdaptiveOutputSize& output_size);
+
 // ---- threads -------------------------------------------------------------------------------
 // set_num_threads: n in [1, kMaxThreads]. More threads than any CPU has would not run
 // faster, and OpenMP ends the process when it cannot start or allocate a team of them.
