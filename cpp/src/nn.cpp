@@ -405,9 +405,10 @@ AdaptiveAvgPool2d<T>::AdaptiveAvgPool2d(int64_t output_size)
 
 template <typename T>
 AdaptiveAvgPool2d<T>::AdaptiveAvgPool2d(AdaptiveOutputSize output_size)
-    : AdaptiveAvgPool2d(arguments_of(
-          "AdaptiveAvgPool2d",
-          {json::Array{optional_size(output_size[0]), optional_size(output_size[1])}})) {}
+    // (a one-element list: {json::Array{...}} would copy the pair as the argument list)
+    : AdaptiveAvgPool2d(arguments_of("AdaptiveAvgPool2d",
+                                     {json::Value(json::Array{optional_size(output_size[0]),
+                                                              optional_size(output_size[1])})})) {}
 
 template <typename T>
 AdaptiveAvgPool2d<T>::AdaptiveAvgPool2d(const Config& arguments)

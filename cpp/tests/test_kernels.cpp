@@ -324,6 +324,74 @@ TEST_CASE("avg_pool2d backward: finite differences") {
     }
 }
 
+// ---- adaptive_avg_pool2d -------------------------------------------------------------------
+
+TEST_CASE("adaptive_avg_pool2d: torch's windows, hand-computed forward and backward") {
+    // x[h][w] = 4h + w (3 x 4) to (2, 3): rows [0, 2) and [1, 3), columns [0, 2), [1, 3) and
+    // [2, 4): every window 2 x 2, its mean 4 * (mean row) + (mean column)
+    V x(12);
+    for (int i = 0; i < 12; ++i) x[size_t(i)] = i;
+    const auto d = adaptive_pool2d_dims("adaptive_avg_pool2d", {1, 1, 3, 4}, {2, 3});
+    CHECK(d.P == 2 && d.Q == 3 && d.batched);
+    V y(6);
+    adaptive_avg_pool2d_forward(y.data(), x.data(), d);
+    CHECK_CLOSE(y.data(), (V{2.5, 3.5, 4.5, 6.5, 7.5, 8.5}), 0, 0);
+    // each window gives its cells 1/4 of dy: shared rows and columns add up
+    const V ones(6, 1.0);
+    V dx(12);
+    adaptive_avg_pool2d_backward(dx.data(), ones.data(), d);
+    CHECK_CLOSE(dx.data(), (V{.25, .5, .5, .25, .5, 1, 1, .5, .25, .5, .5, .25}), 0, 0);
+    // random values against central differences
+    const V g = random_values(6, 31);
+    check_finite_differences(
+        random_values(12, 32), g,
+        [&](double* out, const double* in) { adaptive_avg_pool2d_forward(out, in, d); },
+        [&](double* din, const double* dout, const double*) {
+            adaptive_avg_pool2d_backward(din, dout, d);
+        });
+}
+
+TEST_CASE("adaptive_avg_pool2d: output larger than the input, None, the global pool") {
+    // 2 rows to 3: windows [0, 1), [0, 2), [1, 2); None keeps the single column
+    const V x{1, 3};
+    const auto up = adaptive_pool2d_dims("adaptive_avg_pool2d", {1, 2, 1}, {3, std::nullopt});
+    CHECK(!up.batched && up.N == 1 && up.P == 3 && up.Q == 1);
+    CHECK(adaptive_pool2d_output_shape(up) == (Shape{1, 3, 1}));
+    V y(3), dx(2);
+    adaptive_avg_pool2d_forward(y.data(), x.data(), up);
+    CHECK_CLOSE(y.data(), (V{1, 2, 3}), 0, 0);
+    const V dy{1, 1, 1};
+    adaptive_avg_pool2d_backward(dx.data(), dy.data(), up);
+    CHECK_CLOSE(dx.data(), (V{1.5, 1.5}), 0, 0);
+
+    // output_size 1: the mean of each plane; backward spreads dy / (H * W)
+    const std::vector<float> planes{1, 2, 3, 4, 5, 6, 7, 8}, dglobal{4, 8};
+    const auto global = adaptive_pool2d_dims("adaptive_avg_pool2d", {2, 1, 2, 2}, {1, 1});
+    std::vector<float> mean(2), dplanes(8);
+    adaptive_avg_pool2d_forward(mean.data(), planes.data(), global);
+    CHECK_CLOSE(mean.data(), (V{2.5, 6.5}), 0, 0);
+    adaptive_avg_pool2d_backward(dplanes.data(), dglobal.data(), global);
+    CHECK_CLOSE(dplanes.data(), (V{1, 1, 1, 1, 2, 2, 2, 2}), 0, 0);
+
+    // an empty batch passes and writes nothing
+    const auto empty = adaptive_pool2d_dims("adaptive_avg_pool2d", {0, 3, 5, 5}, {2, 2});
+    CHECK(adaptive_pool2d_output_shape(empty) == (Shape{0, 3, 2, 2}));
+    adaptive_avg_pool2d_forward<double>(nullptr, nullptr, empty);
+    adaptive_avg_pool2d_backward<double>(nullptr, nullptr, empty);
+}
+
+TEST_CASE("adaptive_avg_pool2d: refusals name the op, what was expected and what came") {
+    CHECK_THROWS(adaptive_pool2d_dims("adaptive_avg_pool2d", {1, 1, 4, 4}, {0, 2}),
+                 "[adaptive_avg_pool2d] output_size: expected sizes >= 1 or None, got (0, 2)");
+    CHECK_THROWS(adaptive_pool2d_dims("adaptive_avg_pool2d", {1, 1, 4, 4}, {std::nullopt, -1}),
+                 "[adaptive_avg_pool2d] output_size: expected sizes >= 1 or None, got (None, -1)");
+    CHECK_THROWS(adaptive_pool2d_dims("adaptive_avg_pool2d", {4, 4}, {2, 2}),
+                 "[adaptive_avg_pool2d] input: expected 3 dims (C, H, W) or 4 dims");
+    CHECK_THROWS(adaptive_avg_pool2d_backward_dims({1, 1, 2, 1}, {1, 1, 4, 4}, {2, 2}),
+                 "[adaptive_avg_pool2d_backward] doutput: expected shape (1, 1, 2, 2) (the "
+                 "forward output's), got shape (1, 1, 2, 1)");
+}
+
 // ---- activations -------------------------------------------------------------------------
 
 TEST_CASE("activation relu: forward keeps NaN, backward zero at z <= 0") {

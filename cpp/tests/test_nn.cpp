@@ -413,6 +413,59 @@ TEST_CASE("nn: layers are made by name from the registry, and report their argum
                  "[cross_entropy] target: expected class indices (int64)");
 }
 
+TEST_CASE("nn: AdaptiveAvgPool2d computes its kernels; model files keep None sizes") {
+    const Tensor<double> x({2, 3, 7, 5}, values(210, 51));
+    AdaptiveAvgPool2d<double> pool(AdaptiveOutputSize{3, std::nullopt});
+    CHECK(json::dump(pool.config()) ==
+          "{\"type\": \"AdaptiveAvgPool2d\", \"output_size\": [3, null]}");
+    const Tensor<double>& y = pool.forward(x);
+    CHECK(y.shape == (Shape{2, 3, 3, 5}));
+    const auto d = adaptive_pool2d_dims("adaptive_avg_pool2d", x.shape, {3, std::nullopt});
+    V want(90), dwant(210);
+    adaptive_avg_pool2d_forward(want.data(), x.data.data(), d);
+    CHECK_CLOSE(y.data.data(), want, 0, 0);
+    const Tensor<double> g({2, 3, 3, 5}, values(90, 52));
+    adaptive_avg_pool2d_backward(dwant.data(), g.data.data(), d);
+    CHECK_CLOSE(pool.backward(g).data.data(), dwant, 0, 0);
+    CHECK_THROWS(pool.backward(Tensor<double>({2, 3, 3, 4})),
+                 "[adaptive_avg_pool2d_backward] doutput: expected shape");
+
+    CHECK(json::dump(AdaptiveAvgPool2d<float>(2).config()) ==
+          "{\"type\": \"AdaptiveAvgPool2d\", \"output_size\": [2, 2]}");
+    auto made = make_layer<double>("AdaptiveAvgPool2d", {json::Value(json::Array{nullptr, 4})}, {});
+    CHECK(dynamic_cast<AdaptiveAvgPool2d<double>&>(*made).output_size()[1] == 4);
+    CHECK_THROWS(make_layer<float>("AdaptiveAvgPool2d", {0}, {}),
+                 "[AdaptiveAvgPool2d] output_size: expected >= 1, got 0");
+    CHECK_THROWS(make_layer<float>("AdaptiveAvgPool2d", {nullptr}, {}),
+                 "[AdaptiveAvgPool2d] output_size: expected an int, or a pair of ints or None, "
+                 "got None");
+    CHECK_THROWS(make_layer<float>("AdaptiveAvgPool2d", {json::Value(json::Array{1, 2, 3})}, {}),
+                 "[AdaptiveAvgPool2d] output_size: expected an int, or a pair of ints or None");
+    CHECK_THROWS(make_layer<float>("AdaptiveAvgPool2d", {}, {}),
+                 "[AdaptiveAvgPool2d] missing the argument 'output_size'");
+
+    // a network ending in a global pool: saved, loaded, the same outputs
+    manual_seed(13);
+    Sequential<double> model;
+    model.add(std::make_unique<Conv2d<double>>(Conv2dOptions(3, 4, 3).padding(1)))
+        .add(std::make_unique<ReLU<double>>())
+        .add(std::make_unique<AdaptiveAvgPool2d<double>>(AdaptiveOutputSize{std::nullopt, 2}))
+        .add(std::make_unique<AdaptiveAvgPool2d<double>>(1))
+        .add(std::make_unique<Flatten<double>>())
+        .add(std::make_unique<Linear<double>>(4, 2));
+    const V expected = model.forward(x).data;
+    const std::string path = "cnnbp_test_adaptive_pool.npz";
+    save(model, path);
+    auto loaded = load<double>(path);
+    std::remove(path.c_str());
+    CHECK(loaded.size() == 6);
+    CHECK(json::dump(loaded[2].config()) ==
+          "{\"type\": \"AdaptiveAvgPool2d\", \"output_size\": [null, 2]}");
+    CHECK(json::dump(loaded[3].config()) ==
+          "{\"type\": \"AdaptiveAvgPool2d\", \"output_size\": [1, 1]}");
+    CHECK_CLOSE(loaded.forward(x).data.data(), expected, 0, 0);
+}
+
 TEST_CASE("nn: LeakyReLU, GELU, SiLU and Identity by class and by name; model files keep them") {
     const Tensor<double> x({2, 3, 4}, values(24, 41)), g({2, 3, 4}, values(24, 42));
     const auto n = x.size();
