@@ -390,6 +390,8 @@ MAX_POOL_OPTION_CASES = [
     (2, 2, 9, 9, 3, 2, 1, dict(dilation=2)),  # taps 2 apart, the first window from the padding
     (1, 2, 7, 8, (3, 2), (2, 1), (1, 1), dict(dilation=(2, 3))),
     (2, 2, 7, 7, 2, 2, 0, dict(ceil_mode=True)),  # the 2x2 kernels, a last partial row/column
+    (1, 2, 5, 35, 2, 2, 0, dict(ceil_mode=True)),  # ... the partial column after a vector step
+    (2, 1, 1, 7, 2, None, 0, dict(ceil_mode=True)),  # one input row: every window partial
     (2, 2, 6, 6, 2, 2, 0, dict(ceil_mode=True)),  # even: ceil_mode changes nothing
     (1, 2, 5, 5, 2, 2, 1, dict(ceil_mode=True)),  # a 4th window would start in the padding
     (2, 1, 5, 6, 3, 2, 1, dict(dilation=2, ceil_mode=True)),
@@ -413,12 +415,14 @@ MAX_POOL_THREADS = [
 ]
 MAX_POOL_THREADS += [
     (64, 8, 25, 27, 2, None, 0, dict(ceil_mode=True)),
+    (8, 64, 31, 31, 2, None, 0, dict(ceil_mode=True)),
     (8, 64, 33, 31, 3, 2, 1, dict(dilation=2, ceil_mode=True)),
 ]
 AVG_POOL_THREADS = [
     (8, 16, 24, 24, 3, 2, 1),
     (8, 16, 24, 24, 2, None, 0),
     (8, 16, 25, 23, 3, 2, 1, dict(ceil_mode=True, count_include_pad=False)),
+    (8, 16, 32, 32, 3, 2, 1, dict(ceil_mode=True)),  # a last window hangs past the padding
     (8, 16, 24, 24, 3, 2, 1, dict(divisor_override=7)),
 ]
 

@@ -4,8 +4,10 @@
 // Every (n, c) plane is independent, so the planes are shared among threads and each plane's
 // result is computed by one thread in one fixed order: results do not depend on the thread
 // count. The common 2x2 / stride 2 / no padding pool has a kernel of its own (AVX-512 when the
-// CPU has it, else portable loops) that visits the window cells in the same order with the
-// same comparisons as the general kernel, so the two agree bit for bit.
+// CPU has it, else portable loops), ceil_mode's partial windows included, that visits the
+// window cells in the same order with the same comparisons as the general kernel, so the two
+// agree bit for bit. Its AVX-512 backward writes a plane in one pass; without AVX-512, zero-fill
+// and scatter is faster than one-pass loops and does it.
 #include "cnnbp/pool2d.hpp"
 
 #include <algorithm>
@@ -102,13 +104,14 @@ void pool2x2_run(T* __restrict out, int32_t* __restrict offset, const T* __restr
     }
 }
 
+// The whole windows of a plane: P0 = H / 2 rows of Q0 = W / 2, output rows out_stride apart.
 template <typename T>
-void max_pool2x2_plane(T* out, int64_t* idx, const T* in, int64_t W, int64_t P, int64_t Q,
+void max_pool2x2_whole(T* out, int64_t* idx, const T* in, int64_t W, int64_t P0, int64_t Q0,
                        int64_t out_stride) {
     int32_t offset[kRun];
-    for (int64_t p = 0; p < P; ++p)
-        for (int64_t q0 = 0; q0 < Q; q0 += kRun) {
-            const int64_t n = std::min(kRun, Q - q0);
+    for (int64_t p = 0; p < P0; ++p)
+        for (int64_t q0 = 0; q0 < Q0; q0 += kRun) {
+            const int64_t n = std::min(kRun, Q0 - q0);
             const T* row0 = in + 2 * p * W + 2 * q0;
             pool2x2_run(out + p * out_stride + q0, offset, row0, row0 + W, n,
                         static_cast<int32_t>(W));
@@ -132,10 +135,11 @@ void pick2_run(T* __restrict best, int32_t* __restrict second, const T* __restri
     }
 }
 
-// The partial windows of a ceil_mode 2x2 / stride 2 pool of an odd size, which the plane
-// kernels leave (P0 = H / 2, Q0 = W / 2 whole windows, output rows Q apart): with W odd the
-// last column's windows hold cells (2p, W-1) and (2p+1, W-1), with H odd the last row's
-// hold (H-1, 2q) and (H-1, 2q+1), with both the corner holds (H-1, W-1) alone.
+// The partial windows of a ceil_mode 2x2 / stride 2 pool of an odd size, which
+// max_pool2x2_whole leaves (P0 = H / 2, Q0 = W / 2 whole windows, output rows Q apart): with
+// W odd the last column's windows hold cells (2p, W-1) and (2p+1, W-1), with H odd the last
+// row's hold (H-1, 2q) and (H-1, 2q+1), with both the corner holds (H-1, W-1) alone. (A
+// pass of its own: measured faster than a window at the end of each row.)
 template <typename T>
 void max_pool2x2_edges(T* out, int64_t* idx, const T* in, int64_t H, int64_t W, int64_t P,
                        int64_t Q) {
@@ -166,72 +170,18 @@ void max_pool2x2_edges(T* out, int64_t* idx, const T* in, int64_t H, int64_t W, 
     }
 }
 
-// For a run of indices: the offset from their window's first cell, or -1 when it is not
-// one of the window's four cells 0, 1, W, W + 1 (u | (W + 1 - u) has its top bit set
-// exactly when u > W + 1 as unsigned). Whether all lie inside their windows.
-bool unpool2x2_offsets(int32_t* __restrict offset, const int64_t* __restrict idx, int64_t first,
-                       int64_t n, int64_t W) {
-    const uint64_t last = static_cast<uint64_t>(W + 1);
-    for (int64_t q = 0; q < n; ++q) {
-        const uint64_t u = static_cast<uint64_t>(idx[q]) - static_cast<uint64_t>(first + 2 * q);
-        const uint32_t outside = static_cast<uint32_t>((u | (last - u)) >> 63);
-        offset[q] = static_cast<int32_t>(static_cast<uint32_t>(u) | (0u - outside));
-    }
-    const int32_t w = static_cast<int32_t>(W);
-    int inside = 1;
-    for (int64_t q = 0; q < n; ++q) {
-        const int32_t c = offset[q];
-        inside &= (c == 0) | (c == 1) | (c == w) | (c == w + 1);
-    }
-    return inside;
-}
-
+// Floored or ceil_mode: the whole windows, then the partial ones.
 template <typename T>
-void unpool2x2_run(T* __restrict row0, T* __restrict row1, const T* __restrict dout,
-                   const int32_t* __restrict offset, int64_t n, int32_t W) {
-    for (int64_t q = 0; q < n; ++q) {
-        // 0 + dy, as the zero-filled cell plus the gradient (turns -0 into +0 the same way)
-        const T g = T(0) + dout[q];
-        const int32_t at = offset[q];
-        row0[2 * q] = at == 0 ? g : T(0);
-        row0[2 * q + 1] = at == 1 ? g : T(0);
-        row1[2 * q] = at == W ? g : T(0);
-        row1[2 * q + 1] = at == W + 1 ? g : T(0);
-    }
-}
-
-// The same result as zero-fill and scatter, written in one pass, when the plane is tiled by
-// disjoint 2x2 windows (P = H / 2, Q = W / 2) and every index lies in its own window, as a
-// 2x2 / stride 2 pool produces: each cell then receives at most one gradient. Returns
-// false, with the plane partly written, when some index lies elsewhere; the caller then
-// scatters instead.
-template <typename T>
-bool max_unpool2x2_plane(T* din, const T* dout, const int64_t* idx, int64_t H, int64_t W, int64_t P,
-                         int64_t Q) {
-    int32_t offset[kRun];
-    for (int64_t p = 0; p < P; ++p) {
-        T* row0 = din + 2 * p * W;
-        for (int64_t q0 = 0; q0 < Q; q0 += kRun) {
-            const int64_t n = std::min(kRun, Q - q0);
-            if (!unpool2x2_offsets(offset, idx + p * Q + q0, 2 * p * W + 2 * q0, n, W))
-                return false;
-            unpool2x2_run(row0 + 2 * q0, row0 + W + 2 * q0, dout + p * Q + q0, offset, n,
-                          static_cast<int32_t>(W));
-        }
-        if (W > 2 * Q) row0[W - 1] = row0[2 * W - 1] = T(0);  // odd width: a column no window sees
-    }
-    if (H > 2 * P) std::fill(din + (H - 1) * W, din + H * W, T(0));  // odd height: a row
-    return true;
+void max_pool2x2_plane(T* out, int64_t* idx, const T* in, int64_t H, int64_t W, int64_t P,
+                       int64_t Q) {
+    max_pool2x2_whole(out, idx, in, W, H / 2, W / 2, Q);
+    if (P > H / 2 || Q > W / 2) max_pool2x2_edges(out, idx, in, H, W, P, Q);
 }
 
 template void max_pool2x2_plane<float>(float*, int64_t*, const float*, int64_t, int64_t, int64_t,
                                        int64_t);
 template void max_pool2x2_plane<double>(double*, int64_t*, const double*, int64_t, int64_t, int64_t,
                                         int64_t);
-template bool max_unpool2x2_plane<float>(float*, const float*, const int64_t*, int64_t, int64_t,
-                                         int64_t, int64_t);
-template bool max_unpool2x2_plane<double>(double*, const double*, const int64_t*, int64_t, int64_t,
-                                          int64_t, int64_t);
 
 Pool2x2Forward max_pool2x2_plane_avx512_if_supported() {
 #if defined(CNNBP_AVX512_KERNELS)
@@ -253,15 +203,12 @@ template <typename T>
 void max_pool2d_forward(T* output, int64_t* indices, const T* input, const Pool2dDims& d) {
     const auto& p = d.params;
     const int64_t PQ = d.P * d.Q, HW = d.H * d.W;
-    // 2x2 / stride 2 windows without padding or dilation: the 2x2 kernels compute the whole
-    // windows (P0 x Q0 of them); a ceil_mode pool of an odd size adds a last row or column
-    // of partial windows, which max_pool2x2_edges computes. The 2x2 kernels keep window
-    // offsets in 32 bits: wider planes take the general kernel.
+    // 2x2 / stride 2 windows without padding or dilation: the 2x2 plane kernels, which also
+    // compute the last row or column of partial windows that ceil_mode adds to an odd size.
+    // They keep window offsets in 32 bits: wider planes take the general kernel.
     const bool is2x2 = p.kernel_h == 2 && p.kernel_w == 2 && p.stride_h == 2 && p.stride_w == 2 &&
                        p.pad_h == 0 && p.pad_w == 0 && p.dilation_h == 1 && p.dilation_w == 1 &&
                        d.W < detail::kMaxSimdWidth;
-    const int64_t P0 = d.H / 2, Q0 = d.W / 2;
-    const bool edges = d.P > P0 || d.Q > Q0;
     // float 2x2 pools run the AVX-512 plane kernel when the CPU has one
     [[maybe_unused]] detail::Pool2x2Forward simd = nullptr;
     if constexpr (std::is_same_v<T, float>)
@@ -279,11 +226,10 @@ void max_pool2d_forward(T* output, int64_t* indices, const T* input, const Pool2
             bool done = false;
             if constexpr (std::is_same_v<T, float>)
                 if (simd) {
-                    simd(out, idx, in, d.W, P0, Q0, d.Q);
+                    simd(out, idx, in, d.H, d.W, d.P, d.Q);
                     done = true;
                 }
-            if (!done) detail::max_pool2x2_plane(out, idx, in, d.W, P0, Q0, d.Q);
-            if (edges) detail::max_pool2x2_edges(out, idx, in, d.H, d.W, d.P, d.Q);
+            if (!done) detail::max_pool2x2_plane(out, idx, in, d.H, d.W, d.P, d.Q);
         }
     });
 }
@@ -303,26 +249,23 @@ void max_unpool_plane(T* din, const T* dout, const int64_t* idx, int64_t HW, int
 template <typename T>
 void max_pool2d_backward(T* dinput, const T* doutput, const int64_t* indices, const Pool2dDims& d) {
     const int64_t PQ = d.P * d.Q, HW = d.H * d.W;
-    // The indices do not say which pool made them; a plane can be written in one pass when
-    // they fit the 2x2 tiling, which the plane kernels check as they go.
-    const bool tiles2x2 = d.P == d.H / 2 && d.Q == d.W / 2 && d.W < detail::kMaxSimdWidth;
+    // The indices do not say which pool made them; on a CPU with AVX-512 a float plane is
+    // written in one pass when they fit the 2x2 tiling (floored, or with ceil_mode's partial
+    // windows of an odd size), which the plane kernel checks as it goes.
     [[maybe_unused]] detail::Pool2x2Backward simd = nullptr;
-    if constexpr (std::is_same_v<T, float>)
+    if constexpr (std::is_same_v<T, float>) {
+        const bool tiles2x2 = (d.P == d.H / 2 || d.P == (d.H + 1) / 2) &&
+                              (d.Q == d.W / 2 || d.Q == (d.W + 1) / 2) &&
+                              d.W < detail::kMaxSimdWidth;
         if (tiles2x2) simd = detail::max_unpool2x2_plane_avx512_if_supported();
+    }
     detail::parallel_for(d.N * d.C, d.N * d.C * (PQ + HW), [&](int64_t begin, int64_t end) {
         for (int64_t nc = begin; nc < end; ++nc) {
             T* din = dinput + nc * HW;
             const T* dout = doutput + nc * PQ;
             const int64_t* idx = indices + nc * PQ;
-            if (tiles2x2) {
-                bool done;
-                if constexpr (std::is_same_v<T, float>)
-                    done = simd ? simd(din, dout, idx, d.H, d.W, d.P, d.Q)
-                                : detail::max_unpool2x2_plane(din, dout, idx, d.H, d.W, d.P, d.Q);
-                else
-                    done = detail::max_unpool2x2_plane(din, dout, idx, d.H, d.W, d.P, d.Q);
-                if (done) continue;
-            }
+            if constexpr (std::is_same_v<T, float>)
+                if (simd && simd(din, dout, idx, d.H, d.W, d.P, d.Q)) continue;
             max_unpool_plane(din, dout, idx, HW, PQ);
         }
     });

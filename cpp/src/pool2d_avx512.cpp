@@ -1,8 +1,9 @@
-// max-pool 2x2 / stride 2 / no padding in AVX-512F: 16 output columns per step. H/W input,
-// P/Q output. Built with -mavx512f for this file only; pool2d.cpp calls it when the CPU
-// has AVX-512F. Nothing here may be an inline function shared with other files (a copy
-// compiled for AVX-512 could be picked by the linker for callers on older CPUs), so the
-// helpers live in an anonymous namespace and no standard-library templates are used.
+// max-pool 2x2 / stride 2 / no padding in AVX-512F: 16 output columns per step, ceil_mode's
+// partial last row and column of windows included. H/W input, P/Q output. Built with
+// -mavx512f for this file only; pool2d.cpp calls it when the CPU has AVX-512F. Nothing here
+// may be an inline function shared with other files (a copy compiled for AVX-512 could be
+// picked by the linker for callers on older CPUs), so the helpers live in an anonymous
+// namespace and no standard-library templates are used.
 #include "pool2d_simd.hpp"
 
 #if defined(CNNBP_AVX512_KERNELS)
@@ -10,24 +11,31 @@
 #include <immintrin.h>
 
 // GCC 12's AVX-512 headers start some conversions from a deliberately undefined vector,
-// which -Wmaybe-uninitialized reports once inlined here.
+// which -Wmaybe-uninitialized (or -Wuninitialized, at -O1) reports once inlined here.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 namespace cnnbp::detail {
 namespace {
 
-// Lane masks for the last, partial step of a row: n < 16 outputs, i.e. 2n inputs per row.
+// Lane masks of one step of a row of windows: n <= 16 windows, whose cells lie in input
+// columns 2q .. 2q + 2n - 1 of their row pair, `columns` of them inside the input (2n - 1
+// when the last is ceil_mode's window of the last column, clipped to it).
 struct StepMasks {
     __mmask16 out;    // outputs (and doutput) 0..n-1
     __mmask8 out_lo;  // the same for the first 8 int64 indices
     __mmask8 out_hi;  // and the next 8
-    __mmask16 in_lo;  // input columns 2q .. 2q+15
-    __mmask16 in_hi;  // input columns 2q+16 .. 2q+31
+    __mmask16 in_lo;  // input columns 2q .. 2q+15 inside the input
+    __mmask16 in_hi;  // input columns 2q+16 .. 2q+31 inside the input
+    __mmask16 right;  // windows with a right column: all but ceil_mode's last when W is odd
 };
 
-StepMasks step_masks(int64_t n) {
+// The masks of the step from window column q of a row of Q windows over W input columns.
+StepMasks step_masks(int64_t q, int64_t W, int64_t Q) {
+    const int64_t n = Q - q < 16 ? Q - q : 16, columns = W - 2 * q < 2 * n ? W - 2 * q : 2 * n,
+                  whole = W / 2 - q;
     auto low_bits = [](int64_t k) -> unsigned {  // k in [0, 16]
         return k >= 16 ? 0xFFFFu : (1u << k) - 1u;
     };
@@ -35,10 +43,18 @@ StepMasks step_masks(int64_t n) {
     m.out = static_cast<__mmask16>(low_bits(n));
     m.out_lo = static_cast<__mmask8>(m.out & 0xFF);
     m.out_hi = static_cast<__mmask8>(m.out >> 8);
-    m.in_lo = static_cast<__mmask16>(low_bits(2 * n));
-    m.in_hi = static_cast<__mmask16>(low_bits(2 * n > 16 ? 2 * n - 16 : 0));
+    m.in_lo = static_cast<__mmask16>(low_bits(columns));
+    m.in_hi = static_cast<__mmask16>(low_bits(columns > 16 ? columns - 16 : 0));
+    m.right = static_cast<__mmask16>(low_bits(whole));
     return m;
 }
+
+// Whether a row of windows has its lower input row (a compile-time tag: all rows but
+// ceil_mode's last one when H is odd).
+template <bool kLower>
+struct LowerRow {
+    static constexpr bool value = kLower;
+};
 
 // The forward's test `value > best || isnan(value)`, lane by lane.
 inline __mmask16 takes(__m512 value, __m512 best) {
@@ -48,8 +64,8 @@ inline __mmask16 takes(__m512 value, __m512 best) {
 
 }  // namespace
 
-void max_pool2x2_plane_avx512(float* output, int64_t* indices, const float* input, int64_t W,
-                              int64_t P, int64_t Q, int64_t out_stride) {
+void max_pool2x2_plane_avx512(float* output, int64_t* indices, const float* input, int64_t H,
+                              int64_t W, int64_t P, int64_t Q) {
     // Even and odd columns of 32 consecutive inputs: the left and right cells of 16 windows.
     const __m512i even =
         _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -60,24 +76,35 @@ void max_pool2x2_plane_avx512(float* output, int64_t* indices, const float* inpu
     const __m512i off_right = _mm512_set1_epi32(1),
                   off_below = _mm512_set1_epi32(static_cast<int>(W)),
                   off_below_right = _mm512_set1_epi32(static_cast<int>(W + 1));
-    for (int64_t p = 0; p < P; ++p) {
+    // Cells outside the input (right of ceil_mode's last column of windows when W is odd,
+    // below its last row when H is odd) read as -inf, which `takes` never takes: the same
+    // choice as visiting only the cells inside, as the general kernel does. (Whole steps
+    // have no such cells.)
+    const __m512 outside = _mm512_set1_ps(-__builtin_inff());
+    // Every step of a row holds 16 windows that lie inside the input but the last, whose
+    // masks are the same in every row.
+    const int64_t q_last = (Q - 1) / 16 * 16;
+    const StepMasks whole = step_masks(0, 32, 16), last = step_masks(q_last, W, Q);
+    auto row = [&](int64_t p, auto lower) {
         const float* row0 = input + 2 * p * W;
-        const float* row1 = row0 + W;
-        float* out = output + p * out_stride;
-        int64_t* idx = indices + p * out_stride;
-        for (int64_t q = 0; q < Q; q += 16) {
-            const StepMasks m = step_masks(Q - q);
-            const __m512 a0 = _mm512_maskz_loadu_ps(m.in_lo, row0 + 2 * q);
-            const __m512 a1 = _mm512_maskz_loadu_ps(m.in_hi, row0 + 2 * q + 16);
-            const __m512 b0 = _mm512_maskz_loadu_ps(m.in_lo, row1 + 2 * q);
-            const __m512 b1 = _mm512_maskz_loadu_ps(m.in_hi, row1 + 2 * q + 16);
+        const float* row1 = row0 + W;  // read only with a lower row
+        float* out = output + p * Q;
+        int64_t* idx = indices + p * Q;
+        auto step = [&](int64_t q, const StepMasks& m, __m512 fill) {
+            const __m512 a0 = _mm512_mask_loadu_ps(fill, m.in_lo, row0 + 2 * q);
+            const __m512 a1 = _mm512_mask_loadu_ps(fill, m.in_hi, row0 + 2 * q + 16);
+            __m512 b0 = outside, b1 = outside;
+            if constexpr (decltype(lower)::value) {
+                b0 = _mm512_mask_loadu_ps(fill, m.in_lo, row1 + 2 * q);
+                b1 = _mm512_mask_loadu_ps(fill, m.in_hi, row1 + 2 * q + 16);
+            }
             // The window's cells in row-major order, as the general kernel visits them.
             const __m512 top_left = _mm512_permutex2var_ps(a0, even, a1);
             const __m512 top_right = _mm512_permutex2var_ps(a0, odd, a1);
             const __m512 bottom_left = _mm512_permutex2var_ps(b0, even, b1);
             const __m512 bottom_right = _mm512_permutex2var_ps(b0, odd, b1);
-            // The first cell is always taken (a -inf first cell keeps best = -inf and its
-            // own index, as in the general kernel); later cells by `>` or NaN.
+            // The first cell (always inside) is always taken (a -inf first cell keeps best =
+            // -inf and its own index, as in the general kernel); later cells by `>` or NaN.
             __m512 best = top_left;
             const __mmask16 t1 = takes(top_right, best);
             best = _mm512_mask_mov_ps(best, t1, top_right);
@@ -101,8 +128,13 @@ void max_pool2x2_plane_avx512(float* output, int64_t* indices, const float* inpu
                 first_hi, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(offset, 1)));
             _mm512_mask_storeu_epi64(idx + q, m.out_lo, idx_lo);
             _mm512_mask_storeu_epi64(idx + q + 8, m.out_hi, idx_hi);
-        }
-    }
+        };
+        for (int64_t q = 0; q < q_last; q += 16) step(q, whole, _mm512_setzero_ps());
+        step(q_last, last, outside);  // in a separate call: faster than masks chosen per step
+    };
+    const int64_t P0 = H / 2;  // rows of windows with both input rows
+    for (int64_t p = 0; p < P0; ++p) row(p, LowerRow<true>{});
+    if (P > P0) row(P0, LowerRow<false>{});
 }
 
 bool max_unpool2x2_plane_avx512(float* dinput, const float* doutput, const int64_t* indices,
@@ -118,13 +150,17 @@ bool max_unpool2x2_plane_avx512(float* dinput, const float* doutput, const int64
                   off_below = _mm512_set1_epi32(static_cast<int>(W)),
                   off_below_right = _mm512_set1_epi32(static_cast<int>(W + 1));
     const __m512 zero = _mm512_setzero_ps();
-    for (int64_t p = 0; p < P; ++p) {
+    // The right cells (offsets 1 and W + 1) of ceil_mode's last window of a row lie outside
+    // the input when W is odd (offset 1 is the next row's first cell): m.right leaves them
+    // out. A row of windows without its lower input row has no offsets W and W + 1.
+    const int64_t q_last = (Q - 1) / 16 * 16;
+    const StepMasks whole = step_masks(0, 32, 16), last = step_masks(q_last, W, Q);
+    auto row = [&](int64_t p, auto lower) {
         float* row0 = dinput + 2 * p * W;
-        float* row1 = row0 + W;
+        float* row1 = row0 + W;  // written only with a lower row
         const float* dout = doutput + p * Q;
         const int64_t* idx = indices + p * Q;
-        for (int64_t q = 0; q < Q; q += 16) {
-            const StepMasks m = step_masks(Q - q);
+        auto step = [&](int64_t q, const StepMasks& m) {
             // 0 + dy, not dy: the zero-filled cell plus the gradient, so that -0 becomes +0
             // exactly as in the scatter this replaces.
             const __m512 g = _mm512_add_ps(zero, _mm512_maskz_loadu_ps(m.out, dout + q));
@@ -141,27 +177,47 @@ bool max_unpool2x2_plane_avx512(float* dinput, const float* doutput, const int64
                 _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtsepi64_epi32(off_lo)),
                                    _mm512_cvtsepi64_epi32(off_hi), 1);
             const __mmask16 k0 = _mm512_testn_epi32_mask(offset, offset),
-                            k1 = _mm512_cmpeq_epi32_mask(offset, off_right),
-                            k2 = _mm512_cmpeq_epi32_mask(offset, off_below),
-                            k3 = _mm512_cmpeq_epi32_mask(offset, off_below_right);
+                            k1 = _mm512_cmpeq_epi32_mask(offset, off_right) & m.right;
+            __mmask16 k2 = 0, k3 = 0;
+            if constexpr (decltype(lower)::value) {
+                k2 = _mm512_cmpeq_epi32_mask(offset, off_below);
+                k3 = _mm512_cmpeq_epi32_mask(offset, off_below_right) & m.right;
+            }
+            // Each index must name a cell of its own window inside the input.
             if (static_cast<__mmask16>((k0 | k1 | k2 | k3) & m.out) != m.out) return false;
             const __m512 top_left = _mm512_maskz_mov_ps(k0, g),
                          top_right = _mm512_maskz_mov_ps(k1, g);
-            const __m512 bottom_left = _mm512_maskz_mov_ps(k2, g),
-                         bottom_right = _mm512_maskz_mov_ps(k3, g);
             _mm512_mask_storeu_ps(row0 + 2 * q, m.in_lo,
                                   _mm512_permutex2var_ps(top_left, mix_lo, top_right));
             _mm512_mask_storeu_ps(row0 + 2 * q + 16, m.in_hi,
                                   _mm512_permutex2var_ps(top_left, mix_hi, top_right));
-            _mm512_mask_storeu_ps(row1 + 2 * q, m.in_lo,
-                                  _mm512_permutex2var_ps(bottom_left, mix_lo, bottom_right));
-            _mm512_mask_storeu_ps(row1 + 2 * q + 16, m.in_hi,
-                                  _mm512_permutex2var_ps(bottom_left, mix_hi, bottom_right));
+            if constexpr (decltype(lower)::value) {
+                const __m512 bottom_left = _mm512_maskz_mov_ps(k2, g),
+                             bottom_right = _mm512_maskz_mov_ps(k3, g);
+                _mm512_mask_storeu_ps(row1 + 2 * q, m.in_lo,
+                                      _mm512_permutex2var_ps(bottom_left, mix_lo, bottom_right));
+                _mm512_mask_storeu_ps(row1 + 2 * q + 16, m.in_hi,
+                                      _mm512_permutex2var_ps(bottom_left, mix_hi, bottom_right));
+            }
+            return true;
+        };
+        for (int64_t q = 0; q < q_last; q += 16)
+            if (!step(q, whole)) return false;
+        if (!step(q_last, last)) return false;
+        if (W > 2 * Q) {  // odd width, floored: a column no window sees
+            row0[W - 1] = 0.0f;
+            if constexpr (decltype(lower)::value) row1[W - 1] = 0.0f;
         }
-        if (W > 2 * Q) row0[W - 1] = row1[W - 1] = 0.0f;  // odd width: a column no window sees
-    }
-    if (H > 2 * P)  // odd height: a row no window sees
+        return true;
+    };
+    const int64_t P0 = H / 2;  // rows of windows with both input rows
+    for (int64_t p = 0; p < P0; ++p)
+        if (!row(p, LowerRow<true>{})) return false;
+    if (P > P0) {
+        if (!row(P0, LowerRow<false>{})) return false;
+    } else if (H > 2 * P) {  // odd height, floored: a row no window sees
         for (int64_t w = 0; w < W; ++w) dinput[(H - 1) * W + w] = 0.0f;
+    }
     return true;
 }
 

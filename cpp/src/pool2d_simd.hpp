@@ -1,9 +1,12 @@
 // Internal: the plane kernels of the 2x2 / stride 2 / no padding max-pool. Each handles one
-// (H, W) plane with P = H / 2, Q = W / 2 output rows and columns (the forward writes its
-// output rows out_stride apart: a ceil_mode pool has one more column of partial windows). The
-// portable ones live in pool2d.cpp; the AVX-512 ones in pool2d_avx512.cpp, compiled with -mavx512f
-// and called only when the running CPU has AVX-512F. Both have the general kernel's semantics bit
-// for bit; they are declared here so that the C++ tests can hold them against each other.
+// (H, W) plane with P output rows and Q output columns, output rows Q apart: P = H / 2 or
+// (H + 1) / 2, Q = W / 2 or (W + 1) / 2 -- floored, or ceil_mode's, whose last row or column
+// of windows (H or W odd) is clipped to the input: one input row or column instead of two.
+// The portable forward lives in pool2d.cpp; the AVX-512 forward and backward in
+// pool2d_avx512.cpp, compiled with -mavx512f and called only when the running CPU has
+// AVX-512F (without it the backward is pool2d.cpp's zero-fill and scatter, faster there than
+// one-pass loops). All have the general kernels' semantics bit for bit; they are declared
+// here so that the C++ tests can hold them against each other.
 #pragma once
 
 #include <cstdint>
@@ -14,26 +17,24 @@ namespace cnnbp::detail {
 constexpr int64_t kMaxSimdWidth = int64_t(1) << 30;
 
 template <typename T>
-void max_pool2x2_plane(T* output, int64_t* indices, const T* input, int64_t W, int64_t P, int64_t Q,
-                       int64_t out_stride);
-// dinput plane = doutput scattered to indices, written in one pass. Returns false, having
-// written part of the plane, if some index lies outside its own 2x2 window: the caller then
-// redoes the plane by zero-fill and scatter.
-template <typename T>
-bool max_unpool2x2_plane(T* dinput, const T* doutput, const int64_t* indices, int64_t H, int64_t W,
-                         int64_t P, int64_t Q);
+void max_pool2x2_plane(T* output, int64_t* indices, const T* input, int64_t H, int64_t W, int64_t P,
+                       int64_t Q);
 
-using Pool2x2Forward = void (*)(float* output, int64_t* indices, const float* input, int64_t W,
-                                int64_t P, int64_t Q, int64_t out_stride);
+using Pool2x2Forward = void (*)(float* output, int64_t* indices, const float* input, int64_t H,
+                                int64_t W, int64_t P, int64_t Q);
 using Pool2x2Backward = bool (*)(float* dinput, const float* doutput, const int64_t* indices,
                                  int64_t H, int64_t W, int64_t P, int64_t Q);
 // The AVX-512 plane kernels, or null when this build lacks them or the CPU cannot run them.
+// The backward writes dinput's plane = doutput scattered to indices in one pass (cells no
+// window covers get zero). It returns false, having written part of the plane, if some index
+// lies outside its own window (clipped to the input): the caller then redoes the plane by
+// zero-fill and scatter.
 Pool2x2Forward max_pool2x2_plane_avx512_if_supported();
 Pool2x2Backward max_unpool2x2_plane_avx512_if_supported();
 
 #if defined(CNNBP_AVX512_KERNELS)
-void max_pool2x2_plane_avx512(float* output, int64_t* indices, const float* input, int64_t W,
-                              int64_t P, int64_t Q, int64_t out_stride);
+void max_pool2x2_plane_avx512(float* output, int64_t* indices, const float* input, int64_t H,
+                              int64_t W, int64_t P, int64_t Q);
 bool max_unpool2x2_plane_avx512(float* dinput, const float* doutput, const int64_t* indices,
                                 int64_t H, int64_t W, int64_t P, int64_t Q);
 #endif

@@ -173,7 +173,7 @@ TEST_CASE("conv2d guards: outputs written exactly, on every path") {
 }
 
 // Pooling shapes for every path: the 2x2 kernel, the generic one, vector tails, windows
-// mostly padding, threads.
+// mostly padding, threads, ceil_mode's partial windows.
 const PoolCase kPoolShapes[] = {
     {{1, 1, 4, 4}, {2, 2, 2, 2, 0, 0}},     // the 2x2 kernel
     {{2, 3, 7, 9}, {2, 2, 2, 2, 0, 0}},     // 2x2, odd sizes: a row and a column unseen
@@ -184,6 +184,14 @@ const PoolCase kPoolShapes[] = {
     {{1, 1, 3, 2}, {5, 3, 1, 7, 2, 1}},     // windows mostly padding, stride past the end
     {{8, 16, 32, 32}, {2, 2, 2, 2, 0, 0}},  // above the threads' threshold
     {{8, 16, 24, 24}, {3, 3, 2, 2, 1, 1}},  // above it, overlapping and padded
+    // ceil_mode: the 2x2 kernels' partial last row and column of windows, clipped to the input
+    {{2, 3, 7, 9}, cnnbp_test::with_options({2, 2, 2, 2, 0, 0}, 1, true)},     // row and column
+    {{1, 2, 9, 8}, cnnbp_test::with_options({2, 2, 2, 2, 0, 0}, 1, true)},     // a row only
+    {{1, 2, 3, 67}, cnnbp_test::with_options({2, 2, 2, 2, 0, 0}, 1, true)},    // a vector tail
+    {{2, 1, 1, 33}, cnnbp_test::with_options({2, 2, 2, 2, 0, 0}, 1, true)},    // one input row
+    {{2, 1, 31, 1}, cnnbp_test::with_options({2, 2, 2, 2, 0, 0}, 1, true)},    // one column
+    {{8, 16, 31, 31}, cnnbp_test::with_options({2, 2, 2, 2, 0, 0}, 1, true)},  // threads
+    {{8, 16, 33, 33}, cnnbp_test::with_options({3, 3, 2, 2, 1, 1}, 1, true)},  // general, threads
 };
 
 TEST_CASE("max_pool2d guards: outputs written exactly, on every path") {

@@ -1,6 +1,7 @@
 // The pooling kernels' fast paths against plain loops written from the rule, bit for bit:
 // the 2x2 / stride 2 max-pool kernels (portable and AVX-512) on ties, NaN, infinities, -0,
-// and sizes that leave a remainder row, column or partial vector step; avg_pool2d's
+// and sizes that leave a remainder row, column or partial vector step, floored or with
+// ceil_mode's partial windows; the backward against the scatter, strays included; avg_pool2d's
 // reordered loops against torch's window-by-window ones, and its results for one and two
 // threads.
 #include <algorithm>
@@ -36,18 +37,19 @@ std::vector<T> tricky_values(size_t count, unsigned seed) {
 }
 
 // The rule, window by window: start at -inf on the first cell, take a cell when it is
-// greater or NaN.
+// greater or NaN. P x Q windows of 2x2 / stride 2, clipped to the input: P = H / 2 or
+// (H + 1) / 2 (ceil_mode, whose last row of windows holds one input row when H is odd), Q
+// likewise.
 template <typename T>
 void reference_pool2x2(std::vector<T>& y, std::vector<int64_t>& idx, const std::vector<T>& x,
-                       int64_t planes, int64_t H, int64_t W) {
-    const int64_t P = H / 2, Q = W / 2;
+                       int64_t planes, int64_t H, int64_t W, int64_t P, int64_t Q) {
     for (int64_t n = 0; n < planes; ++n)
         for (int64_t p = 0; p < P; ++p)
             for (int64_t q = 0; q < Q; ++q) {
                 T best = -std::numeric_limits<T>::infinity();
                 int64_t at = 2 * p * W + 2 * q;
-                for (int64_t h = 2 * p; h < 2 * p + 2; ++h)
-                    for (int64_t w = 2 * q; w < 2 * q + 2; ++w) {
+                for (int64_t h = 2 * p; h < std::min(2 * p + 2, H); ++h)
+                    for (int64_t w = 2 * q; w < std::min(2 * q + 2, W); ++w) {
                         const T v = x[n * H * W + h * W + w];
                         if (v > best || std::isnan(v)) {
                             best = v;
@@ -68,63 +70,179 @@ std::vector<T> reference_unpool(const std::vector<T>& dy, const std::vector<int6
     return dx;
 }
 
+// Sizes with a remainder row, column or partial vector step, floored and ceil_mode (odd
+// sizes: a last row or column of partial windows); the sizes of 1 only with ceil_mode,
+// which gives them a window.
 const std::vector<std::pair<int64_t, int64_t>> kSizes = {
-    {2, 2},   {3, 3},   {4, 4},  {2, 5},  {5, 2},  {7, 9}, {26, 26},
-    {32, 32}, {33, 35}, {4, 34}, {6, 63}, {3, 66}, {2, 97}};
+    {2, 2},   {3, 3},   {4, 4},  {2, 5},  {5, 2},  {7, 9},  {26, 26}, {27, 27},
+    {32, 32}, {33, 35}, {4, 34}, {6, 63}, {3, 66}, {2, 97}, {5, 31},  {3, 33}};
+const std::vector<std::pair<int64_t, int64_t>> kCeilOnlySizes = {{1, 1},  {1, 2}, {1, 7},
+                                                                 {1, 33}, {2, 1}, {7, 1}};
+
+// A plane and its 2x2 windows: each dim floored or rounded up (ceil_mode, or for the
+// backward, which knows only the sizes, a pool that rounds one dim up and not the other).
+struct Shape2x2 {
+    int64_t H, W;
+    bool ceil_h, ceil_w;
+    int64_t P() const { return ceil_h ? (H + 1) / 2 : H / 2; }
+    int64_t Q() const { return ceil_w ? (W + 1) / 2 : W / 2; }
+    bool uniform() const { return ceil_h == ceil_w; }  // a 2x2 max_pool2d's rounding
+    std::string where() const {
+        return std::to_string(H) + "x" + std::to_string(W) +
+               (uniform() ? (ceil_h ? " ceil_mode" : "")
+                : ceil_h  ? " rows up"
+                          : " columns up");
+    }
+};
+
+// every size floored and rounded up; odd sizes rounded up in one dim only too
+std::vector<Shape2x2> pool2x2_shapes() {
+    std::vector<Shape2x2> shapes;
+    for (auto [H, W] : kSizes) {
+        shapes.push_back({H, W, false, false});
+        shapes.push_back({H, W, true, true});
+        if (H % 2 == 1 && W % 2 == 1) {
+            shapes.push_back({H, W, true, false});
+            shapes.push_back({H, W, false, true});
+        }
+    }
+    for (auto [H, W] : kCeilOnlySizes) shapes.push_back({H, W, true, true});
+    return shapes;
+}
+
+constexpr int64_t kGuard = 40;  // cells around each plane that a plane kernel must not touch
+
+// A plane kernel's output for each of `planes` planes of `size` elements, each in a buffer
+// of garbage with kGuard cells either side; fails when a guard cell changed.
+template <typename T, typename Kernel>
+std::vector<T> run_on_planes(int64_t planes, int64_t size, const std::string& what, Kernel kernel) {
+    std::vector<T> result(size_t(planes * size));
+    for (int64_t n = 0; n < planes; ++n) {
+        std::vector<T> buffer(size_t(size + 2 * kGuard), T(7));
+        kernel(n, buffer.data() + kGuard);
+        const std::vector<T> before(buffer.begin(), buffer.begin() + kGuard),
+            after(buffer.end() - kGuard, buffer.end()), garbage(size_t(kGuard), T(7));
+        if (!same_bits(before, garbage) || !same_bits(after, garbage))
+            cnnbp_test::fail(__FILE__, __LINE__, what + " wrote outside its plane");
+        std::copy(buffer.begin() + kGuard, buffer.end() - kGuard, result.begin() + n * size);
+    }
+    return result;
+}
 
 template <typename T>
 void check_forward_paths(unsigned seed) {
     const int64_t planes = 3;
-    for (auto [H, W] : kSizes) {
-        const std::string where = std::to_string(H) + "x" + std::to_string(W);
-        const int64_t P = H / 2, Q = W / 2;
+    for (const auto& shape : pool2x2_shapes()) {
+        const int64_t H = shape.H, W = shape.W, P = shape.P(), Q = shape.Q();
+        const std::string where = shape.where();
         const auto x = tricky_values<T>(planes * H * W, seed + unsigned(H * 131 + W));
         std::vector<T> want_y(planes * P * Q), y(want_y.size());
         std::vector<int64_t> want_idx(want_y.size()), idx(want_y.size());
-        reference_pool2x2(want_y, want_idx, x, planes, H, W);
+        reference_pool2x2(want_y, want_idx, x, planes, H, W, P, Q);
 
         auto check = [&](const char* path) {
             if (!same_bits(y, want_y) || idx != want_idx)
                 cnnbp_test::fail(__FILE__, __LINE__, std::string(path) + " differs at " + where);
         };
-        const auto d = pool2d_dims("max_pool2d", {planes, 1, H, W}, {2, 2, 2, 2, 0, 0});
-        max_pool2d_forward(y.data(), idx.data(), x.data(), d);
-        check("max_pool2d_forward");
-        for (int64_t n = 0; n < planes; ++n)
-            detail::max_pool2x2_plane(y.data() + n * P * Q, idx.data() + n * P * Q,
-                                      x.data() + n * H * W, W, P, Q, Q);
-        check("portable plane kernel");
+        if (shape.uniform()) {
+            const auto d =
+                pool2d_dims("max_pool2d", {planes, 1, H, W},
+                            cnnbp_test::with_options({2, 2, 2, 2, 0, 0}, 1, shape.ceil_h));
+            CHECK(d.P == P && d.Q == Q);
+            max_pool2d_forward(y.data(), idx.data(), x.data(), d);
+            check("max_pool2d_forward");
+        }
+        auto check_plane = [&](const char* path, auto kernel) {
+            std::vector<int64_t> plane_idx;
+            y = run_on_planes<T>(planes, P * Q, path, [&](int64_t n, T* out) {
+                std::vector<int64_t> buffer(size_t(P * Q + 2 * kGuard), -7);
+                kernel(out, buffer.data() + kGuard, x.data() + n * H * W);
+                for (int64_t i = 0; i < kGuard; ++i)
+                    if (buffer[i] != -7 || buffer[kGuard + P * Q + i] != -7)
+                        cnnbp_test::fail(__FILE__, __LINE__,
+                                         std::string(path) + " wrote outside its indices");
+                plane_idx.insert(plane_idx.end(), buffer.begin() + kGuard, buffer.end() - kGuard);
+            });
+            idx = plane_idx;
+            check(path);
+        };
+        check_plane("portable plane kernel", [&](T* out, int64_t* i, const T* in) {
+            detail::max_pool2x2_plane(out, i, in, H, W, P, Q);
+        });
         if constexpr (std::is_same_v<T, float>)
-            if (auto avx512 = detail::max_pool2x2_plane_avx512_if_supported()) {
-                for (int64_t n = 0; n < planes; ++n)
-                    avx512(y.data() + n * P * Q, idx.data() + n * P * Q, x.data() + n * H * W, W, P,
-                           Q, Q);
-                check("AVX-512 plane kernel");
-            }
+            if (auto avx512 = detail::max_pool2x2_plane_avx512_if_supported())
+                check_plane("AVX-512 plane kernel", [&](T* out, int64_t* i, const T* in) {
+                    avx512(out, i, in, H, W, P, Q);
+                });
     }
 }
 
-// dx from indices of the 2x2 pool (written in one pass) and from indices that leave their
-// 2x2 window (a 3x3 / stride 2 / padding 1 pool has the same output size): the scatter.
+// Indices of `tiled` moved out of their windows: with `partial` some of ceil_mode's partial
+// windows' (to a cell right of the last column, which is the first of the next row or the
+// one below it; in the last row to the next window's cell or the cell before the window),
+// else some of the whole windows' (to another window's cell). One pass cannot write their
+// gradients.
+std::vector<int64_t> stray_indices(const std::vector<int64_t>& tiled, int64_t planes, int64_t H,
+                                   int64_t W, int64_t P, int64_t Q, bool partial) {
+    std::vector<int64_t> idx = tiled;
+    for (int64_t n = 0; n < planes; ++n)
+        for (int64_t p = 0; p < P; ++p)
+            for (int64_t q = 0; q < Q; ++q) {
+                int64_t& at = idx[(n * P + p) * Q + q];
+                const int64_t first = 2 * p * W + 2 * q;
+                if (partial && (2 * p + 1 == H || 2 * q + 1 == W)) {
+                    if ((p + q + n) % 2 != 0) continue;
+                    // right of the last column; below the last row (outside the plane):
+                    // the next window's first cell or the cell before the window instead
+                    const int64_t moved = 2 * q + 1 == W ? first + (n % 2 == 0 ? 1 : W + 1)
+                                          : q % 4 == 0   ? first + W
+                                                         : first + 2;
+                    at = moved < H * W ? moved : first > 0 ? first - 1 : at;
+                } else if (!partial && 2 * p + 1 < H && 2 * q + 1 < W &&
+                           (p * 7 + q * 3 + n) % 11 == 0) {
+                    at = (first + 2 * W + 3) % (H * W);
+                }
+            }
+    return idx;
+}
+
+// dx from indices of the 2x2 pool (written in one pass), from indices that leave their
+// window (a 3x3 / stride 2 / padding 1 pool of the same output size, or stray_indices):
+// the scatter.
 template <typename T>
 void check_backward_paths(unsigned seed) {
     const int64_t planes = 3;
-    for (auto [H, W] : kSizes) {
-        const int64_t P = H / 2, Q = W / 2;
+    for (const auto& shape : pool2x2_shapes()) {
+        const int64_t H = shape.H, W = shape.W, P = shape.P(), Q = shape.Q();
         const auto x = tricky_values<T>(planes * H * W, seed + unsigned(H * 131 + W));
-        auto dy = tricky_values<T>(planes * P * Q, seed + 7 + unsigned(H * 131 + W));
+        // NaN, infinities and -0 where each cell takes one gradient (0 + dy); finite values
+        // where several may add up: which NaN a sum of NaN and infinities gives depends on the
+        // order of the operands, which a compiler may swap
+        const auto tricky_dy = tricky_values<T>(planes * P * Q, seed + 7 + unsigned(H * 131 + W));
+        auto finite_dy = tricky_dy;
+        for (auto& v : finite_dy)
+            if (!std::isfinite(v)) v = T(2.5);
         std::vector<T> y(planes * P * Q);
         std::vector<int64_t> tiled(y.size()), overlapping(y.size());
-        reference_pool2x2(y, tiled, x, planes, H, W);
-        const auto d3 = pool2d_dims("max_pool2d", {planes, 1, H, W}, {3, 3, 2, 2, 1, 1});
-        if (d3.P == P && d3.Q == Q)
-            max_pool2d_forward(y.data(), overlapping.data(), x.data(), d3);
-        else
-            overlapping = tiled;
+        reference_pool2x2(y, tiled, x, planes, H, W, P, Q);
+        overlapping = tiled;
+        if (H >= 2 && W >= 2 && shape.uniform()) {
+            const auto d3 =
+                pool2d_dims("max_pool2d", {planes, 1, H, W},
+                            cnnbp_test::with_options({3, 3, 2, 2, 1, 1}, 1, shape.ceil_h));
+            if (d3.P == P && d3.Q == Q)
+                max_pool2d_forward(y.data(), overlapping.data(), x.data(), d3);
+        }
+        auto stray = stray_indices(tiled, planes, H, W, P, Q, false),
+             stray_partial = stray_indices(tiled, planes, H, W, P, Q, true);
 
-        for (const auto* idx : {&tiled, &overlapping}) {
-            const std::string where = std::to_string(H) + "x" + std::to_string(W) +
-                                      (idx == &tiled ? " tiled" : " overlapping");
+        for (const auto* idx : {&tiled, &overlapping, &stray, &stray_partial}) {
+            const std::string where =
+                shape.where() + (idx == &tiled         ? " tiled"
+                                 : idx == &overlapping ? " overlapping"
+                                 : idx == &stray       ? " stray"
+                                                       : " stray from partial windows");
+            const auto& dy = idx == &tiled ? tricky_dy : finite_dy;
             const auto want = reference_unpool(dy, *idx, planes, H * W, P * Q);
             std::vector<T> dx(want.size(), T(7));  // garbage the kernels must overwrite
             const auto d =
@@ -133,30 +251,21 @@ void check_backward_paths(unsigned seed) {
             if (!same_bits(dx, want))
                 cnnbp_test::fail(__FILE__, __LINE__, "max_pool2d_backward differs at " + where);
 
-            // the plane kernels either write the scatter's bits or decline
+            // the AVX-512 plane kernel either writes the scatter's bits or declines
             auto check_plane = [&](const char* path, auto kernel) {
-                std::vector<T> got(want.size(), T(7));
                 bool all = true;
-                for (int64_t n = 0; n < planes; ++n) {
-                    std::vector<T> plane(H * W, T(7));
-                    const bool done =
-                        kernel(plane.data(), dy.data() + n * P * Q, idx->data() + n * P * Q);
+                auto got = run_on_planes<T>(planes, H * W, path, [&](int64_t n, T* plane) {
+                    const bool done = kernel(plane, dy.data() + n * P * Q, idx->data() + n * P * Q);
                     all = all && done;
-                    if (done)
-                        std::copy(plane.begin(), plane.end(), got.begin() + n * H * W);
-                    else
-                        std::copy(want.begin() + n * H * W, want.begin() + (n + 1) * H * W,
-                                  got.begin() + n * H * W);
-                }
+                    if (!done)
+                        std::copy(want.begin() + n * H * W, want.begin() + (n + 1) * H * W, plane);
+                });
                 if (!same_bits(got, want))
                     cnnbp_test::fail(__FILE__, __LINE__,
                                      std::string(path) + " differs at " + where);
                 if (idx == &tiled && !all)
                     cnnbp_test::fail(__FILE__, __LINE__, std::string(path) + " declined " + where);
             };
-            check_plane("portable plane kernel", [&](T* out, const T* g, const int64_t* i) {
-                return detail::max_unpool2x2_plane(out, g, i, H, W, P, Q);
-            });
             if constexpr (std::is_same_v<T, float>)
                 if (auto avx512 = detail::max_unpool2x2_plane_avx512_if_supported())
                     check_plane("AVX-512 plane kernel", [&](T* out, const T* g, const int64_t* i) {
@@ -242,19 +351,19 @@ void plain_max_pool(std::vector<T>& y, std::vector<int64_t>& idx, const std::vec
 
 }  // namespace
 
-TEST_CASE("max_pool2d 2x2 kernels match the rule bit for bit (float)") {
+TEST_CASE("max_pool2d 2x2 kernels match the rule bit for bit, ceil_mode too (float)") {
     check_forward_paths<float>(1);
 }
 
-TEST_CASE("max_pool2d 2x2 kernels match the rule bit for bit (double)") {
+TEST_CASE("max_pool2d 2x2 kernels match the rule bit for bit, ceil_mode too (double)") {
     check_forward_paths<double>(2);
 }
 
-TEST_CASE("max_pool2d 2x2 backward writes the scatter's bits or declines (float)") {
+TEST_CASE("max_pool2d 2x2 backward writes the scatter's bits or declines, ceil_mode too (float)") {
     check_backward_paths<float>(3);
 }
 
-TEST_CASE("max_pool2d 2x2 backward writes the scatter's bits or declines (double)") {
+TEST_CASE("max_pool2d 2x2 backward writes the scatter's bits or declines, ceil_mode too (double)") {
     check_backward_paths<double>(4);
 }
 
@@ -270,10 +379,12 @@ void check_max_pool_rule(const Pool2dDims& d, unsigned seed) {
 }
 
 TEST_CASE("max_pool2d ceil_mode: the 2x2 kernels and the partial windows match the rule") {
-    // a ceil_mode 2x2 pool of an odd size: the 2x2 kernels for the whole windows, the edge
-    // loops for the last row and column, the same bits and indices as the plain loop
+    // a ceil_mode 2x2 pool of an odd size: the 2x2 kernels, whose last row and column of
+    // windows are clipped to the input, give the same bits and indices as the plain loop
     unsigned seed = 50;
-    for (auto [H, W] : kSizes) {
+    auto sizes = kSizes;
+    sizes.insert(sizes.end(), kCeilOnlySizes.begin(), kCeilOnlySizes.end());
+    for (auto [H, W] : sizes) {
         const auto d = pool2d_dims("max_pool2d", {3, 1, H, W},
                                    cnnbp_test::with_options({2, 2, 2, 2, 0, 0}, 1, true));
         CHECK(d.P == (H + 1) / 2 && d.Q == (W + 1) / 2);
