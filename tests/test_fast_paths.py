@@ -1,8 +1,9 @@
 """The kernels' fast paths hold the exact semantics of the general code.
 
 max_pool2d with 2x2 windows at stride 2 and no padding has a kernel of its own (vector code
-where the CPU has it), and its backward writes each plane in one pass when the indices fit
-the 2x2 tiling. Both are checked bit for bit against the rule written in NumPy, on ties,
+where the CPU has it, also for ceil_mode's partial windows), and with AVX-512 its backward
+writes each plane in one pass when the indices fit the 2x2 tiling (elsewhere it zero-fills
+and scatters). Both are checked bit for bit against the rule written in NumPy, on ties,
 NaN, infinities, -0 and sizes that leave a remainder row, column or partial vector step,
 from a single window to a large batch; the backward also against indices that do not fit
 the tiling. ReLU and sigmoid are checked on sizes above the threading threshold.
