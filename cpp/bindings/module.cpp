@@ -78,6 +78,23 @@ py::tuple weighted_backward(DType dtype, const py::array& dy, const py::array& x
     });
 }
 
+// A kernel from one array to one new array (the pools without indices, their backwards):
+// out (out_shape) = run(out, in) with typed pointers, run with the GIL released.
+template <typename Run>
+py::array one_array_kernel(DType dtype, const py::array& in, const Shape& out_shape, Run run) {
+    return dispatch(dtype, [&](auto tag) -> py::array {
+        using T = decltype(tag);
+        auto inc = contiguous<T>(in);
+        auto out = empty_like_shape<T>(out_shape);
+        T* out_ptr = out.mutable_data();
+        {  // the GIL is held again before the result is touched
+            py::gil_scoped_release release;
+            run(out_ptr, inc.data());
+        }
+        return out;
+    });
+}
+
 // ---- conv2d ------------------------------------------------------------------------------
 
 // torch's conv2d arguments: stride and dilation an int or a pair, padding that or 'same' /
@@ -421,17 +438,9 @@ py::array avg_pool2d(const py::handle& x_obj, const py::handle& kernel_size,
         op, shape_of(x),
         pool_params(op, kernel_size, stride, padding,
                     avg_pool_options(ceil_mode, count_include_pad, divisor_override)));
-    return dispatch(dtype, [&](auto tag) -> py::array {
-        using T = decltype(tag);
-        auto xc = contiguous<T>(x);
-        auto y = empty_like_shape<T>(cnnbp::pool2d_output_shape(dims));
-        T* y_ptr = y.mutable_data();
-        {  // the GIL is held again before the result is touched
-            py::gil_scoped_release release;
-            cnnbp::avg_pool2d_forward<T>(y_ptr, xc.data(), dims);
-        }
-        return y;
-    });
+    return one_array_kernel(
+        dtype, x, cnnbp::pool2d_output_shape(dims),
+        [&](auto* out, const auto* in) { cnnbp::avg_pool2d_forward(out, in, dims); });
 }
 
 py::array avg_pool2d_backward(const py::handle& dy_obj, const py::handle& x_shape_obj,
@@ -447,16 +456,8 @@ py::array avg_pool2d_backward(const py::handle& dy_obj, const py::handle& x_shap
         shape_of(dy), x_shape,
         pool_params(op, kernel_size, stride, padding,
                     avg_pool_options(ceil_mode, count_include_pad, divisor_override)));
-    return dispatch(dtype, [&](auto tag) -> py::array {
-        using T = decltype(tag);
-        auto dyc = contiguous<T>(dy);
-        auto dx = empty_like_shape<T>(x_shape);
-        T* dx_ptr = dx.mutable_data();
-        {  // the GIL is held again before the result is touched
-            py::gil_scoped_release release;
-            cnnbp::avg_pool2d_backward<T>(dx_ptr, dyc.data(), dims);
-        }
-        return dx;
+    return one_array_kernel(dtype, dy, x_shape, [&](auto* out, const auto* in) {
+        cnnbp::avg_pool2d_backward(out, in, dims);
     });
 }
 
@@ -499,17 +500,9 @@ py::array adaptive_avg_pool2d(const py::handle& x_obj, const py::handle& output_
     const DType dtype = float_dtype(op, "input", x);
     const auto dims =
         cnnbp::adaptive_pool2d_dims(op, shape_of(x), parse_output_size(op, output_size));
-    return dispatch(dtype, [&](auto tag) -> py::array {
-        using T = decltype(tag);
-        auto xc = contiguous<T>(x);
-        auto y = empty_like_shape<T>(cnnbp::adaptive_pool2d_output_shape(dims));
-        T* y_ptr = y.mutable_data();
-        {  // the GIL is held again before the result is touched
-            py::gil_scoped_release release;
-            cnnbp::adaptive_avg_pool2d_forward<T>(y_ptr, xc.data(), dims);
-        }
-        return y;
-    });
+    return one_array_kernel(
+        dtype, x, cnnbp::adaptive_pool2d_output_shape(dims),
+        [&](auto* out, const auto* in) { cnnbp::adaptive_avg_pool2d_forward(out, in, dims); });
 }
 
 py::array adaptive_avg_pool2d_backward(const py::handle& dy_obj, const py::handle& x_shape_obj,
@@ -520,16 +513,8 @@ py::array adaptive_avg_pool2d_backward(const py::handle& dy_obj, const py::handl
     const DType dtype = float_dtype(op, "doutput", dy);
     const auto dims = cnnbp::adaptive_avg_pool2d_backward_dims(shape_of(dy), x_shape,
                                                                parse_output_size(op, output_size));
-    return dispatch(dtype, [&](auto tag) -> py::array {
-        using T = decltype(tag);
-        auto dyc = contiguous<T>(dy);
-        auto dx = empty_like_shape<T>(x_shape);
-        T* dx_ptr = dx.mutable_data();
-        {  // the GIL is held again before the result is touched
-            py::gil_scoped_release release;
-            cnnbp::adaptive_avg_pool2d_backward<T>(dx_ptr, dyc.data(), dims);
-        }
-        return dx;
+    return one_array_kernel(dtype, dy, x_shape, [&](auto* out, const auto* in) {
+        cnnbp::adaptive_avg_pool2d_backward(out, in, dims);
     });
 }
 

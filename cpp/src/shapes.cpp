@@ -93,6 +93,19 @@ void check_nonempty(const char* op, const char* name, const Shape& shape, size_t
                          " >= 1, got shape " + shape_str(shape));
 }
 
+// "input shape (1, 2, 3, 4)" or "x_shape (1, 2, 3, 4)": how the pools' messages name the
+// input they were given (an array, or a backward's shape argument).
+std::string named_shape(const char* input_name, const Shape& shape) {
+    return std::string(input_name) + (std::string(input_name) == "input" ? " shape " : " ") +
+           shape_str(shape);
+}
+
+// An output (N, C, P, Q) in the input's form: (C, P, Q) for an unbatched input.
+Shape output_in_form(bool batched, int64_t N, int64_t C, int64_t P, int64_t Q) {
+    if (batched) return {N, C, P, Q};
+    return {C, P, Q};
+}
+
 // The (N, C, H, W) of a (C, H, W) or (N, C, H, W) shape, N = 1 for the unbatched form
 // (torch's rule for 2-d convolution and pooling), after checking the rank and that every
 // dim but the batch is >= 1.
@@ -301,8 +314,7 @@ Conv2dDims conv2d_dims(const Shape& given_input, const Shape& weight, const Shap
 }
 
 Shape conv2d_output_shape(const Conv2dDims& d) {
-    if (d.batched) return {d.N, d.K, d.P, d.Q};
-    return {d.K, d.P, d.Q};
+    return output_in_form(d.batched, d.N, d.K, d.P, d.Q);
 }
 
 void conv2d_check_doutput(const Conv2dDims& d, const Shape& doutput) {
@@ -363,8 +375,7 @@ static void check_windows_reach_input(const char* op, const char* input_name, co
                          std::to_string(start + dilation) + ", ... (kernel_size " +
                          std::to_string(kernel) + ", dilation " + std::to_string(dilation) +
                          ", padding " + std::to_string(pad) + ") missing its " +
-                         std::to_string(in) + " " + axis + "s, " + input_name +
-                         (std::string(input_name) == "input" ? " shape " : " ") + shape_str(input));
+                         std::to_string(in) + " " + axis + "s, " + named_shape(input_name, input));
     }
 }
 
@@ -389,9 +400,7 @@ Pool2dDims pool2d_dims(const char* op, const Shape& given_input, const Pool2dPar
                                         std::to_string(Wp + p.stride_w - 1) + ")"
                                   : std::string()) +
                      " >= " + (dilated ? "dilated " : "") + "kernel size (" + std::to_string(eh) +
-                     ", " + std::to_string(ew) + "), got " + input_name +
-                     (std::string(input_name) == "input" ? " shape " : " ") +
-                     shape_str(given_input));
+                     ", " + std::to_string(ew) + "), got " + named_shape(input_name, given_input));
     }
     check_windows_reach_input(op, input_name, given_input, "row", d.H, d.P, p.kernel_h, p.stride_h,
                               p.pad_h, p.dilation_h);
@@ -418,8 +427,7 @@ Pool2dDims pool2d_dims(const char* op, const Shape& given_input, const Pool2dPar
 }
 
 Shape pool2d_output_shape(const Pool2dDims& d) {
-    if (d.batched) return {d.N, d.C, d.P, d.Q};
-    return {d.C, d.P, d.Q};
+    return output_in_form(d.batched, d.N, d.C, d.P, d.Q);
 }
 
 Pool2dDims max_pool2d_backward_dims(const Shape& doutput, const Shape& indices,
@@ -526,32 +534,29 @@ AdaptivePool2dDims adaptive_pool2d_dims(const char* op, const Shape& given_input
                          output_size[0].value_or(input.H),
                          output_size[1].value_or(input.W),
                          input.batched};
-    // "input shape (1, 2, 3, 4)" or "x_shape (1, 2, 3, 4)", as the pools' messages name it
-    const std::string given = std::string(input_name) +
-                              (std::string(input_name) == "input" ? " shape " : " ") +
-                              shape_str(given_input);
+    // the input as the messages name it, built only to fail: this runs on every layer call
+    const auto given = [&] { return named_shape(input_name, given_input); };
     // the window bounds compute o * in for o <= out: out * in must fit in int64
     const int64_t limit = int64_t(1) << 62;
     if (checked_product({d.P, d.H}, limit) < 0 || checked_product({d.Q, d.W}, limit) < 0)
         fail(op, "output_size: expected output size * input size at most " + limit_str(limit) +
                      " along each axis, got output_size " + output_size_str(output_size) + " for " +
-                     given);
+                     given());
     if (checked_product({d.N, d.C, d.P, d.Q}, kMaxElements) < 0)
         fail(op, "output: expected at most " + limit_str(kMaxElements) + " elements, got shape " +
-                     shape_str({d.N, d.C, d.P, d.Q}) + " from " + given + " and output_size " +
+                     shape_str({d.N, d.C, d.P, d.Q}) + " from " + given() + " and output_size " +
                      output_size_str(output_size));
     // the windows of an axis hold at most in + 2 * out cells in all (neighbours share at most
     // one cell when out <= in, windows hold one or two cells when out > in)
     if (checked_product({d.N, d.C, d.H + 2 * d.P, d.W + 2 * d.Q}, kMaxWork) < 0)
         fail(op, "output_size: expected at most " + limit_str(kMaxWork) +
-                     " window cells in all, got " + given + " and output_size " +
+                     " window cells in all, got " + given() + " and output_size " +
                      output_size_str(output_size));
     return d;
 }
 
 Shape adaptive_pool2d_output_shape(const AdaptivePool2dDims& d) {
-    if (d.batched) return {d.N, d.C, d.P, d.Q};
-    return {d.C, d.P, d.Q};
+    return output_in_form(d.batched, d.N, d.C, d.P, d.Q);
 }
 
 AdaptivePool2dDims adaptive_avg_pool2d_backward_dims(const Shape& doutput, const Shape& input_shape,

@@ -208,32 +208,33 @@ class Conv2dOptions : public LayerOptions<Conv2dOptions> {
     Conv2dOptions& bias(bool b) { return set("bias", b); }
 };
 
-// The pools' options; stride defaults to the kernel size (torch's).
-class MaxPool2dOptions : public LayerOptions<MaxPool2dOptions> {
+// The pools' window: kernel_size, then stride (default: the kernel size, torch's) and
+// padding; each pool's options add their own.
+template <typename Self>
+class Pool2dWindowOptions : public LayerOptions<Self> {
  public:
-    explicit MaxPool2dOptions(int64_t kernel_size) : MaxPool2dOptions({kernel_size, kernel_size}) {}
-    explicit MaxPool2dOptions(std::array<int64_t, 2> kernel_size) {
-        set("kernel_size", pair(kernel_size));
+    explicit Pool2dWindowOptions(int64_t kernel_size)
+        : Pool2dWindowOptions({kernel_size, kernel_size}) {}
+    explicit Pool2dWindowOptions(std::array<int64_t, 2> kernel_size) {
+        this->set("kernel_size", this->pair(kernel_size));
     }
-    MaxPool2dOptions& stride(int64_t s) { return set("stride", s); }
-    MaxPool2dOptions& stride(std::array<int64_t, 2> hw) { return set("stride", pair(hw)); }
-    MaxPool2dOptions& padding(int64_t p) { return set("padding", p); }
-    MaxPool2dOptions& padding(std::array<int64_t, 2> hw) { return set("padding", pair(hw)); }
+    Self& stride(int64_t s) { return this->set("stride", s); }
+    Self& stride(std::array<int64_t, 2> hw) { return this->set("stride", this->pair(hw)); }
+    Self& padding(int64_t p) { return this->set("padding", p); }
+    Self& padding(std::array<int64_t, 2> hw) { return this->set("padding", this->pair(hw)); }
+};
+
+class MaxPool2dOptions : public Pool2dWindowOptions<MaxPool2dOptions> {
+ public:
+    using Pool2dWindowOptions::Pool2dWindowOptions;
     MaxPool2dOptions& dilation(int64_t d) { return set("dilation", d); }
     MaxPool2dOptions& dilation(std::array<int64_t, 2> hw) { return set("dilation", pair(hw)); }
     MaxPool2dOptions& ceil_mode(bool c) { return set("ceil_mode", c); }
 };
 
-class AvgPool2dOptions : public LayerOptions<AvgPool2dOptions> {
+class AvgPool2dOptions : public Pool2dWindowOptions<AvgPool2dOptions> {
  public:
-    explicit AvgPool2dOptions(int64_t kernel_size) : AvgPool2dOptions({kernel_size, kernel_size}) {}
-    explicit AvgPool2dOptions(std::array<int64_t, 2> kernel_size) {
-        set("kernel_size", pair(kernel_size));
-    }
-    AvgPool2dOptions& stride(int64_t s) { return set("stride", s); }
-    AvgPool2dOptions& stride(std::array<int64_t, 2> hw) { return set("stride", pair(hw)); }
-    AvgPool2dOptions& padding(int64_t p) { return set("padding", p); }
-    AvgPool2dOptions& padding(std::array<int64_t, 2> hw) { return set("padding", pair(hw)); }
+    using Pool2dWindowOptions::Pool2dWindowOptions;
     AvgPool2dOptions& ceil_mode(bool c) { return set("ceil_mode", c); }
     AvgPool2dOptions& count_include_pad(bool c) { return set("count_include_pad", c); }
     AvgPool2dOptions& divisor_override(int64_t d) { return set("divisor_override", d); }
