@@ -597,12 +597,12 @@ void add_partials(T* out, const T* partials, int64_t chunks, int64_t chunk_strid
         }
 }
 
-// dweight and dbias as sums over reduction_chunks(N) chunks of the batch (N images, N*G
-// view images): each chunk sums into partials of its own, then the partials add up in chunk
-// order. dbias sums doutput's planes; for dweight every thread makes one worker
-// (make_worker()) and, group after group, calls add(dw, i, last) for each view image i of
-// the group in its chunks, dw the chunk's partial of the group, (K, CRS) or (CRS, K) when
-// `transposed`, and last true for the chunk's last image of the group.
+// dweight and dbias as sums over reduction_chunks(N) chunks of the batch (N >= 1 images,
+// N*G view images; conv2d_backward answers an empty batch itself): each chunk sums into partials of
+// its own, then the partials add up in chunk order. dbias sums doutput's planes; for dweight every
+// thread makes one worker (make_worker()) and, group after group, calls add(dw, i, last) for each
+// view image i of the group in its chunks, dw the chunk's partial of the group, (K, CRS) or (CRS,
+// K) when `transposed`, and last true for the chunk's last image of the group.
 template <typename T, typename MakeWorker>
 void sum_over_chunks(T* dweight, T* dbias, const T* doutput, const Conv2dDims& d, bool transposed,
                      const MakeWorker& make_worker) {
@@ -610,11 +610,6 @@ void sum_over_chunks(T* dweight, T* dbias, const T* doutput, const Conv2dDims& d
     const int64_t CRS = d.C * d.R * d.S, KCRS = d.K * CRS, PQ = d.P * d.Q;
     const int64_t GK = G * d.K, GKCRS = G * KCRS;  // the whole weight's and bias' sizes
     const int64_t chunks = reduction_chunks(images);
-    if (chunks == 0) {  // an empty batch
-        if (dweight) std::fill(dweight, dweight + GKCRS, T(0));
-        if (dbias) std::fill(dbias, dbias + GK, T(0));
-        return;
-    }
     std::vector<T> partial_w(size_t(dweight ? chunks * GKCRS : 0));
     std::vector<T> partial_b(size_t(chunks * GK));
     detail::parallel_for_if(split_batch(d), chunks, [&](int64_t chunk_begin, int64_t chunk_end) {
