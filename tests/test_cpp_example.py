@@ -177,6 +177,28 @@ def test_python_model_runs_in_cpp_and_cpp_copy_loads_in_python(programs, tmp_pat
     np.testing.assert_array_equal(reloaded(x), expected)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_nested_model_runs_in_cpp_and_cpp_copy_loads_in_python(programs, tmp_path, dtype):
+    from test_containers import nested_model
+
+    nn.manual_seed(9)
+    model = nested_model(nn, dtype).eval()
+    x = np.random.default_rng(5).standard_normal((2, 2, 8, 8)).astype(dtype)
+    saved, copy, inputs = (tmp_path / name for name in ("model.npz", "copy.npz", "input.txt"))
+    model.save(saved)
+    inputs.write_text(
+        " ".join(map(str, x.shape)) + "\n" + " ".join(repr(float(v)) for v in x.ravel())
+    )
+    proc = run_model(programs, saved, inputs, copy)
+    assert proc.returncode == 0, proc.stderr
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    got = np.array([float(v) for v in lines["values"].split()], dtype=dtype)
+    np.testing.assert_array_equal(got, model(x).ravel())  # the same kernels: the same bits
+    reloaded = cnnbp.load(copy)
+    assert repr(reloaded) == repr(model)
+    np.testing.assert_array_equal(reloaded(x), model(x))
+
+
 def test_cpp_loads_a_model_saved_with_its_optimizer(programs, tmp_path):
     # the optimizer's entries are Python's: C++ loads the model beside them
     model = interop_model(np.float64).eval()

@@ -546,6 +546,20 @@ void bind_models(py::module_& m) {
                 save(s, path, opt.get());
             },
             py::arg("path"), py::arg("optimizer") = nullptr);
+    py::class_<Residual<T>, L, std::shared_ptr<Residual<T>>>(m, suffixed<T>("Residual").c_str())
+        .def(py::init<std::shared_ptr<L>, std::shared_ptr<L>>(), py::arg("block"),
+             py::arg("shortcut") = nullptr)
+        .def("zero_grad", &Residual<T>::zero_grad)
+        .def("block", &Residual<T>::block)
+        .def("shortcut", &Residual<T>::shortcut);
+    py::class_<Concat<T>, L, std::shared_ptr<Concat<T>>>(m, suffixed<T>("Concat").c_str())
+        .def(py::init<std::vector<std::shared_ptr<L>>>())
+        .def("zero_grad", &Concat<T>::zero_grad)
+        .def("branches", [](Concat<T>& c) {
+            std::vector<std::shared_ptr<L>> out;
+            for (size_t i = 0; i < c.size(); ++i) out.push_back(c.branch(i));
+            return out;
+        });
     // (Sequential, optimizer or None) from a model file of this dtype
     m.def(suffixed<T>("load_checkpoint").c_str(), [](const std::string& path) {
         Checkpoint<T> c = [&] {

@@ -4,6 +4,7 @@
 #include "cnnbp/model_file.hpp"
 
 #include <cstring>
+#include <optional>
 #include <set>
 #include <stdexcept>
 
@@ -78,57 +79,130 @@ Contents read_contents(const std::string& path) {
     return c;
 }
 
+// One entry of the architecture, checked: a declared layer (its type and arguments) or a
+// container (Sequential, Residual, Concat) with the entries of its children.
+struct LayerSpec {
+    const LayerType* declared = nullptr;  // a declared layer; null for a container
+    std::optional<Config> config;
+    std::string container;  // "Sequential", "Residual" or "Concat"
+    std::vector<LayerSpec> children;
+    bool has_shortcut = false;  // Residual: children are block, then the shortcut if any
+};
+
+// The containers' entries: {"type": "Sequential", "layers": [...]}, {"type": "Residual",
+// "block": {...}, "shortcut": {...} or null}, {"type": "Concat", "branches": [...]}.
+const char* container_member(const std::string& type) {
+    if (type == "Sequential") return "layers";
+    if (type == "Concat") return "branches";
+    return nullptr;
+}
+
+// The entry at `where` ("layer 3.block.1") checked, the weights it asks for counted against
+// `budget` (the file's size) before anything is allocated.
+LayerSpec parse_entry(const json::Value& value, const std::string& where, int64_t& budget,
+                      size_t file_size) {
+    const std::string at = "architecture: layer " + where;
+    const json::Object* entry = value.get<json::Object>();
+    const std::string* type = entry ? member(*entry, "type").get<std::string>() : nullptr;
+    if (!type) refuse(at + ": expected an object with a string \"type\"");
+    LayerSpec spec;
+    if (*type == "Sequential" || *type == "Concat" || *type == "Residual") {
+        spec.container = *type;
+        const bool residual = *type == "Residual";
+        for (const auto& [key, v] : *entry)
+            if (key != "type" &&
+                (residual ? key != "block" && key != "shortcut" : key != container_member(*type)))
+                refuse(at + ": expected the fields of " + *type + ", got also \"" +
+                       json::printable(key) + "\"");
+        if (residual) {
+            spec.children.push_back(
+                parse_entry(member(*entry, "block"), where + ".block", budget, file_size));
+            const json::Value& shortcut = member(*entry, "shortcut");
+            spec.has_shortcut = !shortcut.is_null();
+            if (spec.has_shortcut)
+                spec.children.push_back(
+                    parse_entry(shortcut, where + ".shortcut", budget, file_size));
+            return spec;
+        }
+        const json::Array* children = member(*entry, container_member(*type)).get<json::Array>();
+        if (!children)
+            refuse(at + ": expected a list \"" + container_member(*type) + "\" in a " + *type);
+        for (size_t i = 0; i < children->size(); ++i)
+            spec.children.push_back(
+                parse_entry((*children)[i], where + "." + std::to_string(i), budget, file_size));
+        return spec;
+    }
+    const LayerType* declared = find_layer_type(*type);
+    if (!declared) refuse(at + ": expected a known layer type, got " + json::describe(*type));
+    json::Object arguments;
+    for (const auto& [key, v] : *entry) {
+        if (key == "type") continue;
+        bool saved = false;
+        for (const Field& f : declared->fields) saved |= f.saved && f.name == key;
+        if (!saved)
+            refuse(at + ": expected the fields of " + *type + ", got also \"" +
+                   json::printable(key) + "\"");
+        arguments.emplace_back(key, v);
+    }
+    try {
+        Config config = declared->parse({}, arguments);
+        const int64_t count = declared->parameter_count ? declared->parameter_count(config) : 0;
+        if (count > budget)
+            refuse(at + ": expected weights that fit in the file, got " + std::to_string(count) +
+                   " values in a file of " + std::to_string(file_size) + " bytes");
+        budget -= count;
+        spec.declared = declared;
+        spec.config = std::move(config);
+    } catch (const std::invalid_argument& e) {
+        const std::string what = e.what();
+        if (what.rfind("[load]", 0) == 0) throw;
+        refuse(at + ": " + what);
+    }
+    return spec;
+}
+
+template <typename T>
+std::shared_ptr<Layer<T>> build_entry(const LayerSpec& spec, const std::string& where) {
+    if (spec.declared) {
+        try {
+            return spec.declared->template build<T>(*spec.config);
+        } catch (const std::invalid_argument& e) {
+            refuse("architecture: layer " + where + ": " + e.what());
+        }
+    }
+    if (spec.container == "Residual")
+        return std::make_shared<Residual<T>>(
+            build_entry<T>(spec.children[0], where + ".block"),
+            spec.has_shortcut ? build_entry<T>(spec.children[1], where + ".shortcut") : nullptr);
+    std::vector<std::shared_ptr<Layer<T>>> children;
+    for (size_t i = 0; i < spec.children.size(); ++i)
+        children.push_back(build_entry<T>(spec.children[i], where + "." + std::to_string(i)));
+    if (spec.container == "Concat") {
+        try {
+            return std::make_shared<Concat<T>>(std::move(children));
+        } catch (const std::invalid_argument& e) {
+            refuse("architecture: layer " + where + ": " + e.what());
+        }
+    }
+    auto sequential = std::make_shared<Sequential<T>>();
+    for (auto& child : children) sequential->add(std::move(child));
+    return sequential;
+}
+
 // The layers of the architecture, built, with the weights the file holds for them.
 template <typename T>
 Sequential<T> build_model(const Contents& c) {
     if (c.dtype != dtype_name<T>())
         refuse(std::string("dtype: expected ") + dtype_name<T>() + ", got " + c.dtype);
     const json::Array& layers = *json::find(c.architecture, "layers")->get<json::Array>();
-    // every layer's arguments checked, and the weights they ask for counted against the
-    // file's size, before anything is allocated
-    std::vector<std::pair<const LayerType*, Config>> specs;
+    // every entry checked and its weights counted before anything is built
+    std::vector<LayerSpec> specs;
     int64_t budget = int64_t(c.file.size() / sizeof(T));
-    for (size_t i = 0; i < layers.size(); ++i) {
-        const std::string where = "architecture: layer " + std::to_string(i);
-        const json::Object* entry = layers[i].get<json::Object>();
-        const std::string* type = entry ? member(*entry, "type").get<std::string>() : nullptr;
-        if (!type) refuse(where + ": expected an object with a string \"type\"");
-        const LayerType* declared = find_layer_type(*type);
-        if (!declared)
-            refuse(where + ": expected a known layer type, got " + json::describe(*type));
-        json::Object arguments;
-        for (const auto& [key, value] : *entry) {
-            if (key == "type") continue;
-            bool saved = false;
-            for (const Field& f : declared->fields) saved |= f.saved && f.name == key;
-            if (!saved)
-                refuse(where + ": expected the fields of " + *type + ", got also \"" +
-                       json::printable(key) + "\"");
-            arguments.emplace_back(key, value);
-        }
-        try {
-            Config config = declared->parse({}, arguments);
-            const int64_t count = declared->parameter_count ? declared->parameter_count(config) : 0;
-            if (count > budget)
-                refuse(where + ": expected weights that fit in the file, got " +
-                       std::to_string(count) + " values in a file of " +
-                       std::to_string(c.file.size()) + " bytes");
-            budget -= count;
-            specs.emplace_back(declared, std::move(config));
-        } catch (const std::invalid_argument& e) {
-            const std::string what = e.what();
-            if (what.rfind("[load]", 0) == 0) throw;
-            refuse(where + ": " + what);
-        }
-    }
+    for (size_t i = 0; i < layers.size(); ++i)
+        specs.push_back(parse_entry(layers[i], std::to_string(i), budget, c.file.size()));
     Sequential<T> model;
-    for (size_t i = 0; i < specs.size(); ++i) {
-        try {
-            model.add(specs[i].first->template build<T>(specs[i].second));
-        } catch (const std::invalid_argument& e) {
-            refuse("architecture: layer " + std::to_string(i) + ": " + e.what());
-        }
-    }
+    for (size_t i = 0; i < specs.size(); ++i)
+        model.add(build_entry<T>(specs[i], std::to_string(i)));
     std::set<std::string> expected{"architecture"};
     for (auto& [name, p] : model.named_parameters()) {
         expected.insert(name);
@@ -293,6 +367,32 @@ std::shared_ptr<Optimizer<T>> load_optimizer(const Contents& c, Sequential<T>& m
     return opt;
 }
 
+// The architecture entry of a layer (see LayerSpec); where: its dotted path, for messages.
+template <typename T>
+json::Object entry_of(Layer<T>& layer, const std::string& where) {
+    if (auto* residual = dynamic_cast<Residual<T>*>(&layer))
+        return {{"type", "Residual"},
+                {"block", entry_of(*residual->block(), where + ".block")},
+                {"shortcut", residual->shortcut()
+                                 ? json::Value(entry_of(*residual->shortcut(), where + ".shortcut"))
+                                 : json::Value(nullptr)}};
+    if (auto* container = dynamic_cast<Container<T>*>(&layer)) {
+        const char* list = container_member(container->type());
+        if (!list)
+            throw std::invalid_argument("[save] layer " + where +
+                                        ": expected a container cnnbp declares, got " +
+                                        container->type());
+        json::Array children;
+        for (const auto& [name, child] : container->named_children())
+            children.push_back(entry_of(*child, where + "." + name));
+        return {{"type", container->type()}, {list, std::move(children)}};
+    }
+    if (!layer.arguments())
+        throw std::invalid_argument("[save] layer " + where +
+                                    ": expected a layer type cnnbp declares, got " + layer.type());
+    return layer.config();
+}
+
 }  // namespace
 
 std::string model_file_dtype(const std::string& path) { return read_contents(path).dtype; }
@@ -300,13 +400,8 @@ std::string model_file_dtype(const std::string& path) { return read_contents(pat
 template <typename T>
 void save(Sequential<T>& model, const std::string& path, const Optimizer<T>* optimizer) {
     json::Array layers;
-    for (size_t i = 0; i < model.size(); ++i) {
-        if (!model[i].arguments())
-            throw std::invalid_argument("[save] layer " + std::to_string(i) +
-                                        ": expected a layer type cnnbp declares, got " +
-                                        model[i].type());
-        layers.push_back(model[i].config());
-    }
+    for (size_t i = 0; i < model.size(); ++i)
+        layers.push_back(entry_of(model[i], std::to_string(i)));
     const json::Object architecture{{"format", kFormat},
                                     {"version", kVersion},
                                     {"dtype", dtype_name<T>()},

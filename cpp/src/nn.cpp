@@ -601,19 +601,83 @@ CNNBP_REGISTER_LAYER(Flatten, {"Flatten", "flatten",
                                "F (N, C*H*W) = x (N, C, H, W) reshaped (torch's Flatten with "
                                "start_dim=1)"});
 
-// ---- Sequential ----------------------------------------------------------------------------
+// ---- containers: Sequential, Residual, Concat ------------------------------------------------
+
+namespace {
+
+// Whether `target` is `layer` or sits somewhere below it.
+template <typename T>
+bool reaches(const Layer<T>* layer, const Layer<T>* target) {
+    if (layer == target) return true;
+    if (const auto* container = dynamic_cast<const Container<T>*>(layer))
+        for (const auto& [name, child] : container->named_children())
+            if (reaches<T>(child, target)) return true;
+    return false;
+}
+
+// out = a + b, elementwise (the caller checked the shapes)
+template <typename T>
+void add_into(Tensor<T>& out, const Tensor<T>& a, const Tensor<T>& b) {
+    out.resize(a.shape);
+    T* o = out.data.data();
+    const T *x = a.data.data(), *y = b.data.data();
+    for (int64_t i = 0, n = a.size(); i < n; ++i) o[i] = x[i] + y[i];
+}
+
+// Before a container dies: its children that live on (held elsewhere) may point at tensors
+// that die with it, so they forget them.
+template <typename T>
+void release_children(const std::vector<std::shared_ptr<Layer<T>>>& children) {
+    for (const auto& child : children)
+        if (child && child.use_count() > 1) child->forget_borrowed();
+}
+
+}  // namespace
 
 template <typename T>
-Sequential<T>::~Sequential() {
-    // Layers that live on (held elsewhere) may point at tensors that die with this
-    // container: its input and the outputs of layers only it holds.
-    for (auto& layer : layers_)
-        if (layer.use_count() > 1) layer->forget_borrowed();
+std::vector<std::pair<std::string, Parameter<T>*>> Container<T>::named_parameters() {
+    std::vector<std::pair<std::string, Parameter<T>*>> out;
+    for (const auto& [prefix, child] : named_children())
+        for (auto& [name, p] : child->named_parameters()) out.emplace_back(prefix + "." + name, p);
+    return out;
 }
 
 template <typename T>
-Sequential<T>::Sequential(Sequential&& other) noexcept
-    : layers_(std::move(other.layers_)), parameters_(std::move(other.parameters_)) {
+std::vector<Parameter<T>*> Container<T>::parameters() {
+    std::vector<Parameter<T>*> out;
+    for (auto& named : named_parameters()) out.push_back(named.second);
+    return out;
+}
+
+template <typename T>
+void Container<T>::zero_grad() {
+    for (const auto& named : named_children()) named.second->zero_grad();
+}
+
+template <typename T>
+void Container<T>::train(bool mode) {
+    Layer<T>::train(mode);
+    for (const auto& named : named_children()) named.second->train(mode);
+}
+
+template <typename T>
+void Container<T>::check_child(const Layer<T>* child, const std::string& what) const {
+    const std::string type = this->type();
+    if (!child)
+        throw std::invalid_argument("[" + type + "] " + what + ": expected a layer, got null");
+    if (reaches<T>(child, this))
+        throw std::invalid_argument("[" + type + "] " + what +
+                                    ": expected a layer that does not contain the " + type +
+                                    ", got one that does");
+}
+
+template <typename T>
+Sequential<T>::~Sequential() {
+    release_children(layers_);
+}
+
+template <typename T>
+Sequential<T>::Sequential(Sequential&& other) noexcept : layers_(std::move(other.layers_)) {
     for (auto& layer : layers_) layer->forget_borrowed();
 }
 
@@ -627,19 +691,18 @@ void Sequential<T>::forget_borrowed() {
 }
 
 template <typename T>
-void Sequential<T>::train(bool mode) {
-    Layer<T>::train(mode);
-    for (auto& layer : layers_) layer->train(mode);
+Sequential<T>& Sequential<T>::add(std::shared_ptr<Layer<T>> layer) {
+    this->check_child(layer.get(), "layer");
+    layers_.push_back(std::move(layer));
+    return *this;
 }
 
 template <typename T>
-Sequential<T>& Sequential<T>::add(std::shared_ptr<Layer<T>> layer) {
-    if (!layer) throw std::invalid_argument("[Sequential] layer: expected a layer, got null");
-    if (layer.get() == this)
-        throw std::invalid_argument("[Sequential] layer: expected another layer, got itself");
-    for (auto& named : layer->named_parameters()) parameters_.push_back(named.second);
-    layers_.push_back(std::move(layer));
-    return *this;
+std::vector<std::pair<std::string, Layer<T>*>> Sequential<T>::named_children() const {
+    std::vector<std::pair<std::string, Layer<T>*>> out;
+    for (size_t i = 0; i < layers_.size(); ++i)
+        out.emplace_back(std::to_string(i), layers_[i].get());
+    return out;
 }
 
 template <typename T>
@@ -671,22 +734,169 @@ const Tensor<T>& Sequential<T>::grad_input() const {
 }
 
 template <typename T>
-std::vector<std::pair<std::string, Parameter<T>*>> Sequential<T>::named_parameters() {
-    std::vector<std::pair<std::string, Parameter<T>*>> out;
-    for (size_t i = 0; i < layers_.size(); ++i)
-        for (auto& [name, p] : layers_[i]->named_parameters())
-            out.emplace_back(std::to_string(i) + "." + name, p);
+Residual<T>::Residual(std::shared_ptr<Layer<T>> block, std::shared_ptr<Layer<T>> shortcut)
+    : block_(std::move(block)), shortcut_(std::move(shortcut)) {
+    this->check_child(block_.get(), "block");
+    if (shortcut_) this->check_child(shortcut_.get(), "shortcut");
+    if (block_ == shortcut_)
+        throw std::invalid_argument(
+            "[Residual] shortcut: expected a layer other than the block (each keeps its own "
+            "trace), got the block itself");
+}
+
+template <typename T>
+Residual<T>::~Residual() {
+    release_children<T>({block_, shortcut_});
+}
+
+template <typename T>
+std::vector<std::pair<std::string, Layer<T>*>> Residual<T>::named_children() const {
+    if (!shortcut_) return {{"block", block_.get()}};
+    return {{"block", block_.get()}, {"shortcut", shortcut_.get()}};
+}
+
+template <typename T>
+void Residual<T>::forget_borrowed() {
+    Layer<T>::forget_borrowed();
+    block_->forget_borrowed();
+    if (shortcut_) shortcut_->forget_borrowed();
+}
+
+template <typename T>
+const Tensor<T>& Residual<T>::forward(const Tensor<T>& input) {
+    this->input_ = &input;
+    const Tensor<T>& main = block_->forward(input);
+    const Tensor<T>& skip = shortcut_ ? shortcut_->forward(input) : input;
+    if (main.shape != skip.shape)
+        throw std::invalid_argument("[Residual] block output: expected the shape of the " +
+                                    std::string(shortcut_ ? "shortcut's output " : "input ") +
+                                    shape_str(skip.shape) + ", got shape " + shape_str(main.shape));
+    add_into(this->output_, main, skip);
+    return this->output_;
+}
+
+template <typename T>
+const Tensor<T>& Residual<T>::backward(const Tensor<T>& grad_output) {
+    require_forward(this->input_, "Residual");
+    check_same_shape("Residual.backward", "output", this->output_.shape, "doutput",
+                     grad_output.shape);
+    this->grad_output_ = &grad_output;
+    // y = block(x) + skip(x): dL/dx = dblock/dx^T dy + dskip/dx^T dy
+    const Tensor<T>& through_block = block_->backward(grad_output);
+    const Tensor<T>& through_skip = shortcut_ ? shortcut_->backward(grad_output) : grad_output;
+    add_into(this->grad_input_, through_block, through_skip);
+    return this->grad_input_;
+}
+
+template <typename T>
+Concat<T>::Concat(std::vector<std::shared_ptr<Layer<T>>> branches)
+    : branches_(std::move(branches)), grad_slices_(branches_.size()) {
+    if (branches_.empty())
+        throw std::invalid_argument("[Concat] branches: expected at least one, got none");
+    for (size_t i = 0; i < branches_.size(); ++i) {
+        this->check_child(branches_[i].get(), "branch " + std::to_string(i));
+        for (size_t j = 0; j < i; ++j)
+            if (branches_[j] == branches_[i])
+                throw std::invalid_argument(
+                    "[Concat] branch " + std::to_string(i) +
+                    ": expected a layer other than the earlier branches (each keeps its own "
+                    "trace), got branch " +
+                    std::to_string(j) + " again");
+    }
+}
+
+template <typename T>
+Concat<T>::~Concat() {
+    release_children(branches_);
+}
+
+template <typename T>
+std::vector<std::pair<std::string, Layer<T>*>> Concat<T>::named_children() const {
+    std::vector<std::pair<std::string, Layer<T>*>> out;
+    for (size_t i = 0; i < branches_.size(); ++i)
+        out.emplace_back(std::to_string(i), branches_[i].get());
     return out;
 }
 
 template <typename T>
-std::vector<Parameter<T>*> Sequential<T>::parameters() {
-    return parameters_;
+void Concat<T>::forget_borrowed() {
+    Layer<T>::forget_borrowed();
+    for (auto& branch : branches_) branch->forget_borrowed();
 }
 
 template <typename T>
-void Sequential<T>::zero_grad() {
-    for (Parameter<T>* p : parameters_) p->clear_grad();
+const Tensor<T>& Concat<T>::forward(const Tensor<T>& input) {
+    this->input_ = &input;
+    // outputs (N, K_i, rest...): the same N and rest, any K_i
+    std::vector<const Tensor<T>*> outputs;
+    Shape shape;
+    for (size_t i = 0; i < branches_.size(); ++i) {
+        const Tensor<T>& y = branches_[i]->forward(input);
+        outputs.push_back(&y);
+        if (y.shape.size() < 2)
+            throw std::invalid_argument("[Concat] branch " + std::to_string(i) +
+                                        " output: expected at least 2 dims (N, K, ...), got "
+                                        "shape " +
+                                        shape_str(y.shape));
+        if (i == 0) {
+            shape = y.shape;
+            continue;
+        }
+        Shape expected = shape;
+        expected[1] = y.shape[1];
+        if (y.shape != expected)
+            throw std::invalid_argument("[Concat] branch " + std::to_string(i) +
+                                        " output: expected shape " + shape_str(expected) +
+                                        " (branch 0's but along dim 1), got shape " +
+                                        shape_str(y.shape));
+        shape[1] += y.shape[1];
+    }
+    this->output_.resize(shape);
+    const int64_t N = shape[0], K = shape[1], inner = K ? this->output_.size() / (N * K) : 0;
+    T* out = this->output_.data.data();
+    for (int64_t n = 0; n < N; ++n) {
+        int64_t offset = 0;  // in channels, along dim 1
+        for (const Tensor<T>* y : outputs) {
+            const int64_t block = y->shape[1] * inner;
+            std::copy_n(y->data.data() + n * block, block, out + (n * K + offset) * inner);
+            offset += y->shape[1];
+        }
+    }
+    return this->output_;
+}
+
+template <typename T>
+const Tensor<T>& Concat<T>::backward(const Tensor<T>& grad_output) {
+    require_forward(this->input_, "Concat");
+    check_same_shape("Concat.backward", "output", this->output_.shape, "doutput",
+                     grad_output.shape);
+    this->grad_output_ = &grad_output;
+    const Shape& shape = grad_output.shape;
+    const int64_t N = shape[0], K = shape[1], inner = K ? grad_output.size() / (N * K) : 0;
+    int64_t offset = 0;
+    for (size_t i = 0; i < branches_.size(); ++i) {
+        // branch i's slice of dL/dy: channels [offset, offset + K_i)
+        Tensor<T>& slice = grad_slices_[i];
+        Shape slice_shape = shape;
+        slice_shape[1] = branches_[i]->output().shape[1];
+        slice.resize(slice_shape);
+        const int64_t block = slice_shape[1] * inner;
+        for (int64_t n = 0; n < N; ++n)
+            std::copy_n(grad_output.data.data() + (n * K + offset) * inner, block,
+                        slice.data.data() + n * block);
+        offset += slice_shape[1];
+    }
+    // dL/dx = the sum over branches of each branch's input gradient
+    for (size_t i = 0; i < branches_.size(); ++i) {
+        const Tensor<T>& dx = branches_[i]->backward(grad_slices_[i]);
+        if (i == 0) {
+            this->grad_input_.resize(dx.shape);
+            std::copy(dx.data.begin(), dx.data.end(), this->grad_input_.data.begin());
+        } else {
+            for (int64_t j = 0, n = dx.size(); j < n; ++j) this->grad_input_.data[j] += dx.data[j];
+        }
+    }
+    return this->grad_input_;
 }
 
 // ---- losses --------------------------------------------------------------------------------
@@ -1082,7 +1292,10 @@ double train_step(Sequential<T>& model, const Tensor<T>& input, const Tensor<Tar
     template class Elementwise<T, SiLUKind>;                                                       \
     template class Elementwise<T, IdentityKind>;                                                   \
     template class Flatten<T>;                                                                     \
+    template class Container<T>;                                                                   \
     template class Sequential<T>;                                                                  \
+    template class Residual<T>;                                                                    \
+    template class Concat<T>;                                                                      \
     template class Loss<T>;                                                                        \
     template class BCELoss<T>;                                                                     \
     template class BCEWithLogitsLoss<T>;                                                           \

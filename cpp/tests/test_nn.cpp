@@ -600,3 +600,101 @@ TEST_CASE("nn: BCE losses with weight and pos_weight against finite differences"
     CHECK_THROWS(CrossEntropyLoss<double>(CrossEntropyLossOptions().label_smoothing(-1)),
                  "[CrossEntropyLoss] label_smoothing: expected a number in [0, 1], got -1.0");
 }
+
+TEST_CASE("nn: Residual and Concat: values, gradients against finite differences, model files") {
+    manual_seed(21);
+    // y = Linear(Concat(Residual(Linear, Tanh), Residual(Linear, shortcut Linear)))
+    auto block = std::make_shared<Sequential<double>>();
+    block->add(std::make_shared<Linear<double>>(3, 3)).add(std::make_shared<Tanh<double>>());
+    auto plain = std::make_shared<Residual<double>>(block);
+    auto projected = std::make_shared<Residual<double>>(std::make_shared<Linear<double>>(3, 2),
+                                                        std::make_shared<Linear<double>>(3, 2));
+    auto concat = std::make_shared<Concat<double>>(
+        std::vector<std::shared_ptr<Layer<double>>>{plain, projected});
+    Sequential<double> model;
+    model.add(concat).add(std::make_shared<Linear<double>>(5, 1));
+    const Tensor<double> x({4, 3}, values(12, 22));
+    const Tensor<double> y = model.forward(x);
+    CHECK(y.shape == Shape({4, 1}));
+    // the Residual's output is its block's plus its input; the Concat's stacks its branches
+    for (int64_t i = 0; i < 12; ++i)
+        CHECK(plain->output().data[size_t(i)] ==
+              block->output().data[size_t(i)] + x.data[size_t(i)]);
+    CHECK(concat->output().shape == Shape({4, 5}));
+    CHECK(concat->output().data[3] == projected->output().data[0]);
+    CHECK(concat->output().data[5] == plain->output().data[3]);
+
+    auto names = model.named_parameters();
+    CHECK(names.size() == 8);
+    CHECK(names[0].first == "0.0.block.0.weight");
+    CHECK(names[2].first == "0.1.block.weight");
+    CHECK(names[4].first == "0.1.shortcut.weight");
+    CHECK(names[6].first == "1.weight");
+
+    // L = sum(y * c): dL/dy = c
+    const V c = values(4, 23);
+    auto objective = [&] {
+        const Tensor<double>& out = model.forward(x);
+        double L = 0;
+        for (size_t i = 0; i < c.size(); ++i) L += out.data[i] * c[i];
+        return L;
+    };
+    model.zero_grad();
+    model.forward(x);
+    const Tensor<double> dy({4, 1}, c);
+    const V dx = model.backward(dy).data;
+    check_against_differences(model, objective);
+    Tensor<double> probe = x;
+    V numeric(dx.size());
+    for (size_t i = 0; i < dx.size(); ++i) {
+        const double saved = probe.data[i], h = 1e-6;
+        probe.data[i] = saved + h;
+        double plus = 0, minus = 0;
+        const Tensor<double>& up = model.forward(probe);
+        for (size_t j = 0; j < c.size(); ++j) plus += up.data[j] * c[j];
+        probe.data[i] = saved - h;
+        const Tensor<double>& down = model.forward(probe);
+        for (size_t j = 0; j < c.size(); ++j) minus += down.data[j] * c[j];
+        probe.data[i] = saved;
+        numeric[i] = (plus - minus) / (2 * h);
+    }
+    CHECK_CLOSE(dx.data(), numeric, 1e-8, 1e-5);
+
+    // model files keep the tree
+    const std::string path = "cnnbp_test_containers.npz";
+    const V expected = model.forward(x).data;
+    save(model, path);
+    auto loaded = load<double>(path);
+    CHECK(loaded.named_parameters().size() == 8);
+    CHECK(dynamic_cast<Concat<double>*>(&loaded[0]) != nullptr);
+    CHECK_CLOSE(loaded.forward(x).data.data(), expected, 0, 0);
+    std::remove(path.c_str());
+
+    // train() reaches the whole tree; zero_grad() too
+    model.eval();
+    CHECK(!block->layer(1)->is_training());
+    model.zero_grad();
+    for (auto* p : model.parameters()) CHECK(!p->has_grad());
+}
+
+TEST_CASE("nn: containers refuse cycles, repeats and shapes that do not combine") {
+    auto inner = std::make_shared<Sequential<float>>();
+    inner->add(std::make_shared<ReLU<float>>());
+    auto residual = std::make_shared<Residual<float>>(inner);
+    CHECK_THROWS(inner->add(residual),
+                 "[Sequential] layer: expected a layer that does not contain the Sequential");
+    CHECK_THROWS(inner->add(inner), "[Sequential] layer: expected a layer that does not contain");
+    CHECK_THROWS(inner->add(nullptr), "[Sequential] layer: expected a layer, got null");
+    CHECK_THROWS(Residual<float>(nullptr), "[Residual] block: expected a layer, got null");
+    CHECK_THROWS(Residual<float>(inner, inner), "[Residual] shortcut: expected a layer other than");
+    CHECK_THROWS(Concat<float>({}), "[Concat] branches: expected at least one, got none");
+    CHECK_THROWS(Concat<float>({inner, inner}), "[Concat] branch 1: expected a layer other than");
+    auto widen = std::make_shared<Linear<float>>(3, 4);
+    Residual<float> mismatched(widen);
+    CHECK_THROWS(
+        mismatched.forward(Tensor<float>({2, 3})),
+        "[Residual] block output: expected the shape of the input (2, 3), got shape (2, 4)");
+    Concat<float> flat({std::make_shared<ReLU<float>>()});
+    CHECK_THROWS(flat.forward(Tensor<float>({3})),
+                 "[Concat] branch 0 output: expected at least 2 dims (N, K, ...), got shape (3,)");
+}

@@ -174,6 +174,9 @@ class GradcheckReport:
 
 
 def _layers(model):
+    """Every module of the model, nested ones included."""
+    if isinstance(model, nn.Sequential | nn.Residual | nn.Concat):
+        return [module for _, module in model.named_modules()]
     try:
         return list(model)
     except TypeError:
@@ -198,26 +201,37 @@ def _same(patterns, reference):
     )
 
 
+def _copy_of(module):
+    """The module rebuilt in float64 from its config() (containers from their children's),
+    or None when it is not one of cnnbp's layers or containers."""
+    if isinstance(module, nn.Sequential | nn.Concat):
+        children = [_copy_of(child) for _, child in module.named_children()]
+        return None if None in children else type(module)(*children)
+    if isinstance(module, nn.Residual):
+        block = _copy_of(module.block)
+        shortcut = None if module.shortcut is None else _copy_of(module.shortcut)
+        if block is None or (module.shortcut is not None and shortcut is None):
+            return None
+        return nn.Residual(block, shortcut)
+    declared = getattr(nn, module.config()["type"], None)
+    if not (isinstance(declared, type) and isinstance(module, declared)):
+        return None
+    arguments = module.config()
+    del arguments["type"]
+    if module.parameters():
+        arguments["dtype"] = np.float64
+    return declared(**arguments)
+
+
 def _float64_copy(model):
     """The same architecture (each layer's config()) and weights, in float64."""
-    layers = list(model) if isinstance(model, nn.Sequential) else None
-    declared = [getattr(nn, layer.config()["type"], None) for layer in layers or ()]
-    if layers is None or not all(
-        isinstance(c, type) and isinstance(layer, c) for c, layer in zip(declared, layers)
-    ):
+    copy = _copy_of(model) if isinstance(model, nn.Sequential) else None
+    if copy is None:
         raise TypeError(
             f"[gradcheck] model: expected float64 parameters, or a Sequential of cnnbp's "
             f"layers to copy into float64, got a float32 {type(model).__name__}; "
             f"build it with dtype=np.float64"
         )
-    copies = []
-    for layer in layers:
-        arguments = layer.config()
-        del arguments["type"]
-        if layer.parameters():
-            arguments["dtype"] = np.float64
-        copies.append(type(layer)(**arguments))
-    copy = nn.Sequential(*copies)
     copy.load_state_dict({k: v.astype(np.float64) for k, v in model.state_dict().items()})
     return copy
 

@@ -402,49 +402,114 @@ globals().update(_LAYER_CLASSES)
 
 
 def _from_native(impl):
-    """The Python layer around a C++ layer of a declared type."""
+    """The Python module around a C++ layer of a declared type or a container."""
+    container = _CONTAINER_CLASSES.get(impl.type())
+    if container is not None:
+        return container._from_native(impl)
     return _LAYER_CLASSES[impl.type()]._from_native(impl)
 
 
-class Sequential(_NativeModule):
+class _Container(_NativeModule):
+    """A module made of modules (Sequential, Residual, Concat), run by the C++ container of
+    the same name. Its parameters are its children's under dotted names ("3.block.1.weight"),
+    and its trace lists every module below it by that path."""
+
+    def __init__(self, children):
+        super().__init__()
+        for name, child in children:
+            if not isinstance(child, Module):
+                raise TypeError(
+                    f"[{type(self).__name__}] {self._child_label.format(name)}: expected an "
+                    f"nn.Module, "
+                    f"got {type(child).__name__}"
+                )
+        self._named = tuple(children)
+        dtypes = {p.dtype for p in self.parameters()}
+        if len(dtypes) > 1:
+            raise TypeError(
+                f"[{type(self).__name__}] parameters: expected one dtype, "
+                f"got {sorted(str(d) for d in dtypes)}"
+            )
+        self._fixed_dtype = dtypes.pop() if dtypes else None
+
+    _child_label = "{}"  # how messages name a child: "block", "layer 1", "branch 0"
+
+    def named_children(self):
+        """(name, module) pairs, in the order the forward runs them."""
+        return list(self._named)
+
+    def _children(self):
+        return tuple(child for _, child in self._named)
+
+    def _activate(self, dtype):
+        impl = self._native_for(dtype)
+        if impl is not self._impl:  # the children's traces now come from this dtype's objects
+            self._impl = impl
+            self._step = None
+            for child in self._children():
+                child._activate(dtype)
+        return impl
+
+    _step = None
+
+    def named_parameters(self, prefix: str = ""):
+        return [
+            pair
+            for name, child in self._named
+            for pair in child.named_parameters(f"{prefix}{name}.")
+        ]
+
+    def zero_grad(self) -> None:
+        for child in self._children():
+            child.zero_grad()
+
+    def named_modules(self, prefix: str = ""):
+        """(dotted path, module) for every module below this one, each container before
+        its children (torch's order, without this module itself)."""
+        out = []
+        for name, child in self._named:
+            path = prefix + name
+            out.append((path, child))
+            if isinstance(child, _Container):
+                out.extend(child.named_modules(path + "."))
+        return out
+
+    def trace(self):
+        """One trace per module below this one, by dotted path: [("0", {"input": ...,
+        "output": ..., ...}), ..., ("3", the Residual's), ("3.block", ...), ("3.block.0",
+        ...), ...]; a container's entry shows its own input, output and gradients (a
+        Residual's output is the sum, its grad_input the sum of both paths')."""
+        return [
+            (path, Module.trace(module) if isinstance(module, _Container) else module.trace())
+            for path, module in self.named_modules()
+        ]
+
+    def _repr_child(self, name, child):
+        inner = repr(child).replace("\n", "\n  ")
+        return f"  ({name}): {inner}"
+
+    def __repr__(self):
+        inner = "\n".join(self._repr_child(name, child) for name, child in self._named)
+        return f"{type(self).__name__}(\n{inner}\n)"
+
+
+class Sequential(_Container):
     """Layers applied in order; backward runs them in reverse. Names are "0", "1", ...
 
     A C++ Sequential runs the layers (modules written in Python included, called back);
     ``train_step`` runs a whole training step in one call."""
 
+    _child_label = "layer {}"
+
     def __init__(self, *layers: Module):
-        super().__init__()
-        for i, layer in enumerate(layers):
-            if not isinstance(layer, Module):
-                raise TypeError(
-                    f"[Sequential] layer {i}: expected an nn.Module, got {type(layer).__name__}"
-                )
+        super().__init__([(str(i), layer) for i, layer in enumerate(layers)])
         self.layers = tuple(layers)
-        dtypes = {p.dtype for p in self.parameters()}
-        if len(dtypes) > 1:
-            raise TypeError(
-                f"[Sequential] parameters: expected one dtype, got {sorted(str(d) for d in dtypes)}"
-            )
-        self._fixed_dtype = dtypes.pop() if dtypes else None
-        self._step = None  # train_step's bound C++ call, for the last loss and optimizer
 
     def _make(self, dtype):
         impl = native("Sequential", dtype)()
         for layer in self.layers:
             impl.add(layer._as_layer(dtype))
         return impl
-
-    def _activate(self, dtype):
-        impl = self._native_for(dtype)
-        if impl is not self._impl:  # the layers' traces now come from this dtype's objects
-            self._impl = impl
-            self._step = None
-            for layer in self.layers:
-                layer._activate(dtype)
-        return impl
-
-    def _children(self):
-        return self.layers
 
     def __getitem__(self, i):
         return self.layers[i]
@@ -454,17 +519,6 @@ class Sequential(_NativeModule):
 
     def __iter__(self):
         return iter(self.layers)
-
-    def named_parameters(self, prefix: str = ""):
-        return [
-            pair
-            for i, layer in enumerate(self.layers)
-            for pair in layer.named_parameters(f"{prefix}{i}.")
-        ]
-
-    def zero_grad(self) -> None:
-        for layer in self.layers:
-            layer.zero_grad()
 
     def train_step(self, x, y, loss_fn, optimizer) -> float:
         """One training step: zero_grad, forward, loss, backward, optimizer.step(); returns
@@ -521,13 +575,69 @@ class Sequential(_NativeModule):
         """The Python model around a C++ Sequential of declared layers (a loaded file)."""
         return cls(*(_from_native(layer) for layer in impl.layers()))
 
-    def trace(self):
-        """One trace per layer: [(name, {"input": ..., "output": ..., ...}), ...]."""
-        return [(str(i), layer.trace()) for i, layer in enumerate(self.layers)]
 
-    def __repr__(self):
-        inner = "\n".join(f"  ({i}): {layer!r}" for i, layer in enumerate(self.layers))
-        return f"Sequential(\n{inner}\n)"
+class Residual(_Container):
+    """A skip connection: y = block(x) + x, or block(x) + shortcut(x) with a shortcut (a
+    strided 1x1 Conv2d, say, where the block changes the shape). The backward sends dL/dy
+    through both paths and adds their input gradients. state_dict keys: "block.*",
+    "shortcut.*"."""
+
+    def __init__(self, block: Module, shortcut: Module | None = None):
+        children = [("block", block)] + ([] if shortcut is None else [("shortcut", shortcut)])
+        super().__init__(children)
+        if shortcut is block:
+            raise ValueError(
+                "[Residual] shortcut: expected a layer other than the block (each keeps its "
+                "own trace), got the block itself"
+            )
+        self.block = block
+        self.shortcut = shortcut
+
+    def _make(self, dtype):
+        shortcut = None if self.shortcut is None else self.shortcut._as_layer(dtype)
+        return native("Residual", dtype)(self.block._as_layer(dtype), shortcut)
+
+    @classmethod
+    def _from_native(cls, impl):
+        shortcut = impl.shortcut()
+        return cls(_from_native(impl.block()), None if shortcut is None else _from_native(shortcut))
+
+
+class Concat(_Container):
+    """Branches side by side on the same input: y = the branches' outputs (N, K_i, ...)
+    concatenated along dim 1 (channels); the backward gives each branch its slice of dL/dy
+    and adds their input gradients. state_dict keys: "0.*", "1.*", ..."""
+
+    _child_label = "branch {}"
+
+    def __init__(self, *branches: Module):
+        if not branches:
+            raise ValueError("[Concat] branches: expected at least one, got none")
+        super().__init__([(str(i), branch) for i, branch in enumerate(branches)])
+        for i, branch in enumerate(branches):
+            for j in range(i):
+                if branches[j] is branch:
+                    raise ValueError(
+                        f"[Concat] branch {i}: expected a layer other than the earlier branches "
+                        f"(each keeps its own trace), got branch {j} again"
+                    )
+        self.branches = tuple(branches)
+
+    def _make(self, dtype):
+        return native("Concat", dtype)([branch._as_layer(dtype) for branch in self.branches])
+
+    def __getitem__(self, i):
+        return self.branches[i]
+
+    def __len__(self):
+        return len(self.branches)
+
+    @classmethod
+    def _from_native(cls, impl):
+        return cls(*(_from_native(branch) for branch in impl.branches()))
+
+
+_CONTAINER_CLASSES = {"Sequential": Sequential, "Residual": Residual, "Concat": Concat}
 
 
 class _Loss:
@@ -625,6 +735,8 @@ __all__ = [
     "Module",
     *_LAYER_CLASSES,
     "Sequential",
+    "Residual",
+    "Concat",
     "BCELoss",
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",

@@ -92,6 +92,10 @@ class Layer {
     virtual const Tensor<T>& backward(const Tensor<T>& grad_output) = 0;
     // (name, parameter) pairs with torch's names: "weight", "bias".
     virtual std::vector<std::pair<std::string, Parameter<T>*>> named_parameters() { return {}; }
+    // Forget the parameters' gradients (they become unset, as torch's set_to_none).
+    virtual void zero_grad() {
+        for (auto& named : named_parameters()) named.second->clear_grad();
+    }
     // "Conv2d", "ReLU", ...
     virtual std::string type() const = 0;
     // The arguments the layer was built from (all of them, normalized); nullptr for a
@@ -530,9 +534,34 @@ class Flatten : public Layer<T> {
     std::string type() const override { return "Flatten"; }
 };
 
-// Layers are shared: one layer object may sit in several containers (and in Python).
+// A layer made of layers (Sequential, Residual, Concat). Its children have names ("0",
+// "block", ...), its parameters are the children's under dotted paths ("3.block.1.weight"),
+// and train()/eval() and zero_grad() reach every layer below it. Containers nest freely;
+// a container may not hold itself, directly or through another ("[Residual] block:
+// expected a layer that does not contain the Residual").
+// Layers are shared: one layer object may sit in several containers (and in Python), but
+// a layer that runs twice in one forward keeps only its last trace, so the backward of such
+// a model is wrong: give each position its own layer.
 template <typename T>
-class Sequential : public Layer<T> {
+class Container : public Layer<T> {
+ public:
+    // (name, child), in the order the forward runs them
+    virtual std::vector<std::pair<std::string, Layer<T>*>> named_children() const = 0;
+    // "0.weight", "block.1.bias", ... with the children's own names
+    std::vector<std::pair<std::string, Parameter<T>*>> named_parameters() override;
+    std::vector<Parameter<T>*> parameters();
+    void zero_grad() override;
+    void train(bool mode = true) override;
+
+ protected:
+    Container() = default;
+    // `child` may join this container: not null, and neither this container nor holding it
+    // (which would make the forward recurse forever); what names it in messages
+    void check_child(const Layer<T>* child, const std::string& what) const;
+};
+
+template <typename T>
+class Sequential : public Container<T> {
  public:
     Sequential() = default;
     Sequential(const Sequential&) = delete;
@@ -544,10 +573,7 @@ class Sequential : public Layer<T> {
     Sequential& add(std::shared_ptr<Layer<T>> layer);
     const Tensor<T>& forward(const Tensor<T>& input) override;
     const Tensor<T>& backward(const Tensor<T>& grad_output) override;
-    // "0.weight", "0.bias", "4.weight", ...
-    std::vector<std::pair<std::string, Parameter<T>*>> named_parameters() override;
-    std::vector<Parameter<T>*> parameters();
-    void zero_grad();
+    std::vector<std::pair<std::string, Layer<T>*>> named_children() const override;
     std::string type() const override { return "Sequential"; }
     // the last layer's output and the first layer's grad_input
     const Tensor<T>& output() const override;
@@ -556,11 +582,57 @@ class Sequential : public Layer<T> {
     const std::shared_ptr<Layer<T>>& layer(size_t i) const { return layers_.at(i); }
     Layer<T>& operator[](size_t i) { return *layers_.at(i); }
     void forget_borrowed() override;
-    void train(bool mode = true) override;
 
  private:
     std::vector<std::shared_ptr<Layer<T>>> layers_;
-    std::vector<Parameter<T>*> parameters_;  // every layer's, in order; kept by add()
+};
+
+// torch-style residual block: y = block(x) + x, or block(x) + shortcut(x) with a shortcut
+// (a strided 1x1 Conv2d, say, when the block changes the shape). The backward sends dL/dy
+// through both paths and adds the two input gradients: dL/dx = dblock + (dshortcut or dL/dy).
+template <typename T>
+class Residual : public Container<T> {
+ public:
+    explicit Residual(std::shared_ptr<Layer<T>> block,
+                      std::shared_ptr<Layer<T>> shortcut = nullptr);
+    Residual(const Residual&) = delete;
+    Residual& operator=(const Residual&) = delete;
+    ~Residual() override;
+    const Tensor<T>& forward(const Tensor<T>& input) override;
+    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+    // "block", then "shortcut" when there is one
+    std::vector<std::pair<std::string, Layer<T>*>> named_children() const override;
+    std::string type() const override { return "Residual"; }
+    const std::shared_ptr<Layer<T>>& block() const { return block_; }
+    const std::shared_ptr<Layer<T>>& shortcut() const { return shortcut_; }  // may be null
+    void forget_borrowed() override;
+
+ private:
+    std::shared_ptr<Layer<T>> block_, shortcut_;
+};
+
+// Branches side by side: y = the branches' outputs (N, K_i, ...) concatenated along dim 1
+// (the channels) into (N, sum K_i, ...); the other dims must agree. The backward hands each
+// branch its slice of dL/dy and adds the input gradients.
+template <typename T>
+class Concat : public Container<T> {
+ public:
+    explicit Concat(std::vector<std::shared_ptr<Layer<T>>> branches);
+    Concat(const Concat&) = delete;
+    Concat& operator=(const Concat&) = delete;
+    ~Concat() override;
+    const Tensor<T>& forward(const Tensor<T>& input) override;
+    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+    // "0", "1", ...
+    std::vector<std::pair<std::string, Layer<T>*>> named_children() const override;
+    std::string type() const override { return "Concat"; }
+    size_t size() const { return branches_.size(); }
+    const std::shared_ptr<Layer<T>>& branch(size_t i) const { return branches_.at(i); }
+    void forget_borrowed() override;
+
+ private:
+    std::vector<std::shared_ptr<Layer<T>>> branches_;
+    std::vector<Tensor<T>> grad_slices_;  // each branch's part of dL/dy, kept for its trace
 };
 
 // ---- losses --------------------------------------------------------------------------------
