@@ -53,6 +53,11 @@ KERNEL_TOL = {
     **_forward_and_backward("leaky_relu", {F64: 0, F32: 1e-6}),
     **_forward_and_backward("gelu", {F64: 1e-14, F32: 1e-6}),
     **_forward_and_backward("silu", {F64: 1e-14, F32: 1e-6}),
+    # softmax and log_softmax: an exp per element and sums over the dim, in float64 (float32
+    # rounded once); nll_loss picks one value per position and sums like cross_entropy
+    **_forward_and_backward("softmax", {F64: 1e-14, F32: 1e-6}),
+    **_forward_and_backward("log_softmax", {F64: 1e-14, F32: 1e-6}),
+    **_forward_and_backward("nll_loss", {F64: 1e-12, F32: 1e-6}),
 }
 
 # cnnbp networks against torch, normwise (see assert_close). float64: both sides are exact

@@ -1082,6 +1082,98 @@ FLATTEN = Op(
 
 
 # ---------------------------------------------------------------------------------------
+# softmax, log_softmax: along one dim of any shape, the backward from the output a
+# ---------------------------------------------------------------------------------------
+
+# (shape, dim); cases[1] is the validation and array-contract tests' case
+SOFTMAX_CASES = [
+    ((7,), 0),
+    ((3, 4), 1),
+    ((3, 4), -1),
+    ((3, 4), 0),
+    ((2, 3, 4, 5), 1),
+    ((2, 3, 4, 5), -1),
+    ((2, 3, 4, 5), -3),
+    ((4, 1), 1),  # one class: softmax 1, log_softmax 0
+    ((1, 1, 1, 1), 2),
+    ((0, 3), 1),  # an empty batch
+    ((), 0),  # a 0-d input counts as 1 dim, as in torch
+]
+SOFTMAX_BIG = [((64, 64, 20), 1), ((64, 64, 20), -1), ((300, 1000), 0)]
+SOFTMAX_THREADS = [((7, 100_003), 0), ((64, 64, 20), 1), ((5, 10, 3001), 2)]
+
+
+def softmax_op(name):
+    """softmax and log_softmax: a case is (shape, dim)."""
+
+    def make(case, dtype, rng, values):
+        shape, dim = case
+        z = fill(rng, shape, dtype, values, 3.0)
+        dy = fill(rng, shape, dtype, "normal" if values == "smooth" else values)
+        return Sample(z=z, dy=dy, dim=dim, a=getattr(F, name)(z, dim))
+
+    def bad(fn, args, dim, exception, what):
+        return Bad(fn, args, {"dim": dim}, exception, f"[{fn}] {what}")
+
+    z = np.ones((2, 3))
+    errors = []
+    for fn, args in ((name, (z,)), (name + "_backward", (z, z))):
+        errors += [
+            bad(
+                fn,
+                args,
+                2,
+                ValueError,
+                "dim: expected an int in [-2, 1] (input shape (2, 3)), got 2",
+            ),
+            bad(
+                fn,
+                args,
+                -3,
+                ValueError,
+                "dim: expected an int in [-2, 1] (input shape (2, 3)), got -3",
+            ),
+            bad(fn, args, 1.0, TypeError, "dim: expected an int, got 1.0"),
+            bad(fn, args, None, TypeError, "dim: expected an int, got None"),
+        ]
+    fn = name + "_backward"
+    errors += [
+        bad(
+            fn,
+            (np.ones((2, 3)), np.ones((3, 2))),
+            1,
+            ValueError,
+            "a: expected shape (2, 3) (doutput's), got shape (3, 2)",
+        ),
+        bad(
+            fn,
+            (np.ones(6), np.ones((2, 3))),
+            0,
+            ValueError,
+            "a: expected shape (6,) (doutput's), got shape (2, 3)",
+        ),
+    ]
+    return Op(
+        name,
+        make,
+        forward=lambda lib, s: getattr(lib, name)(s.z, s.dim),
+        backward=lambda lib, s: (getattr(lib, name + "_backward")(s.dy, s.a, s.dim),),
+        wrt=("z",),
+        forward_args=(Arg("z", "input"),),
+        backward_args=(Arg("dy", "doutput"), Arg("a", "a")),
+        cases=SOFTMAX_CASES,
+        big=SOFTMAX_BIG,
+        threads=SOFTMAX_THREADS,
+        thread_values="special",
+        errors=errors,
+    )
+
+
+SOFTMAX = softmax_op("softmax")
+LOG_SOFTMAX = softmax_op("log_softmax")
+
+
+# ---------------------------------------------------------------------------------------
 # losses: torch's options; a reduced loss is a Python float, reduction='none' an array.
 # A sample's dy is the backward's grad_output: None (1) for most reduced cases, a number
 # for some, an array of the loss's shape for 'none'.
@@ -1351,6 +1443,136 @@ def cross_entropy_errors():
     return cases
 
 
+# (input's shape, target, weighted, reduction, ignore_index), target as cross-entropy's
+NLL_LOSS_OPTIONS = [
+    ((6, 5), "index", False, "sum", -100),
+    ((6, 5), "index", True, "none", -100),
+    ((6, 5), "some", True, "mean", -100),
+    ((6, 5), "some", False, "mean", 2),  # a class index as ignore_index
+    ((6, 5), "all", False, "sum", -100),
+    ((6, 5), "all", True, "none", -100),
+    ((2, 3, 4), "index", False, "mean", -100),  # spatial: (N, K, d1)
+    ((2, 3, 4, 2), "some", True, "none", -100),  # (N, K, d1, d2)
+    ((2, 3, 4, 2), "index", True, "mean", -100),
+    ((5,), "index", True, "mean", -100),  # unbatched (K,) with a () target
+    ((0, 4), "index", False, "sum", -100),  # an empty batch
+    ((1, 1), "index", True, "sum", -100),
+]
+
+
+def make_nll_loss(case, dtype, rng, values):
+    """Log-probabilities (the oracle's log_softmax of random logits) and class indices."""
+    shape, target, weighted, reduction, ignore_index = case
+    x = ref.log_softmax(fill(rng, shape, F64, "normal", 3.0), 0 if len(shape) == 1 else 1)
+    K = shape[0] if len(shape) == 1 else shape[1]
+    loss_shape = () if len(shape) == 1 else shape[:1] + shape[2:]
+    labels = np.asarray(rng.integers(0, K, loss_shape))
+    if target == "some":
+        labels.reshape(-1)[::2] = ignore_index
+    elif target == "all":
+        labels[...] = ignore_index
+    options = loss_options(rng, dtype, shape, (K,) if weighted else None, reduction, loss_shape)
+    return Sample(x=x.astype(dtype), labels=labels, ignore_index=ignore_index, **options)
+
+
+def nll_loss_errors():
+    cases = []
+    x = np.full((3, 4), -1.0)
+    for fn in ("nll_loss", "nll_loss_backward"):
+        for shape, labels, what in [
+            (
+                (3, 4),
+                (4,),
+                "labels: expected shape (3,) (one class index per row of input), got shape (4,)",
+            ),
+            (
+                (4,),
+                (1,),
+                "labels: expected shape () (one class index for unbatched input (4,)), "
+                "got shape (1,)",
+            ),
+            (
+                (),
+                (),
+                "input: expected 1 dim (K,) (unbatched), 2 dims (N, K) or more (N, K, d1, "
+                "...), got shape ()",
+            ),
+            ((3, 0), (3,), "input: expected every dim but the batch >= 1, got shape (3, 0)"),
+            (
+                (1, 3, 4),
+                (1,),
+                "labels: expected shape (1, 4) (input's without the class dim), got shape (1,)",
+            ),
+        ]:
+            args = (np.full(shape, -1.0), np.zeros(labels, np.int64))
+            cases.append(Bad(fn, args, {}, ValueError, f"[{fn}] {what}"))
+        labels = np.array([0, 1, 3])
+        for kwargs, bad_labels, exception, what in [
+            (
+                {"weight": np.ones(3)},
+                labels,
+                ValueError,
+                "weight: expected shape (4,) (one weight per class), got shape (3,)",
+            ),
+            (
+                {"weight": np.ones((1, 4))},
+                labels,
+                ValueError,
+                "weight: expected shape (4,) (one weight per class), got shape (1, 4)",
+            ),
+            (
+                {"weight": np.ones(4, np.float32)},
+                labels,
+                TypeError,
+                "weight: expected float64 like the first array argument, got float32",
+            ),
+            (
+                {"reduction": "avg"},
+                labels,
+                ValueError,
+                "reduction: expected 'mean', 'sum' or 'none', got 'avg'",
+            ),
+            (
+                {},
+                np.array([0, 4, 1]),
+                ValueError,
+                "labels: expected class indices in [0, 4), got 4 at position 1",
+            ),
+            (
+                {"ignore_index": 0},
+                np.array([0, -100, 1]),
+                ValueError,
+                "labels: expected class indices in [0, 4), got -100 at position 1",
+            ),
+            ({}, np.full(3, 0.5), TypeError, "labels: expected an integer array, got float64"),
+            # torch's nll_loss takes no class probabilities
+            (
+                {},
+                np.full((3, 4), 0.25),
+                TypeError,
+                "labels: expected an integer array, got float64",
+            ),
+        ]:
+            cases.append(Bad(fn, (x, bad_labels), kwargs, exception, f"[{fn}] {what}"))
+    fn = "nll_loss_backward"
+    for kwargs, what in [
+        (
+            {"reduction": "none"},
+            "grad_output: expected an array of shape (3,) (the loss's, reduction='none'), got None",
+        ),
+        (
+            {"reduction": "none", "grad_output": np.ones((3, 4))},
+            "grad_output: expected shape (3,) (the loss's), got shape (3, 4)",
+        ),
+        (
+            {"grad_output": np.ones(3)},
+            "grad_output: expected a number (the loss is reduced), got shape (3,)",
+        ),
+    ]:
+        cases.append(Bad(fn, (x, np.array([0, 1, 3])), kwargs, ValueError, f"[{fn}] {what}"))
+    return cases
+
+
 BINARY_CROSS_ENTROPY = Op(
     "binary_cross_entropy",
     make_bce,
@@ -1440,6 +1662,33 @@ CROSS_ENTROPY = Op(
 )
 
 
+NLL_LOSS = Op(
+    "nll_loss",
+    make_nll_loss,
+    forward=lambda lib, s: lib.nll_loss(s.x, s.labels, s.w, s.ignore_index, s.reduction),
+    backward=lambda lib, s: (
+        lib.nll_loss_backward(s.x, s.labels, s.w, s.ignore_index, s.reduction, s.dy),
+    ),
+    wrt=("x",),
+    forward_args=(
+        Arg("x", "input"),
+        Arg("labels", "labels", "int"),
+        Arg("w", "weight", "optional"),
+    ),
+    backward_args=(
+        Arg("x", "input"),
+        Arg("labels", "labels", "int"),
+        Arg("w", "weight", "optional"),
+    ),
+    # torch's defaults first; cases[1] has every array argument
+    cases=[((6, 5), "index", False, "mean", -100), ((6, 5), "index", True, "mean", -100)]
+    + NLL_LOSS_OPTIONS,
+    big=[((4096, 40), "index", False, "mean", -100), ((64, 10, 8, 8), "some", True, "none", -100)],
+    threads=[((4096, 40), "some", True, "mean", -100), ((64, 10, 8, 8), "index", False, "sum", 3)],
+    loss=True,
+    errors=nll_loss_errors(),
+)
+
 OPS = [
     CONV2D,
     MAX_POOL2D,
@@ -1451,12 +1700,15 @@ OPS = [
     LEAKY_RELU,
     GELU,
     SILU,
+    SOFTMAX,
+    LOG_SOFTMAX,
     DROPOUT,
     LINEAR,
     FLATTEN,
     BINARY_CROSS_ENTROPY,
     BINARY_CROSS_ENTROPY_WITH_LOGITS,
     CROSS_ENTROPY,
+    NLL_LOSS,
 ]
 BY_NAME = {op.name: op for op in OPS}
 DTYPES = (F32, F64)

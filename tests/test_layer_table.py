@@ -45,6 +45,8 @@ LAYERS = {
     "GELU": (dict(approximate="tanh"), (2, 3, 4, 4)),
     "SiLU": ({}, (2, 3, 4, 4)),
     "Identity": ({}, (2, 3, 4, 4)),
+    "Softmax": (dict(dim=-2), (2, 3, 4, 4)),  # a negative dim, counted from the end
+    "LogSoftmax": (dict(dim=1), (2, 3, 4, 4)),
     "Flatten": ({}, (2, 3, 4, 4)),
 }
 

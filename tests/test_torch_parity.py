@@ -638,3 +638,165 @@ def test_activation_layers_match_torch(ours, theirs, dtype):
     tol = 1e-6 if dtype == F32 else 1e-14
     assert_close(layer(x), yt.detach().numpy(), tol, "forward")
     assert_close(layer.backward(g), xt.grad.numpy(), tol, "backward")
+
+
+# softmax and log_softmax along every dim of a few shapes: (shape, dim)
+SOFTMAX_TORCH_CASES = [
+    ((3, 4, 50), 1),
+    ((3, 4, 50), -1),
+    ((3, 4, 50), 0),
+    ((7,), 0),
+    ((2, 3, 4, 5), -3),
+    ((0, 3), 1),
+    ((), 0),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("shape, dim", SOFTMAX_TORCH_CASES, ids=str)
+def test_softmax_and_log_softmax_match_torch(shape, dim, name, dtype):
+    # ours in float64 (float32 rounded once), torch's float32 in float32: within the op's
+    # tolerance; the backward from torch's output and from ours
+    torch = pytest.importorskip("torch")
+    rng = rng_for("softmax-torch", name, str(shape), dim, np.dtype(dtype).name)
+    z = randn(rng, shape, dtype, scale=4.0)
+    if z.size >= 3:
+        z.reshape(-1)[:3] = [80.0, 80.0, -80.0]  # exp(80) overflows float32: the max is subtracted
+    g = randn(rng, shape, dtype)
+    zt = torch.tensor(z, requires_grad=True)
+    at = getattr(torch.nn.functional, name)(zt, dim=dim)
+    at.backward(torch.tensor(g))
+    a = getattr(F, name)(z, dim)
+    assert a.dtype == dtype and a.shape == shape
+    assert_close(a, at.detach().numpy(), TOL[name][dtype], name)
+    backward = getattr(F, name + "_backward")
+    tol = TOL[name + "_backward"][dtype]
+    assert_close(backward(g, at.detach().numpy(), dim), zt.grad.numpy(), tol, "from torch's a")
+    assert_close(backward(g, a, dim), zt.grad.numpy(), 10 * tol, "from our a")
+
+
+def test_softmax_on_non_finite_values_is_torchs():
+    # a NaN or +inf in a slice makes the slice NaN; -inf entries are 0 (log: -inf); a slice of
+    # -inf only is NaN
+    torch = pytest.importorskip("torch")
+    z = np.array(
+        [[np.nan, 1.0, 2.0], [np.inf, 1.0, 2.0], [-np.inf, 1.0, 2.0], [-np.inf, -np.inf, -np.inf]]
+    )
+    for name in ("softmax", "log_softmax"):
+        want = getattr(torch.nn.functional, name)(torch.tensor(z), dim=1).numpy()
+        got = getattr(F, name)(z, 1)
+        np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def test_softmax_dim_refusals_match_torch():
+    torch = pytest.importorskip("torch")
+    z = np.ones((2, 3))
+    for dim in (2, -3, 5):
+        with pytest.raises(IndexError):
+            torch.softmax(torch.tensor(z), dim)
+        for name in ("softmax", "log_softmax"):
+            with pytest.raises(ValueError, match=re.escape(f"[{name}] dim: expected an int in")):
+                getattr(F, name)(z, dim)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dim", [1, -1, 0])
+def test_softmax_layers_match_torchs_layers(dim, dtype):
+    torch = pytest.importorskip("torch")
+    from cnnbp import nn
+
+    rng = rng_for("softmax-layers-torch", dim, np.dtype(dtype).name)
+    x = randn(rng, (2, 3, 4, 5), dtype, scale=3.0)
+    g = randn(rng, x.shape, dtype)
+    for ours, theirs in (
+        (nn.Softmax(dim), torch.nn.Softmax(dim)),
+        (nn.LogSoftmax(dim=dim), torch.nn.LogSoftmax(dim=dim)),
+    ):
+        xt = torch.tensor(x, requires_grad=True)
+        yt = theirs(xt)
+        yt.backward(torch.tensor(g))
+        tol = 1e-6 if dtype == F32 else 1e-14
+        assert_close(ours(x), yt.detach().numpy(), tol, f"{ours!r} forward")
+        assert_close(ours.backward(g), xt.grad.numpy(), 10 * tol, f"{ours!r} backward")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("kind", ["index", "some", "all"])
+@pytest.mark.parametrize("shape", [(6, 4), (1, 1), (2, 3, 5), (2, 4, 3, 2), (5,)], ids=str)
+@pytest.mark.parametrize("ignore_index", [-100, 1])
+def test_nll_loss_options_match_torch(ignore_index, shape, kind, weighted, reduction, dtype):
+    # spatial targets, an unbatched input, ignore_index on some and on every label (nan for
+    # the mean, 0 for the sum, as torch), weights
+    torch = pytest.importorskip("torch")
+    key = (str(shape), kind, str(weighted), reduction, str(ignore_index))
+    rng = rng_for("nll loss parity", *key)
+    class_dim = 0 if len(shape) == 1 else 1
+    x = F.log_softmax((rng.standard_normal(shape) * 3).astype(dtype), class_dim)
+    if len(shape) == 1:
+        labels = np.array(ignore_index if kind == "all" else rng.integers(0, shape[0]))
+    else:
+        labels = cross_entropy_target(rng, shape, kind, ignore_index, dtype)
+    w = rng.uniform(0.1, 2, shape[class_dim]).astype(dtype) if weighted else None
+    loss_parity(
+        torch,
+        F.nll_loss,
+        F.nll_loss_backward,
+        torch.nn.functional.nll_loss,
+        x,
+        (labels, w),
+        dict(ignore_index=ignore_index),
+        reduction,
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "options",
+    [{}, dict(reduction="sum"), dict(ignore_index=2), dict(weight=[0.5, 2.0, 1.0, 0.25])],
+    ids=str,
+)
+def test_log_softmax_and_nll_loss_train_like_torch(options, dtype):
+    # Linear -> LogSoftmax -> NLLLoss trained by train_step: the same losses and parameters
+    # as torch's through its autograd and SGD, and NLLLoss(LogSoftmax) equals cross_entropy
+    torch = pytest.importorskip("torch")
+    from cnnbp import nn, optim
+
+    rng = rng_for("nll-train-torch", str(options), np.dtype(dtype).name)
+    x = randn(rng, (8, 5), dtype)
+    labels = rng.integers(0, 4, 8)
+    labels[3] = 2
+    ours = nn.Sequential(nn.Linear(5, 4, dtype=dtype), nn.LogSoftmax(dim=1))
+    theirs = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.LogSoftmax(dim=1))
+    theirs = theirs.double() if dtype == F64 else theirs
+    theirs.load_state_dict({k: torch.tensor(v) for k, v in ours.state_dict().items()})
+    weight = options.get("weight")
+    kwargs = dict(options, weight=None if weight is None else np.array(weight, dtype))
+    loss_fn = nn.NLLLoss(**kwargs)
+    tkwargs = dict(options, weight=None if weight is None else torch.tensor(kwargs["weight"]))
+    tloss_fn = torch.nn.NLLLoss(**tkwargs)
+    opt = optim.SGD(ours.parameters(), lr=0.5)
+    topt = torch.optim.SGD(theirs.parameters(), lr=0.5)
+    tol = 1e-5 if dtype == F32 else 1e-12
+    for step in range(5):
+        # the loss and the gradient of one pass, then the step, against torch's
+        out = ours(x)
+        value = loss_fn(out, labels)
+        grad = loss_fn.backward()
+        ce = F.cross_entropy(ours[0].trace()["output"], labels, **kwargs)
+        assert_close(value, ce, tol, f"step {step}: NLLLoss(LogSoftmax) vs cross_entropy")
+        topt.zero_grad()
+        tout = theirs(torch.tensor(x))
+        tout.retain_grad()
+        tloss = tloss_fn(tout, torch.tensor(labels))
+        tloss.backward()
+        assert_close(value, tloss.item(), tol, f"step {step}: loss")
+        assert_close(grad, tout.grad.numpy(), tol, f"step {step}: dL/d log-probabilities")
+        got = ours.train_step(x, labels, loss_fn, opt)
+        assert_close(got, tloss.item(), tol, f"step {step}: train_step's loss")
+        topt.step()
+        for (name, p), tp in zip(ours.named_parameters(), theirs.parameters()):
+            assert_close(p.data, tp.detach().numpy(), tol, f"step {step}: {name}")

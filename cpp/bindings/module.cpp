@@ -415,6 +415,71 @@ void def_activations_with_options(py::module_& m) {
         "dz = da * d(gelu)/dz, from the forward input z (torch's gelu_backward formulas)");
 }
 
+// softmax and log_softmax along dim: op(z, dim) -> a, op_backward(da, a, dim) -> dz, the
+// backward from the output a. `Forward` and `Backward` are the kernels' wrappers, generic over T.
+template <typename Forward, typename Backward>
+void def_softmax(py::module_& m, const char* op, Forward forward, Backward backward,
+                 const char* forward_doc, const char* backward_doc) {
+    using py::arg;
+    m.def(
+        op,
+        [op, forward](const py::handle& z_obj, const py::handle& dim_obj) {
+            py::array z = as_array(op, "input", z_obj);
+            const DType dtype = float_dtype(op, "input", z);
+            const auto dims = cnnbp::softmax_dims(op, shape_of(z), parse_int(op, "dim", dim_obj));
+            return one_array_kernel(dtype, z, shape_of(z),
+                                    [&](auto* a, const auto* zp) { forward(a, zp, dims); });
+        },
+        arg("z"), arg("dim") = 1, forward_doc);
+    const std::string backward_op = std::string(op) + "_backward";
+    m.def(
+        backward_op.c_str(),
+        [backward_op, backward](const py::handle& da_obj, const py::handle& a_obj,
+                                const py::handle& dim_obj) {
+            const char* bop = backward_op.c_str();
+            py::array da = as_array(bop, "doutput", da_obj), a = as_array(bop, "a", a_obj);
+            const DType dtype = float_dtype(bop, "doutput", da);
+            check_dtype(bop, "a", a, dtype);
+            cnnbp::check_same_shape(bop, "doutput", shape_of(da), "a", shape_of(a));
+            const auto dims = cnnbp::softmax_dims(bop, shape_of(a), parse_int(bop, "dim", dim_obj));
+            return dispatch(dtype, [&](auto tag) -> py::array {
+                using T = decltype(tag);
+                auto dac = contiguous<T>(da), ac = contiguous<T>(a);
+                auto dz = empty_like_shape<T>(shape_of(a));
+                T* dz_ptr = dz.mutable_data();
+                {  // the GIL is held again before the result is touched
+                    py::gil_scoped_release release;
+                    backward(dz_ptr, dac.data(), ac.data(), dims);
+                }
+                return dz;
+            });
+        },
+        arg("da"), arg("a"), arg("dim") = 1, backward_doc);
+}
+
+void def_softmaxes(py::module_& m) {
+    def_softmax(
+        m, "softmax",
+        [](auto* a, const auto* z, const cnnbp::SoftmaxDims& d) {
+            cnnbp::softmax_forward(a, z, d);
+        },
+        [](auto* dz, const auto* da, const auto* a, const cnnbp::SoftmaxDims& d) {
+            cnnbp::softmax_backward(dz, da, a, d);
+        },
+        "a = exp(z) / sum(exp(z)) along dim (negative: from the end), computed stably",
+        "dz = a * (da - sum(da * a)) along dim, from the forward output a");
+    def_softmax(
+        m, "log_softmax",
+        [](auto* a, const auto* z, const cnnbp::SoftmaxDims& d) {
+            cnnbp::log_softmax_forward(a, z, d);
+        },
+        [](auto* dz, const auto* da, const auto* a, const cnnbp::SoftmaxDims& d) {
+            cnnbp::log_softmax_backward(dz, da, a, d);
+        },
+        "a = z - log(sum(exp(z))) along dim (negative: from the end), computed stably",
+        "dz = da - exp(a) * sum(da) along dim, from the forward output a");
+}
+
 // ---- avg_pool2d, dropout -------------------------------------------------------------------
 
 // avg_pool2d's options beyond its window.
@@ -990,6 +1055,84 @@ py::array cross_entropy_backward(const py::handle& z_obj, const py::handle& targ
     });
 }
 
+// nll_loss: log-probabilities and class indices (an integer array), torch's options.
+struct NllLossArgs {
+    py::array input;
+    py::object weight;  // None or (K,)
+    py::array_t<int64_t, py::array::c_style> labels;
+    DType dtype;
+    cnnbp::CrossEntropyDims dims;
+    cnnbp::CrossEntropyParams params;
+};
+
+NllLossArgs nll_loss_args(const char* op, const py::handle& input_obj, const py::handle& target_obj,
+                          const py::handle& weight_obj, int64_t ignore_index,
+                          const py::handle& reduction) {
+    NllLossArgs args;
+    args.input = as_array(op, "input", input_obj);
+    args.dtype = float_dtype(op, "input", args.input);
+    args.labels = as_int64(op, "labels", target_obj);
+    args.dims =
+        cnnbp::cross_entropy_dims(op, shape_of(args.input), shape_of(args.labels), false, "input");
+    args.params = cnnbp::cross_entropy_params(op, reduction_arg(op, reduction), ignore_index, 0.0);
+    args.weight = optional_array(op, "weight", weight_obj, args.dtype);
+    if (!args.weight.is_none())
+        cnnbp::check_class_weight(op, args.dims, shape_of(as_given(args.weight)));
+    cnnbp::check_labels(op, args.labels.data(), args.dims.N * args.dims.S, args.dims.K,
+                        ignore_index);
+    return args;
+}
+
+py::object nll_loss(const py::handle& input_obj, const py::handle& target_obj,
+                    const py::handle& weight_obj, int64_t ignore_index,
+                    const py::handle& reduction) {
+    auto args =
+        nll_loss_args("nll_loss", input_obj, target_obj, weight_obj, ignore_index, reduction);
+    return dispatch(args.dtype, [&](auto tag) -> py::object {
+        using T = decltype(tag);
+        auto xc = contiguous<T>(args.input);
+        py::array_t<T, py::array::c_style> weight;
+        if (!args.weight.is_none()) weight = contiguous<T>(as_given(args.weight));
+        const bool none = args.params.reduction == cnnbp::Reduction::None;
+        py::array_t<T> losses =
+            none ? empty_like_shape<T>(cnnbp::cross_entropy_loss_shape(shape_of(args.input)))
+                 : py::array_t<T>();
+        T* l_ptr = none ? losses.mutable_data() : nullptr;
+        const T* w_ptr = args.weight.is_none() ? nullptr : weight.data();
+        double value;
+        {  // the GIL is held again before the result is made
+            py::gil_scoped_release release;
+            value = cnnbp::nll_loss_forward<T>(l_ptr, xc.data(), args.labels.data(), w_ptr,
+                                               args.dims, args.params);
+        }
+        if (none) return std::move(losses);
+        return py::float_(value);
+    });
+}
+
+py::array nll_loss_backward(const py::handle& input_obj, const py::handle& target_obj,
+                            const py::handle& weight_obj, int64_t ignore_index,
+                            const py::handle& reduction, const py::handle& grad_obj) {
+    const char* op = "nll_loss_backward";
+    auto args = nll_loss_args(op, input_obj, target_obj, weight_obj, ignore_index, reduction);
+    return dispatch(args.dtype, [&](auto tag) -> py::array {
+        using T = decltype(tag);
+        const auto g = grad_output_arg<T>(op, grad_obj, args.params.reduction,
+                                          cnnbp::cross_entropy_loss_shape(shape_of(args.input)));
+        py::array_t<T, py::array::c_style> weight;
+        if (!args.weight.is_none()) weight = contiguous<T>(as_given(args.weight));
+        const T* w_ptr = args.weight.is_none() ? nullptr : weight.data();
+        auto dx = empty_like_shape<T>(shape_of(args.input));
+        T* dx_ptr = dx.mutable_data();
+        {  // the GIL is held again before the result is touched
+            py::gil_scoped_release release;
+            cnnbp::nll_loss_backward<T>(dx_ptr, args.labels.data(), w_ptr, args.dims, args.params,
+                                        g.data(), g.grad);
+        }
+        return dx;
+    });
+}
+
 int64_t conv2d_workspace_bytes(const py::handle& x_shape, const py::handle& w_shape,
                                const py::handle& stride, const py::handle& padding,
                                const py::handle& dtype, const py::handle& dilation,
@@ -1138,6 +1281,7 @@ PYBIND11_MODULE(_core, m) {
         m, "silu", "z", "a = z * sigmoid(z) = z / (1 + exp(-z))",
         "dz = da * s * (1 + z * (1 - s)), s = sigmoid(z), from the forward input z");
     def_activations_with_options(m);
+    def_softmaxes(m);
     def_avg_pool2d_dropout(m);
     def_adaptive_avg_pool2d(m);
 
@@ -1162,6 +1306,14 @@ PYBIND11_MODULE(_core, m) {
           arg("weight") = py::none(), arg("ignore_index") = -100, arg("reduction") = "mean",
           arg("label_smoothing") = 0.0, arg("grad_output") = py::none(),
           "dL/dlogits of cross_entropy, times grad_output");
+
+    m.def("nll_loss", &nll_loss, arg("input"), arg("target"), arg("weight") = py::none(),
+          arg("ignore_index") = -100, arg("reduction") = "mean",
+          "negative log-likelihood of log-probabilities input (N, K[, d1, ...]) against class "
+          "indices (N[, d1, ...]) (torch's options)");
+    m.def("nll_loss_backward", &nll_loss_backward, arg("input"), arg("target"),
+          arg("weight") = py::none(), arg("ignore_index") = -100, arg("reduction") = "mean",
+          arg("grad_output") = py::none(), "dL/dinput of nll_loss, times grad_output");
 
     cnnbp_bindings::bind_nn(m);  // the model objects that cnnbp.nn and cnnbp.optim wrap
 }

@@ -648,6 +648,16 @@ void bind_losses(py::module_& m) {
              }),
              arg("weight") = py::none(), arg("ignore_index") = -100, arg("reduction") = "mean",
              arg("label_smoothing") = 0.0);
+    py::class_<NLLLoss<T>, Lo, std::shared_ptr<NLLLoss<T>>>(m, suffixed<T>("NLLLoss").c_str())
+        .def(py::init([](const py::handle& weight, int64_t ignore_index,
+                         const py::handle& reduction) {
+                 const char* op = "NLLLoss";
+                 return std::make_shared<NLLLoss<T>>(NLLLossOptions()
+                                                         .weight(loss_weight(op, "weight", weight))
+                                                         .ignore_index(ignore_index)
+                                                         .reduction(reduction_arg(op, reduction)));
+             }),
+             arg("weight") = py::none(), arg("ignore_index") = -100, arg("reduction") = "mean");
 }
 
 template <typename T>

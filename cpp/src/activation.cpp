@@ -1,13 +1,15 @@
 // ReLU, leaky ReLU, GELU, SiLU, sigmoid and tanh, forward and backward, elementwise over
-// `count` values.
+// `count` values; softmax and log_softmax along one dim.
 //
 // The loops are branch-free so that the compiler vectorizes them for the baseline
 // instruction set, and run on several threads above the parallel threshold (each element
 // is written by exactly one thread, so results do not depend on the thread count).
 #include "cnnbp/activation.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "activation_kernels.hpp"
 #include "isa.hpp"
@@ -204,6 +206,113 @@ void silu_backward(T* dz, const T* da, const T* z, int64_t count) {
     });
 }
 
+// ---- softmax, log_softmax --------------------------------------------------------------------
+
+namespace {
+// The work of one element of softmax (an exp in double and a few passes), in multiply-adds.
+constexpr int64_t kSoftmaxWork = 24;
+
+// body(base, n, top, sum) for the slices [begin, end) of the outer * inner slices, grouped by
+// outer index o: the n slices that start at element `base` = (o, 0, i0), element k of the
+// j-th at base + k * inner + j, with top and sum n doubles of scratch. Within a block the
+// loops run across j (contiguous for inner > 1), each slice's sums over k in the same
+// order: a slice's result does not depend on how the slices are split between threads.
+template <typename Body>
+void for_each_slice_block(const SoftmaxDims& d, const Body& body) {
+    const int64_t slices = d.outer * d.inner;
+    detail::parallel_for(slices, slices * d.K * kSoftmaxWork, [&](int64_t begin, int64_t end) {
+        std::vector<double> top, sum;
+        for (int64_t s = begin; s < end;) {
+            const int64_t o = s / d.inner, i0 = s % d.inner;
+            const int64_t n = std::min(d.inner - i0, end - s);
+            top.resize(size_t(n));
+            sum.resize(size_t(n));
+            body(o * d.K * d.inner + i0, n, top.data(), sum.data());
+            s += n;
+        }
+    });
+}
+
+// top[j] = slice j's maximum (NaN when a value is NaN), sum[j] = sum_k exp(z_k - top[j])
+template <typename T>
+void shifted_exp_sums(const T* z, int64_t K, int64_t step, int64_t n, double* top, double* sum) {
+    for (int64_t j = 0; j < n; ++j) top[j] = double(z[j]);
+    for (int64_t k = 1; k < K; ++k)
+        for (int64_t j = 0; j < n; ++j) {
+            const double v = z[k * step + j];
+            top[j] = v > top[j] || v != v ? v : top[j];  // NaN wins: the slice is NaN
+        }
+    for (int64_t j = 0; j < n; ++j) sum[j] = 0.0;
+    for (int64_t k = 0; k < K; ++k)
+        for (int64_t j = 0; j < n; ++j) sum[j] += std::exp(double(z[k * step + j]) - top[j]);
+}
+}  // namespace
+
+template <typename T>
+void softmax_forward(T* a, const T* z, const SoftmaxDims& d) {
+    for_each_slice_block(d, [&](int64_t base, int64_t n, double* top, double* sum) {
+        const T* zs = z + base;
+        T* as = a + base;
+        shifted_exp_sums(zs, d.K, d.inner, n, top, sum);
+        for (int64_t j = 0; j < n; ++j) sum[j] = 1.0 / sum[j];
+        for (int64_t k = 0; k < d.K; ++k)
+            for (int64_t j = 0; j < n; ++j) {
+                const int64_t at = k * d.inner + j;
+                as[at] = T(std::exp(double(zs[at]) - top[j]) * sum[j]);
+            }
+    });
+}
+
+template <typename T>
+void softmax_backward(T* dz, const T* da, const T* a, const SoftmaxDims& d) {
+    // dot[j] = sum_k da_k * a_k in double; the first scratch array is unused
+    for_each_slice_block(d, [&](int64_t base, int64_t n, double*, double* dot) {
+        const T *das = da + base, *as = a + base;
+        T* dzs = dz + base;
+        for (int64_t j = 0; j < n; ++j) dot[j] = 0.0;
+        for (int64_t k = 0; k < d.K; ++k)
+            for (int64_t j = 0; j < n; ++j)
+                dot[j] += double(das[k * d.inner + j]) * double(as[k * d.inner + j]);
+        for (int64_t k = 0; k < d.K; ++k)
+            for (int64_t j = 0; j < n; ++j) {
+                const int64_t at = k * d.inner + j;
+                dzs[at] = T(double(as[at]) * (double(das[at]) - dot[j]));
+            }
+    });
+}
+
+template <typename T>
+void log_softmax_forward(T* a, const T* z, const SoftmaxDims& d) {
+    for_each_slice_block(d, [&](int64_t base, int64_t n, double* top, double* sum) {
+        const T* zs = z + base;
+        T* as = a + base;
+        shifted_exp_sums(zs, d.K, d.inner, n, top, sum);
+        for (int64_t j = 0; j < n; ++j) sum[j] = std::log(sum[j]);
+        for (int64_t k = 0; k < d.K; ++k)
+            for (int64_t j = 0; j < n; ++j) {
+                const int64_t at = k * d.inner + j;
+                as[at] = T((double(zs[at]) - top[j]) - sum[j]);
+            }
+    });
+}
+
+template <typename T>
+void log_softmax_backward(T* dz, const T* da, const T* a, const SoftmaxDims& d) {
+    // total[j] = sum_k da_k in double; the first scratch array is unused
+    for_each_slice_block(d, [&](int64_t base, int64_t n, double*, double* total) {
+        const T *das = da + base, *as = a + base;
+        T* dzs = dz + base;
+        for (int64_t j = 0; j < n; ++j) total[j] = 0.0;
+        for (int64_t k = 0; k < d.K; ++k)
+            for (int64_t j = 0; j < n; ++j) total[j] += double(das[k * d.inner + j]);
+        for (int64_t k = 0; k < d.K; ++k)
+            for (int64_t j = 0; j < n; ++j) {
+                const int64_t at = k * d.inner + j;
+                dzs[at] = T(double(das[at]) - std::exp(double(as[at])) * total[j]);
+            }
+    });
+}
+
 #define CNNBP_INSTANTIATE(T)                                                          \
     template void relu_forward<T>(T*, const T*, int64_t);                             \
     template void relu_backward<T>(T*, const T*, const T*, int64_t);                  \
@@ -215,7 +324,11 @@ void silu_backward(T* dz, const T* da, const T* z, int64_t count) {
     template void gelu_forward<T>(T*, const T*, int64_t, GeluApproximate);            \
     template void gelu_backward<T>(T*, const T*, const T*, int64_t, GeluApproximate); \
     template void silu_forward<T>(T*, const T*, int64_t);                             \
-    template void silu_backward<T>(T*, const T*, const T*, int64_t);
+    template void silu_backward<T>(T*, const T*, const T*, int64_t);                  \
+    template void softmax_forward<T>(T*, const T*, const SoftmaxDims&);               \
+    template void softmax_backward<T>(T*, const T*, const T*, const SoftmaxDims&);    \
+    template void log_softmax_forward<T>(T*, const T*, const SoftmaxDims&);           \
+    template void log_softmax_backward<T>(T*, const T*, const T*, const SoftmaxDims&);
 CNNBP_INSTANTIATE(float)
 CNNBP_INSTANTIATE(double)
 

@@ -268,6 +268,51 @@ void cross_entropy_backward(T* dlogits, const T* logits, const int64_t* labels, 
         }
 }
 
+namespace {
+// The counted labels' weights: the mean's divisor, as cross-entropy's for class indices.
+template <typename T>
+double nll_loss_divisor(const int64_t* labels, const T* weight, const CrossEntropyDims& d,
+                        const CrossEntropyParams& p) {
+    const CrossEntropyRow<T> rows{d, p, labels, nullptr, weight};
+    return rows.divisor();
+}
+}  // namespace
+
+template <typename T>
+double nll_loss_forward(T* losses, const T* input, const int64_t* labels, const T* weight,
+                        const CrossEntropyDims& d, const CrossEntropyParams& p) {
+    double sum = 0;
+    for (int64_t n = 0; n < d.N; ++n)
+        for (int64_t s = 0; s < d.S; ++s) {
+            const int64_t at = n * d.S + s, label = labels[at];
+            double loss = 0;
+            if (label != p.ignore_index) {
+                const double w = weight ? double(weight[label]) : 1.0;
+                loss = -w * double(input[(n * d.K + label) * d.S + s]);
+            }
+            if (p.reduction == Reduction::None) losses[at] = T(loss);
+            sum += loss;
+        }
+    if (p.reduction != Reduction::Mean) return reduced(sum, 1.0, p.reduction);
+    return sum / nll_loss_divisor(labels, weight, d, p);
+}
+
+template <typename T>
+void nll_loss_backward(T* dinput, const int64_t* labels, const T* weight, const CrossEntropyDims& d,
+                       const CrossEntropyParams& p, const T* grad_output, double grad) {
+    const double count =
+        p.reduction == Reduction::Mean ? nll_loss_divisor(labels, weight, d, p) : 1.0;
+    const GradOfLoss<T> g(grad_output, grad, count, p.reduction);
+    std::fill(dinput, dinput + d.N * d.K * d.S, T(0));
+    for (int64_t n = 0; n < d.N; ++n)
+        for (int64_t s = 0; s < d.S; ++s) {
+            const int64_t at = n * d.S + s, label = labels[at];
+            if (label == p.ignore_index) continue;
+            const double w = weight ? double(weight[label]) : 1.0;
+            dinput[(n * d.K + label) * d.S + s] = T(-w * g[at]);
+        }
+}
+
 #define CNNBP_INSTANTIATE(T)                                                                      \
     template double binary_cross_entropy_forward<T>(const T*, const T*, int64_t);                 \
     template void binary_cross_entropy_backward<T>(T*, const T*, const T*, int64_t);              \
@@ -287,7 +332,11 @@ void cross_entropy_backward(T* dlogits, const T* logits, const int64_t* labels, 
                                              const CrossEntropyDims&, const CrossEntropyParams&); \
     template void cross_entropy_backward<T>(T*, const T*, const int64_t*, const T*, const T*,     \
                                             const CrossEntropyDims&, const CrossEntropyParams&,   \
-                                            const T*, double);
+                                            const T*, double);                                    \
+    template double nll_loss_forward<T>(T*, const T*, const int64_t*, const T*,                   \
+                                        const CrossEntropyDims&, const CrossEntropyParams&);      \
+    template void nll_loss_backward<T>(T*, const int64_t*, const T*, const CrossEntropyDims&,     \
+                                       const CrossEntropyParams&, const T*, double);
 CNNBP_INSTANTIATE(float)
 CNNBP_INSTANTIATE(double)
 

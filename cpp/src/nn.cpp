@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 
 #include "cnnbp/activation.hpp"
@@ -569,6 +570,57 @@ CNNBP_REGISTER_LAYER(SiLU, {"SiLU", "silu",
                             "a = z * sigmoid(z); dz = da * s * (1 + z * (1 - s)), s = sigmoid(z)"});
 
 CNNBP_REGISTER_LAYER(Identity, {"Identity", "identity", "a = z; dz = da"});
+
+// ---- Softmax, LogSoftmax ---------------------------------------------------------------------
+
+template <typename T>
+Softmax<T>::Softmax(int64_t dim) : Softmax(arguments_of("Softmax", {dim})) {}
+
+template <typename T>
+LogSoftmax<T>::LogSoftmax(int64_t dim) : LogSoftmax(arguments_of("LogSoftmax", {dim})) {}
+
+template <typename T, bool kLog>
+const Tensor<T>& SoftmaxLayer<T, kLog>::forward(const Tensor<T>& input) {
+    dims_ = softmax_dims(kLog ? "log_softmax" : "softmax", input.shape, dim_);
+    this->input_ = &input;
+    this->output_.resize(input.shape);
+    if constexpr (kLog)
+        log_softmax_forward(this->output_.data.data(), input.data.data(), dims_);
+    else
+        softmax_forward(this->output_.data.data(), input.data.data(), dims_);
+    return this->output_;
+}
+
+template <typename T, bool kLog>
+const Tensor<T>& SoftmaxLayer<T, kLog>::backward(const Tensor<T>& grad_output) {
+    require_forward(this->input_, kLog ? "LogSoftmax" : "Softmax");
+    const Tensor<T>& a = this->output_;
+    check_same_shape(kLog ? "log_softmax_backward" : "softmax_backward", "a", a.shape, "doutput",
+                     grad_output.shape);
+    this->grad_output_ = &grad_output;
+    this->grad_input_.resize(a.shape);
+    if constexpr (kLog)
+        log_softmax_backward(this->grad_input_.data.data(), grad_output.data.data(), a.data.data(),
+                             dims_);
+    else
+        softmax_backward(this->grad_input_.data.data(), grad_output.data.data(), a.data.data(),
+                         dims_);
+    return this->grad_input_;
+}
+
+// dim: any int (negative counts from the end), checked against the input at forward
+static const Field softmax_dim{"dim", FieldKind::Int, 1, std::numeric_limits<int64_t>::min()};
+
+CNNBP_REGISTER_LAYER(Softmax, {"Softmax",
+                               "softmax",
+                               "a = exp(z) / sum(exp(z)) along dim, computed stably; dz = a * (da "
+                               "- sum(da * a)), from the output a",
+                               {softmax_dim}});
+CNNBP_REGISTER_LAYER(LogSoftmax, {"LogSoftmax",
+                                  "log_softmax",
+                                  "a = z - log(sum(exp(z))) along dim, computed stably; dz = da - "
+                                  "exp(a) * sum(da), from the output a",
+                                  {softmax_dim}});
 
 template <typename T>
 Flatten<T>::Flatten() : Flatten(arguments_of("Flatten", {})) {}
@@ -1139,6 +1191,39 @@ void CrossEntropyLoss<T>::gradient(const T* grad_output, double grad) {
         weight_ ? weight_->data.data() : nullptr, dims_, params_, grad_output, grad);
 }
 
+template <typename T>
+NLLLoss<T>::NLLLoss(const NLLLossOptions& options)
+    : weight_(weight_in<T>(options.weight())),
+      params_(cross_entropy_params("NLLLoss", options.reduction(), options.ignore_index(), 0.0)) {
+    if (weight_ && weight_->shape.size() != 1)
+        throw std::invalid_argument(
+            "[NLLLoss] weight: expected 1 dim (one weight per class), got shape " +
+            shape_str(weight_->shape));
+}
+
+template <typename T>
+double NLLLoss<T>::forward(const Tensor<T>& input, const Tensor<int64_t>& target) {
+    dims_ = cross_entropy_dims(this->op(), input.shape, target.shape, false, "input");
+    if (weight_) check_class_weight(this->op(), dims_, weight_->shape);
+    check_labels(this->op(), target.data.data(), target.size(), dims_.K, params_.ignore_index);
+    this->keep(input);
+    this->labels_.shape = target.shape;
+    this->labels_.data.assign(target.data.begin(), target.data.end());
+    this->target_ = Tensor<T>();
+    this->target_is_labels_ = true;
+    T* losses = this->losses_for(cross_entropy_loss_shape(input.shape));
+    this->value_ = nll_loss_forward(losses, input.data.data(), target.data.data(),
+                                    weight_ ? weight_->data.data() : nullptr, dims_, params_);
+    this->has_run_ = true;
+    return this->value_;
+}
+
+template <typename T>
+void NLLLoss<T>::gradient(const T* grad_output, double grad) {
+    nll_loss_backward(this->grad_input_.data.data(), this->labels_.data.data(),
+                      weight_ ? weight_->data.data() : nullptr, dims_, params_, grad_output, grad);
+}
+
 // ---- optimizers ----------------------------------------------------------------------------
 
 template <typename T>
@@ -1291,6 +1376,10 @@ double train_step(Sequential<T>& model, const Tensor<T>& input, const Tensor<Tar
     template class GELU<T>;                                                                        \
     template class Elementwise<T, SiLUKind>;                                                       \
     template class Elementwise<T, IdentityKind>;                                                   \
+    template class SoftmaxLayer<T, false>;                                                         \
+    template class SoftmaxLayer<T, true>;                                                          \
+    template class Softmax<T>;                                                                     \
+    template class LogSoftmax<T>;                                                                  \
     template class Flatten<T>;                                                                     \
     template class Container<T>;                                                                   \
     template class Sequential<T>;                                                                  \
@@ -1300,6 +1389,7 @@ double train_step(Sequential<T>& model, const Tensor<T>& input, const Tensor<Tar
     template class BCELoss<T>;                                                                     \
     template class BCEWithLogitsLoss<T>;                                                           \
     template class CrossEntropyLoss<T>;                                                            \
+    template class NLLLoss<T>;                                                                     \
     template class Optimizer<T>;                                                                   \
     template class SGD<T>;                                                                         \
     template class Adam<T>;                                                                        \

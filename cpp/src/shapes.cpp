@@ -588,6 +588,27 @@ const char* gelu_approximate_str(GeluApproximate approximate) {
     return approximate == GeluApproximate::Tanh ? "tanh" : "none";
 }
 
+// ---- softmax, log_softmax -------------------------------------------------------------------
+
+SoftmaxDims softmax_dims(const char* op, const Shape& input, int64_t dim) {
+    const int64_t rank = std::max<int64_t>(int64_t(input.size()), 1);  // 0-d: as 1 dim
+    if (dim < -rank || dim >= rank)
+        fail(op, "dim: expected an int in [" + std::to_string(-rank) + ", " +
+                     std::to_string(rank - 1) + "] (input shape " + shape_str(input) + "), got " +
+                     std::to_string(dim));
+    const int64_t count = checked_numel(op, "input", input);
+    SoftmaxDims d;
+    if (input.empty()) return d;
+    const size_t axis = size_t(dim < 0 ? dim + rank : dim);
+    d.K = input[axis];
+    if (count == 0) return {0, d.K, 0};  // nothing to compute (and no product to overflow)
+    for (size_t i = 0; i < input.size(); ++i) {
+        if (i < axis) d.outer *= input[i];
+        if (i > axis) d.inner *= input[i];
+    }
+    return d;
+}
+
 // ---- dropout -------------------------------------------------------------------------------
 
 DropoutParams dropout_params(const char* op, double p, uint64_t seed) {
@@ -727,33 +748,36 @@ CrossEntropyParams cross_entropy_params(const char* op, Reduction reduction, int
 }
 
 CrossEntropyDims cross_entropy_dims(const char* op, const Shape& logits, const Shape& labels,
-                                    bool probabilities) {
+                                    bool probabilities, const char* input_name) {
+    const std::string input = input_name;
+    const std::string inputs = input + (input.back() == 's' ? "'" : "'s");  // logits', input's
     if (logits.empty())
-        fail(op,
-             "logits: expected 1 dim (K,) (unbatched), 2 dims (N, K) or more (N, K, d1, ...), "
-             "got shape ()");
+        fail(op, input +
+                     ": expected 1 dim (K,) (unbatched), 2 dims (N, K) or more (N, K, d1, ...), "
+                     "got shape ()");
     // unbatched logits (K,) are one row of (1, K); an empty batch (N = 0) is allowed
     const bool unbatched = logits.size() == 1;
-    checked_numel(op, "logits", logits);
-    check_nonempty(op, "logits", logits, unbatched ? 0 : 1);
+    checked_numel(op, input_name, logits);
+    check_nonempty(op, input_name, logits, unbatched ? 0 : 1);
     CrossEntropyDims d{unbatched ? 1 : logits[0], logits[unbatched ? 0 : 1], 1, probabilities};
     for (size_t i = 2; i < logits.size(); ++i) d.S *= logits[i];
     if (probabilities) {
         if (labels != logits)
-            fail(op, "target: expected shape " + shape_str(logits) +
-                         " (logits', class probabilities), got shape " + shape_str(labels));
+            fail(op, "target: expected shape " + shape_str(logits) + " (" + inputs +
+                         ", class probabilities), got shape " + shape_str(labels));
         return d;
     }
     const Shape expected = cross_entropy_loss_shape(logits);
     if (labels != expected) {
         if (logits.size() == 1)
-            fail(op, "labels: expected shape () (one class index for unbatched logits " +
+            fail(op, "labels: expected shape () (one class index for unbatched " + input + " " +
                          shape_str(logits) + "), got shape " + shape_str(labels));
         if (logits.size() == 2)
             fail(op, "labels: expected shape (" + std::to_string(logits[0]) +
-                         ",) (one class index per row of logits), got shape " + shape_str(labels));
-        fail(op, "labels: expected shape " + shape_str(expected) +
-                     " (logits' without the class dim), got shape " + shape_str(labels));
+                         ",) (one class index per row of " + input + "), got shape " +
+                         shape_str(labels));
+        fail(op, "labels: expected shape " + shape_str(expected) + " (" + inputs +
+                     " without the class dim), got shape " + shape_str(labels));
     }
     return d;
 }

@@ -532,6 +532,88 @@ TEST_CASE("activation leaky_relu, gelu and silu results do not depend on the thr
     });
 }
 
+// ---- softmax, log_softmax ----------------------------------------------------------------
+
+TEST_CASE("softmax and log_softmax: known values along each dim, stable for large logits") {
+    // z (2, 3): rows (0, ln 2, ln 5) and (1000, 1000, 1000) along dim 1 (exp(1000) overflows)
+    const double l2 = std::log(2.0), l5 = std::log(5.0);
+    const V z{0, l2, l5, 1000, 1000, 1000};
+    V a(6), la(6);
+    const SoftmaxDims rows = softmax_dims("softmax", {2, 3}, 1);
+    CHECK(rows.outer == 2 && rows.K == 3 && rows.inner == 1);
+    softmax_forward(a.data(), z.data(), rows);
+    CHECK_CLOSE(a.data(), (V{1.0 / 8, 2.0 / 8, 5.0 / 8, 1.0 / 3, 1.0 / 3, 1.0 / 3}), 0, 1e-15);
+    log_softmax_forward(la.data(), z.data(), rows);
+    CHECK_CLOSE(la.data(),
+                (V{-std::log(8.0), l2 - std::log(8.0), l5 - std::log(8.0), -std::log(3.0),
+                   -std::log(3.0), -std::log(3.0)}),
+                0, 1e-14);
+    // along dim 0 (= -2): the columns, (outer 1, K 2, inner 3)
+    const SoftmaxDims columns = softmax_dims("softmax", {2, 3}, -2);
+    CHECK(columns.outer == 1 && columns.K == 2 && columns.inner == 3);
+    softmax_forward(a.data(), z.data(), columns);
+    for (int64_t i = 0; i < 3; ++i) {
+        const double e = std::exp(z[size_t(i)] - z[size_t(3 + i)]);  // exp(-1000): 0
+        CHECK_CLOSE(a.data() + i, (V{e / (1 + e)}), 1e-300, 1e-15);
+        CHECK_CLOSE(a.data() + 3 + i, (V{1 / (1 + e)}), 0, 1e-15);
+    }
+    // a NaN in a slice makes that slice NaN, the others stay
+    V nan_z{1, std::nan(""), 2, 3, 4, 5};
+    softmax_forward(a.data(), nan_z.data(), rows);
+    CHECK(std::isnan(a[0]) && std::isnan(a[1]) && std::isnan(a[2]) && !std::isnan(a[3]));
+}
+
+TEST_CASE("softmax and log_softmax backward: finite differences along every dim") {
+    const Shape shape{2, 3, 4};
+    const V z = random_values(24, 41), g = random_values(24, 42);
+    for (int64_t dim : {0, 1, 2, -1}) {
+        const SoftmaxDims d = softmax_dims("softmax", shape, dim);
+        V a(24);
+        softmax_forward(a.data(), z.data(), d);
+        check_finite_differences(
+            z, g, [&](double* out, const double* in) { softmax_forward(out, in, d); },
+            [&](double* dz, const double* da, const double*) {
+                softmax_backward(dz, da, a.data(), d);
+            });
+        log_softmax_forward(a.data(), z.data(), d);
+        check_finite_differences(
+            z, g, [&](double* out, const double* in) { log_softmax_forward(out, in, d); },
+            [&](double* dz, const double* da, const double*) {
+                log_softmax_backward(dz, da, a.data(), d);
+            });
+    }
+}
+
+TEST_CASE("softmax: a dim beyond the input's dims is refused; empty inputs pass") {
+    CHECK_THROWS(softmax_dims("softmax", {2, 3}, 2),
+                 "[softmax] dim: expected an int in [-2, 1] (input shape (2, 3)), got 2");
+    CHECK_THROWS(softmax_dims("log_softmax", {4}, -2),
+                 "[log_softmax] dim: expected an int in [-1, 0] (input shape (4,)), got -2");
+    const SoftmaxDims scalar = softmax_dims("softmax", {}, -1);  // a 0-d input: one element
+    CHECK(scalar.outer == 1 && scalar.K == 1 && scalar.inner == 1);
+    const SoftmaxDims empty = softmax_dims("softmax", {0, 3}, 1);
+    CHECK(empty.outer * empty.inner == 0);
+}
+
+TEST_CASE("softmax and log_softmax results do not depend on the thread count") {
+    const Shape shape{3, 17, 4099};  // threads split the slices, inside an outer block too
+    const int64_t n = 3 * 17 * 4099;
+    const V z = random_values(size_t(n), 43), da = random_values(size_t(n), 44);
+    CHECK_THREAD_COUNT_INDEPENDENT([&]() {
+        std::vector<std::string> out;
+        for (int64_t dim : {1, 2}) {
+            const SoftmaxDims d = softmax_dims("softmax", shape, dim);
+            V a(n), dz(n), la(n), dl(n);
+            softmax_forward(a.data(), z.data(), d);
+            softmax_backward(dz.data(), da.data(), a.data(), d);
+            log_softmax_forward(la.data(), z.data(), d);
+            log_softmax_backward(dl.data(), da.data(), la.data(), d);
+            for (const V* v : {&a, &dz, &la, &dl}) out.push_back(bytes_of(*v));
+        }
+        return out;
+    });
+}
+
 // ---- dropout -------------------------------------------------------------------------------
 
 TEST_CASE("dropout hash: SplitMix64's published outputs for seed 0") {
@@ -739,4 +821,36 @@ TEST_CASE("loss options: cross-entropy weights, ignore_index, smoothing, spatial
         cross_entropy_forward(no_losses, logits.data(), nullptr, probabilities.data(), no_target,
                               prob_dims, CrossEntropyParams{});
     CHECK_CLOSE(&uniform, (V{(std::log(2.0) + 500) / 2}), 0, 1e-15);
+}
+
+TEST_CASE("loss options: nll_loss weights, ignore_index, reductions, gradient") {
+    // input (N=2, K=3) log-probabilities; labels 2 and ignored, then 0 and 1
+    const V input{-0.5, -1.5, -2.0, -0.25, -3.0, -1.0}, weight{2, 0.5, 4};
+    const CrossEntropyDims dims{2, 3, 1, false};
+    CrossEntropyParams params;
+    double* no_losses = nullptr;
+    const std::vector<int64_t> some{2, -100}, both{0, 1};
+    // mean: -(4 * -2.0) / 4, the ignored row counting for nothing
+    CHECK(nll_loss_forward(no_losses, input.data(), some.data(), weight.data(), dims, params) ==
+          2.0);
+    // mean over the weights: (2 * 0.5 + 0.5 * 3.0) / 2.5 = 1
+    CHECK_CLOSE(nll_loss_forward(no_losses, input.data(), both.data(), weight.data(), dims, params),
+                1.0, 0, 1e-15);
+    params.reduction = Reduction::None;
+    V losses(2);
+    nll_loss_forward(losses.data(), input.data(), both.data(), weight.data(), dims, params);
+    CHECK_CLOSE(losses.data(), (V{1.0, 1.5}), 0, 1e-15);
+    // the gradient: -g * weight at the label, zero elsewhere and where ignored
+    const V g{2, 3};
+    V dinput(6);
+    nll_loss_backward(dinput.data(), some.data(), weight.data(), dims, params, g.data(), 1.0);
+    CHECK(dinput == (V{0, 0, -8, 0, 0, 0}));
+    params.reduction = Reduction::Mean;
+    nll_loss_backward(dinput.data(), both.data(), weight.data(), dims, params,
+                      static_cast<const double*>(nullptr), 1.0);
+    CHECK_CLOSE(dinput.data(), (V{-0.8, 0, 0, 0, -0.2, 0}), 0, 1e-15);
+    // every label ignored: nan for the mean, as torch
+    const std::vector<int64_t> none{-100, -100};
+    CHECK(std::isnan(
+        nll_loss_forward(no_losses, input.data(), none.data(), weight.data(), dims, params)));
 }

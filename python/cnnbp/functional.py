@@ -22,6 +22,8 @@ with a message that starts with the op's name, e.g. ``[conv2d] weight: expected 
     a = leaky_relu(z, negative_slope=0.01);  dz = leaky_relu_backward(da, z, negative_slope=0.01)
     a = gelu(z, approximate='none');         dz = gelu_backward(da, z, approximate='none')
     a = silu(z);    dz = silu_backward(da, z)                    # z * sigmoid(z)
+    a = softmax(z, dim=1);     dz = softmax_backward(da, a, dim=1)
+    a = log_softmax(z, dim=1); dz = log_softmax_backward(da, a, dim=1)
     y, mask      = dropout(x, p=0.5, seed=0)                     # mask bool: True = kept
     dx           = dropout_backward(dy, mask, p)                 # y = x * mask / (1 - p)
     y = linear(x, w, b=None)                                     # w (out, in): y = x w^T + b
@@ -33,6 +35,8 @@ with a message that starts with the op's name, e.g. ``[conv2d] weight: expected 
     loss = cross_entropy(logits, target, weight=None, ignore_index=-100, reduction='mean',
                          label_smoothing=0.0)
     dz   = cross_entropy_backward(logits, target, ..., grad_output=None)
+    loss = nll_loss(input, target, weight=None, ignore_index=-100, reduction='mean')
+    dx   = nll_loss_backward(input, target, ..., grad_output=None)
 
 Losses have torch's options and semantics: reduction 'mean' (the default) or 'sum' gives a
 float, 'none' the array of per-element losses; a backward takes the forward's arguments and
@@ -40,7 +44,9 @@ grad_output = dL/d(loss) (1 when None for a reduced loss, an array of the loss's
 'none'). weight and pos_weight broadcast to the input's shape (pos_weight along the last
 dim, the classes); cross_entropy takes logits (N, K) or (N, K, d1, ...) with class indices
 (N,) / (N, d1, ...) (an integer array; ignore_index counts for nothing) or class
-probabilities of the logits' shape (floats), weight (K,), and label_smoothing in [0, 1].
+probabilities of the logits' shape (floats), weight (K,), and label_smoothing in [0, 1];
+nll_loss takes log-probabilities (log_softmax's output) of the same shapes with class indices
+only, l = -weight[label] * input[label], its mean divided by the counted labels' weights.
 conv2d has torch's options and semantics: padding an int, a pair, 'valid' (none) or 'same'
 (stride 1; the output keeps the input's size, an odd total padding's extra zero going below
 and to the right), taps dilation apart, and groups splitting C and K (groups == C is the
@@ -64,7 +70,9 @@ stride, padding, dilation and kernel_size take an int or an (h, w) pair.
 The activations have torch's names, defaults and formulas: leaky_relu takes any finite
 negative_slope; gelu's approximate is 'none' (z * 0.5 * (1 + erf(z / sqrt(2)))) or 'tanh'
 (torch's tanh approximation); leaky_relu, gelu and silu compute their backward from the
-input z, sigmoid and tanh from the output a.
+input z, sigmoid and tanh from the output a. softmax and log_softmax run along dim (torch's
+rule: an int in [-ndim, ndim), negative counted from the end) of any shape, computed stably
+(the maximum subtracted, sums in float64), their backward from the output a as torch's.
 """
 
 import math
@@ -93,8 +101,12 @@ from ._core import (
     leaky_relu_backward,
     linear,
     linear_backward,
+    log_softmax,
+    log_softmax_backward,
     max_pool2d,
     max_pool2d_backward,
+    nll_loss,
+    nll_loss_backward,
     output_size,
     relu,
     relu_backward,
@@ -102,6 +114,8 @@ from ._core import (
     sigmoid_backward,
     silu,
     silu_backward,
+    softmax,
+    softmax_backward,
     tanh,
     tanh_backward,
 )
@@ -155,6 +169,10 @@ __all__ = [
     "gelu_backward",
     "silu",
     "silu_backward",
+    "softmax",
+    "softmax_backward",
+    "log_softmax",
+    "log_softmax_backward",
     "dropout",
     "dropout_backward",
     "linear",
@@ -167,4 +185,6 @@ __all__ = [
     "binary_cross_entropy_with_logits_backward",
     "cross_entropy",
     "cross_entropy_backward",
+    "nll_loss",
+    "nll_loss_backward",
 ]

@@ -730,6 +730,17 @@ class CrossEntropyLoss(_Loss):
         )
 
 
+class NLLLoss(_Loss):
+    """Negative log-likelihood of log-probabilities (N, K) or (N, K, d1, ...), LogSoftmax's
+    output, against class indices (N,) / (N, d1, ...) (torch.nn.NLLLoss): weight (K,),
+    ignore_index, reduction."""
+
+    _native_name = "NLLLoss"
+
+    def __init__(self, weight=None, ignore_index=-100, reduction="mean"):
+        super().__init__(weight=weight, ignore_index=ignore_index, reduction=reduction)
+
+
 __all__ = [
     "Parameter",
     "Module",
@@ -740,5 +751,6 @@ __all__ = [
     "BCELoss",
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
+    "NLLLoss",
     "manual_seed",
 ]

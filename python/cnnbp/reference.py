@@ -52,6 +52,10 @@ __all__ = [
     "gelu_backward",
     "silu",
     "silu_backward",
+    "softmax",
+    "softmax_backward",
+    "log_softmax",
+    "log_softmax_backward",
     "dropout_mask",
     "dropout",
     "dropout_backward",
@@ -65,6 +69,8 @@ __all__ = [
     "binary_cross_entropy_with_logits_backward",
     "cross_entropy",
     "cross_entropy_backward",
+    "nll_loss",
+    "nll_loss_backward",
     "seed_network",
     "sgd_step",
     "adam_step",
@@ -659,6 +665,68 @@ def silu_backward(da, z):
 
 
 # ---------------------------------------------------------------------------------------
+# softmax and log_softmax along one dim (torch's rule: dim in [-ndim, ndim), a 0-d input
+# counting as 1 dim), the backward from the output a
+# ---------------------------------------------------------------------------------------
+
+
+def _along(z, dim):
+    """z with the softmax's dim moved last (a 0-d z as shape (1,)), and how to move it back."""
+    z = _f64(z)
+    shape = z.shape
+    z = z.reshape(shape or (1,))
+    axis = dim % z.ndim
+
+    def back(a):
+        return np.moveaxis(a, -1, axis).reshape(shape)
+
+    return np.moveaxis(z, axis, -1), back
+
+
+def softmax(z, dim=1):
+    """a = exp(z) / sum(exp(z)) along dim, with the maximum subtracted first (exp <= 1)."""
+    z, back = _along(z, dim)  # z (..., K)
+    # (initial: an empty slice has no maximum; inf - inf = nan makes the slice nan, as torch)
+    with np.errstate(invalid="ignore"):
+        e = np.exp(z - z.max(axis=-1, keepdims=True, initial=-np.inf))
+        return _out(back(e / e.sum(axis=-1, keepdims=True)))
+
+
+def softmax_backward(da, a, dim=1):
+    """Gradient of softmax with respect to z, from the forward OUTPUT a.
+
+    Inverts:
+        a = e / e.sum(axis=-1, keepdims=True)
+    whose Jacobian is da_k/dz_j = a_k ([k == j] - a_j), so
+        dz_j = sum_k da_k a_k ([k == j] - a_j) = a_j (da_j - sum_k da_k a_k).
+    """
+    da, _ = _along(da, dim)
+    a, back = _along(a, dim)
+    return _out(back(a * (da - (da * a).sum(axis=-1, keepdims=True))))
+
+
+def log_softmax(z, dim=1):
+    """a = z - log(sum(exp(z))) along dim = (z - top) - log(sum(exp(z - top))), top the max."""
+    z, back = _along(z, dim)
+    with np.errstate(invalid="ignore"):
+        shifted = z - z.max(axis=-1, keepdims=True, initial=-np.inf)
+        return _out(back(shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))))
+
+
+def log_softmax_backward(da, a, dim=1):
+    """Gradient of log_softmax with respect to z, from the forward OUTPUT a.
+
+    Inverts:
+        a = shifted - log(exp(shifted).sum(axis=-1, keepdims=True))
+    whose Jacobian is da_k/dz_j = [k == j] - softmax_j = [k == j] - exp(a_j), so
+        dz_j = da_j - exp(a_j) sum_k da_k.
+    """
+    da, _ = _along(da, dim)
+    a, back = _along(a, dim)
+    return _out(back(da - np.exp(a) * da.sum(axis=-1, keepdims=True)))
+
+
+# ---------------------------------------------------------------------------------------
 # dropout: y = x * mask / (1 - p), the mask drawn from (seed, flat index)
 # ---------------------------------------------------------------------------------------
 
@@ -960,6 +1028,63 @@ def cross_entropy_backward(
         dz = np.where(counted[:, None], g * dl, 0.0)  # (M, K), classes last
     moved = np.shape(logits)[:1] + np.shape(logits)[2:] + np.shape(logits)[1:2]
     return _out(np.moveaxis(dz.reshape(moved), -1, 1))
+
+
+def _nll_loss_parts(input, target, weight, ignore_index):
+    """input (N, K, d1, ...) with the classes moved last, as (M, K) (an unbatched (K,) input
+    is one row), the labels (M,), w (K,), the mask of counted positions (M,), the mean's
+    divisor (the counted labels' weights) and the loss's shape."""
+    x = _f64(input)
+    loss_shape = np.shape(target)
+    if x.ndim == 1:  # unbatched (K,), a () target
+        x = x[None]
+    x = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])  # x (M, K)
+    w = np.ones(x.shape[1]) if weight is None else _f64(weight)  # w (K,): one per class
+    labels = np.asarray(target).astype(np.int64).reshape(-1)  # (M,)
+    counted = labels != ignore_index
+    divisor = float(w[labels[counted]].sum())  # torch: the counted targets' weights
+    return x, labels, w, counted, divisor, loss_shape
+
+
+def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean"):
+    """Negative log-likelihood of log-probabilities input (N, K) or (N, K, d1, ...) (or
+    unbatched (K,)) against class indices (N,) / (N, d1, ...) (or ()), as torch:
+
+        l = -w_label * input[label]     (0 where label == ignore_index)
+
+    'mean' divides by the counted labels' weights (nan when every label is ignored).
+    """
+    x, labels, w, counted, divisor, loss_shape = _nll_loss_parts(
+        input, target, weight, ignore_index
+    )
+    rows = np.flatnonzero(counted)
+    losses = np.zeros(len(x))
+    losses[rows] = -w[labels[rows]] * x[rows, labels[rows]]
+    return _reduce(losses.reshape(loss_shape), reduction, divisor)
+
+
+def nll_loss_backward(
+    input, target, weight=None, ignore_index=-100, reduction="mean", grad_output=None
+):
+    """dL/dinput of nll_loss.
+
+    Inverts:
+        losses[rows] = -w[labels[rows]] * x[rows, labels[rows]]
+    dl/dx_c = -w_c at the label's class c, 0 at the others and where the label is ignored;
+    times dL/dl (over the divisor for the mean).
+    """
+    x, labels, w, counted, divisor, loss_shape = _nll_loss_parts(
+        input, target, weight, ignore_index
+    )
+    g = _grad_of_loss(grad_output, reduction, loss_shape, divisor).reshape(-1)  # (M,)
+    rows = np.flatnonzero(counted)
+    dx = np.zeros_like(x)  # (M, K), classes last
+    dx[rows, labels[rows]] = -w[labels[rows]] * g[rows]
+    shape = np.shape(input)
+    if len(shape) == 1:
+        return _out(dx.reshape(shape))
+    moved = shape[:1] + shape[2:] + shape[1:2]
+    return _out(np.moveaxis(dx.reshape(moved), -1, 1))
 
 
 # ---------------------------------------------------------------------------------------

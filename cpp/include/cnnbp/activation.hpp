@@ -1,5 +1,7 @@
 // cnnbp/activation.hpp -- elementwise activations, forward and backward. `count` elements,
 // any shape. Outputs are overwritten; an output may alias its input of the same role.
+// softmax and log_softmax (at the end) run along one dim of the input, seen as
+// (outer, K, inner) by shapes.hpp's softmax_dims; their outputs must not alias an input.
 // Names, defaults and formulas are torch's (torch.nn.functional.relu, leaky_relu, gelu, silu,
 // sigmoid, tanh); options are checked by shapes.hpp (leaky_relu_slope,
 // parse_gelu_approximate) before a kernel runs.
@@ -62,5 +64,25 @@ void silu_forward(T* a, const T* z, int64_t count);
 // the input z, as torch's silu_backward.
 template <typename T>
 void silu_backward(T* dz, const T* da, const T* z, int64_t count);
+
+// ---- softmax, log_softmax: along the K dim of (outer, K, inner) ---------------------------
+// Each of the outer * inner slices z[o, :, i] on its own, computed stably in double (float:
+// rounded once) with top = the slice's maximum, which makes every exp(z - top) <= 1:
+//   softmax:      a_k = exp(z_k - top) / sum_j exp(z_j - top)
+//   log_softmax:  a_k = (z_k - top) - log(sum_j exp(z_j - top))
+// A NaN (or +inf) in a slice makes the slice NaN, as in torch.
+template <typename T>
+void softmax_forward(T* a, const T* z, const SoftmaxDims& dims);
+// dz = a * (da - sum_k(da * a))   -- inverts `a = exp(z - top) / sum` from the output a, as
+// torch's softmax_backward_data.
+template <typename T>
+void softmax_backward(T* dz, const T* da, const T* a, const SoftmaxDims& dims);
+
+template <typename T>
+void log_softmax_forward(T* a, const T* z, const SoftmaxDims& dims);
+// dz = da - exp(a) * sum_k(da)   -- inverts `a = (z - top) - log(sum)` from the output a, as
+// torch's log_softmax_backward_data.
+template <typename T>
+void log_softmax_backward(T* dz, const T* da, const T* a, const SoftmaxDims& dims);
 
 }  // namespace cnnbp

@@ -84,4 +84,20 @@ void cross_entropy_backward(T* dlogits, const T* logits, const int64_t* labels, 
                             const T* weight, const CrossEntropyDims& dims,
                             const CrossEntropyParams& params, const T* grad_output, double grad);
 
+// Negative log-likelihood of log-probabilities input (N, K, S) (log_softmax's output, as
+// torch's nll_loss) against class indices `labels` (N, S), with dims and params as
+// cross-entropy's (label_smoothing unused, no probabilities):
+//   l_(n,s) = -weight_label * input_(n,label,s)       (0 where label == ignore_index)
+// 'mean' divides the sum by the counted labels' weights, as torch: nan when every label is
+// ignored. weight: nullptr or (K,).
+template <typename T>
+double nll_loss_forward(T* losses, const T* input, const int64_t* labels, const T* weight,
+                        const CrossEntropyDims& dims, const CrossEntropyParams& params);
+// dinput_(n,c,s) = -g_(n,s) * weight_c where c == label, else 0 (0 where ignored); needs no
+// input values
+template <typename T>
+void nll_loss_backward(T* dinput, const int64_t* labels, const T* weight,
+                       const CrossEntropyDims& dims, const CrossEntropyParams& params,
+                       const T* grad_output, double grad);
+
 }  // namespace cnnbp

@@ -498,6 +498,38 @@ class GELU : public Elementwise<T, GELUKind> {
     GeluApproximate approximate() const { return this->params().approximate; }
 };
 
+// torch.nn.Softmax(dim=1) and LogSoftmax(dim=1): softmax or log_softmax along dim (negative
+// counts from the end; checked against the input's dims at forward), the backward from the
+// output a as torch's.
+template <typename T, bool kLog>
+class SoftmaxLayer : public Layer<T> {
+ public:
+    explicit SoftmaxLayer(const Config& arguments)
+        : Layer<T>(arguments), dim_(arguments.integer("dim")) {}
+    const Tensor<T>& forward(const Tensor<T>& input) override;
+    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+    std::string type() const override { return kLog ? "LogSoftmax" : "Softmax"; }
+    int64_t dim() const { return dim_; }
+
+ private:
+    int64_t dim_;
+    SoftmaxDims dims_{};
+};
+
+template <typename T>
+class Softmax : public SoftmaxLayer<T, false> {
+ public:
+    explicit Softmax(int64_t dim = 1);
+    explicit Softmax(const Config& arguments) : SoftmaxLayer<T, false>(arguments) {}
+};
+
+template <typename T>
+class LogSoftmax : public SoftmaxLayer<T, true> {
+ public:
+    explicit LogSoftmax(int64_t dim = 1);
+    explicit LogSoftmax(const Config& arguments) : SoftmaxLayer<T, true>(arguments) {}
+};
+
 // torch.nn.Dropout: while training, each element is zeroed with probability p and the rest
 // scaled by 1 / (1 - p); in evaluation mode it is the identity. Each training forward draws
 // a new mask seed from the layer's generator (seeded at construction: by default from the
@@ -672,6 +704,12 @@ struct CrossEntropyLossOptions {
     CNNBP_LOSS_OPTION(CrossEntropyLossOptions, Reduction, reduction, = Reduction::Mean)
     CNNBP_LOSS_OPTION(CrossEntropyLossOptions, double, label_smoothing, = 0.0)  // in [0, 1]
 };
+
+struct NLLLossOptions {
+    CNNBP_LOSS_OPTION(NLLLossOptions, std::optional<Tensor<double>>, weight)  // (K,)
+    CNNBP_LOSS_OPTION(NLLLossOptions, int64_t, ignore_index, = -100)
+    CNNBP_LOSS_OPTION(NLLLossOptions, Reduction, reduction, = Reduction::Mean)
+};
 #undef CNNBP_LOSS_OPTION
 
 // A loss: forward() returns the reduced loss ('mean' or 'sum'), or 0 for reduction 'none',
@@ -685,7 +723,7 @@ class Loss {
     // BCE losses: a target of the input's shape and dtype; CrossEntropyLoss: class
     // probabilities of the input's shape
     virtual double forward(const Tensor<T>& input, const Tensor<T>& target);
-    // CrossEntropyLoss: a target of class indices
+    // CrossEntropyLoss, NLLLoss: a target of class indices
     virtual double forward(const Tensor<T>& input, const Tensor<int64_t>& target);
     // whether the loss takes class indices (it may take probabilities too)
     virtual bool takes_class_indices() const { return false; }
@@ -705,7 +743,7 @@ class Loss {
     const Tensor<T>& input() const { return input_; }
     // BCE losses, and CrossEntropyLoss given probabilities
     const Tensor<T>& target() const { return target_; }
-    // CrossEntropyLoss given class indices
+    // CrossEntropyLoss given class indices, NLLLoss
     const Tensor<int64_t>& labels() const { return labels_; }
     bool target_is_labels() const { return target_is_labels_; }
     double value() const { return value_; }              // the reduced loss, 0 for 'none'
@@ -789,6 +827,28 @@ class CrossEntropyLoss : public Loss<T> {
     bool plain_ = true;  // torch's defaults on (N, K) and no label ignored: the fast kernels
 };
 
+// input (N, K) or (N, K, d1, ...) log-probabilities (LogSoftmax's output); target (N,) /
+// (N, d1, ...) class indices
+template <typename T>
+class NLLLoss : public Loss<T> {
+ public:
+    explicit NLLLoss(const NLLLossOptions& options = {});
+    using Loss<T>::forward;
+    double forward(const Tensor<T>& input, const Tensor<int64_t>& target) override;
+    bool takes_class_indices() const override { return true; }
+    std::string type() const override { return "NLLLoss"; }
+    const char* op() const override { return "nll_loss"; }
+    Reduction reduction() const override { return params_.reduction; }
+
+ protected:
+    void gradient(const T* grad_output, double grad) override;
+
+ private:
+    std::optional<Tensor<T>> weight_;
+    CrossEntropyParams params_;
+    CrossEntropyDims dims_{};
+};
+
 // An optimizer updates the parameters it was given; they must outlive it.
 template <typename T>
 class Optimizer {
@@ -868,9 +928,9 @@ class AdamW : public Adam<T> {
 };
 
 // zero_grad, forward, loss, backward, optimizer step: returns the loss. The target is a
-// tensor of T for the BCE losses and of class indices (int64) or probabilities (T) for
-// CrossEntropyLoss. A loss of reduction 'none' is refused (its backward needs a gradient
-// per element, as torch's backward() needs a scalar).
+// tensor of T for the BCE losses, of class indices (int64) or probabilities (T) for
+// CrossEntropyLoss and of class indices for NLLLoss. A loss of reduction 'none' is refused (its
+// backward needs a gradient per element, as torch's backward() needs a scalar).
 template <typename T, typename Target>
 double train_step(Sequential<T>& model, const Tensor<T>& input, const Tensor<Target>& target,
                   Loss<T>& loss, Optimizer<T>& optimizer);

@@ -211,6 +211,17 @@ enum class GeluApproximate { None, Tanh };
 GeluApproximate parse_gelu_approximate(const char* op, const std::string& text);
 const char* gelu_approximate_str(GeluApproximate approximate);
 
+// ---- softmax, log_softmax -------------------------------------------------------------------
+// The input seen as (outer, K, inner) around the dim the softmax runs along: outer the
+// product of the dims before it, K its size, inner the product of the dims after it.
+struct SoftmaxDims {
+    int64_t outer = 1, K = 1, inner = 1;
+};
+// torch's rule for dim: an int in [-ndim, ndim), a negative one counted from the end (a 0-d
+// input counts as 1 dim: dim 0 or -1, K = 1). Any shape, empty ones included; otherwise
+// "[op] dim: expected an int in [-2, 1] (input shape (2, 3)), got 2".
+SoftmaxDims softmax_dims(const char* op, const Shape& input, int64_t dim);
+
 // ---- dropout -------------------------------------------------------------------------------
 struct DropoutParams {
     double p = 0.5;     // probability of dropping an element
@@ -267,8 +278,9 @@ struct CrossEntropyDims {
 };
 // logits (N, K) or (N, K, d1, ...), N >= 0, or unbatched (K,) (as N = 1); labels (N,) /
 // (N, d1, ...) / () of class indices, or (with probabilities) a target of logits' shape.
+// `input_name` names the logits in messages (nll_loss's "input": log-probabilities).
 CrossEntropyDims cross_entropy_dims(const char* op, const Shape& logits, const Shape& labels,
-                                    bool probabilities = false);
+                                    bool probabilities = false, const char* input_name = "logits");
 // torch refuses an ignore_index other than the default -100 with class probabilities.
 void check_ignore_index(const char* op, const CrossEntropyDims& dims,
                         const CrossEntropyParams& params);
