@@ -299,9 +299,9 @@ def gradient_norm(parameters):
     for parameter in parameters:
         grad = parameter.grad
         if grad is not None:
-            flat = grad.reshape(-1).astype(np.float64, copy=False)
-            # einsum, not np.dot: BLAS threads would wake and compete with the kernels' own
-            total += float(np.einsum("i,i->", flat, flat))
+            # not np.dot / np.linalg.norm: BLAS threads would wake and compete with the
+            # kernels' own
+            total += float(np.square(grad, dtype=np.float64).sum())
     return math.sqrt(total)
 
 
