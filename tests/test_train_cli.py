@@ -152,6 +152,80 @@ def test_mnist_directory_trains_and_evaluates_on_the_t10k_files(dataset, tmp_pat
     assert evaluated["test_accuracy"] == trained["test_accuracy"]
 
 
+LAYERS = {"0": "Conv2d", "3": "Conv2d", "7": "Linear"}  # the default arch's parameterized layers
+
+
+def test_json_has_one_gradient_norm_per_layer_and_epoch_and_the_arch(dataset):
+    summary = run_json("train", "--npz", dataset, "--epochs", 3, "--quiet")
+    assert summary["arch"] == "cnn"
+    assert summary["layer_types"] == LAYERS
+    norms = summary["gradient_norms"]
+    assert list(norms) == list(LAYERS)
+    for values in norms.values():
+        assert len(values) == 3
+        assert all(np.isfinite(v) and v > 0 for v in values)
+    for epoch, entry in enumerate(summary["history"]):  # the same numbers, per epoch
+        assert entry["gradient_norms"] == {name: norms[name][epoch] for name in LAYERS}
+    assert len({tuple(v) for v in norms.values()}) == 3  # each layer its own numbers
+
+
+def test_gradient_norms_are_the_mean_per_step_norms_of_each_layers_gradient(dataset):
+    """One epoch of three steps of 40 images, redone by hand: zero_grad, forward, loss,
+    backward, read the gradients, step; the norms summed in float64 and averaged here."""
+    import cnnbp
+    from cnnbp import data, nn, optim
+
+    summary = run_json(
+        "train", "--npz", dataset, "--epochs", 1, "--batch-size", 40, "--quiet", "--seed", 2
+    )
+    x, y = data.load_npz(dataset)
+    (x_train, y_train), _ = data.train_test_split(x, y, test_fraction=0.2, seed=2)
+    cnnbp.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 2 * 2, 3),
+    )
+    loss_fn = nn.CrossEntropyLoss()
+    opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    norms = {name: [] for name in LAYERS}
+    losses = []
+    for xb, yb in data.DataLoader(x_train, y_train, batch_size=40, shuffle=True, seed=2):
+        model.zero_grad()
+        losses.append(float(loss_fn(model(xb), yb)) * yb.shape[0])
+        model.backward(loss_fn.backward())
+        for name in LAYERS:
+            layer = model[int(name)]
+            squares = [np.sum(p.grad.astype(np.float64) ** 2) for p in (layer.weight, layer.bias)]
+            norms[name].append(np.sqrt(sum(squares)))
+        opt.step()
+    assert len(losses) == 3
+    assert summary["losses"][0] == pytest.approx(sum(losses) / y_train.size, rel=1e-6)
+    for name in LAYERS:
+        assert summary["gradient_norms"][name][0] == pytest.approx(np.mean(norms[name]), rel=1e-5)
+    # the mean over the steps, not one step's norm
+    assert not any(
+        summary["gradient_norms"]["0"][0] == pytest.approx(v, rel=1e-3) for v in norms["0"]
+    )
+
+
+def test_arch_is_a_choice_and_the_text_report_shows_the_gradient_norms(dataset):
+    result = run("train", "--npz", dataset, "--epochs", 2, "--quiet", "--arch", "cnn")
+    assert result.returncode == 0, result.stderr
+    assert ", seed 0, arch cnn" in result.stdout
+    assert "gradient norm per layer (mean over an epoch's steps), first -> last epoch:" in (
+        result.stdout
+    )
+    assert "  0 Conv2d  " in result.stdout and "  7 Linear  " in result.stdout
+    refused = run("train", "--arch", "resnet")
+    assert refused.returncode == 2 and "--arch: invalid choice: 'resnet'" in refused.stderr
+
+
 def test_plot_writes_a_png(dataset, tmp_path):
     pytest.importorskip("matplotlib")
     figure = tmp_path / "curves.png"

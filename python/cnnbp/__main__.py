@@ -23,16 +23,29 @@ def build_parser() -> argparse.ArgumentParser:
     walk.add_argument("--lr", type=float, default=0.5, help="SGD learning rate (default 0.5)")
     walk.add_argument("--steps", type=int, default=5, help="SGD steps to take (default 5)")
 
-    from .train import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_MOMENTUM, OPTIMIZERS, SCHEDULES
+    from .train import (
+        ARCHITECTURES,
+        DEFAULT_BATCH_SIZE,
+        DEFAULT_EPOCHS,
+        DEFAULT_MOMENTUM,
+        OPTIMIZERS,
+        SCHEDULES,
+    )
 
     train = commands.add_parser(
         "train",
         help="train a small CNN on real images and report its test accuracy",
-        description="Train conv-ReLU-pool x2 + linear on the 8x8 digits (default), "
-        "MNIST-format IDX files or a .npz, then print the test accuracy, the "
-        "confusion matrix, images/s and the time.",
+        description="Train a CNN (by default conv-ReLU-pool x2 + linear) on the 8x8 digits "
+        "(default), MNIST-format IDX files or a .npz, then print the test accuracy, the "
+        "confusion matrix, each layer's gradient norm, images/s and the time.",
     )
     _add_data_arguments(train)
+    train.add_argument(
+        "--arch",
+        choices=sorted(ARCHITECTURES),
+        default="cnn",
+        help="the network (default cnn: conv-ReLU-pool x2 + linear)",
+    )
     train.add_argument(
         "--epochs",
         type=_positive_int,
@@ -82,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--plot",
         metavar="CURVES.png",
-        help="write a figure: loss and accuracy "
-        "per epoch, first-layer filters, misclassified test images",
+        help="write a figure: loss and accuracy per epoch, the gradient flow (each "
+        "layer's gradient norm per epoch), first-layer filters, misclassified test images",
     )
     train.add_argument(
         "--quiet", action="store_true", help="no progress bar: one line per epoch instead"

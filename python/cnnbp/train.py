@@ -5,11 +5,15 @@
     cnnbp train --mnist DIR --save m.npz --plot curves.png
     cnnbp evaluate m.npz --mnist DIR     # the same report for a saved model
 
-The network (build_model) is conv 3x3 -> ReLU -> max-pool 2x2, twice, then one linear
-layer: Conv2d(C, 32, 3, padding=1), ReLU, MaxPool2d(2), Conv2d(32, 64, 3, padding=1),
-ReLU, MaxPool2d(2), Flatten, Linear(64 * H/4 * W/4, classes). A seed fixes everything
-random: the split, the initial weights (cnnbp.manual_seed) and the minibatch order, so two
-runs with the same arguments print the same losses.
+The network is chosen by name (--arch) from ARCHITECTURES. The default, "cnn"
+(build_model), is conv 3x3 -> ReLU -> max-pool 2x2, twice, then one linear layer:
+Conv2d(C, 32, 3, padding=1), ReLU, MaxPool2d(2), Conv2d(32, 64, 3, padding=1), ReLU,
+MaxPool2d(2), Flatten, Linear(64 * H/4 * W/4, classes). A seed fixes everything random:
+the split, the initial weights (cnnbp.manual_seed) and the minibatch order, so two runs
+with the same arguments print the same losses.
+
+Training records the gradient flow: per layer with parameters and per epoch, the mean
+over the epoch's steps of the L2 norm of that layer's loss gradient (gradient_norms).
 
 The same steps from Python:
 
@@ -215,6 +219,19 @@ def build_model(input_shape, num_outputs, dtype=np.float32, channels=CONV_CHANNE
     )
 
 
+# `cnnbp train --arch NAME`: build(input_shape (C, H, W), num_outputs, dtype) -> a model
+ARCHITECTURES = {
+    "cnn": build_model,
+}
+
+
+def make_model(arch, input_shape, num_outputs, dtype=np.float32):
+    """The network registered as `arch` in ARCHITECTURES, for images of input_shape."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"[train] arch: expected one of {sorted(ARCHITECTURES)}, got {arch!r}")
+    return ARCHITECTURES[arch](input_shape, num_outputs, dtype=dtype)
+
+
 def loss_function(binary):
     """One logit and BCE-with-logits for two classes, logits and cross-entropy otherwise."""
     return nn.BCEWithLogitsLoss() if binary else nn.CrossEntropyLoss()
@@ -249,6 +266,43 @@ def _output_count(model):
 
 def _parameter_count(model):
     return sum(int(p.data.size) for p in model.parameters())
+
+
+# ---- gradient flow ---------------------------------------------------------------------
+
+
+def parameter_layers(model):
+    """{layer name: [its Parameters]}, in the model's order: a layer is named by what its
+    parameters' names have before the last '.' ("0.weight" -> "0", "3.block.1.bias" ->
+    "3.block.1"; "" for a model that is one layer)."""
+    layers = {}
+    for name, parameter in model.named_parameters():
+        layers.setdefault(name.rpartition(".")[0], []).append(parameter)
+    return layers
+
+
+def layer_types(model):
+    """{layer name (as parameter_layers): the layer's class name, e.g. "Conv2d"}."""
+    types = {}
+    for name in parameter_layers(model):
+        module = model
+        for part in name.split(".") if name else ():
+            module = module[int(part)] if part.isdigit() else getattr(module, part)
+        types[name] = type(module).__name__
+    return types
+
+
+def gradient_norm(parameters):
+    """The L2 norm of the gradients of `parameters` taken together, in float64:
+    sqrt(sum over the parameters of sum(grad**2)); a parameter without a gradient adds 0."""
+    total = 0.0
+    for parameter in parameters:
+        grad = parameter.grad
+        if grad is not None:
+            # not np.dot / np.linalg.norm: BLAS threads would wake and compete with the
+            # kernels' own
+            total += float(np.square(grad, dtype=np.float64).sum())
+    return math.sqrt(total)
 
 
 # ---- evaluation ------------------------------------------------------------------------
@@ -308,7 +362,8 @@ def evaluate(model, x, y, binary, num_classes=None, batch_size=EVAL_BATCH_SIZE):
 @dataclass
 class TrainResult:
     model: nn.Sequential
-    history: list = field(default_factory=list)  # per epoch: loss, test_loss, test_accuracy
+    # per epoch: loss, test_loss, test_accuracy and gradient_norms {layer: mean norm}
+    history: list = field(default_factory=list)
     train_seconds: float = 0.0  # in training steps, evaluations excluded
     images: int = 0  # training images processed
 
@@ -319,6 +374,20 @@ class TrainResult:
     @property
     def losses(self) -> list:
         return [entry["loss"] for entry in self.history]
+
+    @property
+    def gradient_norms(self) -> dict:
+        """{layer name: [per epoch, the mean over its steps of the layer's gradient norm]}."""
+        return gradient_norms_by_layer(self.history)
+
+
+def gradient_norms_by_layer(history):
+    """The history's per-epoch "gradient_norms" {layer: value}, as {layer: [per epoch]}."""
+    norms = {}
+    for entry in history:
+        for name, value in entry.get("gradient_norms", {}).items():
+            norms.setdefault(name, []).append(value)
+    return norms
 
 
 def _progress_bar(loader, epoch, epochs, enabled):
@@ -360,11 +429,18 @@ def fit(
     progress=False,
     log=None,
     schedule="constant",
+    arch="cnn",
+    record_gradients=True,
 ):
-    """Train build_model's network on dataset's training part; evaluate after each epoch.
+    """Train the network ARCHITECTURES[arch] builds on dataset's training part; evaluate
+    after each epoch.
 
     progress shows a tqdm bar per epoch (on stderr, when tqdm is installed); log(line) is
-    called with one line per epoch when there is no bar.
+    called with one line per epoch when there is no bar. With record_gradients, each epoch's
+    history entry has "gradient_norms": {layer: the mean over the epoch's steps of the L2
+    norm of the loss's gradient with respect to all of that layer's parameters}, read from
+    Parameter.grad after each step (the gradient of the batch's loss at the weights before
+    the step; weight decay not included) -- see parameter_layers and gradient_norm.
     """
     epochs = DEFAULT_EPOCHS[dataset.name] if epochs is None else epochs
     if epochs < 1:
@@ -375,7 +451,7 @@ def fit(
 
     manual_seed(seed)  # the initial weights
     outputs = 1 if dataset.binary else dataset.num_classes
-    model = build_model(x_train.shape[1:], outputs, dtype=dtype)
+    model = make_model(arch, x_train.shape[1:], outputs, dtype=dtype)
     opt = make_optimizer(
         optimizer, model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
     )
@@ -385,16 +461,21 @@ def fit(
     loss_fn = loss_function(dataset.binary)
     loader = data.DataLoader(x_train, y_train, batch_size=batch_size, shuffle=True, seed=seed)
     result = TrainResult(model)
+    layers = parameter_layers(model) if record_gradients else {}
 
     for epoch in range(1, epochs + 1):
         _set_mode(model, training=True)
         bar = _progress_bar(loader, epoch, epochs, progress)
-        total, seen = 0.0, 0
+        total, seen, steps = 0.0, 0, 0
+        norm_sums = dict.fromkeys(layers, 0.0)
         start = time.perf_counter()
         for step, (xb, yb) in enumerate(loader):
             loss = model.train_step(xb, targets(yb, dataset.binary, dtype), loss_fn, opt)
+            for name, parameters in layers.items():
+                norm_sums[name] += gradient_norm(parameters)
             total += float(loss) * yb.shape[0]
             seen += yb.shape[0]
+            steps += 1
             if bar is not None:
                 if step % 10 == 0:
                     bar.set_postfix_str(f"loss {total / seen:.4f}", refresh=False)
@@ -417,6 +498,8 @@ def fit(
             "test_loss": test.loss,
             "test_accuracy": test.accuracy,
         }
+        if layers:
+            entry["gradient_norms"] = {name: value / steps for name, value in norm_sums.items()}
         result.history.append(entry)
         if bar is not None:
             bar.set_postfix_str(
@@ -455,6 +538,15 @@ def format_report(evaluation, class_names):
     )
 
 
+def format_gradient_flow(norms, types):
+    """Each layer's mean gradient norm in the first and the last epoch, one line a layer."""
+    lines = ["gradient norm per layer (mean over an epoch's steps), first -> last epoch:"]
+    width = max((len(f"{name} {types[name]}") for name in norms), default=0)
+    for name, values in norms.items():
+        lines.append(f"  {f'{name} {types[name]}':<{width}}  {values[0]:.3e} -> {values[-1]:.3e}")
+    return "\n".join(lines)
+
+
 def _summary(command, dataset, evaluation, seconds):
     return {
         "command": command,
@@ -489,9 +581,29 @@ def _grid(count, columns):
     return max(1, -(-count // columns)), columns
 
 
+def plot_gradient_flow(ax, history, types=None):
+    """One line per layer on `ax`: the epoch's mean gradient norm (history's
+    "gradient_norms") against the epoch, on a log scale; labelled "0 Conv2d" with types."""
+    epochs = [e["epoch"] for e in history]
+    norms = gradient_norms_by_layer(history)
+    for name, values in norms.items():
+        label = f"{name} {types[name]}" if types and name in types else name
+        ax.plot(epochs, values, "o-", markersize=3, label=label or "model")
+    ax.set(
+        xlabel="epoch",
+        ylabel="|dL/d parameters| (mean per step)",
+        title="gradient flow",
+        yscale="log",
+    )
+    ax.grid(alpha=0.3, which="both")
+    if norms:
+        ax.legend(title="layer", fontsize=8)
+
+
 def plot_training(path, history, model, x_test, evaluation, class_names, title="", max_images=24):
-    """A PNG: loss and test accuracy per epoch, the first convolution's filters, and
-    misclassified test images labelled "predicted / true"."""
+    """A PNG: loss and test accuracy per epoch, the gradient flow (each layer's gradient
+    norm per epoch, plot_gradient_flow), the first convolution's filters, and misclassified
+    test images labelled "predicted / true". Returns the matplotlib Figure."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -499,12 +611,12 @@ def plot_training(path, history, model, x_test, evaluation, class_names, title="
         raise ImportError(
             f"[train] plot: matplotlib is needed for --plot: {data._EXTRA_HINT}"
         ) from error
-    figure = Figure(figsize=(12, 9), layout="constrained")
+    figure = Figure(figsize=(15, 9), layout="constrained")
     FigureCanvasAgg(figure)  # draws off screen; pyplot's global state stays untouched
     if title:
         figure.suptitle(title)
     top, bottom = figure.subfigures(2, 1, height_ratios=[1, 1.2])
-    loss_ax, accuracy_ax = top.subplots(1, 2)
+    loss_ax, accuracy_ax, gradient_ax = top.subplots(1, 3)
     epochs = [e["epoch"] for e in history]
     loss_ax.plot(epochs, [e["loss"] for e in history], "o-", label="training")
     loss_ax.plot(epochs, [e["test_loss"] for e in history], "o-", label="test")
@@ -514,6 +626,7 @@ def plot_training(path, history, model, x_test, evaluation, class_names, title="
     accuracy_ax.set(xlabel="epoch", ylabel="%", title="test accuracy")
     for ax in (loss_ax, accuracy_ax):
         ax.grid(alpha=0.3)
+    plot_gradient_flow(gradient_ax, history, layer_types(model))
 
     filters_fig, wrong_fig = bottom.subfigures(1, 2)
     weights = next(
@@ -553,6 +666,7 @@ def plot_training(path, history, model, x_test, evaluation, class_names, title="
         for ax in axes[shown.size :]:
             ax.axis("off")
     figure.savefig(os.fspath(path), dpi=100)
+    return figure
 
 
 # ---- the commands ----------------------------------------------------------------------
@@ -614,7 +728,7 @@ def run_train(args) -> int:
     schedule = "" if args.schedule == "constant" else f", {args.schedule} schedule"
     say(
         f"training: {epochs} epochs, batch {args.batch_size}, {args.optimizer} lr {lr:g}"
-        f"{momentum}{schedule}, seed {args.seed}"
+        f"{momentum}{schedule}, seed {args.seed}, arch {args.arch}"
     )
 
     result = fit(
@@ -629,6 +743,7 @@ def run_train(args) -> int:
         progress=not args.quiet,
         log=say,
         schedule=args.schedule,
+        arch=args.arch,
     )
     model = result.model
     evaluation = evaluate(
@@ -655,12 +770,15 @@ def run_train(args) -> int:
                 "train_images": int(dataset.x_train.shape[0]),
                 "epochs": epochs,
                 "batch_size": args.batch_size,
+                "arch": args.arch,
                 "optimizer": args.optimizer,
                 "lr": lr,
                 "seed": args.seed,
                 "parameters": _parameter_count(model),
                 "losses": result.losses,
                 "history": result.history,
+                "gradient_norms": result.gradient_norms,
+                "layer_types": layer_types(model),
                 "train_seconds": result.train_seconds,
                 "images_per_second": result.images_per_second,
                 "saved": args.save,
@@ -671,6 +789,7 @@ def run_train(args) -> int:
         return 0
     print(f"model: {len(model)} layers, {_parameter_count(model)} parameters")
     print(format_report(evaluation, dataset.class_names))
+    print(format_gradient_flow(result.gradient_norms, layer_types(model)))
     print(
         f"trained {result.images} images in {result.train_seconds:.2f} s "
         f"({result.images_per_second:.0f} images/s); total time {seconds:.2f} s"
