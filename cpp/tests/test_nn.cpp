@@ -697,100 +697,96 @@ TEST_CASE("nn: containers refuse cycles, repeats and shapes that do not combine"
     Concat<float> flat({std::make_shared<ReLU<float>>()});
     CHECK_THROWS(flat.forward(Tensor<float>({3})),
                  "[Concat] branch 0 output: expected at least 2 dims (N, K, ...), got shape (3,)");
+}
 
-    TEST_CASE("nn: Softmax and LogSoftmax by class and by name, any dim; model files keep them") {
-        const Shape shape{2, 3, 4};
-        const Tensor<double> x(shape, values(24, 51)), g(shape, values(24, 52));
-        V want(24), dwant(24);
-        for (int64_t dim : {1, -1, 0}) {
-            const SoftmaxDims d = softmax_dims("softmax", shape, dim);
-            Softmax<double> softmax(dim);
-            CHECK(softmax.dim() == dim);
-            softmax_forward(want.data(), x.data.data(), d);
-            CHECK_CLOSE(softmax.forward(x).data.data(), want, 0, 0);
-            softmax_backward(dwant.data(), g.data.data(), want.data(), d);
-            CHECK_CLOSE(softmax.backward(g).data.data(), dwant, 0, 0);
-            LogSoftmax<double> log_softmax(dim);
-            log_softmax_forward(want.data(), x.data.data(), d);
-            CHECK_CLOSE(log_softmax.forward(x).data.data(), want, 0, 0);
-            log_softmax_backward(dwant.data(), g.data.data(), want.data(), d);
-            CHECK_CLOSE(log_softmax.backward(g).data.data(), dwant, 0, 0);
-        }
-        CHECK(json::dump(Softmax<float>().config()) == "{\"type\": \"Softmax\", \"dim\": 1}");
-        CHECK(json::dump(LogSoftmax<float>(-2).config()) ==
-              "{\"type\": \"LogSoftmax\", \"dim\": -2}");
-        auto made = make_layer<double>("LogSoftmax", {}, {{"dim", -3}});
-        CHECK(dynamic_cast<LogSoftmax<double>&>(*made).dim() == -3);
-        CHECK(make_layer<float>("Softmax", {}, {})->type() == "Softmax");
-        // any int is a dim; the input's dims decide at forward
-        Softmax<double> far(3);
-        CHECK_THROWS(far.forward(x),
-                     "[softmax] dim: expected an int in [-3, 2] (input shape (2, 3, 4)), got 3");
-        CHECK_THROWS(
-            LogSoftmax<double>(-4).forward(x),
-            "[log_softmax] dim: expected an int in [-3, 2] (input shape (2, 3, 4)), got -4");
-        CHECK_THROWS(make_layer<float>("Softmax", {1.5}, {}), "[Softmax] dim: expected an int");
-        Softmax<double> softmax;
-        softmax.forward(x);
-        CHECK_THROWS(
-            softmax.backward(Tensor<double>({2, 3})),
-            "[softmax_backward] doutput: expected shape (2, 3, 4) (a's), got shape (2, 3)");
-
-        Sequential<double> model;
-        model.add(std::make_unique<Softmax<double>>(-1))
-            .add(std::make_unique<LogSoftmax<double>>(0));
-        const V expected = model.forward(x).data;
-        const std::string path = "cnnbp_test_softmax.npz";
-        save(model, path);
-        auto loaded = load<double>(path);
-        std::remove(path.c_str());
-        CHECK(loaded.size() == 2);
-        CHECK_CLOSE(loaded.forward(x).data.data(), expected, 0, 0);
-        CHECK(json::dump(loaded[0].config()) == "{\"type\": \"Softmax\", \"dim\": -1}");
+TEST_CASE("nn: Softmax and LogSoftmax by class and by name, any dim; model files keep them") {
+    const Shape shape{2, 3, 4};
+    const Tensor<double> x(shape, values(24, 51)), g(shape, values(24, 52));
+    V want(24), dwant(24);
+    for (int64_t dim : {1, -1, 0}) {
+        const SoftmaxDims d = softmax_dims("softmax", shape, dim);
+        Softmax<double> softmax(dim);
+        CHECK(softmax.dim() == dim);
+        softmax_forward(want.data(), x.data.data(), d);
+        CHECK_CLOSE(softmax.forward(x).data.data(), want, 0, 0);
+        softmax_backward(dwant.data(), g.data.data(), want.data(), d);
+        CHECK_CLOSE(softmax.backward(g).data.data(), dwant, 0, 0);
+        LogSoftmax<double> log_softmax(dim);
+        log_softmax_forward(want.data(), x.data.data(), d);
+        CHECK_CLOSE(log_softmax.forward(x).data.data(), want, 0, 0);
+        log_softmax_backward(dwant.data(), g.data.data(), want.data(), d);
+        CHECK_CLOSE(log_softmax.backward(g).data.data(), dwant, 0, 0);
     }
+    CHECK(json::dump(Softmax<float>().config()) == "{\"type\": \"Softmax\", \"dim\": 1}");
+    CHECK(json::dump(LogSoftmax<float>(-2).config()) == "{\"type\": \"LogSoftmax\", \"dim\": -2}");
+    auto made = make_layer<double>("LogSoftmax", {}, {{"dim", -3}});
+    CHECK(dynamic_cast<LogSoftmax<double>&>(*made).dim() == -3);
+    CHECK(make_layer<float>("Softmax", {}, {})->type() == "Softmax");
+    // any int is a dim; the input's dims decide at forward
+    Softmax<double> far(3);
+    CHECK_THROWS(far.forward(x),
+                 "[softmax] dim: expected an int in [-3, 2] (input shape (2, 3, 4)), got 3");
+    CHECK_THROWS(LogSoftmax<double>(-4).forward(x),
+                 "[log_softmax] dim: expected an int in [-3, 2] (input shape (2, 3, 4)), got -4");
+    CHECK_THROWS(make_layer<float>("Softmax", {1.5}, {}), "[Softmax] dim: expected an int");
+    Softmax<double> softmax;
+    softmax.forward(x);
+    CHECK_THROWS(softmax.backward(Tensor<double>({2, 3})),
+                 "[softmax_backward] doutput: expected shape (2, 3, 4) (a's), got shape (2, 3)");
 
-    TEST_CASE("nn: NLLLoss after LogSoftmax equals CrossEntropyLoss; train_step takes it") {
-        manual_seed(4);
-        Sequential<double> model;
-        model.add(std::make_shared<Conv2d<double>>(Conv2dOptions(2, 3, 3).padding(1)))
-            .add(std::make_shared<LogSoftmax<double>>(1));
-        const Tensor<double> x({2, 2, 4, 3}, values(48, 53));
-        std::vector<int64_t> label_values(24);
-        for (size_t i = 0; i < label_values.size(); ++i) label_values[i] = int64_t(i % 3);
-        label_values[7] = -100;
-        const Tensor<int64_t> labels({2, 4, 3}, label_values);
-        const Tensor<double> weight({3}, V{0.5, 2.0, 1.0});
-        for (Reduction reduction : {Reduction::Mean, Reduction::Sum}) {
-            NLLLoss<double> nll(NLLLossOptions().weight(weight).reduction(reduction));
-            CrossEntropyLoss<double> ce(
-                CrossEntropyLossOptions().weight(weight).reduction(reduction));
-            CHECK(nll.type() == "NLLLoss" && nll.reduction() == reduction);
-            const double value = nll.forward(model.forward(x), labels);
-            const Tensor<double> logits = model[0].output();
-            CHECK_CLOSE(value, ce.forward(logits, labels), 0, 1e-14);
-            model.zero_grad();
-            model.backward(nll.backward());
-            const Tensor<double> dlogits = model[1].grad_input();
-            CHECK_CLOSE(dlogits.data.data(), ce.backward().data, 1e-15, 1e-12);
-            auto objective = [&] { return nll.forward(model.forward(x), labels); };
-            check_against_differences(model, objective);
-        }
-        // reduction 'none': per position, 0 where ignored
-        NLLLoss<double> none(NLLLossOptions().reduction(Reduction::None));
-        CHECK(none.forward(model.forward(x), labels) == 0.0);
-        CHECK(none.losses().shape == (Shape{2, 4, 3}) && none.losses().data[7] == 0.0);
-        CHECK_THROWS(none.forward(model.forward(x), Tensor<double>({2, 3, 4, 3})),
-                     "[nll_loss] target: expected class indices (int64), got floats");
-        CHECK_THROWS(NLLLoss<double>().forward(model.forward(x), Tensor<int64_t>({2, 4})),
-                     "[nll_loss] labels: expected shape (2, 4, 3) (input's without the class dim)");
-        CHECK_THROWS(NLLLoss<double>(NLLLossOptions().weight(Tensor<double>({3, 1}))),
-                     "[NLLLoss] weight: expected 1 dim (one weight per class), got shape (3, 1)");
+    Sequential<double> model;
+    model.add(std::make_unique<Softmax<double>>(-1)).add(std::make_unique<LogSoftmax<double>>(0));
+    const V expected = model.forward(x).data;
+    const std::string path = "cnnbp_test_softmax.npz";
+    save(model, path);
+    auto loaded = load<double>(path);
+    std::remove(path.c_str());
+    CHECK(loaded.size() == 2);
+    CHECK_CLOSE(loaded.forward(x).data.data(), expected, 0, 0);
+    CHECK(json::dump(loaded[0].config()) == "{\"type\": \"Softmax\", \"dim\": -1}");
+}
 
-        // train_step with NLLLoss learns
-        NLLLoss<double> nll;
-        SGD<double> sgd(model.parameters(), 0.5);
-        const double first = train_step(model, x, labels, nll, sgd);
-        double last = first;
-        for (int i = 0; i < 20; ++i) last = train_step(model, x, labels, nll, sgd);
-        CHECK(last < first);
+TEST_CASE("nn: NLLLoss after LogSoftmax equals CrossEntropyLoss; train_step takes it") {
+    manual_seed(4);
+    Sequential<double> model;
+    model.add(std::make_shared<Conv2d<double>>(Conv2dOptions(2, 3, 3).padding(1)))
+        .add(std::make_shared<LogSoftmax<double>>(1));
+    const Tensor<double> x({2, 2, 4, 3}, values(48, 53));
+    std::vector<int64_t> label_values(24);
+    for (size_t i = 0; i < label_values.size(); ++i) label_values[i] = int64_t(i % 3);
+    label_values[7] = -100;
+    const Tensor<int64_t> labels({2, 4, 3}, label_values);
+    const Tensor<double> weight({3}, V{0.5, 2.0, 1.0});
+    for (Reduction reduction : {Reduction::Mean, Reduction::Sum}) {
+        NLLLoss<double> nll(NLLLossOptions().weight(weight).reduction(reduction));
+        CrossEntropyLoss<double> ce(CrossEntropyLossOptions().weight(weight).reduction(reduction));
+        CHECK(nll.type() == "NLLLoss" && nll.reduction() == reduction);
+        const double value = nll.forward(model.forward(x), labels);
+        const Tensor<double> logits = model[0].output();
+        CHECK_CLOSE(value, ce.forward(logits, labels), 0, 1e-14);
+        model.zero_grad();
+        model.backward(nll.backward());
+        const Tensor<double> dlogits = model[1].grad_input();
+        CHECK_CLOSE(dlogits.data.data(), ce.backward().data, 1e-15, 1e-12);
+        auto objective = [&] { return nll.forward(model.forward(x), labels); };
+        check_against_differences(model, objective);
     }
+    // reduction 'none': per position, 0 where ignored
+    NLLLoss<double> none(NLLLossOptions().reduction(Reduction::None));
+    CHECK(none.forward(model.forward(x), labels) == 0.0);
+    CHECK(none.losses().shape == (Shape{2, 4, 3}) && none.losses().data[7] == 0.0);
+    CHECK_THROWS(none.forward(model.forward(x), Tensor<double>({2, 3, 4, 3})),
+                 "[nll_loss] target: expected class indices (int64), got floats");
+    CHECK_THROWS(NLLLoss<double>().forward(model.forward(x), Tensor<int64_t>({2, 4})),
+                 "[nll_loss] labels: expected shape (2, 4, 3) (input's without the class dim)");
+    CHECK_THROWS(NLLLoss<double>(NLLLossOptions().weight(Tensor<double>({3, 1}))),
+                 "[NLLLoss] weight: expected 1 dim (one weight per class), got shape (3, 1)");
+
+    // train_step with NLLLoss learns
+    NLLLoss<double> nll;
+    SGD<double> sgd(model.parameters(), 0.5);
+    const double first = train_step(model, x, labels, nll, sgd);
+    double last = first;
+    for (int i = 0; i < 20; ++i) last = train_step(model, x, labels, nll, sgd);
+    CHECK(last < first);
+}
