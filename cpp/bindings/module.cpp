@@ -655,9 +655,9 @@ struct ChannelArray {
         check_dtype(op, name, a, dtype);
         if (in_place && (!is_plain_array<T>(a) || !a.writeable()))
             throw py::value_error(std::string("[") + op + "] " + name +
-                                  ": expected a writable C-contiguous array (updated in place "
-                                  "when training), got " +
-                                  (a.writeable() ? "a strided array" : "a read-only array"));
+                                  ": expected a writable C-contiguous array of native byte "
+                                  "order (updated in place when training), got " +
+                                  (a.writeable() ? "another layout" : "a read-only array"));
         array = contiguous<T>(a);
         shape = shape_of(array);
         present = true;
