@@ -70,6 +70,11 @@ def avg_pool(shape, k, stride, pad, ceil_mode=False):
     return name, "avg_pool", dict(shape=shape, k=k, stride=stride, pad=pad, ceil_mode=ceil_mode)
 
 
+def batch_norm(shape):
+    name = f"batch-norm fwd+bwd (training) {shape}"
+    return name, "batch_norm", dict(shape=shape)
+
+
 CASES = [
     conv(64, 1, 28, 8, 3),
     conv(64, 8, 13, 16, 3),
@@ -85,6 +90,7 @@ CASES = [
     # k3/2 pad 1: ceil_mode adds a last window on an even size (32 -> 17, floor 16)
     avg_pool((32, 64, 32, 32), 3, 2, 1),
     avg_pool((32, 64, 32, 32), 3, 2, 1, ceil_mode=True),
+    batch_norm((32, 64, 32, 32)),
     ("training step, seed network, N=1", "step", dict(network="seed")),
     ("training step, small CNN, N=64 28x28", "step", dict(network="small_cnn")),
 ]
@@ -195,6 +201,23 @@ def cnnbp_avg_pool(shape, k, stride, pad, ceil_mode):
     return {"cnnbp": run}, (x.nbytes * 2 + y.nbytes * 2) / 1e9  # read x, write y, dy, dx
 
 
+def cnnbp_batch_norm(shape):
+    import numpy as np
+    from cnnbp import functional as F
+
+    x, dy = pool_input(shape), pool_input(shape)[::-1].copy()
+    C = shape[1]
+    w, b = np.ones(C, np.float32), np.zeros(C, np.float32)
+    running_mean, running_var = np.zeros(C, np.float32), np.ones(C, np.float32)
+
+    def run():  # as BatchNorm2d in training mode: batch statistics, running ones updated
+        _, mean, invstd = F.batch_norm2d(x, w, b, running_mean, running_var, True, 0.1, 1e-5)
+        F.batch_norm2d_backward(dy, x, w, mean, invstd)
+
+    # read x, write y; read dy and x, write dx
+    return {"cnnbp": run}, 5 * x.nbytes / 1e9
+
+
 def cnnbp_step_parts(network):
     from cnnbp import nn, optim
 
@@ -277,6 +300,20 @@ def torch_avg_pool(shape, k, stride, pad, ceil_mode):
     return {"torch": run}, None
 
 
+def torch_batch_norm(shape):
+    import torch
+
+    layer = torch.nn.BatchNorm2d(shape[1])
+    tx = torch.tensor(pool_input(shape), requires_grad=True)
+    tdy = torch.tensor(pool_input(shape)[::-1].copy())
+
+    def run():
+        tx.grad = layer.weight.grad = layer.bias.grad = None
+        layer(tx).backward(tdy)
+
+    return {"torch": run}, None
+
+
 def torch_step(network):
     import torch
 
@@ -304,6 +341,7 @@ BUILDERS = {
         "conv": cnnbp_conv,
         "max_pool": cnnbp_max_pool,
         "avg_pool": cnnbp_avg_pool,
+        "batch_norm": cnnbp_batch_norm,
         "step": cnnbp_step,
         "tiny": cnnbp_tiny,
     },
@@ -311,6 +349,7 @@ BUILDERS = {
         "conv": torch_conv,
         "max_pool": torch_max_pool,
         "avg_pool": torch_avg_pool,
+        "batch_norm": torch_batch_norm,
         "step": torch_step,
         "tiny": torch_tiny,
     },
@@ -487,7 +526,7 @@ def main():
             "speedup": f"{t_theirs / t_ours:.2f}x" if t_theirs else "-",
         }
         if amount:
-            unit = "GFLOP/s" if kind == "conv" else "GB/s"
+            unit = "GFLOP/s" if kind == "conv" else "GB/s"  # pools, batch norm
             row["rate"] = f"{amount / t_ours:.1f} {unit}"
             if kind == "conv":
                 row["peak"] = f"{100 * amount / t_ours / (peak_per_core * args.threads):.0f}%"

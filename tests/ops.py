@@ -775,6 +775,183 @@ ADAPTIVE_AVG_POOL2D = Op(
 
 
 # ---------------------------------------------------------------------------------------
+# batch_norm2d
+# ---------------------------------------------------------------------------------------
+
+# (x shape, training, affine, track_running_stats, momentum, eps)
+BATCH_NORM_CASES = [
+    ((2, 3, 4, 5), True, True, True, 0.1, 1e-5),
+    ((3, 4, 5, 6), True, True, True, 0.3, 1e-3),  # every array argument
+    ((2, 3, 4, 5), False, True, True, 0.1, 1e-5),  # evaluation: the running statistics
+    ((4, 2, 3, 3), True, False, False, 0.1, 1e-5),  # affine=False, no running statistics
+    ((2, 2, 3, 3), False, False, True, 0.5, 1e-2),
+    # three values per channel, momentum 1 (with two, xhat is +-1 whatever x: dx is ~0, all
+    # cancellation)
+    ((1, 3, 1, 3), True, True, True, 1.0, 1e-5),
+    ((5, 2, 1, 1), True, True, True, 0.0, 1e-5),  # one value per plane, momentum 0
+    ((1, 1, 1, 1), False, True, True, 0.1, 1e-5),  # one value: fine in evaluation
+    ((0, 3, 2, 2), True, True, True, 0.1, 1e-5),  # an empty batch
+]
+BATCH_NORM_BIG = [
+    ((16, 32, 16, 16), True, True, True, 0.1, 1e-5),
+    ((16, 32, 16, 16), False, True, True, 0.1, 1e-5),
+]
+BATCH_NORM_THREADS = [
+    ((8, 16, 24, 24), True, True, True, 0.1, 1e-5),
+    ((8, 16, 24, 24), False, True, True, 0.1, 1e-5),
+]
+
+
+def make_batch_norm2d(case, dtype, rng, values):
+    """x with its channels' own offsets and scales; mean and invstd for the backward: the
+    batch's (training) or the running statistics' (evaluation)."""
+    shape, training, affine, track, momentum, eps = case
+    C = shape[1]
+    offsets, scales = rng.standard_normal(C) * 2, 0.5 + rng.random(C) * 2
+    x = (fill(rng, shape, dtype, values) * scales[:, None, None] + offsets[:, None, None]).astype(
+        dtype
+    )
+    w, b = (fill(rng, (C,), dtype, values) if affine else None for _ in range(2))
+    rm = fill(rng, (C,), dtype, values) if track else None
+    rv = (0.5 + rng.random(C)).astype(dtype) if track else None
+    if training:
+        _, mean, invstd = F.batch_norm2d(x, w, b, None, None, True, momentum, eps)
+    else:
+        mean, invstd = rm, (1 / np.sqrt(rv.astype(np.float64) + eps)).astype(dtype)
+    dy = fill(rng, shape, dtype, values)
+    return Sample(
+        x=x,
+        w=w,
+        b=b,
+        rm=rm,
+        rv=rv,
+        training=training,
+        momentum=momentum,
+        eps=eps,
+        mean=mean,
+        invstd=invstd,
+        dy=dy,
+    )
+
+
+def _native_copy(a):
+    """A new C-contiguous array of a's values, in native byte order: what batch_norm2d can
+    update in place."""
+    a = np.asarray(a)
+    return np.array(
+        a, dtype=a.dtype.newbyteorder("=") if a.dtype.kind == "f" else a.dtype, order="C"
+    )
+
+
+def batch_norm2d_call(lib, s):
+    """(y, save_mean, save_invstd, running_mean, running_var): the running statistics are
+    updated in place, so the call gets copies and returns them."""
+    rm, rv = (None if a is None else _native_copy(a) for a in (s.rm, s.rv))
+    y, mean, invstd = lib.batch_norm2d(s.x, s.w, s.b, rm, rv, s.training, s.momentum, s.eps)
+    if rm is None:
+        return y, mean, invstd
+    return y, mean, invstd, rm, rv
+
+
+def batch_norm2d_error(
+    message,
+    x=(2, 3, 4, 4),
+    w=(3,),
+    b=(3,),
+    rm=(3,),
+    rv=(3,),
+    training=True,
+    momentum=0.1,
+    eps=1e-5,
+    exception=ValueError,
+):
+    args = [np.ones(x)] + [None if a is None else np.ones(a) for a in (w, b, rm, rv)]
+    return Bad(
+        "batch_norm2d", (*args, training, momentum, eps), {}, exception, "[batch_norm2d] " + message
+    )
+
+
+def batch_norm2d_backward_error(
+    message, dy=(2, 3, 4, 4), x=(2, 3, 4, 4), w=(3,), mean=(3,), invstd=(3,), exception=ValueError
+):
+    args = [np.ones(dy), np.ones(x)] + [
+        None if a is None else np.ones(a) for a in (w, mean, invstd)
+    ]
+    return Bad(
+        "batch_norm2d_backward", tuple(args), {}, exception, "[batch_norm2d_backward] " + message
+    )
+
+
+# fmt: off
+BATCH_NORM_ERRORS = [
+    batch_norm2d_error("input: expected 4 dims (N, C, H, W), got shape (3, 4, 4)", x=(3, 4, 4)),
+    batch_norm2d_error("input: expected every dim but the batch >= 1, got shape (2, 3, 0, 4)",
+                       x=(2, 3, 0, 4)),
+    batch_norm2d_error("weight: expected shape (3,) (one value per channel), got shape (4,)",
+                       w=(4,)),
+    batch_norm2d_error("bias: expected shape (3,) (one value per channel), got shape (3, 1)",
+                       b=(3, 1)),
+    batch_norm2d_error("running_mean: expected shape (3,) (one value per channel), got shape ()",
+                       rm=()),
+    batch_norm2d_error("running_var: expected shape (3,) (one value per channel), got shape (2,)",
+                       rv=(2,)),
+    batch_norm2d_error("running_var: expected an array with running_mean, got None", rv=None),
+    batch_norm2d_error("running_mean: expected an array with running_var, got None", rm=None),
+    batch_norm2d_error("running_mean: expected the running statistics in evaluation mode "
+                       "(training=False), got None", rm=None, rv=None, training=False),
+    batch_norm2d_error("input: expected more than 1 value per channel when training, got shape "
+                       "(1, 3, 1, 1)", x=(1, 3, 1, 1)),
+    batch_norm2d_error("momentum: expected a number in [0, 1], got 1.5", momentum=1.5),
+    batch_norm2d_error("momentum: expected a number in [0, 1], got nan", momentum=float("nan")),
+    batch_norm2d_error("eps: expected a finite number > 0, got 0", eps=0.0),
+    batch_norm2d_error("eps: expected a finite number > 0, got -1", eps=-1),
+    batch_norm2d_error("momentum: expected a float, got None", momentum=None, exception=TypeError),
+    batch_norm2d_error("training: expected True or False, got 1", training=1, exception=TypeError),
+    Bad("batch_norm2d", (np.ones((2, 3, 4, 4)), None, None, np.ones(3)[::2].repeat(2)[:3],
+                         np.ones(6)[::2], True), {}, ValueError,
+        "[batch_norm2d] running_var: expected a writable C-contiguous array of native byte order "
+        "(updated in place when training), got another layout"),
+    batch_norm2d_backward_error("doutput: expected shape (2, 3, 4, 4) (input's), got shape "
+                                "(2, 3, 4, 5)", dy=(2, 3, 4, 5)),
+    batch_norm2d_backward_error("input: expected 4 dims (N, C, H, W), got shape (3, 4)",
+                                dy=(3, 4), x=(3, 4)),
+    batch_norm2d_backward_error("weight: expected shape (3,) (one value per channel), got shape "
+                                "(2,)", w=(2,)),
+    batch_norm2d_backward_error("mean: expected shape (3,) (one value per channel), got shape "
+                                "(0,)", mean=(0,)),
+    batch_norm2d_backward_error("invstd: expected shape (3,) (one value per channel), got shape "
+                                "(3, 3)", invstd=(3, 3)),
+]
+# fmt: on
+
+BATCH_NORM2D = Op(
+    "batch_norm2d",
+    make_batch_norm2d,
+    forward=batch_norm2d_call,
+    backward=lambda lib, s: lib.batch_norm2d_backward(s.dy, s.x, s.w, s.mean, s.invstd, s.training),
+    wrt=("x", "w", "b"),
+    forward_args=(
+        Arg("x", "input"),
+        Arg("w", "weight", "optional"),
+        Arg("b", "bias", "optional"),
+        Arg("rm", "running_mean", "optional"),
+        Arg("rv", "running_var", "optional"),
+    ),
+    backward_args=(
+        Arg("dy", "doutput"),
+        Arg("x", "input"),
+        Arg("w", "weight", "optional"),
+        Arg("mean", "mean"),
+        Arg("invstd", "invstd"),
+    ),
+    cases=BATCH_NORM_CASES,
+    big=BATCH_NORM_BIG,
+    threads=BATCH_NORM_THREADS,
+    errors=BATCH_NORM_ERRORS,
+)
+
+
+# ---------------------------------------------------------------------------------------
 # relu, sigmoid, tanh, leaky_relu, gelu, silu, dropout: any shape
 # ---------------------------------------------------------------------------------------
 
@@ -1694,6 +1871,7 @@ OPS = [
     MAX_POOL2D,
     AVG_POOL2D,
     ADAPTIVE_AVG_POOL2D,
+    BATCH_NORM2D,
     RELU,
     SIGMOID,
     TANH,

@@ -199,6 +199,42 @@ def test_nested_model_runs_in_cpp_and_cpp_copy_loads_in_python(programs, tmp_pat
     np.testing.assert_array_equal(reloaded(x), model(x))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_batch_norm_running_statistics_cross_between_languages(programs, tmp_path, dtype):
+    # trained in Python (running statistics and num_batches_tracked away from their init),
+    # evaluated by C++ with them, and written back by C++ with every buffer
+    cnnbp.manual_seed(8)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, dtype=dtype),
+        nn.BatchNorm2d(3, momentum=None, dtype=dtype),
+        nn.ReLU(),
+        nn.BatchNorm2d(3, affine=False, dtype=dtype),
+        nn.Flatten(),
+        nn.Linear(120, 2, dtype=dtype),
+    )
+    rng = np.random.default_rng(9)
+    opt = cnnbp.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(3):
+        x = rng.standard_normal((4, 2, 8, 5)).astype(dtype)
+        model.train_step(x, rng.integers(0, 2, 4), nn.CrossEntropyLoss(), opt)
+    model.eval()
+    x = rng.standard_normal((2, 2, 8, 5)).astype(dtype)
+    saved, copy, inputs = (tmp_path / name for name in ("model.npz", "copy.npz", "input.txt"))
+    model.save(saved)
+    inputs.write_text(
+        " ".join(map(str, x.shape)) + "\n" + " ".join(repr(float(v)) for v in x.ravel())
+    )
+    proc = run_model(programs, saved, inputs, copy)
+    assert proc.returncode == 0, proc.stderr
+    values = dict(line.split(" ", 1) for line in proc.stdout.splitlines())["values"]
+    np.testing.assert_array_equal(np.array(values.split(), dtype=dtype), model(x).ravel())
+    want, got = model.state_dict(), cnnbp.load(copy).state_dict()
+    assert list(got) == list(want) and int(got["1.num_batches_tracked"]) == 3
+    for key in want:
+        assert got[key].dtype == want[key].dtype, key
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
 def test_cpp_loads_a_model_saved_with_its_optimizer(programs, tmp_path):
     # the optimizer's entries are Python's: C++ loads the model beside them
     model = interop_model(np.float64).eval()

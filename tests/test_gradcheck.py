@@ -238,3 +238,30 @@ def test_numeric_gradient_refuses_other_arrays():
         numeric_gradient(lambda: 0.0, [0.0, 1.0])
     with pytest.raises(ValueError, match=r"\[numeric_gradient\] eps: expected > 0"):
         numeric_gradient(lambda: 0.0, np.zeros(3), eps=0.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_gradcheck_through_batch_norm_in_training_mode(dtype):
+    # training mode: the gradients through the batch statistics; the running statistics that
+    # every probe's forward updates are restored, and the modes kept
+    cnnbp.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, dtype=dtype),
+        nn.BatchNorm2d(3, dtype=dtype),
+        nn.ReLU(),
+        nn.BatchNorm2d(3, affine=False, momentum=None, dtype=dtype),
+        nn.Flatten(),
+        nn.Linear(48, 2, dtype=dtype),
+    )
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 2, 6, 6)).astype(dtype)
+    y = rng.integers(0, 2, 4)
+    before = model.state_dict()
+    report = cnnbp.gradcheck(model, x, y, nn.CrossEntropyLoss())
+    assert report.passed, report
+    assert "1.weight" in report.parameters
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key])
+    assert model.training and model[1].training and model[3].training

@@ -37,6 +37,7 @@ LAYERS = {
     ),
     # None keeps the input's height; the width grows (windows repeat cells)
     "AdaptiveAvgPool2d": (dict(output_size=(None, 4)), (2, 2, 7, 3)),
+    "BatchNorm2d": (dict(num_features=3, eps=1e-3, momentum=0.2), (2, 3, 4, 5)),
     "Dropout": (dict(p=0.3, seed=5), (2, 3, 4, 4)),
     "ReLU": ({}, (2, 3, 4, 4)),
     "Sigmoid": ({}, (2, 3, 4, 4)),
@@ -321,3 +322,125 @@ def test_model_files_keep_the_activation_options(tmp_path):
     assert [layer.config() for layer in loaded] == [layer.config() for layer in model]
     x = np.random.default_rng(6).standard_normal((3, 7))
     np.testing.assert_array_equal(loaded(x), model(x))
+
+
+# BatchNorm2d: the training mode (batch statistics) beyond the table's evaluation-mode checks
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_backward_in_training_mode_matches_central_differences(affine):
+    rng = np.random.default_rng(11)
+    layer = nn.BatchNorm2d(3, momentum=None, affine=affine, dtype=np.float64)
+    x = rng.standard_normal((2, 3, 4, 5)) * 2 + 1
+    weights = rng.standard_normal(x.shape)
+
+    def loss():  # training mode: through the batch's mean and variance
+        return float(np.sum(weights * layer(x)))
+
+    if affine:
+        layer.weight.data[:] = rng.standard_normal(3)
+    loss()
+    dx = layer.backward(weights)
+    np.testing.assert_allclose(dx, numeric_gradient(loss, x), rtol=1e-6, atol=1e-9)
+    for p in layer.parameters():
+        np.testing.assert_allclose(p.grad, numeric_gradient(loss, p.data), rtol=1e-6, atol=1e-9)
+
+
+def test_batch_norm_layer_computes_its_functional_op():
+    from cnnbp import functional as F
+
+    rng = np.random.default_rng(12)
+    layer = nn.BatchNorm2d(4, eps=1e-3, momentum=0.3, dtype=np.float64)
+    layer.weight.data[:] = rng.standard_normal(4)
+    layer.bias.data[:] = rng.standard_normal(4)
+    rm, rv = np.zeros(4), np.ones(4)
+    for _ in range(2):
+        x = rng.standard_normal((3, 4, 2, 5))
+        dy = rng.standard_normal(x.shape)
+        y, mean, invstd = F.batch_norm2d(
+            x, layer.weight.data, layer.bias.data, rm, rv, True, 0.3, 1e-3
+        )
+        np.testing.assert_array_equal(layer(x), y)
+        layer.zero_grad()
+        dx, dw, db = F.batch_norm2d_backward(dy, x, layer.weight.data, mean, invstd)
+        np.testing.assert_array_equal(layer.backward(dy), dx)
+        np.testing.assert_array_equal(layer.weight.grad, dw)
+        np.testing.assert_array_equal(layer.bias.grad, db)
+    np.testing.assert_array_equal(layer.running_mean, rm)
+    np.testing.assert_array_equal(layer.running_var, rv)
+    assert layer.num_batches_tracked == 2 and layer.num_batches_tracked.dtype == np.int64
+    layer.eval()  # the running statistics, constants
+    y, _, _ = F.batch_norm2d(x, layer.weight.data, layer.bias.data, rm, rv, False, 0.3, 1e-3)
+    np.testing.assert_array_equal(layer(x), y)
+    dx, _, _ = F.batch_norm2d_backward(dy, x, layer.weight.data, rm, 1 / np.sqrt(rv + 1e-3), False)
+    np.testing.assert_allclose(layer.backward(dy), dx, rtol=1e-15)
+    assert layer.num_batches_tracked == 2
+
+
+def test_batch_norm_declaration_and_refusals():
+    assert str(nn.BatchNorm2d.__signature__) == (
+        "(num_features, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True, "
+        "dtype=<class 'numpy.float32'>)"
+    )
+    assert nn.BatchNorm2d(2, momentum=None).config()["momentum"] is None
+    bn = nn.BatchNorm2d(2, affine=False, track_running_stats=False, dtype=np.float64)
+    assert bn.weight is None and bn.bias is None and bn.running_mean is None
+    assert bn.parameters() == [] and bn.buffers() == [] and list(bn.state_dict()) == []
+    with pytest.raises(
+        ValueError,
+        match=r"^\[BatchNorm2d\] momentum: expected a number in \[0, 1\] or None, got 1.5",
+    ):
+        nn.BatchNorm2d(2, momentum=1.5)
+    with pytest.raises(
+        TypeError,
+        match=r"^\[BatchNorm2d\] momentum: expected a number in \[0, 1\] or None, got 'a'",
+    ):
+        nn.BatchNorm2d(2, momentum="a")
+    with pytest.raises(
+        ValueError, match=r"^\[BatchNorm2d\] eps: expected a finite number > 0, got 0"
+    ):
+        nn.BatchNorm2d(2, eps=0)
+    with pytest.raises(ValueError, match=r"^\[BatchNorm2d\] num_features: expected >= 1, got 0"):
+        nn.BatchNorm2d(0)
+    with pytest.raises(
+        ValueError,
+        match=r"^\[batch_norm2d\] input: expected 2 channels \(num_features\), got shape \(1, 3, 2, 2\)",
+    ):
+        nn.BatchNorm2d(2)(np.ones((1, 3, 2, 2), np.float32))
+    with pytest.raises(
+        ValueError,
+        match=r"^\[batch_norm2d\] input: expected more than 1 value per channel when training",
+    ):
+        nn.BatchNorm2d(2)(np.ones((1, 2, 1, 1), np.float32))
+    bn = nn.BatchNorm2d(2)
+    bn(np.ones((3, 2, 2, 2), np.float32))
+    assert bn.num_batches_tracked == 1
+    with pytest.raises(ValueError):  # refused before anything changes
+        bn(np.ones((1, 2, 1, 1), np.float32))
+    assert bn.num_batches_tracked == 1
+
+
+def test_model_files_keep_the_running_statistics(tmp_path):
+    rng = np.random.default_rng(13)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3),
+        nn.BatchNorm2d(3, momentum=None),
+        nn.ReLU(),
+        nn.BatchNorm2d(3, affine=False),
+    )
+    for _ in range(3):
+        model(rng.standard_normal((4, 2, 6, 6)).astype(np.float32))
+    model.save(tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz") as f:
+        assert (
+            f["1.num_batches_tracked"].dtype == np.int64 and f["1.num_batches_tracked"].shape == ()
+        )
+        assert f["3.running_var"].dtype == np.float32
+    loaded = cnnbp.load(tmp_path / "m.npz")
+    want, got = model.state_dict(), loaded.state_dict()
+    assert list(got) == list(want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+        assert got[key].dtype == want[key].dtype
+    x = rng.standard_normal((2, 2, 6, 6)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.eval()(x), model.eval()(x))

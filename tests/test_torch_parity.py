@@ -800,3 +800,155 @@ def test_log_softmax_and_nll_loss_train_like_torch(options, dtype):
         topt.step()
         for (name, p), tp in zip(ours.named_parameters(), theirs.parameters()):
             assert_close(p.data, tp.detach().numpy(), tol, f"step {step}: {name}")
+
+
+# ---------------------------------------------------------------------------------------
+# BatchNorm2d: the layer in training and evaluation mode over several steps, with its
+# running statistics and num_batches_tracked; torch's state_dict loaded; a small network
+# trained with train_step
+# ---------------------------------------------------------------------------------------
+
+BATCH_NORM_OPTIONS = [
+    {},
+    dict(momentum=None),
+    dict(affine=False),
+    dict(track_running_stats=False),
+    dict(eps=1e-3, momentum=0.5, affine=False, track_running_stats=False),
+]
+
+
+def torch_state(module):
+    return {k: v.detach().numpy() for k, v in module.state_dict().items()}
+
+
+def assert_same_state(ours, theirs, dtype):
+    want = torch_state(theirs)
+    got = ours.state_dict()
+    assert list(got) == list(want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+        assert_close(got[key], want[key], TOL["batch_norm2d"][dtype], key)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("options", BATCH_NORM_OPTIONS, ids=str)
+def test_batch_norm_layer_matches_torch_over_steps(options, dtype):
+    torch = pytest.importorskip("torch")
+    from cnnbp import nn
+
+    ours = nn.BatchNorm2d(4, dtype=dtype, **options)
+    theirs = torch.nn.BatchNorm2d(4, **options).to(
+        torch.float64 if dtype == np.float64 else torch.float32
+    )
+    rng = rng_for("batch-norm-layer", str(options), np.dtype(dtype).name)
+    if ours.weight is not None:  # the same affine parameters away from the init
+        state = {"weight": randn(rng, (4,), dtype), "bias": randn(rng, (4,), dtype)}
+        theirs.load_state_dict({k: torch.tensor(v) for k, v in state.items()}, strict=False)
+        ours.weight.data, ours.bias.data = state["weight"], state["bias"]
+    tol = TOL["batch_norm2d"][dtype]
+    for step, mode in enumerate(["train", "train", "eval", "train", "eval"]):
+        ours.train(mode == "train"), theirs.train(mode == "train")
+        x = randn(rng, (3, 4, 5, 6), dtype) * (step + 1) + step
+        dy = randn(rng, x.shape, dtype)
+        xt = torch.tensor(x, requires_grad=True)
+        theirs.zero_grad()
+        yt = theirs(xt)
+        yt.backward(torch.tensor(dy))
+        ours.zero_grad()
+        assert_close(ours(x), yt.detach().numpy(), tol, f"y {step}")
+        assert_close(ours.backward(dy), xt.grad.numpy(), tol, f"dx {step}")
+        for p, q in zip(ours.parameters(), theirs.parameters()):
+            assert_close(p.grad, q.grad.numpy(), tol, f"grad {step}")
+        assert_same_state(ours, theirs, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_batch_norm_loads_torchs_state_dict(dtype):
+    torch = pytest.importorskip("torch")
+    from cnnbp import nn
+
+    torch_dtype = torch.float64 if dtype == np.float64 else torch.float32
+    theirs = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3, affine=False)
+    ).to(torch_dtype)
+    rng = rng_for("batch-norm-state", np.dtype(dtype).name)
+    for _ in range(3):
+        theirs(torch.tensor(randn(rng, (4, 2, 6, 6), dtype)))
+    ours = nn.Sequential(
+        nn.Conv2d(2, 3, 3, dtype=dtype),
+        nn.BatchNorm2d(3, dtype=dtype),
+        nn.BatchNorm2d(3, affine=False, dtype=dtype),
+    )
+    ours.load_state_dict(torch_state(theirs))
+    assert ours[1].num_batches_tracked == 3
+    assert_same_state(ours, theirs, dtype)
+    ours.eval(), theirs.eval()
+    x = randn(rng, (2, 2, 6, 6), dtype)
+    assert_close(ours(x), theirs(torch.tensor(x)).detach().numpy(), TOL["batch_norm2d"][dtype], "y")
+    bad = torch_state(theirs)
+    bad["1.num_batches_tracked"] = bad["1.num_batches_tracked"].astype(np.float64)
+    with pytest.raises(
+        TypeError, match=r"^\[load_state_dict\] 1.num_batches_tracked: expected int64"
+    ):
+        ours.load_state_dict(bad)
+    bad = torch_state(theirs)
+    bad["2.running_var"] = bad["2.running_var"][:2]
+    with pytest.raises(
+        ValueError, match=r"^\[load_state_dict\] 2.running_var: expected shape \(3,\)"
+    ):
+        ours.load_state_dict(bad)
+    del bad["2.running_var"]
+    with pytest.raises(KeyError, match="2.running_var"):
+        ours.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_conv_batch_norm_relu_trains_as_torch(dtype):
+    torch = pytest.importorskip("torch")
+    from cnnbp import nn, optim
+
+    torch_dtype = torch.float64 if dtype == np.float64 else torch.float32
+    theirs = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4, momentum=None),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 3, 3),
+        torch.nn.BatchNorm2d(3),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(3 * 4 * 4, 5),
+    ).to(torch_dtype)
+    ours = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, dtype=dtype),
+        nn.BatchNorm2d(4, momentum=None, dtype=dtype),
+        nn.ReLU(),
+        nn.Conv2d(4, 3, 3, dtype=dtype),
+        nn.BatchNorm2d(3, dtype=dtype),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 5, dtype=dtype),
+    )
+    ours.load_state_dict(torch_state(theirs))
+    loss_fn, opt = nn.CrossEntropyLoss(), optim.SGD(ours.parameters(), lr=0.1, momentum=0.9)
+    torch_loss, torch_opt = (
+        torch.nn.CrossEntropyLoss(),
+        torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9),
+    )
+    rng = rng_for("batch-norm-train", np.dtype(dtype).name)
+    tol = 1e-9 if dtype == np.float64 else 1e-4  # conftest.NETWORK_TOL: through a few layers
+    for step in range(4):
+        x = randn(rng, (8, 2, 6, 6), dtype)
+        y = rng.integers(0, 5, 8)
+        loss = ours.train_step(x, y, loss_fn, opt)
+        torch_opt.zero_grad()
+        torch_value = torch_loss(theirs(torch.tensor(x)), torch.tensor(y))
+        torch_value.backward()
+        torch_opt.step()
+        assert abs(loss - torch_value.item()) <= tol * max(1.0, abs(loss)), step
+    want = torch_state(theirs)
+    for key, value in ours.state_dict().items():
+        assert value.dtype == want[key].dtype
+        assert_close(value, want[key], tol, key)
+    ours.eval(), theirs.eval()
+    x = randn(rng, (3, 2, 6, 6), dtype)
+    assert_close(ours(x), theirs(torch.tensor(x)).detach().numpy(), tol, "eval")

@@ -702,6 +702,120 @@ void def_avg_pool2d_dropout(py::module_& m) {
           "dx = dy * mask / (1 - p) (dy * 0 for p == 1)");
 }
 
+// ---- batch_norm2d --------------------------------------------------------------------------
+
+// An optional per-channel array of the call's dtype (weight, bias, running stats), C-contiguous;
+// `in_place` (running stats while training): updated in place, so it must be a writable
+// C-contiguous array of the dtype already, not a copy.
+template <typename T>
+struct ChannelArray {
+    py::array_t<T, py::array::c_style> array;
+    Shape shape;
+    bool present = false;
+
+    ChannelArray(const char* op, const char* name, const py::handle& obj, DType dtype,
+                 bool in_place = false) {
+        if (obj.is_none()) return;
+        py::array a = as_array(op, name, obj);
+        check_dtype(op, name, a, dtype);
+        if (in_place && (!is_plain_array<T>(a) || !a.writeable()))
+            throw py::value_error(std::string("[") + op + "] " + name +
+                                  ": expected a writable C-contiguous array of native byte "
+                                  "order (updated in place when training), got " +
+                                  (a.writeable() ? "another layout" : "a read-only array"));
+        array = contiguous<T>(a);
+        shape = shape_of(array);
+        present = true;
+    }
+    const Shape* shape_or_null() const { return present ? &shape : nullptr; }
+    const T* data() const { return present ? array.data() : nullptr; }
+    T* mutable_data() { return present ? array.mutable_data() : nullptr; }
+};
+
+py::tuple batch_norm2d(const py::handle& x_obj, const py::handle& w_obj, const py::handle& b_obj,
+                       const py::handle& mean_obj, const py::handle& var_obj,
+                       const py::handle& training_obj, const py::handle& momentum_obj,
+                       const py::handle& eps_obj) {
+    const char* op = "batch_norm2d";
+    py::array x = as_array(op, "input", x_obj);
+    const DType dtype = float_dtype(op, "input", x);
+    const auto params = cnnbp::batch_norm2d_params(op, parse_bool(op, "training", training_obj),
+                                                   parse_float(op, "momentum", momentum_obj),
+                                                   parse_float(op, "eps", eps_obj));
+    return dispatch(dtype, [&](auto tag) -> py::tuple {
+        using T = decltype(tag);
+        const ChannelArray<T> w(op, "weight", w_obj, dtype), b(op, "bias", b_obj, dtype);
+        ChannelArray<T> rm(op, "running_mean", mean_obj, dtype, params.training),
+            rv(op, "running_var", var_obj, dtype, params.training);
+        const Shape x_shape = shape_of(x);
+        const auto dims =
+            cnnbp::batch_norm2d_dims(op, x_shape, w.shape_or_null(), b.shape_or_null(),
+                                     rm.shape_or_null(), rv.shape_or_null(), params);
+        auto xc = contiguous<T>(x);
+        auto y = empty_like_shape<T>(x_shape);
+        // torch's native_batch_norm: the batch statistics while training, empty arrays else
+        const int64_t stats = params.training ? dims.C : 0;
+        auto mean = empty_like_shape<T>({stats}), invstd = empty_like_shape<T>({stats});
+        T *y_ptr = y.mutable_data(), *mean_ptr = mean.mutable_data(),
+          *invstd_ptr = invstd.mutable_data(), *rm_ptr = rm.mutable_data(),
+          *rv_ptr = rv.mutable_data();
+        {
+            py::gil_scoped_release release;
+            cnnbp::batch_norm2d_forward(y_ptr, mean_ptr, invstd_ptr, xc.data(), w.data(), b.data(),
+                                        rm_ptr, rv_ptr, dims, params);
+        }
+        return py::make_tuple(y, mean, invstd);
+    });
+}
+
+py::tuple batch_norm2d_backward(const py::handle& dy_obj, const py::handle& x_obj,
+                                const py::handle& w_obj, const py::handle& mean_obj,
+                                const py::handle& invstd_obj, const py::handle& training_obj) {
+    const char* op = "batch_norm2d_backward";
+    py::array dy = as_array(op, "doutput", dy_obj), x = as_array(op, "input", x_obj);
+    const DType dtype = float_dtype(op, "doutput", dy);
+    check_dtype(op, "input", x, dtype);
+    const bool training = parse_bool(op, "training", training_obj);
+    return dispatch(dtype, [&](auto tag) -> py::tuple {
+        using T = decltype(tag);
+        const ChannelArray<T> w(op, "weight", w_obj, dtype), mean(op, "mean", mean_obj, dtype),
+            invstd(op, "invstd", invstd_obj, dtype);
+        if (!mean.present || !invstd.present)
+            throw py::type_error(std::string("[") + op + "] " + (mean.present ? "invstd" : "mean") +
+                                 ": expected an array, got None");
+        const Shape x_shape = shape_of(x);
+        const auto dims = cnnbp::batch_norm2d_backward_dims(
+            shape_of(dy), x_shape, w.shape_or_null(), mean.shape, invstd.shape);
+        auto dyc = contiguous<T>(dy), xc = contiguous<T>(x);
+        auto dx = empty_like_shape<T>(x_shape);
+        auto dw = empty_like_shape<T>({dims.C}), db = empty_like_shape<T>({dims.C});
+        T *dx_ptr = dx.mutable_data(), *dw_ptr = dw.mutable_data(), *db_ptr = db.mutable_data();
+        {
+            py::gil_scoped_release release;
+            cnnbp::batch_norm2d_backward(dx_ptr, dw_ptr, db_ptr, dyc.data(), xc.data(), w.data(),
+                                         mean.data(), invstd.data(), dims, training);
+        }
+        return py::make_tuple(dx, dw, db);
+    });
+}
+
+void def_batch_norm2d(py::module_& m) {
+    using py::arg;
+    m.def("batch_norm2d", &batch_norm2d, arg("x"), arg("weight") = py::none(),
+          arg("bias") = py::none(), arg("running_mean") = py::none(),
+          arg("running_var") = py::none(), arg("training") = false, arg("momentum") = 0.1,
+          arg("eps") = 1e-5,
+          "(y, save_mean, save_invstd) = batch_norm2d(x (N, C, H, W), weight (C,), bias (C,), "
+          "running_mean (C,), running_var (C,), training, momentum, eps): y = (x - mean) * invstd "
+          "* weight + bias with the batch's statistics (training; the running ones updated in "
+          "place, the variance unbiased) or the running ones (save_mean, save_invstd then empty).");
+    m.def("batch_norm2d_backward", &batch_norm2d_backward, arg("dy"), arg("x"), arg("weight"),
+          arg("mean"), arg("invstd"), arg("training") = true,
+          "(dx, dweight, dbias) = gradients of batch_norm2d given dy: training, through the "
+          "batch statistics (mean, invstd: save_mean, save_invstd); else mean = running_mean and "
+          "invstd = 1 / sqrt(running_var + eps), constants: dx = dy * weight * invstd.");
+}
+
 // ---- linear ------------------------------------------------------------------------------
 
 py::array linear(const py::handle& x_obj, const py::handle& w_obj, const py::handle& b_obj) {
@@ -1284,6 +1398,7 @@ PYBIND11_MODULE(_core, m) {
     def_softmaxes(m);
     def_avg_pool2d_dropout(m);
     def_adaptive_avg_pool2d(m);
+    def_batch_norm2d(m);
 
     m.def("linear", &linear, arg("x"), arg("w"), arg("b") = py::none(),
           "y (*, out) = x (*, in) . w (out, in)^T + b (out,)");

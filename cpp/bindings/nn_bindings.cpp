@@ -3,8 +3,8 @@
 // wrap. Layers are made by name from the registry (make_layer), which also tells Python
 // which layer classes to offer (layer_types); model files are cnnbp/model_file.hpp's. Arrays cross
 // the boundary by copy (a layer keeps its own input; outputs and the trace come back as new
-// arrays), except parameters, whose data and grad are NumPy views of the C++ storage. The GIL is
-// released while layers run.
+// arrays), except parameters and buffers, whose data and grad are NumPy views of the C++ storage.
+// The GIL is released while layers run.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -443,6 +443,15 @@ py::list named_parameters(const py::object& self) {
     return out;
 }
 
+// (name, array) per buffer: writable NumPy views of the C++ storage (a counter: int64, 0-d)
+template <typename T>
+py::list named_buffers(const py::object& self) {
+    py::list out;
+    for (auto& [name, b] : self.cast<Layer<T>&>().named_buffers())
+        out.append(py::make_tuple(name, b.values ? view(*b.values, self) : view(*b.counts, self)));
+    return out;
+}
+
 // Parameter, Layer (every declared type through make_layer), PythonLayer
 template <typename T>
 void bind_layers(py::module_& m) {
@@ -483,6 +492,7 @@ void bind_layers(py::module_& m) {
         .def("train", &L::train)
         .def("is_training", &L::is_training)
         .def("named_parameters", &named_parameters<T>)
+        .def("named_buffers", &named_buffers<T>)
         // every argument the layer was built from (None for undeclared types)
         .def("arguments",
              [](L& l) -> py::object {

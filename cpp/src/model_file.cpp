@@ -216,6 +216,20 @@ Sequential<T> build_model(const Contents& c) {
                    shape_str(a.shape));
         std::memcpy(p->value.data.data(), a.data, a.bytes);
     }
+    for (auto& [name, b] : model.named_buffers()) {  // as the parameters; a counter is int64
+        expected.insert(name);
+        const auto it = c.arrays.find(name);
+        if (it == c.arrays.end()) refuse(name + ": expected an array, got none");
+        const npz::Array& a = it->second;
+        const char* dtype = b.values ? dtype_name<T>() : "int64";
+        const Shape& shape = b.values ? b.values->shape : b.counts->shape;
+        if (a.dtype != dtype) refuse(name + ": expected dtype " + dtype + ", got " + a.dtype);
+        if (a.shape != shape)
+            refuse(name + ": expected shape " + shape_str(shape) + ", got shape " +
+                   shape_str(a.shape));
+        std::memcpy(b.values ? static_cast<void*>(b.values->data.data()) : b.counts->data.data(),
+                    a.data, a.bytes);
+    }
     std::string extra;
     for (const auto& [name, a] : c.arrays)
         if (!expected.count(name) && name != "optimizer" && name.rfind("optimizer.", 0) != 0)
@@ -415,6 +429,14 @@ void save(Sequential<T>& model, const std::string& path, const Optimizer<T>* opt
     };
     for (auto& [name, p] : model.named_parameters())
         add(name, p->value.shape, p->value.data.data());
+    for (auto& [name, b] : model.named_buffers()) {
+        if (b.values) {
+            add(name, b.values->shape, b.values->data.data());
+            continue;
+        }
+        entries.push_back({name, "<i8", b.counts->shape, b.counts->data.data(),
+                           size_t(numel(b.counts->shape)) * sizeof(int64_t)});
+    }
     std::string settings_text;
     if (optimizer) {
         if (optimizer->parameters() != model.parameters())

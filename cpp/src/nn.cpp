@@ -8,6 +8,7 @@
 
 #include "cnnbp/activation.hpp"
 #include "cnnbp/adaptive_pool2d.hpp"
+#include "cnnbp/batch_norm2d.hpp"
 #include "cnnbp/conv2d.hpp"
 #include "cnnbp/dropout.hpp"
 #include "cnnbp/errors.hpp"
@@ -447,6 +448,124 @@ CNNBP_REGISTER_LAYER(AdaptiveAvgPool2d,
                       "evenly",
                       {{"output_size", FieldKind::OptionalPair, nullptr, 1}}});
 
+// ---- BatchNorm2d ---------------------------------------------------------------------------
+
+template <typename T>
+BatchNorm2d<T>::BatchNorm2d(int64_t num_features)
+    : BatchNorm2d(arguments_of("BatchNorm2d", {num_features})) {}
+
+template <typename T>
+BatchNorm2d<T>::BatchNorm2d(const BatchNorm2dOptions& options)
+    : BatchNorm2d(find_layer_type("BatchNorm2d")->parse({}, options.arguments())) {}
+
+template <typename T>
+BatchNorm2d<T>::BatchNorm2d(const Config& arguments)
+    : Layer<T>(arguments),
+      C_(arguments.integer("num_features")),
+      eps_(arguments.number("eps")),
+      momentum_(arguments.optional_number("momentum")),
+      affine_(arguments.boolean("affine")),
+      track_(arguments.boolean("track_running_stats")) {
+    batch_norm2d_params("BatchNorm2d", true, momentum_.value_or(0.0), eps_);  // eps > 0
+    numel({C_});
+    if (affine_) {  // torch's init: weight ones, bias zeros
+        weight.value = Tensor<T>({C_}, T(1));
+        bias.value = Tensor<T>({C_}, T(0));
+    }
+    if (track_) {
+        running_mean = Tensor<T>({C_}, T(0));
+        running_var = Tensor<T>({C_}, T(1));
+        num_batches_tracked = Tensor<int64_t>({}, 0);
+    }
+}
+
+// torch.nn.BatchNorm2d's arguments: num_features, eps, momentum (a number in [0, 1] or None),
+// affine, track_running_stats; it holds 2 * C parameters (affine) and 2 * C running statistics
+// and a counter (track_running_stats)
+CNNBP_REGISTER_LAYER(BatchNorm2d,
+                     {"BatchNorm2d",
+                      "batch_norm2d",
+                      "y = (x - mean) / sqrt(var + eps) * weight + bias per channel of x (N, C, H, "
+                      "W): the batch's statistics while training (the running ones updated), the "
+                      "running ones in eval mode",
+                      {{"num_features", FieldKind::Int, nullptr, 1},
+                       {"eps", FieldKind::Number, 1e-5},
+                       {"momentum", FieldKind::OptionalProbability, 0.1},
+                       {"affine", FieldKind::Bool, true},
+                       {"track_running_stats", FieldKind::Bool, true}},
+                      {},
+                      [](const Config& c) {
+                          const int64_t C = c.integer("num_features");
+                          return (c.boolean("affine") ? 2 * C : 0) +
+                                 (c.boolean("track_running_stats") ? 2 * C + 1 : 0);
+                      }});
+
+template <typename T>
+std::vector<std::pair<std::string, Parameter<T>*>> BatchNorm2d<T>::named_parameters() {
+    if (!affine_) return {};
+    return {{"weight", &weight}, {"bias", &bias}};
+}
+
+template <typename T>
+std::vector<std::pair<std::string, Buffer<T>>> BatchNorm2d<T>::named_buffers() {
+    if (!track_) return {};
+    return {{"running_mean", {&running_mean, nullptr}},
+            {"running_var", {&running_var, nullptr}},
+            {"num_batches_tracked", {nullptr, &num_batches_tracked}}};
+}
+
+template <typename T>
+const Tensor<T>& BatchNorm2d<T>::forward(const Tensor<T>& input) {
+    const char* op = "batch_norm2d";
+    if (input.shape.size() == 4 && input.shape[1] != C_)
+        throw std::invalid_argument(std::string("[") + op + "] input: expected " +
+                                    std::to_string(C_) + " channels (num_features), got shape " +
+                                    shape_str(input.shape));
+    // torch: the batch's statistics while training, and always without running statistics
+    BatchNorm2dParams params{this->training_ || !track_, 0.0, eps_};
+    const Shape* stats = track_ ? &running_mean.shape : nullptr;
+    dims_ = batch_norm2d_dims(op, input.shape, affine_ ? &weight.value.shape : nullptr,
+                              affine_ ? &bias.value.shape : nullptr, stats, stats, params);
+    const bool update = this->training_ && track_;
+    if (update) {
+        num_batches_tracked.data[0] += 1;
+        // momentum None: the cumulative moving average (torch's exponential_average_factor)
+        params.momentum = momentum_ ? *momentum_ : 1.0 / double(num_batches_tracked.data[0]);
+    }
+    this->input_ = &input;
+    this->output_.resize(input.shape);
+    batch_statistics_ = params.training;
+    mean_.resize({C_});
+    invstd_.resize({C_});
+    batch_norm2d_forward(this->output_.data.data(), mean_.data.data(), invstd_.data.data(),
+                         input.data.data(), affine_ ? weight.value.data.data() : nullptr,
+                         affine_ ? bias.value.data.data() : nullptr,
+                         track_ ? running_mean.data.data() : nullptr,
+                         track_ ? running_var.data.data() : nullptr, dims_, params);
+    if (!batch_statistics_)  // the backward's constants: the running statistics now
+        for (int64_t c = 0; c < C_; ++c) {
+            mean_.data[c] = running_mean.data[c];
+            invstd_.data[c] = T(1.0 / std::sqrt(double(running_var.data[c]) + eps_));
+        }
+    return this->output_;
+}
+
+template <typename T>
+const Tensor<T>& BatchNorm2d<T>::backward(const Tensor<T>& grad_output) {
+    const Tensor<T>& input = require_forward(this->input_, "BatchNorm2d");
+    check_same_shape("batch_norm2d_backward", "output", this->output_.shape, "doutput",
+                     grad_output.shape);
+    this->grad_output_ = &grad_output;
+    this->grad_input_.resize(input.shape);
+    if (affine_) dweight_.resize({C_}), dbias_.resize({C_});
+    batch_norm2d_backward(this->grad_input_.data.data(), affine_ ? dweight_.data.data() : nullptr,
+                          affine_ ? dbias_.data.data() : nullptr, grad_output.data.data(),
+                          input.data.data(), affine_ ? weight.value.data.data() : nullptr,
+                          mean_.data.data(), invstd_.data.data(), dims_, batch_statistics_);
+    if (affine_) accumulate(weight, dweight_), accumulate(bias, dbias_);
+    return this->grad_input_;
+}
+
 template <typename T>
 Dropout<T>::Dropout(double p) : Dropout(arguments_of("Dropout", {p})) {}
 
@@ -691,6 +810,14 @@ std::vector<std::pair<std::string, Parameter<T>*>> Container<T>::named_parameter
     std::vector<std::pair<std::string, Parameter<T>*>> out;
     for (const auto& [prefix, child] : named_children())
         for (auto& [name, p] : child->named_parameters()) out.emplace_back(prefix + "." + name, p);
+    return out;
+}
+
+template <typename T>
+std::vector<std::pair<std::string, Buffer<T>>> Container<T>::named_buffers() {
+    std::vector<std::pair<std::string, Buffer<T>>> out;
+    for (const auto& [prefix, child] : named_children())
+        for (auto& [name, b] : child->named_buffers()) out.emplace_back(prefix + "." + name, b);
     return out;
 }
 
@@ -1366,6 +1493,7 @@ double train_step(Sequential<T>& model, const Tensor<T>& input, const Tensor<Tar
     template class MaxPool2d<T>;                                                                   \
     template class AvgPool2d<T>;                                                                   \
     template class AdaptiveAvgPool2d<T>;                                                           \
+    template class BatchNorm2d<T>;                                                                 \
     template class Elementwise<T, TanhKind>;                                                       \
     template class Dropout<T>;                                                                     \
     template class Elementwise<T, ReLUKind>;                                                       \

@@ -98,8 +98,12 @@ json::Value checked(const std::string& op, const Field& f, const json::Value& v)
         case FieldKind::Bool:
             if (!v.get<bool>()) wrong_kind(op, f, "True or False", v);
             return v;
+        case FieldKind::OptionalProbability:
+            if (v.is_null()) return nullptr;
+            [[fallthrough]];
         case FieldKind::Probability: {
-            const char* expected = "a probability in [0, 1]";
+            const char* expected = f.kind == FieldKind::Probability ? "a probability in [0, 1]"
+                                                                    : "a number in [0, 1] or None";
             double p;
             if (const int64_t* i = v.get<int64_t>())
                 p = double(*i);
@@ -191,6 +195,12 @@ std::optional<int64_t> Config::optional_integer(const std::string& name) const {
     const json::Value& v = at(name);
     if (v.is_null()) return std::nullopt;
     return *v.get<int64_t>();
+}
+
+std::optional<double> Config::optional_number(const std::string& name) const {
+    const json::Value& v = at(name);
+    if (v.is_null()) return std::nullopt;
+    return *v.get<double>();
 }
 
 std::array<std::optional<int64_t>, 2> Config::optional_pair(const std::string& name) const {

@@ -570,6 +570,68 @@ AdaptivePool2dDims adaptive_avg_pool2d_backward_dims(const Shape& doutput, const
     return d;
 }
 
+// ---- batch_norm2d --------------------------------------------------------------------------
+
+BatchNorm2dParams batch_norm2d_params(const char* op, bool training, double momentum, double eps) {
+    if (!(momentum >= 0.0 && momentum <= 1.0))  // written so that NaN fails too
+        fail(op, "momentum: expected a number in [0, 1], got " + shortest_str(momentum));
+    if (!(eps > 0.0 && std::isfinite(eps)))
+        fail(op, "eps: expected a finite number > 0, got " + shortest_str(eps));
+    return BatchNorm2dParams{training, momentum, eps};
+}
+
+namespace {
+
+// A per-channel vector (weight, bias, running stats, mean, invstd): shape (C,).
+void check_channel_vector(const char* op, const char* name, const Shape* shape, int64_t C) {
+    if (shape && (shape->size() != 1 || (*shape)[0] != C))
+        fail(op, std::string(name) + ": expected shape (" + std::to_string(C) +
+                     ",) (one value per channel), got shape " + shape_str(*shape));
+}
+
+BatchNorm2dDims batch_norm2d_input(const char* op, const Shape& input) {
+    check_rank(op, "input", input, 4, "(N, C, H, W)");
+    checked_numel(op, "input", input);
+    check_nonempty(op, "input", input, 1);  // an empty batch is allowed (torch's)
+    return {input[0], input[1], input[2], input[3]};
+}
+
+}  // namespace
+
+BatchNorm2dDims batch_norm2d_dims(const char* op, const Shape& input, const Shape* weight,
+                                  const Shape* bias, const Shape* running_mean,
+                                  const Shape* running_var, const BatchNorm2dParams& params) {
+    const BatchNorm2dDims d = batch_norm2d_input(op, input);
+    check_channel_vector(op, "weight", weight, d.C);
+    check_channel_vector(op, "bias", bias, d.C);
+    check_channel_vector(op, "running_mean", running_mean, d.C);
+    check_channel_vector(op, "running_var", running_var, d.C);
+    if (!running_mean != !running_var)
+        fail(op, std::string(running_mean ? "running_var" : "running_mean") +
+                     ": expected an array with " + (running_mean ? "running_mean" : "running_var") +
+                     ", got None");
+    if (!params.training && !running_mean)
+        fail(op,
+             "running_mean: expected the running statistics in evaluation mode "
+             "(training=False), got None");
+    if (params.training && d.N * d.H * d.W == 1)
+        fail(op, "input: expected more than 1 value per channel when training, got shape " +
+                     shape_str(input));
+    return d;
+}
+
+BatchNorm2dDims batch_norm2d_backward_dims(const Shape& doutput, const Shape& input,
+                                           const Shape* weight, const Shape& mean,
+                                           const Shape& invstd) {
+    const char* op = "batch_norm2d_backward";
+    const BatchNorm2dDims d = batch_norm2d_input(op, input);
+    check_same_shape(op, "input", input, "doutput", doutput);
+    check_channel_vector(op, "weight", weight, d.C);
+    check_channel_vector(op, "mean", &mean, d.C);
+    check_channel_vector(op, "invstd", &invstd, d.C);
+    return d;
+}
+
 // ---- leaky_relu, gelu ----------------------------------------------------------------------
 
 double leaky_relu_slope(const char* op, double negative_slope) {

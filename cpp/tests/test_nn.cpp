@@ -790,3 +790,98 @@ TEST_CASE("nn: NLLLoss after LogSoftmax equals CrossEntropyLoss; train_step take
     for (int i = 0; i < 20; ++i) last = train_step(model, x, labels, nll, sgd);
     CHECK(last < first);
 }
+
+TEST_CASE("nn: BatchNorm2d by options; buffers, modes and model files keep the statistics") {
+    BatchNorm2d<double> plain(3);
+    CHECK(json::dump(plain.config()) ==
+          "{\"type\": \"BatchNorm2d\", \"num_features\": 3, \"eps\": 1e-05, \"momentum\": 0.1, "
+          "\"affine\": true, \"track_running_stats\": true}");
+    CHECK(plain.weight.value.data == V({1, 1, 1}) && plain.bias.value.data == V({0, 0, 0}));
+    CHECK(plain.running_var.data == V({1, 1, 1}) && plain.num_batches_tracked.shape.empty());
+    BatchNorm2d<double> cumulative(BatchNorm2dOptions(3).momentum(std::nullopt).eps(1e-3));
+    CHECK(!cumulative.momentum() && cumulative.eps() == 1e-3);
+    BatchNorm2d<float> bare(BatchNorm2dOptions(2).affine(false).track_running_stats(false));
+    CHECK(bare.named_parameters().empty() && bare.named_buffers().empty());
+    CHECK_THROWS(BatchNorm2d<float>(BatchNorm2dOptions(2).momentum(1.5)),
+                 "[BatchNorm2d] momentum: expected a number in [0, 1] or None, got 1.5");
+    CHECK_THROWS(BatchNorm2d<float>(BatchNorm2dOptions(2).eps(0)),
+                 "[BatchNorm2d] eps: expected a finite number > 0, got 0");
+    CHECK_THROWS(bare.forward(Tensor<float>({1, 2, 1, 1})),
+                 "[batch_norm2d] input: expected more than 1 value per channel when training");
+    CHECK_THROWS(plain.forward(Tensor<double>({2, 4, 3, 3})),
+                 "[batch_norm2d] input: expected 3 channels (num_features), got shape");
+
+    // training: the kernel's batch statistics and the running statistics with factor
+    // 1 / num_batches_tracked (momentum None); evaluation: the running statistics
+    const Tensor<double> x({2, 3, 2, 4}, values(48, 61)), g({2, 3, 2, 4}, values(48, 62));
+    V rm{0, 0, 0}, rv{1, 1, 1}, mean(3), invstd(3), y(48), dx(48), dw(3), db(3);
+    const double* none = nullptr;  // no weight, no bias
+    const auto d = batch_norm2d_dims("batch_norm2d", x.shape, nullptr, nullptr, nullptr, nullptr,
+                                     batch_norm2d_params("batch_norm2d", true, 1.0, 1e-3));
+    for (int step = 1; step <= 2; ++step) {
+        const BatchNorm2dParams p = batch_norm2d_params("batch_norm2d", true, 1.0 / step, 1e-3);
+        batch_norm2d_forward(y.data(), mean.data(), invstd.data(), x.data.data(), none, none,
+                             rm.data(), rv.data(), d, p);
+        CHECK_CLOSE(cumulative.forward(x).data.data(), y, 0, 0);
+    }
+    CHECK(cumulative.num_batches_tracked.data[0] == 2);
+    CHECK_CLOSE(cumulative.running_mean.data.data(), rm, 0, 0);
+    CHECK_CLOSE(cumulative.running_var.data.data(), rv, 0, 0);
+    batch_norm2d_backward(dx.data(), dw.data(), db.data(), g.data.data(), x.data.data(), none,
+                          mean.data(), invstd.data(), d, true);
+    CHECK_CLOSE(cumulative.backward(g).data.data(), dx, 0, 0);
+    CHECK_CLOSE(cumulative.weight.grad.data.data(), dw, 0, 0);
+
+    // a network with batch norm: train_step updates the running statistics; a model file keeps
+    // them (num_batches_tracked as int64) and the evaluation-mode outputs
+    manual_seed(17);
+    Sequential<double> model;
+    model.add(std::make_unique<Conv2d<double>>(Conv2dOptions(3, 4, 3).padding(1)))
+        .add(std::make_unique<BatchNorm2d<double>>(4))
+        .add(std::make_unique<ReLU<double>>())
+        .add(std::make_unique<BatchNorm2d<double>>(BatchNorm2dOptions(4).affine(false)))
+        .add(std::make_unique<Flatten<double>>())
+        .add(std::make_unique<Linear<double>>(32, 1));
+    const auto names = model.named_buffers();
+    CHECK(names.size() == 6 && names[0].first == "1.running_mean" &&
+          names[5].first == "3.num_batches_tracked");
+    BCEWithLogitsLoss<double> loss;
+    SGD<double> sgd(model.parameters(), 0.1);
+    const Tensor<double> target({2, 1}, V{1, 0});
+    for (int i = 0; i < 3; ++i) train_step(model, x, target, loss, sgd);
+    auto& bn = dynamic_cast<BatchNorm2d<double>&>(model[1]);
+    CHECK(bn.num_batches_tracked.data[0] == 3 && bn.running_mean.data[0] != 0);
+    model.eval();
+    const V expected = model.forward(x).data;
+    const std::string path = "cnnbp_test_batch_norm.npz";
+    save(model, path);
+    auto loaded = load<double>(path);
+    std::remove(path.c_str());
+    loaded.eval();
+    CHECK_CLOSE(loaded.forward(x).data.data(), expected, 0, 0);
+    auto& bn2 = dynamic_cast<BatchNorm2d<double>&>(loaded[1]);
+    CHECK(bn2.num_batches_tracked.data[0] == 3 && bn2.running_var.data == bn.running_var.data);
+    CHECK(json::dump(loaded[3].config()) == json::dump(model[3].config()));
+}
+
+TEST_CASE("nn: batch_norm2d results do not depend on the thread count") {
+    const Shape shape{8, 16, 24, 24}, channels{16};
+    const size_t n = size_t(numel(shape));
+    const V x = values(n, 63, 2.0), g = values(n, 64), w = values(16, 65), b = values(16, 66);
+    for (bool training : {true, false}) {
+        const auto p = batch_norm2d_params("batch_norm2d", training, 0.1, 1e-5);
+        const auto d =
+            batch_norm2d_dims("batch_norm2d", shape, &channels, &channels, &channels, &channels, p);
+        CHECK_THREAD_COUNT_INDEPENDENT([&]() {
+            V y(n), mean(16), invstd(16), rm(16, 0.5), rv(16, 2.0), dx(n), dw(16), db(16);
+            batch_norm2d_forward(y.data(), mean.data(), invstd.data(), x.data(), w.data(), b.data(),
+                                 rm.data(), rv.data(), d, p);
+            if (!training) mean = rm, invstd.assign(16, 1 / std::sqrt(2.0 + 1e-5));
+            batch_norm2d_backward(dx.data(), dw.data(), db.data(), g.data(), x.data(), w.data(),
+                                  mean.data(), invstd.data(), d, training);
+            using cnnbp_test::bytes_of;
+            return std::vector<std::string>{bytes_of(y),  bytes_of(rm), bytes_of(rv),
+                                            bytes_of(dx), bytes_of(dw), bytes_of(db)};
+        });
+    }
+}

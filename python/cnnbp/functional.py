@@ -26,6 +26,9 @@ with a message that starts with the op's name, e.g. ``[conv2d] weight: expected 
     a = log_softmax(z, dim=1); dz = log_softmax_backward(da, a, dim=1)
     y, mask      = dropout(x, p=0.5, seed=0)                     # mask bool: True = kept
     dx           = dropout_backward(dy, mask, p)                 # y = x * mask / (1 - p)
+    y, mean, invstd = batch_norm2d(x, weight=None, bias=None, running_mean=None,
+                                   running_var=None, training=False, momentum=0.1, eps=1e-5)
+    dx, dweight, dbias = batch_norm2d_backward(dy, x, weight, mean, invstd, training=True)
     y = linear(x, w, b=None)                                     # w (out, in): y = x w^T + b
     dx, dw, db   = linear_backward(dy, x, w)
     loss = binary_cross_entropy(a, y, weight=None, reduction='mean')
@@ -63,6 +66,15 @@ of input length L and output length O averaging input cells floor(i*L/O) to ceil
 (torch's windows; with O > L they repeat cells). dropout's mask is a function of (seed, flat index) only
 (cnnbp.reference.dropout_mask writes the hash out in NumPy): the same for any thread count
 and on every run; p must lie in [0, 1], p == 0 is the identity and p == 1 gives x * 0.
+batch_norm2d has torch's semantics (F.batch_norm on (N, C, H, W), native_batch_norm's
+outputs): training uses each channel's batch mean and biased variance, returns them as mean
+and invstd = 1 / sqrt(var + eps), and updates running_mean / running_var in place when given
+(running = (1 - momentum) * running + momentum * batch, the variance unbiased; they must then
+be writable C-contiguous arrays of x's dtype); it needs more than one value per channel.
+Evaluation uses the running statistics and returns empty mean and invstd. weight and bias may
+be None (affine=False). The backward differentiates through the batch statistics
+(training=True, mean and invstd the forward's); for an evaluation-mode forward pass
+training=False, mean = running_mean and invstd = 1 / sqrt(running_var + eps).
 ``conv2d_workspace_bytes(x_shape, w_shape, stride, padding, dtype, dilation, groups)``
 reports the scratch memory a convolution allocates: a few images' worth per thread, never
 the whole batch.
@@ -84,6 +96,8 @@ from ._core import (
     adaptive_avg_pool2d_backward,
     avg_pool2d,
     avg_pool2d_backward,
+    batch_norm2d,
+    batch_norm2d_backward,
     binary_cross_entropy,
     binary_cross_entropy_backward,
     binary_cross_entropy_with_logits,
@@ -157,6 +171,8 @@ __all__ = [
     "avg_pool2d_backward",
     "adaptive_avg_pool2d",
     "adaptive_avg_pool2d_backward",
+    "batch_norm2d",
+    "batch_norm2d_backward",
     "relu",
     "relu_backward",
     "sigmoid",

@@ -218,7 +218,7 @@ def _copy_of(module):
         return None
     arguments = module.config()
     del arguments["type"]
-    if module.parameters():
+    if "dtype" in type(module).__signature__.parameters:  # BatchNorm2d(affine=False) too
         arguments["dtype"] = np.float64
     return declared(**arguments)
 
@@ -232,22 +232,39 @@ def _float64_copy(model):
             f"layers to copy into float64, got a float32 {type(model).__name__}; "
             f"build it with dtype=np.float64"
         )
-    copy.load_state_dict({k: v.astype(np.float64) for k, v in model.state_dict().items()})
+    copy.load_state_dict(  # the floats in float64; num_batches_tracked stays int64
+        {
+            k: v.astype(np.float64) if v.dtype.kind == "f" else v
+            for k, v in model.state_dict().items()
+        }
+    )
     return copy
 
 
+def _modules(module):
+    """The module and, recursively, every module inside it."""
+    yield module
+    for child in getattr(module, "_children", lambda: ())():
+        yield from _modules(child)
+
+
 def _evaluation_mode(model):
-    """Put layers with modes (dropout) in eval mode, so every forward is the same function;
-    returns how to restore the previous mode."""
-    if not callable(getattr(model, "eval", None)):
-        return lambda: None
-    was_training = getattr(model, "training", False)
-    model.eval()
-    return (
-        (lambda: model.train())
-        if was_training and callable(getattr(model, "train", None))
-        else (lambda: None)
-    )
+    """Put Dropout layers in eval mode, so every forward is the same function; returns how to
+    restore them. BatchNorm2d keeps its mode (in training mode its batch statistics are a
+    function of x and the parameters), and the buffers that its training forwards update
+    (running statistics, num_batches_tracked) are restored with the modes."""
+    dropouts = [m for m in _modules(model) if isinstance(m, nn.Dropout) and m.training]
+    buffers = [(b, b.copy()) for b in getattr(model, "buffers", list)()]
+    for m in dropouts:
+        m.eval()
+
+    def restore():
+        for m in dropouts:
+            m.train()
+        for b, value in buffers:
+            np.copyto(b, value)
+
+    return restore
 
 
 def gradcheck(

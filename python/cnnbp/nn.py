@@ -132,6 +132,18 @@ class Module:
     def parameters(self):
         return [p for _, p in self.named_parameters()]
 
+    def named_buffers(self, prefix: str = ""):
+        """(name, array) pairs of the state that is not trained but saved, with torch's names:
+        "running_mean", "1.num_batches_tracked", ... (NumPy views: in-place changes reach
+        the layer)."""
+        return [(prefix + name, b) for name, b in self._own_buffers()]
+
+    def _own_buffers(self):
+        return []
+
+    def buffers(self):
+        return [b for _, b in self.named_buffers()]
+
     def zero_grad(self) -> None:
         """Forget accumulated gradients (they become None, as torch's set_to_none=True)."""
         for p in self.parameters():
@@ -154,8 +166,12 @@ class Module:
         return ()
 
     def state_dict(self):
-        """name -> copy of the parameter array, with torch's key names."""
-        return OrderedDict((name, p.data.copy()) for name, p in self.named_parameters())
+        """name -> copy of each parameter and buffer array, with torch's key names and order
+        (module by module, its parameters then its buffers)."""
+        state = [(name, p.data) for name, p in self.named_parameters()]
+        return OrderedDict(
+            (name, a.copy()) for name, a in _torch_order(state, self.named_buffers())
+        )
 
     def load_state_dict(self, state_dict) -> None:
         """Copy arrays into the parameters; keys, shapes and dtypes must match exactly."""
@@ -164,7 +180,8 @@ class Module:
                 f"[load_state_dict] state_dict: expected a mapping of names to "
                 f"arrays, got {type(state_dict).__name__}"
             )
-        own = OrderedDict(self.named_parameters())
+        own = OrderedDict((name, p.data) for name, p in self.named_parameters())
+        own.update(self.named_buffers())
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]
         if missing or unexpected:
@@ -172,21 +189,24 @@ class Module:
                 f"[load_state_dict] expected keys {list(own)}, "
                 f"got missing {missing}, unexpected {unexpected}"
             )
-        for name, p in own.items():
+        for name, target in own.items():
             try:
                 value = np.asarray(state_dict[name])
             except ValueError as error:  # ragged nested lists
                 raise ValueError(
                     f"[load_state_dict] {name}: expected an array, got {error}"
                 ) from None
-            if value.shape != p.shape:
+            if value.shape != target.shape:
                 raise ValueError(
-                    f"[load_state_dict] {name}: expected shape {p.shape}, got shape {value.shape}"
+                    f"[load_state_dict] {name}: expected shape {target.shape}, "
+                    f"got shape {value.shape}"
                 )
-            if value.dtype != p.dtype:
-                raise TypeError(f"[load_state_dict] {name}: expected {p.dtype}, got {value.dtype}")
-        for name, p in own.items():
-            p.data = state_dict[name]
+            if value.dtype != target.dtype:
+                raise TypeError(
+                    f"[load_state_dict] {name}: expected {target.dtype}, got {value.dtype}"
+                )
+        for name, target in own.items():
+            np.copyto(target, state_dict[name])
 
     def trace(self):
         """What this layer saw in its last forward and backward, by name (copies)."""
@@ -221,6 +241,26 @@ class Module:
 
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"
+
+
+def _torch_order(params, buffers):
+    """(name, array) pairs of parameters and buffers in torch's state_dict order: module by
+    module (numbered path components by number, named ones in order of first appearance),
+    each module's parameters before its buffers."""
+    if not buffers:
+        return params
+    first = {}
+    for name, _ in params + buffers:
+        for part in name.split(".")[:-1]:
+            first.setdefault(part, len(first))
+
+    def key(item):
+        kind, (name, _) = item
+        path = [(0, int(p), 0) if p.isdigit() else (1, 0, first[p]) for p in name.split(".")[:-1]]
+        return path, kind
+
+    tagged = [(0, pair) for pair in params] + [(1, pair) for pair in buffers]
+    return [pair for _, pair in sorted(tagged, key=key)]
 
 
 def _traced(name, after_run=False):
@@ -324,8 +364,14 @@ class _DeclaredLayer(_NativeModule):
             self._fixed_dtype = dtype
             self._impl = impl  # a layer with parameters has one dtype: its trace is this one's
             params = dict(impl.named_parameters())
-            self.weight = Parameter(None, _impl=params["weight"])
-            self.bias = Parameter(None, _impl=params["bias"]) if "bias" in params else None
+            for name in ("weight", "bias"):  # None where the layer has none (bias=False)
+                setattr(self, name, Parameter(None, _impl=params[name]) if name in params else None)
+            self._buffers = OrderedDict(impl.named_buffers())
+            for name, buffer in self._buffers.items():  # NumPy views of the C++ storage
+                setattr(self, name, buffer)
+
+    def _own_buffers(self):
+        return list(self.__dict__.get("_buffers", {}).items())
 
     @classmethod
     def _from_native(cls, impl):
@@ -399,6 +445,8 @@ def _declared_class(declaration):
 # One class per layer type the C++ registry declares: Conv2d, Linear, MaxPool2d, ...
 _LAYER_CLASSES = {d["name"]: _declared_class(d) for d in _core.layer_types()}
 globals().update(_LAYER_CLASSES)
+# torch's attributes of a BatchNorm2d without track_running_stats (which has no buffers)
+BatchNorm2d.running_mean = BatchNorm2d.running_var = BatchNorm2d.num_batches_tracked = None  # noqa: F821
 
 
 def _from_native(impl):
@@ -424,7 +472,9 @@ class _Container(_NativeModule):
                     f"got {type(child).__name__}"
                 )
         self._named = tuple(children)
+        # the dtype of the parameters, or of the running statistics (BatchNorm2d(affine=False))
         dtypes = {p.dtype for p in self.parameters()}
+        dtypes |= {b.dtype for b in self.buffers() if b.dtype.kind == "f"}
         if len(dtypes) > 1:
             raise TypeError(
                 f"[{type(self).__name__}] parameters: expected one dtype, "
@@ -457,6 +507,11 @@ class _Container(_NativeModule):
             pair
             for name, child in self._named
             for pair in child.named_parameters(f"{prefix}{name}.")
+        ]
+
+    def named_buffers(self, prefix: str = ""):
+        return [
+            pair for name, child in self._named for pair in child.named_buffers(f"{prefix}{name}.")
         ]
 
     def zero_grad(self) -> None:

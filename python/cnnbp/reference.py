@@ -40,6 +40,8 @@ __all__ = [
     "avg_pool2d_backward",
     "adaptive_avg_pool2d",
     "adaptive_avg_pool2d_backward",
+    "batch_norm2d",
+    "batch_norm2d_backward",
     "relu",
     "relu_backward",
     "sigmoid",
@@ -779,6 +781,80 @@ def dropout_backward(dy, mask, p):
     if p == 1:
         return _out(dy * 0.0)
     return _out(dy * mask / (1.0 - p))
+
+
+# ---------------------------------------------------------------------------------------
+# batch normalization over (N, C, H, W): statistics per channel c over its M = N*H*W values
+# ---------------------------------------------------------------------------------------
+
+
+def batch_norm2d(
+    x,
+    weight=None,
+    bias=None,
+    running_mean=None,
+    running_var=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+):
+    """(y, save_mean, save_invstd): y = (x - mean) / sqrt(var + eps) * weight + bias.
+
+    Training: mean and var are each channel's batch statistics (var biased, divided by M);
+    save_mean = mean, save_invstd = 1 / sqrt(var + eps); the running statistics, when
+    given, are updated in place with the unbiased variance (torch):
+        running_mean = (1 - momentum) * running_mean + momentum * mean
+        running_var  = (1 - momentum) * running_var  + momentum * var * M / (M - 1)
+    An empty batch has mean 0 and var 0 and leaves them as they are. Evaluation: mean and
+    var are the running statistics, and save_mean, save_invstd are empty (torch's).
+    """
+    x = _f64(x)  # x (N, C, H, W)
+    N, C, H, W = x.shape
+    M = N * H * W
+    w = np.ones(C) if weight is None else _f64(weight)  # (C,)
+    b = np.zeros(C) if bias is None else _f64(bias)  # (C,)
+    if training:
+        mean = x.mean(axis=(0, 2, 3)) if M else np.zeros(C)  # (C,)
+        var = ((x - mean[None, :, None, None]) ** 2).mean(axis=(0, 2, 3)) if M else np.zeros(C)
+        if running_mean is not None and M:
+            running_mean[...] = (1 - momentum) * _f64(running_mean) + momentum * mean
+            running_var[...] = (1 - momentum) * _f64(running_var) + momentum * var * M / (M - 1)
+        save_mean, save_invstd = mean, 1 / np.sqrt(var + eps)
+    else:
+        mean, var = _f64(running_mean), _f64(running_var)
+        save_mean, save_invstd = np.zeros(0), np.zeros(0)
+    invstd = 1 / np.sqrt(var + eps)  # (C,)
+    xhat = (x - mean[None, :, None, None]) * invstd[None, :, None, None]
+    y = xhat * w[None, :, None, None] + b[None, :, None, None]
+    return _out(y), _out(save_mean), _out(save_invstd)
+
+
+def batch_norm2d_backward(dy, x, weight, mean, invstd, training=True):
+    """Gradients of batch_norm2d; returns (dx, dweight, dbias).
+
+    Inverts:
+        xhat = (x - mean[None, :, None, None]) * invstd[None, :, None, None]
+        y = xhat * w[None, :, None, None] + b[None, :, None, None]
+    dbias = sum(dy), dweight = sum(dy * xhat) per channel. In evaluation mode mean and invstd
+    (the running statistics') are constants: dx = dy * w * invstd. In training they are the
+    batch's, functions of every x of the channel:
+        dmean/dx = 1 / M,  dvar/dx = 2 (x - mean) / M,  dinvstd/dvar = -invstd^3 / 2
+    which together give dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)).
+    """
+    dy = _f64(dy)  # dy (N, C, H, W)
+    x = _f64(x)  # x (N, C, H, W)
+    N, C, H, W = x.shape
+    M = N * H * W
+    w = np.ones(C) if weight is None else _f64(weight)  # (C,)
+    channel = (slice(None), None, None)  # (C,) -> (C, 1, 1), broadcast over (N, C, H, W)
+    xhat = (x - _f64(mean)[channel]) * _f64(invstd)[channel]
+    dbias = dy.sum(axis=(0, 2, 3))  # (C,)
+    dweight = (dy * xhat).sum(axis=(0, 2, 3))  # (C,)
+    scale = (w * _f64(invstd))[channel]
+    if not training or M == 0:
+        return _out(dy * scale), _out(dweight), _out(dbias)
+    dx = scale * (dy - dbias[channel] / M - xhat * dweight[channel] / M)
+    return _out(dx), _out(dweight), _out(dbias)
 
 
 # ---------------------------------------------------------------------------------------

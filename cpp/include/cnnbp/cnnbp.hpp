@@ -3,6 +3,7 @@
 
 #include "cnnbp/activation.hpp"
 #include "cnnbp/adaptive_pool2d.hpp"
+#include "cnnbp/batch_norm2d.hpp"
 #include "cnnbp/conv2d.hpp"
 #include "cnnbp/dropout.hpp"
 #include "cnnbp/errors.hpp"

@@ -13,6 +13,8 @@
 //                      lists (cnnbp/registry.hpp), nothing else
 //   0.weight.npy, ...  each parameter under its torch name, little-endian float32/float64,
 //                      C order, the shapes the architecture implies
+//   1.running_mean.npy, ...  each buffer under its torch name after the parameters: running
+//                      statistics in the model's dtype, num_batches_tracked int64 of shape ()
 //   optimizer.npy      (optional) an optimizer's settings, JSON {"type": "SGD", "version": 1,
 //                      "lr": 0.1, "hyperparameters": {...exactly the type's settings()...},
 //                      "steps": [per parameter: Adam's step count, or null]}

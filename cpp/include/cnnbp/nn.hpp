@@ -68,6 +68,14 @@ struct Parameter {
     void clear_grad() { grad_set = false; }
 };
 
+// A layer's state that is not trained but saved with it (BatchNorm2d's running statistics):
+// a tensor of the layer's T, or an int64 counter (num_batches_tracked, shape ()).
+template <typename T>
+struct Buffer {
+    Tensor<T>* values = nullptr;  // one of the two is set
+    Tensor<int64_t>* counts = nullptr;
+};
+
 // Seeds the one generator that initializes new layers' weights (Kaiming-uniform, as
 // torch's default) and draws Dropout's seeds: the same seed gives the same layers in C++
 // and in Python (cnnbp.manual_seed).
@@ -96,6 +104,9 @@ class Layer {
     virtual void zero_grad() {
         for (auto& named : named_parameters()) named.second->clear_grad();
     }
+    // (name, buffer) pairs with torch's names: "running_mean", "running_var",
+    // "num_batches_tracked"; a container prefixes them as its parameters ("1.running_mean").
+    virtual std::vector<std::pair<std::string, Buffer<T>>> named_buffers() { return {}; }
     // "Conv2d", "ReLU", ...
     virtual std::string type() const = 0;
     // The arguments the layer was built from (all of them, normalized); nullptr for a
@@ -244,6 +255,18 @@ class AvgPool2dOptions : public Pool2dWindowOptions<AvgPool2dOptions> {
     AvgPool2dOptions& divisor_override(int64_t d) { return set("divisor_override", d); }
 };
 
+class BatchNorm2dOptions : public LayerOptions<BatchNorm2dOptions> {
+ public:
+    explicit BatchNorm2dOptions(int64_t num_features) { set("num_features", num_features); }
+    BatchNorm2dOptions& eps(double e) { return set("eps", e); }
+    // std::nullopt (torch's None): the cumulative moving average, factor 1 / num_batches_tracked
+    BatchNorm2dOptions& momentum(std::optional<double> m) {
+        return set("momentum", m ? json::Value(*m) : json::Value(nullptr));
+    }
+    BatchNorm2dOptions& affine(bool a) { return set("affine", a); }
+    BatchNorm2dOptions& track_running_stats(bool t) { return set("track_running_stats", t); }
+};
+
 template <typename T>
 class Conv2d : public WeightedLayer<T> {
  public:
@@ -341,6 +364,42 @@ class AdaptiveAvgPool2d : public Layer<T> {
  private:
     AdaptiveOutputSize output_size_;
     AdaptivePool2dDims dims_{};
+};
+
+// torch.nn.BatchNorm2d(num_features, eps=1e-5, momentum=0.1, affine=True,
+// track_running_stats=True) on (N, C, H, W), C = num_features. Training mode: the batch's
+// statistics, and (track_running_stats) num_batches_tracked += 1 and the running statistics
+// updated with momentum (nullopt: factor 1 / num_batches_tracked). Evaluation mode: the
+// running statistics (without track_running_stats: the batch's, as torch). affine: weight
+// (ones) and bias (zeros) (C,); the running statistics start at zeros and ones.
+template <typename T>
+class BatchNorm2d : public Layer<T> {
+ public:
+    explicit BatchNorm2d(int64_t num_features);
+    explicit BatchNorm2d(const BatchNorm2dOptions& options);
+    explicit BatchNorm2d(const Config& arguments);
+    const Tensor<T>& forward(const Tensor<T>& input) override;
+    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+    std::string type() const override { return "BatchNorm2d"; }
+    std::vector<std::pair<std::string, Parameter<T>*>> named_parameters() override;
+    std::vector<std::pair<std::string, Buffer<T>>> named_buffers() override;
+    bool affine() const { return affine_; }
+    bool track_running_stats() const { return track_; }
+    const std::optional<double>& momentum() const { return momentum_; }
+    double eps() const { return eps_; }
+    Parameter<T> weight, bias;            // (C,) with affine, else empty
+    Tensor<T> running_mean, running_var;  // (C,) with track_running_stats, else empty
+    Tensor<int64_t> num_batches_tracked;  // shape (), with track_running_stats
+
+ private:
+    int64_t C_;
+    double eps_;
+    std::optional<double> momentum_;
+    bool affine_, track_;
+    bool batch_statistics_ = true;  // whether the last forward normalized with the batch's
+    Tensor<T> mean_, invstd_;       // the statistics the last forward normalized with
+    Tensor<T> dweight_, dbias_;
+    BatchNorm2dDims dims_{};
 };
 
 // An elementwise activation: output = Kind::forward(input), and grad_input =
@@ -581,6 +640,8 @@ class Container : public Layer<T> {
     virtual std::vector<std::pair<std::string, Layer<T>*>> named_children() const = 0;
     // "0.weight", "block.1.bias", ... with the children's own names
     std::vector<std::pair<std::string, Parameter<T>*>> named_parameters() override;
+    // "1.running_mean", "3.block.1.num_batches_tracked", ...
+    std::vector<std::pair<std::string, Buffer<T>>> named_buffers() override;
     std::vector<Parameter<T>*> parameters();
     void zero_grad() override;
     void train(bool mode = true) override;

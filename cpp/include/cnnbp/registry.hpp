@@ -32,12 +32,15 @@ enum class FieldKind {
     // an integer or a pair [h, w] whose elements are integers >= minimum or null, kept as
     // [h, w]; not null itself (AdaptiveAvgPool2d's output_size: null keeps the input's size)
     OptionalPair,
+    // a number in [0, 1], or null (BatchNorm2d's momentum: null is the cumulative average)
+    OptionalProbability,
 };
 
 // Whether null is a value of the kind (Seed, OptionalInt): a null default is then a default,
 // not a required argument.
 inline bool takes_null(FieldKind kind) {
-    return kind == FieldKind::Seed || kind == FieldKind::OptionalInt;
+    return kind == FieldKind::Seed || kind == FieldKind::OptionalInt ||
+           kind == FieldKind::OptionalProbability;
 }
 
 // One argument of a layer's constructor (Python's and C++'s), in order.
@@ -81,6 +84,7 @@ class Config {
     const std::string& text(const std::string& name) const;  // a Choice field
     std::optional<uint64_t> seed(const std::string& name) const;
     std::optional<int64_t> optional_integer(const std::string& name) const;
+    std::optional<double> optional_number(const std::string& name) const;  // OptionalProbability
     // an OptionalPair field: [h, w], each nullopt for null
     std::array<std::optional<int64_t>, 2> optional_pair(const std::string& name) const;
     // a Padding field: "same", "valid" or "" for a pair (then read by pair())
@@ -110,8 +114,8 @@ struct LayerType {
     std::vector<Field> fields;
     // what the trace shows beyond input, output and gradients ("indices", "mask")
     std::vector<std::string> trace_extras;
-    // how many parameter values a layer of this config holds, checked before building it
-    // (nullptr: none)
+    // how many parameter and buffer values a layer of this config holds, checked before
+    // building it (nullptr: none; a layer that has one has a dtype, in Python too)
     int64_t (*parameter_count)(const Config&) = nullptr;
     std::shared_ptr<Layer<float>> (*build_f32)(const Config&) = nullptr;
     std::shared_ptr<Layer<double>> (*build_f64)(const Config&) = nullptr;

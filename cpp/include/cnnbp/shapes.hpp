@@ -190,6 +190,33 @@ Shape adaptive_pool2d_output_shape(const AdaptivePool2dDims& dims);
 AdaptivePool2dDims adaptive_avg_pool2d_backward_dims(const Shape& doutput, const Shape& input_shape,
                                                      const AdaptiveOutputSize& output_size);
 
+// ---- batch_norm2d --------------------------------------------------------------------------
+// torch's batch_norm options, parsed once and shared by the forward and the backward.
+struct BatchNorm2dParams {
+    bool training = true;   // batch statistics (and the running stats updated), else running
+    double momentum = 0.1;  // running = (1 - momentum) * running + momentum * batch, in [0, 1]
+    double eps = 1e-5;      // added to the variance, > 0
+};
+// momentum in [0, 1] and eps a finite number > 0 (NaN refused): "[op] eps: expected a
+// number > 0, got 0".
+BatchNorm2dParams batch_norm2d_params(const char* op, bool training, double momentum, double eps);
+
+struct BatchNorm2dDims {
+    int64_t N, C, H, W;  // input (N, C, H, W); statistics over N * H * W values per channel
+};
+// input (N, C, H, W) (N may be 0, the other dims >= 1); weight, bias, running_mean and
+// running_var (C,) or nullptr; running_mean and running_var given together. Training needs
+// more than one value per channel (N * H * W > 1, or an empty batch), as torch; evaluation
+// needs the running statistics.
+BatchNorm2dDims batch_norm2d_dims(const char* op, const Shape& input, const Shape* weight,
+                                  const Shape* bias, const Shape* running_mean,
+                                  const Shape* running_var, const BatchNorm2dParams& params);
+// batch_norm2d_backward: input (N, C, H, W), doutput its shape, weight (C,) or nullptr, mean
+// and invstd (C,).
+BatchNorm2dDims batch_norm2d_backward_dims(const Shape& doutput, const Shape& input,
+                                           const Shape* weight, const Shape& mean,
+                                           const Shape& invstd);
+
 // ---- threads -------------------------------------------------------------------------------
 // set_num_threads: n in [1, kMaxThreads]. More threads than any CPU has would not run
 // faster, and OpenMP ends the process when it cannot start or allocate a team of them.
