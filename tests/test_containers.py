@@ -13,9 +13,9 @@ F32, F64 = np.float32, np.float64
 
 
 def nested_model(lib, dtype=F64, residual=None, concat=None):
-    """A network with every kind of nesting: a plain Residual, a Residual with a strided
-    shortcut, a Concat whose branches are a Sequential, a pool and a Residual. `lib` is
-    cnnbp.nn or torch.nn (with the torch containers below)."""
+    """A network with every kind of nesting: a plain Residual (with a BatchNorm2d inside), a
+    Residual with a strided shortcut, a Concat whose branches are a Sequential, a pool and a
+    Residual. `lib` is cnnbp.nn or torch.nn (with the torch containers below)."""
     residual = residual or lib.Residual
     concat = concat or lib.Concat
     kw = {"dtype": dtype} if lib is nn else {}
@@ -25,6 +25,7 @@ def nested_model(lib, dtype=F64, residual=None, concat=None):
         residual(
             lib.Sequential(
                 lib.Conv2d(4, 4, 3, padding=1, **kw),
+                lib.BatchNorm2d(4, **kw),
                 lib.Tanh(),
                 lib.Conv2d(4, 4, 3, padding=1, **kw),
             )
@@ -162,7 +163,7 @@ def test_trace_names_every_module_by_its_dotted_path():
     trace = dict(model.trace())
     assert list(trace) == [
         "0", "1",
-        "2", "2.block", "2.block.0", "2.block.1", "2.block.2",
+        "2", "2.block", "2.block.0", "2.block.1", "2.block.2", "2.block.3",
         "3", "3.block", "3.block.0", "3.block.1", "3.shortcut",
         "4", "4.0", "4.0.0", "4.0.1", "4.1", "4.2", "4.2.block",
         "5", "6", "7",
@@ -176,7 +177,7 @@ def test_trace_names_every_module_by_its_dotted_path():
         r["grad_input"], trace["3.block.0"]["grad_input"] + trace["3.shortcut"]["grad_input"]
     )
     np.testing.assert_array_equal(
-        trace["2"]["output"], trace["2.block.2"]["output"] + trace["2"]["input"]
+        trace["2"]["output"], trace["2.block.3"]["output"] + trace["2"]["input"]
     )
     np.testing.assert_array_equal(
         trace["2"]["grad_input"], trace["2.block.0"]["grad_input"] + trace["2"]["grad_output"]
@@ -197,6 +198,13 @@ def test_state_dict_keys_are_dotted_paths():
     model = nested_model(nn, F64)
     keys = list(model.state_dict())
     assert keys[:4] == ["0.weight", "0.bias", "2.block.0.weight", "2.block.0.bias"]
+    assert keys[4:9] == [
+        "2.block.1.weight",
+        "2.block.1.bias",
+        "2.block.1.running_mean",
+        "2.block.1.running_var",
+        "2.block.1.num_batches_tracked",
+    ]
     assert "3.shortcut.weight" in keys and "4.0.0.weight" in keys and "4.2.block.weight" in keys
     assert keys[-1] == "7.bias"
 
