@@ -7,6 +7,9 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
+#include <mutex>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -81,10 +84,70 @@ py::array_t<T, py::array::c_style> contiguous(const py::array& a) {
     return py::array_t<T, py::array::c_style>(py::reinterpret_borrow<py::object>(a));
 }
 
-// A new uninitialized C-contiguous array.
+// Storage for large new arrays, kept for reuse after their arrays die. A memory-bound
+// kernel on megabytes (batch norm, pooling, activations) takes about as long as the kernel
+// that faults fresh pages in, and glibc hands large freed blocks back to the system
+// (a new mapping, or the heap's top trimmed), so every call would pay again. Blocks of at
+// least kMinBytes go back to this pool instead, up to kMaxKept bytes in all, and the next
+// array of the same rounded size takes one. Smaller arrays come from NumPy as usual.
+class BlockPool {
+ public:
+    static constexpr size_t kMinBytes = size_t(1) << 20;
+    static constexpr size_t kMaxKept = size_t(64) << 20;
+    static constexpr size_t kHeader = 64;  // the block's size, before the 64-byte aligned data
+
+    static BlockPool& instance() {
+        static BlockPool* pool = new BlockPool;  // never destroyed: arrays may outlive statics
+        return *pool;
+    }
+    // Data of at least `bytes`, 64-byte aligned; release() gives it back.
+    void* take(size_t bytes) {
+        const size_t size = (bytes + 4095) / 4096 * 4096;
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            for (size_t i = free_.size(); i-- > 0;)
+                if (free_[i].first == size) {
+                    void* data = free_[i].second;
+                    free_.erase(free_.begin() + std::ptrdiff_t(i));
+                    kept_ -= size;
+                    return data;
+                }
+        }
+        auto* block = static_cast<char*>(std::aligned_alloc(64, kHeader + size));
+        if (!block) throw std::bad_alloc();
+        *reinterpret_cast<size_t*>(block) = size;
+        return block + kHeader;
+    }
+    void release(void* data) {
+        char* block = static_cast<char*>(data) - kHeader;
+        const size_t size = *reinterpret_cast<size_t*>(block);
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            if (kept_ + size <= kMaxKept) {
+                free_.emplace_back(size, data);
+                kept_ += size;
+                return;
+            }
+        }
+        std::free(block);
+    }
+
+ private:
+    std::mutex mutex_;
+    std::vector<std::pair<size_t, void*>> free_;  // (rounded size, data), the newest last
+    size_t kept_ = 0;
+};
+
+// A new uninitialized C-contiguous array (large ones on BlockPool's storage).
 template <typename T>
 py::array_t<T> empty_like_shape(const Shape& shape) {
-    return py::array_t<T>(py::array::ShapeContainer(shape.begin(), shape.end()));
+    py::array::ShapeContainer dims(shape.begin(), shape.end());
+    size_t bytes = sizeof(T);
+    for (int64_t d : shape) bytes *= size_t(d);  // checked against kMaxElements by the ops
+    if (bytes < BlockPool::kMinBytes) return py::array_t<T>(std::move(dims));
+    void* data = BlockPool::instance().take(bytes);
+    py::capsule owner(data, [](void* p) { BlockPool::instance().release(p); });
+    return py::array_t<T>(std::move(dims), static_cast<T*>(data), owner);
 }
 
 // Integer arrays (class labels, pooling indices) as C-contiguous int64.
