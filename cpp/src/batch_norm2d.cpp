@@ -40,6 +40,24 @@ double channel_sum(const BatchNorm2dDims& d, int64_t c, const F& f) {
     return sum;
 }
 
+// Two sums at once over channel c's values: f(i, a, b) adds to the two sums, over 8 lanes
+// each as lane_sum, plane by plane; sum_a and sum_b get the totals.
+template <typename F>
+void channel_sums(const BatchNorm2dDims& d, int64_t c, const F& f, double& sum_a, double& sum_b) {
+    const int64_t HW = d.H * d.W;
+    sum_a = sum_b = 0;
+    for (int64_t n = 0; n < d.N; ++n) {
+        const int64_t offset = (n * d.C + c) * HW;
+        double a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t i = 0;
+        for (; i + 8 <= HW; i += 8)
+            for (int k = 0; k < 8; ++k) f(offset + i + k, a[k], b[k]);
+        for (int k = 0; i < HW; ++i, ++k) f(offset + i, a[k], b[k]);
+        sum_a += ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+        sum_b += ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7]));
+    }
+}
+
 // out[i] = g(i) for channel c's values
 template <typename G>
 void channel_map(const BatchNorm2dDims& d, int64_t c, const G& g) {
@@ -105,11 +123,16 @@ void batch_norm2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, co
         for (int64_t c = begin; c < end; ++c) {
             const double mu = double(mean[c]), is = double(invstd[c]);
             const double w = weight ? double(weight[c]) : 1.0;
-            // dbias = sum(dy); dweight = sum(dy * (x - mean)) * invstd
-            const double sum_dy =
-                channel_sum<T>(d, c, [&](int64_t i) { return double(doutput[i]); });
-            const double sum_dy_xmu = channel_sum<T>(
-                d, c, [&](int64_t i) { return double(doutput[i]) * (double(input[i]) - mu); });
+            // dbias = sum(dy); dweight = sum(dy * (x - mean)) * invstd: both in one pass
+            double sum_dy = 0, sum_dy_xmu = 0;
+            channel_sums(
+                d, c,
+                [&](int64_t i, double& a, double& b) {
+                    const double dy = double(doutput[i]);
+                    a += dy;
+                    b += dy * (double(input[i]) - mu);
+                },
+                sum_dy, sum_dy_xmu);
             if (dbias) dbias[c] = T(sum_dy);
             if (dweight) dweight[c] = T(sum_dy_xmu * is);
             const T a = T(w * is);
