@@ -53,7 +53,9 @@ def test_another_architecture_is_one_table_entry(dataset, monkeypatch):
             nn.Linear(4 * h * w, num_outputs, dtype=dtype),
         )
 
-    monkeypatch.setitem(train.ARCHITECTURES, "nested", nested)
+    monkeypatch.setitem(
+        train.ARCHITECTURES, "nested", train.Architecture(nested, "a nested network")
+    )
     result = train.fit(dataset, epochs=2, arch="nested")
     assert isinstance(result.model[0], nn.Sequential)
     norms = result.gradient_norms

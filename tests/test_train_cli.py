@@ -222,8 +222,8 @@ def test_arch_is_a_choice_and_the_text_report_shows_the_gradient_norms(dataset):
         result.stdout
     )
     assert "  0 Conv2d  " in result.stdout and "  7 Linear  " in result.stdout
-    refused = run("train", "--arch", "resnet")
-    assert refused.returncode == 2 and "--arch: invalid choice: 'resnet'" in refused.stderr
+    refused = run("train", "--arch", "mlp")
+    assert refused.returncode == 2 and "--arch: invalid choice: 'mlp'" in refused.stderr
 
 
 def test_plot_writes_a_png(dataset, tmp_path):

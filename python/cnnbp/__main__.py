@@ -26,7 +26,6 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import (
         ARCHITECTURES,
         DEFAULT_BATCH_SIZE,
-        DEFAULT_EPOCHS,
         DEFAULT_MOMENTUM,
         OPTIMIZERS,
         SCHEDULES,
@@ -44,14 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--arch",
         choices=sorted(ARCHITECTURES),
         default="cnn",
-        help="the network (default cnn: conv-ReLU-pool x2 + linear)",
+        help="the network: "
+        + "; ".join(f"{name}: {spec.description}" for name, spec in ARCHITECTURES.items())
+        + " (default cnn)",
     )
     train.add_argument(
         "--epochs",
         type=_positive_int,
         default=None,
-        help=f"passes over the training images (default "
-        f"{DEFAULT_EPOCHS['digits']}, {DEFAULT_EPOCHS['mnist']} for MNIST)",
+        help="passes over the training images (default: the architecture's, "
+        + ", ".join(
+            f"{name} {spec.epochs['digits']} ({spec.epochs['mnist']} for MNIST)"
+            for name, spec in ARCHITECTURES.items()
+        )
+        + ")",
     )
     train.add_argument(
         "--batch-size",
@@ -66,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="learning rate (default: "
         + ", ".join(f"{name} {choice.default_lr:g}" for name, choice in OPTIMIZERS.items())
-        + ")",
+        + "; sgd and nesterov 0.1 with --arch resnet)",
     )
     train.add_argument(
         "--momentum",
@@ -77,15 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--schedule",
         choices=sorted(SCHEDULES),
-        default="constant",
-        help="learning rate per epoch: constant (default), step (x0.1 every "
-        "third of the epochs) or cosine (down to 0 at the last epoch)",
+        default=None,
+        help="learning rate per epoch: constant, step (x0.1 every third of the epochs) or "
+        "cosine (down to 0 at the last epoch); default: the architecture's (cnn constant, "
+        "resnet cosine)",
     )
     train.add_argument(
         "--weight-decay",
         type=_nonnegative_float,
-        default=0.0,
-        help="L2 penalty added to the gradient (default 0)",
+        default=None,
+        help="L2 penalty added to the gradient (default: the architecture's, cnn 0, resnet 5e-4)",
     )
     train.add_argument(
         "--save",

@@ -219,17 +219,111 @@ def build_model(input_shape, num_outputs, dtype=np.float32, channels=CONV_CHANNE
     )
 
 
-# `cnnbp train --arch NAME`: build(input_shape (C, H, W), num_outputs, dtype) -> a model
+RESNET_WIDTHS = (16, 32)  # channels of the two stages; the second halves the image
+RESNET_BLOCKS = 2  # BasicBlocks per stage
+
+
+def basic_block(in_channels, out_channels, stride=1, dtype=np.float32):
+    """He et al.'s BasicBlock, then ReLU: y = relu(BN(conv3x3(relu(BN(conv3x3(x))))) + x),
+    with the skip path a strided 1x1 conv + BN where the block changes the shape."""
+    block = nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False, dtype=dtype),
+        nn.BatchNorm2d(out_channels, dtype=dtype),
+        nn.ReLU(),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False, dtype=dtype),
+        nn.BatchNorm2d(out_channels, dtype=dtype),
+    )
+    shortcut = None
+    if stride != 1 or in_channels != out_channels:
+        shortcut = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False, dtype=dtype),
+            nn.BatchNorm2d(out_channels, dtype=dtype),
+        )
+    return [nn.Residual(block, shortcut), nn.ReLU()]
+
+
+def build_resnet(
+    input_shape, num_outputs, dtype=np.float32, widths=RESNET_WIDTHS, blocks=RESNET_BLOCKS
+):
+    """A small ResNet: conv3x3-BN-ReLU stem, `blocks` BasicBlocks per stage (each stage after
+    the first starts with stride 2), global average pooling, one linear layer."""
+    c, h, w = (int(v) for v in input_shape)
+    if h < 2 ** (len(widths) - 1) or w < 2 ** (len(widths) - 1):
+        raise ValueError(
+            f"[train] x: expected images of at least {2 ** (len(widths) - 1)} pixels a side "
+            f"(one stride-2 stage per width after the first), got {h}x{w}"
+        )
+    layers = [
+        nn.Conv2d(c, widths[0], 3, padding=1, bias=False, dtype=dtype),
+        nn.BatchNorm2d(widths[0], dtype=dtype),
+        nn.ReLU(),
+    ]
+    channels = widths[0]
+    for stage, width in enumerate(widths):
+        for i in range(blocks):
+            stride = 2 if stage > 0 and i == 0 else 1
+            layers += basic_block(channels, width, stride, dtype)
+            channels = width
+    layers += [
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(channels, num_outputs, dtype=dtype),
+    ]
+    return nn.Sequential(*layers)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One entry of `cnnbp train --arch NAME`: build(input_shape (C, H, W), num_outputs,
+    dtype) -> a model, and the training settings it is tuned for (used where the command
+    line leaves them out)."""
+
+    build: Callable
+    description: str
+    epochs: dict = field(default_factory=lambda: dict(DEFAULT_EPOCHS))  # per dataset
+    sgd_lr: float | None = None  # the SGD rate (None: the optimizer's default)
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+
+
 ARCHITECTURES = {
-    "cnn": build_model,
+    "cnn": Architecture(build_model, "conv-ReLU-pool x2 + linear"),
+    "resnet": Architecture(
+        build_resnet,
+        "BasicBlocks with BatchNorm, 16 and 32 channels, a strided stage, global average pool",
+        epochs={"digits": 20, "npz": 20, "mnist": 3},
+        sgd_lr=0.1,
+        schedule="cosine",
+        weight_decay=5e-4,
+    ),
 }
+
+
+def architecture(arch):
+    """The ARCHITECTURES entry named `arch`."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"[train] arch: expected one of {sorted(ARCHITECTURES)}, got {arch!r}")
+    return ARCHITECTURES[arch]
 
 
 def make_model(arch, input_shape, num_outputs, dtype=np.float32):
     """The network registered as `arch` in ARCHITECTURES, for images of input_shape."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"[train] arch: expected one of {sorted(ARCHITECTURES)}, got {arch!r}")
-    return ARCHITECTURES[arch](input_shape, num_outputs, dtype=dtype)
+    return architecture(arch).build(input_shape, num_outputs, dtype=dtype)
+
+
+def training_settings(
+    arch, dataset_name, optimizer, epochs=None, lr=None, schedule=None, weight_decay=None
+):
+    """(epochs, lr, schedule, weight_decay): those given, else the architecture's."""
+    spec = architecture(arch)
+    if epochs is None:
+        epochs = spec.epochs[dataset_name]
+    if lr is None:
+        choice = _choice(optimizer)
+        lr = spec.sgd_lr if spec.sgd_lr is not None and choice.uses_momentum else choice.default_lr
+    schedule = spec.schedule if schedule is None else schedule
+    weight_decay = spec.weight_decay if weight_decay is None else weight_decay
+    return epochs, lr, schedule, weight_decay
 
 
 def loss_function(binary):
@@ -424,11 +518,11 @@ def fit(
     optimizer="sgd",
     lr=None,
     momentum=None,
-    weight_decay=0.0,
+    weight_decay=None,
     seed=0,
     progress=False,
     log=None,
-    schedule="constant",
+    schedule=None,
     arch="cnn",
     record_gradients=True,
 ):
@@ -442,7 +536,9 @@ def fit(
     Parameter.grad after each step (the gradient of the batch's loss at the weights before
     the step; weight decay not included) -- see parameter_layers and gradient_norm.
     """
-    epochs = DEFAULT_EPOCHS[dataset.name] if epochs is None else epochs
+    epochs, lr, schedule, weight_decay = training_settings(
+        arch, dataset.name, optimizer, epochs, lr, schedule, weight_decay
+    )
     if epochs < 1:
         raise ValueError(f"[train] epochs: expected >= 1, got {epochs}")
     x_train, y_train = dataset.x_train, dataset.y_train
@@ -715,8 +811,15 @@ def run_train(args) -> int:
             raise ImportError(f"[train] plot: matplotlib is needed for --plot: {data._EXTRA_HINT}")
     _set_threads(args)
     dataset = _load_data(args)
-    epochs = DEFAULT_EPOCHS[dataset.name] if args.epochs is None else args.epochs
-    lr = OPTIMIZERS[args.optimizer].default_lr if args.lr is None else args.lr
+    epochs, lr, schedule_name, weight_decay = training_settings(
+        args.arch,
+        dataset.name,
+        args.optimizer,
+        args.epochs,
+        args.lr,
+        args.schedule,
+        args.weight_decay,
+    )
     say = (lambda *a, **k: None) if args.json else print
     say(f"data: {dataset.description}")
     say(
@@ -725,10 +828,11 @@ def run_train(args) -> int:
     )
     momentum = optimizer_momentum(args.optimizer, args.momentum)
     momentum = "" if momentum is None else f", momentum {momentum:g}"
-    schedule = "" if args.schedule == "constant" else f", {args.schedule} schedule"
+    schedule = "" if schedule_name == "constant" else f", {schedule_name} schedule"
+    decay = f", weight decay {weight_decay:g}" if weight_decay else ""
     say(
         f"training: {epochs} epochs, batch {args.batch_size}, {args.optimizer} lr {lr:g}"
-        f"{momentum}{schedule}, seed {args.seed}, arch {args.arch}"
+        f"{momentum}{schedule}{decay}, seed {args.seed}, arch {args.arch}"
     )
 
     result = fit(
@@ -738,11 +842,11 @@ def run_train(args) -> int:
         optimizer=args.optimizer,
         lr=lr,
         momentum=args.momentum,
-        weight_decay=args.weight_decay,
+        weight_decay=weight_decay,
         seed=args.seed,
         progress=not args.quiet,
         log=say,
-        schedule=args.schedule,
+        schedule=schedule_name,
         arch=args.arch,
     )
     model = result.model
