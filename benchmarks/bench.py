@@ -93,6 +93,7 @@ CASES = [
     batch_norm((32, 64, 32, 32)),
     ("training step, seed network, N=1", "step", dict(network="seed")),
     ("training step, small CNN, N=64 28x28", "step", dict(network="small_cnn")),
+    ("training step, ResNet (--arch resnet), N=64 28x28", "step", dict(network="resnet")),
 ]
 
 
@@ -139,6 +140,63 @@ def small_cnn(lib):
     )
 
 
+# cnnbp.train.build_resnet's network (its widths and blocks per stage), written for both
+# libraries; the cnnbp worker checks that it is the same network as build_resnet's
+RESNET_WIDTHS, RESNET_BLOCKS = (16, 32), 2
+
+
+def resnet(lib, residual=None):
+    """The `cnnbp train --arch resnet` network for 1x28x28 images and 10 classes."""
+    residual = residual or lib.Residual
+
+    def conv(cin, cout, k, stride=1):
+        return lib.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False)
+
+    layers = [conv(1, RESNET_WIDTHS[0], 3), lib.BatchNorm2d(RESNET_WIDTHS[0]), lib.ReLU()]
+    channels = RESNET_WIDTHS[0]
+    for stage, width in enumerate(RESNET_WIDTHS):
+        for i in range(RESNET_BLOCKS):
+            stride = 2 if stage > 0 and i == 0 else 1
+            block = lib.Sequential(
+                conv(channels, width, 3, stride),
+                lib.BatchNorm2d(width),
+                lib.ReLU(),
+                conv(width, width, 3),
+                lib.BatchNorm2d(width),
+            )
+            shortcut = None
+            if stride != 1 or channels != width:
+                shortcut = lib.Sequential(conv(channels, width, 1, stride), lib.BatchNorm2d(width))
+            layers += [residual(block, shortcut), lib.ReLU()]
+            channels = width
+    layers += [lib.AdaptiveAvgPool2d(1), lib.Flatten(), lib.Linear(channels, 10)]
+    return lib.Sequential(*layers)
+
+
+def torch_resnet(lib):
+    import torch
+
+    class Residual(torch.nn.Module):  # y = block(x) + (x or shortcut(x)), as nn.Residual
+        def __init__(self, block, shortcut=None):
+            super().__init__()
+            self.block, self.shortcut = block, shortcut
+
+        def forward(self, x):
+            return self.block(x) + (x if self.shortcut is None else self.shortcut(x))
+
+    return resnet(lib, Residual)
+
+
+def cnnbp_resnet(lib):
+    from cnnbp import train
+
+    model = resnet(lib)
+    built = train.build_resnet((1, 28, 28), 10)
+    if repr(model) != repr(built):
+        raise RuntimeError("bench.py's resnet is not cnnbp.train.build_resnet's network")
+    return model
+
+
 def step_problem(network):
     """(network(lib), X, target, loss class name) of a training-step case."""
     import numpy as np
@@ -148,6 +206,8 @@ def step_problem(network):
         X = rng.standard_normal((1, 1, 6, 6), dtype=np.float32)
         return seed_network, X, np.ones((1, 1), np.float32), "BCELoss"
     X = rng.standard_normal((64, 1, 28, 28), dtype=np.float32)
+    if network == "resnet":
+        return resnet, X, rng.integers(0, 10, 64), "CrossEntropyLoss"
     return small_cnn, X, rng.integers(0, 10, 64), "CrossEntropyLoss"
 
 
@@ -222,7 +282,7 @@ def cnnbp_step_parts(network):
     from cnnbp import nn, optim
 
     network, X, target, loss = step_problem(network)
-    model = network(nn)
+    model = cnnbp_resnet(nn) if network is resnet else network(nn)
     loss_fn, opt = getattr(nn, loss)(), optim.SGD(model.parameters(), lr=0.01)
 
     def calls():
@@ -318,7 +378,7 @@ def torch_step(network):
     import torch
 
     network, X, target, loss = step_problem(network)
-    model = network(torch.nn)
+    model = torch_resnet(torch.nn) if network is resnet else network(torch.nn)
     loss_fn, opt = getattr(torch.nn, loss)(), torch.optim.SGD(model.parameters(), lr=0.01)
     tX, ttarget = torch.tensor(X), torch.tensor(target)
 
