@@ -5,8 +5,10 @@ import os
 import subprocess
 import sys
 
+import cnnbp
 import numpy as np
 import pytest
+from cnnbp import nn
 
 
 def run(*args, timeout=180):
@@ -290,3 +292,27 @@ def test_bad_data_and_paths_exit_2_with_a_message(dataset, tmp_path):
         result = run(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_resnet_trains_with_its_settings_and_evaluates_in_eval_mode(dataset, tmp_path):
+    model = tmp_path / "resnet.npz"
+    trained = run_json(
+        "train", "--npz", dataset, "--arch", "resnet", "--epochs", 8, "--save", model, "--seed", 1
+    )
+    assert trained["arch"] == "resnet" and trained["lr"] == 0.1  # the architecture's SGD rate
+    assert trained["test_accuracy"] > 0.6  # in eval mode: the running statistics
+    # every convolution and BatchNorm2d is a layer of the gradient flow, by dotted path
+    types = trained["layer_types"]
+    assert types["0"] == "Conv2d" and types["1"] == "BatchNorm2d"
+    assert types["3.block.0"] == "Conv2d" and types["7.shortcut.1"] == "BatchNorm2d"
+    assert all(len(norms) == 8 for norms in trained["gradient_norms"].values())
+    # the saved file holds the nested model with its running statistics; evaluate runs it
+    # in eval mode (running statistics), as train's own test evaluation did
+    loaded = cnnbp.load(model)
+    assert isinstance(loaded[3], nn.Residual) and loaded[7].shortcut is not None
+    assert int(loaded.state_dict()["1.num_batches_tracked"]) == 8 * 4  # 120 images, batch 32
+    evaluated = run_json("evaluate", model, "--npz", dataset, "--seed", 1)
+    assert evaluated["test_accuracy"] == trained["test_accuracy"]
+    assert evaluated["test_loss"] == pytest.approx(trained["test_loss"], rel=1e-6)
+    text = run("train", "--npz", dataset, "--arch", "resnet", "--epochs", 1, "--quiet")
+    assert "sgd lr 0.1, momentum 0.9, cosine schedule, weight decay 0.0005" in text.stdout

@@ -16,6 +16,7 @@
 #include "cnnbp/loss.hpp"
 #include "cnnbp/optim.hpp"
 #include "cnnbp/pool2d.hpp"
+#include "parallel.hpp"
 
 namespace cnnbp::nn {
 
@@ -786,13 +787,15 @@ bool reaches(const Layer<T>* layer, const Layer<T>* target) {
     return false;
 }
 
-// out = a + b, elementwise (the caller checked the shapes)
+// out = a + b, elementwise (the caller checked the shapes); threads split the elements
 template <typename T>
 void add_into(Tensor<T>& out, const Tensor<T>& a, const Tensor<T>& b) {
     out.resize(a.shape);
     T* o = out.data.data();
     const T *x = a.data.data(), *y = b.data.data();
-    for (int64_t i = 0, n = a.size(); i < n; ++i) o[i] = x[i] + y[i];
+    detail::parallel_for(a.size(), a.size(), [=](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) o[i] = x[i] + y[i];
+    });
 }
 
 // Before a container dies: its children that live on (held elsewhere) may point at tensors

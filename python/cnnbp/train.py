@@ -291,7 +291,7 @@ ARCHITECTURES = {
     "resnet": Architecture(
         build_resnet,
         "BasicBlocks with BatchNorm, 16 and 32 channels, a strided stage, global average pool",
-        epochs={"digits": 20, "npz": 20, "mnist": 3},
+        epochs={"digits": 30, "npz": 30, "mnist": 3},
         sgd_lr=0.1,
         schedule="cosine",
         weight_decay=5e-4,
