@@ -693,7 +693,10 @@ def plot_gradient_flow(ax, history, types=None):
     )
     ax.grid(alpha=0.3, which="both")
     if norms:
-        ax.legend(title="layer", fontsize=8)
+        if len(ax.get_lines()) <= 8:
+            ax.legend(title="layer", fontsize=8)
+        else:  # a deep network's many lines: the legend beside the panel, not over it
+            ax.legend(title="layer", fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def plot_training(path, history, model, x_test, evaluation, class_names, title="", max_images=24):
@@ -761,7 +764,7 @@ def plot_training(path, history, model, x_test, evaluation, class_names, title="
             )
         for ax in axes[shown.size :]:
             ax.axis("off")
-    figure.savefig(os.fspath(path), dpi=100)
+    figure.savefig(os.fspath(path), dpi=100, bbox_inches="tight")  # a legend beside a panel
     return figure
 
 
