@@ -328,6 +328,14 @@ def random_layers(rng):
                 "Sigmoid",
                 "Tanh",
                 "Flatten",
+                "LeakyReLU",
+                "GELU",
+                "SiLU",
+                "Identity",
+                "Softmax",
+                "LogSoftmax",
+                "AdaptiveAvgPool2d",
+                "BatchNorm2d",
             ]
         )
         if kind == "Conv2d":
@@ -361,6 +369,23 @@ def random_layers(rng):
             )
         elif kind == "Dropout":
             entry = dict(p=float(rng.choice([0.0, 0.25, 0.5, 1.0])))
+        elif kind == "LeakyReLU":
+            entry = dict(negative_slope=float(rng.choice([0.01, -0.5, 0.2, 3])))
+        elif kind == "GELU":
+            entry = dict(approximate=str(rng.choice(["none", "tanh"])))
+        elif kind in ("Softmax", "LogSoftmax"):
+            entry = dict(dim=int(rng.integers(-3, 4)))
+        elif kind == "AdaptiveAvgPool2d":
+            size = [None if rng.random() < 0.3 else int(rng.integers(1, 6)) for _ in range(2)]
+            entry = dict(output_size=size if size[0] != size[1] or size[0] is None else size[0])
+        elif kind == "BatchNorm2d":
+            entry = dict(
+                num_features=int(rng.integers(1, 9)),
+                eps=float(rng.choice([1e-5, 1e-3, 0.5])),
+                momentum=None if rng.random() < 0.3 else float(rng.choice([0.1, 0.0, 1.0])),
+                affine=bool(rng.random() < 0.5),
+                track_running_stats=bool(rng.random() < 0.7),
+            )
         else:
             entry = {}
         layers.append({"type": str(kind), **entry})
@@ -389,16 +414,22 @@ def test_random_architectures_cross_between_languages_with_the_same_seeded_weigh
         *(
             getattr(nn, e["type"])(
                 **{k: v for k, v in e.items() if k != "type"},
-                **({"dtype": np.dtype(dtype)} if e["type"] in ("Conv2d", "Linear") else {}),
+                **(
+                    {"dtype": np.dtype(dtype)}
+                    if "dtype" in getattr(nn, e["type"]).__signature__.parameters
+                    else {}
+                ),
             )
             for e in layers
         )
     )
     loaded = cnnbp.load(tmp_path / "cpp.npz")
     assert [layer.config() for layer in loaded] == [layer.config() for layer in python_model]
-    for (name, p), (name2, q) in zip(python_model.named_parameters(), loaded.named_parameters()):
-        assert name == name2 and p.data.dtype == q.data.dtype
-        np.testing.assert_array_equal(p.data, q.data)
+    want, got = python_model.state_dict(), loaded.state_dict()  # parameters and buffers
+    assert list(want) == list(got)
+    for name in want:
+        assert want[name].dtype == got[name].dtype, name
+        np.testing.assert_array_equal(want[name], got[name], err_msg=name)
     # and a file Python saves, C++ reads and writes back the same
     python_model.save(tmp_path / "py.npz")
     proc = run_model(programs, tmp_path / "py.npz", tmp_path / "missing-input.txt")
