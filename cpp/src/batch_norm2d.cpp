@@ -2,70 +2,45 @@
 //
 // Every channel is independent: the channels are shared among threads and each channel's
 // statistics and outputs are computed by one thread in one fixed order, so results do not
-// depend on the thread count. A channel's values are N planes of H * W contiguous values
-// (plane n at (n * C + c) * H * W); the statistics are sums in double over 8 running lanes
-// per plane, one pass over the data per statistic (the mean, then the squared deviations
-// from it: exact where a one-pass sum of squares would cancel).
+// depend on the thread count. The loops over a channel's values are in
+// batch_norm2d_kernels.hpp, built for the baseline instruction set and for AVX-512 (the same
+// bits), chosen at run time; the per-channel scalars (square roots, running statistics) are
+// computed here. The statistics are sums in double, one pass over the data per statistic (the
+// mean, then the squared deviations from it: exact where a one-pass sum of squares would
+// cancel).
 #include "cnnbp/batch_norm2d.hpp"
 
 #include <cmath>
 
+#include "batch_norm2d_kernels.hpp"
+#include "isa.hpp"
 #include "parallel.hpp"
 
 namespace cnnbp {
+
+namespace detail {
+BatchNorm2dKernels<float> batch_norm2d_kernels_f32_baseline() { return bn_kernels<float>(); }
+BatchNorm2dKernels<double> batch_norm2d_kernels_f64_baseline() { return bn_kernels<double>(); }
+}  // namespace detail
+
 namespace {
 
-// sum(f(i)) for i in [0, n) in double, over 8 lanes (lane k takes i = k, k + 8, ...) added
-// in a fixed order at the end: independent chains the compiler vectorizes.
-template <typename F>
-double lane_sum(int64_t n, const F& f) {
-    double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int k = 0; k < 8; ++k) lane[k] += f(i + k);
-    for (int k = 0; i < n; ++i, ++k) lane[k] += f(i);
-    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) +
-           ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+// The loops for T on the widest instruction set the CPU (and CNNBP_ISA) allows.
+template <typename T>
+detail::BatchNorm2dKernels<T> kernels();
+template <>
+detail::BatchNorm2dKernels<float> kernels<float>() {
+#if defined(CNNBP_AVX512_KERNELS)
+    if (detail::avx512_kernels_enabled()) return detail::batch_norm2d_kernels_f32_avx512();
+#endif
+    return detail::batch_norm2d_kernels_f32_baseline();
 }
-
-// sum over channel c's values of f(plane, i), plane by plane (n in order)
-template <typename T, typename F>
-double channel_sum(const BatchNorm2dDims& d, int64_t c, const F& f) {
-    const int64_t HW = d.H * d.W;
-    double sum = 0;
-    for (int64_t n = 0; n < d.N; ++n) {
-        const int64_t offset = (n * d.C + c) * HW;
-        sum += lane_sum(HW, [&](int64_t i) { return f(offset + i); });
-    }
-    return sum;
-}
-
-// Two sums at once over channel c's values: f(i, a, b) adds to the two sums, over 8 lanes
-// each as lane_sum, plane by plane; sum_a and sum_b get the totals.
-template <typename F>
-void channel_sums(const BatchNorm2dDims& d, int64_t c, const F& f, double& sum_a, double& sum_b) {
-    const int64_t HW = d.H * d.W;
-    sum_a = sum_b = 0;
-    for (int64_t n = 0; n < d.N; ++n) {
-        const int64_t offset = (n * d.C + c) * HW;
-        double a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        int64_t i = 0;
-        for (; i + 8 <= HW; i += 8)
-            for (int k = 0; k < 8; ++k) f(offset + i + k, a[k], b[k]);
-        for (int k = 0; i < HW; ++i, ++k) f(offset + i, a[k], b[k]);
-        sum_a += ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-        sum_b += ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7]));
-    }
-}
-
-// out[i] = g(i) for channel c's values
-template <typename G>
-void channel_map(const BatchNorm2dDims& d, int64_t c, const G& g) {
-    const int64_t HW = d.H * d.W;
-    for (int64_t n = 0; n < d.N; ++n) {
-        const int64_t offset = (n * d.C + c) * HW;
-        for (int64_t i = offset; i < offset + HW; ++i) g(i);
-    }
+template <>
+detail::BatchNorm2dKernels<double> kernels<double>() {
+#if defined(CNNBP_AVX512_KERNELS)
+    if (detail::avx512_kernels_enabled()) return detail::batch_norm2d_kernels_f64_avx512();
+#endif
+    return detail::batch_norm2d_kernels_f64_baseline();
 }
 
 }  // namespace
@@ -74,24 +49,19 @@ template <typename T>
 void batch_norm2d_forward(T* output, T* save_mean, T* save_invstd, const T* input, const T* weight,
                           const T* bias, T* running_mean, T* running_var, const BatchNorm2dDims& d,
                           const BatchNorm2dParams& params) {
-    const int64_t M = d.N * d.H * d.W;
+    const int64_t M = d.N * d.H * d.W, HW = d.H * d.W, stride = d.C * HW;
+    const detail::BatchNorm2dKernels<T> k = kernels<T>();
     detail::parallel_for(d.C, 3 * M * d.C, [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
+            const T* x = input + c * HW;
             double mean, invstd;
             if (params.training) {
                 double var = 0;
                 mean = 0;
                 if (M > 0) {
-                    // mean = sum(x) / M
-                    mean = channel_sum<T>(d, c, [&](int64_t i) { return double(input[i]); }) /
-                           double(M);
-                    // var = sum((x - mean)^2) / M, biased
-                    var = channel_sum<T>(d, c,
-                                         [&](int64_t i) {
-                                             const double v = double(input[i]) - mean;
-                                             return v * v;
-                                         }) /
-                          double(M);
+                    // mean = sum(x) / M; var = sum((x - mean)^2) / M, biased
+                    mean = k.sum(x, d.N, HW, stride) / double(M);
+                    var = k.sum_sq_dev(x, d.N, HW, stride, mean) / double(M);
                     if (running_mean) {
                         const double m = params.momentum,
                                      unbiased = var * double(M) / double(M - 1);
@@ -107,9 +77,8 @@ void batch_norm2d_forward(T* output, T* save_mean, T* save_invstd, const T* inpu
                 invstd = 1.0 / std::sqrt(double(running_var[c]) + params.eps);
             }
             // y = (x - mean) * invstd * weight + bias
-            const T m = T(mean), scale = T(invstd * (weight ? double(weight[c]) : 1.0)),
-                    shift = bias ? bias[c] : T(0);
-            channel_map(d, c, [&](int64_t i) { output[i] = (input[i] - m) * scale + shift; });
+            const T scale = T(invstd * (weight ? double(weight[c]) : 1.0));
+            k.affine(output + c * HW, x, d.N, HW, stride, T(mean), scale, bias ? bias[c] : T(0));
         }
     });
 }
@@ -118,34 +87,30 @@ template <typename T>
 void batch_norm2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T* input,
                            const T* weight, const T* mean, const T* invstd,
                            const BatchNorm2dDims& d, bool training) {
-    const int64_t M = d.N * d.H * d.W;
+    const int64_t M = d.N * d.H * d.W, HW = d.H * d.W, stride = d.C * HW;
+    const detail::BatchNorm2dKernels<T> k = kernels<T>();
     detail::parallel_for(d.C, 2 * M * d.C, [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
+            const T *x = input + c * HW, *dy = doutput + c * HW;
+            T* dx = dinput + c * HW;
             const double mu = double(mean[c]), is = double(invstd[c]);
             const double w = weight ? double(weight[c]) : 1.0;
             // dbias = sum(dy); dweight = sum(dy * (x - mean)) * invstd: both in one pass
-            double sum_dy = 0, sum_dy_xmu = 0;
-            channel_sums(
-                d, c,
-                [&](int64_t i, double& a, double& b) {
-                    const double dy = double(doutput[i]);
-                    a += dy;
-                    b += dy * (double(input[i]) - mu);
-                },
-                sum_dy, sum_dy_xmu);
+            double sums[2];
+            k.sums_dy(sums, dy, x, d.N, HW, stride, mu);
+            const double sum_dy = sums[0], sum_dy_xmu = sums[1];
             if (dbias) dbias[c] = T(sum_dy);
             if (dweight) dweight[c] = T(sum_dy_xmu * is);
             const T a = T(w * is);
             if (!training) {  // mean and invstd are constants: dx = dy * weight * invstd
-                channel_map(d, c, [&](int64_t i) { dinput[i] = doutput[i] * a; });
+                k.scale(dx, dy, d.N, HW, stride, a);
                 continue;
             }
             if (M == 0) continue;
             // dx = weight * invstd * (dy - sum(dy) / M - (x - mean) * invstd^2 * sum(dy *
             // (x - mean)) / M): the mean and the variance depend on every x of the channel
-            const T g = T(sum_dy / double(M)), k = T(is * is * sum_dy_xmu / double(M)), m = T(mu);
-            channel_map(d, c,
-                        [&](int64_t i) { dinput[i] = a * (doutput[i] - g - (input[i] - m) * k); });
+            const T g = T(sum_dy / double(M)), kk = T(is * is * sum_dy_xmu / double(M));
+            k.dx_training(dx, dy, x, d.N, HW, stride, a, g, T(mu), kk);
         }
     });
 }

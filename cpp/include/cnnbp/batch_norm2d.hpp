@@ -5,7 +5,8 @@
 // Dimension letters: N batch, C channels, H/W height/width; M = N * H * W values per channel.
 // Dense C-contiguous NCHW; weight, bias, running_mean, running_var, mean, invstd are (C,).
 // Outputs are overwritten. Statistics are accumulated in double, one pass over the data per
-// statistic, each channel by one thread in a fixed order: the same bits for any thread count.
+// statistic, each channel by one thread in a fixed order: the same bits for any thread count
+// and instruction set.
 #pragma once
 
 #include "cnnbp/shapes.hpp"
