@@ -34,6 +34,7 @@
 #include <optional>
 #include <vector>
 
+#include "conv2d_paths.hpp"
 #include "gemm.hpp"
 #include "parallel.hpp"
 
@@ -361,8 +362,8 @@ std::vector<int64_t> tap_offsets(const Conv2dDims& d, int64_t Hs, int64_t Ws) {
         for (int64_t r = 0; r < d.R; ++r)
             for (int64_t s = 0; s < d.S; ++s) {
                 const int64_t row = r * p.dilation_h, col = s * p.dilation_w;
-                const int64_t phase = (c * p.stride_h + row % p.stride_h) * p.stride_w +
-                                      col % p.stride_w;
+                const int64_t phase =
+                    (c * p.stride_h + row % p.stride_h) * p.stride_w + col % p.stride_w;
                 offsets.push_back(phase * Hs * Ws + row / p.stride_h * Ws + col / p.stride_w);
             }
     return offsets;
@@ -392,6 +393,15 @@ void copy_into_padded(T* padded, const T* image, const Conv2dDims& d, const Padd
             T* to = padded + (c * sh + ih % sh) * sw * plane + ih / sh * g.Ws;
             if (sw == 1) {
                 std::copy(from, from + d.W, to + prm.pad_w);
+                continue;
+            }
+            if (sw == 2) {  // input columns 2t and 2t+1 go to the two phases, side by side
+                const int64_t a = prm.pad_w % 2;
+                T* __restrict even = to + a * plane + prm.pad_w / 2;
+                T* __restrict odd = to + (1 - a) * plane + (prm.pad_w + 1) / 2;
+                for (int64_t t = 0; t < d.W / 2; ++t)
+                    even[t] = from[2 * t], odd[t] = from[2 * t + 1];
+                if (d.W % 2) even[d.W / 2] = from[d.W - 1];
                 continue;
             }
             for (int64_t sigma = 0; sigma < sw; ++sigma) {
@@ -591,7 +601,8 @@ PhaseTaps<T> phase_taps(const T* weight, const Conv2dDims& d, const PhaseGrid& g
     PhaseTaps<T> t;
     t.offsets.resize(size_t(phases));
     t.weight_t.resize(size_t(weight ? G * phases : 0));
-    std::vector<std::vector<int64_t>> taps(static_cast<size_t>(phases));  // r*S + s of each phase's taps
+    std::vector<std::vector<int64_t>> taps(
+        static_cast<size_t>(phases));  // r*S + s of each phase's taps
     for (int64_t r = 0; r < d.R; ++r)
         for (int64_t s = 0; s < d.S; ++s) {
             const int64_t row = r * p.dilation_h, col = s * p.dilation_w;
@@ -623,8 +634,7 @@ PhaseTaps<T> phase_taps(const T* weight, const Conv2dDims& d, const PhaseGrid& g
 // The doutput stack's size: its (K, Hd, Wd) planes, and the overrun of the last tap's reads
 // along the padded grid (zero, see PaddedGrid).
 int64_t phase_stack(const Conv2dDims& d, const PhaseGrid& g) {
-    return std::max(d.K * g.Hd * g.Wd,
-                    (d.K - 1) * g.Hd * g.Wd + g.A * g.Wd + g.B + g.grid_padded);
+    return std::max(d.K * g.Hd * g.Wd, (d.K - 1) * g.Hd * g.Wd + g.A * g.Wd + g.B + g.grid_padded);
 }
 
 // Inverts `output_n = weight . col_n` for strides on the polyphase components: doutput is
@@ -649,9 +659,9 @@ void dinput_polyphase(T* dinput, const T* doutput, const T* weight, const Conv2d
         }
     const int64_t stack = phase_stack(d, g), panels = (d.C + uk.MR - 1) / uk.MR;
     detail::parallel_for_if(split_batch(d), d.N, [&](int64_t i_begin, int64_t i_end) {
-        detail::Scratch<T> padded(stack);                       // (K, Hd, Wd) + slack
-        detail::Scratch<T> grid_out(d.C * g.grid_padded);       // (C, grid_padded)
-        std::fill(padded.data(), padded.data() + stack, T(0));  // borders stay zero
+        detail::Scratch<T> padded(stack);                           // (K, Hd, Wd) + slack
+        detail::Scratch<T> grid_out(phases * d.C * g.grid_padded);  // (phases, C, grid_padded)
+        std::fill(padded.data(), padded.data() + stack, T(0));      // borders stay zero
         for (int64_t i = i_begin; i < i_end; ++i) {
             const T* dout = doutput + i * d.K * PQ;
             for (int64_t k = 0; k < d.K; ++k)
@@ -660,16 +670,11 @@ void dinput_polyphase(T* dinput, const T* doutput, const T* weight, const Conv2d
                               padded.data() + (k * g.Hd + g.A + op) * g.Wd + g.B);
             T* dimage = dinput + i * d.C * HW;
             for (int64_t ph = 0; ph < phases; ++ph) {
-                const int64_t rho = ph / sw, sigma = ph % sw;
-                // dinput rows h with (h + pad_h) % sh == rho, from the first one; columns alike
-                const int64_t h0 = ((rho - prm.pad_h) % sh + sh) % sh;
-                const int64_t w0 = ((sigma - prm.pad_w) % sw + sw) % sw;
                 const auto& offsets = taps.offsets[size_t(ph)];
                 const int64_t cols = int64_t(offsets.size());
+                T* phase_out = grid_out.data() + ph * d.C * g.grid_padded;
                 if (!cols) {  // no tap reads this phase
-                    for (int64_t c = 0; c < d.C; ++c)
-                        for (int64_t h = h0; h < d.H; h += sh)
-                            for (int64_t w = w0; w < d.W; w += sw) dimage[(c * d.H + h) * d.W + w] = 0;
+                    std::fill(phase_out, phase_out + d.C * g.grid_padded, T(0));
                     continue;
                 }
                 const detail::PackedA<T>& pw = packed[size_t((i % G) * phases + ph)];
@@ -677,7 +682,7 @@ void dinput_polyphase(T* dinput, const T* doutput, const T* weight, const Conv2d
                     const int nvalid = int(std::min<int64_t>(uk.NR, g.grid - o0));
                     for (int64_t ip = 0; ip < panels; ++ip) {
                         const int m = int(std::min<int64_t>(uk.MR, d.C - ip * uk.MR));
-                        T* c_tile = grid_out.data() + ip * uk.MR * g.grid_padded + o0;
+                        T* c_tile = phase_out + ip * uk.MR * g.grid_padded + o0;
                         for (int64_t k0 = 0; k0 < cols; k0 += pw.kc) {
                             const int64_t kb = std::min(pw.kc, cols - k0);
                             uk.run(kb, pw.panel(ip, k0, kb), offsets.data() + k0,
@@ -685,14 +690,29 @@ void dinput_polyphase(T* dinput, const T* doutput, const T* weight, const Conv2d
                         }
                     }
                 }
-                for (int64_t c = 0; c < d.C; ++c)
-                    for (int64_t h = h0; h < d.H; h += sh) {
-                        const T* from = grid_out.data() + c * g.grid_padded +
-                                        (h + prm.pad_h) / sh * g.Wd + (w0 + prm.pad_w) / sw;
-                        T* to = dimage + (c * d.H + h) * d.W;
-                        for (int64_t w = w0, j = 0; w < d.W; w += sw, ++j) to[w] = from[j];
-                    }
             }
+            // dinput cell (h, w) is phase ((h+ph) % sh, (w+pw) % sw)'s cell ((h+ph)/sh, (w+pw)/sw)
+            for (int64_t c = 0; c < d.C; ++c)
+                for (int64_t h = 0; h < d.H; ++h) {
+                    const int64_t ih = h + prm.pad_h;
+                    const T* from = grid_out.data() + ((ih % sh) * sw * d.C + c) * g.grid_padded +
+                                    ih / sh * g.Wd;  // the row in phase (ih % sh, 0)
+                    const int64_t phase_stride = d.C * g.grid_padded;
+                    T* __restrict to = dimage + (c * d.H + h) * d.W;
+                    if (sw == 2) {  // columns 2t and 2t+1 from the two phases, side by side
+                        const int64_t a = prm.pad_w % 2;
+                        const T* __restrict even = from + a * phase_stride + prm.pad_w / 2;
+                        const T* __restrict odd =
+                            from + (1 - a) * phase_stride + (prm.pad_w + 1) / 2;
+                        for (int64_t t = 0; t < d.W / 2; ++t)
+                            to[2 * t] = even[t], to[2 * t + 1] = odd[t];
+                        if (d.W % 2) to[d.W - 1] = even[d.W / 2];
+                    } else
+                        for (int64_t w = 0; w < d.W; ++w) {
+                            const int64_t iw = w + prm.pad_w;
+                            to[w] = from[iw % sw * phase_stride + iw / sw];
+                        }
+                }
         }
     });
 }
@@ -706,8 +726,9 @@ Buffers dinput_polyphase_buffers(const Conv2dDims& d) {
     for (const auto& offsets : taps.offsets)
         packed += detail::PackedA<T>::size(d.C, int64_t(offsets.size()), uk.MR);
     const int64_t KCRS = d.K * d.C * d.R * d.S;
-    return {d.params.groups * (packed + KCRS), phase_stack(d, g) + d.C * g.grid_padded, d.N,
-            d.K * d.R * d.S};
+    const int64_t phases = d.params.stride_h * d.params.stride_w;
+    return {d.params.groups * (packed + KCRS), phase_stack(d, g) + phases * d.C * g.grid_padded,
+            d.N, d.K * d.R * d.S};
 }
 
 // Inverts `output_n = weight . col_n` for any strides: dcol_n = weight^T . doutput_n by the
@@ -1121,8 +1142,12 @@ struct Conv2dPlan {
     Path<void(T* dweight, T* dbias, const T* doutput, const T* input, const Conv2dDims& d)> dweight;
 };
 
-// Whether a strided convolution takes the padded paths on its polyphase stack.
-bool strided_padded(const Conv2dDims&) { return true; }
+// Whether a strided convolution takes the padded paths on its polyphase stack: when every
+// phase holds taps (the dilated kernel spans the stride), else most of the stack's copy is
+// never read (a 1x1 filter with stride 2 is faster on im2col, measured).
+bool strided_padded(const Conv2dDims& d) {
+    return extent_h(d) >= d.params.stride_h && extent_w(d) >= d.params.stride_w;
+}
 
 // The one place that chooses the paths, by the (group view) dims alone (the thread count
 // changes only how many threads' buffers are allocated, Buffers::bytes).
@@ -1157,15 +1182,18 @@ Conv2dPlan<T> make_plan(const Conv2dDims& d) {
     plan.forward = padded ? decltype(Plan::forward){forward_padded<T>, forward_padded_buffers<T>}
                           : decltype(Plan::forward){forward_gemm<T>, forward_gemm_buffers<T>};
     // dinput as a forward reads doutput in place instead of adding C*R*S rows back through
-    // col2im: faster for every channel count measured (1 to 64).
+    // col2im: faster for every channel count measured (1 to 64); with strides, each
+    // polyphase component of dinput is such a forward of doutput with its own taps.
     plan.dinput =
         unit && dinput_as_forward_fits
             ? decltype(Plan::dinput){dinput_as_forward<T>, dinput_as_forward_buffers<T>}
-        : !unit && strided_padded(d)
+        // a few input channels leave the tap kernel's rows mostly empty: (64, 3, 56, 56)
+        // with 7x7 filters, stride 2, is faster through col2im (measured)
+        : !unit && padded && d.C >= 4
             ? decltype(Plan::dinput){dinput_polyphase<T>, dinput_polyphase_buffers<T>}
             : decltype(Plan::dinput){dinput_gemm_col2im<T>, dinput_gemm_col2im_buffers<T>};
     // dweight in place: below the narrowest gather panel of filters the dot-product path is
-    // faster (measured), and it serves every strided convolution.
+    // faster (measured), and it serves the strided convolutions off the polyphase stack.
     plan.dweight = padded && d.K > detail::kernels_for_cpu<T>().gather[2].NR
                        ? decltype(Plan::dweight){dweight_padded<T>, dweight_padded_buffers<T>}
                        : decltype(Plan::dweight){dweight_gemm_dot<T>, dweight_gemm_dot_buffers};
@@ -1204,6 +1232,35 @@ int64_t conv2d_workspace_bytes(const Conv2dDims& d, int64_t threads) {
                      plan.dinput.buffers(v).template bytes<T>(threads),
                      plan.dweight.buffers(v).template bytes<T>(threads)});
 }
+
+namespace detail {
+
+std::array<const char*, 3> conv2d_path_names(const Conv2dDims& d) {
+    const Conv2dDims v = group_view(d);
+    const Conv2dPlan<float> plan = make_plan<float>(v);
+    using F = float;
+    const auto& f = plan.forward.run;
+    const auto& i = plan.dinput.run;
+    const auto& w = plan.dweight.run;
+    return {f == forward_direct<F>      ? "forward_direct"
+            : f == forward_padded<F>    ? "forward_padded"
+            : f == forward_gemm<F>      ? "forward_gemm"
+            : f == forward_depthwise<F> ? "forward_depthwise"
+                                        : "?",
+            i == dinput_direct<F>        ? "dinput_direct"
+            : i == dinput_as_forward<F>  ? "dinput_as_forward"
+            : i == dinput_polyphase<F>   ? "dinput_polyphase"
+            : i == dinput_gemm_col2im<F> ? "dinput_gemm_col2im"
+            : i == dinput_depthwise<F>   ? "dinput_depthwise"
+                                         : "?",
+            w == dweight_direct<F>      ? "dweight_direct"
+            : w == dweight_padded<F>    ? "dweight_padded"
+            : w == dweight_gemm_dot<F>  ? "dweight_gemm_dot"
+            : w == dweight_depthwise<F> ? "dweight_depthwise"
+                                        : "?"};
+}
+
+}  // namespace detail
 
 #define CNNBP_INSTANTIATE(T)                                                              \
     template void conv2d_forward<T>(T*, const T*, const T*, const T*, const Conv2dDims&); \
