@@ -19,6 +19,10 @@
 //     place by the tap and gather micro-kernels (forward_padded, dweight_padded); dinput is
 //     the forward convolution of the padded doutput with the flipped, transposed weight
 //     (dinput_as_forward);
+//   - strides the dilated kernel spans: the same, on the padded image split into its
+//     polyphase components (PaddedGrid), where every tap is again one offset along the
+//     output grid (forward_padded, dweight_padded); dinput is, phase by phase, the
+//     correlation of doutput with that phase's taps (dinput_polyphase);
 //   - other strides: the forward packs col blocks into the GEMM (forward_gemm), dinput runs
 //     the GEMM into dcol blocks and adds them back (dinput_gemm_col2im), dweight takes the
 //     dot-product kernel on blocks of col rows (dweight_gemm_dot);
