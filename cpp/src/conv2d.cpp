@@ -390,11 +390,20 @@ template <typename T>
 void copy_into_padded(T* padded, const T* image, const Conv2dDims& d, const PaddedGrid& g) {
     const auto& prm = d.params;
     const int64_t sh = prm.stride_h, sw = prm.stride_w, plane = g.Hs * g.Ws;
+    if (sh == 1 && sw == 1) {  // the padded planes themselves
+        for (int64_t c = 0; c < d.C; ++c)
+            for (int64_t h = 0; h < d.H; ++h)
+                std::copy(image + (c * d.H + h) * d.W, image + (c * d.H + h + 1) * d.W,
+                          padded + (c * g.Hs + h + prm.pad_h) * g.Ws + prm.pad_w);
+        return;
+    }
     for (int64_t c = 0; c < d.C; ++c)
-        for (int64_t h = 0; h < d.H; ++h) {
-            const int64_t ih = h + prm.pad_h;
+        // padded row ih = h + ph is row i of phase rho = ih % sh, counted along without
+        // dividing
+        for (int64_t h = 0, rho = prm.pad_h % sh, i = prm.pad_h / sh; h < d.H; ++h) {
             const T* from = image + (c * d.H + h) * d.W;
-            T* to = padded + (c * sh + ih % sh) * sw * plane + ih / sh * g.Ws;
+            T* to = padded + (c * sh + rho) * sw * plane + i * g.Ws;
+            if (++rho == sh) rho = 0, ++i;
             if (sw == 1) {
                 std::copy(from, from + d.W, to + prm.pad_w);
                 continue;
@@ -697,10 +706,11 @@ void dinput_polyphase(T* dinput, const T* doutput, const T* weight, const Conv2d
             }
             // dinput cell (h, w) is phase ((h+ph) % sh, (w+pw) % sw)'s cell ((h+ph)/sh, (w+pw)/sw)
             for (int64_t c = 0; c < d.C; ++c)
-                for (int64_t h = 0; h < d.H; ++h) {
-                    const int64_t ih = h + prm.pad_h;
-                    const T* from = grid_out.data() + ((ih % sh) * sw * d.C + c) * g.grid_padded +
-                                    ih / sh * g.Wd;  // the row in phase (ih % sh, 0)
+                for (int64_t h = 0, rho = prm.pad_h % sh, i = prm.pad_h / sh; h < d.H; ++h) {
+                    // the row i of phase (rho, 0), i*sh + rho = h + ph counted along
+                    const T* from =
+                        grid_out.data() + (rho * sw * d.C + c) * g.grid_padded + i * g.Wd;
+                    if (++rho == sh) rho = 0, ++i;
                     const int64_t phase_stride = d.C * g.grid_padded;
                     T* __restrict to = dimage + (c * d.H + h) * d.W;
                     if (sw == 2) {  // columns 2t and 2t+1 from the two phases, side by side
