@@ -19,6 +19,10 @@
 //     place by the tap and gather micro-kernels (forward_padded, dweight_padded); dinput is
 //     the forward convolution of the padded doutput with the flipped, transposed weight
 //     (dinput_as_forward);
+//   - strides the dilated kernel spans: the same, on the padded image split into its
+//     polyphase components (PaddedGrid), where every tap is again one offset along the
+//     output grid (forward_padded, dweight_padded); dinput is, phase by phase, the
+//     correlation of doutput with that phase's taps (dinput_polyphase);
 //   - other strides: the forward packs col blocks into the GEMM (forward_gemm), dinput runs
 //     the GEMM into dcol blocks and adds them back (dinput_gemm_col2im), dweight takes the
 //     dot-product kernel on blocks of col rows (dweight_gemm_dot);
@@ -34,6 +38,7 @@
 #include <optional>
 #include <vector>
 
+#include "conv2d_paths.hpp"
 #include "gemm.hpp"
 #include "parallel.hpp"
 
@@ -336,47 +341,89 @@ void col2im_add(T* dimage, const T* dcol, const Conv2dDims& d, int64_t j0, int64
             }
 }
 
-// ---- the padded-width grid (unit strides) --------------------------------------------------
+// ---- the padded-width grid ----------------------------------------------------------------
 
-// The planes of one image into the interior of a zero-bordered (C, Hp, Wp) stack, Hp =
-// ph+H+pad_bottom and Wp = pw+W+pad_right (whose borders are already zero).
-template <typename T>
-void copy_into_padded(T* padded, const T* image, const Conv2dDims& d) {
-    const auto& prm = d.params;
-    const int64_t Hp = d.H + prm.pad_h + d.pad_bottom, Wp = d.W + prm.pad_w + d.pad_right;
-    for (int64_t c = 0; c < d.C; ++c)
-        for (int64_t h = 0; h < d.H; ++h)
-            std::copy(image + (c * d.H + h) * d.W, image + (c * d.H + h + 1) * d.W,
-                      padded + (c * Hp + h + prm.pad_h) * Wp + prm.pad_w);
-}
+// An image zero-padded to (C, Hp, Wp), Hp = ph+H+pad_bottom and Wp = pw+W+pad_right, and
+// split into its sh*sw polyphase components: phase (rho, sigma) of plane c holds the padded
+// rows rho, rho+sh, ... and columns sigma, sigma+sw, ..., a (Hs, Ws) plane with
+// Hs = ceil(Hp/sh) and Ws = ceil(Wp/sw), stored at ((c*sh + rho)*sw + sigma)*Hs*Ws. Tap (r, s)
+// of output pixel (p, q) reads padded row p*sh + r*dh, which is row p + (r*dh)/sh of phase
+// (r*dh)%sh, likewise the columns: on the output grid o = p*Ws + q every tap is one offset
+// into the stack, whatever the strides (with unit strides the stack is the padded planes).
+// Columns q >= Q of the grid are a margin. Grid pixels run up to grid_padded (the grid
+// rounded up to whole tiles); reading every tap there, the last rows run past the planes,
+// so the stack holds `stack` values, which must exist and be zero -- the grid's margin
+// multiplies them by zero, and uninitialized memory could hold NaN.
+struct PaddedGrid {
+    int64_t Hs, Ws, grid, grid_padded, stack;
+};
 
-// Offsets of the filter taps (c,r,s) in a padded (C, Hp, Wp) stack.
-std::vector<int64_t> tap_offsets(const Conv2dDims& d, int64_t Hp, int64_t Wp) {
-    const int64_t dh = d.params.dilation_h, dw = d.params.dilation_w;
+// Offsets of the filter taps (c,r,s) in the polyphase stack of (Hs, Ws) planes.
+std::vector<int64_t> tap_offsets(const Conv2dDims& d, int64_t Hs, int64_t Ws) {
+    const auto& p = d.params;
     std::vector<int64_t> offsets;
     for (int64_t c = 0; c < d.C; ++c)
         for (int64_t r = 0; r < d.R; ++r)
-            for (int64_t s = 0; s < d.S; ++s) offsets.push_back(c * Hp * Wp + r * dh * Wp + s * dw);
+            for (int64_t s = 0; s < d.S; ++s) {
+                const int64_t row = r * p.dilation_h, col = s * p.dilation_w;
+                const int64_t phase =
+                    (c * p.stride_h + row % p.stride_h) * p.stride_w + col % p.stride_w;
+                offsets.push_back(phase * Hs * Ws + row / p.stride_h * Ws + col / p.stride_w);
+            }
     return offsets;
 }
-
-// The padded (C, Hp, Wp) stack of an image and the output grid on it: grid pixel
-// o = p*Wp + q reads tap (c,r,s) at o + c*Hp*Wp + r*dh*Wp + s*dw; columns q >= Q are a
-// margin. Grid pixels run up to grid_padded (the grid rounded up to whole tiles); reading
-// every tap there, the last rows run past the planes by up to (S-1)*dw values plus the
-// rounding, so the stack holds `stack` values, which must exist and be zero -- the grid's margin
-// multiplies them by zero, and uninitialized memory could hold NaN.
-struct PaddedGrid {
-    int64_t Hp, Wp, grid, grid_padded, stack;
-};
 
 PaddedGrid padded_grid(const Conv2dDims& d, int64_t tile) {
     const auto& p = d.params;
     const int64_t Hp = d.H + p.pad_h + d.pad_bottom, Wp = d.W + p.pad_w + d.pad_right;
-    const int64_t grid = d.P * Wp, grid_padded = round_up(grid, tile);
-    const int64_t last_tap =
-        (d.C - 1) * Hp * Wp + (d.R - 1) * p.dilation_h * Wp + (d.S - 1) * p.dilation_w;
-    return {Hp, Wp, grid, grid_padded, std::max(d.C * Hp * Wp, last_tap + grid_padded)};
+    const int64_t Hs = (Hp + p.stride_h - 1) / p.stride_h, Ws = (Wp + p.stride_w - 1) / p.stride_w;
+    const int64_t grid = d.P * Ws, grid_padded = round_up(grid, tile);
+    const std::vector<int64_t> offsets = tap_offsets(d, Hs, Ws);
+    const int64_t last_tap = *std::max_element(offsets.begin(), offsets.end());
+    return {Hs, Ws, grid, grid_padded,
+            std::max(d.C * p.stride_h * p.stride_w * Hs * Ws, last_tap + grid_padded)};
+}
+
+// The planes of one image into the interior of its zero-bordered polyphase stack (whose
+// borders are already zero).
+template <typename T>
+void copy_into_padded(T* padded, const T* image, const Conv2dDims& d, const PaddedGrid& g) {
+    const auto& prm = d.params;
+    const int64_t sh = prm.stride_h, sw = prm.stride_w, plane = g.Hs * g.Ws;
+    if (sh == 1 && sw == 1) {  // the padded planes themselves
+        for (int64_t c = 0; c < d.C; ++c)
+            for (int64_t h = 0; h < d.H; ++h)
+                std::copy(image + (c * d.H + h) * d.W, image + (c * d.H + h + 1) * d.W,
+                          padded + (c * g.Hs + h + prm.pad_h) * g.Ws + prm.pad_w);
+        return;
+    }
+    for (int64_t c = 0; c < d.C; ++c)
+        // padded row ih = h + ph is row i of phase rho = ih % sh, counted along without
+        // dividing
+        for (int64_t h = 0, rho = prm.pad_h % sh, i = prm.pad_h / sh; h < d.H; ++h) {
+            const T* from = image + (c * d.H + h) * d.W;
+            T* to = padded + (c * sh + rho) * sw * plane + i * g.Ws;
+            if (++rho == sh) rho = 0, ++i;
+            if (sw == 1) {
+                std::copy(from, from + d.W, to + prm.pad_w);
+                continue;
+            }
+            if (sw == 2) {  // input columns 2t and 2t+1 go to the two phases, side by side
+                const int64_t a = prm.pad_w % 2;
+                T* __restrict even = to + a * plane + prm.pad_w / 2;
+                T* __restrict odd = to + (1 - a) * plane + (prm.pad_w + 1) / 2;
+                for (int64_t t = 0; t < d.W / 2; ++t)
+                    even[t] = from[2 * t], odd[t] = from[2 * t + 1];
+                if (d.W % 2) even[d.W / 2] = from[d.W - 1];
+                continue;
+            }
+            for (int64_t sigma = 0; sigma < sw; ++sigma) {
+                // input columns w with (w + pw) % sw == sigma, from the first one
+                const int64_t w0 = ((sigma - prm.pad_w) % sw + sw) % sw;
+                T* phase_row = to + sigma * plane + (w0 + prm.pad_w) / sw;
+                for (int64_t w = w0, j = 0; w < d.W; w += sw, ++j) phase_row[j] = from[w];
+            }
+        }
 }
 
 // ---- forward -------------------------------------------------------------------------------
@@ -418,11 +465,11 @@ Buffers forward_gemm_buffers(const Conv2dDims& d) {
 // out (K, P, Q) = bias + the output grid (K, grid_padded) without its margin columns.
 template <typename T>
 void crop_grid(T* __restrict out, const T* __restrict grid_out, const T* bias, const Conv2dDims& d,
-               int64_t grid_padded, int64_t Wp) {
+               int64_t grid_padded, int64_t Ws) {
     for (int64_t k = 0; k < d.K; ++k) {
         const T b = bias ? bias[k] : T(0);
         for (int64_t op = 0; op < d.P; ++op) {
-            const T* from = grid_out + k * grid_padded + op * Wp;
+            const T* from = grid_out + k * grid_padded + op * Ws;
             T* to = out + (k * d.P + op) * d.Q;
             for (int64_t oq = 0; oq < d.Q; ++oq) to[oq] = b + from[oq];
         }
@@ -443,15 +490,15 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
     std::vector<detail::PackedA<T>> packed_weights(static_cast<size_t>(G));
     for (int64_t group = 0; group < G; ++group)
         packed_weights[size_t(group)].pack(weight + group * d.K * CRS, CRS, 1, d.K, CRS, uk.MR);
-    const std::vector<int64_t> tap_offset = tap_offsets(d, g.Hp, g.Wp);
+    const std::vector<int64_t> tap_offset = tap_offsets(d, g.Hs, g.Ws);
     const int64_t panels = (d.K + uk.MR - 1) / uk.MR;
     detail::parallel_for_if(split_batch(d), d.N, [&](int64_t i_begin, int64_t i_end) {
-        detail::Scratch<T> padded(g.stack);                       // (C, Hp, Wp) + slack
+        detail::Scratch<T> padded(g.stack);                       // polyphase stack + slack
         detail::Scratch<T> grid_out(d.K * g.grid_padded);         // (K, grid_padded)
         std::fill(padded.data(), padded.data() + g.stack, T(0));  // borders stay zero
         for (int64_t i = i_begin; i < i_end; ++i) {
             const detail::PackedA<T>& packed_weight = packed_weights[size_t(i % G)];
-            copy_into_padded(padded.data(), input + i * d.C * d.H * d.W, d);
+            copy_into_padded(padded.data(), input + i * d.C * d.H * d.W, d, g);
             for (int64_t o0 = 0; o0 < g.grid; o0 += uk.NR) {
                 const int nvalid = int(std::min<int64_t>(uk.NR, g.grid - o0));
                 for (int64_t ip = 0; ip < panels; ++ip) {
@@ -465,7 +512,7 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
                 }
             }
             crop_grid(output + i * d.K * PQ, grid_out.data(), bias ? bias + (i % G) * d.K : nullptr,
-                      d, g.grid_padded, g.Wp);
+                      d, g.grid_padded, g.Ws);
         }
     });
 }
@@ -529,6 +576,173 @@ Buffers dinput_as_forward_buffers(const Conv2dDims& d) {
     Buffers b = forward_padded_buffers<T>(as_forward_dims(d));
     b.shared += d.params.groups * d.K * d.C * d.R * d.S;  // the flipped weight
     return b;
+}
+
+// With strides, dinput splits into the sh*sw polyphase components of the padded input (see
+// PaddedGrid): padded cell (i*sh + rho, j*sw + sigma) is read only by the taps (r, s) with
+// (r*dh)%sh == rho and (s*dw)%sw == sigma, output pixel (i - a, j - b) of each with
+// a = (r*dh)/sh, b = (s*dw)/sw. So each phase is a unit-stride correlation of doutput with
+// its own taps, on a zero-bordered (K, Hd, Wd) stack of doutput with A = max a rows on top
+// and B = max b columns on the left: phase cell (i, j) is grid pixel o = i*Wd + j, and tap
+// (k, r, s) reads o + k*Hd*Wd + (A - a)*Wd + (B - b). These are its sizes.
+struct PhaseGrid {
+    int64_t A, B, Hd, Wd, Hs, Ws, grid, grid_padded;
+};
+
+PhaseGrid phase_grid(const Conv2dDims& d, int64_t tile) {
+    const auto& p = d.params;
+    const int64_t Hp = d.H + p.pad_h + d.pad_bottom, Wp = d.W + p.pad_w + d.pad_right;
+    const int64_t Hs = (Hp + p.stride_h - 1) / p.stride_h, Ws = (Wp + p.stride_w - 1) / p.stride_w;
+    const int64_t A = (d.R - 1) * p.dilation_h / p.stride_h;
+    const int64_t B = (d.S - 1) * p.dilation_w / p.stride_w;
+    const int64_t Hd = std::max(d.P, Hs) + A, Wd = std::max(d.Q, Ws) + B;
+    return {A, B, Hd, Wd, Hs, Ws, Hs * Wd, round_up(Hs * Wd, tile)};
+}
+
+// The taps of each phase rho*sw + sigma: their (k, r, s) offsets into the doutput stack and
+// their weight^T (C x K*taps), columns (k, tap) in the offsets' order.
+template <typename T>
+struct PhaseTaps {
+    std::vector<std::vector<int64_t>> offsets;
+    std::vector<std::vector<T>> weight_t;  // one per group and phase, (g, phase)
+};
+
+template <typename T>
+PhaseTaps<T> phase_taps(const T* weight, const Conv2dDims& d, const PhaseGrid& g) {
+    const auto& p = d.params;
+    const int64_t phases = p.stride_h * p.stride_w, G = p.groups, RS = d.R * d.S;
+    PhaseTaps<T> t;
+    t.offsets.resize(size_t(phases));
+    t.weight_t.resize(size_t(weight ? G * phases : 0));
+    std::vector<std::vector<int64_t>> taps(
+        static_cast<size_t>(phases));  // r*S + s of each phase's taps
+    for (int64_t r = 0; r < d.R; ++r)
+        for (int64_t s = 0; s < d.S; ++s) {
+            const int64_t row = r * p.dilation_h, col = s * p.dilation_w;
+            taps[size_t(row % p.stride_h * p.stride_w + col % p.stride_w)].push_back(r * d.S + s);
+        }
+    for (int64_t ph = 0; ph < phases; ++ph) {
+        const auto& tp = taps[size_t(ph)];
+        const int64_t nt = int64_t(tp.size());
+        for (int64_t k = 0; k < d.K; ++k)
+            for (int64_t rs : tp) {
+                const int64_t a = rs / d.S * p.dilation_h / p.stride_h;
+                const int64_t b = rs % d.S * p.dilation_w / p.stride_w;
+                t.offsets[size_t(ph)].push_back(k * g.Hd * g.Wd + (g.A - a) * g.Wd + (g.B - b));
+            }
+        if (!weight) continue;
+        for (int64_t grp = 0; grp < G; ++grp) {
+            auto& wt = t.weight_t[size_t(grp * phases + ph)];
+            wt.resize(size_t(d.C * d.K * nt));
+            const T* w = weight + grp * d.K * d.C * RS;
+            for (int64_t c = 0; c < d.C; ++c)
+                for (int64_t k = 0; k < d.K; ++k)
+                    for (int64_t u = 0; u < nt; ++u)
+                        wt[size_t((c * d.K + k) * nt + u)] = w[(k * d.C + c) * RS + tp[size_t(u)]];
+        }
+    }
+    return t;
+}
+
+// The doutput stack's size: its (K, Hd, Wd) planes, and the overrun of the last tap's reads
+// along the padded grid (zero, see PaddedGrid).
+int64_t phase_stack(const Conv2dDims& d, const PhaseGrid& g) {
+    return std::max(d.K * g.Hd * g.Wd, (d.K - 1) * g.Hd * g.Wd + g.A * g.Wd + g.B + g.grid_padded);
+}
+
+// Inverts `output_n = weight . col_n` for strides on the polyphase components: doutput is
+// copied once into its zero-bordered stack, and each phase's taps are read in place by the
+// tap kernel along the phase's grid, as in forward_padded; every dinput cell lies in one
+// phase, and is written from its grid cell.
+template <typename T>
+void dinput_polyphase(T* dinput, const T* doutput, const T* weight, const Conv2dDims& d) {
+    const auto& prm = d.params;
+    const int64_t sh = prm.stride_h, sw = prm.stride_w, phases = sh * sw, G = prm.groups;
+    const int64_t PQ = d.P * d.Q, HW = d.H * d.W;
+    const auto& uk = detail::kernels_for_cpu<T>().tap_for(d.C);
+    const PhaseGrid g = phase_grid(d, uk.NR);
+    const PhaseTaps<T> taps = phase_taps(weight, d, g);
+    std::vector<detail::PackedA<T>> packed(size_t(G * phases));  // (g, phase): C x K*taps
+    for (int64_t grp = 0; grp < G; ++grp)
+        for (int64_t ph = 0; ph < phases; ++ph) {
+            const int64_t cols = int64_t(taps.offsets[size_t(ph)].size());
+            if (cols)
+                packed[size_t(grp * phases + ph)].pack(
+                    taps.weight_t[size_t(grp * phases + ph)].data(), cols, 1, d.C, cols, uk.MR);
+        }
+    const int64_t stack = phase_stack(d, g), panels = (d.C + uk.MR - 1) / uk.MR;
+    detail::parallel_for_if(split_batch(d), d.N, [&](int64_t i_begin, int64_t i_end) {
+        detail::Scratch<T> padded(stack);                           // (K, Hd, Wd) + slack
+        detail::Scratch<T> grid_out(phases * d.C * g.grid_padded);  // (phases, C, grid_padded)
+        std::fill(padded.data(), padded.data() + stack, T(0));      // borders stay zero
+        for (int64_t i = i_begin; i < i_end; ++i) {
+            const T* dout = doutput + i * d.K * PQ;
+            for (int64_t k = 0; k < d.K; ++k)
+                for (int64_t op = 0; op < d.P; ++op)
+                    std::copy(dout + k * PQ + op * d.Q, dout + k * PQ + (op + 1) * d.Q,
+                              padded.data() + (k * g.Hd + g.A + op) * g.Wd + g.B);
+            T* dimage = dinput + i * d.C * HW;
+            for (int64_t ph = 0; ph < phases; ++ph) {
+                const auto& offsets = taps.offsets[size_t(ph)];
+                const int64_t cols = int64_t(offsets.size());
+                T* phase_out = grid_out.data() + ph * d.C * g.grid_padded;
+                if (!cols) {  // no tap reads this phase
+                    std::fill(phase_out, phase_out + d.C * g.grid_padded, T(0));
+                    continue;
+                }
+                const detail::PackedA<T>& pw = packed[size_t((i % G) * phases + ph)];
+                for (int64_t o0 = 0; o0 < g.grid; o0 += uk.NR) {
+                    const int nvalid = int(std::min<int64_t>(uk.NR, g.grid - o0));
+                    for (int64_t ip = 0; ip < panels; ++ip) {
+                        const int m = int(std::min<int64_t>(uk.MR, d.C - ip * uk.MR));
+                        T* c_tile = phase_out + ip * uk.MR * g.grid_padded + o0;
+                        for (int64_t k0 = 0; k0 < cols; k0 += pw.kc) {
+                            const int64_t kb = std::min(pw.kc, cols - k0);
+                            uk.run(kb, pw.panel(ip, k0, kb), offsets.data() + k0,
+                                   padded.data() + o0, c_tile, g.grid_padded, k0 > 0, m, nvalid);
+                        }
+                    }
+                }
+            }
+            // dinput cell (h, w) is phase ((h+ph) % sh, (w+pw) % sw)'s cell ((h+ph)/sh, (w+pw)/sw)
+            for (int64_t c = 0; c < d.C; ++c)
+                for (int64_t h = 0, rho = prm.pad_h % sh, i = prm.pad_h / sh; h < d.H; ++h) {
+                    // the row i of phase (rho, 0), i*sh + rho = h + ph counted along
+                    const T* from =
+                        grid_out.data() + (rho * sw * d.C + c) * g.grid_padded + i * g.Wd;
+                    if (++rho == sh) rho = 0, ++i;
+                    const int64_t phase_stride = d.C * g.grid_padded;
+                    T* __restrict to = dimage + (c * d.H + h) * d.W;
+                    if (sw == 2) {  // columns 2t and 2t+1 from the two phases, side by side
+                        const int64_t a = prm.pad_w % 2;
+                        const T* __restrict even = from + a * phase_stride + prm.pad_w / 2;
+                        const T* __restrict odd =
+                            from + (1 - a) * phase_stride + (prm.pad_w + 1) / 2;
+                        for (int64_t t = 0; t < d.W / 2; ++t)
+                            to[2 * t] = even[t], to[2 * t + 1] = odd[t];
+                        if (d.W % 2) to[d.W - 1] = even[d.W / 2];
+                    } else
+                        for (int64_t w = 0; w < d.W; ++w) {
+                            const int64_t iw = w + prm.pad_w;
+                            to[w] = from[iw % sw * phase_stride + iw / sw];
+                        }
+                }
+        }
+    });
+}
+
+template <typename T>
+Buffers dinput_polyphase_buffers(const Conv2dDims& d) {
+    const auto& uk = detail::kernels_for_cpu<T>().tap_for(d.C);
+    const PhaseGrid g = phase_grid(d, uk.NR);
+    const PhaseTaps<T> taps = phase_taps(static_cast<const T*>(nullptr), d, g);
+    int64_t packed = 0;
+    for (const auto& offsets : taps.offsets)
+        packed += detail::PackedA<T>::size(d.C, int64_t(offsets.size()), uk.MR);
+    const int64_t KCRS = d.K * d.C * d.R * d.S;
+    const int64_t phases = d.params.stride_h * d.params.stride_w;
+    return {d.params.groups * (packed + KCRS), phase_stack(d, g) + phases * d.C * g.grid_padded,
+            d.N, d.K * d.R * d.S};
 }
 
 // Inverts `output_n = weight . col_n` for any strides: dcol_n = weight^T . doutput_n by the
@@ -656,7 +870,7 @@ void pack_doutput_panels(T* panels_out, const T* dout, const Conv2dDims& d, cons
         T* panel = panels_out + jp * g.grid * NR;
         const T* from_k = dout + jp * NR * PQ;
         for (int64_t op = 0; op < d.P; ++op) {
-            T* row = panel + op * g.Wp * NR;
+            T* row = panel + op * g.Ws * NR;
             // 16 pixels of each filter at a time: doutput rows lie PQ apart (often 4 KiB, one
             // cache set), so each line is read once, whole
             for (int64_t q0 = 0; q0 < d.Q; q0 += 16) {
@@ -670,7 +884,7 @@ void pack_doutput_panels(T* panels_out, const T* dout, const Conv2dDims& d, cons
             if (n < NR)
                 for (int64_t oq = 0; oq < d.Q; ++oq)
                     std::fill(row + oq * NR + n, row + (oq + 1) * NR, T(0));
-            std::fill(row + d.Q * NR, row + g.Wp * NR, T(0));  // grid margin
+            std::fill(row + d.Q * NR, row + g.Ws * NR, T(0));  // grid margin
         }
     }
 }
@@ -686,14 +900,14 @@ void dweight_padded(T* dweight, T* dbias, const T* doutput, const T* input, cons
     const auto& gk = detail::kernels_for_cpu<T>().gather_for(d.K);
     const PaddedGrid g = padded_grid(d, 1);
     const int64_t panels = (d.K + gk.NR - 1) / gk.NR;  // NR-wide panels of filters
-    const std::vector<int64_t> tap_offset = tap_offsets(d, g.Hp, g.Wp);
+    const std::vector<int64_t> tap_offset = tap_offsets(d, g.Hs, g.Ws);
     sum_over_chunks(dweight, dbias, doutput, d, /*transposed=*/true, [&] {
-        detail::Scratch<T> padded(g.stack);  // (C, Hp, Wp) + overrun, borders zero
+        detail::Scratch<T> padded(g.stack);  // polyphase stack + overrun, borders zero
         std::fill(padded.data(), padded.data() + g.stack, T(0));
         return [&, padded = std::move(padded),
                 dout_panels = detail::Scratch<T>(panels * g.grid * gk.NR)](T* dwt, int64_t i,
                                                                            bool) mutable {
-            copy_into_padded(padded.data(), input + i * d.C * d.H * d.W, d);
+            copy_into_padded(padded.data(), input + i * d.C * d.H * d.W, d, g);
             pack_doutput_panels(dout_panels.data(), doutput + i * d.K * PQ, d, g, gk.NR);
             for (int64_t o0 = 0; o0 < g.grid; o0 += kGatherBlock) {
                 const int64_t kb = std::min(kGatherBlock, g.grid - o0);
@@ -942,6 +1156,13 @@ struct Conv2dPlan {
     Path<void(T* dweight, T* dbias, const T* doutput, const T* input, const Conv2dDims& d)> dweight;
 };
 
+// Whether a strided convolution takes the padded paths on its polyphase stack: when every
+// phase holds taps (the dilated kernel spans the stride), else most of the stack's copy is
+// never read (a 1x1 filter with stride 2 is faster on im2col, measured).
+bool strided_padded(const Conv2dDims& d) {
+    return extent_h(d) >= d.params.stride_h && extent_w(d) >= d.params.stride_w;
+}
+
 // The one place that chooses the paths, by the (group view) dims alone (the thread count
 // changes only how many threads' buffers are allocated, Buffers::bytes).
 template <typename T>
@@ -971,17 +1192,23 @@ Conv2dPlan<T> make_plan(const Conv2dDims& d) {
                 {dinput_direct<T>, no_buffers},
                 {dweight_direct<T>, no_buffers}};
     Plan plan;
-    plan.forward = unit ? decltype(Plan::forward){forward_padded<T>, forward_padded_buffers<T>}
-                        : decltype(Plan::forward){forward_gemm<T>, forward_gemm_buffers<T>};
+    const bool padded = unit || strided_padded(d);
+    plan.forward = padded ? decltype(Plan::forward){forward_padded<T>, forward_padded_buffers<T>}
+                          : decltype(Plan::forward){forward_gemm<T>, forward_gemm_buffers<T>};
     // dinput as a forward reads doutput in place instead of adding C*R*S rows back through
-    // col2im: faster for every channel count measured (1 to 64).
+    // col2im: faster for every channel count measured (1 to 64); with strides, each
+    // polyphase component of dinput is such a forward of doutput with its own taps.
     plan.dinput =
         unit && dinput_as_forward_fits
             ? decltype(Plan::dinput){dinput_as_forward<T>, dinput_as_forward_buffers<T>}
+        // a few input channels leave the tap kernel's rows mostly empty: (64, 3, 56, 56)
+        // with 7x7 filters, stride 2, is faster through col2im (measured)
+        : !unit && padded && d.C >= 4
+            ? decltype(Plan::dinput){dinput_polyphase<T>, dinput_polyphase_buffers<T>}
             : decltype(Plan::dinput){dinput_gemm_col2im<T>, dinput_gemm_col2im_buffers<T>};
     // dweight in place: below the narrowest gather panel of filters the dot-product path is
-    // faster (measured), and it serves every strided convolution.
-    plan.dweight = unit && d.K > detail::kernels_for_cpu<T>().gather[2].NR
+    // faster (measured), and it serves the strided convolutions off the polyphase stack.
+    plan.dweight = padded && d.K > detail::kernels_for_cpu<T>().gather[2].NR
                        ? decltype(Plan::dweight){dweight_padded<T>, dweight_padded_buffers<T>}
                        : decltype(Plan::dweight){dweight_gemm_dot<T>, dweight_gemm_dot_buffers};
     return plan;
@@ -1019,6 +1246,35 @@ int64_t conv2d_workspace_bytes(const Conv2dDims& d, int64_t threads) {
                      plan.dinput.buffers(v).template bytes<T>(threads),
                      plan.dweight.buffers(v).template bytes<T>(threads)});
 }
+
+namespace detail {
+
+std::array<const char*, 3> conv2d_path_names(const Conv2dDims& d) {
+    const Conv2dDims v = group_view(d);
+    const Conv2dPlan<float> plan = make_plan<float>(v);
+    using F = float;
+    const auto& f = plan.forward.run;
+    const auto& i = plan.dinput.run;
+    const auto& w = plan.dweight.run;
+    return {f == forward_direct<F>      ? "forward_direct"
+            : f == forward_padded<F>    ? "forward_padded"
+            : f == forward_gemm<F>      ? "forward_gemm"
+            : f == forward_depthwise<F> ? "forward_depthwise"
+                                        : "?",
+            i == dinput_direct<F>        ? "dinput_direct"
+            : i == dinput_as_forward<F>  ? "dinput_as_forward"
+            : i == dinput_polyphase<F>   ? "dinput_polyphase"
+            : i == dinput_gemm_col2im<F> ? "dinput_gemm_col2im"
+            : i == dinput_depthwise<F>   ? "dinput_depthwise"
+                                         : "?",
+            w == dweight_direct<F>      ? "dweight_direct"
+            : w == dweight_padded<F>    ? "dweight_padded"
+            : w == dweight_gemm_dot<F>  ? "dweight_gemm_dot"
+            : w == dweight_depthwise<F> ? "dweight_depthwise"
+                                        : "?"};
+}
+
+}  // namespace detail
 
 #define CNNBP_INSTANTIATE(T)                                                              \
     template void conv2d_forward<T>(T*, const T*, const T*, const T*, const Conv2dDims&); \

@@ -1,9 +1,12 @@
 // Kernels against small hand-computed answers and against central finite differences, and
 // the elementwise kernels' results for one and two threads.
+#include <array>
 #include <cmath>
 #include <limits>
 #include <random>
+#include <string>
 
+#include "../src/conv2d_paths.hpp"
 #include "check.hpp"
 #include "cnnbp/cnnbp.hpp"
 
@@ -119,6 +122,61 @@ TEST_CASE("conv2d backward: finite differences through the packed GEMM") {
     check_conv2d_finite_differences({2, 2, 5, 4}, {66, 2, 3, 2}, {1, 1, 1, 0});
 }
 
+TEST_CASE("conv2d paths: strided convolutions take the polyphase stack") {
+    struct Case {
+        Shape x, w;
+        Conv2dParams p;
+        std::array<std::string, 3> paths;  // without the forward_, dinput_, dweight_ prefixes
+    };
+    // {forward, dinput, dweight}; filters past the gather kernel's widest panel (66) or below
+    // its narrowest (2) so that dweight's choice is the same on every instruction set
+    const Case cases[] = {
+        // a ResNet's strided stage: every path on the polyphase stack
+        {{64, 16, 28, 28}, {32, 16, 3, 3}, {2, 2, 1, 1}, {"padded", "polyphase", "padded"}},
+        // stride (2, 1) and (1, 2) mixes, dilation, groups, stride 3 with a 5x5 filter
+        {{2, 6, 11, 9}, {2, 6, 3, 3}, {2, 1, 1, 0}, {"padded", "polyphase", "gemm_dot"}},
+        {{2, 8, 9, 13}, {66, 8, 2, 3}, {1, 2, 0, 2}, {"padded", "polyphase", "padded"}},
+        {{2, 8, 15, 12}, {66, 8, 3, 3}, {2, 2, 1, 1, 2, 1}, {"padded", "polyphase", "padded"}},
+        {{2, 16, 13, 9}, {132, 8, 3, 3}, {2, 2, 2, 1, 1, 1, 2}, {"padded", "polyphase", "padded"}},
+        {{2, 8, 17, 17}, {66, 8, 5, 5}, {3, 3, 2, 2}, {"padded", "polyphase", "padded"}},
+        // a 2x2 filter spans stride 3 only with its dilation 2
+        {{2, 8, 13, 13}, {66, 8, 2, 2}, {3, 3, 1, 1, 2, 2}, {"padded", "polyphase", "padded"}},
+        // fewer than 4 input channels: dinput through col2im
+        {{64, 3, 56, 56}, {64, 3, 7, 7}, {2, 2, 3, 3}, {"padded", "gemm_col2im", "padded"}},
+        // the filter does not span the stride (a 1x1 shortcut, stride 2; a 2-wide filter with
+        // stride 3 across): im2col throughout
+        {{64, 64, 28, 28}, {128, 64, 1, 1}, {2, 2}, {"gemm", "gemm_col2im", "gemm_dot"}},
+        {{2, 8, 12, 12}, {66, 8, 3, 2}, {2, 3, 1, 0}, {"gemm", "gemm_col2im", "gemm_dot"}},
+        // unit strides keep their paths; tiny problems and depthwise ones theirs
+        {{2, 8, 9, 9}, {66, 8, 3, 3}, {1, 1, 1, 1}, {"padded", "as_forward", "padded"}},
+        {{1, 1, 6, 6}, {1, 1, 3, 3}, {2, 2, 1, 1}, {"direct", "direct", "direct"}},
+        {{2, 8, 12, 12},
+         {8, 1, 3, 3},
+         {2, 2, 1, 1, 1, 1, 8},
+         {"depthwise", "depthwise", "depthwise"}},
+    };
+    for (const auto& c : cases) {
+        const auto names = detail::conv2d_path_names(conv2d_dims(c.x, c.w, nullptr, c.p));
+        CHECK(std::string(names[0]) == "forward_" + c.paths[0]);
+        CHECK(std::string(names[1]) == "dinput_" + c.paths[1]);
+        CHECK(std::string(names[2]) == "dweight_" + c.paths[2]);
+    }
+}
+
+TEST_CASE("conv2d backward: finite differences on the polyphase stack") {
+    // odd sizes, stride mixes, dilation, groups, a phase stride of 3, partial panels; small
+    // enough that the differences' rounding stays below the tolerance
+    check_conv2d_finite_differences({2, 5, 9, 7}, {6, 5, 3, 3}, {2, 2, 1, 1});
+    check_conv2d_finite_differences({1, 4, 7, 6}, {5, 4, 3, 2}, {2, 1, 1, 0});
+    check_conv2d_finite_differences({1, 4, 5, 9}, {5, 4, 2, 3}, {1, 2, 0, 2});
+    check_conv2d_finite_differences({1, 4, 9, 7}, {5, 4, 3, 3}, {2, 2, 1, 1, 2, 1});
+    check_conv2d_finite_differences({1, 8, 9, 7}, {6, 4, 3, 3}, {2, 2, 2, 1, 1, 1, 2});
+    check_conv2d_finite_differences({1, 4, 11, 11}, {5, 4, 5, 5}, {3, 3, 2, 2});
+    check_conv2d_finite_differences({1, 4, 9, 8}, {5, 4, 2, 2}, {3, 3, 1, 1, 2, 2});
+    // filters past the gather kernel's panel: dweight on the stack
+    check_conv2d_finite_differences({1, 2, 7, 6}, {66, 2, 3, 3}, {2, 2, 1, 1});
+}
+
 TEST_CASE("conv2d float paths agree with double on every shape family") {
     // unit and non-unit strides, narrow and wide channel counts: every kernel path
     struct Case {
@@ -126,12 +184,13 @@ TEST_CASE("conv2d float paths agree with double on every shape family") {
         Conv2dParams p;
     };
     const Case cases[] = {
-        {{3, 1, 12, 11}, {8, 1, 3, 3}, {1, 1, 0, 0}},  // one input channel
-        {{2, 8, 9, 9}, {16, 8, 3, 3}, {1, 1, 1, 1}},   // middle widths
-        {{2, 5, 7, 8}, {70, 5, 3, 2}, {1, 1, 1, 0}},   // many filters, partial panels
-        {{2, 34, 6, 6}, {3, 34, 3, 3}, {1, 1, 1, 1}},  // many channels, few filters
-        {{2, 6, 11, 9}, {10, 6, 3, 3}, {2, 1, 1, 0}},  // strided: im2col GEMM, col2im
-        {{2, 30, 9, 9}, {9, 30, 3, 3}, {2, 2, 1, 1}},  // strided, two k-blocks
+        {{3, 1, 12, 11}, {8, 1, 3, 3}, {1, 1, 0, 0}},   // one input channel
+        {{2, 8, 9, 9}, {16, 8, 3, 3}, {1, 1, 1, 1}},    // middle widths
+        {{2, 5, 7, 8}, {70, 5, 3, 2}, {1, 1, 1, 0}},    // many filters, partial panels
+        {{2, 34, 6, 6}, {3, 34, 3, 3}, {1, 1, 1, 1}},   // many channels, few filters
+        {{2, 6, 11, 9}, {10, 6, 3, 3}, {2, 1, 1, 0}},   // strided: the polyphase stack
+        {{2, 30, 9, 9}, {9, 30, 3, 3}, {2, 2, 1, 1}},   // strided, two k-blocks
+        {{2, 8, 10, 10}, {12, 8, 1, 1}, {2, 2, 0, 0}},  // 1x1 strided: im2col GEMM, col2im
     };
     unsigned seed = 10;
     for (const auto& c : cases) {
