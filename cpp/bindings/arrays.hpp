@@ -88,8 +88,8 @@ py::array_t<T, py::array::c_style> contiguous(const py::array& a) {
 // kernel on megabytes (batch norm, pooling, activations) takes about as long as the kernel
 // that faults fresh pages in, and glibc hands large freed blocks back to the system
 // (a new mapping, or the heap's top trimmed), so every call would pay again. Blocks of at
-// least kMinBytes go back to this pool instead, up to kMaxKept bytes in all, and the next
-// array of the same rounded size takes one. Smaller arrays come from NumPy as usual.
+// least kMinBytes go back to this pool instead, the most recent kMaxKept bytes of them, and
+// the next array of the same rounded size takes one. Smaller arrays come from NumPy as usual.
 class BlockPool {
  public:
     static constexpr size_t kMinBytes = size_t(1) << 20;
@@ -118,18 +118,25 @@ class BlockPool {
         *reinterpret_cast<size_t*>(block) = size;
         return block + kHeader;
     }
+    // Keeps the block, dropping the oldest kept ones while more than kMaxKept is kept: the
+    // sizes a loop uses now stay, those of earlier work go back to the system.
     void release(void* data) {
         char* block = static_cast<char*>(data) - kHeader;
         const size_t size = *reinterpret_cast<size_t*>(block);
+        if (size > kMaxKept) return std::free(block);
+        std::vector<void*> dropped;
         {
             std::lock_guard<std::mutex> lock(mutex_);
-            if (kept_ + size <= kMaxKept) {
-                free_.emplace_back(size, data);
-                kept_ += size;
-                return;
+            free_.emplace_back(size, data);
+            kept_ += size;
+            size_t oldest = 0;
+            while (kept_ > kMaxKept) {
+                kept_ -= free_[oldest].first;
+                dropped.push_back(free_[oldest++].second);
             }
+            free_.erase(free_.begin(), free_.begin() + std::ptrdiff_t(oldest));
         }
-        std::free(block);
+        for (void* d : dropped) std::free(static_cast<char*>(d) - kHeader);
     }
 
  private:
