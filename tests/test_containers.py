@@ -341,3 +341,21 @@ def test_a_model_file_with_a_damaged_container_is_refused(tmp_path):
     for i, (layers, message) in enumerate(cases):
         with raises(ValueError, "[load] architecture: " + message):
             cnnbp.load(write(layers, f"bad{i}.npz"))
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["float32", "float64"])
+def test_an_empty_batch_passes_through_nested_containers(dtype):
+    nn.manual_seed(10)
+    model = nested_model(nn, dtype).eval()  # eval: BatchNorm2d needs values to train on
+    x = np.zeros((0, 2, 8, 8), dtype)
+    y = model(x)
+    assert y.shape == (0, 5) and y.dtype == dtype
+    dx = model.backward(np.zeros((0, 5), dtype))
+    assert dx.shape == x.shape
+    trace = dict(model.trace())
+    assert trace["4"]["output"].shape == (0, 15, 4, 4)  # 3 + 6 + 6 channels, no images
+    for name, p in model.named_parameters():
+        np.testing.assert_array_equal(p.grad, np.zeros_like(p.data), err_msg=name)
+    flat = nn.Concat(nn.Linear(3, 2, dtype=dtype), nn.Identity())
+    assert flat(np.zeros((0, 3), dtype)).shape == (0, 5)
+    assert flat.backward(np.zeros((0, 5), dtype)).shape == (0, 3)

@@ -1034,7 +1034,8 @@ const Tensor<T>& Concat<T>::forward(const Tensor<T>& input) {
         shape[1] += y.shape[1];
     }
     this->output_.resize(shape);
-    const int64_t N = shape[0], K = shape[1], inner = K ? this->output_.size() / (N * K) : 0;
+    // (N, K, inner...) with inner the product of the dims after the channels
+    const int64_t N = shape[0], K = shape[1], inner = numel(Shape(shape.begin() + 2, shape.end()));
     T* out = this->output_.data.data();
     for (int64_t n = 0; n < N; ++n) {
         int64_t offset = 0;  // in channels, along dim 1
@@ -1054,7 +1055,7 @@ const Tensor<T>& Concat<T>::backward(const Tensor<T>& grad_output) {
                      grad_output.shape);
     this->grad_output_ = &grad_output;
     const Shape& shape = grad_output.shape;
-    const int64_t N = shape[0], K = shape[1], inner = K ? grad_output.size() / (N * K) : 0;
+    const int64_t N = shape[0], K = shape[1], inner = numel(Shape(shape.begin() + 2, shape.end()));
     int64_t offset = 0;
     for (size_t i = 0; i < branches_.size(); ++i) {
         // branch i's slice of dL/dy: channels [offset, offset + K_i)

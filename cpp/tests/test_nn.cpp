@@ -694,6 +694,11 @@ TEST_CASE("nn: containers refuse cycles, repeats and shapes that do not combine"
     CHECK_THROWS(
         mismatched.forward(Tensor<float>({2, 3})),
         "[Residual] block output: expected the shape of the input (2, 3), got shape (2, 4)");
+    // an empty batch: empty outputs and gradients (the channel stride is not size / (N * K))
+    Concat<float> pair({std::make_shared<Linear<float>>(3, 2), std::make_shared<ReLU<float>>()});
+    const Tensor<float> none({0, 3});  // kept alive until the backward, as forward asks
+    CHECK(pair.forward(none).shape == Shape({0, 5}));
+    CHECK(pair.backward(Tensor<float>({0, 5})).shape == Shape({0, 3}));
     Concat<float> flat({std::make_shared<ReLU<float>>()});
     CHECK_THROWS(flat.forward(Tensor<float>({3})),
                  "[Concat] branch 0 output: expected at least 2 dims (N, K, ...), got shape (3,)");
