@@ -966,6 +966,8 @@ const Tensor<T>& Residual<T>::backward(const Tensor<T>& grad_output) {
     // y = block(x) + skip(x): dL/dx = dblock/dx^T dy + dskip/dx^T dy
     const Tensor<T>& through_block = block_->backward(grad_output);
     const Tensor<T>& through_skip = shortcut_ ? shortcut_->backward(grad_output) : grad_output;
+    check_same_shape("Residual.backward", "block grad_input", through_block.shape,
+                     "skip path's grad_input", through_skip.shape);
     add_into(this->grad_input_, through_block, through_skip);
     return this->grad_input_;
 }
@@ -1009,29 +1011,31 @@ void Concat<T>::forget_borrowed() {
 template <typename T>
 const Tensor<T>& Concat<T>::forward(const Tensor<T>& input) {
     this->input_ = &input;
-    // outputs (N, K_i, rest...): the same N and rest, any K_i
+    // outputs (N, K_i, rest...): the same N and rest, any K_i; checked once every branch has
+    // run (a layer shared between branches may have changed an earlier one's output)
     std::vector<const Tensor<T>*> outputs;
+    for (auto& branch : branches_) outputs.push_back(&branch->forward(input));
     Shape shape;
-    for (size_t i = 0; i < branches_.size(); ++i) {
-        const Tensor<T>& y = branches_[i]->forward(input);
-        outputs.push_back(&y);
-        if (y.shape.size() < 2)
+    channels_.clear();
+    for (size_t i = 0; i < outputs.size(); ++i) {
+        const Shape& got = outputs[i]->shape;
+        if (got.size() < 2)
             throw std::invalid_argument("[Concat] branch " + std::to_string(i) +
                                         " output: expected at least 2 dims (N, K, ...), got "
                                         "shape " +
-                                        shape_str(y.shape));
+                                        shape_str(got));
+        channels_.push_back(got[1]);
         if (i == 0) {
-            shape = y.shape;
+            shape = got;
             continue;
         }
         Shape expected = shape;
-        expected[1] = y.shape[1];
-        if (y.shape != expected)
-            throw std::invalid_argument("[Concat] branch " + std::to_string(i) +
-                                        " output: expected shape " + shape_str(expected) +
-                                        " (branch 0's but along dim 1), got shape " +
-                                        shape_str(y.shape));
-        shape[1] += y.shape[1];
+        expected[1] = got[1];
+        if (got != expected)
+            throw std::invalid_argument(
+                "[Concat] branch " + std::to_string(i) + " output: expected shape " +
+                shape_str(expected) + " (branch 0's but along dim 1), got shape " + shape_str(got));
+        shape[1] += got[1];
     }
     this->output_.resize(shape);
     // (N, K, inner...) with inner the product of the dims after the channels
@@ -1050,7 +1054,7 @@ const Tensor<T>& Concat<T>::forward(const Tensor<T>& input) {
 
 template <typename T>
 const Tensor<T>& Concat<T>::backward(const Tensor<T>& grad_output) {
-    require_forward(this->input_, "Concat");
+    const Tensor<T>& input = require_forward(this->input_, "Concat");
     check_same_shape("Concat.backward", "output", this->output_.shape, "doutput",
                      grad_output.shape);
     this->grad_output_ = &grad_output;
@@ -1061,7 +1065,7 @@ const Tensor<T>& Concat<T>::backward(const Tensor<T>& grad_output) {
         // branch i's slice of dL/dy: channels [offset, offset + K_i)
         Tensor<T>& slice = grad_slices_[i];
         Shape slice_shape = shape;
-        slice_shape[1] = branches_[i]->output().shape[1];
+        slice_shape[1] = channels_[i];  // as the forward split them
         slice.resize(slice_shape);
         const int64_t block = slice_shape[1] * inner;
         for (int64_t n = 0; n < N; ++n)
@@ -1072,6 +1076,8 @@ const Tensor<T>& Concat<T>::backward(const Tensor<T>& grad_output) {
     // dL/dx = the sum over branches of each branch's input gradient
     for (size_t i = 0; i < branches_.size(); ++i) {
         const Tensor<T>& dx = branches_[i]->backward(grad_slices_[i]);
+        check_same_shape("Concat.backward", "input", input.shape,
+                         ("branch " + std::to_string(i) + " grad_input").c_str(), dx.shape);
         if (i == 0) {
             this->grad_input_.resize(dx.shape);
             std::copy(dx.data.begin(), dx.data.end(), this->grad_input_.data.begin());

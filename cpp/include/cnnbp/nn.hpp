@@ -726,6 +726,7 @@ class Concat : public Container<T> {
  private:
     std::vector<std::shared_ptr<Layer<T>>> branches_;
     std::vector<Tensor<T>> grad_slices_;  // each branch's part of dL/dy, kept for its trace
+    std::vector<int64_t> channels_;       // K_i of each branch's output in the last forward
 };
 
 // ---- losses --------------------------------------------------------------------------------
