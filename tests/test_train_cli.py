@@ -130,7 +130,8 @@ def test_binary_trains_one_logit_and_evaluate_needs_the_same_classes(dataset, tm
     assert "pass --binary A B" in refused.stderr and "Traceback" not in refused.stderr
 
 
-def test_mnist_directory_trains_and_evaluates_on_the_t10k_files(dataset, tmp_path):
+@pytest.mark.parametrize("arch", ["cnn", "resnet"])
+def test_mnist_directory_trains_and_evaluates_on_the_t10k_files(dataset, tmp_path, arch):
     import gzip
 
     with np.load(dataset) as contents:
@@ -147,8 +148,10 @@ def test_mnist_directory_trains_and_evaluates_on_the_t10k_files(dataset, tmp_pat
             labels + y[part].astype(np.uint8).tobytes()
         )
     model = tmp_path / "m.npz"
-    trained = run_json("train", "--mnist", tmp_path, "--epochs", 2, "--quiet", "--save", model)
-    assert trained["dataset"] == "mnist" and trained["epochs"] == 2
+    trained = run_json(
+        "train", "--mnist", tmp_path, "--epochs", 2, "--quiet", "--save", model, "--arch", arch
+    )
+    assert trained["dataset"] == "mnist" and trained["epochs"] == 2 and trained["arch"] == arch
     assert trained["train_images"] == 110 and trained["test_images"] == 40
     evaluated = run_json("evaluate", model, "--mnist", tmp_path)
     assert evaluated["test_accuracy"] == trained["test_accuracy"]
