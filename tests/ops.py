@@ -199,6 +199,8 @@ CONV_CASES = [
     (1, 3, 7, 6, 64, 3, 3, 1, 1),  # unit strides, K = 64: dweight read in place
     (2, 2, 5, 5, 70, 3, 2, 1, (0, 1)),  # K = 70: a partial filter panel in place
     (2, 3, 8, 7, 20, 3, 3, 1, 0),  # K = 20: the middle gather panel, partially filled
+    (2, 4, 7, 7, 24, 3, 3, 1, 1),  # K = 24: a two-vector gather panel; short last grid tiles
+    (1, 4, 6, 6, 24, 3, 3, 1, 3),  # padding >= kernel: padded rows too wide to share zeros
     # torch's other options: dilation, groups, 'same' / 'valid' padding, an empty batch
     (2, 3, 9, 8, 4, 3, 3, 1, 1, {"dilation": 2}),  # tiny: direct loops
     (2, 4, 11, 10, 6, 3, 2, 2, (2, 1), {"dilation": (2, 3)}),  # dilation with stride

@@ -56,8 +56,11 @@ constexpr int64_t kPixelBlock = 1024;
 // Waking the second thread costs microseconds: split the batch only above this many
 // multiply-adds (about 10 us of work).
 constexpr int64_t kMinConvParallelWork = int64_t(1) << 20;
-// Grid pixels per gather-kernel call: its B panel (kGatherBlock x NR) stays in L1.
-constexpr int64_t kGatherBlock = 128;
+// Grid pixels per gather-kernel call: about kGatherValues values of its B panel (pixels x
+// NR), from 128 to 512 pixels. Longer runs amortize each call's loads and stores of its
+// tile, so narrow panels take more pixels (measured); a wide panel's block stays in L1.
+constexpr int64_t kGatherValues = 8192;
+int64_t gather_block(int64_t NR) { return std::clamp<int64_t>(kGatherValues / NR, 128, 512); }
 // Rows handed to the dot-product kernel are padded to a multiple of the widest vector.
 constexpr int64_t kVectorPad = 16;
 
@@ -350,12 +353,15 @@ void col2im_add(T* dimage, const T* dcol, const Conv2dDims& d, int64_t j0, int64
 // of output pixel (p, q) reads padded row p*sh + r*dh, which is row p + (r*dh)/sh of phase
 // (r*dh)%sh, likewise the columns: on the output grid o = p*Ws + q every tap is one offset
 // into the stack, whatever the strides (with unit strides the stack is the padded planes).
+// With unit strides a row's right padding and the next row's left padding are the same
+// zeros, so Ws = W + max(pw, pr) when the output rows fit in that (see padded_grid).
 // Columns q >= Q of the grid are a margin. Grid pixels run up to grid_padded (the grid
-// rounded up to whole tiles); reading every tap there, the last rows run past the planes,
-// so the stack holds `stack` values, which must exist and be zero -- the grid's margin
-// multiplies them by zero, and uninitialized memory could hold NaN.
+// rounded up to whole tiles, short ones at its end); reading every tap there, the last rows
+// run past the planes, so the stack holds `stack` values, which must exist and be zero --
+// the grid's margin multiplies them by zero, and uninitialized memory could hold NaN.
 struct PaddedGrid {
     int64_t Hs, Ws, grid, grid_padded, stack;
+    int64_t tiled;  // grid pixels [0, tiled) in whole tiles, the rest in tail tiles
 };
 
 // Offsets of the filter taps (c,r,s) in the polyphase stack of (Hs, Ws) planes.
@@ -373,15 +379,30 @@ std::vector<int64_t> tap_offsets(const Conv2dDims& d, int64_t Hs, int64_t Ws) {
     return offsets;
 }
 
-PaddedGrid padded_grid(const Conv2dDims& d, int64_t tile) {
+// `tile` pixels per tile, the last ones in tiles of `tail` pixels (a divisor of tile) when
+// that computes fewer pixels past the grid.
+PaddedGrid padded_grid(const Conv2dDims& d, int64_t tile, int64_t tail = 0) {
     const auto& p = d.params;
     const int64_t Hp = d.H + p.pad_h + d.pad_bottom, Wp = d.W + p.pad_w + d.pad_right;
-    const int64_t Hs = (Hp + p.stride_h - 1) / p.stride_h, Ws = (Wp + p.stride_w - 1) / p.stride_w;
-    const int64_t grid = d.P * Ws, grid_padded = round_up(grid, tile);
+    const int64_t Hs = (Hp + p.stride_h - 1) / p.stride_h;
+    int64_t Ws = (Wp + p.stride_w - 1) / p.stride_w;
+    // Unit strides: a row's right padding and the next row's left padding can be the same
+    // zeros (padded column W+pw+j is column j < pw of the next row), so the planes are
+    // W + max(pw, pr) wide -- as long as the output rows still fit (Q <= that width).
+    if (p.stride_h == 1 && p.stride_w == 1 && d.Q <= d.W + std::max(p.pad_w, d.pad_right))
+        Ws = d.W + std::max(p.pad_w, d.pad_right);
+    const int64_t grid = d.P * Ws;
+    int64_t tiled = round_up(grid, tile), grid_padded = tiled;
+    if (tail > 0 && round_up(grid, tail) < tiled)
+        tiled = grid / tile * tile, grid_padded = round_up(grid, tail);
     const std::vector<int64_t> offsets = tap_offsets(d, Hs, Ws);
     const int64_t last_tap = *std::max_element(offsets.begin(), offsets.end());
-    return {Hs, Ws, grid, grid_padded,
-            std::max(d.C * p.stride_h * p.stride_w * Hs * Ws, last_tap + grid_padded)};
+    return {Hs,
+            Ws,
+            grid,
+            grid_padded,
+            std::max(d.C * p.stride_h * p.stride_w * Hs * Ws, last_tap + grid_padded),
+            tiled};
 }
 
 // The planes of one image into the interior of its zero-bordered polyphase stack (whose
@@ -484,7 +505,8 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
                     const Conv2dDims& d) {
     const int64_t CRS = d.C * d.R * d.S, PQ = d.P * d.Q;
     const auto& uk = detail::kernels_for_cpu<T>().tap_for(d.K);
-    const PaddedGrid g = padded_grid(d, uk.NR);
+    const auto& tail = detail::kernels_for_cpu<T>().tap_tail_for(d.K);
+    const PaddedGrid g = padded_grid(d, uk.NR, tail.NR);
     const int64_t G = d.params.groups;
     // each group's weight (K x CRS), shared by its images
     std::vector<detail::PackedA<T>> packed_weights(static_cast<size_t>(G));
@@ -499,17 +521,20 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
         for (int64_t i = i_begin; i < i_end; ++i) {
             const detail::PackedA<T>& packed_weight = packed_weights[size_t(i % G)];
             copy_into_padded(padded.data(), input + i * d.C * d.H * d.W, d, g);
-            for (int64_t o0 = 0; o0 < g.grid; o0 += uk.NR) {
-                const int nvalid = int(std::min<int64_t>(uk.NR, g.grid - o0));
+            for (int64_t o0 = 0; o0 < g.grid;) {
+                // tail has uk's MR, so both read the same packed weight
+                const auto& kernel = o0 < g.tiled ? uk : tail;
+                const int nvalid = int(std::min<int64_t>(kernel.NR, g.grid - o0));
                 for (int64_t ip = 0; ip < panels; ++ip) {
                     const int m = int(std::min<int64_t>(uk.MR, d.K - ip * uk.MR));
                     T* c_tile = grid_out.data() + ip * uk.MR * g.grid_padded + o0;
                     for (int64_t k0 = 0; k0 < CRS; k0 += packed_weight.kc) {
                         const int64_t kb = std::min(packed_weight.kc, CRS - k0);
-                        uk.run(kb, packed_weight.panel(ip, k0, kb), tap_offset.data() + k0,
-                               padded.data() + o0, c_tile, g.grid_padded, k0 > 0, m, nvalid);
+                        kernel.run(kb, packed_weight.panel(ip, k0, kb), tap_offset.data() + k0,
+                                   padded.data() + o0, c_tile, g.grid_padded, k0 > 0, m, nvalid);
                     }
                 }
+                o0 += kernel.NR;
             }
             crop_grid(output + i * d.K * PQ, grid_out.data(), bias ? bias + (i % G) * d.K : nullptr,
                       d, g.grid_padded, g.Ws);
@@ -520,7 +545,7 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
 template <typename T>
 Buffers forward_padded_buffers(const Conv2dDims& d) {
     const auto& uk = detail::kernels_for_cpu<T>().tap_for(d.K);
-    const PaddedGrid g = padded_grid(d, uk.NR);
+    const PaddedGrid g = padded_grid(d, uk.NR, detail::kernels_for_cpu<T>().tap_tail_for(d.K).NR);
     const int64_t CRS = d.C * d.R * d.S;
     return {d.params.groups * detail::PackedA<T>::size(d.K, CRS, uk.MR),
             g.stack + d.K * g.grid_padded, d.N, CRS};
@@ -900,6 +925,7 @@ void dweight_padded(T* dweight, T* dbias, const T* doutput, const T* input, cons
     const auto& gk = detail::kernels_for_cpu<T>().gather_for(d.K);
     const PaddedGrid g = padded_grid(d, 1);
     const int64_t panels = (d.K + gk.NR - 1) / gk.NR;  // NR-wide panels of filters
+    const int64_t block = gather_block(gk.NR);
     const std::vector<int64_t> tap_offset = tap_offsets(d, g.Hs, g.Ws);
     sum_over_chunks(dweight, dbias, doutput, d, /*transposed=*/true, [&] {
         detail::Scratch<T> padded(g.stack);  // polyphase stack + overrun, borders zero
@@ -909,8 +935,8 @@ void dweight_padded(T* dweight, T* dbias, const T* doutput, const T* input, cons
                                                                            bool) mutable {
             copy_into_padded(padded.data(), input + i * d.C * d.H * d.W, d, g);
             pack_doutput_panels(dout_panels.data(), doutput + i * d.K * PQ, d, g, gk.NR);
-            for (int64_t o0 = 0; o0 < g.grid; o0 += kGatherBlock) {
-                const int64_t kb = std::min(kGatherBlock, g.grid - o0);
+            for (int64_t o0 = 0; o0 < g.grid; o0 += block) {
+                const int64_t kb = std::min(block, g.grid - o0);
                 for (int64_t jp = 0; jp < panels; ++jp) {
                     const int nk = int(std::min<int64_t>(gk.NR, d.K - jp * gk.NR));
                     const T* b = dout_panels.data() + (jp * g.grid + o0) * gk.NR;
@@ -1208,7 +1234,7 @@ Conv2dPlan<T> make_plan(const Conv2dDims& d) {
             : decltype(Plan::dinput){dinput_gemm_col2im<T>, dinput_gemm_col2im_buffers<T>};
     // dweight in place: below the narrowest gather panel of filters the dot-product path is
     // faster (measured), and it serves the strided convolutions off the polyphase stack.
-    plan.dweight = padded && d.K > detail::kernels_for_cpu<T>().gather[2].NR
+    plan.dweight = padded && d.K > detail::kernels_for_cpu<T>().gather[3].NR
                        ? decltype(Plan::dweight){dweight_padded<T>, dweight_padded_buffers<T>}
                        : decltype(Plan::dweight){dweight_gemm_dot<T>, dweight_gemm_dot_buffers};
     return plan;

@@ -59,17 +59,22 @@ template <typename T>
 struct KernelSet {
     MicroKernel<T> gemm;
     TapKernel<T> tap;         // many output rows (filters)
+    TapKernel<T> tap_tail;    // tap's rows, one vector of pixels: short last tiles
     TapKernel<T> tap_narrow;  // one row at a time, a long run of pixels
     DotKernel<T> dot;
-    GatherKernel<T> gather[3];  // widest NR first
+    GatherKernel<T> gather[4];  // widest NR first
     const char* isa;
 
     const TapKernel<T>& tap_for(int64_t rows) const { return rows * 2 < tap.MR ? tap_narrow : tap; }
+    // The kernel for the last pixels of a grid that tap_for(rows) tiles.
+    const TapKernel<T>& tap_tail_for(int64_t rows) const {
+        return rows * 2 < tap.MR ? tap_narrow : tap_tail;
+    }
     // The widest B panel that pads `cols` by at most a third.
     const GatherKernel<T>& gather_for(int64_t cols) const {
         for (const auto& g : gather)
             if ((cols + g.NR - 1) / g.NR * g.NR * 3 <= cols * 4) return g;
-        return gather[2];
+        return gather[3];
     }
 };
 

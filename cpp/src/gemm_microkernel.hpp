@@ -153,21 +153,24 @@ void dot_kernel(int64_t K, const T* __restrict a, int64_t lda, const T* __restri
 
 // The kernel set of one instruction set: vectors of VectorBytes bytes (W values of T) and
 // a register blocking counted in rows and vectors, the same for every T:
-//   MR x NV             the gemm and tap kernels' tile
+//   MR x NV             the gemm and tap kernels' tile; MR x 1 the tap kernel's tail
 //   1 x NARROW_NV       tap_narrow's tile
 //   DOT_MR x DOT_NR     the dot kernel's tile (DOT_NR in columns)
-//   GMR x GNV           the widest gather tile; then NGMR rows of one vector, and NGMR rows
-//                       of half a vector when HALF_GATHER (else of one vector again)
+//   GMR x GNV           the widest gather tile; then MGMR x MGNV, NGMR rows of one vector,
+//                       and NGMR rows of half a vector when HALF_GATHER (else of one vector
+//                       again)
 template <typename T, int VectorBytes, int MR, int NV, int NARROW_NV, int DOT_MR, int DOT_NR,
-          int GMR, int GNV, int NGMR, bool HALF_GATHER>
+          int GMR, int GNV, int MGMR, int MGNV, int NGMR, bool HALF_GATHER>
 cnnbp::detail::KernelSet<T> kernel_set(const char* isa) {
     constexpr int W = VectorBytes / int(sizeof(T));
     constexpr int W_last = HALF_GATHER ? W / 2 : W;
     return {{MR, W * NV, micro_kernel<T, W, MR, NV>},
             {MR, W * NV, tap_kernel<T, W, MR, NV>},
+            {MR, W, tap_kernel<T, W, MR, 1>},
             {1, W * NARROW_NV, tap_kernel<T, W, 1, NARROW_NV>},
             {DOT_MR, DOT_NR, dot_kernel<T, W, DOT_MR, DOT_NR>},
             {{GMR, W * GNV, gather_a_kernel<T, W, GMR, GNV>},
+             {MGMR, W * MGNV, gather_a_kernel<T, W, MGMR, MGNV>},
              {NGMR, W, gather_a_kernel<T, W, NGMR, 1>},
              {NGMR, W_last, gather_a_kernel<T, W_last, NGMR, 1>}},
             isa};
