@@ -79,6 +79,15 @@ json::Object Layer<T>::config() const {
 }
 
 template <typename T>
+const Tensor<T>& Layer<T>::accept_grad_output(const Tensor<T>& grad_output, const char* type,
+                                              const char* op) {
+    const Tensor<T>& input = require_forward(input_, type);
+    check_same_shape(op, "output", output_.shape, "doutput", grad_output.shape);
+    grad_output_ = &grad_output;
+    return input;
+}
+
+template <typename T>
 Tensor<T>::Tensor(Shape s, std::vector<T> values) : shape(std::move(s)), data(std::move(values)) {
     if (int64_t(data.size()) != numel(shape))
         throw std::invalid_argument("[Tensor] values: expected " + std::to_string(numel(shape)) +
@@ -306,10 +315,7 @@ Tensor<T>& Pool2d<T>::start_forward(const Tensor<T>& input, const char* op) {
 template <typename T>
 Tensor<T>& Pool2d<T>::start_backward(const Tensor<T>& grad_output, const char* type,
                                      const char* op) {
-    const Tensor<T>& input = require_forward(this->input_, type);
-    check_same_shape(op, "output", this->output_.shape, "doutput", grad_output.shape);
-    this->grad_output_ = &grad_output;
-    this->grad_input_.resize(input.shape);
+    this->grad_input_.resize(this->accept_grad_output(grad_output, type, op).shape);
     return this->grad_input_;
 }
 
@@ -430,10 +436,8 @@ const Tensor<T>& AdaptiveAvgPool2d<T>::forward(const Tensor<T>& input) {
 
 template <typename T>
 const Tensor<T>& AdaptiveAvgPool2d<T>::backward(const Tensor<T>& grad_output) {
-    const Tensor<T>& input = require_forward(this->input_, "AdaptiveAvgPool2d");
-    check_same_shape("adaptive_avg_pool2d_backward", "output", this->output_.shape, "doutput",
-                     grad_output.shape);
-    this->grad_output_ = &grad_output;
+    const Tensor<T>& input =
+        this->accept_grad_output(grad_output, "AdaptiveAvgPool2d", "adaptive_avg_pool2d_backward");
     this->grad_input_.resize(input.shape);
     adaptive_avg_pool2d_backward(this->grad_input_.data.data(), grad_output.data.data(), dims_);
     return this->grad_input_;
@@ -553,10 +557,8 @@ const Tensor<T>& BatchNorm2d<T>::forward(const Tensor<T>& input) {
 
 template <typename T>
 const Tensor<T>& BatchNorm2d<T>::backward(const Tensor<T>& grad_output) {
-    const Tensor<T>& input = require_forward(this->input_, "BatchNorm2d");
-    check_same_shape("batch_norm2d_backward", "output", this->output_.shape, "doutput",
-                     grad_output.shape);
-    this->grad_output_ = &grad_output;
+    const Tensor<T>& input =
+        this->accept_grad_output(grad_output, "BatchNorm2d", "batch_norm2d_backward");
     this->grad_input_.resize(input.shape);
     if (affine_) dweight_.resize({C_}), dbias_.resize({C_});
     batch_norm2d_backward(this->grad_input_.data.data(), affine_ ? dweight_.data.data() : nullptr,
@@ -608,10 +610,7 @@ const Tensor<T>& Dropout<T>::forward(const Tensor<T>& input) {
 
 template <typename T>
 const Tensor<T>& Dropout<T>::backward(const Tensor<T>& grad_output) {
-    require_forward(this->input_, "Dropout");
-    check_same_shape("dropout_backward", "output", this->output_.shape, "doutput",
-                     grad_output.shape);
-    this->grad_output_ = &grad_output;
+    this->accept_grad_output(grad_output, "Dropout", "dropout_backward");
     this->grad_input_.resize(grad_output.shape);
     if (!dropped_) {
         std::copy(grad_output.data.begin(), grad_output.data.end(), this->grad_input_.data.begin());
@@ -959,10 +958,7 @@ const Tensor<T>& Residual<T>::forward(const Tensor<T>& input) {
 
 template <typename T>
 const Tensor<T>& Residual<T>::backward(const Tensor<T>& grad_output) {
-    require_forward(this->input_, "Residual");
-    check_same_shape("Residual.backward", "output", this->output_.shape, "doutput",
-                     grad_output.shape);
-    this->grad_output_ = &grad_output;
+    this->accept_grad_output(grad_output, "Residual", "Residual.backward");
     // y = block(x) + skip(x): dL/dx = dblock/dx^T dy + dskip/dx^T dy
     const Tensor<T>& through_block = block_->backward(grad_output);
     const Tensor<T>& through_skip = shortcut_ ? shortcut_->backward(grad_output) : grad_output;
@@ -1054,10 +1050,7 @@ const Tensor<T>& Concat<T>::forward(const Tensor<T>& input) {
 
 template <typename T>
 const Tensor<T>& Concat<T>::backward(const Tensor<T>& grad_output) {
-    const Tensor<T>& input = require_forward(this->input_, "Concat");
-    check_same_shape("Concat.backward", "output", this->output_.shape, "doutput",
-                     grad_output.shape);
-    this->grad_output_ = &grad_output;
+    const Tensor<T>& input = this->accept_grad_output(grad_output, "Concat", "Concat.backward");
     const Shape& shape = grad_output.shape;
     const int64_t N = shape[0], K = shape[1], inner = numel(Shape(shape.begin() + 2, shape.end()));
     int64_t offset = 0;

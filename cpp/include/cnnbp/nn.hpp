@@ -142,6 +142,11 @@ class Layer {
  protected:
     Layer() = default;
     explicit Layer(Config arguments) : arguments_(std::move(arguments)) {}
+    // The start of a backward whose grad_output has the output's shape: the forward ran
+    // (else "[type] backward called before forward"), grad_output is checked against the
+    // output (op names it) and kept for the trace. Returns the forward's input.
+    const Tensor<T>& accept_grad_output(const Tensor<T>& grad_output, const char* type,
+                                        const char* op);
     std::optional<Config> arguments_;
     const Tensor<T>* input_ = nullptr;
     const Tensor<T>* grad_output_ = nullptr;
