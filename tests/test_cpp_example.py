@@ -153,10 +153,9 @@ def run_model(programs, *args, text=True):
     )
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
-def test_python_model_runs_in_cpp_and_cpp_copy_loads_in_python(programs, tmp_path, dtype):
-    model = interop_model(dtype).eval()  # run_model evaluates (Dropout off)
-    x = np.random.default_rng(4).standard_normal((2, 2, 8, 5)).astype(dtype)
+def run_in_cpp(programs, tmp_path, model, x):
+    """The model saved from Python, run by C++ (run_model, in eval mode) on x and written
+    back from C++: (C++'s output, shaped as it printed it, and the path of C++'s copy)."""
     saved, copy, inputs = (tmp_path / name for name in ("model.npz", "copy.npz", "input.txt"))
     model.save(saved)
     inputs.write_text(
@@ -165,10 +164,19 @@ def test_python_model_runs_in_cpp_and_cpp_copy_loads_in_python(programs, tmp_pat
     proc = run_model(programs, saved, inputs, copy)
     assert proc.returncode == 0, proc.stderr
     lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    shape = tuple(int(d) for d in lines["shape"].split())
+    values = np.array([float(v) for v in lines["values"].split()], dtype=x.dtype)
+    return values.reshape(shape), copy
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_python_model_runs_in_cpp_and_cpp_copy_loads_in_python(programs, tmp_path, dtype):
+    model = interop_model(dtype).eval()  # run_model evaluates (Dropout off)
+    x = np.random.default_rng(4).standard_normal((2, 2, 8, 5)).astype(dtype)
+    got, copy = run_in_cpp(programs, tmp_path, model, x)
     expected = model(x)
-    assert tuple(int(d) for d in lines["shape"].split()) == expected.shape
-    got = np.array([float(v) for v in lines["values"].split()], dtype=dtype)
-    np.testing.assert_array_equal(got, expected.ravel())  # the same kernels: the same bits
+    assert got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)  # the same kernels: the same bits
     # the file C++ wrote loads in Python as the same model
     reloaded = cnnbp.load(copy).eval()
     assert [layer.config() for layer in reloaded] == [layer.config() for layer in model]
@@ -184,16 +192,8 @@ def test_nested_model_runs_in_cpp_and_cpp_copy_loads_in_python(programs, tmp_pat
     nn.manual_seed(9)
     model = nested_model(nn, dtype).eval()
     x = np.random.default_rng(5).standard_normal((2, 2, 8, 8)).astype(dtype)
-    saved, copy, inputs = (tmp_path / name for name in ("model.npz", "copy.npz", "input.txt"))
-    model.save(saved)
-    inputs.write_text(
-        " ".join(map(str, x.shape)) + "\n" + " ".join(repr(float(v)) for v in x.ravel())
-    )
-    proc = run_model(programs, saved, inputs, copy)
-    assert proc.returncode == 0, proc.stderr
-    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
-    got = np.array([float(v) for v in lines["values"].split()], dtype=dtype)
-    np.testing.assert_array_equal(got, model(x).ravel())  # the same kernels: the same bits
+    got, copy = run_in_cpp(programs, tmp_path, model, x)
+    np.testing.assert_array_equal(got, model(x))  # the same kernels: the same bits
     reloaded = cnnbp.load(copy).eval()  # a loaded model starts in training mode
     assert repr(reloaded) == repr(model)
     np.testing.assert_array_equal(reloaded(x), model(x))
@@ -219,15 +219,8 @@ def test_batch_norm_running_statistics_cross_between_languages(programs, tmp_pat
         model.train_step(x, rng.integers(0, 2, 4), nn.CrossEntropyLoss(), opt)
     model.eval()
     x = rng.standard_normal((2, 2, 8, 5)).astype(dtype)
-    saved, copy, inputs = (tmp_path / name for name in ("model.npz", "copy.npz", "input.txt"))
-    model.save(saved)
-    inputs.write_text(
-        " ".join(map(str, x.shape)) + "\n" + " ".join(repr(float(v)) for v in x.ravel())
-    )
-    proc = run_model(programs, saved, inputs, copy)
-    assert proc.returncode == 0, proc.stderr
-    values = dict(line.split(" ", 1) for line in proc.stdout.splitlines())["values"]
-    np.testing.assert_array_equal(np.array(values.split(), dtype=dtype), model(x).ravel())
+    got, copy = run_in_cpp(programs, tmp_path, model, x)
+    np.testing.assert_array_equal(got, model(x))
     want, got = model.state_dict(), cnnbp.load(copy).state_dict()
     assert list(got) == list(want) and int(got["1.num_batches_tracked"]) == 3
     for key in want:
