@@ -232,6 +232,15 @@ class Module:
     def _activate(self, dtype) -> None:
         """Read the trace from the C++ layer of `dtype` (built-in layers)."""
 
+    def to_onnx(self, path, input_shape):
+        """Write this module's eval-mode network to `path` as ONNX (opset 17, float32), for
+        inputs (N, *input_shape) with the batch dim N free: input_shape is (C, H, W) for
+        images. Needs the onnx package (pip install 'cnnbp[onnx]'); a layer ONNX cannot
+        express raises ValueError naming it. Returns the onnx.ModelProto."""
+        from . import onnx_export  # imports onnx: only when a model is exported
+
+        return onnx_export.export(self, path, input_shape)
+
     def config(self):
         """The architecture entry of a model file: the type and constructor arguments."""
         return {"type": type(self).__name__}
