@@ -117,6 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("model", metavar="MODEL.npz", help="a model file (model.save)")
     _add_data_arguments(evaluate)
+
+    export = commands.add_parser(
+        "export",
+        help="write a saved model as ONNX",
+        description="Write a model saved by `cnnbp train --save` as an ONNX file (opset 17, "
+        "float32, eval mode: BatchNorm2d with its running statistics, Dropout as the "
+        "identity) whose batch dim N is free. Needs the onnx package: pip install "
+        "'cnnbp[onnx]'.",
+    )
+    export.add_argument("model", metavar="MODEL.npz", help="a model file (model.save)")
+    export.add_argument("output", metavar="OUT.onnx", help="the ONNX file to write")
+    export.add_argument(
+        "--input-shape",
+        type=_input_shape,
+        required=True,
+        metavar="C,H,W",
+        help="one input's shape without the batch dim, e.g. 1,8,8 for the digits or 1,28,28 "
+        "for MNIST (model files do not record it)",
+    )
     # every command's last option
     for command, output in [
         (walk, "machine-readable JSON"),
@@ -144,6 +163,19 @@ _positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a number > 0"
 _nonnegative_float = _checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 _fraction = _checked(float, lambda v: 0 < v < 1, "a number between 0 and 1")
 _label = _checked(int, lambda v: v >= 0, "a class label >= 0")
+
+
+def _input_shape(text):
+    """--input-shape C,H,W: positive integers separated by commas."""
+    try:
+        dims = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        dims = ()
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected positive integers separated by commas (C,H,W), got {text!r}"
+        )
+    return dims
 
 
 def _number(kind, text):
@@ -212,6 +244,24 @@ def _add_data_arguments(parser):
     )
 
 
+def run_export(args) -> int:
+    """`cnnbp export MODEL OUT --input-shape C,H,W`: the saved model as ONNX."""
+    import numpy as np
+
+    from . import load, onnx_export
+
+    model = load(args.model)
+    onnx_export.export(model, args.output, args.input_shape)
+    rounded = "" if model._fixed_dtype in (None, np.float32) else ", weights rounded to float32"
+    count = sum(p.data.size for p in model.parameters())
+    shape = ", ".join(map(str, args.input_shape))
+    print(
+        f"wrote {args.output}: {args.model} ({len(model)} layers, {count} parameters{rounded}), "
+        f"input (N, {shape}) float32, opset {onnx_export.OPSET}"
+    )
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -232,6 +282,15 @@ def main(argv=None) -> int:
             return 2
         except (ImportError, FloatingPointError) as error:
             print(f"cnnbp {args.command}: {error}", file=sys.stderr)
+            return 1
+    if args.command == "export":
+        try:
+            return run_export(args)
+        except (ValueError, OSError) as error:
+            print(f"cnnbp export: {error}", file=sys.stderr)
+            return 2
+        except ImportError as error:
+            print(f"cnnbp export: {error}", file=sys.stderr)
             return 1
     if args.command == "walkthrough":
         from . import walkthrough
