@@ -10,6 +10,7 @@ Adding a layer type to the registry without an entry in EXPORTS (and an exporter
 onnx_export._EXPORTERS) fails the first two tests.
 """
 
+import itertools
 import subprocess
 import sys
 
@@ -149,6 +150,27 @@ def test_layer_matches_onnxruntime(name, arguments, shape):
     cnnbp.manual_seed(0)
     layer = with_statistics(getattr(nn, name)(**arguments))
     assert_same_outputs(layer, shape, batch_sizes=(3, 1))
+
+
+def test_pools_over_a_grid_of_windows():
+    """Ceil mode is where ONNX's and torch's rules part (a last window starting in the right
+    padding): every combination of window, stride, padding, dilation and divisor, on sizes
+    that give each a last window ending inside, at and past the padding."""
+    checked = 0
+    for k, stride, padding, ceil_mode, size in itertools.product(
+        (2, 3), (1, 2, 3), (0, 1), (False, True), (5, 6, 7)
+    ):
+        shape = (2, size, size + 1)
+        for dilation in (1, 2, 3):
+            if dilation * (k - 1) + 1 <= size + 2 * padding:
+                pool = nn.MaxPool2d(k, stride, padding, dilation, ceil_mode)
+                assert_same_outputs(pool, shape, batch_sizes=(2,))
+                checked += 1
+        for count_include_pad, divisor in itertools.product((False, True), (None, 3)):
+            pool = nn.AvgPool2d(k, stride, padding, ceil_mode, count_include_pad, divisor)
+            assert_same_outputs(pool, shape, batch_sizes=(2,))
+            checked += 1
+    assert checked == 492
 
 
 def nested_model(dtype=np.float32):
