@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import stat
 import subprocess
 import sys
 import zipfile
@@ -575,3 +576,21 @@ def test_the_same_seed_gives_the_same_weights():
 
     first, second = weights(), weights()
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_saved_file_has_the_mode_a_plain_open_gives(tmp_path, umask, mode):
+    """0666 less the umask, as any program's new file; a temporary left over by a failed
+    save (here one of mode 0600) does not pass its mode on."""
+    path = tmp_path / "m.npz"
+    (tmp_path / "m.npz.tmp").write_bytes(b"left over")
+    os.chmod(tmp_path / "m.npz.tmp", 0o600)
+    model = nn.Sequential(nn.Linear(2, 1))
+    previous = os.umask(umask)
+    try:
+        model.save(path)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(path).st_mode) == mode
+    assert not (tmp_path / "m.npz.tmp").exists()
+    cnnbp.load(path)

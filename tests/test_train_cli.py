@@ -240,12 +240,42 @@ def test_plot_writes_a_png(dataset, tmp_path):
     assert f"saved the figure to {figure}" in result.stdout
 
 
+def test_plot_has_whole_epoch_ticks_accuracy_up_to_100_and_says_how_many_it_shows(
+    dataset, tmp_path
+):
+    pytest.importorskip("matplotlib")
+    from cnnbp import data, train
+    from matplotlib.text import Text
+
+    x, y = data.load_npz(dataset)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    evaluation = train.evaluate(model, x, y, binary=False, num_classes=3)  # untrained: wrong
+    wrong = int(np.sum(evaluation.predicted != evaluation.labels))
+    assert wrong > 24
+    history = [
+        {"epoch": e, "loss": 1 / e, "test_loss": 1 / e, "test_accuracy": a}
+        for e, a in [(1, 0.9), (2, 1.0)]
+    ]
+    figure = train.plot_training(
+        tmp_path / "p.png", history, model, x, evaluation, ["0", "1", "2"], max_images=24
+    )
+    loss_ax, accuracy_ax = figure.subfigs[0].axes[:2]
+    for ax in (loss_ax, accuracy_ax):
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    assert accuracy_ax.get_ylim()[1] == 100
+    texts = [t.get_text() for t in figure.findobj(Text)]
+    title = f"misclassified test images: {wrong} of 150, the first 24 shown (predicted / true)"
+    assert title in texts, [t for t in texts if "misclassified" in t]
+
+
 def test_progress_bar_goes_to_stderr(dataset):
     pytest.importorskip("tqdm")
     result = run("train", "--npz", dataset, "--epochs", 1, "--optimizer", "adam")
     assert result.returncode == 0, result.stderr
     assert "epoch 1/1" in result.stderr and "test accuracy" in result.stderr
     assert "adam lr 0.001" in result.stdout
+    assert "training: 1 epoch, batch" in result.stdout  # not "1 epochs"
 
 
 def test_default_run_is_the_digits():

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 from cnnbp import nn, reference, walkthrough
+from cnnbp._text import count
 from cnnbp.gradcheck import numeric_gradient
 
 ALL_NAMES = walkthrough.FORWARD_NAMES + walkthrough.BACKWARD_NAMES
@@ -194,4 +195,29 @@ def test_command_json_matches_python_api():
 def test_command_rejects_bad_label():
     proc = _cli("walkthrough", "--label", "3")
     assert proc.returncode == 2
-    assert "[walkthrough] label" in proc.stderr
+    assert "cnnbp walkthrough: error: argument --label: expected a number in [0, 1], got 3" in (
+        proc.stderr
+    )
+
+
+def test_argmax_cells_are_listed_in_one_order_one_per_cell_of_P1():
+    """Seed 2's argmax cells, [5, 2, 8, 15], are not in ascending order: the pooling windows
+    of P1 (row-major) come first. The list, the identity's detail and the JSON agree."""
+    result = walkthrough.run(seed=2, steps=1)
+    cells = result.argmax.ravel().tolist()
+    assert cells == [5, 2, 8, 15] and cells != sorted(cells)
+    windows = result["A1"].reshape(2, 2, 2, 2).transpose(0, 2, 1, 3).reshape(4, 4)
+    assert [divmod(c, 4) for c in cells] == [
+        (i // 2 * 2 + w // 2, i % 2 * 2 + w % 2) for i, w in enumerate(windows.argmax(axis=1))
+    ]
+    text = walkthrough.format_result(result)
+    assert f"one per cell of P1 in row-major order): {cells}" in text
+    assert f"argmax cells {cells}, 0 nonzero elsewhere" in text
+    assert result.to_json()["argmax"] == result.argmax.tolist()
+
+
+def test_printed_counts_agree_with_their_nouns():
+    assert count(1, "probe") == "1 probe" and count(2, "probe") == "2 probes"
+    assert count(0, "class", "classes") == "0 classes" and count(1, "class") == "1 class"
+    text = walkthrough.format_result(walkthrough.run(seed=0, steps=1))
+    assert re.search(r"\(36 probes, 0 skipped", text) and "1 probes" not in text

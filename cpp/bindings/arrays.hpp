@@ -23,15 +23,43 @@ using cnnbp::Shape;
 
 enum class DType { f32, f64 };
 
-// Any array-like becomes an ndarray; None and non-numeric objects are refused.
+inline std::string type_name(const py::handle& obj) {
+    return py::str(py::type::of(obj).attr("__name__"));
+}
+
+// The one conversion of every array argument: any array-like becomes an ndarray, a view of
+// the caller's memory whenever NumPy can make one, so nothing is copied on the way in.
+// An ndarray passes as it is; the buffer protocol (memoryview, array.array, bytes-like) and
+// __array_interface__ / __array__ are NumPy's own conversion; an object that offers only
+// __dlpack__ for these (PyTorch CPU tensors, JAX CPU arrays) is viewed by numpy.from_dlpack.
+// A view that is strided or of another dtype is then copied or refused as for an ndarray.
+// None and non-numeric objects are refused.
 inline py::array as_array(const char* op, const char* name, const py::handle& obj) {
     if (obj.is_none())
         throw py::type_error(std::string("[") + op + "] " + name + ": expected an array, got None");
     if (py::isinstance<py::array>(obj)) return py::reinterpret_borrow<py::array>(obj);
+    if (py::hasattr(obj, "__dlpack__") && !py::hasattr(obj, "__array_interface__") &&
+        !PyObject_CheckBuffer(obj.ptr())) {
+        static const auto* from_dlpack = [] {  // never destroyed: arrays may outlive statics
+            const py::object numpy = py::module_::import("numpy");
+            return new py::object(py::getattr(numpy, "from_dlpack", py::none()));
+        }();
+        if (!from_dlpack->is_none()) {
+            try {
+                return (*from_dlpack)(obj);
+            } catch (py::error_already_set& error) {  // a GPU tensor, one that requires grad
+                throw py::type_error(std::string("[") + op + "] " + name +
+                                     ": expected an array NumPy can view (numpy.from_dlpack), "
+                                     "got a " +
+                                     type_name(obj) +
+                                     " it refused: " + std::string(py::str(error.value())));
+            }
+        }
+    }
     py::array arr = py::array::ensure(obj);
     if (!arr)
         throw py::type_error(std::string("[") + op + "] " + name + ": expected an array, got " +
-                             std::string(py::str(py::type::of(obj).attr("__name__"))));
+                             type_name(obj));
     return arr;
 }
 

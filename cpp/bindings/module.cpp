@@ -1325,6 +1325,12 @@ void bind_nn(py::module_& m);  // nn_bindings.cpp
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "cnnbp's C++ kernels (use cnnbp.functional, which documents each function)";
+    m.attr("__version__") = CNNBP_VERSION;  // the CMake project's, read from cnnbp.__version__
+    m.def(
+        "as_array", [](const py::handle& obj) { return as_array("as_array", "obj", obj); },
+        py::arg("obj"),
+        "The ndarray every op reads for obj: obj itself, or a view of its memory (buffer "
+        "protocol, __array_interface__, __dlpack__) when NumPy can make one.");
     using py::arg;
 
     m.def(

@@ -269,6 +269,9 @@ void write(const std::string& path, const std::vector<Entry>& entries) {
     for (const Entry& e : entries) files.emplace_back(e.name + ".npy", npy_bytes(e));
     const std::string bytes = zip(files);
     const std::string temporary = path + ".tmp";
+    // A new file, so that it gets the mode a plain open() gives (0666 less the umask):
+    // truncating a temporary left over by a failed save would keep that file's mode.
+    std::remove(temporary.c_str());
     {
         std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
         if (out) out.write(bytes.data(), std::streamsize(bytes.size()));

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -11,6 +12,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cnnbp",
         description="Backpropagation through convolutional networks, visible and fast.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"cnnbp {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     walk = commands.add_parser(
         "walkthrough",
@@ -18,10 +22,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run one forward and backward pass of the derivation's network, print "
         "every quantity, check every gradient, then take a few SGD steps.",
     )
-    walk.add_argument("--seed", type=int, default=0, help="seed for X and the weights (default 0)")
-    walk.add_argument("--label", type=float, default=1.0, help="the target Y in [0, 1] (default 1)")
-    walk.add_argument("--lr", type=float, default=0.5, help="SGD learning rate (default 0.5)")
-    walk.add_argument("--steps", type=int, default=5, help="SGD steps to take (default 5)")
+    walk.add_argument(
+        "--seed", type=_seed, default=0, help="seed for X and the weights (default 0)"
+    )
+    walk.add_argument(
+        "--label", type=_probability, default=1.0, help="the target Y in [0, 1] (default 1)"
+    )
+    walk.add_argument(
+        "--lr", type=_positive_float, default=0.5, help="SGD learning rate (default 0.5)"
+    )
+    walk.add_argument(
+        "--steps", type=_positive_int, default=5, help="SGD steps to take (default 5)"
+    )
 
     from .train import (
         ARCHITECTURES,
@@ -143,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         (evaluate, "a machine-readable summary"),
     ]:
         command.add_argument("--json", action="store_true", help=f"print {output}")
+    parser.commands = commands.choices  # each command's parser: its errors carry its name
     return parser
 
 
@@ -163,6 +176,8 @@ _positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a number > 0"
 _nonnegative_float = _checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 _fraction = _checked(float, lambda v: 0 < v < 1, "a number between 0 and 1")
 _label = _checked(int, lambda v: v >= 0, "a class label >= 0")
+_seed = _checked(int, lambda v: 0 <= v < 2**64, "an integer in [0, 2^64)")
+_probability = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 def _input_shape(text):
@@ -225,7 +240,7 @@ def _add_data_arguments(parser):
     )
     parser.add_argument(
         "--seed",
-        type=int,
+        type=_seed,
         default=0,
         help="seed for the split, the weights and the batch order (default 0)",
     )
@@ -264,7 +279,23 @@ def run_export(args) -> int:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)  # --help and --version print too
+        status = _run(parser.commands[args.command], args)
+        sys.stdout.flush()  # a reader that went away shows here, not at the interpreter's exit
+        return status
+    except BrokenPipeError:
+        # `cnnbp walkthrough --json | head`: the reader closed the pipe. End quietly, as a
+        # program stopped by SIGPIPE does (status 128 + 13); stdout goes to devnull so that
+        # the interpreter's last flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
+
+
+def _run(command, args) -> int:
+    """Run the parsed command; errors are printed as `cnnbp COMMAND: ...` (command.prog)."""
     if args.command in ("train", "evaluate"):
         from . import train
 
@@ -272,16 +303,18 @@ def main(argv=None) -> int:
             try:
                 train.optimizer_momentum(args.optimizer, args.momentum)
             except ValueError:
-                parser.error(f"argument --momentum: not used by --optimizer {args.optimizer}")
+                command.error(f"argument --momentum: not used by --optimizer {args.optimizer}")
 
         run = train.run_train if args.command == "train" else train.run_evaluate
         try:
             return run(args)
+        except BrokenPipeError:
+            raise
         except (ValueError, OSError) as error:  # bad data or paths: like a bad argument
-            print(f"cnnbp {args.command}: {error}", file=sys.stderr)
+            print(f"{command.prog}: {error}", file=sys.stderr)
             return 2
         except (ImportError, FloatingPointError) as error:
-            print(f"cnnbp {args.command}: {error}", file=sys.stderr)
+            print(f"{command.prog}: {error}", file=sys.stderr)
             return 1
     if args.command == "export":
         try:
@@ -300,7 +333,7 @@ def main(argv=None) -> int:
                 seed=args.seed, label=args.label, lr=args.lr, steps=args.steps, as_json=args.json
             )
         except ValueError as error:
-            print(f"cnnbp: {error}", file=sys.stderr)
+            print(f"{command.prog}: {error}", file=sys.stderr)
             return 2
     return 2
 

@@ -24,11 +24,12 @@ def native(name, dtype):
 
 def dtype_of(x):
     """The dtype an input selects: its own for float32/float64 arrays, else float32 (the
-    C++ side then reports anything that is not a float array)."""
+    C++ side then reports anything that is not a float array). An array of another library
+    (a PyTorch tensor) is seen as the kernels will see it, through _core.as_array."""
     dtype = getattr(x, "dtype", None)
-    if dtype is None:
+    if not isinstance(dtype, np.dtype):
         try:
-            dtype = np.asarray(x).dtype
+            dtype = _core.as_array(x).dtype
         except Exception:  # noqa: BLE001 - the kernel reports what it cannot take
             return np.dtype(np.float32)
     return dtype if dtype in _SUFFIX else np.dtype(np.float32)

@@ -22,6 +22,8 @@ import zlib
 
 import numpy as np
 
+from ._text import count
+
 _EXTRA_HINT = 'install the datasets extra: pip install "cnnbp[datasets]"'
 
 
@@ -189,6 +191,38 @@ def _labels(y, where):
     return labels
 
 
+def _archive_problem(path):
+    """What keeps the file at `path` from being a zip archive, in the words the model file
+    reader uses for the same file (cpp/src/npz.cpp), or None. A .npy file is left to np.load,
+    which refuses it by name."""
+    with open(path, "rb") as stream:
+        if stream.read(6) == b"\x93NUMPY":
+            return None
+    size = os.path.getsize(path)
+    if size < 22:  # the end-of-archive record alone is 22 bytes
+        return count(size, "byte")
+    if not zipfile.is_zipfile(path):
+        return "no zip directory (truncated?)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return "a corrupt zip directory"
+    return None
+
+
+def _entry_problem(error):
+    """An archive entry that could not be read, said as the model file reader says it."""
+    if isinstance(error, (EOFError, zlib.error)) or "Truncated" in str(error):
+        return "expected an entry within the file, got one that runs past its end (truncated?)"
+    if isinstance(error, zipfile.BadZipFile) and "CRC" in str(error):
+        return "expected its checksum, got other data (the file is damaged)"
+    return (
+        "expected a numeric array (pickled data is never loaded), "
+        f"got {type(error).__name__}: {error}"
+    )
+
+
 def load_npz(path, dtype=np.float32):
     """Images and labels from a .npz holding arrays "x" and "y".
 
@@ -201,6 +235,9 @@ def load_npz(path, dtype=np.float32):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"[load_npz] {path}: expected a .npz file, got no such file")
     name = os.path.basename(path)
+    problem = _archive_problem(path)
+    if problem is not None:
+        raise ValueError(f"[load_npz] {name}: expected a readable .npz archive, got {problem}")
     # NumPy reads the archive: allow_pickle=False refuses object arrays (and pickle files),
     # and each member is read only when it is asked for
     try:
@@ -232,10 +269,7 @@ def load_npz(path, dtype=np.float32):
                 zipfile.BadZipFile,
                 zlib.error,
             ) as error:
-                raise ValueError(
-                    f"[load_npz] {key}: expected a numeric array (pickled data is never "
-                    f"loaded), got {type(error).__name__}: {error}"
-                ) from error
+                raise ValueError(f"[load_npz] {key}: {_entry_problem(error)}") from error
 
     x, y = arrays["x"], arrays["y"]
     if x.ndim == 3:

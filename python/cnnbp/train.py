@@ -40,6 +40,7 @@ import numpy as np
 import cnnbp  # the package's API, as a user calls it (cnnbp.load)
 
 from . import data, nn, optim
+from ._text import count
 
 CONV_CHANNELS = (32, 64)  # output channels of the two convolutions
 DEFAULT_EPOCHS = {"digits": 25, "npz": 25, "mnist": 5}
@@ -706,6 +707,7 @@ def plot_training(path, history, model, x_test, evaluation, class_names, title="
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError as error:
         raise ImportError(
             f"[train] plot: matplotlib is needed for --plot: {data._EXTRA_HINT}"
@@ -723,9 +725,12 @@ def plot_training(path, history, model, x_test, evaluation, class_names, title="
     loss_ax.legend()
     accuracy_ax.plot(epochs, [100 * e["test_accuracy"] for e in history], "o-", color="C1")
     accuracy_ax.set(xlabel="epoch", ylabel="%", title="test accuracy")
+    accuracy_ax.set_ylim(min(accuracy_ax.get_ylim()[0], 99), 100)  # no room above 100%
     for ax in (loss_ax, accuracy_ax):
         ax.grid(alpha=0.3)
     plot_gradient_flow(gradient_ax, history, layer_types(model))
+    for ax in (loss_ax, accuracy_ax, gradient_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
 
     filters_fig, wrong_fig = bottom.subfigures(1, 2)
     weights = next(
@@ -748,11 +753,12 @@ def plot_training(path, history, model, x_test, evaluation, class_names, title="
         filters_fig.suptitle(f"first-layer filters{shown}")
 
     wrong = np.flatnonzero(evaluation.predicted != evaluation.labels)
+    shown = wrong[:max_images]
+    some = f", the first {shown.size} shown" if shown.size < wrong.size else ""
     wrong_fig.suptitle(
-        f"misclassified test images: {wrong.size} of {evaluation.count} (predicted / true)"
+        f"misclassified test images: {wrong.size} of {evaluation.count}{some} (predicted / true)"
     )
     if wrong.size:
-        shown = wrong[:max_images]
         rows, columns = _grid(shown.size, 6)
         axes = np.atleast_1d(wrong_fig.subplots(rows, columns)).ravel()
         for ax, i in zip(axes, shown):
@@ -826,15 +832,17 @@ def run_train(args) -> int:
     say = (lambda *a, **k: None) if args.json else print
     say(f"data: {dataset.description}")
     say(
-        f"      {dataset.x_train.shape[0]} training and {dataset.x_test.shape[0]} test images "
-        f"of {'x'.join(map(str, dataset.x_train.shape[1:]))}, {dataset.num_classes} classes"
+        f"      {dataset.x_train.shape[0]} training and "
+        f"{count(dataset.x_test.shape[0], 'test image')} "
+        f"of {'x'.join(map(str, dataset.x_train.shape[1:]))}, "
+        f"{count(dataset.num_classes, 'class', 'classes')}"
     )
     momentum = optimizer_momentum(args.optimizer, args.momentum)
     momentum = "" if momentum is None else f", momentum {momentum:g}"
     schedule = "" if schedule_name == "constant" else f", {schedule_name} schedule"
     decay = f", weight decay {weight_decay:g}" if weight_decay else ""
     say(
-        f"training: {epochs} epochs, batch {args.batch_size}, {args.optimizer} lr {lr:g}"
+        f"training: {count(epochs, 'epoch')}, batch {args.batch_size}, {args.optimizer} lr {lr:g}"
         f"{momentum}{schedule}{decay}, seed {args.seed}, arch {args.arch}"
     )
 
@@ -894,11 +902,11 @@ def run_train(args) -> int:
         )
         _print_json(summary)
         return 0
-    print(f"model: {len(model)} layers, {_parameter_count(model)} parameters")
+    print(f"model: {count(len(model), 'layer')}, {count(_parameter_count(model), 'parameter')}")
     print(format_report(evaluation, dataset.class_names))
     print(format_gradient_flow(result.gradient_norms, layer_types(model)))
     print(
-        f"trained {result.images} images in {result.train_seconds:.2f} s "
+        f"trained {count(result.images, 'image')} in {result.train_seconds:.2f} s "
         f"({result.images_per_second:.0f} images/s); total time {seconds:.2f} s"
     )
     if args.save is not None:
@@ -947,11 +955,14 @@ def run_evaluate(args) -> int:
         )
         _print_json(summary)
         return 0
-    print(f"model: {args.model}, {len(model)} layers, {_parameter_count(model)} parameters")
-    print(f"data: {dataset.description}, {evaluation.count} test images")
+    print(
+        f"model: {args.model}, {count(len(model), 'layer')}, "
+        f"{count(_parameter_count(model), 'parameter')}"
+    )
+    print(f"data: {dataset.description}, {count(evaluation.count, 'test image')}")
     print(format_report(evaluation, class_names))
     print(
-        f"evaluated {evaluation.count} images in {evaluation.seconds:.3f} s "
+        f"evaluated {count(evaluation.count, 'image')} in {evaluation.seconds:.3f} s "
         f"({evaluation.images_per_second:.0f} images/s); total time {seconds:.2f} s"
     )
     return 0

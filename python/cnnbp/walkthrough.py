@@ -23,6 +23,7 @@ import numpy as np
 
 from . import functional as F
 from . import nn, optim, reference
+from ._text import count
 from .gradcheck import numeric_gradient
 
 # The order in which the quantities are computed and shown.
@@ -188,7 +189,7 @@ def _identities(q, argmax) -> list[Check]:
             "dL/dA1 lands only on the argmax cells",
             _relative_error(q["dL/dA1"].ravel(), expected_dA1),
             IDENTITY_TOLERANCE,
-            f"argmax cells {sorted(argmax.ravel().tolist())}, "
+            f"argmax cells {argmax.ravel().tolist()}, "
             f"{int(np.count_nonzero(off_argmax))} nonzero elsewhere",
         )
     )
@@ -261,7 +262,7 @@ def _finite_differences(model, loss_fn, q, argmax) -> list[Check]:
                 f"dL/d{name}",
                 error,
                 FD_TOLERANCE,
-                f"{int(probed.sum())} probes, {skipped} skipped at kinks/ties",
+                f"{count(int(probed.sum()), 'probe')}, {skipped} skipped at kinks/ties",
             )
         )
     model(X)  # leave the layers holding the unperturbed step
@@ -356,7 +357,8 @@ def format_result(result: WalkthroughResult) -> str:
     lines += [_show(n, result[n]) for n in FORWARD_NAMES]
     lines += [
         "",
-        f"max-pool argmax (flat index into the 4x4 plane of A1): {result.argmax.ravel().tolist()}",
+        "max-pool argmax (flat index into the 4x4 plane of A1, one per cell of P1 in "
+        f"row-major order): {result.argmax.ravel().tolist()}",
         "",
         "== backward",
     ]
