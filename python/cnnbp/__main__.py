@@ -264,14 +264,16 @@ def run_export(args) -> int:
     import numpy as np
 
     from . import load, onnx_export
+    from ._text import count
 
     model = load(args.model)
     onnx_export.export(model, args.output, args.input_shape)
     rounded = "" if model._fixed_dtype in (None, np.float32) else ", weights rounded to float32"
-    count = sum(p.data.size for p in model.parameters())
+    parameters = sum(p.data.size for p in model.parameters())
     shape = ", ".join(map(str, args.input_shape))
     print(
-        f"wrote {args.output}: {args.model} ({len(model)} layers, {count} parameters{rounded}), "
+        f"wrote {args.output}: {args.model} ({count(len(model), 'layer')}, "
+        f"{count(parameters, 'parameter')}{rounded}), "
         f"input (N, {shape}) float32, opset {onnx_export.OPSET}"
     )
     return 0
