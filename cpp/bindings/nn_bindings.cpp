@@ -245,7 +245,6 @@ class PythonLayer : public Layer<T> {
         return out;
     }
 
-
  private:
     py::object module_;
 };

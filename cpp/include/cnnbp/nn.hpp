@@ -4,12 +4,13 @@
 // Every layer keeps what its backward needs and shows it afterwards: input(), output(),
 // grad_output() and grad_input(), and each parameter's value and accumulated grad -- the
 // per-layer trace. forward() keeps a reference to its input: keep the input alive until
-// backward() has run (or hand the layer a tensor to keep: forward(layer.kept_input())).
-// Parameter gradients accumulate across backward() calls until zero_grad(), as in
-// PyTorch. Errors are std::invalid_argument with "[op] ..." messages.
+// backward() has run (a temporary does not compile; or hand the layer a tensor to keep:
+// forward(layer.kept_input())). Parameter gradients accumulate across backward() calls until
+// zero_grad(), as in PyTorch. Errors are "[op] ..." messages, of the types errors.hpp lists.
 //
 // Threads: a layer, model, loss or optimizer holds the state of its last call, so one
-// object must not run in two threads at once; separate objects may.
+// object runs one call at a time: a call from a second thread meanwhile throws
+// std::logic_error (InUse); separate objects may run in separate threads.
 //
 // Every layer type is declared once, with its arguments, in nn.cpp (see cnnbp/registry.hpp):
 // a layer is built from C++ arguments or from a Config, e.g. make_layer<double>("Conv2d",
@@ -21,11 +22,14 @@
 //       cnnbp::nn::Conv2dOptions(1, 6, 5).padding(2).groups(1)));  // options by name
 //   cnnbp::nn::BCELoss<double> loss;  cnnbp::nn::SGD<double> sgd(model.parameters(), 0.1);
 //   double L = cnnbp::nn::train_step(model, x, y, loss, sgd);
+// Layers keep forward_impl/backward_impl (protected) for their work; forward/backward hold
+// the layer and call them.
 #pragma once
 
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <memory>
@@ -112,8 +116,7 @@ class InUse {
         Hold(const InUse& in_use, const Object& object) : in_use_(&in_use) {
             std::thread::id owner;  // none
             const std::thread::id me = std::this_thread::get_id();
-            if (in_use.owner_.compare_exchange_strong(owner, me, std::memory_order_acquire))
-                return;
+            if (in_use.owner_.compare_exchange_strong(owner, me, std::memory_order_acquire)) return;
             in_use_ = nullptr;  // not ours to release
             if (owner != me)
                 throw std::logic_error("[" + object.type() +
@@ -1151,6 +1154,83 @@ class AdamW : public Adam<T> {
  public:
     AdamW(std::vector<Parameter<T>*> params, double lr = 1e-3, double beta1 = 0.9,
           double beta2 = 0.999, double eps = 1e-8, double weight_decay = 1e-2);
+};
+
+// ---- learning-rate schedules ---------------------------------------------------------------
+// torch.optim.lr_scheduler's, as cnnbp.optim.lr_scheduler in Python: call step() once per
+// epoch, after that epoch's optimizer steps; the optimizer's lr follows. The rates come from
+// torch's own recurrences (the same double arithmetic as Python's), so they are equal step
+// for step. The optimizer must outlive the schedule.
+template <typename T>
+class LRScheduler {
+ public:
+    explicit LRScheduler(Optimizer<T>& optimizer)
+        : optimizer_(optimizer), base_lr_(optimizer.lr()) {}
+    virtual ~LRScheduler() = default;
+    void step() {
+        ++last_epoch_;
+        optimizer_.set_lr(next_lr(optimizer_.lr()));
+    }
+    double get_last_lr() const { return optimizer_.lr(); }
+    int64_t last_epoch() const { return last_epoch_; }
+    double base_lr() const { return base_lr_; }
+
+ protected:
+    // the rate after epoch last_epoch_ from the rate before it
+    virtual double next_lr(double lr) const = 0;
+    Optimizer<T>& optimizer_;
+    double base_lr_;
+    int64_t last_epoch_ = 0;
+};
+
+// lr *= gamma every step_size epochs (step_size >= 1)
+template <typename T>
+class StepLR : public LRScheduler<T> {
+ public:
+    StepLR(Optimizer<T>& optimizer, int64_t step_size, double gamma = 0.1)
+        : LRScheduler<T>(optimizer), step_size_(step_size), gamma_(gamma) {
+        if (step_size < 1)
+            throw std::invalid_argument("[StepLR] step_size: expected an int >= 1, got " +
+                                        std::to_string(step_size));
+    }
+
+ protected:
+    double next_lr(double lr) const override {
+        return this->last_epoch_ % step_size_ == 0 ? lr * gamma_ : lr;
+    }
+
+ private:
+    int64_t step_size_;
+    double gamma_;
+};
+
+// lr from its initial value down to eta_min along half a cosine over T_max epochs (>= 1):
+// lr_t = eta_min + (base_lr - eta_min) * (1 + cos(pi * t / T_max)) / 2
+template <typename T>
+class CosineAnnealingLR : public LRScheduler<T> {
+ public:
+    CosineAnnealingLR(Optimizer<T>& optimizer, int64_t T_max, double eta_min = 0.0)
+        : LRScheduler<T>(optimizer), T_max_(T_max), eta_min_(eta_min) {
+        if (T_max < 1)
+            throw std::invalid_argument("[CosineAnnealingLR] T_max: expected an int >= 1, got " +
+                                        std::to_string(T_max));
+    }
+
+ protected:
+    double next_lr(double lr) const override {
+        const double pi = 3.141592653589793;  // Python's math.pi
+        const int64_t t = this->last_epoch_, n = T_max_;
+        const double low = eta_min_;
+        if (((t - 1 - n) % (2 * n) + 2 * n) % (2 * n) == 0)  // Python's % (never negative)
+            return lr + (this->base_lr_ - low) * (1 - std::cos(pi / double(n))) / 2;
+        return (1 + std::cos(pi * double(t) / double(n))) /
+                   (1 + std::cos(pi * double(t - 1) / double(n))) * (lr - low) +
+               low;
+    }
+
+ private:
+    int64_t T_max_;
+    double eta_min_;
 };
 
 // zero_grad, forward, loss, backward, optimizer step: returns the loss. The target is a
