@@ -13,7 +13,6 @@
 #include <memory>
 #include <string>
 #include <type_traits>
-#include <unordered_set>
 #include <vector>
 
 #include "arrays.hpp"
@@ -176,44 +175,9 @@ bool is_weighted(Layer<T>& layer) {
     return dynamic_cast<WeightedLayer<T>*>(&layer) != nullptr;
 }
 
-// Marks an object as running a call whose GIL is released, and refuses a second call on it
-// from another thread meanwhile: the object's state (its input, trace, buffers) would be
-// overwritten under the first. The marks are read and written with the GIL held, so a set
-// of addresses suffices; a layer called back from Python inside the same model is not
-// refused (that is the same thread, before the model's call releases anything of its own).
-class Busy {
- public:
-    // mark: whether this call releases the GIL now (a call that keeps it cannot be
-    // overlapped, so it only checks; it may mark() later, before releasing the GIL)
-    Busy(const void* object, const std::string& type, bool mark = true) : object_(object) {
-        if (in_use().count(object))
-            throw std::runtime_error("[" + type +
-                                     "] in use by another thread: one layer, model, loss or "
-                                     "optimizer must not run two calls at once");
-        if (mark) this->mark();
-    }
-    ~Busy() {
-        if (marked_) in_use().erase(object_);
-    }
-    void mark() {
-        in_use().insert(object_);
-        marked_ = true;
-    }
-    Busy(const Busy&) = delete;
-    Busy& operator=(const Busy&) = delete;
-
- private:
-    static std::unordered_set<const void*>& in_use() {
-        static std::unordered_set<const void*> objects;  // guarded by the GIL
-        return objects;
-    }
-    const void* object_;
-    bool marked_ = false;
-};
-
 template <typename T>
 py::array layer_forward(Layer<T>& layer, const py::handle& x) {
-    Busy busy(&layer, layer.type());
+    InUse::Hold held(layer.in_use(), layer);  // before its kept input is overwritten
     fill_input(layer.kept_input(), op_of(layer), is_weighted(layer), x);
     const Tensor<T>* out;
     {
@@ -225,7 +189,7 @@ py::array layer_forward(Layer<T>& layer, const py::handle& x) {
 
 template <typename T>
 py::array layer_backward(Layer<T>& layer, const py::handle& dy) {
-    Busy busy(&layer, layer.type());
+    InUse::Hold held(layer.in_use(), layer);
     fill_input(layer.kept_grad_output(), op_of(layer) + "_backward", false, dy, "doutput");
     const Tensor<T>* dx;
     {
@@ -242,7 +206,13 @@ class PythonLayer : public Layer<T> {
  public:
     explicit PythonLayer(py::object module) : module_(std::move(module)) {}
 
-    const Tensor<T>& forward(const Tensor<T>& input) override {
+    std::string type() const override {
+        py::gil_scoped_acquire gil;
+        return py::cast<std::string>(py::type::of(module_).attr("__name__"));
+    }
+
+ protected:
+    const Tensor<T>& forward_impl(const Tensor<T>& input) override {
         py::gil_scoped_acquire gil;
         this->input_ = &input;
         py::object out = module_.attr("forward")(to_numpy(input));
@@ -250,7 +220,7 @@ class PythonLayer : public Layer<T> {
         return this->output_;
     }
 
-    const Tensor<T>& backward(const Tensor<T>& grad_output) override {
+    const Tensor<T>& backward_impl(const Tensor<T>& grad_output) override {
         py::gil_scoped_acquire gil;
         this->grad_output_ = &grad_output;
         py::object dx = module_.attr("backward")(to_numpy(grad_output));
@@ -258,6 +228,7 @@ class PythonLayer : public Layer<T> {
         return this->grad_input_;
     }
 
+ public:
     // the module's own parameters, so zero_grad and the optimizers reach them
     std::vector<std::pair<std::string, Parameter<T>*>> named_parameters() override {
         py::gil_scoped_acquire gil;
@@ -272,11 +243,6 @@ class PythonLayer : public Layer<T> {
             out.emplace_back(py::cast<std::string>(named[0]), impl.cast<Parameter<T>*>());
         }
         return out;
-    }
-
-    std::string type() const override {
-        py::gil_scoped_acquire gil;
-        return py::cast<std::string>(py::type::of(module_).attr("__name__"));
     }
 
  private:
@@ -322,7 +288,6 @@ py::object loss_value(const Loss<T>& loss) {
 
 template <typename T>
 py::object loss_forward(Loss<T>& loss, const py::handle& input, const py::handle& target) {
-    Busy busy(&loss, loss.type());
     static thread_local Tensor<T> input_copy;  // the loss keeps its own copies
     static thread_local Target<T> target_copy;
     fill_like_first(input_copy, loss.op(), "input", input);
@@ -338,7 +303,6 @@ py::object loss_forward(Loss<T>& loss, const py::handle& input, const py::handle
 // an array of the losses' shape for reduction 'none'.
 template <typename T>
 py::array loss_backward(Loss<T>& loss, const py::handle& grad_output) {
-    Busy busy(&loss, loss.type());
     const Tensor<T>* grad;
     const bool none = loss.reduction() == cnnbp::Reduction::None;
     if (grad_output.is_none() && !none) {
@@ -384,14 +348,12 @@ struct TrainStep {
                 "[train_step] loss: expected reduction 'mean' or 'sum' "
                 "(a scalar loss to step on), got " +
                 loss->type() + " with reduction 'none'");
-        // checked before anything is touched
-        Busy busy_model(model.get(), "Sequential", false),
-            busy_loss(loss.get(), loss->type(), false),
-            busy_optimizer(optimizer.get(), optimizer->type(), false);
+        // held before anything is touched
+        InUse::Hold model_held(model->in_use(), *model), loss_held(loss->in_use(), *loss),
+            optimizer_held(optimizer->in_use(), *optimizer);
         fill_input(model->kept_input(), "Sequential", false, x);
         target.fill(*loss, y);
         const bool release = model->kept_input().size() >= kReleaseGilValues;
-        if (release) busy_model.mark(), busy_loss.mark(), busy_optimizer.mark();
         std::optional<py::gil_scoped_release> released;
         if (release) released.emplace();
         if (target.is_labels)
@@ -677,7 +639,6 @@ void bind_optimizers(py::module_& m) {
     py::class_<O, std::shared_ptr<O>>(m, suffixed<T>("Optimizer").c_str())
         .def("step",
              [](O& o) {
-                 Busy busy(&o, o.type());
                  py::gil_scoped_release release;
                  o.step();
              })

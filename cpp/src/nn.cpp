@@ -64,6 +64,13 @@ const Tensor<T>& require_forward(const Tensor<T>* input, const char* op) {
     return *input;
 }
 
+// a container's child by position: std::out_of_range (IndexError in Python) past the end
+void check_index(const char* type, size_t i, size_t size) {
+    if (i >= size)
+        throw std::out_of_range(std::string("[") + type + "] index: expected < " +
+                                std::to_string(size) + ", got " + std::to_string(i));
+}
+
 }  // namespace
 
 void manual_seed(uint64_t seed) { generator().seed(seed); }
@@ -219,7 +226,7 @@ CNNBP_REGISTER_LAYER(Conv2d,
                               c.boolean("bias"));
                       }});
 template <typename T>
-const Tensor<T>& Conv2d<T>::forward(const Tensor<T>& input) {
+const Tensor<T>& Conv2d<T>::forward_impl(const Tensor<T>& input) {
     dims_ = conv2d_dims(input.shape, this->weight.value.shape,
                         this->has_bias_ ? &this->bias.value.shape : nullptr, params);
     this->input_ = &input;
@@ -230,7 +237,7 @@ const Tensor<T>& Conv2d<T>::forward(const Tensor<T>& input) {
 }
 
 template <typename T>
-const Tensor<T>& Conv2d<T>::backward(const Tensor<T>& grad_output) {
+const Tensor<T>& Conv2d<T>::backward_impl(const Tensor<T>& grad_output) {
     require_forward(this->input_, "Conv2d");
     conv2d_check_doutput(dims_, grad_output.shape);
     return this->weighted_backward(grad_output,
@@ -264,7 +271,7 @@ CNNBP_REGISTER_LAYER(Linear, {"Linear",
                               }});
 
 template <typename T>
-const Tensor<T>& Linear<T>::forward(const Tensor<T>& input) {
+const Tensor<T>& Linear<T>::forward_impl(const Tensor<T>& input) {
     dims_ = linear_dims(input.shape, this->weight.value.shape,
                         this->has_bias_ ? &this->bias.value.shape : nullptr);
     this->input_ = &input;
@@ -277,7 +284,7 @@ const Tensor<T>& Linear<T>::forward(const Tensor<T>& input) {
 }
 
 template <typename T>
-const Tensor<T>& Linear<T>::backward(const Tensor<T>& grad_output) {
+const Tensor<T>& Linear<T>::backward_impl(const Tensor<T>& grad_output) {
     linear_check_doutput(dims_, require_forward(this->input_, "Linear").shape, grad_output.shape);
     return this->weighted_backward(grad_output,
                                    [&](auto... pointers) { linear_backward(pointers..., dims_); });
@@ -352,7 +359,7 @@ std::vector<TraceExtra> MaxPool2d<T>::trace_extras() const {
 }
 
 template <typename T>
-const Tensor<T>& MaxPool2d<T>::forward(const Tensor<T>& input) {
+const Tensor<T>& MaxPool2d<T>::forward_impl(const Tensor<T>& input) {
     Tensor<T>& output = this->start_forward(input, "max_pool2d");
     indices.resize(size_t(output.size()));
     max_pool2d_forward(output.data.data(), indices.data(), input.data.data(), this->dims_);
@@ -360,7 +367,7 @@ const Tensor<T>& MaxPool2d<T>::forward(const Tensor<T>& input) {
 }
 
 template <typename T>
-const Tensor<T>& MaxPool2d<T>::backward(const Tensor<T>& grad_output) {
+const Tensor<T>& MaxPool2d<T>::backward_impl(const Tensor<T>& grad_output) {
     Tensor<T>& grad_input = this->start_backward(grad_output, "MaxPool2d", "max_pool2d_backward");
     max_pool2d_backward(grad_input.data.data(), grad_output.data.data(), indices.data(),
                         this->dims_);
@@ -379,14 +386,14 @@ AvgPool2d<T>::AvgPool2d(const AvgPool2dOptions& options)
     : AvgPool2d(find_layer_type("AvgPool2d")->parse({}, options.arguments())) {}
 
 template <typename T>
-const Tensor<T>& AvgPool2d<T>::forward(const Tensor<T>& input) {
+const Tensor<T>& AvgPool2d<T>::forward_impl(const Tensor<T>& input) {
     Tensor<T>& output = this->start_forward(input, "avg_pool2d");
     avg_pool2d_forward(output.data.data(), input.data.data(), this->dims_);
     return output;
 }
 
 template <typename T>
-const Tensor<T>& AvgPool2d<T>::backward(const Tensor<T>& grad_output) {
+const Tensor<T>& AvgPool2d<T>::backward_impl(const Tensor<T>& grad_output) {
     Tensor<T>& grad_input = this->start_backward(grad_output, "AvgPool2d", "avg_pool2d_backward");
     avg_pool2d_backward(grad_input.data.data(), grad_output.data.data(), this->dims_);
     return grad_input;
@@ -426,7 +433,7 @@ AdaptiveAvgPool2d<T>::AdaptiveAvgPool2d(const Config& arguments)
 }
 
 template <typename T>
-const Tensor<T>& AdaptiveAvgPool2d<T>::forward(const Tensor<T>& input) {
+const Tensor<T>& AdaptiveAvgPool2d<T>::forward_impl(const Tensor<T>& input) {
     dims_ = adaptive_pool2d_dims("adaptive_avg_pool2d", input.shape, output_size_);
     this->input_ = &input;
     this->output_.resize(adaptive_pool2d_output_shape(dims_));
@@ -435,7 +442,7 @@ const Tensor<T>& AdaptiveAvgPool2d<T>::forward(const Tensor<T>& input) {
 }
 
 template <typename T>
-const Tensor<T>& AdaptiveAvgPool2d<T>::backward(const Tensor<T>& grad_output) {
+const Tensor<T>& AdaptiveAvgPool2d<T>::backward_impl(const Tensor<T>& grad_output) {
     const Tensor<T>& input =
         this->accept_grad_output(grad_output, "AdaptiveAvgPool2d", "adaptive_avg_pool2d_backward");
     this->grad_input_.resize(input.shape);
@@ -520,7 +527,7 @@ std::vector<std::pair<std::string, Buffer<T>>> BatchNorm2d<T>::named_buffers() {
 }
 
 template <typename T>
-const Tensor<T>& BatchNorm2d<T>::forward(const Tensor<T>& input) {
+const Tensor<T>& BatchNorm2d<T>::forward_impl(const Tensor<T>& input) {
     const char* op = "batch_norm2d";
     if (input.shape.size() == 4 && input.shape[1] != C_)
         throw std::invalid_argument(std::string("[") + op + "] input: expected " +
@@ -556,7 +563,7 @@ const Tensor<T>& BatchNorm2d<T>::forward(const Tensor<T>& input) {
 }
 
 template <typename T>
-const Tensor<T>& BatchNorm2d<T>::backward(const Tensor<T>& grad_output) {
+const Tensor<T>& BatchNorm2d<T>::backward_impl(const Tensor<T>& grad_output) {
     const Tensor<T>& input =
         this->accept_grad_output(grad_output, "BatchNorm2d", "batch_norm2d_backward");
     this->grad_input_.resize(input.shape);
@@ -593,7 +600,7 @@ std::vector<TraceExtra> Dropout<T>::trace_extras() const {
 }
 
 template <typename T>
-const Tensor<T>& Dropout<T>::forward(const Tensor<T>& input) {
+const Tensor<T>& Dropout<T>::forward_impl(const Tensor<T>& input) {
     this->input_ = &input;
     this->output_.resize(input.shape);
     dropped_ = this->training_;
@@ -609,7 +616,7 @@ const Tensor<T>& Dropout<T>::forward(const Tensor<T>& input) {
 }
 
 template <typename T>
-const Tensor<T>& Dropout<T>::backward(const Tensor<T>& grad_output) {
+const Tensor<T>& Dropout<T>::backward_impl(const Tensor<T>& grad_output) {
     this->accept_grad_output(grad_output, "Dropout", "dropout_backward");
     this->grad_input_.resize(grad_output.shape);
     if (!dropped_) {
@@ -633,7 +640,7 @@ template <typename T, typename Kind>
 Elementwise<T, Kind>::Elementwise() : Elementwise(arguments_of(Kind::name, {})) {}
 
 template <typename T, typename Kind>
-const Tensor<T>& Elementwise<T, Kind>::forward(const Tensor<T>& input) {
+const Tensor<T>& Elementwise<T, Kind>::forward_impl(const Tensor<T>& input) {
     this->input_ = &input;
     this->output_.resize(input.shape);
     Kind::forward(this->output_.data.data(), input.data.data(), input.size(), params_);
@@ -641,7 +648,7 @@ const Tensor<T>& Elementwise<T, Kind>::forward(const Tensor<T>& input) {
 }
 
 template <typename T, typename Kind>
-const Tensor<T>& Elementwise<T, Kind>::backward(const Tensor<T>& grad_output) {
+const Tensor<T>& Elementwise<T, Kind>::backward_impl(const Tensor<T>& grad_output) {
     const Tensor<T>& input = require_forward(this->input_, Kind::name);
     const Tensor<T>& saved = Kind::saved[0] == 'z' ? input : this->output_;
     check_same_shape(Kind::backward_op, Kind::saved, saved.shape, "doutput", grad_output.shape);
@@ -699,7 +706,7 @@ template <typename T>
 LogSoftmax<T>::LogSoftmax(int64_t dim) : LogSoftmax(arguments_of("LogSoftmax", {dim})) {}
 
 template <typename T, bool kLog>
-const Tensor<T>& SoftmaxLayer<T, kLog>::forward(const Tensor<T>& input) {
+const Tensor<T>& SoftmaxLayer<T, kLog>::forward_impl(const Tensor<T>& input) {
     dims_ = softmax_dims(kLog ? "log_softmax" : "softmax", input.shape, dim_);
     this->input_ = &input;
     this->output_.resize(input.shape);
@@ -711,7 +718,7 @@ const Tensor<T>& SoftmaxLayer<T, kLog>::forward(const Tensor<T>& input) {
 }
 
 template <typename T, bool kLog>
-const Tensor<T>& SoftmaxLayer<T, kLog>::backward(const Tensor<T>& grad_output) {
+const Tensor<T>& SoftmaxLayer<T, kLog>::backward_impl(const Tensor<T>& grad_output) {
     require_forward(this->input_, kLog ? "LogSoftmax" : "Softmax");
     const Tensor<T>& a = this->output_;
     check_same_shape(kLog ? "log_softmax_backward" : "softmax_backward", "a", a.shape, "doutput",
@@ -745,7 +752,7 @@ template <typename T>
 Flatten<T>::Flatten() : Flatten(arguments_of("Flatten", {})) {}
 
 template <typename T>
-const Tensor<T>& Flatten<T>::forward(const Tensor<T>& input) {
+const Tensor<T>& Flatten<T>::forward_impl(const Tensor<T>& input) {
     if (input.shape.empty())
         throw std::invalid_argument(
             "[flatten] input: expected at least 1 dim (N, ...), got shape " +
@@ -759,7 +766,7 @@ const Tensor<T>& Flatten<T>::forward(const Tensor<T>& input) {
 }
 
 template <typename T>
-const Tensor<T>& Flatten<T>::backward(const Tensor<T>& grad_output) {
+const Tensor<T>& Flatten<T>::backward_impl(const Tensor<T>& grad_output) {
     const Tensor<T>& input = require_forward(this->input_, "Flatten");
     check_same_shape("flatten_backward", "output", this->output_.shape, "dF", grad_output.shape);
     this->grad_output_ = &grad_output;
@@ -858,6 +865,17 @@ Sequential<T>::~Sequential() {
 }
 
 template <typename T>
+Sequential<T>::Sequential(std::vector<std::shared_ptr<Layer<T>>> layers) {
+    for (auto& layer : layers) add(std::move(layer));
+}
+
+template <typename T>
+const std::shared_ptr<Layer<T>>& Sequential<T>::layer(size_t i) const {
+    check_index("Sequential", i, layers_.size());
+    return layers_[i];
+}
+
+template <typename T>
 Sequential<T>::Sequential(Sequential&& other) noexcept : layers_(std::move(other.layers_)) {
     for (auto& layer : layers_) layer->forget_borrowed();
 }
@@ -887,7 +905,7 @@ std::vector<std::pair<std::string, Layer<T>*>> Sequential<T>::named_children() c
 }
 
 template <typename T>
-const Tensor<T>& Sequential<T>::forward(const Tensor<T>& input) {
+const Tensor<T>& Sequential<T>::forward_impl(const Tensor<T>& input) {
     if (layers_.empty()) throw std::invalid_argument("[Sequential] expected at least one layer");
     this->input_ = &input;
     const Tensor<T>* x = &input;
@@ -896,7 +914,7 @@ const Tensor<T>& Sequential<T>::forward(const Tensor<T>& input) {
 }
 
 template <typename T>
-const Tensor<T>& Sequential<T>::backward(const Tensor<T>& grad_output) {
+const Tensor<T>& Sequential<T>::backward_impl(const Tensor<T>& grad_output) {
     if (layers_.empty()) throw std::invalid_argument("[Sequential] expected at least one layer");
     this->grad_output_ = &grad_output;
     const Tensor<T>* g = &grad_output;
@@ -944,7 +962,7 @@ void Residual<T>::forget_borrowed() {
 }
 
 template <typename T>
-const Tensor<T>& Residual<T>::forward(const Tensor<T>& input) {
+const Tensor<T>& Residual<T>::forward_impl(const Tensor<T>& input) {
     this->input_ = &input;
     const Tensor<T>& main = block_->forward(input);
     const Tensor<T>& skip = shortcut_ ? shortcut_->forward(input) : input;
@@ -957,7 +975,7 @@ const Tensor<T>& Residual<T>::forward(const Tensor<T>& input) {
 }
 
 template <typename T>
-const Tensor<T>& Residual<T>::backward(const Tensor<T>& grad_output) {
+const Tensor<T>& Residual<T>::backward_impl(const Tensor<T>& grad_output) {
     this->accept_grad_output(grad_output, "Residual", "Residual.backward");
     // y = block(x) + skip(x): dL/dx = dblock/dx^T dy + dskip/dx^T dy
     const Tensor<T>& through_block = block_->backward(grad_output);
@@ -991,6 +1009,12 @@ Concat<T>::~Concat() {
 }
 
 template <typename T>
+const std::shared_ptr<Layer<T>>& Concat<T>::branch(size_t i) const {
+    check_index("Concat", i, branches_.size());
+    return branches_[i];
+}
+
+template <typename T>
 std::vector<std::pair<std::string, Layer<T>*>> Concat<T>::named_children() const {
     std::vector<std::pair<std::string, Layer<T>*>> out;
     for (size_t i = 0; i < branches_.size(); ++i)
@@ -1005,7 +1029,7 @@ void Concat<T>::forget_borrowed() {
 }
 
 template <typename T>
-const Tensor<T>& Concat<T>::forward(const Tensor<T>& input) {
+const Tensor<T>& Concat<T>::forward_impl(const Tensor<T>& input) {
     this->input_ = &input;
     // outputs (N, K_i, rest...): the same N and rest, any K_i; checked once every branch has
     // run (a layer shared between branches may have changed an earlier one's output)
@@ -1049,7 +1073,7 @@ const Tensor<T>& Concat<T>::forward(const Tensor<T>& input) {
 }
 
 template <typename T>
-const Tensor<T>& Concat<T>::backward(const Tensor<T>& grad_output) {
+const Tensor<T>& Concat<T>::backward_impl(const Tensor<T>& grad_output) {
     const Tensor<T>& input = this->accept_grad_output(grad_output, "Concat", "Concat.backward");
     const Shape& shape = grad_output.shape;
     const int64_t N = shape[0], K = shape[1], inner = numel(Shape(shape.begin() + 2, shape.end()));
@@ -1084,13 +1108,13 @@ const Tensor<T>& Concat<T>::backward(const Tensor<T>& grad_output) {
 // ---- losses --------------------------------------------------------------------------------
 
 template <typename T>
-double Loss<T>::forward(const Tensor<T>&, const Tensor<T>&) {
+double Loss<T>::forward_impl(const Tensor<T>&, const Tensor<T>&) {
     throw std::invalid_argument(std::string("[") + op() +
                                 "] target: expected class indices (int64), got floats");
 }
 
 template <typename T>
-double Loss<T>::forward(const Tensor<T>&, const Tensor<int64_t>&) {
+double Loss<T>::forward_impl(const Tensor<T>&, const Tensor<int64_t>&) {
     throw std::invalid_argument(std::string("[") + op() +
                                 "] target: expected probabilities like the input, got class "
                                 "indices (int64)");
@@ -1098,6 +1122,7 @@ double Loss<T>::forward(const Tensor<T>&, const Tensor<int64_t>&) {
 
 template <typename T>
 const Tensor<T>& Loss<T>::backward(double grad_loss) {
+    InUse::Hold hold(in_use_, *this);
     if (!has_run_) throw std::logic_error("[" + type() + "] backward called before forward");
     if (reduction() == Reduction::None)
         throw std::invalid_argument(
@@ -1110,6 +1135,7 @@ const Tensor<T>& Loss<T>::backward(double grad_loss) {
 
 template <typename T>
 const Tensor<T>& Loss<T>::backward(const Tensor<T>& grad_output) {
+    InUse::Hold hold(in_use_, *this);
     if (!has_run_) throw std::logic_error("[" + type() + "] backward called before forward");
     const std::string name = std::string(op()) + "_backward";
     if (reduction() != Reduction::None) {
@@ -1177,7 +1203,7 @@ BCELoss<T>::BCELoss(const BCELossOptions& options)
     : weight_(weight_in<T>(options.weight())), reduction_(options.reduction()) {}
 
 template <typename T>
-double BCELoss<T>::forward(const Tensor<T>& input, const Tensor<T>& target) {
+double BCELoss<T>::forward_impl(const Tensor<T>& input, const Tensor<T>& target) {
     check_bce_shapes(this->op(), input.shape, target.shape);
     check_probabilities(this->op(), input.data.data(), input.size());
     const T* weight = expand_weight(this->op(), "weight", weight_, input.shape, expanded_weight_);
@@ -1213,7 +1239,7 @@ BCEWithLogitsLoss<T>::BCEWithLogitsLoss(const BCEWithLogitsLossOptions& options)
       reduction_(options.reduction()) {}
 
 template <typename T>
-double BCEWithLogitsLoss<T>::forward(const Tensor<T>& input, const Tensor<T>& target) {
+double BCEWithLogitsLoss<T>::forward_impl(const Tensor<T>& input, const Tensor<T>& target) {
     check_bce_shapes(this->op(), input.shape, target.shape);
     const T* weight = expand_weight(this->op(), "weight", weight_, input.shape, expanded_weight_);
     const T* pos_weight =
@@ -1258,7 +1284,7 @@ CrossEntropyLoss<T>::CrossEntropyLoss(const CrossEntropyLossOptions& options)
 }
 
 template <typename T>
-double CrossEntropyLoss<T>::forward(const Tensor<T>& input, const Tensor<int64_t>& target) {
+double CrossEntropyLoss<T>::forward_impl(const Tensor<T>& input, const Tensor<int64_t>& target) {
     dims_ = cross_entropy_dims(this->op(), input.shape, target.shape);
     if (weight_) check_class_weight(this->op(), dims_, weight_->shape);
     check_labels(this->op(), target.data.data(), target.size(), dims_.K, params_.ignore_index);
@@ -1286,7 +1312,7 @@ double CrossEntropyLoss<T>::forward(const Tensor<T>& input, const Tensor<int64_t
 }
 
 template <typename T>
-double CrossEntropyLoss<T>::forward(const Tensor<T>& input, const Tensor<T>& target) {
+double CrossEntropyLoss<T>::forward_impl(const Tensor<T>& input, const Tensor<T>& target) {
     if (target.shape != input.shape)
         throw std::invalid_argument(std::string("[") + this->op() +
                                     "] target: expected class indices (int64), or probabilities "
@@ -1332,7 +1358,7 @@ NLLLoss<T>::NLLLoss(const NLLLossOptions& options)
 }
 
 template <typename T>
-double NLLLoss<T>::forward(const Tensor<T>& input, const Tensor<int64_t>& target) {
+double NLLLoss<T>::forward_impl(const Tensor<T>& input, const Tensor<int64_t>& target) {
     dims_ = cross_entropy_dims(this->op(), input.shape, target.shape, false, "input");
     if (weight_) check_class_weight(this->op(), dims_, weight_->shape);
     check_labels(this->op(), target.data.data(), target.size(), dims_.K, params_.ignore_index);
@@ -1406,7 +1432,7 @@ json::Object SGD<T>::settings() const {
 }
 
 template <typename T>
-void SGD<T>::step() {
+void SGD<T>::step_impl() {
     const SgdParams p{this->lr_, momentum_, dampening_, weight_decay_, nesterov_};
     for (size_t i = 0; i < this->params_.size(); ++i) {
         Parameter<T>& param = *this->params_[i];
@@ -1457,7 +1483,7 @@ json::Object Adam<T>::settings() const {
 }
 
 template <typename T>
-void Adam<T>::step() {
+void Adam<T>::step_impl() {
     const AdamParams p{this->lr_, beta1_, beta2_, eps_, weight_decay_, decoupled_};
     for (size_t i = 0; i < this->params_.size(); ++i) {
         Parameter<T>& param = *this->params_[i];
@@ -1479,6 +1505,8 @@ double train_step(Sequential<T>& model, const Tensor<T>& input, const Tensor<Tar
             "[train_step] loss: expected reduction 'mean' or 'sum' (a "
             "scalar loss to step on), got " +
             loss.type() + " with reduction 'none'");
+    InUse::Hold model_held(model.in_use(), model), loss_held(loss.in_use(), loss),
+        optimizer_held(optimizer.in_use(), optimizer);
     model.zero_grad();
     const double value = loss.forward(model.forward(input), target);
     model.backward(loss.backward());

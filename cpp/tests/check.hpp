@@ -11,6 +11,7 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <typeinfo>
 #include <vector>
 
 #include "cnnbp/shapes.hpp"
@@ -254,4 +255,24 @@ inline const std::vector<PoolCase>& max_pool_option_cases() {
                     std::string("message '") + e.what() + "' lacks '" + fragment + "'");     \
         }                                                                                    \
         if (!thrown) cnnbp_test::fail(__FILE__, __LINE__, "expected std::invalid_argument"); \
+    } while (0)
+// The statement must throw exactly `Type` (not a subclass of another standard type named
+// in errors.hpp) whose message contains `fragment`.
+#define CHECK_THROWS_AS(statement, Type, fragment)                                            \
+    do {                                                                                      \
+        bool thrown = false;                                                                  \
+        try {                                                                                 \
+            statement;                                                                        \
+        } catch (const Type& e) {                                                             \
+            thrown = typeid(e) == typeid(Type);                                               \
+            if (!thrown)                                                                      \
+                cnnbp_test::fail(__FILE__, __LINE__,                                          \
+                                 std::string("expected " #Type ", got ") + typeid(e).name()); \
+            if (std::string(e.what()).find(fragment) == std::string::npos)                    \
+                cnnbp_test::fail(                                                             \
+                    __FILE__, __LINE__,                                                       \
+                    std::string("message '") + e.what() + "' lacks '" + fragment + "'");      \
+            thrown = true;                                                                    \
+        }                                                                                     \
+        if (!thrown) cnnbp_test::fail(__FILE__, __LINE__, "expected " #Type);                 \
     } while (0)

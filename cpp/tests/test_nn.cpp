@@ -178,12 +178,14 @@ TEST_CASE("nn: convolution options by name; gradients against finite differences
     const Tensor<double> batch({1, 2, 5, 4}, values(40, 6));
     const V unbatched = conv.forward(image).data;
     CHECK(conv.output().shape == Shape({4, 5, 4}));
-    CHECK(conv.backward(Tensor<double>({4, 5, 4}, V(80, 1.0))).shape == Shape({2, 5, 4}));
+    const Tensor<double> ones_out({4, 5, 4}, V(80, 1.0));
+    CHECK(conv.backward(ones_out).shape == Shape({2, 5, 4}));
     CHECK(conv.forward(batch).data == unbatched);
     const Tensor<double> empty({0, 2, 5, 4}, {});
     CHECK(conv.forward(empty).shape == Shape({0, 4, 5, 4}));
     for (auto& [name, p] : conv.named_parameters()) p->clear_grad();
-    conv.backward(Tensor<double>({0, 4, 5, 4}, {}));
+    const Tensor<double> empty_out({0, 4, 5, 4}, {});
+    conv.backward(empty_out);
     CHECK(conv.weight.grad.data == V(conv.weight.value.data.size(), 0.0));
     Conv2d<float> valid(Conv2dOptions(1, 1, 3).padding(Padding::Valid));
     CHECK(json::dump(valid.config()).find("\"padding\": \"valid\"") != std::string::npos);
@@ -427,7 +429,8 @@ TEST_CASE("nn: AdaptiveAvgPool2d computes its kernels; model files keep None siz
     const Tensor<double> g({2, 3, 3, 5}, values(90, 52));
     adaptive_avg_pool2d_backward(dwant.data(), g.data.data(), d);
     CHECK_CLOSE(pool.backward(g).data.data(), dwant, 0, 0);
-    CHECK_THROWS(pool.backward(Tensor<double>({2, 3, 3, 4})),
+    const Tensor<double> wrong_grad({2, 3, 3, 4});
+    CHECK_THROWS(pool.backward(wrong_grad),
                  "[adaptive_avg_pool2d_backward] doutput: expected shape");
 
     CHECK(json::dump(AdaptiveAvgPool2d<float>(2).config()) ==
@@ -691,16 +694,18 @@ TEST_CASE("nn: containers refuse cycles, repeats and shapes that do not combine"
     CHECK_THROWS(Concat<float>({inner, inner}), "[Concat] branch 1: expected a layer other than");
     auto widen = std::make_shared<Linear<float>>(3, 4);
     Residual<float> mismatched(widen);
+    const Tensor<float> narrow({2, 3});
     CHECK_THROWS(
-        mismatched.forward(Tensor<float>({2, 3})),
+        mismatched.forward(narrow),
         "[Residual] block output: expected the shape of the input (2, 3), got shape (2, 4)");
     // an empty batch: empty outputs and gradients (the channel stride is not size / (N * K))
     Concat<float> pair({std::make_shared<Linear<float>>(3, 2), std::make_shared<ReLU<float>>()});
     const Tensor<float> none({0, 3});  // kept alive until the backward, as forward asks
     CHECK(pair.forward(none).shape == Shape({0, 5}));
-    CHECK(pair.backward(Tensor<float>({0, 5})).shape == Shape({0, 3}));
+    const Tensor<float> none_out({0, 5}), flat_input({3});
+    CHECK(pair.backward(none_out).shape == Shape({0, 3}));
     Concat<float> flat({std::make_shared<ReLU<float>>()});
-    CHECK_THROWS(flat.forward(Tensor<float>({3})),
+    CHECK_THROWS(flat.forward(flat_input),
                  "[Concat] branch 0 output: expected at least 2 dims (N, K, ...), got shape (3,)");
 }
 
@@ -736,7 +741,8 @@ TEST_CASE("nn: Softmax and LogSoftmax by class and by name, any dim; model files
     CHECK_THROWS(make_layer<float>("Softmax", {1.5}, {}), "[Softmax] dim: expected an int");
     Softmax<double> softmax;
     softmax.forward(x);
-    CHECK_THROWS(softmax.backward(Tensor<double>({2, 3})),
+    const Tensor<double> short_grad({2, 3});
+    CHECK_THROWS(softmax.backward(short_grad),
                  "[softmax_backward] doutput: expected shape (2, 3, 4) (a's), got shape (2, 3)");
 
     Sequential<double> model;
@@ -811,9 +817,11 @@ TEST_CASE("nn: BatchNorm2d by options; buffers, modes and model files keep the s
                  "[BatchNorm2d] momentum: expected a number in [0, 1] or None, got 1.5");
     CHECK_THROWS(BatchNorm2d<float>(BatchNorm2dOptions(2).eps(0)),
                  "[BatchNorm2d] eps: expected a finite number > 0, got 0");
-    CHECK_THROWS(bare.forward(Tensor<float>({1, 2, 1, 1})),
+    const Tensor<float> one_value({1, 2, 1, 1});
+    const Tensor<double> four_channels({2, 4, 3, 3});
+    CHECK_THROWS(bare.forward(one_value),
                  "[batch_norm2d] input: expected more than 1 value per channel when training");
-    CHECK_THROWS(plain.forward(Tensor<double>({2, 4, 3, 3})),
+    CHECK_THROWS(plain.forward(four_channels),
                  "[batch_norm2d] input: expected 3 channels (num_features), got shape");
 
     // training: the kernel's batch statistics and the running statistics with factor

@@ -5,6 +5,7 @@
 #include "cnnbp/adaptive_pool2d.hpp"
 #include "cnnbp/batch_norm2d.hpp"
 #include "cnnbp/conv2d.hpp"
+#include "cnnbp/data.hpp"
 #include "cnnbp/dropout.hpp"
 #include "cnnbp/errors.hpp"
 #include "cnnbp/json.hpp"

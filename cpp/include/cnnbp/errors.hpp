@@ -1,6 +1,13 @@
-// cnnbp/errors.hpp -- the exceptions cnnbp throws besides std::invalid_argument (a value
-// out of range or a shape that does not fit: ValueError in Python) and std::logic_error
-// (a call out of order).
+// cnnbp/errors.hpp -- what cnnbp throws, and what it is in Python:
+//   std::invalid_argument  a bad argument: a shape that does not fit, a value out of range,
+//                          a file that cannot be read or is not a valid model (ValueError)
+//   argument_type_error    an argument of the wrong kind, a std::invalid_argument (TypeError)
+//   std::out_of_range      an index past the end: model[99] (IndexError)
+//   std::logic_error       a call in the wrong state: backward before forward, an object in
+//                          use by another thread (RuntimeError)
+//   io_error               a file that could not be written, a std::runtime_error (OSError)
+// Every message starts with the op or class that refused: "[Sequential] index: expected < 12,
+// got 99".
 #pragma once
 
 #include <stdexcept>

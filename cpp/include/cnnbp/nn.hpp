@@ -4,12 +4,13 @@
 // Every layer keeps what its backward needs and shows it afterwards: input(), output(),
 // grad_output() and grad_input(), and each parameter's value and accumulated grad -- the
 // per-layer trace. forward() keeps a reference to its input: keep the input alive until
-// backward() has run (or hand the layer a tensor to keep: forward(layer.kept_input())).
-// Parameter gradients accumulate across backward() calls until zero_grad(), as in
-// PyTorch. Errors are std::invalid_argument with "[op] ..." messages.
+// backward() has run (a temporary does not compile; or hand the layer a tensor to keep:
+// forward(layer.kept_input())). Parameter gradients accumulate across backward() calls until
+// zero_grad(), as in PyTorch. Errors are "[op] ..." messages, of the types errors.hpp lists.
 //
 // Threads: a layer, model, loss or optimizer holds the state of its last call, so one
-// object must not run in two threads at once; separate objects may.
+// object runs one call at a time: a call from a second thread meanwhile throws
+// std::logic_error (InUse); separate objects may run in separate threads.
 //
 // Every layer type is declared once, with its arguments, in nn.cpp (see cnnbp/registry.hpp):
 // a layer is built from C++ arguments or from a Config, e.g. make_layer<double>("Conv2d",
@@ -21,16 +22,22 @@
 //       cnnbp::nn::Conv2dOptions(1, 6, 5).padding(2).groups(1)));  // options by name
 //   cnnbp::nn::BCELoss<double> loss;  cnnbp::nn::SGD<double> sgd(model.parameters(), 0.1);
 //   double L = cnnbp::nn::train_step(model, x, y, loss, sgd);
+// Layers keep forward_impl/backward_impl (protected) for their work; forward/backward hold
+// the layer and call them.
 #pragma once
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <memory>
 #include <optional>
 #include <random>
+#include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cnnbp/activation.hpp"
@@ -90,14 +97,67 @@ struct TraceExtra {
     const uint8_t* mask = nullptr;
 };
 
+// One call at a time on an object: a layer, model, loss or optimizer holds the state of its
+// last call, so a second thread calling it meanwhile would overwrite that state under the
+// first. forward, backward, step and train_step hold their object for the whole call
+// (InUse::Hold); the thread holding it may call in again (a container's children, the
+// model's forward inside train_step), any other thread gets std::logic_error
+// "[Sequential] in use by another thread: ...".
+class InUse {
+ public:
+    InUse() = default;
+    InUse(const InUse&) {}  // a copy is another object, not in use
+    InUse& operator=(const InUse&) { return *this; }
+
+    class Hold {
+     public:
+        // object: what the message names, by its type()
+        template <typename Object>
+        Hold(const InUse& in_use, const Object& object) : in_use_(&in_use) {
+            std::thread::id owner;  // none
+            const std::thread::id me = std::this_thread::get_id();
+            if (in_use.owner_.compare_exchange_strong(owner, me, std::memory_order_acquire)) return;
+            in_use_ = nullptr;  // not ours to release
+            if (owner != me)
+                throw std::logic_error("[" + object.type() +
+                                       "] in use by another thread: one layer, model, loss or "
+                                       "optimizer must not run two calls at once");
+        }
+        ~Hold() {
+            if (in_use_) in_use_->owner_.store(std::thread::id(), std::memory_order_release);
+        }
+        Hold(const Hold&) = delete;
+        Hold& operator=(const Hold&) = delete;
+
+     private:
+        const InUse* in_use_;
+    };
+
+ private:
+    mutable std::atomic<std::thread::id> owner_{};
+};
+
 template <typename T>
 class Layer {
  public:
     virtual ~Layer() = default;
-    // output = layer(input); input must stay alive until backward().
-    virtual const Tensor<T>& forward(const Tensor<T>& input) = 0;
-    // grad_input from grad_output; parameter gradients are accumulated.
-    virtual const Tensor<T>& backward(const Tensor<T>& grad_output) = 0;
+    // output = layer(input); input must stay alive until backward(), so a temporary does not
+    // compile (forward(Tensor&&) is deleted).
+    const Tensor<T>& forward(const Tensor<T>& input) {
+        InUse::Hold hold(in_use_, *this);
+        return forward_impl(input);
+    }
+    const Tensor<T>& forward(Tensor<T>&&) = delete;
+    // grad_input from grad_output; parameter gradients are accumulated. The trace keeps a
+    // reference to grad_output, so a temporary does not compile either.
+    const Tensor<T>& backward(const Tensor<T>& grad_output) {
+        InUse::Hold hold(in_use_, *this);
+        return backward_impl(grad_output);
+    }
+    const Tensor<T>& backward(Tensor<T>&&) = delete;
+    // the flag forward and backward hold; a caller that prepares the layer's kept tensors
+    // first (the Python bindings) holds it from before that
+    const InUse& in_use() const { return in_use_; }
     // (name, parameter) pairs with torch's names: "weight", "bias".
     virtual std::vector<std::pair<std::string, Parameter<T>*>> named_parameters() { return {}; }
     // Forget the parameters' gradients (they become unset, as torch's set_to_none).
@@ -142,6 +202,9 @@ class Layer {
  protected:
     Layer() = default;
     explicit Layer(Config arguments) : arguments_(std::move(arguments)) {}
+    // the layer's work, called by forward and backward with the layer held
+    virtual const Tensor<T>& forward_impl(const Tensor<T>& input) = 0;
+    virtual const Tensor<T>& backward_impl(const Tensor<T>& grad_output) = 0;
     // The start of a backward whose grad_output has the output's shape: the forward ran
     // (else "[type] backward called before forward"), grad_output is checked against the
     // output (op names it) and kept for the trace. Returns the forward's input.
@@ -153,6 +216,7 @@ class Layer {
     Tensor<T> output_, grad_input_;
     Tensor<T> kept_input_, kept_grad_output_;
     bool training_ = true;
+    InUse in_use_;
 };
 
 // A layer with a weight and an optional bias (Conv2d, Linear): their parameters, and the
@@ -283,8 +347,12 @@ class Conv2d : public WeightedLayer<T> {
     // (out_channels, in_channels / groups, ...)), bias, by name
     explicit Conv2d(const Conv2dOptions& options);
     explicit Conv2d(const Config& arguments);
-    const Tensor<T>& forward(const Tensor<T>& input) override;
-    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+
+ protected:
+    const Tensor<T>& forward_impl(const Tensor<T>& input) override;
+    const Tensor<T>& backward_impl(const Tensor<T>& grad_output) override;
+
+ public:
     std::string type() const override { return "Conv2d"; }
     Conv2dParams params;
 
@@ -298,8 +366,12 @@ class Linear : public WeightedLayer<T> {
     // weight (out_features, in_features), bias (out_features,)
     Linear(int64_t in_features, int64_t out_features, bool bias = true);
     explicit Linear(const Config& arguments);
-    const Tensor<T>& forward(const Tensor<T>& input) override;
-    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+
+ protected:
+    const Tensor<T>& forward_impl(const Tensor<T>& input) override;
+    const Tensor<T>& backward_impl(const Tensor<T>& grad_output) override;
+
+ public:
     std::string type() const override { return "Linear"; }
 
  private:
@@ -330,8 +402,12 @@ class MaxPool2d : public Pool2d<T> {
     explicit MaxPool2d(int64_t kernel_size) : MaxPool2d(MaxPool2dOptions(kernel_size)) {}
     explicit MaxPool2d(const MaxPool2dOptions& options);
     explicit MaxPool2d(const Config& arguments) : Pool2d<T>(arguments) {}
-    const Tensor<T>& forward(const Tensor<T>& input) override;
-    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+
+ protected:
+    const Tensor<T>& forward_impl(const Tensor<T>& input) override;
+    const Tensor<T>& backward_impl(const Tensor<T>& grad_output) override;
+
+ public:
     std::string type() const override { return "MaxPool2d"; }
     std::vector<TraceExtra> trace_extras() const override;
     std::vector<int64_t> indices;  // argmax of the last forward, flat h*W+w per plane
@@ -347,8 +423,12 @@ class AvgPool2d : public Pool2d<T> {
     explicit AvgPool2d(int64_t kernel_size) : AvgPool2d(AvgPool2dOptions(kernel_size)) {}
     explicit AvgPool2d(const AvgPool2dOptions& options);
     explicit AvgPool2d(const Config& arguments) : Pool2d<T>(arguments) {}
-    const Tensor<T>& forward(const Tensor<T>& input) override;
-    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+
+ protected:
+    const Tensor<T>& forward_impl(const Tensor<T>& input) override;
+    const Tensor<T>& backward_impl(const Tensor<T>& grad_output) override;
+
+ public:
     std::string type() const override { return "AvgPool2d"; }
 };
 
@@ -361,8 +441,12 @@ class AdaptiveAvgPool2d : public Layer<T> {
     explicit AdaptiveAvgPool2d(int64_t output_size);
     explicit AdaptiveAvgPool2d(AdaptiveOutputSize output_size);
     explicit AdaptiveAvgPool2d(const Config& arguments);
-    const Tensor<T>& forward(const Tensor<T>& input) override;
-    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+
+ protected:
+    const Tensor<T>& forward_impl(const Tensor<T>& input) override;
+    const Tensor<T>& backward_impl(const Tensor<T>& grad_output) override;
+
+ public:
     std::string type() const override { return "AdaptiveAvgPool2d"; }
     const AdaptiveOutputSize& output_size() const { return output_size_; }
 
@@ -383,8 +467,12 @@ class BatchNorm2d : public Layer<T> {
     explicit BatchNorm2d(int64_t num_features);
     explicit BatchNorm2d(const BatchNorm2dOptions& options);
     explicit BatchNorm2d(const Config& arguments);
-    const Tensor<T>& forward(const Tensor<T>& input) override;
-    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+
+ protected:
+    const Tensor<T>& forward_impl(const Tensor<T>& input) override;
+    const Tensor<T>& backward_impl(const Tensor<T>& grad_output) override;
+
+ public:
     std::string type() const override { return "BatchNorm2d"; }
     std::vector<std::pair<std::string, Parameter<T>*>> named_parameters() override;
     std::vector<std::pair<std::string, Buffer<T>>> named_buffers() override;
@@ -417,8 +505,12 @@ class Elementwise : public Layer<T> {
     Elementwise();
     explicit Elementwise(const Config& arguments)
         : Layer<T>(arguments), params_(Kind::params(arguments)) {}
-    const Tensor<T>& forward(const Tensor<T>& input) override;
-    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+
+ protected:
+    const Tensor<T>& forward_impl(const Tensor<T>& input) override;
+    const Tensor<T>& backward_impl(const Tensor<T>& grad_output) override;
+
+ public:
     std::string type() const override { return Kind::name; }
     const typename Kind::Params& params() const { return params_; }
 
@@ -570,8 +662,12 @@ class SoftmaxLayer : public Layer<T> {
  public:
     explicit SoftmaxLayer(const Config& arguments)
         : Layer<T>(arguments), dim_(arguments.integer("dim")) {}
-    const Tensor<T>& forward(const Tensor<T>& input) override;
-    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+
+ protected:
+    const Tensor<T>& forward_impl(const Tensor<T>& input) override;
+    const Tensor<T>& backward_impl(const Tensor<T>& grad_output) override;
+
+ public:
     std::string type() const override { return kLog ? "LogSoftmax" : "Softmax"; }
     int64_t dim() const { return dim_; }
 
@@ -605,8 +701,12 @@ class Dropout : public Layer<T> {
     Dropout(double p, uint64_t seed);
     // a null seed is drawn now, and kept in arguments()
     explicit Dropout(const Config& arguments);
-    const Tensor<T>& forward(const Tensor<T>& input) override;
-    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+
+ protected:
+    const Tensor<T>& forward_impl(const Tensor<T>& input) override;
+    const Tensor<T>& backward_impl(const Tensor<T>& grad_output) override;
+
+ public:
     std::string type() const override { return "Dropout"; }
     std::vector<TraceExtra> trace_extras() const override;
     double p() const { return params_.p; }
@@ -625,8 +725,12 @@ class Flatten : public Layer<T> {
  public:
     Flatten();
     explicit Flatten(const Config& arguments) : Layer<T>(arguments) {}
-    const Tensor<T>& forward(const Tensor<T>& input) override;
-    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+
+ protected:
+    const Tensor<T>& forward_impl(const Tensor<T>& input) override;
+    const Tensor<T>& backward_impl(const Tensor<T>& grad_output) override;
+
+ public:
     std::string type() const override { return "Flatten"; }
 };
 
@@ -662,6 +766,11 @@ template <typename T>
 class Sequential : public Container<T> {
  public:
     Sequential() = default;
+    // the layers in order, as add() takes them:
+    //   Sequential<float> model({std::make_shared<Conv2d<float>>(1, 6, 5),
+    //                            std::make_shared<ReLU<float>>(), ...});
+    // (std::make_unique works too: a unique_ptr converts to the shared_ptr)
+    explicit Sequential(std::vector<std::shared_ptr<Layer<T>>> layers);
     Sequential(const Sequential&) = delete;
     Sequential& operator=(const Sequential&) = delete;
     // takes the layers (and forgets the trace of the moved-from container)
@@ -669,16 +778,22 @@ class Sequential : public Container<T> {
     Sequential& operator=(Sequential&&) = delete;
     ~Sequential() override;
     Sequential& add(std::shared_ptr<Layer<T>> layer);
-    const Tensor<T>& forward(const Tensor<T>& input) override;
-    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+
+ protected:
+    const Tensor<T>& forward_impl(const Tensor<T>& input) override;
+    const Tensor<T>& backward_impl(const Tensor<T>& grad_output) override;
+
+ public:
     std::vector<std::pair<std::string, Layer<T>*>> named_children() const override;
     std::string type() const override { return "Sequential"; }
     // the last layer's output and the first layer's grad_input
     const Tensor<T>& output() const override;
     const Tensor<T>& grad_input() const override;
     size_t size() const { return layers_.size(); }
-    const std::shared_ptr<Layer<T>>& layer(size_t i) const { return layers_.at(i); }
-    Layer<T>& operator[](size_t i) { return *layers_.at(i); }
+    // the i-th layer; std::out_of_range "[Sequential] index: expected < 12, got 99"
+    const std::shared_ptr<Layer<T>>& layer(size_t i) const;
+    Layer<T>& operator[](size_t i) { return *layer(i); }
+    Layer<T>& at(size_t i) { return *layer(i); }
     void forget_borrowed() override;
 
  private:
@@ -696,8 +811,12 @@ class Residual : public Container<T> {
     Residual(const Residual&) = delete;
     Residual& operator=(const Residual&) = delete;
     ~Residual() override;
-    const Tensor<T>& forward(const Tensor<T>& input) override;
-    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+
+ protected:
+    const Tensor<T>& forward_impl(const Tensor<T>& input) override;
+    const Tensor<T>& backward_impl(const Tensor<T>& grad_output) override;
+
+ public:
     // "block", then "shortcut" when there is one
     std::vector<std::pair<std::string, Layer<T>*>> named_children() const override;
     std::string type() const override { return "Residual"; }
@@ -719,13 +838,17 @@ class Concat : public Container<T> {
     Concat(const Concat&) = delete;
     Concat& operator=(const Concat&) = delete;
     ~Concat() override;
-    const Tensor<T>& forward(const Tensor<T>& input) override;
-    const Tensor<T>& backward(const Tensor<T>& grad_output) override;
+
+ protected:
+    const Tensor<T>& forward_impl(const Tensor<T>& input) override;
+    const Tensor<T>& backward_impl(const Tensor<T>& grad_output) override;
+
+ public:
     // "0", "1", ...
     std::vector<std::pair<std::string, Layer<T>*>> named_children() const override;
     std::string type() const override { return "Concat"; }
     size_t size() const { return branches_.size(); }
-    const std::shared_ptr<Layer<T>>& branch(size_t i) const { return branches_.at(i); }
+    const std::shared_ptr<Layer<T>>& branch(size_t i) const;  // std::out_of_range past the end
     void forget_borrowed() override;
 
  private:
@@ -789,9 +912,16 @@ class Loss {
     virtual ~Loss() = default;
     // BCE losses: a target of the input's shape and dtype; CrossEntropyLoss: class
     // probabilities of the input's shape
-    virtual double forward(const Tensor<T>& input, const Tensor<T>& target);
+    double forward(const Tensor<T>& input, const Tensor<T>& target) {
+        InUse::Hold hold(in_use_, *this);
+        return forward_impl(input, target);
+    }
     // CrossEntropyLoss, NLLLoss: a target of class indices
-    virtual double forward(const Tensor<T>& input, const Tensor<int64_t>& target);
+    double forward(const Tensor<T>& input, const Tensor<int64_t>& target) {
+        InUse::Hold hold(in_use_, *this);
+        return forward_impl(input, target);
+    }
+    const InUse& in_use() const { return in_use_; }
     // whether the loss takes class indices (it may take probabilities too)
     virtual bool takes_class_indices() const { return false; }
     // dL/d input of the last forward, times grad_loss (dL/d loss: 1 when the loss is the
@@ -821,6 +951,10 @@ class Loss {
     // grad_input_ = dL/d input_ of the last forward (grad_input_ has input_'s shape), given
     // dL/d(loss): grad_output (losses_' shape) for 'none', else the number grad
     virtual void gradient(const T* grad_output, double grad) = 0;
+    // the loss's forward, called with the loss held; the base refuses the target's kind
+    virtual double forward_impl(const Tensor<T>& input, const Tensor<T>& target);
+    virtual double forward_impl(const Tensor<T>& input, const Tensor<int64_t>& target);
+    InUse in_use_;
     // keeps a copy of input; throws if `input` is the loss's own storage
     void keep(const Tensor<T>& input);
     void keep_target(const Tensor<T>& target);
@@ -837,8 +971,11 @@ template <typename T>
 class BCELoss : public Loss<T> {  // input: probabilities in [0, 1]
  public:
     explicit BCELoss(const BCELossOptions& options = {});
-    using Loss<T>::forward;
-    double forward(const Tensor<T>& input, const Tensor<T>& target) override;
+
+ protected:
+    double forward_impl(const Tensor<T>& input, const Tensor<T>& target) override;
+
+ public:
     std::string type() const override { return "BCELoss"; }
     const char* op() const override { return "binary_cross_entropy"; }
     Reduction reduction() const override { return reduction_; }
@@ -856,8 +993,11 @@ template <typename T>
 class BCEWithLogitsLoss : public Loss<T> {  // input: logits
  public:
     explicit BCEWithLogitsLoss(const BCEWithLogitsLossOptions& options = {});
-    using Loss<T>::forward;
-    double forward(const Tensor<T>& input, const Tensor<T>& target) override;
+
+ protected:
+    double forward_impl(const Tensor<T>& input, const Tensor<T>& target) override;
+
+ public:
     std::string type() const override { return "BCEWithLogitsLoss"; }
     const char* op() const override { return "binary_cross_entropy_with_logits"; }
     Reduction reduction() const override { return reduction_; }
@@ -877,8 +1017,12 @@ template <typename T>
 class CrossEntropyLoss : public Loss<T> {
  public:
     explicit CrossEntropyLoss(const CrossEntropyLossOptions& options = {});
-    double forward(const Tensor<T>& input, const Tensor<T>& target) override;
-    double forward(const Tensor<T>& input, const Tensor<int64_t>& target) override;
+
+ protected:
+    double forward_impl(const Tensor<T>& input, const Tensor<T>& target) override;
+    double forward_impl(const Tensor<T>& input, const Tensor<int64_t>& target) override;
+
+ public:
     bool takes_class_indices() const override { return true; }
     std::string type() const override { return "CrossEntropyLoss"; }
     const char* op() const override { return "cross_entropy"; }
@@ -900,8 +1044,11 @@ template <typename T>
 class NLLLoss : public Loss<T> {
  public:
     explicit NLLLoss(const NLLLossOptions& options = {});
-    using Loss<T>::forward;
-    double forward(const Tensor<T>& input, const Tensor<int64_t>& target) override;
+
+ protected:
+    double forward_impl(const Tensor<T>& input, const Tensor<int64_t>& target) override;
+
+ public:
     bool takes_class_indices() const override { return true; }
     std::string type() const override { return "NLLLoss"; }
     const char* op() const override { return "nll_loss"; }
@@ -923,7 +1070,12 @@ class Optimizer {
     // name: "SGD", "Adam", ... for error messages
     Optimizer(std::string name, std::vector<Parameter<T>*> params, double lr);
     virtual ~Optimizer() = default;
-    virtual void step() = 0;  // parameters without a gradient are skipped
+    // parameters without a gradient are skipped
+    void step() {
+        InUse::Hold hold(in_use_, *this);
+        step_impl();
+    }
+    const InUse& in_use() const { return in_use_; }
     void zero_grad();
     // the learning rate, which a schedule may change between steps
     double lr() const { return lr_; }
@@ -936,9 +1088,11 @@ class Optimizer {
     virtual json::Object settings() const = 0;
 
  protected:
+    virtual void step_impl() = 0;  // called by step with the optimizer held
     std::string name_;
     std::vector<Parameter<T>*> params_;
     double lr_;
+    InUse in_use_;
 };
 
 // torch.optim.SGD
@@ -947,7 +1101,11 @@ class SGD : public Optimizer<T> {
  public:
     SGD(std::vector<Parameter<T>*> params, double lr, double momentum = 0.0,
         double weight_decay = 0.0, double dampening = 0.0, bool nesterov = false);
-    void step() override;
+
+ protected:
+    void step_impl() override;
+
+ public:
     json::Object settings() const override;
     // per parameter: its momentum buffer, empty until its first step with momentum
     std::vector<std::vector<T>>& momentum_buffers() { return buffers_; }
@@ -965,7 +1123,11 @@ class Adam : public Optimizer<T> {
  public:
     Adam(std::vector<Parameter<T>*> params, double lr = 1e-3, double beta1 = 0.9,
          double beta2 = 0.999, double eps = 1e-8, double weight_decay = 0.0);
-    void step() override;
+
+ protected:
+    void step_impl() override;
+
+ public:
     json::Object settings() const override;
     // per parameter: steps taken, and the first and second moments (empty before the first)
     std::vector<int64_t>& steps() { return steps_; }
@@ -994,12 +1156,94 @@ class AdamW : public Adam<T> {
           double beta2 = 0.999, double eps = 1e-8, double weight_decay = 1e-2);
 };
 
+// ---- learning-rate schedules ---------------------------------------------------------------
+// torch.optim.lr_scheduler's, as cnnbp.optim.lr_scheduler in Python: call step() once per
+// epoch, after that epoch's optimizer steps; the optimizer's lr follows. The rates come from
+// torch's own recurrences (the same double arithmetic as Python's), so they are equal step
+// for step. The optimizer must outlive the schedule.
+template <typename T>
+class LRScheduler {
+ public:
+    explicit LRScheduler(Optimizer<T>& optimizer)
+        : optimizer_(optimizer), base_lr_(optimizer.lr()) {}
+    virtual ~LRScheduler() = default;
+    void step() {
+        ++last_epoch_;
+        optimizer_.set_lr(next_lr(optimizer_.lr()));
+    }
+    double get_last_lr() const { return optimizer_.lr(); }
+    int64_t last_epoch() const { return last_epoch_; }
+    double base_lr() const { return base_lr_; }
+
+ protected:
+    // the rate after epoch last_epoch_ from the rate before it
+    virtual double next_lr(double lr) const = 0;
+    Optimizer<T>& optimizer_;
+    double base_lr_;
+    int64_t last_epoch_ = 0;
+};
+
+// lr *= gamma every step_size epochs (step_size >= 1)
+template <typename T>
+class StepLR : public LRScheduler<T> {
+ public:
+    StepLR(Optimizer<T>& optimizer, int64_t step_size, double gamma = 0.1)
+        : LRScheduler<T>(optimizer), step_size_(step_size), gamma_(gamma) {
+        if (step_size < 1)
+            throw std::invalid_argument("[StepLR] step_size: expected an int >= 1, got " +
+                                        std::to_string(step_size));
+    }
+
+ protected:
+    double next_lr(double lr) const override {
+        return this->last_epoch_ % step_size_ == 0 ? lr * gamma_ : lr;
+    }
+
+ private:
+    int64_t step_size_;
+    double gamma_;
+};
+
+// lr from its initial value down to eta_min along half a cosine over T_max epochs (>= 1):
+// lr_t = eta_min + (base_lr - eta_min) * (1 + cos(pi * t / T_max)) / 2
+template <typename T>
+class CosineAnnealingLR : public LRScheduler<T> {
+ public:
+    CosineAnnealingLR(Optimizer<T>& optimizer, int64_t T_max, double eta_min = 0.0)
+        : LRScheduler<T>(optimizer), T_max_(T_max), eta_min_(eta_min) {
+        if (T_max < 1)
+            throw std::invalid_argument("[CosineAnnealingLR] T_max: expected an int >= 1, got " +
+                                        std::to_string(T_max));
+    }
+
+ protected:
+    double next_lr(double lr) const override {
+        const double pi = 3.141592653589793;  // Python's math.pi
+        const int64_t t = this->last_epoch_, n = T_max_;
+        const double low = eta_min_;
+        if (((t - 1 - n) % (2 * n) + 2 * n) % (2 * n) == 0)  // Python's % (never negative)
+            return lr + (this->base_lr_ - low) * (1 - std::cos(pi / double(n))) / 2;
+        return (1 + std::cos(pi * double(t) / double(n))) /
+                   (1 + std::cos(pi * double(t - 1) / double(n))) * (lr - low) +
+               low;
+    }
+
+ private:
+    int64_t T_max_;
+    double eta_min_;
+};
+
 // zero_grad, forward, loss, backward, optimizer step: returns the loss. The target is a
 // tensor of T for the BCE losses, of class indices (int64) or probabilities (T) for
 // CrossEntropyLoss and of class indices for NLLLoss. A loss of reduction 'none' is refused (its
 // backward needs a gradient per element, as torch's backward() needs a scalar).
+// The model, loss and optimizer are held for the whole step (InUse). The model keeps a
+// reference to input until its backward, so a temporary input does not compile.
 template <typename T, typename Target>
 double train_step(Sequential<T>& model, const Tensor<T>& input, const Tensor<Target>& target,
                   Loss<T>& loss, Optimizer<T>& optimizer);
+template <typename T, typename Target>
+double train_step(Sequential<T>& model, Tensor<T>&& input, const Tensor<Target>& target,
+                  Loss<T>& loss, Optimizer<T>& optimizer) = delete;
 
 }  // namespace cnnbp::nn
