@@ -436,6 +436,32 @@ def test_loader_in_order_drop_last_and_noncontiguous_input():
     np.testing.assert_array_equal(batches[0][0], x[:4])
 
 
+def test_export_npz_holds_the_split_and_the_loaders_order_of_every_epoch(tmp_path):
+    x, y = _labelled([13, 10])  # 23 samples: the last batch of 5 holds 3
+    (x_train, y_train), (x_test, y_test) = data.train_test_split(x, y, seed=4)
+    path = tmp_path / "run.data"  # the name as given, no .npz added
+    data.export_npz(path, x_train, y_train, x_test, y_test, epochs=3, seed=9)
+    with np.load(path) as contents:
+        assert sorted(contents.files) == ["order", "seed", "x_test", "x_train", "y_test", "y_train"]
+        got = {name: contents[name] for name in contents.files}
+    for name, want in [("x_train", x_train), ("x_test", x_test)]:
+        assert got[name].dtype == want.dtype
+        np.testing.assert_array_equal(got[name], want)
+    for name, want in [("y_train", y_train), ("y_test", y_test)]:
+        assert got[name].dtype == np.int64
+        np.testing.assert_array_equal(got[name], want)
+    assert got["seed"].shape == () and int(got["seed"]) == 9
+    # row e: the samples of the loader's pass e + 1, batch after batch, whatever the batch size
+    assert got["order"].dtype == np.int64 and got["order"].shape == (3, x_train.shape[0])
+    loader = data.DataLoader(x_train, y_train, batch_size=5, shuffle=True, seed=9)
+    for order in got["order"]:
+        batches = list(loader)
+        np.testing.assert_array_equal(np.concatenate([xb for xb, _ in batches]), x_train[order])
+        np.testing.assert_array_equal(np.concatenate([yb for _, yb in batches]), y_train[order])
+    with pytest.raises(ValueError, match=r"\[export_npz\] epochs: expected an integer >= 1"):
+        data.export_npz(path, x_train, y_train, x_test, y_test, epochs=0)
+
+
 @pytest.mark.parametrize("batch_size", [0, -1, 2.5])
 def test_loader_refuses_bad_batch_size(batch_size):
     with pytest.raises(ValueError, match=r"\[DataLoader\] batch_size"):

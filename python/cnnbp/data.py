@@ -7,6 +7,8 @@
     x01, y01 = data.select_classes(x, y, [0, 1])     # two classes, labels remapped to 0 and 1
     for xb, yb in data.DataLoader(x_train, y_train, batch_size=32, shuffle=True, seed=0):
         loss = model.train_step(xb, yb, loss_fn, optimizer)
+    data.export_npz("run.npz", x_train, y_train, x_test, y_test, epochs=25, seed=0)
+                                                     # the split and each epoch's order, for C++
 
 Images come out NCHW, C-contiguous, in the requested float dtype (float32 by default);
 labels come out int64. Loaders read data only (never unpickle) and refuse malformed files
@@ -375,9 +377,16 @@ class DataLoader:
         n = self.y.shape[0]
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def next_order(self):
+        """The order in which the next pass yields the samples (int64 indices into x and y),
+        taken from the loader's generator as that pass would take it: a fresh permutation
+        with shuffle=True, else 0..N-1 (the generator untouched). __iter__ calls it."""
+        n = self.y.shape[0]
+        return self._rng.permutation(n) if self.shuffle else np.arange(n, dtype=np.int64)
+
     def __iter__(self):
         n = self.y.shape[0]
-        order = self._rng.permutation(n) if self.shuffle else None
+        order = self.next_order() if self.shuffle else None
         for b in range(len(self)):
             start, stop = b * self.batch_size, min((b + 1) * self.batch_size, n)
             if order is None:
@@ -390,6 +399,41 @@ class DataLoader:
                 yield np.ascontiguousarray(self.x[index]), np.ascontiguousarray(self.y[index])
 
 
+# ---- the data of a training run, for a program outside Python -------------------------------
+
+
+def export_npz(path, x_train, y_train, x_test, y_test, epochs, seed=0):
+    """Write one uncompressed .npz with what a training run on this data draws from NumPy:
+
+        x_train (n, C, H, W), y_train (n,) int64, x_test (m, C, H, W), y_test (m,) int64
+        order   (epochs, n) int64: row e lists the training samples (indices into x_train)
+                in the order DataLoader(x_train, y_train, shuffle=True, seed=seed) yields
+                them in its pass e + 1; batch b of a pass is order[e, b*B : (b+1)*B]
+        seed    () int64: `seed`, for the weights (cnnbp.manual_seed)
+
+    NumPy's Generator.permutation is not reproduced outside NumPy, so the orders are written
+    out: a C++ program that reads the file (cnnbp::nn::NpzFile) draws the same minibatches
+    (examples/cpp/train_lenet.cpp; `cnnbp train --export-data` writes its run's data).
+    Images keep their dtype; labels become int64.
+    """
+    x_train, y_train = _check_pair(x_train, y_train, "export_npz")
+    x_test, y_test = _check_pair(x_test, y_test, "export_npz")
+    if not (isinstance(epochs, (int, np.integer)) and epochs >= 1):
+        raise ValueError(f"[export_npz] epochs: expected an integer >= 1, got {epochs!r}")
+    loader = DataLoader(x_train, y_train, shuffle=True, seed=seed)
+    order = np.stack([loader.next_order() for _ in range(int(epochs))]).astype(np.int64)
+    with open(os.fspath(path), "wb") as stream:  # the name as given (savez would add .npz)
+        np.savez(
+            stream,
+            x_train=np.ascontiguousarray(x_train),
+            y_train=np.ascontiguousarray(y_train, dtype=np.int64),
+            x_test=np.ascontiguousarray(x_test),
+            y_test=np.ascontiguousarray(y_test, dtype=np.int64),
+            order=order,
+            seed=np.array(seed, dtype=np.int64),
+        )
+
+
 __all__ = [
     "load_digits",
     "load_mnist",
@@ -397,4 +441,5 @@ __all__ = [
     "train_test_split",
     "select_classes",
     "DataLoader",
+    "export_npz",
 ]
