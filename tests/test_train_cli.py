@@ -94,6 +94,28 @@ def test_optimizers_and_schedules_by_name(dataset, optimizer, schedule):
     assert "test accuracy " in result.stdout
 
 
+def test_export_data_writes_the_runs_split_and_batch_order(dataset, tmp_path):
+    # what examples/cpp/train_lenet trains on (tests/test_cpp_example.py runs it)
+    exported = tmp_path / "run.npz"
+    trained = run_json(
+        "train", "--npz", dataset, "--epochs", 2, "--quiet", "--export-data", exported, "--seed", 4
+    )
+    assert trained["exported_data"] == str(exported)
+    (x_train, y_train), (x_test, y_test) = cnnbp.data.train_test_split(
+        *cnnbp.data.load_npz(dataset), seed=4
+    )
+    loader = cnnbp.data.DataLoader(x_train, y_train, seed=4)
+    with np.load(exported) as contents:
+        for name, want in [("x_train", x_train), ("y_train", y_train), ("x_test", x_test)]:
+            np.testing.assert_array_equal(contents[name], want, err_msg=name)
+        np.testing.assert_array_equal(contents["y_test"], y_test)
+        assert contents["order"].shape == (2, 120) and int(contents["seed"]) == 4
+        for order in contents["order"]:
+            np.testing.assert_array_equal(np.concatenate([xb for xb, _ in loader]), x_train[order])
+    text = run("train", "--npz", dataset, "--epochs", 1, "--quiet", "--export-data", exported)
+    assert text.returncode == 0 and f"saved the data to {exported}" in text.stdout
+
+
 def test_saved_model_evaluates_to_the_same_accuracy(dataset, tmp_path):
     model = tmp_path / "model.npz"
     trained = run_json(

@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         "layer's gradient norm per epoch), first-layer filters, misclassified test images",
     )
     train.add_argument(
+        "--export-data",
+        metavar="DATA.npz",
+        help="also write the training and test images and labels and each epoch's order of "
+        "the training images, as this run uses them (for examples/cpp/train_lenet)",
+    )
+    train.add_argument(
         "--quiet", action="store_true", help="no progress bar: one line per epoch instead"
     )
 

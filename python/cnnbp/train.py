@@ -4,6 +4,7 @@
     cnnbp train --binary 0 1             # two classes: one logit, BCEWithLogitsLoss
     cnnbp train --mnist DIR --save m.npz --plot curves.png
     cnnbp evaluate m.npz --mnist DIR     # the same report for a saved model
+    cnnbp train --export-data run.npz    # and the split and batch order, for C++ (train_lenet)
 
 The network is chosen by name (--arch) from ARCHITECTURES. The default, "cnn"
 (build_model), is conv 3x3 -> ReLU -> max-pool 2x2, twice, then one linear layer:
@@ -814,6 +815,8 @@ def run_train(args) -> int:
     start = time.perf_counter()
     if args.save is not None:
         _check_output_path(args.save, "save")
+    if args.export_data is not None:
+        _check_output_path(args.export_data, "export-data")
     if args.plot is not None:
         _check_output_path(args.plot, "plot")
         if importlib.util.find_spec("matplotlib") is None:  # fail before training, not after
@@ -829,6 +832,16 @@ def run_train(args) -> int:
         args.schedule,
         args.weight_decay,
     )
+    if args.export_data is not None:  # what fit draws from NumPy for this run, before it runs
+        data.export_npz(
+            args.export_data,
+            dataset.x_train,
+            dataset.y_train,
+            dataset.x_test,
+            dataset.y_test,
+            epochs,
+            seed=args.seed,
+        )
     say = (lambda *a, **k: None) if args.json else print
     say(f"data: {dataset.description}")
     say(
@@ -897,6 +910,7 @@ def run_train(args) -> int:
                 "train_seconds": result.train_seconds,
                 "images_per_second": result.images_per_second,
                 "saved": args.save,
+                "exported_data": args.export_data,
                 "plot": args.plot,
             }
         )
@@ -911,6 +925,8 @@ def run_train(args) -> int:
     )
     if args.save is not None:
         print(f"saved the model to {args.save}")
+    if args.export_data is not None:
+        print(f"saved the data to {args.export_data}")
     if args.plot is not None:
         print(f"saved the figure to {args.plot}")
     return 0
