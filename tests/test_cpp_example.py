@@ -16,20 +16,21 @@ import pathlib
 import random
 import shutil
 import subprocess
+import sys
 import warnings
 
 import cnnbp
 import numpy as np
 import pytest
-from cnnbp import nn, walkthrough
+from cnnbp import nn, train, walkthrough
 from conftest import file_model_stem
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run(*command, cwd=None):
+def run(*command, cwd=None, env=None):
     proc = subprocess.run(
-        [str(c) for c in command], capture_output=True, text=True, cwd=cwd, timeout=900
+        [str(c) for c in command], capture_output=True, text=True, cwd=cwd, timeout=900, env=env
     )
     assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
@@ -68,7 +69,7 @@ def existing_build():
 
 @pytest.fixture(scope="session")
 def programs(tmp_path_factory):
-    """The directory holding the built train_seed_network and run_model."""
+    """The directory holding the built example programs (examples/cpp)."""
     cmake = shutil.which("cmake")
     if cmake is None:
         pytest.fail("cmake is needed to build the C++ example (pip install cmake)")
@@ -129,6 +130,45 @@ def test_example_matches_the_walkthrough(programs, tmp_path, seed, label, lr, st
         np.testing.assert_allclose(
             grads[name], np.ravel(result[name]), rtol=1e-12, atol=1e-15, err_msg=name
         )
+
+
+# ---- the LeNet-style network of cnnbp train, trained by C++ -------------------------------
+
+
+@pytest.mark.parametrize(
+    "seed, options",
+    [
+        (0, []),  # cnnbp train's settings; 1438 training images: a last batch of 30
+        (5, ["--batch-size", "50", "--schedule", "step", "--lr", "0.1"]),
+        (2, ["--schedule", "cosine", "--momentum", "0.5"]),
+    ],
+)
+def test_lenet_example_trains_as_cnnbp_train(programs, tmp_path, seed, options):
+    pytest.importorskip("sklearn")  # the digits
+    exported, epochs = tmp_path / "run.npz", 3
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = ["--seed", seed, "--epochs", epochs, *options]
+    python = json.loads(
+        run(
+            *[sys.executable, "-m", "cnnbp", "train", "--arch", "cnn", *args],
+            *["--export-data", exported, "--json", "--quiet"],
+            env=env,
+        )
+    )
+    # C++ with two threads and Python with one: the kernels' results do not depend on it
+    env.update(OMP_NUM_THREADS="2", OMP_WAIT_POLICY="PASSIVE")
+    lines = run(programs / "train_lenet", exported, *options, env=env).splitlines()
+    # the same split, initial weights, batches and steps: the same numbers, bit for bit
+    assert [line for line in lines if line.startswith("epoch ")] == [
+        train.format_epoch(entry, epochs) for entry in python["history"]
+    ]
+    result = lines[-1].split()
+    assert result[0] == "result:"
+    got = dict(zip(result[1::2], result[2::2]))
+    assert (int(got["correct"]), int(got["count"])) == (python["correct"], python["test_images"])
+    assert float(got["test_accuracy"]) == python["test_accuracy"]
+    assert float(got["test_loss"]) == python["test_loss"]
+    assert float(got["train_loss"]) == python["losses"][-1]
 
 
 # ---- model files between Python and C++ -------------------------------------------------
