@@ -1,8 +1,8 @@
-"""Python and C++ agree: the C++ example programs (examples/cpp) against the walkthrough, and
-model files written by either language, read by the other.
+"""Python and C++ agree: the C++ example programs (examples/cpp) against the walkthrough and
+cnnbp train, and model files written by either language, read by the other.
 
 That the installed CMake package builds the examples and that they run is ctest's
-(install_and_build_example); here the two programs are only needed. The session builds them
+(install_and_build_example); here the programs are only needed. The session builds them
 once, against the C++ library of a build of this source tree: the one CNNBP_BUILD_DIR names,
 else the newest unsanitized build*/ or build*/*/ directory whose CMake cache names this tree
 (ctest's, brought up to date, so nothing is compiled again after ctest), else one it
