@@ -7,7 +7,8 @@ inputs, outputs and gradients, ``reference`` is the plain float64 NumPy oracle, 
 ``walkthrough`` runs the derivation's 15-parameter network step by step. ``data`` loads
 image datasets (digits, MNIST-format IDX files, .npz) and batches them, and
 ``gradcheck(model, x, y, loss_fn)`` compares a model's parameter gradients with finite
-differences; ``cnnbp train`` / ``cnnbp evaluate`` (module ``cnnbp.train``) train and report.
+differences; ``explain(model, x, y, loss_fn)`` runs one input forward and backward and
+returns a report whose ``to_html(path)`` writes the whole pass as one page; ``cnnbp train`` / ``cnnbp evaluate`` (module ``cnnbp.train``) train and report.
 ``set_num_threads(n)`` / ``get_num_threads()`` control the kernels' threads; results do not
 depend on them. ``kernel_isa()`` names the instruction set the kernels chose at run time.
 """
@@ -22,6 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import data, functional, nn, optim, reference, walkthrough  # noqa: E402
 from ._core import get_num_threads, kernel_isa, set_num_threads  # noqa: E402
+from .explainer import explain  # noqa: E402
 from .gradcheck import gradcheck  # noqa: E402
 from .model_file import load  # noqa: E402
 from .nn import manual_seed  # noqa: E402
@@ -36,6 +38,7 @@ __all__ = [
     "walkthrough",
     "data",
     "gradcheck",
+    "explain",
     "manual_seed",
     "load",
     "set_num_threads",
