@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     walk.add_argument(
         "--steps", type=_positive_int, default=5, help="SGD steps to take (default 5)"
     )
+    walk.add_argument(
+        "--html",
+        metavar="OUT.html",
+        help="also write the first step as a page (cnnbp explain's), every number shown",
+    )
 
     from .train import (
         ARCHITECTURES,
@@ -136,6 +141,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model", metavar="MODEL.npz", help="a model file (model.save)")
     _add_data_arguments(evaluate)
 
+    explain = commands.add_parser(
+        "explain",
+        help="write one page that shows a saved model's forward and backward pass",
+        description="Run one test image (the split cnnbp evaluate uses) forward and backward "
+        "through a model saved by `cnnbp train --save`, in eval mode, and write a "
+        "self-contained HTML page: every layer's feature maps and gradients, filters, "
+        "parameter norms and histograms, and each layer's backprop rule checked on these "
+        "numbers. Exit status 1 if a rule does not hold.",
+    )
+    explain.add_argument("model", metavar="MODEL.npz", help="a model file (model.save)")
+    explain.add_argument(
+        "--index",
+        type=_index,
+        default=0,
+        metavar="I",
+        help="which test image (default 0)",
+    )
+    _add_data_arguments(explain)
+    explain.add_argument("--html", metavar="OUT.html", required=True, help="the page to write")
+
     export = commands.add_parser(
         "export",
         help="write a saved model as ONNX",
@@ -182,6 +207,7 @@ _positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a number > 0"
 _nonnegative_float = _checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 _fraction = _checked(float, lambda v: 0 < v < 1, "a number between 0 and 1")
 _label = _checked(int, lambda v: v >= 0, "a class label >= 0")
+_index = _checked(int, lambda v: v >= 0, "an integer >= 0")
 _seed = _checked(int, lambda v: 0 <= v < 2**64, "an integer in [0, 2^64)")
 _probability = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
@@ -304,8 +330,8 @@ def main(argv=None) -> int:
 
 def _run(command, args) -> int:
     """Run the parsed command; errors are printed as `cnnbp COMMAND: ...` (command.prog)."""
-    if args.command in ("train", "evaluate"):
-        from . import train
+    if args.command in ("train", "evaluate", "explain"):
+        from . import explainer, train
 
         if args.command == "train":
             try:
@@ -313,7 +339,11 @@ def _run(command, args) -> int:
             except ValueError:
                 command.error(f"argument --momentum: not used by --optimizer {args.optimizer}")
 
-        run = train.run_train if args.command == "train" else train.run_evaluate
+        run = {
+            "train": train.run_train,
+            "evaluate": train.run_evaluate,
+            "explain": explainer.run_explain,
+        }[args.command]
         try:
             return run(args)
         except BrokenPipeError:
@@ -338,7 +368,12 @@ def _run(command, args) -> int:
 
         try:
             return walkthrough.main(
-                seed=args.seed, label=args.label, lr=args.lr, steps=args.steps, as_json=args.json
+                seed=args.seed,
+                label=args.label,
+                lr=args.lr,
+                steps=args.steps,
+                as_json=args.json,
+                html=args.html,
             )
         except ValueError as error:
             print(f"{command.prog}: {error}", file=sys.stderr)

@@ -932,6 +932,28 @@ def run_train(args) -> int:
     return 0
 
 
+def _model_classes(model, dataset, command="evaluate"):
+    """The class names of a saved model's outputs on `dataset` (marked binary for a
+    one-output model), checked against the data's labels."""
+    outputs = _output_count(model)
+    if outputs == 1 and not dataset.binary:
+        if dataset.num_classes > 2:
+            raise ValueError(
+                f"[{command}] model: a one-output (binary) model expects two "
+                f"classes (pass --binary A B), got {dataset.num_classes} classes"
+            )
+        dataset.binary = True
+    elif outputs != 1 and dataset.binary:
+        raise ValueError(f"[{command}] binary: expected a one-output model, got {outputs} outputs")
+    elif outputs != 1 and dataset.num_classes > outputs:
+        raise ValueError(
+            f"[{command}] model: expected at least {dataset.num_classes} outputs "
+            f"for the data's labels, got {outputs}"
+        )
+    num_classes = 2 if dataset.binary else outputs
+    return dataset.class_names + [str(c) for c in range(len(dataset.class_names), num_classes)]
+
+
 def run_evaluate(args) -> int:
     """`cnnbp evaluate MODEL`: the report of a saved model on the test split."""
     start = time.perf_counter()
@@ -939,25 +961,8 @@ def run_evaluate(args) -> int:
     model = cnnbp.load(args.model)
     dtype = model.parameters()[0].data.dtype if model.parameters() else np.float32
     dataset = _load_data(args, dtype=dtype, need_train=False)
-    outputs = _output_count(model)
-    if outputs == 1 and not dataset.binary:
-        if dataset.num_classes > 2:
-            raise ValueError(
-                f"[evaluate] model: a one-output (binary) model expects two "
-                f"classes (pass --binary A B), got {dataset.num_classes} classes"
-            )
-        dataset.binary = True
-    elif outputs != 1 and dataset.binary:
-        raise ValueError(f"[evaluate] binary: expected a one-output model, got {outputs} outputs")
-    elif outputs != 1 and dataset.num_classes > outputs:
-        raise ValueError(
-            f"[evaluate] model: expected at least {dataset.num_classes} outputs "
-            f"for the data's labels, got {outputs}"
-        )
-    num_classes = 2 if dataset.binary else outputs
-    class_names = dataset.class_names + [
-        str(c) for c in range(len(dataset.class_names), num_classes)
-    ]
+    class_names = _model_classes(model, dataset)
+    num_classes = len(class_names)
     evaluation = evaluate(model, dataset.x_test, dataset.y_test, dataset.binary, num_classes)
     seconds = time.perf_counter() - start
     if args.json:
