@@ -269,18 +269,23 @@ def _finite_differences(model, loss_fn, q, argmax) -> list[Check]:
     return checks
 
 
+def setup(seed: int = 0, label: float = 1.0):
+    """The network, X, Y and the loss of `seed`: (model, X, Y, loss_fn)."""
+    rng = np.random.default_rng(seed)
+    nn.manual_seed(seed)
+    model = build_network()
+    X = np.round(rng.uniform(-1.0, 1.0, size=(1, 1, 6, 6)), 2)  # X (N=1, C=1, 6, 6)
+    Y = np.array([[label]], dtype=np.float64)  # Y (N=1, 1)
+    return model, X, Y, nn.BCELoss()
+
+
 def run(seed: int = 0, label: float = 1.0, lr: float = 0.5, steps: int = 5) -> WalkthroughResult:
     """Build the network from `seed`, run one checked step, then `steps` steps of SGD."""
     if not 0.0 <= label <= 1.0:
         raise ValueError(f"[walkthrough] label: expected a value in [0, 1], got {label}")
     if steps < 1:
         raise ValueError(f"[walkthrough] steps: expected >= 1, got {steps}")
-    rng = np.random.default_rng(seed)
-    nn.manual_seed(seed)
-    model = build_network()
-    X = np.round(rng.uniform(-1.0, 1.0, size=(1, 1, 6, 6)), 2)  # X (N=1, C=1, 6, 6)
-    Y = np.array([[label]], dtype=np.float64)  # Y (N=1, 1)
-    loss_fn = nn.BCELoss()
+    model, X, Y, loss_fn = setup(seed, label)
 
     q, argmax = _forward_backward(model, loss_fn, X, Y)
     result = WalkthroughResult(quantities=q, argmax=argmax)
@@ -383,7 +388,24 @@ def format_result(result: WalkthroughResult) -> str:
     return "\n".join(lines)
 
 
-def main(seed=0, label=1.0, lr=0.5, steps=5, as_json=False) -> int:
+def write_html(path, seed=0, label=1.0):
+    """The first step as cnnbp explain's page, every number written in its cell."""
+    from .explainer import explain
+
+    model, X, Y, loss_fn = setup(seed, label)
+    title = f"cnnbp walkthrough (seed {seed}, Y = {label:g}): the 15-parameter network's first step"
+    report = explain(model, X, Y, loss_fn, class_names=["0", "1"], title=title, numbers=True)
+    report.to_html(path)
+    return report
+
+
+def main(seed=0, label=1.0, lr=0.5, steps=5, as_json=False, html=None) -> int:
     result = run(seed=seed, label=label, lr=lr, steps=steps)
+    if html is not None:
+        report = write_html(html, seed=seed, label=label)
+        if not as_json:
+            print(f"wrote {html}")
+        if not report.passed:
+            return 1
     print(json.dumps(result.to_json(), indent=1) if as_json else format_result(result))
     return 0 if result.passed else 1
