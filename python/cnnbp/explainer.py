@@ -106,7 +106,7 @@ def explain(model, x, y, loss_fn, class_names=None, title="cnnbp explain", numbe
     if not isinstance(model, nn.Module):
         raise TypeError(f"[explain] model: expected an nn.Module, got {type(model).__name__}")
     x = np.asarray(x)
-    if x.ndim >= 1 and x.ndim == 3:
+    if x.ndim == 3:
         x = x[None]
     if x.ndim < 2 or x.shape[0] != 1:
         raise ValueError(
