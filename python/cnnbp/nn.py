@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import tempfile
+import weakref
 from collections import OrderedDict
 
 import numpy as np
@@ -37,15 +39,26 @@ class Parameter:
 
     Both are NumPy views of the C++ parameter that the layers and optimizers update, so
     in-place changes (``p.data[...] = v``) reach them; assigning ``p.data = a`` copies ``a``
-    in (same shape), and ``p.grad = g`` copies ``g`` (same shape) or, with None, clears it."""
+    in (same shape), and ``p.grad = g`` copies ``g`` (same shape) or, with None, clears it.
 
-    __slots__ = ("_impl", "__weakref__")
+    A layer's parameter pickles as that attribute of its layer (the layer pickles once, so
+    an optimizer pickled with its model still updates that model's parameters); a parameter
+    of no layer pickles as a copy of its data. The gradient is not kept, as torch's."""
 
-    def __init__(self, data, *, _impl=None):
+    __slots__ = ("_impl", "_owner", "__weakref__")
+
+    def __init__(self, data, *, _impl=None, _owner=None):
         if _impl is None:
             data = np.asarray(data)
             _impl = native("Parameter", check_dtype(data.dtype))(data)
         self._impl = _impl
+        self._owner = _owner  # (weak reference to the layer, attribute name), or None
+
+    def __reduce__(self):
+        layer = self._owner[0]() if self._owner is not None else None
+        if layer is not None and getattr(layer, self._owner[1], None) is self:
+            return (getattr, (layer, self._owner[1]))
+        return (Parameter, (self.data.copy(),))
 
     @property
     def data(self) -> np.ndarray:
@@ -251,6 +264,39 @@ class Module:
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"
 
+    def __getstate__(self):
+        # a module written in Python pickles its attributes; the C++ layers that call it
+        # back are made again when it next runs inside a Sequential
+        state = dict(self.__dict__)
+        state.pop("_python_layers", None)
+        return state
+
+
+def _model_file_bytes(model):
+    """The bytes of the model file `model` (a Sequential) saves."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "model.npz")
+        model.save(path)
+        with open(path, "rb") as stream:
+            return stream.read()
+
+
+def _unpickle_layer(data, training):
+    """The layer a model file's bytes hold (one layer in a Sequential), in its mode."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "model.npz")
+        with open(path, "wb") as stream:
+            stream.write(data)
+        dtype = np.dtype(_core.model_file_dtype(path))
+        layer = _from_native(native("load_model", dtype)(path).layers()[0])
+    return layer.train(training)
+
+
+def _unpickle_container(cls, children, training):
+    container = cls(*children)
+    container.training = training  # its own flag: each child was unpickled in its own mode
+    return container
+
 
 def _torch_order(params, buffers):
     """(name, array) pairs of parameters and buffers in torch's state_dict order: module by
@@ -373,8 +419,12 @@ class _DeclaredLayer(_NativeModule):
             self._fixed_dtype = dtype
             self._impl = impl  # a layer with parameters has one dtype: its trace is this one's
             params = dict(impl.named_parameters())
+            owner = weakref.ref(self)
             for name in ("weight", "bias"):  # None where the layer has none (bias=False)
-                setattr(self, name, Parameter(None, _impl=params[name]) if name in params else None)
+                parameter = None
+                if name in params:
+                    parameter = Parameter(None, _impl=params[name], _owner=(owner, name))
+                setattr(self, name, parameter)
             self._buffers = OrderedDict(impl.named_buffers())
             for name, buffer in self._buffers.items():  # NumPy views of the C++ storage
                 setattr(self, name, buffer)
@@ -394,6 +444,11 @@ class _DeclaredLayer(_NativeModule):
 
     def _make(self, dtype):
         return native("make_layer", dtype)(self._declaration["name"], self._arguments)
+
+    def __reduce__(self):
+        """Pickled as the model file of a Sequential holding this layer alone: its
+        arguments, weights and buffers (model.save's bytes), and its mode."""
+        return (_unpickle_layer, (_model_file_bytes(Sequential(self)), self.training))
 
     def config(self):
         """The architecture entry of a model file: the type and the saved arguments."""
@@ -548,6 +603,14 @@ class _Container(_NativeModule):
             for path, module in self.named_modules()
         ]
 
+    def __reduce__(self):
+        """Pickled as its children (each a model file's bytes, or a module written in
+        Python) and its mode; rebuilt by its constructor."""
+        return (_unpickle_container, (type(self), self._constructor_arguments(), self.training))
+
+    def _constructor_arguments(self):
+        return self._children()
+
     def _repr_child(self, name, child):
         inner = repr(child).replace("\n", "\n  ")
         return f"  ({name}): {inner}"
@@ -656,6 +719,9 @@ class Residual(_Container):
             )
         self.block = block
         self.shortcut = shortcut
+
+    def _constructor_arguments(self):
+        return (self.block, self.shortcut)
 
     def _make(self, dtype):
         shortcut = None if self.shortcut is None else self.shortcut._as_layer(dtype)

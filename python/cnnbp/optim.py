@@ -121,6 +121,17 @@ class _Optimizer:
         for native in self._natives.values():
             native.zero_grad()
 
+    def __reduce__(self):
+        """Pickled as its parameters (a layer's pickle as that layer's, so a model pickled
+        with it is the one it updates), its settings and its state_dict()."""
+        return (_unpickle_optimizer, (type(self), self.params, self._settings, self.state_dict()))
+
+
+def _unpickle_optimizer(cls, params, settings, state):
+    opt = cls(params, lr=state["lr"], **settings)
+    opt.load_state_dict(state)
+    return opt
+
 
 class SGD(_Optimizer):
     """Stochastic gradient descent, as torch.optim.SGD:
