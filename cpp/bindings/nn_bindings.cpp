@@ -414,6 +414,42 @@ py::list named_buffers(const py::object& self) {
     return out;
 }
 
+// The flat buffer unpack_* reads: a 1-dim array of T (a view when it is one already).
+template <typename T>
+py::array_t<T, py::array::c_style> flat_argument(const char* op, const py::handle& obj) {
+    py::array arr = as_array(op, "flat", obj);
+    if (float_dtype(op, "flat", arr) != dtype_of<T>)
+        throw py::type_error(std::string("[") + op + "] flat: expected " + dtype_str<T>() +
+                             ", got " + dtype_name(arr));
+    if (arr.ndim() != 1)
+        throw std::invalid_argument(std::string("[") + op + "] flat: expected 1 dim, got shape " +
+                                    cnnbp::shape_str(shape_of(arr)));
+    return contiguous<T>(arr);
+}
+
+// pack_*(model) -> a new flat array, or into `out` (a writable 1-dim array of T)
+template <typename T, void (*pack)(T*, int64_t, Layer<T>&), int64_t (*size)(Layer<T>&)>
+py::object flat_pack(Layer<T>& l, const py::object& out, const char* op) {
+    if (out.is_none()) {
+        auto flat = empty_like_shape<T>(Shape{size(l)});
+        pack(flat.mutable_data(), flat.size(), l);
+        return std::move(flat);
+    }
+    if (!is_plain_array<T>(out) || py::reinterpret_borrow<py::array>(out).ndim() != 1 ||
+        !py::reinterpret_borrow<py::array>(out).writeable())
+        throw py::type_error(std::string("[") + op + "] out: expected a writable, contiguous " +
+                             "1-dim array of " + dtype_str<T>() + ", got " + type_name(out));
+    auto flat = py::reinterpret_borrow<py::array>(out);
+    pack(static_cast<T*>(flat.mutable_data()), flat.size(), l);
+    return out;
+}
+
+template <typename T, void (*unpack)(Layer<T>&, const T*, int64_t)>
+void flat_unpack(Layer<T>& l, const py::handle& flat, const char* op) {
+    auto arr = flat_argument<T>(op, flat);
+    unpack(l, arr.data(), arr.size());
+}
+
 // Parameter, Layer (every declared type through make_layer), PythonLayer
 template <typename T>
 void bind_layers(py::module_& m) {
@@ -455,6 +491,39 @@ void bind_layers(py::module_& m) {
         .def("is_training", &L::is_training)
         .def("named_parameters", &named_parameters<T>)
         .def("named_buffers", &named_buffers<T>)
+        // the flat buffer of the parameters, gradients or floating buffers (nn.hpp's pack_*)
+        .def("flat_size", [](L& l) { return flat_size(l); })
+        .def("flat_buffer_size", [](L& l) { return flat_buffer_size(l); })
+        .def(
+            "pack_gradients",
+            [](L& l, const py::object& out) {
+                return flat_pack<T, pack_gradients<T>, flat_size<T>>(l, out, "pack_gradients");
+            },
+            py::arg("out") = py::none())
+        .def(
+            "pack_parameters",
+            [](L& l, const py::object& out) {
+                return flat_pack<T, pack_parameters<T>, flat_size<T>>(l, out, "pack_parameters");
+            },
+            py::arg("out") = py::none())
+        .def(
+            "pack_buffers",
+            [](L& l, const py::object& out) {
+                return flat_pack<T, pack_buffers<T>, flat_buffer_size<T>>(l, out, "pack_buffers");
+            },
+            py::arg("out") = py::none())
+        .def("unpack_gradients",
+             [](L& l, const py::handle& flat) {
+                 flat_unpack<T, unpack_gradients<T>>(l, flat, "unpack_gradients");
+             })
+        .def("unpack_parameters",
+             [](L& l, const py::handle& flat) {
+                 flat_unpack<T, unpack_parameters<T>>(l, flat, "unpack_parameters");
+             })
+        .def("unpack_buffers",
+             [](L& l, const py::handle& flat) {
+                 flat_unpack<T, unpack_buffers<T>>(l, flat, "unpack_buffers");
+             })
         // every argument the layer was built from (None for undeclared types)
         .def("arguments",
              [](L& l) -> py::object {

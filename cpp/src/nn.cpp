@@ -1497,6 +1497,102 @@ void Adam<T>::step_impl() {
     }
 }
 
+// ---- the flat buffer of a model's tensors ------------------------------------------------
+
+namespace {
+
+template <typename T>
+std::vector<Tensor<T>*> floating_buffers(Layer<T>& model) {
+    std::vector<Tensor<T>*> out;
+    for (auto& named : model.named_buffers())
+        if (named.second.values) out.push_back(named.second.values);
+    return out;
+}
+
+void check_flat(const char* op, int64_t expected, int64_t size) {
+    if (size != expected)
+        throw std::invalid_argument(std::string("[") + op + "] flat: expected " +
+                                    std::to_string(expected) + " elements, got " +
+                                    std::to_string(size));
+}
+
+}  // namespace
+
+template <typename T>
+int64_t flat_size(Layer<T>& model) {
+    int64_t total = 0;
+    for (auto& named : model.named_parameters()) total += named.second->value.size();
+    return total;
+}
+
+template <typename T>
+int64_t flat_buffer_size(Layer<T>& model) {
+    int64_t total = 0;
+    for (Tensor<T>* values : floating_buffers(model)) total += values->size();
+    return total;
+}
+
+template <typename T>
+void pack_gradients(T* flat, int64_t size, Layer<T>& model) {
+    check_flat("pack_gradients", flat_size(model), size);
+    for (auto& named : model.named_parameters()) {
+        const Parameter<T>& p = *named.second;
+        const int64_t n = p.value.size();
+        if (p.has_grad())
+            std::copy_n(p.grad.data.data(), n, flat);
+        else
+            std::fill_n(flat, n, T(0));
+        flat += n;
+    }
+}
+
+// the inverse of pack_gradients: flat[i] = grad[i], parameter by parameter
+template <typename T>
+void unpack_gradients(Layer<T>& model, const T* flat, int64_t size) {
+    check_flat("unpack_gradients", flat_size(model), size);
+    for (auto& named : model.named_parameters()) {
+        Parameter<T>& p = *named.second;
+        const int64_t n = p.value.size();
+        if (p.has_grad()) std::copy_n(flat, n, p.grad.data.data());
+        flat += n;
+    }
+}
+
+template <typename T>
+void pack_parameters(T* flat, int64_t size, Layer<T>& model) {
+    check_flat("pack_parameters", flat_size(model), size);
+    for (auto& named : model.named_parameters()) {
+        const Tensor<T>& value = named.second->value;
+        flat = std::copy_n(value.data.data(), value.size(), flat);
+    }
+}
+
+template <typename T>
+void unpack_parameters(Layer<T>& model, const T* flat, int64_t size) {
+    check_flat("unpack_parameters", flat_size(model), size);
+    for (auto& named : model.named_parameters()) {
+        Tensor<T>& value = named.second->value;
+        std::copy_n(flat, value.size(), value.data.data());
+        flat += value.size();
+    }
+}
+
+template <typename T>
+void pack_buffers(T* flat, int64_t size, Layer<T>& model) {
+    check_flat("pack_buffers", flat_buffer_size(model), size);
+    for (Tensor<T>* values : floating_buffers(model))
+        flat = std::copy_n(values->data.data(), values->size(), flat);
+}
+
+template <typename T>
+void unpack_buffers(Layer<T>& model, const T* flat, int64_t size) {
+    check_flat("unpack_buffers", flat_buffer_size(model), size);
+    for (Tensor<T>* values : floating_buffers(model)) {
+        std::copy_n(flat, values->size(), values->data.data());
+        flat += values->size();
+    }
+}
+
 template <typename T, typename Target>
 double train_step(Sequential<T>& model, const Tensor<T>& input, const Tensor<Target>& target,
                   Loss<T>& loss, Optimizer<T>& optimizer) {
@@ -1556,7 +1652,15 @@ double train_step(Sequential<T>& model, const Tensor<T>& input, const Tensor<Tar
     template double train_step<T, T>(Sequential<T>&, const Tensor<T>&, const Tensor<T>&, Loss<T>&, \
                                      Optimizer<T>&);                                               \
     template double train_step<T, int64_t>(Sequential<T>&, const Tensor<T>&,                       \
-                                           const Tensor<int64_t>&, Loss<T>&, Optimizer<T>&);
+                                           const Tensor<int64_t>&, Loss<T>&, Optimizer<T>&);       \
+    template int64_t flat_size<T>(Layer<T>&);                                                      \
+    template int64_t flat_buffer_size<T>(Layer<T>&);                                               \
+    template void pack_gradients<T>(T*, int64_t, Layer<T>&);                                       \
+    template void unpack_gradients<T>(Layer<T>&, const T*, int64_t);                               \
+    template void pack_parameters<T>(T*, int64_t, Layer<T>&);                                      \
+    template void unpack_parameters<T>(Layer<T>&, const T*, int64_t);                              \
+    template void pack_buffers<T>(T*, int64_t, Layer<T>&);                                         \
+    template void unpack_buffers<T>(Layer<T>&, const T*, int64_t);
 template struct Tensor<int64_t>;
 CNNBP_INSTANTIATE(float)
 CNNBP_INSTANTIATE(double)

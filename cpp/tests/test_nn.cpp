@@ -1,4 +1,5 @@
 // The C++ model API: layers, Sequential, losses, optimizers and the per-layer trace.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -120,6 +121,35 @@ TEST_CASE("nn: the trace links the layers; gradients accumulate until zero_grad"
     CHECK_CLOSE(model.parameters()[0]->grad.data.data(), twice, 1e-15, 1e-14);
     model.zero_grad();
     for (auto* p : model.parameters()) CHECK(!p->has_grad());
+}
+
+TEST_CASE("nn: the flat buffer holds the parameters and gradients in named order") {
+    auto model = seed_network(values(9, 4, 0.5), 0.1, values(4, 5), 0.2);
+    const int64_t n = flat_size(model);
+    CHECK(n == 15 && flat_buffer_size(model) == 0);
+    V flat(n), expected;
+    for (auto& named : model.named_parameters())
+        expected.insert(expected.end(), named.second->value.data.begin(),
+                        named.second->value.data.end());
+    pack_parameters(flat.data(), n, model);
+    CHECK(flat == expected);
+    pack_gradients(flat.data(), n, model);  // no gradients yet: zeros
+    CHECK(std::all_of(flat.begin(), flat.end(), [](double v) { return v == 0; }));
+    const Tensor<double> x({2, 1, 6, 6}, values(72, 6)), y({2, 1}, V{1.0, 0.0});
+    BCELoss<double> loss;
+    loss.forward(model.forward(x), y);
+    model.backward(loss.backward());
+    pack_gradients(flat.data(), n, model);
+    CHECK(flat[0] == model.parameters()[0]->grad.data[0] && flat[14] != 0);
+    for (double& v : flat) v *= 2;
+    unpack_gradients(model, flat.data(), n);
+    CHECK(model.parameters()[3]->grad.data[0] == flat[14]);
+    unpack_parameters(model, flat.data(), n);
+    CHECK(model.parameters()[0]->value.data[8] == flat[8]);
+    CHECK_THROWS(pack_gradients(flat.data(), 14, model),
+                 "[pack_gradients] flat: expected 15 elements, got 14");
+    CHECK_THROWS(unpack_parameters(model, flat.data(), 16),
+                 "[unpack_parameters] flat: expected 15 elements, got 16");
 }
 
 TEST_CASE("nn: parameter gradients of a strided model against finite differences") {

@@ -130,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--quiet", action="store_true", help="no progress bar: one line per epoch instead"
     )
+    train.add_argument(
+        "--distributed",
+        action="store_true",
+        help="data-parallel over the MPI processes this one was launched with (mpiexec -n P "
+        "cnnbp train --distributed): the global batch split over them, one report; needs "
+        'pip install "cnnbp[mpi]"',
+    )
 
     evaluate = commands.add_parser(
         "evaluate",
@@ -328,6 +335,22 @@ def main(argv=None) -> int:
         return 141
 
 
+def _abort_world(command, error):
+    """A rank of a distributed run failed: say which, and end every rank (MPI_Abort). In a
+    world of one (or without MPI, as --distributed's own ImportError), return."""
+    from . import distributed
+
+    world = distributed._WORLD
+    if world is None or world.size == 1:
+        return
+    import traceback
+
+    if not isinstance(error, (ValueError, OSError)):
+        traceback.print_exception(type(error), error, error.__traceback__)
+    print(f"{command.prog}: {distributed.failure_message(world, error)}", file=sys.stderr)
+    world.abort(1)
+
+
 def _run(command, args) -> int:
     """Run the parsed command; errors are printed as `cnnbp COMMAND: ...` (command.prog)."""
     if args.command in ("train", "evaluate", "explain"):
@@ -348,12 +371,16 @@ def _run(command, args) -> int:
             return run(args)
         except BrokenPipeError:
             raise
-        except (ValueError, OSError) as error:  # bad data or paths: like a bad argument
-            print(f"{command.prog}: {error}", file=sys.stderr)
-            return 2
-        except (ImportError, FloatingPointError) as error:
-            print(f"{command.prog}: {error}", file=sys.stderr)
-            return 1
+        except Exception as error:
+            if getattr(args, "distributed", False):
+                _abort_world(command, error)  # the other ranks would wait for this one
+            if isinstance(error, (ValueError, OSError)):  # bad data or paths: a bad argument
+                print(f"{command.prog}: {error}", file=sys.stderr)
+                return 2
+            if isinstance(error, (ImportError, FloatingPointError)):
+                print(f"{command.prog}: {error}", file=sys.stderr)
+                return 1
+            raise
     if args.command == "export":
         try:
             return run_export(args)

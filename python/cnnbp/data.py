@@ -363,30 +363,42 @@ class DataLoader:
     leaves out a last batch smaller than batch_size.
     """
 
-    def __init__(self, x, y, batch_size=64, shuffle=True, seed=0, drop_last=False):
+    def __init__(self, x, y, batch_size=64, shuffle=True, seed=0, drop_last=False, sampler=None):
         x, y = _check_pair(x, y, "DataLoader")
+        if sampler is not None and sampler.n != y.shape[0]:
+            raise ValueError(
+                f"[DataLoader] sampler: expected one over {y.shape[0]} samples, "
+                f"got one over {sampler.n}"
+            )
         if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
             raise ValueError(
                 f"[DataLoader] batch_size: expected an integer >= 1, got {batch_size!r}"
             )
         self.x, self.y = x, y
         self.batch_size, self.shuffle, self.drop_last = int(batch_size), shuffle, drop_last
+        self.sampler = sampler
         self._rng = np.random.default_rng(seed)
 
+    def _count(self):
+        return len(self.sampler) if self.sampler is not None else self.y.shape[0]
+
     def __len__(self):
-        n = self.y.shape[0]
+        n = self._count()
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def next_order(self):
         """The order in which the next pass yields the samples (int64 indices into x and y),
         taken from the loader's generator as that pass would take it: a fresh permutation
-        with shuffle=True, else 0..N-1 (the generator untouched). __iter__ calls it."""
+        with shuffle=True, else 0..N-1 (the generator untouched); with a sampler, the
+        sampler's next order (its shuffle and seed, the loader's unused). __iter__ calls it."""
+        if self.sampler is not None:
+            return self.sampler.next_order()
         n = self.y.shape[0]
         return self._rng.permutation(n) if self.shuffle else np.arange(n, dtype=np.int64)
 
     def __iter__(self):
-        n = self.y.shape[0]
-        order = self.next_order() if self.shuffle else None
+        n = self._count()
+        order = self.next_order() if self.shuffle or self.sampler is not None else None
         for b in range(len(self)):
             start, stop = b * self.batch_size, min((b + 1) * self.batch_size, n)
             if order is None:
@@ -397,6 +409,69 @@ class DataLoader:
             else:
                 index = order[start:stop]
                 yield np.ascontiguousarray(self.x[index]), np.ascontiguousarray(self.y[index])
+
+
+class DistributedSampler:
+    """One process's share of each pass over n samples, as torch's DistributedSampler:
+    the pass's order (the permutation DataLoader(..., shuffle=True, seed=seed) would draw
+    in the same pass, or 0..n-1 without shuffle) is padded by repeating its head to a
+    multiple of num_replicas (or cut to one with drop_last), and rank r takes every
+    num_replicas-th index from position r. The shares of one pass are disjoint (but for
+    the padding) and of equal length, len(sampler).
+
+    Given to DataLoader(x, y, batch_size=B // num_replicas, sampler=...) on every rank,
+    step s's batches of all ranks together are exactly the single-process batch s of
+    batch size B (positions s*B .. (s+1)*B of the padded order). Each pass draws the next
+    permutation, as DataLoader does, so set_epoch is not needed; set_epoch(e) makes the next
+    pass the e-th (from 0), as torch's does.
+    """
+
+    def __init__(self, n, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=False):
+        if not (isinstance(n, (int, np.integer)) and n >= 1):
+            raise ValueError(f"[DistributedSampler] n: expected an integer >= 1, got {n!r}")
+        if not (isinstance(num_replicas, (int, np.integer)) and num_replicas >= 1):
+            raise ValueError(
+                f"[DistributedSampler] num_replicas: expected an integer >= 1, got {num_replicas!r}"
+            )
+        if not (isinstance(rank, (int, np.integer)) and 0 <= rank < num_replicas):
+            raise ValueError(
+                f"[DistributedSampler] rank: expected an integer in [0, {num_replicas}), "
+                f"got {rank!r}"
+            )
+        if drop_last and n < num_replicas:
+            raise ValueError(
+                f"[DistributedSampler] n: expected at least num_replicas ({num_replicas}) "
+                f"samples with drop_last, got {n}"
+            )
+        self.n, self.num_replicas, self.rank = int(n), int(num_replicas), int(rank)
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        per_rank = self.n // self.num_replicas if drop_last else -(-self.n // self.num_replicas)
+        self.num_samples, self.total_size = per_rank, per_rank * self.num_replicas
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch):
+        """Make the next pass the pass `epoch` (0 for the first)."""
+        self._rng = np.random.default_rng(self.seed)
+        for _ in range(int(epoch)):
+            self.global_order()
+
+    def __len__(self):
+        return self.num_samples
+
+    def global_order(self):
+        """The next pass's padded order over all ranks (total_size indices); draws it."""
+        n = self.n
+        order = self._rng.permutation(n) if self.shuffle else np.arange(n, dtype=np.int64)
+        if self.total_size > n:  # pad with the head, repeated as often as needed
+            order = np.concatenate([order, np.resize(order, self.total_size - n)])
+        return order[: self.total_size]
+
+    def next_order(self):
+        """This rank's indices for the next pass: global_order()[rank::num_replicas]."""
+        return np.ascontiguousarray(self.global_order()[self.rank :: self.num_replicas])
+
+    def __iter__(self):
+        return iter(self.next_order().tolist())
 
 
 # ---- the data of a training run, for a program outside Python -------------------------------
@@ -441,5 +516,6 @@ __all__ = [
     "train_test_split",
     "select_classes",
     "DataLoader",
+    "DistributedSampler",
     "export_npz",
 ]

@@ -620,6 +620,49 @@ class _Container(_NativeModule):
         return f"{type(self).__name__}(\n{inner}\n)"
 
 
+# ---- a model's tensors as one flat buffer (cnnbp/nn.hpp's pack_* / unpack_*) ---------------
+
+
+def _native_model(model, op):
+    if not isinstance(model, _NativeModule):
+        raise TypeError(f"[{op}] model: expected a cnnbp nn module, got {type(model).__name__}")
+    return model._native_for(model._fixed_dtype or np.dtype(np.float32))
+
+
+def pack_gradients(model, out=None):
+    """Every parameter's gradient, one after another in named_parameters() order, as one
+    1-dim array of the model's dtype (into `out` when given); zeros for a parameter without
+    a gradient. One collective call moves the whole buffer (cnnbp.distributed)."""
+    return _native_model(model, "pack_gradients").pack_gradients(out)
+
+
+def unpack_gradients(model, flat):
+    """The inverse of pack_gradients: each parameter's gradient from its slice of `flat`
+    (parameters without a gradient are left without one)."""
+    _native_model(model, "unpack_gradients").unpack_gradients(flat)
+
+
+def pack_parameters(model, out=None):
+    """Every parameter's values as one flat array (pack_gradients's layout)."""
+    return _native_model(model, "pack_parameters").pack_parameters(out)
+
+
+def unpack_parameters(model, flat):
+    """Every parameter's values from one flat array (pack_parameters's layout)."""
+    _native_model(model, "unpack_parameters").unpack_parameters(flat)
+
+
+def pack_buffers(model, out=None):
+    """The floating buffers (BatchNorm2d's running statistics, not the int64 counters), in
+    named_buffers() order, as one flat array."""
+    return _native_model(model, "pack_buffers").pack_buffers(out)
+
+
+def unpack_buffers(model, flat):
+    """The floating buffers from one flat array (pack_buffers's layout)."""
+    _native_model(model, "unpack_buffers").unpack_buffers(flat)
+
+
 class Sequential(_Container):
     """Layers applied in order; backward runs them in reverse. Names are "0", "1", ...
 
@@ -883,4 +926,10 @@ __all__ = [
     "CrossEntropyLoss",
     "NLLLoss",
     "manual_seed",
+    "pack_gradients",
+    "unpack_gradients",
+    "pack_parameters",
+    "unpack_parameters",
+    "pack_buffers",
+    "unpack_buffers",
 ]

@@ -527,6 +527,7 @@ def fit(
     schedule=None,
     arch="cnn",
     record_gradients=True,
+    world=None,
 ):
     """Train the network ARCHITECTURES[arch] builds on dataset's training part; evaluate
     after each epoch.
@@ -537,6 +538,11 @@ def fit(
     norm of the loss's gradient with respect to all of that layer's parameters}, read from
     Parameter.grad after each step (the gradient of the batch's loss at the weights before
     the step; weight decay not included) -- see parameter_layers and gradient_norm.
+
+    With a cnnbp.distributed World of more than one rank (every rank calls fit), the global
+    batch `batch_size` is split over the ranks (a DistributedSampler's shares, gradients
+    averaged by DistributedDataParallel), the epoch's losses and test metrics are summed over
+    the ranks, and only rank 0 logs and shows progress; every rank returns the same model.
     """
     epochs, lr, schedule, weight_decay = training_settings(
         arch, dataset.name, optimizer, epochs, lr, schedule, weight_decay
@@ -557,7 +563,23 @@ def fit(
         raise ValueError(f"[train] schedule: expected one of {sorted(SCHEDULES)}, got {schedule!r}")
     scheduler = SCHEDULES[schedule](opt, epochs)
     loss_fn = loss_function(dataset.binary)
-    loader = data.DataLoader(x_train, y_train, batch_size=batch_size, shuffle=True, seed=seed)
+    size = 1 if world is None else world.size
+    if size > 1:
+        from . import distributed
+
+        if batch_size % size:
+            raise ValueError(
+                f"[train] batch_size: expected a multiple of the number of processes "
+                f"({size}), got {batch_size}"
+            )
+        stepper = distributed.DistributedDataParallel(model, world)
+        sampler = data.DistributedSampler(x_train.shape[0], size, world.rank, seed=seed)
+        loader = data.DataLoader(x_train, y_train, batch_size=batch_size // size, sampler=sampler)
+        if not world.is_main:
+            progress, log = False, None
+    else:
+        stepper = model
+        loader = data.DataLoader(x_train, y_train, batch_size=batch_size, shuffle=True, seed=seed)
     result = TrainResult(model)
     layers = parameter_layers(model) if record_gradients else {}
 
@@ -568,7 +590,7 @@ def fit(
         norm_sums = dict.fromkeys(layers, 0.0)
         start = time.perf_counter()
         for step, (xb, yb) in enumerate(loader):
-            loss = model.train_step(xb, targets(yb, dataset.binary, dtype), loss_fn, opt)
+            loss = stepper.train_step(xb, targets(yb, dataset.binary, dtype), loss_fn, opt)
             for name, parameters in layers.items():
                 norm_sums[name] += gradient_norm(parameters)
             total += float(loss) * yb.shape[0]
@@ -578,6 +600,9 @@ def fit(
                 if step % 10 == 0:
                     bar.set_postfix_str(f"loss {total / seen:.4f}", refresh=False)
                 bar.update(1)
+        if size > 1:  # this rank's sums -> the global batches' (one Allreduce of 2 numbers)
+            total, seen = world.allreduce_sum([total, seen])
+            seen = int(seen)
         result.train_seconds += time.perf_counter() - start
         result.images += seen
         if scheduler is not None:
@@ -589,25 +614,46 @@ def fit(
                 f"[train] loss: expected a finite value, got {total / seen} "
                 f"in epoch {epoch} (try a smaller --lr)"
             )
-        test = evaluate(model, dataset.x_test, dataset.y_test, dataset.binary, dataset.num_classes)
+        if size > 1:
+            stepper.sync_buffers()  # rank 0's running statistics, for the evaluation
+            test_loss, test_accuracy = _evaluate_shared(model, dataset, world)
+        else:
+            test = evaluate(
+                model, dataset.x_test, dataset.y_test, dataset.binary, dataset.num_classes
+            )
+            test_loss, test_accuracy = test.loss, test.accuracy
         entry = {
             "epoch": epoch,
             "loss": total / seen,
-            "test_loss": test.loss,
-            "test_accuracy": test.accuracy,
+            "test_loss": test_loss,
+            "test_accuracy": test_accuracy,
         }
         if layers:
             entry["gradient_norms"] = {name: value / steps for name, value in norm_sums.items()}
         result.history.append(entry)
         if bar is not None:
             bar.set_postfix_str(
-                f"loss {entry['loss']:.4f}, test loss {test.loss:.4f}, "
-                f"test accuracy {100 * test.accuracy:.2f}%"
+                f"loss {entry['loss']:.4f}, test loss {test_loss:.4f}, "
+                f"test accuracy {100 * test_accuracy:.2f}%"
             )
             bar.close()
         elif log is not None:
             log(format_epoch(entry, epochs))
     return result
+
+
+def _evaluate_shared(model, dataset, world):
+    """(test loss, test accuracy) of the whole test set, each rank evaluating a contiguous
+    share of it and the sums reduced over the ranks."""
+    shares = np.array_split(np.arange(dataset.y_test.shape[0]), world.size)
+    mine = shares[world.rank]
+    loss_sum = correct = 0.0
+    if mine.size:
+        x, y = dataset.x_test[mine[0] : mine[-1] + 1], dataset.y_test[mine[0] : mine[-1] + 1]
+        share = evaluate(model, x, y, dataset.binary, dataset.num_classes)
+        loss_sum, correct = share.loss * share.count, share.correct
+    loss_sum, correct, count_ = world.allreduce_sum([loss_sum, correct, mine.size])
+    return loss_sum / count_, correct / count_
 
 
 # ---- reports ---------------------------------------------------------------------------
@@ -822,6 +868,12 @@ def run_train(args) -> int:
         if importlib.util.find_spec("matplotlib") is None:  # fail before training, not after
             raise ImportError(f"[train] plot: matplotlib is needed for --plot: {data._EXTRA_HINT}")
     _set_threads(args)
+    world = None
+    if getattr(args, "distributed", False):
+        from . import distributed
+
+        world = distributed.init(require=True)
+    main = world is None or world.is_main  # the one that prints, draws and saves
     dataset = _load_data(args)
     epochs, lr, schedule_name, weight_decay = training_settings(
         args.arch,
@@ -832,7 +884,7 @@ def run_train(args) -> int:
         args.schedule,
         args.weight_decay,
     )
-    if args.export_data is not None:  # what fit draws from NumPy for this run, before it runs
+    if args.export_data is not None and main:  # what fit draws from NumPy, before it runs
         data.export_npz(
             args.export_data,
             dataset.x_train,
@@ -842,7 +894,7 @@ def run_train(args) -> int:
             epochs,
             seed=args.seed,
         )
-    say = (lambda *a, **k: None) if args.json else print
+    say = (lambda *a, **k: None) if args.json or not main else print
     say(f"data: {dataset.description}")
     say(
         f"      {dataset.x_train.shape[0]} training and "
@@ -858,6 +910,12 @@ def run_train(args) -> int:
         f"training: {count(epochs, 'epoch')}, batch {args.batch_size}, {args.optimizer} lr {lr:g}"
         f"{momentum}{schedule}{decay}, seed {args.seed}, arch {args.arch}"
     )
+    if world is not None:
+        say(
+            f"distributed: {count(world.size, 'process', 'processes')}, "
+            f"{args.batch_size // world.size if args.batch_size % world.size == 0 else '?'} "
+            f"images of each batch per process"
+        )
 
     result = fit(
         dataset,
@@ -872,7 +930,10 @@ def run_train(args) -> int:
         log=say,
         schedule=schedule_name,
         arch=args.arch,
+        world=world,
     )
+    if not main:
+        return 0
     model = result.model
     evaluation = evaluate(
         model, dataset.x_test, dataset.y_test, dataset.binary, dataset.num_classes
@@ -903,6 +964,7 @@ def run_train(args) -> int:
                 "lr": lr,
                 "seed": args.seed,
                 "parameters": _parameter_count(model),
+                "processes": 1 if world is None else world.size,
                 "losses": result.losses,
                 "history": result.history,
                 "gradient_norms": result.gradient_norms,

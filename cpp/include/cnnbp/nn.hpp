@@ -1233,6 +1233,31 @@ class CosineAnnealingLR : public LRScheduler<T> {
     double eta_min_;
 };
 
+// A model's parameters, gradients or floating buffers as one flat buffer of T: every tensor's
+// elements one after another, in named_parameters() (named_buffers()) order, so that one
+// collective call moves all of them (data-parallel training: pack the gradients, Allreduce
+// the buffer, unpack; examples/cpp/mpi_allreduce.cpp). `size` is the buffer's length and
+// must be flat_size's (else std::invalid_argument "[pack_gradients] flat: expected 1234
+// elements, got 1000"). A parameter without a gradient packs as zeros, and unpacking leaves
+// it without one. The buffers are BatchNorm2d's running statistics; the int64 counters
+// (num_batches_tracked) are not in the flat buffer.
+template <typename T>
+int64_t flat_size(Layer<T>& model);  // the parameters' elements
+template <typename T>
+int64_t flat_buffer_size(Layer<T>& model);  // the floating buffers' elements
+template <typename T>
+void pack_gradients(T* flat, int64_t size, Layer<T>& model);
+template <typename T>
+void unpack_gradients(Layer<T>& model, const T* flat, int64_t size);
+template <typename T>
+void pack_parameters(T* flat, int64_t size, Layer<T>& model);
+template <typename T>
+void unpack_parameters(Layer<T>& model, const T* flat, int64_t size);
+template <typename T>
+void pack_buffers(T* flat, int64_t size, Layer<T>& model);
+template <typename T>
+void unpack_buffers(Layer<T>& model, const T* flat, int64_t size);
+
 // zero_grad, forward, loss, backward, optimizer step: returns the loss. The target is a
 // tensor of T for the BCE losses, of class indices (int64) or probabilities (T) for
 // CrossEntropyLoss and of class indices for NLLLoss. A loss of reduction 'none' is refused (its
