@@ -4,6 +4,11 @@ Import them with ``from conftest import ...`` (pytest puts this directory on sys
 """
 
 import hashlib
+import os
+
+# scikit-learn's array-API estimator check runs only when SciPy was imported with this set
+# (test_sklearn.py); nothing imports SciPy before this file.
+os.environ.setdefault("SCIPY_ARRAY_API", "1")
 
 import numpy as np
 from cnnbp import nn
