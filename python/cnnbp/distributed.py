@@ -32,6 +32,7 @@ MPI_Abort, which ends every rank with a non-zero status.
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -83,6 +84,10 @@ class World:
         sys.stdout.flush()
         sys.stderr.flush()
         if self.comm is not None:
+            # MPI_Abort tears the job down at once, and output still on its way through the
+            # launcher's pipes can be lost with it (the failure message, 1 run in about 12
+            # here): give the launcher a moment to pass it on first.
+            time.sleep(0.5)
             self.comm.Abort(code)
         raise SystemExit(code)
 
