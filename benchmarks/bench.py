@@ -15,7 +15,7 @@ and takes --reps samples, each the mean time of a batch of calls lasting at leas
 rounds' medians (their minimum: on a shared machine noise only ever adds time) and the
 speed-up, the other library's time / cnnbp's time. float32 throughout.
 
-    python benchmarks/bench.py [--rounds 5] [--threads N] [--only TEXT] [--markdown]
+    python benchmarks/bench.py [--rounds 3] [--threads N] [--only TEXT ...] [--markdown]
 
 The tables:
 - every case, forward and backward together (convolutions: forward, dinput, dweight and
@@ -707,6 +707,9 @@ def run_step_binary(binary):
     return {CXX_STEP: float(found.group(1)) * 1e-6} if found else {}
 
 
+versions = {}  # each worker library's version, as the workers report it
+
+
 def alternate(case, threads, libs, args, binary=None):
     """{label: [median of each round]}, the rate's amount and {lib: output row} (inference),
     the libraries (LIBS' labels) alternating."""
@@ -718,8 +721,10 @@ def alternate(case, threads, libs, args, binary=None):
             else:
                 worker, env = LIBS[lib]
                 result = run_worker(worker, case, threads, args, env)
-                # a worker's labels start with its name: "cnnbp fwd" -> "cnnbp ACTIVE fwd"
-                got = {lib + label[len(worker) :]: t for label, t in result["times"].items()}
+                versions[worker] = result["info"]["version"]
+                got = result["times"]
+                if lib != worker:  # ACTIVE: "cnnbp" -> "cnnbp ACTIVE", "cnnbp fwd" -> ...
+                    got = {label.replace(worker, lib, 1): t for label, t in got.items()}
                 amount = result["amount"] if result["amount"] is not None else amount
                 if "check" in result:
                     checks[lib] = result["check"]
@@ -803,14 +808,19 @@ def measure_ceilings(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5, help="alternations of the libraries")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the libraries")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--reps", type=int, default=5, help="samples in each worker")
     parser.add_argument(
         "--min-time", type=float, default=0.05, help="seconds of calls in each sample"
     )
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
-    parser.add_argument("--only", default="", help="run cases whose name contains this")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        help="run the cases whose name contains this text (repeat: any of them)",
+    )
     parser.add_argument("--step-binary", default="", help="the C++ cnnbp_bench_step")
     parser.add_argument("--worker", choices=tuple(BUILDERS), help=argparse.SUPPRESS)
     parser.add_argument("--case", default="info", help=argparse.SUPPRESS)
@@ -830,7 +840,6 @@ def run(args):
     have["onnx"] = importlib.util.find_spec("onnx") is not None  # cnnbp's export needs it
     libs = ["cnnbp", "torch"] if have["torch"] else ["cnnbp"]
     ours, peak_per_core, blas, sgemm = measure_ceilings(args)
-    theirs = run_worker("torch", "info", args.threads, args)["info"] if have["torch"] else None
     print(
         f"kernels: {ours['isa']}, FMA peak {peak_per_core:.0f} GFLOP/s per core, NumPy sgemm "
         f"{sgemm:.0f} GFLOP/s on {args.threads} threads ({blas['blas']}), {args.rounds} "
@@ -838,7 +847,10 @@ def run(args):
         flush=True,
     )
 
-    cases = [(name, kind) for name, kind, _ in CASES if args.only in name]
+    def wanted(name):
+        return not args.only or any(text in name for text in args.only)
+
+    cases = [(name, kind) for name, kind, _ in CASES if wanted(name)]
     if any(kind == "infer" for _, kind in cases):
         run_worker("cnnbp", "export", args.threads, args)
     infer_libs = libs + (["onnxruntime"] if have["onnxruntime"] and have["onnx"] else [])
@@ -855,7 +867,7 @@ def run(args):
         print(line, flush=True)
 
     tiny = []
-    if "tiny" in args.only or not args.only:
+    if wanted(TINY):
         binary = step_binary(args.step_binary)
         tiny_libs = (["binary"] if binary else []) + libs
         times, _, _ = alternate(TINY, 1, tiny_libs, args, binary)
@@ -874,10 +886,10 @@ def run(args):
         f"{ceilings.sgemm:.0f} GFLOP/s (the better of the first and last measurements)"
     )
     if args.markdown:
-        print_markdown(args, results, tiny, ceilings, ours, theirs, blas, load_before)
+        print_markdown(args, results, tiny, ceilings, ours, blas, load_before)
 
 
-def print_markdown(args, results, tiny, ceilings, ours, theirs, blas, load_before):
+def print_markdown(args, results, tiny, ceilings, ours, blas, load_before):
     load = ""
     if load_before is not None:
         load = f" Load average {load_before:.2f} before the run, {load_average():.2f} after."
@@ -887,7 +899,9 @@ def print_markdown(args, results, tiny, ceilings, ours, theirs, blas, load_befor
         f"core, {ceilings.fma_peak:.0f} GFLOP/s on {args.threads} threads; NumPy "
         f"{blas['version']} sgemm ({blas['blas']}, {SGEMM_SIZE}x{SGEMM_SIZE}, "
         f"{args.threads} threads) {ceilings.sgemm:.0f} GFLOP/s. "
-        f"cnnbp {ours['version']}, torch {theirs['version'] if theirs else 'not installed'}. "
+        f"cnnbp {ours['version']}, "
+        + "".join(f"{lib} {versions[lib]}, " for lib in ("torch", "onnxruntime") if lib in versions)
+        + f"Python {platform.python_version()}. "
         f"Each library in its own process with its own defaults, alternating over "
         f"{args.rounds} rounds; times are the best round's median.{load}"
     )
