@@ -810,7 +810,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the libraries")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--reps", type=int, default=5, help="samples in each worker")
+    parser.add_argument("--reps", type=int, default=3, help="samples in each worker")
     parser.add_argument(
         "--min-time", type=float, default=0.05, help="seconds of calls in each sample"
     )
@@ -898,7 +898,8 @@ def print_markdown(args, results, tiny, ceilings, ours, blas, load_before):
         f"{ours['isa']}; fp32 FMA peak {ceilings.fma_peak / args.threads:.0f} GFLOP/s per "
         f"core, {ceilings.fma_peak:.0f} GFLOP/s on {args.threads} threads; NumPy "
         f"{blas['version']} sgemm ({blas['blas']}, {SGEMM_SIZE}x{SGEMM_SIZE}, "
-        f"{args.threads} threads) {ceilings.sgemm:.0f} GFLOP/s. "
+        f"{args.threads} threads) {ceilings.sgemm:.0f} GFLOP/s (each ceiling the better of a "
+        "measurement before the cases and one after). "
         f"cnnbp {ours['version']}, "
         + "".join(f"{lib} {versions[lib]}, " for lib in ("torch", "onnxruntime") if lib in versions)
         + f"Python {platform.python_version()}. "
@@ -1016,7 +1017,7 @@ def print_markdown(args, results, tiny, ceilings, ours, blas, load_before):
         print(
             f"\nInference in eval mode, the same weights in each library: cnnbp's model, "
             f"PyTorch's under torch.inference_mode, onnxruntime "
-            f"{'(not installed)' if not any(r[3] != '-' for r in rows) else ''}running "
+            f"{'' if 'onnxruntime' in versions else '(not installed) '}running "
             f"model.to_onnx's export on the CPU provider with intra_op_num_threads="
             f"{args.threads}, its other defaults:"
         )
