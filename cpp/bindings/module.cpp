@@ -1347,6 +1347,9 @@ PYBIND11_MODULE(_core, m) {
           "from the CPU at run time; the environment variable CNNBP_ISA caps it).");
     m.def("_micro_kernel_gflops", &cnnbp::micro_kernel_gflops, arg("seconds") = 0.2,
           "GFLOP/s of the float GEMM micro-kernel on one thread, data in L1 (for benchmarks).");
+    m.def("_fma_peak_gflops", &cnnbp::fma_peak_gflops, arg("seconds") = 0.2,
+          "GFLOP/s of independent float FMA chains on one thread in the widest vectors the CPU "
+          "has: one core's fp32 peak (for benchmarks).");
     m.def("conv2d_workspace_bytes", &conv2d_workspace_bytes, arg("x_shape"), arg("w_shape"),
           arg("stride") = 1, arg("padding") = 0, arg("dtype") = "float32", arg("dilation") = 1,
           arg("groups") = 1,

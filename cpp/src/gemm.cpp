@@ -85,4 +85,21 @@ double micro_kernel_gflops(double seconds) {
     return 2.0 * double(kc * uk.MR * uk.NR) * double(calls) / elapsed / 1e9;
 }
 
+double fma_peak_gflops(double seconds) {
+    using namespace detail;
+    // one thread, independent multiply-add chains in registers, the widest vectors of cpu_isa()
+    const auto chains = kernels_for_cpu<float>().fma_chains;
+    float sink = 0;
+    chains(1 << 12, &sink);  // warm up: wake the vector units, let the clock settle
+    const auto start = std::chrono::steady_clock::now();
+    double elapsed = 0, flops = 0;
+    while (elapsed < seconds) {
+        flops += chains(1 << 16, &sink);
+        elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    }
+    volatile float keep = sink;
+    (void)keep;
+    return flops / elapsed / 1e9;
+}
+
 }  // namespace cnnbp

@@ -63,6 +63,9 @@ struct KernelSet {
     TapKernel<T> tap_narrow;  // one row at a time, a long run of pixels
     DotKernel<T> dot;
     GatherKernel<T> gather[4];  // widest NR first
+    // `steps` steps of `chains` independent vector multiply-adds each (fused where the
+    // instruction set has FMA); returns their flop count: the machine's arithmetic peak
+    double (*fma_chains)(int64_t steps, T* sink);
     const char* isa;
 
     const TapKernel<T>& tap_for(int64_t rows) const { return rows * 2 < tap.MR ? tap_narrow : tap; }

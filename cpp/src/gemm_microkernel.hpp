@@ -151,6 +151,30 @@ void dot_kernel(int64_t K, const T* __restrict a, int64_t lda, const T* __restri
         }
 }
 
+// The peak loop: CHAINS accumulators, each updated acc = acc * m + a once a step, with no
+// dependence between them, so as many multiply-adds issue per cycle as the FMA units take
+// (CHAINS covers latency times units on current x86 cores). The values converge to 1 and
+// stay normal. They start from *sink, unknown to the compiler, so that no chain is folded
+// into a constant (1 is a fixed point of the update), and their sum goes back to *sink so
+// that the loop is not removed.
+template <typename T, int W, int CHAINS>
+double fma_chains(int64_t steps, T* sink) {
+    typedef T V __attribute__((vector_size(W * sizeof(T))));
+    V acc[CHAINS];
+    const V m = V{} + T(0.999), a = V{} + T(0.001);
+#pragma GCC unroll 32
+    for (int i = 0; i < CHAINS; ++i) acc[i] = V{} + (*sink + T(i));
+    for (int64_t s = 0; s < steps; ++s) {
+#pragma GCC unroll 32
+        for (int i = 0; i < CHAINS; ++i) acc[i] = acc[i] * m + a;
+    }
+    T sum = 0;
+    for (int i = 0; i < CHAINS; ++i)
+        for (int l = 0; l < W; ++l) sum += acc[i][l];
+    *sink = sum;
+    return 2.0 * W * CHAINS * double(steps);
+}
+
 // The kernel set of one instruction set: vectors of VectorBytes bytes (W values of T) and
 // a register blocking counted in rows and vectors, the same for every T:
 //   MR x NV             the gemm and tap kernels' tile; MR x 1 the tap kernel's tail
@@ -173,6 +197,7 @@ cnnbp::detail::KernelSet<T> kernel_set(const char* isa) {
              {MGMR, W * MGNV, gather_a_kernel<T, W, MGMR, MGNV>},
              {NGMR, W, gather_a_kernel<T, W, NGMR, 1>},
              {NGMR, W_last, gather_a_kernel<T, W_last, NGMR, 1>}},
+            fma_chains<T, W, 12>,
             isa};
 }
 

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "../src/conv2d_paths.hpp"
+#include "../src/gemm.hpp"
 #include "check.hpp"
 #include "cnnbp/cnnbp.hpp"
 
@@ -912,4 +913,17 @@ TEST_CASE("loss options: nll_loss weights, ignore_index, reductions, gradient") 
     const std::vector<int64_t> none{-100, -100};
     CHECK(std::isnan(
         nll_loss_forward(no_losses, input.data(), none.data(), weight.data(), dims, params)));
+}
+
+TEST_CASE("fma_peak: the chains loop counts 2 flops per lane per chain and step, and runs") {
+    // 12 chains of one vector each: W lanes, W = 4 (generic), 8 (avx2), 16 (avx512)
+    const auto& kernels = detail::kernels_for_cpu<float>();
+    const std::string isa = kernels.isa;
+    const double lanes = isa == "avx512" ? 16 : isa == "avx2" ? 8 : 4;
+    float sink = 0;
+    CHECK(kernels.fma_chains(100, &sink) == 2 * lanes * 12 * 100);
+    // the values move from 0..11 toward 1: their sum is finite and positive
+    CHECK(std::isfinite(sink) && sink > 0);
+    const double gflops = fma_peak_gflops(0.01);
+    CHECK(std::isfinite(gflops) && gflops > 0);
 }

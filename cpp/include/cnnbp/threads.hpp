@@ -22,5 +22,9 @@ const char* kernel_isa();
 // GFLOP/s of the float GEMM micro-kernel on one thread with its data in L1, measured for
 // about `seconds`: this machine's practical arithmetic peak, for benchmarks.
 double micro_kernel_gflops(double seconds);
+// GFLOP/s of independent float multiply-add chains on one thread in the widest vectors
+// kernel_isa() allows, measured for about `seconds`: this core's fp32 peak, for benchmarks
+// (times the threads for the machine's).
+double fma_peak_gflops(double seconds);
 
 }  // namespace cnnbp
