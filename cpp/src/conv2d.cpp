@@ -35,6 +35,7 @@
 
 #include <algorithm>
 #include <array>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -395,8 +396,12 @@ PaddedGrid padded_grid(const Conv2dDims& d, int64_t tile, int64_t tail = 0) {
     int64_t tiled = round_up(grid, tile), grid_padded = tiled;
     if (tail > 0 && round_up(grid, tail) < tiled)
         tiled = grid / tile * tile, grid_padded = round_up(grid, tail);
-    const std::vector<int64_t> offsets = tap_offsets(d, Hs, Ws);
-    const int64_t last_tap = *std::max_element(offsets.begin(), offsets.end());
+    // the last tap: channel C-1's phases lie (C-1)*sh*sw planes after channel 0's
+    Conv2dDims first_channel = d;
+    first_channel.C = 1;
+    const std::vector<int64_t> offsets = tap_offsets(first_channel, Hs, Ws);
+    const int64_t last_tap = (d.C - 1) * p.stride_h * p.stride_w * Hs * Ws +
+                             *std::max_element(offsets.begin(), offsets.end());
     return {Hs,
             Ws,
             grid,
@@ -405,20 +410,21 @@ PaddedGrid padded_grid(const Conv2dDims& d, int64_t tile, int64_t tail = 0) {
             tiled};
 }
 
-// The planes of one image into the interior of its zero-bordered polyphase stack (whose
-// borders are already zero).
+// Planes [c_begin, c_end) of one image into the interior of its zero-bordered polyphase
+// stack (whose borders are already zero).
 template <typename T>
-void copy_into_padded(T* padded, const T* image, const Conv2dDims& d, const PaddedGrid& g) {
+void copy_into_padded(T* padded, const T* image, const Conv2dDims& d, const PaddedGrid& g,
+                      int64_t c_begin, int64_t c_end) {
     const auto& prm = d.params;
     const int64_t sh = prm.stride_h, sw = prm.stride_w, plane = g.Hs * g.Ws;
     if (sh == 1 && sw == 1) {  // the padded planes themselves
-        for (int64_t c = 0; c < d.C; ++c)
+        for (int64_t c = c_begin; c < c_end; ++c)
             for (int64_t h = 0; h < d.H; ++h)
                 std::copy(image + (c * d.H + h) * d.W, image + (c * d.H + h + 1) * d.W,
                           padded + (c * g.Hs + h + prm.pad_h) * g.Ws + prm.pad_w);
         return;
     }
-    for (int64_t c = 0; c < d.C; ++c)
+    for (int64_t c = c_begin; c < c_end; ++c)
         // padded row ih = h + ph is row i of phase rho = ih % sh, counted along without
         // dividing
         for (int64_t h = 0, rho = prm.pad_h % sh, i = prm.pad_h / sh; h < d.H; ++h) {
@@ -447,10 +453,17 @@ void copy_into_padded(T* padded, const T* image, const Conv2dDims& d, const Padd
         }
 }
 
+template <typename T>
+void copy_into_padded(T* padded, const T* image, const Conv2dDims& d, const PaddedGrid& g) {
+    copy_into_padded(padded, image, d, g, 0, d.C);
+}
+
 // ---- forward -------------------------------------------------------------------------------
 
 // output_n (K x PQ) = bias + weight (K x CRS) . col_n for every image, through the GEMM
-// with im2col packing (any strides).
+// with im2col packing (any strides). Threads split the batch, or, with fewer images than
+// threads, every image's columns in runs of whole NR-wide tiles: kNC is a multiple of every
+// NR, so each tile is the same kernel calls either way.
 template <typename T>
 void forward_gemm(T* output, const T* input, const T* weight, const T* bias, const Conv2dDims& d) {
     const int64_t CRS = d.C * d.R * d.S, PQ = d.P * d.Q, G = d.params.groups;
@@ -459,19 +472,34 @@ void forward_gemm(T* output, const T* input, const T* weight, const T* bias, con
     std::vector<detail::PackedA<T>> packed_weight(static_cast<size_t>(G));
     for (int64_t g = 0; g < G; ++g)
         packed_weight[size_t(g)].pack(weight + g * d.K * CRS, CRS, 1, d.K, CRS, uk.MR);
-    detail::parallel_for_if(split_batch(d), d.N, [&](int64_t i_begin, int64_t i_end) {
+    // columns [j0, j1) of output_i
+    auto run_columns = [&](int64_t i, int64_t j0, int64_t j1, T* b_buffer) {
+        const T* image = input + i * d.C * d.H * d.W;
+        T* out = output + i * d.K * PQ;  // output_i (K x PQ)
+        const T* group_bias = bias ? bias + (i % G) * d.K : nullptr;
+        for (int64_t k = 0; k < d.K; ++k)
+            std::fill(out + k * PQ + j0, out + k * PQ + j1, group_bias ? group_bias[k] : T(0));
+        auto pack = [&](int64_t k0, int64_t kc, int64_t jj0, int64_t nc, T* dst) {
+            pack_im2col(image, d, uk.NR, k0, kc, j0 + jj0, nc, dst);
+        };
+        detail::gemm(uk, packed_weight[size_t(i % G)], j1 - j0, pack, out + j0, PQ,
+                     /*accumulate=*/true, b_buffer);
+    };
+    if (!split_batch(d) || d.N >= detail::max_threads()) {
+        detail::parallel_for_if(split_batch(d), d.N, [&](int64_t i_begin, int64_t i_end) {
+            detail::Scratch<T> b_buffer(detail::b_buffer_size(uk));
+            for (int64_t i = i_begin; i < i_end; ++i) run_columns(i, 0, PQ, b_buffer.data());
+        });
+        return;
+    }
+    const int64_t tiles = (PQ + uk.NR - 1) / uk.NR;  // per image
+    detail::parallel_for_if(true, d.N * tiles, [&](int64_t begin, int64_t end) {
         detail::Scratch<T> b_buffer(detail::b_buffer_size(uk));
-        for (int64_t i = i_begin; i < i_end; ++i) {
-            const T* image = input + i * d.C * d.H * d.W;
-            T* out = output + i * d.K * PQ;  // output_i (K x PQ)
-            const T* group_bias = bias ? bias + (i % G) * d.K : nullptr;
-            for (int64_t k = 0; k < d.K; ++k)
-                std::fill(out + k * PQ, out + (k + 1) * PQ, group_bias ? group_bias[k] : T(0));
-            auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t nc, T* dst) {
-                pack_im2col(image, d, uk.NR, k0, kc, j0, nc, dst);
-            };
-            detail::gemm(uk, packed_weight[size_t(i % G)], PQ, pack, out, PQ,
-                         /*accumulate=*/true, b_buffer.data());
+        for (int64_t item = begin; item < end;) {  // one run of tiles per image
+            const int64_t i = item / tiles, t0 = item % tiles;
+            const int64_t t1 = std::min(tiles, t0 + (end - item));
+            run_columns(i, t0 * uk.NR, std::min(t1 * uk.NR, PQ), b_buffer.data());
+            item += t1 - t0;
         }
     });
 }
@@ -479,15 +507,17 @@ void forward_gemm(T* output, const T* input, const T* weight, const T* bias, con
 template <typename T>
 Buffers forward_gemm_buffers(const Conv2dDims& d) {
     const auto& uk = detail::kernels_for_cpu<T>().gemm;
+    // one B buffer per thread: with fewer images than threads they share the columns
     return {d.params.groups * detail::PackedA<T>::size(d.K, d.C * d.R * d.S, uk.MR),
-            detail::b_buffer_size(uk), d.N};
+            detail::b_buffer_size(uk), split_batch(d) ? std::numeric_limits<int64_t>::max() : 1};
 }
 
-// out (K, P, Q) = bias + the output grid (K, grid_padded) without its margin columns.
+// Rows [k_begin, k_end) of out (K, P, Q) = bias + the output grid (K, grid_padded) without
+// its margin columns.
 template <typename T>
 void crop_grid(T* __restrict out, const T* __restrict grid_out, const T* bias, const Conv2dDims& d,
-               int64_t grid_padded, int64_t Ws) {
-    for (int64_t k = 0; k < d.K; ++k) {
+               int64_t grid_padded, int64_t Ws, int64_t k_begin, int64_t k_end) {
+    for (int64_t k = k_begin; k < k_end; ++k) {
         const T b = bias ? bias[k] : T(0);
         for (int64_t op = 0; op < d.P; ++op) {
             const T* from = grid_out + k * grid_padded + op * Ws;
@@ -497,13 +527,33 @@ void crop_grid(T* __restrict out, const T* __restrict grid_out, const T* bias, c
     }
 }
 
+// crop_grid for rows [k_begin, k_end) and grid pixels [o_begin, o_end) only: the same sums.
+template <typename T>
+void crop_tile(T* __restrict out, const T* __restrict grid_out, const T* bias, const Conv2dDims& d,
+               int64_t grid_padded, int64_t Ws, int64_t k_begin, int64_t k_end, int64_t o_begin,
+               int64_t o_end) {
+    for (int64_t k = k_begin; k < k_end; ++k) {
+        const T b = bias ? bias[k] : T(0);
+        for (int64_t op = o_begin / Ws; op * Ws < o_end; ++op) {
+            // the row's output columns inside [o_begin, o_end)
+            const int64_t q_lo = std::max<int64_t>(o_begin - op * Ws, 0);
+            const int64_t q_hi = std::min(o_end - op * Ws, d.Q);
+            const T* from = grid_out + k * grid_padded + op * Ws;
+            T* to = out + (k * d.P + op) * d.Q;
+            for (int64_t oq = q_lo; oq < q_hi; ++oq) to[oq] = b + from[oq];
+        }
+    }
+}
+
 // output = bias + weight . col for unit strides, without im2col: each image is copied once
 // into its padded stack, whose taps the tap kernel reads in place along the grid (one B row
-// of the GEMM per tap); the grid's margin columns are computed, then dropped.
+// of the GEMM per tap); the grid's margin columns are computed, then dropped. Threads split
+// the batch, or, with fewer images than threads, the (MR filters x NR pixels) tiles of every
+// image's grid: each tile is the same kernel calls either way.
 template <typename T>
 void forward_padded(T* output, const T* input, const T* weight, const T* bias,
                     const Conv2dDims& d) {
-    const int64_t CRS = d.C * d.R * d.S, PQ = d.P * d.Q;
+    const int64_t CRS = d.C * d.R * d.S, PQ = d.P * d.Q, CHW = d.C * d.H * d.W;
     const auto& uk = detail::kernels_for_cpu<T>().tap_for(d.K);
     const auto& tail = detail::kernels_for_cpu<T>().tap_tail_for(d.K);
     const PaddedGrid g = padded_grid(d, uk.NR, tail.NR);
@@ -514,31 +564,79 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
         packed_weights[size_t(group)].pack(weight + group * d.K * CRS, CRS, 1, d.K, CRS, uk.MR);
     const std::vector<int64_t> tap_offset = tap_offsets(d, g.Hs, g.Ws);
     const int64_t panels = (d.K + uk.MR - 1) / uk.MR;
-    detail::parallel_for_if(split_batch(d), d.N, [&](int64_t i_begin, int64_t i_end) {
-        detail::Scratch<T> padded(g.stack);                       // polyphase stack + slack
-        detail::Scratch<T> grid_out(d.K * g.grid_padded);         // (K, grid_padded)
-        std::fill(padded.data(), padded.data() + g.stack, T(0));  // borders stay zero
-        for (int64_t i = i_begin; i < i_end; ++i) {
-            const detail::PackedA<T>& packed_weight = packed_weights[size_t(i % G)];
-            copy_into_padded(padded.data(), input + i * d.C * d.H * d.W, d, g);
-            for (int64_t o0 = 0; o0 < g.grid;) {
-                // tail has uk's MR, so both read the same packed weight
-                const auto& kernel = o0 < g.tiled ? uk : tail;
-                const int nvalid = int(std::min<int64_t>(kernel.NR, g.grid - o0));
-                for (int64_t ip = 0; ip < panels; ++ip) {
-                    const int m = int(std::min<int64_t>(uk.MR, d.K - ip * uk.MR));
-                    T* c_tile = grid_out.data() + ip * uk.MR * g.grid_padded + o0;
-                    for (int64_t k0 = 0; k0 < CRS; k0 += packed_weight.kc) {
-                        const int64_t kb = std::min(packed_weight.kc, CRS - k0);
-                        kernel.run(kb, packed_weight.panel(ip, k0, kb), tap_offset.data() + k0,
-                                   padded.data() + o0, c_tile, g.grid_padded, k0 > 0, m, nvalid);
-                    }
-                }
-                o0 += kernel.NR;
-            }
-            crop_grid(output + i * d.K * PQ, grid_out.data(), bias ? bias + (i % G) * d.K : nullptr,
-                      d, g.grid_padded, g.Ws);
+    // the grid's tiles: whole ones of uk.NR pixels, then tail.NR-pixel ones up to g.grid
+    const int64_t whole = (std::min(g.grid, g.tiled) + uk.NR - 1) / uk.NR;
+    const int64_t tiles = whole + (std::max<int64_t>(g.grid - g.tiled, 0) + tail.NR - 1) / tail.NR;
+    // filters [ip*MR, ip*MR + MR) of tile `tile` of view image i's grid, from its stack
+    // (returns the tile's first pixel)
+    auto run_tile = [&](T* grid_out, const T* padded, int64_t i, int64_t tile, int64_t ip) {
+        const detail::PackedA<T>& packed_weight = packed_weights[size_t(i % G)];
+        // tail has uk's MR, so both read the same packed weight
+        const auto& kernel = tile < whole ? uk : tail;
+        const int64_t o0 = tile < whole ? tile * uk.NR : g.tiled + (tile - whole) * tail.NR;
+        const int nvalid = int(std::min<int64_t>(kernel.NR, g.grid - o0));
+        const int m = int(std::min<int64_t>(uk.MR, d.K - ip * uk.MR));
+        T* c_tile = grid_out + ip * uk.MR * g.grid_padded + o0;
+        for (int64_t k0 = 0; k0 < CRS; k0 += packed_weight.kc) {
+            const int64_t kb = std::min(packed_weight.kc, CRS - k0);
+            kernel.run(kb, packed_weight.panel(ip, k0, kb), tap_offset.data() + k0, padded + o0,
+                       c_tile, g.grid_padded, k0 > 0, m, nvalid);
         }
+        return o0;
+    };
+    const T* no_bias = nullptr;
+    auto group_bias = [&](int64_t i) { return bias ? bias + (i % G) * d.K : no_bias; };
+    if (!split_batch(d) || d.N >= detail::max_threads()) {
+        detail::parallel_for_if(split_batch(d), d.N, [&](int64_t i_begin, int64_t i_end) {
+            detail::Scratch<T> padded(g.stack);                       // polyphase stack + slack
+            detail::Scratch<T> grid_out(d.K * g.grid_padded);         // (K, grid_padded)
+            std::fill(padded.data(), padded.data() + g.stack, T(0));  // borders stay zero
+            for (int64_t i = i_begin; i < i_end; ++i) {
+                copy_into_padded(padded.data(), input + i * CHW, d, g);
+                for (int64_t tile = 0; tile < tiles; ++tile)
+                    for (int64_t ip = 0; ip < panels; ++ip)
+                        run_tile(grid_out.data(), padded.data(), i, tile, ip);
+                crop_grid(output + i * d.K * PQ, grid_out.data(), group_bias(i), d, g.grid_padded,
+                          g.Ws, 0, d.K);
+            }
+        });
+        return;
+    }
+    // Fewer images than threads: every image's stack and grid, and one parallel region (one
+    // wake-up of the threads) in which the threads share the tiles, each cropped into the
+    // output as soon as it is done; the copies share the channels before a barrier when they
+    // are large, else the calling thread makes them first.
+    const int64_t per_image = g.stack + d.K * g.grid_padded;
+    detail::Scratch<T> images(d.N * per_image);  // stack, then (K, grid_padded), per image
+    const int64_t channel = d.params.stride_h * d.params.stride_w * g.Hs * g.Ws;
+    auto copy_channels = [&](int64_t begin, int64_t end) {  // (image, channel) pairs
+        for (int64_t ic = begin; ic < end; ++ic) {
+            const int64_t i = ic / d.C, c = ic % d.C;
+            T* padded = images.data() + i * per_image;  // channel c's phases, zero borders
+            std::fill(padded + c * channel, padded + (c + 1 == d.C ? g.stack : (c + 1) * channel),
+                      T(0));
+            copy_into_padded(padded, input + i * CHW, d, g, c, c + 1);
+        }
+    };
+    const bool share_copies = d.N * g.stack >= detail::kMinParallelWork;
+    if (!share_copies) copy_channels(0, d.N * d.C);
+    detail::parallel_team(true, [&](const detail::Team& team) {
+        if (share_copies) {
+            team.share(d.N * d.C, copy_channels);
+            team.barrier();
+        }
+        team.share(d.N * tiles * panels, [&](int64_t begin, int64_t end) {
+            for (int64_t item = begin; item < end; ++item) {
+                const int64_t i = item / (tiles * panels), tile = item / panels % tiles;
+                const int64_t ip = item % panels;
+                T* padded = images.data() + i * per_image;
+                T* grid_out = padded + g.stack;
+                const int64_t o0 = run_tile(grid_out, padded, i, tile, ip);
+                const int64_t o1 = std::min(o0 + (tile < whole ? uk : tail).NR, g.grid);
+                crop_tile(output + i * d.K * PQ, grid_out, group_bias(i), d, g.grid_padded, g.Ws,
+                          ip * uk.MR, std::min(d.K, (ip + 1) * uk.MR), o0, o1);
+            }
+        });
     });
 }
 

@@ -52,6 +52,53 @@ inline void parallel_for(int64_t count, int64_t work, const Body& body) {
     parallel_for_if(work >= kMinParallelWork, count, body);
 }
 
+// The number of threads a parallel region starts (1 without OpenMP).
+inline int64_t max_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+// One thread of a parallel_team region: share(count, body) calls body(begin, end) on this
+// thread's contiguous chunk of [0, count) (as schedule(static), the same chunks
+// parallel_for_if makes), and barrier() waits for every thread of the team.
+struct Team {
+    int64_t thread, threads;
+
+    template <typename Body>
+    void share(int64_t count, const Body& body) const {
+        const int64_t begin = count * thread / threads, end = count * (thread + 1) / threads;
+        if (begin < end) body(begin, end);
+    }
+    void barrier() const {
+#ifdef _OPENMP
+        if (threads > 1) {
+#pragma omp barrier
+        }
+#endif
+    }
+};
+
+// body(team) on every thread of one parallel region when `parallel` (else on the calling
+// thread alone, a team of one): several steps separated by team.barrier() for the price of
+// one wake-up of the threads. body must not throw -- a thread that left early would leave
+// the others at the barrier -- so its memory is allocated before the region.
+template <typename Body>
+inline void parallel_team(bool parallel, const Body& body) noexcept {
+#ifdef _OPENMP
+    if (parallel && omp_get_max_threads() > 1) {
+#pragma omp parallel
+        body(Team{omp_get_thread_num(), omp_get_num_threads()});
+        return;
+    }
+#else
+    (void)parallel;
+#endif
+    body(Team{0, 1});
+}
+
 // Range of output positions o in [0, out_count) whose input position
 // o * stride - pad + offset lies inside [0, in_size): returns [lo, hi) (empty if lo >= hi).
 inline void valid_range(int64_t out_count, int64_t in_size, int64_t stride, int64_t pad,
