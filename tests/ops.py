@@ -1229,7 +1229,7 @@ LINEAR = Op(
     backward_args=(Arg("dy", "doutput"), Arg("x", "input"), Arg("w", "weight")),
     cases=LINEAR_CASES,
     big=LINEAR_BIG,
-    threads=[((256, 300), 40)],
+    threads=[((256, 300), 40), ((1, 512), 300)],  # one row: the threads split the outputs
     thread_values="ties",
     errors=LINEAR_ERRORS + LINEAR_BACKWARD_ERRORS,
 )

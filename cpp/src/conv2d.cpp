@@ -29,8 +29,10 @@
 //   - depthwise (one input channel per group, the MobileNet case): direct loops over
 //     planes, each tap a vectorized pass along a row (forward_depthwise, dinput_depthwise,
 //     dweight_depthwise).
-// Threads split the batch (or fixed chunks of it for the dweight/dbias sums), so results do
-// not depend on the thread count.
+// Threads split the batch (or fixed chunks of it for the dweight/dbias sums); with fewer
+// images than threads, forward_padded and dinput_polyphase split each image's (filters x
+// pixels) tiles and forward_gemm its columns in whole tiles, each tile computed by the same
+// kernel calls. So results do not depend on the thread count.
 #include "cnnbp/conv2d.hpp"
 
 #include <algorithm>
@@ -794,63 +796,107 @@ void dinput_polyphase(T* dinput, const T* doutput, const T* weight, const Conv2d
                     taps.weight_t[size_t(grp * phases + ph)].data(), cols, 1, d.C, cols, uk.MR);
         }
     const int64_t stack = phase_stack(d, g), panels = (d.C + uk.MR - 1) / uk.MR;
-    detail::parallel_for_if(split_batch(d), d.N, [&](int64_t i_begin, int64_t i_end) {
-        detail::Scratch<T> padded(stack);                           // (K, Hd, Wd) + slack
-        detail::Scratch<T> grid_out(phases * d.C * g.grid_padded);  // (phases, C, grid_padded)
-        std::fill(padded.data(), padded.data() + stack, T(0));      // borders stay zero
-        for (int64_t i = i_begin; i < i_end; ++i) {
-            const T* dout = doutput + i * d.K * PQ;
-            for (int64_t k = 0; k < d.K; ++k)
-                for (int64_t op = 0; op < d.P; ++op)
-                    std::copy(dout + k * PQ + op * d.Q, dout + k * PQ + (op + 1) * d.Q,
-                              padded.data() + (k * g.Hd + g.A + op) * g.Wd + g.B);
-            T* dimage = dinput + i * d.C * HW;
-            for (int64_t ph = 0; ph < phases; ++ph) {
-                const auto& offsets = taps.offsets[size_t(ph)];
-                const int64_t cols = int64_t(offsets.size());
-                T* phase_out = grid_out.data() + ph * d.C * g.grid_padded;
-                if (!cols) {  // no tap reads this phase
-                    std::fill(phase_out, phase_out + d.C * g.grid_padded, T(0));
-                    continue;
-                }
-                const detail::PackedA<T>& pw = packed[size_t((i % G) * phases + ph)];
-                for (int64_t o0 = 0; o0 < g.grid; o0 += uk.NR) {
-                    const int nvalid = int(std::min<int64_t>(uk.NR, g.grid - o0));
-                    for (int64_t ip = 0; ip < panels; ++ip) {
-                        const int m = int(std::min<int64_t>(uk.MR, d.C - ip * uk.MR));
-                        T* c_tile = phase_out + ip * uk.MR * g.grid_padded + o0;
-                        for (int64_t k0 = 0; k0 < cols; k0 += pw.kc) {
-                            const int64_t kb = std::min(pw.kc, cols - k0);
-                            uk.run(kb, pw.panel(ip, k0, kb), offsets.data() + k0,
-                                   padded.data() + o0, c_tile, g.grid_padded, k0 > 0, m, nvalid);
-                        }
-                    }
-                }
-            }
-            // dinput cell (h, w) is phase ((h+ph) % sh, (w+pw) % sw)'s cell ((h+ph)/sh, (w+pw)/sw)
-            for (int64_t c = 0; c < d.C; ++c)
-                for (int64_t h = 0, rho = prm.pad_h % sh, i = prm.pad_h / sh; h < d.H; ++h) {
-                    // the row i of phase (rho, 0), i*sh + rho = h + ph counted along
-                    const T* from =
-                        grid_out.data() + (rho * sw * d.C + c) * g.grid_padded + i * g.Wd;
-                    if (++rho == sh) rho = 0, ++i;
-                    const int64_t phase_stride = d.C * g.grid_padded;
-                    T* __restrict to = dimage + (c * d.H + h) * d.W;
-                    if (sw == 2) {  // columns 2t and 2t+1 from the two phases, side by side
-                        const int64_t a = prm.pad_w % 2;
-                        const T* __restrict even = from + a * phase_stride + prm.pad_w / 2;
-                        const T* __restrict odd =
-                            from + (1 - a) * phase_stride + (prm.pad_w + 1) / 2;
-                        for (int64_t t = 0; t < d.W / 2; ++t)
-                            to[2 * t] = even[t], to[2 * t + 1] = odd[t];
-                        if (d.W % 2) to[d.W - 1] = even[d.W / 2];
-                    } else
-                        for (int64_t w = 0; w < d.W; ++w) {
-                            const int64_t iw = w + prm.pad_w;
-                            to[w] = from[iw % sw * phase_stride + iw / sw];
-                        }
+    const int64_t tiles = (g.grid + uk.NR - 1) / uk.NR, plane = g.Hd * g.Wd;
+    // doutput plane k of view image i into its place in the zero-bordered stack
+    auto copy_plane = [&](T* padded, int64_t i, int64_t k) {
+        const T* dout = doutput + (i * d.K + k) * PQ;
+        for (int64_t op = 0; op < d.P; ++op)
+            std::copy(dout + op * d.Q, dout + (op + 1) * d.Q,
+                      padded + (k * g.Hd + g.A + op) * g.Wd + g.B);
+    };
+    // channels [ip*MR, ip*MR + MR) of tile `tile` of phase ph of view image i
+    auto run_tile = [&](T* grid_out, const T* padded, int64_t i, int64_t ph, int64_t tile,
+                        int64_t ip) {
+        const auto& offsets = taps.offsets[size_t(ph)];
+        const int64_t cols = int64_t(offsets.size()), o0 = tile * uk.NR;
+        const int nvalid = int(std::min<int64_t>(uk.NR, g.grid - o0));
+        const int m = int(std::min<int64_t>(uk.MR, d.C - ip * uk.MR));
+        T* c_tile = grid_out + ph * d.C * g.grid_padded + ip * uk.MR * g.grid_padded + o0;
+        if (!cols) {  // no tap reads this phase
+            for (int row = 0; row < m; ++row)
+                std::fill(c_tile + row * g.grid_padded, c_tile + row * g.grid_padded + nvalid,
+                          T(0));
+            return;
+        }
+        const detail::PackedA<T>& pw = packed[size_t((i % G) * phases + ph)];
+        for (int64_t k0 = 0; k0 < cols; k0 += pw.kc) {
+            const int64_t kb = std::min(pw.kc, cols - k0);
+            uk.run(kb, pw.panel(ip, k0, kb), offsets.data() + k0, padded + o0, c_tile,
+                   g.grid_padded, k0 > 0, m, nvalid);
+        }
+    };
+    // dinput plane c of view image i from its phases' grids: cell (h, w) is phase
+    // ((h+ph) % sh, (w+pw) % sw)'s cell ((h+ph)/sh, (w+pw)/sw)
+    auto scatter_plane = [&](const T* grid_out, int64_t i, int64_t c) {
+        T* dimage = dinput + i * d.C * HW;
+        for (int64_t h = 0, rho = prm.pad_h % sh, row = prm.pad_h / sh; h < d.H; ++h) {
+            // the row `row` of phase (rho, 0), row*sh + rho = h + ph counted along
+            const T* from = grid_out + (rho * sw * d.C + c) * g.grid_padded + row * g.Wd;
+            if (++rho == sh) rho = 0, ++row;
+            const int64_t phase_stride = d.C * g.grid_padded;
+            T* __restrict to = dimage + (c * d.H + h) * d.W;
+            if (sw == 2) {  // columns 2t and 2t+1 from the two phases, side by side
+                const int64_t a = prm.pad_w % 2;
+                const T* __restrict even = from + a * phase_stride + prm.pad_w / 2;
+                const T* __restrict odd = from + (1 - a) * phase_stride + (prm.pad_w + 1) / 2;
+                for (int64_t t = 0; t < d.W / 2; ++t) to[2 * t] = even[t], to[2 * t + 1] = odd[t];
+                if (d.W % 2) to[d.W - 1] = even[d.W / 2];
+            } else
+                for (int64_t w = 0; w < d.W; ++w) {
+                    const int64_t iw = w + prm.pad_w;
+                    to[w] = from[iw % sw * phase_stride + iw / sw];
                 }
         }
+    };
+    if (!split_batch(d) || d.N >= detail::max_threads()) {
+        detail::parallel_for_if(split_batch(d), d.N, [&](int64_t i_begin, int64_t i_end) {
+            detail::Scratch<T> padded(stack);                           // (K, Hd, Wd) + slack
+            detail::Scratch<T> grid_out(phases * d.C * g.grid_padded);  // (phases, C, grid_padded)
+            std::fill(padded.data(), padded.data() + stack, T(0));      // borders stay zero
+            for (int64_t i = i_begin; i < i_end; ++i) {
+                for (int64_t k = 0; k < d.K; ++k) copy_plane(padded.data(), i, k);
+                for (int64_t ph = 0; ph < phases; ++ph)
+                    for (int64_t tile = 0; tile < tiles; ++tile)
+                        for (int64_t ip = 0; ip < panels; ++ip)
+                            run_tile(grid_out.data(), padded.data(), i, ph, tile, ip);
+                for (int64_t c = 0; c < d.C; ++c) scatter_plane(grid_out.data(), i, c);
+            }
+        });
+        return;
+    }
+    // Fewer images than threads: every image's stack and grids, and one parallel region in
+    // which the threads share the planes of the copies (when large, else the calling thread
+    // makes them first), the tiles of every phase, then the planes of dinput.
+    const int64_t per_image = stack + phases * d.C * g.grid_padded;
+    detail::Scratch<T> images(d.N * per_image);           // stack, then (phases, C, grid_padded)
+    auto copy_planes = [&](int64_t begin, int64_t end) {  // (image, filter) pairs
+        for (int64_t ik = begin; ik < end; ++ik) {
+            const int64_t i = ik / d.K, k = ik % d.K;
+            T* padded = images.data() + i * per_image;  // plane k and its zero borders
+            std::fill(padded + k * plane, padded + (k + 1 == d.K ? stack : (k + 1) * plane), T(0));
+            copy_plane(padded, i, k);
+        }
+    };
+    const bool share_copies = d.N * stack >= detail::kMinParallelWork;
+    if (!share_copies) copy_planes(0, d.N * d.K);
+    const int64_t items = phases * tiles * panels;  // per image
+    detail::parallel_team(true, [&](const detail::Team& team) {
+        if (share_copies) {
+            team.share(d.N * d.K, copy_planes);
+            team.barrier();
+        }
+        team.share(d.N * items, [&](int64_t begin, int64_t end) {
+            for (int64_t item = begin; item < end; ++item) {
+                const int64_t i = item / items, ph = item / (tiles * panels) % phases;
+                T* padded = images.data() + i * per_image;
+                run_tile(padded + stack, padded, i, ph, item / panels % tiles, item % panels);
+            }
+        });
+        team.barrier();
+        team.share(d.N * d.C, [&](int64_t begin, int64_t end) {
+            for (int64_t ic = begin; ic < end; ++ic)
+                scatter_plane(images.data() + ic / d.C * per_image + stack, ic / d.C, ic % d.C);
+        });
     });
 }
 
