@@ -494,15 +494,19 @@ void forward_gemm(T* output, const T* input, const T* weight, const T* bias, con
         });
         return;
     }
-    const int64_t tiles = (PQ + uk.NR - 1) / uk.NR;  // per image
-    detail::parallel_for_if(true, d.N * tiles, [&](int64_t begin, int64_t end) {
+    const int64_t tiles = (PQ + uk.NR - 1) / uk.NR, threads = detail::max_threads();
+    detail::WorkQueue queue(d.N * tiles,
+                            detail::queue_grain(d.N * tiles, d.K * uk.NR * CRS, threads));
+    detail::parallel_for_if(true, threads, [&](int64_t, int64_t) {
         detail::Scratch<T> b_buffer(detail::b_buffer_size(uk));
-        for (int64_t item = begin; item < end;) {  // one run of tiles per image
-            const int64_t i = item / tiles, t0 = item % tiles;
-            const int64_t t1 = std::min(tiles, t0 + (end - item));
-            run_columns(i, t0 * uk.NR, std::min(t1 * uk.NR, PQ), b_buffer.data());
-            item += t1 - t0;
-        }
+        queue.take([&](int64_t begin, int64_t end) {
+            for (int64_t item = begin; item < end;) {  // one run of tiles per image
+                const int64_t i = item / tiles, t0 = item % tiles;
+                const int64_t t1 = std::min(tiles, t0 + (end - item));
+                run_columns(i, t0 * uk.NR, std::min(t1 * uk.NR, PQ), b_buffer.data());
+                item += t1 - t0;
+            }
+        });
     });
 }
 
@@ -605,9 +609,9 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
         return;
     }
     // Fewer images than threads: every image's stack and grid, and one parallel region (one
-    // wake-up of the threads) in which the threads share the tiles, each cropped into the
-    // output as soon as it is done; the copies share the channels before a barrier when they
-    // are large, else the calling thread makes them first.
+    // wake-up of the threads) in which the threads take the tiles from a queue, each cropped
+    // into the output as soon as it is done; the threads take the channels of the copies
+    // before a barrier when they are large, else the calling thread makes them first.
     const int64_t per_image = g.stack + d.K * g.grid_padded;
     detail::Scratch<T> images(d.N * per_image);  // stack, then (K, grid_padded), per image
     const int64_t channel = d.params.stride_h * d.params.stride_w * g.Hs * g.Ws;
@@ -622,12 +626,17 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
     };
     const bool share_copies = d.N * g.stack >= detail::kMinParallelWork;
     if (!share_copies) copy_channels(0, d.N * d.C);
+    const int64_t threads = detail::max_threads();
+    detail::WorkQueue copies(d.N * d.C, detail::queue_grain(d.N * d.C, channel, threads));
+    detail::WorkQueue tile_queue(
+        d.N * tiles * panels,
+        detail::queue_grain(d.N * tiles * panels, uk.MR * uk.NR * CRS, threads));
     detail::parallel_team(true, [&](const detail::Team& team) {
         if (share_copies) {
-            team.share(d.N * d.C, copy_channels);
+            copies.take(copy_channels);
             team.barrier();
         }
-        team.share(d.N * tiles * panels, [&](int64_t begin, int64_t end) {
+        tile_queue.take([&](int64_t begin, int64_t end) {
             for (int64_t item = begin; item < end; ++item) {
                 const int64_t i = item / (tiles * panels), tile = item / panels % tiles;
                 const int64_t ip = item % panels;
@@ -865,8 +874,8 @@ void dinput_polyphase(T* dinput, const T* doutput, const T* weight, const Conv2d
         return;
     }
     // Fewer images than threads: every image's stack and grids, and one parallel region in
-    // which the threads share the planes of the copies (when large, else the calling thread
-    // makes them first), the tiles of every phase, then the planes of dinput.
+    // which the threads take from queues the planes of the copies (when large, else the
+    // calling thread makes them first), the tiles of every phase, then the planes of dinput.
     const int64_t per_image = stack + phases * d.C * g.grid_padded;
     detail::Scratch<T> images(d.N * per_image);           // stack, then (phases, C, grid_padded)
     auto copy_planes = [&](int64_t begin, int64_t end) {  // (image, filter) pairs
@@ -879,13 +888,18 @@ void dinput_polyphase(T* dinput, const T* doutput, const T* weight, const Conv2d
     };
     const bool share_copies = d.N * stack >= detail::kMinParallelWork;
     if (!share_copies) copy_planes(0, d.N * d.K);
-    const int64_t items = phases * tiles * panels;  // per image
+    const int64_t items = phases * tiles * panels, threads = detail::max_threads();  // per image
+    detail::WorkQueue copies(d.N * d.K, detail::queue_grain(d.N * d.K, plane, threads));
+    detail::WorkQueue tile_queue(
+        d.N * items,
+        detail::queue_grain(d.N * items, uk.MR * uk.NR * d.K * d.R * d.S / phases, threads));
+    detail::WorkQueue scatters(d.N * d.C, detail::queue_grain(d.N * d.C, HW, threads));
     detail::parallel_team(true, [&](const detail::Team& team) {
         if (share_copies) {
-            team.share(d.N * d.K, copy_planes);
+            copies.take(copy_planes);
             team.barrier();
         }
-        team.share(d.N * items, [&](int64_t begin, int64_t end) {
+        tile_queue.take([&](int64_t begin, int64_t end) {
             for (int64_t item = begin; item < end; ++item) {
                 const int64_t i = item / items, ph = item / (tiles * panels) % phases;
                 T* padded = images.data() + i * per_image;
@@ -893,7 +907,7 @@ void dinput_polyphase(T* dinput, const T* doutput, const T* weight, const Conv2d
             }
         });
         team.barrier();
-        team.share(d.N * d.C, [&](int64_t begin, int64_t end) {
+        scatters.take([&](int64_t begin, int64_t end) {
             for (int64_t ic = begin; ic < end; ++ic)
                 scatter_plane(images.data() + ic / d.C * per_image + stack, ic / d.C, ic % d.C);
         });

@@ -4,6 +4,8 @@
 // exactly one thread, so results do not depend on the number of threads.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <exception>
 
@@ -61,17 +63,41 @@ inline int64_t max_threads() {
 #endif
 }
 
-// One thread of a parallel_team region: share(count, body) calls body(begin, end) on this
-// thread's contiguous chunk of [0, count) (as schedule(static), the same chunks
-// parallel_for_if makes), and barrier() waits for every thread of the team.
+// Items [0, count) handed out `grain` at a time to whichever thread of a parallel_team asks
+// first (take(body) calls body(begin, end) until none are left): on a shared machine a
+// thread that wakes late or is preempted takes fewer, instead of holding up the others. Which
+// thread computes an item must never change how it is computed.
+class WorkQueue {
+ public:
+    WorkQueue(int64_t count, int64_t grain) : count_(count), grain_(std::max<int64_t>(grain, 1)) {}
+
+    template <typename Body>
+    void take(const Body& body) {
+        for (;;) {
+            const int64_t begin = next_.fetch_add(grain_, std::memory_order_relaxed);
+            if (begin >= count_) return;
+            body(begin, std::min(begin + grain_, count_));
+        }
+    }
+
+ private:
+    std::atomic<int64_t> next_{0};
+    const int64_t count_, grain_;
+};
+
+// The grain of a WorkQueue of `count` items of `item_work` multiply-adds each: takes of
+// about kMinParallelWork * 4 multiply-adds (a few microseconds, so the queue's atomic is
+// rare), and at least 4 takes per thread to balance.
+inline int64_t queue_grain(int64_t count, int64_t item_work, int64_t threads) {
+    const int64_t by_work =
+        (kMinParallelWork * 4 + item_work - 1) / std::max<int64_t>(item_work, 1);
+    return std::max<int64_t>(1, std::min(by_work, count / (4 * threads)));
+}
+
+// One thread of a parallel_team region: barrier() waits for every thread of the team.
 struct Team {
     int64_t thread, threads;
 
-    template <typename Body>
-    void share(int64_t count, const Body& body) const {
-        const int64_t begin = count * thread / threads, end = count * (thread + 1) / threads;
-        if (begin < end) body(begin, end);
-    }
     void barrier() const {
 #ifdef _OPENMP
         if (threads > 1) {
