@@ -573,13 +573,10 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
     // the grid's tiles: whole ones of uk.NR pixels, then tail.NR-pixel ones up to g.grid
     const int64_t whole = (std::min(g.grid, g.tiled) + uk.NR - 1) / uk.NR;
     const int64_t tiles = whole + (std::max<int64_t>(g.grid - g.tiled, 0) + tail.NR - 1) / tail.NR;
-    // filters [ip*MR, ip*MR + MR) of tile `tile` of view image i's grid, from its stack
-    // (returns the tile's first pixel)
-    auto run_tile = [&](T* grid_out, const T* padded, int64_t i, int64_t tile, int64_t ip) {
-        const detail::PackedA<T>& packed_weight = packed_weights[size_t(i % G)];
-        // tail has uk's MR, so both read the same packed weight
-        const auto& kernel = tile < whole ? uk : tail;
-        const int64_t o0 = tile < whole ? tile * uk.NR : g.tiled + (tile - whole) * tail.NR;
+    // filters [ip*MR, ip*MR + MR) of the tile of grid pixels [o0, o0 + kernel.NR) of one
+    // image's grid, from its stack (tail has uk's MR, so both read the same packed weight)
+    auto run_tile = [&](T* grid_out, const T* padded, const detail::PackedA<T>& packed_weight,
+                        const detail::TapKernel<T>& kernel, int64_t o0, int64_t ip) {
         const int nvalid = int(std::min<int64_t>(kernel.NR, g.grid - o0));
         const int m = int(std::min<int64_t>(uk.MR, d.K - ip * uk.MR));
         T* c_tile = grid_out + ip * uk.MR * g.grid_padded + o0;
@@ -588,7 +585,6 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
             kernel.run(kb, packed_weight.panel(ip, k0, kb), tap_offset.data() + k0, padded + o0,
                        c_tile, g.grid_padded, k0 > 0, m, nvalid);
         }
-        return o0;
     };
     const T* no_bias = nullptr;
     auto group_bias = [&](int64_t i) { return bias ? bias + (i % G) * d.K : no_bias; };
@@ -599,9 +595,13 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
             std::fill(padded.data(), padded.data() + g.stack, T(0));  // borders stay zero
             for (int64_t i = i_begin; i < i_end; ++i) {
                 copy_into_padded(padded.data(), input + i * CHW, d, g);
-                for (int64_t tile = 0; tile < tiles; ++tile)
+                for (int64_t o0 = 0; o0 < g.grid;) {
+                    const auto& kernel = o0 < g.tiled ? uk : tail;
                     for (int64_t ip = 0; ip < panels; ++ip)
-                        run_tile(grid_out.data(), padded.data(), i, tile, ip);
+                        run_tile(grid_out.data(), padded.data(), packed_weights[size_t(i % G)],
+                                 kernel, o0, ip);
+                    o0 += kernel.NR;
+                }
                 crop_grid(output + i * d.K * PQ, grid_out.data(), group_bias(i), d, g.grid_padded,
                           g.Ws, 0, d.K);
             }
@@ -642,8 +642,10 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
                 const int64_t ip = item % panels;
                 T* padded = images.data() + i * per_image;
                 T* grid_out = padded + g.stack;
-                const int64_t o0 = run_tile(grid_out, padded, i, tile, ip);
-                const int64_t o1 = std::min(o0 + (tile < whole ? uk : tail).NR, g.grid);
+                const auto& kernel = tile < whole ? uk : tail;  // tile's first pixel o0
+                const int64_t o0 = tile < whole ? tile * uk.NR : g.tiled + (tile - whole) * tail.NR;
+                run_tile(grid_out, padded, packed_weights[size_t(i % G)], kernel, o0, ip);
+                const int64_t o1 = std::min(o0 + kernel.NR, g.grid);
                 crop_tile(output + i * d.K * PQ, grid_out, group_bias(i), d, g.grid_padded, g.Ws,
                           ip * uk.MR, std::min(d.K, (ip + 1) * uk.MR), o0, o1);
             }
