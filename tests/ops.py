@@ -236,11 +236,11 @@ CONV_THREADS = [
     (1, 32, 32, 32, 32, 3, 3, 1, 1),  # one image: the threads must split something else
     # fewer images than threads: the padded grid's tiles (unit stride, the polyphase stack,
     # dilation, groups), the im2col GEMM's columns (1x1, stride 2), depthwise planes
-    (1, 3, 50, 50, 16, 3, 3, 1, 1),
-    (2, 16, 24, 24, 32, 3, 3, 2, 1),
-    (3, 8, 20, 20, 16, 3, 3, 1, 2, {"dilation": 2}),
-    (1, 16, 24, 24, 32, 3, 3, 1, 1, {"groups": 2}),
-    (1, 64, 40, 40, 128, 1, 1, 2, 0),
+    (1, 3, 100, 100, 16, 3, 3, 1, 1),
+    (2, 16, 48, 48, 32, 3, 3, 2, 1),
+    (3, 16, 26, 26, 16, 3, 3, 1, 2, {"dilation": 2}),
+    (1, 16, 48, 48, 32, 3, 3, 1, 1, {"groups": 2}),
+    (1, 64, 48, 48, 128, 1, 1, 2, 0),
     (1, 32, 32, 32, 32, 3, 3, 2, 1, {"groups": 32}),
     (3, 2, 6, 6, 4, 3, 3, 1, 0),  # tiny: direct loops
     (8, 32, 20, 20, 32, 3, 3, 1, 1, {"groups": 32}),  # depthwise: planes and filters split

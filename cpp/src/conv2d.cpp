@@ -74,6 +74,20 @@ bool split_batch(const Conv2dDims& d) {
     return d.N * d.K * d.P * d.Q * d.C * d.R * d.S >= kMinConvParallelWork;
 }
 
+// A batch smaller than the thread count splits each image's tiles among the threads above
+// this many multiply-adds (about 100 us on one thread): on a shared 2-core machine (idle
+// threads sleeping) a region's wake-up, join and the second core's other work cost 10-25 us,
+// so a 3x3 conv of 16 channels on 28x28 (1.8M) ran slower on two threads, 32 channels on
+// 28x28 (7.2M) 1.2x and on 56x56 (29M) 1.5x faster (measured).
+constexpr int64_t kMinTileSplitWork = int64_t(1) << 22;
+
+// Whether the threads split the tiles of each image instead of the batch: fewer images than
+// threads, and enough work.
+bool split_tiles(const Conv2dDims& d) {
+    return d.N < detail::max_threads() &&
+           d.N * d.K * d.P * d.Q * d.C * d.R * d.S >= kMinTileSplitWork;
+}
+
 // The convolution of one group on the (N*G, C/G, H, W) view of the input and the
 // (N*G, K/G, P, Q) view of the output: view image i is group i % G of image i / G.
 Conv2dDims group_view(const Conv2dDims& d) {
@@ -487,7 +501,7 @@ void forward_gemm(T* output, const T* input, const T* weight, const T* bias, con
         detail::gemm(uk, packed_weight[size_t(i % G)], j1 - j0, pack, out + j0, PQ,
                      /*accumulate=*/true, b_buffer);
     };
-    if (!split_batch(d) || d.N >= detail::max_threads()) {
+    if (!split_tiles(d)) {
         detail::parallel_for_if(split_batch(d), d.N, [&](int64_t i_begin, int64_t i_end) {
             detail::Scratch<T> b_buffer(detail::b_buffer_size(uk));
             for (int64_t i = i_begin; i < i_end; ++i) run_columns(i, 0, PQ, b_buffer.data());
@@ -588,7 +602,7 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
     };
     const T* no_bias = nullptr;
     auto group_bias = [&](int64_t i) { return bias ? bias + (i % G) * d.K : no_bias; };
-    if (!split_batch(d) || d.N >= detail::max_threads()) {
+    if (!split_tiles(d)) {
         detail::parallel_for_if(split_batch(d), d.N, [&](int64_t i_begin, int64_t i_end) {
             detail::Scratch<T> padded(g.stack);                       // polyphase stack + slack
             detail::Scratch<T> grid_out(d.K * g.grid_padded);         // (K, grid_padded)
@@ -859,7 +873,7 @@ void dinput_polyphase(T* dinput, const T* doutput, const T* weight, const Conv2d
                 }
         }
     };
-    if (!split_batch(d) || d.N >= detail::max_threads()) {
+    if (!split_tiles(d)) {
         detail::parallel_for_if(split_batch(d), d.N, [&](int64_t i_begin, int64_t i_end) {
             detail::Scratch<T> padded(stack);                           // (K, Hd, Wd) + slack
             detail::Scratch<T> grid_out(phases * d.C * g.grid_padded);  // (phases, C, grid_padded)

@@ -164,7 +164,7 @@ TEST_CASE("conv2d paths: strided convolutions take the polyphase stack") {
 }
 
 TEST_CASE("conv2d: batches smaller than the thread count give the same bits") {
-    // one to three images above the threads' threshold, on every forward path: the threads
+    // one to three images above the tile split's threshold, on every forward path: the threads
     // split the padded grid's tiles or the im2col GEMM's columns instead of the batch
     struct Case {
         Shape x, w;
