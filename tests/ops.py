@@ -234,6 +234,14 @@ CONV_THREADS = [
     (8, 16, 20, 20, 32, 3, 3, 1, 1),
     (6, 5, 17, 15, 7, 3, 3, 2, 1),
     (1, 32, 32, 32, 32, 3, 3, 1, 1),  # one image: the threads must split something else
+    # fewer images than threads: the padded grid's tiles (unit stride, the polyphase stack,
+    # dilation, groups), the im2col GEMM's columns (1x1, stride 2), depthwise planes
+    (1, 3, 100, 100, 16, 3, 3, 1, 1),
+    (2, 16, 48, 48, 32, 3, 3, 2, 1),
+    (3, 16, 26, 26, 16, 3, 3, 1, 2, {"dilation": 2}),
+    (1, 16, 48, 48, 32, 3, 3, 1, 1, {"groups": 2}),
+    (1, 64, 48, 48, 128, 1, 1, 2, 0),
+    (1, 32, 32, 32, 32, 3, 3, 2, 1, {"groups": 32}),
     (3, 2, 6, 6, 4, 3, 3, 1, 0),  # tiny: direct loops
     (8, 32, 20, 20, 32, 3, 3, 1, 1, {"groups": 32}),  # depthwise: planes and filters split
     (8, 16, 20, 20, 32, 3, 3, 1, 2, {"groups": 4, "dilation": 2}),
@@ -1221,7 +1229,7 @@ LINEAR = Op(
     backward_args=(Arg("dy", "doutput"), Arg("x", "input"), Arg("w", "weight")),
     cases=LINEAR_CASES,
     big=LINEAR_BIG,
-    threads=[((256, 300), 40)],
+    threads=[((256, 300), 40), ((1, 512), 300)],  # one row: the threads split the outputs
     thread_values="ties",
     errors=LINEAR_ERRORS + LINEAR_BACKWARD_ERRORS,
 )

@@ -29,12 +29,15 @@
 //   - depthwise (one input channel per group, the MobileNet case): direct loops over
 //     planes, each tap a vectorized pass along a row (forward_depthwise, dinput_depthwise,
 //     dweight_depthwise).
-// Threads split the batch (or fixed chunks of it for the dweight/dbias sums), so results do
-// not depend on the thread count.
+// Threads split the batch (or fixed chunks of it for the dweight/dbias sums); with fewer
+// images than threads, forward_padded and dinput_polyphase split each image's (filters x
+// pixels) tiles and forward_gemm its columns in whole tiles, each tile computed by the same
+// kernel calls. So results do not depend on the thread count.
 #include "cnnbp/conv2d.hpp"
 
 #include <algorithm>
 #include <array>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -69,6 +72,20 @@ int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / mult
 // Whether the batch (or its chunks) is split among threads.
 bool split_batch(const Conv2dDims& d) {
     return d.N * d.K * d.P * d.Q * d.C * d.R * d.S >= kMinConvParallelWork;
+}
+
+// A batch smaller than the thread count splits each image's tiles among the threads above
+// this many multiply-adds (about 100 us on one thread): on a shared 2-core machine (idle
+// threads sleeping) a region's wake-up, join and the second core's other work cost 10-25 us,
+// so a 3x3 conv of 16 channels on 28x28 (1.8M) ran slower on two threads, 32 channels on
+// 28x28 (7.2M) 1.2x and on 56x56 (29M) 1.5x faster (measured).
+constexpr int64_t kMinTileSplitWork = int64_t(1) << 22;
+
+// Whether the threads split the tiles of each image instead of the batch: fewer images than
+// threads, and enough work.
+bool split_tiles(const Conv2dDims& d) {
+    return d.N < detail::max_threads() &&
+           d.N * d.K * d.P * d.Q * d.C * d.R * d.S >= kMinTileSplitWork;
 }
 
 // The convolution of one group on the (N*G, C/G, H, W) view of the input and the
@@ -395,8 +412,12 @@ PaddedGrid padded_grid(const Conv2dDims& d, int64_t tile, int64_t tail = 0) {
     int64_t tiled = round_up(grid, tile), grid_padded = tiled;
     if (tail > 0 && round_up(grid, tail) < tiled)
         tiled = grid / tile * tile, grid_padded = round_up(grid, tail);
-    const std::vector<int64_t> offsets = tap_offsets(d, Hs, Ws);
-    const int64_t last_tap = *std::max_element(offsets.begin(), offsets.end());
+    // the last tap: channel C-1's phases lie (C-1)*sh*sw planes after channel 0's
+    Conv2dDims first_channel = d;
+    first_channel.C = 1;
+    const std::vector<int64_t> offsets = tap_offsets(first_channel, Hs, Ws);
+    const int64_t last_tap = (d.C - 1) * p.stride_h * p.stride_w * Hs * Ws +
+                             *std::max_element(offsets.begin(), offsets.end());
     return {Hs,
             Ws,
             grid,
@@ -405,20 +426,21 @@ PaddedGrid padded_grid(const Conv2dDims& d, int64_t tile, int64_t tail = 0) {
             tiled};
 }
 
-// The planes of one image into the interior of its zero-bordered polyphase stack (whose
-// borders are already zero).
+// Planes [c_begin, c_end) of one image into the interior of its zero-bordered polyphase
+// stack (whose borders are already zero).
 template <typename T>
-void copy_into_padded(T* padded, const T* image, const Conv2dDims& d, const PaddedGrid& g) {
+void copy_into_padded(T* padded, const T* image, const Conv2dDims& d, const PaddedGrid& g,
+                      int64_t c_begin, int64_t c_end) {
     const auto& prm = d.params;
     const int64_t sh = prm.stride_h, sw = prm.stride_w, plane = g.Hs * g.Ws;
     if (sh == 1 && sw == 1) {  // the padded planes themselves
-        for (int64_t c = 0; c < d.C; ++c)
+        for (int64_t c = c_begin; c < c_end; ++c)
             for (int64_t h = 0; h < d.H; ++h)
                 std::copy(image + (c * d.H + h) * d.W, image + (c * d.H + h + 1) * d.W,
                           padded + (c * g.Hs + h + prm.pad_h) * g.Ws + prm.pad_w);
         return;
     }
-    for (int64_t c = 0; c < d.C; ++c)
+    for (int64_t c = c_begin; c < c_end; ++c)
         // padded row ih = h + ph is row i of phase rho = ih % sh, counted along without
         // dividing
         for (int64_t h = 0, rho = prm.pad_h % sh, i = prm.pad_h / sh; h < d.H; ++h) {
@@ -447,10 +469,17 @@ void copy_into_padded(T* padded, const T* image, const Conv2dDims& d, const Padd
         }
 }
 
+template <typename T>
+void copy_into_padded(T* padded, const T* image, const Conv2dDims& d, const PaddedGrid& g) {
+    copy_into_padded(padded, image, d, g, 0, d.C);
+}
+
 // ---- forward -------------------------------------------------------------------------------
 
 // output_n (K x PQ) = bias + weight (K x CRS) . col_n for every image, through the GEMM
-// with im2col packing (any strides).
+// with im2col packing (any strides). Threads split the batch, or, with fewer images than
+// threads, every image's columns in runs of whole NR-wide tiles: kNC is a multiple of every
+// NR, so each tile is the same kernel calls either way.
 template <typename T>
 void forward_gemm(T* output, const T* input, const T* weight, const T* bias, const Conv2dDims& d) {
     const int64_t CRS = d.C * d.R * d.S, PQ = d.P * d.Q, G = d.params.groups;
@@ -459,35 +488,56 @@ void forward_gemm(T* output, const T* input, const T* weight, const T* bias, con
     std::vector<detail::PackedA<T>> packed_weight(static_cast<size_t>(G));
     for (int64_t g = 0; g < G; ++g)
         packed_weight[size_t(g)].pack(weight + g * d.K * CRS, CRS, 1, d.K, CRS, uk.MR);
-    detail::parallel_for_if(split_batch(d), d.N, [&](int64_t i_begin, int64_t i_end) {
+    // columns [j0, j1) of output_i
+    auto run_columns = [&](int64_t i, int64_t j0, int64_t j1, T* b_buffer) {
+        const T* image = input + i * d.C * d.H * d.W;
+        T* out = output + i * d.K * PQ;  // output_i (K x PQ)
+        const T* group_bias = bias ? bias + (i % G) * d.K : nullptr;
+        for (int64_t k = 0; k < d.K; ++k)
+            std::fill(out + k * PQ + j0, out + k * PQ + j1, group_bias ? group_bias[k] : T(0));
+        auto pack = [&](int64_t k0, int64_t kc, int64_t jj0, int64_t nc, T* dst) {
+            pack_im2col(image, d, uk.NR, k0, kc, j0 + jj0, nc, dst);
+        };
+        detail::gemm(uk, packed_weight[size_t(i % G)], j1 - j0, pack, out + j0, PQ,
+                     /*accumulate=*/true, b_buffer);
+    };
+    if (!split_tiles(d)) {
+        detail::parallel_for_if(split_batch(d), d.N, [&](int64_t i_begin, int64_t i_end) {
+            detail::Scratch<T> b_buffer(detail::b_buffer_size(uk));
+            for (int64_t i = i_begin; i < i_end; ++i) run_columns(i, 0, PQ, b_buffer.data());
+        });
+        return;
+    }
+    const int64_t tiles = (PQ + uk.NR - 1) / uk.NR, threads = detail::max_threads();
+    detail::WorkQueue queue(d.N * tiles,
+                            detail::queue_grain(d.N * tiles, d.K * uk.NR * CRS, threads));
+    detail::parallel_for_if(true, threads, [&](int64_t, int64_t) {
         detail::Scratch<T> b_buffer(detail::b_buffer_size(uk));
-        for (int64_t i = i_begin; i < i_end; ++i) {
-            const T* image = input + i * d.C * d.H * d.W;
-            T* out = output + i * d.K * PQ;  // output_i (K x PQ)
-            const T* group_bias = bias ? bias + (i % G) * d.K : nullptr;
-            for (int64_t k = 0; k < d.K; ++k)
-                std::fill(out + k * PQ, out + (k + 1) * PQ, group_bias ? group_bias[k] : T(0));
-            auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t nc, T* dst) {
-                pack_im2col(image, d, uk.NR, k0, kc, j0, nc, dst);
-            };
-            detail::gemm(uk, packed_weight[size_t(i % G)], PQ, pack, out, PQ,
-                         /*accumulate=*/true, b_buffer.data());
-        }
+        queue.take([&](int64_t begin, int64_t end) {
+            for (int64_t item = begin; item < end;) {  // one run of tiles per image
+                const int64_t i = item / tiles, t0 = item % tiles;
+                const int64_t t1 = std::min(tiles, t0 + (end - item));
+                run_columns(i, t0 * uk.NR, std::min(t1 * uk.NR, PQ), b_buffer.data());
+                item += t1 - t0;
+            }
+        });
     });
 }
 
 template <typename T>
 Buffers forward_gemm_buffers(const Conv2dDims& d) {
     const auto& uk = detail::kernels_for_cpu<T>().gemm;
+    // one B buffer per thread: with fewer images than threads they share the columns
     return {d.params.groups * detail::PackedA<T>::size(d.K, d.C * d.R * d.S, uk.MR),
-            detail::b_buffer_size(uk), d.N};
+            detail::b_buffer_size(uk), split_batch(d) ? std::numeric_limits<int64_t>::max() : 1};
 }
 
-// out (K, P, Q) = bias + the output grid (K, grid_padded) without its margin columns.
+// Rows [k_begin, k_end) of out (K, P, Q) = bias + the output grid (K, grid_padded) without
+// its margin columns.
 template <typename T>
 void crop_grid(T* __restrict out, const T* __restrict grid_out, const T* bias, const Conv2dDims& d,
-               int64_t grid_padded, int64_t Ws) {
-    for (int64_t k = 0; k < d.K; ++k) {
+               int64_t grid_padded, int64_t Ws, int64_t k_begin, int64_t k_end) {
+    for (int64_t k = k_begin; k < k_end; ++k) {
         const T b = bias ? bias[k] : T(0);
         for (int64_t op = 0; op < d.P; ++op) {
             const T* from = grid_out + k * grid_padded + op * Ws;
@@ -497,13 +547,33 @@ void crop_grid(T* __restrict out, const T* __restrict grid_out, const T* bias, c
     }
 }
 
+// crop_grid for rows [k_begin, k_end) and grid pixels [o_begin, o_end) only: the same sums.
+template <typename T>
+void crop_tile(T* __restrict out, const T* __restrict grid_out, const T* bias, const Conv2dDims& d,
+               int64_t grid_padded, int64_t Ws, int64_t k_begin, int64_t k_end, int64_t o_begin,
+               int64_t o_end) {
+    for (int64_t k = k_begin; k < k_end; ++k) {
+        const T b = bias ? bias[k] : T(0);
+        for (int64_t op = o_begin / Ws; op * Ws < o_end; ++op) {
+            // the row's output columns inside [o_begin, o_end)
+            const int64_t q_lo = std::max<int64_t>(o_begin - op * Ws, 0);
+            const int64_t q_hi = std::min(o_end - op * Ws, d.Q);
+            const T* from = grid_out + k * grid_padded + op * Ws;
+            T* to = out + (k * d.P + op) * d.Q;
+            for (int64_t oq = q_lo; oq < q_hi; ++oq) to[oq] = b + from[oq];
+        }
+    }
+}
+
 // output = bias + weight . col for unit strides, without im2col: each image is copied once
 // into its padded stack, whose taps the tap kernel reads in place along the grid (one B row
-// of the GEMM per tap); the grid's margin columns are computed, then dropped.
+// of the GEMM per tap); the grid's margin columns are computed, then dropped. Threads split
+// the batch, or, with fewer images than threads, the (MR filters x NR pixels) tiles of every
+// image's grid: each tile is the same kernel calls either way.
 template <typename T>
 void forward_padded(T* output, const T* input, const T* weight, const T* bias,
                     const Conv2dDims& d) {
-    const int64_t CRS = d.C * d.R * d.S, PQ = d.P * d.Q;
+    const int64_t CRS = d.C * d.R * d.S, PQ = d.P * d.Q, CHW = d.C * d.H * d.W;
     const auto& uk = detail::kernels_for_cpu<T>().tap_for(d.K);
     const auto& tail = detail::kernels_for_cpu<T>().tap_tail_for(d.K);
     const PaddedGrid g = padded_grid(d, uk.NR, tail.NR);
@@ -514,31 +584,86 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
         packed_weights[size_t(group)].pack(weight + group * d.K * CRS, CRS, 1, d.K, CRS, uk.MR);
     const std::vector<int64_t> tap_offset = tap_offsets(d, g.Hs, g.Ws);
     const int64_t panels = (d.K + uk.MR - 1) / uk.MR;
-    detail::parallel_for_if(split_batch(d), d.N, [&](int64_t i_begin, int64_t i_end) {
-        detail::Scratch<T> padded(g.stack);                       // polyphase stack + slack
-        detail::Scratch<T> grid_out(d.K * g.grid_padded);         // (K, grid_padded)
-        std::fill(padded.data(), padded.data() + g.stack, T(0));  // borders stay zero
-        for (int64_t i = i_begin; i < i_end; ++i) {
-            const detail::PackedA<T>& packed_weight = packed_weights[size_t(i % G)];
-            copy_into_padded(padded.data(), input + i * d.C * d.H * d.W, d, g);
-            for (int64_t o0 = 0; o0 < g.grid;) {
-                // tail has uk's MR, so both read the same packed weight
-                const auto& kernel = o0 < g.tiled ? uk : tail;
-                const int nvalid = int(std::min<int64_t>(kernel.NR, g.grid - o0));
-                for (int64_t ip = 0; ip < panels; ++ip) {
-                    const int m = int(std::min<int64_t>(uk.MR, d.K - ip * uk.MR));
-                    T* c_tile = grid_out.data() + ip * uk.MR * g.grid_padded + o0;
-                    for (int64_t k0 = 0; k0 < CRS; k0 += packed_weight.kc) {
-                        const int64_t kb = std::min(packed_weight.kc, CRS - k0);
-                        kernel.run(kb, packed_weight.panel(ip, k0, kb), tap_offset.data() + k0,
-                                   padded.data() + o0, c_tile, g.grid_padded, k0 > 0, m, nvalid);
-                    }
-                }
-                o0 += kernel.NR;
-            }
-            crop_grid(output + i * d.K * PQ, grid_out.data(), bias ? bias + (i % G) * d.K : nullptr,
-                      d, g.grid_padded, g.Ws);
+    // the grid's tiles: whole ones of uk.NR pixels, then tail.NR-pixel ones up to g.grid
+    const int64_t whole = (std::min(g.grid, g.tiled) + uk.NR - 1) / uk.NR;
+    const int64_t tiles = whole + (std::max<int64_t>(g.grid - g.tiled, 0) + tail.NR - 1) / tail.NR;
+    // filters [ip*MR, ip*MR + MR) of the tile of grid pixels [o0, o0 + kernel.NR) of one
+    // image's grid, from its stack (tail has uk's MR, so both read the same packed weight)
+    auto run_tile = [&](T* grid_out, const T* padded, const detail::PackedA<T>& packed_weight,
+                        const detail::TapKernel<T>& kernel, int64_t o0, int64_t ip) {
+        const int nvalid = int(std::min<int64_t>(kernel.NR, g.grid - o0));
+        const int m = int(std::min<int64_t>(uk.MR, d.K - ip * uk.MR));
+        T* c_tile = grid_out + ip * uk.MR * g.grid_padded + o0;
+        for (int64_t k0 = 0; k0 < CRS; k0 += packed_weight.kc) {
+            const int64_t kb = std::min(packed_weight.kc, CRS - k0);
+            kernel.run(kb, packed_weight.panel(ip, k0, kb), tap_offset.data() + k0, padded + o0,
+                       c_tile, g.grid_padded, k0 > 0, m, nvalid);
         }
+    };
+    const T* no_bias = nullptr;
+    auto group_bias = [&](int64_t i) { return bias ? bias + (i % G) * d.K : no_bias; };
+    if (!split_tiles(d)) {
+        detail::parallel_for_if(split_batch(d), d.N, [&](int64_t i_begin, int64_t i_end) {
+            detail::Scratch<T> padded(g.stack);                       // polyphase stack + slack
+            detail::Scratch<T> grid_out(d.K * g.grid_padded);         // (K, grid_padded)
+            std::fill(padded.data(), padded.data() + g.stack, T(0));  // borders stay zero
+            for (int64_t i = i_begin; i < i_end; ++i) {
+                copy_into_padded(padded.data(), input + i * CHW, d, g);
+                for (int64_t o0 = 0; o0 < g.grid;) {
+                    const auto& kernel = o0 < g.tiled ? uk : tail;
+                    for (int64_t ip = 0; ip < panels; ++ip)
+                        run_tile(grid_out.data(), padded.data(), packed_weights[size_t(i % G)],
+                                 kernel, o0, ip);
+                    o0 += kernel.NR;
+                }
+                crop_grid(output + i * d.K * PQ, grid_out.data(), group_bias(i), d, g.grid_padded,
+                          g.Ws, 0, d.K);
+            }
+        });
+        return;
+    }
+    // Fewer images than threads: every image's stack and grid, and one parallel region (one
+    // wake-up of the threads) in which the threads take the tiles from a queue, each cropped
+    // into the output as soon as it is done; the threads take the channels of the copies
+    // before a barrier when they are large, else the calling thread makes them first.
+    const int64_t per_image = g.stack + d.K * g.grid_padded;
+    detail::Scratch<T> images(d.N * per_image);  // stack, then (K, grid_padded), per image
+    const int64_t channel = d.params.stride_h * d.params.stride_w * g.Hs * g.Ws;
+    auto copy_channels = [&](int64_t begin, int64_t end) {  // (image, channel) pairs
+        for (int64_t ic = begin; ic < end; ++ic) {
+            const int64_t i = ic / d.C, c = ic % d.C;
+            T* padded = images.data() + i * per_image;  // channel c's phases, zero borders
+            std::fill(padded + c * channel, padded + (c + 1 == d.C ? g.stack : (c + 1) * channel),
+                      T(0));
+            copy_into_padded(padded, input + i * CHW, d, g, c, c + 1);
+        }
+    };
+    const bool share_copies = d.N * g.stack >= detail::kMinParallelWork;
+    if (!share_copies) copy_channels(0, d.N * d.C);
+    const int64_t threads = detail::max_threads();
+    detail::WorkQueue copies(d.N * d.C, detail::queue_grain(d.N * d.C, channel, threads));
+    detail::WorkQueue tile_queue(
+        d.N * tiles * panels,
+        detail::queue_grain(d.N * tiles * panels, uk.MR * uk.NR * CRS, threads));
+    detail::parallel_team(true, [&](const detail::Team& team) {
+        if (share_copies) {
+            copies.take(copy_channels);
+            team.barrier();
+        }
+        tile_queue.take([&](int64_t begin, int64_t end) {
+            for (int64_t item = begin; item < end; ++item) {
+                const int64_t i = item / (tiles * panels), tile = item / panels % tiles;
+                const int64_t ip = item % panels;
+                T* padded = images.data() + i * per_image;
+                T* grid_out = padded + g.stack;
+                const auto& kernel = tile < whole ? uk : tail;  // tile's first pixel o0
+                const int64_t o0 = tile < whole ? tile * uk.NR : g.tiled + (tile - whole) * tail.NR;
+                run_tile(grid_out, padded, packed_weights[size_t(i % G)], kernel, o0, ip);
+                const int64_t o1 = std::min(o0 + kernel.NR, g.grid);
+                crop_tile(output + i * d.K * PQ, grid_out, group_bias(i), d, g.grid_padded, g.Ws,
+                          ip * uk.MR, std::min(d.K, (ip + 1) * uk.MR), o0, o1);
+            }
+        });
     });
 }
 
@@ -696,63 +821,112 @@ void dinput_polyphase(T* dinput, const T* doutput, const T* weight, const Conv2d
                     taps.weight_t[size_t(grp * phases + ph)].data(), cols, 1, d.C, cols, uk.MR);
         }
     const int64_t stack = phase_stack(d, g), panels = (d.C + uk.MR - 1) / uk.MR;
-    detail::parallel_for_if(split_batch(d), d.N, [&](int64_t i_begin, int64_t i_end) {
-        detail::Scratch<T> padded(stack);                           // (K, Hd, Wd) + slack
-        detail::Scratch<T> grid_out(phases * d.C * g.grid_padded);  // (phases, C, grid_padded)
-        std::fill(padded.data(), padded.data() + stack, T(0));      // borders stay zero
-        for (int64_t i = i_begin; i < i_end; ++i) {
-            const T* dout = doutput + i * d.K * PQ;
-            for (int64_t k = 0; k < d.K; ++k)
-                for (int64_t op = 0; op < d.P; ++op)
-                    std::copy(dout + k * PQ + op * d.Q, dout + k * PQ + (op + 1) * d.Q,
-                              padded.data() + (k * g.Hd + g.A + op) * g.Wd + g.B);
-            T* dimage = dinput + i * d.C * HW;
-            for (int64_t ph = 0; ph < phases; ++ph) {
-                const auto& offsets = taps.offsets[size_t(ph)];
-                const int64_t cols = int64_t(offsets.size());
-                T* phase_out = grid_out.data() + ph * d.C * g.grid_padded;
-                if (!cols) {  // no tap reads this phase
-                    std::fill(phase_out, phase_out + d.C * g.grid_padded, T(0));
-                    continue;
-                }
-                const detail::PackedA<T>& pw = packed[size_t((i % G) * phases + ph)];
-                for (int64_t o0 = 0; o0 < g.grid; o0 += uk.NR) {
-                    const int nvalid = int(std::min<int64_t>(uk.NR, g.grid - o0));
-                    for (int64_t ip = 0; ip < panels; ++ip) {
-                        const int m = int(std::min<int64_t>(uk.MR, d.C - ip * uk.MR));
-                        T* c_tile = phase_out + ip * uk.MR * g.grid_padded + o0;
-                        for (int64_t k0 = 0; k0 < cols; k0 += pw.kc) {
-                            const int64_t kb = std::min(pw.kc, cols - k0);
-                            uk.run(kb, pw.panel(ip, k0, kb), offsets.data() + k0,
-                                   padded.data() + o0, c_tile, g.grid_padded, k0 > 0, m, nvalid);
-                        }
-                    }
-                }
-            }
-            // dinput cell (h, w) is phase ((h+ph) % sh, (w+pw) % sw)'s cell ((h+ph)/sh, (w+pw)/sw)
-            for (int64_t c = 0; c < d.C; ++c)
-                for (int64_t h = 0, rho = prm.pad_h % sh, i = prm.pad_h / sh; h < d.H; ++h) {
-                    // the row i of phase (rho, 0), i*sh + rho = h + ph counted along
-                    const T* from =
-                        grid_out.data() + (rho * sw * d.C + c) * g.grid_padded + i * g.Wd;
-                    if (++rho == sh) rho = 0, ++i;
-                    const int64_t phase_stride = d.C * g.grid_padded;
-                    T* __restrict to = dimage + (c * d.H + h) * d.W;
-                    if (sw == 2) {  // columns 2t and 2t+1 from the two phases, side by side
-                        const int64_t a = prm.pad_w % 2;
-                        const T* __restrict even = from + a * phase_stride + prm.pad_w / 2;
-                        const T* __restrict odd =
-                            from + (1 - a) * phase_stride + (prm.pad_w + 1) / 2;
-                        for (int64_t t = 0; t < d.W / 2; ++t)
-                            to[2 * t] = even[t], to[2 * t + 1] = odd[t];
-                        if (d.W % 2) to[d.W - 1] = even[d.W / 2];
-                    } else
-                        for (int64_t w = 0; w < d.W; ++w) {
-                            const int64_t iw = w + prm.pad_w;
-                            to[w] = from[iw % sw * phase_stride + iw / sw];
-                        }
+    const int64_t tiles = (g.grid + uk.NR - 1) / uk.NR, plane = g.Hd * g.Wd;
+    // doutput plane k of view image i into its place in the zero-bordered stack
+    auto copy_plane = [&](T* padded, int64_t i, int64_t k) {
+        const T* dout = doutput + (i * d.K + k) * PQ;
+        for (int64_t op = 0; op < d.P; ++op)
+            std::copy(dout + op * d.Q, dout + (op + 1) * d.Q,
+                      padded + (k * g.Hd + g.A + op) * g.Wd + g.B);
+    };
+    // channels [ip*MR, ip*MR + MR) of tile `tile` of phase ph of view image i
+    auto run_tile = [&](T* grid_out, const T* padded, int64_t i, int64_t ph, int64_t tile,
+                        int64_t ip) {
+        const auto& offsets = taps.offsets[size_t(ph)];
+        const int64_t cols = int64_t(offsets.size()), o0 = tile * uk.NR;
+        const int nvalid = int(std::min<int64_t>(uk.NR, g.grid - o0));
+        const int m = int(std::min<int64_t>(uk.MR, d.C - ip * uk.MR));
+        T* c_tile = grid_out + ph * d.C * g.grid_padded + ip * uk.MR * g.grid_padded + o0;
+        if (!cols) {  // no tap reads this phase
+            for (int row = 0; row < m; ++row)
+                std::fill(c_tile + row * g.grid_padded, c_tile + row * g.grid_padded + nvalid,
+                          T(0));
+            return;
+        }
+        const detail::PackedA<T>& pw = packed[size_t((i % G) * phases + ph)];
+        for (int64_t k0 = 0; k0 < cols; k0 += pw.kc) {
+            const int64_t kb = std::min(pw.kc, cols - k0);
+            uk.run(kb, pw.panel(ip, k0, kb), offsets.data() + k0, padded + o0, c_tile,
+                   g.grid_padded, k0 > 0, m, nvalid);
+        }
+    };
+    // dinput plane c of view image i from its phases' grids: cell (h, w) is phase
+    // ((h+ph) % sh, (w+pw) % sw)'s cell ((h+ph)/sh, (w+pw)/sw)
+    auto scatter_plane = [&](const T* grid_out, int64_t i, int64_t c) {
+        T* dimage = dinput + i * d.C * HW;
+        for (int64_t h = 0, rho = prm.pad_h % sh, row = prm.pad_h / sh; h < d.H; ++h) {
+            // the row `row` of phase (rho, 0), row*sh + rho = h + ph counted along
+            const T* from = grid_out + (rho * sw * d.C + c) * g.grid_padded + row * g.Wd;
+            if (++rho == sh) rho = 0, ++row;
+            const int64_t phase_stride = d.C * g.grid_padded;
+            T* __restrict to = dimage + (c * d.H + h) * d.W;
+            if (sw == 2) {  // columns 2t and 2t+1 from the two phases, side by side
+                const int64_t a = prm.pad_w % 2;
+                const T* __restrict even = from + a * phase_stride + prm.pad_w / 2;
+                const T* __restrict odd = from + (1 - a) * phase_stride + (prm.pad_w + 1) / 2;
+                for (int64_t t = 0; t < d.W / 2; ++t) to[2 * t] = even[t], to[2 * t + 1] = odd[t];
+                if (d.W % 2) to[d.W - 1] = even[d.W / 2];
+            } else
+                for (int64_t w = 0; w < d.W; ++w) {
+                    const int64_t iw = w + prm.pad_w;
+                    to[w] = from[iw % sw * phase_stride + iw / sw];
                 }
         }
+    };
+    if (!split_tiles(d)) {
+        detail::parallel_for_if(split_batch(d), d.N, [&](int64_t i_begin, int64_t i_end) {
+            detail::Scratch<T> padded(stack);                           // (K, Hd, Wd) + slack
+            detail::Scratch<T> grid_out(phases * d.C * g.grid_padded);  // (phases, C, grid_padded)
+            std::fill(padded.data(), padded.data() + stack, T(0));      // borders stay zero
+            for (int64_t i = i_begin; i < i_end; ++i) {
+                for (int64_t k = 0; k < d.K; ++k) copy_plane(padded.data(), i, k);
+                for (int64_t ph = 0; ph < phases; ++ph)
+                    for (int64_t tile = 0; tile < tiles; ++tile)
+                        for (int64_t ip = 0; ip < panels; ++ip)
+                            run_tile(grid_out.data(), padded.data(), i, ph, tile, ip);
+                for (int64_t c = 0; c < d.C; ++c) scatter_plane(grid_out.data(), i, c);
+            }
+        });
+        return;
+    }
+    // Fewer images than threads: every image's stack and grids, and one parallel region in
+    // which the threads take from queues the planes of the copies (when large, else the
+    // calling thread makes them first), the tiles of every phase, then the planes of dinput.
+    const int64_t per_image = stack + phases * d.C * g.grid_padded;
+    detail::Scratch<T> images(d.N * per_image);           // stack, then (phases, C, grid_padded)
+    auto copy_planes = [&](int64_t begin, int64_t end) {  // (image, filter) pairs
+        for (int64_t ik = begin; ik < end; ++ik) {
+            const int64_t i = ik / d.K, k = ik % d.K;
+            T* padded = images.data() + i * per_image;  // plane k and its zero borders
+            std::fill(padded + k * plane, padded + (k + 1 == d.K ? stack : (k + 1) * plane), T(0));
+            copy_plane(padded, i, k);
+        }
+    };
+    const bool share_copies = d.N * stack >= detail::kMinParallelWork;
+    if (!share_copies) copy_planes(0, d.N * d.K);
+    const int64_t items = phases * tiles * panels, threads = detail::max_threads();  // per image
+    detail::WorkQueue copies(d.N * d.K, detail::queue_grain(d.N * d.K, plane, threads));
+    detail::WorkQueue tile_queue(
+        d.N * items,
+        detail::queue_grain(d.N * items, uk.MR * uk.NR * d.K * d.R * d.S / phases, threads));
+    detail::WorkQueue scatters(d.N * d.C, detail::queue_grain(d.N * d.C, HW, threads));
+    detail::parallel_team(true, [&](const detail::Team& team) {
+        if (share_copies) {
+            copies.take(copy_planes);
+            team.barrier();
+        }
+        tile_queue.take([&](int64_t begin, int64_t end) {
+            for (int64_t item = begin; item < end; ++item) {
+                const int64_t i = item / items, ph = item / (tiles * panels) % phases;
+                T* padded = images.data() + i * per_image;
+                run_tile(padded + stack, padded, i, ph, item / panels % tiles, item % panels);
+            }
+        });
+        team.barrier();
+        scatters.take([&](int64_t begin, int64_t end) {
+            for (int64_t ic = begin; ic < end; ++ic)
+                scatter_plane(images.data() + ic / d.C * per_image + stack, ic / d.C, ic % d.C);
+        });
     });
 }
 

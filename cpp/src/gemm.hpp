@@ -96,7 +96,8 @@ void gemm_dot(const DotKernel<T>& dk, int64_t M, int64_t N, int64_t K, const T* 
 }
 
 // Cache blocking: a k-block of A (MR x kc) stays in L1 across a row of tiles, a packed
-// block of B (kc x kNC) stays in L2.
+// block of B (kc x kNC) stays in L2. kNC is a multiple of every kernel's NR, so a gemm over
+// columns [j0, j1) with j0 a multiple of NR computes each tile as the whole one does.
 constexpr int64_t kMaxKC = 256;
 constexpr int64_t kNC = 384;
 

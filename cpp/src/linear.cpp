@@ -5,18 +5,18 @@
 
 namespace cnnbp {
 
+// Threads split the (m, o) outputs, not only the rows: one row (a batch of one) too.
 template <typename T>
 void linear_forward(T* output, const T* input, const T* weight, const T* bias,
                     const LinearDims& d) {
-    detail::parallel_for(d.M, d.M * d.OUT * d.IN, [&](int64_t begin, int64_t end) {
-        for (int64_t m = begin; m < end; ++m) {
+    detail::parallel_for(d.M * d.OUT, d.M * d.OUT * d.IN, [&](int64_t begin, int64_t end) {
+        for (int64_t mo = begin; mo < end; ++mo) {
+            const int64_t m = mo / d.OUT, o = mo % d.OUT;
             const T* x = input + m * d.IN;
-            for (int64_t o = 0; o < d.OUT; ++o) {
-                const T* w = weight + o * d.IN;
-                T sum = bias ? bias[o] : T(0);
-                for (int64_t i = 0; i < d.IN; ++i) sum += x[i] * w[i];
-                output[m * d.OUT + o] = sum;
-            }
+            const T* w = weight + o * d.IN;
+            T sum = bias ? bias[o] : T(0);
+            for (int64_t i = 0; i < d.IN; ++i) sum += x[i] * w[i];
+            output[mo] = sum;
         }
     });
 }

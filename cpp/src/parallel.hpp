@@ -4,6 +4,8 @@
 // exactly one thread, so results do not depend on the number of threads.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <exception>
 
@@ -50,6 +52,77 @@ inline void parallel_for_if(bool parallel, int64_t count, const Body& body) {
 template <typename Body>
 inline void parallel_for(int64_t count, int64_t work, const Body& body) {
     parallel_for_if(work >= kMinParallelWork, count, body);
+}
+
+// The number of threads a parallel region starts (1 without OpenMP).
+inline int64_t max_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+// Items [0, count) handed out `grain` at a time to whichever thread of a parallel_team asks
+// first (take(body) calls body(begin, end) until none are left): on a shared machine a
+// thread that wakes late or is preempted takes fewer, instead of holding up the others. Which
+// thread computes an item must never change how it is computed.
+class WorkQueue {
+ public:
+    WorkQueue(int64_t count, int64_t grain) : count_(count), grain_(std::max<int64_t>(grain, 1)) {}
+
+    template <typename Body>
+    void take(const Body& body) {
+        for (;;) {
+            const int64_t begin = next_.fetch_add(grain_, std::memory_order_relaxed);
+            if (begin >= count_) return;
+            body(begin, std::min(begin + grain_, count_));
+        }
+    }
+
+ private:
+    std::atomic<int64_t> next_{0};
+    const int64_t count_, grain_;
+};
+
+// The grain of a WorkQueue of `count` items of `item_work` multiply-adds each: takes of
+// about kMinParallelWork * 4 multiply-adds (a few microseconds, so the queue's atomic is
+// rare), and at least 4 takes per thread to balance.
+inline int64_t queue_grain(int64_t count, int64_t item_work, int64_t threads) {
+    const int64_t by_work =
+        (kMinParallelWork * 4 + item_work - 1) / std::max<int64_t>(item_work, 1);
+    return std::max<int64_t>(1, std::min(by_work, count / (4 * threads)));
+}
+
+// One thread of a parallel_team region: barrier() waits for every thread of the team.
+struct Team {
+    int64_t thread, threads;
+
+    void barrier() const {
+#ifdef _OPENMP
+        if (threads > 1) {
+#pragma omp barrier
+        }
+#endif
+    }
+};
+
+// body(team) on every thread of one parallel region when `parallel` (else on the calling
+// thread alone, a team of one): several steps separated by team.barrier() for the price of
+// one wake-up of the threads. body must not throw -- a thread that left early would leave
+// the others at the barrier -- so its memory is allocated before the region.
+template <typename Body>
+inline void parallel_team(bool parallel, const Body& body) noexcept {
+#ifdef _OPENMP
+    if (parallel && omp_get_max_threads() > 1) {
+#pragma omp parallel
+        body(Team{omp_get_thread_num(), omp_get_num_threads()});
+        return;
+    }
+#else
+    (void)parallel;
+#endif
+    body(Team{0, 1});
 }
 
 // Range of output positions o in [0, out_count) whose input position

@@ -164,6 +164,39 @@ TEST_CASE("conv2d paths: strided convolutions take the polyphase stack") {
     }
 }
 
+TEST_CASE("conv2d: batches smaller than the thread count give the same bits") {
+    // one to three images above the tile split's threshold, on every forward path: the threads
+    // split the padded grid's tiles or the im2col GEMM's columns instead of the batch
+    struct Case {
+        Shape x, w;
+        Conv2dParams p;
+        const char* forward;
+    };
+    const Case cases[] = {
+        {{1, 3, 50, 50}, {16, 3, 3, 3}, {1, 1, 1, 1}, "forward_padded"},            // unit stride
+        {{2, 16, 24, 24}, {32, 16, 3, 3}, {2, 2, 1, 1}, "forward_padded"},          // polyphase
+        {{3, 8, 20, 20}, {16, 8, 3, 3}, {1, 1, 2, 2, 2, 2}, "forward_padded"},      // dilation
+        {{1, 16, 24, 24}, {32, 8, 3, 3}, {1, 1, 1, 1, 1, 1, 2}, "forward_padded"},  // groups
+        {{1, 64, 40, 40}, {128, 64, 1, 1}, {2, 2}, "forward_gemm"},                 // 1x1 stride 2
+        {{1, 32, 32, 32}, {32, 1, 3, 3}, {2, 2, 1, 1, 1, 1, 32}, "forward_depthwise"},
+    };
+    unsigned seed = 70;
+    for (const auto& c : cases) {
+        const auto d = conv2d_dims(c.x, c.w, nullptr, c.p);
+        CHECK(std::string(detail::conv2d_path_names(d)[0]) == c.forward);
+        const std::vector<float> x = random_values<float>(numel(c.x), seed++),
+                                 w = random_values<float>(numel(c.w), seed++),
+                                 b = random_values<float>(d.K, seed++),
+                                 dy = random_values<float>(d.N * d.K * d.P * d.Q, seed++);
+        CHECK_THREAD_COUNT_INDEPENDENT([&]() {
+            std::vector<float> y(dy.size()), dx(x.size()), dw(w.size()), db(d.K);
+            conv2d_forward(y.data(), x.data(), w.data(), b.data(), d);
+            conv2d_backward(dx.data(), dw.data(), db.data(), dy.data(), x.data(), w.data(), d);
+            return std::vector<std::string>{bytes_of(y), bytes_of(dx), bytes_of(dw), bytes_of(db)};
+        });
+    }
+}
+
 TEST_CASE("conv2d backward: finite differences on the polyphase stack") {
     // odd sizes, stride mixes, dilation, groups, a phase stride of 3, partial panels; small
     // enough that the differences' rounding stays below the tolerance
