@@ -359,3 +359,15 @@ def test_an_empty_batch_passes_through_nested_containers(dtype):
     flat = nn.Concat(nn.Linear(3, 2, dtype=dtype), nn.Identity())
     assert flat(np.zeros((0, 3), dtype)).shape == (0, 5)
     assert flat.backward(np.zeros((0, 5), dtype)).shape == (0, 3)
+
+
+def test_indexing_past_either_end_says_the_bound_as_cpp_does():
+    model = nn.Sequential(nn.ReLU(), nn.Flatten(), nn.Identity())
+    assert model[-1] is model[2] and model[0:2] == (model[0], model[1])
+    with pytest.raises(IndexError, match=r"^\[Sequential\] index: expected < 3, got 99$"):
+        model[99]
+    with pytest.raises(IndexError, match=r"^\[Sequential\] index: expected >= -3, got -4$"):
+        model[-4]
+    concat = nn.Concat(nn.ReLU(), nn.Identity())
+    with pytest.raises(IndexError, match=r"^\[Concat\] index: expected < 2, got 2$"):
+        concat[2]

@@ -663,6 +663,15 @@ def unpack_buffers(model, flat):
     _native_model(model, "unpack_buffers").unpack_buffers(flat)
 
 
+def _child(container, children, i):
+    """children[i] (ints from the end too, slices as a tuple), IndexError with the C++
+    containers' message past either end."""
+    if isinstance(i, int) and not -len(children) <= i < len(children):
+        bound = f"< {len(children)}" if i >= 0 else f">= -{len(children)}"
+        raise IndexError(f"[{container}] index: expected {bound}, got {i}")
+    return children[i]
+
+
 class Sequential(_Container):
     """Layers applied in order; backward runs them in reverse. Names are "0", "1", ...
 
@@ -682,7 +691,7 @@ class Sequential(_Container):
         return impl
 
     def __getitem__(self, i):
-        return self.layers[i]
+        return _child("Sequential", self.layers, i)
 
     def __len__(self):
         return len(self.layers)
@@ -800,7 +809,7 @@ class Concat(_Container):
         return native("Concat", dtype)([branch._as_layer(dtype) for branch in self.branches])
 
     def __getitem__(self, i):
-        return self.branches[i]
+        return _child("Concat", self.branches, i)
 
     def __len__(self):
         return len(self.branches)
