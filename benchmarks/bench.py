@@ -120,6 +120,8 @@ CASES = [
     conv(16, 64, 56, 64, 3, pad=1),
     conv(32, 64, 56, 64, 3, pad=1, groups=64, note="depthwise"),
     conv(32, 64, 28, 64, 3, pad=1, groups=4),
+    # an RGB network's first layer: im2col depth 27 only
+    conv(16, 3, 112, 64, 3, pad=1, note="3-channel first layer"),
     max_pool((64, 8, 26, 26), 2),
     max_pool((64, 8, 27, 27), 2),
     max_pool((64, 8, 27, 27), 2, ceil_mode=True),
