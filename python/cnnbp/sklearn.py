@@ -46,7 +46,7 @@ except ImportError as error:  # pragma: no cover - the message is the point
         '[cnnbp.sklearn] scikit-learn is needed: pip install "cnnbp[sklearn]"'
     ) from error
 
-from . import data, get_num_threads, manual_seed, nn, set_num_threads, train
+from . import data, functional, get_num_threads, manual_seed, nn, set_num_threads, train
 
 MLP_HIDDEN = 64  # hidden units of the network for tabular data
 PREDICT_BATCH_SIZE = 1000
@@ -78,12 +78,6 @@ def _threads(count):
         yield
     finally:
         set_num_threads(before)
-
-
-def _softmax(logits):
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 class CNNClassifier(ClassifierMixin, BaseEstimator):
@@ -368,12 +362,10 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X):
         """The softmax of the network's outputs, (n, n_classes), in float64."""
-        return _softmax(self._logits(X))
+        return functional.softmax(self._logits(X), 1)
 
     def predict_log_proba(self, X):
-        logits = self._logits(X)
-        z = logits - logits.max(axis=1, keepdims=True)
-        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return functional.log_softmax(self._logits(X), 1)
 
     def predict(self, X):
         """The class of the largest output, as a label of classes_."""
