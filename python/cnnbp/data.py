@@ -354,6 +354,12 @@ def select_classes(x, y, classes):
     return x[keep], remapped
 
 
+def _pass_order(rng, n, shuffle):
+    """One pass's order over n samples: rng's next permutation, or 0..n-1 (rng untouched).
+    DataLoader and DistributedSampler both draw it, so a sampler's passes are the loader's."""
+    return rng.permutation(n) if shuffle else np.arange(n, dtype=np.int64)
+
+
 class DataLoader:
     """Minibatches (xb, yb) of x and y, C-contiguous, in a fresh order every epoch.
 
@@ -393,8 +399,7 @@ class DataLoader:
         sampler's next order (its shuffle and seed, the loader's unused). __iter__ calls it."""
         if self.sampler is not None:
             return self.sampler.next_order()
-        n = self.y.shape[0]
-        return self._rng.permutation(n) if self.shuffle else np.arange(n, dtype=np.int64)
+        return _pass_order(self._rng, self.y.shape[0], self.shuffle)
 
     def __iter__(self):
         n = self._count()
@@ -461,7 +466,7 @@ class DistributedSampler:
     def global_order(self):
         """The next pass's padded order over all ranks (total_size indices); draws it."""
         n = self.n
-        order = self._rng.permutation(n) if self.shuffle else np.arange(n, dtype=np.int64)
+        order = _pass_order(self._rng, n, self.shuffle)
         if self.total_size > n:  # pad with the head, repeated as often as needed
             order = np.concatenate([order, np.resize(order, self.total_size - n)])
         return order[: self.total_size]
