@@ -5,10 +5,9 @@ For every case this script starts worker processes (this file with --worker): on
 cnnbp and never torch, the other imports torch and never cnnbp (and for inference a third
 imports onnxruntime and neither), and each keeps its library's own default settings but for
 the number of threads, --threads for all (cnnbp.set_num_threads, torch.set_num_threads,
-onnxruntime's intra_op_num_threads). The script itself imports none of them, so neither's
-settings (cnnbp sets OMP_WAIT_POLICY=PASSIVE when imported) reach another's process, and it
-hands the workers its environment without OMP_WAIT_POLICY, so each library's own default
-applies. The libraries alternate over --rounds rounds: round 1 runs cnnbp's process then
+onnxruntime's intra_op_num_threads). The script itself imports none of them, so nothing one
+library sets in its process reaches another's, and it hands the workers its environment
+without OMP_WAIT_POLICY, so each library's own default applies. The libraries alternate over --rounds rounds: round 1 runs cnnbp's process then
 PyTorch's, round 2 PyTorch's then cnnbp's, and so on. A worker builds its case, warms it up
 and takes --reps samples, each the mean time of a batch of calls lasting at least
 --min-time seconds, and reports their median. The tables show per library the best of the
@@ -21,8 +20,9 @@ The tables:
 - every case, forward and backward together (convolutions: forward, dinput, dweight and
   dbias), and training steps (zero_grad, forward, loss, backward, SGD);
 - convolutions' forward and backward (dinput, dweight, dbias) timed apart;
-- the training steps with cnnbp's threads spinning (OMP_WAIT_POLICY=ACTIVE, a third
-  process alternated with the other two) next to its default, sleeping (PASSIVE);
+- the training steps with cnnbp's threads always spinning (OMP_WAIT_POLICY=ACTIVE, a third
+  process alternated with the other two) next to its default (spinning only while a call
+  runs and the cores are not contended, sleeping otherwise);
 - inference in eval mode of the `cnnbp train` networks (--arch cnn on 1x8x8 digits, --arch
   resnet on 1x28x28), batch 1 and 64: cnnbp's model, PyTorch's with the same weights (its
   state_dict) under torch.inference_mode, and onnxruntime running the model.to_onnx export
@@ -984,17 +984,17 @@ def print_markdown(args, results, tiny, ceilings, ours, blas, load_before):
         )
     if rows:
         print(
-            "\ncnnbp's idle threads sleeping (OMP_WAIT_POLICY=PASSIVE, its default and the "
-            "main table's) and spinning (ACTIVE), alternated in the same rounds; PyTorch with "
-            "its default:"
+            "\ncnnbp's threads by default (spinning only while a call runs, sleeping between "
+            "calls: the main table's) and always spinning (OMP_WAIT_POLICY=ACTIVE), alternated "
+            "in the same rounds; PyTorch with its default:"
         )
         markdown_table(
             [
                 "training step",
-                "cnnbp, PASSIVE (default)",
+                "cnnbp, default",
                 "cnnbp, ACTIVE",
                 "PyTorch",
-                "speed-up PASSIVE",
+                "speed-up default",
                 "speed-up ACTIVE",
             ],
             rows,

@@ -85,17 +85,17 @@ def test_results_do_not_depend_on_the_number_of_threads(op, case, dtype):
             assert_same_bits(with_threads(threads, lambda: call(F, s)), one, f"{threads} threads")
 
 
-def test_idle_threads_sleep_unless_the_user_chose_otherwise():
-    # OpenMP's busy-wait made small steps 10x slower on shared cores; cnnbp asks for
-    # passive waiting before OpenMP loads, and keeps a policy the user set
+def test_import_leaves_the_openmp_settings_alone():
+    # the kernels' pool sleeps outside calls by itself: importing cnnbp changes nothing in the
+    # environment that another OpenMP library in the process (PyTorch, say) would read
     import os
     import subprocess
     import sys
 
-    code = "import os, cnnbp; print(os.environ['OMP_WAIT_POLICY'])"
+    code = "import os, cnnbp; print(os.environ.get('OMP_WAIT_POLICY', 'unset'))"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.stdout.strip() == "PASSIVE", out.stderr
+    assert out.stdout.strip() == "unset", out.stderr
     env["OMP_WAIT_POLICY"] = "ACTIVE"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "ACTIVE", out.stderr
@@ -172,8 +172,8 @@ def test_results_are_identical_across_processes(tmp_path):
     script = tmp_path / "hash_run.py"
     script.write_text(HASH_SCRIPT)
 
-    def digest(threads):
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    def digest(threads, wait_policy="PASSIVE"):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY=wait_policy)
         out = subprocess.run(
             [sys.executable, str(script), here, str(threads)],
             env=env,
@@ -185,5 +185,63 @@ def test_results_are_identical_across_processes(tmp_path):
         return out.stdout.strip()
 
     first, second, two, three = digest(1), digest(1), digest(2), digest(3)
+    spinning = digest(2, "ACTIVE")  # the pool's threads never sleep
     assert len(first) == 64
-    assert first == second == two == three
+    assert first == second == two == three == spinning
+
+
+# ---------------------------------------------------------------------------------------
+# the thread pool: Python threads calling at once, and a forked child
+# ---------------------------------------------------------------------------------------
+
+
+def test_python_threads_training_at_once_get_the_same_bits():
+    # one caller has the pool's threads, the other runs its loops alone: the same results
+    import threading
+
+    cnnbp.set_num_threads(2)
+    alone = training_run(np.float32, "SGD")
+    results = [None] * 3
+
+    def run(i):
+        cnnbp.set_num_threads(2)  # a setting of the calling thread
+        results[i] = training_run(np.float32, "SGD")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    for result in results:
+        assert_same_bits(result, alone)
+
+
+FORK_SCRIPT = r"""
+import os, sys
+import numpy as np
+import cnnbp
+from cnnbp import functional as F
+
+cnnbp.set_num_threads(2)
+x = np.random.default_rng(5).standard_normal((64, 8, 16, 16)).astype(np.float32)
+w = np.random.default_rng(6).standard_normal((16, 8, 3, 3)).astype(np.float32)
+expected = F.conv2d(x, w, padding=1)  # the parent's pool has its threads now
+pid = os.fork()
+if pid == 0:  # the child: the same result, on a pool of its own
+    same = np.array_equal(F.conv2d(x, w, padding=1), expected)
+    os._exit(0 if same else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_child_runs_parallel_kernels(tmp_path):
+    # the child has none of the parent's pool threads: it must start its own, not wait for
+    # the parent's forever (in a fresh process, with no other library's threads)
+    import subprocess
+    import sys
+
+    script = tmp_path / "fork_run.py"
+    script.write_text(FORK_SCRIPT)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr

@@ -23,6 +23,13 @@ using namespace cnnbp_bindings;
 
 namespace {
 
+// A kernel call from Python: the GIL released while it runs, and the kernels' pool threads
+// kept awake between its parallel loops (a conv backward's dinput, then dweight).
+struct KernelCall {
+    py::gil_scoped_release release;
+    cnnbp::detail::Busy busy;
+};
+
 // An optional bias argument (conv2d, linear). A default-constructed py::array is a 0-d
 // array, not "none", so presence is tracked apart.
 struct OptionalBias {
@@ -54,7 +61,7 @@ py::array weighted_forward(DType dtype, const py::array& x, const py::array& w,
         T* y_ptr = y.mutable_data();
         const T* b_ptr = bias.present ? bc.data() : nullptr;
         {  // the GIL is held again before the result is touched
-            py::gil_scoped_release release;
+            KernelCall call;
             run(y_ptr, xc.data(), wc.data(), b_ptr);
         }
         return y;
@@ -71,7 +78,7 @@ py::tuple weighted_backward(DType dtype, const py::array& dy, const py::array& x
         auto db = empty_like_shape<T>({bias_size});
         T *dx_ptr = dx.mutable_data(), *dw_ptr = dw.mutable_data(), *db_ptr = db.mutable_data();
         {
-            py::gil_scoped_release release;
+            KernelCall call;
             run(dx_ptr, dw_ptr, db_ptr, dyc.data(), xc.data(), wc.data());
         }
         return py::make_tuple(dx, dw, db);
@@ -88,7 +95,7 @@ py::array one_array_kernel(DType dtype, const py::array& in, const Shape& out_sh
         auto out = empty_like_shape<T>(out_shape);
         T* out_ptr = out.mutable_data();
         {  // the GIL is held again before the result is touched
-            py::gil_scoped_release release;
+            KernelCall call;
             run(out_ptr, inc.data());
         }
         return out;
@@ -222,7 +229,7 @@ py::tuple max_pool2d(const py::handle& x_obj, const py::handle& kernel_size,
         T* y_ptr = y.mutable_data();
         int64_t* idx_ptr = idx.mutable_data();
         {
-            py::gil_scoped_release release;
+            KernelCall call;
             cnnbp::max_pool2d_forward<T>(y_ptr, idx_ptr, xc.data(), dims);
         }
         return py::make_tuple(y, idx);
@@ -267,7 +274,7 @@ py::array max_pool2d_backward(const py::handle& dy_obj, const py::handle& idx_ob
         auto dx = empty_like_shape<T>(x_shape);
         T* dx_ptr = dx.mutable_data();
         {  // the GIL is held again before the result is touched
-            py::gil_scoped_release release;
+            KernelCall call;
             cnnbp::max_pool2d_backward<T>(dx_ptr, dyc.data(), idx.data(), dims);
         }
         return dx;
@@ -288,7 +295,7 @@ py::array unary(const char* op, const py::handle& z_obj, Kernel kernel) {
         auto a = empty_like_shape<T>(shape_of(z));
         T* a_ptr = a.mutable_data();
         {  // the GIL is held again before the result is touched
-            py::gil_scoped_release release;
+            KernelCall call;
             kernel(a_ptr, zc.data(), zc.size());
         }
         return a;
@@ -310,7 +317,7 @@ py::array unary_backward(const char* op, const char* saved_name, const py::handl
         auto dz = empty_like_shape<T>(shape_of(da));
         T* dz_ptr = dz.mutable_data();
         {  // the GIL is held again before the result is touched
-            py::gil_scoped_release release;
+            KernelCall call;
             kernel(dz_ptr, dac.data(), sc.data(), dac.size());
         }
         return dz;
@@ -448,7 +455,7 @@ void def_softmax(py::module_& m, const char* op, Forward forward, Backward backw
                 auto dz = empty_like_shape<T>(shape_of(a));
                 T* dz_ptr = dz.mutable_data();
                 {  // the GIL is held again before the result is touched
-                    py::gil_scoped_release release;
+                    KernelCall call;
                     backward(dz_ptr, dac.data(), ac.data(), dims);
                 }
                 return dz;
@@ -645,7 +652,7 @@ py::tuple dropout(const py::handle& x_obj, const py::handle& p_obj, const py::ha
         // NumPy's bool is one byte holding 0 or 1: the kernel writes exactly those
         auto* mask_ptr = reinterpret_cast<uint8_t*>(mask.mutable_data());
         {
-            py::gil_scoped_release release;
+            KernelCall call;
             cnnbp::dropout_forward<T>(y_ptr, mask_ptr, xc.data(), xc.size(), params);
         }
         return py::make_tuple(y, mask);
@@ -674,7 +681,7 @@ py::array dropout_backward(const py::handle& dy_obj, const py::handle& mask_obj,
         // read as bytes, any nonzero byte is kept (a bool view of other bytes is no UB)
         const auto* mask_ptr = reinterpret_cast<const uint8_t*>(mc.data());
         {  // the GIL is held again before the result is touched
-            py::gil_scoped_release release;
+            KernelCall call;
             cnnbp::dropout_backward<T>(dx_ptr, dyc.data(), mask_ptr, dyc.size(), params);
         }
         return dx;
@@ -760,7 +767,7 @@ py::tuple batch_norm2d(const py::handle& x_obj, const py::handle& w_obj, const p
           *invstd_ptr = invstd.mutable_data(), *rm_ptr = rm.mutable_data(),
           *rv_ptr = rv.mutable_data();
         {
-            py::gil_scoped_release release;
+            KernelCall call;
             cnnbp::batch_norm2d_forward(y_ptr, mean_ptr, invstd_ptr, xc.data(), w.data(), b.data(),
                                         rm_ptr, rv_ptr, dims, params);
         }
@@ -791,7 +798,7 @@ py::tuple batch_norm2d_backward(const py::handle& dy_obj, const py::handle& x_ob
         auto dw = empty_like_shape<T>({dims.C}), db = empty_like_shape<T>({dims.C});
         T *dx_ptr = dx.mutable_data(), *dw_ptr = dw.mutable_data(), *db_ptr = db.mutable_data();
         {
-            py::gil_scoped_release release;
+            KernelCall call;
             cnnbp::batch_norm2d_backward(dx_ptr, dw_ptr, db_ptr, dyc.data(), xc.data(), w.data(),
                                          mean.data(), invstd.data(), dims, training);
         }
@@ -969,7 +976,7 @@ py::object binary_loss(const char* op, const py::handle& p_obj, const py::handle
         if (args.plain()) {
             double value;
             {  // the GIL is held again before the result is made
-                py::gil_scoped_release release;
+                KernelCall call;
                 if constexpr (kProbabilities)
                     value = cnnbp::binary_cross_entropy_forward<T>(p_ptr, y_ptr, count);
                 else
@@ -985,7 +992,7 @@ py::object binary_loss(const char* op, const py::handle& p_obj, const py::handle
         T* l_ptr = none ? losses.mutable_data() : nullptr;
         double value;
         {
-            py::gil_scoped_release release;
+            KernelCall call;
             if constexpr (kProbabilities)
                 value = cnnbp::binary_cross_entropy_forward<T>(
                     l_ptr, p_ptr, y_ptr, data_or_null(weight), count, args.reduction);
@@ -1015,7 +1022,7 @@ py::array binary_loss_backward(const char* op, const py::handle& p_obj, const py
         const auto weight = expanded<T>(op, "weight", args.weight, shape);
         const auto pos_weight = expanded<T>(op, "pos_weight", args.pos_weight, shape);
         {  // the GIL is held again before the result is touched
-            py::gil_scoped_release release;
+            KernelCall call;
             if (args.plain() && g.grad == 1.0) {
                 if constexpr (kProbabilities)
                     cnnbp::binary_cross_entropy_backward<T>(g_ptr, pc.data(), yc.data(), pc.size());
@@ -1102,7 +1109,7 @@ py::object cross_entropy(const py::handle& z_obj, const py::handle& target_obj,
             const int64_t* labels_ptr = args.labels.data();
             double value;
             {  // the GIL is held again before the result is made
-                py::gil_scoped_release release;
+                KernelCall call;
                 value =
                     cnnbp::cross_entropy_forward<T>(z_ptr, labels_ptr, args.dims.N, args.dims.K);
             }
@@ -1121,7 +1128,7 @@ py::object cross_entropy(const py::handle& z_obj, const py::handle& target_obj,
         const T* w_ptr = args.weight.is_none() ? nullptr : weight.data();
         double value;
         {
-            py::gil_scoped_release release;
+            KernelCall call;
             value = cnnbp::cross_entropy_forward<T>(l_ptr, z_ptr, labels_ptr, t_ptr, w_ptr,
                                                     args.dims, args.params);
         }
@@ -1148,7 +1155,7 @@ py::array cross_entropy_backward(const py::handle& z_obj, const py::handle& targ
             const T* z_ptr = zc.data();
             const int64_t* labels_ptr = args.labels.data();
             {  // the GIL is held again before the result is returned (a new reference)
-                py::gil_scoped_release release;
+                KernelCall call;
                 cnnbp::cross_entropy_backward<T>(dz_ptr, z_ptr, labels_ptr, args.dims.N,
                                                  args.dims.K);
             }
@@ -1161,7 +1168,7 @@ py::array cross_entropy_backward(const py::handle& z_obj, const py::handle& targ
         const T* t_ptr = args.dims.probabilities ? target.data() : nullptr;
         const T* w_ptr = args.weight.is_none() ? nullptr : weight.data();
         {  // the GIL is held again before the result is touched
-            py::gil_scoped_release release;
+            KernelCall call;
             cnnbp::cross_entropy_backward<T>(dz_ptr, zc.data(), labels_ptr, t_ptr, w_ptr, args.dims,
                                              args.params, g.data(), g.grad);
         }
@@ -1215,7 +1222,7 @@ py::object nll_loss(const py::handle& input_obj, const py::handle& target_obj,
         const T* w_ptr = args.weight.is_none() ? nullptr : weight.data();
         double value;
         {  // the GIL is held again before the result is made
-            py::gil_scoped_release release;
+            KernelCall call;
             value = cnnbp::nll_loss_forward<T>(l_ptr, xc.data(), args.labels.data(), w_ptr,
                                                args.dims, args.params);
         }
@@ -1239,7 +1246,7 @@ py::array nll_loss_backward(const py::handle& input_obj, const py::handle& targe
         auto dx = empty_like_shape<T>(shape_of(args.input));
         T* dx_ptr = dx.mutable_data();
         {  // the GIL is held again before the result is touched
-            py::gil_scoped_release release;
+            KernelCall call;
             cnnbp::nll_loss_backward<T>(dx_ptr, args.labels.data(), w_ptr, args.dims, args.params,
                                         g.data(), g.grad);
         }

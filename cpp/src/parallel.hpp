@@ -1,13 +1,16 @@
-// Internal: OpenMP loops that compile to plain loops without OpenMP. Work below
-// kMinParallelWork multiply-adds stays on the calling thread: for tiny layers, waking a
-// thread team costs more than the work. Every parallel loop gives each output element to
-// exactly one thread, so results do not depend on the number of threads.
+// Internal: parallel loops over the kernels' thread pool (thread_pool.cpp), plain loops
+// when OpenMP's thread count (set_num_threads, OMP_NUM_THREADS) is 1 or cnnbp is built
+// without OpenMP. Work below kMinParallelWork multiply-adds stays on the calling thread: for
+// tiny layers, waking a thread costs more than the work. Every parallel loop gives each
+// output element to exactly one thread, so results do not depend on the number of threads.
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <exception>
+
+#include "cnnbp/threads.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -17,50 +20,61 @@ namespace cnnbp::detail {
 
 constexpr int64_t kMinParallelWork = int64_t(1) << 16;
 
-// body(begin, end) over [0, count) split into one contiguous chunk per thread (as
-// schedule(static)) when `parallel` (parallel_for: when work >= kMinParallelWork), else
-// body(0, count) on the calling thread
-// without entering a parallel region: `omp parallel if (false)` still makes libgomp set up
-// and tear down a team of one, about 0.4 us, more than a tiny layer's whole kernel.
-template <typename Body>
-inline void parallel_for_if(bool parallel, int64_t count, const Body& body) {
-#ifdef _OPENMP
-    if (parallel && count > 1 && omp_get_max_threads() > 1) {
-        // An exception must not leave an OpenMP region (that terminates the process): the
-        // first one thrown (std::bad_alloc of a workspace) is rethrown after the region.
-        std::exception_ptr error;
-#pragma omp parallel
-        {
-            const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-            const int64_t begin = count * t / threads, end = count * (t + 1) / threads;
-            try {
-                if (begin < end) body(begin, end);
-            } catch (...) {
-#pragma omp critical(cnnbp_parallel_error)
-                if (!error) error = std::current_exception();
-            }
-        }
-        if (error) std::rethrow_exception(error);
-        return;
-    }
-#else
-    (void)parallel;
-#endif
-    if (count > 0) body(int64_t(0), count);
-}
+// Part `thread` of `threads` of a job, run by run_parts on the pool's threads.
+using PartFn = void (*)(void* context, int64_t thread, int64_t threads);
+// fn(context, t, threads) for t in [0, threads), part 0 on the calling thread and the others
+// on the pool's, returning when all are done; false, having run nothing, when the parts
+// cannot be shared (threads < 2, called from inside a part, the pool busy with another
+// caller's job, no thread to be had): the caller then runs the work alone.
+bool run_parts(int64_t threads, PartFn fn, void* context);
+// Inside a job's parts: waits until all `threads` parts have arrived.
+void parts_barrier(int64_t threads);
 
-template <typename Body>
-inline void parallel_for(int64_t count, int64_t work, const Body& body) {
-    parallel_for_if(work >= kMinParallelWork, count, body);
-}
-
-// The number of threads a parallel region starts (1 without OpenMP).
+// The number of threads a parallel loop uses (1 without OpenMP).
 inline int64_t max_threads() {
 #ifdef _OPENMP
     return omp_get_max_threads();
 #else
     return 1;
 #endif
+}
+
+// body(begin, end) over [0, count) split into one contiguous chunk per thread (as
+// schedule(static)) when `parallel` (parallel_for: when work >= kMinParallelWork), else
+// body(0, count) on the calling thread.
+template <typename Body>
+inline void parallel_for_if(bool parallel, int64_t count, const Body& body) {
+    const int64_t threads = parallel && count > 1 ? std::min(max_threads(), count) : 1;
+    if (threads > 1) {
+        // An exception must not escape a part (a pool thread has no caller to take it): the
+        // first one thrown (std::bad_alloc of a workspace) is rethrown here.
+        struct Context {
+            Context(const Body& b, int64_t n) : body(b), count(n) {}
+            const Body& body;
+            const int64_t count;
+            std::atomic<bool> failed{false};
+            std::exception_ptr error;
+        } context(body, count);
+        const PartFn part = [](void* opaque, int64_t t, int64_t n) {
+            auto& c = *static_cast<Context*>(opaque);
+            const int64_t begin = c.count * t / n, end = c.count * (t + 1) / n;
+            try {
+                if (begin < end) c.body(begin, end);
+            } catch (...) {
+                if (!c.failed.exchange(true)) c.error = std::current_exception();
+            }
+        };
+        if (run_parts(threads, part, &context)) {
+            if (context.error) std::rethrow_exception(context.error);
+            return;
+        }
+    }
+    if (count > 0) body(int64_t(0), count);
+}
+
+template <typename Body>
+inline void parallel_for(int64_t count, int64_t work, const Body& body) {
+    parallel_for_if(work >= kMinParallelWork, count, body);
 }
 
 // Items [0, count) handed out `grain` at a time to whichever thread of a parallel_team asks
@@ -94,34 +108,24 @@ inline int64_t queue_grain(int64_t count, int64_t item_work, int64_t threads) {
     return std::max<int64_t>(1, std::min(by_work, count / (4 * threads)));
 }
 
-// One thread of a parallel_team region: barrier() waits for every thread of the team.
+// One thread of a parallel_team: barrier() waits for every thread of the team.
 struct Team {
     int64_t thread, threads;
 
-    void barrier() const {
-#ifdef _OPENMP
-        if (threads > 1) {
-#pragma omp barrier
-        }
-#endif
-    }
+    void barrier() const { parts_barrier(threads); }
 };
 
-// body(team) on every thread of one parallel region when `parallel` (else on the calling
-// thread alone, a team of one): several steps separated by team.barrier() for the price of
-// one wake-up of the threads. body must not throw -- a thread that left early would leave
-// the others at the barrier -- so its memory is allocated before the region.
+// body(team) on every thread of one job when `parallel` (else on the calling thread alone, a
+// team of one): several steps separated by team.barrier() for the price of one wake-up of
+// the threads. body must not throw -- a thread that left early would leave the others at
+// the barrier -- so its memory is allocated before the team starts.
 template <typename Body>
 inline void parallel_team(bool parallel, const Body& body) noexcept {
-#ifdef _OPENMP
-    if (parallel && omp_get_max_threads() > 1) {
-#pragma omp parallel
-        body(Team{omp_get_thread_num(), omp_get_num_threads()});
-        return;
-    }
-#else
-    (void)parallel;
-#endif
+    const int64_t threads = parallel ? max_threads() : 1;
+    const PartFn part = [](void* opaque, int64_t t, int64_t n) {
+        (*static_cast<const Body*>(opaque))(Team{t, n});
+    };
+    if (threads > 1 && run_parts(threads, part, const_cast<Body*>(&body))) return;
     body(Team{0, 1});
 }
 

@@ -3,7 +3,7 @@
 // exported, and prints the same per-epoch lines and the same test accuracy as that run:
 //
 //   cnnbp train --seed 3 --epochs 5 --export-data run.npz    # trains in Python, writes run.npz
-//   OMP_WAIT_POLICY=PASSIVE train_lenet run.npz               # the same numbers from C++
+//   train_lenet run.npz                                       # the same numbers from C++
 //
 // run.npz (cnnbp.data.export_npz) holds x_train, y_train, x_test, y_test, the seed and
 // `order`: for every epoch, the order in which Python's DataLoader visits the training

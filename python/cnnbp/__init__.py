@@ -13,20 +13,12 @@ returns a report whose ``to_html(path)`` writes the whole pass as one page; ``cn
 depend on them. ``kernel_isa()`` names the instruction set the kernels chose at run time.
 """
 
-import os
-
-# Idle kernel threads sleep instead of spinning: OpenMP's default busy-wait takes a core from
-# whatever else runs, and on a machine whose cores are shared it slowed small training steps
-# ten times and more. libgomp reads this once, when it loads (so it applies when cnnbp is the
-# first library to load OpenMP); an OMP_WAIT_POLICY the user set is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from . import data, functional, nn, optim, reference, walkthrough  # noqa: E402
-from ._core import get_num_threads, kernel_isa, set_num_threads  # noqa: E402
-from .explainer import explain  # noqa: E402
-from .gradcheck import gradcheck  # noqa: E402
-from .model_file import load  # noqa: E402
-from .nn import manual_seed  # noqa: E402
+from . import data, functional, nn, optim, reference, walkthrough
+from ._core import get_num_threads, kernel_isa, set_num_threads
+from .explainer import explain
+from .gradcheck import gradcheck
+from .model_file import load
+from .nn import manual_seed
 
 __version__ = "0.1.0"
 

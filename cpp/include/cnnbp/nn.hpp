@@ -44,6 +44,7 @@
 #include "cnnbp/json.hpp"
 #include "cnnbp/registry.hpp"
 #include "cnnbp/shapes.hpp"
+#include "cnnbp/threads.hpp"
 
 namespace cnnbp::nn {
 
@@ -130,6 +131,7 @@ class InUse {
         Hold& operator=(const Hold&) = delete;
 
      private:
+        detail::Busy busy_;  // the pool's threads stay awake while the object runs
         const InUse* in_use_;
     };
 

@@ -27,4 +27,22 @@ double micro_kernel_gflops(double seconds);
 // (times the threads for the machine's).
 double fma_peak_gflops(double seconds);
 
+namespace detail {
+// Internal: while one is alive (on any thread), the kernels' pool threads wait for their next
+// part spinning instead of sleeping, a call of cnnbp's being under way: its parallel loops
+// follow each other microseconds apart, less than a sleeping thread takes to wake. Layers,
+// losses and optimizers hold one per call (InUse::Hold); the first one wakes the pool's
+// threads ahead of the call's first loop.
+class Busy {
+ public:
+    Busy() noexcept;
+    ~Busy();
+    Busy(const Busy&) = delete;
+    Busy& operator=(const Busy&) = delete;
+
+ private:
+    bool active_ = false;
+};
+}  // namespace detail
+
 }  // namespace cnnbp
