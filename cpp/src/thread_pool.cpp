@@ -108,10 +108,12 @@ class Waker {
     // that sleep or are about to; a system call only when there are any.
     void wake() {
         if (sleepers_.load() == 0) return;
+        // taking the lock orders this after a sleeper's check, or before it; the notification
+        // goes out after it, so that the woken thread does not block on the lock again
         {
             std::lock_guard<std::mutex> lock(mutex_);
-        }                    // a sleeper is past its check, or waits
-        wake_.notify_all();  // outside the lock: the woken thread does not block on it again
+        }
+        wake_.notify_all();
     }
 
  private:
