@@ -101,7 +101,10 @@ class Waker {
     void sleep_until(const Done& done) {
         std::unique_lock<std::mutex> lock(mutex_);
         sleepers_.fetch_add(1);
-        wake_.wait(lock, done);
+        // wait_for, not wait: libstdc++ 12's condition_variable::wait is a symbol of
+        // GLIBCXX_3.4.30, which would raise the wheel's manylinux tag; the timeout only makes
+        // it check again
+        while (!done()) wake_.wait_for(lock, std::chrono::seconds(10));
         sleepers_.fetch_sub(1);
     }
     // After making the condition hold (a sequentially consistent store): wakes the threads
