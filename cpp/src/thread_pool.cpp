@@ -167,8 +167,10 @@ class Pool {
     // The first call under way wakes the threads ahead of its first loop, when the last
     // call ran loops on the pool (a call too small for threads leaves them asleep).
     void busy_begin() {
-        if (busy_.fetch_add(1) == 0 && used_.exchange(false) && spinning())
-            for (auto& worker : workers_snapshot()) worker->nudge();
+        if (busy_.fetch_add(1) == 0 && used_.exchange(false) && spinning()) {
+            std::lock_guard<std::mutex> lock(workers_mutex_);
+            for (auto& worker : workers_) worker->nudge();
+        }
     }
     void busy_end() { busy_.fetch_sub(1); }
     bool busy() const { return busy_.load() > 0; }
@@ -276,10 +278,6 @@ class Pool {
         std::lock_guard<std::mutex> lock(workers_mutex_);
         workers_.push_back(std::move(worker));
     }
-    std::vector<std::shared_ptr<Worker>> workers_snapshot() {
-        std::lock_guard<std::mutex> lock(workers_mutex_);
-        return workers_;
-    }
 
     const bool always_spin_;
     std::mutex run_mutex_;      // one caller's job at a time
@@ -329,7 +327,12 @@ void parts_barrier(int64_t threads) {
     if (threads > 1) pool().barrier(threads);
 }
 
+// Busy guards alive on this thread: only the outermost one counts in the pool, so that a
+// container's children, each holding one, cost no shared atomic.
+thread_local int64_t busy_depth = 0;
+
 Busy::Busy() noexcept {
+    if (busy_depth++ > 0) return;
     try {
         pool().busy_begin();
         active_ = true;
@@ -338,6 +341,7 @@ Busy::Busy() noexcept {
 }
 
 Busy::~Busy() {
+    --busy_depth;
     if (active_) pool().busy_end();
 }
 

@@ -31,8 +31,8 @@ namespace detail {
 // Internal: while one is alive (on any thread), the kernels' pool threads wait for their next
 // part spinning instead of sleeping, a call of cnnbp's being under way: its parallel loops
 // follow each other microseconds apart, less than a sleeping thread takes to wake. Layers,
-// losses and optimizers hold one per call (InUse::Hold); the first one wakes the pool's
-// threads ahead of the call's first loop.
+// losses and optimizers hold one per call (InUse::Hold; those nested in one call on one
+// thread count once); the first one wakes the pool's threads ahead of the call's first loop.
 class Busy {
  public:
     Busy() noexcept;
