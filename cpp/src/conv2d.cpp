@@ -565,6 +565,44 @@ void crop_tile(T* __restrict out, const T* __restrict grid_out, const T* bias, c
     }
 }
 
+// Images side by side. With unit strides and one group, `images` images copied next to each
+// other into one padded stack, `pitch` = W + gap columns apart with gap = max(pw, pr) zero
+// columns between them, are one wide image (`dims`, N = 1) whose output row holds every
+// image's output row: wide column b * pitch + q is image b's column q, whose taps read image
+// b and zeros only. Small planes waste most of a tile past their grid (a 4x4 plane with
+// padding 1: 16 outputs on a grid of 20 computed in 32 pixels); side by side the waste is
+// the gap columns (16 of 20). Every output pixel is the same sum, in the same order, wherever
+// it lies on a grid, so the results are those of one image at a time. `images` is a power of
+// two, the row about kWideColumns pixels, with at least 4 stacks in the batch; 1 when that
+// computes no fewer pixels per image.
+constexpr int64_t kWideColumns = 96;
+
+struct WideStack {
+    int64_t images = 1, pitch = 0;
+    Conv2dDims dims;
+};
+
+WideStack wide_stack(const Conv2dDims& d, int64_t tile, int64_t tail) {
+    WideStack w;
+    w.dims = d;
+    const auto& p = d.params;
+    if (p.stride_h != 1 || p.stride_w != 1 || p.groups != 1) return w;
+    const int64_t gap = std::max(p.pad_w, d.pad_right);
+    int64_t images = 1;
+    while (images * 2 * (d.W + gap) <= kWideColumns && images * 2 * 4 <= d.N) images *= 2;
+    if (images == 1) return w;
+    Conv2dDims wide = d;
+    wide.N = 1;
+    wide.W = images * (d.W + gap) - gap;
+    wide.Q = images * (d.W + gap) - gap + p.pad_w + d.pad_right - extent_w(d) + 1;
+    // the wide grid must compute no more pixels per image than one image's grid (at as many,
+    // it still makes fewer, longer kernel calls)
+    if (padded_grid(wide, tile, tail).grid_padded > padded_grid(d, tile, tail).grid_padded * images)
+        return w;
+    w.images = images, w.pitch = d.W + gap, w.dims = wide;
+    return w;
+}
+
 // output = bias + weight . col for unit strides, without im2col: each image is copied once
 // into its padded stack, whose taps the tap kernel reads in place along the grid (one B row
 // of the GEMM per tap); the grid's margin columns are computed, then dropped. Threads split
@@ -576,7 +614,8 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
     const int64_t CRS = d.C * d.R * d.S, PQ = d.P * d.Q, CHW = d.C * d.H * d.W;
     const auto& uk = detail::kernels_for_cpu<T>().tap_for(d.K);
     const auto& tail = detail::kernels_for_cpu<T>().tap_tail_for(d.K);
-    const PaddedGrid g = padded_grid(d, uk.NR, tail.NR);
+    const WideStack wide = wide_stack(d, uk.NR, tail.NR);
+    const PaddedGrid g = padded_grid(wide.dims, uk.NR, tail.NR);  // of one stack
     const int64_t G = d.params.groups;
     // each group's weight (K x CRS), shared by its images
     std::vector<detail::PackedA<T>> packed_weights(static_cast<size_t>(G));
@@ -602,22 +641,29 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
     };
     const T* no_bias = nullptr;
     auto group_bias = [&](int64_t i) { return bias ? bias + (i % G) * d.K : no_bias; };
-    if (!split_tiles(d)) {
-        detail::parallel_for_if(split_batch(d), d.N, [&](int64_t i_begin, int64_t i_end) {
+    if (wide.images > 1 || !split_tiles(d)) {
+        // stacks of wide.images images side by side (one group), or of one image
+        const int64_t per_stack = wide.images, stacks = (d.N + per_stack - 1) / per_stack;
+        detail::parallel_for_if(split_batch(d), stacks, [&](int64_t s_begin, int64_t s_end) {
             detail::Scratch<T> padded(g.stack);                       // polyphase stack + slack
             detail::Scratch<T> grid_out(d.K * g.grid_padded);         // (K, grid_padded)
             std::fill(padded.data(), padded.data() + g.stack, T(0));  // borders stay zero
-            for (int64_t i = i_begin; i < i_end; ++i) {
-                copy_into_padded(padded.data(), input + i * CHW, d, g);
+            for (int64_t stack = s_begin; stack < s_end; ++stack) {
+                // a last, short stack leaves earlier images' columns in place: their outputs
+                // are not read, and the gaps that border its images stay zero
+                const int64_t i0 = stack * per_stack, count = std::min(per_stack, d.N - i0);
+                for (int64_t b = 0; b < count; ++b)
+                    copy_into_padded(padded.data() + b * wide.pitch, input + (i0 + b) * CHW, d, g);
                 for (int64_t o0 = 0; o0 < g.grid;) {
                     const auto& kernel = o0 < g.tiled ? uk : tail;
                     for (int64_t ip = 0; ip < panels; ++ip)
-                        run_tile(grid_out.data(), padded.data(), packed_weights[size_t(i % G)],
+                        run_tile(grid_out.data(), padded.data(), packed_weights[size_t(i0 % G)],
                                  kernel, o0, ip);
                     o0 += kernel.NR;
                 }
-                crop_grid(output + i * d.K * PQ, grid_out.data(), group_bias(i), d, g.grid_padded,
-                          g.Ws, 0, d.K);
+                for (int64_t b = 0; b < count; ++b)
+                    crop_grid(output + (i0 + b) * d.K * PQ, grid_out.data() + b * wide.pitch,
+                              group_bias(i0 + b), d, g.grid_padded, g.Ws, 0, d.K);
             }
         });
         return;
@@ -670,10 +716,12 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
 template <typename T>
 Buffers forward_padded_buffers(const Conv2dDims& d) {
     const auto& uk = detail::kernels_for_cpu<T>().tap_for(d.K);
-    const PaddedGrid g = padded_grid(d, uk.NR, detail::kernels_for_cpu<T>().tap_tail_for(d.K).NR);
+    const int64_t tail = detail::kernels_for_cpu<T>().tap_tail_for(d.K).NR;
+    const WideStack wide = wide_stack(d, uk.NR, tail);
+    const PaddedGrid g = padded_grid(wide.dims, uk.NR, tail);
     const int64_t CRS = d.C * d.R * d.S;
     return {d.params.groups * detail::PackedA<T>::size(d.K, CRS, uk.MR),
-            g.stack + d.K * g.grid_padded, d.N, CRS};
+            g.stack + d.K * g.grid_padded, (d.N + wide.images - 1) / wide.images, CRS};
 }
 
 // ---- dinput --------------------------------------------------------------------------------
@@ -1472,6 +1520,12 @@ std::array<const char*, 3> conv2d_path_names(const Conv2dDims& d) {
             : w == dweight_gemm_dot<F>  ? "dweight_gemm_dot"
             : w == dweight_depthwise<F> ? "dweight_depthwise"
                                         : "?"};
+}
+
+int64_t conv2d_images_side_by_side(const Conv2dDims& d) {
+    const Conv2dDims v = group_view(d);
+    const auto& kernels = kernels_for_cpu<float>();
+    return wide_stack(v, kernels.tap_for(v.K).NR, kernels.tap_tail_for(v.K).NR).images;
 }
 
 }  // namespace detail

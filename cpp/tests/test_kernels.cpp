@@ -197,6 +197,54 @@ TEST_CASE("conv2d: batches smaller than the thread count give the same bits") {
     }
 }
 
+TEST_CASE("conv2d: small planes side by side give each image's bits alone") {
+    // batches of small planes run with several images side by side on one padded stack (the
+    // forward, and dinput as a forward); every image's output and dinput must be the bits of
+    // that image convolved alone. Odd batches leave a short last stack.
+    struct Case {
+        Shape x, w;
+        Conv2dParams p;
+    };
+    Conv2dParams same;
+    same.same_padding = true;
+    Conv2dParams dilated{1, 1, 2, 1, 2, 1};
+    const Case cases[] = {
+        {{64, 32, 4, 4}, {64, 32, 3, 3}, {1, 1, 1, 1}},  // the CLI network's second conv
+        {{19, 1, 8, 8}, {32, 1, 3, 3}, {1, 1, 1, 1}},    // its first, a short last stack
+        {{9, 5, 6, 3}, {70, 5, 3, 2}, {1, 1, 1, 0}},     // partial panels, no column padding
+        {{12, 6, 5, 7}, {3, 6, 2, 4}, same},             // 'same' with more padding right
+        {{10, 8, 7, 6}, {16, 8, 3, 3}, dilated},         // dilation
+    };
+    unsigned seed = 90;
+    for (const auto& c : cases) {
+        const auto d = conv2d_dims(c.x, c.w, nullptr, c.p);
+        CHECK(std::string(detail::conv2d_path_names(d)[0]) == "forward_padded");
+        CHECK(detail::conv2d_images_side_by_side(d) > 1);
+        const std::vector<float> x = random_values<float>(numel(c.x), seed++),
+                                 w = random_values<float>(numel(c.w), seed++),
+                                 b = random_values<float>(d.K, seed++),
+                                 dy = random_values<float>(d.N * d.K * d.P * d.Q, seed++);
+        std::vector<float> y(dy.size()), dx(x.size());
+        conv2d_forward(y.data(), x.data(), w.data(), b.data(), d);
+        conv2d_backward(dx.data(), (float*)nullptr, (float*)nullptr, dy.data(), x.data(), w.data(),
+                        d);
+        Shape one = c.x;
+        one[0] = 1;
+        const auto d1 = conv2d_dims(one, c.w, nullptr, c.p);
+        const int64_t CHW = d.C * d.H * d.W, KPQ = d.K * d.P * d.Q;
+        for (int64_t n = 0; n < d.N; ++n) {
+            std::vector<float> y1(static_cast<size_t>(KPQ)), dx1(static_cast<size_t>(CHW));
+            conv2d_forward(y1.data(), x.data() + n * CHW, w.data(), b.data(), d1);
+            conv2d_backward(dx1.data(), (float*)nullptr, (float*)nullptr, dy.data() + n * KPQ,
+                            x.data() + n * CHW, w.data(), d1);
+            CHECK(bytes_of(y1) ==
+                  bytes_of(std::vector<float>(y.begin() + n * KPQ, y.begin() + (n + 1) * KPQ)));
+            CHECK(bytes_of(dx1) ==
+                  bytes_of(std::vector<float>(dx.begin() + n * CHW, dx.begin() + (n + 1) * CHW)));
+        }
+    }
+}
+
 TEST_CASE("conv2d backward: finite differences on the polyphase stack") {
     // odd sizes, stride mixes, dilation, groups, a phase stride of 3, partial panels; small
     // enough that the differences' rounding stays below the tolerance
