@@ -183,6 +183,20 @@ template void max_pool2x2_plane<float>(float*, int64_t*, const float*, int64_t, 
 template void max_pool2x2_plane<double>(double*, int64_t*, const double*, int64_t, int64_t, int64_t,
                                         int64_t);
 
+Pool2x2ChunksForward max_pool2x2_chunks_avx512_if_supported() {
+#if defined(CNNBP_AVX512_KERNELS)
+    if (avx512_kernels_enabled()) return max_pool2x2_chunks_avx512;
+#endif
+    return nullptr;
+}
+
+Pool2x2ChunksBackward max_unpool2x2_chunks_avx512_if_supported() {
+#if defined(CNNBP_AVX512_KERNELS)
+    if (avx512_kernels_enabled()) return max_unpool2x2_chunks_avx512;
+#endif
+    return nullptr;
+}
+
 Pool2x2Forward max_pool2x2_plane_avx512_if_supported() {
 #if defined(CNNBP_AVX512_KERNELS)
     if (avx512_kernels_enabled()) return max_pool2x2_plane_avx512;
@@ -199,6 +213,32 @@ Pool2x2Backward max_unpool2x2_plane_avx512_if_supported() {
 
 }  // namespace detail
 
+namespace {
+
+// Whether the (H, W) planes of a 2x2 / stride 2 pool with (P, Q) outputs take the chunk
+// kernels (pool2d_simd.hpp): floored, H and W even, W <= 16, and the 16 windows of a chunk
+// lying in whole planes or in one plane.
+bool small_2x2_planes(int64_t H, int64_t W, int64_t P, int64_t Q) {
+    const int64_t PQ = P * Q;
+    return H % 2 == 0 && W % 2 == 0 && P == H / 2 && Q == W / 2 && W <= 16 && PQ > 0 &&
+           (16 % PQ == 0 || PQ % 16 == 0);
+}
+
+// The chunk kernels' work in units of whole planes: a unit is the planes of one chunk (P*Q
+// <= 16) or the chunks of one plane; the planes past the last whole unit (fewer than 16) take
+// the plane kernels.
+struct ChunkUnits {
+    int64_t planes, chunks, count;
+};
+
+ChunkUnits chunk_units(const Pool2dDims& d) {
+    const int64_t PQ = d.P * d.Q;
+    const int64_t planes = PQ < 16 ? 16 / PQ : 1, chunks = PQ < 16 ? 1 : PQ / 16;
+    return {planes, chunks, d.N * d.C / planes};
+}
+
+}  // namespace
+
 template <typename T>
 void max_pool2d_forward(T* output, int64_t* indices, const T* input, const Pool2dDims& d) {
     const auto& p = d.params;
@@ -214,7 +254,7 @@ void max_pool2d_forward(T* output, int64_t* indices, const T* input, const Pool2
     if constexpr (std::is_same_v<T, float>)
         if (is2x2) simd = detail::max_pool2x2_plane_avx512_if_supported();
     const int64_t work = d.N * d.C * PQ * p.kernel_h * p.kernel_w;
-    detail::parallel_for(d.N * d.C, work, [&](int64_t begin, int64_t end) {
+    auto pool_planes = [&](int64_t begin, int64_t end) {
         for (int64_t nc = begin; nc < end; ++nc) {
             const T* in = input + nc * HW;  // (H, W) plane of input[n, c]
             T* out = output + nc * PQ;
@@ -231,7 +271,23 @@ void max_pool2d_forward(T* output, int64_t* indices, const T* input, const Pool2
                 }
             if (!done) detail::max_pool2x2_plane(out, idx, in, d.H, d.W, d.P, d.Q);
         }
-    });
+    };
+    if constexpr (std::is_same_v<T, float>) {
+        // small planes, many at once
+        const detail::Pool2x2ChunksForward chunks =
+            is2x2 && small_2x2_planes(d.H, d.W, d.P, d.Q)
+                ? detail::max_pool2x2_chunks_avx512_if_supported()
+                : nullptr;
+        if (chunks) {
+            const ChunkUnits units = chunk_units(d);
+            detail::parallel_for(units.count, work, [&](int64_t begin, int64_t end) {
+                chunks(output, indices, input, d.H, d.W, begin * units.chunks, end * units.chunks);
+            });
+            pool_planes(units.count * units.planes, d.N * d.C);
+            return;
+        }
+    }
+    detail::parallel_for(d.N * d.C, work, pool_planes);
 }
 
 namespace {
@@ -259,7 +315,8 @@ void max_pool2d_backward(T* dinput, const T* doutput, const int64_t* indices, co
                               d.W < detail::kMaxSimdWidth;
         if (tiles2x2) simd = detail::max_unpool2x2_plane_avx512_if_supported();
     }
-    detail::parallel_for(d.N * d.C, d.N * d.C * (PQ + HW), [&](int64_t begin, int64_t end) {
+    const int64_t work = d.N * d.C * (PQ + HW);
+    auto unpool_planes = [&](int64_t begin, int64_t end) {
         for (int64_t nc = begin; nc < end; ++nc) {
             T* din = dinput + nc * HW;
             const T* dout = doutput + nc * PQ;
@@ -268,7 +325,26 @@ void max_pool2d_backward(T* dinput, const T* doutput, const int64_t* indices, co
                 if (simd && simd(din, dout, idx, d.H, d.W, d.P, d.Q)) continue;
             max_unpool_plane(din, dout, idx, HW, PQ);
         }
-    });
+    };
+    if constexpr (std::is_same_v<T, float>) {
+        // small planes, many at once; a thread's share redone plane by plane if some index
+        // does not fit
+        const detail::Pool2x2ChunksBackward chunks =
+            small_2x2_planes(d.H, d.W, d.P, d.Q)
+                ? detail::max_unpool2x2_chunks_avx512_if_supported()
+                : nullptr;
+        if (chunks) {
+            const ChunkUnits units = chunk_units(d);
+            detail::parallel_for(units.count, work, [&](int64_t begin, int64_t end) {
+                if (!chunks(dinput, doutput, indices, d.H, d.W, begin * units.chunks,
+                            end * units.chunks))
+                    unpool_planes(begin * units.planes, end * units.planes);
+            });
+            unpool_planes(units.count * units.planes, d.N * d.C);
+            return;
+        }
+    }
+    detail::parallel_for(d.N * d.C, work, unpool_planes);
 }
 
 // ---- avg_pool2d ----------------------------------------------------------------------------

@@ -221,6 +221,133 @@ bool max_unpool2x2_plane_avx512(float* dinput, const float* doutput, const int64
     return true;
 }
 
+namespace {
+
+// A chunk's 16 windows: window j lies in row pair j / Q, column pair j % Q of the chunk's 64
+// inputs (W = 2Q values a row). Its first cell, `at`, lies among the first 32 inputs for
+// j < 8 and among the last 32 for j >= 8, so one two-source permute of each half gathers a
+// cell of all 16 windows.
+struct ChunkLayout {
+    __m512i first;     // at, less 32 for j >= 8: the permute index of the top-left cells
+    __m512i plane_lo;  // at - (j / PQ) * HW for j < 8: the window's first cell in its plane,
+    __m512i plane_hi;  // less the chunk's base; and for j >= 8
+};
+
+ChunkLayout chunk_layout(int64_t H, int64_t W) {
+    const int64_t Q = W / 2, PQ = H / 2 * Q, HW = H * W;
+    alignas(64) int32_t first[16];
+    alignas(64) int64_t in_plane[16];
+    for (int64_t j = 0; j < 16; ++j) {
+        const int64_t at = j / Q * 2 * W + j % Q * 2;
+        first[j] = static_cast<int32_t>(j < 8 ? at : at - 32);
+        in_plane[j] = at - j / PQ * HW;  // PQ >= 16: every window in the chunk's plane
+    }
+    return {_mm512_load_si512(first), _mm512_load_si512(in_plane), _mm512_load_si512(in_plane + 8)};
+}
+
+// The chunk's base: chunk c's window j has its first cell at base + in_plane[j] of its plane
+// (its inputs start at 64c, in plane 16c / PQ).
+inline int64_t chunk_base(int64_t c, int64_t PQ, int64_t HW) { return 64 * c - 16 * c / PQ * HW; }
+
+}  // namespace
+
+void max_pool2x2_chunks_avx512(float* output, int64_t* indices, const float* input, int64_t H,
+                               int64_t W, int64_t chunk_begin, int64_t chunk_end) {
+    const int64_t PQ = H / 2 * (W / 2), HW = H * W;
+    const ChunkLayout layout = chunk_layout(H, W);
+    const __m512i one = _mm512_set1_epi32(1), below = _mm512_set1_epi32(static_cast<int>(W));
+    const __m512i top_left_at = layout.first, top_right_at = _mm512_add_epi32(top_left_at, one),
+                  bottom_left_at = _mm512_add_epi32(top_left_at, below),
+                  bottom_right_at = _mm512_add_epi32(bottom_left_at, one);
+    const __m512i off_right = one, off_below = below,
+                  off_below_right = _mm512_add_epi32(below, one);
+    for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+        const float* in = input + 64 * c;
+        const __m512 z0 = _mm512_loadu_ps(in), z1 = _mm512_loadu_ps(in + 16),
+                     z2 = _mm512_loadu_ps(in + 32), z3 = _mm512_loadu_ps(in + 48);
+        // windows 0..7 from z0, z1 and 8..15 from z2, z3
+        auto cell = [&](__m512i at) {
+            return _mm512_mask_blend_ps(0xFF00, _mm512_permutex2var_ps(z0, at, z1),
+                                        _mm512_permutex2var_ps(z2, at, z3));
+        };
+        const __m512 top_left = cell(top_left_at), top_right = cell(top_right_at),
+                     bottom_left = cell(bottom_left_at), bottom_right = cell(bottom_right_at);
+        // the cells in row-major order, as the plane kernel visits them
+        __m512 best = top_left;
+        const __mmask16 t1 = takes(top_right, best);
+        best = _mm512_mask_mov_ps(best, t1, top_right);
+        const __mmask16 t2 = takes(bottom_left, best);
+        best = _mm512_mask_mov_ps(best, t2, bottom_left);
+        const __mmask16 t3 = takes(bottom_right, best);
+        best = _mm512_mask_mov_ps(best, t3, bottom_right);
+        _mm512_storeu_ps(output + 16 * c, best);
+        __m512i offset = _mm512_maskz_mov_epi32(t1, off_right);
+        offset = _mm512_mask_mov_epi32(offset, t2, off_below);
+        offset = _mm512_mask_mov_epi32(offset, t3, off_below_right);
+        const __m512i base = _mm512_set1_epi64(chunk_base(c, PQ, HW));
+        const __m512i idx_lo =
+            _mm512_add_epi64(_mm512_add_epi64(base, layout.plane_lo),
+                             _mm512_cvtepi32_epi64(_mm512_castsi512_si256(offset)));
+        const __m512i idx_hi =
+            _mm512_add_epi64(_mm512_add_epi64(base, layout.plane_hi),
+                             _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(offset, 1)));
+        _mm512_storeu_si512(indices + 16 * c, idx_lo);
+        _mm512_storeu_si512(indices + 16 * c + 8, idx_hi);
+    }
+}
+
+bool max_unpool2x2_chunks_avx512(float* dinput, const float* doutput, const int64_t* indices,
+                                 int64_t H, int64_t W, int64_t chunk_begin, int64_t chunk_end) {
+    const int64_t Q = W / 2, PQ = H / 2 * Q, HW = H * W;
+    const ChunkLayout layout = chunk_layout(H, W);
+    // Input t of a chunk (t < 64) lies in row pair t / 2W, row (t % 2W) / W of it, column
+    // t % W: window j = (t / 2W) * Q + (t % W) / 2, its left or right cell by t % 2. Output
+    // vector v (inputs 16v .. 16v+15) takes lane j + 16 * (t % 2) of (top-left, top-right)
+    // or of (bottom-left, bottom-right), the latter where `lower` has t's bit.
+    alignas(64) int32_t source[4][16];
+    __mmask16 lower[4] = {0, 0, 0, 0};
+    for (int64_t t = 0; t < 64; ++t) {
+        const int64_t v = t / 16, u = t % 16;
+        source[v][u] = static_cast<int32_t>((t / (2 * W)) * Q + (t % W) / 2 + 16 * (t % 2));
+        if ((t % (2 * W)) / W) lower[v] = static_cast<__mmask16>(lower[v] | (1u << u));
+    }
+    const __m512i off_right = _mm512_set1_epi32(1), off_below = _mm512_set1_epi32(int(W)),
+                  off_below_right = _mm512_set1_epi32(int(W + 1));
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+        // 0 + dy, not dy: the zero-filled cell plus the gradient, so that -0 becomes +0
+        // exactly as in the scatter this replaces.
+        const __m512 g = _mm512_add_ps(zero, _mm512_loadu_ps(doutput + 16 * c));
+        const __m512i base = _mm512_set1_epi64(chunk_base(c, PQ, HW));
+        // offsets of the indices from their windows' first cells, narrowed with saturation
+        const __m512i off_lo = _mm512_sub_epi64(_mm512_loadu_si512(indices + 16 * c),
+                                                _mm512_add_epi64(base, layout.plane_lo));
+        const __m512i off_hi = _mm512_sub_epi64(_mm512_loadu_si512(indices + 16 * c + 8),
+                                                _mm512_add_epi64(base, layout.plane_hi));
+        const __m512i offset =
+            _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtsepi64_epi32(off_lo)),
+                               _mm512_cvtsepi64_epi32(off_hi), 1);
+        const __mmask16 k0 = _mm512_testn_epi32_mask(offset, offset),
+                        k1 = _mm512_cmpeq_epi32_mask(offset, off_right),
+                        k2 = _mm512_cmpeq_epi32_mask(offset, off_below),
+                        k3 = _mm512_cmpeq_epi32_mask(offset, off_below_right);
+        // each index must name a cell of its own window
+        if (static_cast<__mmask16>(k0 | k1 | k2 | k3) != 0xFFFF) return false;
+        const __m512 top_left = _mm512_maskz_mov_ps(k0, g), top_right = _mm512_maskz_mov_ps(k1, g),
+                     bottom_left = _mm512_maskz_mov_ps(k2, g),
+                     bottom_right = _mm512_maskz_mov_ps(k3, g);
+        float* din = dinput + 64 * c;
+        for (int v = 0; v < 4; ++v) {
+            const __m512i at = _mm512_load_si512(source[v]);
+            _mm512_storeu_ps(
+                din + 16 * v,
+                _mm512_mask_blend_ps(lower[v], _mm512_permutex2var_ps(top_left, at, top_right),
+                                     _mm512_permutex2var_ps(bottom_left, at, bottom_right)));
+        }
+    }
+    return true;
+}
+
 }  // namespace cnnbp::detail
 
 #endif  // CNNBP_AVX512_KERNELS

@@ -32,7 +32,27 @@ using Pool2x2Backward = bool (*)(float* dinput, const float* doutput, const int6
 Pool2x2Forward max_pool2x2_plane_avx512_if_supported();
 Pool2x2Backward max_unpool2x2_plane_avx512_if_supported();
 
+// Small planes, many at once: floored 2x2 pools of (H, W) planes with H and W even, W <= 16
+// and P*Q (= H*W/4) a divisor or a multiple of 16, stored one after another, are row pairs
+// of one tall plane; 16 windows, 64 inputs, make a chunk (chunk c: outputs 16c .. 16c+15 of
+// the whole run of planes, inputs 64c .. 64c+63), computed in a few vector instructions where
+// the plane kernels spend a step on each short row. Same semantics bit for bit. (pool2d.cpp's
+// small_2x2_planes says which planes qualify.)
+// chunks [chunk_begin, chunk_end) of the planes that start at output, indices, input
+using Pool2x2ChunksForward = void (*)(float* output, int64_t* indices, const float* input,
+                                      int64_t H, int64_t W, int64_t chunk_begin, int64_t chunk_end);
+// false if some index lies outside its own window (dinput then partly written)
+using Pool2x2ChunksBackward = bool (*)(float* dinput, const float* doutput, const int64_t* indices,
+                                       int64_t H, int64_t W, int64_t chunk_begin,
+                                       int64_t chunk_end);
+Pool2x2ChunksForward max_pool2x2_chunks_avx512_if_supported();
+Pool2x2ChunksBackward max_unpool2x2_chunks_avx512_if_supported();
+
 #if defined(CNNBP_AVX512_KERNELS)
+void max_pool2x2_chunks_avx512(float* output, int64_t* indices, const float* input, int64_t H,
+                               int64_t W, int64_t chunk_begin, int64_t chunk_end);
+bool max_unpool2x2_chunks_avx512(float* dinput, const float* doutput, const int64_t* indices,
+                                 int64_t H, int64_t W, int64_t chunk_begin, int64_t chunk_end);
 void max_pool2x2_plane_avx512(float* output, int64_t* indices, const float* input, int64_t H,
                               int64_t W, int64_t P, int64_t Q);
 bool max_unpool2x2_plane_avx512(float* dinput, const float* doutput, const int64_t* indices,

@@ -378,6 +378,76 @@ void check_max_pool_rule(const Pool2dDims& d, unsigned seed) {
     CHECK(same_bits(y, want_y) && idx == want_idx);
 }
 
+TEST_CASE("max_pool2d 2x2 on many small planes (the chunk kernels) matches the rule bit for bit") {
+    // floored pools of small even planes run 16 windows at a time across planes (AVX-512): a
+    // batch of 37 planes leaves a remainder of planes for the plane kernels; 6x8 (12 windows
+    // a plane) and 4x32 take the plane kernels throughout
+    const std::pair<int64_t, int64_t> sizes[] = {{2, 2},  {4, 4},   {8, 8},  {2, 8}, {4, 8}, {8, 4},
+                                                 {2, 16}, {16, 16}, {32, 8}, {6, 8}, {4, 32}};
+    const int64_t planes = 37;
+    unsigned seed = 500;
+    for (auto [H, W] : sizes) {
+        const std::string where = std::to_string(H) + "x" + std::to_string(W);
+        const int64_t P = H / 2, Q = W / 2;
+        const auto x = tricky_values<float>(size_t(planes * H * W), seed++);
+        std::vector<float> want_y(size_t(planes * P * Q)), y(want_y.size(), 7.0f);
+        std::vector<int64_t> want_idx(want_y.size()), idx(want_y.size(), -7);
+        reference_pool2x2(want_y, want_idx, x, planes, H, W, P, Q);
+        const auto d = pool2d_dims("max_pool2d", {planes, 1, H, W}, {2, 2, 2, 2, 0, 0});
+        max_pool2d_forward(y.data(), idx.data(), x.data(), d);
+        if (!same_bits(y, want_y) || idx != want_idx)
+            cnnbp_test::fail(__FILE__, __LINE__, "max_pool2d_forward differs at " + where);
+        const int64_t whole_chunks = planes * P * Q / 16;
+        const bool eligible = W <= 16 && (16 % (P * Q) == 0 || (P * Q) % 16 == 0);
+        auto forward = detail::max_pool2x2_chunks_avx512_if_supported();
+        auto backward = detail::max_unpool2x2_chunks_avx512_if_supported();
+        if (forward && eligible) {  // the kernel alone, on every whole chunk
+            std::vector<float> chunk_y(y.size(), 7.0f);
+            std::vector<int64_t> chunk_idx(idx.size(), -7);
+            forward(chunk_y.data(), chunk_idx.data(), x.data(), H, W, 0, whole_chunks);
+            const size_t n = size_t(whole_chunks * 16);
+            CHECK(same_bits(std::vector<float>(chunk_y.begin(), chunk_y.begin() + n),
+                            std::vector<float>(want_y.begin(), want_y.begin() + n)));
+            CHECK(std::equal(chunk_idx.begin(), chunk_idx.begin() + n, want_idx.begin()));
+            if (n < chunk_y.size()) CHECK(chunk_y[n] == 7.0f);  // nothing past its chunks
+        }
+        // the backward from the pool's own indices (one pass), from indices moved out of
+        // their windows (the scatter), and the kernel alone on the pool's own
+        const auto dy = tricky_values<float>(want_y.size(), seed++);
+        const auto stray = stray_indices(want_idx, planes, H, W, P, Q, false);
+        const std::vector<int64_t>* tiled = &want_idx;
+        for (const std::vector<int64_t>* indices : {tiled, &stray}) {
+            const auto want = reference_unpool(dy, *indices, planes, H * W, P * Q);
+            std::vector<float> dx(want.size(), 7.0f);
+            const auto db =
+                max_pool2d_backward_dims({planes, 1, P, Q}, {planes, 1, P, Q}, {planes, 1, H, W});
+            max_pool2d_backward(dx.data(), dy.data(), indices->data(), db);
+            if (!same_bits(dx, want))
+                cnnbp_test::fail(__FILE__, __LINE__,
+                                 "max_pool2d_backward differs at " + where +
+                                     (indices == &stray ? " stray" : " tiled"));
+        }
+        if (backward && eligible) {
+            std::vector<float> dx(size_t(planes * H * W), 7.0f);
+            CHECK(backward(dx.data(), dy.data(), want_idx.data(), H, W, 0, whole_chunks));
+            const auto want = reference_unpool(dy, want_idx, planes, H * W, P * Q);
+            const size_t n = size_t(whole_chunks * 64);
+            CHECK(same_bits(std::vector<float>(dx.begin(), dx.begin() + n),
+                            std::vector<float>(want.begin(), want.begin() + n)));
+            // an index moved out of its window within the chunks: the kernel declines
+            bool moved_out = false;
+            for (int64_t w = 0; w < whole_chunks * 16; ++w) {
+                const int64_t first = 2 * (w % (P * Q) / Q) * W + 2 * (w % Q);
+                const int64_t offset = stray[size_t(w)] - first;
+                moved_out =
+                    moved_out || !(offset == 0 || offset == 1 || offset == W || offset == W + 1);
+            }
+            if (moved_out)
+                CHECK(!backward(dx.data(), dy.data(), stray.data(), H, W, 0, whole_chunks));
+        }
+    }
+}
+
 TEST_CASE("max_pool2d ceil_mode: the 2x2 kernels and the partial windows match the rule") {
     // a ceil_mode 2x2 pool of an odd size: the 2x2 kernels, whose last row and column of
     // windows are clipped to the input, give the same bits and indices as the plain loop
