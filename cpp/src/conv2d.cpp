@@ -29,10 +29,13 @@
 //   - depthwise (one input channel per group, the MobileNet case): direct loops over
 //     planes, each tap a vectorized pass along a row (forward_depthwise, dinput_depthwise,
 //     dweight_depthwise).
-// Threads split the batch (or fixed chunks of it for the dweight/dbias sums); with fewer
-// images than threads, forward_padded and dinput_polyphase split each image's (filters x
-// pixels) tiles and forward_gemm its columns in whole tiles, each tile computed by the same
-// kernel calls. So results do not depend on the thread count.
+// Small planes take forward_padded (and dinput_as_forward) several images side by side on
+// one stack. Threads split the batch (or fixed chunks of it for the dweight/dbias sums);
+// with fewer images than threads, forward_padded splits each image's grid into bands of
+// output rows, dinput_polyphase its (filters x pixels) tiles and forward_gemm its columns
+// in whole tiles. Every output pixel of the tile kernels is the same sum in the same order
+// wherever its tile starts, so results depend neither on the thread count nor on the
+// stacking.
 #include "cnnbp/conv2d.hpp"
 
 #include <algorithm>
@@ -418,11 +421,12 @@ PaddedGrid padded_grid(const Conv2dDims& d, int64_t tile, int64_t tail = 0) {
     const std::vector<int64_t> offsets = tap_offsets(first_channel, Hs, Ws);
     const int64_t last_tap = (d.C - 1) * p.stride_h * p.stride_w * Hs * Ws +
                              *std::max_element(offsets.begin(), offsets.end());
+    // (a tile that starts inside the grid reads up to a tile past it)
     return {Hs,
             Ws,
             grid,
             grid_padded,
-            std::max(d.C * p.stride_h * p.stride_w * Hs * Ws, last_tap + grid_padded),
+            std::max(d.C * p.stride_h * p.stride_w * Hs * Ws, last_tap + grid + tile),
             tiled};
 }
 
@@ -532,39 +536,6 @@ Buffers forward_gemm_buffers(const Conv2dDims& d) {
             detail::b_buffer_size(uk), split_batch(d) ? std::numeric_limits<int64_t>::max() : 1};
 }
 
-// Rows [k_begin, k_end) of out (K, P, Q) = bias + the output grid (K, grid_padded) without
-// its margin columns.
-template <typename T>
-void crop_grid(T* __restrict out, const T* __restrict grid_out, const T* bias, const Conv2dDims& d,
-               int64_t grid_padded, int64_t Ws, int64_t k_begin, int64_t k_end) {
-    for (int64_t k = k_begin; k < k_end; ++k) {
-        const T b = bias ? bias[k] : T(0);
-        for (int64_t op = 0; op < d.P; ++op) {
-            const T* from = grid_out + k * grid_padded + op * Ws;
-            T* to = out + (k * d.P + op) * d.Q;
-            for (int64_t oq = 0; oq < d.Q; ++oq) to[oq] = b + from[oq];
-        }
-    }
-}
-
-// crop_grid for rows [k_begin, k_end) and grid pixels [o_begin, o_end) only: the same sums.
-template <typename T>
-void crop_tile(T* __restrict out, const T* __restrict grid_out, const T* bias, const Conv2dDims& d,
-               int64_t grid_padded, int64_t Ws, int64_t k_begin, int64_t k_end, int64_t o_begin,
-               int64_t o_end) {
-    for (int64_t k = k_begin; k < k_end; ++k) {
-        const T b = bias ? bias[k] : T(0);
-        for (int64_t op = o_begin / Ws; op * Ws < o_end; ++op) {
-            // the row's output columns inside [o_begin, o_end)
-            const int64_t q_lo = std::max<int64_t>(o_begin - op * Ws, 0);
-            const int64_t q_hi = std::min(o_end - op * Ws, d.Q);
-            const T* from = grid_out + k * grid_padded + op * Ws;
-            T* to = out + (k * d.P + op) * d.Q;
-            for (int64_t oq = q_lo; oq < q_hi; ++oq) to[oq] = b + from[oq];
-        }
-    }
-}
-
 // Images side by side. With unit strides and one group, `images` images copied next to each
 // other into one padded stack, `pitch` = W + gap columns apart with gap = max(pw, pr) zero
 // columns between them, are one wide image (`dims`, N = 1) whose output row holds every
@@ -603,11 +574,38 @@ WideStack wide_stack(const Conv2dDims& d, int64_t tile, int64_t tail) {
     return w;
 }
 
+// Rows [k_begin, k_end) and output rows [p_begin, p_end) of out (K, P, Q) = bias + a band of
+// the output grid: (K, ld) values whose column 0 is grid pixel p_begin * Ws, margin columns
+// dropped.
+template <typename T>
+void crop_band(T* __restrict out, const T* __restrict band, int64_t ld, const T* bias,
+               const Conv2dDims& d, int64_t Ws, int64_t p_begin, int64_t p_end) {
+    for (int64_t k = 0; k < d.K; ++k) {
+        const T b = bias ? bias[k] : T(0);
+        for (int64_t op = p_begin; op < p_end; ++op) {
+            const T* from = band + k * ld + (op - p_begin) * Ws;
+            T* to = out + (k * d.P + op) * d.Q;
+            for (int64_t oq = 0; oq < d.Q; ++oq) to[oq] = b + from[oq];
+        }
+    }
+}
+
+// With fewer images than threads, the threads take bands of output rows: a band's (K, band)
+// grid stays in cache from its tiles to its crop (the whole grid of a 224x224 plane's 64
+// filters is 13 MB). About this many values.
+constexpr int64_t kBandValues = int64_t(1) << 15;
+
+int64_t band_rows(const Conv2dDims& d, const PaddedGrid& g) {
+    return std::clamp<int64_t>(kBandValues / (d.K * g.Ws), 1, d.P);
+}
+
 // output = bias + weight . col for unit strides, without im2col: each image is copied once
 // into its padded stack, whose taps the tap kernel reads in place along the grid (one B row
-// of the GEMM per tap); the grid's margin columns are computed, then dropped. Threads split
-// the batch, or, with fewer images than threads, the (MR filters x NR pixels) tiles of every
-// image's grid: each tile is the same kernel calls either way.
+// of the GEMM per tap); the grid's margin columns are computed, then dropped. Small planes
+// go several images side by side (wide_stack); larger ones band by band of output rows.
+// Threads split the batch, or, with fewer images than threads, the bands of every image's
+// grid. Every output pixel is the same sum in the same order wherever its tile starts, so
+// neither the stacking nor the bands nor the threads change the results.
 template <typename T>
 void forward_padded(T* output, const T* input, const T* weight, const T* bias,
                     const Conv2dDims& d) {
@@ -623,26 +621,32 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
         packed_weights[size_t(group)].pack(weight + group * d.K * CRS, CRS, 1, d.K, CRS, uk.MR);
     const std::vector<int64_t> tap_offset = tap_offsets(d, g.Hs, g.Ws);
     const int64_t panels = (d.K + uk.MR - 1) / uk.MR;
-    // the grid's tiles: whole ones of uk.NR pixels, then tail.NR-pixel ones up to g.grid
-    const int64_t whole = (std::min(g.grid, g.tiled) + uk.NR - 1) / uk.NR;
-    const int64_t tiles = whole + (std::max<int64_t>(g.grid - g.tiled, 0) + tail.NR - 1) / tail.NR;
-    // filters [ip*MR, ip*MR + MR) of the tile of grid pixels [o0, o0 + kernel.NR) of one
-    // image's grid, from its stack (tail has uk's MR, so both read the same packed weight)
-    auto run_tile = [&](T* grid_out, const T* padded, const detail::PackedA<T>& packed_weight,
-                        const detail::TapKernel<T>& kernel, int64_t o0, int64_t ip) {
-        const int nvalid = int(std::min<int64_t>(kernel.NR, g.grid - o0));
-        const int m = int(std::min<int64_t>(uk.MR, d.K - ip * uk.MR));
-        T* c_tile = grid_out + ip * uk.MR * g.grid_padded + o0;
-        for (int64_t k0 = 0; k0 < CRS; k0 += packed_weight.kc) {
-            const int64_t kb = std::min(packed_weight.kc, CRS - k0);
-            kernel.run(kb, packed_weight.panel(ip, k0, kb), tap_offset.data() + k0, padded + o0,
-                       c_tile, g.grid_padded, k0 > 0, m, nvalid);
+    // grid pixels [o_begin, o_end) of a stack into `out` (K, ld), column 0 = pixel o_begin:
+    // whole tiles of uk.NR pixels, then tail.NR ones where that computes fewer pixels past
+    // o_end (tail has uk's MR, so both read the same packed weight)
+    auto run_band = [&](T* out, int64_t ld, const T* padded,
+                        const detail::PackedA<T>& packed_weight, int64_t o_begin, int64_t o_end) {
+        const int64_t pixels = o_end - o_begin;
+        int64_t whole_end = round_up(pixels, uk.NR);
+        if (round_up(pixels, tail.NR) < whole_end) whole_end = pixels / uk.NR * uk.NR;
+        for (int64_t o = 0; o < pixels;) {
+            const auto& kernel = o < whole_end ? uk : tail;
+            const int nvalid = int(std::min<int64_t>(kernel.NR, pixels - o));
+            for (int64_t ip = 0; ip < panels; ++ip) {
+                const int m = int(std::min<int64_t>(uk.MR, d.K - ip * uk.MR));
+                for (int64_t k0 = 0; k0 < CRS; k0 += packed_weight.kc) {
+                    const int64_t kb = std::min(packed_weight.kc, CRS - k0);
+                    kernel.run(kb, packed_weight.panel(ip, k0, kb), tap_offset.data() + k0,
+                               padded + o_begin + o, out + ip * uk.MR * ld + o, ld, k0 > 0, m,
+                               nvalid);
+                }
+            }
+            o += kernel.NR;
         }
     };
     const T* no_bias = nullptr;
     auto group_bias = [&](int64_t i) { return bias ? bias + (i % G) * d.K : no_bias; };
-    if (wide.images > 1 || !split_tiles(d)) {
-        // stacks of wide.images images side by side (one group), or of one image
+    if (wide.images > 1) {  // stacks of wide.images images side by side (one group)
         const int64_t per_stack = wide.images, stacks = (d.N + per_stack - 1) / per_stack;
         detail::parallel_for_if(split_batch(d), stacks, [&](int64_t s_begin, int64_t s_end) {
             detail::Scratch<T> padded(g.stack);                       // polyphase stack + slack
@@ -654,31 +658,53 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
                 const int64_t i0 = stack * per_stack, count = std::min(per_stack, d.N - i0);
                 for (int64_t b = 0; b < count; ++b)
                     copy_into_padded(padded.data() + b * wide.pitch, input + (i0 + b) * CHW, d, g);
-                for (int64_t o0 = 0; o0 < g.grid;) {
-                    const auto& kernel = o0 < g.tiled ? uk : tail;
-                    for (int64_t ip = 0; ip < panels; ++ip)
-                        run_tile(grid_out.data(), padded.data(), packed_weights[size_t(i0 % G)],
-                                 kernel, o0, ip);
-                    o0 += kernel.NR;
-                }
+                run_band(grid_out.data(), g.grid_padded, padded.data(), packed_weights[0], 0,
+                         g.grid);
                 for (int64_t b = 0; b < count; ++b)
-                    crop_grid(output + (i0 + b) * d.K * PQ, grid_out.data() + b * wide.pitch,
-                              group_bias(i0 + b), d, g.grid_padded, g.Ws, 0, d.K);
+                    crop_band(output + (i0 + b) * d.K * PQ, grid_out.data() + b * wide.pitch,
+                              g.grid_padded, group_bias(i0 + b), d, g.Ws, 0, d.P);
             }
         });
         return;
     }
-    // Fewer images than threads: every image's stack and grid, and one parallel region (one
-    // wake-up of the threads) in which the threads take the tiles from a queue, each cropped
-    // into the output as soon as it is done; the threads take the channels of the copies
-    // before a barrier when they are large, else the calling thread makes them first.
-    const int64_t per_image = g.stack + d.K * g.grid_padded;
-    detail::Scratch<T> images(d.N * per_image);  // stack, then (K, grid_padded), per image
+    const bool split = split_tiles(d);
+    const int64_t threads = split ? detail::max_threads() : 1;
+    // output rows per band: one image's whole grid; with fewer images than threads, about
+    // kBandValues of grid and at least 4 bands per thread (smaller bands made the batch
+    // slower: (16, 3, 112, 112) with 64 filters took 15% longer in bands of 4 rows, measured)
+    const int64_t rows =
+        split ? std::min(band_rows(d, g), std::max<int64_t>(1, d.N * d.P / (4 * threads))) : d.P;
+    const int64_t bands = (d.P + rows - 1) / rows, band_ld = round_up(rows * g.Ws, uk.NR);
+    // band b of image i (stack `padded`) into `out`, then cropped
+    auto run_image_band = [&](T* out, const T* padded, int64_t i, int64_t b) {
+        const int64_t p0 = b * rows, p1 = std::min(d.P, p0 + rows);
+        run_band(out, band_ld, padded, packed_weights[size_t(i % G)], p0 * g.Ws, p1 * g.Ws);
+        crop_band(output + i * d.K * PQ, out, band_ld, group_bias(i), d, g.Ws, p0, p1);
+    };
+    if (!split) {
+        detail::parallel_for_if(split_batch(d), d.N, [&](int64_t i_begin, int64_t i_end) {
+            detail::Scratch<T> padded(g.stack);                       // polyphase stack + slack
+            detail::Scratch<T> band_out(d.K * band_ld);               // (K, band_ld)
+            std::fill(padded.data(), padded.data() + g.stack, T(0));  // borders stay zero
+            for (int64_t i = i_begin; i < i_end; ++i) {
+                copy_into_padded(padded.data(), input + i * CHW, d, g);
+                for (int64_t b = 0; b < bands; ++b)
+                    run_image_band(band_out.data(), padded.data(), i, b);
+            }
+        });
+        return;
+    }
+    // Fewer images than threads: every image's stack, and one parallel region (one wake-up of
+    // the threads) in which the threads take the bands from a queue; the threads take the
+    // channels of the copies before a barrier when they are large, else the calling thread
+    // makes them first.
+    detail::Scratch<T> stacks(d.N * g.stack);
+    detail::Scratch<T> band_outs(threads * d.K * band_ld);  // one band per thread
     const int64_t channel = d.params.stride_h * d.params.stride_w * g.Hs * g.Ws;
     auto copy_channels = [&](int64_t begin, int64_t end) {  // (image, channel) pairs
         for (int64_t ic = begin; ic < end; ++ic) {
             const int64_t i = ic / d.C, c = ic % d.C;
-            T* padded = images.data() + i * per_image;  // channel c's phases, zero borders
+            T* padded = stacks.data() + i * g.stack;  // channel c's phases, zero borders
             std::fill(padded + c * channel, padded + (c + 1 == d.C ? g.stack : (c + 1) * channel),
                       T(0));
             copy_into_padded(padded, input + i * CHW, d, g, c, c + 1);
@@ -686,29 +712,18 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
     };
     const bool share_copies = d.N * g.stack >= detail::kMinParallelWork;
     if (!share_copies) copy_channels(0, d.N * d.C);
-    const int64_t threads = detail::max_threads();
     detail::WorkQueue copies(d.N * d.C, detail::queue_grain(d.N * d.C, channel, threads));
-    detail::WorkQueue tile_queue(
-        d.N * tiles * panels,
-        detail::queue_grain(d.N * tiles * panels, uk.MR * uk.NR * CRS, threads));
+    detail::WorkQueue band_queue(d.N * bands, 1);
     detail::parallel_team(true, [&](const detail::Team& team) {
         if (share_copies) {
             copies.take(copy_channels);
             team.barrier();
         }
-        tile_queue.take([&](int64_t begin, int64_t end) {
-            for (int64_t item = begin; item < end; ++item) {
-                const int64_t i = item / (tiles * panels), tile = item / panels % tiles;
-                const int64_t ip = item % panels;
-                T* padded = images.data() + i * per_image;
-                T* grid_out = padded + g.stack;
-                const auto& kernel = tile < whole ? uk : tail;  // tile's first pixel o0
-                const int64_t o0 = tile < whole ? tile * uk.NR : g.tiled + (tile - whole) * tail.NR;
-                run_tile(grid_out, padded, packed_weights[size_t(i % G)], kernel, o0, ip);
-                const int64_t o1 = std::min(o0 + kernel.NR, g.grid);
-                crop_tile(output + i * d.K * PQ, grid_out, group_bias(i), d, g.grid_padded, g.Ws,
-                          ip * uk.MR, std::min(d.K, (ip + 1) * uk.MR), o0, o1);
-            }
+        T* out = band_outs.data() + team.thread * d.K * band_ld;
+        band_queue.take([&](int64_t begin, int64_t end) {
+            for (int64_t item = begin; item < end; ++item)
+                run_image_band(out, stacks.data() + item / bands * g.stack, item / bands,
+                               item % bands);
         });
     });
 }
@@ -719,9 +734,13 @@ Buffers forward_padded_buffers(const Conv2dDims& d) {
     const int64_t tail = detail::kernels_for_cpu<T>().tap_tail_for(d.K).NR;
     const WideStack wide = wide_stack(d, uk.NR, tail);
     const PaddedGrid g = padded_grid(wide.dims, uk.NR, tail);
-    const int64_t CRS = d.C * d.R * d.S;
-    return {d.params.groups * detail::PackedA<T>::size(d.K, CRS, uk.MR),
-            g.stack + d.K * g.grid_padded, (d.N + wide.images - 1) / wide.images, CRS};
+    const int64_t CRS = d.C * d.R * d.S, packed = detail::PackedA<T>::size(d.K, CRS, uk.MR);
+    if (wide.images > 1)
+        return {d.params.groups * packed, g.stack + d.K * g.grid_padded,
+                (d.N + wide.images - 1) / wide.images, CRS};
+    // a stack and an image's grid per thread (with fewer images than threads, the stacks of
+    // all images and a band per thread: counted per thread too)
+    return {d.params.groups * packed, g.stack + d.K * round_up(g.grid, uk.NR), d.N, CRS};
 }
 
 // ---- dinput --------------------------------------------------------------------------------

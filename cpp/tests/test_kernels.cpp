@@ -165,8 +165,8 @@ TEST_CASE("conv2d paths: strided convolutions take the polyphase stack") {
 }
 
 TEST_CASE("conv2d: batches smaller than the thread count give the same bits") {
-    // one to three images above the tile split's threshold, on every forward path: the threads
-    // split the padded grid's tiles or the im2col GEMM's columns instead of the batch
+    // one to three images, on every forward path: the threads split the padded grid's bands
+    // of rows or the im2col GEMM's columns instead of the batch above the split's threshold
     struct Case {
         Shape x, w;
         Conv2dParams p;
@@ -179,6 +179,12 @@ TEST_CASE("conv2d: batches smaller than the thread count give the same bits") {
         {{1, 16, 24, 24}, {32, 8, 3, 3}, {1, 1, 1, 1, 1, 1, 2}, "forward_padded"},  // groups
         {{1, 64, 40, 40}, {128, 64, 1, 1}, {2, 2}, "forward_gemm"},                 // 1x1 stride 2
         {{1, 32, 32, 32}, {32, 1, 3, 3}, {2, 2, 1, 1, 1, 1, 32}, "forward_depthwise"},
+        // above the split's 4M multiply-adds: the threads take bands of the grid's rows
+        {{1, 16, 64, 61}, {32, 16, 3, 3}, {1, 1, 1, 1}, "forward_padded"},
+        {{2, 8, 90, 70}, {16, 8, 3, 3}, {1, 1, 1, 1}, "forward_padded"},  // 3 or 4 threads
+        {{1, 16, 80, 79}, {32, 16, 3, 3}, {2, 2, 1, 1}, "forward_padded"},
+        {{1, 8, 70, 70}, {34, 8, 3, 3}, {1, 1, 2, 2, 2, 2}, "forward_padded"},
+        {{1, 3, 150, 150}, {64, 3, 3, 3}, {1, 1, 1, 1}, "forward_padded"},
     };
     unsigned seed = 70;
     for (const auto& c : cases) {
