@@ -132,6 +132,7 @@ CASES = [
     batch_norm((32, 64, 32, 32)),
     ("training step, seed network, N=1", "step", dict(network="seed")),
     ("training step, small CNN, N=64 28x28", "step", dict(network="small_cnn")),
+    ("training step, --arch cnn, N=64 1x8x8", "step", dict(network="cnn")),
     ("training step, ResNet (--arch resnet), N=64 28x28", "step", dict(network="resnet")),
     inference("cnn", 1),
     inference("cnn", 64),
@@ -251,6 +252,21 @@ def torch_resnet(lib):
     return resnet(lib, Residual)
 
 
+def digits_cnn(lib):
+    """The `cnnbp train --arch cnn` network of the 1x8x8 digits."""
+    return cnn(lib, INFERENCE_INPUTS["cnn"])
+
+
+def cnnbp_digits_cnn(lib):
+    from cnnbp import train
+
+    model = digits_cnn(lib)
+    built = train.build_model(INFERENCE_INPUTS["cnn"], 10)
+    if repr(model) != repr(built):
+        raise RuntimeError("bench.py's cnn is not cnnbp.train.build_model's network")
+    return model
+
+
 def cnnbp_resnet(lib):
     from cnnbp import train
 
@@ -280,6 +296,9 @@ def step_problem(network):
     if network == "seed":
         X = rng.standard_normal((1, 1, 6, 6), dtype=np.float32)
         return seed_network, X, np.ones((1, 1), np.float32), "BCELoss"
+    if network == "cnn":
+        X = rng.standard_normal((64, *INFERENCE_INPUTS["cnn"]), dtype=np.float32)
+        return digits_cnn, X, rng.integers(0, 10, 64), "CrossEntropyLoss"
     X = rng.standard_normal((64, 1, 28, 28), dtype=np.float32)
     if network == "resnet":
         return resnet, X, rng.integers(0, 10, 64), "CrossEntropyLoss"
@@ -363,7 +382,7 @@ def cnnbp_step_parts(network):
     from cnnbp import nn, optim
 
     network, X, target, loss = step_problem(network)
-    model = cnnbp_resnet(nn) if network is resnet else network(nn)
+    model = {resnet: cnnbp_resnet, digits_cnn: cnnbp_digits_cnn}.get(network, network)(nn)
     loss_fn, opt = getattr(nn, loss)(), optim.SGD(model.parameters(), lr=0.01)
 
     def calls():
