@@ -1068,13 +1068,16 @@ void add_partials(T* out, const T* partials, int64_t chunks, int64_t chunk_strid
             for (int64_t i = 0; i < size; ++i) out[i] += partials[chunk * chunk_stride + i];
         return;
     }
+    // the same sums in the partials' (cols x rows) order, a vector pass per chunk, then
+    // transposed into out
+    std::vector<T> sums(partials, partials + size);
+    for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+        T* __restrict acc = sums.data();
+        const T* __restrict partial = partials + chunk * chunk_stride;
+        for (int64_t i = 0; i < size; ++i) acc[i] += partial[i];
+    }
     for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < cols; ++c) {
-            T sum = partials[c * rows + r];
-            for (int64_t chunk = 1; chunk < chunks; ++chunk)
-                sum += partials[chunk * chunk_stride + c * rows + r];
-            out[r * cols + c] = sum;
-        }
+        for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = sums[size_t(c * rows + r)];
 }
 
 // dweight and dbias as sums over reduction_chunks(N) chunks of the batch (N >= 1 images,
