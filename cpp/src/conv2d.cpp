@@ -77,11 +77,12 @@ bool split_batch(const Conv2dDims& d) {
     return d.N * d.K * d.P * d.Q * d.C * d.R * d.S >= kMinConvParallelWork;
 }
 
-// A batch smaller than the thread count splits each image's tiles among the threads above
-// this many multiply-adds (about 100 us on one thread): on a shared 2-core machine (idle
-// threads sleeping) a region's wake-up, join and the second core's other work cost 10-25 us,
-// so a 3x3 conv of 16 channels on 28x28 (1.8M) ran slower on two threads, 32 channels on
-// 28x28 (7.2M) 1.2x and on 56x56 (29M) 1.5x faster (measured).
+// A batch smaller than the thread count splits each image's grid among the threads above
+// this many multiply-adds (about 100 us on one thread). Below it the second core costs about
+// what it brings: with the threads spinning, a 3x3 conv of 16 channels on 28x28 (1.8M) took
+// 29 us on two threads against 39 us on one, but the next layer then read its output from the
+// other core's cache, and the --arch resnet batch-1 forward gained 9% with every conv split
+// (333 against 364 us, measured); a thread woken from sleep (a shared machine) costs 20-40 us.
 constexpr int64_t kMinTileSplitWork = int64_t(1) << 22;
 
 // Whether the threads split the tiles of each image instead of the batch: fewer images than
@@ -694,36 +695,26 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
         });
         return;
     }
-    // Fewer images than threads: every image's stack, and one parallel region (one wake-up of
-    // the threads) in which the threads take the bands from a queue; the threads take the
-    // channels of the copies before a barrier when they are large, else the calling thread
-    // makes them first.
-    detail::Scratch<T> stacks(d.N * g.stack);
+    // Fewer images than threads: one parallel region (one wake-up of the threads) in which
+    // the threads take the bands from a queue; each thread copies the images of its bands
+    // into a stack of its own (reading a stack another core wrote costs more than the copy).
+    detail::Scratch<T> stacks(threads * g.stack);
     detail::Scratch<T> band_outs(threads * d.K * band_ld);  // one band per thread
-    const int64_t channel = d.params.stride_h * d.params.stride_w * g.Hs * g.Ws;
-    auto copy_channels = [&](int64_t begin, int64_t end) {  // (image, channel) pairs
-        for (int64_t ic = begin; ic < end; ++ic) {
-            const int64_t i = ic / d.C, c = ic % d.C;
-            T* padded = stacks.data() + i * g.stack;  // channel c's phases, zero borders
-            std::fill(padded + c * channel, padded + (c + 1 == d.C ? g.stack : (c + 1) * channel),
-                      T(0));
-            copy_into_padded(padded, input + i * CHW, d, g, c, c + 1);
-        }
-    };
-    const bool share_copies = d.N * g.stack >= detail::kMinParallelWork;
-    if (!share_copies) copy_channels(0, d.N * d.C);
-    detail::WorkQueue copies(d.N * d.C, detail::queue_grain(d.N * d.C, channel, threads));
     detail::WorkQueue band_queue(d.N * bands, 1);
     detail::parallel_team(true, [&](const detail::Team& team) {
-        if (share_copies) {
-            copies.take(copy_channels);
-            team.barrier();
-        }
+        T* padded = stacks.data() + team.thread * g.stack;
         T* out = band_outs.data() + team.thread * d.K * band_ld;
+        int64_t copied = -1;  // the image in this thread's stack
         band_queue.take([&](int64_t begin, int64_t end) {
-            for (int64_t item = begin; item < end; ++item)
-                run_image_band(out, stacks.data() + item / bands * g.stack, item / bands,
-                               item % bands);
+            for (int64_t item = begin; item < end; ++item) {
+                const int64_t i = item / bands;
+                if (i != copied) {
+                    if (copied < 0) std::fill(padded, padded + g.stack, T(0));  // zero borders
+                    copy_into_padded(padded, input + i * CHW, d, g);
+                    copied = i;
+                }
+                run_image_band(out, padded, i, item % bands);
+            }
         });
     });
 }
@@ -738,8 +729,8 @@ Buffers forward_padded_buffers(const Conv2dDims& d) {
     if (wide.images > 1)
         return {d.params.groups * packed, g.stack + d.K * g.grid_padded,
                 (d.N + wide.images - 1) / wide.images, CRS};
-    // a stack and an image's grid per thread (with fewer images than threads, the stacks of
-    // all images and a band per thread: counted per thread too)
+    // a stack and an image's grid per thread (with fewer images than threads, a stack and a
+    // band per thread)
     return {d.params.groups * packed, g.stack + d.K * round_up(g.grid, uk.NR), d.N, CRS};
 }
 
