@@ -216,12 +216,12 @@ Pool2x2Backward max_unpool2x2_plane_avx512_if_supported() {
 namespace {
 
 // Whether the (H, W) planes of a 2x2 / stride 2 pool with (P, Q) outputs take the chunk
-// kernels (pool2d_simd.hpp): floored, H and W even, W <= 16, and the 16 windows of a chunk
-// lying in whole planes or in one plane.
+// kernels (pool2d_simd.hpp): floored, H and W even, W <= 16, the 16 windows of a chunk in
+// whole rows (Q divides 16), and in whole planes or in one plane.
 bool small_2x2_planes(int64_t H, int64_t W, int64_t P, int64_t Q) {
     const int64_t PQ = P * Q;
     return H % 2 == 0 && W % 2 == 0 && P == H / 2 && Q == W / 2 && W <= 16 && PQ > 0 &&
-           (16 % PQ == 0 || PQ % 16 == 0);
+           16 % Q == 0 && (16 % PQ == 0 || PQ % 16 == 0);
 }
 
 // The chunk kernels' work in units of whole planes: a unit is the planes of one chunk (P*Q

@@ -32,8 +32,9 @@ using Pool2x2Backward = bool (*)(float* dinput, const float* doutput, const int6
 Pool2x2Forward max_pool2x2_plane_avx512_if_supported();
 Pool2x2Backward max_unpool2x2_plane_avx512_if_supported();
 
-// Small planes, many at once: floored 2x2 pools of (H, W) planes with H and W even, W <= 16
-// and P*Q (= H*W/4) a divisor or a multiple of 16, stored one after another, are row pairs
+// Small planes, many at once: floored 2x2 pools of (H, W) planes with H and W even, W <= 16,
+// Q a divisor of 16 and P*Q (= H*W/4) a divisor or a multiple of 16, stored one after
+// another, are row pairs
 // of one tall plane; 16 windows, 64 inputs, make a chunk (chunk c: outputs 16c .. 16c+15 of
 // the whole run of planes, inputs 64c .. 64c+63), computed in a few vector instructions where
 // the plane kernels spend a step on each short row. Same semantics bit for bit. (pool2d.cpp's

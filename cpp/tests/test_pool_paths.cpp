@@ -381,9 +381,11 @@ void check_max_pool_rule(const Pool2dDims& d, unsigned seed) {
 TEST_CASE("max_pool2d 2x2 on many small planes (the chunk kernels) matches the rule bit for bit") {
     // floored pools of small even planes run 16 windows at a time across planes (AVX-512): a
     // batch of 37 planes leaves a remainder of planes for the plane kernels; 6x8 (12 windows
-    // a plane) and 4x32 take the plane kernels throughout
-    const std::pair<int64_t, int64_t> sizes[] = {{2, 2},  {4, 4},   {8, 8},  {2, 8}, {4, 8}, {8, 4},
-                                                 {2, 16}, {16, 16}, {32, 8}, {6, 8}, {4, 32}};
+    // a plane), 4x32 (too wide), 32x6 and 16x12 (rows of 3 and 6 windows, which a chunk of 16
+    // would split) take the plane kernels throughout
+    const std::pair<int64_t, int64_t> sizes[] = {{2, 2},  {4, 4},  {8, 8},   {2, 8},  {4, 8},
+                                                 {8, 4},  {2, 16}, {16, 16}, {32, 8}, {6, 8},
+                                                 {4, 32}, {32, 6}, {16, 12}};
     const int64_t planes = 37;
     unsigned seed = 500;
     for (auto [H, W] : sizes) {
@@ -398,7 +400,7 @@ TEST_CASE("max_pool2d 2x2 on many small planes (the chunk kernels) matches the r
         if (!same_bits(y, want_y) || idx != want_idx)
             cnnbp_test::fail(__FILE__, __LINE__, "max_pool2d_forward differs at " + where);
         const int64_t whole_chunks = planes * P * Q / 16;
-        const bool eligible = W <= 16 && (16 % (P * Q) == 0 || (P * Q) % 16 == 0);
+        const bool eligible = W <= 16 && 16 % Q == 0 && (16 % (P * Q) == 0 || (P * Q) % 16 == 0);
         auto forward = detail::max_pool2x2_chunks_avx512_if_supported();
         auto backward = detail::max_unpool2x2_chunks_avx512_if_supported();
         if (forward && eligible) {  // the kernel alone, on every whole chunk
