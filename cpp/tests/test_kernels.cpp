@@ -220,6 +220,8 @@ TEST_CASE("conv2d: small planes side by side give each image's bits alone") {
         {{9, 5, 6, 3}, {70, 5, 3, 2}, {1, 1, 1, 0}},     // partial panels, no column padding
         {{12, 6, 5, 7}, {3, 6, 2, 4}, same},             // 'same' with more padding right
         {{10, 8, 7, 6}, {16, 8, 3, 3}, dilated},         // dilation
+        {{12, 8, 5, 5}, {16, 8, 1, 1}, {1, 1, 1, 1}},    // padding past the filter: outputs
+                                                         // of neighbours share columns
     };
     unsigned seed = 90;
     for (const auto& c : cases) {
