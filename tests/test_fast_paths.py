@@ -7,6 +7,9 @@ and scatters). Both are checked bit for bit against the rule written in NumPy, o
 NaN, infinities, -0 and sizes that leave a remainder row, column or partial vector step,
 from a single window to a large batch; the backward also against indices that do not fit
 the tiling. ReLU and sigmoid are checked on sizes above the threading threshold.
+
+conv2d lays batches of small planes side by side on one padded stack: each image must get
+the bits it gets alone, for any filter, padding and dilation the path takes.
 """
 
 import os
@@ -18,7 +21,9 @@ import numpy as np
 import pytest
 from cnnbp import functional as F
 from cnnbp import reference as ref
-from conftest import DTYPES, assert_close, check_array
+from conftest import DTYPES, KERNEL_TOL, assert_close, check_array
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 DTYPE_IDS = ["float32", "float64"]
 UINT = {np.dtype(np.float32): np.uint32, np.dtype(np.float64): np.uint64}
@@ -36,6 +41,14 @@ POOL_SHAPES = [
     (1, 1, 64, 2),
     (64, 8, 26, 26),
     (4, 64, 32, 32),
+    # many small even planes: 16 windows across planes a step (AVX-512), a remainder of
+    # planes after the last whole step; rows of 3 and 6 windows stay on the plane kernels
+    (64, 32, 8, 8),
+    (64, 64, 4, 4),
+    (5, 7, 2, 2),
+    (3, 11, 4, 8),
+    (2, 5, 32, 6),
+    (3, 13, 16, 12),
 ]
 
 
@@ -264,3 +277,48 @@ def test_sigmoid_on_a_large_array(dtype):
         ref.sigmoid_backward(da[finite].astype(np.float64), a[finite].astype(np.float64)),
         tol,
     )
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@given(
+    N=st.integers(8, 40),
+    C=st.integers(1, 9),
+    K=st.integers(1, 40),
+    H=st.integers(2, 9),
+    W=st.integers(2, 9),
+    kernel=st.sampled_from([(1, 1), (2, 2), (3, 3), (2, 3), (3, 1)]),
+    padding=st.sampled_from([0, 1, 2, (1, 0), (0, 2), "same"]),
+    dilation=st.sampled_from([1, 2, (1, 2)]),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_conv2d_small_planes_side_by_side_give_each_images_bits(
+    N, C, K, H, W, kernel, padding, dilation, dtype
+):
+    R, S = kernel
+    dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
+    ph, pw = (
+        (0, 0) if padding == "same" else (padding, padding) if isinstance(padding, int) else padding
+    )
+    if H + 2 * ph < dh * (R - 1) + 1 or W + 2 * pw < dw * (S - 1) + 1:
+        return  # no output
+    rng = np.random.default_rng(N * 1000 + C * 100 + K)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((K, C, R, S)).astype(dtype)
+    b = rng.standard_normal(K).astype(dtype)
+    y = F.conv2d(x, w, b, 1, padding, dilation)
+    alone = np.concatenate([F.conv2d(x[n : n + 1], w, b, 1, padding, dilation) for n in range(N)])
+    np.testing.assert_array_equal(bits(y), bits(alone))
+    want = ref.conv2d(
+        x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), 1, padding, dilation
+    )
+    assert_close(y, want, KERNEL_TOL["conv2d"][np.dtype(dtype).type])
+    # dinput runs as such a forward too
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dx = F.conv2d_backward(dy, x, w, 1, padding, dilation)[0]
+    dx_alone = np.concatenate(
+        [
+            F.conv2d_backward(dy[n : n + 1], x[n : n + 1], w, 1, padding, dilation)[0]
+            for n in range(N)
+        ]
+    )
+    np.testing.assert_array_equal(bits(dx), bits(dx_alone))
