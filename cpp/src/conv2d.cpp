@@ -591,10 +591,16 @@ void crop_band(T* __restrict out, const T* __restrict band, int64_t ld, const T*
     }
 }
 
-// With fewer images than threads, the threads take bands of output rows: a band's (K, band)
-// grid stays in cache from its tiles to its crop (the whole grid of a 224x224 plane's 64
-// filters is 13 MB). About this many values.
+// Bands of output rows, for large planes and for the threads when there are fewer images
+// than threads: a band's (K, band) grid stays in cache from its tiles to its crop (the whole
+// grid of a 224x224 plane's 64 filters is 13 MB). About this many values.
 constexpr int64_t kBandValues = int64_t(1) << 15;
+
+// Up to this many values an image's whole grid is one band: smaller bands made a batch of
+// mid-sized planes slower ((16, 3, 112, 112) with 64 filters, a 3.2 MB grid, took 15% longer
+// in bands of 4 rows), but a 224x224 plane's 13 MB grid 15-20% faster on one thread
+// (measured).
+constexpr int64_t kMaxWholeGridValues = int64_t(1) << 21;
 
 int64_t band_rows(const Conv2dDims& d, const PaddedGrid& g) {
     return std::clamp<int64_t>(kBandValues / (d.K * g.Ws), 1, d.P);
@@ -670,11 +676,13 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
     }
     const bool split = split_tiles(d);
     const int64_t threads = split ? detail::max_threads() : 1;
-    // output rows per band: one image's whole grid; with fewer images than threads, about
-    // kBandValues of grid and at least 4 bands per thread (smaller bands made the batch
-    // slower: (16, 3, 112, 112) with 64 filters took 15% longer in bands of 4 rows, measured)
+    // output rows per band: one image's whole grid up to kMaxWholeGridValues, else about
+    // kBandValues of grid; with fewer images than threads, kBandValues and at least 4 bands
+    // per thread
     const int64_t rows =
-        split ? std::min(band_rows(d, g), std::max<int64_t>(1, d.N * d.P / (4 * threads))) : d.P;
+        split ? std::min(band_rows(d, g), std::max<int64_t>(1, d.N * d.P / (4 * threads)))
+        : d.K * g.grid > kMaxWholeGridValues ? band_rows(d, g)
+                                             : d.P;
     const int64_t bands = (d.P + rows - 1) / rows, band_ld = round_up(rows * g.Ws, uk.NR);
     // band b of image i (stack `padded`) into `out`, then cropped
     auto run_image_band = [&](T* out, const T* padded, int64_t i, int64_t b) {
@@ -729,9 +737,10 @@ Buffers forward_padded_buffers(const Conv2dDims& d) {
     if (wide.images > 1)
         return {d.params.groups * packed, g.stack + d.K * g.grid_padded,
                 (d.N + wide.images - 1) / wide.images, CRS};
-    // a stack and an image's grid per thread (with fewer images than threads, a stack and a
-    // band per thread)
-    return {d.params.groups * packed, g.stack + d.K * round_up(g.grid, uk.NR), d.N, CRS};
+    // a stack and an image's grid (or band) per thread (with fewer images than threads, a
+    // stack and a band per thread)
+    const int64_t rows = d.K * g.grid > kMaxWholeGridValues ? band_rows(d, g) : d.P;
+    return {d.params.groups * packed, g.stack + d.K * round_up(rows * g.Ws, uk.NR), d.N, CRS};
 }
 
 // ---- dinput --------------------------------------------------------------------------------

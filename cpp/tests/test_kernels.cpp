@@ -185,6 +185,8 @@ TEST_CASE("conv2d: batches smaller than the thread count give the same bits") {
         {{1, 16, 80, 79}, {32, 16, 3, 3}, {2, 2, 1, 1}, "forward_padded"},
         {{1, 8, 70, 70}, {34, 8, 3, 3}, {1, 1, 2, 2, 2, 2}, "forward_padded"},
         {{1, 3, 150, 150}, {64, 3, 3, 3}, {1, 1, 1, 1}, "forward_padded"},
+        // a grid past kMaxWholeGridValues: bands on one thread too
+        {{2, 2, 200, 190}, {64, 2, 3, 3}, {1, 1, 1, 1}, "forward_padded"},
     };
     unsigned seed = 70;
     for (const auto& c : cases) {
