@@ -546,7 +546,7 @@ Buffers forward_gemm_buffers(const Conv2dDims& d) {
 // the gap columns (16 of 20). Every output pixel is the same sum, in the same order, wherever
 // it lies on a grid, so the results are those of one image at a time. `images` is a power of
 // two, the row about kWideColumns pixels, with at least 4 stacks in the batch; 1 when that
-// computes no fewer pixels per image.
+// computes more pixels per image.
 constexpr int64_t kWideColumns = 96;
 
 struct WideStack {
@@ -575,8 +575,8 @@ WideStack wide_stack(const Conv2dDims& d, int64_t tile, int64_t tail) {
     return w;
 }
 
-// Rows [k_begin, k_end) and output rows [p_begin, p_end) of out (K, P, Q) = bias + a band of
-// the output grid: (K, ld) values whose column 0 is grid pixel p_begin * Ws, margin columns
+// Output rows [p_begin, p_end) of out (K, P, Q), every filter's, = bias + a band of the
+// output grid: (K, ld) values whose column 0 is grid pixel p_begin * Ws, margin columns
 // dropped.
 template <typename T>
 void crop_band(T* __restrict out, const T* __restrict band, int64_t ld, const T* bias,
