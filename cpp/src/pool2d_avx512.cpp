@@ -62,6 +62,31 @@ inline __mmask16 takes(__m512 value, __m512 best) {
            _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
 }
 
+// 16 windows' choice: the best cell and its offset from the window's first cell (1, W or
+// W + 1 as given, else 0).
+struct Choice {
+    __m512 best;
+    __m512i offset;
+};
+
+// The window's cells in row-major order, as the general kernel visits them: the first cell
+// (always inside) is always taken (a -inf first cell keeps best = -inf and its own index, as
+// in the general kernel); later cells by `>` or NaN, the last taken winning.
+inline Choice choose(__m512 top_left, __m512 top_right, __m512 bottom_left, __m512 bottom_right,
+                     __m512i off_right, __m512i off_below, __m512i off_below_right) {
+    __m512 best = top_left;
+    const __mmask16 t1 = takes(top_right, best);
+    best = _mm512_mask_mov_ps(best, t1, top_right);
+    const __mmask16 t2 = takes(bottom_left, best);
+    best = _mm512_mask_mov_ps(best, t2, bottom_left);
+    const __mmask16 t3 = takes(bottom_right, best);
+    best = _mm512_mask_mov_ps(best, t3, bottom_right);
+    __m512i offset = _mm512_maskz_mov_epi32(t1, off_right);
+    offset = _mm512_mask_mov_epi32(offset, t2, off_below);
+    offset = _mm512_mask_mov_epi32(offset, t3, off_below_right);
+    return {best, offset};
+}
+
 }  // namespace
 
 void max_pool2x2_plane_avx512(float* output, int64_t* indices, const float* input, int64_t H,
@@ -98,27 +123,14 @@ void max_pool2x2_plane_avx512(float* output, int64_t* indices, const float* inpu
                 b0 = _mm512_mask_loadu_ps(fill, m.in_lo, row1 + 2 * q);
                 b1 = _mm512_mask_loadu_ps(fill, m.in_hi, row1 + 2 * q + 16);
             }
-            // The window's cells in row-major order, as the general kernel visits them.
-            const __m512 top_left = _mm512_permutex2var_ps(a0, even, a1);
-            const __m512 top_right = _mm512_permutex2var_ps(a0, odd, a1);
-            const __m512 bottom_left = _mm512_permutex2var_ps(b0, even, b1);
-            const __m512 bottom_right = _mm512_permutex2var_ps(b0, odd, b1);
-            // The first cell (always inside) is always taken (a -inf first cell keeps best =
-            // -inf and its own index, as in the general kernel); later cells by `>` or NaN.
-            __m512 best = top_left;
-            const __mmask16 t1 = takes(top_right, best);
-            best = _mm512_mask_mov_ps(best, t1, top_right);
-            const __mmask16 t2 = takes(bottom_left, best);
-            best = _mm512_mask_mov_ps(best, t2, bottom_left);
-            const __mmask16 t3 = takes(bottom_right, best);
-            best = _mm512_mask_mov_ps(best, t3, bottom_right);
-            _mm512_mask_storeu_ps(out + q, m.out, best);
-
-            // index = 2p*W + 2(q + lane) + offset of the chosen cell, the last taken winning;
-            // offsets in 32 bits (W < 2^30, checked by the caller), widened for the sum.
-            __m512i offset = _mm512_maskz_mov_epi32(t1, off_right);
-            offset = _mm512_mask_mov_epi32(offset, t2, off_below);
-            offset = _mm512_mask_mov_epi32(offset, t3, off_below_right);
+            const Choice choice =
+                choose(_mm512_permutex2var_ps(a0, even, a1), _mm512_permutex2var_ps(a0, odd, a1),
+                       _mm512_permutex2var_ps(b0, even, b1), _mm512_permutex2var_ps(b0, odd, b1),
+                       off_right, off_below, off_below_right);
+            _mm512_mask_storeu_ps(out + q, m.out, choice.best);
+            // index = 2p*W + 2(q + lane) + offset of the chosen cell; offsets in 32 bits
+            // (W < 2^30, checked by the caller), widened for the sum
+            const __m512i offset = choice.offset;
             const __m512i first_lo =
                 _mm512_add_epi64(_mm512_set1_epi64(2 * p * W + 2 * q), column2);
             const __m512i first_hi = _mm512_add_epi64(first_lo, sixteen);
@@ -270,20 +282,10 @@ void max_pool2x2_chunks_avx512(float* output, int64_t* indices, const float* inp
             return _mm512_mask_blend_ps(0xFF00, _mm512_permutex2var_ps(z0, at, z1),
                                         _mm512_permutex2var_ps(z2, at, z3));
         };
-        const __m512 top_left = cell(top_left_at), top_right = cell(top_right_at),
-                     bottom_left = cell(bottom_left_at), bottom_right = cell(bottom_right_at);
-        // the cells in row-major order, as the plane kernel visits them
-        __m512 best = top_left;
-        const __mmask16 t1 = takes(top_right, best);
-        best = _mm512_mask_mov_ps(best, t1, top_right);
-        const __mmask16 t2 = takes(bottom_left, best);
-        best = _mm512_mask_mov_ps(best, t2, bottom_left);
-        const __mmask16 t3 = takes(bottom_right, best);
-        best = _mm512_mask_mov_ps(best, t3, bottom_right);
-        _mm512_storeu_ps(output + 16 * c, best);
-        __m512i offset = _mm512_maskz_mov_epi32(t1, off_right);
-        offset = _mm512_mask_mov_epi32(offset, t2, off_below);
-        offset = _mm512_mask_mov_epi32(offset, t3, off_below_right);
+        const Choice choice = choose(cell(top_left_at), cell(top_right_at), cell(bottom_left_at),
+                                     cell(bottom_right_at), off_right, off_below, off_below_right);
+        _mm512_storeu_ps(output + 16 * c, choice.best);
+        const __m512i offset = choice.offset;
         const __m512i base = _mm512_set1_epi64(chunk_base(c, PQ, HW));
         const __m512i idx_lo =
             _mm512_add_epi64(_mm512_add_epi64(base, layout.plane_lo),
