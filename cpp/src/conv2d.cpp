@@ -606,6 +606,12 @@ int64_t band_rows(const Conv2dDims& d, const PaddedGrid& g) {
     return std::clamp<int64_t>(kBandValues / (d.K * g.Ws), 1, d.P);
 }
 
+// Output rows per band when the threads split the batch: the whole grid up to
+// kMaxWholeGridValues, else band_rows.
+int64_t batch_band_rows(const Conv2dDims& d, const PaddedGrid& g) {
+    return d.K * g.grid > kMaxWholeGridValues ? band_rows(d, g) : d.P;
+}
+
 // output = bias + weight . col for unit strides, without im2col: each image is copied once
 // into its padded stack, whose taps the tap kernel reads in place along the grid (one B row
 // of the GEMM per tap); the grid's margin columns are computed, then dropped. Small planes
@@ -681,8 +687,7 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
     // per thread
     const int64_t rows =
         split ? std::min(band_rows(d, g), std::max<int64_t>(1, d.N * d.P / (4 * threads)))
-        : d.K * g.grid > kMaxWholeGridValues ? band_rows(d, g)
-                                             : d.P;
+              : batch_band_rows(d, g);
     const int64_t bands = (d.P + rows - 1) / rows, band_ld = round_up(rows * g.Ws, uk.NR);
     // band b of image i (stack `padded`) into `out`, then cropped
     auto run_image_band = [&](T* out, const T* padded, int64_t i, int64_t b) {
@@ -739,8 +744,8 @@ Buffers forward_padded_buffers(const Conv2dDims& d) {
                 (d.N + wide.images - 1) / wide.images, CRS};
     // a stack and an image's grid (or band) per thread (with fewer images than threads, a
     // stack and a band per thread)
-    const int64_t rows = d.K * g.grid > kMaxWholeGridValues ? band_rows(d, g) : d.P;
-    return {d.params.groups * packed, g.stack + d.K * round_up(rows * g.Ws, uk.NR), d.N, CRS};
+    return {d.params.groups * packed, g.stack + d.K * round_up(batch_band_rows(d, g) * g.Ws, uk.NR),
+            d.N, CRS};
 }
 
 // ---- dinput --------------------------------------------------------------------------------
@@ -1062,22 +1067,17 @@ template <typename T>
 void add_partials(T* out, const T* partials, int64_t chunks, int64_t chunk_stride, int64_t rows,
                   int64_t cols, bool transposed) {
     const int64_t size = rows * cols;
-    if (!transposed) {
-        std::copy(partials, partials + size, out);
-        for (int64_t chunk = 1; chunk < chunks; ++chunk)
-            for (int64_t i = 0; i < size; ++i) out[i] += partials[chunk * chunk_stride + i];
-        return;
-    }
-    // the same sums in the partials' (cols x rows) order, a vector pass per chunk, then
-    // transposed into out
-    std::vector<T> sums(partials, partials + size);
+    // the sums in the partials' order, a vector pass per chunk; transposed into out after
+    std::vector<T> transposed_sums(size_t(transposed ? size : 0));
+    T* __restrict acc = transposed ? transposed_sums.data() : out;
+    std::copy(partials, partials + size, acc);
     for (int64_t chunk = 1; chunk < chunks; ++chunk) {
-        T* __restrict acc = sums.data();
         const T* __restrict partial = partials + chunk * chunk_stride;
         for (int64_t i = 0; i < size; ++i) acc[i] += partial[i];
     }
+    if (!transposed) return;
     for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = sums[size_t(c * rows + r)];
+        for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = acc[c * rows + r];
 }
 
 // dweight and dbias as sums over reduction_chunks(N) chunks of the batch (N >= 1 images,
