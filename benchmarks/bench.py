@@ -24,8 +24,8 @@ The tables:
   process alternated with the other two) next to its default (spinning only while a call
   runs and the cores are not contended, sleeping otherwise);
 - inference in eval mode of the `cnnbp train` networks (--arch cnn on 1x8x8 digits, --arch
-  resnet on 1x28x28), batch 1 and 64: cnnbp's model, PyTorch's with the same weights (its
-  state_dict) under torch.inference_mode, and onnxruntime running the model.to_onnx export
+  resnet on 1x28x28), batch 1 and 64: cnnbp's model under cnnbp.no_grad, PyTorch's with the
+  same weights (its state_dict) under torch.inference_mode, and onnxruntime running the model.to_onnx export
   (CPU provider, intra_op_num_threads = --threads, its other defaults);
 - the derivation's tiny training step (batch 1) on one thread, alternated the same way:
   from C++ (cnnbp_bench_step, built with -DCNNBP_BUILD_BENCHMARKS=ON and found under
@@ -413,6 +413,7 @@ def cnnbp_export(data):
 
 
 def cnnbp_infer(network, N, data, threads):
+    import cnnbp
     import numpy as np
     from cnnbp import train
 
@@ -421,7 +422,12 @@ def cnnbp_infer(network, N, data, threads):
         model.load_state_dict(dict(f))
     model.eval()
     x = inference_input(network, N)
-    return {"cnnbp": lambda: model(x)}, None, model(x)[-1]
+
+    def run():
+        with cnnbp.no_grad():
+            return model(x)
+
+    return {"cnnbp": run}, None, run()[-1]
 
 
 def cnnbp_tiny():
@@ -1036,7 +1042,8 @@ def print_markdown(args, results, tiny, ceilings, ours, blas, load_before):
         )
     if rows:
         print(
-            f"\nInference in eval mode, the same weights in each library: cnnbp's model, "
+            f"\nInference in eval mode, the same weights in each library: cnnbp's model under "
+            f"cnnbp.no_grad, "
             f"PyTorch's under torch.inference_mode, onnxruntime "
             f"{'' if 'onnxruntime' in versions else '(not installed) '}running "
             f"model.to_onnx's export on the CPU provider with intra_op_num_threads="

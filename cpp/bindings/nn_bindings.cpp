@@ -796,6 +796,9 @@ void bind_nn(py::module_& m) {
     bind_dtype<double>(m);
     m.def("manual_seed", &manual_seed, py::arg("seed"),
           "Seed the generator that initializes new layers' weights and Dropout's seeds.");
+    m.def("grad_enabled", &grad_enabled,
+          "Whether forwards on this thread keep what a backward needs (False under no_grad).");
+    m.def("set_grad_enabled", &set_grad_enabled, py::arg("enabled"));
     m.def("model_file_dtype", &model_file_dtype, py::arg("path"));
     // the declared layer types, for the Python classes: name, doc, fields, ...
     m.def("layer_types", [] {

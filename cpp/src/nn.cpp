@@ -75,6 +75,85 @@ void check_index(const char* type, size_t i, size_t size) {
 
 void manual_seed(uint64_t seed) { generator().seed(seed); }
 
+namespace {
+thread_local bool grad_mode = true;
+
+// The storage recycled on this thread by the forward under way without gradients: the
+// outermost container's spare_outputs_, most recently freed last; null outside one.
+template <typename T>
+std::vector<std::vector<T>>*& active_spares() {
+    static thread_local std::vector<std::vector<T>>* spares = nullptr;
+    return spares;
+}
+
+// Spares kept beyond this are freed, the coldest first. A pass takes back as many as it has
+// recycled outputs alive at once: a residual block's input, its branches' outputs and
+// their sum, or one per branch of a Concat and the concatenation.
+constexpr size_t kMaxSpareOutputs = 8;
+// Outputs of at least this many bytes are recycled (a core's share of a typical L2 cache).
+constexpr size_t kMinRecycledBytes = size_t(1) << 20;
+}  // namespace
+
+bool grad_enabled() { return grad_mode; }
+void set_grad_enabled(bool enabled) { grad_mode = enabled; }
+NoGradGuard::NoGradGuard() : previous_(grad_mode) { grad_mode = false; }
+NoGradGuard::~NoGradGuard() { grad_mode = previous_; }
+
+// While the outermost container's forward without gradients runs, its spares are the
+// thread's; nested containers find them active and leave them.
+template <typename T>
+class Container<T>::Recycling {
+ public:
+    explicit Recycling(std::vector<std::vector<T>>& spares) {
+        if (!active_spares<T>()) active_spares<T>() = &spares, outermost_ = true;
+    }
+    ~Recycling() {
+        if (outermost_) active_spares<T>() = nullptr;
+    }
+    Recycling(const Recycling&) = delete;
+    Recycling& operator=(const Recycling&) = delete;
+
+ private:
+    bool outermost_ = false;
+};
+
+template <typename T>
+const Tensor<T>& Layer<T>::forward_without_grad(const Tensor<T>& input) {
+    std::vector<std::vector<T>>* spares = active_spares<T>();
+    if (spares && !spares->empty() && owns_output() && output_.data.capacity() == 0) {
+        // This layer's output was recycled in the last pass: take the smallest spare that
+        // holds that output's size (growing one would write zeros over the difference; a
+        // larger one, shrunk now, would have to grow later), else the largest; the most
+        // recently freed (warmest in cache) among equals.
+        const auto better = [&](size_t have, size_t candidate) {
+            const bool have_fits = have >= recycled_size_, fits = candidate >= recycled_size_;
+            if (have_fits != fits) return fits;
+            return fits ? candidate <= have : candidate >= have;
+        };
+        size_t pick = 0;
+        for (size_t i = 1; i < spares->size(); ++i)
+            if (better((*spares)[pick].size(), (*spares)[i].size())) pick = i;
+        output_.data = std::move((*spares)[pick]);
+        spares->erase(spares->begin() + std::ptrdiff_t(pick));
+    }
+    const Tensor<T>& output = forward_impl(input);
+    input_ = nullptr;  // nothing kept for a backward
+    return output;
+}
+
+template <typename T>
+void Layer<T>::recycle_output() {
+    // Smaller outputs stay: they stay in cache anyway, and a buffer that one thread wrote
+    // for one layer and another for the next moves between the cores' caches.
+    std::vector<std::vector<T>>* spares = active_spares<T>();
+    if (!spares || output_.data.size() * sizeof(T) < kMinRecycledBytes) return;
+    recycled_size_ = output_.data.size();
+    spares->push_back(std::move(output_.data));
+    output_.data = {};
+    output_.shape.clear();  // the trace shows no output
+    if (spares->size() > kMaxSpareOutputs) spares->erase(spares->begin());
+}
+
 template <typename T>
 json::Object Layer<T>::config() const {
     json::Object out{{"type", type()}};
@@ -909,8 +988,25 @@ const Tensor<T>& Sequential<T>::forward_impl(const Tensor<T>& input) {
     if (layers_.empty()) throw std::invalid_argument("[Sequential] expected at least one layer");
     this->input_ = &input;
     const Tensor<T>* x = &input;
-    for (auto& layer : layers_) x = &layer->forward(*x);
+    if (grad_enabled()) {
+        for (auto& layer : layers_) x = &layer->forward(*x);
+        return *x;
+    }
+    // without gradients, each output is recycled once the next layer has read it
+    typename Container<T>::Recycling recycling(this->spare_outputs_);
+    Layer<T>* previous = nullptr;
+    for (auto& layer : layers_) {
+        const Tensor<T>& y = layer->forward(*x);
+        if (previous && &previous->output() != &y) this->recycle_output_of(*previous);
+        previous = layer.get();
+        x = &y;
+    }
     return *x;
+}
+
+template <typename T>
+void Sequential<T>::recycle_output() {
+    if (!layers_.empty()) this->recycle_output_of(*layers_.back());
 }
 
 template <typename T>
@@ -964,6 +1060,8 @@ void Residual<T>::forget_borrowed() {
 template <typename T>
 const Tensor<T>& Residual<T>::forward_impl(const Tensor<T>& input) {
     this->input_ = &input;
+    std::optional<typename Container<T>::Recycling> recycling;
+    if (!grad_enabled()) recycling.emplace(this->spare_outputs_);
     const Tensor<T>& main = block_->forward(input);
     const Tensor<T>& skip = shortcut_ ? shortcut_->forward(input) : input;
     if (main.shape != skip.shape)
@@ -971,6 +1069,10 @@ const Tensor<T>& Residual<T>::forward_impl(const Tensor<T>& input) {
                                     std::string(shortcut_ ? "shortcut's output " : "input ") +
                                     shape_str(skip.shape) + ", got shape " + shape_str(main.shape));
     add_into(this->output_, main, skip);
+    if (!grad_enabled()) {
+        this->recycle_output_of(*block_);
+        if (shortcut_) this->recycle_output_of(*shortcut_);
+    }
     return this->output_;
 }
 
@@ -1033,6 +1135,8 @@ const Tensor<T>& Concat<T>::forward_impl(const Tensor<T>& input) {
     this->input_ = &input;
     // outputs (N, K_i, rest...): the same N and rest, any K_i; checked once every branch has
     // run (a layer shared between branches may have changed an earlier one's output)
+    std::optional<typename Container<T>::Recycling> recycling;
+    if (!grad_enabled()) recycling.emplace(this->spare_outputs_);
     std::vector<const Tensor<T>*> outputs;
     for (auto& branch : branches_) outputs.push_back(&branch->forward(input));
     Shape shape;
@@ -1069,6 +1173,8 @@ const Tensor<T>& Concat<T>::forward_impl(const Tensor<T>& input) {
             offset += y->shape[1];
         }
     }
+    if (!grad_enabled())
+        for (auto& branch : branches_) this->recycle_output_of(*branch);
     return this->output_;
 }
 
@@ -1601,6 +1707,9 @@ double train_step(Sequential<T>& model, const Tensor<T>& input, const Tensor<Tar
             "[train_step] loss: expected reduction 'mean' or 'sum' (a "
             "scalar loss to step on), got " +
             loss.type() + " with reduction 'none'");
+    if (!grad_enabled())
+        throw std::logic_error(
+            "[train_step] expected gradients enabled, got a call under no_grad (NoGradGuard)");
     InUse::Hold model_held(model.in_use(), model), loss_held(loss.in_use(), loss),
         optimizer_held(optimizer.in_use(), optimizer);
     model.zero_grad();

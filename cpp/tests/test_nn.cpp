@@ -928,3 +928,57 @@ TEST_CASE("nn: batch_norm2d results do not depend on the thread count") {
         });
     }
 }
+
+TEST_CASE("nn: NoGradGuard gives the same outputs on recycled buffers and keeps no trace") {
+    manual_seed(31);
+    using L = std::shared_ptr<Layer<double>>;
+    const auto conv = [](int64_t c, int64_t k, int64_t r) {
+        return std::make_shared<Conv2d<double>>(Conv2dOptions(c, k, r).padding(r / 2));
+    };
+    const auto seq = [](std::vector<L> layers) {
+        return std::make_shared<Sequential<double>>(std::move(layers));
+    };
+    // (8, 16, 32, 32) doubles are 1 MiB, so these outputs are recycled; the head's are not
+    auto stem_relu = std::make_shared<ReLU<double>>();
+    auto block = seq({conv(16, 16, 3), std::make_shared<BatchNorm2d<double>>(16),
+                      std::make_shared<ReLU<double>>(), conv(16, 16, 3)});
+    auto residual = std::make_shared<Residual<double>>(
+        block, seq({conv(16, 16, 1), std::make_shared<BatchNorm2d<double>>(16)}));
+    auto concat = std::make_shared<Concat<double>>(
+        std::vector<L>{seq({conv(16, 16, 3), std::make_shared<ReLU<double>>()}), conv(16, 8, 1)});
+    auto head = std::make_shared<Linear<double>>(24, 3);
+    Sequential<double> model({conv(2, 16, 3), std::make_shared<BatchNorm2d<double>>(16), stem_relu,
+                              residual, std::make_shared<ReLU<double>>(), concat,
+                              std::make_shared<AdaptiveAvgPool2d<double>>(1),
+                              std::make_shared<Flatten<double>>(), head});
+    model.eval();
+    const Tensor<double> x({8, 2, 32, 32}, values(8 * 2 * 32 * 32, 32)), dy({8, 3}, 1.0);
+    const V expected = model.forward(x).data;
+    const V stem_output = stem_relu->output().data;
+    CHECK(grad_enabled());
+    {
+        NoGradGuard no_grad;
+        CHECK(!grad_enabled());
+        for (int pass = 0; pass < 3; ++pass) {  // the later passes run on recycled storage
+            CHECK(model.forward(x).data == expected);
+            CHECK(model.output().data == expected);
+        }
+        CHECK(model.input() == nullptr);
+        CHECK(model[0].input() == nullptr);
+        CHECK(stem_relu->output().shape.empty());  // passed on and recycled
+        CHECK(head->output().shape == Shape({8, 3}));
+        CHECK_THROWS_AS(model.backward(dy), std::logic_error,
+                        "[Linear] backward called before forward");
+        SGD<double> sgd(model.parameters(), 0.1);
+        BCEWithLogitsLoss<double> loss;
+        CHECK_THROWS_AS(train_step(model, x, Tensor<double>({8, 3}, 0.5), loss, sgd),
+                        std::logic_error, "[train_step] expected gradients enabled");
+    }
+    CHECK(grad_enabled());
+    // with gradients again: the whole trace, the same values
+    CHECK(model.forward(x).data == expected);
+    CHECK(stem_relu->output().data == stem_output);
+    CHECK(model[1].input() == &model[0].output());
+    model.backward(dy);
+    CHECK(model.grad_input().shape == x.shape);
+}

@@ -9,6 +9,7 @@ image datasets (digits, MNIST-format IDX files, .npz) and batches them, and
 ``gradcheck(model, x, y, loss_fn)`` compares a model's parameter gradients with finite
 differences; ``explain(model, x, y, loss_fn)`` runs one input forward and backward and
 returns a report whose ``to_html(path)`` writes the whole pass as one page; ``cnnbp train`` / ``cnnbp evaluate`` (module ``cnnbp.train``) train and report.
+``with no_grad():`` runs forwards that keep nothing for a backward (inference).
 ``set_num_threads(n)`` / ``get_num_threads()`` control the kernels' threads; results do not
 depend on them. ``kernel_isa()`` names the instruction set the kernels chose at run time.
 """
@@ -18,7 +19,7 @@ from ._core import get_num_threads, kernel_isa, set_num_threads
 from .explainer import explain
 from .gradcheck import gradcheck
 from .model_file import load
-from .nn import manual_seed
+from .nn import is_grad_enabled, manual_seed, no_grad
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,8 @@ __all__ = [
     "gradcheck",
     "explain",
     "manual_seed",
+    "no_grad",
+    "is_grad_enabled",
     "load",
     "set_num_threads",
     "get_num_threads",

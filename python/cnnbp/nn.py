@@ -11,9 +11,11 @@ Parameter gradients accumulate across backward calls, as in PyTorch, until ``zer
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import tempfile
+import threading
 import weakref
 from collections import OrderedDict
 
@@ -21,6 +23,31 @@ import numpy as np
 
 from . import _core
 from ._native import check_dtype, dtype_of, native
+
+
+class no_grad(contextlib.ContextDecorator):
+    """Forwards without gradients, as torch.no_grad: inside ``with cnnbp.no_grad():`` (or a
+    function decorated with it) forwards on this thread keep nothing for a backward. The
+    layers' traces then hold no inputs, and a container recycles the outputs it has passed
+    on, so inference runs on a few buffers that stay in cache. The outputs are the same;
+    the model's own output stays in its trace, and ``backward`` after such a forward raises
+    as before any forward."""
+
+    _previous = threading.local()  # per thread, the modes to restore, innermost last
+
+    def __enter__(self):
+        stack = self._previous.__dict__.setdefault("stack", [])
+        stack.append(_core.grad_enabled())
+        _core.set_grad_enabled(False)
+
+    def __exit__(self, *exc_info):
+        _core.set_grad_enabled(self._previous.stack.pop())
+        return False
+
+
+def is_grad_enabled() -> bool:
+    """False inside ``no_grad`` on this thread (torch.is_grad_enabled)."""
+    return _core.grad_enabled()
 
 
 def manual_seed(seed: int) -> None:
@@ -707,6 +734,10 @@ class Sequential(_Container):
             raise ValueError(
                 "[train_step] loss: expected reduction 'mean' or 'sum' (a scalar loss to step "
                 f"on), got {type(loss_fn).__name__} with reduction 'none'"
+            )
+        if not _core.grad_enabled():
+            raise RuntimeError(
+                "[train_step] expected gradients enabled, got a call under no_grad (NoGradGuard)"
             )
         cached = self._step
         if (

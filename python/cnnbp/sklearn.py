@@ -377,7 +377,7 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
         X = self._validate_X(X, reset=False)
         out = np.empty((X.shape[0], len(self.classes_)), dtype=np.float64)
         self.model_.eval()
-        with _threads(self.threads):
+        with _threads(self.threads), nn.no_grad():
             for first in range(0, X.shape[0], PREDICT_BATCH_SIZE):
                 out[first : first + PREDICT_BATCH_SIZE] = self.model_(
                     np.ascontiguousarray(X[first : first + PREDICT_BATCH_SIZE])

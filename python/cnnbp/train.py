@@ -440,12 +440,13 @@ def evaluate(model, x, y, binary, num_classes=None, batch_size=EVAL_BATCH_SIZE):
     predicted = np.empty(y.shape[0], dtype=np.int64)
     total_loss = 0.0
     start = time.perf_counter()
-    for first in range(0, y.shape[0], batch_size):
-        xb = np.ascontiguousarray(x[first : first + batch_size])
-        yb = y[first : first + batch_size]
-        output = model(xb)
-        total_loss += float(loss_fn(output, targets(yb, binary, dtype))) * yb.shape[0]
-        predicted[first : first + yb.shape[0]] = predictions(output, binary)
+    with nn.no_grad():  # nothing kept for a backward: the passes recycle their outputs
+        for first in range(0, y.shape[0], batch_size):
+            xb = np.ascontiguousarray(x[first : first + batch_size])
+            yb = y[first : first + batch_size]
+            output = model(xb)
+            total_loss += float(loss_fn(output, targets(yb, binary, dtype))) * yb.shape[0]
+            predicted[first : first + yb.shape[0]] = predictions(output, binary)
     seconds = time.perf_counter() - start
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(confusion, (y, predicted), 1)

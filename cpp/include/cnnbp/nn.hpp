@@ -89,6 +89,26 @@ struct Buffer {
 // and in Python (cnnbp.manual_seed).
 void manual_seed(uint64_t seed);
 
+// Gradient mode, per thread, as torch's: while a NoGradGuard lives on a thread, forwards on
+// that thread keep nothing for a backward (torch.no_grad). The trace then holds no inputs,
+// and a container's children's outputs that it has passed on are recycled: the next layer
+// that needs storage takes the one most recently freed, so a pass runs on a few buffers that
+// stay in cache instead of one per layer. Outputs are the same bits. A backward() after such
+// a forward throws, as before any forward; the model's own output stays readable.
+//   { cnnbp::nn::NoGradGuard no_grad; const auto& y = model.forward(x); ... }
+bool grad_enabled();
+void set_grad_enabled(bool enabled);  // what the guard does; prefer the guard
+class NoGradGuard {
+ public:
+    NoGradGuard();
+    ~NoGradGuard();
+    NoGradGuard(const NoGradGuard&) = delete;
+    NoGradGuard& operator=(const NoGradGuard&) = delete;
+
+ private:
+    bool previous_;
+};
+
 // What a layer's trace holds beyond its input, output and gradients: MaxPool2d's argmax
 // indices, Dropout's mask; shaped like the output.
 struct TraceExtra {
@@ -147,7 +167,8 @@ class Layer {
     // compile (forward(Tensor&&) is deleted).
     const Tensor<T>& forward(const Tensor<T>& input) {
         InUse::Hold hold(in_use_, *this);
-        return forward_impl(input);
+        if (grad_enabled()) return forward_impl(input);
+        return forward_without_grad(input);
     }
     const Tensor<T>& forward(Tensor<T>&&) = delete;
     // grad_input from grad_output; parameter gradients are accumulated. The trace keeps a
@@ -212,6 +233,12 @@ class Layer {
     // output (op names it) and kept for the trace. Returns the forward's input.
     const Tensor<T>& accept_grad_output(const Tensor<T>& grad_output, const char* type,
                                         const char* op);
+    // Under NoGradGuard: whether forward_impl writes output_ (a Sequential returns its last
+    // layer's instead), which then takes recycled storage first.
+    virtual bool owns_output() const { return true; }
+    // Under NoGradGuard, from the container that passed this layer's output on: give the
+    // output's storage back for reuse (the trace then shows no output).
+    virtual void recycle_output();
     std::optional<Config> arguments_;
     const Tensor<T>* input_ = nullptr;
     const Tensor<T>* grad_output_ = nullptr;
@@ -219,6 +246,12 @@ class Layer {
     Tensor<T> kept_input_, kept_grad_output_;
     bool training_ = true;
     InUse in_use_;
+
+ private:
+    size_t recycled_size_ = 0;  // the output's size when last recycled
+    const Tensor<T>& forward_without_grad(const Tensor<T>& input);
+    template <typename>
+    friend class Container;
 };
 
 // A layer with a weight and an optional bias (Conv2d, Linear): their parameters, and the
@@ -762,6 +795,12 @@ class Container : public Layer<T> {
     // `child` may join this container: not null, and neither this container nor holding it
     // (which would make the forward recurse forever); what names it in messages
     void check_child(const Layer<T>* child, const std::string& what) const;
+    // Under NoGradGuard: a child's output, passed on and no longer needed, back for reuse
+    static void recycle_output_of(Layer<T>& child) { child.recycle_output(); }
+    // Under NoGradGuard, for the forward of the outermost container: the storage its
+    // children's outputs recycle through, kept between passes
+    class Recycling;
+    std::vector<std::vector<T>> spare_outputs_;
 };
 
 template <typename T>
@@ -784,6 +823,8 @@ class Sequential : public Container<T> {
  protected:
     const Tensor<T>& forward_impl(const Tensor<T>& input) override;
     const Tensor<T>& backward_impl(const Tensor<T>& grad_output) override;
+    bool owns_output() const override { return false; }
+    void recycle_output() override;
 
  public:
     std::vector<std::pair<std::string, Layer<T>*>> named_children() const override;
