@@ -95,3 +95,91 @@ def test_the_mode_is_per_thread_nests_and_is_restored():
 
     infer(3)
     assert cnnbp.is_grad_enabled()
+
+
+def conv_norm_relu(dtype, conv_args, parts, end=False, bias=True):
+    """Conv2d, then the parts ("bn", "relu") in order, then a Flatten unless `end`; in eval
+    mode, the BatchNorm2d with running statistics, weight and bias of its own."""
+    rng = np.random.default_rng(len(parts) + 10 * len(conv_args))
+    c_in, k = conv_args["in_channels"], conv_args["out_channels"]
+    layers = [nn.Conv2d(**conv_args, bias=bias, dtype=dtype)]
+    for part in parts:
+        if part == "bn":
+            norm = nn.BatchNorm2d(k, dtype=dtype)
+            norm.load_state_dict(
+                {
+                    "weight": rng.standard_normal(k).astype(dtype),
+                    "bias": rng.standard_normal(k).astype(dtype),
+                    "running_mean": rng.standard_normal(k).astype(dtype),
+                    "running_var": (rng.random(k) + 0.1).astype(dtype),
+                    "num_batches_tracked": np.array(3),
+                }
+            )
+            layers.append(norm)
+        else:
+            layers.append(nn.ReLU())
+    if not end:
+        layers.append(nn.Flatten())
+    model = nn.Sequential(*layers)
+    model.eval()
+    return model, rng.standard_normal((5, c_in, 9, 10)).astype(dtype)
+
+
+CONVS = [
+    dict(in_channels=3, out_channels=6, kernel_size=3, padding=1),
+    dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, groups=2),
+    dict(in_channels=4, out_channels=8, kernel_size=1, stride=2),
+    dict(in_channels=4, out_channels=4, kernel_size=3, stride=2, padding=1, groups=4),
+    dict(in_channels=2, out_channels=3, kernel_size=2, dilation=2),
+]
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("conv", range(len(CONVS)))
+@pytest.mark.parametrize("parts", [("bn", "relu"), ("bn",), ("relu",)])
+@pytest.mark.parametrize("end", [False, True])
+def test_a_conv_applies_the_batch_norm_and_relu_after_it_with_their_bits(dtype, conv, parts, end):
+    model, x = conv_norm_relu(dtype, CONVS[conv], parts, end, bias=conv % 2 == 0)
+    expected = model(x)
+    with cnnbp.no_grad():
+        got = model(x)
+        # fused: the layers the conv stood in for show nothing, the conv no output of its own
+        assert all(model[i].output is None for i in range(len(parts) + 1))
+        np.testing.assert_array_equal(model.output, expected)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_a_batch_norm_with_batch_statistics_is_not_fused():
+    x = np.random.default_rng(5).standard_normal((6, 2, 7, 7)).astype(F32)
+    for training, track in ((True, True), (False, False)):
+        built = []
+        for _ in range(2):
+            nn.manual_seed(6)
+            model = nn.Sequential(
+                nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4, track_running_stats=track), nn.ReLU()
+            )
+            model.train(training)
+            built.append(model)
+        expected = built[0](x)
+        with cnnbp.no_grad():
+            np.testing.assert_array_equal(built[1](x), expected)
+            assert built[1][1].output is not None  # it ran on its own
+        for (name, a), (_, b) in zip(built[0].state_dict().items(), built[1].state_dict().items()):
+            np.testing.assert_array_equal(a, b, err_msg=name)  # the running statistics too
+
+
+def test_what_the_fused_layers_would_refuse_is_refused_the_same():
+    rng = np.random.default_rng(7)
+    wrong = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(5), nn.ReLU())
+    unbatched = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    for model, x in (
+        (wrong, rng.standard_normal((2, 1, 6, 6))),
+        (unbatched, rng.random((1, 6, 6))),
+    ):
+        model.eval()
+        x = x.astype(F32)
+        with pytest.raises(ValueError) as plain:
+            model(x)
+        with cnnbp.no_grad(), pytest.raises(ValueError) as fused:
+            model(x)
+        assert str(fused.value) == str(plain.value)

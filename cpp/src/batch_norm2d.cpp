@@ -43,7 +43,29 @@ detail::BatchNorm2dKernels<double> kernels<double>() {
     return detail::batch_norm2d_kernels_f64_baseline();
 }
 
+// 1 / sqrt(running_var + eps), in double
+template <typename T>
+double running_invstd(const T* running_var, int64_t c, double eps) {
+    return 1.0 / std::sqrt(double(running_var[c]) + eps);
+}
+
+// invstd * weight, rounded once to T: the affine map's slope
+template <typename T>
+T affine_scale(double invstd, const T* weight, int64_t c) {
+    return T(invstd * (weight ? double(weight[c]) : 1.0));
+}
+
 }  // namespace
+
+template <typename T>
+void batch_norm2d_eval_affine(T* center, T* scale, T* shift, const T* weight, const T* bias,
+                              const T* running_mean, const T* running_var, int64_t C, double eps) {
+    for (int64_t c = 0; c < C; ++c) {
+        center[c] = running_mean[c];
+        scale[c] = affine_scale(running_invstd(running_var, c, eps), weight, c);
+        shift[c] = bias ? bias[c] : T(0);
+    }
+}
 
 template <typename T>
 void batch_norm2d_forward(T* output, T* save_mean, T* save_invstd, const T* input, const T* weight,
@@ -74,11 +96,11 @@ void batch_norm2d_forward(T* output, T* save_mean, T* save_invstd, const T* inpu
                 save_invstd[c] = T(invstd);
             } else {
                 mean = double(running_mean[c]);
-                invstd = 1.0 / std::sqrt(double(running_var[c]) + params.eps);
+                invstd = running_invstd(running_var, c, params.eps);
             }
             // y = (x - mean) * invstd * weight + bias
-            const T scale = T(invstd * (weight ? double(weight[c]) : 1.0));
-            k.affine(output + c * HW, x, d.N, HW, stride, T(mean), scale, bias ? bias[c] : T(0));
+            k.affine(output + c * HW, x, d.N, HW, stride, T(mean), affine_scale(invstd, weight, c),
+                     bias ? bias[c] : T(0));
         }
     });
 }
@@ -115,11 +137,13 @@ void batch_norm2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, co
     });
 }
 
-#define CNNBP_INSTANTIATE(T)                                                                   \
-    template void batch_norm2d_forward<T>(T*, T*, T*, const T*, const T*, const T*, T*, T*,    \
-                                          const BatchNorm2dDims&, const BatchNorm2dParams&);   \
-    template void batch_norm2d_backward<T>(T*, T*, T*, const T*, const T*, const T*, const T*, \
-                                           const T*, const BatchNorm2dDims&, bool);
+#define CNNBP_INSTANTIATE(T)                                                                      \
+    template void batch_norm2d_forward<T>(T*, T*, T*, const T*, const T*, const T*, T*, T*,       \
+                                          const BatchNorm2dDims&, const BatchNorm2dParams&);      \
+    template void batch_norm2d_backward<T>(T*, T*, T*, const T*, const T*, const T*, const T*,    \
+                                           const T*, const BatchNorm2dDims&, bool);               \
+    template void batch_norm2d_eval_affine<T>(T*, T*, T*, const T*, const T*, const T*, const T*, \
+                                              int64_t, double);
 CNNBP_INSTANTIATE(float)
 CNNBP_INSTANTIATE(double)
 

@@ -578,15 +578,64 @@ WideStack wide_stack(const Conv2dDims& d, int64_t tile, int64_t tail) {
 // Output rows [p_begin, p_end) of out (K, P, Q), every filter's, = bias + a band of the
 // output grid: (K, ld) values whose column 0 is grid pixel p_begin * Ws, margin columns
 // dropped.
+// The epilogue's arrays from filter `first` on (a group's filters), or none.
+template <typename T>
+Conv2dEpilogue<T> epilogue_from(const Conv2dEpilogue<T>* then, int64_t first) {
+    if (!then) return {};
+    Conv2dEpilogue<T> e = *then;
+    if (e.center) e.center += first, e.scale += first, e.shift += first;
+    return e;
+}
+
+// to[j] = then(filter k's) of z(j), j < n: the conv's value, then the epilogue's operations
+// in batch_norm2d_forward's and relu_forward's order (this file is compiled without
+// contraction, as the batch norm kernels are).
+template <typename T, typename Value>
+inline void write_then(T* to, int64_t n, Value z, const Conv2dEpilogue<T>& then, int64_t k) {
+    if (!then.center && !then.relu) {
+        for (int64_t j = 0; j < n; ++j) to[j] = z(j);
+    } else if (!then.center) {
+        for (int64_t j = 0; j < n; ++j) {
+            const T v = z(j);
+            to[j] = v <= T(0) ? T(0) : v;
+        }
+    } else {
+        const T m = then.center[k], scale = then.scale[k], shift = then.shift[k];
+        if (then.relu) {
+            for (int64_t j = 0; j < n; ++j) {
+                const T y = (z(j) - m) * scale + shift;
+                to[j] = y <= T(0) ? T(0) : y;
+            }
+        } else {
+            for (int64_t j = 0; j < n; ++j) to[j] = (z(j) - m) * scale + shift;
+        }
+    }
+}
+
+// The epilogue over whole output planes, in place, for the paths that do not crop: plane j
+// of the group view is filter j % (G * K) (each image of the view is one group's K planes).
+template <typename T>
+void epilogue_pass(T* output, const Conv2dDims& d, const Conv2dEpilogue<T>& then) {
+    const int64_t PQ = d.P * d.Q, GK = d.params.groups * d.K;
+    detail::parallel_for(d.N * d.K, d.N * d.K * PQ, [&](int64_t begin, int64_t end) {
+        for (int64_t plane = begin; plane < end; ++plane) {
+            T* values = output + plane * PQ;
+            write_then(values, PQ, [values](int64_t j) { return values[j]; }, then, plane % GK);
+        }
+    });
+}
+
 template <typename T>
 void crop_band(T* __restrict out, const T* __restrict band, int64_t ld, const T* bias,
-               const Conv2dDims& d, int64_t Ws, int64_t p_begin, int64_t p_end) {
+               const Conv2dDims& d, int64_t Ws, int64_t p_begin, int64_t p_end,
+               const Conv2dEpilogue<T>& then) {
     for (int64_t k = 0; k < d.K; ++k) {
         const T b = bias ? bias[k] : T(0);
         for (int64_t op = p_begin; op < p_end; ++op) {
-            const T* from = band + k * ld + (op - p_begin) * Ws;
-            T* to = out + (k * d.P + op) * d.Q;
-            for (int64_t oq = 0; oq < d.Q; ++oq) to[oq] = b + from[oq];
+            const T* __restrict from = band + k * ld + (op - p_begin) * Ws;
+            write_then(
+                out + (k * d.P + op) * d.Q, d.Q, [from, b](int64_t j) { return b + from[j]; }, then,
+                k);
         }
     }
 }
@@ -620,8 +669,8 @@ int64_t batch_band_rows(const Conv2dDims& d, const PaddedGrid& g) {
 // grid. Every output pixel is the same sum in the same order wherever its tile starts, so
 // neither the stacking nor the bands nor the threads change the results.
 template <typename T>
-void forward_padded(T* output, const T* input, const T* weight, const T* bias,
-                    const Conv2dDims& d) {
+void forward_padded_then(T* output, const T* input, const T* weight, const T* bias,
+                         const Conv2dDims& d, const Conv2dEpilogue<T>* then) {
     const int64_t CRS = d.C * d.R * d.S, PQ = d.P * d.Q, CHW = d.C * d.H * d.W;
     const auto& uk = detail::kernels_for_cpu<T>().tap_for(d.K);
     const auto& tail = detail::kernels_for_cpu<T>().tap_tail_for(d.K);
@@ -659,6 +708,7 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
     };
     const T* no_bias = nullptr;
     auto group_bias = [&](int64_t i) { return bias ? bias + (i % G) * d.K : no_bias; };
+    auto group_then = [&](int64_t i) { return epilogue_from(then, (i % G) * d.K); };
     if (wide.images > 1) {  // stacks of wide.images images side by side (one group)
         const int64_t per_stack = wide.images, stacks = (d.N + per_stack - 1) / per_stack;
         detail::parallel_for_if(split_batch(d), stacks, [&](int64_t s_begin, int64_t s_end) {
@@ -675,7 +725,8 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
                          g.grid);
                 for (int64_t b = 0; b < count; ++b)
                     crop_band(output + (i0 + b) * d.K * PQ, grid_out.data() + b * wide.pitch,
-                              g.grid_padded, group_bias(i0 + b), d, g.Ws, 0, d.P);
+                              g.grid_padded, group_bias(i0 + b), d, g.Ws, 0, d.P,
+                              group_then(i0 + b));
             }
         });
         return;
@@ -693,7 +744,8 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
     auto run_image_band = [&](T* out, const T* padded, int64_t i, int64_t b) {
         const int64_t p0 = b * rows, p1 = std::min(d.P, p0 + rows);
         run_band(out, band_ld, padded, packed_weights[size_t(i % G)], p0 * g.Ws, p1 * g.Ws);
-        crop_band(output + i * d.K * PQ, out, band_ld, group_bias(i), d, g.Ws, p0, p1);
+        crop_band(output + i * d.K * PQ, out, band_ld, group_bias(i), d, g.Ws, p0, p1,
+                  group_then(i));
     };
     if (!split) {
         detail::parallel_for_if(split_batch(d), d.N, [&](int64_t i_begin, int64_t i_end) {
@@ -730,6 +782,12 @@ void forward_padded(T* output, const T* input, const T* weight, const T* bias,
             }
         });
     });
+}
+
+template <typename T>
+void forward_padded(T* output, const T* input, const T* weight, const T* bias,
+                    const Conv2dDims& d) {
+    forward_padded_then<T>(output, input, weight, bias, d, nullptr);
 }
 
 template <typename T>
@@ -1495,6 +1553,17 @@ void conv2d_forward(T* output, const T* input, const T* weight, const T* bias,
 }
 
 template <typename T>
+void conv2d_forward(T* output, const T* input, const T* weight, const T* bias, const Conv2dDims& d,
+                    const Conv2dEpilogue<T>& then) {
+    if (d.N == 0) return;
+    const Conv2dDims v = group_view(d);
+    const auto run = make_plan<T>(v).forward.run;
+    if (run == forward_padded<T>) return forward_padded_then(output, input, weight, bias, v, &then);
+    run(output, input, weight, bias, v);
+    if (then.center || then.relu) epilogue_pass(output, v, then);
+}
+
+template <typename T>
 void conv2d_backward(T* dinput, T* dweight, T* dbias, const T* doutput, const T* input,
                      const T* weight, const Conv2dDims& d) {
     if (d.N == 0) {  // an empty batch: no input gradient, zero parameter gradients
@@ -1554,6 +1623,8 @@ int64_t conv2d_images_side_by_side(const Conv2dDims& d) {
 
 #define CNNBP_INSTANTIATE(T)                                                              \
     template void conv2d_forward<T>(T*, const T*, const T*, const T*, const Conv2dDims&); \
+    template void conv2d_forward<T>(T*, const T*, const T*, const T*, const Conv2dDims&,  \
+                                    const Conv2dEpilogue<T>&);                            \
     template int64_t conv2d_workspace_bytes<T>(const Conv2dDims&, int64_t);               \
     template void conv2d_backward<T>(T*, T*, T*, const T*, const T*, const T*, const Conv2dDims&);
 CNNBP_INSTANTIATE(float)

@@ -118,27 +118,49 @@ class Container<T>::Recycling {
 };
 
 template <typename T>
-const Tensor<T>& Layer<T>::forward_without_grad(const Tensor<T>& input) {
+void Layer<T>::take_spare_output() {
     std::vector<std::vector<T>>* spares = active_spares<T>();
-    if (spares && !spares->empty() && owns_output() && output_.data.capacity() == 0) {
-        // This layer's output was recycled in the last pass: take the smallest spare that
-        // holds that output's size (growing one would write zeros over the difference; a
-        // larger one, shrunk now, would have to grow later), else the largest; the most
-        // recently freed (warmest in cache) among equals.
-        const auto better = [&](size_t have, size_t candidate) {
-            const bool have_fits = have >= recycled_size_, fits = candidate >= recycled_size_;
-            if (have_fits != fits) return fits;
-            return fits ? candidate <= have : candidate >= have;
-        };
-        size_t pick = 0;
-        for (size_t i = 1; i < spares->size(); ++i)
-            if (better((*spares)[pick].size(), (*spares)[i].size())) pick = i;
-        output_.data = std::move((*spares)[pick]);
-        spares->erase(spares->begin() + std::ptrdiff_t(pick));
-    }
+    if (!spares || spares->empty() || !owns_output() || output_.data.capacity() > 0) return;
+    // This layer's output was recycled in the last pass: take the smallest spare that holds
+    // that output's size (growing one would write zeros over the difference; a larger one,
+    // shrunk now, would have to grow later), else the largest; the most recently freed
+    // (warmest in cache) among equals.
+    const auto better = [&](size_t have, size_t candidate) {
+        const bool have_fits = have >= recycled_size_, fits = candidate >= recycled_size_;
+        if (have_fits != fits) return fits;
+        return fits ? candidate <= have : candidate >= have;
+    };
+    size_t pick = 0;
+    for (size_t i = 1; i < spares->size(); ++i)
+        if (better((*spares)[pick].size(), (*spares)[i].size())) pick = i;
+    output_.data = std::move((*spares)[pick]);
+    spares->erase(spares->begin() + std::ptrdiff_t(pick));
+}
+
+template <typename T>
+const Tensor<T>& Layer<T>::forward_without_grad(const Tensor<T>& input) {
+    take_spare_output();
     const Tensor<T>& output = forward_impl(input);
     input_ = nullptr;  // nothing kept for a backward
     return output;
+}
+
+template <typename T>
+const Tensor<T>* Layer<T>::forward_fused(const Tensor<T>& input, const Conv2dEpilogue<T>& then,
+                                         int64_t channels) {
+    InUse::Hold hold(in_use_, *this);
+    output_hidden_ = false;
+    take_spare_output();
+    const Tensor<T>* output = forward_then(input, then, channels);
+    input_ = nullptr;
+    return output;
+}
+
+template <typename T>
+void Layer<T>::skipped() {
+    recycle_output();  // a large output kept from an earlier pass is storage to reuse
+    input_ = nullptr;
+    output_hidden_ = true;
 }
 
 template <typename T>
@@ -150,7 +172,8 @@ void Layer<T>::recycle_output() {
     recycled_size_ = output_.data.size();
     spares->push_back(std::move(output_.data));
     output_.data = {};
-    output_.shape.clear();  // the trace shows no output
+    output_.shape.clear();
+    output_hidden_ = true;
     if (spares->size() > kMaxSpareOutputs) spares->erase(spares->begin());
 }
 
@@ -313,6 +336,22 @@ const Tensor<T>& Conv2d<T>::forward_impl(const Tensor<T>& input) {
     conv2d_forward(this->output_.data.data(), input.data.data(), this->weight.value.data.data(),
                    this->has_bias_ ? this->bias.value.data.data() : nullptr, dims_);
     return this->output_;
+}
+
+template <typename T>
+const Tensor<T>* Conv2d<T>::forward_then(const Tensor<T>& input, const Conv2dEpilogue<T>& then,
+                                         int64_t channels) {
+    const Conv2dDims dims =
+        conv2d_dims(input.shape, this->weight.value.shape,
+                    this->has_bias_ ? &this->bias.value.shape : nullptr, params);
+    // a BatchNorm2d takes (N, C, H, W) of its own C: else its forward reports the mismatch
+    if (then.center && (!dims.batched || channels != dims.K)) return nullptr;
+    dims_ = dims;
+    this->input_ = &input;
+    this->output_.resize(conv2d_output_shape(dims_));
+    conv2d_forward(this->output_.data.data(), input.data.data(), this->weight.value.data.data(),
+                   this->has_bias_ ? this->bias.value.data.data() : nullptr, dims_, then);
+    return &this->output_;
 }
 
 template <typename T>
@@ -642,6 +681,18 @@ const Tensor<T>& BatchNorm2d<T>::forward_impl(const Tensor<T>& input) {
 }
 
 template <typename T>
+bool BatchNorm2d<T>::eval_affine(std::vector<T>& center, std::vector<T>& scale,
+                                 std::vector<T>& shift) const {
+    if (this->training_ || !track_) return false;  // the batch's statistics
+    center.resize(size_t(C_)), scale.resize(size_t(C_)), shift.resize(size_t(C_));
+    batch_norm2d_eval_affine(center.data(), scale.data(), shift.data(),
+                             affine_ ? weight.value.data.data() : nullptr,
+                             affine_ ? bias.value.data.data() : nullptr, running_mean.data.data(),
+                             running_var.data.data(), C_, eps_);
+    return true;
+}
+
+template <typename T>
 const Tensor<T>& BatchNorm2d<T>::backward_impl(const Tensor<T>& grad_output) {
     const Tensor<T>& input =
         this->accept_grad_output(grad_output, "BatchNorm2d", "batch_norm2d_backward");
@@ -874,12 +925,19 @@ bool reaches(const Layer<T>* layer, const Layer<T>* target) {
 
 // out = a + b, elementwise (the caller checked the shapes); threads split the elements
 template <typename T>
-void add_into(Tensor<T>& out, const Tensor<T>& a, const Tensor<T>& b) {
+void add_into(Tensor<T>& out, const Tensor<T>& a, const Tensor<T>& b, bool relu = false) {
     out.resize(a.shape);
     T* o = out.data.data();
     const T *x = a.data.data(), *y = b.data.data();
     detail::parallel_for(a.size(), a.size(), [=](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) o[i] = x[i] + y[i];
+        if (!relu) {
+            for (int64_t i = begin; i < end; ++i) o[i] = x[i] + y[i];
+        } else {  // then relu_forward's select
+            for (int64_t i = begin; i < end; ++i) {
+                const T v = x[i] + y[i];
+                o[i] = v <= T(0) ? T(0) : v;
+            }
+        }
     });
 }
 
@@ -957,6 +1015,7 @@ const std::shared_ptr<Layer<T>>& Sequential<T>::layer(size_t i) const {
 template <typename T>
 Sequential<T>::Sequential(Sequential&& other) noexcept : layers_(std::move(other.layers_)) {
     for (auto& layer : layers_) layer->forget_borrowed();
+    other.result_ = nullptr, other.result_owner_ = nullptr;  // it holds no layers now
 }
 
 template <typename T>
@@ -987,26 +1046,80 @@ template <typename T>
 const Tensor<T>& Sequential<T>::forward_impl(const Tensor<T>& input) {
     if (layers_.empty()) throw std::invalid_argument("[Sequential] expected at least one layer");
     this->input_ = &input;
+    result_ = nullptr;
+    result_owner_ = nullptr;
+    if (!grad_enabled()) return forward_without_grad_impl(input);
     const Tensor<T>* x = &input;
-    if (grad_enabled()) {
-        for (auto& layer : layers_) x = &layer->forward(*x);
-        return *x;
+    for (auto& layer : layers_) x = &layer->forward(*x);
+    return *x;
+}
+
+// Without gradients each output is recycled once the next layer has read it, and a layer
+// that can apply the BatchNorm2d (evaluation mode, running statistics) and the ReLU after it
+// to its output as it writes it (Conv2d; Residual the ReLU) does so in place of their
+// passes: the same operations on the same values, so the same bits.
+template <typename T>
+const Tensor<T>& Sequential<T>::forward_without_grad_impl(const Tensor<T>& input) {
+    using C = Container<T>;
+    typename C::Recycling recycling(this->spare_outputs_);
+    const size_t n = layers_.size();
+    const Tensor<T>* x = &input;
+    Layer<T>* owner = nullptr;  // whose output_ holds *x (null: the input)
+    bool owner_fused = false;
+    for (size_t i = 0; i < n;) {
+        Layer<T>& layer = *layers_[i];
+        const Tensor<T>* y = nullptr;
+        size_t next = i + 1;
+        if (const int parts = C::epilogue_parts_of(layer)) {
+            Conv2dEpilogue<T> then;
+            int64_t channels = -1;
+            std::optional<InUse::Hold> norm_held, relu_held;  // read, not run
+            auto* norm = next < n ? dynamic_cast<BatchNorm2d<T>*>(layers_[next].get()) : nullptr;
+            if (norm && (parts & Layer<T>::kAffine)) {
+                norm_held.emplace(norm->in_use(), *norm);
+                if (norm->eval_affine(center_, scale_, shift_)) {
+                    then.center = center_.data(), then.scale = scale_.data();
+                    then.shift = shift_.data(), channels = norm->num_features();
+                    ++next;
+                }
+            }
+            Layer<T>* relu = next < n ? layers_[next].get() : nullptr;
+            if (dynamic_cast<ReLU<T>*>(relu) && (parts & Layer<T>::kReLU)) {
+                relu_held.emplace(relu->in_use(), *relu);
+                then.relu = true;
+                ++next;
+            }
+            if (next > i + 1) y = C::forward_fused_of(layer, *x, then, channels);
+            if (y)
+                for (size_t j = i + 1; j < next; ++j) C::skipped_of(*layers_[j]);
+            else
+                next = i + 1;
+        }
+        if (!y) y = &layer.forward(*x);
+        if (owner) {
+            C::recycle_output_of(*owner);
+            if (owner_fused) C::hide_output_of(*owner);  // it holds what the group computed
+        }
+        owner = &layer;
+        owner_fused = next > i + 1;
+        x = y;
+        i = next;
     }
-    // without gradients, each output is recycled once the next layer has read it
-    typename Container<T>::Recycling recycling(this->spare_outputs_);
-    Layer<T>* previous = nullptr;
-    for (auto& layer : layers_) {
-        const Tensor<T>& y = layer->forward(*x);
-        if (previous && &previous->output() != &y) this->recycle_output_of(*previous);
-        previous = layer.get();
-        x = &y;
-    }
+    // the result; a fused head's trace shows no output (it holds what its group computed)
+    result_ = x;
+    result_owner_ = owner;
+    if (owner_fused) C::hide_output_of(*owner);
     return *x;
 }
 
 template <typename T>
 void Sequential<T>::recycle_output() {
-    if (!layers_.empty()) this->recycle_output_of(*layers_.back());
+    if (result_owner_) {
+        this->recycle_output_of(*result_owner_);
+        result_ = nullptr;
+    } else if (!layers_.empty()) {
+        this->recycle_output_of(*layers_.back());
+    }
 }
 
 template <typename T>
@@ -1020,6 +1133,7 @@ const Tensor<T>& Sequential<T>::backward_impl(const Tensor<T>& grad_output) {
 
 template <typename T>
 const Tensor<T>& Sequential<T>::output() const {
+    if (result_) return *result_;
     return layers_.empty() ? this->output_ : layers_.back()->output();
 }
 
@@ -1059,6 +1173,13 @@ void Residual<T>::forget_borrowed() {
 
 template <typename T>
 const Tensor<T>& Residual<T>::forward_impl(const Tensor<T>& input) {
+    return *forward_then(input, {}, -1);
+}
+
+// y = block(x) + skip(x), then the epilogue's ReLU (the only part it takes) as it is written
+template <typename T>
+const Tensor<T>* Residual<T>::forward_then(const Tensor<T>& input, const Conv2dEpilogue<T>& then,
+                                           int64_t) {
     this->input_ = &input;
     std::optional<typename Container<T>::Recycling> recycling;
     if (!grad_enabled()) recycling.emplace(this->spare_outputs_);
@@ -1068,12 +1189,12 @@ const Tensor<T>& Residual<T>::forward_impl(const Tensor<T>& input) {
         throw std::invalid_argument("[Residual] block output: expected the shape of the " +
                                     std::string(shortcut_ ? "shortcut's output " : "input ") +
                                     shape_str(skip.shape) + ", got shape " + shape_str(main.shape));
-    add_into(this->output_, main, skip);
+    add_into(this->output_, main, skip, then.relu);
     if (!grad_enabled()) {
         this->recycle_output_of(*block_);
         if (shortcut_) this->recycle_output_of(*shortcut_);
     }
-    return this->output_;
+    return &this->output_;
 }
 
 template <typename T>

@@ -1018,3 +1018,67 @@ TEST_CASE("fma_peak: the chains loop counts 2 flops per lane per chain and step,
     const double gflops = fma_peak_gflops(0.01);
     CHECK(std::isfinite(gflops) && gflops > 0);
 }
+
+TEST_CASE("conv2d: the epilogue gives the bits of batch_norm2d and relu after the forward") {
+    // conv2d_forward with an epilogue against the three passes it stands for, on every forward
+    // path (the crop of the padded grid, side by side, in bands; a pass after the others)
+    struct Case {
+        Shape x, w;
+        Conv2dParams p;
+        const char* forward;
+    };
+    const Case cases[] = {
+        {{3, 5, 11, 9}, {18, 5, 3, 3}, {1, 1, 1, 1}, "forward_padded"},
+        {{64, 8, 4, 4}, {16, 8, 3, 3}, {1, 1, 1, 1}, "forward_padded"},     // side by side
+        {{1, 16, 64, 61}, {32, 16, 3, 3}, {1, 1, 1, 1}, "forward_padded"},  // bands, threads
+        {{2, 16, 24, 24}, {32, 16, 3, 3}, {2, 2, 1, 1}, "forward_padded"},  // polyphase
+        {{2, 12, 10, 10}, {18, 4, 3, 3}, {1, 1, 1, 1, 1, 1, 3}, "forward_padded"},  // groups
+        {{2, 8, 12, 12}, {8, 1, 3, 3}, {1, 1, 1, 1, 1, 1, 8}, "forward_padded"},    // depthwise
+        {{2, 8, 12, 12}, {8, 1, 3, 3}, {2, 2, 1, 1, 1, 1, 8}, "forward_depthwise"},
+        {{2, 16, 14, 14}, {24, 8, 1, 1}, {2, 2, 0, 0, 1, 1, 2}, "forward_gemm"},  // groups
+        {{2, 2, 6, 6}, {3, 2, 3, 3}, {2, 2, 1, 1}, "forward_direct"},
+    };
+    unsigned seed = 130;
+    for (const auto& c : cases) {
+        const auto d = conv2d_dims(c.x, c.w, nullptr, c.p);
+        CHECK(std::string(detail::conv2d_path_names(d)[0]) == c.forward);
+        const int64_t K = d.K, out_count = d.N * d.K * d.P * d.Q;
+        const std::vector<float> x = random_values<float>(numel(c.x), seed++),
+                                 w = random_values<float>(numel(c.w), seed++),
+                                 b = random_values<float>(K, seed++),
+                                 gamma = random_values<float>(K, seed++),
+                                 beta = random_values<float>(K, seed++, 0.5),
+                                 mean = random_values<float>(K, seed++, 0.5);
+        std::vector<float> var = random_values<float>(K, seed++), unused(K);
+        for (float& v : var) v = v * v + 0.1f;
+        std::vector<float> center(K), scale(K), shift(K);
+        batch_norm2d_eval_affine(center.data(), scale.data(), shift.data(), gamma.data(),
+                                 beta.data(), mean.data(), var.data(), K, 1e-5);
+        // the three passes
+        std::vector<float> z(out_count), normed(out_count), activated(out_count);
+        conv2d_forward(z.data(), x.data(), w.data(), b.data(), d);
+        const BatchNorm2dParams eval{false, 0.1, 1e-5};
+        std::vector<float> running_mean = mean;
+        batch_norm2d_forward(normed.data(), unused.data(), unused.data(), z.data(), gamma.data(),
+                             beta.data(), running_mean.data(), var.data(),
+                             BatchNorm2dDims{d.N, K, d.P, d.Q}, eval);
+        relu_forward(activated.data(), normed.data(), out_count);
+        std::vector<float> zr(out_count);
+        relu_forward(zr.data(), z.data(), out_count);
+        struct Variant {
+            Conv2dEpilogue<float> then;
+            const std::vector<float>& expected;
+        };
+        const Variant variants[] = {
+            {{center.data(), scale.data(), shift.data(), true}, activated},
+            {{center.data(), scale.data(), shift.data(), false}, normed},
+            {{nullptr, nullptr, nullptr, true}, zr},
+            {{}, z},
+        };
+        for (const auto& v : variants) {
+            std::vector<float> y(out_count);
+            conv2d_forward(y.data(), x.data(), w.data(), b.data(), d, v.then);
+            CHECK(bytes_of(y) == bytes_of(v.expected));
+        }
+    }
+}

@@ -28,10 +28,12 @@ from ._native import check_dtype, dtype_of, native
 class no_grad(contextlib.ContextDecorator):
     """Forwards without gradients, as torch.no_grad: inside ``with cnnbp.no_grad():`` (or a
     function decorated with it) forwards on this thread keep nothing for a backward. The
-    layers' traces then hold no inputs, and a container recycles the outputs it has passed
-    on, so inference runs on a few buffers that stay in cache. The outputs are the same;
-    the model's own output stays in its trace, and ``backward`` after such a forward raises
-    as before any forward."""
+    layers' traces then hold no inputs, a container recycles the outputs it has passed on,
+    so inference runs on a few buffers that stay in cache, and a Sequential runs a Conv2d
+    with the eval-mode BatchNorm2d and ReLU after it (a Residual with its ReLU) as one pass
+    (the layers it stands for show no output). The outputs are the same bits; the model's
+    own output stays in its trace, and ``backward`` after such a forward raises as before
+    any forward."""
 
     _previous = threading.local()  # per thread, the modes to restore, innermost last
 

@@ -31,6 +31,14 @@ void batch_norm2d_forward(T* output, T* save_mean, T* save_invstd, const T* inpu
                           const T* bias, T* running_mean, T* running_var,
                           const BatchNorm2dDims& dims, const BatchNorm2dParams& params);
 
+// Evaluation's forward as one affine map per channel: y = (x - center[c]) * scale[c] +
+// shift[c] with center = running_mean, scale = weight / sqrt(running_var + eps) (rounded
+// once, from double) and shift = bias (0 without); the values batch_norm2d_forward uses, so
+// that another kernel can apply the same map (conv2d_forward's epilogue).
+template <typename T>
+void batch_norm2d_eval_affine(T* center, T* scale, T* shift, const T* weight, const T* bias,
+                              const T* running_mean, const T* running_var, int64_t C, double eps);
+
 // Inverts `y = (x - mean) * invstd * weight + bias` (weight nullptr: 1). With xhat =
 // (x - mean) * invstd, per channel:
 //   dbias = sum(dy),  dweight = sum(dy * xhat),

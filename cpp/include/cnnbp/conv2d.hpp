@@ -16,6 +16,25 @@ template <typename T>
 void conv2d_forward(T* output, const T* input, const T* weight, const T* bias,
                     const Conv2dDims& dims);
 
+// What conv2d_forward can apply to each output value z of filter k as it writes it, in
+// place of passes of their own over the output: with center set, a batch normalization with
+// fixed statistics, y = (z - center[k]) * scale[k] + shift[k] (batch_norm2d_eval_affine's
+// constants: the same operations in the same order as batch_norm2d_forward, so the same
+// bits); then, with relu, y <= 0 ? 0 : y (relu_forward's). Either part may be absent.
+template <typename T>
+struct Conv2dEpilogue {
+    const T* center = nullptr;  // (K,) each, or all three nullptr
+    const T* scale = nullptr;
+    const T* shift = nullptr;
+    bool relu = false;
+};
+
+// output = then(the forward above): the bits of conv2d_forward followed by the passes the
+// epilogue stands for.
+template <typename T>
+void conv2d_forward(T* output, const T* input, const T* weight, const T* bias,
+                    const Conv2dDims& dims, const Conv2dEpilogue<T>& then);
+
 // Gradients of the forward line above, given doutput (N, K, P, Q):
 //   dinput  (N, C, H, W)  = full convolution of doutput with the 180-degree-rotated weight
 //   dweight (K, C, R, S)  = valid cross-correlation of input with doutput

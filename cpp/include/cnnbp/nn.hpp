@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "cnnbp/activation.hpp"
+#include "cnnbp/conv2d.hpp"
 #include "cnnbp/json.hpp"
 #include "cnnbp/registry.hpp"
 #include "cnnbp/shapes.hpp"
@@ -93,8 +94,10 @@ void manual_seed(uint64_t seed);
 // that thread keep nothing for a backward (torch.no_grad). The trace then holds no inputs,
 // and a container's children's outputs that it has passed on are recycled: the next layer
 // that needs storage takes the one most recently freed, so a pass runs on a few buffers that
-// stay in cache instead of one per layer. Outputs are the same bits. A backward() after such
-// a forward throws, as before any forward; the model's own output stays readable.
+// stay in cache instead of one per layer; and a Sequential runs a Conv2d with the
+// eval-mode BatchNorm2d and ReLU after it (a Residual with the ReLU after it) as one pass
+// (the layers it stands for show no output). Outputs are the same bits. A backward() after
+// such a forward throws, as before any forward; the model's own output stays readable.
 //   { cnnbp::nn::NoGradGuard no_grad; const auto& y = model.forward(x); ... }
 bool grad_enabled();
 void set_grad_enabled(bool enabled);  // what the guard does; prefer the guard
@@ -167,6 +170,7 @@ class Layer {
     // compile (forward(Tensor&&) is deleted).
     const Tensor<T>& forward(const Tensor<T>& input) {
         InUse::Hold hold(in_use_, *this);
+        output_hidden_ = false;
         if (grad_enabled()) return forward_impl(input);
         return forward_without_grad(input);
     }
@@ -201,7 +205,7 @@ class Layer {
 
     // the trace of the last forward and backward
     const Tensor<T>* input() const { return input_; }
-    virtual const Tensor<T>& output() const { return output_; }
+    virtual const Tensor<T>& output() const { return output_hidden_ ? no_output() : output_; }
     const Tensor<T>* grad_output() const { return grad_output_; }
     virtual const Tensor<T>& grad_input() const { return grad_input_; }
 
@@ -236,6 +240,15 @@ class Layer {
     // Under NoGradGuard: whether forward_impl writes output_ (a Sequential returns its last
     // layer's instead), which then takes recycled storage first.
     virtual bool owns_output() const { return true; }
+    // Under NoGradGuard, from a container: the parts of a Conv2dEpilogue this layer can apply
+    // to its output as it writes it (kAffine: an eval-mode BatchNorm2d's map; kReLU), in place
+    // of the layers that follow it, and that forward: the output, or nullptr (nothing done)
+    // where it cannot take this one (channels: the BatchNorm2d's, or -1 without one).
+    enum EpilogueParts { kAffine = 1, kReLU = 2 };
+    virtual int epilogue_parts() const { return 0; }
+    virtual const Tensor<T>* forward_then(const Tensor<T>&, const Conv2dEpilogue<T>&, int64_t) {
+        return nullptr;
+    }
     // Under NoGradGuard, from the container that passed this layer's output on: give the
     // output's storage back for reuse (the trace then shows no output).
     virtual void recycle_output();
@@ -248,8 +261,19 @@ class Layer {
     InUse in_use_;
 
  private:
-    size_t recycled_size_ = 0;  // the output's size when last recycled
+    size_t recycled_size_ = 0;    // the output's size when last recycled
+    bool output_hidden_ = false;  // the trace shows no output (recycled, or fused over)
+    static const Tensor<T>& no_output() {
+        static const Tensor<T> none;
+        return none;
+    }
+    // under NoGradGuard: recycled storage for output_ when its own was recycled
+    void take_spare_output();
     const Tensor<T>& forward_without_grad(const Tensor<T>& input);
+    const Tensor<T>* forward_fused(const Tensor<T>& input, const Conv2dEpilogue<T>& then,
+                                   int64_t channels);
+    // under NoGradGuard, for a layer a fused forward stood in for: nothing in the trace
+    void skipped();
     template <typename>
     friend class Container;
 };
@@ -386,6 +410,9 @@ class Conv2d : public WeightedLayer<T> {
  protected:
     const Tensor<T>& forward_impl(const Tensor<T>& input) override;
     const Tensor<T>& backward_impl(const Tensor<T>& grad_output) override;
+    int epilogue_parts() const override { return this->kAffine | this->kReLU; }
+    const Tensor<T>* forward_then(const Tensor<T>& input, const Conv2dEpilogue<T>& then,
+                                  int64_t channels) override;
 
  public:
     std::string type() const override { return "Conv2d"; }
@@ -515,6 +542,11 @@ class BatchNorm2d : public Layer<T> {
     bool track_running_stats() const { return track_; }
     const std::optional<double>& momentum() const { return momentum_; }
     double eps() const { return eps_; }
+    int64_t num_features() const { return C_; }
+    // Whether the forward is one affine map per channel (evaluation mode with running
+    // statistics): then center, scale and shift are its constants (batch_norm2d_eval_affine),
+    // C values each.
+    bool eval_affine(std::vector<T>& center, std::vector<T>& scale, std::vector<T>& shift) const;
     Parameter<T> weight, bias;            // (C,) with affine, else empty
     Tensor<T> running_mean, running_var;  // (C,) with track_running_stats, else empty
     Tensor<int64_t> num_batches_tracked;  // shape (), with track_running_stats
@@ -797,6 +829,13 @@ class Container : public Layer<T> {
     void check_child(const Layer<T>* child, const std::string& what) const;
     // Under NoGradGuard: a child's output, passed on and no longer needed, back for reuse
     static void recycle_output_of(Layer<T>& child) { child.recycle_output(); }
+    static void hide_output_of(Layer<T>& child) { child.output_hidden_ = true; }
+    static int epilogue_parts_of(const Layer<T>& child) { return child.epilogue_parts(); }
+    static const Tensor<T>* forward_fused_of(Layer<T>& child, const Tensor<T>& input,
+                                             const Conv2dEpilogue<T>& then, int64_t channels) {
+        return child.forward_fused(input, then, channels);
+    }
+    static void skipped_of(Layer<T>& child) { child.skipped(); }
     // Under NoGradGuard, for the forward of the outermost container: the storage its
     // children's outputs recycle through, kept between passes
     class Recycling;
@@ -841,6 +880,12 @@ class Sequential : public Container<T> {
 
  private:
     std::vector<std::shared_ptr<Layer<T>>> layers_;
+    // Under NoGradGuard: the last forward's result and the layer that holds it (the head
+    // of a fused group at the end holds what the group stands for); null otherwise
+    const Tensor<T>* result_ = nullptr;
+    Layer<T>* result_owner_ = nullptr;
+    std::vector<T> center_, scale_, shift_;  // a fused BatchNorm2d's constants
+    const Tensor<T>& forward_without_grad_impl(const Tensor<T>& input);
 };
 
 // torch-style residual block: y = block(x) + x, or block(x) + shortcut(x) with a shortcut
@@ -858,6 +903,9 @@ class Residual : public Container<T> {
  protected:
     const Tensor<T>& forward_impl(const Tensor<T>& input) override;
     const Tensor<T>& backward_impl(const Tensor<T>& grad_output) override;
+    int epilogue_parts() const override { return this->kReLU; }
+    const Tensor<T>* forward_then(const Tensor<T>& input, const Conv2dEpilogue<T>& then,
+                                  int64_t channels) override;
 
  public:
     // "block", then "shortcut" when there is one
