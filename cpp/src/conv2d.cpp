@@ -42,10 +42,13 @@
 #include <array>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "conv2d_paths.hpp"
+#include "conv2d_rows.hpp"
 #include "gemm.hpp"
+#include "isa.hpp"
 #include "parallel.hpp"
 
 namespace cnnbp {
@@ -53,6 +56,16 @@ namespace cnnbp {
 using detail::valid_range;
 
 namespace {
+
+// float rows through the AVX-512 row kernels (conv2d_rows.hpp) where the CPU has them
+template <typename T>
+bool use_avx512_rows() {
+#if defined(CNNBP_AVX512_KERNELS)
+    return std::is_same_v<T, float> && detail::avx512_kernels_enabled();
+#else
+    return false;
+#endif
+}
 
 // Below this many multiply-adds per image, packing costs more than it saves.
 constexpr int64_t kMinGemmWork = 4096;
@@ -439,6 +452,13 @@ void copy_into_padded(T* padded, const T* image, const Conv2dDims& d, const Padd
     const auto& prm = d.params;
     const int64_t sh = prm.stride_h, sw = prm.stride_w, plane = g.Hs * g.Ws;
     if (sh == 1 && sw == 1) {  // the padded planes themselves
+        if (use_avx512_rows<T>()) {
+            for (int64_t c = c_begin; c < c_end; ++c)
+                detail::copy_rows_f32_avx512(
+                    reinterpret_cast<float*>(padded + (c * g.Hs + prm.pad_h) * g.Ws + prm.pad_w),
+                    g.Ws, reinterpret_cast<const float*>(image + c * d.H * d.W), d.W, d.H, d.W);
+            return;
+        }
         for (int64_t c = c_begin; c < c_end; ++c)
             for (int64_t h = 0; h < d.H; ++h)
                 std::copy(image + (c * d.H + h) * d.W, image + (c * d.H + h + 1) * d.W,
@@ -629,6 +649,18 @@ template <typename T>
 void crop_band(T* __restrict out, const T* __restrict band, int64_t ld, const T* bias,
                const Conv2dDims& d, int64_t Ws, int64_t p_begin, int64_t p_end,
                const Conv2dEpilogue<T>& then) {
+    if (use_avx512_rows<T>()) {
+        for (int64_t k = 0; k < d.K; ++k) {
+            const float affine[3] = {then.center ? float(then.center[k]) : 0.0f,
+                                     then.center ? float(then.scale[k]) : 0.0f,
+                                     then.center ? float(then.shift[k]) : 0.0f};
+            detail::crop_rows_f32_avx512(reinterpret_cast<float*>(out + (k * d.P + p_begin) * d.Q),
+                                         d.Q, reinterpret_cast<const float*>(band + k * ld), Ws,
+                                         p_end - p_begin, d.Q, bias ? float(bias[k]) : 0.0f,
+                                         then.center ? affine : nullptr, then.relu);
+        }
+        return;
+    }
     if (!then.center && !then.relu) {  // the plain copy, its loop unchanged
         for (int64_t k = 0; k < d.K; ++k) {
             const T b = bias ? bias[k] : T(0);
