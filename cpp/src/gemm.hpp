@@ -14,7 +14,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <xmmintrin.h>
+#endif
 
 namespace cnnbp::detail {
 
@@ -125,7 +130,51 @@ struct PackedA {
         data.assign(size_t(size(rows, cols, mr)), T(0));
         for (int64_t k0 = 0; k0 < K; k0 += kc) {
             const int64_t kb = std::min(kc, K - k0);
-            for (int64_t i = 0; i < M; ++i) {
+            if (row_stride == 1) {  // a panel's rows at one step are contiguous in src too
+                for (int64_t i0 = 0; i0 < M; i0 += MR) {
+                    const int64_t m = std::min<int64_t>(MR, M - i0);
+                    T* dst = data.data() + M_padded * k0 + i0 * kb;
+                    const T* s = src + i0 + k0 * col_stride;
+                    for (int64_t k = 0; k < kb; ++k) {
+                        const T* from = s + k * col_stride;
+                        T* to = dst + k * MR;
+                        int64_t r = 0;
+#if defined(__SSE2__)
+                        if constexpr (std::is_same_v<T, float>)
+                            for (; r + 4 <= m; r += 4)
+                                _mm_storeu_ps(to + r, _mm_loadu_ps(from + r));
+#endif
+                        for (; r < m; ++r) to[r] = from[r];  // (a library copy is a call)
+                    }
+                }
+                continue;
+            }
+            int64_t i = 0;
+#if defined(__SSE2__)
+            // float rows along k: 4 rows by 4 steps at a time through a 4x4 transpose (a
+            // store per 4 values instead of one per value; the values are only moved)
+            if constexpr (std::is_same_v<T, float>) {
+                if (col_stride == 1 && MR % 4 == 0)
+                    for (; i + 4 <= M; i += 4) {
+                        float* dst = data.data() + M_padded * k0 + (i / MR) * MR * kb + i % MR;
+                        const float* s = src + i * row_stride + k0;
+                        int64_t k = 0;
+                        for (; k + 4 <= kb; k += 4) {
+                            __m128 r0 = _mm_loadu_ps(s + k), r1 = _mm_loadu_ps(s + row_stride + k),
+                                   r2 = _mm_loadu_ps(s + 2 * row_stride + k),
+                                   r3 = _mm_loadu_ps(s + 3 * row_stride + k);
+                            _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+                            _mm_storeu_ps(dst + k * MR, r0);
+                            _mm_storeu_ps(dst + (k + 1) * MR, r1);
+                            _mm_storeu_ps(dst + (k + 2) * MR, r2);
+                            _mm_storeu_ps(dst + (k + 3) * MR, r3);
+                        }
+                        for (; k < kb; ++k)
+                            for (int64_t r = 0; r < 4; ++r) dst[k * MR + r] = s[r * row_stride + k];
+                    }
+            }
+#endif
+            for (; i < M; ++i) {
                 T* dst = data.data() + M_padded * k0 + (i / MR) * MR * kb + i % MR;
                 const T* s = src + i * row_stride + k0 * col_stride;
                 for (int64_t k = 0; k < kb; ++k) dst[k * MR] = s[k * col_stride];
