@@ -9,6 +9,8 @@ import cnnbp
 import numpy as np
 import pytest
 from cnnbp import nn, optim, train
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_containers import nested_model
 
 F32, F64 = np.float32, np.float64
@@ -183,3 +185,65 @@ def test_what_the_fused_layers_would_refuse_is_refused_the_same():
         with cnnbp.no_grad(), pytest.raises(ValueError) as fused:
             model(x)
         assert str(fused.value) == str(plain.value)
+
+
+def block(kind, c, out, dtype):
+    """One piece of a drawn network, taking c channels to `out` (the same size)."""
+
+    def conv(i, o, k=3):
+        return nn.Conv2d(i, o, k, padding=k // 2, dtype=dtype)
+
+    def bn(o):
+        return nn.BatchNorm2d(o, dtype=dtype)
+
+    if kind == "conv_bn_relu":
+        return [conv(c, out), bn(out), nn.ReLU()]
+    if kind == "conv_relu":
+        return [conv(c, out), nn.ReLU()]
+    if kind == "conv_bn":
+        return [conv(c, out), bn(out)]
+    if kind == "residual":
+        body = nn.Sequential(conv(c, out), bn(out), nn.ReLU(), conv(out, out), bn(out))
+        return [nn.Residual(body, None if c == out else nn.Sequential(conv(c, out, 1), bn(out)))]
+    if kind == "concat":
+        half = out // 2
+        return [nn.Concat(nn.Sequential(conv(c, half), nn.ReLU()), conv(c, out - half, 1))]
+    return [nn.BatchNorm2d(c, dtype=dtype), nn.ReLU(), conv(c, out)]  # "bn_relu_conv"
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, database=None)
+@given(
+    kinds=st.lists(
+        st.sampled_from(
+            ["conv_bn_relu", "conv_relu", "conv_bn", "residual", "concat", "bn_relu_conv"]
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    widths=st.lists(st.integers(2, 9), min_size=5, max_size=5),
+    relu_after=st.lists(st.booleans(), min_size=5, max_size=5),
+    head=st.booleans(),
+    N=st.sampled_from([1, 3, 40]),
+    dtype=st.sampled_from([F32, F64]),
+)
+def test_drawn_networks_give_the_same_bits_under_no_grad(kinds, widths, relu_after, head, N, dtype):
+    # 40 images of 8 channels on 28x28 are about 1 MiB in float32: some outputs recycle
+    nn.manual_seed(len(kinds) + sum(widths))
+    layers, c = [nn.Conv2d(2, widths[0], 3, padding=1, dtype=dtype)], widths[0]
+    for i, kind in enumerate(kinds):
+        layers += block(kind, c, widths[i], dtype)
+        c = widths[i]
+        if relu_after[i]:
+            layers.append(nn.ReLU())
+    if head:
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 3, dtype=dtype)]
+    model = nn.Sequential(*layers)
+    x = np.random.default_rng(N).standard_normal((N, 2, 28, 28)).astype(dtype)
+    model.train()
+    model(x)  # running statistics of the BatchNorm2d layers
+    model.eval()
+    expected = model(x)
+    with cnnbp.no_grad():
+        for _ in range(2):
+            np.testing.assert_array_equal(model(x), expected)
+    np.testing.assert_array_equal(model(x), expected)
