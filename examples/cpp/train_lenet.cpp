@@ -74,10 +74,11 @@ struct Evaluation {
     double accuracy() const { return double(correct) / double(count); }
 };
 
-// train.py's evaluate: eval mode, batches of kEvalBatchSize in order, the loss weighted by
-// each batch's size.
+// train.py's evaluate: eval mode without gradients, batches of kEvalBatchSize in order, the
+// loss weighted by each batch's size.
 Evaluation evaluate(Sequential<float>& model, const Tensor<float>& x, const Tensor<int64_t>& y) {
     model.eval();
+    NoGradGuard no_grad;  // nothing kept for a backward (torch::NoGradGuard)
     CrossEntropyLoss<float> loss_fn;
     Evaluation result;
     result.count = y.size();
