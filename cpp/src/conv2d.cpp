@@ -1590,15 +1590,13 @@ Conv2dPlan<T> make_plan(const Conv2dDims& d) {
 template <typename T>
 void conv2d_forward(T* output, const T* input, const T* weight, const T* bias,
                     const Conv2dDims& d) {
-    if (d.N == 0) return;  // an empty batch: an empty output
-    const Conv2dDims v = group_view(d);
-    make_plan<T>(v).forward.run(output, input, weight, bias, v);
+    conv2d_forward(output, input, weight, bias, d, Conv2dEpilogue<T>{});
 }
 
 template <typename T>
 void conv2d_forward(T* output, const T* input, const T* weight, const T* bias, const Conv2dDims& d,
                     const Conv2dEpilogue<T>& then) {
-    if (d.N == 0) return;
+    if (d.N == 0) return;  // an empty batch: an empty output
     const Conv2dDims v = group_view(d);
     const auto run = make_plan<T>(v).forward.run;
     if (run == forward_padded<T>) return forward_padded_then(output, input, weight, bias, v, &then);

@@ -329,15 +329,10 @@ CNNBP_REGISTER_LAYER(Conv2d,
                       }});
 template <typename T>
 const Tensor<T>& Conv2d<T>::forward_impl(const Tensor<T>& input) {
-    dims_ = conv2d_dims(input.shape, this->weight.value.shape,
-                        this->has_bias_ ? &this->bias.value.shape : nullptr, params);
-    this->input_ = &input;
-    this->output_.resize(conv2d_output_shape(dims_));
-    conv2d_forward(this->output_.data.data(), input.data.data(), this->weight.value.data.data(),
-                   this->has_bias_ ? this->bias.value.data.data() : nullptr, dims_);
-    return this->output_;
+    return *forward_then(input, {}, -1);
 }
 
+// the forward, then the epilogue (an empty one: the plain forward)
 template <typename T>
 const Tensor<T>* Conv2d<T>::forward_then(const Tensor<T>& input, const Conv2dEpilogue<T>& then,
                                          int64_t channels) {

@@ -164,15 +164,28 @@ TEST_CASE("conv2d paths: strided convolutions take the polyphase stack") {
     }
 }
 
+namespace {
+
+// A convolution and the forward path the plan must choose for it.
+struct ForwardPathCase {
+    Shape x, w;
+    Conv2dParams p;
+    const char* forward;
+};
+
+// The case's dims, having checked that its forward takes the path it names.
+Conv2dDims dims_on_path(const ForwardPathCase& c) {
+    const auto d = conv2d_dims(c.x, c.w, nullptr, c.p);
+    CHECK(std::string(detail::conv2d_path_names(d)[0]) == c.forward);
+    return d;
+}
+
+}  // namespace
+
 TEST_CASE("conv2d: batches smaller than the thread count give the same bits") {
     // one to three images, on every forward path: the threads split the padded grid's bands
     // of rows or the im2col GEMM's columns instead of the batch above the split's threshold
-    struct Case {
-        Shape x, w;
-        Conv2dParams p;
-        const char* forward;
-    };
-    const Case cases[] = {
+    const ForwardPathCase cases[] = {
         {{1, 3, 50, 50}, {16, 3, 3, 3}, {1, 1, 1, 1}, "forward_padded"},            // unit stride
         {{2, 16, 24, 24}, {32, 16, 3, 3}, {2, 2, 1, 1}, "forward_padded"},          // polyphase
         {{3, 8, 20, 20}, {16, 8, 3, 3}, {1, 1, 2, 2, 2, 2}, "forward_padded"},      // dilation
@@ -190,8 +203,7 @@ TEST_CASE("conv2d: batches smaller than the thread count give the same bits") {
     };
     unsigned seed = 70;
     for (const auto& c : cases) {
-        const auto d = conv2d_dims(c.x, c.w, nullptr, c.p);
-        CHECK(std::string(detail::conv2d_path_names(d)[0]) == c.forward);
+        const auto d = dims_on_path(c);
         const std::vector<float> x = random_values<float>(numel(c.x), seed++),
                                  w = random_values<float>(numel(c.w), seed++),
                                  b = random_values<float>(d.K, seed++),
@@ -1022,12 +1034,7 @@ TEST_CASE("fma_peak: the chains loop counts 2 flops per lane per chain and step,
 TEST_CASE("conv2d: the epilogue gives the bits of batch_norm2d and relu after the forward") {
     // conv2d_forward with an epilogue against the three passes it stands for, on every forward
     // path (the crop of the padded grid, side by side, in bands; a pass after the others)
-    struct Case {
-        Shape x, w;
-        Conv2dParams p;
-        const char* forward;
-    };
-    const Case cases[] = {
+    const ForwardPathCase cases[] = {
         {{3, 5, 11, 9}, {18, 5, 3, 3}, {1, 1, 1, 1}, "forward_padded"},
         {{64, 8, 4, 4}, {16, 8, 3, 3}, {1, 1, 1, 1}, "forward_padded"},     // side by side
         {{1, 16, 64, 61}, {32, 16, 3, 3}, {1, 1, 1, 1}, "forward_padded"},  // bands, threads
@@ -1040,8 +1047,7 @@ TEST_CASE("conv2d: the epilogue gives the bits of batch_norm2d and relu after th
     };
     unsigned seed = 130;
     for (const auto& c : cases) {
-        const auto d = conv2d_dims(c.x, c.w, nullptr, c.p);
-        CHECK(std::string(detail::conv2d_path_names(d)[0]) == c.forward);
+        const auto d = dims_on_path(c);
         const int64_t K = d.K, out_count = d.N * d.K * d.P * d.Q;
         const std::vector<float> x = random_values<float>(numel(c.x), seed++),
                                  w = random_values<float>(numel(c.w), seed++),
